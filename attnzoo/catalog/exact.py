@@ -1,0 +1,110 @@
+"""Exact softmax attention: the reference, the fastest path, the tiled engine, split-K decode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..checks import Problem
+from ..core.exact import has_empty_rows, naive_attention, sdpa_attention, tiled_attention
+from ..core.partial import merge
+from ..registry import Family, Method, Supports, param, register
+
+_ALL = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True)
+
+
+@register
+@dataclass(frozen=True)
+class Naive(Method):
+    """Materialises the full score matrix. Works in float64: the oracle every test compares with."""
+
+    name: ClassVar[str] = "naive"
+    family: ClassVar[Family] = Family.EXACT
+    complexity: ClassVar[str] = "O(N²·D), O(N²) mem"
+    supports: ClassVar[Supports] = _ALL
+    papers: ClassVar[tuple[str, ...]] = ("Attention Is All You Need",)
+
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+        return naive_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+
+
+@register
+@dataclass(frozen=True)
+class ExactTiled(Method):
+    """FlashAttention-style online softmax over query and key tiles.
+
+    Memory O(N·tile), never an N×N buffer; returns the log-sum-exp; the backward
+    pass recomputes the probabilities tile by tile from the saved lse.
+    """
+
+    name: ClassVar[str] = "exact_tiled"
+    family: ClassVar[Family] = Family.EXACT
+    complexity: ClassVar[str] = "O(N²·D), O(N·tile) mem"
+    supports: ClassVar[Supports] = _ALL
+    papers: ClassVar[tuple[str, ...]] = ("FlashAttention", "FlashAttention-2")
+
+    q_tile: int = param(128, min=1, help="query rows per tile")
+    k_tile: int = param(256, min=1, help="keys per tile")
+
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+        return tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                               q_tile=self.q_tile, k_tile=self.k_tile)
+
+
+@register
+@dataclass(frozen=True)
+class Exact(Method):
+    """Exact softmax attention on the fastest correct path.
+
+    ``torch.nn.functional.scaled_dot_product_attention`` (with a lower-right
+    causal bias when Nq != Nk) unless the lse is requested or some query row
+    has no visible key; then the tiled engine.
+    """
+
+    name: ClassVar[str] = "exact"
+    family: ClassVar[Family] = Family.EXACT
+    complexity: ClassVar[str] = "O(N²·D)"
+    supports: ClassVar[Supports] = _ALL
+    papers: ClassVar[tuple[str, ...]] = ("FlashAttention-2",)
+    upcast_half: ClassVar[bool] = False  # SDPA accumulates half inputs in fp32 itself
+
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+        if not return_lse and not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
+            return sdpa_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask), None
+        dtype = q.dtype
+        if dtype in (torch.float16, torch.bfloat16):
+            q, k, v = q.float(), k.float(), v.float()
+        out, lse = tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+        return out.to(dtype), lse
+
+
+@register
+@dataclass(frozen=True)
+class FlashDecode(Method):
+    """Split-K attention (flash-decoding / LeanAttention): the keys are cut into
+    ``splits`` ranges attended independently and merged by log-sum-exp. Equals exact;
+    the split is what lets a decode step with one query use every core."""
+
+    name: ClassVar[str] = "flash_decode"
+    family: ClassVar[Family] = Family.EXACT
+    complexity: ClassVar[str] = "O(Nq·Nk·D)/splits"
+    supports: ClassVar[Supports] = _ALL
+    papers: ClassVar[tuple[str, ...]] = ("Flash-Decoding", "LeanAttention")
+
+    splits: int = param(8, min=1, help="number of key ranges attended independently")
+
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+        n_k = prob.len_k
+        bounds = [round(n_k * s / self.splits) for s in range(self.splits + 1)]
+        q_offset = n_k - prob.len_q
+        parts = []
+        for j0, j1 in zip(bounds[:-1], bounds[1:]):
+            if j1 <= j0:
+                continue
+            pad = None if key_padding_mask is None else key_padding_mask[:, j0:j1]
+            parts.append(tiled_attention(q, k[:, :, j0:j1], v[:, :, j0:j1], scale=prob.scale, causal=causal,
+                                         key_padding_mask=pad, q_offset=q_offset, k_offset=j0,
+                                         k_tile=max(1, j1 - j0)))
+        return merge(*parts)

@@ -1,0 +1,117 @@
+"""Input validation shared by every method.
+
+Every check runs before any heavy computation and raises :class:`AttnZooError`
+with a message naming the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AttnZooError
+
+#: Set to False to skip the NaN/inf scan of q, k and v (one extra pass over
+#: the inputs) in tight loops where the inputs are known to be finite.
+CHECK_FINITE = True
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The sizes of one attention call, resolved from q, k and v."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    dim: int
+    dim_v: int
+    scale: float
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head (1 = plain multi-head attention)."""
+        return self.heads_q // self.heads_kv
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
+    """Check that ``t`` is a floating tensor of rank ``ndim`` with finite values."""
+    if not isinstance(t, torch.Tensor):
+        raise AttnZooError(f"{name}: expected a torch.Tensor {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise AttnZooError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {_shape(t)}")
+    if not t.is_floating_point():
+        raise AttnZooError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+    if CHECK_FINITE and t.numel() and not bool(torch.isfinite(t).all()):
+        raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
+    return t
+
+
+def check_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> Problem:
+    """Validate the standard ``(B, H, N, D)`` inputs and return their sizes."""
+    check_tensor("q", q, 4, "(B, Hq, Nq, D)")
+    check_tensor("k", k, 4, "(B, Hkv, Nk, D)")
+    check_tensor("v", v, 4, "(B, Hkv, Nk, Dv)")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise AttnZooError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+        if t.device != q.device:
+            raise AttnZooError(f"{name}: expected device {q.device} (the device of q), got {t.device}")
+    B, Hq, Nq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise AttnZooError(
+            f"k/v: expected batch size {B} (from q), got k {_shape(k)} and v {_shape(v)}"
+        )
+    if k.shape[3] != D:
+        raise AttnZooError(f"k: expected head dim {D} (the last dim of q), got shape {_shape(k)}")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise AttnZooError(
+            f"v: expected {k.shape[1]} heads and {k.shape[2]} keys (matching k {_shape(k)}), got shape {_shape(v)}"
+        )
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise AttnZooError(
+            f"k: expected a number of KV heads that divides the {Hq} query heads (grouped-query attention), got {Hkv}"
+        )
+    if D == 0:
+        raise AttnZooError("q: expected a head dim D >= 1, got 0")
+    if key_padding_mask is not None:
+        check_padding_mask(key_padding_mask, B, Nk, q.device)
+    return Problem(B, Hq, Hkv, Nq, Nk, D, v.shape[3], resolve_scale(scale, D))
+
+
+def check_padding_mask(mask: object, batch: int, len_k: int, device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise AttnZooError(f"key_padding_mask: expected a bool tensor (B, Nk), got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise AttnZooError(f"key_padding_mask: expected dtype torch.bool (True = keep), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, len_k):
+        raise AttnZooError(f"key_padding_mask: expected shape ({batch}, {len_k}) = (B, Nk), got {_shape(mask)}")
+    if mask.device != device:
+        raise AttnZooError(f"key_padding_mask: expected device {device} (the device of q), got {mask.device}")
+
+
+def resolve_scale(scale: float | None, dim: int) -> float:
+    """``scale`` or the default ``dim ** -0.5``; rejects non-positive or non-finite values."""
+    if scale is None:
+        return dim**-0.5
+    if isinstance(scale, torch.Tensor):
+        scale = float(scale)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise AttnZooError(f"scale: expected a positive finite float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise AttnZooError(f"scale: expected a positive finite float or None, got {scale}")
+    return float(scale)

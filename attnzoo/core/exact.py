@@ -1,0 +1,222 @@
+"""Exact softmax attention: the materialised reference, the SDPA dispatch, and
+the tiled online-softmax engine with its recomputing backward (METHODS.md B1).
+
+All three share one visibility rule (:mod:`attnzoo.core.masks`): causal with
+bottom-right alignment via ``q_offset``/``k_offset``, plus key padding.
+Grouped-query attention folds the query group into the row dimension
+(``(B, Hkv, G·Nq, D)``) so K and V are never repeated, except in the
+reference, whose job is to be obviously right.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from .masks import empty_rows, visible_mask
+
+
+# ---------------------------------------------------------------- reference
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+                    key_padding_mask: torch.Tensor | None = None, q_offset: int | None = None,
+                    k_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise the full score matrix; any float dtype (float64 for oracles). Returns ``(out, lse)``."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    mask = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
+                        q_offset=q_offset, k_offset=k_offset, device=q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.isfinite(lse)
+    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    out = torch.matmul(probs, v)
+    return out, lse
+
+
+# -------------------------------------------------------------------- SDPA
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+                   key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with attnzoo's semantics.
+
+    SDPA's ``is_causal`` is aligned top-left, so ``Nq != Nk`` uses a
+    lower-right causal bias instead. Callers must route inputs with fully
+    masked rows elsewhere (SDPA returns NaN there); see :func:`has_empty_rows`.
+    """
+    len_q, len_k = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None:
+        if not causal:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+        if len_q == len_k:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        if gqa:  # CausalBias does not forward enable_gqa; a dense mask keeps K/V unrepeated
+            mask = visible_mask(len_q, len_k, causal=True, device=q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(len_q, len_k), scale=scale)
+    mask = visible_mask(len_q, len_k, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def has_empty_rows(q: torch.Tensor, k: torch.Tensor, *, causal: bool,
+                   key_padding_mask: torch.Tensor | None) -> bool:
+    return empty_rows(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
+                      batch=q.shape[0], device=q.device) is not None
+
+
+# ------------------------------------------------------------ tiled engine
+@dataclass(frozen=True)
+class TileSpec:
+    """Static options of one tiled call (everything but the tensors)."""
+
+    scale: float
+    causal: bool
+    q_offset: int
+    k_offset: int
+    q_tile: int
+    k_tile: int
+
+    def key_end(self, i1: int, len_k: int) -> int:
+        """One past the last key any query of ``[.., i1)`` may see."""
+        if not self.causal:
+            return len_k
+        return max(0, min(len_k, self.q_offset + i1 - self.k_offset))
+
+    def tile_mask(self, i0: int, i1: int, j0: int, j1: int, device) -> torch.Tensor | None:
+        """Causal mask ``(ql, kl)`` of a tile, or None when the tile is fully visible."""
+        if not self.causal or self.k_offset + j1 - 1 <= self.q_offset + i0:
+            return None
+        qi = torch.arange(i0, i1, device=device).unsqueeze(1) + self.q_offset
+        kj = torch.arange(j0, j1, device=device).unsqueeze(0) + self.k_offset
+        return kj <= qi
+
+
+def _rows(t: torch.Tensor, groups: int, i0: int, i1: int) -> torch.Tensor:
+    """Query rows ``[i0, i1)`` of a ``(B, Hq, N, X)`` tensor as ``(B, Hkv, G·n, X)``."""
+    B, Hq, _, X = t.shape
+    return t[:, :, i0:i1].reshape(B, Hq // groups, groups * (i1 - i0), X)
+
+
+def _masked_scores(q_rows: torch.Tensor, k_tile: torch.Tensor, groups: int, mask: torch.Tensor | None,
+                   pad: torch.Tensor | None) -> torch.Tensor:
+    """Scores ``(B, Hkv, G·ql, kl)`` of pre-scaled query rows with -inf where invisible."""
+    s = torch.matmul(q_rows, k_tile.transpose(-1, -2))
+    if mask is not None:
+        B, Hkv, rows, kl = s.shape
+        s = s.view(B, Hkv, groups, rows // groups, kl).masked_fill(~mask, -math.inf).view(B, Hkv, rows, kl)
+    if pad is not None:
+        s = s.masked_fill(~pad, -math.inf)
+    return s
+
+
+def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileSpec,
+                  key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Online-softmax attention over ``q_tile × k_tile`` tiles; memory O(N·tile).
+
+    Returns ``(out, lse)`` in q's dtype; rows with no visible key give ``(0, -inf)``.
+    """
+    B, Hq, len_q, _ = q.shape
+    Hkv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    groups = Hq // Hkv
+    out = q.new_empty(B, Hq, len_q, dim_v)
+    lse = q.new_empty(B, Hq, len_q)
+    pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    for i0 in range(0, len_q, spec.q_tile):
+        i1 = min(len_q, i0 + spec.q_tile)
+        rows = _rows(q, groups, i0, i1) * spec.scale
+        n_rows = rows.shape[2]
+        m = rows.new_full((B, Hkv, n_rows, 1), -math.inf)
+        denom = rows.new_zeros(B, Hkv, n_rows, 1)
+        acc = rows.new_zeros(B, Hkv, n_rows, dim_v)
+        for j0 in range(0, spec.key_end(i1, len_k), spec.k_tile):
+            j1 = min(spec.key_end(i1, len_k), j0 + spec.k_tile)
+            s = _masked_scores(rows, k[:, :, j0:j1], groups, spec.tile_mask(i0, i1, j0, j1, q.device),
+                               None if pad is None else pad[..., j0:j1])
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            p = s.sub_(m_safe).exp_()
+            alpha = torch.exp(m - m_safe)
+            denom = denom * alpha + p.sum(dim=-1, keepdim=True)
+            acc = torch.baddbmm(acc.mul_(alpha).flatten(0, 1), p.flatten(0, 1), v[:, :, j0:j1].flatten(0, 1)
+                                ).view_as(acc)
+            m = m_new
+        seen = denom > 0
+        o = torch.where(seen, acc / torch.where(seen, denom, torch.ones_like(denom)), torch.zeros_like(acc))
+        ls = torch.where(seen, m + torch.log(torch.where(seen, denom, torch.ones_like(denom))),
+                         torch.full_like(m, -math.inf))
+        out[:, :, i0:i1] = o.view(B, Hq, i1 - i0, dim_v)
+        lse[:, :, i0:i1] = ls.view(B, Hq, i1 - i0)
+    return out, lse
+
+
+def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   d_out: torch.Tensor, d_lse: torch.Tensor | None, spec: TileSpec,
+                   key_padding_mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of tiled attention, recomputing probabilities from the saved ``lse``.
+
+    ``out``/``lse`` may be the *global* result of a larger key set of which
+    ``k``/``v`` are a slice (ring attention): the returned gradients are then
+    this slice's contribution, exactly as in FlashAttention-2's backward.
+    """
+    B, Hq, len_q, _ = q.shape
+    Hkv, len_k = k.shape[1], k.shape[2]
+    groups = Hq // Hkv
+    delta = (d_out * out).sum(dim=-1)  # (B, Hq, Nq)
+    if d_lse is not None:
+        delta = delta - d_lse
+    # rows with lse = -inf saw nothing: exp(s - inf) = 0 keeps them out.
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, math.inf))
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    for i0 in range(0, len_q, spec.q_tile):
+        i1 = min(len_q, i0 + spec.q_tile)
+        q_rows = _rows(q, groups, i0, i1)
+        do_rows = _rows(d_out, groups, i0, i1)
+        lse_rows = _rows(lse_safe.unsqueeze(-1), groups, i0, i1)
+        delta_rows = _rows(delta.unsqueeze(-1), groups, i0, i1)
+        dq_rows = torch.zeros_like(q_rows)
+        for j0 in range(0, spec.key_end(i1, len_k), spec.k_tile):
+            j1 = min(spec.key_end(i1, len_k), j0 + spec.k_tile)
+            s = _masked_scores(q_rows * spec.scale, k[:, :, j0:j1], groups,
+                               spec.tile_mask(i0, i1, j0, j1, q.device), None if pad is None else pad[..., j0:j1])
+            p = torch.exp(s - lse_rows)
+            dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), do_rows)
+            ds = p * (torch.matmul(do_rows, v[:, :, j0:j1].transpose(-1, -2)) - delta_rows)
+            dq_rows += torch.matmul(ds, k[:, :, j0:j1])
+            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), q_rows)
+        dq[:, :, i0:i1] = dq_rows.view(B, Hq, i1 - i0, -1)
+    return dq * spec.scale, dk * spec.scale, dv
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, spec):  # noqa: D401  (autograd signature)
+        out, lse = tiled_forward(q, k, v, spec, key_padding_mask)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.spec = spec
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        dq, dk, dv = tiled_backward(q, k, v, out, lse, d_out.contiguous(), d_lse, ctx.spec, key_padding_mask)
+        return dq, dk, dv, None, None
+
+
+def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+                    key_padding_mask: torch.Tensor | None = None, q_offset: int | None = None,
+                    k_offset: int = 0, q_tile: int = 128, k_tile: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable tiled exact attention; returns ``(out, lse)`` (the lse is differentiable too)."""
+    spec = TileSpec(scale, causal, k.shape[2] - q.shape[2] if q_offset is None else q_offset, k_offset,
+                    q_tile, k_tile)
+    return _TiledAttention.apply(q, k, v, key_padding_mask, spec)

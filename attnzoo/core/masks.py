@@ -1,0 +1,57 @@
+"""Which keys a query may see: causal alignment and key padding (METHODS.md A.1).
+
+Query ``i`` of ``Nq`` sits at absolute position ``q_offset + i`` and key ``j``
+at ``k_offset + j``; by default ``q_offset = Nk - Nq`` and ``k_offset = 0``
+(bottom-right alignment), so chunked prefill and decoding are the same call.
+Engines that work on a slice of the keys (tiles, splits, ring shards) pass
+the slice's own offsets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def causal_mask(len_q: int, len_k: int, *, q_offset: int | None = None, k_offset: int = 0,
+                device=None) -> torch.Tensor:
+    """``(Nq, Nk)`` bool, True where key ``k_offset + j <= q_offset + i``."""
+    if q_offset is None:
+        q_offset = len_k - len_q
+    qi = torch.arange(len_q, device=device).unsqueeze(1) + q_offset
+    kj = torch.arange(len_k, device=device).unsqueeze(0) + k_offset
+    return kj <= qi
+
+
+def visible_mask(len_q: int, len_k: int, *, causal: bool, key_padding_mask: torch.Tensor | None = None,
+                 q_offset: int | None = None, k_offset: int = 0, device=None) -> torch.Tensor | None:
+    """The dense visibility mask, broadcastable to ``(B, H, Nq, Nk)``; None when everything is visible."""
+    mask = None
+    if causal:
+        mask = causal_mask(len_q, len_k, q_offset=q_offset, k_offset=k_offset, device=device)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]
+        mask = pad if mask is None else (mask & pad)
+    return mask
+
+
+def empty_rows(len_q: int, len_k: int, *, causal: bool, key_padding_mask: torch.Tensor | None,
+               batch: int, device=None) -> torch.Tensor | None:
+    """``(B, 1, Nq)`` bool, True for query rows with no visible key; None when there are none.
+
+    Costs O(B·(Nq + Nk)), never an ``Nq × Nk`` mask.
+    """
+    last_pos = torch.arange(len_q, device=device) + (len_k - len_q)  # last visible key when causal
+    if key_padding_mask is None:
+        if not causal or len_q <= len_k:
+            return None
+        return (last_pos < 0).expand(batch, len_q).unsqueeze(1)
+    any_kept = key_padding_mask.any(dim=1, keepdim=True)  # (B, 1)
+    if not causal:
+        empty = (~any_kept).expand(batch, len_q)
+    else:
+        first_kept = torch.where(any_kept, key_padding_mask.int().argmax(dim=1, keepdim=True),
+                                 torch.full_like(any_kept, len_k, dtype=torch.long))
+        empty = last_pos.unsqueeze(0) < first_kept
+    if not bool(empty.any()):
+        return None
+    return empty.unsqueeze(1)

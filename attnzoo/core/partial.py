@@ -1,0 +1,69 @@
+"""Partial attention results and their exact log-sum-exp merge (METHODS.md B1).
+
+Attention of a query over a key set S can be kept as ``(out, lse)`` with
+``out = softmax-weighted mean of v over S`` and ``lse = log Σ_S exp(score)``.
+Two results over *disjoint* key sets combine exactly:
+
+    lse = logaddexp(lse1, lse2)
+    out = exp(lse1 - lse) * out1 + exp(lse2 - lse) * out2
+
+The operator is associative and commutative; an empty key set is
+``(0, -inf)`` and is its identity. Tiled exact attention, split-K decoding,
+ring attention and every "always-kept part ⊕ selected part" hybrid reduce to it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..errors import AttnZooError
+
+
+class Partial(NamedTuple):
+    """Attention over a subset of keys: ``out (B, H, N, Dv)`` and ``lse (B, H, N)`` in fp32."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+
+    @classmethod
+    def empty(cls, out_shape: tuple[int, ...], *, device=None) -> "Partial":
+        """Attention over no key at all: zero output, ``lse = -inf``."""
+        out = torch.zeros(out_shape, dtype=torch.float32, device=device)
+        lse = torch.full(out_shape[:-1], -math.inf, dtype=torch.float32, device=device)
+        return cls(out, lse)
+
+    def weighted(self, log_weight: float | torch.Tensor) -> "Partial":
+        """The same keys counted with importance weight ``exp(log_weight)`` (sampling estimators)."""
+        return Partial(self.out, self.lse + log_weight)
+
+
+def merge(*partials: Partial) -> Partial:
+    """Combine partial results over disjoint key sets into the result over their union.
+
+    Rows where every partial is empty stay ``(0, -inf)``; no NaN is produced.
+    Differentiable with respect to every ``out`` and ``lse``.
+    """
+    if len(partials) == 1 and isinstance(partials[0], (list, tuple)) and not isinstance(partials[0], Partial):
+        partials = tuple(partials[0])
+    if not partials:
+        raise AttnZooError("merge: expected at least one Partial, got none")
+    for i, p in enumerate(partials):
+        if not isinstance(p, Partial) and not (isinstance(p, tuple) and len(p) == 2):
+            raise AttnZooError(f"merge: argument {i} expected a Partial(out, lse), got {type(p).__name__}")
+        if p[0].shape[:-1] != partials[0][0].shape[:-1] or p[1].shape != p[0].shape[:-1]:
+            raise AttnZooError(
+                f"merge: argument {i} expected out {tuple(partials[0][0].shape)} and lse "
+                f"{tuple(partials[0][0].shape[:-1])}, got out {tuple(p[0].shape)} and lse {tuple(p[1].shape)}"
+            )
+    if len(partials) == 1:
+        return Partial(*partials[0])
+    lses = torch.stack([p[1].float() for p in partials])  # (P, ...)
+    lse = torch.logsumexp(lses, dim=0)
+    # exp(-inf - (-inf)) would be NaN: rows empty everywhere get weight 0.
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    weights = torch.exp(lses - safe)  # exp(-inf) = 0 for empty partials
+    out = sum(w.unsqueeze(-1) * p[0].float() for w, p in zip(weights, partials))
+    return Partial(out, lse)
