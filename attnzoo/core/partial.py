@@ -23,7 +23,7 @@ from ..errors import AttnZooError
 
 
 class Partial(NamedTuple):
-    """Attention over a subset of keys: ``out (B, H, N, Dv)`` and ``lse (B, H, N)`` in fp32."""
+    """Attention over a subset of keys: ``out (B, H, N, Dv)`` and ``lse (B, H, N)`` (fp32 or fp64)."""
 
     out: torch.Tensor
     lse: torch.Tensor
@@ -46,8 +46,6 @@ def merge(*partials: Partial) -> Partial:
     Rows where every partial is empty stay ``(0, -inf)``; no NaN is produced.
     Differentiable with respect to every ``out`` and ``lse``.
     """
-    if len(partials) == 1 and isinstance(partials[0], (list, tuple)) and not isinstance(partials[0], Partial):
-        partials = tuple(partials[0])
     if not partials:
         raise AttnZooError("merge: expected at least one Partial, got none")
     for i, p in enumerate(partials):
@@ -60,10 +58,10 @@ def merge(*partials: Partial) -> Partial:
             )
     if len(partials) == 1:
         return Partial(*partials[0])
-    lses = torch.stack([p[1].float() for p in partials])  # (P, ...)
+    lses = torch.stack([p[1] for p in partials])  # (P, ...)
     lse = torch.logsumexp(lses, dim=0)
     # exp(-inf - (-inf)) would be NaN: rows empty everywhere get weight 0.
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     weights = torch.exp(lses - safe)  # exp(-inf) = 0 for empty partials
-    out = sum(w.unsqueeze(-1) * p[0].float() for w, p in zip(weights, partials))
+    out = sum(w.unsqueeze(-1) * p[0] for w, p in zip(weights, partials))
     return Partial(out, lse)
