@@ -18,11 +18,11 @@ each process sent and received.
 
 from .comm import CommStats, ParallelError, comm_stats
 from .launch import default_backend, init_process_group, run_local
-from .layout import shard_sequence, shard_sizes
+from .layout import gather_sequence, shard_sequence, shard_sizes
 from .ring import ring_attention, token_ring_attention
 from .ulysses import ulysses_attention
 
 __all__ = [
-    "CommStats", "ParallelError", "comm_stats", "default_backend", "init_process_group", "ring_attention",
+    "CommStats", "ParallelError", "comm_stats", "default_backend", "gather_sequence", "init_process_group", "ring_attention",
     "run_local", "shard_sequence", "shard_sizes", "token_ring_attention", "ulysses_attention",
 ]

@@ -54,6 +54,7 @@ def init_process_group(backend: str | None = None, *, timeout: float = 60.0, **k
 def _worker(rank: int, world_size: int, store_path: str, backend: str, timeout: float, fn: Callable,
             args: tuple, results) -> None:
     try:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))  # the workers share this machine's cores
         init_process_group(backend, timeout=timeout, init_method=f"file://{store_path}", rank=rank,
                            world_size=world_size)
         value = fn(rank, world_size, *args)

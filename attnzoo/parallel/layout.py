@@ -21,7 +21,7 @@ import torch
 
 from ..checks import Problem, check_qkv
 from ..errors import AttnZooError
-from .comm import ParallelError, Team, all_gather_ints, all_to_all_rows
+from .comm import ParallelError, Team, all_gather_ints, all_to_all_rows, resolve_team
 
 Segment = tuple[int, int]  # (first global position, length)
 
@@ -42,6 +42,23 @@ def _starts(sizes: list[int]) -> list[int]:
 def shard_sequence(x: torch.Tensor, rank: int, world_size: int, dim: int = 2) -> torch.Tensor:
     """Rank ``rank``'s contiguous shard of ``x`` along ``dim``: what each rank passes to the parallel functions."""
     return torch.tensor_split(x, world_size, dim=dim)[rank]
+
+
+def gather_sequence(x: torch.Tensor, group=None, dim: int = 2) -> torch.Tensor:
+    """The full sequence on every rank from each rank's contiguous shard (the inverse of :func:`shard_sequence`).
+
+    Not differentiable; for checking results and for demos, since it moves
+    the whole sequence to every rank.
+    """
+    team = resolve_team("gather_sequence", group)
+    lengths = [row[0] for row in all_gather_ints(team, "gather", [x.shape[dim]], x.device)]
+    rows = x.movedim(dim, 0)
+    padded = rows.new_zeros((max(lengths),) + tuple(rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    pieces = [torch.empty_like(padded) for _ in range(team.size)]
+    with team.talking("gather"):
+        torch.distributed.all_gather(pieces, padded.contiguous(), group=team.group)
+    return torch.cat([p[:n] for p, n in zip(pieces, lengths)]).movedim(0, dim)
 
 
 @dataclass(frozen=True)
