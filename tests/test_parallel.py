@@ -14,12 +14,16 @@ import math
 import os
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
 
 import attnzoo
 from attnzoo import parallel as azp
+from attnzoo.parallel import ring as ring_module
+from attnzoo.parallel import ulysses as ulysses_module
+from attnzoo.parallel.launch import _context
 from attnzoo.parallel.layout import Layout, _plan, shard_sizes
 
 SEED = 1234
@@ -164,6 +168,21 @@ def check_bytes_counted(rank, P):
         assert stats.bytes_received == stats.bytes_sent  # symmetric when N is divisible by P
 
 
+def check_subgroups(rank, P):
+    """Two interleaved sub-groups ({0, 2}, {1, 3} for P=4): group ranks differ from global ranks."""
+    groups = [list(range(start, P, 2)) for start in (0, 1)]
+    handles = [torch.distributed.new_group(members) for members in groups]  # every rank creates every group
+    mine = rank % 2
+    sub_rank, sub_size = groups[mine].index(rank), len(groups[mine])
+    q, k, v, _ = _full_inputs(3 * sub_size + 1, 4, 2, seed=SEED + mine)
+    ref = attnzoo.attention(q, k, v, method="naive", causal=True)
+    for name, fn in ALGOS.items():
+        out = fn(*(azp.shard_sequence(t, sub_rank, sub_size).float() for t in (q, k, v)), causal=True,
+                 group=handles[mine])
+        err = _rel(out, azp.shard_sequence(ref, sub_rank, sub_size))
+        assert err <= TOL, f"{name} in sub-group {groups[mine]}: rel err {err:.2e}"
+
+
 def check_gather_sequence(rank, P):
     x = torch.arange(2 * 3 * (2 * P + 1), dtype=torch.float32).view(2, 3, 2 * P + 1)
     assert torch.equal(azp.gather_sequence(azp.shard_sequence(x, rank, P)), x)
@@ -182,6 +201,7 @@ CHECKS |= {
     "half_precision": check_half_precision,
     "bytes_counted": check_bytes_counted,
     "gather_sequence": check_gather_sequence,
+    "subgroups": check_subgroups,
 }
 
 
@@ -218,11 +238,15 @@ def test_multi_process(outcomes, P, name):
 
 
 # ------------------------------------------------------------ failure behaviour
-def _one_rank_exits(rank: int, P: int, algo: str) -> tuple[str, float]:
-    """The last rank leaves without calling; every other rank must raise ParallelError quickly."""
+def _one_rank_exits(rank: int, P: int, algo: str, mid_call: bool) -> tuple[str, float]:
+    """The last rank leaves, either before calling or in the middle of the call (after the shape
+    check, when its first local attention starts); every other rank must raise ParallelError quickly."""
     if rank == P - 1:
-        os._exit(0)
-    q = torch.randn(1, 2, 4, 8)
+        if not mid_call:
+            os._exit(0)
+        module = ulysses_module if algo == "ulysses" else ring_module
+        setattr(module, "attention" if algo == "ulysses" else "_attend_block", lambda *a, **kw: os._exit(0))
+    q = torch.randn(1, P, 4, 8)  # Ulysses needs Hq % P == 0
     start = time.monotonic()
     try:
         ALGOS[algo](q, q, q, causal=True)
@@ -234,7 +258,7 @@ def _one_rank_exits(rank: int, P: int, algo: str) -> tuple[str, float]:
 def _one_rank_stalls(rank: int, P: int, timeout: float) -> tuple[str, float]:
     """The last rank stays alive but never reaches the call (hung elsewhere)."""
     if rank == P - 1:
-        time.sleep(timeout + 3.0)
+        time.sleep(timeout + 1.0)
         return "stalled", 0.0
     q = torch.randn(1, 2, 4, 8)
     start = time.monotonic()
@@ -245,23 +269,45 @@ def _one_rank_stalls(rank: int, P: int, timeout: float) -> tuple[str, float]:
     return "no error", time.monotonic() - start
 
 
-@pytest.mark.parametrize("algo", ["ring", "ulysses"])
-def test_a_rank_that_exits_makes_the_others_raise(algo):
+@pytest.mark.parametrize("algo, mid_call", [
+    ("ring", False), ("ring", True), ("ulysses", True),
+    pytest.param("token_ring", True, marks=pytest.mark.slow),
+])
+def test_a_rank_that_exits_makes_the_others_raise(algo, mid_call):
     P, timeout = 3, 10.0
-    results = azp.run_local(_one_rank_exits, P, algo, timeout=timeout, wall_timeout=60.0, missing_ok=True)
+    results = azp.run_local(_one_rank_exits, P, algo, mid_call, timeout=timeout, wall_timeout=60.0, missing_ok=True)
     assert results[-1] is None
     for rank, (message, elapsed) in enumerate(results[:-1]):
         assert message.startswith(f"{algo}_attention: "), f"rank {rank}: {message}"
         assert "another rank died" in message and "timeout" in message
+        assert ("shape check" in message) != mid_call, message  # mid-call failures come from the data exchange
         assert elapsed < timeout, f"rank {rank} took {elapsed:.1f} s"
 
 
 def test_a_rank_that_never_arrives_times_out():
-    P, timeout = 2, 3.0
+    P, timeout = 2, 2.0
     results = azp.run_local(_one_rank_stalls, P, timeout, timeout=timeout, wall_timeout=60.0)
     message, elapsed = results[0]
     assert message.startswith("ring_attention: ") and "timeout" in message, message
     assert timeout * 0.5 < elapsed < timeout + 5.0, f"raised after {elapsed:.1f} s with a {timeout} s timeout"
+
+
+def _join_alone(store: str, timeout: float) -> tuple[str, float]:
+    """Rank 0 of a 2-rank group whose rank 1 never starts."""
+    start = time.monotonic()
+    try:
+        azp.init_process_group("gloo", timeout=timeout, init_method=f"file://{store}", rank=0, world_size=2)
+    except azp.ParallelError as e:
+        return str(e), time.monotonic() - start
+    return "joined", time.monotonic() - start
+
+
+def test_a_rank_that_never_joins_the_group_times_out(tmp_path):
+    timeout = 2.0
+    with ProcessPoolExecutor(1, mp_context=_context()) as pool:  # a worker process: the group state stays there
+        message, elapsed = pool.submit(_join_alone, str(tmp_path / "store"), timeout).result(timeout=60)
+    assert message.startswith("init_process_group: could not form the gloo process group within 2.0 s"), message
+    assert elapsed < timeout + 5.0
 
 
 # ------------------------------------------------------------ single-process checks

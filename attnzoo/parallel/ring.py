@@ -51,12 +51,12 @@ def _pairs(q_segs, k_segs, causal: bool, scale: float):
 
 
 def _attend_block(acc: Partial, q, q_segs, k, v, k_segs, causal: bool, scale: float) -> Partial:
-    """``acc`` ⊕ the attention of the queries (segments ``q_segs``) to one K/V block (segments ``k_segs``)."""
-    out, lse = acc.out.clone(), acc.lse.clone()
+    """Merge into ``acc`` (in place, fp32) the attention of the queries (segments ``q_segs``)
+    to one K/V block (segments ``k_segs``); returns ``acc``."""
     for qs, ks, spec in _pairs(q_segs, k_segs, causal, scale):
         part = Partial(*tiled_forward(q[:, :, qs].float(), k[:, :, ks].float(), v[:, :, ks].float(), spec))
-        out[:, :, qs], lse[:, :, qs] = merge(Partial(out[:, :, qs], lse[:, :, qs]), part)
-    return Partial(out, lse)
+        acc.out[:, :, qs], acc.lse[:, :, qs] = merge(Partial(acc.out[:, :, qs], acc.lse[:, :, qs]), part)
+    return acc
 
 
 def _grad_block(q, q_segs, k, v, k_segs, out, lse, d_out, causal: bool, scale: float,
@@ -111,6 +111,14 @@ class _Shapes:
 
 
 # --------------------------------------------------------------------- ring
+def _pass_on(team: Team, what: str, block: torch.Tensor, incoming_numel: int, tag: int = 0):
+    """Start sending ``block`` to the next rank and receiving the previous rank's (``incoming_numel`` elements)."""
+    incoming = block.new_empty(incoming_numel)
+    pending = exchange(team, what, [(block, (team.rank + 1) % team.size)], [(incoming, (team.rank - 1) % team.size)],
+                       tag)
+    return incoming, pending
+
+
 def _ring_forward(team: Team, q, k, v, layout: Layout, causal: bool, scale: float) -> Partial:
     P, p = team.size, team.rank
     shapes = _Shapes(q, k, v, layout)
@@ -119,8 +127,7 @@ def _ring_forward(team: Team, q, k, v, layout: Layout, causal: bool, scale: floa
     for t in range(P):
         src = (p - t) % P
         if t < P - 1:  # start moving the next block before computing on this one
-            incoming = block.new_empty(_numel(shapes.kv((src - 1) % P)))
-            pending = exchange(team, "ring K/V", [(block, (p + 1) % P)], [(incoming, (p - 1) % P)])
+            incoming, pending = _pass_on(team, "ring K/V", block, _numel(shapes.kv((src - 1) % P)))
         kb, vb = _unpack(block, shapes.kv(src))
         acc = _attend_block(acc, q, layout.segments[p], kb, vb, layout.segments[src], causal, scale)
         if t < P - 1:
@@ -139,8 +146,7 @@ def _ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, causal:
     for t in range(P):
         src = (p - t) % P
         if t < P - 1:
-            incoming = block.new_empty(_numel(shapes.kv((src - 1) % P)))
-            pending = exchange(team, "ring K/V", [(block, (p + 1) % P)], [(incoming, (p - 1) % P)])
+            incoming, pending = _pass_on(team, "ring K/V", block, _numel(shapes.kv((src - 1) % P)))
         if grads_pending is not None:
             grads_pending.wait()
             grads = grads_in
@@ -148,8 +154,7 @@ def _ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, causal:
         dkb, dvb = _unpack(grads, shapes.kv(src))
         _grad_block(q, layout.segments[p], kb, vb, layout.segments[src], out, lse, d_out, causal, scale, dq, dkb, dvb)
         if P > 1:  # pass the accumulator on; after the last step it arrives back at its owner
-            grads_in = grads.new_empty(_numel(shapes.kv((src - 1) % P)))
-            grads_pending = exchange(team, "ring dK/dV", [(grads, (p + 1) % P)], [(grads_in, (p - 1) % P)], tag=1)
+            grads_in, grads_pending = _pass_on(team, "ring dK/dV", grads, _numel(shapes.kv((src - 1) % P)), tag=1)
         if t < P - 1:
             pending.wait()
             block = incoming
