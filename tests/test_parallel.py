@@ -183,6 +183,16 @@ def check_subgroups(rank, P):
         assert err <= TOL, f"{name} in sub-group {groups[mine]}: rel err {err:.2e}"
 
 
+def check_empty_sequence(rank, P):
+    """N = 0: empty outputs and gradients, no message sent."""
+    for fn in ALGOS.values():
+        for causal in (False, True):
+            q = torch.zeros(1, P, 0, 4, requires_grad=True)
+            out = fn(q, q, q, causal=causal)
+            out.sum().backward()
+            assert out.shape == (1, P, 0, 4) and q.grad.shape == q.shape
+
+
 def check_gather_sequence(rank, P):
     x = torch.arange(2 * 3 * (2 * P + 1), dtype=torch.float32).view(2, 3, 2 * P + 1)
     assert torch.equal(azp.gather_sequence(azp.shard_sequence(x, rank, P)), x)
@@ -202,16 +212,26 @@ CHECKS |= {
     "bytes_counted": check_bytes_counted,
     "gather_sequence": check_gather_sequence,
     "subgroups": check_subgroups,
+    "empty_sequence": check_empty_sequence,
 }
 
 
-def _run_checks(rank: int, P: int) -> dict[str, str | None]:
-    """Worker: run every check in this process group; None = passed, else the failure text."""
+#: with P=4 these run in the slow suite (P=2 runs every check by default)
+SLOW_AT_4 = {"grad_ring_full", "grad_token_ring_full", "grad_token_ring_causal", "grad_ulysses_full",
+             "ulysses_local_method", "half_precision", "mismatched_causal", "empty_sequence"}
+
+
+def _is_slow(P: int, name: str) -> bool:
+    return P == 4 and name in SLOW_AT_4
+
+
+def _run_checks(rank: int, P: int, names: list[str]) -> dict[str, str | None]:
+    """Worker: run the named checks in this process group; None = passed, else the failure text."""
     torch.manual_seed(SEED)
     outcome = {}
-    for name, check in CHECKS.items():
+    for name in names:
         try:
-            check(rank, P)
+            CHECKS[name](rank, P)
             outcome[name] = None
         except BaseException:  # one failing check must not stop the others
             outcome[name] = traceback.format_exc()
@@ -220,20 +240,23 @@ def _run_checks(rank: int, P: int) -> dict[str, str | None]:
 
 @pytest.fixture(scope="module")
 def outcomes():
-    """Each world size's outcome per check, per rank (one process group per P, started on first use)."""
-    cache: dict[int, list[dict]] = {}
+    """Outcome per check, per rank: one process group per (P, slow or not), started on first use."""
+    cache: dict[tuple[int, bool], list[dict]] = {}
 
-    def get(P: int) -> list[dict]:
-        if P not in cache:
-            cache[P] = azp.run_local(_run_checks, P, timeout=20.0, wall_timeout=240.0)
-        return cache[P]
+    def get(P: int, slow: bool) -> list[dict]:
+        if (P, slow) not in cache:
+            names = [n for n in CHECKS if _is_slow(P, n) == slow]
+            cache[P, slow] = azp.run_local(_run_checks, P, names, timeout=20.0, wall_timeout=240.0)
+        return cache[P, slow]
     return get
 
 
-@pytest.mark.parametrize("name", list(CHECKS))
-@pytest.mark.parametrize("P", [2, 4])
+@pytest.mark.parametrize("P, name", [
+    pytest.param(P, name, marks=[pytest.mark.slow] if _is_slow(P, name) else [])
+    for P in (2, 4) for name in CHECKS
+])
 def test_multi_process(outcomes, P, name):
-    failures = {rank: r[name] for rank, r in enumerate(outcomes(P)) if r[name] is not None}
+    failures = {rank: r[name] for rank, r in enumerate(outcomes(P, _is_slow(P, name))) if r[name] is not None}
     assert not failures, "\n".join(f"rank {r}:\n{tb}" for r, tb in failures.items())
 
 
