@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(rank: int, world_size: int, args: argparse.Namespace) -> None:
     """One rank's work; returns nothing, rank 0 prints the comparison."""
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if dist.get_backend() == "nccl" else torch.device("cpu")
+    on_gpu = dist.get_backend() == "nccl"
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if on_gpu else torch.device("cpu")
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(args.batch, h, args.length, args.dim, generator=g)
             for h in (args.heads, args.kv_heads, args.kv_heads)]

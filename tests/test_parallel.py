@@ -40,7 +40,9 @@ def _full_inputs(N: int, Hq: int, Hkv: int, D: int = 8, Dv: int = 8, B: int = 2,
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.detach().double() - ref.detach()).abs().max() / ref.detach().abs().max().clamp_min(1e-30)) if ref.numel() else 0.0
+    """Max-abs error relative to max|ref| (0 for empty tensors)."""
+    a, ref = a.detach().double(), ref.detach()
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if ref.numel() else 0.0
 
 
 def _compare(rank: int, P: int, algo: str, N: int, Hq: int, Hkv: int, causal: bool, grad: bool, **params) -> None:
@@ -86,6 +88,17 @@ def check_grad(algo: str, causal: bool):
         for N, Hq, Hkv in [(4 * P + 1, 4, 2), (2 * P, 4, 4)]:
             _compare(rank, P, algo, N, Hq, Hkv, causal, grad=True)
     return run
+
+
+def check_small_tiles(rank, P):
+    """Tiles smaller than the segments: several query and key tiles per (segment, segment) pair."""
+    saved = ring_module.Q_TILE, ring_module.K_TILE
+    ring_module.Q_TILE, ring_module.K_TILE = 3, 5
+    try:
+        for algo in ("ring", "token_ring"):
+            _compare(rank, P, algo, 6 * P + 1, 4, 2, True, grad=True)
+    finally:
+        ring_module.Q_TILE, ring_module.K_TILE = saved
 
 
 def check_ulysses_local_method(rank, P):
@@ -213,6 +226,7 @@ CHECKS |= {
     "gather_sequence": check_gather_sequence,
     "subgroups": check_subgroups,
     "empty_sequence": check_empty_sequence,
+    "small_tiles": check_small_tiles,
 }
 
 

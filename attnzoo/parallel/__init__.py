@@ -23,6 +23,6 @@ from .ring import ring_attention, token_ring_attention
 from .ulysses import ulysses_attention
 
 __all__ = [
-    "CommStats", "ParallelError", "comm_stats", "default_backend", "gather_sequence", "init_process_group", "ring_attention",
-    "run_local", "shard_sequence", "shard_sizes", "token_ring_attention", "ulysses_attention",
+    "CommStats", "ParallelError", "comm_stats", "default_backend", "gather_sequence", "init_process_group",
+    "ring_attention", "run_local", "shard_sequence", "shard_sizes", "token_ring_attention", "ulysses_attention",
 ]
