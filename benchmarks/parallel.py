@@ -1,6 +1,7 @@
 """Sequence-parallel attention: per-rank time, peak memory and bytes sent vs P, on gloo/CPU.
 
-Ring, TokenRing and Ulysses (local method ``exact``), non-causal, fp32,
+Ring, TokenRing and Ulysses (local method ``exact``), non-causal (``--causal``
+for causal, which adds the zig-zag re-layout, counted apart), fp32,
 B=1, Hq=Hkv=8, D=64, P in {1, 2, 4} local processes (``run_local``).
 
 - Strong scaling (fixed total N): per-rank forward and forward+backward time
@@ -27,6 +28,7 @@ algorithms' overheads, not a speed-up; the byte columns are exact.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import statistics
@@ -48,9 +50,11 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _payload_sent() -> int:
+def _sent() -> tuple[int, int]:
+    """Bytes sent by the algorithm itself and by the causal zig-zag re-layout (the shape check excluded)."""
     stats = azp.comm_stats()
-    return stats.bytes_sent - stats.sent_by_op.get("shape check", 0)
+    relayout = stats.sent_by_op.get("relayout", 0)
+    return stats.bytes_sent - stats.sent_by_op.get("shape check", 0) - relayout, relayout
 
 
 def _shards(rank: int, world: int, n_total: int, heads: int, kv_heads: int, dim: int):
@@ -82,11 +86,11 @@ def _median_time(call, repeat: int, barrier: bool) -> float:
     return statistics.median(times)
 
 
-def measure(rank: int, world: int, algo: str, n_total: int, heads: int, kv_heads: int, dim: int,
+def measure(rank: int, world: int, algo: str, n_total: int, heads: int, kv_heads: int, dim: int, causal: bool,
             repeat: int, timed: bool) -> dict:
     """One rank (one thread): forward bytes; with ``timed``, peak memory and forward / forward+backward times."""
     torch.set_num_threads(1)
-    fn = ALGORITHMS[algo]
+    fn = functools.partial(ALGORITHMS[algo], causal=causal)
     tiny = _shards(rank, world, 2 * world, heads, kv_heads, dim)
     fn(*(t.requires_grad_() for t in tiny)).sum().backward()  # load every code path first
     q, k, v = _shards(rank, world, n_total, heads, kv_heads, dim)
@@ -94,7 +98,7 @@ def measure(rank: int, world: int, algo: str, n_total: int, heads: int, kv_heads
     azp.comm_stats().reset()
     with torch.no_grad():
         fn(q, k, v)
-    result["sent"] = _payload_sent()
+    result["sent"], result["relayout"] = _sent()
     if not timed:
         return result
 
@@ -108,8 +112,8 @@ def measure(rank: int, world: int, algo: str, n_total: int, heads: int, kv_heads
     result["fwd"] = _median_time(forward, repeat, barrier=True)
     result["both"] = _median_time(forward_backward, repeat, barrier=True)
     if world == 1:  # the single-process baseline on the whole sequence
-        result["sdpa"] = _median_time(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), repeat,
-                                      barrier=False)
+        result["sdpa"] = _median_time(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal), repeat, barrier=False)
     return result
 
 
@@ -132,13 +136,14 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--causal", action="store_true", help="causal attention (zig-zag layout inside each call)")
     args = ap.parse_args()
     n_total = args.length or (1024 if args.quick else 4096)
     per_rank = args.per_rank or (256 if args.quick else 1024)
-    shape = (args.heads, args.kv_heads, args.dim)
+    shape = (args.heads, args.kv_heads, args.dim, args.causal)
 
     print(f"# torch {torch.__version__}, gloo, {platform.processor() or platform.machine()}, "
-          f"B=1 Hq={args.heads} Hkv={args.kv_heads} D={args.dim} fp32 non-causal; median of {args.repeat}; "
+          f"B=1 Hq={args.heads} Hkv={args.kv_heads} D={args.dim} fp32 {'causal' if args.causal else 'non-causal'}; median of {args.repeat}; "
           f"no GPU in this run, so no NCCL numbers")
     print(f"\n## strong scaling: N = {n_total} in total (slowest rank; time vs single-process SDPA on all N)")
     header = (f"{'algorithm':>10} {'P':>2} {'N/P':>6} {'fwd ms':>9} {'vs SDPA':>8} {'fwd+bwd ms':>11} "
@@ -154,21 +159,24 @@ def main() -> None:
             ratio = f"{fwd / sdpa:>8.2f}" if sdpa else f"{'n/a':>8}"
             print(f"{algo:>10} {world:>2} {n_total // world:>6} {fwd * 1e3:>9.1f} {ratio} "
                   f"{max(r['both'] for r in rows) * 1e3:>11.1f} {max(r['peak'] for r in rows) / 2**20:>9.1f} "
-                  f"{max(r['sent'] for r in rows) / 1e6:>12.3f}")
+                  f"{max(r['sent'] + r['relayout'] for r in rows) / 1e6:>12.3f}")
     if sdpa:
         print(f"{'sdpa':>10} {1:>2} {n_total:>6} {sdpa * 1e3:>9.1f} {1.0:>8.2f}")
 
     print(f"\n## weak scaling: N/P = {per_rank} per rank; forward bytes sent per rank, measured vs formula")
-    header = f"{'algorithm':>10} {'P':>2} {'N':>6} {'MB measured':>12} {'MB formula':>11} {'ratio':>6}"
+    header = (f"{'algorithm':>10} {'P':>2} {'N':>6} {'MB measured':>12} {'MB formula':>11} {'ratio':>6} "
+              f"{'+ relayout MB':>14}")
     print(header)
     print("-" * len(header))
     for algo in ALGORITHMS:
         for world in args.worlds:
             rows = azp.run_local(measure, world, algo, per_rank * world, *shape, args.repeat, False)
-            formula = analytic_forward_bytes(algo, world, per_rank, *shape)
+            formula = analytic_forward_bytes(algo, world, per_rank, *shape[:3])
             sent = max(r["sent"] for r in rows)
             ratio = f"{sent / formula:>6.3f}" if formula else f"{'-':>6}"
-            print(f"{algo:>10} {world:>2} {per_rank * world:>6} {sent / 1e6:>12.3f} {formula / 1e6:>11.3f} {ratio}")
+            relayout = max(r["relayout"] for r in rows)
+            print(f"{algo:>10} {world:>2} {per_rank * world:>6} {sent / 1e6:>12.3f} {formula / 1e6:>11.3f} {ratio} "
+                  f"{relayout / 1e6:>14.3f}")
 
 
 if __name__ == "__main__":
