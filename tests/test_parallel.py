@@ -138,6 +138,16 @@ def check_mismatched_causal(rank, P):
     _expect_error(lambda: azp.token_ring_attention(q, q, q, causal=rank == 0), azp.ParallelError, "causal differs")
 
 
+def check_rejected_method_on_one_rank(rank, P):
+    """An argument error on one rank (here an unknown method name) does not leave the others waiting."""
+    q = torch.randn(1, P, 3, 4)
+    if rank == 0:
+        _expect_error(lambda: azp.ulysses_attention(q, q, q, method="no_such_method"), attnzoo.AttnZooError,
+                      "unknown method")
+    else:
+        _expect_error(lambda: azp.ulysses_attention(q, q, q), azp.ParallelError, "rank(s) [0] rejected")
+
+
 def check_rejected_inputs(rank, P):
     """A rank whose own inputs are invalid raises its own error; the others do not wait for a timeout."""
     q = torch.randn(1, 2, 3, 4)
@@ -221,6 +231,7 @@ CHECKS |= {
     "mismatched_lengths": check_mismatched_lengths,
     "mismatched_causal": check_mismatched_causal,
     "rejected_inputs": check_rejected_inputs,
+    "rejected_method_on_one_rank": check_rejected_method_on_one_rank,
     "half_precision": check_half_precision,
     "bytes_counted": check_bytes_counted,
     "gather_sequence": check_gather_sequence,

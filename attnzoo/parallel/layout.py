@@ -16,6 +16,7 @@ is differentiable (its backward is the reverse move).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -156,12 +157,12 @@ def relayout(team: Team, x: torch.Tensor, src: Layout, dst: Layout) -> torch.Ten
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SIZES = ("batch B", "query heads Hq", "KV heads Hkv", "head dim D", "value dim Dv")
-
-
 _REJECTED = -1  # a rank whose own inputs failed validation sends this in place of its sizes
 
 
-def _check_local(team: Team, q, k, v, scale: float | None) -> Problem:
+def _check_local(team: Team, q, k, v, causal: bool, scale: float | None) -> Problem:
+    if not isinstance(causal, bool):
+        raise AttnZooError(f"{team.fn}: causal: expected a bool, got {type(causal).__name__}")
     prob = check_qkv(q, k, v, scale=scale)
     if prob.len_q != prob.len_k:
         raise ParallelError(
@@ -174,18 +175,20 @@ def _check_local(team: Team, q, k, v, scale: float | None) -> Problem:
 
 
 def check_shards(team: Team, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                 scale: float | None) -> tuple[Problem, Layout]:
-    """Validate this rank's shards and check that every rank agrees (one small all_gather).
+                 scale: float | None, validate: Callable[[], None] | None = None) -> tuple[Problem, Layout]:
+    """Validate this rank's shards (and run the caller's ``validate``), then check that every rank
+    agrees (one small all_gather).
 
     Returns this rank's :class:`Problem` and the contiguous :class:`Layout` of
-    the whole sequence. Raises :class:`ParallelError` on every rank when the
-    ranks disagree on sizes, dtype or ``causal``, or hold a split other than
-    ``torch.tensor_split``'s.
+    the whole sequence. A rank whose own arguments are invalid raises its
+    error while the others raise :class:`ParallelError` at once (no timeout);
+    every rank raises :class:`ParallelError` when the ranks disagree on sizes,
+    dtype or ``causal``, or hold a split other than ``torch.tensor_split``'s.
     """
-    if not isinstance(causal, bool):
-        raise ParallelError(f"{team.fn}: causal: expected a bool, got {type(causal).__name__}")
     try:
-        prob = _check_local(team, q, k, v, scale)
+        if validate is not None:
+            validate()
+        prob = _check_local(team, q, k, v, causal, scale)
         mine = [prob.batch, prob.heads_q, prob.heads_kv, prob.dim, prob.dim_v, prob.len_q, _DTYPES.index(q.dtype),
                 int(causal)]
     except AttnZooError as error:  # still join the gather, so the other ranks fail fast instead of timing out

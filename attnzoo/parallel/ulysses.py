@@ -69,14 +69,17 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, meth
     """
     fn = "ulysses_attention"
     team = resolve_team(fn, group)
-    _lookup(method)  # an unknown name fails here, before any communication
-    tensors = sorted(name for name, value in params.items() if isinstance(value, torch.Tensor))
-    if tensors:
-        raise AttnZooError(
-            f"{fn}: per-call tensor inputs {tensors} are not supported (they would need resharding); "
-            f"pass only scalar method parameters"
-        )
-    prob, layout = check_shards(team, q, k, v, causal=causal, scale=scale)
+
+    def validate() -> None:
+        _lookup(method)  # an unknown name fails before any data moves
+        tensors = sorted(name for name, value in params.items() if isinstance(value, torch.Tensor))
+        if tensors:
+            raise AttnZooError(
+                f"{fn}: per-call tensor inputs {tensors} are not supported (they would need resharding); "
+                f"pass only scalar method parameters"
+            )
+
+    prob, layout = check_shards(team, q, k, v, causal=causal, scale=scale, validate=validate)
     P = team.size
     if prob.heads_q % P:
         raise AttnZooError(
