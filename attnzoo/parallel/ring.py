@@ -280,7 +280,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     ``v (B, Hkv, n_r, Dv)`` (``torch.tensor_split`` of the N positions: N need
     not be divisible by P) and gets the output for the same positions. GQA,
     causal (bottom-right = top-left here, since Nq = Nk) and non-causal;
-    differentiable. Communication per rank: (P-1) K/V blocks each way.
+    differentiable. Communication per rank: (P-1) K/V blocks of n positions
+    sent in the forward pass; causal calls add the zig-zag re-layout (one
+    all-to-all of q, k, v and one of the output).
     """
     return _sequence_parallel("ring_attention", "ring", q, k, v, causal, group, scale)
 
