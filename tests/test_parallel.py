@@ -18,6 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo import parallel as azp
@@ -376,8 +378,8 @@ def test_shard_sizes_match_tensor_split(N, P):
     assert [azp.shard_sequence(x, r, P).shape[2] for r in range(P)] == shard_sizes(N, P)
 
 
-@pytest.mark.parametrize("N", [1, 7, 16, 33])
-@pytest.mark.parametrize("P", [2, 3, 4])
+@settings(max_examples=60, deadline=None)
+@given(N=st.integers(0, 80), P=st.integers(1, 8))
 def test_relayout_plans_move_every_row_to_its_place(N, P):
     """Simulate the all-to-all of contiguous -> zig-zag -> contiguous in one process."""
     src, dst = Layout.contiguous(N, P), Layout.zigzag(N, P)
