@@ -160,7 +160,7 @@ def check_rejected_inputs(rank, P):
     else:
         start = time.monotonic()
         _expect_error(lambda: azp.ring_attention(q, q, q), azp.ParallelError, "rank(s) [1] rejected")
-        assert time.monotonic() - start < 2.0
+        assert time.monotonic() - start < 10.0  # the group timeout is 20 s: no waiting for it
 
 
 def check_half_precision(rank, P):
