@@ -1,0 +1,28 @@
+"""Sequence-parallel exact attention across processes on ``torch.distributed`` (METHODS.md A.4, B6).
+
+Every rank passes its contiguous shard of the sequence (rank r holds
+``torch.tensor_split(x, P, dim=2)[r]``) and gets back the output for the same
+positions:
+
+>>> from attnzoo import parallel as azp
+>>> azp.init_process_group(timeout=30.0)          # under torchrun; gloo on CPU, NCCL on GPU
+>>> out = azp.ring_attention(q, k, v, causal=True)
+>>> out = azp.token_ring_attention(q, k, v, causal=True)
+>>> out = azp.ulysses_attention(q, k, v, method="exact", causal=True)
+
+A rank that dies or never reaches a call makes the others raise
+:class:`ParallelError` within the process group's timeout; shards that
+disagree across ranks are reported by name. :func:`comm_stats` counts the bytes
+each process sent and received.
+"""
+
+from .comm import CommStats, ParallelError, comm_stats
+from .launch import default_backend, init_process_group, run_local
+from .layout import gather_sequence, shard_sequence, shard_sizes
+from .ring import ring_attention, token_ring_attention
+from .ulysses import ulysses_attention
+
+__all__ = [
+    "CommStats", "ParallelError", "comm_stats", "default_backend", "gather_sequence", "init_process_group",
+    "ring_attention", "run_local", "shard_sequence", "shard_sizes", "token_ring_attention", "ulysses_attention",
+]

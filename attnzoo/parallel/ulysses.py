@@ -1,0 +1,96 @@
+"""DeepSpeed-Ulysses sequence parallelism (METHODS.md M42).
+
+One all-to-all turns "every rank holds N/P positions of all heads" into
+"every rank holds all N positions of H/P heads"; any registered attention
+method then runs locally on its heads, and a second all-to-all turns the
+output back. The all-to-all is its own transpose, so the backward pass is the
+same two exchanges in reverse, and the local method's own backward runs in
+between. Per-rank traffic is about ``(P-1)/P · n · (Hq·D + Hkv·(D+Dv) + Hq·Dv)``
+elements for ``n = N/P`` local positions: constant when N and P grow together.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..api import attention
+from ..errors import AttnZooError
+from ..registry import _lookup
+from .comm import Team, all_to_all_rows, resolve_team
+from .layout import check_shards
+
+
+def _seq_to_heads(team: Team, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """``(B, H, n_r, D)`` on every rank -> ``(B, H/P, N, D)``: rank s gets head group s of all positions."""
+    B, H, n, D = x.shape
+    P = team.size
+    rows = x.reshape(B, P, H // P, n, D).permute(1, 3, 0, 2, 4).reshape(P * n, B, H // P, D)
+    out = all_to_all_rows(team, "ulysses all-to-all", rows, [n] * P, lengths)  # source-rank order = position order
+    return out.permute(1, 2, 0, 3)
+
+
+def _heads_to_seq(team: Team, y: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """The inverse of :func:`_seq_to_heads`: ``(B, H/P, N, D)`` -> ``(B, H, n_r, D)``."""
+    B, Hp, _, D = y.shape
+    P, n = team.size, lengths[team.rank]
+    out = all_to_all_rows(team, "ulysses all-to-all", y.permute(2, 0, 1, 3), lengths, [n] * P)
+    return out.reshape(P, n, B, Hp, D).permute(2, 0, 3, 1, 4).reshape(B, P * Hp, n, D)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Sequence shards <-> head shards; the backward is the opposite move."""
+
+    @staticmethod
+    def forward(ctx, x, team, lengths, to_heads):  # noqa: D401  (autograd signature)
+        ctx.team, ctx.lengths, ctx.to_heads = team, lengths, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(team, x, lengths)
+
+    @staticmethod
+    def backward(ctx, grad):
+        move = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return move(ctx.team, grad.contiguous(), ctx.lengths), None, None, None
+
+
+def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: str = "exact",
+                      causal: bool = False, group=None, scale: float | None = None, **params: Any) -> torch.Tensor:
+    """Attention over a sequence sharded across ``group`` by head/sequence all-to-all (DeepSpeed-Ulysses).
+
+    Same shard contract as :func:`ring_attention`. ``method`` and ``params``
+    choose the local attention (any registered method, e.g.
+    ``method="sliding_window", window=256``); it sees all N positions of
+    ``Hq/P`` query heads. Requires ``Hq % P == 0``. With GQA, KV heads are
+    split too when ``Hkv % P == 0``, otherwise each is replicated just enough
+    (``P / gcd(Hkv, P)`` times) to be split. Differentiable when the local
+    method is. Per-call tensor inputs (``key_padding_mask``, ``g``, ...) are not
+    resharded and are refused.
+    """
+    fn = "ulysses_attention"
+    team = resolve_team(fn, group)
+
+    def validate() -> None:
+        _lookup(method)  # an unknown name fails before any data moves
+        tensors = sorted(name for name, value in params.items() if isinstance(value, torch.Tensor))
+        if tensors:
+            raise AttnZooError(
+                f"{fn}: per-call tensor inputs {tensors} are not supported (they would need resharding); "
+                f"pass only scalar method parameters"
+            )
+
+    prob, layout = check_shards(team, q, k, v, causal=causal, scale=scale, validate=validate)
+    P = team.size
+    if prob.heads_q % P:
+        raise AttnZooError(
+            f"{fn}: expected the number of query heads Hq={prob.heads_q} to be divisible by the number of ranks "
+            f"P={P} (Ulysses splits heads across ranks); use ring_attention or token_ring_attention, which split "
+            f"positions instead"
+        )
+    replicas = P // math.gcd(prob.heads_kv, P)  # divides the group size Hq/Hkv because P divides Hq
+    if replicas > 1:
+        k, v = k.repeat_interleave(replicas, dim=1), v.repeat_interleave(replicas, dim=1)
+    lengths = [layout.length(r) for r in range(P)]
+    qh, kh, vh = (_AllToAll.apply(t, team, lengths, True) for t in (q, k, v))
+    out = attention(qh, kh, vh, method=method, causal=causal, scale=prob.scale, **params)
+    return _AllToAll.apply(out, team, lengths, False)
