@@ -20,6 +20,7 @@ def _fmt(x: float | None, spec: str) -> str:
 def eval_model_table(console: Console, *, model: str | None, sentences: str | None, methods: list[str] | None,
                      max_tokens: int, threads: int | None = None) -> int:
     """Print the cosine table; returns the exit code (0 ok, 1 a method errored, 2 bad input)."""
+    transformers.utils.logging.disable_progress_bar()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -30,7 +31,7 @@ def eval_model_table(console: Console, *, model: str | None, sentences: str | No
         console.print(f"[red]error:[/] {e}")
         return 2
     name = model or "all-MiniLM-L6-v2"
-    table = Table(title=f"{name}: sentence-embedding cosine to the unmodified model ({len(texts)} sentences)")
+    table = Table(title=f"{name}: sentence-embedding cosine to the unmodified model")
     for col in ("method", "family", "status", "cos mean", "cos min", "max |Δ|", "time (s)", "note"):
         table.add_column(col, overflow="fold")
     for r in rows:
@@ -38,7 +39,7 @@ def eval_model_table(console: Console, *, model: str | None, sentences: str | No
         table.add_row(r.method, r.family, status, _fmt(r.cos_mean, ".6f"), _fmt(r.cos_min, ".6f"),
                       _fmt(r.max_abs, ".2e"), _fmt(r.seconds, ".2f"), r.note)
     console.print(table)
-    console.print(f"model: {model or minilm_path()}; sentences: {sentences or SENTENCES}")
+    console.print(f"model: {model or minilm_path()}; {len(texts)} sentences from {sentences or SENTENCES}")
     console.print(f"machine: {platform.machine()} {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
                   f"transformers {transformers.__version__}; at most {max_tokens} padded tokens a batch; default method parameters")
     return 1 if any(r.status == "error" for r in rows) else 0
