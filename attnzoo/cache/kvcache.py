@@ -88,8 +88,8 @@ class KVCache:
         if n == 0:
             return
         if self._layer is None:
-            self._shape = shape
             self._layer = self.policy.build(Hkv)
+            self._shape = shape
         positions = torch.arange(self._seq, self._seq + n, device=k.device)
         self._layer.append(k, v, positions, key_mask)
         self._seq += n

@@ -22,6 +22,7 @@ import torch
 
 from ..catalog.exact import FlashDecode
 from ..checks import Problem
+from ..core.exact import tiled_attention
 from ..core.partial import Partial, merge
 
 
@@ -40,10 +41,12 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     fold = B * Hkv
     prob = Problem(fold, groups, 1, nq, n, D, Dv, scale)
     mask = None if valid is None else valid.reshape(fold, n)
-    method = FlashDecode(splits=max(1, min(splits, n)))
-    out, lse = method.forward(q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D),
-                              v.reshape(fold, 1, n, Dv), prob, causal=causal, key_padding_mask=mask,
-                              return_lse=True)
+    qf, kf, vf = q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D), v.reshape(fold, 1, n, Dv)
+    if min(splits, n) < 2:  # one range: flash_decode's merge of a single bare (out, lse) tuple misreads it
+        out, lse = tiled_attention(qf, kf, vf, scale=scale, causal=causal, key_padding_mask=mask, k_tile=n)
+    else:
+        out, lse = FlashDecode(splits=splits).forward(qf, kf, vf, prob, causal=causal, key_padding_mask=mask,
+                                                      return_lse=True)
     return Partial(out.view(B, Hq, nq, Dv), lse.view(B, Hq, nq))
 
 

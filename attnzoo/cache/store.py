@@ -104,6 +104,7 @@ class Store:
             rows["k"], rows["v"] = k, v
         else:
             for x, t in (("k", k), ("v", v)):
+                quant.check_group(t.shape[-1], self.group, self.bits, "key" if x == "k" else "value")
                 rows[x], rows[x + "_low"], rows[x + "_step"] = quant.encode(t, self.bits, self.group)
         rows["pos"] = positions.view(1, 1, n).expand(B, H, n)
         if key_mask is not None or "valid" in self.buf:
