@@ -1,0 +1,1 @@
+"""The measuring lab: workloads (seeded generators with planted structure), metrics, runner, report."""

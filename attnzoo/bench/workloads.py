@@ -1,0 +1,211 @@
+"""Seeded attention-input generators (METHODS.md 6.1) with known structure.
+
+Each workload returns q, k, v in attnzoo's layout plus ``meta`` describing
+what was planted, so tests and benchmarks can check that a sparse or
+approximate method finds it. Strengths are given in units of the *scaled*
+score ``scale · q·k`` (``scale = D ** -0.5``), so a strength of 8 means the
+planted key beats an ordinary key by about e^8 in the softmax, whatever D is.
+
+    >>> from attnzoo.bench import workloads
+    >>> qkv = workloads.make("needle", length=4096, heads=8, dim=64, seed=0)
+    >>> qkv.meta["needles"][:2]     # planted (query, key) pairs
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from ..errors import AttnZooError
+
+
+class QKV(NamedTuple):
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    meta: dict
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of one generated problem (queries are the last ``len_q`` positions)."""
+
+    batch: int
+    heads: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    dim: int
+    dim_v: int
+
+    @property
+    def q_positions(self) -> torch.Tensor:
+        return torch.arange(self.len_q) + (self.len_k - self.len_q)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    doc: str
+    build: Callable[..., tuple[torch.Tensor, torch.Tensor, dict]] = field(repr=False)
+
+
+WORKLOADS: dict[str, Workload] = {}
+
+
+def workload(name: str):
+    """Register a generator ``fn(shape, gen, **params) -> (q, k, meta)``; v is always Gaussian."""
+
+    def deco(fn):
+        WORKLOADS[name] = Workload(name, (fn.__doc__ or "").strip().splitlines()[0], fn)
+        return fn
+
+    return deco
+
+
+def make(name: str = "gaussian", *, batch: int = 1, heads: int = 8, heads_kv: int | None = None,
+         length: int = 1024, len_q: int | None = None, dim: int = 64, dim_v: int | None = None, seed: int = 0,
+         dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **params: Any) -> QKV:
+    """Generate one seeded problem: q ``(B, H, len_q, D)``, k/v ``(B, Hkv, length, D)``."""
+    if name not in WORKLOADS:
+        raise AttnZooError(f"workload: unknown workload {name!r}; available: {', '.join(WORKLOADS)}")
+    heads_kv = heads if heads_kv is None else heads_kv
+    len_q = length if len_q is None else len_q
+    for arg, val in (("batch", batch), ("heads", heads), ("heads_kv", heads_kv), ("length", length), ("dim", dim)):
+        if not isinstance(val, int) or val < 1:
+            raise AttnZooError(f"workload: {arg} expected a positive int, got {val!r}")
+    if heads % heads_kv:
+        raise AttnZooError(f"workload: heads_kv expected a divisor of heads={heads}, got {heads_kv}")
+    if not 0 < len_q <= length:
+        raise AttnZooError(f"workload: len_q expected 1..length={length}, got {len_q}")
+    shape = Shape(batch, heads, heads_kv, len_q, length, dim, dim if dim_v is None else dim_v)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, meta = WORKLOADS[name].build(shape, gen, **params)
+    v = torch.randn(batch, heads_kv, length, shape.dim_v, generator=gen)
+    meta = {"workload": name, "seed": seed, **params, **meta}
+    return QKV(*(t.to(device=device, dtype=dtype) for t in (q, k, v)), meta)
+
+
+# ------------------------------------------------------------------ helpers
+def _gauss(shape: Shape, gen: torch.Generator, std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.randn(shape.batch, shape.heads, shape.len_q, shape.dim, generator=gen) * std
+    k = torch.randn(shape.batch, shape.heads_kv, shape.len_k, shape.dim, generator=gen) * std
+    return q, k
+
+
+def _score_unit(shape: Shape) -> float:
+    """Norm a direction must have in both q and k for their scaled product to be 1."""
+    return shape.dim ** 0.25
+
+
+def _rotary(positions: torch.Tensor, dim: int, period: float) -> torch.Tensor:
+    """``(N, dim)`` features in channels 0-1 whose dot product is ``cos(2π (i - j) / period)``."""
+    if dim < 2:
+        raise AttnZooError(f"workload: dim expected >= 2 for positional structure, got {dim}")
+    angle = 2 * math.pi * positions.float() / period
+    feats = torch.zeros(len(positions), dim)
+    feats[:, 0] = torch.cos(angle)
+    feats[:, 1] = torch.sin(angle)
+    return feats
+
+
+def _free_direction(shape: Shape, gen: torch.Generator) -> torch.Tensor:
+    """A random unit direction outside the two rotary channels."""
+    u = torch.randn(shape.dim, generator=gen)
+    u[:2] = 0
+    return u / u.norm()
+
+
+def _add_locality(q, k, shape: Shape, strength: float, period: float) -> None:
+    """Add a rotary component so pairs at distance ≪ period score up to ``strength`` higher."""
+    unit = _score_unit(shape) * math.sqrt(strength)
+    q += unit * _rotary(shape.q_positions, shape.dim, period)
+    k += unit * _rotary(torch.arange(shape.len_k), shape.dim, period)
+
+
+# --------------------------------------------------------------- workloads
+@workload("gaussian")
+def _gaussian(shape: Shape, gen: torch.Generator, temperature: float = 1.0):
+    """G1: i.i.d. Gaussian q, k with scaled scores ~ temperature · N(0, 1); the dense worst case."""
+    q, k = _gauss(shape, gen, math.sqrt(temperature))
+    return q, k, {}
+
+
+@workload("local")
+def _local(shape: Shape, gen: torch.Generator, strength: float = 6.0, period: float | None = None):
+    """Local band: a slow rotary component makes nearby keys score ``strength`` above far ones."""
+    q, k = _gauss(shape, gen, 0.5)
+    period = period or 4.0 * shape.len_k
+    _add_locality(q, k, shape, strength, period)
+    return q, k, {"period": period}
+
+
+@workload("needle")
+def _needle(shape: Shape, gen: torch.Generator, needles: int = 8, strength: float = 10.0,
+            sink: float = 4.0, locality: float = 2.0, causal: bool = True):
+    """G2: needles + sink + locality. Planted (query, key) pairs score ``strength`` above the rest.
+
+    The needle keys are drawn among the keys each needle query may see when
+    ``causal``; ``meta['needles']`` lists ``(query_index, key_index)`` with
+    query indices among the ``len_q`` queries (per batch and KV-head group,
+    every query head of the group sharing the needle).
+    """
+    q, k = _gauss(shape, gen, 0.5)
+    _add_locality(q, k, shape, locality, 4.0 * shape.len_k)
+    # sink: every query shares a direction u that key 0 carries strongly
+    unit = _score_unit(shape) * math.sqrt(sink)
+    u = _free_direction(shape, gen)
+    q += unit * u
+    k[:, :, 0] += unit * u
+    pairs = []
+    group = shape.heads // shape.heads_kv
+    for _ in range(needles):
+        i = int(torch.randint(shape.len_q, (1,), generator=gen))
+        hi = int(shape.q_positions[i]) + 1 if causal else shape.len_k
+        j = int(torch.randint(1, max(2, hi), (1,), generator=gen)) if hi > 1 else 0
+        direction = q[:, :, i].view(shape.batch, shape.heads_kv, group, shape.dim).mean(dim=2)
+        direction = direction / direction.norm(dim=-1, keepdim=True)
+        q_norm = q[:, :, i].norm(dim=-1).mean()
+        k[:, :, j] += direction * strength / (float(q_norm) * shape.dim ** -0.5)
+        pairs.append((i, j))
+    return q, k, {"needles": pairs}
+
+
+@workload("vertical_slash")
+def _vertical_slash(shape: Shape, gen: torch.Generator, columns: int = 8, strength: float = 6.0,
+                    period: int = 64, slash: float = 4.0):
+    """G4: a few "column" keys every query likes, plus diagonals at offsets ≡ 0 mod ``period``."""
+    q, k = _gauss(shape, gen, 0.5)
+    unit = _score_unit(shape) * math.sqrt(strength)
+    u = _free_direction(shape, gen)
+    cols = torch.randperm(shape.len_k, generator=gen)[:columns]
+    q += unit * u
+    k[:, :, cols] += unit * u
+    _add_locality(q, k, shape, slash, float(period))
+    return q, k, {"columns": sorted(cols.tolist()), "period": period}
+
+
+@workload("clusters")
+def _clusters(shape: Shape, gen: torch.Generator, clusters: int = 8, spread: float = 0.3,
+              strength: float = 4.0):
+    """G5: q and k drawn around ``clusters`` shared centres (Gaussian mixture)."""
+    centres = torch.randn(clusters, shape.dim, generator=gen)
+    centres = centres / centres.norm(dim=-1, keepdim=True) * _score_unit(shape) * math.sqrt(strength)
+    zq = torch.randint(clusters, (shape.batch, shape.heads, shape.len_q), generator=gen)
+    zk = torch.randint(clusters, (shape.batch, shape.heads_kv, shape.len_k), generator=gen)
+    noise_q, noise_k = _gauss(shape, gen, spread)
+    return centres[zq] + noise_q, centres[zk] + noise_k, {"clusters": clusters}
+
+
+@workload("outliers")
+def _outliers(shape: Shape, gen: torch.Generator, key_offset: float = 10.0, q_channels: int = 2,
+              q_gain: float = 20.0):
+    """G6: channel outliers: a large per-channel offset on K and a few Q channels × ``q_gain``."""
+    q, k = _gauss(shape, gen)
+    k += key_offset * torch.randn(shape.dim, generator=gen)
+    chans = torch.randperm(shape.dim, generator=gen)[:q_channels]
+    q[..., chans] *= q_gain
+    return q, k, {"q_channels": chans.tolist()}
