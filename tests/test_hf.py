@@ -138,11 +138,20 @@ del registry._REGISTRY[_CausalOnlyExact.name]
 def test_causal_only_method_on_an_encoder_is_refused(minilm, causal_only):
     tokenizer, model = minilm
     enc = tokenizer(SENTENCES[:1], return_tensors="pt")
-    azhf.apply(model, causal_only)
+    with pytest.raises(attnzoo.UnsupportedError, match=f"{causal_only}.*causal=False.*layer 0"):
+        azhf.apply(model, causal_only)  # refused up front, from the modules' is_causal
+    assert not azhf.is_applied(model)
+
+
+def test_call_time_refusal_names_method_and_capability(causal_only):
+    model = tiny_decoder("llama")
+    ids = torch.randint(1, 96, (1, 5), generator=torch.Generator().manual_seed(2))
+    azhf.apply(model, causal_only)  # a decoder is causal: accepted
     try:
-        with pytest.raises(attnzoo.UnsupportedError, match=f"{causal_only}.*causal=False"):
-            with torch.no_grad():
-                model(**enc)
+        with torch.no_grad():
+            model(input_ids=ids)
+            with pytest.raises(attnzoo.UnsupportedError, match=f"{causal_only}.*causal=False"):
+                model(input_ids=ids, is_causal=False)  # the per-call override reaches the method
     finally:
         azhf.remove(model)
 

@@ -211,10 +211,10 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     record = getattr(module, CAPTURE_ATTR, None)
     if record is not None:
         record.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
-    overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}
     cache_layer = getattr(key, CACHE_TAG, None)
     if cache_layer is not None:
-        out = cache_layer.attend(spec, query, attention_mask, causal=causal, scale=scaling, overrides=overrides)
+        out = cache_layer.attend(spec, query, attention_mask, causal=causal, scale=scaling,
+                                 sliding_window=sliding_window)
         return out.transpose(1, 2), None
     geo = _geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=key.shape[2],
                     window=sliding_window)
@@ -222,6 +222,7 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         key, value = key[:, :, :geo.len_k], value[:, :, :geo.len_k]
     if geo.window is not None:
         spec = windowed(spec, geo.window)
+    overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}
     out = run_spec(spec, query, key, value, causal=geo.causal, scale=scaling, key_padding_mask=geo.key_padding_mask,
                    overrides=overrides)
     return out.transpose(1, 2), None

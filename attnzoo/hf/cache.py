@@ -60,7 +60,7 @@ class AttnZooCacheLayer(CacheLayerMixin):
         return keys, value_states
 
     def attend(self, spec: LayerSpec, query: torch.Tensor, attention_mask, *, causal: bool, scale: float | None,
-               overrides: dict[str, Any]) -> torch.Tensor:
+               sliding_window: int | None) -> torch.Tensor:
         """Append the pending tokens (padding taken from the mask) and read them through the policy."""
         if self._pending is None:
             raise AttnZooError("attnzoo cache: attend called without a preceding update")
@@ -71,7 +71,10 @@ class AttnZooCacheLayer(CacheLayerMixin):
             raise UnsupportedError(f"layer {spec.layer}: method {bad[0]!r} cannot run with an attnzoo cache, whose "
                                    f"policy ({self.kv.policy.name!r}) decides what is read; apply 'exact' instead")
         n, total = keys.shape[2], self.kv.seq_length + keys.shape[2]
-        geo = mask_geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=total, window=None)
+        geo = mask_geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=total, window=sliding_window)
+        if geo.window is not None:
+            raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({geo.window}) is shorter than the "
+                                   "context; an attnzoo cache reads what its policy keeps (try the streaming policy)")
         if geo.len_k != total or (not geo.causal and query.shape[2] > 1):
             raise UnsupportedError("attnzoo cache: only causal attention over the whole cached sequence is "
                                    "supported (the mask is not causal or leaves trailing keys unseen)")

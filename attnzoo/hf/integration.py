@@ -90,6 +90,9 @@ def apply(model: PreTrainedModel, method: str | Mapping = "exact", **params: Any
     if any(len(h) != 1 for h in heads.values()) or len({next(iter(h)) for h in heads.values()}) != 1:
         raise UnsupportedError(f"{type(model).__name__}: layers with different head counts {heads} are not supported")
     specs = plans.resolve(method, params, num_layers=len(layers), num_heads=next(iter(heads[0])))
+    for spec in specs:
+        for m in layers[spec.layer]:
+            _check_mode(spec, bool(getattr(m, "is_causal", True)))
     register()
     original = getattr(model, _ORIGINAL_ATTR, model.config._attn_implementation)
     for spec in specs:
@@ -101,6 +104,16 @@ def apply(model: PreTrainedModel, method: str | Mapping = "exact", **params: Any
         raise UnsupportedError(f"{type(model).__name__}: transformers refused attn_implementation={ATTN_NAME!r}")
     setattr(model, _ORIGINAL_ATTR, original)
     return model
+
+
+def _check_mode(spec: plans.LayerSpec, causal: bool) -> None:
+    """Refuse, before any forward, a method that cannot run the layer's causal / non-causal attention."""
+    for g in spec.groups:
+        s = g.method.supports
+        if not (s.causal if causal else s.noncausal):
+            mode = "causal=True" if causal else "causal=False"
+            raise UnsupportedError(f"method {g.method.name!r} does not support {mode}, which layer {spec.layer} "
+                                   f"of this model runs ({'causal' if s.causal else 'non-causal'} only)")
 
 
 def _clear(model: PreTrainedModel, layers: dict[int, list[torch.nn.Module]]) -> None:
