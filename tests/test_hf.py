@@ -353,29 +353,30 @@ def test_mask_function_keeps_the_none_shortcut_only_where_alignment_agrees():
 
 
 # --------------------------------------------------------------- bad input
-def test_bad_methods_params_and_plans():
+BAD_APPLY = [  # (method or plan, params, the error message must match)
+    ("exactt", {}, "unknown method 'exactt'.*did you mean 'exact'"),
+    ("flash_decode", {"splits": 0}, "splits"),
+    ("exact", {"window": 3}, "unknown parameter"),
+    ({5: "exact"}, {}, "layer 5 does not exist.*0..1"),
+    ({-1: "exact"}, {}, "layer -1 does not exist"),
+    ({0: ["exact"] * 5}, {}, "one entry per query head \\(4\\), got 5"),
+    ({1: ["exact", "exact", ("flash_decode", {"splits": -1}), "exact"]}, {}, "layer 1 head 2"),
+    ({0: 3}, {}, "expected a method name or \\(name, params dict\\)"),
+    ({0: "exact"}, {"splits": 2}, "next to a plan"),
+]
+
+
+@pytest.mark.parametrize("method,params,match", BAD_APPLY)
+def test_bad_methods_params_and_plans(method, params, match):
     model = tiny_decoder("llama")
-    with pytest.raises(attnzoo.AttnZooError, match="unknown method 'exactt'.*did you mean 'exact'"):
-        azhf.apply(model, "exactt")
-    with pytest.raises(attnzoo.AttnZooError, match="splits"):
-        azhf.apply(model, "flash_decode", splits=0)
-    with pytest.raises(attnzoo.AttnZooError, match="unknown parameter"):
-        azhf.apply(model, "exact", window=3)
-    with pytest.raises(attnzoo.AttnZooError, match="layer 5 does not exist.*0..1"):
-        azhf.apply(model, {5: "exact"})
-    with pytest.raises(attnzoo.AttnZooError, match="layer -1 does not exist"):
-        azhf.apply(model, {-1: "exact"})
-    with pytest.raises(attnzoo.AttnZooError, match="one entry per query head \\(4\\), got 5"):
-        azhf.apply(model, {0: ["exact"] * 5})
-    with pytest.raises(attnzoo.AttnZooError, match="layer 1 head 2"):
-        azhf.apply(model, {1: ["exact", "exact", ("flash_decode", {"splits": -1}), "exact"]})
-    with pytest.raises(attnzoo.AttnZooError, match="expected a method name or \\(name, params dict\\)"):
-        azhf.apply(model, {0: 3})
-    with pytest.raises(attnzoo.AttnZooError, match="next to a plan"):
-        azhf.apply(model, {0: "exact"}, splits=2)
+    with pytest.raises(attnzoo.AttnZooError, match=match):
+        azhf.apply(model, method, **params)
+    assert not azhf.is_applied(model) and model.config._attn_implementation == "sdpa"
+
+
+def test_apply_needs_a_transformers_model():
     with pytest.raises(attnzoo.AttnZooError, match="PreTrainedModel"):
         azhf.apply(torch.nn.Linear(2, 2), "exact")
-    assert not azhf.is_applied(model) and model.config._attn_implementation == "sdpa"
 
 
 def test_refused_call_options():

@@ -146,17 +146,17 @@ def test_cache_refuses_unrouted_attention_and_non_exact_methods(causal_only):
         azhf.make_cache(model, "full")
 
 
-def test_bad_policies_and_budgets():
-    model = tiny_decoder("llama")
-    with pytest.raises(attnzoo.AttnZooError, match="unknown policy 'h2'"):
-        azhf.make_cache(model, "h2")
-    with pytest.raises(attnzoo.AttnZooError, match="budget"):
-        azhf.make_cache(model, "h2o", budget=0)
-    with pytest.raises(attnzoo.AttnZooError, match="budget.*max_position_embeddings \\(128\\)"):
-        azhf.make_cache(model, "h2o", budget=129)
-    with pytest.raises(attnzoo.AttnZooError, match="plan.*2 entries"):
-        azhf.make_cache(model, "duo", plan=(True, False, True))
-    with pytest.raises(attnzoo.AttnZooError, match="retrieval_heads.*0..1"):
-        azhf.make_cache(model, "razor", retrieval_heads=(5,))
-    with pytest.raises(attnzoo.AttnZooError, match="unknown parameter"):
-        azhf.make_cache(model, "streaming", budget=3)
+BAD_CACHE = [  # (policy, params, the error message must match)
+    ("h2", {}, "unknown policy 'h2'"),
+    ("h2o", {"budget": 0}, "budget"),
+    ("h2o", {"budget": 129}, "budget.*max_position_embeddings \\(128\\)"),
+    ("duo", {"plan": (True, False, True)}, "plan.*2 entries"),
+    ("razor", {"retrieval_heads": (5,)}, "retrieval_heads.*0..1"),
+    ("streaming", {"budget": 3}, "unknown parameter"),
+]
+
+
+@pytest.mark.parametrize("policy,params,match", BAD_CACHE)
+def test_bad_policies_and_budgets(policy, params, match):
+    with pytest.raises(attnzoo.AttnZooError, match=match):
+        azhf.make_cache(tiny_decoder("llama"), policy, **params)
