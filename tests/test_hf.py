@@ -166,13 +166,31 @@ def test_eval_model_rows(minilm, causal_only):
     assert not azhf.is_applied(model)
 
 
+def test_eval_model_params_reach_the_methods_that_declare_them(minilm):
+    tokenizer, model = minilm
+    rows = evaluate.evaluate_methods(model, tokenizer, SENTENCES[:2], methods=["flash_decode", "naive"],
+                                     params={"splits": 3})
+    assert [(r.method, r.status, r.note) for r in rows] == [("flash_decode", "ok", "splits=3"), ("naive", "ok", "")]
+    bad = evaluate.evaluate_methods(model, tokenizer, SENTENCES[:2], methods=["flash_decode"], params={"splits": 0})
+    assert bad[0].status == "skipped" and "splits" in bad[0].note
+
+
+def test_parse_params():
+    from attnzoo.hf.commands import parse_params
+
+    assert parse_params(["window=32", "score=max", "plan=(True, False)"]) == {
+        "window": 32, "score": "max", "plan": (True, False)}
+    with pytest.raises(attnzoo.AttnZooError, match="NAME=VALUE"):
+        parse_params(["window"])
+
+
 def test_eval_model_cli(tmp_path):
     sentences = tmp_path / "s.txt"
     sentences.write_text("# a comment\nReadability counts.\n\nCall me Ishmael.\n")
     from attnzoo.cli import app
 
     result = CliRunner().invoke(app, ["eval-model", "--sentences", str(sentences), "--method", "exact",
-                                      "--method", "naive", "--threads", "1"])
+                                      "--method", "naive", "--threads", "1", "--param", "splits=2"])
     assert result.exit_code == 0, result.output
     assert "exact" in result.output and "naive" in result.output and "1.000000" in result.output
     assert "2 sentences" in result.output

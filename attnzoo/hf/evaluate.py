@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -102,9 +103,14 @@ class Row:
 
 
 def evaluate_methods(model, tokenizer, sentences: list[str], *, methods: list[str] | None = None,
-                     max_tokens: int = 512) -> list[Row]:
+                     params: dict[str, Any] | None = None, max_tokens: int = 512) -> list[Row]:
     """Compare every (or each named) non-causal-capable method with the unmodified model; the model is
-    left unmodified afterwards."""
+    left unmodified afterwards.
+
+    ``params`` are given to every method that declares a parameter of that name (e.g. ``window=32``
+    reaches sliding_window, streaming, bigbird, ...); the others run with their defaults.
+    """
+    params = params or {}
     reference = sentence_embeddings(model, tokenizer, sentences, max_tokens=max_tokens)
     rows = []
     for name in list(registry.methods()) if methods is None else methods:
@@ -118,8 +124,14 @@ def evaluate_methods(model, tokenizer, sentences: list[str], *, methods: list[st
             continue
         budget = max_tokens if cls.supports.padding else 1  # one sentence a batch: no padding needed
         note = "" if cls.supports.padding else "one sentence a batch (no key-padding support)"
+        mine = {p.name: params[p.name] for p in cls.params if p.name in params}
         try:
-            apply(model, name)
+            try:
+                apply(model, name, **mine)
+            except AttnZooError as e:  # UnsupportedError included: refused before running
+                rows.append(Row(name, family, "skipped", note=str(e)))
+                continue
+            t0 = time.perf_counter()
             t0 = time.perf_counter()
             emb = sentence_embeddings(model, tokenizer, sentences, max_tokens=budget)
             seconds = time.perf_counter() - t0
@@ -133,6 +145,7 @@ def evaluate_methods(model, tokenizer, sentences: list[str], *, methods: list[st
             if is_applied(model):
                 remove(model)
         cos = (emb * reference).sum(-1)
+        settings = ", ".join(f"{k}={v}" for k, v in mine.items())
         rows.append(Row(name, family, "ok", float(cos.mean()), float(cos.min()),
-                        float((emb - reference).abs().max()), seconds, note))
+                        float((emb - reference).abs().max()), seconds, "; ".join(filter(None, [settings, note]))))
     return rows
