@@ -32,6 +32,6 @@ from .plan import HeadGroup, LayerSpec
 
 __all__ = [
     "ATTN_NAME", "AttnZooCache", "AttnZooCacheLayer", "Geometry", "HeadGroup", "LayerSpec", "SUPPORTED_TRANSFORMERS",
-    "apply", "attention_layers", "attnzoo_attention", "attnzoo_mask", "capture_qkv", "check_transformers_version", "is_applied", "layer_plan",
-    "make_cache", "mask_geometry", "register", "remove",
+    "apply", "attention_layers", "attnzoo_attention", "attnzoo_mask", "capture_qkv", "check_transformers_version",
+    "is_applied", "layer_plan", "make_cache", "mask_geometry", "register", "remove",
 ]
