@@ -21,7 +21,7 @@ from transformers.masking_utils import causal_mask_function, sdpa_mask
 from .. import registry
 from ..core.masks import causal_mask
 from ..errors import AttnZooError, UnsupportedError
-from .plan import LayerSpec
+from .plan import HeadGroup, LayerSpec
 
 #: the name registered with AttentionInterface and AttentionMaskInterface
 ATTN_NAME = "attnzoo"
@@ -31,6 +31,8 @@ SPEC_ATTR = "_attnzoo_spec"
 CAPTURE_ATTR = "_attnzoo_capture"
 #: attribute a KV cache layer sets on the key tensor its ``update`` returns (see attnzoo.hf.cache)
 CACHE_TAG = "_attnzoo_cache_layer"
+#: methods that compute exact softmax attention (the only ones a sliding window or a KV cache policy can wrap)
+_EXACT = ("exact", "naive", "exact_tiled", "flash_decode")
 
 
 # ---------------------------------------------------------------- the mask
@@ -216,19 +218,16 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = cache_layer.attend(spec, query, attention_mask, causal=causal, scale=scaling,
                                  sliding_window=sliding_window)
         return out.transpose(1, 2), None
+    overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}  # the plan's own parameters only
     geo = _geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=key.shape[2],
                     window=sliding_window)
     if geo.len_k < key.shape[2]:
         key, value = key[:, :, :geo.len_k], value[:, :, :geo.len_k]
     if geo.window is not None:
         spec = windowed(spec, geo.window)
-    overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}
     out = run_spec(spec, query, key, value, causal=geo.causal, scale=scaling, key_padding_mask=geo.key_padding_mask,
                    overrides=overrides)
     return out.transpose(1, 2), None
-
-
-_EXACT = ("exact", "naive", "exact_tiled", "flash_decode")
 
 
 def windowed(spec: LayerSpec, window: int) -> LayerSpec:
@@ -242,4 +241,4 @@ def windowed(spec: LayerSpec, window: int) -> LayerSpec:
         raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({window}) is shorter than the "
                                "context and no 'sliding_window' method is registered to honour it")
     method = registry.get("sliding_window", window=window)
-    return LayerSpec(spec.layer, tuple(type(g)(method, g.heads) for g in spec.groups), spec.num_heads)
+    return LayerSpec(spec.layer, tuple(HeadGroup(method, g.heads) for g in spec.groups), spec.num_heads)
