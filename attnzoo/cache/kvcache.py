@@ -25,7 +25,7 @@ class KVCache:
       nothing may attend to (left padding of a batch); they still take a position.
     * ``attend(q, causal=True, scale=None, return_lse=False)``: the queries of the newest ``nq``
       tokens (their k/v already appended); query ``i`` sits at position ``seq_length - nq + i``.
-      ``return_lse=True`` also returns the log-sum-exp over the keys actually read, so
+      ``return_lse=True`` also returns the fp32 log-sum-exp over the keys actually read, so
       ``exp(lse - lse_full)`` is the attention mass a policy recalled.
     * Eviction runs at the end of each ``attend``: between calls an evicting policy holds at most
       its capacity; during one call it also holds the tokens just appended.
@@ -136,7 +136,7 @@ class KVCache:
         with torch.no_grad():
             part = self._layer.attend(q, step)
         out = part.out.to(dtype)
-        return (out, part.lse) if return_lse else out
+        return (out, part.lse.float()) if return_lse else out
 
     def __repr__(self) -> str:
         return f"KVCache({self.policy!r}, seq_length={self._seq}, held={self.held}, nbytes={self.nbytes})"
