@@ -166,6 +166,23 @@ def test_eval_model_rows(minilm, causal_only):
     assert not azhf.is_applied(model)
 
 
+def test_every_noncausal_method_runs_on_minilm(minilm):
+    """eval-model over every registered method: each one runs or is skipped with a reason, none errors."""
+    tokenizer, model = minilm
+    rows = evaluate.evaluate_methods(model, tokenizer, SENTENCES)
+    assert {r.method for r in rows} == set(attnzoo.methods())
+    errors = [(r.method, r.note) for r in rows if r.status == "error"]
+    assert not errors
+    for r in rows:
+        assert (r.status == "ok") == (r.cos_mean is not None)
+        if r.status == "ok":
+            assert -1 - 1e-6 <= r.cos_min <= r.cos_mean <= 1 + 1e-6
+        else:
+            assert r.note
+        if r.method in ("exact", "naive", "exact_tiled", "flash_decode"):
+            assert r.status == "ok" and r.max_abs <= 1e-5
+
+
 def test_eval_model_params_reach_the_methods_that_declare_them(minilm):
     tokenizer, model = minilm
     rows = evaluate.evaluate_methods(model, tokenizer, SENTENCES[:2], methods=["flash_decode", "naive"],
@@ -244,6 +261,31 @@ def test_decoder_exact_matches_sdpa_prefill_and_greedy_generate(arch):
     assert torch.equal(tokens, ref_tokens)
     assert torch.equal(again, ref_tokens)
     assert tokens.shape == (2, ids.shape[1] + 6)
+
+
+CAUSAL_METHODS = sorted(n for n, c in attnzoo.methods().items() if c.supports.causal and not c.inputs)
+
+
+@pytest.mark.parametrize("name", CAUSAL_METHODS)
+def test_every_causal_method_runs_prefill_and_generate(name):
+    """Every registered causal method (default parameters) inside a decoder: finite prefill logits, and
+    greedy generate() when it declares decode support (a clear UnsupportedError otherwise)."""
+    info = attnzoo.info(name)
+    model = tiny_decoder("llama")
+    ids, mask = padded_batch(pad=(0, 4) if info.supports.padding else (0, 0))
+    try:
+        azhf.apply(model, name)
+    except attnzoo.AttnZooError as e:  # e.g. a method whose parameters have no usable default
+        pytest.skip(f"{name} cannot run with default parameters: {e}")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.isfinite(logits[mask.bool()]).all()
+        if info.supports.decode:
+            tokens = greedy(model, ids, mask, n=3)
+            assert tokens.shape == (2, ids.shape[1] + 3) and torch.equal(tokens[:, :ids.shape[1]], ids)
+        else:
+            with pytest.raises(attnzoo.UnsupportedError, match=f"{name}.*decode"):
+                greedy(model, ids, mask, n=3)
 
 
 def test_per_layer_and_per_head_plans_equal_sdpa():

@@ -83,9 +83,11 @@ def test_policy_covering_the_context_equals_sdpa(policy):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("arch", [a if a == "qwen2" else pytest.param(a, marks=pytest.mark.slow) for a in DECODERS])
 @pytest.mark.parametrize("policy", sorted(SMALL))
-def test_policy_with_a_small_budget_generates_and_shrinks(policy):
-    model = tiny_decoder("qwen2")
+def test_policy_with_a_small_budget_generates_and_shrinks(policy, arch):
+    """Every policy on Qwen2 by default; on Llama and Mistral too in the slow run."""
+    model = tiny_decoder(arch)
     ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
     with torch.no_grad():
         full = azhf.make_cache(model, "full")
