@@ -93,7 +93,7 @@ def test_every_policy_is_covered():
 def test_full_decode_equals_one_shot_causal_exact(Hq, Hkv, prefill, chunk):
     q, k, v = _qkv(Hq=Hq, Hkv=Hkv, Dv=8, seed=1)
     ref, ref_lse = attnzoo.attention(q, k, v, method="naive", causal=True, return_lse=True)
-    out, lse = _decode(KVCache("full", splits=3), q, k, v, prefill, chunk)
+    out, lse = _decode(KVCache("full", splits=3, split_size=4), q, k, v, prefill, chunk)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
     torch.testing.assert_close(lse, ref_lse.float(), atol=TOL, rtol=0)
 

@@ -85,8 +85,7 @@ class Streaming(Policy):
             n, p = store.n, int(step.q_pos[0])
             first_sink_free = _slot_of(store, self.sinks)
             start = max(first_sink_free, _slot_of(store, p - self.window + 1))
-            parts = read_ranges(q, store, [(0, first_sink_free), (start, n)], scale=step.scale, causal=step.causal,
-                                splits=step.splits)
+            parts = read_ranges(q, store, [(0, first_sink_free), (start, n)], step)
         else:
             part, _ = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
                                  k_pos=store.positions, causal=step.causal, valid=store.valid,

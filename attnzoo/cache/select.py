@@ -70,15 +70,14 @@ class _Select(Policy):
             return self.read_all(store, q, step)
         parts = self.read_always(store, q, step, lo, hi)
         idx = self.select(store, q, step, lo, hi, take)
-        parts.append(read_selected(q, store, idx, scale=step.scale, splits=step.splits))
+        parts.append(read_selected(q, store, idx, step))
         return merge(*parts)
 
     def read_all(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         return super().read(store, q, step)
 
     def read_always(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int) -> list[Partial]:
-        return read_ranges(q, store, [(0, lo), (hi, store.n)], scale=step.scale, causal=step.causal,
-                           splits=step.splits)
+        return read_ranges(q, store, [(0, lo), (hi, store.n)], step)
 
     def select(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int, take: int) -> torch.Tensor:
         """Sorted slots ``(B, Hkv, take)`` in ``[lo, hi)`` the newest query reads."""
@@ -239,7 +238,7 @@ class InfLLM(_Select):
         return part
 
     def read_always(self, store, q, step, lo, hi):
-        parts = read_ranges(q, store, [(0, lo)], scale=step.scale, causal=False, splits=step.splits)
+        parts = read_ranges(q, store, [(0, lo)], step)
         valid = store.valid
         local, mass = dense_read(q, store.keys(hi), store.values(hi), scale=step.scale, q_pos=step.q_pos,
                                  k_pos=store.positions[:, :, hi:], causal=step.causal,
@@ -317,9 +316,8 @@ class Recycled(Policy):
             self.full_at, self.age = store.n, 1
             return part
         self.age += 1
-        parts = read_ranges(q, store, [(self.full_at, store.n)], scale=step.scale, causal=step.causal,
-                            splits=step.splits)
-        parts.append(read_selected(q, store, self.recycled, scale=step.scale, splits=step.splits))
+        parts = read_ranges(q, store, [(self.full_at, store.n)], step)
+        parts.append(read_selected(q, store, self.recycled, step))
         return merge(*parts)
 
     def state_nbytes(self) -> int:
