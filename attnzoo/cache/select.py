@@ -124,7 +124,7 @@ class TokenSelect(_Select):
             if bool((cos >= self.threshold).all()):
                 self.reused += 1
                 return self.ref[1]
-        scores = torch.einsum("bhgd,bhmd->bhgm", _group_queries(q, Hkv), store.keys(lo, hi).float()) * step.scale
+        scores = _group_queries(q, Hkv) @ store.keys(lo, hi).float().transpose(-1, -2) * step.scale
         vote = torch.softmax(_masked(scores, store, lo, hi), dim=-1).nan_to_num_(0.0).sum(dim=(1, 2))  # (B, m)
         top = torch.topk(vote, take, dim=-1).indices.sort(dim=-1).values + lo
         slots = top.unsqueeze(1).expand(B, Hkv, take).contiguous()
@@ -181,8 +181,8 @@ class Quest(_Select):
         kmin, kmax = store.page_bounds()
         p0, p1 = lo // self.page, hi // self.page
         qg = _group_queries(q, kmin.shape[1])
-        bound = (torch.einsum("bhgd,bhpd->bhgp", qg.clamp(min=0), kmax[:, :, p0:p1])
-                 + torch.einsum("bhgd,bhpd->bhgp", qg.clamp(max=0), kmin[:, :, p0:p1])).amax(dim=2)
+        bound = (qg.clamp(min=0) @ kmax[:, :, p0:p1].transpose(-1, -2)
+                 + qg.clamp(max=0) @ kmin[:, :, p0:p1].transpose(-1, -2)).amax(dim=2)
         per_unit = self.unit // self.page
         bound = bound.unflatten(-1, (-1, per_unit)).amax(dim=-1)
         top = torch.topk(bound, take // self.unit, dim=-1).indices
@@ -345,6 +345,6 @@ class Retrieval(_Select):
 
     def select(self, store, q, step, lo, hi, take):
         Hkv = store.positions.shape[1]
-        scores = torch.einsum("bhgd,bhmd->bhgm", _group_queries(q, Hkv), store.keys(lo, hi).float()).amax(dim=2)
+        scores = (_group_queries(q, Hkv) @ store.keys(lo, hi).float().transpose(-1, -2)).amax(dim=2)
         top = torch.topk(_masked(scores, store, lo, hi), take, dim=-1).indices
         return top.sort(dim=-1).values + lo
