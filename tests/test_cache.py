@@ -236,7 +236,7 @@ def test_selection_finds_planted_needles(name):
     qkv = workloads.make("needle", length=512 + steps, len_q=steps, heads=4, heads_kv=2, dim=32, seed=11,
                          needles=8, dtype=torch.float64)
     params = {"tokenselect": dict(budget=96, sinks=4, local=16), "quest": dict(budget=96, page=8, local=8),
-              "retrieval": dict(budget=96, sinks=4, local=16), "recycled": dict(budget=96, every=4)}[name]
+              "retrieval": dict(budget=96, sinks=4, local=16, index="exact"), "recycled": dict(budget=96, every=4)}[name]
     cache = KVCache(name, **params)
     cache.append(qkv.k[:, :, :512], qkv.v[:, :, :512])
     full = KVCache("full")
@@ -417,3 +417,32 @@ def test_bad_tensors_and_calls():
         KVCache("quantized", group=5).append(k, v)
     with pytest.raises(attnzoo.AttnZooError, match="contains NaN"):
         cache.append(k.clone().fill_(math.nan), v)
+
+
+# ---------------------------------------------------------------- retrieval index
+def test_retrieval_exact_index_reads_top_keys_by_best_group_head():
+    q, k, v = _qkv(B=1, Hq=4, Hkv=2, N=40, seed=19)
+    cache = KVCache("retrieval", budget=14, sinks=2, local=4, index="exact")
+    cache.append(k, v)
+    out = cache.attend(q[:, :, -1:])
+    scores = torch.einsum("bhgd,bhmd->bhgm", q[:, :, -1].view(1, 2, 2, 16), k[:, :, 2:36]).amax(2)
+    top = scores.topk(8, dim=-1).indices.sort(-1).values + 2
+    slots = torch.cat([torch.arange(2).expand(1, 2, 2), top, torch.arange(36, 40).expand(1, 2, 4)], -1)
+    ref, _ = _subset_attention(q[:, :, -1:], k, v, slots)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+def test_retrieval_faiss_index_finds_the_exact_top_keys():
+    pytest.importorskip("faiss", reason="faiss-cpu is the optional 'retrieval' extra")
+    qkv = workloads.make("needle", length=1030, len_q=6, heads=4, heads_kv=2, dim=32, seed=20, needles=6)
+    exact = KVCache("retrieval", budget=96, sinks=4, local=16, index="exact")
+    approx = KVCache("retrieval", budget=96, sinks=4, local=16, index="faiss")
+    for cache in (exact, approx):
+        cache.append(qkv.k[:, :, :1024], qkv.v[:, :, :1024])
+    for t in range(6):
+        outs = []
+        for cache in (exact, approx):
+            cache.append(qkv.k[:, :, 1024 + t:1025 + t], qkv.v[:, :, 1024 + t:1025 + t])
+            outs.append(cache.attend(qkv.q[:, :, t:t + 1], return_lse=True))
+        # recall of the exact top set: the lse over what faiss found is within 1% of the exact one's mass
+        assert torch.exp(outs[1][1] - outs[0][1]).min() > 0.99

@@ -327,11 +327,15 @@ class Recycled(Policy):
 @register_policy
 @dataclass
 class Retrieval(_Select):
-    """RetrievalAttention: static sinks + local window ⊕ the top-``k`` keys found by a search over the rest.
+    """RetrievalAttention: static sinks + local window ⊕ the top keys found by a search over the rest.
 
-    Per (batch, KV head) the middle keys are ranked by the best inner product
+    Per (batch, KV head) the middle keys are ranked by their best inner product
     with any query head of the group. ``index="exact"`` scans them all (the
-    exhaustive search the paper's ANN index approximates).
+    exhaustive search); ``"faiss"`` keeps one HNSW inner-product graph per
+    (batch, KV head), extended with the keys that leave the local window, asks
+    it for each group head's ``take`` nearest keys and keeps the best ``take`` of
+    their union (needs the optional ``faiss-cpu``: ``pip install attnzoo[retrieval]``);
+    ``"auto"`` is faiss when installed, else exact.
     """
 
     name: ClassVar[str] = "retrieval"
@@ -341,10 +345,70 @@ class Retrieval(_Select):
     budget: int = param(2048, min=1, help="tokens read per decode step (static + retrieved)")
     sinks: int = param(128, min=0, help="initial tokens always read")
     local: int = param(512, min=0, help="most recent tokens always read")
-    index: str = param("exact", choices=("exact",), help="search over the middle keys")
+    index: str = param("auto", choices=("auto", "exact", "faiss"), help="search over the middle keys")
+    graph_degree: int = param(32, min=2, help="HNSW neighbours per node (faiss)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.index == "faiss" and _faiss() is None:
+            raise AttnZooError("retrieval: parameter 'index' is 'faiss' but faiss is not installed "
+                               "(pip install attnzoo[retrieval]); use index='exact' or 'auto'")
+
+    @property
+    def uses_faiss(self) -> bool:
+        return self.index == "faiss" or (self.index == "auto" and _faiss() is not None)
+
+    def reset(self) -> None:
+        self.graphs: list | None = None  # one HNSW index per (batch, KV head)
+        self.indexed = 0  # middle slots [lo, indexed) are in the graphs
 
     def select(self, store, q, step, lo, hi, take):
-        Hkv = store.positions.shape[1]
-        scores = (_group_queries(q, Hkv) @ store.keys(lo, hi).float().transpose(-1, -2)).amax(dim=2)
-        top = torch.topk(_masked(scores, store, lo, hi), take, dim=-1).indices
-        return top.sort(dim=-1).values + lo
+        qg = _group_queries(q, store.positions.shape[1])
+        if not self.uses_faiss:
+            scores = (qg @ store.keys(lo, hi).float().transpose(-1, -2)).amax(dim=2)
+            return torch.topk(_masked(scores, store, lo, hi), take, dim=-1).indices.sort(dim=-1).values + lo
+        candidates = self._search(store, qg, lo, hi, take)  # (B, Hkv, G·take) slots, possibly repeated
+        keys, _ = store.gather(candidates)
+        scores = torch.einsum("bhgd,bhcd->bhgc", qg, keys.float()).amax(dim=2)
+        order = candidates.sort(dim=-1)
+        repeated = torch.zeros_like(order.values, dtype=torch.bool)
+        repeated[..., 1:] = order.values[..., 1:] == order.values[..., :-1]
+        scores = torch.gather(scores, -1, order.indices).masked_fill(repeated, -math.inf)
+        if store.valid is not None:
+            scores = scores.masked_fill(~torch.gather(store.valid, 2, order.values), -math.inf)
+        best = torch.topk(scores, take, dim=-1).indices
+        return torch.gather(order.values, -1, best).sort(dim=-1).values
+
+    def _search(self, store, qg, lo, hi, take) -> torch.Tensor:
+        """Add the middle keys not yet indexed, then each group head's ``take`` nearest slots."""
+        faiss = _faiss()
+        B, Hkv, G, D = qg.shape
+        if self.graphs is None:
+            self.graphs = [faiss.IndexHNSWFlat(D, self.graph_degree, faiss.METRIC_INNER_PRODUCT)
+                           for _ in range(B * Hkv)]
+            self.indexed = lo
+        if hi > self.indexed:
+            new = store.keys(self.indexed, hi).float().reshape(B * Hkv, hi - self.indexed, D).cpu().numpy()
+            for graph, rows in zip(self.graphs, new):
+                graph.add(rows)
+            self.indexed = hi
+        queries = qg.reshape(B * Hkv, G, D).cpu().numpy()
+        found = []
+        for graph, qs in zip(self.graphs, queries):
+            graph.hnsw.efSearch = max(64, take)
+            found.append(torch.from_numpy(graph.search(qs, take)[1]))
+        ids = torch.stack(found).to(qg.device).view(B, Hkv, G * take)
+        return ids.clamp(min=0) + lo  # -1 (not found) can only repeat slot lo, which dedup removes
+
+    def state_nbytes(self) -> int:
+        # HNSW stores each vector plus its neighbour lists (graph_degree·2 int32 links on level 0)
+        return 0 if self.graphs is None else sum(g.ntotal * (4 * g.d + 8 * self.graph_degree) for g in self.graphs)
+
+
+def _faiss():
+    """The faiss module, or None when the optional dependency is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
