@@ -300,6 +300,10 @@ def test_snapkv_keeps_what_the_observation_window_attends():
     cache.attend(q[:, :, 36:])  # 4 observed queries, then compress to 10 tokens
     pos = cache.positions(0)[0].tolist()
     assert 5 in pos and pos[-4:] == [36, 37, 38, 39] and cache.held == [10]
+    spaced = KVCache("snapkv", budget=10, observe=4, interval=3)
+    held = []
+    _decode(spaced, q, k, v, 30, check=lambda c: held.append(c.held[0]))
+    assert held == [8, 9, 10, 8, 9, 10, 8, 9, 10, 8, 9]  # compress to budget - interval + 1 every 3 steps
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -378,6 +382,7 @@ def test_half_precision_inputs():
     (("h2o", dict(budget=0)), r"h2o: parameter 'budget' expected a value in \[1, inf\], got 0"),
     (("h2o", dict(budget=8, recent=9)), r"parameter 'recent' expected <= budget=8"),
     (("snapkv", dict(budget=16, observe=16)), r"parameter 'observe' expected < budget=16"),
+    (("snapkv", dict(budget=16, observe=4, interval=14)), r"parameter 'interval' expected <= budget - observe"),
     (("tokenselect", dict(budget=600)), r"tokenselect: parameter 'budget' expected > sinks \+ local = 640"),
     (("quest", dict(budget=-3)), r"quest: parameter 'budget' expected a value in \[1, inf\]"),
     (("quest", dict(page=4, phys_page=6)), r"parameter 'phys_page' expected a multiple of page=4"),
