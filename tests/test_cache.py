@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo.bench import workloads
@@ -104,6 +106,19 @@ def test_covering_budget_equals_full(name, prefill):
     q, k, v = _qkv(N=60, seed=2)
     ref, _ = _decode(KVCache("full"), q, k, v, prefill)
     out, _ = _decode(KVCache(name, **COVERING[name]), q, k, v, prefill)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(groups=st.sampled_from([1, 2, 3]), heads_kv=st.integers(1, 2), length=st.integers(1, 40),
+       prefill=st.integers(1, 40), chunk=st.integers(1, 6), dv=st.sampled_from([4, 8]),
+       name=st.sampled_from(["full", "h2o", "tokenselect", "quest", "streaming", "razor"]))
+def test_covering_policies_equal_causal_exact_property(groups, heads_kv, length, prefill, chunk, dv, name):
+    """Any GQA ratio, prefill/chunk split and length: a covering budget decodes exactly (seed 21)."""
+    q, k, v = _qkv(B=1, Hq=groups * heads_kv, Hkv=heads_kv, N=length, D=8, Dv=dv, seed=21)
+    ref = attnzoo.attention(q, k, v, method="naive", causal=True)
+    params = {**COVERING, "razor": dict(retrieval_heads=(0,), window=64)}[name]
+    out, _ = _decode(KVCache(name, split_size=3, **params), q, k, v, min(prefill, length), chunk)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
 
 
