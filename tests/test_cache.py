@@ -466,3 +466,25 @@ def test_retrieval_faiss_index_finds_the_exact_top_keys():
             outs.append(cache.attend(qkv.q[:, :, t:t + 1], return_lse=True))
         # recall of the exact top set: the lse over what faiss found is within 1% of the exact one's mass
         assert torch.exp(outs[1][1] - outs[0][1]).min() > 0.99
+
+
+def test_infllm_representatives_are_the_most_attended_keys_of_each_block():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, N=48, seed=22)
+    cache = KVCache("infllm", budget=25, block=8, reps=2, sinks=1, local=8)
+    cache.append(k[:, :, :40], v[:, :, :40])
+    cache.attend(q[:, :, :40])  # prefill: every token's received mass is accumulated
+    store = cache._layer.store
+    mass = store.scores.clone()
+    cache.append(k[:, :, 40:41], v[:, :, 40:41])
+    out, lse = cache.attend(q[:, :, 40:41], return_lse=True)
+    reps = cache.policy.rep_keys  # blocks 0..3 left the local window [32, 41)
+    assert reps.shape[2] == 4
+    for b in range(4):
+        top = mass[0, 0, 8 * b: 8 * b + 8].topk(2).indices + 8 * b
+        torch.testing.assert_close(reps[0, 0, b].double(), k[0, 0, top])
+    # block 0 (holding the sink) and the local blocks are read; one more block fits the budget
+    q_mean = q[:, :, 40].mean(1)[0]
+    best = 1 + int(torch.stack([(reps[0, 0, b].double() @ q_mean).sum() for b in (1, 2, 3)]).argmax())
+    slots = torch.cat([torch.arange(8), torch.arange(8 * best, 8 * best + 8), torch.arange(32, 41)]).view(1, 1, -1)
+    ref, ref_lse = _subset_attention(q[:, :, 40:41], k, v, slots)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
