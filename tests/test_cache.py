@@ -388,7 +388,7 @@ def test_half_precision_inputs():
     ref = attnzoo.attention(q.double(), k.double(), v.double(), method="naive", causal=True)
     out, _ = _decode(KVCache("full"), q, k, v, 12)
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)  # bf16 output rounding
 
 
 # ---------------------------------------------------------------- bad input

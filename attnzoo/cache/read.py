@@ -39,6 +39,8 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[3]
     if n == 0:
         return Partial.empty((B, Hq, nq, Dv), device=q.device)
+    if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
+        q, k, v = q.float(), k.float(), v.float()
     groups = Hq // Hkv
     fold = B * Hkv
     prob = Problem(fold, groups, 1, nq, n, D, Dv, scale)
