@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..checks import check_padding_mask, check_tensor, resolve_scale
+from ..checks import check_finite, check_padding_mask, check_tensor, resolve_scale
 from ..errors import AttnZooError
 from .policy import Step, make_policy
 
@@ -77,6 +77,8 @@ class KVCache:
         """Add ``n`` tokens: ``k (B, Hkv, n, D)``, ``v (B, Hkv, n, Dv)`` at positions ``seq_length + i``."""
         check_tensor("k", k, 4, "(B, Hkv, n, D)")
         check_tensor("v", v, 4, "(B, Hkv, n, Dv)")
+        check_finite("k", k)
+        check_finite("v", v)
         if v.shape[:3] != k.shape[:3] or v.dtype != k.dtype or v.device != k.device:
             raise AttnZooError(f"v: expected shape {tuple(k.shape[:3])} + (Dv,) with k's dtype and device, "
                                f"got {tuple(v.shape)} {v.dtype} {v.device}")
@@ -122,6 +124,7 @@ class KVCache:
                return_lse: bool = False):
         """Attend the queries of the newest ``nq`` tokens: ``q (B, Hq, nq, D)`` -> ``(B, Hq, nq, Dv)``."""
         check_tensor("q", q, 4, "(B, Hq, nq, D)")
+        check_finite("q", q)
         if self._layer is None:
             raise AttnZooError("attend: the cache is empty; append the tokens' k/v before attending their queries")
         B, Hkv, D, Dv, dtype, device = self._shape

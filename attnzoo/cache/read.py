@@ -47,7 +47,7 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     mask = None if valid is None else valid.reshape(fold, n)
     qf, kf, vf = q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D), v.reshape(fold, 1, n, Dv)
     splits = min(splits, n // split_size)
-    if splits < 2:  # one range: flash_decode's merge of a single bare (out, lse) tuple misreads it
+    if splits < 2:  # one range: the tiled engine directly, nothing to merge
         out, lse = tiled_attention(qf, kf, vf, scale=scale, causal=causal, key_padding_mask=mask, k_tile=n)
     else:
         out, lse = FlashDecode(splits=splits).forward(qf, kf, vf, prob, causal=causal, key_padding_mask=mask,
