@@ -9,7 +9,9 @@ the steps after the first, so periodic full steps of ``recycled`` and reuse of
 
 * ``ms/step``, ``vs SDPA``, ``vs flash_decode``: latency of append + attend, and
   the latency of one ``scaled_dot_product_attention`` (resp. the ``flash_decode``
-  method) over the whole context, no cache, divided by it;
+  method) over the whole context, no cache, divided by it. ``flash_decode`` is
+  timed right after each step of the row (paired: the machine's load moves a lot
+  on a shared box), SDPA once per length before the rows;
 * ``MiB held``: ``KVCache.nbytes`` after the last step;
 * ``recall``: attention mass of the keys the policy read, ``exp(lse - lse_full)``,
   averaged over heads and decode steps (for ``quantized`` and ``razor``'s
@@ -100,26 +102,35 @@ def make_inputs(workload: str, length: int, steps: int, observe: int, seed: int)
                           len_q=observe + steps, dim=DIM, seed=seed, **extra)
 
 
-def run_cache(policy: str, params: dict, qkv, length: int, steps: int, observe: int):
-    """Fill, attend the observation chunk, then decode; returns per-step times, outputs, lses, nbytes."""
+def run_cache(policy: str, params: dict, qkv, length: int, steps: int, observe: int, paired=None):
+    """Fill, attend the observation chunk, then decode; returns per-step times, outputs, lses, nbytes.
+
+    ``paired(q, k, v)``, when given, is timed right after each step over the same context and its
+    times are returned too, so a ratio compares steps taken under the same machine load.
+    """
     q, k, v = qkv.q, qkv.k, qkv.v
     cache = KVCache(policy, **params)
     cache.append(k[:, :, : length - observe], v[:, :, : length - observe])
     cache.append(k[:, :, length - observe: length], v[:, :, length - observe: length])
     cache.attend(q[:, :, :observe])
-    times, outs, lses = [], [], []
+    times, pair_times, outs, lses = [], [], [], []
     for t in range(steps):
         pos = length + t
+        qt = q[:, :, observe + t: observe + t + 1]
         t0 = time.perf_counter()
         cache.append(k[:, :, pos: pos + 1], v[:, :, pos: pos + 1])
-        out, lse = cache.attend(q[:, :, observe + t: observe + t + 1], return_lse=True)
-        times.append(time.perf_counter() - t0)
+        out, lse = cache.attend(qt, return_lse=True)
+        t1 = time.perf_counter()
+        if paired is not None:
+            paired(qt, k[:, :, : pos + 1], v[:, :, : pos + 1])
+        pair_times.append(time.perf_counter() - t1)
+        times.append(t1 - t0)
         outs.append(out)
         lses.append(lse)
     nbytes = cache.nbytes
     del cache
     gc.collect()
-    return times, outs, lses, nbytes
+    return times, pair_times, outs, lses, nbytes
 
 
 def time_plain(fn, qkv, length: int, steps: int, observe: int) -> list[float]:
@@ -159,6 +170,10 @@ def main() -> None:
     if args.policies:
         table = {k: table[k] for k in args.policies.split(",")}
     flash = attnzoo.get("flash_decode")
+
+    def flash_step(q, k, v):
+        return flash(q, k, v, causal=True)
+
     print(f"# decode benchmark: B=1, Hq={HEADS}, Hkv={HEADS_KV}, D={DIM}, fp32, budget={args.budget}, "
           f"{steps} steps, torch threads={torch.get_num_threads()}")
     print("| workload | L | method | ms/step | vs SDPA | vs flash_decode | MiB held | recall | needle recall | rel err |")
@@ -169,7 +184,7 @@ def main() -> None:
             with torch.no_grad():
                 sdpa = per_step(time_plain(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                                            qkv, length, steps, args.observe))
-                fd = per_step(time_plain(lambda q, k, v: flash(q, k, v, causal=True), qkv, length, steps, args.observe))
+                fd = per_step(time_plain(flash_step, qkv, length, steps, args.observe))
             kv_mib = 2 * qkv.k[:, :, :length].numel() * 4 / 2**20
             row = f"| {workload} | {length // 1024}K |"
             print(f"{row} full (SDPA) | {sdpa * 1e3:.1f} | 1.00 | {fd / sdpa:.2f} | {kv_mib:.0f} (K+V) | 1 | 1 | 0 |",
@@ -184,10 +199,11 @@ def main() -> None:
                 if reason:
                     print(f"{row} {label} | skipped: {reason} | | | | | | |", flush=True)
                     continue
-                times, outs, lses, nbytes = run_cache(policy, params, qkv, length, steps, args.observe)
+                times, fd_times, outs, lses, nbytes = run_cache(policy, params, qkv, length, steps, args.observe,
+                                                                paired=flash_step)
                 if ref_out is None:  # the first row is the full cache: the reference of every other row
                     if policy != "full":
-                        _, ref_out, ref_lse, _ = run_cache("full", {}, qkv, length, steps, args.observe)
+                        _, _, ref_out, ref_lse, _ = run_cache("full", {}, qkv, length, steps, args.observe)
                     else:
                         ref_out, ref_lse = outs, lses
                 recalls = [torch.exp(a - b).mean().item() for a, b in zip(lses, ref_lse)]
@@ -195,7 +211,8 @@ def main() -> None:
                 needle = f"{statistics.mean(recalls[t] for t in needle_steps):.3f}" if needle_steps else "-"
                 err = statistics.mean(((a - b).norm() / b.norm()).item() for a, b in zip(outs, ref_out))
                 ms = per_step(times)
-                print(f"{row} {label} | {ms * 1e3:.1f} | {sdpa / ms:.2f} | {fd / ms:.2f} | {nbytes / 2**20:.1f} | "
+                print(f"{row} {label} | {ms * 1e3:.1f} | {sdpa / ms:.2f} | {per_step(fd_times) / ms:.2f} | "
+                      f"{nbytes / 2**20:.1f} | "
                       f"{recall:.3f} | {needle} | {err:.2e} |", flush=True)
             del qkv, ref_out, ref_lse
             gc.collect()
