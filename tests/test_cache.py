@@ -398,7 +398,8 @@ def test_half_precision_inputs():
     (("h2o", dict(budget=8, recent=9)), r"parameter 'recent' expected <= budget=8"),
     (("snapkv", dict(budget=16, observe=16)), r"parameter 'observe' expected < budget=16"),
     (("snapkv", dict(budget=16, observe=4, interval=14)), r"parameter 'interval' expected <= budget - observe"),
-    (("tokenselect", dict(budget=600)), r"tokenselect: parameter 'budget' expected > sinks \+ local = 640"),
+    (("tokenselect", dict(budget=600)), r"tokenselect: parameter 'budget' expected >= 641 \(sinks and local"),
+    (("infllm", dict(budget=700)), r"infllm: parameter 'budget' expected >= 895"),
     (("quest", dict(budget=-3)), r"quest: parameter 'budget' expected a value in \[1, inf\]"),
     (("quest", dict(page=4, phys_page=6)), r"parameter 'phys_page' expected a multiple of page=4"),
     (("quantized", dict(bits=3)), r"parameter 'bits' expected one of \[4, 8\], got 3"),
@@ -470,7 +471,7 @@ def test_retrieval_faiss_index_finds_the_exact_top_keys():
 
 def test_infllm_representatives_are_the_most_attended_keys_of_each_block():
     q, k, v = _qkv(B=1, Hq=2, Hkv=1, N=48, seed=22)
-    cache = KVCache("infllm", budget=25, block=8, reps=2, sinks=1, local=8)
+    cache = KVCache("infllm", budget=31, block=8, reps=2, sinks=1, local=8)
     cache.append(k[:, :, :40], v[:, :, :40])
     cache.attend(q[:, :, :40])  # prefill: every token's received mass is accumulated
     store = cache._layer.store

@@ -47,9 +47,16 @@ class _Select(Policy):
     local: int = 0
 
     def validate(self) -> None:
-        if self.sinks + self.local >= self.budget:
-            raise AttnZooError(f"{self.name}: parameter 'budget' expected > sinks + local = {self.sinks + self.local}, "
-                               f"got {self.budget}")
+        least = self.always_max + self.unit
+        if self.budget < least:
+            raise AttnZooError(f"{self.name}: parameter 'budget' expected >= {least} (sinks and local rounded out to "
+                               f"units of {self.unit}, plus one unit to select), got {self.budget}")
+
+    @property
+    def always_max(self) -> int:
+        """Most slots the always-kept ranges can hold (sinks rounded up, local rounded out to a unit)."""
+        u = self.unit
+        return math.ceil(self.sinks / u) * u + self.local + u - 1
 
     @property
     def unit(self) -> int:
@@ -65,8 +72,8 @@ class _Select(Policy):
     def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         n = store.n
         lo, hi = self.always(n)
-        take = (self.budget - lo - (n - hi)) // self.unit * self.unit
-        if not step.decode or n <= self.budget or take <= 0:
+        take = (self.budget - self.always_max) // self.unit * self.unit  # the same at every step
+        if not step.decode or n <= self.budget or hi - lo <= take:
             return self.read_all(store, q, step)
         parts = self.read_always(store, q, step, lo, hi)
         idx = self.select(store, q, step, lo, hi, take)
