@@ -85,8 +85,7 @@ class Streaming(Policy):
             n, p = store.n, int(step.q_pos[0])
             first_sink_free = _slot_of(store, self.sinks)
             start = max(first_sink_free, _slot_of(store, p - self.window + 1))
-            parts = read_ranges(q, store, [(0, first_sink_free), (start, n)], scale=step.scale, causal=step.causal,
-                                splits=step.splits)
+            parts = read_ranges(q, store, [(0, first_sink_free), (start, n)], step)
         else:
             part, _ = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
                                  k_pos=store.positions, causal=step.causal, valid=store.valid,
@@ -193,8 +192,10 @@ class SnapKV(Policy):
 
     Reads are exact over the held tokens. After a read leaves more than
     ``budget`` tokens, the mass the remembered queries give each older token is
-    max-pooled over ``pool`` neighbours and the top ``budget - observe`` are
-    kept along with the ``observe`` newest tokens.
+    max-pooled over ``pool`` neighbours and the best are kept along with the
+    ``observe`` newest tokens: ``budget - interval + 1`` tokens in all, so the
+    next compression comes ``interval`` decode steps later (kvpress's
+    ``compression_interval``); the cache never holds more than ``budget``.
     """
 
     name: ClassVar[str] = "snapkv"
@@ -205,10 +206,14 @@ class SnapKV(Policy):
     budget: int = param(2048, min=1, help="tokens held per KV head after each attend")
     observe: int = param(32, min=1, help="queries remembered for voting (the observation window)")
     pool: int = param(7, min=1, help="max-pooling width over neighbouring tokens")
+    interval: int = param(1, min=1, help="decode steps between compressions")
 
     def validate(self) -> None:
         if self.observe >= self.budget:
             raise AttnZooError(f"snapkv: parameter 'observe' expected < budget={self.budget}, got {self.observe}")
+        if self.observe + self.interval - 1 > self.budget:
+            raise AttnZooError(f"snapkv: parameter 'interval' expected <= budget - observe + 1 = "
+                               f"{self.budget - self.observe + 1}, got {self.interval}")
 
     def reset(self) -> None:
         self.obs_q: torch.Tensor | None = None
@@ -228,7 +233,7 @@ class SnapKV(Policy):
                              k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
         B, H, n = mass.shape
         pooled = F.max_pool1d(mass.view(B * H, 1, n), self.pool, stride=1, padding=self.pool // 2)[..., :n]
-        store.keep(_top_older(pooled.view(B, H, n), self.observe, self.budget))
+        store.keep(_top_older(pooled.view(B, H, n), self.observe, self.budget - self.interval + 1))
 
     def state_nbytes(self) -> int:
         return 0 if self.obs_q is None else self.obs_q.numel() * self.obs_q.element_size()

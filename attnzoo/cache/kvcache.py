@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..checks import check_padding_mask, check_tensor, resolve_scale
+from ..checks import check_finite, check_padding_mask, check_tensor, resolve_scale
 from ..errors import AttnZooError
 from .policy import Step, make_policy
 
@@ -20,7 +20,8 @@ class KVCache:
 
     * ``policy``: a registered name (see :func:`attnzoo.cache.policies`) or a configured policy;
       ``**params`` are its parameters, validated like method parameters.
-    * ``splits``: key ranges of the split-K read (``flash_decode``).
+    * ``splits``, ``split_size``: a read over ``n`` keys uses ``min(splits, n // split_size)`` key
+      ranges (split-K, ``flash_decode``) merged by lse.
     * ``append(k, v, key_mask=None)``: ``key_mask (B, n)`` bool, False marks padding tokens that
       nothing may attend to (left padding of a batch); they still take a position.
     * ``attend(q, causal=True, scale=None, return_lse=False)``: the queries of the newest ``nq``
@@ -37,11 +38,12 @@ class KVCache:
       ``reorder(beam_idx)`` (beam search).
     """
 
-    def __init__(self, policy: Any = "full", *, splits: int = 8, **params: Any) -> None:
-        if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1:
-            raise AttnZooError(f"KVCache: splits expected a positive int, got {splits!r}")
+    def __init__(self, policy: Any = "full", *, splits: int = 8, split_size: int = 2048, **params: Any) -> None:
+        for arg, val in (("splits", splits), ("split_size", split_size)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise AttnZooError(f"KVCache: {arg} expected a positive int, got {val!r}")
         self.policy = make_policy(policy, **params)
-        self.splits = splits
+        self.splits, self.split_size = splits, split_size
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -75,6 +77,8 @@ class KVCache:
         """Add ``n`` tokens: ``k (B, Hkv, n, D)``, ``v (B, Hkv, n, Dv)`` at positions ``seq_length + i``."""
         check_tensor("k", k, 4, "(B, Hkv, n, D)")
         check_tensor("v", v, 4, "(B, Hkv, n, Dv)")
+        check_finite("k", k)
+        check_finite("v", v)
         if v.shape[:3] != k.shape[:3] or v.dtype != k.dtype or v.device != k.device:
             raise AttnZooError(f"v: expected shape {tuple(k.shape[:3])} + (Dv,) with k's dtype and device, "
                                f"got {tuple(v.shape)} {v.dtype} {v.device}")
@@ -120,6 +124,7 @@ class KVCache:
                return_lse: bool = False):
         """Attend the queries of the newest ``nq`` tokens: ``q (B, Hq, nq, D)`` -> ``(B, Hq, nq, Dv)``."""
         check_tensor("q", q, 4, "(B, Hq, nq, D)")
+        check_finite("q", q)
         if self._layer is None:
             raise AttnZooError("attend: the cache is empty; append the tokens' k/v before attending their queries")
         B, Hkv, D, Dv, dtype, device = self._shape
@@ -132,7 +137,7 @@ class KVCache:
         if not isinstance(causal, bool):
             raise AttnZooError(f"attend: causal expected a bool, got {causal!r}")
         step = Step(resolve_scale(scale, D), causal, torch.arange(self._seq - nq, self._seq, device=device),
-                    self._seq, self.splits)
+                    self._seq, self.splits, self.split_size)
         with torch.no_grad():
             part = self._layer.attend(q, step)
         out = part.out.to(dtype)

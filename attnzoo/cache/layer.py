@@ -59,14 +59,15 @@ class SplitLayer:
     def attend(self, q: torch.Tensor, step) -> Partial:
         B, Hq, nq, _ = q.shape
         groups = Hq // self.heads_kv
-        out = lse = None
+        parts = []
         for heads, layer in self.groups:
             qh = (heads.to(q.device)[:, None] * groups + torch.arange(groups, device=q.device)).flatten()
-            part = layer.attend(q[:, qh], step)
-            if out is None:
-                out = part.out.new_empty(B, Hq, nq, part.out.shape[-1])
-                lse = part.lse.new_empty(B, Hq, nq)
-            out[:, qh], lse[:, qh] = part.out, part.lse
+            parts.append((qh, layer.attend(q[:, qh], step)))
+        dtype = torch.promote_types(*(p.out.dtype for _, p in parts)) if len(parts) > 1 else parts[0][1].out.dtype
+        out = q.new_empty(B, Hq, nq, parts[0][1].out.shape[-1], dtype=dtype)
+        lse = q.new_empty(B, Hq, nq, dtype=torch.float32)
+        for qh, part in parts:
+            out[:, qh], lse[:, qh] = part.out.to(dtype), part.lse.float()
         return Partial(out, lse)
 
     @property

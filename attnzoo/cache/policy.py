@@ -39,7 +39,13 @@ class Step:
     causal: bool
     q_pos: torch.Tensor  # (nq,) absolute positions of the queries (the newest nq tokens)
     seq_length: int
-    splits: int
+    splits: int  # at most this many split-K ranges per read
+    split_size: int  # of at least this many keys each
+
+    @property
+    def split(self) -> dict[str, int]:
+        """The split-K options of :func:`attnzoo.cache.read.flash_read`."""
+        return {"splits": self.splits, "split_size": self.split_size}
 
     @property
     def decode(self) -> bool:
@@ -78,7 +84,7 @@ class Policy:
 
     def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         return flash_read(q, store.keys(), store.values(), scale=step.scale, causal=step.causal,
-                          valid=store.valid, splits=step.splits)
+                          valid=store.valid, **step.split)
 
     def update(self, store: Store, q: torch.Tensor, step: Step) -> None:
         """Runs after each read: eviction and state refresh."""

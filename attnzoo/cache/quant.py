@@ -42,7 +42,7 @@ def decode(codes: torch.Tensor, low: torch.Tensor, step: torch.Tensor, bits: int
     if bits == 4:
         codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).flatten(-2)
     g = codes.float().unflatten(-1, (-1, group))
-    return (g * step.unsqueeze(-1) + low.unsqueeze(-1)).flatten(-2).to(dtype)
+    return torch.addcmul(low.unsqueeze(-1), g, step.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 def error_bound(step: torch.Tensor, group: int) -> torch.Tensor:

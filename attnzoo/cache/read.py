@@ -27,9 +27,11 @@ from ..core.partial import Partial, merge
 
 
 def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-               valid: torch.Tensor | None = None, splits: int = 8) -> Partial:
+               valid: torch.Tensor | None = None, splits: int = 8, split_size: int = 1) -> Partial:
     """Attention of ``q (B, Hq, nq, D)`` over ``k``/``v (B, Hkv, n, ·)`` by split-K + lse merge.
 
+    At most ``splits`` key ranges of at least ``split_size`` keys each (on CPU
+    every extra range is only overhead; on a GPU they are what fills the device).
     ``causal`` aligns bottom-right by slot (the queries are the newest slots);
     ``valid (B, Hkv, n)`` hides padding. Rows that see nothing give ``(0, -inf)``.
     """
@@ -37,12 +39,15 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[3]
     if n == 0:
         return Partial.empty((B, Hq, nq, Dv), device=q.device)
+    if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
+        q, k, v = q.float(), k.float(), v.float()
     groups = Hq // Hkv
     fold = B * Hkv
     prob = Problem(fold, groups, 1, nq, n, D, Dv, scale)
     mask = None if valid is None else valid.reshape(fold, n)
     qf, kf, vf = q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D), v.reshape(fold, 1, n, Dv)
-    if min(splits, n) < 2:  # one range: flash_decode's merge of a single bare (out, lse) tuple misreads it
+    splits = min(splits, n // split_size)
+    if splits < 2:  # one range: the tiled engine directly, nothing to merge
         out, lse = tiled_attention(qf, kf, vf, scale=scale, causal=causal, key_padding_mask=mask, k_tile=n)
     else:
         out, lse = FlashDecode(splits=splits).forward(qf, kf, vf, prob, causal=causal, key_padding_mask=mask,
@@ -91,24 +96,28 @@ def dense_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     return Partial(out, torch.cat(lses, dim=3).view(B, Hq, nq)), mass
 
 
-def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], *, scale: float,
-                causal: bool, splits: int) -> list[Partial]:
-    """One :func:`flash_read` partial per non-empty slot range ``[a, b)`` of ``store``."""
+def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], step) -> list[Partial]:
+    """One :func:`flash_read` partial per non-empty slot range ``[a, b)`` of ``store``.
+
+    A range ending at the newest slot is causal (bottom-right); an older range is
+    entirely in the past of every query and is read without a mask.
+    """
     parts = []
     for a, b in ranges:
         if b > a:
             valid = store.valid
-            parts.append(flash_read(q, store.keys(a, b), store.values(a, b), scale=scale, causal=causal,
-                                    valid=None if valid is None else valid[:, :, a:b], splits=splits))
+            parts.append(flash_read(q, store.keys(a, b), store.values(a, b), scale=step.scale,
+                                    causal=step.causal and b == store.n,
+                                    valid=None if valid is None else valid[:, :, a:b], **step.split))
     return parts
 
 
-def read_selected(q: torch.Tensor, store, idx: torch.Tensor, *, scale: float, splits: int) -> Partial:
+def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step) -> Partial:
     """Attention over the slots ``idx (B, Hkv, m)`` (all older than the query: no causal mask)."""
     k, v = store.gather(idx)
     valid = store.valid
     valid = None if valid is None else torch.gather(valid, 2, idx)
-    return flash_read(q, k, v, scale=scale, causal=False, valid=valid, splits=splits)
+    return flash_read(q, k, v, scale=step.scale, causal=False, valid=valid, **step.split)
 
 
 def combine(parts: list[Partial], like: torch.Tensor, dim_v: int) -> Partial:

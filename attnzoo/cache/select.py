@@ -47,9 +47,16 @@ class _Select(Policy):
     local: int = 0
 
     def validate(self) -> None:
-        if self.sinks + self.local >= self.budget:
-            raise AttnZooError(f"{self.name}: parameter 'budget' expected > sinks + local = {self.sinks + self.local}, "
-                               f"got {self.budget}")
+        least = self.always_max + self.unit
+        if self.budget < least:
+            raise AttnZooError(f"{self.name}: parameter 'budget' expected >= {least} (sinks and local rounded out to "
+                               f"units of {self.unit}, plus one unit to select), got {self.budget}")
+
+    @property
+    def always_max(self) -> int:
+        """Most slots the always-kept ranges can hold (sinks rounded up, local rounded out to a unit)."""
+        u = self.unit
+        return math.ceil(self.sinks / u) * u + self.local + u - 1
 
     @property
     def unit(self) -> int:
@@ -65,20 +72,19 @@ class _Select(Policy):
     def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         n = store.n
         lo, hi = self.always(n)
-        take = (self.budget - lo - (n - hi)) // self.unit * self.unit
-        if not step.decode or n <= self.budget or take <= 0:
+        take = (self.budget - self.always_max) // self.unit * self.unit  # the same at every step
+        if not step.decode or n <= self.budget or hi - lo <= take:
             return self.read_all(store, q, step)
         parts = self.read_always(store, q, step, lo, hi)
         idx = self.select(store, q, step, lo, hi, take)
-        parts.append(read_selected(q, store, idx, scale=step.scale, splits=step.splits))
+        parts.append(read_selected(q, store, idx, step))
         return merge(*parts)
 
     def read_all(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         return super().read(store, q, step)
 
     def read_always(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int) -> list[Partial]:
-        return read_ranges(q, store, [(0, lo), (hi, store.n)], scale=step.scale, causal=step.causal,
-                           splits=step.splits)
+        return read_ranges(q, store, [(0, lo), (hi, store.n)], step)
 
     def select(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int, take: int) -> torch.Tensor:
         """Sorted slots ``(B, Hkv, take)`` in ``[lo, hi)`` the newest query reads."""
@@ -125,7 +131,7 @@ class TokenSelect(_Select):
             if bool((cos >= self.threshold).all()):
                 self.reused += 1
                 return self.ref[1]
-        scores = torch.einsum("bhgd,bhmd->bhgm", _group_queries(q, Hkv), store.keys(lo, hi).float()) * step.scale
+        scores = _group_queries(q, Hkv) @ store.keys(lo, hi).float().transpose(-1, -2) * step.scale
         vote = torch.softmax(_masked(scores, store, lo, hi), dim=-1).nan_to_num_(0.0).sum(dim=(1, 2))  # (B, m)
         top = torch.topk(vote, take, dim=-1).indices.sort(dim=-1).values + lo
         slots = top.unsqueeze(1).expand(B, Hkv, take).contiguous()
@@ -182,8 +188,8 @@ class Quest(_Select):
         kmin, kmax = store.page_bounds()
         p0, p1 = lo // self.page, hi // self.page
         qg = _group_queries(q, kmin.shape[1])
-        bound = (torch.einsum("bhgd,bhpd->bhgp", qg.clamp(min=0), kmax[:, :, p0:p1])
-                 + torch.einsum("bhgd,bhpd->bhgp", qg.clamp(max=0), kmin[:, :, p0:p1])).amax(dim=2)
+        bound = (qg.clamp(min=0) @ kmax[:, :, p0:p1].transpose(-1, -2)
+                 + qg.clamp(max=0) @ kmin[:, :, p0:p1].transpose(-1, -2)).amax(dim=2)
         per_unit = self.unit // self.page
         bound = bound.unflatten(-1, (-1, per_unit)).amax(dim=-1)
         top = torch.topk(bound, take // self.unit, dim=-1).indices
@@ -239,7 +245,7 @@ class InfLLM(_Select):
         return part
 
     def read_always(self, store, q, step, lo, hi):
-        parts = read_ranges(q, store, [(0, lo)], scale=step.scale, causal=False, splits=step.splits)
+        parts = read_ranges(q, store, [(0, lo)], step)
         valid = store.valid
         local, mass = dense_read(q, store.keys(hi), store.values(hi), scale=step.scale, q_pos=step.q_pos,
                                  k_pos=store.positions[:, :, hi:], causal=step.causal,
@@ -317,9 +323,8 @@ class Recycled(Policy):
             self.full_at, self.age = store.n, 1
             return part
         self.age += 1
-        parts = read_ranges(q, store, [(self.full_at, store.n)], scale=step.scale, causal=step.causal,
-                            splits=step.splits)
-        parts.append(read_selected(q, store, self.recycled, scale=step.scale, splits=step.splits))
+        parts = read_ranges(q, store, [(self.full_at, store.n)], step)
+        parts.append(read_selected(q, store, self.recycled, step))
         return merge(*parts)
 
     def state_nbytes(self) -> int:
@@ -329,11 +334,15 @@ class Recycled(Policy):
 @register_policy
 @dataclass
 class Retrieval(_Select):
-    """RetrievalAttention: static sinks + local window ⊕ the top-``k`` keys found by a search over the rest.
+    """RetrievalAttention: static sinks + local window ⊕ the top keys found by a search over the rest.
 
-    Per (batch, KV head) the middle keys are ranked by the best inner product
+    Per (batch, KV head) the middle keys are ranked by their best inner product
     with any query head of the group. ``index="exact"`` scans them all (the
-    exhaustive search the paper's ANN index approximates).
+    exhaustive search); ``"faiss"`` keeps one HNSW inner-product graph per
+    (batch, KV head), extended with the keys that leave the local window, asks
+    it for each group head's ``take`` nearest keys and keeps the best ``take`` of
+    their union (needs the optional ``faiss-cpu``: ``pip install attnzoo[retrieval]``);
+    ``"auto"`` is faiss when installed, else exact.
     """
 
     name: ClassVar[str] = "retrieval"
@@ -343,10 +352,70 @@ class Retrieval(_Select):
     budget: int = param(2048, min=1, help="tokens read per decode step (static + retrieved)")
     sinks: int = param(128, min=0, help="initial tokens always read")
     local: int = param(512, min=0, help="most recent tokens always read")
-    index: str = param("exact", choices=("exact",), help="search over the middle keys")
+    index: str = param("auto", choices=("auto", "exact", "faiss"), help="search over the middle keys")
+    graph_degree: int = param(32, min=2, help="HNSW neighbours per node (faiss)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.index == "faiss" and _faiss() is None:
+            raise AttnZooError("retrieval: parameter 'index' is 'faiss' but faiss is not installed "
+                               "(pip install attnzoo[retrieval]); use index='exact' or 'auto'")
+
+    @property
+    def uses_faiss(self) -> bool:
+        return self.index == "faiss" or (self.index == "auto" and _faiss() is not None)
+
+    def reset(self) -> None:
+        self.graphs: list | None = None  # one HNSW index per (batch, KV head)
+        self.indexed = 0  # middle slots [lo, indexed) are in the graphs
 
     def select(self, store, q, step, lo, hi, take):
-        Hkv = store.positions.shape[1]
-        scores = torch.einsum("bhgd,bhmd->bhgm", _group_queries(q, Hkv), store.keys(lo, hi).float()).amax(dim=2)
-        top = torch.topk(_masked(scores, store, lo, hi), take, dim=-1).indices
-        return top.sort(dim=-1).values + lo
+        qg = _group_queries(q, store.positions.shape[1])
+        if not self.uses_faiss:
+            scores = (qg @ store.keys(lo, hi).float().transpose(-1, -2)).amax(dim=2)
+            return torch.topk(_masked(scores, store, lo, hi), take, dim=-1).indices.sort(dim=-1).values + lo
+        candidates = self._search(store, qg, lo, hi, take)  # (B, Hkv, G·take) slots, possibly repeated
+        keys, _ = store.gather(candidates)
+        scores = torch.einsum("bhgd,bhcd->bhgc", qg, keys.float()).amax(dim=2)
+        order = candidates.sort(dim=-1)
+        repeated = torch.zeros_like(order.values, dtype=torch.bool)
+        repeated[..., 1:] = order.values[..., 1:] == order.values[..., :-1]
+        scores = torch.gather(scores, -1, order.indices).masked_fill(repeated, -math.inf)
+        if store.valid is not None:
+            scores = scores.masked_fill(~torch.gather(store.valid, 2, order.values), -math.inf)
+        best = torch.topk(scores, take, dim=-1).indices
+        return torch.gather(order.values, -1, best).sort(dim=-1).values
+
+    def _search(self, store, qg, lo, hi, take) -> torch.Tensor:
+        """Add the middle keys not yet indexed, then each group head's ``take`` nearest slots."""
+        faiss = _faiss()
+        B, Hkv, G, D = qg.shape
+        if self.graphs is None:
+            self.graphs = [faiss.IndexHNSWFlat(D, self.graph_degree, faiss.METRIC_INNER_PRODUCT)
+                           for _ in range(B * Hkv)]
+            self.indexed = lo
+        if hi > self.indexed:
+            new = store.keys(self.indexed, hi).float().reshape(B * Hkv, hi - self.indexed, D).cpu().numpy()
+            for graph, rows in zip(self.graphs, new):
+                graph.add(rows)
+            self.indexed = hi
+        queries = qg.reshape(B * Hkv, G, D).cpu().numpy()
+        found = []
+        for graph, qs in zip(self.graphs, queries):
+            graph.hnsw.efSearch = max(64, take)
+            found.append(torch.from_numpy(graph.search(qs, take)[1]))
+        ids = torch.stack(found).to(qg.device).view(B, Hkv, G * take)
+        return ids.clamp(min=0) + lo  # -1 (not found) can only repeat slot lo, which dedup removes
+
+    def state_nbytes(self) -> int:
+        # HNSW stores each vector plus its neighbour lists (graph_degree·2 int32 links on level 0)
+        return 0 if self.graphs is None else sum(g.ntotal * (4 * g.d + 8 * self.graph_degree) for g in self.graphs)
+
+
+def _faiss():
+    """The faiss module, or None when the optional dependency is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss

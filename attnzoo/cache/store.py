@@ -29,9 +29,17 @@ import torch
 from . import quant
 
 
-def _expand(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Index ``(B, H, m)`` broadcast to ``t``'s trailing dims for ``torch.gather`` on dim 2."""
-    return idx.view(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+def _take(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``buf[b, h, idx[b, h, i]]`` -> ``(B, H, m, ...)`` with one ``index_select`` over whole rows.
+
+    ``torch.gather`` would need the index expanded over the trailing dims and
+    moves one element at a time; selecting rows of the flattened buffer copies
+    each token's D values as a block (several times faster on CPU).
+    """
+    B, H, cap = buf.shape[:3]
+    rows = torch.arange(B * H, device=idx.device).view(B, H, 1) * cap
+    flat = buf.reshape(B * H * cap, -1)
+    return flat.index_select(0, (idx + rows).flatten()).view(B, H, idx.shape[-1], *buf.shape[3:])
 
 
 class Store:
@@ -87,9 +95,8 @@ class Store:
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at slots ``idx (B, H, m)`` (GQA-free: one index list per KV head)."""
         if self.bits is None:
-            return tuple(torch.gather(self.buf[x][:, :, : self.n], 2, _expand(idx, self.buf[x])) for x in "kv")
-        parts = {name: torch.gather(t[:, :, : self.n], 2, _expand(idx, t)) for name, t in self.buf.items()
-                 if name[0] in "kv"}
+            return _take(self.buf["k"], idx), _take(self.buf["v"], idx)
+        parts = {name: _take(t, idx) for name, t in self.buf.items() if name[0] in "kv"}
         return tuple(quant.decode(parts[x], parts[x + "_low"], parts[x + "_step"], self.bits, self.group,
                                   self.dtype) for x in "kv")
 
@@ -139,7 +146,7 @@ class Store:
     def keep(self, idx: torch.Tensor, reserve: int = 1) -> None:
         """Compact to the slots ``idx (B, H, m)`` (sorted per row); frees memory beyond ``m + reserve``."""
         m = idx.shape[-1]
-        kept = {name: torch.gather(t[:, :, : self.n], 2, _expand(idx, t)) for name, t in self.buf.items()}
+        kept = {name: _take(t, idx) for name, t in self.buf.items()}
         self.n = m
         if self.capacity > m + reserve:
             self.buf = {name: t.new_empty(*t.shape[:2], m + reserve, *t.shape[3:]) for name, t in kept.items()}
