@@ -41,8 +41,8 @@ SMALL = {
     "razor": dict(retrieval_heads=(1,), sinks=2, window=6),
     "duo": dict(plan=("streaming", "full"), sinks=2, window=6),
     "tokenselect": dict(budget=8, sinks=2, local=3),
-    "quest": dict(budget=10, page=4, local=4),
-    "infllm": dict(budget=10, sinks=2, local=3, block=4, reps=2),
+    "quest": dict(budget=12, page=4, local=4),
+    "infllm": dict(budget=16, sinks=2, local=3, block=4, reps=2),
     "recycled": dict(budget=8, every=3),
     "retrieval": dict(budget=8, sinks=2, local=3),
 }
