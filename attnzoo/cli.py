@@ -66,7 +66,7 @@ def eval_model(
     method: list[str] = typer.Option(None, help="only these methods (repeatable; default: every method)"),
     param: list[str] = typer.Option(None, help="NAME=VALUE for every method with that parameter (repeatable)"),
     max_tokens: int = typer.Option(512, min=1, help="padded tokens per forward pass (sentences are batched by length)"),
-    threads: int = typer.Option(None, min=1, help="torch CPU threads (default: torch's; 1 is best on a busy machine)"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads (small batches: 1 is fastest on a shared machine)"),
 ) -> None:
     """Sentence-embedding cosine similarity to the unmodified encoder, for every non-causal-capable method."""
     from .hf.commands import eval_model_table  # imports transformers only when this command runs
