@@ -7,6 +7,7 @@
 """
 
 from .api import attention
+from .cache import KVCache
 from .core.partial import Partial, merge
 from .errors import AttnZooError, UnsupportedError
 from .registry import Family, Method, MethodInfo, Supports, get, info, methods, param, register
@@ -14,6 +15,6 @@ from .registry import Family, Method, MethodInfo, Supports, get, info, methods, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttnZooError", "Family", "Method", "MethodInfo", "Partial", "Supports", "UnsupportedError",
+    "AttnZooError", "Family", "KVCache", "Method", "MethodInfo", "Partial", "Supports", "UnsupportedError",
     "attention", "get", "info", "merge", "methods", "param", "register", "__version__",
 ]

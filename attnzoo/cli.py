@@ -59,6 +59,22 @@ def info(name: str = typer.Argument(..., help="a registered method name (see `at
         console.print("papers: " + "; ".join(m.papers))
 
 
+@app.command("eval-model")
+def eval_model(
+    model: str = typer.Option(None, help="a local encoder directory (default: the pretrained all-MiniLM-L6-v2)"),
+    sentences: str = typer.Option(None, help="a text file, one sentence per line (default: the shipped set)"),
+    method: list[str] = typer.Option(None, help="only these methods (repeatable; default: every method)"),
+    param: list[str] = typer.Option(None, help="NAME=VALUE for every method with that parameter (repeatable)"),
+    max_tokens: int = typer.Option(512, min=1, help="padded tokens per forward pass (sentences are batched by length)"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads (small batches: 1 is fastest on a shared machine)"),
+) -> None:
+    """Sentence-embedding cosine similarity to the unmodified encoder, for every non-causal-capable method."""
+    from .hf.commands import eval_model_table  # imports transformers only when this command runs
+
+    raise typer.Exit(eval_model_table(console, model=model, sentences=sentences, methods=method or None, params=param,
+                                      max_tokens=max_tokens, threads=threads))
+
+
 def main() -> None:
     app()
 

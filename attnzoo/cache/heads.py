@@ -1,0 +1,81 @@
+"""Head-split policies: some KV heads keep everything, the others only sinks + a window (per-head capacities)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import AttnZooError
+from ..registry import param
+from .evict import Full, Streaming
+from .layer import Layer, SplitLayer
+from .policy import Policy, register_policy
+
+
+def _head_list(name: str, what: str, heads, heads_kv: int) -> list[int]:
+    out = []
+    for h in heads:
+        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < heads_kv:
+            raise AttnZooError(f"{name}: parameter {what!r} expected KV head indices in 0..{heads_kv - 1}, got {h!r}")
+        out.append(h)
+    return sorted(set(out))
+
+
+def _split(full_heads: list[int], heads_kv: int, streaming: Streaming) -> SplitLayer:
+    rest = [h for h in range(heads_kv) if h not in full_heads]
+    return SplitLayer([(full_heads, Layer(Full())), (rest, Layer(streaming))], heads_kv)
+
+
+@register_policy
+@dataclass
+class Razor(Policy):
+    """RazorAttention: retrieval heads keep the full cache; the others keep ``sinks`` + ``window``
+    plus one compensation token (the mean K and V of everything they evicted)."""
+
+    name: ClassVar[str] = "razor"
+    kind: ClassVar[str] = "split"
+    reads: ClassVar[str] = "positions; compensation sums"
+    papers: ClassVar[tuple[str, ...]] = ("RazorAttention",)
+
+    retrieval_heads: tuple = param((), help="KV head indices that keep the full cache")
+    sinks: int = param(4, min=0, help="initial tokens kept by the other heads")
+    window: int = param(512, min=1, help="recent tokens kept by the other heads")
+    compensation: bool = param(True, help="keep the mean of evicted K/V as one token")
+
+    def validate(self) -> None:
+        if not isinstance(self.retrieval_heads, (tuple, list)):
+            raise AttnZooError(f"razor: parameter 'retrieval_heads' expected a tuple of KV head indices, "
+                               f"got {self.retrieval_heads!r}")
+
+    def build(self, heads_kv: int) -> SplitLayer:
+        full = _head_list(self.name, "retrieval_heads", self.retrieval_heads, heads_kv)
+        return _split(full, heads_kv, Streaming(sinks=self.sinks, window=self.window, compensate=self.compensation))
+
+
+@register_policy
+@dataclass
+class Duo(Policy):
+    """DuoAttention: a per-KV-head plan, True (or "full") = retrieval head with the full cache,
+    False (or "streaming") = streaming head holding ``sinks`` + ``window`` tokens."""
+
+    name: ClassVar[str] = "duo"
+    kind: ClassVar[str] = "split"
+    reads: ClassVar[str] = "positions"
+    papers: ClassVar[tuple[str, ...]] = ("DuoAttention", "LServe")
+
+    plan: tuple = param((), help="one entry per KV head: True/'full' or False/'streaming'")
+    sinks: int = param(64, min=0, help="initial tokens kept by streaming heads")
+    window: int = param(256, min=1, help="recent tokens kept by streaming heads")
+
+    def validate(self) -> None:
+        ok = isinstance(self.plan, (tuple, list)) and len(self.plan) > 0 and all(
+            isinstance(p, bool) or p in ("full", "streaming") for p in self.plan)
+        if not ok:
+            raise AttnZooError(f"duo: parameter 'plan' expected a non-empty sequence of True/'full' or "
+                               f"False/'streaming' per KV head, got {self.plan!r}")
+
+    def build(self, heads_kv: int) -> SplitLayer:
+        if len(self.plan) != heads_kv:
+            raise AttnZooError(f"duo: parameter 'plan' expected {heads_kv} entries (one per KV head), got {len(self.plan)}")
+        full = [h for h, p in enumerate(self.plan) if p is True or p == "full"]
+        return _split(full, heads_kv, Streaming(sinks=self.sinks, window=self.window))

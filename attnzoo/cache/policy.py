@@ -1,0 +1,138 @@
+"""Cache policies: small dataclasses that decide what a query reads and what the cache keeps.
+
+A policy is one of four kinds:
+
+* ``keep``: holds every token and reads it all (``full``, ``quantized``);
+* ``evict``: permanently drops tokens after each ``attend`` (``streaming``,
+  ``h2o``, ``snapkv``): the store is compacted and ``nbytes`` drops;
+* ``select``: holds everything but reads a subset at decode steps
+  (``tokenselect``, ``quest``, ``infllm``, ``recycled``, ``retrieval``);
+* ``split``: different KV heads get different policies (``razor``, ``duo``).
+
+The contract: ``read(store, q, step)`` returns the :class:`Partial` of the
+newest queries over what they may read, and ``update(store, q, step)`` (run
+right after) evicts or refreshes state. Parameters are dataclass fields declared
+with :func:`attnzoo.param` and validated exactly like method parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..core.partial import Partial
+from ..errors import AttnZooError
+from ..registry import Method
+from .read import flash_read
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Step:
+    """What one ``attend`` call knows: scale, causality, the queries' positions, the logical length."""
+
+    scale: float
+    causal: bool
+    q_pos: torch.Tensor  # (nq,) absolute positions of the queries (the newest nq tokens)
+    seq_length: int
+    splits: int  # at most this many split-K ranges per read
+    split_size: int  # of at least this many keys each
+
+    @property
+    def split(self) -> dict[str, int]:
+        """The split-K options of :func:`attnzoo.cache.read.flash_read`."""
+        return {"splits": self.splits, "split_size": self.split_size}
+
+    @property
+    def decode(self) -> bool:
+        """A single new token: every held key is older or equal, no causal mask is needed."""
+        return self.q_pos.numel() == 1
+
+
+@dataclass
+class Policy:
+    """Base class: holds everything and reads everything through split-K (``full``)."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "keep"
+    #: the store metadata the policy reads (documentation; shown by ``policies()``)
+    reads: ClassVar[str] = "nothing"
+    papers: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        Method.__post_init__(self)  # the registry's field checks (types, ranges, choices) + validate()
+        self.reset()
+
+    def validate(self) -> None:
+        """Cross-parameter checks; raise AttnZooError naming the parameter."""
+
+    def reset(self) -> None:
+        """Forget runtime state (selection caches, counters)."""
+
+    def make_store(self) -> Store:
+        return Store()
+
+    def build(self, heads_kv: int):
+        """The layer object this policy drives (one uniform store unless the policy splits heads)."""
+        from .layer import Layer
+
+        return Layer(self)
+
+    def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
+        return flash_read(q, store.keys(), store.values(), scale=step.scale, causal=step.causal,
+                          valid=store.valid, **step.split)
+
+    def update(self, store: Store, q: torch.Tensor, step: Step) -> None:
+        """Runs after each read: eviction and state refresh."""
+
+    def state_nbytes(self) -> int:
+        """Bytes of runtime state held outside the store (counted in ``KVCache.nbytes``)."""
+        return 0
+
+    def crop(self, store: Store, length: int) -> None:
+        """The store was cropped to positions ``< length``; drop state that refers to later tokens."""
+        self.reset()
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Batch rows were reordered; reorder or drop batch-indexed state."""
+        self.reset()
+
+
+_POLICIES: dict[str, type[Policy]] = {}
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator adding a policy to the registry under ``cls.name``."""
+    if not cls.name or cls.name in _POLICIES and _POLICIES[cls.name] is not cls:
+        raise TypeError(f"register_policy: {cls.__name__} needs a unique `name`, got {cls.name!r}")
+    _POLICIES[cls.name] = cls
+    return cls
+
+
+def policies() -> dict[str, type[Policy]]:
+    """Every registered cache policy class, by name."""
+    return dict(_POLICIES)
+
+
+def make_policy(name: Any, **params: Any) -> Policy:
+    """A configured policy; unknown names and parameters raise AttnZooError with suggestions."""
+    if isinstance(name, Policy):
+        if params:
+            raise AttnZooError(f"policy: got a configured {name.name!r} policy and extra parameters {sorted(params)}")
+        return name
+    if not isinstance(name, str):
+        raise AttnZooError(f"policy: expected a policy name (str), got {type(name).__name__}")
+    cls = _POLICIES.get(name)
+    if cls is None:
+        close = difflib.get_close_matches(name, list(_POLICIES), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise AttnZooError(f"policy: unknown policy {name!r}{hint} (available: {', '.join(_POLICIES)})")
+    valid = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise AttnZooError(f"{name}: unknown parameter(s) {unknown}; valid parameters: {', '.join(valid) or 'none'}")
+    return cls(**params)

@@ -1,0 +1,128 @@
+"""The arithmetic of a cache read: split-K attention over held or gathered keys, merged by lse.
+
+Both readers fold each KV head's query group into rows, so K and V are never
+repeated (``(B, Hq, nq, D)`` is viewed as ``(B·Hkv, G, nq, D)`` against
+``(B·Hkv, 1, n, D)``); per-(batch, head) key masks then become an ordinary
+``key_padding_mask``. :func:`flash_read` is the fast path (the registered
+``flash_decode`` method: split-K + lse merge); :func:`dense_read` materialises
+probabilities a chunk of queries at a time, for the policies that need them
+(accumulated scores, observation windows) or a visibility rule by position
+(the sink + window band of streaming heads).
+
+The gather of selected slots lives in :meth:`Store.gather`; once the shared
+block-sparse executor exists, a select policy's (always ranges, selected
+slots) plan maps directly onto its gather layout (B2g).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..catalog.exact import FlashDecode
+from ..checks import Problem
+from ..core.exact import tiled_attention
+from ..core.partial import Partial, merge
+
+
+def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+               valid: torch.Tensor | None = None, splits: int = 8, split_size: int = 1) -> Partial:
+    """Attention of ``q (B, Hq, nq, D)`` over ``k``/``v (B, Hkv, n, ·)`` by split-K + lse merge.
+
+    At most ``splits`` key ranges of at least ``split_size`` keys each (on CPU
+    every extra range is only overhead; on a GPU they are what fills the device).
+    ``causal`` aligns bottom-right by slot (the queries are the newest slots);
+    ``valid (B, Hkv, n)`` hides padding. Rows that see nothing give ``(0, -inf)``.
+    """
+    B, Hq, nq, D = q.shape
+    Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if n == 0:
+        return Partial.empty((B, Hq, nq, Dv), device=q.device)
+    if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
+        q, k, v = q.float(), k.float(), v.float()
+    groups = Hq // Hkv
+    fold = B * Hkv
+    prob = Problem(fold, groups, 1, nq, n, D, Dv, scale)
+    mask = None if valid is None else valid.reshape(fold, n)
+    qf, kf, vf = q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D), v.reshape(fold, 1, n, Dv)
+    splits = min(splits, n // split_size)
+    if splits < 2:  # one range: the tiled engine directly, nothing to merge
+        out, lse = tiled_attention(qf, kf, vf, scale=scale, causal=causal, key_padding_mask=mask, k_tile=n)
+    else:
+        out, lse = FlashDecode(splits=splits).forward(qf, kf, vf, prob, causal=causal, key_padding_mask=mask,
+                                                      return_lse=True)
+    return Partial(out.view(B, Hq, nq, Dv), lse.view(B, Hq, nq))
+
+
+def dense_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_pos: torch.Tensor,
+               k_pos: torch.Tensor, causal: bool = True, valid: torch.Tensor | None = None,
+               window: int | None = None, sinks: int = 0, want_mass: bool = False,
+               budget_elems: int = 1 << 24) -> tuple[Partial, torch.Tensor | None]:
+    """Exact attention with visibility by position, and optionally the mass each key received.
+
+    Key ``j`` is visible to query ``i`` iff ``k_pos[j] <= q_pos[i]`` (when ``causal``), it is
+    ``valid``, and, when ``window`` is set, ``k_pos[j] > q_pos[i] - window`` or ``k_pos[j] < sinks``
+    (StreamingLLM's sinks + window band). ``q_pos (nq,)``, ``k_pos (B, Hkv, n)``.
+    Returns ``(Partial, mass)`` with ``mass (B, Hkv, n)`` the probability each key received,
+    summed over the queries and the query heads of its group (None unless ``want_mass``).
+    """
+    B, Hq, nq, D = q.shape
+    Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[3]
+    groups = Hq // Hkv
+    qf = q.float().view(B, Hkv, groups, nq, D) * scale
+    kf, vf = k.float(), v.float()
+    mass = torch.zeros(B, Hkv, n, device=q.device) if want_mass else None
+    outs, lses = [], []
+    step = max(1, budget_elems // max(1, B * Hq * n))
+    for i0 in range(0, nq, step):
+        i1 = min(nq, i0 + step)
+        s = torch.einsum("bhgqd,bhkd->bhgqk", qf[:, :, :, i0:i1], kf)
+        qp = q_pos[i0:i1].view(1, 1, 1, -1, 1)
+        kp = k_pos.unsqueeze(2).unsqueeze(2)
+        vis = torch.ones_like(s, dtype=torch.bool) if not causal else (kp <= qp).expand_as(s)
+        if window is not None:
+            vis = vis & ((kp > qp - window) | (kp < sinks))
+        if valid is not None:
+            vis = vis & valid[:, :, None, None, :]
+        s = s.masked_fill(~vis, -math.inf)
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+        outs.append(torch.einsum("bhgqk,bhkd->bhgqd", p, vf))
+        lses.append(lse.squeeze(-1))
+        if mass is not None:
+            mass += p.sum(dim=(2, 3))
+    out = torch.cat(outs, dim=3).view(B, Hq, nq, Dv)
+    return Partial(out, torch.cat(lses, dim=3).view(B, Hq, nq)), mass
+
+
+def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], step) -> list[Partial]:
+    """One :func:`flash_read` partial per non-empty slot range ``[a, b)`` of ``store``.
+
+    A range ending at the newest slot is causal (bottom-right); an older range is
+    entirely in the past of every query and is read without a mask.
+    """
+    parts = []
+    for a, b in ranges:
+        if b > a:
+            valid = store.valid
+            parts.append(flash_read(q, store.keys(a, b), store.values(a, b), scale=step.scale,
+                                    causal=step.causal and b == store.n,
+                                    valid=None if valid is None else valid[:, :, a:b], **step.split))
+    return parts
+
+
+def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step) -> Partial:
+    """Attention over the slots ``idx (B, Hkv, m)`` (all older than the query: no causal mask)."""
+    k, v = store.gather(idx)
+    valid = store.valid
+    valid = None if valid is None else torch.gather(valid, 2, idx)
+    return flash_read(q, k, v, scale=step.scale, causal=False, valid=valid, **step.split)
+
+
+def combine(parts: list[Partial], like: torch.Tensor, dim_v: int) -> Partial:
+    """Merge partials over disjoint key sets; the empty merge is ``(0, -inf)``."""
+    if not parts:
+        B, Hq, nq, _ = like.shape
+        return Partial.empty((B, Hq, nq, dim_v), device=like.device)
+    return merge(*parts)

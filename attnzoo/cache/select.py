@@ -1,0 +1,421 @@
+"""Select policies: everything stays held; a decode step reads the always-kept part plus a selected subset.
+
+The always-kept part is the first ``sinks`` and the last ``local`` slots
+(rounded out to the policy's selection unit: a page or a block), read by
+split-K; the selected slots of the middle are gathered per (batch, KV head) and
+read the same way; the two partials merge by lse (METHODS.md B1, B3, B4). A
+read whose budget covers every held token, and every multi-token read
+(prefill / chunked prefill), is exact over everything held.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..core.partial import Partial, merge
+from ..errors import AttnZooError
+from ..registry import param
+from .policy import Policy, Step, register_policy
+from .read import dense_read, read_ranges, read_selected
+from .store import Store
+
+
+def _group_queries(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """The last query of each head as ``(B, Hkv, G, D)`` fp32."""
+    B, Hq, _, D = q.shape
+    return q[:, :, -1].float().view(B, heads_kv, Hq // heads_kv, D)
+
+
+def _units_to_slots(top: torch.Tensor, unit: int, offset: int) -> torch.Tensor:
+    """Sorted unit indices ``(B, H, u)`` -> their slots ``(B, H, u·unit)`` starting at ``offset``."""
+    top = top.sort(dim=-1).values
+    slots = (top * unit + offset).unsqueeze(-1) + torch.arange(unit, device=top.device)
+    return slots.flatten(-2)
+
+
+@dataclass
+class _Select(Policy):
+    """Shared decode read: always-kept ranges ⊕ ``select``-ed slots; subclasses implement ``select``."""
+
+    kind: ClassVar[str] = "select"
+    budget: int = 2048
+    sinks: int = 0
+    local: int = 0
+
+    def validate(self) -> None:
+        least = self.always_max + self.unit
+        if self.budget < least:
+            raise AttnZooError(f"{self.name}: parameter 'budget' expected >= {least} (sinks and local rounded out to "
+                               f"units of {self.unit}, plus one unit to select), got {self.budget}")
+
+    @property
+    def always_max(self) -> int:
+        """Most slots the always-kept ranges can hold (sinks rounded up, local rounded out to a unit)."""
+        u = self.unit
+        return math.ceil(self.sinks / u) * u + self.local + u - 1
+
+    @property
+    def unit(self) -> int:
+        """Selection granularity in tokens (1 = single tokens)."""
+        return 1
+
+    def always(self, n: int) -> tuple[int, int]:
+        """``(lo, hi)``: slots ``[0, lo)`` and ``[hi, n)`` are always read; ``[lo, hi)`` is selected from."""
+        u = self.unit
+        lo = min(n, math.ceil(self.sinks / u) * u)
+        return lo, max(lo, (n - self.local) // u * u)
+
+    def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
+        n = store.n
+        lo, hi = self.always(n)
+        take = (self.budget - self.always_max) // self.unit * self.unit  # the same at every step
+        if not step.decode or n <= self.budget or hi - lo <= take:
+            return self.read_all(store, q, step)
+        parts = self.read_always(store, q, step, lo, hi)
+        idx = self.select(store, q, step, lo, hi, take)
+        parts.append(read_selected(q, store, idx, step))
+        return merge(*parts)
+
+    def read_all(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
+        return super().read(store, q, step)
+
+    def read_always(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int) -> list[Partial]:
+        return read_ranges(q, store, [(0, lo), (hi, store.n)], step)
+
+    def select(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int, take: int) -> torch.Tensor:
+        """Sorted slots ``(B, Hkv, take)`` in ``[lo, hi)`` the newest query reads."""
+        raise NotImplementedError
+
+
+def _masked(scores: torch.Tensor, store: Store, lo: int, hi: int) -> torch.Tensor:
+    """``scores (..., hi - lo)`` with padding slots at -inf."""
+    valid = store.valid
+    if valid is None:
+        return scores
+    mask = valid[:, :, lo:hi]
+    return scores.masked_fill(~mask.view(*mask.shape[:2], *([1] * (scores.dim() - 3)), mask.shape[-1]), -math.inf)
+
+
+@register_policy
+@dataclass
+class TokenSelect(_Select):
+    """TokenSelect: per-head scores, soft vote ``Σ_h softmax(q_h·Kᵀ)``, one top-k token set for the layer.
+
+    The vote is over the middle slots (sinks and local window are always read).
+    The selection is reused while the mean per-head cosine between the new query
+    and the query that made it stays ``>= threshold`` (every batch row).
+    """
+
+    name: ClassVar[str] = "tokenselect"
+    reads: ClassVar[str] = "all keys (scoring), selection cache"
+    papers: ClassVar[tuple[str, ...]] = ("TokenSelect",)
+
+    budget: int = param(2048, min=1, help="tokens read per decode step (sinks + local + selected)")
+    sinks: int = param(128, min=0, help="initial tokens always read")
+    local: int = param(512, min=0, help="most recent tokens always read")
+    threshold: float = param(0.9, help="reuse the selection while cos(q, q_ref) >= threshold (> 1: never)")
+
+    def reset(self) -> None:
+        self.ref: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_ref (B, Hq, D), slots)
+        self.reused = self.selected = 0
+
+    def select(self, store, q, step, lo, hi, take):
+        B, Hkv = store.positions.shape[:2]
+        q_last = q[:, :, -1].float()
+        if self.ref is not None:
+            cos = torch.nn.functional.cosine_similarity(q_last, self.ref[0], dim=-1).mean(dim=1)
+            if bool((cos >= self.threshold).all()):
+                self.reused += 1
+                return self.ref[1]
+        scores = _group_queries(q, Hkv) @ store.keys(lo, hi).float().transpose(-1, -2) * step.scale
+        vote = torch.softmax(_masked(scores, store, lo, hi), dim=-1).nan_to_num_(0.0).sum(dim=(1, 2))  # (B, m)
+        top = torch.topk(vote, take, dim=-1).indices.sort(dim=-1).values + lo
+        slots = top.unsqueeze(1).expand(B, Hkv, take).contiguous()
+        self.ref = (q_last, slots)
+        self.selected += 1
+        return slots
+
+    def state_nbytes(self) -> int:
+        return 0 if self.ref is None else sum(t.numel() * t.element_size() for t in self.ref)
+
+
+@register_policy
+@dataclass
+class Quest(_Select):
+    """Quest page selection: page score ``Σ_d max(q_d·kmin_d, q_d·kmax_d)`` ≥ ``q·k`` of every key inside.
+
+    Per KV head, a page's score is the max over the query heads of its group.
+    ``phys_page`` (LServe): physical pages of that many tokens score the max of
+    their logical pages and are selected whole; ``reuse``: keep a selection for
+    that many decode steps (LServe's r).
+    """
+
+    name: ClassVar[str] = "quest"
+    reads: ClassVar[str] = "page key min/max"
+    papers: ClassVar[tuple[str, ...]] = ("Quest", "LServe")
+
+    budget: int = param(2048, min=1, help="tokens read per decode step (always-kept + selected pages)")
+    page: int = param(16, min=1, help="logical page size: tokens sharing one key min/max")
+    sinks: int = param(0, min=0, help="initial tokens always read (rounded up to a page)")
+    local: int = param(16, min=0, help="most recent tokens always read (rounded out to a page)")
+    phys_page: int | None = param(None, min=1, help="LServe physical page (a multiple of page); None = Quest")
+    reuse: int = param(1, min=1, help="decode steps a selection is used for")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.phys_page is not None and self.phys_page % self.page:
+            raise AttnZooError(f"quest: parameter 'phys_page' expected a multiple of page={self.page}, got {self.phys_page}")
+
+    @property
+    def unit(self) -> int:
+        return self.phys_page or self.page
+
+    def reset(self) -> None:
+        self.last: torch.Tensor | None = None
+        self.age = 0
+
+    def make_store(self) -> Store:
+        return Store(page=self.page)
+
+    def select(self, store, q, step, lo, hi, take):
+        if self.last is not None and self.age < self.reuse:
+            self.age += 1
+            return self.last
+        kmin, kmax = store.page_bounds()
+        p0, p1 = lo // self.page, hi // self.page
+        qg = _group_queries(q, kmin.shape[1])
+        bound = (qg.clamp(min=0) @ kmax[:, :, p0:p1].transpose(-1, -2)
+                 + qg.clamp(max=0) @ kmin[:, :, p0:p1].transpose(-1, -2)).amax(dim=2)
+        per_unit = self.unit // self.page
+        bound = bound.unflatten(-1, (-1, per_unit)).amax(dim=-1)
+        top = torch.topk(bound, take // self.unit, dim=-1).indices
+        self.last, self.age = _units_to_slots(top, self.unit, lo), 1
+        return self.last
+
+    def state_nbytes(self) -> int:
+        return 0 if self.last is None else self.last.numel() * self.last.element_size()
+
+
+@register_policy
+@dataclass
+class InfLLM(_Select):
+    """InfLLM block memory: sinks + local window + the top blocks by representative keys.
+
+    Each block of ``block`` tokens, when it leaves the local window, keeps its
+    ``reps`` keys that received the most attention so far (every read of the
+    local window and every prefill read accumulate it); a decode step scores a
+    block by ``Σ_r q̄·k_rep`` (q̄: mean query of the KV head's group) and reads
+    the best blocks that fit the budget. Keys are cached after RoPE here, so the
+    paper's position remapping of retrieved blocks does not apply.
+    """
+
+    name: ClassVar[str] = "infllm"
+    reads: ClassVar[str] = "representative keys per block, accumulated scores"
+    papers: ClassVar[tuple[str, ...]] = ("InfLLM",)
+
+    budget: int = param(2048, min=1, help="tokens read per decode step")
+    block: int = param(128, min=1, help="tokens per memory unit")
+    reps: int = param(4, min=1, help="representative keys per unit")
+    sinks: int = param(4, min=0, help="initial tokens always read (rounded up to a block)")
+    local: int = param(512, min=0, help="most recent tokens always read (rounded out to a block)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.reps > self.block:
+            raise AttnZooError(f"infllm: parameter 'reps' expected <= block={self.block}, got {self.reps}")
+
+    @property
+    def unit(self) -> int:
+        return self.block
+
+    def reset(self) -> None:
+        self.rep_keys: torch.Tensor | None = None  # (B, Hkv, finalised blocks, reps, D)
+
+    def make_store(self) -> Store:
+        return Store(track_scores=True)
+
+    def read_all(self, store, q, step):
+        part, mass = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
+                                k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
+        store.scores.add_(mass)
+        return part
+
+    def read_always(self, store, q, step, lo, hi):
+        parts = read_ranges(q, store, [(0, lo)], step)
+        valid = store.valid
+        local, mass = dense_read(q, store.keys(hi), store.values(hi), scale=step.scale, q_pos=step.q_pos,
+                                 k_pos=store.positions[:, :, hi:], causal=step.causal,
+                                 valid=None if valid is None else valid[:, :, hi:], want_mass=True)
+        store.scores[:, :, hi:].add_(mass)
+        return [*parts, local]
+
+    def _finalise(self, store: Store, upto: int) -> None:
+        """Pick representative keys for blocks ``[done, upto)`` (they just left the local window)."""
+        done = 0 if self.rep_keys is None else self.rep_keys.shape[2]
+        if upto <= done:
+            return
+        a, b = done * self.block, upto * self.block
+        scores = store.scores[:, :, a:b].unflatten(-1, (upto - done, self.block))
+        if store.valid is not None:
+            scores = scores.masked_fill(~store.valid[:, :, a:b].unflatten(-1, (upto - done, self.block)), -math.inf)
+        top = torch.topk(scores, self.reps, dim=-1).indices + a + torch.arange(0, b - a, self.block,
+                                                                                  device=scores.device)[:, None]
+        keys, _ = store.gather(top.flatten(-2))
+        new = keys.unflatten(2, (upto - done, self.reps))
+        self.rep_keys = new if self.rep_keys is None else torch.cat([self.rep_keys, new], dim=2)
+
+    def select(self, store, q, step, lo, hi, take):
+        self._finalise(store, hi // self.block)
+        B, Hkv = store.positions.shape[:2]
+        q_mean = _group_queries(q, Hkv).mean(dim=2)
+        reps = self.rep_keys[:, :, lo // self.block: hi // self.block].float()
+        relevance = torch.einsum("bhd,bhnrd->bhn", q_mean, reps)
+        top = torch.topk(relevance, take // self.block, dim=-1).indices
+        return _units_to_slots(top, self.block, lo)
+
+    def state_nbytes(self) -> int:
+        return 0 if self.rep_keys is None else self.rep_keys.numel() * self.rep_keys.element_size()
+
+    def crop(self, store, length):
+        if self.rep_keys is not None:
+            self.rep_keys = self.rep_keys[:, :, : length // self.block]
+
+    def reorder(self, beam_idx):
+        if self.rep_keys is not None:
+            self.rep_keys = self.rep_keys.index_select(0, beam_idx)
+
+
+@register_policy
+@dataclass
+class Recycled(Policy):
+    """Recycled Attention: a full step every ``every`` decode steps records the top-``budget`` tokens.
+
+    Full steps are exact and record each KV head's received mass (summed over
+    its query heads); the steps in between read those ``budget`` tokens plus
+    every token appended since the last full step. ``every=1`` is exact.
+    """
+
+    name: ClassVar[str] = "recycled"
+    kind: ClassVar[str] = "select"
+    reads: ClassVar[str] = "attention weights of the last full step"
+    papers: ClassVar[tuple[str, ...]] = ("Recycled Attention",)
+
+    budget: int = param(2048, min=1, help="tokens recycled from the last full step")
+    every: int = param(8, min=1, help="decode steps between full steps (the stride S)")
+
+    def reset(self) -> None:
+        self.recycled: torch.Tensor | None = None
+        self.full_at = 0  # slots held at the last full step
+        self.age = 0
+
+    def read(self, store, q, step):
+        if not step.decode or store.n <= self.budget:
+            self.recycled = None
+            return super().read(store, q, step)
+        if self.recycled is None or self.age >= self.every:
+            part, mass = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
+                                    k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
+            self.recycled = torch.topk(mass, self.budget, dim=-1).indices.sort(dim=-1).values
+            self.full_at, self.age = store.n, 1
+            return part
+        self.age += 1
+        parts = read_ranges(q, store, [(self.full_at, store.n)], step)
+        parts.append(read_selected(q, store, self.recycled, step))
+        return merge(*parts)
+
+    def state_nbytes(self) -> int:
+        return 0 if self.recycled is None else self.recycled.numel() * self.recycled.element_size()
+
+
+@register_policy
+@dataclass
+class Retrieval(_Select):
+    """RetrievalAttention: static sinks + local window ⊕ the top keys found by a search over the rest.
+
+    Per (batch, KV head) the middle keys are ranked by their best inner product
+    with any query head of the group. ``index="exact"`` scans them all (the
+    exhaustive search); ``"faiss"`` keeps one HNSW inner-product graph per
+    (batch, KV head), extended with the keys that leave the local window, asks
+    it for each group head's ``take`` nearest keys and keeps the best ``take`` of
+    their union (needs the optional ``faiss-cpu``: ``pip install attnzoo[retrieval]``);
+    ``"auto"`` is faiss when installed, else exact.
+    """
+
+    name: ClassVar[str] = "retrieval"
+    reads: ClassVar[str] = "key index"
+    papers: ClassVar[tuple[str, ...]] = ("RetrievalAttention",)
+
+    budget: int = param(2048, min=1, help="tokens read per decode step (static + retrieved)")
+    sinks: int = param(128, min=0, help="initial tokens always read")
+    local: int = param(512, min=0, help="most recent tokens always read")
+    index: str = param("auto", choices=("auto", "exact", "faiss"), help="search over the middle keys")
+    graph_degree: int = param(32, min=2, help="HNSW neighbours per node (faiss)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.index == "faiss" and _faiss() is None:
+            raise AttnZooError("retrieval: parameter 'index' is 'faiss' but faiss is not installed "
+                               "(pip install attnzoo[retrieval]); use index='exact' or 'auto'")
+
+    @property
+    def uses_faiss(self) -> bool:
+        return self.index == "faiss" or (self.index == "auto" and _faiss() is not None)
+
+    def reset(self) -> None:
+        self.graphs: list | None = None  # one HNSW index per (batch, KV head)
+        self.indexed = 0  # middle slots [lo, indexed) are in the graphs
+
+    def select(self, store, q, step, lo, hi, take):
+        qg = _group_queries(q, store.positions.shape[1])
+        if not self.uses_faiss:
+            scores = (qg @ store.keys(lo, hi).float().transpose(-1, -2)).amax(dim=2)
+            return torch.topk(_masked(scores, store, lo, hi), take, dim=-1).indices.sort(dim=-1).values + lo
+        candidates = self._search(store, qg, lo, hi, take)  # (B, Hkv, G·take) slots, possibly repeated
+        keys, _ = store.gather(candidates)
+        scores = torch.einsum("bhgd,bhcd->bhgc", qg, keys.float()).amax(dim=2)
+        order = candidates.sort(dim=-1)
+        repeated = torch.zeros_like(order.values, dtype=torch.bool)
+        repeated[..., 1:] = order.values[..., 1:] == order.values[..., :-1]
+        scores = torch.gather(scores, -1, order.indices).masked_fill(repeated, -math.inf)
+        if store.valid is not None:
+            scores = scores.masked_fill(~torch.gather(store.valid, 2, order.values), -math.inf)
+        best = torch.topk(scores, take, dim=-1).indices
+        return torch.gather(order.values, -1, best).sort(dim=-1).values
+
+    def _search(self, store, qg, lo, hi, take) -> torch.Tensor:
+        """Add the middle keys not yet indexed, then each group head's ``take`` nearest slots."""
+        faiss = _faiss()
+        B, Hkv, G, D = qg.shape
+        if self.graphs is None:
+            self.graphs = [faiss.IndexHNSWFlat(D, self.graph_degree, faiss.METRIC_INNER_PRODUCT)
+                           for _ in range(B * Hkv)]
+            self.indexed = lo
+        if hi > self.indexed:
+            new = store.keys(self.indexed, hi).float().reshape(B * Hkv, hi - self.indexed, D).cpu().numpy()
+            for graph, rows in zip(self.graphs, new):
+                graph.add(rows)
+            self.indexed = hi
+        queries = qg.reshape(B * Hkv, G, D).cpu().numpy()
+        found = []
+        for graph, qs in zip(self.graphs, queries):
+            graph.hnsw.efSearch = max(64, take)
+            found.append(torch.from_numpy(graph.search(qs, take)[1]))
+        ids = torch.stack(found).to(qg.device).view(B, Hkv, G * take)
+        return ids.clamp(min=0) + lo  # -1 (not found) can only repeat slot lo, which dedup removes
+
+    def state_nbytes(self) -> int:
+        # HNSW stores each vector plus its neighbour lists (graph_degree·2 int32 links on level 0)
+        return 0 if self.graphs is None else sum(g.ntotal * (4 * g.d + 8 * self.graph_degree) for g in self.graphs)
+
+
+def _faiss():
+    """The faiss module, or None when the optional dependency is not installed."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss

@@ -1,0 +1,198 @@
+"""Storage of one cache layer (or one group of its KV heads): the tensors a policy reads and shrinks.
+
+Every per-token tensor is a buffer ``(B, H, capacity, ...)`` of which the first
+``n`` slots are held. Slots are always in increasing position order, per
+(batch, head), so "causal by slot" equals "causal by position" as long as the
+queries being answered are the newest slots (they always are: ``attend`` runs
+right after their keys were appended). Buffers:
+
+* ``k``, ``v``: the keys and values (or, when quantised, their codes plus
+  per-group ``low``/``step``; see :mod:`attnzoo.cache.quant`);
+* ``pos``: the absolute position of each held token (``(B, H, n)`` int64;
+  differs between heads after per-head eviction);
+* ``valid``: False for padding (created by the first ``append`` that passes a
+  ``key_mask``);
+* ``score``: attention mass each token received so far (``track_scores``).
+
+Per-page metadata (``page`` slots a page): channel-wise key ``kmin``/``kmax``,
+updated on append for the touched pages only, recomputed on compaction.
+``keep`` compacts to given slots and really frees memory: when the buffers are
+much larger than what is kept, they are reallocated at the kept size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import quant
+
+
+def _take(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``buf[b, h, idx[b, h, i]]`` -> ``(B, H, m, ...)`` with one ``index_select`` over whole rows.
+
+    ``torch.gather`` would need the index expanded over the trailing dims and
+    moves one element at a time; selecting rows of the flattened buffer copies
+    each token's D values as a block (several times faster on CPU).
+    """
+    B, H, cap = buf.shape[:3]
+    rows = torch.arange(B * H, device=idx.device).view(B, H, 1) * cap
+    flat = buf.reshape(B * H * cap, -1)
+    return flat.index_select(0, (idx + rows).flatten()).view(B, H, idx.shape[-1], *buf.shape[3:])
+
+
+class Store:
+    """Held tokens of a uniform group of KV heads (same count per batch element and head)."""
+
+    def __init__(self, *, bits: int | None = None, group: int = 32, page: int | None = None,
+                 track_scores: bool = False) -> None:
+        self.bits, self.group, self.page, self.track_scores = bits, group, page, track_scores
+        self.buf: dict[str, torch.Tensor] = {}
+        self.pages: dict[str, torch.Tensor] = {}
+        self.n = 0
+        self.dtype: torch.dtype | None = None
+
+    # ------------------------------------------------------------ sizes
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.buf.values())).shape[2] if self.buf else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every allocated buffer (held slots plus the slack of the last growth)."""
+        return sum(t.numel() * t.element_size() for t in (*self.buf.values(), *self.pages.values()))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``(B, H, n)`` absolute positions of the held tokens."""
+        return self.buf["pos"][:, :, : self.n]
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """``(B, H, n)`` False where a held slot is padding, or None when there is none."""
+        return self.buf["valid"][:, :, : self.n] if "valid" in self.buf else None
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """``(B, H, n)`` accumulated attention mass (``track_scores`` stores only)."""
+        return self.buf["score"][:, :, : self.n]
+
+    # ------------------------------------------------------------ reads
+    def keys(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Held keys of slots ``[start, stop)`` (a view for float storage, decoded when quantised)."""
+        return self._read("k", start, self.n if stop is None else stop)
+
+    def values(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self._read("v", start, self.n if stop is None else stop)
+
+    def _read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if self.bits is None:
+            return self.buf[name][:, :, start:stop]
+        return quant.decode(*(self.buf[name + s][:, :, start:stop] for s in ("", "_low", "_step")),
+                            self.bits, self.group, self.dtype)
+
+    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at slots ``idx (B, H, m)`` (GQA-free: one index list per KV head)."""
+        if self.bits is None:
+            return _take(self.buf["k"], idx), _take(self.buf["v"], idx)
+        parts = {name: _take(t, idx) for name, t in self.buf.items() if name[0] in "kv"}
+        return tuple(quant.decode(parts[x], parts[x + "_low"], parts[x + "_step"], self.bits, self.group,
+                                  self.dtype) for x in "kv")
+
+    # ------------------------------------------------------------ writes
+    def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               key_mask: torch.Tensor | None = None) -> None:
+        """Add ``n`` tokens at ``positions (n,)``; ``key_mask (B, n)`` False marks padding."""
+        B, H, n = k.shape[:3]
+        self.dtype = k.dtype
+        rows: dict[str, torch.Tensor] = {}
+        if self.bits is None:
+            rows["k"], rows["v"] = k, v
+        else:
+            for x, t in (("k", k), ("v", v)):
+                quant.check_group(t.shape[-1], self.group, self.bits, "key" if x == "k" else "value")
+                rows[x], rows[x + "_low"], rows[x + "_step"] = quant.encode(t, self.bits, self.group)
+        rows["pos"] = positions.view(1, 1, n).expand(B, H, n)
+        if key_mask is not None or "valid" in self.buf:
+            if "valid" not in self.buf and self.buf:
+                self.buf["valid"] = torch.ones_like(self.buf["pos"], dtype=torch.bool)
+            mask = torch.ones(B, n, dtype=torch.bool, device=k.device) if key_mask is None else key_mask
+            rows["valid"] = mask.view(B, 1, n).expand(B, H, n)
+        if self.track_scores:
+            rows["score"] = torch.zeros(B, H, n, dtype=torch.float32, device=k.device)
+        self._reserve(self.n + n, rows)
+        for name, r in rows.items():
+            self.buf[name][:, :, self.n : self.n + n] = r
+        n0, self.n = self.n, self.n + n
+        self._update_pages(n0)
+
+    def _reserve(self, total: int, like: dict[str, torch.Tensor]) -> None:
+        """Grow every buffer to hold ``total`` slots (12.5% slack, so appends are amortised O(1))."""
+        if total <= self.capacity and set(like) <= set(self.buf):
+            return
+        cap = max(total, self.capacity) if total <= self.capacity else total + max(total // 8, 16)
+        self._reallocate(cap, like)
+
+    def _reallocate(self, cap: int, like: dict[str, torch.Tensor] | None = None) -> None:
+        like = like or {}
+        for name in set(self.buf) | set(like):
+            ref = self.buf.get(name, like.get(name))
+            new = ref.new_empty(*ref.shape[:2], cap, *ref.shape[3:])
+            if name in self.buf:
+                new[:, :, : self.n] = self.buf[name][:, :, : self.n]
+            self.buf[name] = new
+
+    def keep(self, idx: torch.Tensor, reserve: int = 1) -> None:
+        """Compact to the slots ``idx (B, H, m)`` (sorted per row); frees memory beyond ``m + reserve``."""
+        m = idx.shape[-1]
+        kept = {name: _take(t, idx) for name, t in self.buf.items()}
+        self.n = m
+        if self.capacity > m + reserve:
+            self.buf = {name: t.new_empty(*t.shape[:2], m + reserve, *t.shape[3:]) for name, t in kept.items()}
+        for name, t in kept.items():
+            self.buf[name][:, :, :m] = t
+        self.pages = {}
+        self._update_pages(0)
+
+    def crop(self, length: int) -> None:
+        """Forget tokens at positions ``>= length``; heads left with fewer tokens get padding slots."""
+        counts = (self.positions < length).sum(dim=-1)
+        m = int(counts.max()) if counts.numel() else 0
+        if bool((counts != m).any()):
+            if "valid" not in self.buf:
+                self.buf["valid"] = torch.ones_like(self.buf["pos"], dtype=torch.bool)
+            self.buf["valid"][:, :, :m] &= self.buf["pos"][:, :, :m] < length
+        self.n = m
+        self._update_pages(m - m % self.page if self.page else 0)
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        """Batch rows in the order ``beam_idx`` (beam search)."""
+        self.buf = {name: t.index_select(0, beam_idx) for name, t in self.buf.items()}
+        self.pages = {name: t.index_select(0, beam_idx) for name, t in self.pages.items()}
+
+    # ------------------------------------------------------------ page metadata
+    def page_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kmin, kmax)``, each ``(B, H, ceil(n / page), D)``: channel-wise key bounds per page."""
+        n_pages = math.ceil(self.n / self.page)
+        return self.pages["kmin"][:, :, :n_pages], self.pages["kmax"][:, :, :n_pages]
+
+    def _update_pages(self, first_slot: int) -> None:
+        """Recompute the bounds of the pages touched since slot ``first_slot`` (only those)."""
+        if not self.page or self.n == 0:
+            return
+        p0, n_pages = first_slot // self.page, math.ceil(self.n / self.page)
+        keys = self.keys(p0 * self.page, self.n).float()
+        short = n_pages * self.page - self.n
+        if short:
+            keys = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, short, -1)], dim=2)
+        chunks = keys.unflatten(2, (n_pages - p0, self.page))
+        for name, fn in (("kmin", torch.amin), ("kmax", torch.amax)):
+            t = self.pages.get(name)
+            if t is None or t.shape[2] < n_pages:
+                grown = keys.new_empty(*keys.shape[:2], math.ceil(max(self.capacity, self.n) / self.page),
+                                       keys.shape[-1])
+                if t is not None:
+                    grown[:, :, :p0] = t[:, :, :p0]
+                self.pages[name] = t = grown
+            t[:, :, p0:n_pages] = fn(chunks, dim=3)

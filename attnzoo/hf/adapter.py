@@ -1,0 +1,244 @@
+"""The attention function and mask function attnzoo registers with transformers.
+
+transformers calls ``attention(module, query, key, value, attention_mask, ...)``
+with ``query (B, Hq, Sq, D)``, ``key/value (B, Hkv, Sk, D)`` and a mask built by
+the mask function registered under the same name. This module translates that
+call into attnzoo's convention (``causal`` bottom-right aligned +
+``key_padding_mask``), runs the layer's :class:`~attnzoo.hf.plan.LayerSpec`, and
+returns ``(B, Sq, Hq, Dv)`` as transformers expects. Whatever cannot be
+expressed (an additive bias, a per-head mask, dropout, soft-capping, ...)
+raises :class:`~attnzoo.UnsupportedError`: nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+from .. import registry
+from ..core.masks import causal_mask
+from ..errors import AttnZooError, UnsupportedError
+from .plan import HeadGroup, LayerSpec
+
+#: the name registered with AttentionInterface and AttentionMaskInterface
+ATTN_NAME = "attnzoo"
+#: attribute holding a module's LayerSpec (set by apply, removed by remove)
+SPEC_ATTR = "_attnzoo_spec"
+#: attribute holding a list that records (q, k, v) of every call (capture_qkv)
+CAPTURE_ATTR = "_attnzoo_capture"
+#: attribute a KV cache layer sets on the key tensor its ``update`` returns (see attnzoo.hf.cache)
+CACHE_TAG = "_attnzoo_cache_layer"
+#: methods that compute exact softmax attention (the only ones a sliding window or a KV cache policy can wrap)
+_EXACT = ("exact", "naive", "exact_tiled", "flash_decode")
+
+
+# ---------------------------------------------------------------- the mask
+def attnzoo_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                 allow_is_causal_skip: bool = True, **kwargs: Any) -> torch.Tensor | None:
+    """transformers' boolean SDPA mask, with the "plain causal, return None" shortcut kept only where
+    None means the same thing under attnzoo's bottom-right causal alignment (``Sq == Sk`` or ``Sq == 1``).
+
+    SDPA reads a None mask as top-left causal, which differs from bottom-right when
+    ``1 < Sq < Sk`` (prefill into a pre-allocated cache); there the mask is materialised.
+    """
+    allow = allow_is_causal_skip and (q_length == kv_length or q_length == 1)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     allow_is_causal_skip=allow, **kwargs)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a transformers mask means in attnzoo's terms.
+
+    ``len_k`` may be shorter than the keys given: trailing keys no query can see
+    (the unused slots of a pre-allocated cache) are cut off.
+    """
+
+    causal: bool
+    key_padding_mask: torch.Tensor | None
+    len_k: int
+    window: int | None = None  # a causal sliding window (keys with p(i) - window < j), when the mask has one
+
+
+def _visible(mask: torch.Tensor) -> torch.Tensor:
+    """A ``(B, Sq, Sk)`` bool visibility tensor from a 4-D bool or additive float mask."""
+    if mask.dim() != 4:
+        raise UnsupportedError(f"attention_mask: expected a 4-D mask (B, 1, Sq, Sk) or None, got shape "
+                               f"{tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        vis = mask
+    elif mask.is_floating_point():
+        vis = mask == 0
+        blocked = mask <= torch.finfo(mask.dtype).min / 2
+        if not bool((vis | blocked).all()):
+            raise UnsupportedError("attention_mask: an additive float mask with values other than 0 and -inf "
+                                   "(a positional bias) cannot be expressed as attnzoo's causal + key padding")
+    else:
+        raise UnsupportedError(f"attention_mask: expected a bool or float mask, got dtype {mask.dtype}")
+    if vis.shape[1] != 1 and not bool((vis == vis[:, :1]).all()):
+        raise UnsupportedError("attention_mask: a mask that differs between heads cannot be expressed as "
+                               "attnzoo's causal + key padding")
+    return vis[:, 0]
+
+
+def mask_geometry(mask: torch.Tensor | None, *, causal: bool, len_q: int, len_k: int,
+                  window: int | None) -> Geometry:
+    """Translate a transformers mask into (causal, key padding, window), or raise UnsupportedError.
+
+    ``mask=None`` means what transformers' SDPA path means by it: the module's
+    causality, no padding. A tensor mask is authoritative: it is matched
+    against causal and non-causal structures (with ``window`` when given), each
+    restricted to the keys some query can see; the key padding mask is that set.
+    """
+    if mask is None:
+        return Geometry(causal, None, len_k)
+    if not isinstance(mask, torch.Tensor):
+        raise UnsupportedError(f"attention_mask: expected a tensor or None, got {type(mask).__name__} "
+                               f"(register attnzoo's mask function under {ATTN_NAME!r})")
+    vis = _visible(mask)
+    if tuple(vis.shape[1:]) != (len_q, len_k):
+        raise UnsupportedError(f"attention_mask: expected (B, 1, {len_q}, {len_k}) for {len_q} queries and "
+                               f"{len_k} keys, got {tuple(mask.shape)}")
+    keep = vis.any(dim=1)  # (B, Sk): keys some query sees
+    seen = keep.any(dim=0)
+    n_keys = int(seen.nonzero().max()) + 1 if bool(seen.any()) else len_k
+    if n_keys < len_k:  # unused slots of a pre-allocated cache
+        vis, keep = vis[..., :n_keys], keep[:, :n_keys]
+    dev = vis.device
+    candidates = [(causal, None), (not causal, None)]
+    if window is not None:
+        candidates.append((True, window))
+    for is_causal, win in candidates:
+        structure = None
+        if is_causal:
+            structure = causal_mask(len_q, n_keys, device=dev)
+            if win is not None:
+                structure = structure & ~causal_mask(len_q, n_keys, q_offset=n_keys - len_q - win, device=dev)
+        expected = keep[:, None, :] if structure is None else keep[:, None, :] & structure
+        if torch.equal(vis, expected.expand_as(vis)):
+            padding = None if bool(keep.all()) else keep
+            return Geometry(is_causal, padding, n_keys, win)
+    raise UnsupportedError("attention_mask: this mask is neither causal nor non-causal attention with key padding"
+                           + (f" (nor a causal sliding window of {window})" if window is not None else "")
+                           + "; attnzoo cannot express it")
+
+
+class _GeometryMemo:
+    """Remembers the last mask's translation: every layer of one forward receives the same mask object."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._mask: torch.Tensor | None = None
+        self._value: Geometry | None = None
+
+    def __call__(self, mask, *, causal: bool, len_q: int, len_k: int, window: int | None) -> Geometry:
+        if mask is None:
+            return mask_geometry(None, causal=causal, len_q=len_q, len_k=len_k, window=window)
+        key = (causal, len_q, len_k, window, mask._version)
+        if self._mask is mask and self._key == key:
+            return self._value
+        value = mask_geometry(mask, causal=causal, len_q=len_q, len_k=len_k, window=window)
+        self._key, self._mask, self._value = key, mask, value
+        return value
+
+
+_geometry = _GeometryMemo()
+
+# transformers kwargs that change the attention computation in ways attnzoo does not express
+_REFUSED = {
+    "softcap": "logit soft-capping",
+    "s_aux": "learned attention sinks (s_aux)",
+    "position_bias": "an additive position bias",
+    "cu_seq_lens_q": "packed sequences (cu_seq_lens)",
+    "cu_seq_lens_k": "packed sequences (cu_seq_lens)",
+}
+
+
+def _refuse_unsupported(module: torch.nn.Module, dropout: float, kwargs: dict[str, Any]) -> None:
+    for name, what in _REFUSED.items():
+        if kwargs.get(name) is not None:
+            raise UnsupportedError(f"attnzoo attention ({type(module).__name__}): {what} is not supported")
+    if kwargs.get("output_attentions"):
+        raise UnsupportedError("attnzoo attention: output_attentions=True is not supported (attnzoo methods do "
+                               "not materialise attention weights); use attn_implementation='eager'")
+    if dropout:
+        raise UnsupportedError(f"attnzoo attention: attention dropout ({dropout}) is not supported; call "
+                               "model.eval() or set the model's attention dropout to 0")
+
+
+# ------------------------------------------------------------ the function
+def layer_spec(module: torch.nn.Module) -> LayerSpec:
+    spec = getattr(module, SPEC_ATTR, None)
+    if spec is None:
+        raise UnsupportedError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no attnzoo "
+                               f"plan: use attnzoo.hf.apply(model, ...) rather than attn_implementation="
+                               f"{ATTN_NAME!r} directly")
+    return spec
+
+
+def run_spec(spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
+             scale: float | None, key_padding_mask: torch.Tensor | None,
+             overrides: dict[str, Any]) -> torch.Tensor:
+    """Run a layer's head groups; returns ``(B, Hq, Sq, Dv)``."""
+    groups = [g.with_overrides(overrides) for g in spec.groups]
+    if len(groups) == 1 and groups[0].heads is None:
+        return groups[0].method(query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    heads_q, heads_kv = query.shape[1], key.shape[1]
+    if heads_q != spec.num_heads:
+        raise AttnZooError(f"layer {spec.layer}: the per-head plan has {spec.num_heads} heads, the model's "
+                           f"query has {heads_q}")
+    per_kv = heads_q // heads_kv
+    out = query.new_empty(*query.shape[:3], value.shape[-1])
+    for g in groups:
+        idx = torch.tensor(g.heads, device=query.device)
+        kv_idx = idx // per_kv  # each selected query head with its own KV head (plain multi-head attention)
+        out[:, idx] = g.method(query[:, idx], key[:, kv_idx], value[:, kv_idx], causal=causal, scale=scale,
+                               key_padding_mask=key_padding_mask)
+    return out
+
+
+def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, sliding_window: int | None = None,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The function registered with ``transformers.AttentionInterface`` under :data:`ATTN_NAME`."""
+    spec = layer_spec(module)
+    _refuse_unsupported(module, dropout, kwargs)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    record = getattr(module, CAPTURE_ATTR, None)
+    if record is not None:
+        record.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+    cache_layer = getattr(key, CACHE_TAG, None)
+    if cache_layer is not None:
+        out = cache_layer.attend(spec, query, attention_mask, causal=causal, scale=scaling,
+                                 sliding_window=sliding_window)
+        return out.transpose(1, 2), None
+    overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}  # the plan's own parameters only
+    geo = _geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=key.shape[2],
+                    window=sliding_window)
+    if geo.len_k < key.shape[2]:
+        key, value = key[:, :, :geo.len_k], value[:, :, :geo.len_k]
+    if geo.window is not None:
+        spec = windowed(spec, geo.window)
+    out = run_spec(spec, query, key, value, causal=geo.causal, scale=scaling, key_padding_mask=geo.key_padding_mask,
+                   overrides=overrides)
+    return out.transpose(1, 2), None
+
+
+def windowed(spec: LayerSpec, window: int) -> LayerSpec:
+    """The layer's plan on a sliding-window layer whose window bites: exact methods become the registered
+    ``sliding_window`` method (the same keys); any other method cannot honour the window and is refused."""
+    bad = [g.method.name for g in spec.groups if g.method.name not in _EXACT]
+    if bad:
+        raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({window}) is shorter than the "
+                               f"context and method {bad[0]!r} cannot be combined with it")
+    if "sliding_window" not in registry.methods():
+        raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({window}) is shorter than the "
+                               "context and no 'sliding_window' method is registered to honour it")
+    method = registry.get("sliding_window", window=window)
+    return LayerSpec(spec.layer, tuple(HeadGroup(method, g.heads) for g in spec.groups), spec.num_heads)

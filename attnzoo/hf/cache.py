@@ -1,0 +1,165 @@
+"""A transformers ``Cache`` whose layers are attnzoo :class:`~attnzoo.cache.KVCache` objects.
+
+>>> cache = attnzoo.hf.make_cache(model, "h2o", budget=64, recent=16)
+>>> model.generate(**inputs, past_key_values=cache)
+>>> cache.nbytes          # what the compressed cache really holds
+
+How a step flows: the model's attention module calls ``cache.update(k, v, layer_idx)``;
+the layer keeps the new tokens pending and returns them tagged; attnzoo's attention
+function (the model must be routed through :func:`attnzoo.hf.apply`; ``make_cache``
+does it with ``exact`` if not) sees the tag, derives the new tokens' padding from
+the mask, appends them to the ``KVCache`` and reads through the policy
+(``KVCache.attend``). ``get_seq_length`` is the logical length (tokens appended, also
+after eviction), so RoPE positions and transformers' mask sizes stay those of the
+full sequence; the policy decides which of those keys are held and read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..cache import KVCache
+from ..errors import AttnZooError, UnsupportedError
+from .adapter import _EXACT, ATTN_NAME, CACHE_TAG, mask_geometry
+from .integration import apply, attention_layers, is_applied, layer_plan
+from .plan import LayerSpec
+
+
+class AttnZooCacheLayer(CacheLayerMixin):
+    """One transformers cache layer backed by a :class:`~attnzoo.cache.KVCache`."""
+
+    is_compileable = False
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, policy: str = "full", **params: Any) -> None:
+        super().__init__()
+        self.kv = KVCache(policy, **params)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"AttnZooCacheLayer({self.kv!r})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Keep the new tokens pending until the attention call appends them with their padding."""
+        if self._pending is not None:
+            raise UnsupportedError("attnzoo cache: the previous step's keys were never attended through attnzoo; "
+                                   "the model's attention must be routed with attnzoo.hf.apply(model, ...)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = (key_states, value_states)
+        keys = key_states.view_as(key_states)  # a new tensor object carrying the tag, the caller's is untouched
+        setattr(keys, CACHE_TAG, self)
+        return keys, value_states
+
+    def attend(self, spec: LayerSpec, query: torch.Tensor, attention_mask, *, causal: bool, scale: float | None,
+               sliding_window: int | None) -> torch.Tensor:
+        """Append the pending tokens (padding taken from the mask) and read them through the policy."""
+        if self._pending is None:
+            raise AttnZooError("attnzoo cache: attend called without a preceding update")
+        keys, values = self._pending
+        self._pending = None
+        bad = [g.method.name for g in spec.groups if g.method.name not in _EXACT]
+        if bad:
+            raise UnsupportedError(f"layer {spec.layer}: method {bad[0]!r} cannot run with an attnzoo cache, whose "
+                                   f"policy ({self.kv.policy.name!r}) decides what is read; apply 'exact' instead")
+        n, total = keys.shape[2], self.kv.seq_length + keys.shape[2]
+        geo = mask_geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=total, window=sliding_window)
+        if geo.window is not None:
+            raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({geo.window}) is shorter than the "
+                                   "context; an attnzoo cache reads what its policy keeps (try the streaming policy)")
+        if geo.len_k != total or (not geo.causal and query.shape[2] > 1):
+            raise UnsupportedError("attnzoo cache: only causal attention over the whole cached sequence is "
+                                   "supported (the mask is not causal or leaves trailing keys unseen)")
+        key_mask = None if geo.key_padding_mask is None else geo.key_padding_mask[:, -n:]
+        self.kv.append(keys, values, key_mask=key_mask)
+        return self.kv.attend(query, causal=geo.causal, scale=scale)
+
+    def get_seq_length(self) -> int:
+        return self.kv.seq_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.kv.seq_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.kv.reset()
+        self._pending = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers passes ``-n`` to drop the last ``n`` tokens (KVCache.crop's convention too)."""
+        self.kv.crop(tokens_to_remove)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.kv.reorder(beam_idx)
+
+    def _batch_change(self, what: str) -> None:
+        if self.kv.seq_length:
+            raise UnsupportedError(f"attnzoo cache: {what} of a filled cache is not supported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_change("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_change("batch_select_indices")
+
+    def offload(self) -> None:
+        raise UnsupportedError("attnzoo cache: offloading is not supported")
+
+    prefetch = offload
+
+
+class AttnZooCache(Cache):
+    """A transformers Cache with one :class:`AttnZooCacheLayer` per attention layer."""
+
+    def __init__(self, layers: list[AttnZooCacheLayer], config) -> None:
+        super().__init__(layers=layers)
+        self._config = config  # the model's config: its attention must stay routed through attnzoo
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self._config._attn_implementation != ATTN_NAME:
+            raise UnsupportedError(f"attnzoo cache: the model runs attn_implementation="
+                                   f"{self._config._attn_implementation!r}, which would ignore the cache policy; "
+                                   "route it with attnzoo.hf.apply(model, 'exact')")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layers' KV caches hold (keys, values and policy metadata)."""
+        return sum(layer.kv.nbytes for layer in self.layers)
+
+
+def make_cache(model, policy: str = "full", **params: Any) -> AttnZooCache:
+    """A cache for ``model.generate(..., past_key_values=cache)`` that keeps what ``policy`` keeps.
+
+    Every layer gets ``KVCache(policy, **params)``. The model must run ``exact`` attention through
+    attnzoo (the policy decides what is read); a model not yet routed is routed with
+    ``attnzoo.hf.apply(model, "exact")`` (undo with ``attnzoo.hf.remove``).
+    """
+    layers = attention_layers(model)
+    config = model.config.get_text_config()
+    budget = params.get("budget")
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(budget, int) and not isinstance(budget, bool) and limit is not None and budget > limit:
+        raise AttnZooError(f"{policy}: parameter 'budget' expected at most the model's max_position_embeddings "
+                           f"({limit}), got {budget}")
+    if not is_applied(model):
+        apply(model, "exact")
+    bad = [s.describe() for s in layer_plan(model) if any(g.method.name not in _EXACT for g in s.groups)]
+    if bad:
+        raise UnsupportedError(f"make_cache: the cache policy decides what each layer reads, so the model must run "
+                               f"an exact method; found {bad[0]}")
+    cache_layers = [AttnZooCacheLayer(policy, **params) for _ in layers]
+    heads_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    cache_layers[0].kv.policy.build(heads_kv)  # per-head plans (duo, razor) are checked against the model now
+    return AttnZooCache(cache_layers, model.config)
+

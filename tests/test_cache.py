@@ -1,0 +1,491 @@
+"""KVCache and its policies (issue #5 items 1-3). Oracle: ``naive`` attention in float64.
+
+Seeds are fixed per test (torch.manual_seed in each); the merge of partials runs in fp32,
+so float64 comparisons use a 1e-5 tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnzoo
+from attnzoo.bench import workloads
+from attnzoo.cache import KVCache, policies, quant
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls spend their time synchronising threads on a shared machine; one thread is faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _qkv(B=2, Hq=4, Hkv=2, N=48, D=16, Dv=None, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, N, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, N, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, N, Dv or D, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _decode(cache: KVCache, q, k, v, prefill: int, chunk: int = 1, key_mask=None, check=None):
+    """Prefill ``prefill`` tokens in one call, then feed the rest ``chunk`` tokens at a time."""
+    outs, lses = [], []
+    N = k.shape[2]
+    bounds = [0, prefill, *range(prefill + chunk, N, chunk), N] if prefill < N else [0, N]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        cache.append(k[:, :, a:b], v[:, :, a:b], None if key_mask is None else key_mask[:, a:b])
+        out, lse = cache.attend(q[:, :, a:b], return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+        if check is not None:
+            check(cache)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+# every policy with parameters whose budget covers a context of N <= 64 tokens
+COVERING = {
+    "full": {},
+    "streaming": dict(sinks=2, window=64),
+    "h2o": dict(budget=64),
+    "snapkv": dict(budget=64, observe=4),
+    "tokenselect": dict(budget=65, sinks=2, local=4),
+    "quest": dict(budget=65, page=4, local=4),
+    "infllm": dict(budget=65, block=8, reps=2, sinks=2, local=8),
+    "recycled": dict(budget=65, every=4),
+    "retrieval": dict(budget=65, sinks=2, local=4),
+    "razor": dict(retrieval_heads=(0, 1), window=8),
+    "duo": dict(plan=(True, "full"), window=8),
+}
+
+# budgets well below the context, for the eviction / selection behaviour
+SMALL = {
+    "streaming": dict(sinks=2, window=10),
+    "h2o": dict(budget=12, recent=4),
+    "snapkv": dict(budget=12, observe=4, pool=3),
+    "tokenselect": dict(budget=16, sinks=2, local=4),
+    "quest": dict(budget=16, page=4, local=4),
+    "infllm": dict(budget=24, block=4, reps=2, sinks=2, local=8),
+    "recycled": dict(budget=12, every=4),
+    "retrieval": dict(budget=16, sinks=2, local=4),
+    "razor": dict(retrieval_heads=(1,), sinks=2, window=10),
+    "duo": dict(plan=(False, True), sinks=2, window=10),
+}
+
+
+def test_every_policy_is_covered():
+    assert set(COVERING) | {"quantized"} == set(policies())
+    assert set(SMALL) | {"full", "quantized"} == set(policies())
+
+
+# ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("prefill,chunk", [(20, 1), (1, 1), (7, 5), (48, 1)])
+def test_full_decode_equals_one_shot_causal_exact(Hq, Hkv, prefill, chunk):
+    q, k, v = _qkv(Hq=Hq, Hkv=Hkv, Dv=8, seed=1)
+    ref, ref_lse = attnzoo.attention(q, k, v, method="naive", causal=True, return_lse=True)
+    out, lse = _decode(KVCache("full", splits=3, split_size=4), q, k, v, prefill, chunk)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(COVERING))
+@pytest.mark.parametrize("prefill", [24, 3])
+def test_covering_budget_equals_full(name, prefill):
+    q, k, v = _qkv(N=60, seed=2)
+    ref, _ = _decode(KVCache("full"), q, k, v, prefill)
+    out, _ = _decode(KVCache(name, **COVERING[name]), q, k, v, prefill)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(groups=st.sampled_from([1, 2, 3]), heads_kv=st.integers(1, 2), length=st.integers(1, 40),
+       prefill=st.integers(1, 40), chunk=st.integers(1, 6), dv=st.sampled_from([4, 8]),
+       name=st.sampled_from(["full", "h2o", "tokenselect", "quest", "streaming", "razor"]))
+def test_covering_policies_equal_causal_exact_property(groups, heads_kv, length, prefill, chunk, dv, name):
+    """Any GQA ratio, prefill/chunk split and length: a covering budget decodes exactly (seed 21)."""
+    q, k, v = _qkv(B=1, Hq=groups * heads_kv, Hkv=heads_kv, N=length, D=8, Dv=dv, seed=21)
+    ref = attnzoo.attention(q, k, v, method="naive", causal=True)
+    params = {**COVERING, "razor": dict(retrieval_heads=(0,), window=64)}[name]
+    out, _ = _decode(KVCache(name, split_size=3, **params), q, k, v, min(prefill, length), chunk)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+def _streaming_oracle(q, k, v, sinks, window):
+    N = k.shape[2]
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None]
+    mask = (j <= i) & ((j > i - window) | (j < sinks))
+    G = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = (q @ kk.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~mask, -math.inf)
+    return s.softmax(-1) @ vv
+
+
+@pytest.mark.parametrize("prefill,chunk", [(30, 1), (5, 1), (12, 7)])
+def test_streaming_equals_sink_window_attention(prefill, chunk):
+    q, k, v = _qkv(N=56, seed=3)
+    ref = _streaming_oracle(q, k, v, sinks=3, window=9)
+    out, _ = _decode(KVCache("streaming", sinks=3, window=9), q, k, v, prefill, chunk)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+def test_duo_and_razor_heads():
+    """Full heads equal full attention; streaming heads equal the sink+window oracle."""
+    q, k, v = _qkv(Hq=4, Hkv=2, N=50, seed=4)
+    stream = _streaming_oracle(q, k, v, sinks=2, window=8)
+    full = attnzoo.attention(q, k, v, method="naive", causal=True)
+    out, _ = _decode(KVCache("duo", plan=(False, True), sinks=2, window=8), q, k, v, 20)
+    torch.testing.assert_close(out[:, :2], stream[:, :2], atol=TOL, rtol=0)
+    torch.testing.assert_close(out[:, 2:], full[:, 2:], atol=TOL, rtol=0)
+    razor = KVCache("razor", retrieval_heads=(1,), sinks=2, window=8, compensation=False)
+    out, _ = _decode(razor, q, k, v, 20)
+    torch.testing.assert_close(out, torch.cat([stream[:, :2], full[:, 2:]], 1), atol=TOL, rtol=0)
+    assert razor.held == [10, 50]
+
+
+def test_razor_compensation_token_is_the_mean_of_evicted_tokens():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, N=30, seed=5)
+    cache = KVCache("razor", sinks=2, window=8)
+    _decode(cache, q[:, :, :29], k[:, :, :29], v[:, :, :29], 29)  # prefill 29 -> evicts positions 2..20
+    cache.append(k[:, :, 29:], v[:, :, 29:])
+    out = cache.attend(q[:, :, 29:])
+    keys = torch.cat([k[:, :, :2], k[:, :, 22:30], k[:, :, 2:21].mean(2, keepdim=True)], 2)
+    vals = torch.cat([v[:, :, :2], v[:, :, 22:30], v[:, :, 2:21].mean(2, keepdim=True)], 2)
+    ref = attnzoo.attention(q[:, :, 29:], keys, vals, method="naive")
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    with pytest.raises(attnzoo.AttnZooError, match="length expected >= 22"):
+        cache.crop(10)
+
+
+def test_recycled_every_one_is_exact():
+    q, k, v = _qkv(N=40, seed=6)
+    ref, _ = _decode(KVCache("full"), q, k, v, 10)
+    out, _ = _decode(KVCache("recycled", budget=6, every=1), q, k, v, 10)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------- selection
+def _subset_attention(q_last, k, v, slots):
+    """Exact attention of one query per head over the given slots of each KV head (B, Hkv, m)."""
+    B, Hkv = k.shape[:2]
+    idx = slots.unsqueeze(-1)
+    ks = torch.gather(k, 2, idx.expand(-1, -1, -1, k.shape[-1]))
+    vs = torch.gather(v, 2, idx.expand(-1, -1, -1, v.shape[-1]))
+    return attnzoo.attention(q_last, ks, vs, method="naive", return_lse=True)
+
+
+def test_tokenselect_reads_sinks_local_and_soft_vote_topk():
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=40, seed=7)
+    cache = KVCache("tokenselect", budget=14, sinks=2, local=4, threshold=2.0)
+    cache.append(k, v)
+    out, lse = cache.attend(q[:, :, -1:], return_lse=True)
+    s = torch.einsum("bhgd,bhmd->bhgm", q[:, :, -1].view(2, 2, 2, 16), k[:, :, 2:36]) * 0.25
+    vote = s.softmax(-1).sum(dim=(1, 2))
+    top = vote.topk(8, dim=-1).indices.sort(-1).values + 2
+    slots = torch.cat([torch.arange(2).expand(2, 2), top, torch.arange(36, 40).expand(2, 4)], -1)
+    slots = torch.cat([slots[:, None]] * 2, 1)
+    ref, ref_lse = _subset_attention(q[:, :, -1:], k, v, slots)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(lse, ref_lse.float(), atol=TOL, rtol=0)
+
+
+def test_tokenselect_reuses_selection_while_queries_are_similar():
+    q, k, v = _qkv(B=1, N=40, seed=8)
+    q[:, :, 30:] = q[:, :, 30:31] + 0.01 * q[:, :, 30:]  # near-identical consecutive queries
+    cache = KVCache("tokenselect", budget=12, sinks=2, local=4, threshold=0.9)
+    _decode(cache, q, k, v, 30)
+    assert cache.policy.selected == 1 and cache.policy.reused == 9
+    never = KVCache("tokenselect", budget=12, sinks=2, local=4, threshold=1.5)
+    _decode(never, q, k, v, 30)
+    assert never.policy.reused == 0 and never.policy.selected == 10
+
+
+def test_quest_page_bounds_are_upper_bounds_and_incremental():
+    q, k, v = _qkv(B=2, Hq=2, Hkv=2, N=45, seed=9)
+    cache = KVCache("quest", budget=20, page=4, local=4)
+    for a, b in [(0, 3), (3, 10), (10, 11), (11, 45)]:
+        cache.append(k[:, :, a:b], v[:, :, a:b])
+    store = cache._layer.store
+    kmin, kmax = store.page_bounds()
+    pages = torch.cat([k, k[:, :, -1:].expand(-1, -1, 3, -1)], 2).float().unflatten(2, (12, 4))
+    torch.testing.assert_close(kmin, pages.amin(3))
+    torch.testing.assert_close(kmax, pages.amax(3))
+    qf = q[:, :, -1].float()
+    bound = (torch.einsum("bhd,bhpd->bhp", qf.clamp(min=0), kmax) + torch.einsum("bhd,bhpd->bhp", qf.clamp(max=0), kmin))
+    dots = torch.einsum("bhd,bhpjd->bhpj", qf, pages)
+    assert bool((bound.unsqueeze(-1) >= dots - 1e-5).all())
+    # the decode step reads the always-kept last pages plus the 3 pages of highest bound among the others
+    out, lse = cache.attend(q[:, :, -1:], return_lse=True)
+    top = bound[:, :, :10].topk(3, dim=-1).indices.sort(-1).values
+    expect = (top.unsqueeze(-1) * 4 + torch.arange(4)).flatten(-2)
+    assert torch.equal(cache.policy.last, expect)
+    slots = torch.cat([expect, torch.arange(40, 45).expand(2, 2, 5)], -1)
+    ref, ref_lse = _subset_attention(q[:, :, -1:], k, v, slots)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+def test_quest_lserve_physical_pages_and_reuse():
+    q, k, v = _qkv(B=1, N=64, seed=10)
+    cache = KVCache("quest", budget=24, page=4, phys_page=8, local=4, reuse=3)
+    _decode(cache, q, k, v, 48)
+    slots = cache.policy.last
+    assert slots.shape[-1] % 8 == 0 and bool((slots[..., ::8] % 8 == 0).all())
+    assert cache.policy.age == 1  # 16 steps with reuse=3: fresh selections at steps 1, 4, ..., 16
+
+
+@pytest.mark.parametrize("name", ["tokenselect", "quest", "retrieval", "recycled"])
+def test_selection_finds_planted_needles(name):
+    """On the needle workload (METHODS.md 6.1 G2) a small budget recalls most attention mass."""
+    steps = 8
+    qkv = workloads.make("needle", length=512 + steps, len_q=steps, heads=4, heads_kv=2, dim=32, seed=11,
+                         needles=8, dtype=torch.float64)
+    params = {"tokenselect": dict(budget=96, sinks=4, local=16), "quest": dict(budget=96, page=8, local=8),
+              "retrieval": dict(budget=96, sinks=4, local=16, index="exact"), "recycled": dict(budget=96, every=4)}[name]
+    cache = KVCache(name, **params)
+    cache.append(qkv.k[:, :, :512], qkv.v[:, :, :512])
+    full = KVCache("full")
+    full.append(qkv.k[:, :, :512], qkv.v[:, :, :512])
+    recalls = []
+    for t in range(steps):
+        kt, vt, qt = qkv.k[:, :, 512 + t:513 + t], qkv.v[:, :, 512 + t:513 + t], qkv.q[:, :, t:t + 1]
+        cache.append(kt, vt)
+        full.append(kt, vt)
+        out, lse = cache.attend(qt, return_lse=True)
+        ref, ref_lse = full.attend(qt, return_lse=True)
+        recalls.append(torch.exp(lse - ref_lse).mean().item())
+    assert min(recalls) >= 0.9 and max(recalls) <= 1 + 1e-6
+
+
+# ---------------------------------------------------------------- memory
+@pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "razor", "duo"])
+def test_eviction_holds_memory_at_budget(name):
+    q, k, v = _qkv(N=64, Dv=8, seed=12)
+    params = SMALL[name]
+    cap = 12  # sinks + window, or budget, of every SMALL eviction policy
+    token_bytes = 8 * (16 + 8) + 8  # fp64 K and V, int64 position
+    seen = []
+
+    full_heads = [1] if name in ("razor", "duo") else []  # SMALL keeps KV head 1 whole for both
+
+    def check(cache):
+        for head, held in enumerate(cache.held):
+            assert held == cache.seq_length if head in full_heads else held <= cap, (head, cache.held)
+        seen.append(cache.nbytes)
+
+    full = KVCache("full")
+    _decode(full, q, k, v, 20)
+    cache = KVCache(name, **params)
+    _decode(cache, q, k, v, 20, check=check)
+    if name in ("streaming", "h2o", "snapkv"):
+        # every buffer of every head: at most the budget plus one slot for the next token (+ scores / queries)
+        extra = {"streaming": 0, "h2o": 4 * 2 * 2 * 13, "snapkv": 8 * 4 * 16 * 2 * 4}[name]
+        assert cache.nbytes <= 2 * 2 * 13 * token_bytes + extra
+    assert cache.nbytes < full.nbytes / 2 if name in ("streaming", "h2o", "snapkv") else cache.nbytes < full.nbytes
+    assert seen[-1] == max(seen[1:])  # steady state: no growth after the first eviction
+
+
+def test_h2o_keeps_recent_and_heavy_hitters():
+    q, k, v = _qkv(B=1, Hq=1, Hkv=1, N=30, seed=13)
+    u = torch.randn(16, dtype=torch.float64)
+    u = 2 * u / u.norm()
+    q += u
+    k[:, :, 3] = 2 * u  # token 3 is a heavy hitter for every query
+    cache = KVCache("h2o", budget=8, recent=4)
+    _decode(cache, q, k, v, 10)
+    pos = cache.positions(0)[0].tolist()
+    assert 3 in pos and pos[-4:] == [26, 27, 28, 29] and len(pos) == 8
+
+
+def test_snapkv_keeps_what_the_observation_window_attends():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, N=40, seed=14)
+    k[:, :, 5] = q[:, :, 30:40].mean((1, 2)) * 4
+    cache = KVCache("snapkv", budget=10, observe=4, pool=1)
+    cache.append(k, v)
+    cache.attend(q[:, :, 36:])  # 4 observed queries, then compress to 10 tokens
+    pos = cache.positions(0)[0].tolist()
+    assert 5 in pos and pos[-4:] == [36, 37, 38, 39] and cache.held == [10]
+    spaced = KVCache("snapkv", budget=10, observe=4, interval=3)
+    held = []
+    _decode(spaced, q, k, v, 30, check=lambda c: held.append(c.held[0]))
+    assert held == [8, 9, 10, 8, 9, 10, 8, 9, 10, 8, 9]  # compress to budget - interval + 1 every 3 steps
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_error_within_written_bound(bits):
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=40, D=64, seed=15, dtype=torch.float32)
+    codes, low, step = quant.encode(k, bits, 32)
+    err = (quant.decode(codes, low, step, bits, 32, torch.float32) - k).abs()
+    assert bool((err <= quant.error_bound(step, 32) + 1e-6).all())
+    cache = KVCache("quantized", bits=bits, group=32)
+    out, _ = _decode(cache, q, k, v, 30)
+    ref = attnzoo.attention(q.double(), k.double(), v.double(), method="naive", causal=True).float()
+    # written bound: scores move by at most eps = scale·Σ_d|q_d|·δk, so the probabilities move by at most
+    # e^{2 eps} - 1 in l1, and out by (e^{2 eps} - 1)·max|v̂| + δv, with δ = half the largest step
+    dk = quant.encode(k, bits, 32)[2].max().item() / 2
+    dv = quant.encode(v, bits, 32)[2].max().item() / 2
+    eps = 64 ** -0.5 * q.abs().sum(-1, keepdim=True) * dk
+    bound = (torch.exp(2 * eps) - 1) * (v.abs().max() + dv) + dv
+    assert bool(((out - ref).abs() <= bound).all())
+    assert (out - ref).abs().max() < {8: 0.05, 4: 0.8}[bits]
+    full = KVCache("full")
+    _decode(full, q, k, v, 30)
+    assert cache.nbytes < full.nbytes / {8: 3, 4: 4.5}[bits]  # codes + fp32 low/step per 32 + int64 position
+
+
+# ---------------------------------------------------------------- cache API
+def test_padding_mask_hides_tokens():
+    q, k, v = _qkv(N=20, seed=16)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, :5] = False  # left padding of row 0
+    ref = attnzoo.attention(q, k, v, method="naive", causal=True, key_padding_mask=mask)
+    for name, params in [("full", {}), ("quest", dict(budget=12, page=2, local=2)), ("h2o", dict(budget=30))]:
+        out, _ = _decode(KVCache(name, **params), q, k, v, 8, key_mask=mask)
+        if name != "quest":
+            torch.testing.assert_close(out[:, :, 5:], ref[:, :, 5:], atol=TOL, rtol=0)
+        assert torch.isfinite(out).all() and out[0, :, :5].abs().max() == 0
+
+
+def test_crop_reorder_reset_and_seq_length():
+    q, k, v = _qkv(N=30, seed=17)
+    ref, _ = _decode(KVCache("full"), q, k, v, 10)
+    for name, params in [("full", {}), ("streaming", dict(sinks=2, window=20)), ("quest", dict(budget=12, page=2, local=2))]:
+        cache = KVCache(name, **params)
+        _decode(cache, q[:, :, :25], k[:, :, :25], v[:, :, :25], 10)
+        cache.crop(-5)
+        assert cache.seq_length == 20
+        cache.append(k[:, :, 20:], v[:, :, 20:])
+        out = cache.attend(q[:, :, 20:])
+        direct = KVCache(name, **params)
+        expect, _ = _decode(direct, q, k, v, 10)
+        if name == "full":
+            torch.testing.assert_close(out, ref[:, :, 20:], atol=TOL, rtol=0)
+        assert out.shape == (2, 4, 10, 16) and torch.isfinite(out).all()
+    cache = KVCache("h2o", budget=12)
+    _decode(cache, q[:, :, :20], k[:, :, :20], v[:, :, :20], 10)
+    flipped = KVCache("h2o", budget=12)
+    _decode(flipped, q[:, :, :20].flip(0), k[:, :, :20].flip(0), v[:, :, :20].flip(0), 10)
+    cache.reorder(torch.tensor([1, 0]))
+    cache.append(k[:, :, 20:21].flip(0), v[:, :, 20:21].flip(0))
+    flipped.append(k[:, :, 20:21].flip(0), v[:, :, 20:21].flip(0))
+    torch.testing.assert_close(cache.attend(q[:, :, 20:21].flip(0)), flipped.attend(q[:, :, 20:21].flip(0)))
+    cache.reset()
+    assert cache.seq_length == 0 and cache.nbytes == 0 and cache.held == []
+
+
+def test_half_precision_inputs():
+    q, k, v = _qkv(N=24, seed=18, dtype=torch.bfloat16)
+    ref = attnzoo.attention(q.double(), k.double(), v.double(), method="naive", causal=True)
+    out, _ = _decode(KVCache("full"), q, k, v, 12)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)  # bf16 output rounding
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("args,match", [
+    (("quets", {}), r"unknown policy 'quets'; did you mean 'quest'"),
+    (("h2o", dict(budget=0)), r"h2o: parameter 'budget' expected a value in \[1, inf\], got 0"),
+    (("h2o", dict(budget=8, recent=9)), r"parameter 'recent' expected <= budget=8"),
+    (("snapkv", dict(budget=16, observe=16)), r"parameter 'observe' expected < budget=16"),
+    (("snapkv", dict(budget=16, observe=4, interval=14)), r"parameter 'interval' expected <= budget - observe"),
+    (("tokenselect", dict(budget=600)), r"tokenselect: parameter 'budget' expected >= 641 \(sinks and local"),
+    (("infllm", dict(budget=700)), r"infllm: parameter 'budget' expected >= 895"),
+    (("quest", dict(budget=-3)), r"quest: parameter 'budget' expected a value in \[1, inf\]"),
+    (("quest", dict(page=4, phys_page=6)), r"parameter 'phys_page' expected a multiple of page=4"),
+    (("quantized", dict(bits=3)), r"parameter 'bits' expected one of \[4, 8\], got 3"),
+    (("streaming", dict(window=1.5)), r"parameter 'window' expected int"),
+    (("duo", {}), r"parameter 'plan' expected a non-empty sequence"),
+    (("full", dict(budget=4)), r"full: unknown parameter\(s\) \['budget'\]"),
+])
+def test_bad_policy_parameters(args, match):
+    with pytest.raises(attnzoo.AttnZooError, match=match):
+        KVCache(args[0], **args[1])
+
+
+def test_bad_tensors_and_calls():
+    q, k, v = _qkv(N=8)
+    cache = KVCache("full")
+    with pytest.raises(attnzoo.AttnZooError, match="attend: the cache is empty"):
+        cache.attend(q)
+    with pytest.raises(attnzoo.AttnZooError, match="k: expected a 4-D tensor"):
+        cache.append(k[0], v[0])
+    cache.append(k, v)
+    with pytest.raises(attnzoo.AttnZooError, match="append: expected"):
+        cache.append(k[:1], v[:1])
+    with pytest.raises(attnzoo.AttnZooError, match="q: expected 1..8 queries"):
+        cache.attend(torch.cat([q, q], 2))
+    with pytest.raises(attnzoo.AttnZooError, match=r"q: expected \(B=2, Hq multiple of Hkv=2"):
+        cache.attend(q[:, :3])
+    with pytest.raises(attnzoo.AttnZooError, match="crop: length expected"):
+        cache.crop(9)
+    with pytest.raises(attnzoo.AttnZooError, match="reorder: beam_idx"):
+        cache.reorder(torch.tensor([0, 2]))
+    with pytest.raises(attnzoo.AttnZooError, match="parameter 'plan' expected 2 entries"):
+        KVCache("duo", plan=(True,)).append(k, v)
+    with pytest.raises(attnzoo.AttnZooError, match="parameter 'retrieval_heads' expected KV head indices in 0..1"):
+        KVCache("razor", retrieval_heads=(2,)).append(k, v)
+    with pytest.raises(attnzoo.AttnZooError, match="parameter 'group' expected a divisor"):
+        KVCache("quantized", group=5).append(k, v)
+    with pytest.raises(attnzoo.AttnZooError, match="contains NaN"):
+        cache.append(k.clone().fill_(math.nan), v)
+
+
+# ---------------------------------------------------------------- retrieval index
+def test_retrieval_exact_index_reads_top_keys_by_best_group_head():
+    q, k, v = _qkv(B=1, Hq=4, Hkv=2, N=40, seed=19)
+    cache = KVCache("retrieval", budget=14, sinks=2, local=4, index="exact")
+    cache.append(k, v)
+    out = cache.attend(q[:, :, -1:])
+    scores = torch.einsum("bhgd,bhmd->bhgm", q[:, :, -1].view(1, 2, 2, 16), k[:, :, 2:36]).amax(2)
+    top = scores.topk(8, dim=-1).indices.sort(-1).values + 2
+    slots = torch.cat([torch.arange(2).expand(1, 2, 2), top, torch.arange(36, 40).expand(1, 2, 4)], -1)
+    ref, _ = _subset_attention(q[:, :, -1:], k, v, slots)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+def test_retrieval_faiss_index_finds_the_exact_top_keys():
+    pytest.importorskip("faiss", reason="faiss-cpu is the optional 'retrieval' extra")
+    qkv = workloads.make("needle", length=1030, len_q=6, heads=4, heads_kv=2, dim=32, seed=20, needles=6)
+    exact = KVCache("retrieval", budget=96, sinks=4, local=16, index="exact")
+    approx = KVCache("retrieval", budget=96, sinks=4, local=16, index="faiss")
+    for cache in (exact, approx):
+        cache.append(qkv.k[:, :, :1024], qkv.v[:, :, :1024])
+    for t in range(6):
+        outs = []
+        for cache in (exact, approx):
+            cache.append(qkv.k[:, :, 1024 + t:1025 + t], qkv.v[:, :, 1024 + t:1025 + t])
+            outs.append(cache.attend(qkv.q[:, :, t:t + 1], return_lse=True))
+        # recall of the exact top set: the lse over what faiss found is within 1% of the exact one's mass
+        assert torch.exp(outs[1][1] - outs[0][1]).min() > 0.99
+
+
+def test_infllm_representatives_are_the_most_attended_keys_of_each_block():
+    q, k, v = _qkv(B=1, Hq=2, Hkv=1, N=48, seed=22)
+    cache = KVCache("infllm", budget=31, block=8, reps=2, sinks=1, local=8)
+    cache.append(k[:, :, :40], v[:, :, :40])
+    cache.attend(q[:, :, :40])  # prefill: every token's received mass is accumulated
+    store = cache._layer.store
+    mass = store.scores.clone()
+    cache.append(k[:, :, 40:41], v[:, :, 40:41])
+    out, lse = cache.attend(q[:, :, 40:41], return_lse=True)
+    reps = cache.policy.rep_keys  # blocks 0..3 left the local window [32, 41)
+    assert reps.shape[2] == 4
+    for b in range(4):
+        top = mass[0, 0, 8 * b: 8 * b + 8].topk(2).indices + 8 * b
+        torch.testing.assert_close(reps[0, 0, b].double(), k[0, 0, top])
+    # block 0 (holding the sink) and the local blocks are read; one more block fits the budget
+    q_mean = q[:, :, 40].mean(1)[0]
+    best = 1 + int(torch.stack([(reps[0, 0, b].double() @ q_mean).sum() for b in (1, 2, 3)]).argmax())
+    slots = torch.cat([torch.arange(8), torch.arange(8 * best, 8 * best + 8), torch.arange(32, 41)]).view(1, 1, -1)
+    ref, ref_lse = _subset_attention(q[:, :, 40:41], k, v, slots)
+    torch.testing.assert_close(out, ref, atol=TOL, rtol=0)

@@ -1,0 +1,164 @@
+"""attnzoo.hf.make_cache: generate() through a transformers Cache backed by attnzoo KVCache policies.
+
+Decoders are built from small configs with random weights (seed 0, see test_hf.tiny_decoder); prompts are
+batches of 2 with left padding (seed 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo
+import attnzoo.hf as azhf
+from attnzoo.cache import policies
+from test_hf import DECODERS, _one_thread, causal_only, greedy, padded_batch, tiny_decoder  # noqa: F401
+
+PROMPT, NEW = 16, 6
+
+#: each policy with a budget covering the whole context (prompt + new tokens): must equal full attention
+COVERING = {
+    "full": {},
+    "streaming": dict(sinks=2, window=64),
+    "h2o": dict(budget=64, recent=4),
+    "snapkv": dict(budget=64, observe=4, pool=3),
+    "razor": dict(retrieval_heads=(0,), sinks=2, window=64),
+    "duo": dict(plan=(True, False), sinks=2, window=64),
+    "tokenselect": dict(budget=64, sinks=2, local=4),
+    "quest": dict(budget=64, page=4, local=4),
+    "infllm": dict(budget=64, sinks=2, local=4, block=4, reps=2),
+    "recycled": dict(budget=64, every=3),
+    "retrieval": dict(budget=64, sinks=2, local=4),
+}
+
+#: each policy with a budget well under the context: it must run, and evicting ones must hold less
+SMALL = {
+    "full": {},
+    "quantized": dict(bits=8, group=16),
+    "streaming": dict(sinks=2, window=6),
+    "h2o": dict(budget=8, recent=3),
+    "snapkv": dict(budget=8, observe=4, pool=3),
+    "razor": dict(retrieval_heads=(1,), sinks=2, window=6),
+    "duo": dict(plan=("streaming", "full"), sinks=2, window=6),
+    "tokenselect": dict(budget=8, sinks=2, local=3),
+    "quest": dict(budget=12, page=4, local=4),
+    "infllm": dict(budget=16, sinks=2, local=3, block=4, reps=2),
+    "recycled": dict(budget=8, every=3),
+    "retrieval": dict(budget=8, sinks=2, local=3),
+}
+
+
+def generate_with(model, ids, mask, cache, **kw):
+    kw.setdefault("max_new_tokens", NEW)
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,
+                          past_key_values=cache, **kw)
+
+
+def test_every_policy_is_exercised():
+    assert set(SMALL) == set(policies()), "a cache policy has no generate() test"
+    assert set(COVERING) == set(policies()) - {"quantized"}  # quantized is lossy at any size
+
+
+@pytest.mark.parametrize("arch", sorted(DECODERS))
+def test_full_cache_generate_equals_sdpa(arch):
+    model = tiny_decoder(arch)
+    ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    with torch.no_grad():
+        ref = greedy(model, ids, mask, n=NEW)
+        cache = azhf.make_cache(model, "full")
+        out = generate_with(model, ids, mask, cache)
+    assert azhf.is_applied(model)  # make_cache routed the model through attnzoo ("exact")
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == PROMPT + NEW - 1  # the last token is sampled, never fed back
+    assert cache.layers[0].kv.held == [PROMPT + NEW - 1] * 2
+
+
+@pytest.mark.parametrize("policy", sorted(COVERING))
+def test_policy_covering_the_context_equals_sdpa(policy):
+    model = tiny_decoder("llama")
+    ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    with torch.no_grad():
+        ref = greedy(model, ids, mask, n=NEW)
+        out = generate_with(model, ids, mask, azhf.make_cache(model, policy, **COVERING[policy]))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("arch", [a if a == "qwen2" else pytest.param(a, marks=pytest.mark.slow) for a in DECODERS])
+@pytest.mark.parametrize("policy", sorted(SMALL))
+def test_policy_with_a_small_budget_generates_and_shrinks(policy, arch):
+    """Every policy on Qwen2 by default; on Llama and Mistral too in the slow run."""
+    model = tiny_decoder(arch)
+    ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    with torch.no_grad():
+        full = azhf.make_cache(model, "full")
+        generate_with(model, ids, mask, full)
+        cache = azhf.make_cache(model, policy, **SMALL[policy])
+        out = generate_with(model, ids, mask, cache)
+    assert out.shape == (2, PROMPT + NEW) and torch.equal(out[:, :PROMPT], ids)
+    assert int(out.min()) >= 0 and int(out.max()) < model.config.vocab_size
+    assert cache.get_seq_length() == full.get_seq_length() == PROMPT + NEW - 1
+    if policies()[policy].kind in ("evict", "split") or policy == "quantized":
+        assert cache.nbytes < full.nbytes  # eviction / quantisation really frees memory
+    if policies()[policy].kind == "evict":
+        assert max(cache.layers[0].kv.held) < PROMPT + NEW - 1
+
+
+def test_beam_search_reorders_the_cache():
+    """Beam search reorders the cache rows every step (a setting checked free of near-tied beams)."""
+    model = tiny_decoder("llama")
+    ids, mask = padded_batch(length=12, pad=(0, 3))
+    kw = dict(max_new_tokens=6, num_beams=3, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
+        out = generate_with(model, ids, mask, azhf.make_cache(model, "full"), **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_layer_crop_reset_and_batch_changes():
+    model = tiny_decoder("llama")
+    ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    cache = azhf.make_cache(model, "full")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    assert cache.get_seq_length() == PROMPT and cache.get_mask_sizes(3, 0) == (PROMPT + 3, 0)
+    with pytest.raises(attnzoo.UnsupportedError, match="batch_repeat_interleave"):
+        cache.batch_repeat_interleave(2)
+    cache.crop(-4)
+    assert cache.get_seq_length() == PROMPT - 4
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes == 0
+    cache.batch_repeat_interleave(2)  # an empty cache has nothing to repeat
+
+
+def test_cache_refuses_unrouted_attention_and_non_exact_methods(causal_only):
+    model = tiny_decoder("llama")
+    ids, mask = padded_batch(length=PROMPT, pad=(0, 0))
+    cache = azhf.make_cache(model, "full")
+    azhf.remove(model)  # the cache's keys now reach SDPA, which knows nothing of the policy
+    with torch.no_grad(), pytest.raises(attnzoo.UnsupportedError, match="attn_implementation='sdpa'"):
+        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    layer = azhf.AttnZooCacheLayer("full")
+    k = torch.randn(1, 2, 3, 16)
+    layer.update(k, k)
+    with pytest.raises(attnzoo.UnsupportedError, match="never attended through attnzoo"):
+        layer.update(k, k)  # keys handed out but never read through the policy: a re-wrapped key tensor
+    azhf.apply(model, causal_only)
+    with pytest.raises(attnzoo.UnsupportedError, match="must run an exact method"):
+        azhf.make_cache(model, "full")
+
+
+BAD_CACHE = [  # (policy, params, the error message must match)
+    ("h2", {}, "unknown policy 'h2'"),
+    ("h2o", {"budget": 0}, "budget"),
+    ("h2o", {"budget": 129}, "budget.*max_position_embeddings \\(128\\)"),
+    ("duo", {"plan": (True, False, True)}, "plan.*2 entries"),
+    ("razor", {"retrieval_heads": (5,)}, "retrieval_heads.*0..1"),
+    ("streaming", {"budget": 3}, "unknown parameter"),
+]
+
+
+@pytest.mark.parametrize("policy,params,match", BAD_CACHE)
+def test_bad_policies_and_budgets(policy, params, match):
+    with pytest.raises(attnzoo.AttnZooError, match=match):
+        azhf.make_cache(tiny_decoder("llama"), policy, **params)
