@@ -1,4 +1,4 @@
-"""The ``attnzoo`` command line: ``attnzoo list``, ``attnzoo info NAME``."""
+"""The ``attnzoo`` command line: ``attnzoo list``, ``attnzoo info NAME``, ``bench``, ``report``, ``capture``."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def info(name: str = typer.Argument(..., help="a registered method name (see `at
         console.print(f"extra input [bold]{inp}[/]: {desc}")
     if m.papers:
         console.print("papers: " + "; ".join(m.papers))
+
+
+from .bench.cli import register as _register_bench  # noqa: E402  (bench, report, capture)
+
+_register_bench(app)
 
 
 def main() -> None:
