@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
@@ -77,7 +78,7 @@ def print_leaderboards(cases: list[dict]) -> None:
         for c in not_run:
             by_reason.setdefault((c["status"], c.get("reason") or ""), []).append(f"{c['method']}@{c['length']}")
         for (status, reason), which in by_reason.items():
-            console.print(f"  [yellow]{status}[/] {', '.join(which)}: {reason}")
+            console.print(f"  [yellow]{status}[/] {', '.join(which)}: {escape(reason)}")
 
 
 def print_comparison(current: list[dict], other_path: Path) -> None:
@@ -115,6 +116,9 @@ def bench(
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out (default: the latest run), "
                                                         "keeping its options"),
     compare: Optional[Path] = typer.Option(None, help="another results file/folder to compare times with"),
+    plugin: Optional[list[str]] = typer.Option(None, help="repeatable: a module to import first (methods or "
+                                                          "input generators registered outside attnzoo)"),
+    make_report: bool = typer.Option(True, "--report/--no-report", help="build report.html after the run"),
 ) -> None:
     """Measure every registered method against exact attention; write results and report.html."""
     from .report import build_report
@@ -133,13 +137,13 @@ def bench(
             methods=None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip()),
             lengths=_ints(lengths, "--lengths"), heads=heads, heads_kv=heads_kv, head_dim=head_dim, batch=batch,
             causal=causal, workloads=tuple(workload) if workload else None, repeat=repeat, threads=threads,
-            time_cap_s=time_cap)
+            time_cap_s=time_cap, plugins=tuple(plugin) if plugin else None)
         console.print(f"[bold]attnzoo bench[/] → {out}  (lengths {', '.join(map(str, suite.lengths))}; "
                       f"B={suite.batch} H={suite.heads} D={suite.head_dim}; "
                       f"{'causal' if suite.causal else 'non-causal'}; workloads {', '.join(suite.workloads)})")
-        results = run(suite, out, resume=resume, progress=_Bar, on_note=lambda m: console.print(f"[dim]{m}[/]"))
+        results = run(suite, out, resume=resume, progress=_Bar, on_note=lambda m: console.print(f"[dim]{escape(m)}[/]"))
     except AttnZooError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished cases are saved; continue with "
@@ -147,8 +151,9 @@ def bench(
         raise typer.Exit(130) from None
     cases = ResultsFile(results).read().cases
     print_leaderboards(cases)
-    page = build_report(results)
-    console.print(f"results: {results}\nreport:  {page}")
+    console.print(f"results: {results}")
+    if make_report:
+        console.print(f"report:  {build_report(results)}")
     if compare is not None:
         print_comparison(cases, compare)
 
@@ -162,7 +167,7 @@ def report(results: Path = typer.Argument(..., help="a results.jsonl file or the
     try:
         page = build_report(results, out)
     except AttnZooError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"report: {page}")
 
@@ -179,7 +184,7 @@ def capture(model: Optional[Path] = typer.Option(None, help="a transformers mode
     try:
         record = cap.capture_qkv(model, None if text is None else text.read_text(), length=length, batch=batch)
     except AttnZooError as e:
-        console.print(f"[red]error:[/] {e}")
+        console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     path = cap.save(record, out)
     q, k = record["q"][0], record["k"][0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib
 import json
 import os
 import select
@@ -46,6 +47,7 @@ class Suite:
     case_timeout_s: float = 120.0  # a case still running after this is killed and recorded as failed
     seed: int = 0
     threads: int | None = None  # torch threads in the worker; None: torch's default
+    plugins: tuple[str, ...] = ()  # modules to import first: methods registered outside attnzoo.catalog
 
     def replace(self, **changes) -> "Suite":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -104,8 +106,18 @@ class Planned:
     heatmap: bool  # save attention maps (the real workload's shortest length)
 
 
+def import_plugins(modules) -> None:
+    """Import modules that register methods or input generators of their own."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise AttnZooError(f"bench: plugin module {module!r} could not be imported: {e}") from e
+
+
 def plan(suite: Suite) -> tuple[list[Planned], list[str]]:
     """Every case of the suite in run order (workload, length, method), and notes about what was left out."""
+    import_plugins(suite.plugins)
     every = registry.methods()
     names = list(suite.methods) or list(every)
     for name in names:
@@ -135,12 +147,13 @@ class WorkerError(RuntimeError):
 class Worker:
     """A ``python -m attnzoo.bench.worker`` subprocess answering one JSON line per case."""
 
-    def __init__(self, log_path: Path, threads: int | None):
+    def __init__(self, log_path: Path, threads: int | None, plugins: tuple[str, ...] = ()):
         env = dict(os.environ, **metrics.MALLOC_ENV, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         if threads:
             env["ATTNZOO_BENCH_THREADS"] = str(threads)
+        env["ATTNZOO_BENCH_PLUGINS"] = ",".join(plugins)
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "attnzoo.bench.worker"], stdin=subprocess.PIPE,
@@ -253,7 +266,7 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
     if len(todo) < len(planned):
         on_note(f"resuming: {len(planned) - len(todo)} of {len(planned)} cases already in {store.path}")
     run_id = uuid.uuid4().hex[:12]
-    worker = Worker(out_dir / "worker.log", suite.threads) if any(p.skip is None for p in todo) else None
+    worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins) if any(p.skip is None for p in todo) else None
     store.append({"type": "run", "run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "resumed": bool(done), "suite": dataclasses.asdict(suite),
                   "machine": {**machine_info(), **(worker.hello if worker else {})}})
@@ -267,7 +280,7 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
                 result = {"status": "skipped", "reason": reason}
             else:
                 if not worker.alive():
-                    worker = Worker(out_dir / "worker.log", suite.threads)
+                    worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
                 opts = {"repeat": suite.repeat, "budget_s": suite.budget_s,
                         "maps_dir": str(out_dir / "maps" / _map_folder(case)) if item.heatmap else None}
                 try:

@@ -14,6 +14,7 @@ to stderr.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -149,6 +150,8 @@ def main() -> None:
     threads = os.environ.get("ATTNZOO_BENCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
+    for module in filter(None, os.environ.get("ATTNZOO_BENCH_PLUGINS", "").split(",")):
+        importlib.import_module(module)
 
     def send(obj: dict) -> None:
         protocol.write(json.dumps(obj) + "\n")
