@@ -16,6 +16,7 @@ from rich.table import Table
 
 from ..errors import AttnZooError
 from . import tables
+from .runner import workload_label
 from .results import ResultsFile
 
 console = Console(width=None if Console().is_terminal else 160)
@@ -72,13 +73,17 @@ def print_leaderboards(cases: list[dict]) -> None:
             table.add_row(*tables.cells(row))
         console.print(table)
     not_run = tables.not_run(cases)
-    if not_run:
-        console.print(f"[bold]not run ({len(not_run)} cases):[/]")
-        by_reason: dict[tuple[str, str], list[str]] = {}
-        for c in not_run:
-            by_reason.setdefault((c["status"], c.get("reason") or ""), []).append(f"{c['method']}@{c['length']}")
-        for (status, reason), which in by_reason.items():
-            console.print(f"  [yellow]{status}[/] {', '.join(which)}: {escape(reason)}")
+    skipped: dict[str, list[str]] = {}
+    for c in not_run:
+        if c["status"] == "skipped":
+            skipped.setdefault(c.get("skip_kind", "other"), []).append(f"{c['method']}@{c['length']}")
+        else:
+            console.print(f"[red]failed[/] {c['method']}@{c['length']} ({workload_label(c)}): "
+                          f"{escape(c['reason'][:300])}")
+    for kind, which in skipped.items():
+        console.print(f"[yellow]skipped ({kind}, {len(which)})[/]: {', '.join(which)}")
+    if skipped:
+        console.print("[dim]reasons for every skipped case: the report's 'Skipped and failed cases' table[/]")
 
 
 def print_comparison(current: list[dict], other_path: Path) -> None:
@@ -107,9 +112,9 @@ def bench(
         None, help="repeatable: structured, real, gaussian, local, sinks, needle, vertical_slash, clusters, "
                    "outliers; parameters as name:key=value,key=value"),
     repeat: Optional[int] = typer.Option(None, help="timed calls per case after one warm-up"),
-    threads: Optional[int] = typer.Option(None, help="torch threads in the worker (default: torch's)"),
-    time_cap: Optional[float] = typer.Option(None, help="seconds per call above which a method's longer lengths "
-                                                        "are skipped"),
+    threads: Optional[int] = typer.Option(None, help="torch threads in the worker (quick: 1, full: every core)"),
+    time_cap: Optional[float] = typer.Option(None, help="skip a length whose time per call, predicted "
+                                                        "quadratically from a shorter one, exceeds this (s)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default bench-results/run-<time>)"),
     quick: bool = typer.Option(False, "--quick", help="the quick suite (the default): ~3 min on 2 cores"),
     full: bool = typer.Option(False, "--full", help="lengths 256..8192, 8 heads, more workloads and repeats"),

@@ -8,11 +8,11 @@ call (its temporaries and its output) held at any instant. This is what the OS
 had to give, including allocator overhead, and it costs microseconds, so every
 case can run in one long-lived worker instead of a fresh process each (a fresh
 process per case reading ``ru_maxrss`` is as honest but costs an interpreter and
-a torch import, ~3 s, per case). The worker runs with a fixed glibc
-``MALLOC_MMAP_THRESHOLD_`` so every tensor-sized block is mmap'd and returned to
-the OS on free: a buffer freed by an earlier case is not silently reused, which
-would hide it from the RSS. Where ``clear_refs`` is unavailable (not Linux) the
-peak is reported as unknown (None), never guessed.
+a torch import, ~3 s, per case). Just before the measured call glibc's
+``malloc_trim(0)`` hands every freed block back to the OS, so memory an earlier
+call freed cannot be silently reused and hidden from the RSS; the timed calls
+run with the allocator untouched. Where ``clear_refs`` is unavailable (not
+Linux) the peak is reported as unknown (None), never guessed.
 
 Attention-mass recall — the fraction of exact attention probability mass that
 falls on the keys a method reads, averaged over query rows. Methods do not
@@ -25,6 +25,8 @@ Without the hook recall is not applicable (None), never a made-up number.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,8 +43,16 @@ from ..registry import Family, Method
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
-#: the glibc setting the benchmark worker runs with (see the module docstring)
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim
+
+
+_TRIM = _malloc_trim()
 
 
 # -------------------------------------------------------------------- time
@@ -96,6 +106,8 @@ def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int | None]:
     """``(fn(), extra bytes at the peak of the call)``; the peak is None where it cannot be measured."""
     if not peak_memory_supported():
         return fn(), None
+    if _TRIM is not None:
+        _TRIM(0)
     before = _status_kb("VmRSS")
     _CLEAR_REFS.write_text("5")
     result = fn()

@@ -139,8 +139,9 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def _figure(path: Path, root: Path, caption: str) -> str:
     rel = path.relative_to(root).as_posix()
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img src="data:image/png;base64,{data}" data-file="{html.escape(rel)}" alt="{html.escape(caption)}">'
-            f'<figcaption>{html.escape(caption)} (<a href="{html.escape(rel)}">{html.escape(rel)}</a>)</figcaption></figure>')
+    rel, caption = html.escape(rel), html.escape(caption)
+    return (f'<figure><img src="data:image/png;base64,{data}" data-file="{rel}" alt="{caption}">'
+            f'<figcaption>{caption} (<a href="{rel}">{rel}</a>)</figcaption></figure>')
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
@@ -176,7 +177,8 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
         group = [c for c in cases if c["status"] == "ok" and workload_label(c) == board.workload
                  and c["causal"] == board.causal]
         slug = _slug(f"{board.workload}-{causal}")
-        exponents = plot_time_vs_length(group, plots / f"time_vs_length-{slug}.png", f"time vs length: {board.workload}, {causal}")
+        exponents = plot_time_vs_length(group, plots / f"time_vs_length-{slug}.png",
+                                        f"time vs length: {board.workload}, {causal}")
         front = plot_pareto(board.rows, plots / f"pareto-{slug}.png", f"error vs speedup: {title}")
         headers = [h for h, _, _ in tables.COLUMNS] + ["exponent"]
         rows = [tables.cells(r) + [tables.fmt(exponents.get(r["method"]), "{:.2f}")] for r in board.rows]
@@ -191,7 +193,9 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
     if skipped:
         parts.append("<h2>Skipped and failed cases</h2>" + _table(
             ["method", "workload", "N", "status", "reason"],
-            [[c["method"], workload_label(c), str(c["length"]), c["status"], c.get("reason") or ""] for c in skipped]))
+            [[c["method"], workload_label(c), str(c["length"]),
+              c["status"] + (f" ({c['skip_kind']})" if c.get("skip_kind") else ""), c.get("reason") or ""]
+             for c in skipped]))
     parts.append("<h2>Machine</h2>" + "".join(
         f"<h3>run {html.escape(r['run_id'])} started {html.escape(r['started'])}"
         f"{' (resumed)' if r.get('resumed') else ''}</h3>"

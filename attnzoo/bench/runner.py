@@ -25,7 +25,7 @@ from typing import Callable
 
 from .. import registry
 from ..errors import AttnZooError
-from . import metrics, workloads
+from . import workloads
 from .results import ResultsFile, case_key, machine_info
 
 
@@ -43,10 +43,13 @@ class Suite:
     workloads: tuple[str, ...] = ("structured", "real")  # "name" or "name:param=value,param=value"
     repeat: int = 3  # timed calls per case (after one warm-up) ...
     budget_s: float = 1.0  # ... or fewer once this much time is spent
-    time_cap_s: float = 2.0  # a call slower than this skips the method's longer lengths
-    case_timeout_s: float = 120.0  # a case still running after this is killed and recorded as failed
+    time_cap_s: float = 2.0  # a length whose predicted time per call exceeds this is skipped
+    case_timeout_s: float = 60.0  # a case still running after this is killed and recorded as failed
     seed: int = 0
-    threads: int | None = None  # torch threads in the worker; None: torch's default
+    # torch threads in the worker; None: torch's default (every core). One thread, as torch.utils.benchmark
+    # defaults to, keeps a quick look reproducible on a busy machine, where idle-spinning OpenMP threads
+    # can make a small call 100x slower.
+    threads: int | None = 1
     plugins: tuple[str, ...] = ()  # modules to import first: methods registered outside attnzoo.catalog
 
     def replace(self, **changes) -> "Suite":
@@ -56,7 +59,7 @@ class Suite:
 PRESETS = {
     "quick": Suite(),
     "full": Suite(lengths=(256, 512, 1024, 2048, 4096, 8192), heads=8, repeat=5, budget_s=5.0, time_cap_s=30.0,
-                  case_timeout_s=600.0, workloads=("structured", "gaussian", "needle", "real")),
+                  case_timeout_s=600.0, workloads=("structured", "gaussian", "needle", "real"), threads=None),
 }
 
 
@@ -83,26 +86,30 @@ def workload_label(case: dict) -> str:
     return case["workload"] + (f":{params}" if params else "")
 
 
-def static_skip(cls: type[registry.Method], case: dict) -> str | None:
+#: why a case was skipped: (kind, reason); kinds group the terminal summary
+Skip = tuple[str, str]
+
+
+def static_skip(cls: type[registry.Method], case: dict) -> Skip | None:
     """Why ``cls`` cannot run ``case`` at all (declared capabilities, extra inputs), or None."""
     s = cls.supports
     if case["causal"] and not s.causal:
-        return "non-causal only (supports.causal is False); run with --no-causal"
+        return "capability", "non-causal only (supports.causal is False); run with --no-causal"
     if not case["causal"] and not s.noncausal:
-        return "causal only (supports.noncausal is False); run with --causal"
+        return "capability", "causal only (supports.noncausal is False); run with --causal"
     if case["heads_kv"] != case["heads"] and not s.gqa:
-        return f"no grouped-query attention (heads={case['heads']}, heads_kv={case['heads_kv']})"
+        return "capability", f"no grouped-query attention (heads={case['heads']}, heads_kv={case['heads_kv']})"
     missing = [n for n in cls.inputs if n not in workloads.INPUTS]
     if missing:
-        return (f"needs extra input(s) {missing} with no generator in attnzoo.bench.workloads "
-                "(register one with @input_generator)")
+        return "extra input", (f"needs extra input(s) {missing} with no generator in attnzoo.bench.workloads "
+                               "(register one with @input_generator)")
     return None
 
 
 @dataclass(frozen=True)
 class Planned:
     case: dict
-    skip: str | None
+    skip: Skip | None
     heatmap: bool  # save attention maps (the real workload's shortest length)
 
 
@@ -148,7 +155,7 @@ class Worker:
     """A ``python -m attnzoo.bench.worker`` subprocess answering one JSON line per case."""
 
     def __init__(self, log_path: Path, threads: int | None, plugins: tuple[str, ...] = ()):
-        env = dict(os.environ, **metrics.MALLOC_ENV, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         if threads:
@@ -206,35 +213,43 @@ def _mem_available() -> int | None:
 
 
 class _Limits:
-    """Per (workload, method) reasons to skip longer lengths, learned from the lengths already run."""
+    """Per (workload, method) reasons to skip longer lengths, learned from the lengths already run.
+
+    Attention costs up to O(N²), so time and memory measured at a shorter
+    length are scaled quadratically: a length is skipped when its predicted
+    time per call exceeds the per-case cap (or a measured one already did), or
+    its predicted peak memory exceeds half of what the machine has available.
+    """
 
     def __init__(self, suite: Suite):
         self.suite = suite
-        self.reasons: dict[tuple[str, str], str] = {}
-        self.peaks: dict[tuple[str, str], tuple[int, int]] = {}
+        self.reasons: dict[tuple[str, str], Skip] = {}
+        self.seen: dict[tuple[str, str], dict] = {}  # the longest measured case
 
     def learn(self, case: dict, result: dict) -> None:
         key = (workload_label(case), case["method"])
         if result["status"] == "failed" and result.get("worker_error"):
-            self.reasons[key] = f"at length {case['length']}: {result['reason']}"
-        elif result["status"] == "ok":
-            if result["time_s"] > self.suite.time_cap_s:
-                self.reasons[key] = (f"at length {case['length']} one call took {result['time_s']:.2f} s, over the "
-                                     f"per-case cap of {self.suite.time_cap_s:g} s")
-            if result.get("peak_bytes"):
-                self.peaks[key] = (case["length"], result["peak_bytes"])
+            self.reasons[key] = "earlier failure", f"at length {case['length']}: {result['reason']}"
+        elif result["status"] == "ok" and case["length"] >= self.seen.get(key, {"length": 0})["length"]:
+            self.seen[key] = {"length": case["length"], "time_s": result["time_s"],
+                              "peak_bytes": result.get("peak_bytes")}
 
-    def skip(self, case: dict) -> str | None:
+    def skip(self, case: dict) -> Skip | None:
         key = (workload_label(case), case["method"])
         if key in self.reasons:
             return self.reasons[key]
+        if key not in self.seen:
+            return None
+        last = self.seen[key]
+        growth = (case["length"] / last["length"]) ** 2
+        if last["time_s"] * growth > self.suite.time_cap_s:
+            return "time cap", (f"{last['time_s']:.2f} s per call at length {last['length']} predicts "
+                                f"{last['time_s'] * growth:.1f} s here (quadratic), over the per-case cap of "
+                                f"{self.suite.time_cap_s:g} s (raise it with --time-cap)")
         available = _mem_available()
-        if key in self.peaks and available:
-            length, peak = self.peaks[key]
-            predicted = peak * (case["length"] / length) ** 2
-            if predicted > available / 2:
-                return (f"predicted peak memory {predicted / 2**30:.1f} GiB (quadratic from length {length}) "
-                        f"exceeds half of the {available / 2**30:.1f} GiB available")
+        if last["peak_bytes"] and available and last["peak_bytes"] * growth > available / 2:
+            return "memory", (f"predicted peak memory {last['peak_bytes'] * growth / 2**30:.1f} GiB (quadratic from "
+                              f"length {last['length']}) exceeds half of the {available / 2**30:.1f} GiB available")
         return None
 
 
@@ -258,7 +273,8 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
                            "or choose another --out")
     for note in store.repair() if store.exists() else []:
         on_note(f"[results] {note}")
-    done = store.read().done if store.exists() else set()
+    earlier = store.read().cases if store.exists() else []
+    done = {c["key"] for c in earlier}
     planned, notes = plan(suite)
     for note in notes:
         on_note(note)
@@ -271,13 +287,15 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
                   "resumed": bool(done), "suite": dataclasses.asdict(suite),
                   "machine": {**machine_info(), **(worker.hello if worker else {})}})
     limits = _Limits(suite)
+    for case in earlier:  # a resumed run remembers which lengths were too slow or too big
+        limits.learn(case, case)
     bar = progress(len(todo)) if progress else None
     try:
         for item in todo:
             case = item.case
-            reason = item.skip or limits.skip(case)
-            if reason is not None:
-                result = {"status": "skipped", "reason": reason}
+            skip = item.skip or limits.skip(case)
+            if skip is not None:
+                result = {"status": "skipped", "skip_kind": skip[0], "reason": skip[1]}
             else:
                 if not worker.alive():
                     worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)

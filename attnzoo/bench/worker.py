@@ -97,7 +97,7 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
     try:
         out = call()
     except UnsupportedError as e:
-        return {"status": "skipped", "reason": str(e)}
+        return {"status": "skipped", "skip_kind": "capability", "reason": str(e)}
     if not torch.isfinite(out).all():
         return {"status": "failed", "reason": "the output has NaN or inf entries"}
     _, peak = metrics.peak_memory(call)

@@ -283,8 +283,8 @@ def _real(shape: Shape, gen: torch.Generator, layer: int | None = None, capture:
     n, b = shape.len_k, shape.batch
     q = q[:b, :shape.heads, n - shape.len_q:n]
     k, v = k[:b, :shape.heads_kv, :n], v[:b, :shape.heads_kv, :n]
-    meta = {"model": "/".join(Path(record["model"]).parts[-2:]), "layer": layer, "text_sha256": record.get("text_sha256"),
-            "dim": q.shape[-1]}
+    meta = {"model": "/".join(Path(record["model"]).parts[-2:]), "layer": layer,
+            "text_sha256": record.get("text_sha256"), "dim": q.shape[-1]}
     return q.float(), k.float(), v.float(), meta
 
 
