@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -27,6 +28,11 @@ from ..errors import AttnZooError
 DEFAULT_TEXT = Path(__file__).with_name("data") / "declaration_gettysburg.txt"
 _IMPL = "attnzoo_capture"
 _RECORDS: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnzoo_capture", default=None)
+
+
+def require_transformers() -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise AttnZooError("capture: real Q/K/V need the transformers package (pip install -e '.[bench]')")
 
 
 def default_model_dir() -> Path:
@@ -101,6 +107,7 @@ def capture_qkv(model_dir: str | Path | None = None, text: str | None = None, *,
     Returns ``{"q", "k", "v": [per layer (B, H, N, D)], "input_ids", "model", "text_sha256",
     "hidden": the model's last hidden state}``.
     """
+    require_transformers()
     model_dir = str(default_model_dir() if model_dir is None else model_dir)
     text = DEFAULT_TEXT.read_text() if text is None else text
     limit = max_tokens(model_dir)

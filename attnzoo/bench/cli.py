@@ -126,7 +126,6 @@ def bench(
     make_report: bool = typer.Option(True, "--report/--no-report", help="build report.html after the run"),
 ) -> None:
     """Measure every registered method against exact attention; write results and report.html."""
-    from .report import build_report
     from .runner import PRESETS, run
 
     try:
@@ -158,15 +157,12 @@ def bench(
     print_leaderboards(cases)
     console.print(f"results: {results}")
     if make_report:
-        console.print(f"report:  {build_report(results)}")
+        _write_report(results, None)
     if compare is not None:
         print_comparison(cases, compare)
 
 
-def report(results: Path = typer.Argument(..., help="a results.jsonl file or the folder holding it"),
-           out: Optional[Path] = typer.Option(None, help="where to write the page (default: next to the results)")
-           ) -> None:
-    """Build a self-contained report.html (leaderboard, plots, heatmaps, machine) from a results file."""
+def _write_report(results: Path, out: Path | None) -> None:
     from .report import build_report
 
     try:
@@ -174,7 +170,17 @@ def report(results: Path = typer.Argument(..., help="a results.jsonl file or the
     except AttnZooError as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
-    console.print(f"report: {page}")
+    except ImportError as e:
+        console.print(f"[red]error:[/] the report needs matplotlib (pip install -e '.[bench]'): {escape(str(e))}")
+        raise typer.Exit(2) from None
+    console.print(f"report:  {page}")
+
+
+def report(results: Path = typer.Argument(..., help="a results.jsonl file or the folder holding it"),
+           out: Optional[Path] = typer.Option(None, help="where to write the page (default: next to the results)")
+           ) -> None:
+    """Build a self-contained report.html (leaderboard, plots, heatmaps, machine) from a results file."""
+    _write_report(results, out)
 
 
 def capture(model: Optional[Path] = typer.Option(None, help="a transformers model folder (default: "

@@ -90,23 +90,24 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(rows: list[dict], path: Path, title: str) -> list[str]:
-    """Relative error vs speedup over SDPA; returns the methods on the Pareto front."""
+    """Relative error vs speedup over SDPA, coloured by family; returns (and labels) the Pareto front."""
     plt = _pyplot()
     points = [(r["speedup"], max(r["rel_error"], _ERROR_FLOOR)) for r in rows]
     front = pareto_front(points)
+    families = sorted({r["family"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, (r, (s, e)) in enumerate(zip(rows, points)):
-        on_front = i in front
-        ax.scatter([s], [e], s=40 if on_front else 18, color=_style(i)["color"], edgecolor="black" if on_front else
-                   "none", zorder=3)
-        ax.annotate(r["method"], (s, e), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="black", alpha=0.4, zorder=2,
-            label="Pareto front (no other method is both faster and more accurate)")
+    for f, family in enumerate(families):
+        mine = [p for r, p in zip(rows, points) if r["family"] == family]
+        ax.scatter([s for s, _ in mine], [e for _, e in mine], s=22, color=f"C{f % 10}", label=family, zorder=3)
+    for i in front:
+        ax.annotate(rows[i]["method"], points[i], fontsize=7, xytext=(3, 4), textcoords="offset points")
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="black", alpha=0.5, zorder=2,
+            marker="o", markerfacecolor="none", markersize=9, label="Pareto front (labelled)")
     ax.axvline(1.0, color="grey", linestyle=":", label="torch SDPA speed")
     ax.set(xscale="log", yscale="log", xlabel="speedup over torch SDPA (×)",
            ylabel=f"relative Frobenius error vs exact (float32 floor {_ERROR_FLOOR:g})", title=title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [rows[i]["method"] for i in front]
@@ -117,7 +118,8 @@ def plot_heatmaps(maps: list[tuple[str, np.ndarray]], path: Path, title: str) ->
     plt = _pyplot()
     cols = min(6, len(maps))
     rows = math.ceil(len(maps) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     vmax = max(float(np.sqrt(np.clip(m, 0, None)).max()) for _, m in maps) or 1.0
     for ax in axes.flat:
         ax.axis("off")
@@ -187,7 +189,8 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
                      + _table(headers, rows)
                      + _figure(plots / f"time_vs_length-{slug}.png", out.parent,
                                "time per call vs length, log-log; the legend gives each method's fitted exponent")
-                     + _figure(plots / f"pareto-{slug}.png", out.parent, "relative error vs speedup over SDPA"))
+                     + _figure(plots / f"pareto-{slug}.png", out.parent, "relative error vs speedup over SDPA")
+                     + _shorter_lengths(cases, board))
     parts.append(_heatmap_section(cases, root, plots, out.parent))
     skipped = tables.not_run(cases)
     if skipped:
@@ -205,6 +208,17 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>attnzoo benchmark</title>"
                    f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     return out
+
+
+def _shorter_lengths(cases: list[dict], longest: tables.Board) -> str:
+    """Collapsed leaderboards of the same workload at its shorter lengths (methods skipped at the longest)."""
+    parts = []
+    for board in tables.leaderboards(cases, every_length=True):
+        if (board.workload, board.causal) == (longest.workload, longest.causal) and board.length < longest.length:
+            parts.append(f"<details><summary>N={board.length} ({len(board.rows)} methods)</summary>"
+                         + _table([h for h, _, _ in tables.COLUMNS], [tables.cells(r) for r in board.rows])
+                         + "</details>")
+    return "".join(parts)
 
 
 def _heatmap_section(cases: list[dict], root: Path, plots: Path, page_dir: Path) -> str:

@@ -46,17 +46,19 @@ class Board:
     rows: list[dict]
 
 
-def leaderboards(cases: list[dict]) -> list[Board]:
-    """Per (workload, causal): the ok cases at the longest length any method reached, fastest first."""
+def leaderboards(cases: list[dict], every_length: bool = False) -> list[Board]:
+    """Per (workload, causal): the ok cases at the longest length any method reached (or, with
+    ``every_length``, one board per length, longest first), fastest first."""
     groups: dict[tuple[str, bool], list[dict]] = {}
     for c in cases:
         if c["status"] == "ok":
             groups.setdefault((workload_label(c), c["causal"]), []).append(c)
     boards = []
     for (label, causal), group in groups.items():
-        length = max(c["length"] for c in group)
-        rows = sorted((_row(c) for c in group if c["length"] == length), key=lambda r: r["time_s"])
-        boards.append(Board(label, causal, length, rows))
+        lengths = sorted({c["length"] for c in group}, reverse=True)
+        for length in lengths if every_length else lengths[:1]:
+            rows = sorted((_row(c) for c in group if c["length"] == length), key=lambda r: r["time_s"])
+            boards.append(Board(label, causal, length, rows))
     return boards
 
 

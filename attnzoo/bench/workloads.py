@@ -304,6 +304,7 @@ def max_length(name: str, params: dict | None = None) -> int | None:
     params = params or {}
     if params.get("capture"):
         return int(cap.load(params["capture"])["k"][0].shape[2])
+    cap.require_transformers()
     return cap.max_tokens(params.get("model") or cap.default_model_dir())
 
 
