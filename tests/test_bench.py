@@ -275,6 +275,14 @@ def test_compare_matches_cases_by_key():
     assert [(r["length"], r["ratio"]) for r in rows] == [(64, 2.0)]
 
 
+def test_advice_names_the_fastest_and_the_fastest_near_exact():
+    rows = [{"method": "fast", "speedup": 4.0, "rel_error": 0.2}, {"method": "good", "speedup": 1.5, "rel_error": 1e-4},
+            {"method": "exact", "speedup": 1.0, "rel_error": 1e-7}]
+    text = tables.advice(tables.Board("gaussian", True, 1024, rows))
+    assert text.startswith("fastest: fast (4.00× SDPA") and "rel err ≤ 0.001: good (1.50× SDPA)" in text
+    assert "no method reached" in tables.advice(tables.Board("gaussian", True, 1024, rows[:1]))
+
+
 # ------------------------------------------------------------------ end to end
 def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     out = tmp_path / "quick"
@@ -294,9 +302,11 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     for c in cases:
         assert c["status"] == "ok", c
         assert c["time_s"] > 0 and c["speedup"] > 0 and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
-        assert c["threads"] == 1 and c["gflops"] > 0
+        assert c["threads"] == 1 and c["gflops"] > 0 and c["pct_gemm"] == pytest.approx(
+            100 * c["gflops"] / c["gemm_gflops"])
     assert all(c["dim"] == 32 for c in cases if c["workload"] == "real")  # MiniLM's head dim
     assert "fastest first" in res.stdout and "× SDPA" in res.stdout and "exact_tiled" in res.stdout
+    assert "pick fastest:" in res.stdout
     page = (out / "report.html").read_text()
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)" data-file="([^"]+)"', page)
     kinds = {Path(f).name.split("-")[0] for _, f in images}

@@ -72,6 +72,7 @@ def print_leaderboards(cases: list[dict]) -> None:
         for row in board.rows:
             table.add_row(*tables.cells(row))
         console.print(table)
+        console.print(f"  [bold]pick[/] {escape(tables.advice(board))}")
     not_run = tables.not_run(cases)
     skipped: dict[str, list[str]] = {}
     for c in not_run:

@@ -171,7 +171,8 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
              "<p>Time is the median of the timed calls after a warm-up; <b>× SDPA</b> is torch SDPA's time on the "
              "same inputs in the same process divided by the method's; errors are against exact attention in float64; "
              "<b>recall</b> is the share of exact attention mass on the keys the method reads (blank: the method does "
-             "not expose its selection); GFLOP/s counts exact attention's FLOPs unless the method reports its own; "
+             "not expose its selection); GFLOP/s counts exact attention's FLOPs unless the method reports its "
+             "own, and % GEMM compares it with a float32 matmul measured on the same machine; "
              "peak MiB is the worker's resident-set high-water mark during one call above its level before.</p>"]
     for board in tables.leaderboards(cases):
         causal = "causal" if board.causal else "non-causal"
@@ -185,7 +186,8 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
         headers = [h for h, _, _ in tables.COLUMNS] + ["exponent"]
         rows = [tables.cells(r) + [tables.fmt(exponents.get(r["method"]), "{:.2f}")] for r in board.rows]
         parts.append(f"<h2>Leaderboard: {html.escape(title)}</h2>"
-                     f"<p>Pareto front (fastest for its error): {html.escape(', '.join(front))}.</p>"
+                     f"<p><b>Pick</b> — {html.escape(tables.advice(board))}. "
+                     f"Pareto front (fastest for its error): {html.escape(', '.join(front))}.</p>"
                      + _table(headers, rows)
                      + _figure(plots / f"time_vs_length-{slug}.png", out.parent,
                                "time per call vs length, log-log; the legend gives each method's fitted exponent")

@@ -303,7 +303,7 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
             else:
                 if not worker.alive():
                     worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
-                opts = {"repeat": suite.repeat, "budget_s": suite.budget_s,
+                opts = {"repeat": suite.repeat, "budget_s": suite.budget_s, "gemm_gflops": worker.hello["gemm_gflops"],
                         "maps_dir": str(out_dir / "maps" / _map_folder(case)) if item.heatmap else None}
                 try:
                     result = worker.run(case, opts, suite.case_timeout_s)

@@ -20,6 +20,7 @@ COLUMNS = (
     ("cosine", "cosine", "{:.4f}"),
     ("recall", "recall", "{:.3f}"),
     ("GFLOP/s", "gflops", "{:.1f}"),
+    ("% GEMM", "pct_gemm", "{:.0f}"),
 )
 
 
@@ -60,6 +61,21 @@ def leaderboards(cases: list[dict], every_length: bool = False) -> list[Board]:
             rows = sorted((_row(c) for c in group if c["length"] == length), key=lambda r: r["time_s"])
             boards.append(Board(label, causal, length, rows))
     return boards
+
+
+def advice(board: Board, near_exact: float = 1e-3) -> str:
+    """One line on what to pick from a leaderboard: the fastest near-exact method and the fastest overall."""
+    rows = board.rows
+    if not rows:
+        return ""
+    fastest = rows[0]
+    accurate = next((r for r in rows if r["rel_error"] <= near_exact), None)
+    text = f"fastest: {fastest['method']} ({fastest['speedup']:.2f}× SDPA, rel err {fastest['rel_error']:.1e})"
+    if accurate is not None and accurate is not fastest:
+        text += f"; fastest with rel err ≤ {near_exact:g}: {accurate['method']} ({accurate['speedup']:.2f}× SDPA)"
+    elif accurate is None:
+        text += f"; no method reached rel err ≤ {near_exact:g}"
+    return text
 
 
 def cells(row: dict) -> list[str]:

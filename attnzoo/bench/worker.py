@@ -106,7 +106,8 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
     result = {"status": "ok", "time_s": timing.median, "time_runs": list(timing.runs), "spread": timing.spread,
               "threads": timing.threads, "sdpa_s": setup.sdpa_s, "speedup": setup.sdpa_s / timing.median,
               "peak_bytes": peak, "flops": flops, "flops_source": flops_source,
-              "gflops": flops / timing.median / 1e9, "dim": setup.prob.dim,
+              "gflops": flops / timing.median / 1e9, "gemm_gflops": opts["gemm_gflops"],
+              "pct_gemm": 100 * flops / timing.median / 1e9 / opts["gemm_gflops"], "dim": setup.prob.dim,
               **metrics.output_errors(out, setup.reference),
               "recall": metrics.method_recall(method, q, k, scale=setup.prob.scale, causal=causal, **inputs)}
     if opts.get("maps_dir"):
