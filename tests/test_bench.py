@@ -44,7 +44,7 @@ PLUGIN = textwrap.dedent('''
     @register
     @dataclass(frozen=True)
     class Band(Method):
-        """Exact attention over the last `window` visible keys (a known selection)."""
+        """Exact attention over the keys within `window` positions of the query (a known selection)."""
         name: ClassVar[str] = "zz_band"
         family: ClassVar[Family] = Family.LOCAL
         window: int = param(8, min=1)
