@@ -74,6 +74,17 @@ PLUGIN = textwrap.dedent('''
 
     @register
     @dataclass(frozen=True)
+    class Crash(Method):
+        """Kills the process it runs in: the benchmark's worker."""
+        name: ClassVar[str] = "zz_crash"
+        family: ClassVar[Family] = Family.LOCAL
+
+        def forward(self, q, k, v, prob, **kw):
+            import os
+            os._exit(3)
+
+    @register
+    @dataclass(frozen=True)
     class NonCausal(Method):
         name: ClassVar[str] = "zz_noncausal"
         family: ClassVar[Family] = Family.LOW_RANK
@@ -319,7 +330,7 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
 
 def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recorded(tmp_path):
     out = tmp_path / "resume"
-    methods = ("zz_band", "zz_boom", "zz_noncausal", "zz_needs_x", "zz_gated", "zz_sleepy", "exact")
+    methods = ("zz_band", "zz_boom", "zz_crash", "zz_noncausal", "zz_needs_x", "zz_gated", "zz_sleepy", "exact")
     lengths = (16, 32, 48)
     args = ["--plugin", "azbench_plugin", "--methods", ",".join(methods), "--lengths", ",".join(map(str, lengths)),
             "--heads", "2", "--head-dim", "8", "--workload", "gaussian", "--repeat", "2", "--time-cap", "0.1",
@@ -337,16 +348,16 @@ def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recor
     os.killpg(proc.pid, signal.SIGKILL)  # the main process and its worker, mid-run
     proc.wait()
     done_before = len(_cases(out))
-    assert 3 <= done_before < 21
+    assert 3 <= done_before < 24
     with open(results, "ab") as f:  # and a record cut short, as a kill during a write leaves it
         f.write(b'{"type": "case", "key": "{\\"method\\"')
-    res = _bench(tmp_path, "--resume", "--out", str(out), "--no-report")
+    res = _bench(tmp_path, "--resume", "--out", str(out), "--no-report", "--compare", str(out))
     assert res.returncode == 0, res.stderr + res.stdout
     assert "results.jsonl line" in res.stdout and "moved to results.jsonl.corrupt" in res.stdout
-    assert f"{done_before} of 21 cases already" in res.stdout
+    assert f"{done_before} of 24 cases already" in res.stdout
     contents = ResultsFile(out).read()
     keys = [c["key"] for c in contents.cases]
-    assert len(keys) == len(set(keys)) == 21
+    assert len(keys) == len(set(keys)) == 24
     assert {(json.loads(k)["method"], json.loads(k)["length"]) for k in keys} == {
         (m, n) for m in methods for n in lengths}
     assert len(contents.runs) == 2 and contents.runs[1]["resumed"]
@@ -362,11 +373,15 @@ def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recor
         band = by["zz_band", n]
         assert band["status"] == "ok" and 0 < band["recall"] < 1 and band["rel_error"] > 1e-3
         assert by["exact", n]["recall"] == 1.0 and by["exact", n]["rel_error"] < 1e-5
+    # a method that kills the worker is one failed case; the worker restarts and its longer lengths are skipped
+    assert by["zz_crash", 16]["status"] == "failed" and "worker died (exit code 3" in by["zz_crash", 16]["reason"]
+    assert all(by["zz_crash", n]["skip_kind"] == "earlier failure" for n in (32, 48))
     # the sleepy method ran once, exceeded the 0.1 s cap, and its longer lengths were skipped with the
     # reason, even across the kill (the resumed run relearns the cap from the saved results)
     assert by["zz_sleepy", 16]["status"] == "ok" and by["zz_sleepy", 16]["time_s"] > 0.1
     assert all("over the per-case cap of 0.1 s" in by["zz_sleepy", n]["reason"] for n in (32, 48))
     assert "skipped (capability" in res.stdout and "failed zz_boom@" in res.stdout  # the summary names them
+    assert "other/now" in res.stdout and " 1.00 " in res.stdout  # --compare against itself: equal times
 
 
 # ------------------------------------------------------------------- capture
