@@ -285,6 +285,8 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
     todo = [p for p in planned if case_key(p.case) not in done]
     if len(todo) < len(planned):
         on_note(f"resuming: {len(planned) - len(todo)} of {len(planned)} cases already in {store.path}")
+    if not todo:
+        return store.path
     run_id = uuid.uuid4().hex[:12]
     worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins) if any(p.skip is None for p in todo) else None
     store.append({"type": "run", "run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
