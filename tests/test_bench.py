@@ -222,7 +222,7 @@ def test_fitted_exponent_and_pareto_front():
 # ----------------------------------------------------------------- workloads
 def test_structured_workload_deals_patterns_to_heads_and_g_is_a_log_gate():
     qkv = workloads.make("structured", length=96, heads=6, heads_kv=6, dim=16, seed=0)
-    assert qkv.meta["head_patterns"] == ["local", "sinks", "vertical_slash", "clusters", "needle", "local"]
+    assert qkv.meta["head_patterns"] == ["local", "needle", "vertical_slash", "clusters", "local", "needle"]
     again = workloads.make("structured", length=96, heads=6, heads_kv=6, dim=16, seed=0)
     assert torch.equal(qkv.q, again.q) and torch.equal(qkv.k, again.k)
     sinks = workloads.make("sinks", length=64, heads=2, dim=16, sinks=2, seed=1)
@@ -326,6 +326,18 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
         assert (out / rel).is_file() and base64.b64decode(data) == (out / rel).read_bytes()
         assert f'href="{rel}"' in page
     assert "Machine" in page and run["machine"]["torch"] in page
+    # a cut trailing line is reported by `attnzoo report` (terminal and page), never silently dropped
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+
+    with open(out / "results.jsonl", "ab") as f:
+        f.write(b'{"type": "case", "ke')
+    res = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "again" / "report.html")])
+    assert res.exit_code == 0, res.output
+    assert f"line {len(cases) + 2}" in res.output and "unterminated" in res.output
+    again = (tmp_path / "again" / "report.html").read_text()
+    assert "Unreadable line" in again and (tmp_path / "again" / "plots").is_dir()
 
 
 def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recorded(tmp_path):
@@ -408,5 +420,13 @@ def test_capture_from_minilm_reproduces_the_models_attention(tmp_path):
         out = attnzoo.attention(q.double(), k.double(), v.double(), method="naive")
         assert torch.allclose(out.transpose(1, 2).reshape(2, 48, -1).float(), expected, atol=1e-4)
     assert not torch.equal(loaded["input_ids"][0], loaded["input_ids"][1])  # consecutive windows of the text
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+
+    res = CliRunner().invoke(app, ["capture", "--out", str(tmp_path / "cli.pt"), "--length", "48", "--batch", "2"])
+    assert res.exit_code == 0, res.output
+    assert "6 layers, q (2, 12, 48, 32)" in res.output
+    assert torch.equal(capture.load(tmp_path / "cli.pt")["q"][3], loaded["q"][3])
     real = workloads.make("real", length=48, heads=4, batch=2, capture=str(path), layer=2)
     assert torch.equal(real.q, loaded["q"][2][:, :4]) and torch.equal(real.v, loaded["v"][2][:, :4])

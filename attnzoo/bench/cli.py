@@ -167,6 +167,9 @@ def _write_report(results: Path, out: Path | None) -> None:
     from .report import build_report
 
     try:
+        for number, what in ResultsFile(results).read().problems:
+            console.print(f"[yellow]warning:[/] {escape(str(results))} line {number}: {escape(what)} "
+                          "(left out of the report; `attnzoo bench --resume` moves it aside and reruns its case)")
         page = build_report(results, out)
     except AttnZooError as e:
         console.print(f"[red]error:[/] {escape(str(e))}")
