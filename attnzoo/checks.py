@@ -42,16 +42,20 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
-    """Check that ``t`` is a floating tensor of rank ``ndim`` with finite values."""
+    """Check that ``t`` is a floating tensor of rank ``ndim``."""
     if not isinstance(t, torch.Tensor):
         raise AttnZooError(f"{name}: expected a torch.Tensor {layout}, got {type(t).__name__}")
     if t.dim() != ndim:
         raise AttnZooError(f"{name}: expected a {ndim}-D tensor {layout}, got shape {_shape(t)}")
     if not t.is_floating_point():
         raise AttnZooError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
-    if CHECK_FINITE and t.numel() and not bool(torch.isfinite(t).all()):
-        raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
     return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Reject NaN/inf (one pass over ``t``; skipped when ``CHECK_FINITE`` is False)."""
+    if CHECK_FINITE and t.numel() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
 
 
 def check_qkv(
@@ -90,6 +94,9 @@ def check_qkv(
         raise AttnZooError("q: expected a head dim D >= 1, got 0")
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, B, Nk, q.device)
+    scale = resolve_scale(scale, D)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, t)
     return Problem(B, Hq, Hkv, Nq, Nk, D, v.shape[3], resolve_scale(scale, D))
 
 

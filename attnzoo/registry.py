@@ -213,7 +213,7 @@ def register(cls: type[Method]) -> type[Method]:
     """Class decorator adding a method to the registry under ``cls.name``."""
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise TypeError(f"register: expected a Method subclass, got {cls!r}")
-    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+    if "__dataclass_fields__" not in cls.__dict__ or not cls.__dataclass_params__.frozen:
         raise TypeError(f"register: {cls.__name__} must be a @dataclass(frozen=True)")
     if not cls.name:
         raise TypeError(f"register: {cls.__name__} has no `name`")

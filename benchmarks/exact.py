@@ -1,0 +1,128 @@
+"""Exact attention: attnzoo's `exact` and `exact_tiled` against PyTorch SDPA, in one run.
+
+B=1, H=8, D=64, fp32, N in {1K, 2K, 4K, 8K, 16K}, causal and not.
+
+- Time: the three implementations are timed round-robin in this process
+  (one call of each per round, after a warm-up round), so machine noise hits
+  them alike; the median over rounds is reported with its spread.
+- Peak memory: each case also runs once in a fresh subprocess that resets the
+  kernel's resident-set high-water mark (``/proc/self/clear_refs``) after the
+  inputs exist; the growth of ``VmHWM`` over the resident size before the call
+  is the call's peak extra memory (working buffers + output).
+- Attention GFLOP/s is compared with a GEMM ceiling (a square fp32 matmul)
+  measured by the same script.
+
+    python benchmarks/exact.py            # the issue's sizes (~15 min on 2 cores)
+    python benchmarks/exact.py --quick    # N in {1K, 2K}, for a first look
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _call(name: str, q, k, v, causal: bool):
+    import attnzoo as az
+    if name == "sdpa":
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return az.attention(q, k, v, method=name, causal=causal)
+
+
+def peak_extra_bytes(name: str, n: int, causal: bool, heads: int, dim: int) -> int:
+    """Inside a fresh process: resident memory added at the peak of one call."""
+    q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+    with torch.no_grad():
+        _call(name, q[:, :, :64], k[:, :, :64], v[:, :, :64], causal)  # load lazy kernels first
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the resident-set high-water mark
+        before = _status_bytes("VmRSS")
+        _call(name, q, k, v, causal)
+        return _status_bytes("VmHWM") - before
+
+
+def time_round_robin(names, n: int, causal: bool, heads: int, dim: int, repeat: int) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with torch.no_grad():
+        for r in range(repeat + 1):
+            for name in names:
+                t0 = time.perf_counter()
+                _call(name, q, k, v, causal)
+                if r:  # round 0 is the warm-up
+                    times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def gemm_ceiling(size: int = 2048, repeat: int = 5) -> float:
+    """GFLOP/s of a square fp32 matmul on this machine (the attainable compute ceiling)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="N in {1K, 2K} only")
+    ap.add_argument("--lengths", type=int, nargs="*", help="override the sequence lengths")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print JSON
+    args = ap.parse_args()
+    if args.case:
+        name, n, causal = args.case.split(",")
+        print(peak_extra_bytes(name, int(n), causal == "1", args.heads, args.dim))
+        return
+    lengths = args.lengths or ([1024, 2048] if args.quick else [1024, 2048, 4096, 8192, 16384])
+    ceiling = gemm_ceiling()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+          f"GEMM ceiling {ceiling:.1f} GFLOP/s; B=1 H={args.heads} D={args.dim} fp32; median of {args.repeat}")
+    header = (f"{'causal':>6} {'N':>6} {'method':>12} {'time ms':>9} {'spread':>7} {'vs SDPA':>8} "
+              f"{'GFLOP/s':>8} {'% GEMM':>7} {'peak MiB':>9}")
+    print(header)
+    print("-" * len(header))
+    for causal in (False, True):
+        for n in lengths:
+            names = ("sdpa", "exact", "exact_tiled")
+            times = time_round_robin(names, n, causal, args.heads, args.dim, args.repeat)
+            flops = 4 * args.heads * n * n * args.dim * (0.5 if causal else 1.0)
+            sdpa_time = statistics.median(times["sdpa"])
+            for name in names:
+                cmd = [sys.executable, __file__, "--case", f"{name},{n},{int(causal)}", "--heads", str(args.heads),
+                       "--dim", str(args.dim)]
+                res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                peak = (f"{int(res.stdout.split()[-1]) / 2**20:>9.1f}" if res.returncode == 0
+                        else f" failed: {res.stderr.strip().splitlines()[-1]}")
+                med = statistics.median(times[name])
+                print(f"{causal!s:>6} {n:>6} {name:>12} {med * 1e3:>9.1f} {(max(times[name]) - min(times[name])) * 1e3:>7.1f} "
+                      f"{med / sdpa_time:>7.2f}x {flops / med / 1e9:>8.1f} {100 * flops / med / 1e9 / ceiling:>6.1f}% "
+                      f"{peak}", flush=True)
+    print("vs SDPA = time / SDPA time (lower is better); peak MiB = growth of max RSS during one call "
+          f"(inputs excluded; q, k, v and out are {4 * args.heads * args.dim * 1024 / 2**20:.1f} MiB per 1K tokens each)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The registry as the single source of truth, and the contract every registered method keeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+import attnzoo as az
+from attnzoo.cli import app
+
+#: generators for the extra per-call inputs methods may declare (extend when a method adds one)
+EXTRA_INPUTS = {
+    "g": lambda q: -F.softplus(torch.randn_like(q)),  # gla log-gates <= 0
+}
+
+
+def test_methods_lists_the_core_and_info_describes_them():
+    names = set(az.methods())
+    assert {"naive", "exact", "exact_tiled", "flash_decode"} <= names
+    i = az.info("exact_tiled")
+    assert i.family is az.Family.EXACT and i.supports.lse and i.supports.grad
+    assert [(p.name, p.default, p.min) for p in i.params] == [("q_tile", 128, 1), ("k_tile", 256, 1)]
+    assert "FlashAttention" in i.papers
+
+
+def test_get_returns_a_reusable_configured_method():
+    m = az.get("flash_decode", splits=3)
+    assert m.splits == 3 and m == az.get("flash_decode", splits=3)
+    q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
+    torch.testing.assert_close(m(q, k, v), az.attention(q, k, v, method="flash_decode", splits=3))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.splits = 4
+
+
+def test_register_rejects_non_methods_and_name_clashes():
+    with pytest.raises(TypeError, match="Method subclass"):
+        az.register(int)
+
+    class NotADataclass(az.Method):
+        name: ClassVar[str] = "_not_a_dataclass"
+
+    with pytest.raises(TypeError, match="frozen"):
+        az.register(NotADataclass)
+
+    @dataclasses.dataclass(frozen=True)
+    class Clash(az.Method):
+        name: ClassVar[str] = "exact"
+
+    with pytest.raises(TypeError, match="already taken"):
+        az.register(Clash)
+
+
+#: parameters a method cannot run without (no default makes sense), used by the contract test
+REQUIRED_PARAMS = {
+    "block_sparse": {"mask_mod": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 3 == 0},
+}
+
+
+def _inputs_for(cls, q):
+    missing = [n for n in cls.inputs if n not in EXTRA_INPUTS]
+    assert not missing, f"{cls.name}: add a generator for extra input(s) {missing} to EXTRA_INPUTS"
+    return {n: EXTRA_INPUTS[n](q) for n in cls.inputs}
+
+
+def _public_methods():
+    return [n for n in az.methods() if not n.startswith("_")]
+
+
+@pytest.mark.parametrize("name", _public_methods())
+def test_every_method_keeps_the_calling_convention(name):
+    """Shape, dtype, finiteness, empty inputs and NaN rejection for every registered method."""
+    cls = az.methods()[name]
+    causal = cls.supports.causal
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 64, 16, generator=gen)
+    k = torch.randn(2, 4, 64, 16, generator=gen)
+    v = torch.randn(2, 4, 64, 8, generator=gen)
+    extra = _inputs_for(cls, q)
+    m = az.get(name, **REQUIRED_PARAMS.get(name, {}))
+    with torch.no_grad():
+        out = m(q, k, v, causal=causal, **extra)
+        assert out.shape == (2, 4, 64, 8) and out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+        out16 = m(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=causal,
+                  **{n: t.bfloat16() for n, t in extra.items()})
+        assert out16.dtype == torch.bfloat16
+        empty = m(q[:, :, :0], k, v, causal=causal, **{n: t[:, :, :0] for n, t in extra.items()})
+        assert empty.shape == (2, 4, 0, 8)
+        bad = q.clone()
+        bad[1, 2, 3, 4] = math.nan
+        with pytest.raises(az.AttnZooError, match="^q: contains NaN"):
+            m(bad, k, v, causal=causal, **extra)
+
+
+def test_cli_list_and_info():
+    runner = CliRunner()
+    res = runner.invoke(app, ["list"])
+    assert res.exit_code == 0, res.output
+    for name in ("exact", "exact_tiled", "flash_decode", "naive"):
+        assert name in res.output
+    res = runner.invoke(app, ["info", "exact_tiled"])
+    assert res.exit_code == 0 and "q_tile" in res.output and "FlashAttention" in res.output
+    res = runner.invoke(app, ["info", "exact_tile"])
+    assert res.exit_code == 2 and "did you mean" in res.output
