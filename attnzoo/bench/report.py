@@ -22,7 +22,7 @@ from .results import ResultsFile
 from .runner import workload_label
 
 #: errors below this are float32 round-off: drawn at the floor and treated as equal on the Pareto front
-_ERROR_FLOOR = 1e-6
+_ERROR_FLOOR = 1e-5
 
 
 def _pyplot():
