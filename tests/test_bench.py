@@ -310,12 +310,17 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     assert {(c["workload"], c["length"]) for c in cases} == {("structured", 32), ("structured", 64),
                                                              ("real", 32), ("real", 64)}
     assert {c["method"] for c in cases} == methods and len(cases) == 4 * len(methods)
+    # every registered method has its four cases; whatever other families do, the exact ones must measure cleanly
     for c in cases:
-        assert c["status"] == "ok", c
-        assert c["time_s"] > 0 and c["speedup"] > 0 and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
-        assert c["threads"] == 1 and c["gflops"] > 0 and c["pct_gemm"] == pytest.approx(
-            100 * c["gflops"] / c["gemm_gflops"])
-    assert all(c["dim"] == 32 for c in cases if c["workload"] == "real")  # MiniLM's head dim
+        assert c["status"] == "ok" or c["reason"], c
+        if c["status"] == "ok":
+            assert c["time_s"] > 0 and c["speedup"] > 0 and 0 <= c["rel_error"] and c["threads"] == 1
+            assert c["gflops"] > 0 and c["pct_gemm"] == pytest.approx(100 * c["gflops"] / c["gemm_gflops"])
+            assert c["dim"] == (32 if c["workload"] == "real" else 8)  # the real workload has MiniLM's head dim
+    exact = [c for c in cases if c["family"] == "exact"]
+    n_exact = sum(cls.family is attnzoo.Family.EXACT for cls in attnzoo.methods().values())
+    assert len(exact) == 4 * n_exact and all(c["status"] == "ok" and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
+                                    and c["recall"] == 1.0 for c in exact)
     assert "fastest first" in res.stdout and "× SDPA" in res.stdout and "exact_tiled" in res.stdout
     assert "pick fastest:" in res.stdout
     page = (out / "report.html").read_text()
