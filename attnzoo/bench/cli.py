@@ -17,6 +17,7 @@ from rich.table import Table
 from ..errors import AttnZooError
 from . import tables
 from .runner import workload_label
+from .workloads import WORKLOADS
 from .results import ResultsFile
 
 console = Console(width=None if Console().is_terminal else 160)
@@ -110,8 +111,7 @@ def bench(
     batch: Optional[int] = typer.Option(None, help="batch size"),
     causal: Optional[bool] = typer.Option(None, "--causal/--no-causal", help="causal (default) or non-causal"),
     workload: Optional[list[str]] = typer.Option(
-        None, help="repeatable: structured, real, gaussian, local, sinks, needle, vertical_slash, clusters, "
-                   "outliers; parameters as name:key=value,key=value"),
+        None, help=f"repeatable: {', '.join(WORKLOADS)}; parameters as name:key=value,key=value"),
     repeat: Optional[int] = typer.Option(None, help="timed calls per case after one warm-up"),
     threads: Optional[int] = typer.Option(None, help="torch threads in the worker (quick: 1, full: every core)"),
     time_cap: Optional[float] = typer.Option(None, help="skip a length whose time per call, predicted "
