@@ -1,4 +1,4 @@
-"""The ``attnzoo`` command line: ``attnzoo list``, ``attnzoo info NAME``."""
+"""The ``attnzoo`` command line: ``attnzoo list``, ``attnzoo info NAME``, ``bench``, ``report``, ``capture``."""
 
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ def eval_model(
 
     raise typer.Exit(eval_model_table(console, model=model, sentences=sentences, methods=method or None, params=param,
                                       max_tokens=max_tokens, threads=threads))
+
+
+from .bench.cli import register as _register_bench  # noqa: E402  (bench, report, capture)
+
+_register_bench(app)
 
 
 def main() -> None:

@@ -13,8 +13,10 @@ planted key beats an ordinary key by about e^8 in the softmax, whatever D is.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -57,7 +59,7 @@ WORKLOADS: dict[str, Workload] = {}
 
 
 def workload(name: str):
-    """Register a generator ``fn(shape, gen, **params) -> (q, k, meta)``; v is always Gaussian."""
+    """Register a generator ``fn(shape, gen, **params) -> (q, k, meta)`` (v Gaussian) or ``(q, k, v, meta)``."""
 
     def deco(fn):
         WORKLOADS[name] = Workload(name, (fn.__doc__ or "").strip().splitlines()[0], fn)
@@ -83,8 +85,12 @@ def make(name: str = "gaussian", *, batch: int = 1, heads: int = 8, heads_kv: in
         raise AttnZooError(f"workload: len_q expected 1..length={length}, got {len_q}")
     shape = Shape(batch, heads, heads_kv, len_q, length, dim, dim if dim_v is None else dim_v)
     gen = torch.Generator().manual_seed(seed)
-    q, k, meta = WORKLOADS[name].build(shape, gen, **params)
+    built = WORKLOADS[name].build(shape, gen, **params)
     v = torch.randn(batch, heads_kv, length, shape.dim_v, generator=gen)
+    if len(built) == 4:  # a workload with its own values (real Q/K/V)
+        q, k, v, meta = built
+    else:
+        q, k, meta = built
     meta = {"workload": name, "seed": seed, **params, **meta}
     return QKV(*(t.to(device=device, dtype=dtype) for t in (q, k, v)), meta)
 
@@ -209,3 +215,130 @@ def _outliers(shape: Shape, gen: torch.Generator, key_offset: float = 10.0, q_ch
     chans = torch.randperm(shape.dim, generator=gen)[:q_channels]
     q[..., chans] *= q_gain
     return q, k, {"q_channels": chans.tolist()}
+
+
+@workload("sinks")
+def _sinks(shape: Shape, gen: torch.Generator, sinks: int = 4, strength: float = 6.0):
+    """Attention sinks: the first ``sinks`` keys share a direction every query carries."""
+    q, k = _gauss(shape, gen, 0.5)
+    unit = _score_unit(shape) * math.sqrt(strength)
+    u = _free_direction(shape, gen)
+    q += unit * u
+    k[:, :, :sinks] += unit * u
+    return q, k, {"sinks": list(range(min(sinks, shape.len_k)))}
+
+
+#: the patterns ``structured`` deals out to its KV heads, in order (``needle`` carries a sink too)
+STRUCTURED_PATTERNS = ("local", "needle", "vertical_slash", "clusters")
+
+
+@workload("structured")
+def _structured(shape: Shape, gen: torch.Generator):
+    """Heterogeneous heads, as in real models: KV head g (and its query heads) gets pattern g mod 4.
+
+    The patterns are a local band; needles with an attention sink and locality; vertical
+    columns with diagonals; clusters (each built by its own generator at this shape), so
+    four heads already hold every planted structure.
+    """
+    group = shape.heads // shape.heads_kv
+    built = {p: WORKLOADS[p].build(shape, gen) for p in STRUCTURED_PATTERNS[:shape.heads_kv]}
+    q, k = _gauss(shape, gen)
+    patterns = []
+    for g in range(shape.heads_kv):
+        pattern = STRUCTURED_PATTERNS[g % len(STRUCTURED_PATTERNS)]
+        pq, pk, _ = built[pattern]
+        q[:, g * group:(g + 1) * group] = pq[:, g * group:(g + 1) * group]
+        k[:, g] = pk[:, g]
+        patterns.append(pattern)
+    return q, k, {"head_patterns": patterns, **{f"{p}_meta": m for p, (_, _, m) in built.items()}}
+
+
+@workload("real")
+def _real(shape: Shape, gen: torch.Generator, layer: int | None = None, capture: str | None = None,
+          model: str | None = None, text: str | None = None):
+    """Real Q/K/V of a pretrained model on real text (default all-MiniLM-L6-v2 on data/ prose).
+
+    ``capture`` loads a file written by ``attnzoo capture``; otherwise the model
+    (default MiniLM) is run on ``batch`` windows of ``length`` tokens of ``text``
+    (a file path; default the package's public-domain text). ``layer`` defaults
+    to the middle layer; the first ``heads`` heads are used; ``dim`` is the model's.
+    """
+    from . import capture as cap
+
+    if capture is not None:
+        record = cap.load(capture)
+    else:
+        text_value = None if text is None else open(text).read()
+        record = _cached_capture(model, text_value, shape.len_k, shape.batch)
+    layers = len(record["q"])
+    layer = layers // 2 if layer is None else layer
+    if not 0 <= layer < layers:
+        raise AttnZooError(f"workload real: layer expected 0..{layers - 1}, got {layer}")
+    q, k, v = record["q"][layer], record["k"][layer], record["v"][layer]
+    if q.shape[0] < shape.batch or k.shape[2] < shape.len_k:
+        raise AttnZooError(f"workload real: the capture holds batch {q.shape[0]} × length {k.shape[2]}; "
+                           f"asked for batch {shape.batch} × length {shape.len_k}")
+    if shape.heads > q.shape[1] or shape.heads // shape.heads_kv != q.shape[1] // k.shape[1]:
+        raise AttnZooError(f"workload real: the model has {q.shape[1]} query and {k.shape[1]} KV heads; "
+                           f"asked for heads={shape.heads}, heads_kv={shape.heads_kv} (same group size needed)")
+    n, b = shape.len_k, shape.batch
+    q = q[:b, :shape.heads, n - shape.len_q:n]
+    k, v = k[:b, :shape.heads_kv, :n], v[:b, :shape.heads_kv, :n]
+    meta = {"model": "/".join(Path(record["model"]).parts[-2:]), "layer": layer,
+            "text_sha256": record.get("text_sha256"), "dim": q.shape[-1]}
+    return q.float(), k.float(), v.float(), meta
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_capture(model: str | None, text: str | None, length: int, batch: int) -> dict:
+    from . import capture as cap
+
+    return cap.capture_qkv(model, text, length=length, batch=batch)
+
+
+def max_length(name: str, params: dict | None = None) -> int | None:
+    """The longest length a workload can produce (None = any): the model's limit for ``real``."""
+    if name != "real":
+        return None
+    from . import capture as cap
+
+    params = params or {}
+    if params.get("capture"):
+        return int(cap.load(params["capture"])["k"][0].shape[2])
+    cap.require_transformers()
+    return cap.max_tokens(params.get("model") or cap.default_model_dir())
+
+
+# ------------------------------------------------------------ extra inputs
+#: generators for methods' extra per-call inputs, keyed by input name (``Method.inputs``)
+INPUTS: dict[str, Callable[[Shape, torch.Generator], torch.Tensor]] = {}
+
+
+def input_generator(name: str):
+    """Register ``fn(shape, gen) -> tensor`` producing the extra input ``name`` for the benchmark."""
+
+    def deco(fn):
+        INPUTS[name] = fn
+        return fn
+
+    return deco
+
+
+@input_generator("g")
+def _gla_gates(shape: Shape, gen: torch.Generator) -> torch.Tensor:
+    """GLA log-gates ``(B, Hq, N, D)`` ≤ 0: ``logsigmoid(x) / 16`` (fla's gate_logit_normalizer)."""
+    x = torch.randn(shape.batch, shape.heads, shape.len_k, shape.dim, generator=gen)
+    return torch.nn.functional.logsigmoid(x) / 16
+
+
+def make_inputs(names, qkv: QKV, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Generated extra inputs for ``names`` at the shape of ``qkv``; raises naming a missing generator."""
+    q, k, v, _ = qkv
+    shape = Shape(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3])
+    out = {}
+    for name in names:
+        if name not in INPUTS:
+            raise AttnZooError(f"workload: no generator for extra input {name!r} "
+                               "(register one with @attnzoo.bench.workloads.input_generator)")
+        out[name] = INPUTS[name](shape, torch.Generator().manual_seed(seed + 1)).to(q.dtype)
+    return out

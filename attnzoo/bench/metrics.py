@@ -1,0 +1,229 @@
+"""What the benchmark measures: time, peak memory, error vs exact, attention-mass recall, FLOP rate.
+
+Peak memory (CPU) — the resident-set high-water mark of the benchmark's worker
+process, reset before each measured call: on Linux, writing ``5`` to
+``/proc/self/clear_refs`` sets ``VmHWM`` back to the current ``VmRSS``, so
+``VmHWM`` after the call minus ``VmRSS`` before it is the most extra memory the
+call (its temporaries and its output) held at any instant. This is what the OS
+had to give, including allocator overhead, and it costs microseconds, so every
+case can run in one long-lived worker instead of a fresh process each (a fresh
+process per case reading ``ru_maxrss`` is as honest but costs an interpreter and
+a torch import, ~3 s, per case). Just before the measured call glibc's
+``malloc_trim(0)`` hands every freed block back to the OS, so memory an earlier
+call freed cannot be silently reused and hidden from the RSS; the timed calls
+run with the allocator untouched. Where ``clear_refs`` is unavailable (not
+Linux) the peak is reported as unknown (None), never guessed.
+
+Attention-mass recall — the fraction of exact attention probability mass that
+falls on the keys a method reads, averaged over query rows. Methods do not
+return the keys they used, so a method opts in by defining
+``visible(q, k, *, causal, key_padding_mask, **inputs)`` returning a bool tensor
+broadcastable to ``(B, Hq, Nq, Nk)`` (True = read), or None when it reads every
+visible key. Exact-family methods read every key: recall 1 by definition.
+Without the hook recall is not applicable (None), never a made-up number.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import Problem
+from ..core.exact import naive_attention
+from ..core.masks import visible_mask
+from ..registry import Family, Method
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim
+
+
+_TRIM = _malloc_trim()
+
+
+# -------------------------------------------------------------------- time
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over ``len(runs)`` timed calls after the caller's warm-up."""
+
+    runs: tuple[float, ...]
+    threads: int
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the timed runs: how noisy this measurement was."""
+        return (max(self.runs) - min(self.runs)) / self.median if self.median > 0 else 0.0
+
+
+def time_calls(fn: Callable[[], Any], *, repeat: int, budget_s: float) -> Timing:
+    """Time ``fn`` up to ``repeat`` times, stopping early once ``budget_s`` is spent (at least once)."""
+    runs: list[float] = []
+    spent = 0.0
+    while len(runs) < repeat and (not runs or spent < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+        spent += runs[-1]
+    return Timing(tuple(runs), torch.get_num_threads())
+
+
+# ------------------------------------------------------------------ memory
+def _status_kb(field: str) -> int:
+    for line in _STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_supported() -> bool:
+    try:
+        _CLEAR_REFS.write_text("5")
+        _status_kb("VmHWM")
+        return True
+    except (OSError, KeyError):
+        return False
+
+
+def peak_memory(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    """``(fn(), extra bytes at the peak of the call)``; the peak is None where it cannot be measured."""
+    if not peak_memory_supported():
+        return fn(), None
+    if _TRIM is not None:
+        _TRIM(0)
+    before = _status_kb("VmRSS")
+    _CLEAR_REFS.write_text("5")
+    result = fn()
+    return result, max(0, _status_kb("VmHWM") - before) * 1024
+
+
+# ------------------------------------------------------------------- error
+def output_errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Relative Frobenius error, max abs error and mean row cosine of ``out`` against ``ref``."""
+    out, ref = out.double(), ref.double()
+    diff = out - ref
+    ref_norm = float(ref.norm())
+    rel = float(diff.norm()) / ref_norm if ref_norm > 0 else float(diff.norm())
+    dot = (out * ref).sum(-1)
+    norms = out.norm(dim=-1) * ref.norm(dim=-1)
+    both_zero = (out.norm(dim=-1) == 0) & (ref.norm(dim=-1) == 0)
+    cosine = torch.where(both_zero, torch.ones_like(dot), dot / norms.clamp_min(1e-300))
+    return {"rel_error": rel, "max_abs_error": float(diff.abs().max()), "cosine": float(cosine.mean())}
+
+
+# ------------------------------------------------------------------ recall
+def mass_recall(q: torch.Tensor, k: torch.Tensor, keys_read: torch.Tensor, *, scale: float, causal: bool,
+                key_padding_mask: torch.Tensor | None = None) -> float:
+    """Mean over query rows (with a visible key) of the exact attention mass on ``keys_read``.
+
+    ``keys_read`` is bool, broadcastable to ``(B, Hq, Nq, Nk)``. Computed one
+    (batch, head) at a time so memory stays O(Nq·Nk).
+    """
+    batch, heads, len_q, _ = q.shape
+    len_k = k.shape[2]
+    groups = heads // k.shape[1]
+    keys_read = keys_read.expand(batch, heads, len_q, len_k)
+    total, rows = 0.0, 0
+    for b in range(batch):
+        pad = None if key_padding_mask is None else key_padding_mask[b:b + 1]
+        for h in range(heads):
+            qh, kh = q[b:b + 1, h:h + 1].double(), k[b:b + 1, h // groups:h // groups + 1].double()
+            scores = (qh @ kh.transpose(-1, -2)) * scale
+            seen = visible_mask(len_q, len_k, causal=causal, key_padding_mask=pad)
+            if seen is not None:
+                scores = scores.masked_fill(~seen, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)[0, 0]
+            live = torch.isfinite(scores[0, 0]).any(dim=-1)
+            mass = (probs * keys_read[b, h]).sum(-1)
+            total += float(mass[live].sum())
+            rows += int(live.sum())
+    return total / rows if rows else 1.0
+
+
+def method_recall(method: Method, q, k, *, scale: float, causal: bool, key_padding_mask=None,
+                  **inputs) -> float | None:
+    """Recall of ``method`` by the protocol in the module docstring (None = not applicable)."""
+    if type(method).family is Family.EXACT:
+        return 1.0
+    visible = getattr(method, "visible", None)
+    if not callable(visible):
+        return None
+    keys_read = visible(q, k, causal=causal, key_padding_mask=key_padding_mask, **inputs)
+    if keys_read is None:
+        return 1.0
+    return mass_recall(q, k, keys_read.bool(), scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+
+
+# -------------------------------------------------------------------- flops
+def visible_pairs(len_q: int, len_k: int, causal: bool) -> int:
+    """(query, key) pairs exact attention scores (bottom-right causal alignment)."""
+    if not causal:
+        return len_q * len_k
+    offset = len_k - len_q
+    return sum(max(0, min(len_k, i + offset + 1)) for i in range(len_q))
+
+
+def attention_flops(prob: Problem, causal: bool) -> int:
+    """FLOPs of exact attention: ``2·(D + Dv)`` per visible pair per head (QKᵀ and PV)."""
+    return 2 * prob.batch * prob.heads_q * visible_pairs(prob.len_q, prob.len_k, causal) * (prob.dim + prob.dim_v)
+
+
+def method_flops(method: Method, prob: Problem, causal: bool) -> tuple[int, str]:
+    """The method's own FLOP count when it defines ``flops(prob, causal)``, else exact attention's."""
+    own = getattr(method, "flops", None)
+    if callable(own):
+        return int(own(prob, causal)), "method"
+    return attention_flops(prob, causal), "exact-equivalent"
+
+
+def gemm_ceiling_gflops(n: int = 1024, repeat: int = 5) -> float:
+    """GFLOP/s of an ``n×n @ n×n`` float32 matmul on this machine, median of ``repeat`` (after one warm-up)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    timing = time_calls(lambda: a @ b, repeat=repeat, budget_s=float("inf"))
+    return 2 * n ** 3 / timing.median / 1e9
+
+
+# ---------------------------------------------------------------- heatmaps
+def _pool(m: torch.Tensor, size: int) -> torch.Tensor:
+    if max(m.shape) <= size:
+        return m.float()
+    return F.adaptive_avg_pool2d(m[None, None].float(), (min(size, m.shape[0]), min(size, m.shape[1])))[0, 0]
+
+
+def exact_map(q, k, *, scale: float, causal: bool, head: int = 0, size: int = 128) -> torch.Tensor:
+    """Exact attention probabilities of batch 0, query head ``head``, average-pooled to at most size×size."""
+    groups = q.shape[1] // k.shape[1]
+    qh, kh = q[:1, head:head + 1].double(), k[:1, head // groups:head // groups + 1].double()
+    eye = torch.eye(k.shape[2], dtype=torch.float64)[None, None]
+    probs, _ = naive_attention(qh, kh, eye, scale=scale, causal=causal)
+    return _pool(probs[0, 0], size)
+
+
+def method_map(method: Method, q, k, *, causal: bool, head: int = 0, size: int = 128, **inputs) -> torch.Tensor:
+    """The attention matrix a method applies, read off by feeding ``v = I`` (Dv = Nk).
+
+    Exact for every method whose output is linear in v (softmax-based, sparse,
+    kernelised, linear-recurrent); pooled like :func:`exact_map`.
+    """
+    eye = torch.eye(k.shape[2], dtype=q.dtype).expand(k.shape[0], k.shape[1], -1, -1).contiguous()
+    with torch.no_grad():
+        out = method(q, k, eye, causal=causal, **inputs)
+    return _pool(out[0, head], size)

@@ -1,0 +1,141 @@
+"""The results file: JSON lines appended one case at a time, safe to interrupt and resume.
+
+Line types: ``{"type": "run", ...}`` opens each (resumed) session with the
+machine block (host, CPU, torch, thread count, GEMM ceiling, attnzoo git
+revision) and the suite; ``{"type": "case", "key": ..., "status": ...}`` is one
+finished case (ok, skipped or failed). Each line is written with a single
+``write`` and flushed to disk before the next case starts, so a kill loses at
+most the case in flight and can leave at most one partial trailing line.
+Reading reports such a line (never drops it silently); :meth:`ResultsFile.repair`
+moves it aside into ``results.jsonl.corrupt`` before a resumed run appends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import AttnZooError
+
+FILENAME = "results.jsonl"
+
+
+def case_key(case: dict) -> str:
+    """The identity of a case (method, parameters, workload, sizes, causal, seed) as a canonical string."""
+    return json.dumps(case, sort_keys=True, separators=(",", ":"))
+
+
+def git_revision() -> str:
+    """``git describe`` of the attnzoo checkout (with ``-dirty``), or why it is unknown."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"unknown ({type(e).__name__})"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """What the numbers depend on, measured in the benchmark's main process."""
+    from .. import __version__
+
+    return {"host": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "attnzoo": __version__, "git": git_revision()}
+
+
+@dataclass
+class Contents:
+    """A parsed results file: run headers, case records, and the problems found reading it."""
+
+    runs: list[dict] = field(default_factory=list)
+    cases: list[dict] = field(default_factory=list)
+    #: (1-based line number, description) of each unreadable line
+    problems: list[tuple[int, str]] = field(default_factory=list)
+    #: byte offset where trailing unreadable lines begin (None when the file ends cleanly)
+    corrupt_tail_at: int | None = None
+
+    @property
+    def done(self) -> set[str]:
+        return {c["key"] for c in self.cases}
+
+
+class ResultsFile:
+    """One results file; ``path`` is the ``.jsonl`` file or a folder holding ``results.jsonl``."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = path / FILENAME if path.is_dir() or not path.suffix else path
+
+    def exists(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+    def read(self) -> Contents:
+        if not self.path.exists():
+            raise AttnZooError(f"results: {self.path} does not exist")
+        data = self.path.read_bytes()
+        contents = Contents()
+        offset, last_good_end = 0, 0
+        for number, raw in enumerate(data.split(b"\n"), start=1):
+            offset += len(raw) + 1
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+                kind = record["type"]
+            except (ValueError, KeyError, TypeError) as e:
+                complete = offset <= len(data)
+                what = "a line" if complete else "an unterminated last line (write cut short)"
+                contents.problems.append((number, f"{what} of {len(raw)} bytes is not a valid record "
+                                                  f"({type(e).__name__}): {raw[:60]!r}"))
+                continue
+            if contents.problems:
+                first = contents.problems[0][0]
+                raise AttnZooError(f"results: {self.path} line {first} is corrupt but valid records follow it "
+                                   f"(line {number}); inspect the file: {contents.problems[0][1]}")
+            (contents.runs if kind == "run" else contents.cases).append(record)
+            last_good_end = min(offset, len(data))
+        if contents.problems:
+            contents.corrupt_tail_at = last_good_end
+        return contents
+
+    def repair(self) -> list[str]:
+        """Move unreadable trailing lines to ``<file>.corrupt`` and truncate; returns what was done."""
+        contents = self.read()
+        if contents.corrupt_tail_at is None:
+            return []
+        data = self.path.read_bytes()
+        aside = self.path.with_name(self.path.name + ".corrupt")
+        with open(aside, "ab") as f:
+            f.write(data[contents.corrupt_tail_at:].rstrip(b"\n") + b"\n")
+        with open(self.path, "r+b") as f:
+            f.truncate(contents.corrupt_tail_at)
+        return [f"{self.path.name} line {n}: {what} — moved to {aside.name}; its case will run again"
+                for n, what in contents.problems]
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)

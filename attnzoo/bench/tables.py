@@ -1,0 +1,100 @@
+"""Turn case records into the tables the terminal and the report show (leaderboard, skips, comparison)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .runner import workload_label
+
+#: leaderboard columns: (header, record field, format)
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("family", "family", "{}"),
+    ("N", "length", "{}"),
+    ("time ms", "time_ms", "{:.2f}"),
+    ("±%", "spread_pct", "{:.0f}"),
+    ("× SDPA", "speedup", "{:.2f}"),
+    ("peak MiB", "peak_mib", "{:.1f}"),
+    ("rel err", "rel_error", "{:.1e}"),
+    ("cosine", "cosine", "{:.4f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("GFLOP/s", "gflops", "{:.1f}"),
+    ("% GEMM", "pct_gemm", "{:.0f}"),
+)
+
+
+def fmt(value, spec: str) -> str:
+    """A cell: blank for a missing value (not applicable / not measured), never a made-up number."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return spec.format(value)
+
+
+def _row(case: dict) -> dict:
+    peak = case.get("peak_bytes")
+    return {**case, "time_ms": case["time_s"] * 1e3, "spread_pct": case["spread"] * 100,
+            "peak_mib": None if peak is None else peak / 2**20}
+
+
+@dataclass
+class Board:
+    """The ranked results of one workload at one length (the longest measured)."""
+
+    workload: str
+    causal: bool
+    length: int
+    rows: list[dict]
+
+
+def leaderboards(cases: list[dict], every_length: bool = False) -> list[Board]:
+    """Per (workload, causal): the ok cases at the longest length any method reached (or, with
+    ``every_length``, one board per length, longest first), fastest first."""
+    groups: dict[tuple[str, bool], list[dict]] = {}
+    for c in cases:
+        if c["status"] == "ok":
+            groups.setdefault((workload_label(c), c["causal"]), []).append(c)
+    boards = []
+    for (label, causal), group in groups.items():
+        lengths = sorted({c["length"] for c in group}, reverse=True)
+        for length in lengths if every_length else lengths[:1]:
+            rows = sorted((_row(c) for c in group if c["length"] == length), key=lambda r: r["time_s"])
+            boards.append(Board(label, causal, length, rows))
+    return boards
+
+
+def advice(board: Board, near_exact: float = 1e-3) -> str:
+    """One line on what to pick from a leaderboard: the fastest near-exact method and the fastest overall."""
+    rows = board.rows
+    if not rows:
+        return ""
+    fastest = rows[0]
+    accurate = next((r for r in rows if r["rel_error"] <= near_exact), None)
+    text = f"fastest: {fastest['method']} ({fastest['speedup']:.2f}× SDPA, rel err {fastest['rel_error']:.1e})"
+    if accurate is not None and accurate is not fastest:
+        text += f"; fastest with rel err ≤ {near_exact:g}: {accurate['method']} ({accurate['speedup']:.2f}× SDPA)"
+    elif accurate is None:
+        text += f"; no method reached rel err ≤ {near_exact:g}"
+    return text
+
+
+def cells(row: dict) -> list[str]:
+    return [fmt(row.get(field), spec) for _, field, spec in COLUMNS]
+
+
+def not_run(cases: list[dict]) -> list[dict]:
+    """Skipped and failed cases, with their reasons, in run order."""
+    return [c for c in cases if c["status"] != "ok"]
+
+
+def compare(current: list[dict], other: list[dict]) -> list[dict]:
+    """Cases measured (ok) in both runs, matched by case key: times and the ratio other / current."""
+    before = {c["key"]: c for c in other if c["status"] == "ok"}
+    rows = []
+    for c in current:
+        o = before.get(c["key"])
+        if c["status"] == "ok" and o is not None:
+            rows.append({"method": c["method"], "workload": workload_label(c), "length": c["length"],
+                         "now_ms": c["time_s"] * 1e3, "other_ms": o["time_s"] * 1e3,
+                         "ratio": o["time_s"] / c["time_s"], "now_err": c["rel_error"], "other_err": o["rel_error"]})
+    return sorted(rows, key=lambda r: (r["workload"], r["method"], r["length"]))

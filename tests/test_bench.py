@@ -1,0 +1,437 @@
+"""The measuring lab: metrics on constructed cases, results-file safety, runner robustness, the
+quick suite end to end (results + report), kill-and-resume, and real Q/K/V capture from MiniLM.
+
+Seeds: workloads use seed 0 unless stated; tensors in metric tests use torch.manual_seed(0) (conftest).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo.bench import metrics, tables, workloads
+from attnzoo.bench.report import fitted_exponent, pareto_front
+from attnzoo.bench.results import ResultsFile
+from attnzoo.bench.runner import Suite, parse_workload, plan
+from attnzoo.checks import Problem
+from attnzoo.errors import AttnZooError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Methods registered only inside the benchmark's subprocesses (never in this test process, so other
+# test files iterating attnzoo.methods() never see them).
+PLUGIN = textwrap.dedent('''
+    import time
+    from dataclasses import dataclass
+    from typing import ClassVar
+    import torch
+    from attnzoo.core.exact import naive_attention, tiled_attention
+    from attnzoo.core.masks import visible_mask
+    from attnzoo.registry import Family, Method, Supports, param, register
+
+    @register
+    @dataclass(frozen=True)
+    class Band(Method):
+        """Exact attention over the keys within `window` positions of the query (a known selection)."""
+        name: ClassVar[str] = "zz_band"
+        family: ClassVar[Family] = Family.LOCAL
+        window: int = param(8, min=1)
+
+        def visible(self, q, k, *, causal, key_padding_mask=None):
+            nq, nk = q.shape[2], k.shape[2]
+            pos = torch.arange(nq)[:, None] + nk - nq
+            dist = pos - torch.arange(nk)[None, :]
+            return (dist < self.window) & (dist > -self.window)
+
+        def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+            mask = self.visible(q, k, causal=causal)
+            seen = visible_mask(prob.len_q, prob.len_k, causal=causal)
+            mask = mask if seen is None else mask & seen
+            s = (q @ k.transpose(-1, -2)) * prob.scale
+            p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+            return p @ v, None
+
+    @register
+    @dataclass(frozen=True)
+    class Boom(Method):
+        name: ClassVar[str] = "zz_boom"
+        family: ClassVar[Family] = Family.LOCAL
+
+        def forward(self, q, k, v, prob, **kw):
+            raise RuntimeError("kaboom at length %d" % prob.len_k)
+
+    @register
+    @dataclass(frozen=True)
+    class Crash(Method):
+        """Kills the process it runs in: the benchmark's worker."""
+        name: ClassVar[str] = "zz_crash"
+        family: ClassVar[Family] = Family.LOCAL
+
+        def forward(self, q, k, v, prob, **kw):
+            import os
+            os._exit(3)
+
+    @register
+    @dataclass(frozen=True)
+    class NonCausal(Method):
+        name: ClassVar[str] = "zz_noncausal"
+        family: ClassVar[Family] = Family.LOW_RANK
+        supports: ClassVar[Supports] = Supports(causal=False)
+
+        def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+            return v.mean(dim=2, keepdim=True).expand(-1, -1, prob.len_q, -1), None
+
+    @register
+    @dataclass(frozen=True)
+    class NeedsX(Method):
+        name: ClassVar[str] = "zz_needs_x"
+        family: ClassVar[Family] = Family.LINEAR_RNN
+        inputs: ClassVar[dict] = {"x": "an input nobody generates"}
+
+        def forward(self, q, k, v, prob, **kw):
+            return q, None
+
+    @register
+    @dataclass(frozen=True)
+    class Gated(Method):
+        """Uses the generated GLA gate g (must be <= 0): exact attention if it is."""
+        name: ClassVar[str] = "zz_gated"
+        family: ClassVar[Family] = Family.LINEAR_RNN
+        inputs: ClassVar[dict] = {"g": "log gates"}
+
+        def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, g):
+            assert g.shape == q.shape and bool((g <= 0).all())
+            return naive_attention(q, k, v, scale=prob.scale, causal=causal)[0], None
+
+    @register
+    @dataclass(frozen=True)
+    class Sleepy(Method):
+        """Exact attention after a nap: slow enough to trip the per-case cap and to be killed mid-run."""
+        name: ClassVar[str] = "zz_sleepy"
+        family: ClassVar[Family] = Family.EXACT
+        nap: float = param(0.15, min=0.0)
+
+        def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+            time.sleep(self.nap)
+            return tiled_attention(q, k, v, scale=prob.scale, causal=causal)
+''')
+
+
+def _env(tmp_path: Path) -> dict:
+    (tmp_path / "azbench_plugin.py").write_text(PLUGIN)
+    paths = [str(ROOT), str(tmp_path), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)), HF_HUB_OFFLINE="1",
+                TRANSFORMERS_OFFLINE="1", COLUMNS="200")
+
+
+def _bench(tmp_path: Path, *args: str, timeout: float = 100) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "attnzoo.cli", "bench", "--threads", "1", *args],
+                          env=_env(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
+
+
+def _cases(folder: Path) -> list[dict]:
+    return ResultsFile(folder).read().cases
+
+
+# ------------------------------------------------------------------- metrics
+def test_errors_of_exact_output_are_zero_and_cosine_one():
+    out = torch.randn(2, 3, 5, 4)
+    errs = metrics.output_errors(out, out.clone())
+    assert errs == {"rel_error": 0.0, "max_abs_error": 0.0, "cosine": 1.0}
+    errs = metrics.output_errors(2 * out, out)  # same direction, twice the size
+    assert errs["rel_error"] == pytest.approx(1.0) and errs["cosine"] == pytest.approx(1.0)
+    assert metrics.output_errors(-out, out)["cosine"] == pytest.approx(-1.0)
+
+
+def test_recall_of_exact_family_is_one_and_no_hook_is_blank():
+    q, k = torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4)
+    assert metrics.method_recall(attnzoo.get("exact_tiled"), q, k, scale=0.5, causal=True) == 1.0
+
+    class NoHook(attnzoo.Method):  # not registered: only its family and attributes matter here
+        family = attnzoo.Family.LOW_RANK
+
+    assert metrics.method_recall(NoHook(), q, k, scale=0.5, causal=True) is None
+
+
+def test_known_mask_gives_known_recall():
+    # q = 0: every visible key gets the same probability, so a mask's recall is the share of visible keys it keeps.
+    n, window = 12, 4
+    q, k = torch.zeros(1, 1, n, 8), torch.randn(1, 1, n, 8)
+    band = (torch.arange(n)[:, None] - torch.arange(n)[None, :]) < window
+    expected = sum(min(i + 1, window) / (i + 1) for i in range(n)) / n
+    assert metrics.mass_recall(q, k, band, scale=1.0, causal=True) == pytest.approx(expected, abs=1e-12)
+    everything = torch.ones(n, n, dtype=torch.bool)
+    assert metrics.mass_recall(q, k, everything, scale=1.0, causal=True) == pytest.approx(1.0, abs=1e-12)
+    # a peaked row: the needle key holds almost all mass, so reading only it gives recall ~1
+    k2 = torch.zeros(1, 1, n, 8)
+    k2[0, 0, 3, 0] = 50.0
+    q2 = torch.zeros(1, 1, n, 8)
+    q2[..., 0] = 1.0
+    needle_only = torch.zeros(n, n, dtype=torch.bool)
+    needle_only[:, 3] = True
+    assert metrics.mass_recall(q2, k2, needle_only, scale=1.0, causal=False) > 0.999
+
+
+def test_flops_count_visible_pairs():
+    assert metrics.visible_pairs(4, 4, causal=True) == 10
+    assert metrics.visible_pairs(2, 4, causal=True) == 7  # bottom-right: rows see 3 and 4 keys
+    prob = Problem(1, 2, 2, 4, 4, 8, 8, 1.0)
+    assert metrics.attention_flops(prob, causal=False) == 2 * 2 * 16 * 16
+    assert metrics.method_flops(attnzoo.get("exact"), prob, True) == (2 * 2 * 10 * 16, "exact-equivalent")
+
+
+def test_timing_respects_repeat_and_budget():
+    calls = []
+    t = metrics.time_calls(lambda: calls.append(time.sleep(0.02)), repeat=50, budget_s=0.05)
+    assert 2 <= len(t.runs) <= 4 and len(calls) == len(t.runs) and t.median >= 0.02
+    assert len(metrics.time_calls(lambda: None, repeat=3, budget_s=10).runs) == 3
+
+
+@pytest.mark.skipif(not metrics.peak_memory_supported(), reason="needs Linux /proc/self/clear_refs")
+def test_peak_memory_sees_a_temporary_buffer():
+    def work():
+        big = torch.ones(16 * 2**20)  # 64 MiB, freed before returning
+        return float(big.sum())
+
+    value, peak = metrics.peak_memory(work)
+    assert value == 16 * 2**20 and peak >= 60 * 2**20
+    _, small = metrics.peak_memory(lambda: torch.ones(4).sum())
+    assert small < 8 * 2**20
+
+
+def test_fitted_exponent_and_pareto_front():
+    lengths = [256, 1024, 4096]
+    assert fitted_exponent(lengths, [3e-9 * n**2 for n in lengths]) == pytest.approx(2.0)
+    assert fitted_exponent([256], [1.0]) is None
+    points = [(1.0, 1e-6), (2.0, 1e-3), (0.5, 1e-3), (3.0, 1e-1), (2.0, 1e-2)]
+    assert pareto_front(points) == [0, 1, 3]
+
+
+# ----------------------------------------------------------------- workloads
+def test_structured_workload_deals_patterns_to_heads_and_g_is_a_log_gate():
+    qkv = workloads.make("structured", length=96, heads=6, heads_kv=6, dim=16, seed=0)
+    assert qkv.meta["head_patterns"] == ["local", "needle", "vertical_slash", "clusters", "local", "needle"]
+    again = workloads.make("structured", length=96, heads=6, heads_kv=6, dim=16, seed=0)
+    assert torch.equal(qkv.q, again.q) and torch.equal(qkv.k, again.k)
+    sinks = workloads.make("sinks", length=64, heads=2, dim=16, sinks=2, seed=1)
+    probs = torch.softmax(sinks.q @ sinks.k.transpose(-1, -2) / 4, dim=-1)
+    assert float(probs[..., :2].sum(-1).mean()) > 0.5  # the planted sinks hold most of the mass
+    g = workloads.make_inputs(["g"], qkv)["g"]
+    assert g.shape == qkv.q.shape and bool((g <= 0).all())
+    with pytest.raises(AttnZooError, match="no generator for extra input 'x'"):
+        workloads.make_inputs(["x"], qkv)
+
+
+def test_plan_skips_what_a_method_cannot_run():
+    suite = Suite(methods=("exact", "naive"), lengths=(64, 32, 4096), workloads=("gaussian", "real:layer=1"))
+    planned, notes = plan(suite)
+    lengths = [(p.case["workload"], p.case["length"]) for p in planned]
+    assert lengths == [("gaussian", 32)] * 2 + [("gaussian", 64)] * 2 + [("gaussian", 4096)] * 2 + \
+        [("real", 32)] * 2 + [("real", 64)] * 2
+    assert any("lengths above 512" in n for n in notes)
+    assert [p.heatmap for p in planned if p.case["workload"] == "real"] == [True, True, False, False]
+    assert parse_workload("needle:needles=3,strength=2.5,causal=false") == (
+        "needle", {"needles": 3, "strength": 2.5, "causal": False})
+    with pytest.raises(AttnZooError, match="unknown workload 'nope'"):
+        plan(Suite(workloads=("nope",)))
+    with pytest.raises(AttnZooError, match="unknown method 'exakt'.*'exact'"):
+        plan(Suite(methods=("exakt",)))
+
+
+# --------------------------------------------------------------- results file
+def test_results_file_reports_and_repairs_a_cut_trailing_line(tmp_path):
+    store = ResultsFile(tmp_path)
+    store.append({"type": "run", "run_id": "r"})
+    store.append({"type": "case", "key": "a", "status": "ok"})
+    with open(store.path, "ab") as f:
+        f.write(b'{"type": "case", "key": "b", "sta')  # a write cut short by a kill
+    contents = store.read()
+    assert contents.done == {"a"} and contents.problems and "unterminated" in contents.problems[0][1]
+    notes = store.repair()
+    assert len(notes) == 1 and "line 3" in notes[0]
+    assert store.read().problems == [] and b"sta" in store.path.with_name("results.jsonl.corrupt").read_bytes()
+    store.append({"type": "case", "key": "b", "status": "ok"})
+    assert store.read().done == {"a", "b"}
+
+
+def test_results_file_refuses_corruption_in_the_middle(tmp_path):
+    store = ResultsFile(tmp_path / "r.jsonl")
+    store.append({"type": "case", "key": "a"})
+    with open(store.path, "ab") as f:
+        f.write(b"garbage\n")
+    store.append({"type": "case", "key": "b"})
+    with pytest.raises(AttnZooError, match="line 2 is corrupt but valid records follow"):
+        store.read()
+
+
+def test_compare_matches_cases_by_key():
+    base = {"method": "m", "workload": "gaussian", "workload_params": {}, "length": 64, "status": "ok",
+            "rel_error": 1e-7}
+    now = [dict(base, key="k1", time_s=0.5), dict(base, key="k2", time_s=1.0, length=128),
+           dict(base, key="k3", status="skipped")]
+    other = [dict(base, key="k1", time_s=1.0), dict(base, key="k3", time_s=1.0)]
+    rows = tables.compare(now, other)
+    assert [(r["length"], r["ratio"]) for r in rows] == [(64, 2.0)]
+
+
+def test_advice_names_the_fastest_and_the_fastest_near_exact():
+    rows = [{"method": "fast", "speedup": 4.0, "rel_error": 0.2}, {"method": "good", "speedup": 1.5, "rel_error": 1e-4},
+            {"method": "exact", "speedup": 1.0, "rel_error": 1e-7}]
+    text = tables.advice(tables.Board("gaussian", True, 1024, rows))
+    assert text.startswith("fastest: fast (4.00× SDPA") and "rel err ≤ 0.001: good (1.50× SDPA)" in text
+    assert "no method reached" in tables.advice(tables.Board("gaussian", True, 1024, rows[:1]))
+
+
+# ------------------------------------------------------------------ end to end
+def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
+    out = tmp_path / "quick"
+    res = _bench(tmp_path, "--lengths", "32,64", "--heads", "2", "--head-dim", "8", "--repeat", "1",
+                 "--out", str(out), timeout=110)
+    assert res.returncode == 0, res.stderr + res.stdout
+    contents = ResultsFile(out).read()
+    run = contents.runs[0]
+    for field in ("torch", "git", "cpu", "threads", "gemm_gflops", "peak_memory"):
+        assert field in run["machine"]
+    assert run["machine"]["threads"] == 1
+    cases = contents.cases
+    methods = set(attnzoo.methods())
+    assert {(c["workload"], c["length"]) for c in cases} == {("structured", 32), ("structured", 64),
+                                                             ("real", 32), ("real", 64)}
+    assert {c["method"] for c in cases} == methods and len(cases) == 4 * len(methods)
+    # every registered method has its four cases; whatever other families do, the exact ones must measure cleanly
+    for c in cases:
+        assert c["status"] == "ok" or c["reason"], c
+        if c["status"] == "ok":
+            assert c["time_s"] > 0 and c["speedup"] > 0 and 0 <= c["rel_error"] and c["threads"] == 1
+            assert c["gflops"] > 0 and c["pct_gemm"] == pytest.approx(100 * c["gflops"] / c["gemm_gflops"])
+            assert c["dim"] == (32 if c["workload"] == "real" else 8)  # the real workload has MiniLM's head dim
+    exact = [c for c in cases if c["family"] == "exact"]
+    n_exact = sum(cls.family is attnzoo.Family.EXACT for cls in attnzoo.methods().values())
+    assert len(exact) == 4 * n_exact and all(c["status"] == "ok" and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
+                                    and c["recall"] == 1.0 for c in exact)
+    assert "fastest first" in res.stdout and "× SDPA" in res.stdout and "exact_tiled" in res.stdout
+    assert "pick fastest:" in res.stdout
+    page = (out / "report.html").read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([^"]+)" data-file="([^"]+)"', page)
+    kinds = {Path(f).name.split("-")[0] for _, f in images}
+    assert kinds == {"time_vs_length", "pareto", "heatmaps"}
+    for data, rel in images:
+        assert (out / rel).is_file() and base64.b64decode(data) == (out / rel).read_bytes()
+        assert f'href="{rel}"' in page
+    assert "Machine" in page and run["machine"]["torch"] in page
+    # a cut trailing line is reported by `attnzoo report` (terminal and page), never silently dropped
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+
+    with open(out / "results.jsonl", "ab") as f:
+        f.write(b'{"type": "case", "ke')
+    res = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "again" / "report.html")])
+    assert res.exit_code == 0, res.output
+    assert f"line {len(cases) + 2}" in res.output and "unterminated" in res.output
+    again = (tmp_path / "again" / "report.html").read_text()
+    assert "Unreadable line" in again and (tmp_path / "again" / "plots").is_dir()
+
+
+def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recorded(tmp_path):
+    out = tmp_path / "resume"
+    methods = ("zz_band", "zz_boom", "zz_crash", "zz_noncausal", "zz_needs_x", "zz_gated", "zz_sleepy", "exact")
+    lengths = (16, 32, 48)
+    args = ["--plugin", "azbench_plugin", "--methods", ",".join(methods), "--lengths", ",".join(map(str, lengths)),
+            "--heads", "2", "--head-dim", "8", "--workload", "gaussian", "--repeat", "2", "--time-cap", "0.1",
+            "--out", str(out), "--no-report"]
+    proc = subprocess.Popen([sys.executable, "-m", "attnzoo.cli", "bench", "--threads", "1", *args],
+                            env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    results = out / "results.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and results.read_text().count('"type": "case"') >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its worker, mid-run
+    proc.wait()
+    done_before = len(_cases(out))
+    assert 3 <= done_before < 24
+    with open(results, "ab") as f:  # and a record cut short, as a kill during a write leaves it
+        f.write(b'{"type": "case", "key": "{\\"method\\"')
+    res = _bench(tmp_path, "--resume", "--out", str(out), "--no-report", "--compare", str(out))
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "results.jsonl line" in res.stdout and "moved to results.jsonl.corrupt" in res.stdout
+    assert f"{done_before} of 24 cases already" in res.stdout
+    contents = ResultsFile(out).read()
+    keys = [c["key"] for c in contents.cases]
+    assert len(keys) == len(set(keys)) == 24
+    assert {(json.loads(k)["method"], json.loads(k)["length"]) for k in keys} == {
+        (m, n) for m in methods for n in lengths}
+    assert len(contents.runs) == 2 and contents.runs[1]["resumed"]
+    assert contents.runs[1]["suite"] == contents.runs[0]["suite"]  # --resume kept the run's options
+
+    # every outcome is recorded with its reason; none stopped the run
+    by = {(c["method"], c["length"]): c for c in contents.cases}
+    for n in lengths:
+        assert by["zz_boom", n]["status"] == "failed" and f"kaboom at length {n}" in by["zz_boom", n]["reason"]
+        assert by["zz_noncausal", n]["status"] == "skipped" and "--no-causal" in by["zz_noncausal", n]["reason"]
+        assert by["zz_needs_x", n]["status"] == "skipped" and "'x'" in by["zz_needs_x", n]["reason"]
+        assert by["zz_gated", n]["status"] == "ok" and by["zz_gated", n]["rel_error"] < 1e-5
+        band = by["zz_band", n]
+        assert band["status"] == "ok" and 0 < band["recall"] < 1 and band["rel_error"] > 1e-3
+        assert by["exact", n]["recall"] == 1.0 and by["exact", n]["rel_error"] < 1e-5
+    # a method that kills the worker is one failed case; the worker restarts and its longer lengths are skipped
+    assert by["zz_crash", 16]["status"] == "failed" and "worker died (exit code 3" in by["zz_crash", 16]["reason"]
+    assert all(by["zz_crash", n]["skip_kind"] == "earlier failure" for n in (32, 48))
+    # the sleepy method ran once, exceeded the 0.1 s cap, and its longer lengths were skipped with the
+    # reason, even across the kill (the resumed run relearns the cap from the saved results)
+    assert by["zz_sleepy", 16]["status"] == "ok" and by["zz_sleepy", 16]["time_s"] > 0.1
+    assert all("over the per-case cap of 0.1 s" in by["zz_sleepy", n]["reason"] for n in (32, 48))
+    assert "skipped (capability" in res.stdout and "failed zz_boom@" in res.stdout  # the summary names them
+    assert "other/now" in res.stdout and " 1.00 " in res.stdout  # --compare against itself: equal times
+
+
+# ------------------------------------------------------------------- capture
+def test_capture_from_minilm_reproduces_the_models_attention(tmp_path):
+    from transformers import AutoModel
+
+    from attnzoo.bench import capture
+
+    record = capture.capture_qkv(length=48, batch=2)
+    path = capture.save(record, tmp_path / "qkv.pt")
+    loaded = capture.load(path)
+    model = AutoModel.from_pretrained(capture.default_model_dir(), attn_implementation="eager").eval()
+    seen = []
+    hooks = [layer.attention.self.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+             for layer in model.encoder.layer]
+    with torch.no_grad():
+        hidden = model(input_ids=loaded["input_ids"]).last_hidden_state
+    for h in hooks:
+        h.remove()
+    assert len(loaded["q"]) == len(seen) == 6
+    assert torch.allclose(hidden, loaded["hidden"], atol=1e-4)  # recording did not change the model
+    for q, k, v, expected in zip(loaded["q"], loaded["k"], loaded["v"], seen):
+        assert q.shape == (2, 12, 48, 32)
+        out = attnzoo.attention(q.double(), k.double(), v.double(), method="naive")
+        assert torch.allclose(out.transpose(1, 2).reshape(2, 48, -1).float(), expected, atol=1e-4)
+    assert not torch.equal(loaded["input_ids"][0], loaded["input_ids"][1])  # consecutive windows of the text
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+
+    res = CliRunner().invoke(app, ["capture", "--out", str(tmp_path / "cli.pt"), "--length", "48", "--batch", "2"])
+    assert res.exit_code == 0, res.output
+    assert "6 layers, q (2, 12, 48, 32)" in res.output
+    assert torch.equal(capture.load(tmp_path / "cli.pt")["q"][3], loaded["q"][3])
+    real = workloads.make("real", length=48, heads=4, batch=2, capture=str(path), layer=2)
+    assert torch.equal(real.q, loaded["q"][2][:, :4]) and torch.equal(real.v, loaded["v"][2][:, :4])
