@@ -87,3 +87,12 @@ def test_bad_parameters():
     with pytest.raises(az.UnsupportedError, match="gradients"):
         q = torch.randn(1, 1, 4, 8, requires_grad=True)
         az.attention(q, q, q, method="sage")
+
+
+def test_non_contiguous_inputs_as_hugging_face_passes_them():
+    x = torch.randn(1, 40, 2, 16)  # (B, N, H, D) then transposed, as transformers does
+    q = k = v = x.transpose(1, 2)
+    assert not q.is_contiguous()
+    out = az.attention(q, k, v, method="sage", causal=True)
+    ref = az.attention(q.contiguous(), k.contiguous(), v.contiguous(), method="sage", causal=True)
+    torch.testing.assert_close(out, ref)
