@@ -306,7 +306,7 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
         assert field in run["machine"]
     assert run["machine"]["threads"] == 1
     cases = contents.cases
-    methods = set(attnzoo.methods())
+    methods = {m for m in attnzoo.methods() if not m.startswith("_")}  # "_" = test doubles of this process
     assert {(c["workload"], c["length"]) for c in cases} == {("structured", 32), ("structured", 64),
                                                              ("real", 32), ("real", 64)}
     assert {c["method"] for c in cases} == methods and len(cases) == 4 * len(methods)
