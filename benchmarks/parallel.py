@@ -8,7 +8,7 @@ B=1, Hq=Hkv=8, D=64, P in {1, 2, 4} local processes (``run_local``).
   (median over rounds, each round starts with a barrier; the slowest rank is
   reported), compared with single-process SDPA on the whole sequence in the
   P=1 run; per-rank peak extra resident memory of one forward+backward
-  (``/proc/self/clear_refs`` + ``VmHWM``, as in benchmarks/exact.py).
+  (``attnzoo.bench.metrics.peak_memory``: ``/proc/self/clear_refs`` + ``VmHWM``).
 - Weak scaling (fixed N/P): bytes each rank sends in one forward, counted by
   ``attnzoo.parallel.comm_stats()`` (the shape check's few bytes excluded),
   next to the analytic formulas (element size e, n = N/P):
@@ -38,16 +38,9 @@ import torch
 import torch.distributed as dist
 
 from attnzoo import parallel as azp
+from attnzoo.bench.metrics import peak_memory
 
 ALGORITHMS = {"ring": azp.ring_attention, "token_ring": azp.token_ring_attention, "ulysses": azp.ulysses_attention}
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _sent() -> tuple[int, int]:
@@ -67,11 +60,7 @@ def _peak_extra_bytes(fn, q, k, v) -> int:
     """Resident memory added at the peak of one forward+backward (run first in a fresh worker,
     so no allocator cache from earlier calls hides it)."""
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the resident-set high-water mark
-    before = _status_bytes("VmRSS")
-    fn(*leaves).sum().backward()
-    return _status_bytes("VmHWM") - before
+    return peak_memory(lambda: fn(*leaves).sum().backward())[1]
 
 
 def _median_time(call, repeat: int, barrier: bool) -> float:
