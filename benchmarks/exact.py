@@ -5,10 +5,10 @@ B=1, H=8, D=64, fp32, N in {1K, 2K, 4K, 8K, 16K}, causal and not.
 - Time: the three implementations are timed round-robin in this process
   (one call of each per round, after a warm-up round), so machine noise hits
   them alike; the median over rounds is reported with its spread.
-- Peak memory: each case also runs once in a fresh subprocess that resets the
-  kernel's resident-set high-water mark (``/proc/self/clear_refs``) after the
-  inputs exist; the growth of ``VmHWM`` over the resident size before the call
-  is the call's peak extra memory (working buffers + output).
+- Peak memory: each case also runs once in a fresh subprocess, measured by
+  ``attnzoo.bench.metrics.peak_memory`` (the kernel's resident-set high-water
+  mark is reset after the inputs exist; its growth is the call's peak extra
+  memory: working buffers + output).
 - Attention GFLOP/s is compared with a GEMM ceiling (a square fp32 matmul)
   measured by the same script.
 
@@ -28,14 +28,7 @@ import time
 
 import torch
 
-
-def _status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+from attnzoo.bench.metrics import peak_memory
 
 
 def _call(name: str, q, k, v, causal: bool):
@@ -50,11 +43,7 @@ def peak_extra_bytes(name: str, n: int, causal: bool, heads: int, dim: int) -> i
     q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
     with torch.no_grad():
         _call(name, q[:, :, :64], k[:, :, :64], v[:, :, :64], causal)  # load lazy kernels first
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the resident-set high-water mark
-        before = _status_bytes("VmRSS")
-        _call(name, q, k, v, causal)
-        return _status_bytes("VmHWM") - before
+        return peak_memory(lambda: _call(name, q, k, v, causal))[1]
 
 
 def time_round_robin(names, n: int, causal: bool, heads: int, dim: int, repeat: int) -> dict[str, list[float]]:
@@ -90,8 +79,11 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case and print JSON
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.case:
         name, n, causal = args.case.split(",")
         print(peak_extra_bytes(name, int(n), causal == "1", args.heads, args.dim))
@@ -112,7 +104,7 @@ def main() -> None:
             sdpa_time = statistics.median(times["sdpa"])
             for name in names:
                 cmd = [sys.executable, __file__, "--case", f"{name},{n},{int(causal)}", "--heads", str(args.heads),
-                       "--dim", str(args.dim)]
+                       "--dim", str(args.dim), "--threads", str(torch.get_num_threads())]
                 res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
                 peak = (f"{int(res.stdout.split()[-1]) / 2**20:>9.1f}" if res.returncode == 0
                         else f" failed: {res.stderr.strip().splitlines()[-1]}")
@@ -120,7 +112,7 @@ def main() -> None:
                 print(f"{causal!s:>6} {n:>6} {name:>12} {med * 1e3:>9.1f} {(max(times[name]) - min(times[name])) * 1e3:>7.1f} "
                       f"{med / sdpa_time:>7.2f}x {flops / med / 1e9:>8.1f} {100 * flops / med / 1e9 / ceiling:>6.1f}% "
                       f"{peak}", flush=True)
-    print("vs SDPA = time / SDPA time (lower is better); peak MiB = growth of max RSS during one call "
+    print("vs SDPA = time / SDPA time (lower is better); peak MiB = growth of resident memory at the peak of one call "
           f"(inputs excluded; q, k, v and out are {4 * args.heads * args.dim * 1024 / 2**20:.1f} MiB per 1K tokens each)")
 
 
