@@ -54,7 +54,12 @@ def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     """Reject NaN/inf (one pass over ``t``; skipped when ``CHECK_FINITE`` is False)."""
-    if CHECK_FINITE and t.numel() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+    if not CHECK_FINITE or not t.numel() or t.device.type == "meta":
+        return
+    # A finite sum proves every element finite (NaN and inf propagate); only when the
+    # sum is not finite (a bad value, or an overflow of huge finite values) scan elementwise.
+    if not bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None))) and \
+            not bool(torch.isfinite(t).all()):
         raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
 
 
