@@ -52,8 +52,9 @@ def orthogonal_gaussian(features: int, dim: int, *, seed: int | None = 0, dtype=
     blocks = []
     for _ in range(math.ceil(features / dim)):
         gauss = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
-        ortho, _ = torch.linalg.qr(gauss)
-        blocks.append(ortho.T)
+        ortho, upper = torch.linalg.qr(gauss)
+        # fix LAPACK's sign convention so the directions are uniform (Haar), else the estimate is biased
+        blocks.append((ortho * torch.sign(torch.diagonal(upper))).T)
     directions = torch.cat(blocks, dim=0)[:features]
     norms = torch.randn(features, dim, generator=gen, dtype=torch.float64).norm(dim=1, keepdim=True)
     return (directions * norms).to(dtype=dtype, device=device)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttnZooError
+from .partial import Partial, merge
 
 FORMS = ("parallel", "chunked", "recurrent")
 #: log-gates are clamped here: exp(-1e4) is exactly 0 in float32 and float64
@@ -264,3 +265,27 @@ def _finish(out: torch.Tensor, normalize: bool, eps: float, dim_v: int) -> torch
     num, den = out[..., :dim_v], out[..., dim_v:] + eps
     nonzero = den != 0
     return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+# ------------------------------------------------------- softmax monoid scan
+def softmax_prefix_scan(scores: torch.Tensor, v: torch.Tensor, state: Partial | None = None
+                        ) -> tuple[torch.Tensor, Partial]:
+    """Aaren: every prefix's softmax average ``o_t = Σ_{j<=t} softmax(s)_j v_j`` by a parallel
+    (Hillis–Steele) prefix scan of the B1 monoid on ``(out, lse)`` partials.
+
+    ``scores (..., N)`` (``-inf`` = masked key), ``v (..., N, Dv)``; ``state`` is the
+    partial over earlier keys. O(N log N) work, log N steps, exact (no
+    approximation, no overflow). Returns ``(out (..., N, Dv), final Partial)``.
+    """
+    out, lse = v.to(scores.dtype), scores
+    n, shift = scores.shape[-1], 1
+    while shift < n:
+        merged = merge(Partial(out[..., :-shift, :], lse[..., :-shift]), Partial(out[..., shift:, :], lse[..., shift:]))
+        out = torch.cat([out[..., :shift, :], merged.out.to(out.dtype)], dim=-2)
+        lse = torch.cat([lse[..., :shift], merged.lse.to(lse.dtype)], dim=-1)
+        shift *= 2
+    if state is not None:
+        merged = merge(Partial(state.out.unsqueeze(-2).expand_as(out), state.lse.unsqueeze(-1).expand_as(lse)),
+                       Partial(out, lse))
+        out, lse = merged.out.to(v.dtype), merged.lse.to(scores.dtype)
+    return out, Partial(out[..., -1, :], lse[..., -1])
