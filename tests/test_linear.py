@@ -37,6 +37,8 @@ def qkv(B=2, Hq=4, Hkv=2, Nq=33, Nk=33, D=8, Dv=8, dtype=torch.float32, scale=1.
 def gate(kind: str, B: int, H: int, N: int, D: int, dtype=torch.float32):
     if kind == "none":
         return None
+    if kind == "invariant":  # one decay per head for every position (Lightning / RetNet)
+        return F.logsigmoid(torch.randn(1, H, 1, 1, dtype=dtype) + 2)
     width = 1 if kind == "scalar" else D
     return F.logsigmoid(torch.randn(B, H, N, width, dtype=dtype) + 2)
 
@@ -46,7 +48,7 @@ def oracle(q, k, v, method="naive", **kw):
 
 
 # ------------------------------------------------------------------ engine
-@pytest.mark.parametrize("decay", ["none", "scalar", "channel"])
+@pytest.mark.parametrize("decay", ["none", "invariant", "scalar", "channel"])
 @pytest.mark.parametrize("chunk", [5, 16, 64])  # 5 and 16 do not divide N=37; 64 > N
 @pytest.mark.parametrize("normalize", [False, True])
 def test_forms_agree_fp32(decay, chunk, normalize):
@@ -61,21 +63,22 @@ def test_forms_agree_fp32(decay, chunk, normalize):
         assert rel(state.packed(), ref_state.packed()) <= 1e-5, form
 
 
-@pytest.mark.parametrize("decay", ["none", "scalar", "channel"])
+@pytest.mark.parametrize("decay", ["none", "invariant", "scalar", "channel"])
 def test_state_handover_equals_one_shot(decay):
     q, k, v = qkv(Hq=4, Hkv=4, Nq=40, Nk=40, dtype=torch.float64)
     g = gate(decay, 2, 4, 40, 8, torch.float64)
     full, full_state = linear_attention(q, k, v, gate=g, chunk=8)
     outs, state = [], None
     for a, b in ((0, 13), (13, 14), (14, 40)):  # pieces of 13, 1 and 26 tokens
+        piece = None if g is None or g.shape[2] == 1 else g[:, :, a:b]
         out, state = linear_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], chunk=8, state=state,
-                                      gate=None if g is None else g[:, :, a:b], form="recurrent" if b - a == 1 else "chunked")
+                                      gate=g if piece is None else piece, form="recurrent" if b - a == 1 else "chunked")
         outs.append(out)
     assert rel(torch.cat(outs, dim=2), full) <= 1e-12
     assert rel(state.kv, full_state.kv) <= 1e-12 and state.tokens == 40
 
 
-@pytest.mark.parametrize("decay", ["none", "scalar", "channel"])
+@pytest.mark.parametrize("decay", ["none", "invariant", "scalar", "channel"])
 def test_chunked_gradients_match_parallel(decay):
     q, k, v = qkv(Hq=2, Hkv=2, Nq=21, Nk=21, dtype=torch.float64)
     g = gate(decay, 2, 2, 21, 8, torch.float64)
@@ -112,7 +115,7 @@ def test_extreme_gates_stay_finite_and_agree():
 
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.integers(1, 3), Nk=st.integers(1, 40), extra=st.integers(-5, 40),
-       D=st.integers(1, 6), chunk=st.integers(1, 20), decay=st.sampled_from(["none", "scalar", "channel"]),
+       D=st.integers(1, 6), chunk=st.integers(1, 20), decay=st.sampled_from(["none", "invariant", "scalar", "channel"]),
        seed=st.integers(0, 2**16))
 def test_forms_agree_property(B, Hkv, G, Nk, extra, D, chunk, decay, seed):
     """Any shape, GQA ratio, Nq != Nk (bottom-right; Nq > Nk leaves early rows empty), any chunk."""

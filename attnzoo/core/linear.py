@@ -149,22 +149,42 @@ def _intra_chunk(qc, kc, gc, g_incl):
     scores = torch.matmul(q_t, k_t.transpose(-1, -2)).tril()
     unsafe = g_incl[..., -1, :].amin(dim=-1) < -_SAFE_LOG  # (B, H, n): G is non-increasing in a chunk
     if bool(unsafe.any()):
+        unsafe = unsafe.expand(qc.shape[:3])
         idx = unsafe.nonzero(as_tuple=True)
-        exact = _decayed_scores(qc[idx], kc[idx], gc[idx])
+        exact = _decayed_scores(qc[idx], kc[idx], gc.expand(*qc.shape[:3], *gc.shape[3:])[idx])
         scores = scores.index_put(idx, exact)
     return scores
 
 
 def _chunked(q, k, v, g, s0, chunk):
-    """Chunkwise form: masked matmul inside each chunk, a state carried between chunks."""
+    """Chunkwise form: the whole chunks, then the remainder as one shorter chunk (no padding,
+    so a time-invariant decay stays exact for the final state)."""
+    n_tok = q.shape[2]
+    main = n_tok - n_tok % chunk
+    if main == n_tok or main == 0:
+        return _chunk_pass(q, k, v, g, s0, min(chunk, n_tok))
+    tail_g = None if g is None else (g if g.shape[2] == 1 else g[:, :, main:])
+    out_main, s = _chunk_pass(q[:, :, :main], k[:, :, :main], v[:, :, :main],
+                              None if g is None else (g if g.shape[2] == 1 else g[:, :, :main]), s0, chunk)
+    out_tail, final = _chunk_pass(q[:, :, main:], k[:, :, main:], v[:, :, main:], tail_g, s, n_tok - main)
+    return torch.cat([out_main, out_tail], dim=2), final
+
+
+def _chunk_pass(q, k, v, g, s0, chunk):
+    """Chunkwise form over a length divisible by ``chunk``.
+
+    ``g`` is ``(B, H, N, c)`` or, for a time-invariant decay, ``(B, H, 1, c)``: then
+    every chunk shares one decay pattern, computed once and broadcast.
+    """
     B, H, n_tok, _ = q.shape
-    pad = (-n_tok) % chunk
-    if pad:
-        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        g = None if g is None else torch.nn.functional.pad(g, (0, 0, 0, pad))
-    n = (n_tok + pad) // chunk
+    n = n_tok // chunk
     qc, kc, vc = (t.reshape(B, H, n, chunk, t.shape[-1]) for t in (q, k, v))
-    gc = None if g is None else g.reshape(B, H, n, chunk, g.shape[-1])
+    if g is None:
+        gc = None
+    elif g.shape[2] == 1:
+        gc = g.unsqueeze(2).expand(B, H, 1, chunk, g.shape[-1])
+    else:
+        gc = g.reshape(B, H, n, chunk, g.shape[-1])
     g_incl = None if gc is None else _inclusive(gc)
     out = torch.matmul(_intra_chunk(qc, kc, gc, g_incl), vc)
     if gc is None:
@@ -175,14 +195,14 @@ def _chunked(q, k, v, g, s0, chunk):
         out = out + torch.matmul(qc, entering)
     else:
         contrib = torch.matmul((kc * torch.exp(_exclusive_suffix(gc))).transpose(-1, -2), vc)
-        chunk_decay = torch.exp(gc.sum(dim=-2)).unsqueeze(-1)  # (B, H, n, c, 1)
+        chunk_decay = torch.exp(gc.sum(dim=-2)).unsqueeze(-1).expand(B, H, n, gc.shape[-1], 1)
         states, s = [], s0
         for c in range(n):
             states.append(s)
             s = chunk_decay[:, :, c] * s + contrib[:, :, c]
         final = s
         out = out + torch.matmul(qc * torch.exp(g_incl), torch.stack(states, dim=2))
-    return out.reshape(B, H, n * chunk, -1)[:, :, :n_tok], final
+    return out.reshape(B, H, n_tok, -1), final
 
 
 def linear_step(q_t: torch.Tensor, k_t: torch.Tensor, v_t: torch.Tensor, s: torch.Tensor,
@@ -210,8 +230,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
                      ) -> tuple[torch.Tensor, LinearState]:
     """Linear attention of feature-mapped ``q (B, Hq, Nq, Dk)`` over ``k (B, Hkv, Nk, Dk)``, ``v (B, Hkv, Nk, Dv)``.
 
-    ``gate``: log-decays ``(B or 1, Hq, Nk, 1 or Dk)`` applied at each key
-    position (causal only). ``normalize`` divides by ``φ(q)·z + eps`` (rows with a
+    ``gate``: log-decays ``(B or 1, Hq, Nk or 1, 1 or Dk)`` applied at each key
+    position (causal only; one position = the same decay everywhere). ``normalize`` divides by ``φ(q)·z + eps`` (rows with a
     zero denominator give 0). Causal queries sit at the last Nq key positions
     (bottom-right alignment); keys masked by ``key_padding_mask`` add nothing
     (their position still decays the state). ``state`` continues a previous
@@ -237,7 +257,10 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     if gate is not None:
         if not causal:
             raise AttnZooError("gate: decay needs causal=True (non-causal linear attention has one global state)")
-        gate = torch.clamp(gate, min=_GATE_FLOOR).to(q.dtype).expand(B, Hq, len_k, gate.shape[-1])
+        # a gate with one position is time-invariant (a decay per head); the chunked form keeps it so
+        gate = torch.clamp(gate, min=_GATE_FLOOR).to(q.dtype).expand(B, Hq, gate.shape[2], gate.shape[-1])
+        if form != "chunked" or gate.shape[2] != 1:
+            gate = gate.expand(B, Hq, len_k, gate.shape[-1])
     if not causal:
         final = s0 + torch.matmul(k.transpose(-1, -2), v)
         return _finish(torch.matmul(q, final), normalize, eps, dim_v), LinearState.unpack(final, normalize, tokens)
