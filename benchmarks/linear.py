@@ -51,7 +51,7 @@ def load_fla_naive():
     """flash-linear-attention's naive references, loaded by file path (its package ``__init__`` needs triton)."""
     spec = importlib.util.find_spec("fla")
     if spec is None or not spec.submodule_search_locations:
-        return None, "fla-core is not installed (pip install --no-deps fla-core)"
+        return None, "fla-core is not installed (pip install -e \".[fla]\")"
     root = Path(list(spec.submodule_search_locations)[0]) / "ops"
     try:
         mods = {}
