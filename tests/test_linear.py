@@ -257,6 +257,16 @@ def test_performer_error_shrinks_with_features():
     assert err[256] < 0.7 * err[16] and err[4096] < 0.6 * err[256] and err[4096] < 0.1, err
 
 
+def test_performer_redraw_changes_features_and_seed_fixes_them():
+    q, k, v = qkv(Nq=16, Nk=16, scale=0.5)
+    torch.manual_seed(1)
+    a = az.attention(q, k, v, method="performer", features=8, redraw=True)
+    b = az.attention(q, k, v, method="performer", features=8, redraw=True)
+    assert not torch.equal(a, b)
+    assert torch.equal(az.attention(q, k, v, method="performer", features=8, seed=5),
+                       az.attention(q, k, v, method="performer", features=8, seed=5))
+
+
 def test_aaren_equals_causal_exact_with_lse():
     q, k, v = qkv(Hq=4, Hkv=2, Nq=21, Nk=30)
     mask = torch.ones(2, 30, dtype=torch.bool)
@@ -343,6 +353,8 @@ def test_bad_inputs_raise_clear_errors():
         az.get("lightning").run(q, k, v, LinearState(torch.zeros(2, 4, 3, 3)))
     with pytest.raises(az.AttnZooError, match="redraw=False"):
         az.get("performer", redraw=True).run(q, k, v, LinearState(torch.zeros(2, 4, 256, 8), torch.zeros(2, 4, 256)))
+    with pytest.raises(az.AttnZooError, match="unknown input"):
+        az.get("lightning").run(q, k, v, g=torch.zeros(2, 4, 10, 8))
     with pytest.raises(az.AttnZooError, match="gate: decay needs causal=True"):
         linear_attention(q, k, v, causal=False, gate=torch.zeros(2, 4, 10, 1))
 

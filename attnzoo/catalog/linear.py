@@ -48,6 +48,10 @@ class RecurrentMethod(Method):
         prob = check_qkv(q, k, v, key_padding_mask, scale)
         self.check_capabilities(prob, causal=True, key_padding_mask=key_padding_mask, return_lse=False,
                                 grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+        unknown = sorted(set(inputs) - set(self.inputs))
+        if unknown:
+            raise AttnZooError(f"{self.name}.run: unknown input(s) {unknown}; this method's extra inputs: "
+                               f"{', '.join(self.inputs) or 'none'}")
         if prob.len_q == 0 or prob.len_k == 0:
             raise AttnZooError(f"{self.name}.run: expected at least one query and one key, got Nq={prob.len_q}, "
                                f"Nk={prob.len_k}")

@@ -7,6 +7,7 @@ here acts on the last dimension and is differentiable.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,13 +43,21 @@ def orthogonal_gaussian(features: int, dim: int, *, seed: int | None = 0, dtype=
     """``(features, dim)`` random directions for FAVOR+: orthogonal in blocks of ``dim``,
     rows rescaled to chi-distributed norms so each row is marginally ``N(0, I)``.
 
-    ``seed=None`` draws from torch's global generator (used to redraw features).
+    ``seed=None`` draws from torch's global generator (used to redraw features);
+    seeded draws are cached (decoding calls this at every step).
     """
     if features < 1:
         raise AttnZooError(f"features: expected a positive number of random features, got {features}")
-    gen = None
-    if seed is not None:
-        gen = torch.Generator().manual_seed(seed)
+    directions = _draw(features, dim, None) if seed is None else _seeded_draw(features, dim, seed)
+    return directions.to(dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=32)
+def _seeded_draw(features: int, dim: int, seed: int) -> torch.Tensor:
+    return _draw(features, dim, torch.Generator().manual_seed(seed))
+
+
+def _draw(features: int, dim: int, gen: torch.Generator | None) -> torch.Tensor:
     blocks = []
     for _ in range(math.ceil(features / dim)):
         gauss = torch.randn(dim, dim, generator=gen, dtype=torch.float64)
@@ -57,7 +66,7 @@ def orthogonal_gaussian(features: int, dim: int, *, seed: int | None = 0, dtype=
         blocks.append((ortho * torch.sign(torch.diagonal(upper))).T)
     directions = torch.cat(blocks, dim=0)[:features]
     norms = torch.randn(features, dim, generator=gen, dtype=torch.float64).norm(dim=1, keepdim=True)
-    return (directions * norms).to(dtype=dtype, device=device)
+    return directions * norms
 
 
 def favor_positive(x: torch.Tensor, omega: torch.Tensor, *, stabilise: bool) -> tuple[torch.Tensor, torch.Tensor]:
