@@ -11,7 +11,7 @@ from ..checks import Problem
 from ..core.masks import visible_mask
 from ..core.partial import Partial, merge
 from ..registry import Family, Method, Supports, param, register
-from .hybrid import _masked_softmax_partial
+from .hybrid import masked_softmax_partial
 
 
 @register
@@ -47,5 +47,5 @@ class Aaren(Method):
                                    key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, j0:j1],
                                    device=q.device)
             scores = torch.matmul(q, k[:, :, j0:j1].transpose(-1, -2)) * prob.scale
-            state = merge(state, Partial(*_masked_softmax_partial(scores, visible.expand_as(scores), v[:, :, j0:j1])))
+            state = merge(state, Partial(*masked_softmax_partial(scores, visible.expand_as(scores), v[:, :, j0:j1])))
         return state.out.to(q.dtype), state.lse

@@ -20,7 +20,7 @@ from ..core.features import orthogonal_gaussian, taylor2
 from ..core.linear import LinearState, linear_attention
 from ..errors import AttnZooError
 from ..registry import Family, Method, Supports, param, register
-from .linear import Performer, RecurrentMethod, _engine_form
+from .linear import Performer, RecurrentMethod, engine_form
 
 
 def with_ones(v: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def combine(num: torch.Tensor, den: torch.Tensor, log_shift: torch.Tensor | floa
                        torch.zeros_like(total_num))
 
 
-def _masked_softmax_partial(scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor
+def masked_softmax_partial(scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of softmax attention restricted to ``visible``; empty rows give ``(0, -inf)``."""
     s = scores.masked_fill(~visible, -math.inf)
@@ -76,7 +76,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
         if key_padding_mask is not None:
             visible = visible & key_padding_mask[:, None, None, j0:j1]
         scores = torch.matmul(q[:, :, i0:i1], k[:, :, j0:j1].transpose(-1, -2)) * scale
-        out, lse = _masked_softmax_partial(scores, visible.expand_as(scores), v[:, :, j0:j1])
+        out, lse = masked_softmax_partial(scores, visible.expand_as(scores), v[:, :, j0:j1])
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
@@ -144,7 +144,7 @@ class Based(RecurrentMethod):
         if n_old > 0:
             packed, linear_state = linear_attention(
                 phi_q, self.features(k[:, :, :n_old], prob.scale), with_ones(v[:, :, :n_old]), causal=True,
-                chunk=self.chunk, form=_engine_form(n_old), state=linear_state, key_padding_mask=keep[:, :n_old])
+                chunk=self.chunk, form=engine_form(n_old), state=linear_state, key_padding_mask=keep[:, :n_old])
             num, den = packed[..., :-1], packed[..., -1:]
         elif linear_state is not None:  # nothing new left the window: read the carried state
             packed = torch.matmul(phi_q, linear_state.kv)
@@ -213,7 +213,7 @@ class Scatterbrain(Method):
         performer = Performer(features=self.features, seed=self.seed, chunk=64)
         phi_q, shift, phi_k = performer.feature_maps(q, k, prob.scale)
         packed, _ = linear_attention(phi_q, phi_k, with_ones(v), causal=causal, chunk=64,
-                                     form=_engine_form(prob.len_k), key_padding_mask=key_padding_mask)
+                                     form=engine_form(prob.len_k), key_padding_mask=key_padding_mask)
         k, v, phi_k = (t.repeat_interleave(prob.groups, dim=1) for t in (k, v, phi_k))
         sp_out, sp_lse, lr_num, lr_den = self.sparse_part(q, k, v, phi_q, phi_k, prob, causal, key_padding_mask)
         num = packed[..., :-1] - lr_num
@@ -242,7 +242,7 @@ class Scatterbrain(Method):
             omega = omega & _cut(kept, n_chunks, size_k).unsqueeze(-2)
         qs, ks, vs = (_chunks(t, o, n_chunks, s) for t, o, s in ((q, order_q, size_q), (k, order_k, size_k),
                                                                  (v, order_k, size_k)))
-        out, lse = _masked_softmax_partial(torch.matmul(qs, ks.transpose(-1, -2)) * prob.scale, omega, vs)
+        out, lse = masked_softmax_partial(torch.matmul(qs, ks.transpose(-1, -2)) * prob.scale, omega, vs)
         lowrank = torch.matmul(_chunks(phi_q, order_q, n_chunks, size_q),
                                _chunks(phi_k, order_k, n_chunks, size_k).transpose(-1, -2)) * omega
         parts = torch.cat([out, lse.unsqueeze(-1), torch.matmul(lowrank, vs), lowrank.sum(-1, keepdim=True)], dim=-1)

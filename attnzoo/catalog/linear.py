@@ -73,7 +73,7 @@ class RecurrentMethod(Method):
         raise NotImplementedError
 
 
-def _engine_form(len_k: int) -> str:
+def engine_form(len_k: int) -> str:
     """One key (a decode step) needs no chunk machinery."""
     return "recurrent" if len_k == 1 else "chunked"
 
@@ -98,7 +98,7 @@ class Linear(RecurrentMethod):
 
     def attend(self, q, k, v, prob, *, causal, key_padding_mask, state):
         return linear_attention(elu_plus_one(q), elu_plus_one(k), v, causal=causal, normalize=True, eps=self.eps,
-                                chunk=self.chunk, form=_engine_form(prob.len_k), state=state,
+                                chunk=self.chunk, form=engine_form(prob.len_k), state=state,
                                 key_padding_mask=key_padding_mask)
 
 
@@ -138,7 +138,7 @@ class Performer(RecurrentMethod):
             raise AttnZooError("performer: state= needs redraw=False (a state is tied to one feature draw)")
         phi_q, _, phi_k = self.feature_maps(q, k, prob.scale)
         return linear_attention(phi_q, phi_k, v, causal=causal, normalize=True, chunk=self.chunk,
-                                form=_engine_form(prob.len_k), state=state, key_padding_mask=key_padding_mask)
+                                form=engine_form(prob.len_k), state=state, key_padding_mask=key_padding_mask)
 
 
 def retnet_decay(heads: int) -> torch.Tensor:
@@ -185,7 +185,7 @@ class Lightning(RecurrentMethod):
     def attend(self, q, k, v, prob, *, causal, key_padding_mask, state):
         gate = self.log_decay(prob.heads_q, q.device).to(q.dtype)
         return linear_attention(q * prob.scale, k, v, causal=True, gate=gate, chunk=self.chunk,
-                                form=_engine_form(prob.len_k), state=state, key_padding_mask=key_padding_mask)
+                                form=engine_form(prob.len_k), state=state, key_padding_mask=key_padding_mask)
 
 
 @register
@@ -212,4 +212,4 @@ class GLA(RecurrentMethod):
             raise AttnZooError("gla: missing required input 'g' (B, Hq, Nk, D) of log-gates <= 0")
         gate = check_log_gate(g, (prob.batch, prob.heads_q, prob.len_k, prob.dim))
         return linear_attention(q * prob.scale, k, v, causal=True, gate=gate, chunk=self.chunk,
-                                form=_engine_form(prob.len_k), state=state, key_padding_mask=key_padding_mask)
+                                form=engine_form(prob.len_k), state=state, key_padding_mask=key_padding_mask)
