@@ -107,10 +107,10 @@ def _exclusive_suffix(g: torch.Tensor) -> torch.Tensor:
 def _segment_sums(g: torch.Tensor) -> torch.Tensor:
     """``(..., N, N, c)``: ``Σ_{s<r<=t} g_r`` at ``[t, s]`` for ``t >= s``, ``-inf`` above the diagonal."""
     n = g.shape[-2]
-    lower = torch.ones(n, n, dtype=torch.bool, device=g.device).tril(-1).unsqueeze(-1)
+    ones = torch.ones(n, n, dtype=torch.bool, device=g.device)
     x = g.unsqueeze(-3).expand(*g.shape[:-2], n, n, g.shape[-1]).transpose(-3, -2)  # x[t, s] = g_t
-    sums = x.masked_fill(~lower, 0).cumsum(dim=-3)
-    return sums.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=g.device).tril().unsqueeze(-1), -torch.inf)
+    sums = x.masked_fill(~ones.tril(-1).unsqueeze(-1), 0).cumsum(dim=-3)  # keep g_t where t > s; sum over t
+    return sums.masked_fill(~ones.tril().unsqueeze(-1), -torch.inf)
 
 
 def _decayed_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
