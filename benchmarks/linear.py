@@ -47,6 +47,12 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timed_once(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def load_fla_naive():
     """flash-linear-attention's naive references, loaded by file path (its package ``__init__`` needs triton)."""
     spec = importlib.util.find_spec("fla")
@@ -82,14 +88,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
     ap.add_argument("--sizes", type=int, nargs="*", help="sequence lengths (default 2048 4096 8192 32768 65536)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--budget", type=float, default=300.0, help="skip a case estimated to take longer (s)")
+    ap.add_argument("--budget", type=float, default=300.0, help="skip a case whose one run is estimated longer (s)")
     ap.add_argument("--max-gb", type=float, default=3.0, help="skip the parallel form above this memory")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     sizes = args.sizes or ([256, 1024, 2048] if args.quick else [2048, 4096, 8192, 32768, 65536])
     sweep_n = 1024 if args.quick else 16384
     repeats = 1 if args.quick else args.repeats
-    budget = min(args.budget, 8.0) if args.quick else args.budget
+    budget = min(args.budget, 3.0) if args.quick else args.budget
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -105,13 +111,17 @@ def main() -> None:
     last = {}
 
     def maybe(name: str, n: int, power: float, fn):
-        """Time ``fn`` unless extrapolating the previous size by N^power exceeds the budget."""
+        """Time ``fn`` unless extrapolating the previous size by N^power exceeds the budget.
+
+        Cases expected to take over 5 s run once without warm-up (a long loop needs none).
+        """
+        estimate = None
         if name in last:
             n0, t0 = last[name]
-            estimate = t0 * (n / n0) ** power * (repeats + 1)
+            estimate = t0 * (n / n0) ** power
             if estimate > budget:
-                return None, f"skip (~{estimate / (repeats + 1):.0f}s est.)"
-        t = timed(fn, repeats)
+                return None, f"skip (~{estimate:.0f}s est.)"
+        t = timed(fn, repeats) if estimate is None or estimate < 5 else timed_once(fn)
         last[name] = (n, t)
         return t, f"{t * 1e3:.1f} ms"
 
