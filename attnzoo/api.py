@@ -10,13 +10,14 @@ from .errors import AttnZooError
 from .registry import _lookup, get, param_names
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: str = "exact", causal: bool = False,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, method: str = "exact", causal: bool = False,
               scale: float | None = None, key_padding_mask: torch.Tensor | None = None, return_lse: bool = False,
               **params: Any):
     """Attend ``q (B, Hq, Nq, D)`` to ``k (B, Hkv, Nk, D)`` / ``v (B, Hkv, Nk, Dv)`` with ``method``.
 
     ``params`` are the method's parameters (see ``attnzoo.info(method)``) and
-    any extra per-call inputs it declares (e.g. ``g`` for ``gla``). Returns
+    any extra per-call inputs it declares (e.g. ``g`` for ``gla``); q, k, v are
+    positional-only, so a parameter may be called ``k`` (``linformer``). Returns
     ``out`` in q's dtype, or ``(out, lse)`` with ``return_lse=True``.
     """
     cls = _lookup(method)

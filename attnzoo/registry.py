@@ -144,7 +144,7 @@ class Method:
         """Cross-parameter checks; override in subclasses that need them."""
 
     # ----------------------------------------------------------------- call
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,
                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                  return_lse: bool = False, **inputs: Any):
         """Attend ``q`` to ``k``/``v``; returns ``out`` or ``(out, lse)``."""

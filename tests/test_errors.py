@@ -136,3 +136,10 @@ def test_undeclared_gradients_raise_unsupported():
 
 def test_unknown_extra_input():
     raises(r"exact: unknown parameter\(s\) \['g'\]", g=torch.zeros(1))
+
+
+def test_a_parameter_may_share_the_name_of_an_input():
+    """q, k, v are positional-only, so linformer's parameter `k` passes through attention()."""
+    q, k, v = qkv(Hkv=4, Nq=7)
+    out = az.attention(q, k, v, method="linformer", k=64)
+    torch.testing.assert_close(out, az.attention(q, k, v), rtol=1e-4, atol=1e-5)
