@@ -60,10 +60,11 @@ def merge(*partials: Partial) -> Partial:
             )
     if len(partials) == 1:
         return Partial(*partials[0])
-    lses = torch.stack([p[1].float() for p in partials])  # (P, ...)
+    dtype = torch.promote_types(torch.float32, partials[0][0].dtype)  # fp32, or fp64 for fp64 oracles
+    lses = torch.stack([p[1].to(dtype) for p in partials])  # (P, ...)
     lse = torch.logsumexp(lses, dim=0)
     # exp(-inf - (-inf)) would be NaN: rows empty everywhere get weight 0.
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     weights = torch.exp(lses - safe)  # exp(-inf) = 0 for empty partials
-    out = sum(w.unsqueeze(-1) * p[0].float() for w, p in zip(weights, partials))
+    out = sum(w.unsqueeze(-1) * p[0].to(dtype) for w, p in zip(weights, partials))
     return Partial(out, lse)
