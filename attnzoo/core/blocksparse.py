@@ -128,8 +128,11 @@ class BlockLayout:
     partial: torch.Tensor | None = None
     mask_mod: MaskMod | None = None
     causal: bool | None = None
+    #: reused across calls (static methods): the executor caches its element masks on it
+    reuse: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "mask_cache", {} if self.reuse else None)
         _check_positive("layout.block_q", self.block_q)
         _check_positive("layout.block_k", self.block_k)
         kb = self.kv_blocks
@@ -356,7 +359,9 @@ class _Plan:
             self.partial = None if layout.partial is None else layout.partial.reshape(lb, h1, self.gl,
                                                                                   layout.n_q_blocks, -1)
             self.always_mask = False
+            self.mask_cache = layout.mask_cache
         else:
+            self.mask_cache = None
             self.rows, self.unit = layout.group, 1
             tok = layout.kv_tokens
             per_slot = max(1, min(layout.slot, tok.shape[-1]))
@@ -404,26 +409,52 @@ class _Plan:
         h = torch.arange(self.heads_kv, device=u.device).view(1, -1, 1, 1, 1)
         return ((b + h) * self.n_units + u.clamp(min=0)).expand(batch, self.heads_kv, self.gl, self.n_q, -1)
 
-    def slot_mask(self, s: int, u: torch.Tensor, pad_flat: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """Element mask ``(.., nq, R, W)`` of slot ``s`` (True = visible), or None when the slot is all visible."""
+    def slot_mask(self, s: int, u: torch.Tensor, pad_flat: torch.Tensor | None, batch: int):
+        """Element mask of slot ``s`` (True = visible), the query blocks it covers, and empty slots.
+
+        Returns ``(mask, rows, empty)``: ``mask (.., n, R, W)`` or None when no
+        element mask is needed; ``rows`` the query blocks the mask covers (None
+        = all, the others are all visible); ``empty (.., nq)`` or None, the
+        blocks whose slot is unused.
+        """
+        rows = None
         if not self.always_mask and pad_flat is None and not self.custom_positions:
             first_key = u[..., 0] * self.unit
-            need = (u[..., 0] < 0) | (first_key + self.unit > self.len_k)
+            empty = u[..., 0] < 0
+            need = (first_key + self.unit > self.len_k) & ~empty
             if self.causal:
-                need = need | (first_key + self.unit - 1 > self.q_block_first)
+                need = need | (first_key + self.unit - 1 > self.q_block_first) & ~empty
             if self.partial is not None:
                 need = need | self.partial[..., s]
-            if not bool(need.any()):
-                return None
+            need = need.flatten(0, -2).any(0)  # (nq,)
+            n_need = int(need.sum())
+            empty = empty if bool(empty.any()) else None
+            if n_need == 0:
+                return None, None, empty
+            if n_need < 0.75 * need.numel():
+                rows = need.nonzero().squeeze(-1)
+            key = (s, self.causal, self.heads_q, self.heads_kv)
+            if self.mask_cache is not None and key in self.mask_cache:
+                return self.mask_cache[key], rows, empty
+            mask = self.element_mask(u if rows is None else u[:, :, :, rows], rows, pad_flat, batch)
+            if self.mask_cache is not None:
+                self.mask_cache[key] = mask
+            return mask, rows, empty
+        return self.element_mask(u, None, pad_flat, batch), None, None
+
+    def element_mask(self, u: torch.Tensor, rows: torch.Tensor | None, pad_flat: torch.Tensor | None,
+                     batch: int) -> torch.Tensor:
+        """Visibility ``(.., n, R, W)`` of the units ``u (.., n, U)`` for query blocks ``rows`` (None = all)."""
+        q_pos = self.q_pos if rows is None else self.q_pos[:, :, :, rows]
         kpos = (u.unsqueeze(-1) * self.unit + torch.arange(self.unit, device=u.device)).flatten(-2)
         ok = (kpos >= 0) & (kpos < self.len_k)
         kclamp = kpos.clamp(0, self.len_k - 1)
         if pad_flat is not None:
             boff = torch.arange(batch, device=u.device).view(batch, 1, 1, 1, 1) * self.len_k
             ok = ok & pad_flat[boff + kclamp]
-        ok = ok.unsqueeze(-2)  # (.., nq, 1, W)
+        ok = ok.unsqueeze(-2)  # (.., n, 1, W)
         if self.causal:
-            ok = ok & (kpos.unsqueeze(-2) <= self.q_pos.unsqueeze(-1))
+            ok = ok & (kpos.unsqueeze(-2) <= q_pos.unsqueeze(-1))
         if self.mask_mod is not None:
             dev = u.device
             lb = u.shape[0]
@@ -435,9 +466,26 @@ class _Plan:
                      + torch.arange(self.gl, device=dev)).view(1, self.heads_kv, self.gl, 1, 1, 1)
             else:
                 h = torch.arange(self.heads_kv, device=dev).view(1, -1, 1, 1, 1, 1)
-            q_idx = (self.q_pos - (self.len_k - self.len_q)).clamp(0, self.len_q - 1).unsqueeze(-1)
+            q_idx = (q_pos - (self.len_k - self.len_q)).clamp(0, self.len_q - 1).unsqueeze(-1)
             ok = ok & _call_mask_mod(self.mask_mod, b, h, q_idx, kclamp.unsqueeze(-2))
         return ok
+
+
+def _apply_mask(sc: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None,
+                empty: torch.Tensor | None) -> None:
+    """Set invisible scores of ``sc (.., nq, R, W)`` to -inf in place.
+
+    ``mask`` covers the query blocks ``rows`` (None = all); ``empty (.., nq)``
+    marks whole empty slots (padding of shorter layout rows).
+    """
+    if empty is not None:
+        sc.masked_fill_(empty[..., None, None], -math.inf)
+    if mask is None:
+        return
+    if rows is None:
+        sc.masked_fill_(~mask, -math.inf)
+    else:
+        sc[:, :, :, rows] = sc[:, :, :, rows].masked_fill_(~mask, -math.inf)
 
 
 def _gather(units_view: torch.Tensor, flat: torch.Tensor, width: int) -> torch.Tensor:
@@ -474,9 +522,7 @@ def _forward(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
         width = u.shape[-1] * plan.unit
         kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
         sc = torch.matmul(qb, kb.transpose(-1, -2))
-        mask = plan.slot_mask(s, u, pad_flat, B)
-        if mask is not None:
-            sc.masked_fill_(~mask, -math.inf)
+        _apply_mask(sc, *plan.slot_mask(s, u, pad_flat, B))
         m_new = torch.maximum(m, sc.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         p = sc.sub_(m_safe).exp_()
@@ -510,9 +556,7 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan):
         width = u.shape[-1] * plan.unit
         kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
         sc = torch.matmul(qs, kb.transpose(-1, -2))
-        mask = plan.slot_mask(s, u, pad_flat, B)
-        if mask is not None:
-            sc.masked_fill_(~mask, -math.inf)
+        _apply_mask(sc, *plan.slot_mask(s, u, pad_flat, B))
         p = sc.sub_(lse_r).exp_()
         dv_blk = torch.matmul(p.transpose(-1, -2), dob)
         ds = p.mul_(torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_r))

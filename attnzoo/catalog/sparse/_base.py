@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import ClassVar
@@ -52,7 +53,8 @@ class StaticMethod(LayoutMethod):
 @functools.lru_cache(maxsize=64)
 def _cached_layouts(method: StaticMethod, len_q: int, len_k: int, heads_q: int, causal: bool, device):
     prob = Problem(1, heads_q, heads_q, len_q, len_k, 1, 1, 1.0)
-    return method.static_layouts(prob, causal, device)
+    return [dataclasses.replace(lay, reuse=True) if isinstance(lay, BlockLayout) else lay
+            for lay in method.static_layouts(prob, causal, device)]
 
 
 # ------------------------------------------------------------- index helpers
