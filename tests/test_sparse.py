@@ -269,3 +269,16 @@ def test_bad_layouts():
 def test_non_positive_sizes_are_refused(name, param, value):
     with pytest.raises(az.AttnZooError, match=param):
         az.get(name, **{param: value})
+
+
+# ------------------------------------------------------------------ pictures
+def test_visible_keys_probe_matches_the_definition(tmp_path):
+    from attnzoo.viz import show_layout, visible_keys
+
+    vis = visible_keys("streaming", 64, causal=True, sinks=2, window=8, block=16)
+    assert torch.equal(vis[0], combine(_streaming(64, 64, 2, 8, True), causal=True, len_q=64, len_k=64)[0, 0])
+    q = torch.zeros(1, 1, 64, 4)
+    lay = az.get("sliding_window", window=5, block=16).layouts(q, q, causal=False)[0]
+    assert torch.equal(visible_keys(lay, causal=False)[0], _band(64, 64, 5, False))
+    png = show_layout("bigbird", 64, path=tmp_path / "bb.png", window=4, n_global=2, block=8)
+    assert png.read_bytes()[:4] == b"\x89PNG"
