@@ -44,6 +44,8 @@ MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tor
 
 #: elements of one mask evaluation chunk when building layouts (bounds peak memory)
 _BUILD_CHUNK = 1 << 24
+#: keys a query block reads per executor pass (key blocks are grouped up to this width)
+_PASS_KEYS = 1024
 
 
 # ------------------------------------------------------------------ checks
@@ -355,9 +357,14 @@ class _Plan:
         self.mask_mod = layout.mask_mod
         if isinstance(layout, BlockLayout):
             self.rows, self.unit = layout.block_q, layout.block_k
-            units = layout.kv_blocks.reshape(lb, h1, self.gl, layout.n_q_blocks, -1).unsqueeze(-1)
-            self.partial = None if layout.partial is None else layout.partial.reshape(lb, h1, self.gl,
-                                                                                  layout.n_q_blocks, -1)
+            # several key blocks per pass (up to _PASS_KEYS keys): fewer, larger matmuls and rescales
+            n_slots = layout.kv_blocks.shape[-1]
+            n_pass = max(1, -(-n_slots * layout.block_k // _PASS_KEYS))
+            per_pass = -(-n_slots // n_pass) if n_slots else 1
+            extra = n_pass * per_pass - n_slots
+            shape = (lb, h1, self.gl, layout.n_q_blocks, n_pass, per_pass)
+            units = F.pad(layout.kv_blocks, (0, extra), value=-1).reshape(shape)
+            self.partial = None if layout.partial is None else F.pad(layout.partial, (0, extra)).reshape(shape)
             self.always_mask = False
             self.mask_cache = layout.mask_cache
         else:
@@ -419,13 +426,15 @@ class _Plan:
         """
         rows = None
         if not self.always_mask and pad_flat is None and not self.custom_positions:
-            first_key = u[..., 0] * self.unit
-            empty = u[..., 0] < 0
-            need = (first_key + self.unit > self.len_k) & ~empty
+            first_key = u * self.unit  # (.., nq, U)
+            empty_unit = u < 0
+            need = (first_key + self.unit > self.len_k) & ~empty_unit
             if self.causal:
-                need = need | (first_key + self.unit - 1 > self.q_block_first) & ~empty
+                need = need | (first_key + self.unit - 1 > self.q_block_first.unsqueeze(-1)) & ~empty_unit
             if self.partial is not None:
-                need = need | self.partial[..., s]
+                need = need | self.partial[..., s, :]
+            empty = empty_unit.all(-1)
+            need = need.any(-1) | (empty_unit.any(-1) & ~empty)  # a pass partly padded needs element masks
             need = need.flatten(0, -2).any(0)  # (nq,)
             n_need = int(need.sum())
             empty = empty if bool(empty.any()) else None
