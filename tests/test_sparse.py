@@ -4,8 +4,6 @@ Seeds: inputs come from torch.Generator(seed) with the seed in each case id;
 the autouse fixture in conftest.py also seeds the global RNG with 0.
 """
 
-import math
-
 import pytest
 import torch
 

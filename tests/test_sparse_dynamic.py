@@ -15,7 +15,7 @@ import torch
 import attnzoo as az
 from attnzoo.bench import workloads
 from attnzoo.checks import Problem
-from _sparse_ref import combine, mass_recall, masked_reference, positions, rel_error
+from _sparse_ref import combine, mass_recall, masked_reference, rel_error
 
 SHAPES = [(1, 2, 2, 40, 40, 8), (2, 4, 2, 33, 33, 8), (1, 4, 1, 24, 45, 4)]
 

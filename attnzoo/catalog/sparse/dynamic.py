@@ -15,7 +15,6 @@ import torch
 
 from ...checks import Problem
 from ...core.blocksparse import BlockLayout, TokenLayout, _compact
-from ...errors import AttnZooError
 from ...registry import Family, Supports, param, register
 from ._base import LayoutMethod, block_positions
 

@@ -7,16 +7,14 @@ by the engine when ``causal=True``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from ...checks import Problem
-from ...core.blocksparse import BlockLayout, TokenLayout, _compact, attend, attend_all, check_mask_mod
+from ...core.blocksparse import BlockLayout, TokenLayout, _compact, check_mask_mod
 from ...core.exact import tiled_attention
-from ...core.partial import Partial, merge
 from ...errors import AttnZooError
 from ...registry import Family, param, register
 from ._base import (LayoutMethod, StaticMethod, as_layout_rows, band_candidates, block_positions,
