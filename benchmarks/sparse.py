@@ -27,7 +27,11 @@ H, D = 8, 64
 
 
 def timed(fn, runs):
+    """Median of ``runs`` timed calls after one warm-up; ``runs=0`` times the single (cold) call."""
+    t = time.perf_counter()
     fn()
+    if runs == 0:
+        return time.perf_counter() - t
     times = []
     for _ in range(runs):
         t = time.perf_counter()
