@@ -1,0 +1,99 @@
+"""What every sparse method shares: layouts in, engine out, and the index helpers they build layouts from."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...checks import Problem, check_qkv
+from ...core.blocksparse import BlockLayout, Layout, attend_all, query_block_positions
+from ...registry import Method, Supports
+
+SPARSE_SUPPORTS = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True)
+
+
+@dataclass(frozen=True)
+class LayoutMethod(Method):
+    """A method that is exact attention over the key set its :meth:`layouts` selects."""
+
+    supports: ClassVar[Supports] = SPARSE_SUPPORTS
+
+    def build_layouts(self, q: torch.Tensor, k: torch.Tensor, prob: Problem, *, causal: bool,
+                      key_padding_mask: torch.Tensor | None) -> list[Layout]:
+        """The disjoint layouts whose union is this method's visible set."""
+        raise NotImplementedError
+
+    def layouts(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
+                key_padding_mask: torch.Tensor | None = None) -> list[Layout]:
+        """The layouts this method would attend with on ``q``/``k`` (run them with ``block_sparse(layout=...)``)."""
+        prob = check_qkv(q, k, k, key_padding_mask)
+        return self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+        lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+        out, lse = attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+        return out, lse
+
+
+@dataclass(frozen=True)
+class StaticMethod(LayoutMethod):
+    """A method whose layout depends only on the sizes: built once per shape and cached."""
+
+    def static_layouts(self, prob: Problem, causal: bool, device) -> list[Layout]:
+        raise NotImplementedError
+
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+        return _cached_layouts(self, prob.len_q, prob.len_k, prob.heads_q, causal, q.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_layouts(method: StaticMethod, len_q: int, len_k: int, heads_q: int, causal: bool, device):
+    prob = Problem(1, heads_q, heads_q, len_q, len_k, 1, 1, 1.0)
+    return [dataclasses.replace(lay, reuse=True) if isinstance(lay, BlockLayout) else lay
+            for lay in method.static_layouts(prob, causal, device)]
+
+
+# ------------------------------------------------------------- index helpers
+def block_positions(prob: Problem, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last absolute query position of every query block."""
+    return query_block_positions(prob.len_q, prob.len_k, block, device)
+
+
+def range_blocks(lo: torch.Tensor, hi: torch.Tensor, block: int, len_k: int) -> torch.Tensor:
+    """Inclusive key ranges ``[lo, hi]`` per row ``(n,)`` -> the key blocks they touch ``(n, C)``, ``-1`` padded."""
+    empty = (hi < lo) | (hi < 0) | (lo >= len_k)
+    lo_b = lo.clamp(0, len_k - 1) // block
+    hi_b = hi.clamp(0, len_k - 1) // block
+    width = int((hi_b - lo_b + 1).clamp(min=0).max()) if lo.numel() else 0
+    idx = lo_b.unsqueeze(-1) + torch.arange(max(width, 1), device=lo.device)
+    ok = (idx <= hi_b.unsqueeze(-1)) & ~empty.unsqueeze(-1)
+    return torch.where(ok, idx, torch.full_like(idx, -1))
+
+
+def band_candidates(prob: Problem, block: int, before: int, after: int, causal: bool, device) -> torch.Tensor:
+    """Key blocks within ``before`` keys before / ``after`` keys after each query block's positions."""
+    first, last = block_positions(prob, block, device)
+    hi = last if causal else last + after
+    return range_blocks(first - before, hi, block, prob.len_k)
+
+
+def prefix_candidates(n_rows: int, count: int, block: int, len_k: int, device) -> torch.Tensor:
+    """The key blocks holding keys ``[0, count)``, for every row: ``(n_rows, C)``."""
+    n = -(-min(count, len_k) // block)
+    return torch.arange(n, device=device).expand(n_rows, n)
+
+
+def as_layout_rows(*cands: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``(nq, C_i)`` (or ``(H, nq, C_i)``) candidate lists into ``(1, H, nq, ΣC)``."""
+    cands = [c if c.dim() == 3 else c.unsqueeze(0) for c in cands]
+    heads = max(c.shape[0] for c in cands)
+    return torch.cat([c.expand(heads, *c.shape[1:]) for c in cands], dim=-1).unsqueeze(0)
+
+
+def static_block_layout(candidates: torch.Tensor, mask_mod, prob: Problem, block: int, causal: bool) -> BlockLayout:
+    return BlockLayout.from_candidates(candidates, mask_mod, block_q=block, block_k=block, len_q=prob.len_q,
+                                       len_k=prob.len_k, causal=causal)

@@ -1,0 +1,247 @@
+"""Content-dependent sparse prefill (METHODS.md A.2, §4.3): the layout is estimated from q and k.
+
+Each method estimates which key blocks (and tokens) matter, builds a layout,
+and lets the engine attend exactly over it; ``layouts(q, k, causal=...)``
+returns what it chose, so ``block_sparse(layout=...)`` can replay it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ...checks import Problem
+from ...core.blocksparse import BlockLayout, TokenLayout, _compact
+from ...registry import Family, Supports, param, register
+from ._base import LayoutMethod, block_positions
+
+_CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=True)
+
+
+# ---------------------------------------------------------------- shared estimators
+def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · q kᵀ`` for ``q (B, Hq, n, D)`` against ``k (B, Hkv, m, D)`` without repeating k: ``(B, Hq, n, m)``."""
+    B, Hq, n, D = q.shape
+    Hkv = k.shape[1]
+    s = torch.matmul(q.reshape(B, Hkv, (Hq // Hkv) * n, D), k.transpose(-1, -2)) * scale
+    return s.view(B, Hq, n, k.shape[2])
+
+
+def block_pool(t: torch.Tensor, block: int, valid: torch.Tensor | None = None, how: str = "mean") -> torch.Tensor:
+    """Pool ``(B, H, N, D)`` over blocks of ``block`` rows -> ``(B, H, nb, D)``; ``valid (B|1, N)`` weights rows."""
+    B, H, N, D = t.shape
+    nb = -(-N // block)
+    w = torch.ones(1, N, dtype=t.dtype, device=t.device) if valid is None else valid.to(t.dtype)
+    w = torch.nn.functional.pad(w, (0, nb * block - N)).view(w.shape[0], 1, nb, block, 1)
+    x = torch.nn.functional.pad(t, (0, 0, 0, nb * block - N)).view(B, H, nb, block, D)
+    if how == "mean":
+        return (x * w).sum(3) / w.sum(3).clamp(min=1)
+    fill = -math.inf if how == "max" else math.inf
+    x = torch.where(w > 0, x, torch.full_like(x, fill))
+    out = x.amax(3) if how == "max" else x.amin(3)
+    return torch.where(torch.isfinite(out), out, torch.zeros_like(out))
+
+
+def causal_block_ok(prob: Problem, block_q: int, block_k: int, device) -> torch.Tensor:
+    """``(nq, nk_blocks)`` bool: key blocks holding at least one key the query block may see causally."""
+    _, last = block_positions(prob, block_q, device)
+    nkb = -(-prob.len_k // block_k)
+    return torch.arange(nkb, device=device) * block_k <= last.view(-1, 1)
+
+
+def diagonal_blocks(prob: Problem, block_q: int, block_k: int, device) -> torch.Tensor:
+    """``(nq, nk_blocks)`` bool: key blocks at the query block's own positions (the causal diagonal)."""
+    first, last = block_positions(prob, block_q, device)
+    nkb = -(-prob.len_k // block_k)
+    lo = first.clamp(0, prob.len_k - 1) // block_k
+    hi = last.clamp(0, prob.len_k - 1) // block_k
+    blk = torch.arange(nkb, device=device)
+    return (blk >= lo.view(-1, 1)) & (blk <= hi.view(-1, 1)) & (last >= 0).view(-1, 1)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest finite entries of each row of ``scores``."""
+    k = min(k, scores.shape[-1])
+    top = scores.topk(k, dim=-1)
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    return out.scatter_(-1, top.indices, torch.isfinite(top.values))
+
+
+def top_p_mask(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """The smallest set of each row whose softmax mass reaches ``p`` (ZipVL / AdaSpa budget)."""
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    srt, order = probs.sort(dim=-1, descending=True)
+    before = srt.cumsum(-1) - srt  # mass of the entries ranked above
+    keep_sorted = (before < p) & (srt > 0)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+
+
+def _key_valid(prob: Problem, key_padding_mask: torch.Tensor | None, device) -> torch.Tensor:
+    return torch.ones(1, prob.len_k, dtype=torch.bool, device=device) if key_padding_mask is None \
+        else key_padding_mask
+
+
+# ---------------------------------------------------------------- MInference vertical-slash
+@register
+@dataclass(frozen=True)
+class VerticalSlash(LayoutMethod):
+    """MInference's vertical-slash pattern: the last ``last_q`` queries probe all keys (exact softmax);
+    column sums pick the top ``n_vertical`` key columns and diagonal sums the top ``n_slash`` offsets
+    ``p - j``; the first ``sinks`` columns and offset 0 are always kept. Slashes are read as the key
+    blocks they cross (block granularity, as MInference's kernel), columns as a token gather outside those
+    blocks; the two are merged by lse. ``n_vertical >= Nk`` equals causal exact."""
+
+    name: ClassVar[str] = "vertical_slash"
+    family: ClassVar[Family] = Family.DYNAMIC_SPARSE
+    complexity: ClassVar[str] = "O(last_q·N·D + N·(n_vertical + n_slash·block)·D)"
+    supports: ClassVar[Supports] = _CAUSAL_ONLY
+    papers: ClassVar[tuple[str, ...]] = ("MInference 1.0",)
+
+    last_q: int = param(64, min=1, help="probe queries (the last ones)")
+    n_vertical: int = param(1024, min=1, help="key columns kept per head")
+    n_slash: int = param(2048, min=1, help="diagonals (offsets p - j) kept per head")
+    sinks: int = param(4, min=0, help="initial key columns always kept")
+    block: int = param(64, min=1, help="query/key block size of the slash part")
+
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+        dev, bs, n_k = q.device, self.block, prob.len_k
+        lq = min(self.last_q, prob.len_q)
+        probe = grouped_scores(q[:, :, -lq:], k, prob.scale)  # (B, Hq, lq, Nk)
+        pos = torch.arange(prob.len_q - lq, prob.len_q, device=dev).view(-1, 1) + (n_k - prob.len_q)
+        offsets = pos - torch.arange(n_k, device=dev)  # δ = p - j, (lq, Nk)
+        visible = (offsets >= 0) & _key_valid(prob, key_padding_mask, dev)[:, None, None, :]
+        attn = torch.softmax(probe.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+        vertical = attn.sum(-2)
+        slash = torch.zeros_like(vertical).scatter_add_(
+            -1, offsets.clamp(min=0).expand_as(attn).reshape(*attn.shape[:2], -1), attn.reshape(*attn.shape[:2], -1))
+        vertical[..., :self.sinks] = math.inf
+        slash[..., 0] = math.inf
+        chosen_offset = topk_mask(slash, self.n_slash)  # (B, Hq, Nk) over δ
+        # key block m is hit by query block n iff a chosen δ lies in [first_n - (m+1)·bs + 1, last_n - m·bs]
+        first, last = block_positions(prob, bs, dev)
+        nkb = -(-n_k // bs)
+        m0 = torch.arange(nkb, device=dev) * bs
+        lo = (first.view(-1, 1) - m0 - bs + 1).clamp(0, n_k)
+        hi = (last.view(-1, 1) - m0).clamp(-1, n_k - 1)
+        cum = torch.nn.functional.pad(chosen_offset.long().cumsum(-1), (1, 0))  # cum[x] = #chosen δ < x
+        hits = (cum[..., (hi + 1).flatten()] - cum[..., lo.flatten()]).view(*cum.shape[:2], -1, nkb) > 0
+        hits = hits & (hi >= lo)
+        blocks = BlockLayout.from_block_mask(hits, block_q=bs, block_k=bs, len_q=prob.len_q, len_k=n_k,
+                                             causal=True)
+        cols = torch.sort(vertical.topk(min(self.n_vertical, n_k), dim=-1).indices, dim=-1).values
+        cols = cols.unsqueeze(2).expand(-1, -1, blocks.n_q_blocks, -1)
+        cols = _compact(cols <= last.view(1, 1, -1, 1), cols)  # causal: drop columns after the block's end
+        tokens = TokenLayout(cols.contiguous(), bs, prob.len_q, n_k).excluding(blocks)
+        return [blocks, tokens]
+
+
+# ---------------------------------------------------------------- pooled-block top-k
+@register
+@dataclass(frozen=True)
+class BlockTopK(LayoutMethod):
+    """Per query block, the ``topk`` key blocks with the highest pooled score (+ the diagonal blocks when
+    causal). ``score="mean"``: ``scale · mean(Q_blk)·mean(K_blk)`` (MInference block-sparse, SeerAttention's
+    gate without learned projections); ``"bound"``: Quest's upper bound ``Σ_d max(q̄_d·kmin_d, q̄_d·kmax_d)``.
+    ``top_p`` replaces the count by the smallest set of blocks holding that share of the pooled softmax.
+    ``topk >= Nk / block`` equals exact."""
+
+    name: ClassVar[str] = "block_topk"
+    family: ClassVar[Family] = Family.DYNAMIC_SPARSE
+    complexity: ClassVar[str] = "O((N/block)²·D + N·topk·block·D)"
+    papers: ClassVar[tuple[str, ...]] = ("MInference 1.0", "SeerAttention", "Quest")
+
+    block: int = param(64, min=1, help="query/key block size")
+    topk: int = param(16, min=1, help="key blocks kept per query block")
+    score: str = param("mean", choices=("mean", "bound"), help="pooled block score")
+    top_p: float | None = param(None, min=1e-6, max=1.0, help="keep blocks up to this pooled-softmax mass "
+                                                             "instead of topk")
+
+    def block_scores(self, q, k, prob: Problem, causal: bool, key_padding_mask) -> torch.Tensor:
+        """Pooled scores ``(B, Hq, nq, nk_blocks)``; -inf for blocks a query block cannot see."""
+        bs, dev = self.block, q.device
+        valid = _key_valid(prob, key_padding_mask, dev)
+        q_bar = block_pool(q, bs)
+        if self.score == "mean":
+            s = grouped_scores(q_bar, block_pool(k, bs, valid), prob.scale)
+        else:
+            kmax, kmin = block_pool(k, bs, valid, "max"), block_pool(k, bs, valid, "min")
+            B, Hq, nq, D = q_bar.shape
+            qg = q_bar.view(B, k.shape[1], Hq // k.shape[1], nq, 1, D)
+            s = torch.maximum(qg * kmax[:, :, None, None], qg * kmin[:, :, None, None]).sum(-1)
+            s = s.view(B, Hq, nq, -1) * prob.scale
+        has_key = block_pool(valid.unsqueeze(1).unsqueeze(-1).float(), bs).view(valid.shape[0], 1, 1, -1) > 0
+        ok = has_key
+        if causal:
+            ok = ok & causal_block_ok(prob, bs, bs, dev)
+        return s.masked_fill(~ok, -math.inf)
+
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+        s = self.block_scores(q, k, prob, causal, key_padding_mask)
+        keep = topk_mask(s, self.topk) if self.top_p is None else top_p_mask(s, self.top_p)
+        if causal:
+            keep = keep | diagonal_blocks(prob, self.block, self.block, q.device)
+        return [BlockLayout.from_block_mask(keep, block_q=self.block, block_k=self.block, len_q=prob.len_q,
+                                            len_k=prob.len_k, causal=causal)]
+
+
+# ---------------------------------------------------------------- HiP hierarchical pruning
+@register
+@dataclass(frozen=True)
+class HiP(LayoutMethod):
+    """HiP's hierarchical top-k block search: the visible key blocks of each query block are cut into
+    ``2·topk`` chunks, each scored by ``max_i q_i·k_rep`` (its middle key); the best ``topk`` chunks are
+    halved and rescored until chunks are single blocks. The ``topk`` blocks found, the sink block 0 and the
+    query block's own blocks are attended. ``topk >=`` the number of blocks equals exact."""
+
+    name: ClassVar[str] = "hip"
+    family: ClassVar[Family] = Family.DYNAMIC_SPARSE
+    complexity: ClassVar[str] = "O(N·topk·log(N/topk)·D)"
+    papers: ClassVar[tuple[str, ...]] = ("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical "
+                                         "Attention Pruning",)
+
+    block: int = param(64, min=1, help="query/key block size")
+    topk: int = param(16, min=1, help="key blocks kept per query block")
+
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+        bs, dev, kk = self.block, q.device, self.topk
+        B, Hq, n_q, D = q.shape
+        Hkv, n_k = k.shape[1], k.shape[2]
+        first, last = block_positions(prob, bs, dev)
+        nq, nkb = first.numel(), -(-n_k // bs)
+        n_vis = (last.clamp(-1, n_k - 1) // bs + 1).clamp(min=0) if causal else torch.full_like(last, nkb)
+        c = torch.arange(2 * kk, device=dev)
+        start = (c * n_vis.view(-1, 1)) // (2 * kk)  # (nq, 2k) in block units
+        end = ((c + 1) * n_vis.view(-1, 1)) // (2 * kk)
+        start, end = start.expand(B, Hq, nq, -1), end.expand(B, Hq, nq, -1)
+        qb = torch.nn.functional.pad(q, (0, 0, 0, nq * bs - n_q)).view(B, Hq, nq, bs, D) * prob.scale
+        row_ok = (torch.arange(nq * bs, device=dev) < n_q).view(nq, bs, 1)
+        k_flat = k.reshape(-1, D)
+        head_base = ((torch.arange(B, device=dev).view(-1, 1) * Hkv
+                      + torch.arange(Hq, device=dev) // (Hq // Hkv)) * n_k).view(B, Hq, 1, 1)
+        key_limit = last.clamp(max=n_k - 1).view(1, 1, -1, 1) if causal else n_k - 1
+        while True:
+            rep = ((start + end) * bs) // 2
+            rep = torch.minimum(rep, torch.as_tensor(key_limit, device=dev)).clamp(min=0)
+            k_rep = k_flat[(head_base + rep).reshape(-1)].view(B, Hq, nq, -1, D)
+            score = torch.matmul(qb, k_rep.transpose(-1, -2)).masked_fill(~row_ok, -math.inf).amax(-2)
+            score = score.masked_fill(end <= start, -math.inf)
+            top = score.topk(min(kk, score.shape[-1]), dim=-1)
+            start, end = start.gather(-1, top.indices), end.gather(-1, top.indices)
+            empty = ~torch.isfinite(top.values)
+            end = torch.where(empty, start, end)
+            if bool((end - start <= 1).all()):
+                break
+            mid = (start + end) // 2
+            start, end = torch.cat([start, mid], -1), torch.cat([mid, end], -1)
+        keep = torch.zeros(B, Hq, nq, nkb + 1, dtype=torch.bool, device=dev)
+        keep.scatter_(-1, torch.where(end > start, start, torch.full_like(start, nkb)), True)
+        keep = keep[..., :nkb]
+        keep[..., 0] = True
+        keep = keep | diagonal_blocks(prob, bs, bs, dev)
+        if causal:
+            keep = keep & causal_block_ok(prob, bs, bs, dev)
+        return [BlockLayout.from_block_mask(keep, block_q=bs, block_k=bs, len_q=prob.len_q, len_k=n_k,
+                                            causal=causal)]

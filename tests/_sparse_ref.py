@@ -1,0 +1,65 @@
+"""Shared helpers of the sparse tests: dense masked reference and attention-mass recall.
+
+The reference is materialised float64 softmax attention under an explicit
+``(B|1, Hq|1, Nq, Nk)`` visibility mask, so every method is checked against
+an independent statement of its A.2 definition, not against its own layout code.
+"""
+
+import math
+
+import torch
+
+
+def masked_reference(q, k, v, visible, scale=None):
+    """``(out, lse)`` of softmax attention restricted to ``visible`` (True = key visible); empty rows -> (0, -inf)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(s - safe.unsqueeze(-1)) @ v, lse
+
+
+def positions(len_q, len_k):
+    """``p (Nq, 1)`` absolute query positions and ``j (1, Nk)`` key indices (METHODS.md A.1)."""
+    p = torch.arange(len_q).view(-1, 1) + (len_k - len_q)
+    j = torch.arange(len_k).view(1, -1)
+    return p, j
+
+
+def combine(visible, *, causal, len_q, len_k, key_padding_mask=None):
+    """``visible`` ∩ causal ∩ padding, as a ``(B|1, H|1, Nq, Nk)`` mask."""
+    p, j = positions(len_q, len_k)
+    vis = visible
+    if causal:
+        vis = vis & (j <= p)
+    while vis.dim() < 4:
+        vis = vis.unsqueeze(0)
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask[:, None, None, :]
+    return vis
+
+
+def mass_recall(q, k, lse_method, *, causal, scale=None):
+    """Mean over rows of Σ over the method's keys of the exact softmax probability = mean exp(lse_S - lse_all).
+
+    Valid for methods that are exact softmax over a key subset (their lse is
+    the log-sum over the kept keys). Rows with no visible key are skipped.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    kk = k.repeat_interleave(groups, dim=1).to(torch.float64)
+    s = (q.to(torch.float64) @ kk.transpose(-1, -2)) * scale
+    if causal:
+        p, j = positions(q.shape[2], k.shape[2])
+        s = s.masked_fill(j > p, -math.inf)
+    full = torch.logsumexp(s, -1)
+    ok = torch.isfinite(full)
+    return float(torch.exp(lse_method.to(torch.float64)[ok] - full[ok]).mean())
+
+
+def rel_error(out, ref):
+    return float((out.to(torch.float64) - ref).norm() / ref.norm())

@@ -1,0 +1,291 @@
+"""Block-sparse engine and static sparse methods against dense masked references (float64).
+
+Seeds: inputs come from torch.Generator(seed) with the seed in each case id;
+the autouse fixture in conftest.py also seeds the global RNG with 0.
+"""
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend, attend_all
+from attnzoo.checks import Problem
+from _sparse_ref import combine, masked_reference, positions
+
+# (batch, heads_q, heads_kv, len_q, len_k, dim): MHA, GQA, Nq < Nk, Nq > Nk
+SHAPES = [(1, 2, 2, 37, 37, 8), (2, 4, 2, 23, 41, 8), (1, 4, 1, 45, 30, 4)]
+CASES = [(shape, causal, padded) for shape in SHAPES for causal in (False, True) for padded in (False, True)]
+
+
+def _inputs(shape, seed, padded, dtype=torch.float64):
+    B, Hq, Hkv, Nq, Nk, D = shape
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Nq, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, Nk, D + 1, generator=g, dtype=dtype)
+    pad = (torch.rand(B, Nk, generator=g) > 0.25) if padded else None
+    return q, k, v, pad
+
+
+def _check(out, lse, ref_out, ref_lse, tol=1e-9):
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=tol, rtol=tol)
+
+
+# ------------------------------------------------------------------ A.2 definitions, stated densely
+def _band(len_q, len_k, width, causal):
+    p, j = positions(len_q, len_k)
+    return (p - j < width) if causal else ((p - j).abs() < width)
+
+
+def _dilated(len_q, len_k, window, dilation, causal):
+    p, j = positions(len_q, len_k)
+    d = (p - j) if causal else (p - j).abs()
+    return (d % dilation == 0) & (d < window * dilation) & (d >= 0)
+
+
+def _streaming(len_q, len_k, sinks, window, causal):
+    _, j = positions(len_q, len_k)
+    return _band(len_q, len_k, window, causal) | (j < sinks)
+
+
+def _strided(len_q, len_k, stride, local, causal):
+    _, j = positions(len_q, len_k)
+    return _band(len_q, len_k, local, causal) | (j % stride == stride - 1)
+
+
+def _shifted(len_q, len_k, heads, group):
+    p, j = positions(len_q, len_k)
+    out = []
+    for h in range(heads):
+        s = group // 2 if h >= heads // 2 else 0
+        out.append((p + s) // group == (j + s) // group)
+    return torch.stack(out)
+
+
+STATIC = {
+    "sliding_window": (dict(window=5, block=8), lambda nq, nk, h, c: _band(nq, nk, 5, c)),
+    "dilated_window": (dict(window=4, dilation=3, block=8), lambda nq, nk, h, c: _dilated(nq, nk, 4, 3, c)),
+    "streaming": (dict(sinks=3, window=6, block=8), lambda nq, nk, h, c: _streaming(nq, nk, 3, 6, c)),
+    "strided": (dict(stride=5, local=4, block=8), lambda nq, nk, h, c: _strided(nq, nk, 5, 4, c)),
+    "shifted_sparse": (dict(group=12, block=8), lambda nq, nk, h, c: _shifted(nq, nk, h, 12)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATIC))
+@pytest.mark.parametrize("shape,causal,padded", CASES)
+def test_static_method_equals_dense_reference(name, shape, causal, padded):
+    params, visible = STATIC[name]
+    q, k, v, pad = _inputs(shape, seed=1, padded=padded)
+    B, Hq, Hkv, Nq, Nk, D = shape
+    out, lse = az.attention(q, k, v, method=name, causal=causal, key_padding_mask=pad, return_lse=True, **params)
+    vis = combine(visible(Nq, Nk, Hq, causal), causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
+    _check(out, lse, *masked_reference(q, k, v, vis))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_strided_with_stride_longer_than_the_keys_is_the_band(causal):
+    """No key is a stride column when stride > Nk (defaults on short inputs): the band alone remains."""
+    q, k, v, _ = _inputs((1, 2, 2, 20, 30, 8), seed=4, padded=False)
+    out, lse = az.attention(q, k, v, method="strided", stride=64, local=4, block=8, causal=causal, return_lse=True)
+    vis = combine(_strided(20, 30, 64, 4, causal), causal=causal, len_q=20, len_k=30)
+    _check(out, lse, *masked_reference(q, k, v, vis))
+
+
+@pytest.mark.parametrize("shape,causal,padded", CASES)
+def test_bigbird_equals_dense_reference(shape, causal, padded):
+    q, k, v, pad = _inputs(shape, seed=2, padded=padded)
+    B, Hq, Hkv, Nq, Nk, D = shape
+    m = az.get("bigbird", window=4, n_global=3, n_random=2, block=8, seed=5)
+    out, lse = m(q, k, v, causal=causal, key_padding_mask=pad, return_lse=True)
+    p, j = positions(Nq, Nk)
+    table = m.random_blocks(Problem(B, Hq, Hkv, Nq, Nk, D, D, 1.0), causal)
+    rand = table[torch.arange(Nq).view(-1, 1) // 8, j // 8]
+    vis = _band(Nq, Nk, 4, causal) | (j < 3) | (p < 3) | rand
+    vis = combine(vis, causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
+    _check(out, lse, *masked_reference(q, k, v, vis))
+
+
+def test_bigbird_random_blocks_are_seeded_and_sized():
+    prob = Problem(1, 1, 1, 256, 256, 8, 8, 1.0)
+    a = az.get("bigbird", n_random=3, block=16, seed=0).random_blocks(prob, causal=False)
+    b = az.get("bigbird", n_random=3, block=16, seed=0).random_blocks(prob, causal=False)
+    c = az.get("bigbird", n_random=3, block=16, seed=1).random_blocks(prob, causal=False)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a.sum(-1) == 3).all()
+
+
+# ------------------------------------------------------------------ block_sparse and the engine
+MASK_MODS = {
+    "checker": lambda b, h, qi, kj: ((qi // 3 + kj // 5 + h) % 2) == 0,
+    "document": lambda b, h, qi, kj: (qi // 10) == (kj // 7),
+    "hash": lambda b, h, qi, kj: ((qi * 7 + kj * 3 + b * 5 + h) % 4) != 0,
+    "prefix_lm": lambda b, h, qi, kj: kj < 9,
+}
+
+
+@pytest.mark.parametrize("mod", sorted(MASK_MODS))
+@pytest.mark.parametrize("shape,causal,padded", CASES)
+def test_block_sparse_mask_mod_equals_dense_reference(mod, shape, causal, padded):
+    q, k, v, pad = _inputs(shape, seed=3, padded=padded)
+    B, Hq, Hkv, Nq, Nk, D = shape
+    fn = MASK_MODS[mod]
+    out, lse = az.attention(q, k, v, method="block_sparse", mask_mod=fn, block=8, causal=causal,
+                            key_padding_mask=pad, return_lse=True)
+    b = torch.arange(B).view(-1, 1, 1, 1)
+    h = torch.arange(Hq).view(1, -1, 1, 1)
+    qi = torch.arange(Nq).view(1, 1, -1, 1)
+    kj = torch.arange(Nk).view(1, 1, 1, -1)
+    vis = combine(fn(b, h, qi, kj), causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
+    _check(out, lse, *masked_reference(q, k, v, vis))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block", [4, 16, 64])
+def test_full_layout_equals_exact(causal, block):
+    q, k, v, _ = _inputs((2, 4, 2, 50, 50, 8), seed=4, padded=False)
+    full = BlockLayout.from_indices(torch.arange(-(-50 // block)).expand(1, 1, -(-50 // block), -1),
+                                    block_q=block, block_k=block, len_q=50, len_k=50)
+    out, lse = az.attention(q, k, v, method="block_sparse", layout=full, causal=causal, return_lse=True)
+    ref, ref_lse = az.attention(q, k, v, method="exact", causal=causal, return_lse=True)
+    _check(out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("heads", ["shared", "kv", "query"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_random_block_layouts_equal_dense_reference(heads, causal):
+    B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 29, 43, 8
+    q, k, v, pad = _inputs((B, Hq, Hkv, Nq, Nk, D), seed=5, padded=True)
+    g = torch.Generator().manual_seed(6)
+    hl = {"shared": 1, "kv": Hkv, "query": Hq}[heads]
+    bq, bk = 8, 5
+    nq, nkb = -(-Nq // bq), -(-Nk // bk)
+    blocks = torch.randint(-1, nkb, (B, hl, nq, 6), generator=g)
+    lay = BlockLayout.from_indices(blocks, block_q=bq, block_k=bk, len_q=Nq, len_k=Nk)
+    out, lse = attend(q, k, v, lay, scale=D ** -0.5, causal=causal, key_padding_mask=pad)
+    dense = torch.zeros(B, hl, nq, nkb, dtype=torch.bool)
+    for idx in zip(*torch.nonzero(blocks >= 0, as_tuple=True)):
+        dense[idx[0], idx[1], idx[2], blocks[idx]] = True
+    vis = dense.repeat_interleave(bq, 2)[:, :, :Nq].repeat_interleave(bk, 3)[..., :Nk]
+    vis = vis.repeat_interleave(Hq // hl, 1)
+    vis = combine(vis, causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
+    _check(out, lse, *masked_reference(q, k, v, vis))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_gather_merges_with_blocks_by_lse(causal):
+    B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 32, 40, 8
+    q, k, v, pad = _inputs((B, Hq, Hkv, Nq, Nk, D), seed=7, padded=True)
+    lay = BlockLayout.from_indices(torch.tensor([[[[0], [1], [2], [3]]]]).expand(1, Hkv, 4, 1), block_q=8,
+                                   block_k=8, len_q=Nq, len_k=Nk)
+    cols = torch.tensor([0, 3, 9, 17, 30, 39])
+    tok = TokenLayout(cols.expand(1, Hkv, 4, -1).contiguous(), 8, Nq, Nk, slot=4).excluding(lay)
+    out, lse = attend_all(q, k, v, [lay, tok], scale=D ** -0.5, causal=causal, key_padding_mask=pad)
+    _, j = positions(Nq, Nk)
+    vis = (torch.arange(Nq).view(-1, 1) // 8 == j // 8) | torch.isin(j, cols)
+    vis = combine(vis, causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
+    _check(out, lse, *masked_reference(q, k, v, vis))
+
+
+def test_empty_rows_give_zero_and_minus_inf():
+    q, k, v, _ = _inputs((1, 2, 2, 16, 16, 4), seed=8, padded=False)
+    pad = torch.zeros(1, 16, dtype=torch.bool)
+    out, lse = az.attention(q, k, v, method="sliding_window", window=3, block=4, key_padding_mask=pad,
+                            return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+
+
+def test_half_precision_runs_in_float32():
+    q, k, v, _ = _inputs((1, 2, 2, 40, 40, 16), seed=9, padded=False, dtype=torch.float32)
+    out = az.attention(q.half(), k.half(), v.half(), method="sliding_window", window=8, block=16, causal=True)
+    ref = az.attention(q, k, v, method="sliding_window", window=8, block=16, causal=True)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, atol=5e-3, rtol=5e-3)
+
+
+# ------------------------------------------------------------------ gradients
+@pytest.mark.parametrize("causal", [False, True])
+def test_executor_gradcheck(causal):
+    q, k, v, pad = _inputs((1, 2, 1, 7, 9, 2), seed=10, padded=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    lay = BlockLayout.from_mask_mod(MASK_MODS["hash"], batch=1, heads=2, len_q=7, len_k=9, block=3, causal=causal)
+    tok = TokenLayout(torch.tensor([[[[0, 5, 8], [2, 7, -1], [1, 3, 6]]]]), group=3, len_q=7, len_k=9, slot=2)
+    for layout in (lay, tok):
+        assert torch.autograd.gradcheck(lambda q, k, v: attend(q, k, v, layout, scale=0.6, causal=causal,
+                                                               key_padding_mask=pad), (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "strided", "shifted_sparse"])
+def test_method_gradients_match_dense_reference(name):
+    params, visible = STATIC[name]
+    shape = (2, 4, 2, 30, 30, 8)
+    q, k, v, pad = _inputs(shape, seed=11, padded=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse = az.attention(q, k, v, method=name, causal=True, key_padding_mask=pad, return_lse=True, **params)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum() + lse.sum(), (q, k, v))
+    vis = combine(visible(30, 30, 4, True), causal=True, len_q=30, len_k=30, key_padding_mask=pad)
+    ro, rl = masked_reference(q, k, v, vis)
+    ref = torch.autograd.grad((ro * w).sum() + rl.sum(), (q, k, v))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_mask_mod_signature_and_output():
+    with pytest.raises(az.AttnZooError, match="mask_mod"):
+        az.get("block_sparse", mask_mod=lambda q, k: q < k)
+    with pytest.raises(az.AttnZooError, match="mask_mod"):
+        az.get("block_sparse", mask_mod="causal")
+    q = k = v = torch.randn(1, 1, 16, 4)
+    with pytest.raises(az.AttnZooError, match="mask_mod.*bool"):
+        az.attention(q, k, v, method="block_sparse", mask_mod=lambda b, h, qi, kj: (qi - kj).float(), block=8)
+    with pytest.raises(az.AttnZooError, match="mask_mod.*layout|layout.*mask_mod"):
+        az.get("block_sparse")
+
+
+def test_bad_layouts():
+    q = k = v = torch.randn(1, 2, 16, 4)
+    with pytest.raises(az.AttnZooError, match="layout.kv_blocks"):
+        BlockLayout(torch.zeros(1, 1, 3, 2, dtype=torch.long), 8, 8, 16, 16)  # 2 query blocks, not 3
+    with pytest.raises(az.AttnZooError, match="layout.kv_blocks"):
+        BlockLayout(torch.full((1, 1, 2, 1), 5, dtype=torch.long), 8, 8, 16, 16)  # block 5 of 2
+    lay = BlockLayout.from_indices(torch.zeros(1, 1, 2, 1, dtype=torch.long), block_q=8, block_k=8, len_q=16,
+                                   len_k=16)
+    with pytest.raises(az.AttnZooError, match="len_q"):
+        az.attention(q[:, :, :8], k, v, method="block_sparse", layout=lay)
+    bad_heads = BlockLayout.from_indices(torch.zeros(1, 3, 2, 1, dtype=torch.long), block_q=8, block_k=8, len_q=16,
+                                         len_k=16)
+    with pytest.raises(az.AttnZooError, match="head dim"):
+        az.attention(q, k, v, method="block_sparse", layout=bad_heads)
+    with pytest.raises(az.AttnZooError, match="layout"):
+        az.get("block_sparse", layout=torch.zeros(2, 2))
+    causal_only = az.get("sliding_window", window=4, block=8).layouts(q, k, causal=True)[0]
+    with pytest.raises(az.AttnZooError, match="causal"):
+        az.attention(q, k, v, method="block_sparse", layout=causal_only, causal=False)
+
+
+@pytest.mark.parametrize("name,param", [("sliding_window", "window"), ("streaming", "window"),
+                                        ("dilated_window", "dilation"), ("strided", "stride"),
+                                        ("strided", "local"), ("shifted_sparse", "group"), ("bigbird", "block"),
+                                        ("sliding_window", "block")])
+@pytest.mark.parametrize("value", [0, -3])
+def test_non_positive_sizes_are_refused(name, param, value):
+    with pytest.raises(az.AttnZooError, match=param):
+        az.get(name, **{param: value})
+
+
+# ------------------------------------------------------------------ pictures
+def test_visible_keys_probe_matches_the_definition(tmp_path):
+    from attnzoo.viz import show_layout, visible_keys
+
+    vis = visible_keys("streaming", 64, causal=True, sinks=2, window=8, block=16)
+    assert torch.equal(vis[0], combine(_streaming(64, 64, 2, 8, True), causal=True, len_q=64, len_k=64)[0, 0])
+    q = torch.zeros(1, 1, 64, 4)
+    lay = az.get("sliding_window", window=5, block=16).layouts(q, q, causal=False)[0]
+    assert torch.equal(visible_keys(lay, causal=False)[0], _band(64, 64, 5, False))
+    png = show_layout("bigbird", 64, path=tmp_path / "bb.png", window=4, n_global=2, block=8)
+    assert png.read_bytes()[:4] == b"\x89PNG"
