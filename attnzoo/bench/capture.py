@@ -1,11 +1,10 @@
 """Record the real Q/K/V a pretrained transformers model feeds its attention.
 
-A minimal recording attention function is registered with
-``transformers.AttentionInterface``: it stores each layer's ``query``, ``key``
-and ``value`` (``(B, H, N, D)``, after any rotary embedding, exactly what the
-model's attention sees) and returns SDPA's result, so the model runs as usual.
-When ``attnzoo.hf.capture_qkv`` lands (the HF integration) this module should
-call it instead of carrying its own recorder.
+The model runs once under attnzoo's transformers adapter with the ``exact``
+method (``attnzoo.hf.capture_qkv``), which records each layer's ``query``,
+``key`` and ``value`` (``(B, H, N, D)``, after any rotary embedding, exactly
+what the model's attention sees). This module adds the text windows, the
+default model and a file format.
 
     $ attnzoo capture --model DIR --text FILE --out qkv.pt
     >>> rec = capture.load("qkv.pt"); rec["q"][layer]   # (B, H, N, D)
@@ -13,7 +12,6 @@ call it instead of carrying its own recorder.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import hashlib
 import importlib.util
@@ -26,8 +24,6 @@ from ..errors import AttnZooError
 
 #: real English text shipped with the package (see data/README.md for its source)
 DEFAULT_TEXT = Path(__file__).with_name("data") / "declaration_gettysburg.txt"
-_IMPL = "attnzoo_capture"
-_RECORDS: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnzoo_capture", default=None)
 
 
 def require_transformers() -> None:
@@ -51,21 +47,6 @@ def max_tokens(model_dir: str | Path) -> int:
     return int(config.get("max_position_embeddings") or 1 << 20)
 
 
-def _recording_attention(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    records = _RECORDS.get()
-    if records is not None:
-        records.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_IMPL, _recording_attention)
-
-
 @functools.lru_cache(maxsize=2)
 def _load(model_dir: str):
     from transformers import AutoModel, AutoTokenizer
@@ -73,9 +54,8 @@ def _load(model_dir: str):
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
-    _register()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, attn_implementation=_IMPL).eval()
+    model = AutoModel.from_pretrained(model_dir).eval()
     return tokenizer, model
 
 
@@ -108,6 +88,8 @@ def capture_qkv(model_dir: str | Path | None = None, text: str | None = None, *,
     "hidden": the model's last hidden state}``.
     """
     require_transformers()
+    from ..hf import capture_qkv as record_qkv  # imports transformers
+
     model_dir = str(default_model_dir() if model_dir is None else model_dir)
     text = DEFAULT_TEXT.read_text() if text is None else text
     limit = max_tokens(model_dir)
@@ -115,17 +97,10 @@ def capture_qkv(model_dir: str | Path | None = None, text: str | None = None, *,
         raise AttnZooError(f"capture: length expected 1..{limit} (the model's max_position_embeddings), got {length}")
     tokenizer, model = _load(model_dir)
     input_ids = token_windows(tokenizer, text, length, batch)
-    records: list = []
-    token = _RECORDS.set(records)
-    try:
-        with torch.no_grad():
-            hidden = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).last_hidden_state
-    finally:
-        _RECORDS.reset(token)
-    if not records:
-        raise AttnZooError(f"capture: model {model_dir} never called the attention interface "
-                           "(it does not dispatch through transformers' AttentionInterface)")
+    records, output = record_qkv(model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)},
+                                 return_output=True)
     q, k, v = (list(t) for t in zip(*records))
+    hidden = output.last_hidden_state
     return {"q": q, "k": k, "v": v, "input_ids": input_ids, "model": model_dir, "hidden": hidden,
             "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
 

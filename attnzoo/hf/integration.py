@@ -145,9 +145,10 @@ def layer_plan(model: PreTrainedModel) -> list[plans.LayerSpec]:
 
 
 @torch.no_grad()
-def capture_qkv(model: PreTrainedModel, inputs: Mapping[str, Any]) -> list[tuple[torch.Tensor, ...]]:
+def capture_qkv(model: PreTrainedModel, inputs: Mapping[str, Any], *, return_output: bool = False):
     """Run ``model(**inputs)`` once and return, per layer, the ``(q, k, v)`` its attention received
-    (``(B, H, S, D)``, after RoPE and the cache update), as recorded by attnzoo's adapter.
+    (``(B, H, S, D)``, after RoPE and the cache update), as recorded by attnzoo's adapter;
+    with ``return_output=True``, ``(per-layer records, the model's output)``.
 
     A model without an attnzoo plan is captured under ``exact`` and restored afterwards.
     """
@@ -161,7 +162,7 @@ def capture_qkv(model: PreTrainedModel, inputs: Mapping[str, Any]) -> list[tuple
             records[i] = []
             for m in ms:
                 setattr(m, CAPTURE_ATTR, records[i])
-        model(**inputs)
+        output = model(**inputs)
     finally:
         for ms in layers.values():
             for m in ms:
@@ -172,4 +173,5 @@ def capture_qkv(model: PreTrainedModel, inputs: Mapping[str, Any]) -> list[tuple
     missing = [i for i, r in records.items() if len(r) != 1]
     if missing:
         raise UnsupportedError(f"capture_qkv: layers {missing} did not call attention exactly once")
-    return [records[i][0] for i in sorted(records)]
+    qkv = [records[i][0] for i in sorted(records)]
+    return (qkv, output) if return_output else qkv
