@@ -43,8 +43,8 @@ def problems(draw, max_len: int = 48):
     return q, k, v, causal, mask
 
 
-def reference(q, k, v, causal, mask):
-    out, lse = az.attention(q.double(), k.double(), v.double(), method="naive", causal=causal,
+def reference(q, k, v, causal, mask, scale=None):
+    out, lse = az.attention(q.double(), k.double(), v.double(), method="naive", causal=causal, scale=scale,
                             key_padding_mask=mask, return_lse=True)
     return out, lse
 
@@ -87,6 +87,26 @@ def test_exact_matches_reference(prob, with_lse):
         res, lse = res
         assert_lse_close(lse, ref_lse)
     assert_close_to_reference(res, ref)
+
+
+def test_exact_lse_uses_the_cpu_flash_kernel_only_where_it_is_correct():
+    """exact(return_lse=True) takes PyTorch's CPU flash kernel for self-attention / non-causal GQA without
+    padding or gradients, and the tiled engine otherwise; both agree with naive."""
+    from attnzoo.core.exact import sdpa_with_lse
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 40, 16, generator=gen) for _ in range(3))
+    kv2 = [t[:, :2, :31] for t in (k, v)]
+    pad = torch.rand(2, 40, generator=gen) > 0.3
+    taken = {"causal self": (q, k, v, True, None), "gqa noncausal": (q, *kv2, False, None)}
+    refused = {"causal Nq != Nk": (q[:, :, :9], k, v, True, None), "gqa causal": (q[:, :, :31], *kv2, True, None),
+               "padding": (q, k, v, False, pad), "grad": (q.clone().requires_grad_(), k, v, False, None)}
+    for name, (qq, kk, vv, causal, mask) in {**taken, **refused}.items():
+        fast = sdpa_with_lse(qq, kk, vv, scale=0.25, causal=causal, key_padding_mask=mask)
+        assert (fast is not None) == (name in taken), name
+        out, lse = az.attention(qq, kk, vv, scale=0.25, causal=causal, key_padding_mask=mask, return_lse=True)
+        ref, ref_lse = reference(qq.detach(), kk, vv, causal, mask, scale=0.25)
+        assert_close_to_reference(out.detach(), ref)
+        assert_lse_close(lse.detach(), ref_lse)
 
 
 @SETTINGS

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 
 from ..checks import Problem
-from ..core.exact import has_empty_rows, naive_attention, sdpa_attention, tiled_attention
+from ..core.exact import has_empty_rows, naive_attention, sdpa_attention, sdpa_with_lse, tiled_attention
 from ..core.partial import merge
 from ..registry import Family, Method, Supports, param, register
 
@@ -45,8 +45,8 @@ class ExactTiled(Method):
     supports: ClassVar[Supports] = _ALL
     papers: ClassVar[tuple[str, ...]] = ("FlashAttention", "FlashAttention-2")
 
-    q_tile: int = param(128, min=1, help="query rows per tile")
-    k_tile: int = param(256, min=1, help="keys per tile")
+    q_tile: int = param(256, min=1, help="query rows per tile")
+    k_tile: int = param(512, min=1, help="keys per tile")
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
         return tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
@@ -59,8 +59,9 @@ class Exact(Method):
     """Exact softmax attention on the fastest correct path.
 
     ``torch.nn.functional.scaled_dot_product_attention`` (with a lower-right
-    causal bias when Nq != Nk) unless the lse is requested or some query row
-    has no visible key; then the tiled engine.
+    causal bias when Nq != Nk) unless some query row has no visible key. With
+    the lse requested: PyTorch's CPU flash kernel (it returns the lse) when it
+    applies (see :func:`sdpa_with_lse`), otherwise the tiled engine.
     """
 
     name: ClassVar[str] = "exact"
@@ -73,6 +74,10 @@ class Exact(Method):
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
         if not return_lse and not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
             return sdpa_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask), None
+        if return_lse and not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
+            fast = sdpa_with_lse(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+            if fast is not None:
+                return fast
         dtype = q.dtype
         if dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()

@@ -65,6 +65,28 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+                  key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(out, lse)`` from PyTorch's CPU flash-attention kernel, or None where it does not apply.
+
+    SDPA's public function drops the lse its CPU kernel computes; the kernel's
+    op returns it. It is used for inference only (its backward ignores the
+    lse), without padding, with equal head counts or non-causal GQA (the query
+    group folded into rows, K/V never repeated), and with causal only for
+    ``Nq == Nk`` (its causal mask is top-left). Callers route empty rows away.
+    """
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    B, Hq, len_q, _ = q.shape
+    Hkv = k.shape[1]
+    if (kernel is None or q.device.type != "cpu" or key_padding_mask is not None
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
+            or (causal and (len_q != k.shape[2] or Hq != Hkv)) or q.shape[-1] != v.shape[-1]):
+        return None
+    rows = q.reshape(B, Hkv, (Hq // Hkv) * len_q, q.shape[-1])  # (B, Hq, N, D) -> query group as rows
+    out, lse = kernel(rows, k, v, 0.0, causal, scale=scale)
+    return out.reshape(B, Hq, len_q, v.shape[-1]), lse.reshape(B, Hq, len_q)
+
+
 def has_empty_rows(q: torch.Tensor, k: torch.Tensor, *, causal: bool,
                    key_padding_mask: torch.Tensor | None) -> bool:
     return empty_rows(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
@@ -215,7 +237,7 @@ class _TiledAttention(torch.autograd.Function):
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                     key_padding_mask: torch.Tensor | None = None, q_offset: int | None = None,
-                    k_offset: int = 0, q_tile: int = 128, k_tile: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                    k_offset: int = 0, q_tile: int = 256, k_tile: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable tiled exact attention; returns ``(out, lse)`` (the lse is differentiable too)."""
     spec = TileSpec(scale, causal, k.shape[2] - q.shape[2] if q_offset is None else q_offset, k_offset,
                     q_tile, k_tile)
