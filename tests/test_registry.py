@@ -25,7 +25,7 @@ def test_methods_lists_the_core_and_info_describes_them():
     assert {"naive", "exact", "exact_tiled", "flash_decode"} <= names
     i = az.info("exact_tiled")
     assert i.family is az.Family.EXACT and i.supports.lse and i.supports.grad
-    assert [(p.name, p.default, p.min) for p in i.params] == [("q_tile", 128, 1), ("k_tile", 256, 1)]
+    assert [(p.name, p.default, p.min) for p in i.params] == [("q_tile", 256, 1), ("k_tile", 512, 1)]
     assert "FlashAttention" in i.papers
 
 
