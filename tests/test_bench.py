@@ -248,6 +248,10 @@ def test_plan_skips_what_a_method_cannot_run():
         plan(Suite(workloads=("nope",)))
     with pytest.raises(AttnZooError, match="unknown method 'exakt'.*'exact'"):
         plan(Suite(methods=("exakt",)))
+    skips = {p.case["method"]: p.skip for p in plan(Suite(methods=("block_sparse", "nystrom", "exact"),
+                                                         lengths=(32,), workloads=("gaussian",)))[0]}
+    assert skips["exact"] is None and skips["nystrom"][0] == "capability"
+    assert skips["block_sparse"][0] == "parameters" and "mask_mod" in skips["block_sparse"][1]
 
 
 # --------------------------------------------------------------- results file

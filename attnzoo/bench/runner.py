@@ -103,6 +103,10 @@ def static_skip(cls: type[registry.Method], case: dict) -> Skip | None:
     if missing:
         return "extra input", (f"needs extra input(s) {missing} with no generator in attnzoo.bench.workloads "
                                "(register one with @input_generator)")
+    try:
+        cls(**case["params"])
+    except AttnZooError as e:  # e.g. block_sparse: a mask_mod or layout is the user's to give
+        return "parameters", f"cannot be built with the suite's parameters: {e}"
     return None
 
 
