@@ -80,6 +80,19 @@ def policy_table(budget: int) -> dict[str, tuple[str, dict]]:
     }
 
 
+def select_rows(spec: str, table: dict) -> list[str]:
+    """Row labels from a comma-separated list (labels may contain commas themselves)."""
+    rows, piece = [], ""
+    for part in spec.split(","):
+        piece = f"{piece},{part}" if piece else part
+        if piece.strip() in table:
+            rows.append(piece.strip())
+            piece = ""
+    if piece:
+        raise SystemExit(f"--policies: unknown row label {piece.strip()!r}; expected some of {sorted(table)}")
+    return rows
+
+
 def skip_reason(label: str, length: int) -> str | None:
     """Why a row is not run at this length (None: it runs)."""
     if "faiss" in label:
@@ -170,7 +183,7 @@ def main() -> None:
     checks.CHECK_FINITE = False  # the inputs are generated finite; skip the scan of the whole context per call
     table = policy_table(args.budget)
     if args.policies:
-        table = {k: table[k] for k in args.policies.split(",")}
+        table = {k: table[k] for k in select_rows(args.policies, table)}
     flash = attnzoo.get("flash_decode")
 
     def flash_step(q, k, v):
