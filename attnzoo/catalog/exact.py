@@ -72,9 +72,10 @@ class Exact(Method):
     upcast_half: ClassVar[bool] = False  # SDPA accumulates half inputs in fp32 itself
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
-        if not return_lse and not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
-            return sdpa_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask), None
-        if return_lse and not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
+        if not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
+            if not return_lse:
+                return sdpa_attention(q, k, v, scale=prob.scale, causal=causal,
+                                      key_padding_mask=key_padding_mask), None
             fast = sdpa_with_lse(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
             if fast is not None:
                 return fast

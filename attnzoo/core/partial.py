@@ -60,10 +60,11 @@ def merge(*partials: Partial) -> Partial:
         return Partial(*partials[0])
     dtype = torch.promote_types(torch.float32, partials[0][0].dtype)  # fp32, or fp64 for fp64 oracles
     lses = torch.stack([p[1].to(dtype) for p in partials])  # (P, ...)
-    empty = ~torch.isfinite(lses).any(0)  # rows no partial saw: keep their gradient finite too
-    lse = torch.logsumexp(lses.masked_fill(empty, 0.0), dim=0).masked_fill(empty, -math.inf)
-    # exp(-inf - (-inf)) would be NaN: rows empty everywhere get weight 0.
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    empty = ~torch.isfinite(lses).any(0)  # rows no partial saw
+    # finite on every row (rows no partial saw reduce zeros), so exp(lses - safe) is never exp(-inf - (-inf)) = NaN
+    # and the gradient of those rows stays finite; their lses are all -inf, so their weights are 0.
+    safe = torch.logsumexp(lses.masked_fill(empty, 0.0), dim=0)
+    lse = safe.masked_fill(empty, -math.inf)
     weights = torch.exp(lses - safe)  # exp(-inf) = 0 for empty partials
     out = sum(w.unsqueeze(-1) * p[0].to(dtype) for w, p in zip(weights, partials))
     return Partial(out, lse)
