@@ -29,18 +29,17 @@ tensors, never on Python ints.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import AttnZooError
+from .band import attend_band, band_applies, band_plan
+from .masks import MaskMod, call_mask_mod, check_mask_mod
 from .partial import Partial, merge
-
-MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: elements of one mask evaluation chunk when building layouts (bounds peak memory)
 _BUILD_CHUNK = 1 << 24
@@ -49,29 +48,6 @@ _PASS_KEYS = 1024
 
 
 # ------------------------------------------------------------------ checks
-def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
-    """Refuse anything but a callable taking ``(b, h, q_idx, kv_idx)``."""
-    if not callable(mask_mod):
-        raise AttnZooError(f"{name}: expected a callable mask_mod(b, h, q_idx, kv_idx) -> bool tensor, "
-                           f"got {type(mask_mod).__name__}")
-    try:
-        inspect.signature(mask_mod).bind(0, 0, 0, 0)
-    except TypeError:
-        raise AttnZooError(f"{name}: expected a callable mask_mod(b, h, q_idx, kv_idx) -> bool tensor taking 4 "
-                           f"positional arguments, got signature {inspect.signature(mask_mod)}") from None
-    except ValueError:  # builtins without a signature: checked when called
-        pass
-
-
-def _call_mask_mod(mask_mod: MaskMod, b, h, q_idx, kv_idx) -> torch.Tensor:
-    out = mask_mod(b, h, q_idx, kv_idx)
-    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
-        got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
-        raise AttnZooError(f"mask_mod: expected a bool tensor output (elementwise torch ops on its index "
-                           f"tensors), got {got}")
-    return out
-
-
 def _check_positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AttnZooError(f"{name}: expected a positive int, got {value!r}")
@@ -223,7 +199,7 @@ class BlockLayout:
             blk = cand[:, :, n0:n1]  # (Bl, Hl, n, C)
             kv_idx = (blk.unsqueeze(-1) * block_k + ka).unsqueeze(-2)  # (Bl, Hl, n, C, 1, bk)
             in_range = (q_idx < len_q) & (kv_idx < len_k) & (kv_idx >= 0)
-            mm = _call_mask_mod(mask_mod, b, h, q_idx.clamp(max=len_q - 1), kv_idx.clamp(0, len_k - 1))
+            mm = call_mask_mod(mask_mod, b, h, q_idx.clamp(max=len_q - 1), kv_idx.clamp(0, len_k - 1))
             mm = mm.expand(torch.broadcast_shapes(mm.shape, in_range.shape))
             visible = mm & in_range
             if causal:
@@ -476,7 +452,7 @@ class _Plan:
             else:
                 h = torch.arange(self.heads_kv, device=dev).view(1, -1, 1, 1, 1, 1)
             q_idx = (q_pos - (self.len_k - self.len_q)).clamp(0, self.len_q - 1).unsqueeze(-1)
-            ok = ok & _call_mask_mod(self.mask_mod, b, h, q_idx, kclamp.unsqueeze(-2))
+            ok = ok & call_mask_mod(self.mask_mod, b, h, q_idx, kclamp.unsqueeze(-2))
         return ok
 
 
@@ -612,7 +588,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     Hkv, Nk = k.shape[1], k.shape[2]
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device)
+    if isinstance(layout, BlockLayout) and band_applies(q, k, v, key_padding_mask, q_positions):
+        band = _cached_band_plan(layout, causal)
+        if band is not None:
+            return attend_band(q, k, v, band, scale=scale)
     return _LayoutAttention.apply(q, k, v, key_padding_mask, plan)
+
+
+def _cached_band_plan(layout: BlockLayout, causal: bool):
+    """The layout's :class:`~attnzoo.core.band.BandPlan` (None when not banded), kept on reused layouts."""
+    if layout.mask_cache is None:
+        return band_plan(layout, causal)
+    key = ("band", causal)
+    if key not in layout.mask_cache:
+        layout.mask_cache[key] = band_plan(layout, causal)
+    return layout.mask_cache[key]
 
 
 def attend_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: Sequence[Layout], *, scale: float,

@@ -9,7 +9,15 @@ the slice's own offsets.
 
 from __future__ import annotations
 
+import inspect
+from typing import Callable
+
 import torch
+
+from ..errors import AttnZooError
+
+#: FlexAttention's mask_mod(b, h, q_idx, kv_idx) -> bool, called on broadcastable index tensors
+MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def causal_mask(len_q: int, len_k: int, *, q_offset: int | None = None, k_offset: int = 0,
@@ -55,3 +63,27 @@ def empty_rows(len_q: int, len_k: int, *, causal: bool, key_padding_mask: torch.
     if not bool(empty.any()):
         return None
     return empty.unsqueeze(1)
+
+
+def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
+    """Refuse anything but a callable taking ``(b, h, q_idx, kv_idx)``."""
+    if not callable(mask_mod):
+        raise AttnZooError(f"{name}: expected a callable mask_mod(b, h, q_idx, kv_idx) -> bool tensor, "
+                           f"got {type(mask_mod).__name__}")
+    try:
+        inspect.signature(mask_mod).bind(0, 0, 0, 0)
+    except TypeError:
+        raise AttnZooError(f"{name}: expected a callable mask_mod(b, h, q_idx, kv_idx) -> bool tensor taking 4 "
+                           f"positional arguments, got signature {inspect.signature(mask_mod)}") from None
+    except ValueError:  # builtins without a signature: checked when called
+        pass
+
+
+def call_mask_mod(mask_mod: MaskMod, b, h, q_idx, kv_idx) -> torch.Tensor:
+    """Evaluate ``mask_mod`` on index tensors, refusing an output that is not a bool tensor."""
+    out = mask_mod(b, h, q_idx, kv_idx)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+        got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+        raise AttnZooError(f"mask_mod: expected a bool tensor output (elementwise torch ops on its index "
+                           f"tensors), got {got}")
+    return out

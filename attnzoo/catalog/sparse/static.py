@@ -13,8 +13,9 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ...checks import Problem
-from ...core.blocksparse import BlockLayout, TokenLayout, _compact, check_mask_mod
+from ...core.blocksparse import BlockLayout, TokenLayout, _compact
 from ...core.exact import tiled_attention
+from ...core.masks import check_mask_mod
 from ...errors import AttnZooError
 from ...registry import Family, param, register
 from ._base import (LayoutMethod, StaticMethod, as_layout_rows, band_candidates, block_positions,
@@ -90,12 +91,18 @@ class Streaming(StaticMethod):
     block: int = param(128, min=1, help=_BLOCK_HELP)
 
     def static_layouts(self, prob, causal, device):
+        # two disjoint layouts merged by lse: the band alone is banded, so it runs on the fused fast path
         off, w, n_sink = _offset(prob), self.window, self.sinks
         band = band_candidates(prob, self.block, w - 1, w - 1, causal, device)
-        sink = prefix_candidates(band.shape[0], n_sink, self.block, prob.len_k, device)
-        return [static_block_layout(as_layout_rows(band, sink),
-                                    lambda b, h, qi, kj: ((qi + off - kj).abs() < w) | (kj < n_sink),
-                                    prob, self.block, causal)]
+        in_band = lambda b, h, qi, kj: (qi + off - kj).abs() < w  # noqa: E731
+        layouts = [static_block_layout(as_layout_rows(band), in_band, prob, self.block, causal)]
+        if n_sink:
+            sink = prefix_candidates(band.shape[0], n_sink, self.block, prob.len_k, device)
+            sink_only = static_block_layout(as_layout_rows(sink), lambda b, h, qi, kj: (kj < n_sink)
+                                            & ~in_band(b, h, qi, kj), prob, self.block, causal)
+            if sink_only.nnz:
+                layouts.append(sink_only)
+        return layouts
 
 
 @register

@@ -1,0 +1,145 @@
+"""The executor's banded fast path (core/band.py) against dense references and the generic executor.
+
+The fast path serves CPU forward passes without padding; these tests check
+that it is taken where it should be, that it agrees with the dense masked
+reference (float64) over shapes, GQA ratios, Nq != Nk alignment and blocks,
+and that it leaves everything else to the generic executor.
+Seeds: each case draws its inputs from torch.Generator(seed) with the seed in the test.
+"""
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import attnzoo as az
+import attnzoo.core.blocksparse as bs
+from attnzoo.core.band import band_plan
+from attnzoo.core.blocksparse import BlockLayout, attend
+from _sparse_ref import combine, masked_reference, positions
+
+
+def _qkv(B, Hq, Hkv, Nq, Nk, D, seed, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, Nq, D, generator=g, dtype=dtype), torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype),
+            torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype))
+
+
+def _spy():
+    """Patches the fast path with a mock that counts its calls (and still runs it)."""
+    return mock.patch.object(bs, "attend_band", wraps=bs.attend_band)
+
+
+@pytest.fixture
+def band_calls():
+    with _spy() as spy:
+        yield spy
+
+
+def _band(nq, nk, width, causal):
+    p, j = positions(nq, nk)
+    return (p - j < width) if causal else ((p - j).abs() < width)
+
+
+def _dilated(nq, nk, window, dilation, causal):
+    p, j = positions(nq, nk)
+    d = (p - j) if causal else (p - j).abs()
+    return (d % dilation == 0) & (d < window * dilation) & (d >= 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), nq=st.integers(1, 70),
+       nk=st.integers(1, 70), block=st.sampled_from([4, 8, 16]), window=st.integers(1, 24), causal=st.booleans(),
+       method=st.sampled_from(["sliding_window", "dilated_window", "streaming"]))
+def test_banded_methods_equal_dense_reference(B, hkv, groups, nq, nk, block, window, causal, method):
+    q, k, v = _qkv(B, hkv * groups, hkv, nq, nk, 8, seed=nq * 100 + nk)
+    params = {"sliding_window": dict(window=window), "dilated_window": dict(window=window, dilation=2),
+              "streaming": dict(window=window, sinks=3)}[method]
+    out, lse = az.attention(q, k, v, method=method, causal=causal, return_lse=True, block=block, **params)
+    vis = {"sliding_window": lambda: _band(nq, nk, window, causal),
+           "dilated_window": lambda: _dilated(nq, nk, window, 2, causal),
+           "streaming": lambda: _band(nq, nk, window, causal) | (positions(nq, nk)[1] < 3)}[method]()
+    ref, ref_lse = masked_reference(q, k, v, combine(vis, causal=causal, len_q=nq, len_k=nk))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("method,params", [("sliding_window", dict(window=20)), ("streaming", dict(window=20)),
+                                           ("dilated_window", dict(window=6, dilation=3))])
+@pytest.mark.parametrize("nq", [200, 64])  # self-attention and a chunk of queries after a prefix
+@pytest.mark.parametrize("causal", [False, True])
+def test_windows_take_the_fast_path(method, params, nq, causal, band_calls):
+    """Windows shorter than the sequence are banded (tiny or degenerate ones may fall back; still exact)."""
+    q, k, v = _qkv(1, 4, 2, nq, 200, 8, seed=7)
+    out = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
+    assert band_calls.called
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    generic = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
+    torch.testing.assert_close(out, generic.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_method_layouts_that_are_banded_and_those_that_are_not():
+    q, k, _ = _qkv(1, 2, 2, 300, 300, 8, seed=0)
+    for name, params in (("sliding_window", dict(window=40, block=16)),
+                         ("dilated_window", dict(window=10, dilation=3, block=16))):
+        for causal in (False, True):
+            (lay,) = az.get(name, **params).layouts(q, k, causal=causal)
+            plan = band_plan(lay, causal)
+            assert plan is not None
+            assert plan.width == int((lay.kv_blocks >= 0).sum(-1).max()), "windows as wide as the longest row"
+            assert plan.special.numel() < plan.n_q // 2, "edges only: interior blocks share one mask"
+    near, far = az.get("strided", stride=7, local=8, block=16).layouts(q, k, causal=True)
+    assert band_plan(near, True) is not None  # the band with the stride columns near it; far ones are tokens
+    (bigbird,) = az.get("bigbird", window=8, n_global=0, n_random=2, block=16).layouts(q, k, causal=True)
+    assert band_plan(bigbird, True) is None  # random blocks leave gaps in the rows
+    scattered = BlockLayout.from_indices(torch.tensor([[[[0, 2], [1, 3]]]]), block_q=8, block_k=8, len_q=16,
+                                         len_k=32)
+    assert band_plan(scattered, False) is None
+
+
+def test_position_dependent_mask_makes_every_block_special_and_stays_exact(band_calls):
+    """A banded layout whose element mask is not translation invariant: each block keeps its own mask."""
+    q, k, v = _qkv(1, 2, 1, 50, 50, 8, seed=3)
+
+    def mod(b, h, qi, kj):
+        return ((qi - kj).abs() < 6) & ((qi * kj) % 3 != 1)
+
+    lay = BlockLayout.from_mask_mod(mod, len_q=50, len_k=50, block=8)
+    plan = band_plan(lay, False)
+    assert plan is not None and plan.special.numel() > plan.n_q // 2
+    out, lse = attend(q, k, v, lay, scale=8 ** -0.5, causal=False)
+    qi, kj = torch.arange(50).view(-1, 1), torch.arange(50).view(1, -1)
+    ref, ref_lse = masked_reference(q, k, v, mod(0, 0, qi, kj).expand(1, 1, 50, 50))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    assert band_calls.called
+
+
+def test_rows_without_keys_are_zero_and_minus_inf(band_calls):
+    """Nq > Nk, causal: the first queries sit before every key."""
+    q, k, v = _qkv(1, 2, 2, 40, 20, 8, seed=4)
+    out, lse = az.attention(q, k, v, method="sliding_window", window=4, block=8, causal=True, return_lse=True)
+    assert band_calls.called
+    assert torch.equal(out[:, :, :20], torch.zeros_like(out[:, :, :20])) and torch.isneginf(lse[:, :, :20]).all()
+    assert torch.isfinite(lse[:, :, 20:]).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_low_precision_matches_the_generic_executor(dtype, tol, band_calls):
+    q, k, v = _qkv(1, 4, 2, 200, 200, 16, seed=5, dtype=dtype)
+    fast = az.attention(q, k, v, method="sliding_window", window=30, block=32, causal=True)
+    assert band_calls.called and fast.dtype == dtype
+    q, k, v = (t.requires_grad_() for t in (q, k, v))  # gradients: the generic executor
+    slow = az.attention(q, k, v, method="sliding_window", window=30, block=32, causal=True)
+    torch.testing.assert_close(fast.float(), slow.detach().float(), atol=tol, rtol=tol)
+
+
+def test_padding_and_gradients_use_the_generic_executor(band_calls):
+    q, k, v = _qkv(1, 2, 2, 30, 30, 8, seed=6)
+    pad = torch.ones(1, 30, dtype=torch.bool)
+    pad[:, -3:] = False
+    az.attention(q, k, v, method="sliding_window", window=4, block=8, key_padding_mask=pad)
+    az.attention(q.requires_grad_(), k, v, method="sliding_window", window=4, block=8)
+    assert not band_calls.called
