@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnZooError
-from .band import attend_band, band_applies, band_plan
+from .fused import attend_band, attend_shared_tokens, band_plan, fused_applies, shared_tokens
 from .masks import MaskMod, call_mask_mod, check_mask_mod
 from .partial import Partial, merge
 
@@ -588,15 +588,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     Hkv, Nk = k.shape[1], k.shape[2]
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device)
-    if isinstance(layout, BlockLayout) and band_applies(q, k, v, key_padding_mask, q_positions):
-        band = _cached_band_plan(layout, causal)
-        if band is not None:
-            return attend_band(q, k, v, band, scale=scale)
+    if fused_applies(q, k, v, key_padding_mask, q_positions):
+        if isinstance(layout, BlockLayout):
+            band = _cached_band_plan(layout, causal)
+            if band is not None:
+                return attend_band(q, k, v, band, scale=scale)
+        else:
+            keys = shared_tokens(layout)
+            if keys is not None:
+                return attend_shared_tokens(q, k, v, layout, keys, scale=scale, causal=causal)
     return _LayoutAttention.apply(q, k, v, key_padding_mask, plan)
 
 
 def _cached_band_plan(layout: BlockLayout, causal: bool):
-    """The layout's :class:`~attnzoo.core.band.BandPlan` (None when not banded), kept on reused layouts."""
+    """The layout's :class:`~attnzoo.core.fused.BandPlan` (None when not banded), kept on reused layouts."""
     if layout.mask_cache is None:
         return band_plan(layout, causal)
     key = ("band", causal)

@@ -96,12 +96,11 @@ class Streaming(StaticMethod):
         band = band_candidates(prob, self.block, w - 1, w - 1, causal, device)
         in_band = lambda b, h, qi, kj: (qi + off - kj).abs() < w  # noqa: E731
         layouts = [static_block_layout(as_layout_rows(band), in_band, prob, self.block, causal)]
-        if n_sink:
-            sink = prefix_candidates(band.shape[0], n_sink, self.block, prob.len_k, device)
-            sink_only = static_block_layout(as_layout_rows(sink), lambda b, h, qi, kj: (kj < n_sink)
-                                            & ~in_band(b, h, qi, kj), prob, self.block, causal)
-            if sink_only.nnz:
-                layouts.append(sink_only)
+        n_sink = min(n_sink, prob.len_k)
+        if n_sink:  # the few sink keys every query block reads, as tokens (those inside the band are masked)
+            sinks = torch.arange(n_sink, device=device).expand(1, 1, band.shape[0], n_sink)
+            layouts.append(TokenLayout(sinks, self.block, prob.len_q, prob.len_k,
+                                       lambda b, h, qi, kj: ~in_band(b, h, qi, kj)))
         return layouts
 
 

@@ -1,4 +1,4 @@
-"""The executor's banded fast path (core/band.py) against dense references and the generic executor.
+"""The executor's fused fast paths (core/fused.py) against dense references and the generic executor.
 
 The fast path serves CPU forward passes without padding; these tests check
 that it is taken where it should be, that it agrees with the dense masked
@@ -15,8 +15,8 @@ from hypothesis import given, settings, strategies as st
 
 import attnzoo as az
 import attnzoo.core.blocksparse as bs
-from attnzoo.core.band import band_plan
-from attnzoo.core.blocksparse import BlockLayout, attend
+from attnzoo.core.fused import band_plan
+from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend
 from _sparse_ref import combine, masked_reference, positions
 
 
@@ -143,3 +143,21 @@ def test_padding_and_gradients_use_the_generic_executor(band_calls):
     az.attention(q, k, v, method="sliding_window", window=4, block=8, key_padding_mask=pad)
     az.attention(q.requires_grad_(), k, v, method="sliding_window", window=4, block=8)
     assert not band_calls.called
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shared_token_sets_take_the_fused_path_and_equal_dense_reference(causal):
+    """Every query group reads the same keys (sinks, global tokens): one dense attention over them."""
+    q, k, v = _qkv(2, 6, 2, 45, 60, 8, seed=8)
+    keys = torch.tensor([0, 1, 2, 7, 33, 59])
+    lay = TokenLayout(keys.expand(1, 1, 6, -1), 8, 45, 60, lambda b, h, qi, kj: (qi + kj) % 4 != 0)
+    with mock.patch.object(bs, "attend_shared_tokens", wraps=bs.attend_shared_tokens) as spy:
+        out, lse = attend(q, k, v, lay, scale=0.3, causal=causal)
+    assert spy.called
+    qi, kj = torch.arange(45).view(-1, 1), torch.arange(60).view(1, -1)
+    vis = combine(torch.isin(kj, keys) & ((qi + kj) % 4 != 0), causal=causal, len_q=45, len_k=60)
+    ref, ref_lse = masked_reference(q, k, v, vis, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=1e-9, rtol=1e-9)

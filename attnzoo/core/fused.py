@@ -1,0 +1,254 @@
+"""The executor's fast paths on PyTorch's fused CPU attention kernel (METHODS.md B2, B2g).
+
+The generic executor (:mod:`attnzoo.core.blocksparse`) gathers key blocks and
+runs the online softmax as separate max/exp/sum passes in eager PyTorch.
+Two common layout shapes can instead run on
+``aten._scaled_dot_product_flash_attention_for_cpu``, the fused kernel behind
+SDPA on CPU, which takes an additive element mask, keeps scores in its tiles
+and returns the log-sum-exp the engine merges with:
+
+* **Banded block layouts.** Every query block ``i`` reads one contiguous run
+  of key blocks inside ``[i + start, i + start + width)`` (sliding and dilated
+  windows, causal or not, the band of streaming and strided, any user layout
+  of that shape). Its keys are then ``width · block`` consecutive keys, and
+  the windows of all query blocks are one overlapping strided view of K and
+  V: no gather, no copy. A translation-invariant pattern has one element mask
+  for every block away from the sequence ends; :class:`BandPlan` keeps it once
+  and gives the other ("special") blocks their own masks and gathered windows.
+* **Shared token sets.** A token layout whose every query group reads the
+  same keys (attention sinks, global tokens) is one dense attention over
+  those few keys under an ``(Nq, T)`` mask.
+
+Both serve forward passes on CPU without key padding; training (gradients),
+padding and other devices use the generic executor, which gives the same
+result (tests/test_fused.py checks both against dense references).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .masks import call_mask_mod
+
+if TYPE_CHECKING:
+    from .blocksparse import BlockLayout, TokenLayout
+
+#: elements of the element mask evaluated at once while planning (bounds peak memory)
+_PLAN_CHUNK = 1 << 24
+#: dtypes the fused CPU kernel accepts
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
+                  q_positions: torch.Tensor | None) -> bool:
+    """Whether the fused CPU kernel can run this call: a forward pass on CPU, no padding, equal head dims."""
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return (q.device.type == "cpu" and not grads and key_padding_mask is None and q_positions is None
+            and q.dtype in _KERNEL_DTYPES and q.shape[-1] == v.shape[-1])
+
+
+def _kernel(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)`` under a bool ``mask`` (broadcast)."""
+    additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive, scale=scale)
+
+
+# ------------------------------------------------------------------ banded block layouts
+@dataclass(frozen=True, eq=False)
+class BandPlan:
+    """Where each query block's key window starts, and the element masks over the windows.
+
+    Query block ``i`` reads keys ``[(i + start) · block, (i + start + width) · block)``
+    (positions outside ``[0, Nk)`` are masked). The ``interior`` query blocks
+    (a slice or an index tensor) are whole, have their window inside the keys
+    and share the mask ``shared (block, L)``; the ``special`` ones carry
+    ``special_mask (ns, block, L)``. ``empty_rows (nq, block)`` marks query
+    rows that see no key (their result is ``(0, -inf)``).
+    """
+
+    block: int
+    start: int
+    width: int
+    n_q: int
+    interior: slice | torch.Tensor
+    shared: torch.Tensor
+    special: torch.Tensor
+    special_mask: torch.Tensor
+    empty_rows: torch.Tensor
+
+    @property
+    def window(self) -> int:
+        return self.width * self.block
+
+
+def band_plan(layout: "BlockLayout", causal: bool) -> BandPlan | None:
+    """The :class:`BandPlan` of ``layout`` when it is banded and shared by all batches and heads, else None.
+
+    Costs one evaluation of the layout's element mask over the windows,
+    O(Nq · window); the executor caches the plan of static layouts.
+    """
+    kv = layout.kv_blocks
+    if layout.block_q != layout.block_k or kv.shape[:2] != (1, 1) or kv.shape[-1] == 0:
+        return None
+    kv = kv[0, 0]
+    valid = kv >= 0
+    count = valid.sum(-1)
+    rows = count > 0
+    if not bool(rows.any()):
+        return None
+    lo = torch.where(valid, kv, torch.full_like(kv, layout.n_k_blocks)).amin(-1)
+    hi = torch.where(valid, kv, torch.full_like(kv, -1)).amax(-1)
+    if not bool(((hi - lo + 1 == count) | ~rows).all()):
+        return None  # a row with a gap
+    index = torch.arange(kv.shape[0], device=kv.device)
+    start = int((lo - index)[rows].min())
+    width = int((hi - index)[rows].max()) - start + 1
+    if width > int(count.max()) + 1:
+        return None  # rows drift: one window for all of them would read far more keys than the layout
+    return _element_masks(layout, causal, kv, lo, hi, start, width)
+
+
+def _element_masks(layout: "BlockLayout", causal: bool, kv: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                   start: int, width: int) -> BandPlan:
+    """Evaluate the visibility of every window element, keeping one shared mask and the blocks that differ."""
+    b, nq, dev = layout.block_q, kv.shape[0], kv.device
+    partial = _partial_in_window(layout, kv, start, width)
+    window = torch.arange(width * b, device=dev)
+    rows = torch.arange(b, device=dev)
+
+    def visible(blocks: torch.Tensor) -> torch.Tensor:  # (n,) query blocks -> (n, b, L) bool
+        q_idx = (blocks.view(-1, 1) * b + rows).unsqueeze(-1)  # (n, b, 1)
+        k_idx = ((blocks + start) * b).view(-1, 1, 1) + window  # (n, 1, L)
+        ok = ((q_idx < layout.len_q) & (k_idx >= lo[blocks].view(-1, 1, 1) * b)
+              & (k_idx < (hi[blocks] + 1).view(-1, 1, 1) * b) & (k_idx < layout.len_k))
+        if causal:
+            ok = ok & (k_idx <= q_idx + layout.len_k - layout.len_q)
+        if layout.mask_mod is not None:
+            zero = torch.zeros(1, 1, 1, dtype=torch.long, device=dev)
+            mm = call_mask_mod(layout.mask_mod, zero, zero, q_idx.clamp(max=layout.len_q - 1),
+                               k_idx.clamp(0, layout.len_k - 1))
+            whole = ~partial[blocks].repeat_interleave(b, dim=-1).unsqueeze(1)  # (n, 1, L)
+            ok = ok & (mm | whole)
+        return ok
+
+    # blocks the strided view may serve: whole query blocks whose window lies inside the keys
+    first = max(0, -start)
+    last = min(nq - 1 if layout.len_q % b == 0 else nq - 2, layout.len_k // b - start - width)
+    shared = visible(torch.tensor([(first + last) // 2 if first <= last else 0], device=dev))[0]
+    special, special_mask = [], []
+    step = max(1, _PLAN_CHUNK // (b * width * b))
+    for n0 in range(0, nq, step):
+        blocks = torch.arange(n0, min(nq, n0 + step), device=dev)
+        mask = visible(blocks)
+        differ = (mask != shared).flatten(1).any(1) | (blocks < first) | (blocks > last)
+        if bool(differ.any()):
+            special.append(blocks[differ])
+            special_mask.append(mask[differ])
+    special_t = torch.cat(special) if special else torch.zeros(0, dtype=torch.long, device=dev)
+    special_m = torch.cat(special_mask) if special_mask else shared.new_zeros(0, *shared.shape)
+    empty = (~shared.any(-1)).expand(nq, b).clone()
+    empty[special_t] = ~special_m.any(-1)
+    is_interior = torch.ones(nq, dtype=torch.bool, device=dev)
+    is_interior[special_t] = False
+    return BandPlan(b, start, width, nq, _as_slice(is_interior.nonzero().squeeze(-1)), shared, special_t,
+                    special_m, empty)
+
+
+def _partial_in_window(layout: "BlockLayout", kv: torch.Tensor, start: int, width: int) -> torch.Tensor:
+    """``(nq, width)`` bool: window block ``c`` of query block ``i`` is a partial block of the layout."""
+    nq = kv.shape[0]
+    table = torch.zeros(nq, width + 1, dtype=torch.bool, device=kv.device)
+    if layout.partial is None:
+        return table[:, :width]
+    pos = kv - (torch.arange(nq, device=kv.device).view(-1, 1) + start)
+    pos = torch.where(kv >= 0, pos, torch.full_like(pos, width))  # unused slots land in the spare column
+    table.scatter_(-1, pos, layout.partial[0, 0])
+    return table[:, :width]
+
+
+def _as_slice(idx: torch.Tensor) -> slice | torch.Tensor:
+    """Sorted indices as a slice when they are contiguous (indexing then gives a view, no copy)."""
+    if idx.numel() == 0:
+        return slice(0, 0)
+    if int(idx[-1] - idx[0]) + 1 == idx.numel():
+        return slice(int(idx[0]), int(idx[-1]) + 1)
+    return idx
+
+
+def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPlan, *,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a banded layout with the fused CPU kernel: ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    groups, b, nq, L = Hq // Hkv, plan.block, plan.n_q, plan.window
+    q = q.contiguous().view(B * Hkv, groups, Nq, D)
+    k, v = k.contiguous().view(B * Hkv, Nk, D), v.contiguous().view(B * Hkv, Nk, D)
+    out = q.new_empty(B * Hkv, groups, nq, b, D)
+    lse = torch.empty(B * Hkv, groups, nq, b, dtype=torch.promote_types(torch.float32, q.dtype), device=q.device)
+    blocks = plan.interior
+    n_in = blocks.stop - blocks.start if isinstance(blocks, slice) else int(plan.interior.numel())
+    if n_in:
+        # interior blocks: strided views over the range they span (every window there lies inside the keys)
+        first = blocks.start if isinstance(blocks, slice) else int(blocks[0])
+        span = (blocks.stop if isinstance(blocks, slice) else int(blocks[-1]) + 1) - first
+        sel = slice(0, span) if isinstance(blocks, slice) else blocks - first
+        kw, vw = (t.as_strided((B * Hkv, span, L, D), (Nk * D, b * D, D, 1),
+                               t.storage_offset() + (first + plan.start) * b * D)[:, sel] for t in (k, v))
+        for g in range(groups):  # the query heads sharing one KV head read the same windows
+            qg = q[:, g, first * b:(first + span) * b].view(B * Hkv, span, b, D)[:, sel]
+            o, l = _kernel(qg, kw, vw, plan.shared.view(1, 1, b, L), scale)
+            out[:, g, blocks], lse[:, g, blocks] = o, l
+    if plan.special.numel():
+        # special blocks: windows gathered with clamped indices (positions outside the keys are masked)
+        pos = (plan.special.view(-1, 1) + plan.start) * b + torch.arange(L, device=q.device)
+        pos = pos.clamp(0, Nk - 1).view(-1)
+        kw, vw = (t.index_select(1, pos).view(B * Hkv, -1, L, D) for t in (k, v))
+        rows = (plan.special.view(-1, 1) * b + torch.arange(b, device=q.device)).clamp(max=Nq - 1).view(-1)
+        for g in range(groups):
+            qg = q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D)
+            o, l = _kernel(qg, kw, vw, plan.special_mask.unsqueeze(0), scale)
+            out[:, g, plan.special], lse[:, g, plan.special] = o, l
+    empty = plan.empty_rows.view(1, 1, nq, b)
+    out.masked_fill_(empty.unsqueeze(-1), 0.0)
+    lse.masked_fill_(empty, -math.inf)
+    return out.view(B, Hq, nq * b, D)[:, :, :Nq], lse.view(B, Hq, nq * b)[:, :, :Nq]
+
+
+# ------------------------------------------------------------------ shared token sets
+def shared_tokens(layout: "TokenLayout") -> torch.Tensor | None:
+    """The key tokens every query group of ``layout`` reads, when they are the same for all groups, else None."""
+    tok = layout.kv_tokens
+    if tok.shape[:2] != (1, 1) or tok.shape[2] == 0:
+        return None
+    tok = tok[0, 0]
+    if not torch.equal(tok, tok[:1].expand_as(tok)):
+        return None
+    keys = tok[0]
+    return keys[keys >= 0]
+
+
+def attend_shared_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "TokenLayout",
+                         keys: torch.Tensor, *, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query over the same few ``keys`` with the fused kernel: ``(out, lse)`` like the executor's."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    groups = Hq // Hkv
+    q_idx = torch.arange(Nq, device=q.device).view(-1, 1)
+    kv_idx = keys.view(1, -1)
+    visible = torch.ones(Nq, keys.numel(), dtype=torch.bool, device=q.device)
+    if causal:
+        visible = visible & (kv_idx <= q_idx + Nk - Nq)
+    if layout.mask_mod is not None:
+        zero = torch.zeros(1, 1, dtype=torch.long, device=q.device)
+        visible = visible & call_mask_mod(layout.mask_mod, zero, zero, q_idx, kv_idx)
+    rows = q.contiguous().view(B, Hkv, groups * Nq, D)  # the query heads of a KV head folded into rows
+    out, lse = _kernel(rows, k.index_select(2, keys), v.index_select(2, keys),
+                       visible.repeat(groups, 1).view(1, 1, groups * Nq, -1), scale)
+    empty = ~visible.any(-1).repeat(groups)
+    out = out.masked_fill(empty.view(-1, 1), 0.0).view(B, Hq, Nq, D)
+    lse = lse.to(torch.promote_types(torch.float32, q.dtype)).masked_fill(empty, -math.inf).view(B, Hq, Nq)
+    return out, lse
