@@ -161,3 +161,19 @@ def test_shared_token_sets_take_the_fused_path_and_equal_dense_reference(causal)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[fin], ref_lse[fin], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interior_rows_run_in_narrower_sub_blocks(causal, band_calls):
+    """Block 128, window 100: the kernel runs sub-blocks of 32 or 64 rows over the columns they see."""
+    q, k, v = _qkv(1, 2, 1, 900, 900, 8, seed=9)
+    m = az.get("sliding_window", window=100, block=128)
+    (lay,) = m.layouts(q, k, causal=causal)
+    plan = band_plan(lay, causal)
+    assert len(plan.parts) > 1 and all(p.cols < plan.window for p in plan.parts)
+    out, lse = m(q, k, v, causal=causal, return_lse=True)
+    assert band_calls.called
+    ref, ref_lse = masked_reference(q, k, v, combine(_band(900, 900, 100, causal), causal=causal, len_q=900,
+                                                      len_k=900))
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-9, rtol=1e-9)

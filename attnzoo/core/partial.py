@@ -65,6 +65,8 @@ def merge(*partials: Partial) -> Partial:
     # and the gradient of those rows stays finite; their lses are all -inf, so their weights are 0.
     safe = torch.logsumexp(lses.masked_fill(empty, 0.0), dim=0)
     lse = safe.masked_fill(empty, -math.inf)
-    weights = torch.exp(lses - safe)  # exp(-inf) = 0 for empty partials
-    out = sum(w.unsqueeze(-1) * p[0].to(dtype) for w, p in zip(weights, partials))
+    weights = torch.exp(lses - safe).unsqueeze(-1)  # exp(-inf) = 0 for empty partials
+    out = partials[0][0].to(dtype) * weights[0]
+    for w, p in zip(weights[1:], partials[1:]):
+        out = out.addcmul_(p[0].to(dtype), w)  # one pass per partial over the (large) outputs
     return Partial(out, lse)
