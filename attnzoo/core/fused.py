@@ -305,4 +305,4 @@ def attend_shared_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
     if bool(empty.any()):  # the kernel leaves (0, 0) on rows without keys: make them (0, -inf)
         out = out.masked_fill(empty.view(-1, 1), 0.0)
         lse = lse.masked_fill(empty, -math.inf)
-    return out.view(B, Hq, Nq, D), lse.view(B, Hq, Nq)
+    return out.reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)
