@@ -58,8 +58,9 @@ def flex_row(q, k, v, window, runs):
             return (kj <= qi) & (qi - kj < window)
 
         t = time.perf_counter()
-        # a compiled mask build evaluates blocks without a dense N x N mask (which is 4 Gi elements at 64K)
-        mask = create_block_mask(sliding, None, None, n, n, device="cpu", _compile=n > 16384)
+        # past 16K the mask build is compiled: eager builds a dense N x N mask (4 Gi elements at 64K)
+        build_mask = torch.compile(create_block_mask) if n > 16384 else create_block_mask
+        mask = build_mask(sliding, None, None, n, n, device="cpu")
         build = time.perf_counter() - t
         compiled = torch.compile(flex_attention)
         t = time.perf_counter()
