@@ -1,7 +1,8 @@
 """Sparse attention on CPU: attnzoo's block-sparse engine vs SDPA and compiled FlexAttention.
 
 B=1, H=8, D=64, fp32, causal. Times are medians of ``--runs`` runs after one
-warm-up (layout/mask building and compilation reported separately). Dynamic
+warm-up (layout/mask building and compilation reported separately); the
+window methods also report the resident memory their call adds at its peak. Dynamic
 methods run on the seeded ``vertical_slash`` workload and report attention-mass
 recall (mean over 256 sampled rows of exp(lse_method - lse_exact)) and the time
 of ``block_sparse`` replaying the layout they chose.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo.bench import workloads
+from attnzoo.bench.metrics import peak_memory
 
 H, D = 8, 64
 
@@ -112,9 +114,11 @@ def main():
                 m(q, k, v, causal=True)  # builds and caches the layout and its band plan
                 first = time.perf_counter() - t0
                 t = timed(lambda: m(q, k, v, causal=True), args.runs)
+                _, peak = peak_memory(lambda: m(q, k, v, causal=True))
                 vs_flex = "" if flex is None else f", {flex / t:.2f}x flex"
+                mem = "" if peak is None else f", peak +{peak / 2**20:.0f} MiB (output {q.numel() * 4 / 2**20:.0f})"
                 rows.append((f"{name}{tuple(params.values())}", t, m.layouts(q, k, causal=True)[0].density(True),
-                             None, f"first call {first:.1f}s (builds the plan){vs_flex}"))
+                             None, f"first call {first:.1f}s (builds the plan){vs_flex}{mem}"))
             nkb = n // 64
             dyn = (("block_topk", dict(block=64, topk=max(1, round(0.075 * nkb / 2)))),
                    ("vertical_slash", dict(block=64, n_vertical=max(16, n // 64), n_slash=max(2, n // 2048))))
