@@ -63,3 +63,16 @@ def mass_recall(q, k, lse_method, *, causal, scale=None):
 
 def rel_error(out, ref):
     return float((out.to(torch.float64) - ref).norm() / ref.norm())
+
+
+def band(len_q, len_k, width, causal):
+    """Sliding window (A.2): causal ``p - window < j <= p``, else ``|p - j| < window``."""
+    p, j = positions(len_q, len_k)
+    return (p - j < width) if causal else ((p - j).abs() < width)
+
+
+def dilated(len_q, len_k, window, dilation, causal):
+    """Dilated window (A.2): distance a multiple of ``dilation`` and below ``window · dilation``."""
+    p, j = positions(len_q, len_k)
+    d = (p - j) if causal else (p - j).abs()
+    return (d % dilation == 0) & (d < window * dilation) & (d >= 0)

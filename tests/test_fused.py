@@ -17,7 +17,7 @@ import attnzoo as az
 import attnzoo.core.blocksparse as bs
 from attnzoo.core.fused import band_plan
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend
-from _sparse_ref import combine, masked_reference, positions
+from _sparse_ref import band, combine, dilated, masked_reference, positions
 
 
 def _qkv(B, Hq, Hkv, Nq, Nk, D, seed, dtype=torch.float64):
@@ -37,17 +37,6 @@ def band_calls():
         yield spy
 
 
-def _band(nq, nk, width, causal):
-    p, j = positions(nq, nk)
-    return (p - j < width) if causal else ((p - j).abs() < width)
-
-
-def _dilated(nq, nk, window, dilation, causal):
-    p, j = positions(nq, nk)
-    d = (p - j) if causal else (p - j).abs()
-    return (d % dilation == 0) & (d < window * dilation) & (d >= 0)
-
-
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), nq=st.integers(1, 70),
        nk=st.integers(1, 70), block=st.sampled_from([4, 8, 16]), window=st.integers(1, 24), causal=st.booleans(),
@@ -57,9 +46,9 @@ def test_banded_methods_equal_dense_reference(B, hkv, groups, nq, nk, block, win
     params = {"sliding_window": dict(window=window), "dilated_window": dict(window=window, dilation=2),
               "streaming": dict(window=window, sinks=3)}[method]
     out, lse = az.attention(q, k, v, method=method, causal=causal, return_lse=True, block=block, **params)
-    vis = {"sliding_window": lambda: _band(nq, nk, window, causal),
-           "dilated_window": lambda: _dilated(nq, nk, window, 2, causal),
-           "streaming": lambda: _band(nq, nk, window, causal) | (positions(nq, nk)[1] < 3)}[method]()
+    vis = {"sliding_window": lambda: band(nq, nk, window, causal),
+           "dilated_window": lambda: dilated(nq, nk, window, 2, causal),
+           "streaming": lambda: band(nq, nk, window, causal) | (positions(nq, nk)[1] < 3)}[method]()
     ref, ref_lse = masked_reference(q, k, v, combine(vis, causal=causal, len_q=nq, len_k=nk))
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
@@ -173,7 +162,7 @@ def test_interior_rows_run_in_narrower_sub_blocks(causal, band_calls):
     assert len(plan.parts) > 1 and all(p.cols < plan.window for p in plan.parts)
     out, lse = m(q, k, v, causal=causal, return_lse=True)
     assert band_calls.called
-    ref, ref_lse = masked_reference(q, k, v, combine(_band(900, 900, 100, causal), causal=causal, len_q=900,
+    ref, ref_lse = masked_reference(q, k, v, combine(band(900, 900, 100, causal), causal=causal, len_q=900,
                                                       len_k=900))
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-9, rtol=1e-9)

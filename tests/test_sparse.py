@@ -10,7 +10,7 @@ import torch
 import attnzoo as az
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend, attend_all
 from attnzoo.checks import Problem
-from _sparse_ref import combine, masked_reference, positions
+from _sparse_ref import band, combine, dilated, masked_reference, positions
 
 # (batch, heads_q, heads_kv, len_q, len_k, dim): MHA, GQA, Nq < Nk, Nq > Nk
 SHAPES = [(1, 2, 2, 37, 37, 8), (2, 4, 2, 23, 41, 8), (1, 4, 1, 45, 30, 4)]
@@ -36,25 +36,14 @@ def _check(out, lse, ref_out, ref_lse, tol=1e-9):
 
 
 # ------------------------------------------------------------------ A.2 definitions, stated densely
-def _band(len_q, len_k, width, causal):
-    p, j = positions(len_q, len_k)
-    return (p - j < width) if causal else ((p - j).abs() < width)
-
-
-def _dilated(len_q, len_k, window, dilation, causal):
-    p, j = positions(len_q, len_k)
-    d = (p - j) if causal else (p - j).abs()
-    return (d % dilation == 0) & (d < window * dilation) & (d >= 0)
-
-
 def _streaming(len_q, len_k, sinks, window, causal):
     _, j = positions(len_q, len_k)
-    return _band(len_q, len_k, window, causal) | (j < sinks)
+    return band(len_q, len_k, window, causal) | (j < sinks)
 
 
 def _strided(len_q, len_k, stride, local, causal):
     _, j = positions(len_q, len_k)
-    return _band(len_q, len_k, local, causal) | (j % stride == stride - 1)
+    return band(len_q, len_k, local, causal) | (j % stride == stride - 1)
 
 
 def _shifted(len_q, len_k, heads, group):
@@ -67,8 +56,8 @@ def _shifted(len_q, len_k, heads, group):
 
 
 STATIC = {
-    "sliding_window": (dict(window=5, block=8), lambda nq, nk, h, c: _band(nq, nk, 5, c)),
-    "dilated_window": (dict(window=4, dilation=3, block=8), lambda nq, nk, h, c: _dilated(nq, nk, 4, 3, c)),
+    "sliding_window": (dict(window=5, block=8), lambda nq, nk, h, c: band(nq, nk, 5, c)),
+    "dilated_window": (dict(window=4, dilation=3, block=8), lambda nq, nk, h, c: dilated(nq, nk, 4, 3, c)),
     "streaming": (dict(sinks=3, window=6, block=8), lambda nq, nk, h, c: _streaming(nq, nk, 3, 6, c)),
     "strided": (dict(stride=5, local=4, block=8), lambda nq, nk, h, c: _strided(nq, nk, 5, 4, c)),
     "shifted_sparse": (dict(group=12, block=8), lambda nq, nk, h, c: _shifted(nq, nk, h, 12)),
@@ -104,7 +93,7 @@ def test_bigbird_equals_dense_reference(shape, causal, padded):
     p, j = positions(Nq, Nk)
     table = m.random_blocks(Problem(B, Hq, Hkv, Nq, Nk, D, D, 1.0), causal)
     rand = table[torch.arange(Nq).view(-1, 1) // 8, j // 8]
-    vis = _band(Nq, Nk, 4, causal) | (j < 3) | (p < 3) | rand
+    vis = band(Nq, Nk, 4, causal) | (j < 3) | (p < 3) | rand
     vis = combine(vis, causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
     _check(out, lse, *masked_reference(q, k, v, vis))
 
@@ -286,6 +275,6 @@ def test_visible_keys_probe_matches_the_definition(tmp_path):
     assert torch.equal(vis[0], combine(_streaming(64, 64, 2, 8, True), causal=True, len_q=64, len_k=64)[0, 0])
     q = torch.zeros(1, 1, 64, 4)
     lay = az.get("sliding_window", window=5, block=16).layouts(q, q, causal=False)[0]
-    assert torch.equal(visible_keys(lay, causal=False)[0], _band(64, 64, 5, False))
+    assert torch.equal(visible_keys(lay, causal=False)[0], band(64, 64, 5, False))
     png = show_layout("bigbird", 64, path=tmp_path / "bb.png", window=4, n_global=2, block=8)
     assert png.read_bytes()[:4] == b"\x89PNG"
