@@ -166,3 +166,13 @@ def test_interior_rows_run_in_narrower_sub_blocks(causal, band_calls):
                                                       len_k=900))
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-9, rtol=1e-9)
+
+
+def test_layouts_that_read_nothing_give_zero_and_minus_inf():
+    q, k, v = _qkv(1, 2, 1, 20, 30, 8, seed=10)
+    nothing = [BlockLayout.from_indices(torch.full((1, 1, 3, 2), -1), block_q=8, block_k=8, len_q=20, len_k=30),
+               TokenLayout(torch.full((1, 2, 3, 4), -1), 8, 20, 30),
+               TokenLayout(torch.zeros(1, 1, 3, 0, dtype=torch.long), 8, 20, 30)]
+    for lay in nothing:
+        out, lse = attend(q, k, v, lay, scale=0.3, causal=False)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()

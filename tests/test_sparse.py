@@ -4,10 +4,13 @@ Seeds: inputs come from torch.Generator(seed) with the seed in each case id;
 the autouse fixture in conftest.py also seeds the global RNG with 0.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
 import attnzoo as az
+import attnzoo.core.blocksparse as bs
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend, attend_all
 from attnzoo.checks import Problem
 from _sparse_ref import band, combine, dilated, masked_reference, positions
@@ -17,12 +20,21 @@ SHAPES = [(1, 2, 2, 37, 37, 8), (2, 4, 2, 23, 41, 8), (1, 4, 1, 45, 30, 4)]
 CASES = [(shape, causal, padded) for shape in SHAPES for causal in (False, True) for padded in (False, True)]
 
 
-def _inputs(shape, seed, padded, dtype=torch.float64):
+@pytest.fixture(params=["fused", "generic"])
+def path(request, monkeypatch):
+    """Which executor runs unpadded forward passes: the fused CPU kernel or the generic slot loop."""
+    if request.param == "generic":
+        monkeypatch.setattr(bs, "fused_applies", lambda *args: False)
+    return request.param
+
+
+def _inputs(shape, seed, padded, dtype=torch.float64, path="generic"):
+    """Seeded q, k, v and key padding; v is one wider than q/k except for the fused kernel (equal dims only)."""
     B, Hq, Hkv, Nq, Nk, D = shape
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Nq, D, generator=g, dtype=dtype)
     k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype)
-    v = torch.randn(B, Hkv, Nk, D + 1, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, Nk, D + (path != "fused"), generator=g, dtype=dtype)
     pad = (torch.rand(B, Nk, generator=g) > 0.25) if padded else None
     return q, k, v, pad
 
@@ -66,9 +78,9 @@ STATIC = {
 
 @pytest.mark.parametrize("name", sorted(STATIC))
 @pytest.mark.parametrize("shape,causal,padded", CASES)
-def test_static_method_equals_dense_reference(name, shape, causal, padded):
+def test_static_method_equals_dense_reference(name, shape, causal, padded, path):
     params, visible = STATIC[name]
-    q, k, v, pad = _inputs(shape, seed=1, padded=padded)
+    q, k, v, pad = _inputs(shape, seed=1, padded=padded, path=path)
     B, Hq, Hkv, Nq, Nk, D = shape
     out, lse = az.attention(q, k, v, method=name, causal=causal, key_padding_mask=pad, return_lse=True, **params)
     vis = combine(visible(Nq, Nk, Hq, causal), causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
@@ -85,8 +97,8 @@ def test_strided_with_stride_longer_than_the_keys_is_the_band(causal):
 
 
 @pytest.mark.parametrize("shape,causal,padded", CASES)
-def test_bigbird_equals_dense_reference(shape, causal, padded):
-    q, k, v, pad = _inputs(shape, seed=2, padded=padded)
+def test_bigbird_equals_dense_reference(shape, causal, padded, path):
+    q, k, v, pad = _inputs(shape, seed=2, padded=padded, path=path)
     B, Hq, Hkv, Nq, Nk, D = shape
     m = az.get("bigbird", window=4, n_global=3, n_random=2, block=8, seed=5)
     out, lse = m(q, k, v, causal=causal, key_padding_mask=pad, return_lse=True)
@@ -118,8 +130,8 @@ MASK_MODS = {
 
 @pytest.mark.parametrize("mod", sorted(MASK_MODS))
 @pytest.mark.parametrize("shape,causal,padded", CASES)
-def test_block_sparse_mask_mod_equals_dense_reference(mod, shape, causal, padded):
-    q, k, v, pad = _inputs(shape, seed=3, padded=padded)
+def test_block_sparse_mask_mod_equals_dense_reference(mod, shape, causal, padded, path):
+    q, k, v, pad = _inputs(shape, seed=3, padded=padded, path=path)
     B, Hq, Hkv, Nq, Nk, D = shape
     fn = MASK_MODS[mod]
     out, lse = az.attention(q, k, v, method="block_sparse", mask_mod=fn, block=8, causal=causal,
@@ -134,8 +146,8 @@ def test_block_sparse_mask_mod_equals_dense_reference(mod, shape, causal, padded
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("block", [4, 16, 64])
-def test_full_layout_equals_exact(causal, block):
-    q, k, v, _ = _inputs((2, 4, 2, 50, 50, 8), seed=4, padded=False)
+def test_full_layout_equals_exact(causal, block, path):
+    q, k, v, _ = _inputs((2, 4, 2, 50, 50, 8), seed=4, padded=False, path=path)
     full = BlockLayout.from_indices(torch.arange(-(-50 // block)).expand(1, 1, -(-50 // block), -1),
                                     block_q=block, block_k=block, len_q=50, len_k=50)
     out, lse = az.attention(q, k, v, method="block_sparse", layout=full, causal=causal, return_lse=True)
@@ -145,9 +157,9 @@ def test_full_layout_equals_exact(causal, block):
 
 @pytest.mark.parametrize("heads", ["shared", "kv", "query"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_random_block_layouts_equal_dense_reference(heads, causal):
+def test_random_block_layouts_equal_dense_reference(heads, causal, path):
     B, Hq, Hkv, Nq, Nk, D = 2, 4, 2, 29, 43, 8
-    q, k, v, pad = _inputs((B, Hq, Hkv, Nq, Nk, D), seed=5, padded=True)
+    q, k, v, pad = _inputs((B, Hq, Hkv, Nq, Nk, D), seed=5, padded=path == "generic", path=path)
     g = torch.Generator().manual_seed(6)
     hl = {"shared": 1, "kv": Hkv, "query": Hq}[heads]
     bq, bk = 8, 5
@@ -165,9 +177,9 @@ def test_random_block_layouts_equal_dense_reference(heads, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_token_gather_merges_with_blocks_by_lse(causal):
+def test_token_gather_merges_with_blocks_by_lse(causal, path):
     B, Hq, Hkv, Nq, Nk, D = 1, 4, 2, 32, 40, 8
-    q, k, v, pad = _inputs((B, Hq, Hkv, Nq, Nk, D), seed=7, padded=True)
+    q, k, v, pad = _inputs((B, Hq, Hkv, Nq, Nk, D), seed=7, padded=path == "generic", path=path)
     lay = BlockLayout.from_indices(torch.tensor([[[[0], [1], [2], [3]]]]).expand(1, Hkv, 4, 1), block_q=8,
                                    block_k=8, len_q=Nq, len_k=Nk)
     cols = torch.tensor([0, 3, 9, 17, 30, 39])
@@ -278,3 +290,14 @@ def test_visible_keys_probe_matches_the_definition(tmp_path):
     assert torch.equal(visible_keys(lay, causal=False)[0], band(64, 64, 5, False))
     png = show_layout("bigbird", 64, path=tmp_path / "bb.png", window=4, n_global=2, block=8)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unpadded_forward_passes_take_the_fused_kernel():
+    """Any layout, not only banded ones: a dynamic method's scattered blocks and per-head tokens."""
+    q, k, v, _ = _inputs((1, 4, 2, 96, 96, 8), seed=12, padded=False, path="fused")
+    with mock.patch.object(bs, "_forward_fused", wraps=bs._forward_fused) as spy:
+        out = az.attention(q, k, v, method="vertical_slash", causal=True, block=16, n_vertical=8, n_slash=2)
+    assert spy.called
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    generic = az.attention(q, k, v, method="vertical_slash", causal=True, block=16, n_vertical=8, n_slash=2)
+    torch.testing.assert_close(out, generic.detach(), atol=1e-10, rtol=1e-10)

@@ -51,9 +51,13 @@ def fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
             and q.dtype in _KERNEL_DTYPES and q.shape[-1] == v.shape[-1])
 
 
-def _kernel(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)`` under a bool ``mask`` (broadcast)."""
-    additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)
+def fused_kernel(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)`` under a bool ``mask`` (broadcast).
+
+    Rows whose mask is all False come back as ``(0, 0)``: callers set their lse to -inf.
+    """
+    additive = torch.where(mask, torch.zeros((), dtype=q.dtype, device=q.device),
+                           torch.full((), -math.inf, dtype=q.dtype, device=q.device))
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive, scale=scale)
 
 
@@ -251,7 +255,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
             rows = slice(part.row, part.row + part.rows)
             for g in range(groups):  # the query heads sharing one KV head read the same windows
                 qg = q[:, g, first * b:(first + span) * b].view(B * Hkv, span, b, D)[:, sel, rows]
-                o, l = _kernel(qg, kw, vw, part.mask.view(1, 1, part.rows, part.cols), scale)
+                o, l = fused_kernel(qg, kw, vw, part.mask.view(1, 1, part.rows, part.cols), scale)
                 out[:, g, blocks, rows], lse[:, g, blocks, rows] = o, l
     if plan.special.numel():
         # special blocks: windows gathered with clamped indices (positions outside the keys are masked)
@@ -261,7 +265,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         rows = (plan.special.view(-1, 1) * b + torch.arange(b, device=q.device)).clamp(max=Nq - 1).view(-1)
         for g in range(groups):
             qg = q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D)
-            o, l = _kernel(qg, kw, vw, plan.special_mask.unsqueeze(0), scale)
+            o, l = fused_kernel(qg, kw, vw, plan.special_mask.unsqueeze(0), scale)
             out[:, g, plan.special], lse[:, g, plan.special] = o, l
     if plan.any_empty:
         empty = plan.empty_rows.view(1, 1, nq, b)
@@ -279,8 +283,8 @@ def shared_tokens(layout: "TokenLayout") -> torch.Tensor | None:
     tok = tok[0, 0]
     if not torch.equal(tok, tok[:1].expand_as(tok)):
         return None
-    keys = tok[0]
-    return keys[keys >= 0]
+    keys = tok[0][tok[0] >= 0]
+    return keys if keys.numel() else None
 
 
 def attend_shared_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "TokenLayout",
@@ -298,7 +302,7 @@ def attend_shared_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layo
         zero = torch.zeros(1, 1, dtype=torch.long, device=q.device)
         visible = visible & call_mask_mod(layout.mask_mod, zero, zero, q_idx, kv_idx)
     rows = q.contiguous().view(B, Hkv, groups * Nq, D)  # the query heads of a KV head folded into rows
-    out, lse = _kernel(rows, k.index_select(2, keys), v.index_select(2, keys),
+    out, lse = fused_kernel(rows, k.index_select(2, keys), v.index_select(2, keys),
                        visible.repeat(groups, 1).view(1, 1, groups * Nq, -1), scale)
     lse = lse.to(torch.promote_types(torch.float32, q.dtype))
     empty = ~visible.any(-1).repeat(groups)
