@@ -586,7 +586,8 @@ def _forward_fused(q, k, v, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
         flat = plan.flat_index(u, B)
         kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
         mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), None, B)
-        mask = mask.expand(*lead, n1 - n0, R, width)
+        heads = lead if math.prod(mask.shape[:3]) > 1 else (1, 1, 1)  # a mask shared by all heads broadcasts
+        mask = mask.expand(*heads, n1 - n0, R, width)
         o, l = fused_kernel(qb[:, :, :, n0:n1].reshape(-1, n1 - n0, R, D), kb.reshape(-1, n1 - n0, width, D),
                             vb.reshape(-1, n1 - n0, width, D), mask.reshape(-1, n1 - n0, R, width), plan.scale)
         seen = mask.any(-1)  # the kernel leaves (0, 0) on rows without keys: keep the (0, -inf) they start with
