@@ -31,6 +31,11 @@ def _spy():
     return mock.patch.object(bs, "attend_band", wraps=bs.attend_band)
 
 
+def _generic():
+    """Runs the generic slot-loop executor only (the reference the fused paths must agree with)."""
+    return mock.patch.object(bs, "fused_applies", return_value=False)
+
+
 @pytest.fixture
 def band_calls():
     with _spy() as spy:
@@ -65,9 +70,9 @@ def test_windows_take_the_fast_path(method, params, nq, causal, band_calls):
     q, k, v = _qkv(1, 4, 2, nq, 200, 8, seed=7)
     out = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
     assert band_calls.called
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    generic = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
-    torch.testing.assert_close(out, generic.detach(), atol=1e-10, rtol=1e-10)
+    with _generic():
+        generic = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
+    torch.testing.assert_close(out, generic, atol=1e-10, rtol=1e-10)
 
 
 def test_method_layouts_that_are_banded_and_those_that_are_not():
@@ -120,18 +125,37 @@ def test_low_precision_matches_the_generic_executor(dtype, tol, band_calls):
     q, k, v = _qkv(1, 4, 2, 200, 200, 16, seed=5, dtype=dtype)
     fast = az.attention(q, k, v, method="sliding_window", window=30, block=32, causal=True)
     assert band_calls.called and fast.dtype == dtype
-    q, k, v = (t.requires_grad_() for t in (q, k, v))  # gradients: the generic executor
-    slow = az.attention(q, k, v, method="sliding_window", window=30, block=32, causal=True)
-    torch.testing.assert_close(fast.float(), slow.detach().float(), atol=tol, rtol=tol)
+    with _generic():
+        slow = az.attention(q, k, v, method="sliding_window", window=30, block=32, causal=True)
+    torch.testing.assert_close(fast.float(), slow.float(), atol=tol, rtol=tol)
 
 
-def test_padding_and_gradients_use_the_generic_executor(band_calls):
+def test_padding_uses_the_generic_executor(band_calls):
     q, k, v = _qkv(1, 2, 2, 30, 30, 8, seed=6)
     pad = torch.ones(1, 30, dtype=torch.bool)
     pad[:, -3:] = False
     az.attention(q, k, v, method="sliding_window", window=4, block=8, key_padding_mask=pad)
-    az.attention(q.requires_grad_(), k, v, method="sliding_window", window=4, block=8)
     assert not band_calls.called
+
+
+@pytest.mark.parametrize("method,params", [("sliding_window", dict(window=12)), ("streaming", dict(window=12)),
+                                           ("vertical_slash", dict(n_vertical=6, n_slash=2))])
+def test_training_runs_the_fused_forward_and_the_recomputing_backward(method, params):
+    """Gradients of out and of lse (merged layouts) through a fused forward equal the generic executor's
+    (whose gradients test_sparse.py checks against the dense reference)."""
+    q, k, v = _qkv(2, 4, 2, 70, 70, 8, seed=11)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with mock.patch.object(bs, "_forward_any", wraps=bs._forward_any) as spy:
+        out, lse = az.attention(q, k, v, method=method, causal=True, block=16, return_lse=True, **params)
+    assert all(call.args[-1] for call in spy.call_args_list), "every layout's forward is fused"
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum() + lse.sum(), (q, k, v))
+    with _generic():
+        ro, rl = az.attention(q, k, v, method=method, causal=True, block=16, return_lse=True, **params)
+    torch.testing.assert_close(out, ro, atol=1e-10, rtol=1e-10)
+    ref = torch.autograd.grad((ro * w).sum() + rl.sum(), (q, k, v))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -596,10 +596,27 @@ def _forward_fused(q, k, v, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)
 
 
+def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward pass on the fastest path that can run it (see :mod:`attnzoo.core.fused`)."""
+    if not fused:
+        return _forward(q, k, v, pad, plan)
+    if isinstance(layout, BlockLayout):
+        band = _cached_band_plan(layout, plan.causal)
+        if band is not None:
+            return attend_band(q, k, v, band, scale=plan.scale)
+    else:
+        keys = shared_tokens(layout)
+        if keys is not None:
+            return attend_shared_tokens(q, k, v, layout, keys, scale=plan.scale, causal=plan.causal)
+    return _forward_fused(q, k, v, plan)
+
+
 class _LayoutAttention(torch.autograd.Function):
+    """Forward on the fused kernel where it applies; the backward recomputes slot by slot from (out, lse)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, pad, plan):  # noqa: D401  (autograd signature)
-        out, lse = _forward(q, k, v, pad, plan)
+    def forward(ctx, q, k, v, pad, plan, layout, fused):  # noqa: D401  (autograd signature)
+        out, lse = _forward_any(q, k, v, pad, plan, layout, fused)
         ctx.save_for_backward(q, k, v, pad, out, lse)
         ctx.plan = plan
         return out, lse
@@ -608,7 +625,7 @@ class _LayoutAttention(torch.autograd.Function):
     def backward(ctx, d_out, d_lse):
         q, k, v, pad, out, lse = ctx.saved_tensors
         dq, dk, dv = _backward(q, k, v, pad, out, lse, d_out.contiguous(), d_lse, ctx.plan)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, scale: float, causal: bool,
@@ -626,17 +643,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     Hkv, Nk = k.shape[1], k.shape[2]
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device)
-    if fused_applies(q, k, v, key_padding_mask, q_positions):
-        if isinstance(layout, BlockLayout):
-            band = _cached_band_plan(layout, causal)
-            if band is not None:
-                return attend_band(q, k, v, band, scale=scale)
-        else:
-            keys = shared_tokens(layout)
-            if keys is not None:
-                return attend_shared_tokens(q, k, v, layout, keys, scale=scale, causal=causal)
-        return _forward_fused(q, k, v, plan)
-    return _LayoutAttention.apply(q, k, v, key_padding_mask, plan)
+    fused = fused_applies(q, k, v, key_padding_mask, q_positions)
+    return _LayoutAttention.apply(q, k, v, key_padding_mask, plan, layout, fused)
 
 
 def _cached_band_plan(layout: BlockLayout, causal: bool):

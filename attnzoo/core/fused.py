@@ -19,9 +19,10 @@ and returns the log-sum-exp the engine merges with:
   same keys (attention sinks, global tokens) is one dense attention over
   those few keys under an ``(Nq, T)`` mask.
 
-Both serve forward passes on CPU without key padding; training (gradients),
-padding and other devices use the generic executor, which gives the same
-result (tests/test_fused.py checks both against dense references).
+They serve forward passes on CPU without key padding (in training too: the
+backward pass recomputes from the saved ``(out, lse)`` slot by slot in the
+generic executor, which also serves padding and other devices and gives the
+same result; tests/test_fused.py checks both against dense references).
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 def fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
                   q_positions: torch.Tensor | None) -> bool:
-    """Whether the fused CPU kernel can run this call: a forward pass on CPU, no padding, equal head dims."""
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (q.device.type == "cpu" and not grads and key_padding_mask is None and q_positions is None
+    """Whether the fused CPU kernel can run this call's forward pass: CPU, no padding, equal head dims."""
+    return (q.device.type == "cpu" and key_padding_mask is None and q_positions is None
             and q.dtype in _KERNEL_DTYPES and q.shape[-1] == v.shape[-1])
 
 
