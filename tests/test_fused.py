@@ -45,16 +45,19 @@ def band_calls():
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), nq=st.integers(1, 70),
        nk=st.integers(1, 70), block=st.sampled_from([4, 8, 16]), window=st.integers(1, 24), causal=st.booleans(),
-       method=st.sampled_from(["sliding_window", "dilated_window", "streaming"]))
-def test_banded_methods_equal_dense_reference(B, hkv, groups, nq, nk, block, window, causal, method):
+       method=st.sampled_from(["sliding_window", "dilated_window", "streaming"]), padded=st.booleans())
+def test_banded_methods_equal_dense_reference(B, hkv, groups, nq, nk, block, window, causal, method, padded):
     q, k, v = _qkv(B, hkv * groups, hkv, nq, nk, 8, seed=nq * 100 + nk)
+    pad = torch.rand(B, nk, generator=torch.Generator().manual_seed(nk)) > 0.3 if padded else None
     params = {"sliding_window": dict(window=window), "dilated_window": dict(window=window, dilation=2),
               "streaming": dict(window=window, sinks=3)}[method]
-    out, lse = az.attention(q, k, v, method=method, causal=causal, return_lse=True, block=block, **params)
+    out, lse = az.attention(q, k, v, method=method, causal=causal, return_lse=True, block=block,
+                            key_padding_mask=pad, **params)
     vis = {"sliding_window": lambda: band(nq, nk, window, causal),
            "dilated_window": lambda: dilated(nq, nk, window, 2, causal),
            "streaming": lambda: band(nq, nk, window, causal) | (positions(nq, nk)[1] < 3)}[method]()
-    ref, ref_lse = masked_reference(q, k, v, combine(vis, causal=causal, len_q=nq, len_k=nk))
+    ref, ref_lse = masked_reference(q, k, v, combine(vis, causal=causal, len_q=nq, len_k=nk,
+                                                      key_padding_mask=pad))
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
     fin = torch.isfinite(ref_lse)
@@ -130,12 +133,21 @@ def test_low_precision_matches_the_generic_executor(dtype, tol, band_calls):
     torch.testing.assert_close(fast.float(), slow.float(), atol=tol, rtol=tol)
 
 
-def test_padding_uses_the_generic_executor(band_calls):
-    q, k, v = _qkv(1, 2, 2, 30, 30, 8, seed=6)
-    pad = torch.ones(1, 30, dtype=torch.bool)
-    pad[:, -3:] = False
-    az.attention(q, k, v, method="sliding_window", window=4, block=8, key_padding_mask=pad)
-    assert not band_calls.called
+def test_padded_windows_mask_each_batch_row(band_calls):
+    """Key padding differs per batch row: the band path masks each row's windows, same result as generic."""
+    q, k, v = _qkv(2, 2, 2, 30, 30, 8, seed=6)
+    pad = torch.ones(2, 30, dtype=torch.bool)
+    pad[0, -3:] = False
+    pad[1, :9] = False  # the first queries of row 1 see only padding: (0, -inf)
+    out, lse = az.attention(q, k, v, method="sliding_window", window=4, block=8, key_padding_mask=pad,
+                            causal=True, return_lse=True)
+    assert band_calls.called
+    with _generic():
+        ref, ref_lse = az.attention(q, k, v, method="sliding_window", window=4, block=8, key_padding_mask=pad,
+                                    causal=True, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse)) and torch.isneginf(lse[1, :, :9]).all()
+    torch.testing.assert_close(lse[torch.isfinite(lse)].double(), ref_lse[torch.isfinite(ref_lse)].double())
 
 
 @pytest.mark.parametrize("method,params", [("sliding_window", dict(window=12)), ("streaming", dict(window=12)),
@@ -176,18 +188,20 @@ def test_shared_token_sets_take_the_fused_path_and_equal_dense_reference(causal)
     torch.testing.assert_close(lse[fin], ref_lse[fin], atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_interior_rows_run_in_narrower_sub_blocks(causal, band_calls):
+def test_interior_rows_run_in_narrower_sub_blocks(causal, padded, band_calls):
     """Block 128, window 100: the kernel runs sub-blocks of 32 or 64 rows over the columns they see."""
-    q, k, v = _qkv(1, 2, 1, 900, 900, 8, seed=9)
+    q, k, v = _qkv(2, 2, 1, 900, 900, 8, seed=9)
+    pad = torch.rand(2, 900, generator=torch.Generator().manual_seed(9)) > 0.2 if padded else None
     m = az.get("sliding_window", window=100, block=128)
     (lay,) = m.layouts(q, k, causal=causal)
     plan = band_plan(lay, causal)
     assert len(plan.parts) > 1 and all(p.cols < plan.window for p in plan.parts)
-    out, lse = m(q, k, v, causal=causal, return_lse=True)
+    out, lse = m(q, k, v, causal=causal, return_lse=True, key_padding_mask=pad)
     assert band_calls.called
     ref, ref_lse = masked_reference(q, k, v, combine(band(900, 900, 100, causal), causal=causal, len_q=900,
-                                                      len_k=900))
+                                                      len_k=900, key_padding_mask=pad))
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-9, rtol=1e-9)
 
@@ -206,8 +220,9 @@ def test_layouts_that_read_nothing_give_zero_and_minus_inf():
 @given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2]), nq=st.integers(1, 50),
        nk=st.integers(1, 50), bq=st.sampled_from([3, 8, 16]), bk=st.sampled_from([2, 5, 8]),
        heads=st.sampled_from(["shared", "kv", "query"]), slots=st.integers(1, 5), causal=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_gathered_layouts_equal_dense_reference(B, hkv, groups, nq, nk, bq, bk, heads, slots, causal, seed):
+       padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_gathered_layouts_equal_dense_reference(B, hkv, groups, nq, nk, bq, bk, heads, slots, causal, padded,
+                                                seed):
     """Random scattered block layouts (no band): the gathered fused path against the dense reference."""
     hq = hkv * groups
     q, k, v = _qkv(B, hq, hkv, nq, nk, 8, seed=seed)
@@ -215,11 +230,12 @@ def test_gathered_layouts_equal_dense_reference(B, hkv, groups, nq, nk, bq, bk, 
     nqb, nkb = -(-nq // bq), -(-nk // bk)
     blocks = torch.randint(-1, nkb, (B, hl, nqb, slots), generator=torch.Generator().manual_seed(seed))
     lay = BlockLayout.from_indices(blocks, block_q=bq, block_k=bk, len_q=nq, len_k=nk)
+    pad = torch.rand(B, nk, generator=torch.Generator().manual_seed(seed)) > 0.3 if padded else None
     with mock.patch.object(bs, "_forward_fused", wraps=bs._forward_fused) as spy:
-        out, lse = attend(q, k, v, lay, scale=0.4, causal=causal)
-    assert spy.called or band_plan(lay, causal) is not None
+        out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
+    assert spy.called or (not padded and band_plan(lay, causal) is not None)
     dense = lay.block_mask().repeat_interleave(bq, 2)[:, :, :nq].repeat_interleave(bk, 3)[..., :nk]
-    vis = combine(dense.repeat_interleave(hq // hl, 1), causal=causal, len_q=nq, len_k=nk)
+    vis = combine(dense.repeat_interleave(hq // hl, 1), causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
     ref, ref_lse = masked_reference(q, k, v, vis, scale=0.4)
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))

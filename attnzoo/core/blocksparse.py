@@ -560,8 +560,8 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan):
     return plan.from_rows(dqb) * plan.scale, back(dk_units, k) * plan.scale, back(dv_units, v)
 
 
-def _forward_fused(q, k, v, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass of any layout on the fused CPU kernel (no gradients, no padding).
+def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass of any layout on the fused CPU kernel.
 
     Per chunk of query blocks: gather every key unit the blocks read (all
     slots at once), build their element mask, and let the kernel attend each
@@ -579,13 +579,14 @@ def _forward_fused(q, k, v, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     if width == 0:
         return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)
     k_units, v_units = _unit_view(k, plan), _unit_view(v, plan)
+    pad_flat = None if pad is None else pad.reshape(-1)
     step = max(1, _FUSED_CHUNK // (math.prod(lead) * width * (R + 2 * D)))
     for n0 in range(0, nq, step):
         n1 = min(nq, n0 + step)
         u = units[:, :, :, n0:n1]
         flat = plan.flat_index(u, B)
         kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
-        mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), None, B)
+        mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), pad_flat, B)
         heads = lead if math.prod(mask.shape[:3]) > 1 else (1, 1, 1)  # a mask shared by all heads broadcasts
         mask = mask.expand(*heads, n1 - n0, R, width)
         o, l = fused_kernel(qb[:, :, :, n0:n1].reshape(-1, n1 - n0, R, D), kb.reshape(-1, n1 - n0, width, D),
@@ -603,12 +604,13 @@ def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tupl
     if isinstance(layout, BlockLayout):
         band = _cached_band_plan(layout, plan.causal)
         if band is not None:
-            return attend_band(q, k, v, band, scale=plan.scale)
+            return attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad)
     else:
         keys = shared_tokens(layout)
         if keys is not None:
-            return attend_shared_tokens(q, k, v, layout, keys, scale=plan.scale, causal=plan.causal)
-    return _forward_fused(q, k, v, plan)
+            return attend_shared_tokens(q, k, v, layout, keys, scale=plan.scale, causal=plan.causal,
+                                        key_padding_mask=pad)
+    return _forward_fused(q, k, v, pad, plan)
 
 
 class _LayoutAttention(torch.autograd.Function):
@@ -643,7 +645,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     Hkv, Nk = k.shape[1], k.shape[2]
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device)
-    fused = fused_applies(q, k, v, key_padding_mask, q_positions)
+    fused = fused_applies(q, k, v, q_positions)
     return _LayoutAttention.apply(q, k, v, key_padding_mask, plan, layout, fused)
 
 

@@ -19,10 +19,10 @@ and returns the log-sum-exp the engine merges with:
   same keys (attention sinks, global tokens) is one dense attention over
   those few keys under an ``(Nq, T)`` mask.
 
-They serve forward passes on CPU without key padding (in training too: the
-backward pass recomputes from the saved ``(out, lse)`` slot by slot in the
-generic executor, which also serves padding and other devices and gives the
-same result; tests/test_fused.py checks both against dense references).
+They serve forward passes on CPU (in training too: the backward pass
+recomputes from the saved ``(out, lse)`` slot by slot in the generic
+executor, which also serves other devices and gives the same result;
+tests/test_fused.py checks both against dense references).
 """
 
 from __future__ import annotations
@@ -44,11 +44,10 @@ _PLAN_CHUNK = 1 << 24
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None,
-                  q_positions: torch.Tensor | None) -> bool:
-    """Whether the fused CPU kernel can run this call's forward pass: CPU, no padding, equal head dims."""
-    return (q.device.type == "cpu" and key_padding_mask is None and q_positions is None
-            and q.dtype in _KERNEL_DTYPES and q.shape[-1] == v.shape[-1])
+def fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None) -> bool:
+    """Whether the fused CPU kernel can run this call's forward pass: CPU, default positions, equal head dims."""
+    return (q.device.type == "cpu" and q_positions is None and q.dtype in _KERNEL_DTYPES
+            and q.shape[-1] == v.shape[-1])
 
 
 def fused_kernel(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,16 +230,35 @@ def _as_slice(idx: torch.Tensor) -> slice | torch.Tensor:
     return idx
 
 
-def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPlan, *,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run a banded layout with the fused CPU kernel: ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``."""
+def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPlan, *, scale: float,
+                key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a banded layout with the fused CPU kernel: ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``.
+
+    Key padding is applied per batch row through a strided view of the padding
+    mask over the same windows (one kernel call per row then).
+    """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     groups, b, nq, L = Hq // Hkv, plan.block, plan.n_q, plan.window
     q = q.contiguous().view(B * Hkv, groups, Nq, D)
     k, v = k.contiguous().view(B * Hkv, Nk, D), v.contiguous().view(B * Hkv, Nk, D)
+    pad = None if key_padding_mask is None else key_padding_mask.contiguous()
     out = q.new_empty(B * Hkv, groups, nq, b, D)
     lse = torch.empty(B * Hkv, groups, nq, b, dtype=torch.promote_types(torch.float32, q.dtype), device=q.device)
+    batches = [(None, slice(None))] if pad is None else [(i, slice(i * Hkv, (i + 1) * Hkv)) for i in range(B)]
+
+    def run(q_of_group, blocks, rows, kw, vw, mask, pad_windows):
+        """Attend query blocks ``blocks`` (their ``rows``) to windows ``kw, vw`` under ``mask (n|1, r, c)``."""
+        for g in range(groups):  # the query heads sharing one KV head read the same windows
+            qg = q_of_group(g)
+            for i, heads in batches:
+                m = mask if i is None else mask & pad_windows[i].unsqueeze(-2)
+                o, l = fused_kernel(qg[heads], kw[heads], vw[heads], m.unsqueeze(0), scale)
+                if i is not None:  # rows that padding empties: (0, -inf), not the kernel's (0, 0)
+                    seen = m.any(-1)
+                    o, l = torch.where(seen.unsqueeze(-1), o, 0.0), torch.where(seen, l, -math.inf)
+                out[heads, g, blocks, rows], lse[heads, g, blocks, rows] = o, l
+
     blocks = plan.interior
     n_in = blocks.stop - blocks.start if isinstance(blocks, slice) else int(plan.interior.numel())
     if n_in:
@@ -249,24 +267,23 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         span = (blocks.stop if isinstance(blocks, slice) else int(blocks[-1]) + 1) - first
         sel = slice(0, span) if isinstance(blocks, slice) else blocks - first
         for part in plan.parts:
-            offset = ((first + plan.start) * b + part.col) * D
+            key0 = (first + plan.start) * b + part.col  # first key of the first window
             kw, vw = (t.as_strided((B * Hkv, span, part.cols, D), (Nk * D, b * D, D, 1),
-                                   t.storage_offset() + offset)[:, sel] for t in (k, v))
+                                   t.storage_offset() + key0 * D)[:, sel] for t in (k, v))
+            pad_windows = None if pad is None else pad.as_strided((B, span, part.cols), (Nk, b, 1),
+                                                                  pad.storage_offset() + key0)[:, sel]
             rows = slice(part.row, part.row + part.rows)
-            for g in range(groups):  # the query heads sharing one KV head read the same windows
-                qg = q[:, g, first * b:(first + span) * b].view(B * Hkv, span, b, D)[:, sel, rows]
-                o, l = fused_kernel(qg, kw, vw, part.mask.view(1, 1, part.rows, part.cols), scale)
-                out[:, g, blocks, rows], lse[:, g, blocks, rows] = o, l
+            run(lambda g: q[:, g, first * b:(first + span) * b].view(B * Hkv, span, b, D)[:, sel, rows],
+                blocks, rows, kw, vw, part.mask.unsqueeze(0), pad_windows)
     if plan.special.numel():
         # special blocks: windows gathered with clamped indices (positions outside the keys are masked)
         pos = (plan.special.view(-1, 1) + plan.start) * b + torch.arange(L, device=q.device)
         pos = pos.clamp(0, Nk - 1).view(-1)
         kw, vw = (t.index_select(1, pos).view(B * Hkv, -1, L, D) for t in (k, v))
+        pad_windows = None if pad is None else pad[:, pos].view(B, -1, L)
         rows = (plan.special.view(-1, 1) * b + torch.arange(b, device=q.device)).clamp(max=Nq - 1).view(-1)
-        for g in range(groups):
-            qg = q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D)
-            o, l = fused_kernel(qg, kw, vw, plan.special_mask.unsqueeze(0), scale)
-            out[:, g, plan.special], lse[:, g, plan.special] = o, l
+        run(lambda g: q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D), plan.special, slice(None), kw, vw,
+            plan.special_mask, pad_windows)
     if plan.any_empty:
         empty = plan.empty_rows.view(1, 1, nq, b)
         out.masked_fill_(empty.unsqueeze(-1), 0.0)
@@ -288,25 +305,28 @@ def shared_tokens(layout: "TokenLayout") -> torch.Tensor | None:
 
 
 def attend_shared_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "TokenLayout",
-                         keys: torch.Tensor, *, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                         keys: torch.Tensor, *, scale: float, causal: bool,
+                         key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query over the same few ``keys`` with the fused kernel: ``(out, lse)`` like the executor's."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     groups = Hq // Hkv
     q_idx = torch.arange(Nq, device=q.device).view(-1, 1)
     kv_idx = keys.view(1, -1)
-    visible = torch.ones(Nq, keys.numel(), dtype=torch.bool, device=q.device)
+    visible = torch.ones(1, Nq, keys.numel(), dtype=torch.bool, device=q.device)
     if causal:
         visible = visible & (kv_idx <= q_idx + Nk - Nq)
     if layout.mask_mod is not None:
         zero = torch.zeros(1, 1, dtype=torch.long, device=q.device)
         visible = visible & call_mask_mod(layout.mask_mod, zero, zero, q_idx, kv_idx)
-    rows = q.contiguous().view(B, Hkv, groups * Nq, D)  # the query heads of a KV head folded into rows
-    out, lse = fused_kernel(rows, k.index_select(2, keys), v.index_select(2, keys),
-                       visible.repeat(groups, 1).view(1, 1, groups * Nq, -1), scale)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, keys].unsqueeze(1)  # (B, Nq, T)
+    visible = visible.repeat(1, groups, 1)  # the query heads of a KV head are folded into rows
+    rows = q.contiguous().view(B, Hkv, groups * Nq, D)
+    out, lse = fused_kernel(rows, k.index_select(2, keys), v.index_select(2, keys), visible.unsqueeze(1), scale)
     lse = lse.to(torch.promote_types(torch.float32, q.dtype))
-    empty = ~visible.any(-1).repeat(groups)
+    empty = ~visible.any(-1).unsqueeze(1)  # (B|1, 1, G·Nq)
     if bool(empty.any()):  # the kernel leaves (0, 0) on rows without keys: make them (0, -inf)
-        out = out.masked_fill(empty.view(-1, 1), 0.0)
+        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
         lse = lse.masked_fill(empty, -math.inf)
     return out.reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)
