@@ -176,7 +176,7 @@ def test_shared_token_sets_take_the_fused_path_and_equal_dense_reference(causal)
     q, k, v = _qkv(2, 6, 2, 45, 60, 8, seed=8)
     keys = torch.tensor([0, 1, 2, 7, 33, 59])
     lay = TokenLayout(keys.expand(1, 1, 6, -1), 8, 45, 60, lambda b, h, qi, kj: (qi + kj) % 4 != 0)
-    with mock.patch.object(bs, "attend_shared_tokens", wraps=bs.attend_shared_tokens) as spy:
+    with mock.patch.object(bs, "attend_token_union", wraps=bs.attend_token_union) as spy:
         out, lse = attend(q, k, v, lay, scale=0.3, causal=causal)
     assert spy.called
     qi, kj = torch.arange(45).view(-1, 1), torch.arange(60).view(1, -1)
@@ -233,9 +233,41 @@ def test_gathered_layouts_equal_dense_reference(B, hkv, groups, nq, nk, bq, bk, 
     pad = torch.rand(B, nk, generator=torch.Generator().manual_seed(seed)) > 0.3 if padded else None
     with mock.patch.object(bs, "_forward_fused", wraps=bs._forward_fused) as spy:
         out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
-    assert spy.called or (not padded and band_plan(lay, causal) is not None)
+    assert spy.called or band_plan(lay, causal) is not None
     dense = lay.block_mask().repeat_interleave(bq, 2)[:, :, :nq].repeat_interleave(bk, 3)[..., :nk]
     vis = combine(dense.repeat_interleave(hq // hl, 1), causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
+    ref, ref_lse = masked_reference(q, k, v, vis, scale=0.4)
+    torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin].double(), ref_lse[fin], atol=1e-9, rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2]), nq=st.integers(1, 40),
+       nk=st.integers(1, 60), group=st.sampled_from([1, 4, 8]), heads=st.sampled_from(["shared", "kv", "query"]),
+       pool=st.integers(1, 12), causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 2**16))
+def test_token_layouts_equal_dense_reference(B, hkv, groups, nq, nk, group, heads, pool, causal, padded, seed):
+    """Rows drawn from a per-head pool (vertical columns): one dense attention over the union, any mask."""
+    hq = hkv * groups
+    q, k, v = _qkv(B, hq, hkv, nq, nk, 8, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    hl = {"shared": 1, "kv": hkv, "query": hq}[heads]
+    ng = -(-nq // group)
+    cols = torch.randint(0, nk, (1, hl, 1, pool), generator=gen)
+    rows = torch.where(torch.rand(1, hl, ng, pool, generator=gen) < 0.7, cols, torch.full_like(cols, -1))
+    rows = torch.cat([rows, torch.randint(-1, nk, (1, hl, ng, 2), generator=gen)], -1)  # a few tokens off the pool
+    dedup = torch.sort(rows, -1).values
+    dedup[..., 1:] = torch.where(dedup[..., 1:] == dedup[..., :-1], -1, dedup[..., 1:])  # distinct per row
+    lay = TokenLayout(dedup, group, nq, nk, lambda b, h, qi, kj: (qi + kj + h) % 5 != 0)
+    pad = torch.rand(B, nk, generator=gen) > 0.3 if padded else None
+    out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
+    qi, kj = torch.arange(nq).view(-1, 1), torch.arange(nk).view(1, -1)
+    member = torch.zeros(1, hl, ng, nk + 1, dtype=torch.bool)
+    member.scatter_(-1, torch.where(dedup >= 0, dedup, nk), True)
+    vis = member[..., :nk].repeat_interleave(group, 2)[:, :, :nq]
+    vis = vis & ((qi + kj + torch.arange(hl).view(1, -1, 1, 1)) % 5 != 0)
+    vis = combine(vis.repeat_interleave(hq // hl, 1), causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
     ref, ref_lse = masked_reference(q, k, v, vis, scale=0.4)
     torch.testing.assert_close(out, ref, atol=1e-9, rtol=1e-9)
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))

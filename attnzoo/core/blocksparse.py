@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnZooError
-from .fused import attend_band, attend_shared_tokens, band_plan, fused_applies, fused_kernel, shared_tokens
+from .fused import attend_band, attend_token_union, band_plan, fix_empty_rows, fused_applies, fused_kernel
 from .masks import MaskMod, call_mask_mod, check_mask_mod
 from .partial import Partial, merge
 
@@ -304,6 +304,26 @@ class TokenLayout:
         read = torch.gather(member, -1, blk) & (tok >= 0)
         keep = (tok >= 0) & ~read
         return TokenLayout(_compact(keep, tok), self.group, self.len_q, self.len_k, self.mask_mod, self.slot)
+
+    def union(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layout head, the sorted keys any query group reads and which of them each group reads.
+
+        Returns ``keys (Bl, Hl, T)`` (``-1`` padded) and ``member (Bl, Hl, ng, T)``
+        bool. When the groups share most of their keys (vertical columns), ``T``
+        stays near the longest row and one dense attention over ``keys`` per head
+        replaces the per-group gather.
+        """
+        tok = self.kv_tokens.flatten(2)  # (Bl, Hl, ng·S)
+        srt = torch.sort(tok, dim=-1).values
+        first = srt >= 0
+        first[..., 1:] &= srt[..., 1:] != srt[..., :-1]
+        keys = _compact(first, srt)
+        sentinel = torch.where(keys >= 0, keys, torch.full_like(keys, self.len_k))  # sorted for the search
+        pos = torch.searchsorted(sentinel, tok.clamp(min=0))
+        pos = torch.where(tok >= 0, pos, torch.full_like(pos, keys.shape[-1]))  # unused slots: a spare column
+        member = torch.zeros(*self.kv_tokens.shape[:3], keys.shape[-1] + 1, dtype=torch.bool, device=tok.device)
+        member.scatter_(-1, pos.view(self.kv_tokens.shape), True)
+        return keys, member[..., :-1]
 
 
 Layout = BlockLayout | TokenLayout
@@ -591,9 +611,9 @@ def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tenso
         mask = mask.expand(*heads, n1 - n0, R, width)
         o, l = fused_kernel(qb[:, :, :, n0:n1].reshape(-1, n1 - n0, R, D), kb.reshape(-1, n1 - n0, width, D),
                             vb.reshape(-1, n1 - n0, width, D), mask.reshape(-1, n1 - n0, R, width), plan.scale)
-        seen = mask.any(-1)  # the kernel leaves (0, 0) on rows without keys: keep the (0, -inf) they start with
-        out[:, :, :, n0:n1] = torch.where(seen.unsqueeze(-1), o.view(*lead, n1 - n0, R, D), 0.0)
-        lse[:, :, :, n0:n1] = torch.where(seen, l.view(*lead, n1 - n0, R), -math.inf)
+        o, l = fix_empty_rows(o, l, mask.reshape(-1, n1 - n0, R, width))
+        out[:, :, :, n0:n1] = o.view(*lead, n1 - n0, R, D)
+        lse[:, :, :, n0:n1] = l.view(*lead, n1 - n0, R)
     return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)
 
 
@@ -606,10 +626,10 @@ def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tupl
         if band is not None:
             return attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad)
     else:
-        keys = shared_tokens(layout)
-        if keys is not None:
-            return attend_shared_tokens(q, k, v, layout, keys, scale=plan.scale, causal=plan.causal,
-                                        key_padding_mask=pad)
+        keys, member = layout.union()
+        if 0 < keys.shape[-1] <= 2 * layout.kv_tokens.shape[-1]:  # dense over the union beats per-group gathers
+            return attend_token_union(q, k, v, layout, keys, member, scale=plan.scale, causal=plan.causal,
+                                      key_padding_mask=pad)
     return _forward_fused(q, k, v, pad, plan)
 
 

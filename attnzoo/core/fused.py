@@ -15,9 +15,10 @@ and returns the log-sum-exp the engine merges with:
   V: no gather, no copy. A translation-invariant pattern has one element mask
   for every block away from the sequence ends; :class:`BandPlan` keeps it once
   and gives the other ("special") blocks their own masks and gathered windows.
-* **Shared token sets.** A token layout whose every query group reads the
-  same keys (attention sinks, global tokens) is one dense attention over
-  those few keys under an ``(Nq, T)`` mask.
+* **Token sets with a small union.** A token layout whose query groups read
+  mostly the same keys (attention sinks, global tokens, vertical columns) is
+  one dense attention per head over the union of its keys under a mask of
+  which keys each row's group reads.
 
 They serve forward passes on CPU (in training too: the backward pass
 recomputes from the saved ``(out, lse)`` slot by slot in the generic
@@ -254,9 +255,8 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
             for i, heads in batches:
                 m = mask if i is None else mask & pad_windows[i].unsqueeze(-2)
                 o, l = fused_kernel(qg[heads], kw[heads], vw[heads], m.unsqueeze(0), scale)
-                if i is not None:  # rows that padding empties: (0, -inf), not the kernel's (0, 0)
-                    seen = m.any(-1)
-                    o, l = torch.where(seen.unsqueeze(-1), o, 0.0), torch.where(seen, l, -math.inf)
+                if i is not None:  # rows that padding empties
+                    o, l = fix_empty_rows(o, l, m)
                 out[heads, g, blocks, rows], lse[heads, g, blocks, rows] = o, l
 
     blocks = plan.interior
@@ -284,49 +284,64 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         rows = (plan.special.view(-1, 1) * b + torch.arange(b, device=q.device)).clamp(max=Nq - 1).view(-1)
         run(lambda g: q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D), plan.special, slice(None), kw, vw,
             plan.special_mask, pad_windows)
-    if plan.any_empty:
-        empty = plan.empty_rows.view(1, 1, nq, b)
-        out.masked_fill_(empty.unsqueeze(-1), 0.0)
-        lse.masked_fill_(empty, -math.inf)
+    if plan.any_empty:  # rows of the layout that see no key (written row by row, not a pass over the output)
+        out[:, :, plan.empty_rows] = 0.0
+        lse[:, :, plan.empty_rows] = -math.inf
     return out.view(B, Hq, nq * b, D)[:, :, :Nq], lse.view(B, Hq, nq * b)[:, :, :Nq]
 
 
-# ------------------------------------------------------------------ shared token sets
-def shared_tokens(layout: "TokenLayout") -> torch.Tensor | None:
-    """The key tokens every query group of ``layout`` reads, when they are the same for all groups, else None."""
-    tok = layout.kv_tokens
-    if tok.shape[:2] != (1, 1) or tok.shape[2] == 0:
-        return None
-    tok = tok[0, 0]
-    if not torch.equal(tok, tok[:1].expand_as(tok)):
-        return None
-    keys = tok[0][tok[0] >= 0]
-    return keys if keys.numel() else None
+# ------------------------------------------------------------------ token sets as one dense attention
+def attend_token_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "TokenLayout", keys: torch.Tensor,
+                       member: torch.Tensor, *, scale: float, causal: bool,
+                       key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token layout as one dense attention per head over the union of its keys (``TokenLayout.union``).
 
-
-def attend_shared_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "TokenLayout",
-                         keys: torch.Tensor, *, scale: float, causal: bool,
-                         key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query over the same few ``keys`` with the fused kernel: ``(out, lse)`` like the executor's."""
+    Each query row sees the union keys its group reads (``member``), ∩ causal,
+    ``mask_mod`` and padding. With ``Hl`` of 1 or Hkv the query heads of a KV
+    head are folded into rows; per-query-head layouts gather keys per query head.
+    Rows are processed in chunks of ``_PLAN_CHUNK`` mask elements.
+    """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     groups = Hq // Hkv
-    q_idx = torch.arange(Nq, device=q.device).view(-1, 1)
-    kv_idx = keys.view(1, -1)
-    visible = torch.ones(1, Nq, keys.numel(), dtype=torch.bool, device=q.device)
-    if causal:
-        visible = visible & (kv_idx <= q_idx + Nk - Nq)
-    if layout.mask_mod is not None:
-        zero = torch.zeros(1, 1, dtype=torch.long, device=q.device)
-        visible = visible & call_mask_mod(layout.mask_mod, zero, zero, q_idx, kv_idx)
+    Bl, Hl, T = keys.shape
+    per_query_head = Hl == Hq and groups > 1
+    H, fold = (Hq, 1) if per_query_head else (Hkv, groups)  # kernel heads; query heads folded into rows
+    kv_head = torch.arange(H, device=q.device) // (groups if per_query_head else 1)
+    idx = keys.clamp(min=0).expand(B, H, T)
+    flat = ((torch.arange(B, device=q.device).view(B, 1, 1) * Hkv + kv_head.view(1, H, 1)) * Nk + idx).reshape(-1)
+    kg, vg = (t.reshape(-1, D).index_select(0, flat).view(B, H, T, D) for t in (k, v))
+    valid = keys >= 0  # (Bl, Hl, T)
     if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, keys].unsqueeze(1)  # (B, Nq, T)
-    visible = visible.repeat(1, groups, 1)  # the query heads of a KV head are folded into rows
-    rows = q.contiguous().view(B, Hkv, groups * Nq, D)
-    out, lse = fused_kernel(rows, k.index_select(2, keys), v.index_select(2, keys), visible.unsqueeze(1), scale)
-    lse = lse.to(torch.promote_types(torch.float32, q.dtype))
-    empty = ~visible.any(-1).unsqueeze(1)  # (B|1, 1, G·Nq)
-    if bool(empty.any()):  # the kernel leaves (0, 0) on rows without keys: make them (0, -inf)
-        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
-        lse = lse.masked_fill(empty, -math.inf)
-    return out.reshape(B, Hq, Nq, D), lse.reshape(B, Hq, Nq)
+        pad = key_padding_mask.unsqueeze(1).expand(B, Hl, Nk)
+        valid = valid & torch.gather(pad, 2, keys.clamp(min=0).expand(B, Hl, T))
+    qf = q.reshape(B, H, fold, Nq, D)
+    outs, lses = [], []
+    step = max(1, _PLAN_CHUNK // (B * H * fold * max(T, 1)))
+    for r0 in range(0, Nq, step):
+        r1 = min(Nq, r0 + step)
+        q_idx = torch.arange(r0, r1, device=q.device)
+        vis = member[:, :, q_idx // layout.group] & valid.unsqueeze(2)  # (B|Bl, Hl, n, T)
+        if causal:
+            vis = vis & (keys.unsqueeze(2) <= q_idx.view(-1, 1) + Nk - Nq)
+        if layout.mask_mod is not None:
+            b = torch.arange(Bl, device=q.device).view(Bl, 1, 1, 1)
+            h = torch.arange(Hl, device=q.device).view(1, Hl, 1, 1)
+            vis = vis & call_mask_mod(layout.mask_mod, b, h, q_idx.view(1, 1, -1, 1),
+                                      keys.clamp(0, Nk - 1).unsqueeze(2))
+        vis = vis.expand(vis.shape[0], H, r1 - r0, T).unsqueeze(2).expand(-1, -1, fold, -1, -1)
+        mask = vis.reshape(vis.shape[0], H, fold * (r1 - r0), T)
+        o, l = fix_empty_rows(*fused_kernel(qf[:, :, :, r0:r1].reshape(B, H, -1, D), kg, vg, mask, scale), mask)
+        outs.append(o.reshape(B, H, fold, r1 - r0, D))
+        lses.append(l.reshape(B, H, fold, r1 - r0))
+    out, lse = (torch.cat(t, 3) if len(t) > 1 else t[0] for t in (outs, lses))
+    return out.reshape(B, Hq, Nq, D), lse.to(torch.promote_types(torch.float32, q.dtype)).reshape(B, Hq, Nq)
+
+
+def fix_empty_rows(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel leaves ``(0, 0)`` on rows whose ``mask`` is all False: make them ``(0, -inf)``."""
+    empty = ~mask.any(-1).expand(lse.shape)
+    if bool(empty.any()):
+        out[empty] = 0.0  # writes the empty rows only (a where would rewrite the whole output)
+        lse[empty] = -math.inf
+    return out, lse
