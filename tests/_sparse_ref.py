@@ -76,3 +76,12 @@ def dilated(len_q, len_k, window, dilation, causal):
     p, j = positions(len_q, len_k)
     d = (p - j) if causal else (p - j).abs()
     return (d % dilation == 0) & (d < window * dilation) & (d >= 0)
+
+
+def assert_matches(out, lse, ref_out, ref_lse, tol=1e-9):
+    """``(out, lse)`` equals the reference: same empty rows (-inf lse), outputs and finite lse within ``tol``."""
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin].to(ref_lse.dtype), ref_lse[fin], atol=tol, rtol=tol)

@@ -13,7 +13,7 @@ import attnzoo as az
 import attnzoo.core.blocksparse as bs
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend, attend_all
 from attnzoo.checks import Problem
-from _sparse_ref import band, combine, dilated, masked_reference, positions
+from _sparse_ref import assert_matches, band, combine, dilated, masked_reference, positions
 
 # (batch, heads_q, heads_kv, len_q, len_k, dim): MHA, GQA, Nq < Nk, Nq > Nk
 SHAPES = [(1, 2, 2, 37, 37, 8), (2, 4, 2, 23, 41, 8), (1, 4, 1, 45, 30, 4)]
@@ -37,14 +37,6 @@ def _inputs(shape, seed, padded, dtype=torch.float64, path="generic"):
     v = torch.randn(B, Hkv, Nk, D + (path != "fused"), generator=g, dtype=dtype)
     pad = (torch.rand(B, Nk, generator=g) > 0.25) if padded else None
     return q, k, v, pad
-
-
-def _check(out, lse, ref_out, ref_lse, tol=1e-9):
-    assert not torch.isnan(out).any()
-    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
-    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
-    fin = torch.isfinite(ref_lse)
-    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=tol, rtol=tol)
 
 
 # ------------------------------------------------------------------ A.2 definitions, stated densely
@@ -84,7 +76,7 @@ def test_static_method_equals_dense_reference(name, shape, causal, padded, path)
     B, Hq, Hkv, Nq, Nk, D = shape
     out, lse = az.attention(q, k, v, method=name, causal=causal, key_padding_mask=pad, return_lse=True, **params)
     vis = combine(visible(Nq, Nk, Hq, causal), causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
-    _check(out, lse, *masked_reference(q, k, v, vis))
+    assert_matches(out, lse, *masked_reference(q, k, v, vis))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -93,7 +85,7 @@ def test_strided_with_stride_longer_than_the_keys_is_the_band(causal):
     q, k, v, _ = _inputs((1, 2, 2, 20, 30, 8), seed=4, padded=False)
     out, lse = az.attention(q, k, v, method="strided", stride=64, local=4, block=8, causal=causal, return_lse=True)
     vis = combine(_strided(20, 30, 64, 4, causal), causal=causal, len_q=20, len_k=30)
-    _check(out, lse, *masked_reference(q, k, v, vis))
+    assert_matches(out, lse, *masked_reference(q, k, v, vis))
 
 
 @pytest.mark.parametrize("shape,causal,padded", CASES)
@@ -107,7 +99,7 @@ def test_bigbird_equals_dense_reference(shape, causal, padded, path):
     rand = table[torch.arange(Nq).view(-1, 1) // 8, j // 8]
     vis = band(Nq, Nk, 4, causal) | (j < 3) | (p < 3) | rand
     vis = combine(vis, causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
-    _check(out, lse, *masked_reference(q, k, v, vis))
+    assert_matches(out, lse, *masked_reference(q, k, v, vis))
 
 
 def test_bigbird_random_blocks_are_seeded_and_sized():
@@ -141,7 +133,7 @@ def test_block_sparse_mask_mod_equals_dense_reference(mod, shape, causal, padded
     qi = torch.arange(Nq).view(1, 1, -1, 1)
     kj = torch.arange(Nk).view(1, 1, 1, -1)
     vis = combine(fn(b, h, qi, kj), causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
-    _check(out, lse, *masked_reference(q, k, v, vis))
+    assert_matches(out, lse, *masked_reference(q, k, v, vis))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -152,7 +144,7 @@ def test_full_layout_equals_exact(causal, block, path):
                                     block_q=block, block_k=block, len_q=50, len_k=50)
     out, lse = az.attention(q, k, v, method="block_sparse", layout=full, causal=causal, return_lse=True)
     ref, ref_lse = az.attention(q, k, v, method="exact", causal=causal, return_lse=True)
-    _check(out, lse, ref, ref_lse)
+    assert_matches(out, lse, ref, ref_lse)
 
 
 @pytest.mark.parametrize("heads", ["shared", "kv", "query"])
@@ -173,7 +165,7 @@ def test_random_block_layouts_equal_dense_reference(heads, causal, path):
     vis = dense.repeat_interleave(bq, 2)[:, :, :Nq].repeat_interleave(bk, 3)[..., :Nk]
     vis = vis.repeat_interleave(Hq // hl, 1)
     vis = combine(vis, causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
-    _check(out, lse, *masked_reference(q, k, v, vis))
+    assert_matches(out, lse, *masked_reference(q, k, v, vis))
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -188,7 +180,7 @@ def test_token_gather_merges_with_blocks_by_lse(causal, path):
     _, j = positions(Nq, Nk)
     vis = (torch.arange(Nq).view(-1, 1) // 8 == j // 8) | torch.isin(j, cols)
     vis = combine(vis, causal=causal, len_q=Nq, len_k=Nk, key_padding_mask=pad)
-    _check(out, lse, *masked_reference(q, k, v, vis))
+    assert_matches(out, lse, *masked_reference(q, k, v, vis))
 
 
 def test_empty_rows_give_zero_and_minus_inf():
