@@ -259,3 +259,17 @@ def test_token_layouts_equal_dense_reference(B, hkv, groups, nq, nk, group, head
     vis = combine(vis.repeat_interleave(hq // hl, 1), causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
     ref, ref_lse = masked_reference(q, k, v, vis, scale=0.4)
     assert_matches(out, lse, ref, ref_lse)
+
+
+def test_windows_read_a_cache_slice_in_place(band_calls):
+    """K/V as the first n positions of a longer buffer (a KV cache): no copy of the cache, same result."""
+    q, k, v = _qkv(1, 4, 2, 1, 300, 8, seed=12)
+    buf_k, buf_v = torch.zeros(1, 2, 512, 8, dtype=k.dtype), torch.zeros(1, 2, 512, 8, dtype=v.dtype)
+    buf_k[:, :, :300], buf_v[:, :, :300] = k, v
+    for nq in (1, 40):
+        qq = torch.randn(1, 4, nq, 8, dtype=q.dtype, generator=torch.Generator().manual_seed(nq))
+        out = az.attention(qq, buf_k[:, :, :300], buf_v[:, :, :300], method="sliding_window", window=50,
+                           block=16, causal=True)
+        ref = az.attention(qq, k, v, method="sliding_window", window=50, block=16, causal=True)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    assert band_calls.called

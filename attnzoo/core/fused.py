@@ -231,6 +231,19 @@ def _as_slice(idx: torch.Tensor) -> slice | torch.Tensor:
     return idx
 
 
+def _rows_of_heads(t: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, D)`` as ``(B·H, N, D)`` with rows of ``D`` contiguous elements, copying only when needed.
+
+    A slice of a longer buffer (a KV cache's first ``n`` positions) keeps its
+    storage: windows are strided views into it, so a decode step does not copy
+    the whole cache.
+    """
+    B, H, N, D = t.shape
+    rows_packed = t.stride(-1) == 1 and (t.stride(-2) == D or N == 1)
+    heads_merge = B == 1 or t.stride(0) == H * t.stride(1)
+    return (t if rows_packed and heads_merge else t.contiguous()).reshape(B * H, N, D)
+
+
 def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPlan, *, scale: float,
                 key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a banded layout with the fused CPU kernel: ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``.
@@ -242,7 +255,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
     Hkv, Nk = k.shape[1], k.shape[2]
     groups, b, nq, L = Hq // Hkv, plan.block, plan.n_q, plan.window
     q = q.contiguous().view(B * Hkv, groups, Nq, D)
-    k, v = k.contiguous().view(B * Hkv, Nk, D), v.contiguous().view(B * Hkv, Nk, D)
+    k, v = _rows_of_heads(k), _rows_of_heads(v)
     pad = None if key_padding_mask is None else key_padding_mask.contiguous()
     out = q.new_empty(B * Hkv, groups, nq, b, D)
     lse = torch.empty(B * Hkv, groups, nq, b, dtype=torch.promote_types(torch.float32, q.dtype), device=q.device)
@@ -268,7 +281,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         sel = slice(0, span) if isinstance(blocks, slice) else blocks - first
         for part in plan.parts:
             key0 = (first + plan.start) * b + part.col  # first key of the first window
-            kw, vw = (t.as_strided((B * Hkv, span, part.cols, D), (Nk * D, b * D, D, 1),
+            kw, vw = (t.as_strided((B * Hkv, span, part.cols, D), (t.stride(0), b * D, D, 1),
                                    t.storage_offset() + key0 * D)[:, sel] for t in (k, v))
             pad_windows = None if pad is None else pad.as_strided((B, span, part.cols), (Nk, b, 1),
                                                                   pad.storage_offset() + key0)[:, sel]
@@ -279,7 +292,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         # special blocks: windows gathered with clamped indices (positions outside the keys are masked)
         pos = (plan.special.view(-1, 1) + plan.start) * b + torch.arange(L, device=q.device)
         pos = pos.clamp(0, Nk - 1).view(-1)
-        kw, vw = (t.index_select(1, pos).view(B * Hkv, -1, L, D) for t in (k, v))
+        kw, vw = (t[:, pos].view(B * Hkv, -1, L, D) for t in (k, v))  # indexing reads strided rows in place
         pad_windows = None if pad is None else pad[:, pos].view(B, -1, L)
         rows = (plan.special.view(-1, 1) * b + torch.arange(b, device=q.device)).clamp(max=Nq - 1).view(-1)
         run(lambda g: q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D), plan.special, slice(None), kw, vw,
