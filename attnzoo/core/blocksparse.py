@@ -665,7 +665,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     Hkv, Nk = k.shape[1], k.shape[2]
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device)
-    fused = fused_applies(q, k, v, q_positions)
+    fused = fused_applies(q, v, q_positions)
     return _LayoutAttention.apply(q, k, v, key_padding_mask, plan, layout, fused)
 
 

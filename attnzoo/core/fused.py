@@ -45,7 +45,7 @@ _PLAN_CHUNK = 1 << 24
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def fused_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None) -> bool:
+def fused_applies(q: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None) -> bool:
     """Whether the fused CPU kernel can run this call's forward pass: CPU, default positions, equal head dims."""
     return (q.device.type == "cpu" and q_positions is None and q.dtype in _KERNEL_DTYPES
             and q.shape[-1] == v.shape[-1])
@@ -239,7 +239,7 @@ def _rows_of_heads(t: torch.Tensor) -> torch.Tensor:
     the whole cache.
     """
     B, H, N, D = t.shape
-    rows_packed = t.stride(-1) == 1 and (t.stride(-2) == D or N == 1)
+    rows_packed = t.stride(-1) == 1 and t.stride(-2) == D
     heads_merge = B == 1 or t.stride(0) == H * t.stride(1)
     return (t if rows_packed and heads_merge else t.contiguous()).reshape(B * H, N, D)
 
