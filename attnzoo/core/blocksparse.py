@@ -516,6 +516,20 @@ def _slots(plan: _Plan):
             yield s, u
 
 
+def _slot_scores(q_rows, k_units, v_units, plan: _Plan, s: int, u: torch.Tensor, pad_flat, batch: int):
+    """Scores of the (scaled) query rows against slot ``s``'s keys, invisible ones at -inf.
+
+    Returns ``(scores, keys, values, flat)``: the gathered keys and values of
+    the slot and their row indices (where the backward pass scatters dK, dV).
+    """
+    flat = plan.flat_index(u, batch)
+    width = u.shape[-1] * plan.unit
+    kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
+    sc = torch.matmul(q_rows, kb.transpose(-1, -2))
+    _apply_mask(sc, *plan.slot_mask(s, u, pad_flat, batch))
+    return sc, kb, vb, flat
+
+
 def _forward(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     B, dim_v = q.shape[0], v.shape[3]
     qb = plan.to_rows(q) * plan.scale
@@ -525,11 +539,7 @@ def _forward(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     denom = qb.new_zeros(*qb.shape[:-1], 1)
     acc = qb.new_zeros(*qb.shape[:-1], dim_v)
     for s, u in _slots(plan):
-        flat = plan.flat_index(u, B)
-        width = u.shape[-1] * plan.unit
-        kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
-        sc = torch.matmul(qb, kb.transpose(-1, -2))
-        _apply_mask(sc, *plan.slot_mask(s, u, pad_flat, B))
+        sc, _, vb, _ = _slot_scores(qb, k_units, v_units, plan, s, u, pad_flat, B)
         m_new = torch.maximum(m, sc.amax(dim=-1, keepdim=True))
         m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
         p = sc.sub_(m_safe).exp_()
@@ -559,11 +569,7 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan):
     dqb = torch.zeros_like(qb)
     pad_flat = None if pad is None else pad.reshape(-1)
     for s, u in _slots(plan):
-        flat = plan.flat_index(u, B)
-        width = u.shape[-1] * plan.unit
-        kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
-        sc = torch.matmul(qs, kb.transpose(-1, -2))
-        _apply_mask(sc, *plan.slot_mask(s, u, pad_flat, B))
+        sc, kb, vb, flat = _slot_scores(qs, k_units, v_units, plan, s, u, pad_flat, B)
         p = sc.sub_(lse_r).exp_()
         dv_blk = torch.matmul(p.transpose(-1, -2), dob)
         ds = p.mul_(torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_r))
@@ -608,10 +614,10 @@ def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tenso
         kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
         mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), pad_flat, B)
         heads = lead if math.prod(mask.shape[:3]) > 1 else (1, 1, 1)  # a mask shared by all heads broadcasts
-        mask = mask.expand(*heads, n1 - n0, R, width)
+        mask = mask.expand(*heads, n1 - n0, R, width).reshape(-1, n1 - n0, R, width)
         o, l = fused_kernel(qb[:, :, :, n0:n1].reshape(-1, n1 - n0, R, D), kb.reshape(-1, n1 - n0, width, D),
-                            vb.reshape(-1, n1 - n0, width, D), mask.reshape(-1, n1 - n0, R, width), plan.scale)
-        o, l = fix_empty_rows(o, l, mask.reshape(-1, n1 - n0, R, width))
+                            vb.reshape(-1, n1 - n0, width, D), mask, plan.scale)
+        o, l = fix_empty_rows(o, l, mask)
         out[:, :, :, n0:n1] = o.view(*lead, n1 - n0, R, D)
         lse[:, :, :, n0:n1] = l.view(*lead, n1 - n0, R)
     return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)

@@ -39,7 +39,7 @@ from .masks import call_mask_mod
 if TYPE_CHECKING:
     from .blocksparse import BlockLayout, TokenLayout
 
-#: elements of the element mask evaluated at once while planning (bounds peak memory)
+#: elements of an element mask evaluated at once (planning a band, or a chunk of token rows): bounds peak memory
 _PLAN_CHUNK = 1 << 24
 #: dtypes the fused CPU kernel accepts
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
