@@ -21,9 +21,7 @@ import importlib.util
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attnzoo.bench.metrics import time_calls  # noqa: E402
 from attnzoo.core.linear import linear_attention  # noqa: E402
 
 B, H, D = 1, 8, 64
@@ -39,18 +38,12 @@ B, H, D = 1, 8, 64
 def timed(fn, repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up."""
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_calls(fn, repeat=repeats, budget_s=math.inf).median
 
 
 def timed_once(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """Wall time of one cold call (for cases too slow to repeat)."""
+    return time_calls(fn, repeat=1, budget_s=math.inf).median
 
 
 def load_fla_naive():

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
@@ -23,23 +22,16 @@ import torch.nn.functional as F
 
 import attnzoo as az
 from attnzoo.bench import workloads
-from attnzoo.bench.metrics import peak_memory
+from attnzoo.bench.metrics import peak_memory, time_calls
 
 H, D = 8, 64
 
 
 def timed(fn, runs):
     """Median of ``runs`` timed calls after one warm-up; ``runs=0`` times the single (cold) call."""
-    t = time.perf_counter()
-    fn()
-    if runs == 0:
-        return time.perf_counter() - t
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
+    if runs:
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return time_calls(fn, repeat=max(runs, 1), budget_s=math.inf).median
 
 
 def sampled_recall(q, k, lse, rows=256):
