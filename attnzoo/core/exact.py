@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .kernel import flash_cpu
 from .masks import empty_rows, visible_mask
 
 
@@ -75,15 +76,14 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
     group folded into rows, K/V never repeated), and with causal only for
     ``Nq == Nk`` (its causal mask is top-left). Callers route empty rows away.
     """
-    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     B, Hq, len_q, _ = q.shape
     Hkv = k.shape[1]
-    if (kernel is None or q.device.type != "cpu" or key_padding_mask is not None
+    if (q.device.type != "cpu" or key_padding_mask is not None
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
             or (causal and (len_q != k.shape[2] or Hq != Hkv)) or q.shape[-1] != v.shape[-1]):
         return None
     rows = q.reshape(B, Hkv, (Hq // Hkv) * len_q, q.shape[-1])  # (B, Hq, N, D) -> query group as rows
-    out, lse = kernel(rows, k, v, 0.0, causal, scale=scale)
+    out, lse = flash_cpu(rows, k, v, scale=scale, causal=causal)
     return out.reshape(B, Hq, len_q, v.shape[-1]), lse.reshape(B, Hq, len_q)
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .kernel import KERNEL_DTYPES, flash_cpu
 from .masks import call_mask_mod
 
 if TYPE_CHECKING:
@@ -41,13 +42,11 @@ if TYPE_CHECKING:
 
 #: elements of an element mask evaluated at once (planning a band, or a chunk of token rows): bounds peak memory
 _PLAN_CHUNK = 1 << 24
-#: dtypes the fused CPU kernel accepts
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def fused_applies(q: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None) -> bool:
     """Whether the fused CPU kernel can run this call's forward pass: CPU, default positions, equal head dims."""
-    return (q.device.type == "cpu" and q_positions is None and q.dtype in _KERNEL_DTYPES
+    return (q.device.type == "cpu" and q_positions is None and q.dtype in KERNEL_DTYPES
             and q.shape[-1] == v.shape[-1])
 
 
@@ -56,9 +55,7 @@ def fused_kernel(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tenso
 
     Rows whose mask is all False come back as ``(0, 0)``: callers set their lse to -inf.
     """
-    additive = torch.where(mask, torch.zeros((), dtype=q.dtype, device=q.device),
-                           torch.full((), -math.inf, dtype=q.dtype, device=q.device))
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=additive, scale=scale)
+    return flash_cpu(q, k, v, scale=scale, mask=mask)
 
 
 # ------------------------------------------------------------------ banded block layouts

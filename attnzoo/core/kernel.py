@@ -1,0 +1,42 @@
+"""The one entry to PyTorch's fused CPU attention kernel.
+
+``aten._scaled_dot_product_flash_attention_for_cpu`` is the kernel behind
+SDPA on CPU; its op (unlike the public function) returns the log-sum-exp.
+It reads every row of q, k and v as ``D`` packed elements: a last-dim stride
+other than 1 (a permuted or sliced tensor) is read as if it were 1, giving
+garbage or NaN. It honours every other stride (expanded heads, strided
+windows over a longer buffer). :func:`kernel_rows` makes that layout, copying
+only tensors whose last dim is strided; every caller of the kernel goes
+through :func:`flash_cpu`, which applies it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+#: dtypes the fused CPU kernel accepts
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def kernel_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a last-dim stride of 1 (the kernel's requirement); a copy only when it is not."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)``: ``(out, lse)``.
+
+    ``mask`` is a bool visibility mask broadcast to ``(X, Y, Lq, Lk)``;
+    ``causal`` is the kernel's top-left causal mask. Rows with no visible key
+    come back as ``(0, 0)`` (callers that can produce them set their lse to
+    -inf, see :func:`attnzoo.core.fused.fix_empty_rows`).
+    """
+    additive = None
+    if mask is not None:
+        additive = torch.where(mask, torch.zeros((), dtype=q.dtype, device=q.device),
+                               torch.full((), -math.inf, dtype=q.dtype, device=q.device))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        kernel_rows(q), kernel_rows(k), kernel_rows(v), 0.0, causal, attn_mask=additive, scale=scale)
