@@ -79,6 +79,10 @@ from .bench.cli import register as _register_bench  # noqa: E402  (bench, report
 
 _register_bench(app)
 
+from .eval.cli import register as _register_eval  # noqa: E402  (models, eval)
+
+_register_eval(app)
+
 
 def main() -> None:
     app()
