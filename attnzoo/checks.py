@@ -97,6 +97,8 @@ def check_qkv(
         )
     if D == 0:
         raise AttnZooError("q: expected a head dim D >= 1, got 0")
+    if v.shape[3] == 0:
+        raise AttnZooError(f"v: expected a value head dim Dv >= 1, got shape {_shape(v)}")
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, B, Nk, q.device)
     scale = resolve_scale(scale, D)
@@ -121,9 +123,23 @@ def resolve_scale(scale: float | None, dim: int) -> float:
     if scale is None:
         return dim**-0.5
     if isinstance(scale, torch.Tensor):
-        scale = float(scale)
+        if scale.numel() != 1:
+            raise AttnZooError(f"scale: expected a positive finite float or None, got a tensor of shape {_shape(scale)}")
+        scale = scale.item()
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise AttnZooError(f"scale: expected a positive finite float or None, got {type(scale).__name__}")
-    if not math.isfinite(scale) or scale <= 0:
+    try:
+        value = float(scale)
+    except OverflowError:
+        raise AttnZooError(f"scale: expected a positive finite float or None, got an int too large for a float "
+                           f"({len(str(abs(scale)))} digits)") from None
+    if not math.isfinite(value) or value <= 0:
         raise AttnZooError(f"scale: expected a positive finite float or None, got {scale}")
-    return float(scale)
+    return value
+
+
+def check_flag(name: str, value: object) -> bool:
+    """``value`` must be a real ``bool`` (``causal="False"`` is a string, not False)."""
+    if not isinstance(value, bool):
+        raise AttnZooError(f"{name}: expected True or False, got {value!r} ({type(value).__name__})")
+    return value

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .checks import Problem, check_qkv
+from .checks import Problem, check_flag, check_qkv
 from .errors import AttnZooError, UnsupportedError
 
 
@@ -148,6 +148,8 @@ class Method:
                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                  return_lse: bool = False, **inputs: Any):
         """Attend ``q`` to ``k``/``v``; returns ``out`` or ``(out, lse)``."""
+        check_flag("causal", causal)
+        check_flag("return_lse", return_lse)
         prob = check_qkv(q, k, v, key_padding_mask, scale)
         self.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask,
                                 return_lse=return_lse, grad=_wants_grad(q, k, v))
@@ -155,7 +157,7 @@ class Method:
         if unknown:
             valid = ", ".join(self.inputs) or "none"
             raise AttnZooError(f"{self.name}: unknown input(s) {unknown}; this method's extra inputs: {valid}")
-        if prob.len_q == 0 or prob.len_k == 0:
+        if 0 in (prob.batch, prob.heads_q, prob.len_q, prob.len_k):
             out = q.new_zeros(prob.batch, prob.heads_q, prob.len_q, prob.dim_v)
             lse = q.new_full((prob.batch, prob.heads_q, prob.len_q), -math.inf, dtype=torch.float32)
             # keep the graph connected so backward works on empty inputs too

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..checks import check_finite, check_padding_mask, check_tensor, resolve_scale
+from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale
 from ..errors import AttnZooError
 from .policy import Step, make_policy
 
@@ -83,6 +83,8 @@ class KVCache:
             raise AttnZooError(f"v: expected shape {tuple(k.shape[:3])} + (Dv,) with k's dtype and device, "
                                f"got {tuple(v.shape)} {v.dtype} {v.device}")
         B, Hkv, n, D = k.shape
+        if 0 in (B, Hkv, D, v.shape[3]):
+            raise AttnZooError(f"k/v: expected B, Hkv, D and Dv >= 1, got k {tuple(k.shape)} and v {tuple(v.shape)}")
         shape = (B, Hkv, D, v.shape[3], k.dtype, k.device)
         if self._shape is not None and shape != self._shape:
             raise AttnZooError(f"append: expected (B, Hkv, D, Dv, dtype, device) = {self._shape} like the "
@@ -114,9 +116,11 @@ class KVCache:
         if self._layer is None:
             return
         B = self._shape[0]
-        if not isinstance(beam_idx, torch.Tensor) or beam_idx.dim() != 1 or beam_idx.dtype.is_floating_point \
-                or (beam_idx.numel() and not (0 <= int(beam_idx.min()) and int(beam_idx.max()) < B)):
-            raise AttnZooError(f"reorder: beam_idx expected a 1-D integer tensor of rows in 0..{B - 1}, got {beam_idx!r}")
+        if not isinstance(beam_idx, torch.Tensor) or beam_idx.dim() != 1 or beam_idx.numel() != B \
+                or beam_idx.dtype.is_floating_point or beam_idx.dtype.is_complex or beam_idx.dtype == torch.bool \
+                or not (0 <= int(beam_idx.min()) and int(beam_idx.max()) < B):
+            raise AttnZooError(f"reorder: beam_idx expected a 1-D integer tensor of {B} rows (the batch size), each "
+                               f"in 0..{B - 1}, got {beam_idx!r}")
         self._layer.reorder(beam_idx.to(self._shape[5]).long())
 
     # ------------------------------------------------------------------ reads
@@ -134,8 +138,11 @@ class KVCache:
                                f"got {tuple(q.shape)} {q.dtype} on {q.device}")
         if not 1 <= nq <= self._seq:
             raise AttnZooError(f"q: expected 1..{self._seq} queries (the newest tokens), got nq={nq}")
-        if not isinstance(causal, bool):
-            raise AttnZooError(f"attend: causal expected a bool, got {causal!r}")
+        check_flag("causal", causal)
+        check_flag("return_lse", return_lse)
+        if Hq == 0:  # no query heads: the empty result
+            out = q.new_zeros(B, 0, nq, Dv)
+            return (out, q.new_zeros(B, 0, nq, dtype=torch.float32)) if return_lse else out
         step = Step(resolve_scale(scale, D), causal, torch.arange(self._seq - nq, self._seq, device=device),
                     self._seq, self.splits, self.split_size)
         with torch.no_grad():

@@ -1,0 +1,91 @@
+"""Defects found by trying to break attnzoo (issue 12, defects 3-10): each is reproduced here first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo import AttnZooError
+
+
+def _build(cls):
+    """Every registered method with parameters it can be built with (block_sparse needs a pattern)."""
+    if cls.name == "block_sparse":
+        return cls(mask_mod=lambda b, h, qi, ki: ki <= qi)
+    return cls()
+
+
+def _call(m, q, k, v, **kw):
+    inputs = {"g": torch.zeros(q.shape)} if "g" in m.inputs else {}
+    causal = m.supports.causal
+    return m(q, k, v, causal=causal, **inputs, **kw)
+
+
+# ------------------------------------------------------------ defect 3: KVCache.reorder
+@pytest.mark.parametrize("bad", [torch.tensor([0]), torch.tensor([0, 1, 1]), torch.tensor([True, False]),
+                                 torch.tensor([0.0, 1.0]), torch.tensor([0, 2]), torch.tensor([[0, 1]]), [0, 1]])
+def test_reorder_refuses_a_beam_idx_that_is_not_b_rows(bad):
+    cache = az.KVCache("full")
+    cache.append(torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8))
+    with pytest.raises(AttnZooError, match=r"^reorder: beam_idx expected a 1-D integer tensor of 2 rows"):
+        cache.reorder(bad)
+    cache.append(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))  # still usable
+    assert cache.attend(torch.randn(2, 2, 1, 8)).shape == (2, 2, 1, 8)
+
+
+def test_reorder_swaps_rows():
+    cache = az.KVCache("full")
+    k, v = torch.randn(2, 1, 4, 8), torch.randn(2, 1, 4, 8)
+    cache.append(k, v)
+    q = torch.randn(2, 1, 1, 8)
+    before = cache.attend(q)
+    cache.reorder(torch.tensor([1, 0]))
+    torch.testing.assert_close(cache.attend(q.flip(0)), before.flip(0))
+
+
+# ------------------------------------------------------- defect 5: causal / return_lse are bools
+@pytest.mark.parametrize("flag", ["causal", "return_lse"])
+@pytest.mark.parametrize("bad", ["False", "no", 1, 0, None, torch.tensor(True)])
+def test_flags_must_be_bools(flag, bad):
+    x = torch.randn(1, 2, 4, 8)
+    with pytest.raises(AttnZooError, match=rf"^{flag}: expected True or False, got"):
+        az.attention(x, x, x, **{flag: bad})
+    cache = az.KVCache("full")
+    cache.append(x, x)
+    with pytest.raises(AttnZooError, match=rf"^{flag}: expected True or False, got"):
+        cache.attend(x[:, :, -1:], **{flag: bad})
+
+
+# ------------------------------------------------------- defect 6: scale and empty sizes
+@pytest.mark.parametrize("bad, match", [(torch.tensor([1.0, 2.0]), r"a tensor of shape \(2\)"),
+                                        (10**400, r"an int too large for a float"),
+                                        (-1.0, r"-1.0"), ("0.1", r"str")])
+def test_scale_errors_are_clear(bad, match):
+    x = torch.randn(1, 2, 4, 8)
+    with pytest.raises(AttnZooError, match=rf"^scale: expected a positive finite float or None, got (.* )?{match}"):
+        az.attention(x, x, x, scale=bad)
+    torch.testing.assert_close(az.attention(x, x, x, scale=torch.tensor(0.5)), az.attention(x, x, x, scale=0.5))
+
+
+@pytest.mark.parametrize("name", sorted(az.methods()))
+def test_every_method_returns_the_empty_result_for_empty_batch_or_heads(name):
+    m = _build(az.methods()[name])
+    for B, Hq in ((0, 4), (1, 0)):
+        q, k, v = torch.randn(B, Hq, 8, 8), torch.randn(B, 2, 8, 8), torch.randn(B, 2, 8, 6)
+        out = _call(m, q, k, v)
+        assert out.shape == (B, Hq, 8, 6)
+        if m.supports.lse:
+            out, lse = _call(m, q, k, v, return_lse=True)
+            assert lse.shape == (B, Hq, 8)
+    with pytest.raises(AttnZooError, match=r"^v: expected a value head dim Dv >= 1"):
+        _call(m, torch.randn(1, 4, 8, 8), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 0))
+
+
+def test_cache_empty_heads_and_batch():
+    cache = az.KVCache("h2o", budget=4, recent=2)
+    with pytest.raises(AttnZooError, match=r"^k/v: expected B, Hkv, D and Dv >= 1"):
+        cache.append(torch.randn(0, 2, 5, 8), torch.randn(0, 2, 5, 8))
+    cache.append(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 6))
+    out, lse = cache.attend(torch.randn(1, 0, 1, 8), return_lse=True)
+    assert out.shape == (1, 0, 1, 6) and lse.shape == (1, 0, 1)
