@@ -4,17 +4,36 @@
 >>> out = az.attention(q, k, v, method="exact", causal=True)
 >>> az.methods()        # every registered method
 >>> az.info("exact")    # family, complexity, capabilities, parameters, papers
+
+The names below load on first use (PEP 562), so ``import attnzoo`` and the
+``attnzoo`` command start without importing torch; ``attnzoo.attention`` etc.
+behave exactly like eager imports.
 """
 
-from .api import attention
-from .cache import KVCache
-from .core.partial import Partial, merge
-from .errors import AttnZooError, UnsupportedError
-from .registry import Family, Method, MethodInfo, Supports, get, info, methods, param, register
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttnZooError", "Family", "KVCache", "Method", "MethodInfo", "Partial", "Supports", "UnsupportedError",
-    "attention", "get", "info", "merge", "methods", "param", "register", "__version__",
-]
+#: public name -> the submodule defining it (loaded on first access)
+_EXPORTS = {
+    "attention": ".api",
+    "KVCache": ".cache",
+    "Partial": ".core.partial", "merge": ".core.partial",
+    "AttnZooError": ".errors", "UnsupportedError": ".errors",
+    "Family": ".registry", "Method": ".registry", "MethodInfo": ".registry", "Supports": ".registry",
+    "get": ".registry", "info": ".registry", "methods": ".registry", "param": ".registry", "register": ".registry",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'attnzoo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

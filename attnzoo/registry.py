@@ -290,6 +290,13 @@ class MethodInfo:
 def info(name: str) -> MethodInfo:
     """Family, complexity, capabilities, parameters and papers of one method."""
     cls = _lookup(name)
+    doc = (cls.__doc__ or "").strip()
+    return MethodInfo(cls.name, cls.family, cls.complexity, cls.supports, cls.training_free, cls.papers,
+                      param_infos(cls), dict(cls.inputs), doc)
+
+
+def param_infos(cls: type) -> tuple[ParamInfo, ...]:
+    """The parameters (dataclass fields declared with :func:`param`) of a method or cache policy class."""
     ps = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else (
@@ -297,9 +304,7 @@ def info(name: str) -> MethodInfo:
         ps.append(ParamInfo(f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
                             default, f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices"),
                             f.metadata.get("help", "")))
-    doc = (cls.__doc__ or "").strip()
-    return MethodInfo(cls.name, cls.family, cls.complexity, cls.supports, cls.training_free, cls.papers,
-                      tuple(ps), dict(cls.inputs), doc)
+    return tuple(ps)
 
 
 _LOADED = False

@@ -1,9 +1,13 @@
-"""The ``attnzoo bench``, ``attnzoo report`` and ``attnzoo capture`` commands."""
+"""The ``attnzoo bench``, ``attnzoo report`` and ``attnzoo capture`` commands.
+
+Every option is checked before the first case runs; torch and the runner load only inside the commands.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import importlib.util
 from pathlib import Path
 from typing import Optional
 
@@ -16,9 +20,7 @@ from rich.table import Table
 
 from ..errors import AttnZooError
 from . import tables
-from .runner import workload_label
-from .workloads import WORKLOADS
-from .results import ResultsFile
+from .results import ResultsFile, workload_label
 
 console = Console(width=None if Console().is_terminal else 160)
 RESULTS_ROOT = Path("bench-results")
@@ -44,9 +46,30 @@ def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
+        values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise AttnZooError(f"bench: {option} expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise AttnZooError(f"bench: {option} expected at least one integer, got {text!r}")
+    return values
+
+
+def _names(text: str | None, option: str) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    if not names:
+        raise AttnZooError(f"bench: {option} expected comma-separated names, got {text!r}")
+    return names
+
+
+def _stored(path: Path, option: str) -> ResultsFile:
+    """A results file that exists, or an error naming the option (checked before any case runs)."""
+    store = ResultsFile(path)
+    if not store.exists():
+        raise AttnZooError(f"bench: {option} expected a results.jsonl file or a folder holding one, "
+                           f"got {path} ({store.path} does not exist or is empty)")
+    return store
 
 
 def _latest_results() -> Path:
@@ -93,7 +116,7 @@ def print_comparison(current: list[dict], other_path: Path) -> None:
     if not rows:
         console.print(f"[yellow]--compare: no case of this run was also measured in {other_path}[/]")
         return
-    table = Table(title=f"this run vs {other_path} (ratio > 1: this run is faster)")
+    table = Table(title=f"this run vs {other_path} (other/now > 1: this run is faster)")
     for col in ("workload", "method", "N", "now ms", "other ms", "other/now", "now err", "other err"):
         table.add_column(col, justify="left" if col in ("workload", "method") else "right")
     for r in rows:
@@ -103,35 +126,67 @@ def print_comparison(current: list[dict], other_path: Path) -> None:
 
 
 def bench(
-    methods: Optional[str] = typer.Option(None, help="comma-separated method names (default: every registered one)"),
-    lengths: Optional[str] = typer.Option(None, help="comma-separated sequence lengths, e.g. 256,1024,2048"),
-    heads: Optional[int] = typer.Option(None, help="query heads"),
-    heads_kv: Optional[int] = typer.Option(None, help="KV heads (default: heads; fewer = grouped-query)"),
-    head_dim: Optional[int] = typer.Option(None, help="head dimension D (the real workload uses its model's)"),
-    batch: Optional[int] = typer.Option(None, help="batch size"),
-    causal: Optional[bool] = typer.Option(None, "--causal/--no-causal", help="causal (default) or non-causal"),
+    methods: Optional[str] = typer.Option(None, help="comma-separated method names (default: every registered "
+                                                     "one)"),
+    lengths: Optional[str] = typer.Option(None, help="comma-separated sequence lengths, e.g. 256,1024,2048  "
+                                                     "(default: 256,1024,2048; --full: 256..8192)"),
+    heads: Optional[int] = typer.Option(None, help="query heads (default: 4; --full: 8)"),
+    heads_kv: Optional[int] = typer.Option(None, help="KV heads (fewer = grouped-query) (default: --heads)"),
+    head_dim: Optional[int] = typer.Option(None, help="head dimension D (the real workload uses its model's)  "
+                                                      "(default: 64)"),
+    batch: Optional[int] = typer.Option(None, help="batch size (default: 1)"),
+    causal: Optional[bool] = typer.Option(None, "--causal/--no-causal", help="causal or non-causal  "
+                                                                             "(default: causal)"),
     workload: Optional[list[str]] = typer.Option(
-        None, help=f"repeatable: {', '.join(WORKLOADS)}; parameters as name:key=value,key=value"),
-    repeat: Optional[int] = typer.Option(None, help="timed calls per case after one warm-up"),
-    threads: Optional[int] = typer.Option(None, help="torch threads in the worker (quick: 1, full: every core)"),
+        None, help="repeatable: structured, real, gaussian, local, sinks, needle, vertical_slash, clusters, "
+                   "outliers; parameters as name:key=value,key=value (default: structured and real; --full: "
+                   "structured, gaussian, needle, real)"),
+    repeat: Optional[int] = typer.Option(None, help="timed calls per case after one warm-up, at least (see "
+                                                    "--min-time) (default: 3; --full: 5)"),
+    min_time: Optional[float] = typer.Option(None, help="per case, keep timing calls (within the budget) until "
+                                                        "this many seconds are measured; 0: just --repeat calls "
+                                                        "(default: 0.1)"),
+    threads: Optional[int] = typer.Option(None, help="torch threads in the worker (default: 1; --full: every "
+                                                     "core)"),
     time_cap: Optional[float] = typer.Option(None, help="skip a length whose time per call, predicted "
-                                                        "quadratically from a shorter one, exceeds this (s)"),
-    out: Optional[Path] = typer.Option(None, help="results folder (default bench-results/run-<time>)"),
-    quick: bool = typer.Option(False, "--quick", help="the quick suite (the default): ~3 min on 2 cores"),
-    full: bool = typer.Option(False, "--full", help="lengths 256..8192, 8 heads, more workloads and repeats"),
-    resume: bool = typer.Option(False, "--resume", help="continue the run in --out (default: the latest run), "
-                                                        "keeping its options"),
-    compare: Optional[Path] = typer.Option(None, help="another results file/folder to compare times with"),
+                                                        "quadratically from a shorter one, exceeds this (s)  "
+                                                        "(default: 2; --full: 30)"),
+    out: Optional[Path] = typer.Option(None, help="results folder (default: bench-results/run-<time>; --resume: "
+                                                  "the latest run)"),
+    quick: bool = typer.Option(False, "--quick", help="the quick suite (the default): ~30 s on 2 cores"),
+    full: bool = typer.Option(False, "--full", help="lengths 256..8192, 8 heads, more workloads and repeats  "
+                                                    "(default: off)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out, keeping its options  "
+                                                        "(default: off)"),
+    compare: Optional[Path] = typer.Option(None, help="a stored run (results file or folder) to compare times "
+                                                      "with; `--compare OLD NEW` compares two stored runs without "
+                                                      "running anything (default: none)"),
+    compare_with: Optional[list[Path]] = typer.Argument(None, metavar="[NEW]", show_default=False,
+                                                        help="with --compare OLD: the run to compare with OLD"),
     plugin: Optional[list[str]] = typer.Option(None, help="repeatable: a module to import first (methods or "
-                                                          "input generators registered outside attnzoo)"),
-    make_report: bool = typer.Option(True, "--report/--no-report", help="build report.html after the run"),
+                                                          "input generators registered outside attnzoo)  "
+                                                          "(default: none)"),
+    make_report: bool = typer.Option(True, "--report/--no-report", help="build report.html after the run  "
+                                                                        "(default: --report)", show_default=False),
 ) -> None:
     """Measure every registered method against exact attention; write results and report.html."""
-    from .runner import PRESETS, run
-
     try:
+        if compare_with:
+            if compare is None or len(compare_with) != 1:
+                raise AttnZooError("bench: extra arguments are only accepted as `--compare OLD NEW` (two stored "
+                                   f"runs), got {' '.join(map(str, compare_with))}")
+            old, new = _stored(compare, "--compare OLD"), _stored(compare_with[0], "--compare OLD NEW")
+            print_comparison(new.read().cases, old.path)
+            return
+        if compare is not None:
+            _stored(compare, "--compare")
+        if make_report and importlib.util.find_spec("matplotlib") is None:
+            raise AttnZooError("bench: the report needs matplotlib: pip install 'attnzoo[bench]' (from a checkout: "
+                               "pip install -e '.[bench]'), or pass --no-report")
         if quick and full:
             raise AttnZooError("bench: pass at most one of --quick and --full")
+        from .runner import PRESETS, plan
+
         if resume:
             out = out or _latest_results()
             base = _stored_suite(out) if ResultsFile(out).exists() else PRESETS["full" if full else "quick"]
@@ -139,10 +194,13 @@ def bench(
             out = out or RESULTS_ROOT / dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
             base = PRESETS["full" if full else "quick"]
         suite = base.replace(
-            methods=None if methods is None else tuple(m.strip() for m in methods.split(",") if m.strip()),
-            lengths=_ints(lengths, "--lengths"), heads=heads, heads_kv=heads_kv, head_dim=head_dim, batch=batch,
-            causal=causal, workloads=tuple(workload) if workload else None, repeat=repeat, threads=threads,
+            methods=_names(methods, "--methods"), lengths=_ints(lengths, "--lengths"), heads=heads,
+            heads_kv=heads_kv, head_dim=head_dim, batch=batch, causal=causal,
+            workloads=tuple(workload) if workload else None, repeat=repeat, min_time_s=min_time, threads=threads,
             time_cap_s=time_cap, plugins=tuple(plugin) if plugin else None)
+        plan(suite)  # every option and method name is checked here, before the first case
+        from .runner import run
+
         console.print(f"[bold]attnzoo bench[/] → {out}  (lengths {', '.join(map(str, suite.lengths))}; "
                       f"B={suite.batch} H={suite.heads} D={suite.head_dim}; "
                       f"{'causal' if suite.causal else 'non-causal'}; workloads {', '.join(suite.workloads)})")
@@ -161,6 +219,10 @@ def bench(
         _write_report(results, None)
     if compare is not None:
         print_comparison(cases, compare)
+    statuses = {c["status"] for c in cases}
+    if "failed" in statuses and "ok" not in statuses:
+        console.print("[red]every case failed[/] (reasons above)")
+        raise typer.Exit(1)
 
 
 def _write_report(results: Path, out: Path | None) -> None:
@@ -175,7 +237,8 @@ def _write_report(results: Path, out: Path | None) -> None:
         console.print(f"[red]error:[/] {escape(str(e))}")
         raise typer.Exit(2) from None
     except ImportError as e:
-        console.print(f"[red]error:[/] the report needs matplotlib (pip install -e '.[bench]'): {escape(str(e))}")
+        console.print(f"[red]error:[/] the report needs matplotlib: pip install 'attnzoo[bench]' (from a checkout: "
+                      f"pip install -e '.[bench]'): {escape(str(e))}")
         raise typer.Exit(2) from None
     console.print(f"report:  {page}")
 

@@ -73,11 +73,12 @@ class Timing:
         return (max(self.runs) - min(self.runs)) / self.median if self.median > 0 else 0.0
 
 
-def time_calls(fn: Callable[[], Any], *, repeat: int, budget_s: float) -> Timing:
-    """Time ``fn`` up to ``repeat`` times, stopping early once ``budget_s`` is spent (at least once)."""
+def time_calls(fn: Callable[[], Any], *, repeat: int, budget_s: float, min_time_s: float = 0.0) -> Timing:
+    """Time ``fn`` at least ``repeat`` times and until ``min_time_s`` is measured (so a fast call's median
+    rests on many samples), stopping early once ``budget_s`` is spent (at least once)."""
     runs: list[float] = []
     spent = 0.0
-    while len(runs) < repeat and (not runs or spent < budget_s):
+    while (len(runs) < repeat or spent < min_time_s) and (not runs or spent < budget_s):
         t0 = time.perf_counter()
         fn()
         runs.append(time.perf_counter() - t0)

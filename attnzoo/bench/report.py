@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import tables
-from .results import ResultsFile
-from .runner import workload_label
+from .results import ResultsFile, workload_label
 
 #: errors below this are float32 round-off: drawn at the floor and treated as equal on the Pareto front
 _ERROR_FLOOR = 1e-5

@@ -8,18 +8,21 @@ finished case (ok, skipped or failed). Each line is written with a single
 most the case in flight and can leave at most one partial trailing line.
 Reading reports such a line (never drops it silently); :meth:`ResultsFile.repair`
 moves it aside into ``results.jsonl.corrupt`` before a resumed run appends.
+A record that lost only its newline is kept: :meth:`ResultsFile.append` ends the
+file with one before writing. :meth:`ResultsFile.lock` lets one process write a
+results folder at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from ..errors import AttnZooError
 
@@ -29,6 +32,12 @@ FILENAME = "results.jsonl"
 def case_key(case: dict) -> str:
     """The identity of a case (method, parameters, workload, sizes, causal, seed) as a canonical string."""
     return json.dumps(case, sort_keys=True, separators=(",", ":"))
+
+
+def workload_label(case: dict) -> str:
+    """``needle:needles=16`` — a case's workload with its parameters, as the tables show it."""
+    params = ",".join(f"{k}={v}" for k, v in sorted(case["workload_params"].items()))
+    return case["workload"] + (f":{params}" if params else "")
 
 
 def git_revision() -> str:
@@ -54,6 +63,8 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict:
     """What the numbers depend on, measured in the benchmark's main process."""
+    import torch
+
     from .. import __version__
 
     return {"host": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
@@ -130,11 +141,36 @@ class ResultsFile:
         return [f"{self.path.name} line {n}: {what} — moved to {aside.name}; its case will run again"
                 for n, what in contents.problems]
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder's ``.lock`` for one writer; a second writer gets an AttnZooError at once."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(".lock")
+        with open(lock_path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise AttnZooError(f"bench: {self.path.parent} is being written by {holder}; wait for it to "
+                                   "finish (or stop it) before resuming, or choose another --out") from None
+            f.truncate(0)
+            f.write(f"attnzoo bench (pid {os.getpid()})")
+            f.flush()
+            try:
+                yield
+            finally:
+                f.truncate(0)
+                fcntl.flock(f, fcntl.LOCK_UN)
+
     def append(self, record: dict) -> None:
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":  # the last record lost its newline
+                line = b"\n" + line
             os.write(fd, line)
             os.fsync(fd)
         finally:

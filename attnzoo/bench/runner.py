@@ -14,6 +14,7 @@ import dataclasses
 import datetime as dt
 import importlib
 import json
+import math
 import os
 import select
 import subprocess
@@ -26,7 +27,7 @@ from typing import Callable
 from .. import registry
 from ..errors import AttnZooError
 from . import workloads
-from .results import ResultsFile, case_key, machine_info
+from .results import ResultsFile, case_key, machine_info, workload_label
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class Suite:
     workloads: tuple[str, ...] = ("structured", "real")  # "name" or "name:param=value,param=value"
     repeat: int = 3  # timed calls per case (after one warm-up) ...
     budget_s: float = 1.0  # ... or fewer once this much time is spent
+    min_time_s: float = 0.1  # ... and more (within the budget) until this much is measured: stable medians
     time_cap_s: float = 2.0  # a length whose predicted time per call exceeds this is skipped
     case_timeout_s: float = 60.0  # a case still running after this is killed and recorded as failed
     seed: int = 0
@@ -54,6 +56,40 @@ class Suite:
 
     def replace(self, **changes) -> "Suite":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def check(self) -> None:
+        """Refuse any option that would make every case fail or be ignored, before the first case runs."""
+        def positive_int(option: str, value, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AttnZooError(f"bench: {option} expected a positive integer, got {value!r}")
+
+        def seconds(option: str, value, allow_zero: bool = False) -> None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (value == 0 and not allow_zero):
+                what = "a finite number of seconds >= 0" if allow_zero else "a positive finite number of seconds"
+                raise AttnZooError(f"bench: {option} expected {what}, got {value!r}")
+
+        if not self.lengths:
+            raise AttnZooError("bench: --lengths expected at least one sequence length, got none")
+        for n in self.lengths:
+            positive_int("--lengths", n)
+        for option, value in (("--batch", self.batch), ("--heads", self.heads), ("--head-dim", self.head_dim),
+                              ("--repeat", self.repeat)):
+            positive_int(option, value)
+        positive_int("--heads-kv", self.heads_kv, allow_none=True)
+        positive_int("--threads", self.threads, allow_none=True)
+        if self.heads_kv is not None and self.heads % self.heads_kv:
+            raise AttnZooError(f"bench: --heads-kv expected a divisor of --heads {self.heads}, got {self.heads_kv}")
+        for option, value in (("--time-cap", self.time_cap_s), ("budget_s", self.budget_s),
+                              ("case_timeout_s", self.case_timeout_s)):
+            seconds(option, value)
+        seconds("--min-time", self.min_time_s, allow_zero=True)
+        if not self.workloads:
+            raise AttnZooError("bench: --workload expected at least one workload, got none")
+        for spec in self.workloads:
+            workloads.check_params(*parse_workload(spec))
 
 
 PRESETS = {
@@ -79,11 +115,6 @@ def parse_workload(spec: str) -> tuple[str, dict]:
         except ValueError:
             params[key.strip()] = raw
     return name, params
-
-
-def workload_label(case: dict) -> str:
-    params = ",".join(f"{k}={v}" for k, v in sorted(case["workload_params"].items()))
-    return case["workload"] + (f":{params}" if params else "")
 
 
 #: why a case was skipped: (kind, reason); kinds group the terminal summary
@@ -129,6 +160,7 @@ def import_plugins(modules) -> None:
 def plan(suite: Suite) -> tuple[list[Planned], list[str]]:
     """Every case of the suite in run order (workload, length, method), and notes about what was left out."""
     import_plugins(suite.plugins)
+    suite.check()
     every = registry.methods()
     names = list(suite.methods) or list(every)
     for name in names:
@@ -276,6 +308,12 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = ResultsFile(out_dir)
+    with store.lock():  # one writer per results folder: a second --resume is refused, not interleaved
+        return _run(suite, out_dir, store, resume, progress, on_note)
+
+
+def _run(suite: Suite, out_dir: Path, store: ResultsFile, resume: bool, progress: Callable | None,
+         on_note) -> Path:
     if store.exists() and not resume:
         raise AttnZooError(f"bench: {store.path} already holds results; pass --resume to continue that run "
                            "or choose another --out")
@@ -309,7 +347,7 @@ def run(suite: Suite, out_dir: str | Path, *, resume: bool = False, progress: Ca
             else:
                 if not worker.alive():
                     worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
-                opts = {"repeat": suite.repeat, "budget_s": suite.budget_s, "gemm_gflops": worker.hello["gemm_gflops"],
+                opts = {"repeat": suite.repeat, "budget_s": suite.budget_s, "min_time_s": suite.min_time_s, "gemm_gflops": worker.hello["gemm_gflops"],
                         "maps_dir": str(out_dir / "maps" / _map_folder(case)) if item.heatmap else None}
                 try:
                     result = worker.run(case, opts, suite.case_timeout_s)

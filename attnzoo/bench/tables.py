@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .runner import workload_label
+from .results import workload_label
 
 #: leaderboard columns: (header, record field, format)
 COLUMNS = (

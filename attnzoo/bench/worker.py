@@ -73,7 +73,8 @@ def prepare(case: dict, opts: dict) -> Setup:
 
     with torch.no_grad():
         sdpa()
-        timing = metrics.time_calls(sdpa, repeat=opts["repeat"], budget_s=opts["budget_s"])
+        timing = metrics.time_calls(sdpa, repeat=opts["repeat"], budget_s=opts["budget_s"],
+                                        min_time_s=opts.get("min_time_s", 0.0))
     return Setup(qkv, prob, ref, timing.median, causal)
 
 
@@ -101,7 +102,8 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
     if not torch.isfinite(out).all():
         return {"status": "failed", "reason": "the output has NaN or inf entries"}
     _, peak = metrics.peak_memory(call)
-    timing = metrics.time_calls(call, repeat=opts["repeat"], budget_s=opts["budget_s"])
+    timing = metrics.time_calls(call, repeat=opts["repeat"], budget_s=opts["budget_s"],
+                                min_time_s=opts.get("min_time_s", 0.0))
     flops, flops_source = metrics.method_flops(method, setup.prob, causal)
     result = {"status": "ok", "time_s": timing.median, "time_runs": list(timing.runs), "spread": timing.spread,
               "threads": timing.threads, "sdpa_s": setup.sdpa_s, "speedup": setup.sdpa_s / timing.median,
