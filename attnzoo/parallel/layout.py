@@ -15,8 +15,9 @@ is differentiable (its backward is the reverse move).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -79,6 +80,24 @@ class Layout:
         chunks = list(zip(_starts(sizes), sizes))
         return cls(tuple((chunks[r], chunks[2 * parts - 1 - r]) for r in range(parts)))
 
+    def grouped(self, members: list[list[int]]) -> "Layout":
+        """One rank per group of ``members``: group i holds its members' segments in member order
+        (what a rank of a 2-D mesh holds after the all-to-all inside its group)."""
+        return Layout(tuple(_joined([s for m in group for s in self.segments[m]]) for group in members))
+
+    def spread(self, members: list[list[int]]) -> "Layout":
+        """The inverse of :meth:`grouped`: rank ``members[i][u]`` holds the u-th of ``len(members[i])``
+        consecutive pieces (``shard_sizes``) of this layout's rank i."""
+        size = sum(len(group) for group in members)
+        held: list[tuple[Segment, ...]] = [()] * size
+        for segs, group in zip(self.segments, members):
+            flat = [(s + i, 1) for s, n in segs for i in range(n)]
+            at = 0
+            for member, n in zip(group, shard_sizes(len(flat), len(group))):
+                held[member] = _joined(flat[at:at + n])
+                at += n
+        return Layout(tuple(held))
+
     def length(self, rank: int) -> int:
         return sum(n for _, n in self.segments[rank])
 
@@ -90,6 +109,17 @@ class Layout:
                 return torch.arange(local + start - s, local + start - s + length)
             local += n
         raise AssertionError(f"positions [{start}, {start + length}) are not held by rank {rank}")
+
+
+def _joined(segments: list[Segment]) -> tuple[Segment, ...]:
+    """``segments`` with each one that starts where the previous ends merged into it (empty ones dropped)."""
+    out: list[Segment] = []
+    for s, n in segments:
+        if n and out and out[-1][0] + out[-1][1] == s:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        elif n:
+            out.append((s, n))
+    return tuple(out)
 
 
 def _overlap(a: tuple[Segment, ...], b: tuple[Segment, ...]) -> list[Segment]:
@@ -174,10 +204,19 @@ def _check_local(team: Team, q, k, v, causal: bool, scale: float | None) -> Prob
     return prob
 
 
+def _fingerprint(value: Any) -> int:
+    """A 31-bit digest of an argument's value, equal on every rank exactly when the values are."""
+    if isinstance(value, torch.Tensor):
+        value = (str(value.dtype), tuple(value.shape), value.tolist())
+    return zlib.crc32(repr(value).encode()) & 0x7FFFFFFF
+
+
 def check_shards(team: Team, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
-                 scale: float | None, validate: Callable[[], None] | None = None) -> tuple[Problem, Layout]:
+                 scale: float | None, validate: Callable[[], None] | None = None,
+                 agree: dict[str, Any] | None = None) -> tuple[Problem, Layout]:
     """Validate this rank's shards (and run the caller's ``validate``), then check that every rank
-    agrees (one small all_gather).
+    agrees (one small all_gather): on shapes, dtype, ``causal``, ``scale`` and each argument named in
+    ``agree`` (compared by a digest of its value; small tensors such as offsets are fine).
 
     Returns this rank's :class:`Problem` and the contiguous :class:`Layout` of
     the whole sequence. A rank whose own arguments are invalid raises its
@@ -185,14 +224,16 @@ def check_shards(team: Team, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     every rank raises :class:`ParallelError` when the ranks disagree on sizes,
     dtype or ``causal``, or hold a split other than ``torch.tensor_split``'s.
     """
+    agree = {"scale": scale, **(agree or {})}
     try:
         if validate is not None:
             validate()
         prob = _check_local(team, q, k, v, causal, scale)
         mine = [prob.batch, prob.heads_q, prob.heads_kv, prob.dim, prob.dim_v, prob.len_q, _DTYPES.index(q.dtype),
-                int(causal)]
+                int(causal)] + [_fingerprint(value) for value in agree.values()]
     except AttnZooError as error:  # still join the gather, so the other ranks fail fast instead of timing out
-        all_gather_ints(team, "shape check", [_REJECTED] * 8, q.device if isinstance(q, torch.Tensor) else "cpu")
+        all_gather_ints(team, "shape check", [_REJECTED] * (8 + len(agree)),
+                        q.device if isinstance(q, torch.Tensor) else "cpu")
         raise error
     every = all_gather_ints(team, "shape check", mine, q.device)
     rejected = [r for r, row in enumerate(every) if row[0] == _REJECTED]
@@ -211,6 +252,10 @@ def check_shards(team: Team, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     flags = [bool(row[7]) for row in every]
     if len(set(flags)) > 1:
         raise ParallelError(f"{team.fn}: causal differs across ranks: {flags} on ranks 0..{team.size - 1}")
+    for i, name in enumerate(agree):
+        if len({row[8 + i] for row in every}) > 1:
+            raise ParallelError(f"{team.fn}: {name} differs across ranks (this is rank {team.rank}, where it is "
+                                f"{agree[name]!r}); every rank must pass the same value")
     lengths = [row[5] for row in every]
     expected = shard_sizes(sum(lengths), team.size)
     if lengths != expected:

@@ -23,46 +23,61 @@ inverse are one all-to-all each.
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ..core.exact import TileSpec, tiled_backward, tiled_forward
 from ..core.partial import Partial, merge
+from ..errors import AttnZooError
 from .comm import Team, exchange, resolve_team
 from .layout import Layout, check_shards, relayout
+from .packed import Documents
+from .remat import attend_or_replay
 
 Q_TILE, K_TILE = 128, 256
 
 
 # ------------------------------------------------------------ block compute
-def _pairs(q_segs, k_segs, causal: bool, scale: float):
-    """``(query rows, key rows, TileSpec)`` of every segment pair in which some key is visible."""
+@dataclass(frozen=True)
+class Rule:
+    """Which keys a query sees: ``causal`` and the documents of a packed sequence; and the score scale."""
+
+    causal: bool
+    scale: float
+    docs: Documents
+
+
+def _pairs(q_segs, k_segs, rule: Rule):
+    """``(query rows, key rows, TileSpec)`` of every (segment, segment, document) piece in which some key
+    is visible; a document is cut where it leaves either segment."""
     q_at = 0
-    for q_start, q_len in q_segs:
+    for q_seg in q_segs:
         k_at = 0
-        for k_start, k_len in k_segs:
-            if q_len and k_len and (not causal or k_start < q_start + q_len):
-                yield (slice(q_at, q_at + q_len), slice(k_at, k_at + k_len),
-                       TileSpec(scale, causal, q_start, k_start, Q_TILE, K_TILE))
-            k_at += k_len
-        q_at += q_len
+        for k_seg in k_segs:
+            for q0, q1, k0, k1, q_offset, k_offset in rule.docs.pieces(q_seg, k_seg, rule.causal):
+                yield (slice(q_at + q0, q_at + q1), slice(k_at + k0, k_at + k1),
+                       TileSpec(rule.scale, rule.causal, q_offset, k_offset, Q_TILE, K_TILE))
+            k_at += k_seg[1]
+        q_at += q_seg[1]
 
 
-def _attend_block(acc: Partial, q, q_segs, k, v, k_segs, causal: bool, scale: float) -> Partial:
+def _attend_block(acc: Partial, q, q_segs, k, v, k_segs, rule: Rule) -> Partial:
     """Merge into ``acc`` (in place, fp32) the attention of the queries (segments ``q_segs``)
     to one K/V block (segments ``k_segs``); returns ``acc``."""
-    for qs, ks, spec in _pairs(q_segs, k_segs, causal, scale):
+    for qs, ks, spec in _pairs(q_segs, k_segs, rule):
         part = Partial(*tiled_forward(q[:, :, qs].float(), k[:, :, ks].float(), v[:, :, ks].float(), spec))
         acc.out[:, :, qs], acc.lse[:, :, qs] = merge(Partial(acc.out[:, :, qs], acc.lse[:, :, qs]), part)
     return acc
 
 
-def _grad_block(q, q_segs, k, v, k_segs, out, lse, d_out, causal: bool, scale: float,
+def _grad_block(q, q_segs, k, v, k_segs, out, lse, d_out, rule: Rule,
                 dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     """Add one K/V block's gradient contributions to ``dq``, ``dk``, ``dv`` (fp32), given the global out/lse."""
-    for qs, ks, spec in _pairs(q_segs, k_segs, causal, scale):
+    for qs, ks, spec in _pairs(q_segs, k_segs, rule):
         dq_, dk_, dv_ = tiled_backward(q[:, :, qs].float(), k[:, :, ks].float(), v[:, :, ks].float(),
                                        out[:, :, qs], lse[:, :, qs], d_out[:, :, qs].float(), None, spec)
         dq[:, :, qs] += dq_
@@ -119,7 +134,7 @@ def _pass_on(team: Team, what: str, block: torch.Tensor, incoming_numel: int, ta
     return incoming, pending
 
 
-def _ring_forward(team: Team, q, k, v, layout: Layout, causal: bool, scale: float) -> Partial:
+def _ring_forward(team: Team, q, k, v, layout: Layout, rule: Rule) -> Partial:
     P, p = team.size, team.rank
     shapes = _Shapes(q, k, v, layout)
     acc = Partial.empty(shapes.out(p), device=q.device)
@@ -129,14 +144,14 @@ def _ring_forward(team: Team, q, k, v, layout: Layout, causal: bool, scale: floa
         if t < P - 1:  # start moving the next block before computing on this one
             incoming, pending = _pass_on(team, "ring K/V", block, _numel(shapes.kv((src - 1) % P)))
         kb, vb = _unpack(block, shapes.kv(src))
-        acc = _attend_block(acc, q, layout.segments[p], kb, vb, layout.segments[src], causal, scale)
+        acc = _attend_block(acc, q, layout.segments[p], kb, vb, layout.segments[src], rule)
         if t < P - 1:
             pending.wait()
             block = incoming
     return acc
 
 
-def _ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, causal: bool, scale: float):
+def _ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, rule: Rule):
     P, p = team.size, team.rank
     shapes = _Shapes(q, k, v, layout)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -152,7 +167,7 @@ def _ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, causal:
             grads = grads_in
         kb, vb = _unpack(block, shapes.kv(src))
         dkb, dvb = _unpack(grads, shapes.kv(src))
-        _grad_block(q, layout.segments[p], kb, vb, layout.segments[src], out, lse, d_out, causal, scale, dq, dkb, dvb)
+        _grad_block(q, layout.segments[p], kb, vb, layout.segments[src], out, lse, d_out, rule, dq, dkb, dvb)
         if P > 1:  # pass the accumulator on; after the last step it arrives back at its owner
             grads_in, grads_pending = _pass_on(team, "ring dK/dV", grads, _numel(shapes.kv((src - 1) % P)), tag=1)
         if t < P - 1:
@@ -199,14 +214,14 @@ def _token_ring_pass(team: Team, what: str, payload: torch.Tensor, payload_numel
     return replies
 
 
-def _token_ring_forward(team: Team, q, k, v, layout: Layout, causal: bool, scale: float) -> Partial:
+def _token_ring_forward(team: Team, q, k, v, layout: Layout, rule: Rule) -> Partial:
     p = team.rank
     shapes = _Shapes(q, k, v, layout)
 
     def serve(q_flat: torch.Tensor, src: int) -> torch.Tensor:
         (qs,) = _unpack(q_flat, [shapes.q(src)])
         part = _attend_block(Partial.empty(shapes.out(src), device=q.device), qs, layout.segments[src],
-                             k, v, layout.segments[p], causal, scale)
+                             k, v, layout.segments[p], rule)
         return _pack(*part)
 
     replies = _token_ring_pass(team, "token ring Q", q.contiguous().view(-1), lambda r: math.prod(shapes.q(r)), serve,
@@ -214,7 +229,7 @@ def _token_ring_forward(team: Team, q, k, v, layout: Layout, causal: bool, scale
     return merge(*[Partial(*_unpack(r, [shapes.out(p), shapes.rows(p)])) for r in replies])
 
 
-def _token_ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, causal: bool, scale: float):
+def _token_ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, rule: Rule):
     p = team.rank
     shapes = _Shapes(q, k, v, layout)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
@@ -226,7 +241,7 @@ def _token_ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, c
     def serve(flat: torch.Tensor, src: int) -> torch.Tensor:
         qs, out_s, d_out_s, lse_s = _unpack(flat, parts(src))
         dq = torch.zeros_like(qs)
-        _grad_block(qs, layout.segments[src], k, v, layout.segments[p], out_s, lse_s, d_out_s, causal, scale,
+        _grad_block(qs, layout.segments[src], k, v, layout.segments[p], out_s, lse_s, d_out_s, rule,
                     dq, dk, dv)
         return dq.view(-1)
 
@@ -238,7 +253,12 @@ def _token_ring_backward(team: Team, q, k, v, out, lse, d_out, layout: Layout, c
 
 # ----------------------------------------------------------------- autograd
 class _RingFunction(torch.autograd.Function):
-    """Autograd wrapper of one ring engine: ``forward``/``backward`` hold the explicit communication."""
+    """Autograd wrapper of one ring engine: ``forward``/``backward`` hold the explicit communication.
+
+    The forward goes through :func:`attend_or_replay`, so inside a LightSeq
+    checkpoint (``lightseq``) the rerun for the backward reuses the first
+    forward's ``(out, lse)``; the backward never reruns the forward anyway.
+    """
 
     engines: dict[str, tuple[Callable, Callable]] = {
         "ring": (_ring_forward, _ring_backward),
@@ -246,34 +266,63 @@ class _RingFunction(torch.autograd.Function):
     }
 
     @staticmethod
-    def forward(ctx, q, k, v, engine, team, layout, causal, scale):  # noqa: D401  (autograd signature)
+    def forward(ctx, q, k, v, engine, team, layout, rule, lightseq):  # noqa: D401  (autograd signature)
         fwd, _ = _RingFunction.engines[engine]
-        out, lse = fwd(team, q, k, v, layout, causal, scale)
+        compute = functools.partial(fwd, team, q, k, v, layout, rule)
+        out, lse = attend_or_replay(compute) if lightseq else compute()
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (engine, team, layout, causal, scale)
+        ctx.args = (engine, team, layout, rule)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse = ctx.saved_tensors
-        engine, team, layout, causal, scale = ctx.args
+        engine, team, layout, rule = ctx.args
         _, bwd = _RingFunction.engines[engine]
-        dq, dk, dv = bwd(team, q, k, v, out, lse, d_out.contiguous(), layout, causal, scale)
+        dq, dk, dv = bwd(team, q, k, v, out, lse, d_out.contiguous(), layout, rule)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def _sequence_parallel(fn: str, engine: str, q, k, v, causal: bool, group, scale) -> torch.Tensor:
+def ring_engine(engine: str, q, k, v, team: Team, layout: Layout, rule: Rule, lightseq: bool) -> torch.Tensor:
+    """Attention of shards already in ``layout`` (positions per rank of ``team``), differentiable;
+    the building block of :func:`ring_attention`, :func:`token_ring_attention` and USP."""
+    return _RingFunction.apply(q, k, v, engine, team, layout, rule, lightseq)
+
+
+def _sequence_parallel(fn: str, engine: str, q, k, v, causal: bool, group, scale, cu_seqlens_q, cu_seqlens_k,
+                       lightseq: bool) -> torch.Tensor:
     team = resolve_team(fn, group)
-    prob, contiguous = check_shards(team, q, k, v, causal=causal, scale=scale)
+
+    def validate() -> None:  # the offsets need N, known after the shape check (they agree across ranks)
+        if not isinstance(lightseq, bool):
+            raise AttnZooError(f"{fn}: lightseq: expected a bool, got {type(lightseq).__name__}")
+
+    prob, contiguous = check_shards(team, q, k, v, causal=causal, scale=scale, validate=validate,
+                                    agree={"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
+                                           "lightseq": lightseq})
     total = sum(contiguous.length(r) for r in range(team.size))
+    rule = Rule(causal, prob.scale, Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, total))
     layout = Layout.zigzag(total, team.size) if causal and team.size > 1 else contiguous
     q, k, v = (relayout(team, t, contiguous, layout) for t in (q, k, v))
-    out = _RingFunction.apply(q, k, v, engine, team, layout, causal, prob.scale)
+    out = ring_engine(engine, q, k, v, team, layout, rule, lightseq)
     return relayout(team, out, layout, contiguous)
 
 
+_COMMON = """
+    Packed sequences: ``cu_seqlens_q`` / ``cu_seqlens_k`` (1-D int tensors or
+    lists, the same on every rank) are the FlashAttention varlen offsets of the
+    documents in *global* positions (``[0, ..., N]``); documents may cross
+    shard boundaries; each document's queries see only its keys, causal
+    aligned bottom-right within each document; ``cu_seqlens_k`` defaults to
+    ``cu_seqlens_q``. ``lightseq``: inside
+    :func:`attnzoo.parallel.lightseq_checkpoint`, keep this call's output and
+    lse for the backward instead of recomputing it (no effect elsewhere).
+"""
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                   group=None, scale: float | None = None) -> torch.Tensor:
+                   group=None, scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                   lightseq: bool = True) -> torch.Tensor:
     """Exact attention over a sequence sharded across the ranks of ``group``, by ring attention.
 
     Rank r passes its contiguous shard ``q (B, Hq, n_r, D)``, ``k (B, Hkv, n_r, D)``,
@@ -284,15 +333,22 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal:
     sent in the forward pass; causal calls add the zig-zag re-layout (one
     all-to-all of q, k, v and one of the output).
     """
-    return _sequence_parallel("ring_attention", "ring", q, k, v, causal, group, scale)
+    return _sequence_parallel("ring_attention", "ring", q, k, v, causal, group, scale, cu_seqlens_q, cu_seqlens_k,
+                              lightseq)
 
 
 def token_ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                         group=None, scale: float | None = None) -> torch.Tensor:
+                         group=None, scale: float | None = None, cu_seqlens_q=None, cu_seqlens_k=None,
+                         lightseq: bool = True) -> torch.Tensor:
     """Exact attention over a sharded sequence by TokenRing: queries go out, ``(out, lse)`` come back.
 
     Same contract as :func:`ring_attention` (shards, GQA, causal, uneven N,
-    differentiable); the backward sends ``(q, out, dout, lse)`` out and gets dQ
-    back, so dK/dV are accumulated where K/V live.
+    packed sequences, differentiable); the backward sends ``(q, out, dout, lse)``
+    out and gets dQ back, so dK/dV are accumulated where K/V live.
     """
-    return _sequence_parallel("token_ring_attention", "token_ring", q, k, v, causal, group, scale)
+    return _sequence_parallel("token_ring_attention", "token_ring", q, k, v, causal, group, scale, cu_seqlens_q,
+                              cu_seqlens_k, lightseq)
+
+
+ring_attention.__doc__ += _COMMON
+token_ring_attention.__doc__ += _COMMON

@@ -11,8 +11,9 @@ elements for ``n = N/P`` local positions: constant when N and P grow together.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,6 +22,7 @@ from ..errors import AttnZooError
 from ..registry import _lookup
 from .comm import Team, all_to_all_rows, resolve_team
 from .layout import check_shards
+from .packed import Documents
 
 
 def _seq_to_heads(team: Team, x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
@@ -54,8 +56,61 @@ class _AllToAll(torch.autograd.Function):
         return move(ctx.team, grad.contiguous(), ctx.lengths), None, None, None
 
 
+def heads_parallel(team: Team, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                   local: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """All-to-all to head shards inside ``team`` (its ranks hold ``lengths`` positions, in rank order),
+    ``local(q, k, v)`` on this rank's heads of those positions, all-to-all back; differentiable.
+
+    Needs ``Hq % P == 0``; KV heads are replicated (``P / gcd(Hkv, P)`` times) when ``Hkv % P != 0``.
+    """
+    replicas = team.size // math.gcd(k.shape[1], team.size)  # divides Hq/Hkv because P divides Hq
+    if replicas > 1:
+        k, v = k.repeat_interleave(replicas, dim=1), v.repeat_interleave(replicas, dim=1)
+    qh, kh, vh = (_AllToAll.apply(t, team, lengths, True) for t in (q, k, v))
+    return _AllToAll.apply(local(qh, kh, vh), team, lengths, False)
+
+
+def per_document(attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], docs: Documents,
+                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attend`` on each document of a packed full sequence separately, outputs concatenated (a
+    document with queries but no keys gives zeros)."""
+    if len(docs) == 1:
+        return attend(q, k, v)
+    outs = []
+    for i in range(len(docs)):
+        qa, qb, ka, kb = docs.q[i], docs.q[i + 1], docs.k[i], docs.k[i + 1]
+        if qb == qa:
+            continue
+        if kb == ka:
+            outs.append(q.new_zeros(q.shape[:2] + (qb - qa, v.shape[3])))
+        else:
+            outs.append(attend(q[:, :, qa:qb], k[:, :, ka:kb], v[:, :, ka:kb]))
+    return torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape[:3] + (v.shape[3],))
+
+
+def check_params(fn: str, method: str, params: dict[str, Any]) -> None:
+    """An unknown method or a per-call tensor input (which would need resharding) fails before data moves."""
+    _lookup(method)
+    tensors = sorted(name for name, value in params.items() if isinstance(value, torch.Tensor))
+    if tensors:
+        raise AttnZooError(
+            f"{fn}: per-call tensor inputs {tensors} are not supported (they would need resharding); "
+            f"pass only scalar method parameters"
+        )
+
+
+def check_heads(fn: str, heads_q: int, degree: int, what: str) -> None:
+    if heads_q % degree:
+        raise AttnZooError(
+            f"{fn}: expected the number of query heads Hq={heads_q} to be divisible by {what}={degree} "
+            f"(Ulysses splits heads across ranks); use ring_attention or token_ring_attention, which split "
+            f"positions instead"
+        )
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, method: str = "exact",
-                      causal: bool = False, group=None, scale: float | None = None, **params: Any) -> torch.Tensor:
+                      causal: bool = False, group=None, scale: float | None = None, cu_seqlens_q=None,
+                      cu_seqlens_k=None, **params: Any) -> torch.Tensor:
     """Attention over a sequence sharded across ``group`` by head/sequence all-to-all (DeepSpeed-Ulysses).
 
     Same shard contract as :func:`ring_attention`. ``method`` and ``params``
@@ -65,32 +120,20 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, meth
     split too when ``Hkv % P == 0``, otherwise each is replicated just enough
     (``P / gcd(Hkv, P)`` times) to be split. Differentiable when the local
     method is. Per-call tensor inputs (``key_padding_mask``, ``g``, ...) are not
-    resharded and are refused.
+    resharded and are refused. Packed sequences (``cu_seqlens_q`` /
+    ``cu_seqlens_k``, global offsets as in :func:`ring_attention`): the local
+    method runs on each document separately.
     """
     fn = "ulysses_attention"
     team = resolve_team(fn, group)
+    prob, layout = check_shards(team, q, k, v, causal=causal, scale=scale,
+                                validate=lambda: check_params(fn, method, params),
+                                agree={"method": method, "params": sorted(params.items()),
+                                       "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
+    check_heads(fn, prob.heads_q, team.size, "the number of ranks P")
+    lengths = [layout.length(r) for r in range(team.size)]
+    docs = Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, sum(lengths))
 
-    def validate() -> None:
-        _lookup(method)  # an unknown name fails before any data moves
-        tensors = sorted(name for name, value in params.items() if isinstance(value, torch.Tensor))
-        if tensors:
-            raise AttnZooError(
-                f"{fn}: per-call tensor inputs {tensors} are not supported (they would need resharding); "
-                f"pass only scalar method parameters"
-            )
-
-    prob, layout = check_shards(team, q, k, v, causal=causal, scale=scale, validate=validate)
-    P = team.size
-    if prob.heads_q % P:
-        raise AttnZooError(
-            f"{fn}: expected the number of query heads Hq={prob.heads_q} to be divisible by the number of ranks "
-            f"P={P} (Ulysses splits heads across ranks); use ring_attention or token_ring_attention, which split "
-            f"positions instead"
-        )
-    replicas = P // math.gcd(prob.heads_kv, P)  # divides the group size Hq/Hkv because P divides Hq
-    if replicas > 1:
-        k, v = k.repeat_interleave(replicas, dim=1), v.repeat_interleave(replicas, dim=1)
-    lengths = [layout.length(r) for r in range(P)]
-    qh, kh, vh = (_AllToAll.apply(t, team, lengths, True) for t in (q, k, v))
-    out = attention(qh, kh, vh, method=method, causal=causal, scale=prob.scale, **params)
-    return _AllToAll.apply(out, team, lengths, False)
+    def attend(qh, kh, vh):
+        return attention(qh, kh, vh, method=method, causal=causal, scale=prob.scale, **params)
+    return heads_parallel(team, q, k, v, lengths, functools.partial(per_document, attend, docs))
