@@ -238,9 +238,12 @@ def check_bytes(rank, P):
         assert payload == expected, f"U={U}: counted {payload} bytes, expected {expected} ({stats.sent_by_op})"
 
 
-#: measured max relative errors vs the fp64 oracle over P = 1, 2, 4, 8 (benchmarks/parallel.py --numerics):
-#: fp32 ~4e-7 forward / ~6e-7 gradients; bf16 inputs ~4e-3 forward / ~8e-3 gradients, flat in P.
-NUMERIC_BOUNDS = {torch.float32: 2e-6, torch.bfloat16: 2.5e-2}
+#: Bounds on the max relative error vs the fp64 oracle at every P, for the data below (N=67, Hq=8, Hkv=2,
+#: D=8, causal, seed 4321), measured at P = 1, 2, 4, 8 by
+#: ``python benchmarks/parallel.py --tables numerics --numerics-shape 67 8 2 8``:
+#: fp32 shards  <= 8.3e-7 forward, 7.8e-7 gradients (no growth with P: every merge and dK/dV sum is fp32);
+#: bf16 shards  <= 7.7e-3 forward, 1.1e-2 gradients (bf16 rounding of inputs and outputs; 4.7e-3 at P = 1).
+NUMERIC_BOUNDS = {torch.float32: 3e-6, torch.bfloat16: 2.5e-2}
 
 
 def check_numerics(rank, P):
@@ -248,7 +251,7 @@ def check_numerics(rank, P):
     algos = [azp.ring_attention, azp.token_ring_attention, azp.ulysses_attention, _usp(2 if P % 2 == 0 else 1)]
     for dtype, tol in NUMERIC_BOUNDS.items():
         for fn in algos:
-            _compare(rank, P, fn, 64 + 3, 4, 2, True, grad=True, dtype=dtype, tol=tol)
+            _compare(rank, P, fn, 67, 8, 2, True, grad=True, dtype=dtype, tol=tol)
 
 
 CHECKS = {
