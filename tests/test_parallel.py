@@ -10,6 +10,7 @@ fp32 results must match it to 1e-5 relative (max-abs / max|ref|).
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
@@ -253,13 +254,15 @@ def _is_slow(P: int, name: str) -> bool:
     return P == 4 and name in SLOW_AT_4
 
 
-def _run_checks(rank: int, P: int, names: list[str]) -> dict[str, str | None]:
-    """Worker: run the named checks in this process group; None = passed, else the failure text."""
+def _run_checks(rank: int, P: int, names: list[str], module: str | None = None) -> dict[str, str | None]:
+    """Worker: run the named checks (of ``module``'s CHECKS, default this file's) in this process group;
+    None = passed, else the failure text."""
     torch.manual_seed(SEED)
+    checks = CHECKS if module is None else importlib.import_module(module).CHECKS
     outcome = {}
     for name in names:
         try:
-            CHECKS[name](rank, P)
+            checks[name](rank, P)
             outcome[name] = None
         except BaseException:  # one failing check must not stop the others
             outcome[name] = traceback.format_exc()

@@ -12,7 +12,6 @@ import functools
 import math
 import os
 import time
-import traceback
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from attnzoo import parallel as azp
 from attnzoo.parallel import ring as ring_module
 from attnzoo.parallel.layout import Layout
 from attnzoo.parallel.packed import Documents
+from test_parallel import _expect_error, _rel, _run_checks
 
 SEED = 4321
 TOL = 1e-5  # fp32 shards vs the fp64 oracle, max-abs relative to max|ref| (measured <= 1e-6 at P <= 8)
@@ -31,11 +31,6 @@ TOL = 1e-5  # fp32 shards vs the fp64 oracle, max-abs relative to max|ref| (meas
 def _inputs(N: int, Hq: int, Hkv: int, D: int = 8, B: int = 2, seed: int = SEED):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, h, N, D, generator=g, dtype=torch.float64) for h in (Hq, Hkv, Hkv, Hq)]
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.detach().double(), ref.detach()
-    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30)) if ref.numel() else 0.0
 
 
 def _oracle(q, k, v, causal: bool, cu_q=None, cu_k=None, method: str = "naive", **params):
@@ -82,14 +77,6 @@ def _meshes(P: int) -> list[int]:
 
 def _usp(U: int):
     return functools.partial(azp.usp_attention, ulysses=U)
-
-
-def _expect(fn, error: type, *needles: str) -> str:
-    with pytest.raises(error) as info:
-        fn()
-    for needle in needles:
-        assert needle in str(info.value), f"expected {needle!r} in: {info.value}"
-    return str(info.value)
 
 
 # ------------------------------------------------------------------- the checks
@@ -146,32 +133,32 @@ def check_packed_rejects_bad_offsets(rank, P):
     q = torch.randn(1, P, 3, 4)
     N = 3 * P
     for fn in (azp.ring_attention, azp.ulysses_attention, _usp(1)):
-        _expect(lambda: fn(q, q, q, cu_seqlens_q=[0, 2, 1, N]), attnzoo.AttnZooError, "cu_seqlens_q", "non-decreasing")
-        _expect(lambda: fn(q, q, q, cu_seqlens_q=[0, N - 1]), attnzoo.AttnZooError, "cu_seqlens_q", f"N={N}")
-        _expect(lambda: fn(q, q, q, cu_seqlens_q=[0, N], cu_seqlens_k=[0, 1, N]), attnzoo.AttnZooError,
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, 2, 1, N]), attnzoo.AttnZooError, "cu_seqlens_q", "non-decreasing")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, N - 1]), attnzoo.AttnZooError, "cu_seqlens_q", f"N={N}")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, N], cu_seqlens_k=[0, 1, N]), attnzoo.AttnZooError,
                 "cu_seqlens_k")
-        _expect(lambda: fn(q, q, q, cu_seqlens_q=torch.tensor([0.0, N])), attnzoo.AttnZooError, "integer")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=torch.tensor([0.0, N])), attnzoo.AttnZooError, "integer")
 
 
 def check_arguments_agree(rank, P):
     """Arguments that differ across ranks are reported on every rank, by name, without a timeout."""
     q = torch.randn(1, P, 3, 4)
     N = 3 * P
-    _expect(lambda: azp.ring_attention(q, q, q, scale=0.5 + rank), azp.ParallelError, "scale differs")
-    _expect(lambda: azp.token_ring_attention(q, q, q, cu_seqlens_q=[0, 1 + rank, N]), azp.ParallelError,
+    _expect_error(lambda: azp.ring_attention(q, q, q, scale=0.5 + rank), azp.ParallelError, "scale differs")
+    _expect_error(lambda: azp.token_ring_attention(q, q, q, cu_seqlens_q=[0, 1 + rank, N]), azp.ParallelError,
             "cu_seqlens_q differs")
-    _expect(lambda: azp.ulysses_attention(q, q, q, method="sliding_window", window=2 + rank), azp.ParallelError,
+    _expect_error(lambda: azp.ulysses_attention(q, q, q, method="sliding_window", window=2 + rank), azp.ParallelError,
             "params differs")
-    _expect(lambda: azp.usp_attention(q, q, q, ulysses=1 if rank else P), azp.ParallelError, "ulysses differs")
+    _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=1 if rank else P), azp.ParallelError, "ulysses differs")
 
 
 def check_usp_rejects(rank, P):
     q = torch.randn(1, P, 3, 4)
-    _expect(lambda: azp.usp_attention(q, q, q, ulysses=P + 1), attnzoo.AttnZooError, "ulysses", f"P={P}")
-    _expect(lambda: azp.usp_attention(q, q, q, ulysses=1, method="sliding_window", window=2), attnzoo.AttnZooError,
+    _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=P + 1), attnzoo.AttnZooError, "ulysses", f"P={P}")
+    _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=1, method="sliding_window", window=2), attnzoo.AttnZooError,
             "method", "'exact'")
     odd = torch.randn(1, 3, 3, 4)
-    _expect(lambda: azp.usp_attention(odd, odd, odd, ulysses=2), attnzoo.AttnZooError, "Hq=3", "ulysses=2")
+    _expect_error(lambda: azp.usp_attention(odd, odd, odd, ulysses=2), attnzoo.AttnZooError, "Hq=3", "ulysses=2")
 
 
 class _Block(torch.nn.Module):
@@ -273,18 +260,6 @@ CASES = ([(P, n, P == 4 and n in {"usp_small_tiles", "packed_rejects_bad_offsets
           for P in (2, 4) for n in CHECKS] + [(1, "numerics", False), (8, "numerics", True)])
 
 
-def _run_checks(rank: int, P: int, names: list[str]) -> dict[str, str | None]:
-    torch.manual_seed(SEED)
-    outcome = {}
-    for name in names:
-        try:
-            CHECKS[name](rank, P)
-            outcome[name] = None
-        except BaseException:
-            outcome[name] = traceback.format_exc()
-    return outcome
-
-
 @pytest.fixture(scope="module")
 def outcomes():
     cache: dict[tuple[int, bool], list[dict]] = {}
@@ -292,7 +267,7 @@ def outcomes():
     def get(P: int, slow: bool) -> list[dict]:
         if (P, slow) not in cache:
             names = [n for p, n, s in CASES if p == P and s == slow]
-            cache[P, slow] = azp.run_local(_run_checks, P, names, timeout=30.0, wall_timeout=400.0)
+            cache[P, slow] = azp.run_local(_run_checks, P, names, __name__, timeout=30.0, wall_timeout=400.0)
         return cache[P, slow]
     return get
 
@@ -382,8 +357,8 @@ def test_documents_pieces_cover_every_visible_pair():
 
 def test_usp_refuses_without_process_group():
     q = torch.randn(1, 2, 4, 8)
-    _expect(lambda: azp.usp_attention(q, q, q, ulysses=1), attnzoo.AttnZooError, "init_process_group")
+    _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=1), attnzoo.AttnZooError, "init_process_group")
 
 
 def test_lightseq_checkpoint_rejects_non_module():
-    _expect(lambda: azp.LightSeqCheckpoint(lambda x: x), attnzoo.AttnZooError, "layer", "Module")
+    _expect_error(lambda: azp.LightSeqCheckpoint(lambda x: x), attnzoo.AttnZooError, "layer", "Module")
