@@ -68,7 +68,7 @@ def list_methods() -> None:
     for col in ("name", "kind", "parameters", "what it does"):
         table.add_column(col, overflow="fold")
     for name, cls in policies().items():
-        table.add_row(name, cls.kind, ", ".join(p.name for p in registry.param_infos(cls)), _first_line(cls))
+        table.add_row(name, cls.kind, ", ".join(p.name for p in registry.param_specs(cls)), _first_line(cls))
     console.print(table)
     console.print("[dim]details: attnzoo info NAME; the catalogue with each method's rule and paper: "
                   "docs/methods.md[/]")
@@ -97,7 +97,7 @@ def info(name: str = typer.Argument(..., help="a method or KV-cache policy name 
         console.print(f"[bold]{name}[/]  (KV-cache policy, kind {cls.kind}; use attnzoo.KVCache({name!r}, ...))")
         console.print((cls.__doc__ or "").strip())
         console.print(f"reads: {cls.reads}")
-        params = registry.param_infos(cls)
+        params = registry.param_specs(cls)
         if params:
             console.print(_params_table(params))
         if cls.papers:

@@ -1,4 +1,14 @@
-"""The method registry: the single source of truth for what attnzoo can run.
+"""Named registries and the one parameter checker.
+
+:class:`Registry` is the one lookup every named collection uses: methods
+(:func:`register` / :func:`get` / :func:`methods` here), cache policies
+(``attnzoo.cache.policy``), benchmark workloads and extra inputs
+(``attnzoo.bench.workloads``), and tasks. An entry is a class or a function;
+its *parameters* are a class's dataclass fields or a function's parameters
+that have a default. :func:`check_fields` (dataclass instances: methods,
+policies) and :func:`check_params` (a name -> value dict for any entry) are the
+one checker: type from the annotation, ranges and choices from :func:`param`,
+errors that name the owner, the parameter, what was expected and what was given.
 
 A method is a frozen dataclass subclassing :class:`Method`, decorated with
 :func:`register`. Its dataclass fields are its parameters (typed, defaulted,
@@ -12,12 +22,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import importlib
+import inspect
 import math
 import types
 import typing
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -96,6 +109,166 @@ def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
 
 
 @dataclass(frozen=True)
+class ParamInfo:
+    """One parameter of a registry entry: annotation (as text), default, inclusive range, choices, help."""
+
+    name: str
+    type: str
+    default: Any
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    help: str = ""
+
+
+def _type_text(annotation: Any) -> str:
+    return annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+
+
+def param_specs(entry: Any) -> tuple[ParamInfo, ...]:
+    """The parameters of a registry entry: a dataclass's fields, or a function's parameters with a default."""
+    if dataclasses.is_dataclass(entry):
+        out = []
+        for f in dataclasses.fields(entry):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            m = f.metadata
+            out.append(ParamInfo(f.name, _type_text(f.type), default, m.get("min"), m.get("max"), m.get("choices"),
+                                 m.get("help", "")))
+        return tuple(out)
+    sig = inspect.signature(entry)
+    return tuple(ParamInfo(p.name, _type_text(p.annotation) if p.annotation is not p.empty else "", p.default)
+                 for p in sig.parameters.values()
+                 if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_value(owner: str, spec: ParamInfo, value: Any) -> None:
+    """Raise AttnZooError unless ``value`` fits ``spec`` (type from its annotation, range, choices)."""
+    allowed = _allowed_types(spec.type) if spec.type else None
+    if allowed is not None:
+        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+        if not ok:
+            names = " or ".join(sorted({t.__name__ for t in allowed}))
+            raise AttnZooError(f"{owner}: parameter {spec.name!r} expected {names}, got {value!r} "
+                               f"({type(value).__name__})")
+    if value is None or isinstance(value, (torch.Tensor, tuple, list, dict)) or callable(value):
+        return
+    if spec.choices is not None and value not in spec.choices:
+        raise AttnZooError(f"{owner}: parameter {spec.name!r} expected one of {list(spec.choices)}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a finite number, got {value}")
+        lo, hi = spec.min, spec.max
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a value in {rng}, got {value}")
+
+
+def check_params(owner: str, entry: Any, params: Mapping[str, Any]) -> None:
+    """Refuse unknown parameter names and values that do not fit (see :func:`check_value`)."""
+    specs = {s.name: s for s in param_specs(entry)}
+    unknown = sorted(set(params) - set(specs))
+    if unknown:
+        raise AttnZooError(f"{owner}: unknown parameter(s) {unknown}; valid parameters: "
+                           f"{', '.join(specs) or 'none'}")
+    for name, value in params.items():
+        check_value(owner, specs[name], value)
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of a dataclass instance (a method, a policy) against its :func:`param` spec."""
+    owner = getattr(obj, "name", "") or type(obj).__name__
+    for spec in param_specs(type(obj)):
+        check_value(owner, spec, getattr(obj, spec.name))
+
+
+T = TypeVar("T")
+
+
+class Registry(Mapping[str, T]):
+    """Entries (classes or functions) by name, with one lookup and one error style.
+
+    ``Registry("task")`` gives ``add`` / the ``register`` decorator, mapping
+    access (``name in r``, ``r[name]``, iteration in registration order),
+    :meth:`lookup` (an AttnZooError with close matches for unknown names) and
+    :meth:`build` (checked parameters, then the class instantiated or the
+    function bound with :func:`functools.partial`). ``load`` runs once before
+    the first read, to import the modules that register built-in entries.
+    """
+
+    def __init__(self, kind: str, *, load: Callable[[], None] | None = None, listing: str | None = None) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+        self._load = load
+        self._listing = listing  # how the error points at the list (default: the names themselves)
+
+    def _loaded(self) -> dict[str, T]:
+        if self._load is not None:
+            load, self._load = self._load, None
+            load()
+        return self._entries
+
+    def add(self, name: str, entry: T) -> T:
+        """Register ``entry`` under ``name``; a name taken by another entry raises TypeError."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{self.kind} registry: expected a non-empty name, got {name!r}")
+        old = self._entries.get(name)
+        if old is not None and old is not entry and getattr(old, "__qualname__", None) != getattr(
+                entry, "__qualname__", object()):
+            raise TypeError(f"{self.kind} registry: the name {name!r} is already taken by "
+                            f"{getattr(old, '__qualname__', old)!r}")
+        self._entries[name] = entry
+        return entry
+
+    def remove(self, name: str) -> T:
+        """Unregister ``name`` (tests that register a temporary entry); returns the entry."""
+        return self._entries.pop(name)
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator form of :meth:`add`."""
+        return lambda entry: self.add(name, entry)
+
+    def lookup(self, name: Any) -> T:
+        """The entry called ``name``, or an AttnZooError naming the kind, the name and close matches."""
+        entries = self._loaded()
+        if not isinstance(name, str):
+            raise AttnZooError(f"{self.kind}: expected a {self.kind} name (str), got {type(name).__name__}")
+        if name in entries:
+            return entries[name]
+        close = difflib.get_close_matches(name, list(entries), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        listing = self._listing or f"available: {', '.join(entries)}"
+        raise AttnZooError(f"{self.kind}: unknown {self.kind} {name!r}{hint} ({listing})")
+
+    def params(self, name: str) -> tuple[ParamInfo, ...]:
+        return param_specs(self.lookup(name))
+
+    def check(self, name: str, params: Mapping[str, Any]) -> None:
+        """Check ``params`` against entry ``name`` without building it (e.g. before a long run starts)."""
+        check_params(name, self.lookup(name), params)
+
+    def build(self, name: str, **params: Any) -> Any:
+        """A class entry instantiated with ``params``, a function entry bound to them; both checked first."""
+        entry = self.lookup(name)
+        check_params(name, entry, params)
+        if isinstance(entry, type):
+            return entry(**params)
+        return functools.partial(entry, **params)
+
+    def __getitem__(self, name: str) -> T:
+        return self._loaded()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {list(self._entries)})"
+
+
+@dataclass(frozen=True)
 class Method:
     """Base class of every registered method.
 
@@ -117,27 +290,7 @@ class Method:
 
     # ----------------------------------------------------------- parameters
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            allowed = _allowed_types(f.type)
-            if allowed is not None:
-                ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-                if not ok:
-                    names = " or ".join(sorted({t.__name__ for t in allowed}))
-                    raise AttnZooError(
-                        f"{self.name}: parameter {f.name!r} expected {names}, got {value!r} ({type(value).__name__})"
-                    )
-            if value is None or isinstance(value, (torch.Tensor, tuple, list, dict)) or callable(value):
-                continue
-            lo, hi, choices = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                raise AttnZooError(f"{self.name}: parameter {f.name!r} expected one of {list(choices)}, got {value!r}")
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise AttnZooError(f"{self.name}: parameter {f.name!r} expected a finite number, got {value}")
-                if (lo is not None and value < lo) or (hi is not None and value > hi):
-                    rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-                    raise AttnZooError(f"{self.name}: parameter {f.name!r} expected a value in {rng}, got {value}")
+        check_fields(self)
         self.validate()
 
     def validate(self) -> None:
@@ -208,7 +361,13 @@ def _wants_grad(*ts: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------ registry
-_REGISTRY: dict[str, type[Method]] = {}
+def _load_builtin_methods() -> None:
+    """Import every module of ``attnzoo.catalog`` (each registers itself)."""
+    importlib.import_module(f"{__package__}.catalog")
+
+
+#: every method class by name; the catalog is imported on first read
+METHODS: Registry[type[Method]] = Registry("method", load=_load_builtin_methods, listing="see attnzoo.methods()")
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -219,57 +378,29 @@ def register(cls: type[Method]) -> type[Method]:
         raise TypeError(f"register: {cls.__name__} must be a @dataclass(frozen=True)")
     if not cls.name:
         raise TypeError(f"register: {cls.__name__} has no `name`")
-    existing = _REGISTRY.get(cls.name)
-    if existing is not None and existing.__qualname__ != cls.__qualname__:
-        raise TypeError(f"register: the name {cls.name!r} is already taken by {existing.__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    try:
+        return METHODS.add(cls.name, cls)
+    except TypeError as e:
+        raise TypeError(f"register: {e}") from None
 
 
 def _lookup(name: str) -> type[Method]:
-    _load_builtin_methods()
-    if not isinstance(name, str):
-        raise AttnZooError(f"method: expected a method name (str), got {type(name).__name__}")
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise AttnZooError(f"method: unknown method {name!r}{hint} (see attnzoo.methods())") from None
+    return METHODS.lookup(name)
 
 
 def param_names(cls: type[Method]) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+    return [p.name for p in param_specs(cls)]
 
 
 def get(name: str, **params: Any) -> Method:
     """A configured, reusable method: ``get("sliding_window", window=256)(q, k, v)``."""
-    cls = _lookup(name)
-    valid = param_names(cls)
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise AttnZooError(
-            f"{name}: unknown parameter(s) {unknown}; valid parameters: {', '.join(valid) or 'none'}"
-        )
-    return cls(**params)
+    return METHODS.build(name, **params)
 
 
 def methods() -> dict[str, type[Method]]:
     """Every registered method class, by name, sorted by family then name."""
-    _load_builtin_methods()
     order = list(Family)
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: (order.index(kv[1].family), kv[0])))
-
-
-@dataclass(frozen=True)
-class ParamInfo:
-    name: str
-    type: str
-    default: Any
-    min: float | None
-    max: float | None
-    choices: tuple | None
-    help: str
+    return dict(sorted(METHODS.items(), key=lambda kv: (order.index(kv[1].family), kv[0])))
 
 
 @dataclass(frozen=True)
@@ -292,27 +423,4 @@ def info(name: str) -> MethodInfo:
     cls = _lookup(name)
     doc = (cls.__doc__ or "").strip()
     return MethodInfo(cls.name, cls.family, cls.complexity, cls.supports, cls.training_free, cls.papers,
-                      param_infos(cls), dict(cls.inputs), doc)
-
-
-def param_infos(cls: type) -> tuple[ParamInfo, ...]:
-    """The parameters (dataclass fields declared with :func:`param`) of a method or cache policy class."""
-    ps = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        ps.append(ParamInfo(f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
-                            default, f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("choices"),
-                            f.metadata.get("help", "")))
-    return tuple(ps)
-
-
-_LOADED = False
-
-
-def _load_builtin_methods() -> None:
-    """Import every module of ``attnzoo.catalog`` once (each registers itself)."""
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        importlib.import_module(f"{__package__}.catalog")
+                      param_specs(cls), dict(cls.inputs), doc)

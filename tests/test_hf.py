@@ -127,12 +127,12 @@ class _CausalOnlyExact(registry.Method):
 @pytest.fixture()
 def causal_only():
     """The causal-only method, registered only for the test that asks for it."""
-    registry._REGISTRY[_CausalOnlyExact.name] = _CausalOnlyExact
+    registry.METHODS.add(_CausalOnlyExact.name, _CausalOnlyExact)
     yield _CausalOnlyExact.name
-    del registry._REGISTRY[_CausalOnlyExact.name]
+    registry.METHODS.remove(_CausalOnlyExact.name)
 
 
-del registry._REGISTRY[_CausalOnlyExact.name]
+registry.METHODS.remove(_CausalOnlyExact.name)
 
 
 def test_causal_only_method_on_an_encoder_is_refused(minilm, causal_only):

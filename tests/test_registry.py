@@ -108,3 +108,40 @@ def test_cli_list_and_info():
     assert res.exit_code == 0 and "q_tile" in res.output and "FlashAttention" in res.output
     res = runner.invoke(app, ["info", "exact_tile"])
     assert res.exit_code == 2 and "did you mean" in res.output
+
+
+def test_generic_registry_looks_up_builds_and_checks_one_way():
+    from attnzoo.registry import Registry, check_params, param
+
+    r = Registry("task")
+
+    @r.register("copy")
+    def copy(shape, *, length: int = 8, rate: float = 0.5, kind: str | None = None):
+        return shape, length, rate, kind
+
+    @dataclasses.dataclass
+    class Toy:
+        name: ClassVar[str] = "toy"
+        size: int = param(4, min=1, max=10)
+
+        def __post_init__(self):
+            az.registry.check_fields(self)
+
+    r.add("toy", Toy)
+    assert list(r) == ["copy", "toy"] and "copy" in r and len(r) == 2
+    assert r.build("copy", length=3)("s") == ("s", 3, 0.5, None)
+    assert r.build("toy", size=5).size == 5
+    assert [p.name for p in r.params("copy")] == ["length", "rate", "kind"]
+    with pytest.raises(az.AttnZooError, match=r"task: unknown task 'cpy'; did you mean 'copy'\? \(available: copy, toy\)"):
+        r.lookup("cpy")
+    with pytest.raises(az.AttnZooError, match=r"copy: unknown parameter\(s\) \['len'\]; valid parameters: length, rate, kind"):
+        r.build("copy", len=3)
+    with pytest.raises(az.AttnZooError, match=r"copy: parameter 'length' expected int, got 'abc' \(str\)"):
+        r.check("copy", {"length": "abc"})
+    with pytest.raises(az.AttnZooError, match=r"copy: parameter 'rate' expected a finite number, got nan"):
+        check_params("copy", copy, {"rate": math.nan})
+    with pytest.raises(az.AttnZooError, match=r"toy: parameter 'size' expected a value in \[1, 10\], got 11"):
+        r.build("toy", size=11)
+    with pytest.raises(TypeError, match="already taken"):
+        r.add("copy", lambda: None)
+    assert r.remove("toy") is Toy and "toy" not in r

@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 
 from ..errors import AttnZooError
+from ..registry import Registry
 
 
 class QKV(NamedTuple):
@@ -49,32 +50,20 @@ class Shape:
         return torch.arange(self.len_q) + (self.len_k - self.len_q)
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    doc: str
-    build: Callable[..., tuple[torch.Tensor, torch.Tensor, dict]] = field(repr=False)
-
-
-WORKLOADS: dict[str, Workload] = {}
+#: workload generators ``fn(shape, gen, **params)`` by name; their parameters are the ones with a default
+WORKLOADS: Registry[Callable[..., tuple]] = Registry("workload")
 
 
 def workload(name: str):
     """Register a generator ``fn(shape, gen, **params) -> (q, k, meta)`` (v Gaussian) or ``(q, k, v, meta)``."""
-
-    def deco(fn):
-        WORKLOADS[name] = Workload(name, (fn.__doc__ or "").strip().splitlines()[0], fn)
-        return fn
-
-    return deco
+    return WORKLOADS.register(name)
 
 
 def make(name: str = "gaussian", *, batch: int = 1, heads: int = 8, heads_kv: int | None = None,
          length: int = 1024, len_q: int | None = None, dim: int = 64, dim_v: int | None = None, seed: int = 0,
          dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **params: Any) -> QKV:
     """Generate one seeded problem: q ``(B, H, len_q, D)``, k/v ``(B, Hkv, length, D)``."""
-    if name not in WORKLOADS:
-        raise AttnZooError(f"workload: unknown workload {name!r}; available: {', '.join(WORKLOADS)}")
+    build = WORKLOADS.build(name, **params)  # unknown names and parameters, mistyped values: refused here
     heads_kv = heads if heads_kv is None else heads_kv
     len_q = length if len_q is None else len_q
     for arg, val in (("batch", batch), ("heads", heads), ("heads_kv", heads_kv), ("length", length), ("dim", dim)):
@@ -86,7 +75,7 @@ def make(name: str = "gaussian", *, batch: int = 1, heads: int = 8, heads_kv: in
         raise AttnZooError(f"workload: len_q expected 1..length={length}, got {len_q}")
     shape = Shape(batch, heads, heads_kv, len_q, length, dim, dim if dim_v is None else dim_v)
     gen = torch.Generator().manual_seed(seed)
-    built = WORKLOADS[name].build(shape, gen, **params)
+    built = build(shape, gen)
     v = torch.randn(batch, heads_kv, length, shape.dim_v, generator=gen)
     if len(built) == 4:  # a workload with its own values (real Q/K/V)
         q, k, v, meta = built
@@ -242,7 +231,7 @@ def _structured(shape: Shape, gen: torch.Generator):
     four heads already hold every planted structure.
     """
     group = shape.heads // shape.heads_kv
-    built = {p: WORKLOADS[p].build(shape, gen) for p in STRUCTURED_PATTERNS[:shape.heads_kv]}
+    built = {p: WORKLOADS[p](shape, gen) for p in STRUCTURED_PATTERNS[:shape.heads_kv]}
     q, k = _gauss(shape, gen)
     patterns = []
     for g in range(shape.heads_kv):
@@ -330,17 +319,12 @@ def max_length(name: str, params: dict | None = None) -> int | None:
 
 # ------------------------------------------------------------ extra inputs
 #: generators for methods' extra per-call inputs, keyed by input name (``Method.inputs``)
-INPUTS: dict[str, Callable[[Shape, torch.Generator], torch.Tensor]] = {}
+INPUTS: Registry[Callable[[Shape, torch.Generator], torch.Tensor]] = Registry("extra input")
 
 
 def input_generator(name: str):
     """Register ``fn(shape, gen) -> tensor`` producing the extra input ``name`` for the benchmark."""
-
-    def deco(fn):
-        INPUTS[name] = fn
-        return fn
-
-    return deco
+    return INPUTS.register(name)
 
 
 @input_generator("g")

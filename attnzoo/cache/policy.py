@@ -17,8 +17,6 @@ with :func:`attnzoo.param` and validated exactly like method parameters.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +24,7 @@ import torch
 
 from ..core.partial import Partial
 from ..errors import AttnZooError
-from ..registry import Method
+from ..registry import Registry, check_fields
 from .read import flash_read
 from .store import Store
 
@@ -64,7 +62,8 @@ class Policy:
     papers: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
-        Method.__post_init__(self)  # the registry's field checks (types, ranges, choices) + validate()
+        check_fields(self)  # the registry's one parameter checker (types, ranges, choices)
+        self.validate()
         self.reset()
 
     def validate(self) -> None:
@@ -102,20 +101,20 @@ class Policy:
         self.reset()
 
 
-_POLICIES: dict[str, type[Policy]] = {}
+#: every cache policy class by name
+POLICIES: Registry[type[Policy]] = Registry("policy")
 
 
 def register_policy(cls: type[Policy]) -> type[Policy]:
     """Class decorator adding a policy to the registry under ``cls.name``."""
-    if not cls.name or cls.name in _POLICIES and _POLICIES[cls.name] is not cls:
+    if not cls.name:
         raise TypeError(f"register_policy: {cls.__name__} needs a unique `name`, got {cls.name!r}")
-    _POLICIES[cls.name] = cls
-    return cls
+    return POLICIES.add(cls.name, cls)
 
 
 def policies() -> dict[str, type[Policy]]:
     """Every registered cache policy class, by name."""
-    return dict(_POLICIES)
+    return dict(POLICIES)
 
 
 def make_policy(name: Any, **params: Any) -> Policy:
@@ -124,15 +123,4 @@ def make_policy(name: Any, **params: Any) -> Policy:
         if params:
             raise AttnZooError(f"policy: got a configured {name.name!r} policy and extra parameters {sorted(params)}")
         return name
-    if not isinstance(name, str):
-        raise AttnZooError(f"policy: expected a policy name (str), got {type(name).__name__}")
-    cls = _POLICIES.get(name)
-    if cls is None:
-        close = difflib.get_close_matches(name, list(_POLICIES), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise AttnZooError(f"policy: unknown policy {name!r}{hint} (available: {', '.join(_POLICIES)})")
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise AttnZooError(f"{name}: unknown parameter(s) {unknown}; valid parameters: {', '.join(valid) or 'none'}")
-    return cls(**params)
+    return POLICIES.build(name, **params)
