@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 #: public name -> the submodule defining it (loaded on first access)
 _EXPORTS = {
     "attention": ".api",
+    "mods": ".mods", "pack": ".varlen", "unpack": ".varlen",
     "KVCache": ".cache",
     "Partial": ".core.partial", "merge": ".core.partial",
     "AttnZooError": ".errors", "UnsupportedError": ".errors",
@@ -29,7 +30,8 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        module = importlib.import_module(_EXPORTS[name], __name__)
+        value = module if _EXPORTS[name] == f".{name}" else getattr(module, name)
         globals()[name] = value  # later lookups skip this hook
         return value
     raise AttributeError(f"module 'attnzoo' has no attribute {name!r}")

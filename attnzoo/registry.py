@@ -36,6 +36,8 @@ import torch
 
 from .checks import Problem, check_flag, check_qkv
 from .errors import AttnZooError, UnsupportedError
+from .core.scoremod import ScoreMod, check_score_mod, check_sinks, with_sinks
+from .varlen import run_varlen
 
 
 class Family(str, enum.Enum):
@@ -64,6 +66,9 @@ class Supports:
     lse: bool = False  # can return the log-sum-exp of its scores
     gqa: bool = True  # Hq % Hkv == 0 with Hkv < Hq
     padding: bool = True  # key_padding_mask
+    score_mod: bool = False  # score_mod(score, b, h, q_idx, kv_idx) -> score (attnzoo.mods)
+    sinks: bool = False  # learnable sink logits (Hq,) in the softmax denominator (needs lse)
+    varlen: bool = False  # packed sequences: cu_seqlens_q / cu_seqlens_k (attnzoo.varlen)
 
 
 def param(default: Any, *, min: float | None = None, max: float | None = None,
@@ -299,14 +304,32 @@ class Method:
     # ----------------------------------------------------------------- call
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,
                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
-                 return_lse: bool = False, **inputs: Any):
-        """Attend ``q`` to ``k``/``v``; returns ``out`` or ``(out, lse)``."""
+                 return_lse: bool = False, score_mod: ScoreMod | None = None, sinks: torch.Tensor | None = None,
+                 cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                 max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, **inputs: Any):
+        """Attend ``q`` to ``k``/``v``; returns ``out`` or ``(out, lse)``.
+
+        ``score_mod`` and ``sinks``: see :mod:`attnzoo.mods`; ``cu_seqlens_*``: see :mod:`attnzoo.varlen`.
+        """
         check_flag("causal", causal)
         check_flag("return_lse", return_lse)
+        if cu_seqlens_q is not None or cu_seqlens_k is not None:
+            return run_varlen(self, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                              max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask,
+                              return_lse=return_lse, inputs=inputs, causal=causal, scale=scale, score_mod=score_mod,
+                              sinks=sinks)
         prob = check_qkv(q, k, v, key_padding_mask, scale)
         self.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask,
                                 return_lse=return_lse, grad=_wants_grad(q, k, v))
-        unknown = sorted(set(inputs) - set(self.inputs))
+        self.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
+        if sinks is not None:
+            out, lse = self(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
+                            score_mod=score_mod, **inputs)
+            out, lse = with_sinks(out, lse, sinks)
+            return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+        if score_mod is not None:
+            inputs = {**inputs, "score_mod": score_mod}
+        unknown = sorted(set(inputs) - set(self.inputs) - {"score_mod"})
         if unknown:
             valid = ", ".join(self.inputs) or "none"
             raise AttnZooError(f"{self.name}: unknown input(s) {unknown}; this method's extra inputs: {valid}")
@@ -348,6 +371,17 @@ class Method:
             missing = f"decode / chunked prefill (causal with Nq={prob.len_q} < Nk={prob.len_k})"
         if missing:
             raise UnsupportedError(f"method {self.name!r} does not support {missing}")
+
+    def check_routes(self, prob: Problem, device, *, score_mod: object, sinks: object) -> None:
+        """Refuse a score_mod or sinks this method does not declare; validate the ones it takes."""
+        for name, given, ok in (("score_mod", score_mod, self.supports.score_mod),
+                                ("sinks", sinks, self.supports.sinks)):
+            if given is not None and not ok:
+                raise UnsupportedError(f"method {self.name!r} does not support {name}")
+        if score_mod is not None:
+            check_score_mod(score_mod)
+        if sinks is not None:
+            check_sinks(sinks, prob.heads_q, device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: Problem, *, causal: bool,
                 key_padding_mask: torch.Tensor | None, return_lse: bool,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale
+from ..core.scoremod import check_sinks, with_sinks
 from ..errors import AttnZooError
 from .policy import Step, make_policy
 
@@ -24,7 +25,7 @@ class KVCache:
       ranges (split-K, ``flash_decode``) merged by lse.
     * ``append(k, v, key_mask=None)``: ``key_mask (B, n)`` bool, False marks padding tokens that
       nothing may attend to (left padding of a batch); they still take a position.
-    * ``attend(q, causal=True, scale=None, return_lse=False)``: the queries of the newest ``nq``
+    * ``attend(q, causal=True, scale=None, return_lse=False, sinks=None)``: the queries of the newest ``nq``
       tokens (their k/v already appended); query ``i`` sits at position ``seq_length - nq + i``.
       ``return_lse=True`` also returns the fp32 log-sum-exp over the keys actually read, so
       ``exp(lse - lse_full)`` is the attention mass a policy recalled.
@@ -125,8 +126,11 @@ class KVCache:
 
     # ------------------------------------------------------------------ reads
     def attend(self, q: torch.Tensor, causal: bool = True, scale: float | None = None,
-               return_lse: bool = False):
-        """Attend the queries of the newest ``nq`` tokens: ``q (B, Hq, nq, D)`` -> ``(B, Hq, nq, Dv)``."""
+               return_lse: bool = False, sinks: torch.Tensor | None = None):
+        """Attend the queries of the newest ``nq`` tokens: ``q (B, Hq, nq, D)`` -> ``(B, Hq, nq, Dv)``.
+
+        ``sinks (Hq,)``: learnable sink logits merged into the read (see :mod:`attnzoo.mods`).
+        """
         check_tensor("q", q, 4, "(B, Hq, nq, D)")
         check_finite("q", q)
         if self._layer is None:
@@ -145,8 +149,12 @@ class KVCache:
             return (out, q.new_zeros(B, 0, nq, dtype=torch.float32)) if return_lse else out
         step = Step(resolve_scale(scale, D), causal, torch.arange(self._seq - nq, self._seq, device=device),
                     self._seq, self.splits, self.split_size)
+        if sinks is not None:
+            check_sinks(sinks, Hq, device)
         with torch.no_grad():
             part = self._layer.attend(q, step)
+            if sinks is not None:
+                part = with_sinks(part.out, part.lse, sinks)
         out = part.out.to(dtype)
         return (out, part.lse.float()) if return_lse else out
 

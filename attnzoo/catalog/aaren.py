@@ -31,7 +31,8 @@ class Aaren(Method):
     name: ClassVar[str] = "aaren"
     family: ClassVar[Family] = Family.LINEAR_RNN
     complexity: ClassVar[str] = "O(Nq·Nk·D), O(Nq·(chunk + D)) state"
-    supports: ClassVar[Supports] = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=True)
+    supports: ClassVar[Supports] = Supports(causal=True, noncausal=False,
+                                            decode=True, grad=True, lse=True, sinks=True, varlen=True)
     papers: ClassVar[tuple[str, ...]] = ("Attention as an RNN (Aaren)",)
 
     chunk: int = param(64, min=1, help="keys consumed per RNN step")

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from ..checks import Problem
-from ..core.exact import has_empty_rows, naive_attention, sdpa_attention, sdpa_with_lse, tiled_attention
+from ..core.exact import (chunked_attention, has_empty_rows, naive_attention, sdpa_attention, sdpa_with_lse,
+                          tiled_attention)
 from ..core.partial import merge
 from ..registry import Family, Method, Supports, param, register
 
-_ALL = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True)
+_ALL = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True, score_mod=True, sinks=True,
+                varlen=True)
 
 
 @register
@@ -26,8 +29,9 @@ class Naive(Method):
     supports: ClassVar[Supports] = _ALL
     papers: ClassVar[tuple[str, ...]] = ("Attention Is All You Need",)
 
-    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
-        return naive_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
+        return naive_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                               score_mod=score_mod)
 
 
 @register
@@ -48,7 +52,10 @@ class ExactTiled(Method):
     q_tile: int = param(256, min=1, help="query rows per tile")
     k_tile: int = param(512, min=1, help="keys per tile")
 
-    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
+        if score_mod is not None:
+            return chunked_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                                     score_mod=score_mod, rows=self.q_tile)
         return tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
                                q_tile=self.q_tile, k_tile=self.k_tile)
 
@@ -71,7 +78,10 @@ class Exact(Method):
     papers: ClassVar[tuple[str, ...]] = ("FlashAttention-2",)
     upcast_half: ClassVar[bool] = False  # SDPA accumulates half inputs in fp32 itself
 
-    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
+        if score_mod is not None:
+            return chunked_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                                     score_mod=score_mod)
         if not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
             if not return_lse:
                 return sdpa_attention(q, k, v, scale=prob.scale, causal=causal,
@@ -96,7 +106,7 @@ class FlashDecode(Method):
     name: ClassVar[str] = "flash_decode"
     family: ClassVar[Family] = Family.EXACT
     complexity: ClassVar[str] = "O(Nq·Nk·D)/splits"
-    supports: ClassVar[Supports] = _ALL
+    supports: ClassVar[Supports] = dataclasses.replace(_ALL, score_mod=False)
     papers: ClassVar[tuple[str, ...]] = ("Flash-Decoding", "LeanAttention")
 
     splits: int = param(8, min=1, help="number of key ranges attended independently")

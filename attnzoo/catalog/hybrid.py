@@ -110,7 +110,8 @@ class Based(RecurrentMethod):
     name: ClassVar[str] = "based"
     family: ClassVar[Family] = Family.HYBRID
     complexity: ClassVar[str] = "O(N·(d'²·D + w·D))"
-    supports: ClassVar[Supports] = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=False)
+    supports: ClassVar[Supports] = Supports(causal=True, noncausal=False,
+                                            decode=True, grad=True, lse=False, varlen=True)
     papers: ClassVar[tuple[str, ...]] = ("Simple linear attention language models balance the recall-throughput "
                                          "tradeoff (BASED)",)
 
@@ -197,7 +198,7 @@ class Scatterbrain(Method):
     name: ClassVar[str] = "scatterbrain"
     family: ClassVar[Family] = Family.HYBRID
     complexity: ClassVar[str] = "O(N·m·D + N·chunk·D)"
-    supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False)
+    supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)
     papers: ClassVar[tuple[str, ...]] = ("Scatterbrain: Unifying Sparse and Low-rank Attention",)
 
     features: int = param(128, min=1, help="random features m of the low-rank (Performer) part")

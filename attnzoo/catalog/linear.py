@@ -27,8 +27,8 @@ from ..core.linear import LinearState, check_log_gate, linear_attention
 from ..errors import AttnZooError
 from ..registry import Family, Method, Supports, param, register
 
-_CAUSAL_AND_NOT = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False)
-_CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=False)
+_CAUSAL_AND_NOT = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)
+_CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=False, varlen=True)
 
 
 @dataclass(frozen=True)

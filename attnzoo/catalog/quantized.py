@@ -61,7 +61,8 @@ class Sage(Method):
     name: ClassVar[str] = "sage"
     family: ClassVar[Family] = Family.QUANTISED
     complexity: ClassVar[str] = "O(N²·D) in INT8/INT4"
-    supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=False, lse=True)
+    supports: ClassVar[Supports] = Supports(causal=True, noncausal=True,
+                                            decode=True, grad=False, lse=True, sinks=True, varlen=True)
     papers: ClassVar[tuple[str, ...]] = ("SageAttention", "SageAttention2")
 
     bits: int | None = param(8, choices=(8, 4, None), help="integer width of Q and K (None: no quantisation)")

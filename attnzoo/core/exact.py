@@ -10,27 +10,37 @@ reference, whose job is to be obviously right.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 from .kernel import flash_cpu
 from .masks import empty_rows, visible_mask
+from .scoremod import apply_score_mod
 
 
 # ---------------------------------------------------------------- reference
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                     key_padding_mask: torch.Tensor | None = None, q_offset: int | None = None,
-                    k_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Materialise the full score matrix; any float dtype (float64 for oracles). Returns ``(out, lse)``."""
+                    k_offset: int = 0, score_mod=None, head_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise the full score matrix; any float dtype (float64 for oracles). Returns ``(out, lse)``.
+
+    ``score_mod`` (see :mod:`attnzoo.mods`) sees query positions ``q_offset + i``, key positions
+    ``k_offset + j`` and query heads ``head_offset + h``; it runs before the mask.
+    """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if score_mod is not None:
+        scores = apply_score_mod(score_mod, scores, k.shape[2] - q.shape[2] if q_offset is None else q_offset,
+                                 k_offset, head_offset)
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
                         q_offset=q_offset, k_offset=k_offset, device=q.device)
     if mask is not None:
@@ -40,6 +50,37 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
     out = torch.matmul(probs, v)
     return out, lse
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+                      key_padding_mask: torch.Tensor | None = None, score_mod=None,
+                      rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`naive_attention` a chunk of query rows at a time: what runs a ``score_mod`` exactly.
+
+    Each chunk has ``rows`` query rows (default: about 16M scores) and reads only the keys it can see (causal);
+    under autograd each chunk is checkpointed (its scores are recomputed in the backward), so the
+    memory stays O(chunk·Nk) and gradients reach q, k, v and every tensor the score_mod closes over
+    through ordinary autograd. Returns ``(out, lse)``.
+    """
+    B, Hq, len_q, _ = q.shape
+    len_k = k.shape[2]
+    groups = Hq // k.shape[1]
+    if groups > 1:  # once for all chunks
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    q_offset = len_k - len_q
+    rows = rows or max(16, (1 << 24) // max(1, B * Hq * len_k))
+    outs, lses = [], []
+    for i0 in range(0, len_q, rows):
+        i1 = min(len_q, i0 + rows)
+        end = len_k if not causal else max(0, min(len_k, q_offset + i1))
+        run = functools.partial(naive_attention, scale=scale, causal=causal, q_offset=q_offset + i0,
+                                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :end],
+                                score_mod=score_mod)
+        args = (q[:, :, i0:i1], k[:, :, :end], v[:, :, :end])
+        o, ls = checkpoint(run, *args, use_reentrant=False) if torch.is_grad_enabled() else run(*args)
+        outs.append(o)
+        lses.append(ls)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 # -------------------------------------------------------------------- SDPA

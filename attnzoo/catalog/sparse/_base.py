@@ -13,7 +13,7 @@ from ...checks import Problem, check_qkv
 from ...core.blocksparse import BlockLayout, Layout, attend_all, query_block_positions
 from ...registry import Method, Supports
 
-SPARSE_SUPPORTS = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True)
+SPARSE_SUPPORTS = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True, sinks=True, varlen=True)
 
 
 @dataclass(frozen=True)

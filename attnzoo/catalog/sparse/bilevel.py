@@ -25,7 +25,8 @@ class BilevelRouting(Method):
     name: ClassVar[str] = "bilevel_routing"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(R²·D + N·topk·(N/R)·D)"
-    supports: ClassVar[Supports] = Supports(causal=False, noncausal=True, decode=False, grad=True, lse=True)
+    supports: ClassVar[Supports] = Supports(causal=False, noncausal=True,
+                                            decode=False, grad=True, lse=True, sinks=True, varlen=True)
     training_free: ClassVar[bool] = True
     papers: ClassVar[tuple[str, ...]] = ("BiFormer: Vision Transformer with Bi-Level Routing Attention",)
 

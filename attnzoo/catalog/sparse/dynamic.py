@@ -18,7 +18,7 @@ from ...core.blocksparse import BlockLayout, TokenLayout, _compact
 from ...registry import Family, Supports, param, register
 from ._base import LayoutMethod, block_positions
 
-_CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=True)
+_CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=True, sinks=True, varlen=True)
 
 
 # ---------------------------------------------------------------- shared estimators

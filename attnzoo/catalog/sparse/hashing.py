@@ -22,7 +22,7 @@ from ...errors import AttnZooError, UnsupportedError
 from ...registry import Family, Method, Supports, param, register
 from ._base import SPARSE_SUPPORTS, range_blocks
 
-_NO_DECODE = Supports(causal=True, noncausal=True, decode=False, grad=True, lse=True)
+_NO_DECODE = Supports(causal=True, noncausal=True, decode=False, grad=True, lse=True, sinks=True, varlen=True)
 
 
 def _gather_rows(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

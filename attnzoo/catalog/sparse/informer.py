@@ -23,7 +23,7 @@ class ProbSparse(Method):
     name: ClassVar[str] = "probsparse"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(N·log N·D)"
-    supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False)
+    supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)
     papers: ClassVar[tuple[str, ...]] = ("Informer: Beyond Efficient Transformer for Long Sequence Time-Series "
                                          "Forecasting",)
 

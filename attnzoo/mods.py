@@ -1,0 +1,138 @@
+"""Score modifications and learnable sinks: what changes the softmax without changing the keys read.
+
+A **score_mod** (FlexAttention's convention) is ``score_mod(score, b, h, q_idx, kv_idx) -> score``,
+called on a tensor of pre-softmax scores (already multiplied by the scale) and integer index tensors
+broadcastable to it: batch row ``b``, *query* head ``h``, query position ``q_idx`` and key position
+``kv_idx``. Positions are on the key axis, bottom-right aligned like attnzoo's causal mask: query
+``i`` of ``Nq`` sits at ``Nk - Nq + i``, so a mod written for self-attention also holds for decode
+steps and chunked prefill (for ``Nq == Nk`` this is exactly FlexAttention's ``q_idx``). Masking is
+applied after the mod. Write mods with elementwise torch ops and broadcasting indexing; gradients
+reach q, k, v and every tensor the mod closes over (a learnable bias table).
+
+>>> import attnzoo as az
+>>> from attnzoo import mods
+>>> out = az.attention(q, k, v, causal=True, score_mod=mods.alibi(mods.alibi_slopes(8)))
+>>> out = az.attention(q, k, v, causal=True, score_mod=mods.compose(mods.relative_bias(table), mods.softcap(30.0)))
+
+**Sinks** (gpt-oss): ``sinks`` of shape ``(Hq,)`` adds ``exp(sinks[h])`` to head ``h``'s softmax
+denominator and no value. A sink is the partial ``(out = 0, lse = sinks[h])`` merged with the
+attention result by log-sum-exp (:func:`with_sinks`), so every method that returns an lse takes it.
+
+``and_masks`` / ``or_masks`` combine mask_mods ``(b, h, q_idx, kv_idx) -> bool``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .core.scoremod import ScoreMod, check_score_mod, with_sinks
+from .errors import AttnZooError
+
+__all__ = ["ScoreMod", "alibi", "alibi_slopes", "and_masks", "compose", "or_masks", "relative_bias", "softcap",
+           "with_sinks"]
+
+
+# ------------------------------------------------------------------ helpers
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """The ALiBi paper's per-head slopes ``2^(-8 h / H)`` (geometric; non-powers of two interleaved as in BLOOM)."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise AttnZooError(f"alibi_slopes: num_heads expected a positive int, got {num_heads!r}")
+    closest = 2 ** math.floor(math.log2(num_heads))
+    base = [2 ** (-8 * (i + 1) / closest) for i in range(closest)]
+    extra = [2 ** (-4 * (2 * i + 1) / closest) for i in range(num_heads - closest)]
+    return torch.tensor(base + extra, dtype=torch.float32)
+
+
+def alibi(slopes: torch.Tensor) -> ScoreMod:
+    """ALiBi: ``score + slopes[h] * (kv_idx - q_idx)`` (a linear penalty on distance; ``slopes`` of shape (Hq,))."""
+    _check_table("alibi", "slopes", slopes, 1)
+
+    def alibi_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h].to(score.dtype) * (kv_idx - q_idx).to(score.dtype)
+
+    return alibi_mod
+
+
+def softcap(cap: float) -> ScoreMod:
+    """Logit soft-capping (Gemma 2, Grok): ``cap * tanh(score / cap)``."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+        raise AttnZooError(f"softcap: cap expected a positive finite number, got {cap!r}")
+    cap = float(cap)
+
+    def softcap_mod(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+
+    return softcap_mod
+
+
+def relative_bias(table: torch.Tensor) -> ScoreMod:
+    """A learned relative-position bias: ``score + table[h, clamp(kv_idx - q_idx, -R, R) + R]``.
+
+    ``table`` is ``(Hq, 2R + 1)`` (one row per query head) or ``(2R + 1,)`` (shared by all heads);
+    distances beyond ``R`` share the edge entry. Gradients reach ``table``.
+    """
+    _check_table("relative_bias", "table", table, None)
+    if table.dim() not in (1, 2) or table.shape[-1] % 2 != 1:
+        raise AttnZooError(f"relative_bias: table expected shape (Hq, 2R+1) or (2R+1,) with an odd last size, "
+                           f"got {tuple(table.shape)}")
+    radius = table.shape[-1] // 2
+
+    def relative_bias_mod(score, b, h, q_idx, kv_idx):
+        rel = (kv_idx - q_idx).clamp(-radius, radius) + radius
+        bias = table[h, rel] if table.dim() == 2 else table[rel]
+        return score + bias.to(score.dtype)
+
+    return relative_bias_mod
+
+
+def compose(*score_mods: ScoreMod) -> ScoreMod:
+    """Apply score_mods in order: ``compose(relative_bias(t), softcap(30))`` biases, then caps."""
+    for i, m in enumerate(score_mods):
+        check_score_mod(m, f"compose argument {i}")
+    if not score_mods:
+        raise AttnZooError("compose: expected at least one score_mod, got none")
+
+    def composed(score, b, h, q_idx, kv_idx):
+        for m in score_mods:
+            score = m(score, b, h, q_idx, kv_idx)
+        return score
+
+    return composed
+
+
+def and_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod true where every one of ``mask_mods`` is (FlexAttention's ``and_masks``)."""
+    return _combine("and_masks", mask_mods, torch.logical_and)
+
+
+def or_masks(*mask_mods: Callable) -> Callable:
+    """A mask_mod true where any one of ``mask_mods`` is (FlexAttention's ``or_masks``)."""
+    return _combine("or_masks", mask_mods, torch.logical_or)
+
+
+def _combine(name: str, mask_mods: tuple, op) -> Callable:
+    from .core.masks import call_mask_mod, check_mask_mod
+
+    if not mask_mods:
+        raise AttnZooError(f"{name}: expected at least one mask_mod, got none")
+    for i, m in enumerate(mask_mods):
+        check_mask_mod(m, f"{name} argument {i}")
+
+    def combined(b, h, q_idx, kv_idx):
+        out = call_mask_mod(mask_mods[0], b, h, q_idx, kv_idx)
+        for m in mask_mods[1:]:
+            out = op(out, call_mask_mod(m, b, h, q_idx, kv_idx))
+        return out
+
+    return combined
+
+
+def _check_table(where: str, name: str, t: object, ndim: int | None) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        raise AttnZooError(f"{where}: {name} expected a floating torch.Tensor, got "
+                           f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise AttnZooError(f"{where}: {name} expected a {ndim}-D tensor, got shape {tuple(t.shape)}")

@@ -1,0 +1,337 @@
+"""score_mod (attnzoo.mods), learnable sinks, packed varlen batches and pack/unpack.
+
+References are dense float64 computations written out here (explicit bias matrices, explicit block-diagonal
+masks), independent of the engines under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnzoo as az
+from attnzoo import mods
+from attnzoo.cache import KVCache
+
+F64 = torch.float64
+SCORE_MOD_METHODS = sorted(n for n, c in az.methods().items() if c.supports.score_mod)
+
+
+def qkv(B=2, Hq=4, Hkv=2, Nq=11, Nk=13, D=8, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ts = [torch.randn(B, Hq, Nq, D, generator=g, dtype=F64), torch.randn(B, Hkv, Nk, D, generator=g, dtype=F64),
+          torch.randn(B, Hkv, Nk, D, generator=g, dtype=F64)]
+    return [t.requires_grad_(grad) for t in ts]
+
+
+def dense(q, k, v, *, causal, bias=None, cap=None, sinks=None, mask=None):
+    """Reference: explicit scores, the modification, the mask, softmax (with the sink in the denominator)."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
+    Nq, Nk = q.shape[2], k.shape[2]
+    vis = torch.ones(Nq, Nk, dtype=torch.bool)
+    if causal:
+        vis = torch.arange(Nk)[None, :] <= torch.arange(Nq)[:, None] + (Nk - Nq)
+    if mask is not None:
+        vis = vis & mask
+    s = s.masked_fill(~vis, -math.inf)
+    if sinks is not None:
+        s = torch.cat([s, sinks[None, :, None, None].expand(*s.shape[:3], 1)], dim=-1)
+        v = torch.cat([v, torch.zeros_like(v[:, :, :1]).expand(*v.shape[:2], 1, v.shape[3])], dim=2)
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.nan_to_num(neginf=0.0)[..., None])
+    return p @ v, lse
+
+
+def distance(Nq, Nk):
+    """``kv_idx - q_idx`` with bottom-right aligned query positions, ``(Nq, Nk)``."""
+    return torch.arange(Nk)[None, :] - (torch.arange(Nq)[:, None] + Nk - Nq)
+
+
+def assert_same_grads(out_a, out_b, tensors):
+    w = torch.randn_like(out_a[0])
+    ga = torch.autograd.grad((out_a[0] * w).sum() + out_a[1].nan_to_num(neginf=0).sum(), tensors, retain_graph=True)
+    gb = torch.autograd.grad((out_b[0] * w).sum() + out_b[1].nan_to_num(neginf=0).sum(), tensors, retain_graph=True)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
+
+
+# ---------------------------------------------------------------- score_mod
+@pytest.mark.parametrize("method", SCORE_MOD_METHODS)
+@pytest.mark.parametrize("causal,Nq", [(True, 11), (False, 11), (True, 3)])
+def test_helpers_match_dense_values_and_gradients(method, causal, Nq):
+    q, k, v = qkv(Nq=Nq)
+    slopes = mods.alibi_slopes(4).to(F64)
+    table = torch.randn(4, 9, dtype=F64, requires_grad=True)
+    dist = distance(Nq, 13)
+    params = {"q_tile": 4} if method == "exact_tiled" else {}
+    cases = [  # (score_mod, reference arguments (built fresh per case), uses the table)
+        (mods.alibi(slopes), lambda: dict(bias=slopes[:, None, None] * dist), False),
+        (mods.softcap(1.5), lambda: dict(cap=1.5), False),
+        (mods.relative_bias(table), lambda: dict(bias=table[:, dist.clamp(-4, 4) + 4]), True),
+        (mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
+         lambda: dict(bias=table[:, dist.clamp(-4, 4) + 4], cap=2.0), True),
+    ]
+    for score_mod, ref, uses_table in cases:
+        got = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod, return_lse=True, **params)
+        want = dense(q, k, v, causal=causal, **ref())
+        torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=1e-10)
+        assert_same_grads(got, want, [q, k, v, table] if uses_table else [q, k, v])
+
+
+def test_gradient_reaches_a_tensor_the_mod_closes_over_through_a_computation():
+    """The closed-over tensor may itself be computed from a parameter (not a leaf)."""
+    q, k, v = qkv()
+    raw = torch.randn(4, dtype=F64, requires_grad=True)
+    slopes = torch.nn.functional.softplus(raw)
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score - slopes[h] * (q_idx - kv_idx).abs()
+
+    got = az.attention(q, k, v, method="exact", score_mod=mod, return_lse=True)
+    want = dense(q, k, v, causal=False, bias=-slopes[:, None, None] * distance(11, 13).abs())
+    assert_same_grads(got, want, [raw, q])
+    assert torch.autograd.grad(got[0].sum(), raw)[0].abs().sum() > 0
+
+
+def test_score_mod_sees_batch_and_head_indices_and_decode_positions():
+    q, k, v = qkv(grad=False, Nq=1)
+    bias = torch.randn(2, 4, 1, 13, dtype=F64)
+    got = az.attention(q, k, v, method="exact", causal=True,
+                       score_mod=lambda s, b, h, qi, kj: s + bias[b, h, qi - 12, kj])
+    torch.testing.assert_close(got, dense(q, k, v, causal=True, bias=bias)[0])
+
+
+def test_score_mod_under_half_precision_and_no_grad_is_finite():
+    q, k, v = (t.detach().to(torch.bfloat16) for t in qkv())
+    with torch.no_grad():
+        out = az.attention(q, k, v, method="exact", causal=True, score_mod=mods.softcap(5.0))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_mask_combinators():
+    even = lambda b, h, qi, kj: kj % 2 == 0  # noqa: E731
+    causal = lambda b, h, qi, kj: kj <= qi  # noqa: E731
+    qi, kj = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    assert torch.equal(mods.and_masks(even, causal)(0, 0, qi, kj), (kj % 2 == 0) & (kj <= qi))
+    assert torch.equal(mods.or_masks(even, causal)(0, 0, qi, kj), (kj % 2 == 0) | (kj <= qi))
+    with pytest.raises(az.AttnZooError, match="and_masks"):
+        mods.and_masks()
+
+
+def test_alibi_slopes_are_the_papers():
+    torch.testing.assert_close(mods.alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    assert mods.alibi_slopes(12).shape == (12,) and (mods.alibi_slopes(12) > 0).all()
+
+
+# ------------------------------------------------------------------- sinks
+@pytest.mark.parametrize("method,params", [("exact", {}), ("naive", {}), ("exact_tiled", {"q_tile": 3}),
+                                           ("flash_decode", {"splits": 3}), ("sliding_window", {"window": 64})])
+@pytest.mark.parametrize("Nq", [13, 2])
+def test_sinks_match_the_closed_form(method, params, Nq):
+    q, k, v = qkv(Nq=Nq)
+    sinks = torch.randn(4, dtype=F64, requires_grad=True)
+    got = az.attention(q, k, v, method=method, causal=True, sinks=sinks, return_lse=True, **params)
+    want = dense(q, k, v, causal=True, sinks=sinks)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, sinks])
+
+
+def test_sinks_with_score_mod_and_rows_without_keys():
+    q, k, v = qkv(Nq=13, Nk=13)
+    pad = torch.ones(2, 13, dtype=torch.bool)
+    pad[1, :5] = False  # row 1: queries 0..4 see no key at all
+    sinks = torch.randn(4, dtype=F64)
+    out, lse = az.attention(q, k, v, method="exact", causal=True, key_padding_mask=pad, sinks=sinks,
+                            score_mod=mods.softcap(3.0), return_lse=True)
+    want = dense(q, k, v, causal=True, cap=3.0, sinks=sinks, mask=pad[:, None, None, :])
+    torch.testing.assert_close(out, want[0])
+    assert torch.equal(out[1, :, :5], torch.zeros_like(out[1, :, :5]))
+    torch.testing.assert_close(lse[1, :, :5], sinks[:, None].expand(4, 5))
+
+
+def test_sinks_in_kvcache_decode_reads():
+    q, k, v = (t.detach() for t in qkv(B=1, Nq=13, Nk=13))
+    sinks = torch.randn(4, dtype=F64)
+    cache = KVCache("full")
+    cache.append(k[:, :, :12], v[:, :, :12])
+    cache.attend(q[:, :, :12], sinks=sinks)
+    cache.append(k[:, :, 12:], v[:, :, 12:])
+    step = cache.attend(q[:, :, 12:], sinks=sinks)
+    torch.testing.assert_close(step, dense(q, k, v, causal=True, sinks=sinks)[0][:, :, 12:])
+    with pytest.raises(az.AttnZooError, match="sinks"):
+        cache.attend(q[:, :, 12:], sinks=torch.zeros(3, dtype=F64))
+
+
+# ------------------------------------------------------------------ varlen
+def packed(lengths_q, lengths_k, Hq=4, Hkv=2, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cq = torch.tensor([0, *torch.tensor(lengths_q, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+    ck = torch.tensor([0, *torch.tensor(lengths_k, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, Hq, int(cq[-1]), D, generator=g, dtype=F64)
+    k = torch.randn(1, Hkv, int(ck[-1]), D, generator=g, dtype=F64)
+    v = torch.randn(1, Hkv, int(ck[-1]), D, generator=g, dtype=F64)
+    return q, k, v, cq, ck
+
+
+def block_diagonal(cq, ck, causal):
+    """The dense mask of packed sequences: query i of sequence s sees key j of s (bottom-right causal)."""
+    Tq, Tk = int(cq[-1]), int(ck[-1])
+    mask = torch.zeros(Tq, Tk, dtype=torch.bool)
+    for (q0, q1), (k0, k1) in zip(zip(cq.tolist(), cq[1:].tolist()), zip(ck.tolist(), ck[1:].tolist())):
+        block = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool)
+        if causal:
+            block = distance(q1 - q0, k1 - k0) <= 0
+        mask[q0:q1, k0:k1] = block
+    return mask
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=5), causal=st.booleans(),
+       method=st.sampled_from(["exact", "naive", "exact_tiled"]), decode=st.booleans())
+def test_varlen_equals_the_dense_block_diagonal_mask(lengths, causal, method, decode):
+    lengths_q = [min(n, 2) for n in lengths] if decode else lengths  # a decode step: fewer queries than keys
+    q, k, v, cq, ck = packed(lengths_q, lengths)
+    out, lse = az.attention(q, k, v, method=method, causal=causal, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                            return_lse=True)
+    want = dense(q, k, v, causal=False, mask=block_diagonal(cq, ck, causal))
+    torch.testing.assert_close(out, want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(lse, want[1], atol=1e-12, rtol=1e-10, check_dtype=False)  # no query: fp32 lse
+
+
+@pytest.mark.parametrize("method,params", [("sliding_window", {"window": 4}), ("streaming", {"sinks": 2, "window": 3}),
+                                           ("linear", {}), ("lightning", {}), ("gla", {})])
+def test_varlen_sparse_and_linear_equal_the_sequences_one_by_one(method, params):
+    """Document boundaries reset sparse layouts and linear states: each sequence as its own call."""
+    lengths = [7, 0, 12, 1, 5]
+    q, k, v, cq, _ = packed(lengths, lengths, Hq=2, Hkv=2)
+    q, k, v = q.float(), k.float(), v.float()
+    extra = {"g": -torch.rand(1, 2, q.shape[2], 8)} if method == "gla" else {}
+    out = az.attention(q, k, v, method=method, causal=True, cu_seqlens_q=cq, cu_seqlens_k=cq, **params, **extra)
+    for a, b in zip(cq.tolist(), cq[1:].tolist()):
+        if b > a:
+            one = az.attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], method=method, causal=True, **params,
+                               **{n: t[:, :, a:b] for n, t in extra.items()})
+            torch.testing.assert_close(out[:, :, a:b], one, atol=1e-6, rtol=1e-5)
+
+
+def test_varlen_with_sinks_score_mod_and_gradients():
+    q, k, v, cq, ck = packed([4, 6, 3], [4, 6, 3])
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    sinks = torch.randn(4, dtype=F64, requires_grad=True)
+    slopes = mods.alibi_slopes(4).to(F64)
+    got = az.attention(q, k, v, method="exact", causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, sinks=sinks,
+                       score_mod=mods.alibi(slopes), return_lse=True)
+    outs, lses = [], []
+    for a, b in zip(cq.tolist(), cq[1:].tolist()):
+        o, ls = dense(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=True, sinks=sinks,
+                      bias=slopes[:, None, None] * distance(b - a, b - a))
+        outs.append(o)
+        lses.append(ls)
+    assert_same_grads(got, (torch.cat(outs, 2), torch.cat(lses, 2)), [q, k, v, sinks])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 3, 9], dtype=torch.int32)), "cu_seqlens_k"),
+    (dict(cu_seqlens_q=torch.tensor([1, 9], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 9])), "starting at 0"),
+    (dict(cu_seqlens_q=torch.tensor([0, 5, 3, 9]), cu_seqlens_k=torch.tensor([0, 3, 3, 9])), "non-decreasing"),
+    (dict(cu_seqlens_q=torch.tensor([0, 8]), cu_seqlens_k=torch.tensor([0, 9])), "packed length 9"),
+    (dict(cu_seqlens_q=torch.tensor([0.0, 9.0]), cu_seqlens_k=torch.tensor([0, 9])), "int32"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 9]), cu_seqlens_k=torch.tensor([0, 9])), "as many sequences"),
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 9]), cu_seqlens_k=torch.tensor([0, 4, 9]), max_seqlen_q=3),
+     "max_seqlen_q"),
+    (dict(cu_seqlens_q=torch.tensor([0, 9]), cu_seqlens_k=torch.tensor([0, 9]),
+          key_padding_mask=torch.ones(1, 9, dtype=torch.bool)), "key_padding_mask"),
+])
+def test_varlen_bad_offsets_are_named(kwargs, match):
+    q, k, v, _, _ = packed([9], [9])
+    with pytest.raises(az.AttnZooError, match=match):
+        az.attention(q, k, v, method="exact", **kwargs)
+
+
+def test_varlen_needs_batch_one():
+    q, k, v = qkv(grad=False, Nq=4, Nk=4)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(az.AttnZooError, match="packed"):
+        az.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+
+
+# ---------------------------------------------------------- unsupported
+@pytest.mark.parametrize("method,kwargs,match", [
+    ("sliding_window", dict(score_mod=mods.softcap(3.0), window=4), "score_mod"),
+    ("flash_decode", dict(score_mod=mods.softcap(3.0)), "score_mod"),
+    ("linear", dict(sinks=torch.zeros(4, dtype=F64)), "sinks"),
+    ("linformer", dict(cu_seqlens_q=torch.tensor([0, 13], dtype=torch.int32),
+                       cu_seqlens_k=torch.tensor([0, 13], dtype=torch.int32)), "cu_seqlens"),
+])
+def test_methods_refuse_what_they_do_not_declare(method, kwargs, match):
+    q, k, v = qkv(B=1, grad=False, Nq=13)
+    with pytest.raises(az.UnsupportedError, match=match):
+        az.attention(q, k, v, method=method, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(score_mod=lambda s, b, h: s), "5 positional"),
+    (dict(score_mod="softcap"), "callable"),
+    (dict(score_mod=lambda s, b, h, qi, kj: s.sum()), "shape"),
+    (dict(sinks=torch.zeros(3, dtype=F64)), r"shape \(4,\)"),
+    (dict(sinks=torch.tensor([0, 0, 0, math.nan], dtype=F64)), "finite"),
+    (dict(sinks=torch.zeros(4, dtype=torch.long)), "floating"),
+])
+def test_bad_score_mods_and_sinks_are_named(kwargs, match):
+    q, k, v = qkv(grad=False)
+    with pytest.raises(az.AttnZooError, match=match):
+        az.attention(q, k, v, method="exact", **kwargs)
+
+
+@pytest.mark.parametrize("build,match", [(lambda: mods.softcap(0), "cap"), (lambda: mods.alibi(torch.ones(2, 2)), "1-D"),
+                                         (lambda: mods.relative_bias(torch.ones(4, 6)), "odd"),
+                                         (lambda: mods.alibi_slopes(0), "positive")])
+def test_bad_helper_arguments(build, match):
+    with pytest.raises(az.AttnZooError, match=match):
+        build()
+
+
+# ------------------------------------------------------------ pack / unpack
+@pytest.mark.parametrize("shape", [(3, 4, 6, 5), (3, 6, 5), (3, 6)])
+def test_pack_unpack_round_trip(shape):
+    x = torch.randn(*shape)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    p, cu = az.pack(x, mask)
+    assert cu.tolist() == [0, 3, 7, 13] and cu.dtype == torch.int32
+    assert p.shape[0] == 1 and p.shape[2 if x.dim() == 4 else 1] == 13
+    u = az.unpack(p, mask)
+    keep = mask.bool().view(3, *([1] if x.dim() == 4 else []), 6, *([1] * (x.dim() - 2 - (x.dim() == 4))))
+    torch.testing.assert_close(u, x * keep)
+
+
+def test_padded_batch_equals_packed_batch():
+    q, k, v = qkv(B=3, Hq=4, Hkv=2, Nq=6, Nk=6, grad=False)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).bool()
+    (pq, cu), (pk, _), (pv, _) = az.pack(q, mask), az.pack(k, mask), az.pack(v, mask)
+    out = az.unpack(az.attention(pq, pk, pv, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), mask)
+    for b in range(3):
+        m = mask[b]
+        one = az.attention(q[b:b + 1, :, m], k[b:b + 1, :, m], v[b:b + 1, :, m], causal=True)
+        torch.testing.assert_close(out[b:b + 1, :, m], one)
+
+
+def test_pack_refuses_bad_masks():
+    with pytest.raises(az.AttnZooError, match="attention_mask"):
+        az.pack(torch.randn(2, 5, 3), torch.ones(2, 4))
+    with pytest.raises(az.AttnZooError, match="0/1"):
+        az.pack(torch.randn(2, 5, 3), torch.full((2, 5), 2))
+    with pytest.raises(az.AttnZooError, match="packed"):
+        az.unpack(torch.randn(1, 4, 3), torch.ones(2, 5))
