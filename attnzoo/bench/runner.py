@@ -89,7 +89,7 @@ class Suite:
         if not self.workloads:
             raise AttnZooError("bench: --workload expected at least one workload, got none")
         for spec in self.workloads:
-            workloads.check_params(*parse_workload(spec))
+            workloads.WORKLOADS.check(*parse_workload(spec))
 
 
 PRESETS = {

@@ -14,7 +14,6 @@ planted key beats an ordinary key by about e^8 in the softmax, whatever D is.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,24 +283,6 @@ def _cached_capture(model: str | None, text: str | None, length: int, batch: int
     from . import capture as cap
 
     return cap.capture_qkv(model, text, length=length, batch=batch)
-
-
-_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "None": (type(None),)}
-
-
-def check_params(name: str, params: dict) -> None:
-    """Refuse a parameter ``name``'s generator does not take, or a value of the wrong type, naming both."""
-    if name not in WORKLOADS:
-        raise AttnZooError(f"workload: unknown workload {name!r}; available: {', '.join(WORKLOADS)}")
-    accepted = dict(list(inspect.signature(WORKLOADS[name].build).parameters.items())[2:])  # after shape, gen
-    for key, value in params.items():
-        if key not in accepted:
-            raise AttnZooError(f"workload {name}: unknown parameter {key!r}; valid parameters: "
-                               f"{', '.join(accepted) or 'none'}")
-        annotation = str(accepted[key].annotation)
-        allowed = tuple(t for part in annotation.split("|") for t in _TYPES.get(part.strip(), ()))
-        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
-            raise AttnZooError(f"workload {name}: parameter {key!r} expected {annotation}, got {value!r}")
 
 
 def max_length(name: str, params: dict | None = None) -> int | None:
