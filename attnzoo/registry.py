@@ -201,8 +201,10 @@ class Registry(Mapping[str, T]):
     the first read, to import the modules that register built-in entries.
     """
 
-    def __init__(self, kind: str, *, load: Callable[[], None] | None = None, listing: str | None = None) -> None:
+    def __init__(self, kind: str, *, load: Callable[[], None] | None = None, listing: str | None = None,
+                 owner: str = "{name}") -> None:
         self.kind = kind
+        self._owner = owner  # how parameter errors name an entry, e.g. "workload {name}"
         self._entries: dict[str, T] = {}
         self._load = load
         self._listing = listing  # how the error points at the list (default: the names themselves)
@@ -250,12 +252,12 @@ class Registry(Mapping[str, T]):
 
     def check(self, name: str, params: Mapping[str, Any]) -> None:
         """Check ``params`` against entry ``name`` without building it (e.g. before a long run starts)."""
-        check_params(name, self.lookup(name), params)
+        check_params(self._owner.format(name=name), self.lookup(name), params)
 
     def build(self, name: str, **params: Any) -> Any:
         """A class entry instantiated with ``params``, a function entry bound to them; both checked first."""
         entry = self.lookup(name)
-        check_params(name, entry, params)
+        check_params(self._owner.format(name=name), entry, params)
         if isinstance(entry, type):
             return entry(**params)
         return functools.partial(entry, **params)

@@ -50,7 +50,7 @@ class Shape:
 
 
 #: workload generators ``fn(shape, gen, **params)`` by name; their parameters are the ones with a default
-WORKLOADS: Registry[Callable[..., tuple]] = Registry("workload")
+WORKLOADS: Registry[Callable[..., tuple]] = Registry("workload", owner="workload {name}")
 
 
 def workload(name: str):
