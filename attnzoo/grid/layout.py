@@ -185,3 +185,26 @@ def flat_window_order(coords: torch.Tensor, window, axis: int = 0, shift=0) -> t
     for a in rest:  # then the chosen axis, then the others
         key = key * int(win[a]) + inner[:, a]
     return torch.argsort(key, stable=True)
+
+
+def shifted_window_partition(x: torch.Tensor, window, shift=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups of :func:`window_ids` as full windows: ``(B, *grid, C)`` -> ``(B, n_windows, prod(window), C)``
+    and the valid-token mask ``(n_windows, prod(window))``. The grid is zero-padded in front by
+    ``window - shift`` (mod window) and at the end; padded tokens are invalid. Relative offsets between the
+    valid tokens of a window are those of the grid (what a relative position bias reads)."""
+    grid = tuple(x.shape[1:-1])
+    win = per_axis(window, len(grid), "window")
+    front = [(w - s) % w for w, s in zip(win, per_axis(shift, len(grid), "shift"))]
+    spec = [p for f in reversed(front) for p in (f, 0)]
+    xw, _ = window_partition(F.pad(x, [0, 0] + spec), win)
+    ones = F.pad(torch.ones(1, *grid, 1, device=x.device), [0, 0] + spec)
+    valid, _ = window_partition(ones, win)
+    return xw, valid[0, ..., 0].bool()
+
+
+def shifted_window_merge(windows: torch.Tensor, grid: tuple[int, ...], window, shift=0) -> torch.Tensor:
+    """Inverse of :func:`shifted_window_partition`."""
+    win = per_axis(window, len(grid), "window")
+    front = [(w - s) % w for w, s in zip(win, per_axis(shift, len(grid), "shift"))]
+    x = window_merge(windows, tuple(g + f for g, f in zip(grid, front)), win)
+    return x[(slice(None),) + tuple(slice(f, None) for f in front)]

@@ -1,0 +1,182 @@
+"""Linear-state and memory mixers on the chunked linear engine (``core/linear.py``): ScatterFormer (V9),
+ESSA (V10), LightNet (V11), Titans' linear neural memory (V19) and the Reactive Transformer's short-term
+memory (V20). Each maps ``x (B, N, C)`` (a row-major ``grid`` or a sequence) to ``(B, N, C)``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import grid as G
+from ...api import attention
+from ...core.features import elu_plus_one
+from ...core.linear import LinearState, linear_attention
+from ..linear import _check_width, _merge_heads, _split_heads
+from .attention import GlobalAttention, _QKV
+
+
+def windowed_linear_attention(q, k, v, window_id: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """ScatterFormer's scattered linear attention: per window ``w`` the state ``S_w = Σ_{j∈w} φ(k_j)ᵀv_j``,
+    ``z_w = Σ_{j∈w} φ(k_j)`` (φ = elu+1), ``o_i = φ(q_i)S_{w(i)} / (φ(q_i)·z_{w(i)} + eps)``, for all windows at
+    once (``window_id (N,)``; windows need not be contiguous or equal)."""
+    fq, fk = elu_plus_one(q), elu_plus_one(k)
+    n_win = int(window_id.max()) + 1
+    kv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+    states = fk.new_zeros(*fk.shape[:2], n_win, fk.shape[-1], kv.shape[-1])
+    states.index_add_(2, window_id, fk.unsqueeze(-1) * kv.unsqueeze(-2))
+    out = (fq.unsqueeze(-2) @ states[:, :, window_id]).squeeze(-2)
+    return out[..., :-1] / (out[..., -1:] + eps)
+
+
+class ScatterFormerAttention(_QKV):
+    """ScatterFormer: linear attention inside each ``window × window`` window of the grid (one segmented
+    pass, no padding), plus a cross-window depthwise 3×3 convolution on the map instead of shifting."""
+
+    def __init__(self, dim: int, heads: int = 4, window: int = 4):
+        super().__init__(dim, heads, "ScatterFormerAttention")
+        self.window = window
+        self.cross = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x, grid):
+        grid = G.check_grid(grid, x.shape[1], dims=(2,))
+        q, k, v = self.split(x)
+        out = _merge_heads(windowed_linear_attention(q, k, v, G.window_ids(grid, self.window, device=x.device)))
+        return self.proj(out + G.from_channels_first(self.cross(G.to_channels_first(x, grid))))
+
+
+def essa_attention(q, k, v, eps: float = 1e-6) -> torch.Tensor:
+    """ESSA's spectral-correlation kernel attention with the first-order surrogate ``1 + q̂·k̂`` (q̂, k̂
+    centred over channels and L2-normalised): ``O_i = (Σ_j v_j + q̂_i·K̂ᵀV) / (N + q̂_i·Σ_j k̂_j)``, as a
+    non-causal normalised linear attention with features ``[1, q̂]`` and ``[1, k̂]``."""
+    def feat(t):
+        t = F.normalize(t - t.mean(-1, keepdim=True), dim=-1)
+        return torch.cat([torch.ones_like(t[..., :1]), t], dim=-1)
+    out, _ = linear_attention(feat(q), feat(k), v, causal=False, normalize=True, eps=eps)
+    return out
+
+
+class ESSAAttention(_QKV):
+    """ESSA (V10): multi-head spectral-correlation linear attention (:func:`essa_attention`)."""
+
+    def __init__(self, dim: int, heads: int = 4):
+        super().__init__(dim, heads, "ESSAAttention")
+
+    def forward(self, x, grid=None):
+        return self.proj(_merge_heads(essa_attention(*self.split(x))))
+
+
+def lightnet_attention(q, f, v, *, causal: bool, form: str = "chunked", chunk: int = 64) -> torch.Tensor:
+    """LightNet's additive recurrence on ``SiLU(q)``: per channel ``z_t = logaddexp(z_{t-1}, f_t)``,
+    ``k_t = exp(f_t - z_t)``, decay ``λ_t = exp(z_{t-1} - z_t)``, so ``S_t`` is the softmax-weighted prefix sum
+    ``Σ_{j≤t} exp(f_j) v_jᵀ / Σ_{j≤t} exp(f_j)``; non-causal uses one global ``S = Σ_j softmax_j(f) v_jᵀ``."""
+    q = F.silu(q)
+    if not causal:
+        out, _ = linear_attention(q, f.softmax(dim=2), v, causal=False)
+        return out
+    z = torch.logcumsumexp(f if f.dtype == torch.float64 else f.float(), dim=2)
+    prev = F.pad(z, (0, 0, 1, 0), value=float("-inf"))[:, :, :-1]
+    gate = (prev - z).clamp(max=0).to(q.dtype)
+    out, _ = linear_attention(q, (f - z).exp().to(q.dtype), v, causal=True, gate=gate, form=form, chunk=chunk)
+    return out
+
+
+class LightNetAttention(nn.Module):
+    """LightNet (V11): :func:`lightnet_attention` per head, then a group norm and a low-rank sigmoid output
+    gate. Non-causal on grids (one scan for any token order); ``causal=True`` for sequences."""
+
+    def __init__(self, dim: int, heads: int = 4, gate_rank: int = 16, causal: bool = False):
+        super().__init__()
+        _check_width("LightNetAttention", dim, heads)
+        self.heads, self.causal = heads, causal
+        self.qfv = nn.Linear(dim, 3 * dim)
+        self.norm = nn.GroupNorm(heads, dim)
+        self.gate = nn.Sequential(nn.Linear(dim, gate_rank, bias=False), nn.Linear(gate_rank, dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, grid=None):
+        q, f, v = (_split_heads(t, self.heads) for t in self.qfv(x).chunk(3, dim=-1))
+        o = _merge_heads(lightnet_attention(q, f, v, causal=self.causal))
+        o = self.norm(o.transpose(1, 2)).transpose(1, 2)
+        return self.proj(o * torch.sigmoid(self.gate(x)))
+
+
+def titans_memory(q, k, v, theta, alpha, memory: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Titans' linear neural memory read after each update: memory ``M (B, H, Dk, Dv)`` learns at test time
+    by a gradient step on ``ℓ_t = ‖k_t M - v_t‖²`` with data-dependent step ``θ_t`` and forgetting ``α_t``
+    (``(B, H, N, 1)``): ``M_t = (1 - α_t) M_{t-1} - θ_t ∇ℓ_t``, ``y_t = q_t M_t``. Within a chunk the gradients
+    are taken at the chunk-start memory (Titans' mini-batch form); ``-θ_t∇ℓ_t = k_tᵀ w_t`` with
+    ``w_t = 2θ_t(v_t - k_t M_c)`` is a rank-one update, so each chunk is one gated linear-attention call
+    carrying ``M`` as the state. This is the momentum-free form (η = 0). Returns ``(y, final M)``."""
+    state = LinearState(memory, None, 0)
+    outs = []
+    log_keep = torch.log1p(-alpha.clamp(max=1.0 - 1e-6))
+    for c0 in range(0, q.shape[2], chunk):
+        sl = slice(c0, c0 + chunk)
+        w = 2 * theta[:, :, sl] * (v[:, :, sl] - k[:, :, sl] @ state.kv)
+        out, state = linear_attention(q[:, :, sl], k[:, :, sl], w, causal=True, gate=log_keep[:, :, sl],
+                                      chunk=chunk, state=state)
+        outs.append(out)
+    return torch.cat(outs, dim=2), state.kv
+
+
+class TitansMemory(nn.Module):
+    """Titans (V19), linear memory variant as a mixer over the tokens in order: per head a ``Dk × Dv``
+    memory (learned initial value) updated at test time by :func:`titans_memory`; ``θ_t = θ_max·σ(·)`` and
+    ``α_t = σ(·)`` come from the token."""
+
+    def __init__(self, dim: int, heads: int = 4, chunk: int = 64, theta_max: float = 0.5):
+        super().__init__()
+        _check_width("TitansMemory", dim, heads)
+        self.heads, self.chunk, self.theta_max = heads, chunk, theta_max
+        d = dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.gates = nn.Linear(dim, 2 * heads)
+        self.memory0 = nn.Parameter(torch.zeros(heads, d, d))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, grid=None):
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        th, al = torch.sigmoid(self.gates(x)).transpose(1, 2).unsqueeze(-1).chunk(2, dim=1)
+        mem = self.memory0.expand(x.shape[0], -1, -1, -1)
+        y, _ = titans_memory(q, k, v, self.theta_max * th, al, mem, self.chunk)
+        return self.proj(_merge_heads(y))
+
+
+class RxTLayer(nn.Module):
+    """Reactive Transformer (V20) decoder mixer: causal self-attention over the current interaction plus
+    memory cross-attention to the short-term memory ``stm (B, S, C)`` of the previous turns (none = a stateless
+    decoder). :meth:`update` writes a finished interaction into the memory: ``ED = Encoder(interaction)``,
+    ``U = Attn(Q=STM, K=V=ED)``, ``G = σ(Linear(STM + U))``, ``STM' = (1-G)⊙STM + G⊙U``."""
+
+    def __init__(self, dim: int, heads: int = 4, slots: int = 8):
+        super().__init__()
+        _check_width("RxTLayer", dim, heads)
+        self.heads = heads
+        self.self_attn = _QKV(dim, heads, "RxTLayer")
+        self.cross = _QKV(dim, heads, "RxTLayer")
+        self.encoder = GlobalAttention(dim, heads)
+        self.mem_attn = _QKV(dim, heads, "RxTLayer")
+        self.gate = nn.Linear(dim, dim)
+        self.stm0 = nn.Parameter(torch.randn(slots, dim) * 0.02)
+
+    def initial_memory(self, batch: int) -> torch.Tensor:
+        return self.stm0.expand(batch, -1, -1)
+
+    def _attend(self, mod: _QKV, xq, xkv, **kw):
+        q = _split_heads(mod.qkv(xq)[..., :xq.shape[-1]], self.heads)
+        _, k, v = mod.split(xkv)
+        return mod.proj(_merge_heads(attention(q, k, v, method="exact", **kw)))
+
+    def forward(self, x, grid=None, stm: torch.Tensor | None = None):
+        y = self._attend(self.self_attn, x, x, causal=True)
+        if stm is not None and stm.shape[1]:
+            y = y + self._attend(self.cross, x, stm)
+        return y
+
+    def update(self, stm: torch.Tensor, interaction: torch.Tensor) -> torch.Tensor:
+        ed = interaction + self.encoder(interaction)
+        u = self._attend(self.mem_attn, stm, ed)
+        g = torch.sigmoid(self.gate(stm + u))
+        return (1 - g) * stm + g * u
