@@ -6,8 +6,10 @@ with a message naming the argument, what was expected and what was given.
 
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -143,3 +145,17 @@ def check_flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise AttnZooError(f"{name}: expected True or False, got {value!r} ({type(value).__name__})")
     return value
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any]:
+    """``["window=32", "score='max'"]`` -> ``{"window": 32, "score": "max"}`` (values as Python literals, else str)."""
+    out = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise AttnZooError(f"--param: expected NAME=VALUE, got {item!r}")
+        try:
+            out[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[name] = text
+    return out

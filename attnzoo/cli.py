@@ -1,4 +1,4 @@
-"""The ``attnzoo`` command line: ``list``, ``info NAME``, ``eval-model``, ``bench``, ``report``, ``capture``.
+"""The ``attnzoo`` command line: ``list``, ``info NAME``, ``eval-model``, ``bench``, ``report``, ``capture``, ``task``.
 
 Only typer and rich load at start-up, so ``attnzoo --help`` and ``--version`` answer at once: torch and
 the rest of attnzoo are imported inside the commands that need them. Subcommands live in their own
@@ -149,6 +149,10 @@ _register_bench(app)
 from .eval.cli import register as _register_eval  # noqa: E402  (models, eval)
 
 _register_eval(app)
+
+from .train.cli import app as _task_app  # noqa: E402  (attnzoo task ...)
+
+app.add_typer(_task_app, name="task")
 
 
 def main() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import platform
 from typing import Any
 
@@ -11,26 +10,13 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
+from ..checks import parse_params  # noqa: F401  (re-exported: the --param parser)
 from ..errors import AttnZooError
 from .evaluate import SENTENCES, evaluate_methods, load_encoder, load_sentences, minilm_path
 
 
 def _fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
-
-
-def parse_params(items: list[str] | None) -> dict[str, Any]:
-    """``["window=32", "score='max'"]`` -> ``{"window": 32, "score": "max"}`` (values as Python literals, else str)."""
-    out = {}
-    for item in items or []:
-        name, sep, text = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise AttnZooError(f"--param: expected NAME=VALUE, got {item!r}")
-        try:
-            out[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[name] = text
-    return out
 
 
 def eval_model_table(console: Console, *, model: str | None, sentences: str | None, methods: list[str] | None,

@@ -1,0 +1,207 @@
+"""``attnzoo task ...``: train tiny models on trained tasks and compare mixers.
+
+``attnzoo task list`` shows the tasks and mixers, ``attnzoo task train NAME``
+trains one model, ``attnzoo task mqar`` sweeps mixers × model dims × pairs
+(results appended, resumable, with a report), ``attnzoo task report`` rebuilds a
+report. Registered on the main app by :mod:`attnzoo.cli`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import AttnZooError
+
+app = typer.Typer(help="Train tiny models on synthetic tasks (MQAR, ListOps, retrieval, passkey_train) per mixer.",
+                  no_args_is_help=True, add_completion=False)
+console = Console(width=None if Console().is_terminal else 160)
+RESULTS_ROOT = Path("task-results")
+
+#: quick mode: the MQAR grid and budget that fit in about ten minutes on two cores
+QUICK = {"dims": (64,), "pairs": (4, 8), "steps": 400, "eval_size": 256, "batch": 32}
+#: window sizes small enough that local mixers cannot see every pair at once (the defaults cover the sequence)
+MQAR_MIXER_PARAMS = {"sliding_window": {"window": 16}, "based": {"window": 16, "feature_dim": 16}}
+
+
+def _fail(e: AttnZooError) -> typer.Exit:
+    console.print(f"[red]error:[/] {escape(str(e))}")
+    return typer.Exit(2)
+
+
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise AttnZooError(f"task: {option} expected comma-separated integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise AttnZooError(f"task: {option} expected positive integers, got {text!r}")
+    return out
+
+
+def _mixer_params(items: list[str] | None) -> dict[str, dict]:
+    """``["based:window=16"]`` -> ``{"based": {"window": 16}}``."""
+    from ..checks import parse_params
+
+    out: dict[str, dict] = {}
+    for item in items or []:
+        mixer, sep, rest = item.partition(":")
+        if not sep:
+            raise AttnZooError(f"--mixer-param: expected MIXER:NAME=VALUE, got {item!r}")
+        out.setdefault(mixer, {}).update(parse_params([rest]))
+    return out
+
+
+def print_table(cases: list[dict], task: str) -> None:
+    from .report import accuracy_table
+
+    headers, rows = accuracy_table(cases, task)
+    table = Table(title=f"{task}: held-out accuracy")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
+def _announce(record: dict) -> None:
+    from .report import setting
+
+    what = f"{record['mixer']} d={record['d_model']} {setting(record)}"
+    if record["status"] == "ok":
+        console.print(f"  {escape(what)}: accuracy {record['accuracy']:.3f} in {record['steps']} steps "
+                      f"({record['seconds']:.0f} s, {record['stopped']})")
+    else:
+        console.print(f"  {escape(what)}: [red]failed[/] {escape(record.get('reason', ''))}")
+
+
+@app.command("list")
+def list_tasks() -> None:
+    """Print the trained tasks with their parameters, and every mixer name."""
+    from ..tasks import tasks
+    from .mixers import mixer_names
+
+    table = Table(title="trained tasks")
+    for col in ("name", "output", "parameters (default)"):
+        table.add_column(col)
+    for name, cls in sorted(tasks().items()):
+        if cls.kind == "trained":
+            ps = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+            table.add_row(name, cls.output, ps)
+    console.print(table)
+    console.print("mixers (causal): " + ", ".join(mixer_names(causal=True)))
+
+
+@app.command("train")
+def train(
+    task: str = typer.Argument(..., help="a trained task (see `attnzoo task list`)"),
+    mixer: str = typer.Option("exact", help="a registered method or learned layer; comma-separated = one per layer"),
+    param: list[str] = typer.Option(None, help="task parameter NAME=VALUE (repeatable)"),
+    mixer_param: list[str] = typer.Option(None, help="mixer parameter NAME=VALUE (repeatable)"),
+    d_model: int = typer.Option(64, min=1), layers: int = typer.Option(2, min=1), heads: int = typer.Option(2, min=1),
+    conv: int = typer.Option(4, min=0, help="short causal convolution before each mixer (0: none)"),
+    steps: int = typer.Option(2000, min=1), lr: float = typer.Option(3e-3), batch: int = typer.Option(64, min=1),
+    eval_size: int = typer.Option(512, min=1), target: float = typer.Option(0.99), seed: int = typer.Option(0),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Train one tiny model on one task and print its held-out accuracy."""
+    import torch
+
+    from ..checks import parse_params
+    from .sweep import TrainConfig, make_case, train_case
+
+    torch.set_num_threads(threads)
+    try:
+        plan = mixer.split(",")
+        cfg = TrainConfig(d_model=d_model, n_layers=layers, n_heads=heads, conv=conv, steps=steps, lr=lr,
+                          batch=batch, eval_size=eval_size, target=target, seed=seed)
+        case = make_case(task, parse_params(param), plan[0] if len(plan) == 1 else plan,
+                         parse_params(mixer_param), cfg)
+        record = train_case(case, progress=progress)
+    except AttnZooError as e:
+        raise _fail(e) from None
+    console.print(f"{task} / {mixer} d={d_model}: held-out accuracy [bold]{record['accuracy']:.4f}[/] "
+                  f"(best at step {record['best_step']}, stopped: {record['stopped']} after {record['steps']} steps, "
+                  f"{record['seconds']:.1f} s; {record['parameters']} parameters, state {record['state_size']} floats)")
+
+
+@app.command("mqar")
+def mqar(
+    mixers: str = typer.Option("exact,sliding_window,gla,based,linear,lightning,aaren",
+                               help="comma-separated mixers (methods or learned layers)"),
+    dims: Optional[str] = typer.Option(None, help="model dimensions, comma-separated (default 64,128; quick: 64)"),
+    pairs: Optional[str] = typer.Option(None, help="key-value pairs, comma-separated (default 8,32,64; quick: 4,8)"),
+    seq_len: Optional[int] = typer.Option(None, min=8, help="tokens per sequence (default max(64, 4·pairs))"),
+    vocab: int = typer.Option(256, min=8, help="vocabulary size"),
+    mixer_param: list[str] = typer.Option(None, help="MIXER:NAME=VALUE (repeatable); defaults: " + ", ".join(
+        f"{m}:{k}={v}" for m, ps in MQAR_MIXER_PARAMS.items() for k, v in ps.items())),
+    steps: Optional[int] = typer.Option(None, min=1, help="most training steps per model (default 2000; quick 400)"),
+    lr: float = typer.Option(3e-3), layers: int = typer.Option(2, min=1), heads: int = typer.Option(2, min=1),
+    quick: bool = typer.Option(False, help=f"small grid and budget (about 10 minutes on 2 cores): {QUICK}"),
+    out: Optional[Path] = typer.Option(None, help=f"results folder (default {RESULTS_ROOT}/mqar-<time>)"),
+    resume: bool = typer.Option(False, help="continue the results in --out (default: the latest run)"),
+    report: bool = typer.Option(True, help="write report.html next to the results"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Zoology's MQAR: accuracy of a 2-layer model per mixer × model dimension × number of pairs."""
+    import torch
+
+    from .sweep import TrainConfig, grid, run_sweep
+
+    torch.set_num_threads(threads)
+    try:
+        dim_list = _ints(dims, "--dims") if dims else (QUICK["dims"] if quick else (64, 128))
+        pair_list = _ints(pairs, "--pairs") if pairs else (QUICK["pairs"] if quick else (8, 32, 64))
+        budget = {k: QUICK[k] for k in ("steps", "eval_size", "batch")} if quick else {}
+        if steps:
+            budget["steps"] = steps
+        cfg = TrainConfig(n_layers=layers, n_heads=heads, lr=lr, seed=seed, **budget)
+        task_grid = [{"pairs": p, "seq_len": seq_len or max(64, 4 * p), "vocab_size": vocab} for p in pair_list]
+        params = {**MQAR_MIXER_PARAMS}
+        for m, ps in _mixer_params(mixer_param).items():
+            params[m] = {**params.get(m, {}), **ps}
+        mixer_list = [m for m in mixers.split(",") if m]
+        cases = grid("mqar", mixer_list, dim_list, task_grid, cfg, params)
+        if out is None:
+            runs = sorted(RESULTS_ROOT.glob("mqar-*/results.jsonl"), key=lambda p: p.stat().st_mtime)
+            if resume and not runs:
+                raise AttnZooError(f"task: --resume found no run under {RESULTS_ROOT}/; pass --out FOLDER")
+            out = runs[-1].parent if resume else RESULTS_ROOT / f"mqar-{dt.datetime.now():%Y%m%d-%H%M%S}"
+        console.print(f"MQAR: {len(cases)} models ({len(mixer_list)} mixers × {len(dim_list)} dims × "
+                      f"{len(pair_list)} pair counts) -> {out}")
+        run_sweep(cases, out, resume=resume, on_case=_announce,
+                  suite={"mixers": mixer_list, "dims": list(dim_list), "pairs": list(pair_list), "quick": quick,
+                         **dataclasses.asdict(cfg)})
+    except AttnZooError as e:
+        raise _fail(e) from None
+    from .sweep import load_cases
+
+    print_table(load_cases(out), "mqar")
+    if report:
+        from .report import build_report
+
+        console.print(f"report: {build_report(out)}")
+
+
+@app.command("report")
+def report_cmd(results: Path = typer.Argument(..., help="a results folder or results.jsonl")) -> None:
+    """Print the accuracy tables of a results file and write its report.html."""
+    from .report import build_report
+    from .sweep import load_cases
+
+    try:
+        cases = load_cases(results)
+        for task in dict.fromkeys(c["task"] for c in cases):
+            print_table(cases, task)
+        console.print(f"report: {build_report(results)}")
+    except AttnZooError as e:
+        raise _fail(e) from None

@@ -1,0 +1,108 @@
+"""Tables and plots of trained-task results: accuracy by mixer × model dimension × task setting.
+
+``accuracy_table`` is what ``attnzoo task`` prints; :func:`build_report` writes
+``report.html`` next to the results file with accuracy-vs-dimension and
+accuracy-vs-state-size plots (the bench report's page machinery and styles).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from ..bench.report import _CSS, _figure, _pyplot, _slug, _style, _table
+from ..bench.results import ResultsFile
+
+#: task parameters that vary along a sweep's columns, per task (others are fixed per run)
+SETTING = {"mqar": "pairs", "listops": "max_depth", "retrieval": "seq_len", "passkey_train": "seq_len"}
+
+
+def setting(case: dict) -> str:
+    """The short label of a case's task setting, e.g. ``pairs=32`` (every task parameter otherwise)."""
+    tp = case["task_params"]
+    key = SETTING.get(case["task"])
+    if key in tp:
+        return f"{key}={tp[key]}"
+    return ",".join(f"{k}={v}" for k, v in sorted(tp.items())) or "default"
+
+
+def accuracy_table(cases: list[dict], task: str) -> tuple[list[str], list[list[str]]]:
+    """Rows: mixers (in first-seen order); columns: (d_model, setting) pairs; cells: held-out accuracy.
+
+    A later record of the same case (a rerun) replaces an earlier one; failed cases show ``failed``."""
+    mine = {}
+    for c in cases:
+        if c["task"] == task:
+            mine[(c["mixer"], c["d_model"], setting(c))] = c
+    cols = sorted({(d, s) for _, d, s in mine}, key=lambda x: (x[0], _order(x[1])))
+    mixers = list(dict.fromkeys(m for m, _, _ in mine))
+    headers = ["mixer"] + [f"d={d} {s}" for d, s in cols]
+    rows = []
+    for m in mixers:
+        row = [m]
+        for d, s in cols:
+            c = mine.get((m, d, s))
+            row.append("" if c is None else f"{c['accuracy']:.3f}" if c["status"] == "ok" else c["status"])
+        rows.append(row)
+    return headers, rows
+
+
+def _order(label: str):
+    try:
+        return (0, float(label.split("=", 1)[1]))
+    except (IndexError, ValueError):
+        return (1, label)
+
+
+def _plot(cases: list[dict], task: str, x: str, path: Path, xlabel: str) -> bool:
+    ok = [c for c in cases if c["task"] == task and c["status"] == "ok" and c.get(x)]
+    if not ok:
+        return False
+    plt = _pyplot()
+    settings = sorted({setting(c) for c in ok}, key=_order)
+    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False, sharey=True)
+    mixers = list(dict.fromkeys(c["mixer"] for c in ok))
+    for ax, s in zip(axes[0], settings):
+        for i, m in enumerate(mixers):
+            pts = sorted((c[x], c["accuracy"]) for c in ok if c["mixer"] == m and setting(c) == s)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **{**_style(i), "markersize": 5})
+        ax.set(xscale="log", xlabel=xlabel, title=f"{task}: {s}", ylim=(-0.02, 1.02))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def build_report(results: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (default: next to the results file) and ``plots/``; returns the page path."""
+    store = ResultsFile(results)
+    contents = store.read()
+    out = Path(out) if out else store.path.parent / "report.html"
+    plots = out.parent / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    cases = contents.cases
+    parts = [f"<h1>attnzoo trained tasks</h1><p>{len(cases)} trained models from "
+             f"<code>{html.escape(str(store.path))}</code>. Accuracy is on a held-out set drawn from a seed stream "
+             "disjoint from training, with the best evaluated weights; state size is the floats a model keeps per "
+             "sequence to decode (recurrent state for linear mixers, keys and values for attention).</p>"]
+    for task in dict.fromkeys(c["task"] for c in cases):
+        headers, rows = accuracy_table(cases, task)
+        parts.append(f"<h2>{html.escape(task)}</h2>" + _table(headers, rows))
+        for x, label in (("d_model", "model dimension"), ("state_size", "decoding state (floats per sequence)")):
+            path = plots / f"{_slug(task)}-accuracy-vs-{x}.png"
+            if _plot(cases, task, x, path, label):
+                parts.append(_figure(path, out.parent, f"{task}: accuracy vs {label}"))
+        failed = [c for c in cases if c["task"] == task and c["status"] != "ok"]
+        if failed:
+            parts.append("<h3>Failed cases</h3>" + _table(["mixer", "d", "setting", "reason"], [
+                [c["mixer"], str(c["d_model"]), setting(c), c.get("reason", "")] for c in failed]))
+    parts.append("<h2>Runs</h2>" + "".join(
+        f"<h3>run {html.escape(r['run_id'])}{' (resumed)' if r.get('resumed') else ''}</h3>"
+        + _table(["key", "value"], [[k, str(v)] for k, v in sorted({**r["machine"], **r["suite"]}.items())])
+        for r in contents.runs))
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>attnzoo trained tasks</title>"
+                   f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
+    return out

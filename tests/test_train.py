@@ -1,0 +1,132 @@
+"""The tiny trainer: seeded models, any mixer, fit reaching a trivially learnable target, the task CLI."""
+
+import pytest
+import torch
+
+from attnzoo import AttnZooError
+from attnzoo.tasks import make_task
+from attnzoo.train import TinyModel, build_mixer, evaluate, fit, mixer_names
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared machine: one thread is many times faster than two contending."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_model_is_seeded_and_leaves_global_rng_alone():
+    state = torch.random.get_rng_state()
+    a = TinyModel(vocab=16, d_model=32, seed=3)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = TinyModel(vocab=16, d_model=32, seed=3)
+    c = TinyModel(vocab=16, d_model=32, seed=4)
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), n
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_every_mixer_trains_a_step(causal):
+    x = torch.randint(16, (2, 48))
+    for name in mixer_names(causal):
+        if name == "block_sparse":
+            continue  # needs a user layout or mask_mod: covered by the sparse tests
+        m = TinyModel(vocab=16, mixer=name, d_model=32, n_heads=2, max_len=48, causal=causal)
+        y = m(x)
+        assert y.shape == (2, 48, 16) and torch.isfinite(y).all(), name
+        y.square().mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in m.parameters() if p.requires_grad), name
+
+
+def test_causal_mixers_do_not_see_the_future():
+    x = torch.randint(16, (1, 32))
+    x2 = x.clone()
+    x2[0, 20:] = (x2[0, 20:] + 1) % 16
+    for name in ("exact", "gla", "aaren", "based", "lightning", "sliding_window"):
+        m = TinyModel(vocab=16, mixer=name, d_model=32, max_len=32, conv=4)
+        torch.testing.assert_close(m(x)[0, :20], m(x2)[0, :20], msg=name)
+
+
+def test_fit_reaches_99_percent_on_easy_mqar():
+    task = make_task("mqar", pairs=2, seq_len=16, vocab_size=24)
+    model = TinyModel(**task.model_config(), mixer="exact", d_model=32, n_heads=2, conv=4)
+    held = task.held_out(256, 256, seed=0)
+    before = evaluate(model, held)
+    result = fit(model, task.batches(32, seed=0), held, steps=600, lr=1e-2, weight_decay=0.0,
+                 eval_every=25, target=0.99, progress=False)
+    assert before < 0.2
+    assert result.stopped == "target" and result.best_metric >= 0.99, result.history
+    assert evaluate(model, held) == result.best_metric  # the best weights are the ones left
+
+
+def test_fit_is_reproducible_and_stops_on_plateau():
+    task = make_task("mqar", pairs=2, seq_len=16, vocab_size=24)
+
+    def run():
+        m = TinyModel(**task.model_config(), mixer="exact", d_model=16, n_heads=1)
+        return fit(m, task.batches(8, seed=1), task.held_out(32, 32, seed=1), steps=40, eval_every=5,
+                   patience=2, lr=1e-9, progress=False)
+
+    a, b = run(), run()
+    assert a.history == b.history
+    assert a.stopped == "plateau" and a.steps < 40
+
+
+def test_bad_arguments():
+    task = make_task("mqar", pairs=2, seq_len=16, vocab_size=24)
+    m = TinyModel(**task.model_config(), d_model=16)
+    with pytest.raises(AttnZooError, match="steps"):
+        fit(m, task.batches(4, 0), task.held_out(4, 4, 0), steps=0, progress=False)
+    with pytest.raises(AttnZooError, match="held_out"):
+        fit(m, task.batches(4, 0), [], progress=False)
+    with pytest.raises(AttnZooError, match="max_len"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(AttnZooError, match="unknown method 'exactt'"):
+        build_mixer("exactt", 16, 2)
+    with pytest.raises(AttnZooError, match="extra inputs"):
+        build_mixer("method:gla", 16, 2)
+    with pytest.raises(AttnZooError, match="unknown parameter"):
+        build_mixer("gla", 16, 2, windw=3)
+    with pytest.raises(AttnZooError, match="causal=True"):
+        build_mixer("aaren", 16, 2, causal=False)
+    with pytest.raises(AttnZooError, match="one name per layer"):
+        TinyModel(vocab=8, n_layers=2, mixer=["exact"])
+
+
+def test_layer_plan_and_state_size():
+    m = TinyModel(vocab=8, d_model=32, n_heads=2, n_layers=3, mixer=["exact", "sliding_window", "lightning"],
+                  mixer_params=None, max_len=64)
+    assert [b.mixer.method for b in m.blocks] == ["exact", "sliding_window", "lightning"]
+    # exact keeps K and V for all 64 tokens; the window (512 > 64) the same; lightning 2 heads of 16x16
+    assert m.state_size(64) == 2 * 64 * 32 * 2 + 2 * 16 * 16
+
+
+def test_task_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+
+    res = CliRunner().invoke(app, ["task", "list"])
+    assert res.exit_code == 0 and "mqar" in res.output and "listops" in res.output
+    out = tmp_path / "run"
+    args = ["task", "mqar", "--mixers", "exact,lightning", "--dims", "16", "--pairs", "2", "--seq-len", "16",
+            "--vocab", "24", "--steps", "10", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "exact" in res.output and (out / "report.html").exists()
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # a run header, two cases
+    res = CliRunner().invoke(app, args)  # the folder holds results: refuse without --resume
+    assert res.exit_code == 2 and "--resume" in res.output
+    res = CliRunner().invoke(app, args + ["--resume"])
+    assert res.exit_code == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4  # nothing retrained, one more header
+    res = CliRunner().invoke(app, ["task", "train", "mqar", "--param", "pairs=2", "--param", "seq_len=16",
+                                   "--param", "vocab_size=24", "--steps", "5", "--d-model", "16", "--no-progress"])
+    assert res.exit_code == 0 and "held-out accuracy" in res.output
+    res = CliRunner().invoke(app, ["task", "train", "mqar", "--param", "pairs=100"])
+    assert res.exit_code == 2 and "seq_len" in res.output
