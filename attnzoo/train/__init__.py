@@ -3,13 +3,31 @@
 >>> from attnzoo.train import TinyModel, fit
 >>> from attnzoo.tasks import make_task
 >>> task = make_task("mqar", pairs=8)
->>> model = TinyModel(**task.model_config(), mixer="based", d_model=64)
+>>> model = TinyModel(**task.model_config(), mixer="based", d_model=64, conv=4)
 >>> result = fit(model, task.batches(64, seed=0), task.held_out(256, 64, seed=0), steps=2000, target=0.99)
+
+The names below load on first use (PEP 562), so ``attnzoo task --help`` starts without torch.
 """
 
-from .fit import IGNORE, FitResult, evaluate, fit, token_accuracy, token_loss
-from .mixers import LAYERS, MethodMixer, build_mixer, mixer_names, register_layer
-from .model import Block, TinyModel
+import importlib
 
-__all__ = ["IGNORE", "LAYERS", "Block", "FitResult", "MethodMixer", "TinyModel", "build_mixer", "evaluate", "fit",
-           "mixer_names", "register_layer", "token_accuracy", "token_loss"]
+#: public name -> the submodule defining it
+_EXPORTS = {
+    **dict.fromkeys(("IGNORE", "FitResult", "evaluate", "fit", "token_accuracy", "token_loss"), ".trainer"),
+    **dict.fromkeys(("LAYERS", "MethodMixer", "build_mixer", "mixer_names", "register_layer"), ".mixers"),
+    **dict.fromkeys(("Block", "ShortConv", "TinyModel"), ".model"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'attnzoo.train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -22,7 +22,7 @@ import torch
 from ..bench.results import ResultsFile, case_key, machine_info
 from ..errors import AttnZooError
 from ..tasks import make_task
-from .fit import fit
+from .trainer import fit
 from .model import TinyModel
 
 
