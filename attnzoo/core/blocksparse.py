@@ -330,23 +330,31 @@ Layout = BlockLayout | TokenLayout
 
 
 # ----------------------------------------------------------------- executor
+def check_layout(layout: Layout, *, batch: int, heads_q: int, heads_kv: int, len_q: int, len_k: int,
+                 causal: bool) -> tuple[int, int]:
+    """Refuse a layout that does not fit these inputs; returns its (batch, head) dims."""
+    lb, lh = (layout.kv_blocks if isinstance(layout, BlockLayout) else layout.kv_tokens).shape[:2]
+    if lb not in (1, batch):
+        raise AttnZooError(f"layout: expected batch dim 1 or {batch}, got {lb}")
+    if lh not in (1, heads_kv, heads_q):
+        raise AttnZooError(f"layout: expected head dim 1, {heads_kv} (KV heads) or {heads_q} (query heads), "
+                           f"got {lh}")
+    if (layout.len_q, layout.len_k) != (len_q, len_k):
+        raise AttnZooError(f"layout: expected len_q={len_q}, len_k={len_k} (the shapes of q and k), got "
+                           f"len_q={layout.len_q}, len_k={layout.len_k}")
+    if isinstance(layout, BlockLayout) and layout.causal and not causal:
+        raise AttnZooError("layout: was built for causal=True (blocks above the diagonal pruned), "
+                           "got causal=False")
+    return lb, lh
+
+
 class _Plan:
     """Everything one executor call needs besides q/k/v: the layout as slots of key units."""
 
     def __init__(self, layout: Layout, *, batch: int, heads_q: int, heads_kv: int, len_q: int, len_k: int,
                  scale: float, causal: bool, q_positions: torch.Tensor | None, device) -> None:
-        lb, lh = (layout.kv_blocks if isinstance(layout, BlockLayout) else layout.kv_tokens).shape[:2]
-        if lb not in (1, batch):
-            raise AttnZooError(f"layout: expected batch dim 1 or {batch}, got {lb}")
-        if lh not in (1, heads_kv, heads_q):
-            raise AttnZooError(f"layout: expected head dim 1, {heads_kv} (KV heads) or {heads_q} (query heads), "
-                               f"got {lh}")
-        if (layout.len_q, layout.len_k) != (len_q, len_k):
-            raise AttnZooError(f"layout: expected len_q={len_q}, len_k={len_k} (the shapes of q and k), got "
-                               f"len_q={layout.len_q}, len_k={layout.len_k}")
-        if isinstance(layout, BlockLayout) and layout.causal and not causal:
-            raise AttnZooError("layout: was built for causal=True (blocks above the diagonal pruned), "
-                               "got causal=False")
+        lb, lh = check_layout(layout, batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=len_q, len_k=len_k,
+                              causal=causal)
         self.scale, self.causal, self.len_q, self.len_k = scale, causal, len_q, len_k
         self.heads_q, self.heads_kv = heads_q, heads_kv
         groups = heads_q // heads_kv

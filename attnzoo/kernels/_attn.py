@@ -1,0 +1,222 @@
+"""One Triton forward and one backward kernel for every softmax engine (FlashAttention-2 tiles).
+
+A program owns a tile of query rows of one (batch, row head) and walks a list
+of key *slots*; what a slot is depends on ``MODE``:
+
+- ``DENSE``: slot ``s`` is keys ``k_base + [s·BLOCK_N, (s+1)·BLOCK_N)``; causal calls
+  stop at the tile's last visible key (tiles above the diagonal are never read);
+- ``BLOCKS``: slot ``s`` is key block ``tab[s]`` (``-1`` = skip) of a
+  :class:`~attnzoo.core.blocksparse.BlockLayout` row, offset by ``k_base``;
+- ``TOKENS``: slot ``s`` is tokens ``tab[s·BLOCK_N : (s+1)·BLOCK_N]`` of a
+  :class:`~attnzoo.core.blocksparse.TokenLayout` row (``-1`` = none).
+
+The visibility rule is the engine's: key index ``j`` is visible to row ``r``
+iff it is in range, not padded (``pad[b, h // PAD_HDIV, j]``), and, when
+causal, ``j <= r % ROWS_MOD + q_off`` (bottom-right; ``ROWS_MOD`` lets a
+decode call fold a query group into the rows). ``MASK`` adds the layout's
+element mask: ``1`` = per partial block (``pidx`` into packed
+``(P, ROW_TILE, KEY_UNIT)`` masks), ``2`` = a dense per-token mask.
+
+Scores are accumulated in fp32 (``QUANT``: an int8 x int8 dot with per-row and
+per-key scales, SageAttention's recipe), P·V in the value dtype with an fp32
+accumulator. Rows with no visible key give ``(0, -inf)``. Programs of a third
+grid axis split the slots (split-K); their partials are merged by lse.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+DENSE, BLOCKS, TOKENS = 0, 1, 2
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
+               KEY_UNIT: tl.constexpr, TAB_LEN):
+    """Key indices ``(BLOCK_N,)`` of slot ``s`` and whether each exists (in range, not an empty slot)."""
+    if MODE == 0:
+        kidx = k_base + s * BLOCK_N + offs_n
+        ok = kidx < k_end
+    elif MODE == 1:
+        blk = tl.load(TAB + tab_row + s)
+        kidx = k_base + blk * KEY_UNIT + offs_n
+        ok = (offs_n < KEY_UNIT) & (kidx >= k_base) & (kidx < k_end)  # blk = -1 lands below k_base
+    else:
+        t = s * BLOCK_N + offs_n
+        kidx = tl.load(TAB + tab_row + t, mask=t < TAB_LEN, other=-1)
+        ok = kidx >= 0
+    return kidx, ok
+
+
+@triton.jit
+def _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, pidx_row, PM, pm_row, rloc,
+             q_off, ROWS_MOD, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PAD_HDIV: tl.constexpr,
+             MASK: tl.constexpr, ROW_TILE: tl.constexpr, KEY_UNIT: tl.constexpr, BLOCK_N: tl.constexpr,
+             TAB_LEN):
+    """``(BLOCK_M, BLOCK_N)`` visibility of slot ``s``'s keys to the tile's rows."""
+    vis = ok[None, :] & row_ok[:, None]
+    kc = tl.where(ok, kidx, 0)
+    if HAS_PAD:
+        keep = tl.load(PAD + b * spb + (h // PAD_HDIV) * sph + kc, mask=ok, other=0)
+        vis = vis & (keep != 0)[None, :]
+    if CAUSAL:
+        vis = vis & (kidx[None, :] <= (rows % ROWS_MOD + q_off)[:, None])
+    if MASK == 1:
+        pi = tl.load(PIDX + pidx_row + s)
+        if pi >= 0:
+            cols = tl.arange(0, BLOCK_N)
+            mm = tl.load(PM + pi * (ROW_TILE * KEY_UNIT) + rloc[:, None] * KEY_UNIT + cols[None, :],
+                         mask=(rloc < ROW_TILE)[:, None] & (cols < KEY_UNIT)[None, :], other=0)
+            vis = vis & (mm != 0)
+    if MASK == 2:
+        t = s * BLOCK_N + tl.arange(0, BLOCK_N)
+        mm = tl.load(PM + pm_row + rloc[:, None] * TAB_LEN + t[None, :],
+                     mask=(rloc < ROW_TILE)[:, None] & (t < TAB_LEN)[None, :], other=0)
+        vis = vis & (mm != 0)
+    return vis
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
+                sos, sob, soh, som, sls, slb, slh, sqsb, sqsh, sksb, sksh,
+                stb, sth, stm, spb, sph, pmb, pmh, pmm,
+                n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, slots_per_split, qk_scale,
+                TAB_LEN, TAB_ROWS, TAB_HDIV, H,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
+                KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                PAD_HDIV: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, Q_BLOCK: tl.constexpr,
+                K_BLOCK: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // groups
+    row0 = tile * ROW_TILE
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m
+    row_ok = (offs_m < ROW_TILE) & (rows < n_rows)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    trow = row0 // TAB_ROWS
+    rloc = rows - trow * TAB_ROWS
+    tab_row = b * stb + (h // TAB_HDIV) * sth + trow * stm
+    pm_row = b * pmb + (h // TAB_HDIV) * pmh + trow * pmm
+
+    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d < D)[None, :], other=0)
+    if QUANT:
+        q_scale = tl.load(QS + b * sqsb + h * sqsh + rows // Q_BLOCK, mask=row_ok, other=0) * qk_scale
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    den = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    s_lo = split * slots_per_split
+    s_hi = tl.minimum(s_lo + slots_per_split, n_slots)
+    if MODE == 0:
+        if CAUSAL:  # stop at the last key any row of the tile sees (folded rows: up to ROWS_MOD - 1)
+            last = tl.minimum(tl.minimum(row0 + ROW_TILE, n_rows) - 1, ROWS_MOD - 1) + q_off
+            s_hi = tl.minimum(s_hi, tl.cdiv(tl.minimum(last + 1, k_end) - k_base, BLOCK_N))
+    for s in range(s_lo, s_hi):
+        kidx, ok = _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE, BLOCK_N, KEY_UNIT, TAB_LEN)
+        kc = tl.where(ok, kidx, 0)
+        k = tl.load(K + b * skb + hk * skh + kc[:, None] * skn + offs_d[None, :],
+                    mask=ok[:, None] & (offs_d < D)[None, :], other=0)
+        if QUANT:
+            k_scale = tl.load(KS + b * sksb + hk * sksh + kc // K_BLOCK, mask=ok, other=0)
+            sc = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
+        else:
+            sc = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
+                       q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, ROW_TILE, KEY_UNIT, BLOCK_N, TAB_LEN)
+        sc = tl.where(vis, sc, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(sc - m_safe[:, None])
+        alpha = tl.exp2(m - m_safe)
+        den = den * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :],
+                    mask=ok[:, None] & (offs_dv < DV)[None, :], other=0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+
+    seen = den > 0
+    out = tl.where(seen[:, None], acc / tl.where(seen, den, 1.0)[:, None], 0.0)
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, den, 1.0))) * LN2, float("-inf"))
+    tl.store(O + split * sos + b * sob + h * soh + rows[:, None] * som + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    tl.store(LSE + split * sls + b * slb + h * slh + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, stb, sth, stm, spb, sph, pmb, pmh, pmm,
+                n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, qk_scale, scale,
+                TAB_LEN, TAB_ROWS, TAB_HDIV, H,
+                D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
+                KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                PAD_HDIV: tl.constexpr, MASK: tl.constexpr):
+    """Gradients of one row tile: dQ in registers, dK/dV added atomically into fp32 buffers.
+
+    ``q``/``dq`` share strides; ``lse``/``delta`` are contiguous ``(B, H, n_rows)``;
+    probabilities are recomputed from the saved lse, as in FlashAttention-2.
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // groups
+    row0 = tile * ROW_TILE
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m
+    row_ok = (offs_m < ROW_TILE) & (rows < n_rows)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    trow = row0 // TAB_ROWS
+    rloc = rows - trow * TAB_ROWS
+    tab_row = b * stb + (h // TAB_HDIV) * sth + trow * stm
+    pm_row = b * pmb + (h // TAB_HDIV) * pmh + trow * pmm
+    qmask = row_ok[:, None] & (offs_d < D)[None, :]
+    q_ptr = b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :]
+    q = tl.load(Q + q_ptr, mask=qmask, other=0)
+    do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0)
+    r_ptr = (b * H + h) * n_rows + rows
+    lse = tl.load(LSE + r_ptr, mask=row_ok, other=float("inf")) * LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: p = 0
+    delta = tl.load(DELTA + r_ptr, mask=row_ok, other=0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    s_hi = n_slots
+    if MODE == 0:
+        if CAUSAL:
+            last = tl.minimum(tl.minimum(row0 + ROW_TILE, n_rows) - 1, ROWS_MOD - 1) + q_off
+            s_hi = tl.minimum(s_hi, tl.cdiv(tl.minimum(last + 1, k_end) - k_base, BLOCK_N))
+    for s in range(0, s_hi):
+        kidx, ok = _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE, BLOCK_N, KEY_UNIT, TAB_LEN)
+        kc = tl.where(ok, kidx, 0)
+        kmask = ok[:, None] & (offs_d < D)[None, :]
+        vmask = ok[:, None] & (offs_dv < DV)[None, :]
+        k = tl.load(K + b * skb + hk * skh + kc[:, None] * skn + offs_d[None, :], mask=kmask, other=0)
+        v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :], mask=vmask, other=0)
+        sc = tl.dot(q, tl.trans(k)) * qk_scale
+        vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
+                       q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, ROW_TILE, KEY_UNIT, BLOCK_N, TAB_LEN)
+        p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q) * scale
+        tl.atomic_add(DK + b * sdkb + hk * sdkh + kc[:, None] * sdkn + offs_d[None, :], dk, mask=kmask)
+        tl.atomic_add(DV_ + b * sdvb + hk * sdvh + kc[:, None] * sdvn + offs_dv[None, :], dv, mask=vmask)
+    tl.store(DQ + q_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)

@@ -1,0 +1,324 @@
+"""Host side of the softmax kernels: dense, block-sparse / token layouts, split-K decode, INT8 (sage).
+
+Every entry point describes its keys as a :class:`Keys` (what a program's slots
+are, see :mod:`attnzoo.kernels._attn`) and runs the same forward kernel; the
+differentiable ones share one autograd function whose backward is the same
+gather backward kernel (dQ in registers, dK/dV added atomically in fp32).
+Semantics are the engines': GQA reads KV head ``h // G`` (K/V never
+repeated), causal is bottom-right, key padding is ``(B, Nk)`` bool, rows that
+see nothing give ``(0, -inf)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+
+from ..core.blocksparse import BlockLayout, TokenLayout, check_layout
+from ..core.masks import call_mask_mod
+from ..core.partial import Partial, merge
+from . import _attn
+from ._attn import BLOCKS, DENSE, LOG2E, TOKENS
+
+
+@dataclass(frozen=True)
+class Keys:
+    """What one forward/backward launch reads for each tile of query rows.
+
+    ``tab (Bl, Hl, rows_of_tab, S)`` int32 (block or token indices; broadcast over
+    size-1 dims), ``tab_rows`` query rows per table row, ``row_tile`` rows per
+    program (``<= block_m``), ``key_unit`` keys per block (BLOCKS), ``tab_hdiv``
+    row head -> table head divisor; ``pidx``/``pm`` the element masks.
+    """
+
+    mode: int
+    block_m: int
+    block_n: int
+    row_tile: int
+    tab: torch.Tensor | None = None
+    tab_rows: int = 1 << 30
+    tab_hdiv: int = 1
+    key_unit: int = 1
+    mask: int = 0
+    pidx: torch.Tensor | None = None
+    pm: torch.Tensor | None = None
+    k_base: int = 0
+
+    def n_slots(self, k_end: int) -> int:
+        if self.mode == DENSE:
+            return triton.cdiv(k_end - self.k_base, self.block_n)
+        if self.mode == BLOCKS:
+            return self.tab.shape[-1]
+        return triton.cdiv(self.tab.shape[-1], self.block_n)
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _bstrides(t: torch.Tensor | None, nd: int) -> tuple[int, ...]:
+    """Strides of the first ``nd`` dims, 0 where the dim is broadcast (size 1) or absent (placeholders)."""
+    if t is None:
+        return (0,) * nd
+    return tuple(0 if i >= t.dim() or t.shape[i] == 1 else t.stride(i) for i in range(nd))
+
+
+def _dummy(device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+@dataclass(frozen=True)
+class Call:
+    """Everything of one kernel call but the tensors: the keys, the rule, the grouping of rows."""
+
+    keys: Keys
+    scale: float
+    causal: bool
+    q_off: int  # position of row 0 (bottom-right: Nk - Nq)
+    rows_mod: int  # rows per query group when the group is folded into rows, else the row count
+    groups: int  # row heads per KV head (1 when folded)
+    k_end: int
+    pad_hdiv: int = 1
+
+
+def _common(call: Call, q, k, pad):
+    B, H, n_rows, D = q.shape
+    ks = call.keys
+    dev = q.device
+    tab = ks.tab if ks.tab is not None else _dummy(dev)
+    pidx = ks.pidx if ks.pidx is not None else tab
+    pm = ks.pm if ks.pm is not None else _dummy(dev)
+    padt = pad if pad is not None else _dummy(dev)
+    tstr = _bstrides(ks.tab, 3)
+    pmstr = _bstrides(ks.pm, 3)
+    padstr = _bstrides(pad, 2)  # (B, Hp, Nk) with unit key stride
+    n_tiles = triton.cdiv(n_rows, ks.row_tile)
+    return (tab, pidx, pm, padt), (tstr, padstr, pmstr), n_tiles, ks.tab.shape[-1] if ks.tab is not None else 1
+
+
+def _consts(call: Call, q, v, pad) -> dict:
+    ks = call.keys
+    D, Dv = q.shape[-1], v.shape[-1]
+    return dict(D=D, DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=ks.block_m, BLOCK_N=ks.block_n,
+                ROW_TILE=ks.row_tile, KEY_UNIT=ks.key_unit, MODE=ks.mode, CAUSAL=call.causal,
+                HAS_PAD=pad is not None, PAD_HDIV=call.pad_hdiv, MASK=ks.mask)
+
+
+def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=None):
+    """``(out, lse)`` of rows ``q (B, H, n_rows, D)`` over ``k``/``v (B, H/groups, ·, ·)``.
+
+    ``splits > 1`` cuts each row's slots into that many ranges run by separate
+    programs and merges their fp32 partials by lse. ``quant = (q_int8, q_scale,
+    k_int8, k_scale, q_block, k_block)`` scores with an int8 dot.
+    """
+    B, H, n_rows, _ = q.shape
+    Dv = v.shape[-1]
+    (tab, pidx, pm, padt), (tstr, padstr, pmstr), n_tiles, tab_len = _common(call, q, k, pad)
+    n_slots = call.keys.n_slots(call.k_end)
+    splits = max(1, min(splits, n_slots))
+    per = triton.cdiv(max(n_slots, 1), splits)
+    splits = triton.cdiv(max(n_slots, 1), per)
+    dt = torch.float32 if splits > 1 else (out_dtype or q.dtype)
+    out = torch.empty(splits, B, H, n_rows, Dv, dtype=dt, device=q.device)
+    lse = torch.empty(splits, B, H, n_rows, dtype=torch.float32, device=q.device)
+    if quant is None:
+        qq, kk, qs, kscale, qb, kb = q, k, _dummy(q.device), _dummy(q.device), 1, 1
+    else:
+        qq, qs, kk, kscale, qb, kb = quant
+    _attn._fwd_kernel[(n_tiles, B * H, splits)](
+        qq, kk, v, out, lse, qs, kscale, tab, pidx, pm, padt,
+        qq.stride(0), qq.stride(1), qq.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
+        *_bstrides(qs, 2), *_bstrides(kscale, 2),
+        *tstr, *padstr, *pmstr,
+        n_rows, call.k_end, call.keys.k_base, call.q_off, call.rows_mod, call.groups, n_slots, per,
+        call.scale * LOG2E, tab_len, call.keys.tab_rows, call.keys.tab_hdiv, H,
+        QUANT=quant is not None, Q_BLOCK=qb, K_BLOCK=kb, **_consts(call, q, v, pad))
+    if splits == 1:
+        return out[0], lse[0]
+    return merge(*(Partial(out[i], lse[i]) for i in range(splits)))
+
+
+def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call):
+    """``(dq, dk, dv)`` of :func:`forward` (``splits = 1``), recomputing probabilities from ``lse``."""
+    B, H, n_rows, _ = q.shape
+    (tab, pidx, pm, padt), (tstr, padstr, pmstr), n_tiles, tab_len = _common(call, q, k, pad)
+    d_out = d_out.contiguous()
+    delta = (d_out.float() * out.float()).sum(-1)
+    if d_lse is not None:
+        delta = delta - d_lse
+    delta = delta.contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    _attn._bwd_kernel[(n_tiles, B * H)](
+        q, k, v, d_out, lse, delta, dq, dk, dv, tab, pidx, pm, padt,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        *tstr, *padstr, *pmstr,
+        n_rows, call.k_end, call.keys.k_base, call.q_off, call.rows_mod, call.groups,
+        call.keys.n_slots(call.k_end), call.scale * LOG2E, call.scale, tab_len, call.keys.tab_rows,
+        call.keys.tab_hdiv, H, **_consts(call, q, v, pad))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _KernelAttention(torch.autograd.Function):
+    """Forward and backward kernels for one :class:`Call`; ``(out, lse)``, both differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pad, call):  # noqa: D401  (autograd signature)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out, lse = forward(q, k, v, pad, call)
+        ctx.save_for_backward(q, k, v, pad, out, lse)
+        ctx.call = call
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, pad, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward(q, k, v, pad, out, lse, d_out, d_lse, ctx.call)
+        return dq, dk, dv, None, None
+
+
+def _pad_arg(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """``(B, Nk)`` bool -> ``(B, 1, Nk)`` int8, the kernels' per-(batch, head) key mask (heads broadcast)."""
+    return None if key_padding_mask is None else key_padding_mask.to(torch.int8).unsqueeze(1).contiguous()
+
+
+# ------------------------------------------------------------------ dense
+def flash_attention(q, k, v, *, scale: float, causal: bool, key_padding_mask=None, block_m: int = 64,
+                    block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention ``(out, lse)`` (FlashAttention-2 tiles; causal tiles above the diagonal skipped)."""
+    Nq, Nk = q.shape[2], k.shape[2]
+    keys = Keys(DENSE, block_m, block_n, block_m)
+    call = Call(keys, scale, causal, Nk - Nq, Nq, q.shape[1] // k.shape[1], Nk)
+    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call)
+
+
+# ----------------------------------------------------------------- layouts
+def _block_keys(layout: BlockLayout, heads_q: int, heads_kv: int) -> Keys:
+    """A BlockLayout as BLOCKS slots; its partial blocks' mask_mod evaluated once into packed masks."""
+    cache = layout.mask_cache
+    key = ("triton", heads_q, heads_kv)
+    if cache is not None and key in cache:
+        return cache[key]
+    kb = layout.kv_blocks
+    Bl, Hl = kb.shape[:2]
+    keys = Keys(BLOCKS, _pow2(layout.block_q), _pow2(layout.block_k), layout.block_q,
+                tab=kb.to(torch.int32).contiguous(), tab_rows=layout.block_q,
+                tab_hdiv=heads_q // heads_kv if (Hl == heads_kv and Hl != heads_q) else 1, key_unit=layout.block_k)
+    if layout.partial is not None and bool(layout.partial.any()):
+        where = layout.partial.nonzero()  # (P, 4): b, h, query block, slot
+        b, h, i, s = where.unbind(-1)
+        blk = kb[b, h, i, s]
+        q_idx = (i.view(-1, 1) * layout.block_q + torch.arange(layout.block_q, device=kb.device)).clamp(
+            max=layout.len_q - 1).unsqueeze(-1)
+        kv_idx = (blk.view(-1, 1) * layout.block_k + torch.arange(layout.block_k, device=kb.device)).clamp(
+            max=layout.len_k - 1).unsqueeze(-2)
+        pm = call_mask_mod(layout.mask_mod, b.view(-1, 1, 1), h.view(-1, 1, 1), q_idx, kv_idx)
+        pm = pm.expand(len(where), layout.block_q, layout.block_k).to(torch.int8).contiguous()
+        pidx = torch.full(kb.shape, -1, dtype=torch.int32, device=kb.device)
+        pidx[b, h, i, s] = torch.arange(len(where), dtype=torch.int32, device=kb.device)
+        keys = replace(keys, mask=1, pidx=pidx, pm=pm)
+    if cache is not None:
+        cache[key] = keys
+    return keys
+
+
+def _token_keys(layout: TokenLayout, heads_q: int, heads_kv: int) -> Keys:
+    """A TokenLayout as TOKENS slots; a mask_mod evaluated into a dense per-token mask."""
+    tok = layout.kv_tokens
+    Bl, Hl, ng, T = tok.shape
+    keys = Keys(TOKENS, _pow2(layout.group), min(64, _pow2(T)), layout.group, tab=tok.to(torch.int32).contiguous(),
+                tab_rows=layout.group, tab_hdiv=heads_q // heads_kv if (Hl == heads_kv and Hl != heads_q) else 1)
+    if layout.mask_mod is None:
+        return keys
+    dev = tok.device
+    q_idx = (torch.arange(ng, device=dev).view(-1, 1) * layout.group + torch.arange(layout.group, device=dev))
+    q_idx = q_idx.clamp(max=layout.len_q - 1).view(1, 1, ng, layout.group, 1)
+    pm = call_mask_mod(layout.mask_mod, torch.arange(Bl, device=dev).view(-1, 1, 1, 1, 1),
+                       torch.arange(Hl, device=dev).view(1, -1, 1, 1, 1), q_idx, tok.clamp(min=0).unsqueeze(-2))
+    pm = pm.expand(Bl, Hl, ng, layout.group, T).to(torch.int8).contiguous().view(Bl, Hl, ng, -1)
+    return replace(keys, mask=2, pm=pm)
+
+
+def layout_attention(q, k, v, layout: BlockLayout | TokenLayout, *, scale: float, causal: bool,
+                     key_padding_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention restricted to ``layout`` (as :func:`attnzoo.core.blocksparse.attend`); differentiable."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    check_layout(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, causal=causal)
+    keys = _block_keys(layout, Hq, Hkv) if isinstance(layout, BlockLayout) else _token_keys(layout, Hq, Hkv)
+    call = Call(keys, scale, causal, Nk - Nq, Nq, Hq // Hkv, Nk)
+    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call)
+
+
+# ------------------------------------------------------------------ decode
+def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start: int = 0, stop: int | None = None,
+            q_off: int | None = None, splits: int = 8, block_n: int = 64) -> Partial:
+    """Split-K attention of ``q (B, Hq, nq, D)`` over a KV store ``k``/``v (B, Hkv, cap, ·)``.
+
+    Reads either the slots ``[start, stop)`` in place or the selected slots
+    ``idx (B, Hkv, m)`` (no gather copy); each KV head's query group is folded
+    into the rows, so every K/V byte is read once per split. ``causal``: the
+    queries are the newest slots ending at ``stop`` (their positions start at
+    ``q_off``, default ``stop - nq``). ``valid (B, Hkv, cap)`` hides padding.
+    The splits' partials are merged by lse; returns a :class:`Partial` in fp32.
+    """
+    B, Hq, nq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    stop = k.shape[2] if stop is None else stop
+    rows = q.reshape(B, Hkv, G * nq, D)
+    block_m = min(64, _pow2(G * nq))
+    if idx is None:
+        keys = Keys(DENSE, block_m, block_n, block_m, k_base=start)
+    else:
+        keys = Keys(TOKENS, block_m, block_n, block_m, tab=idx.to(torch.int32).unsqueeze(2).contiguous())
+    call = Call(keys, scale, causal, stop - nq if q_off is None else q_off, nq, 1, stop)
+    pad = None if valid is None else valid.to(torch.int8)
+    out, lse = forward(rows, k, v, pad, call, splits=splits, out_dtype=torch.float32)
+    return Partial(out.float().reshape(B, Hq, nq, -1), lse.reshape(B, Hq, nq))
+
+
+# -------------------------------------------------------------------- sage
+def _quantize_int8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-block int8 codes ``(B, H, N, D)`` and scales ``(B, H, ceil(N / block))``."""
+    B, H, N, D = x.shape
+    pad = (-N) % block
+    xb = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).reshape(B, H, -1, block * D)
+    scale = xb.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    codes = torch.round(xb / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return codes.view(B, H, -1, D)[:, :, :N].contiguous(), scale.contiguous()
+
+
+def sage_attention(q, k, v, *, scale: float, causal: bool, key_padding_mask=None, block: int = 128,
+                   block_m: int = 64, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """INT8 Q·Kᵀ (per-block scales of ``block`` tokens, K smoothed by its token mean) and P·V in v's dtype.
+
+    Returns ``(out, lse)``; the lse is corrected for the smoothing exactly (every
+    score of a row shifted by ``q · mean(K)``). Inference only.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    kf = k.float()
+    if key_padding_mask is None:
+        k_mean = kf.mean(dim=2, keepdim=True)
+    else:
+        keep = key_padding_mask[:, None, :, None].float()
+        k_mean = (kf * keep).sum(2, keepdim=True) / keep.sum(2, keepdim=True).clamp_min(1)
+    qi, qs = _quantize_int8(q, block)
+    ki, ks = _quantize_int8(kf - k_mean, block)
+    if v.dtype == torch.float32:
+        v = v.half()  # P·V in fp16 (SageAttention keeps PV in half precision)
+    keys = Keys(DENSE, block_m, block_n, block_m)
+    call = Call(keys, scale, causal, Nk - Nq, Nq, Hq // Hkv, Nk)
+    out, lse = forward(qi, ki, v.contiguous(), _pad_arg(key_padding_mask), call,
+                       quant=(qi, qs, ki, ks, block, block), out_dtype=q.dtype)
+    group_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
+    return out, lse + scale * (q.float() * group_mean).sum(-1)
