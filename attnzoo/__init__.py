@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "attention": ".api",
     "mods": ".mods", "pack": ".varlen", "unpack": ".varlen",
+    "explain": ".backends",
     "KVCache": ".cache",
     "Partial": ".core.partial", "merge": ".core.partial",
     "AttnZooError": ".errors", "UnsupportedError": ".errors",

@@ -34,6 +34,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
+from . import backends
 from .checks import Problem, check_flag, check_qkv
 from .errors import AttnZooError, UnsupportedError
 from .core.scoremod import ScoreMod, check_score_mod, check_sinks, with_sinks
@@ -308,10 +309,12 @@ class Method:
                  scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                  return_lse: bool = False, score_mod: ScoreMod | None = None, sinks: torch.Tensor | None = None,
                  cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
-                 max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, **inputs: Any):
+                 max_seqlen_q: int | None = None, max_seqlen_k: int | None = None, backend: str = "auto",
+                 **inputs: Any):
         """Attend ``q`` to ``k``/``v``; returns ``out`` or ``(out, lse)``.
 
-        ``score_mod`` and ``sinks``: see :mod:`attnzoo.mods`; ``cu_seqlens_*``: see :mod:`attnzoo.varlen`.
+        ``score_mod`` and ``sinks``: see :mod:`attnzoo.mods`; ``cu_seqlens_*``: see :mod:`attnzoo.varlen`;
+        ``backend``: see :mod:`attnzoo.backends`.
         """
         check_flag("causal", causal)
         check_flag("return_lse", return_lse)
@@ -319,14 +322,15 @@ class Method:
             return run_varlen(self, q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask,
                               return_lse=return_lse, inputs=inputs, causal=causal, scale=scale, score_mod=score_mod,
-                              sinks=sinks)
+                              sinks=sinks, backend=backend)
         prob = check_qkv(q, k, v, key_padding_mask, scale)
+        grad = _wants_grad(q, k, v)
         self.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask,
-                                return_lse=return_lse, grad=_wants_grad(q, k, v))
+                                return_lse=return_lse, grad=grad)
         self.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
         if sinks is not None:
             out, lse = self(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
-                            score_mod=score_mod, **inputs)
+                            score_mod=score_mod, backend=backend, **inputs)
             out, lse = with_sinks(out, lse, sinks)
             return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
         if score_mod is not None:
@@ -335,11 +339,17 @@ class Method:
         if unknown:
             valid = ", ".join(self.inputs) or "none"
             raise AttnZooError(f"{self.name}: unknown input(s) {unknown}; this method's extra inputs: {valid}")
+        runner = backends.choose(self, backend, backends.Case(q, k, v, causal, key_padding_mask, return_lse, grad,
+                                                              inputs))
         if 0 in (prob.batch, prob.heads_q, prob.len_q, prob.len_k):
             out = q.new_zeros(prob.batch, prob.heads_q, prob.len_q, prob.dim_v)
             lse = q.new_full((prob.batch, prob.heads_q, prob.len_q), -math.inf, dtype=torch.float32)
             # keep the graph connected so backward works on empty inputs too
             out = out + 0 * (q.sum() + k.sum() + v.sum())
+            return (out, lse) if return_lse else out
+        if runner is not None:  # a kernel backend: half inputs stay half (the kernels accumulate in fp32)
+            out, lse = backends.run(runner, self, q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                    return_lse=return_lse, inputs=inputs)
             return (out, lse) if return_lse else out
         dtype = q.dtype
         if self.upcast_half and dtype in (torch.float16, torch.bfloat16):

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+#: True when the kernels were defined under Triton's interpreter (they then run on CPU tensors)
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 DENSE, BLOCKS, TOKENS = 0, 1, 2
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

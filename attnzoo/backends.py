@@ -1,0 +1,303 @@
+"""Which implementation runs a method call: ``torch`` (the engines), ``triton`` (:mod:`attnzoo.kernels`)
+or ``flex`` (PyTorch's FlexAttention over the method's block layouts).
+
+``attention(..., backend="auto")`` takes ``triton`` when the inputs are on CUDA,
+Triton imports and the case is supported, else ``torch``. An explicitly
+requested backend that cannot run raises :class:`UnsupportedError` with its
+reasons; nothing falls back silently. :func:`explain` lists every backend and
+why it would or would not run (xformers' ``not_supported_reasons``).
+
+Each backend is a list of :class:`Runner` (a method class, the reasons it
+cannot take a case, how to run it); the first runner whose class the method is
+an instance of answers. ``torch`` is the method's own ``forward``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .errors import AttnZooError, UnsupportedError
+
+BACKENDS = ("torch", "triton", "flex")
+
+
+@dataclass(frozen=True)
+class Case:
+    """The facts of one call a backend decides on."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    key_padding_mask: torch.Tensor | None
+    return_lse: bool
+    grad: bool
+    inputs: dict
+
+
+@dataclass(frozen=True)
+class Runner:
+    """How one backend runs instances of ``cls``: ``check`` lists why it cannot, ``run`` gives ``(out, lse)``."""
+
+    cls: type
+    check: Callable[[Any, Case], list[str]]
+    run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One line of :func:`explain`: whether ``backend`` runs the call, and if not, why."""
+
+    backend: str
+    runs: bool
+    reasons: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.backend}: " + ("runs" if self.runs else "no: " + "; ".join(self.reasons))
+
+
+# ------------------------------------------------------------ environment
+def triton_missing() -> str | None:
+    """Why Triton cannot be used at all here, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'attnzoo[gpu]')"
+    return None
+
+
+def _interpreted() -> bool:
+    """Kernels run on CPU tensors: defined (or about to be) under TRITON_INTERPRET=1."""
+    mod = sys.modules.get("attnzoo.kernels._attn")
+    if mod is not None:
+        return mod.INTERPRET
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _device_reasons(case: Case, backend: str) -> list[str]:
+    dev = case.q.device.type
+    if dev == "cuda" or (backend == "triton" and dev == "cpu" and _interpreted()):
+        return []
+    return [f"inputs are on {dev}; the {backend} backend needs CUDA tensors"
+            + (" (or TRITON_INTERPRET=1 for CPU tensors)" if backend == "triton" else "")]
+
+
+def _triton_common(case: Case) -> list[str]:
+    why = []
+    missing = triton_missing()
+    if missing:
+        why.append(missing)
+    why += _device_reasons(case, "triton")
+    if case.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        why.append(f"dtype {case.q.dtype} (the kernels take float16/bfloat16/float32)")
+    if max(case.q.shape[-1], case.v.shape[-1]) > 256:
+        why.append(f"head dim {max(case.q.shape[-1], case.v.shape[-1])} > 256")
+    return why + _score_mod(case)
+
+
+def _score_mod(case: Case) -> list[str]:
+    return ["score_mod (the kernels apply no score modification)"] if case.inputs.get("score_mod") else []
+
+
+def auto_triton(t: torch.Tensor) -> bool:
+    """The ``auto`` rule for engines called outside :func:`attention` (the KV cache's reads)."""
+    return t.device.type == "cuda" and triton_missing() is None
+
+
+# ---------------------------------------------------------------- runners
+def _kernels():
+    from .kernels import attention
+    return attention
+
+
+def _no_grad(case: Case, what: str) -> list[str]:
+    return [f"gradients ({what} is forward only)"] if case.grad else []
+
+
+def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+    return _kernels().flash_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+
+
+def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+    valid = None if key_padding_mask is None else key_padding_mask[:, None, :].expand(-1, prob.heads_kv, -1)
+    out, lse = _kernels().split_k(q, k, v, scale=prob.scale, causal=causal, valid=valid, splits=m.splits)
+    return out, lse
+
+
+def _own_layouts(m, case: Case) -> list[str]:
+    from .catalog.sparse._base import LayoutMethod
+    if type(m).forward is not LayoutMethod.forward:
+        return [f"{m.name} computes more than its layouts in its own forward (only layout methods run here)"]
+    return []
+
+
+def _layouts(m, q, k, prob, causal, key_padding_mask):
+    return m.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+
+
+def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+    from .core.partial import Partial, merge
+    kern = _kernels()
+    parts = [Partial(*kern.layout_attention(q, k, v, lay, scale=prob.scale, causal=causal,
+                                            key_padding_mask=key_padding_mask))
+             for lay in _layouts(m, q, k, prob, causal, key_padding_mask)]
+    return merge(*parts)
+
+
+def _sage_check(m, case: Case) -> list[str]:
+    why = []
+    if m.bits != 8 or not m.smooth_k or m.smooth_q:
+        why.append(f"sage with bits={m.bits}, smooth_k={m.smooth_k}, smooth_q={m.smooth_q} (the kernel is "
+                   "INT8 with K smoothing, no Q smoothing)")
+    return why
+
+
+def _triton_sage(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+    return _kernels().sage_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                                     block=m.block)
+
+
+def _flex_check(m, case: Case) -> list[str]:
+    return _own_layouts(m, case)
+
+
+def _flex_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+    from .core.partial import Partial, merge
+    from .kernels.flex import flex_layout_attention
+    parts = [Partial(*flex_layout_attention(q, k, v, lay, scale=prob.scale, causal=causal,
+                                            key_padding_mask=key_padding_mask))
+             for lay in _layouts(m, q, k, prob, causal, key_padding_mask)]
+    return merge(*parts)
+
+
+def _runners() -> dict[str, list[Runner]]:
+    """The backends' runners (built on first use: the catalog imports this module's users)."""
+    global _RUNNERS
+    if _RUNNERS is None:
+        from .catalog.exact import Exact, ExactTiled, FlashDecode
+        from .catalog.quantized import Sage
+        from .catalog.sparse._base import LayoutMethod
+        _RUNNERS = {
+            "triton": [
+                Runner(Exact, lambda m, c: [], _triton_exact),
+                Runner(ExactTiled, lambda m, c: [], _triton_exact),
+                Runner(FlashDecode, lambda m, c: _no_grad(c, "split-K decode"), _triton_flash_decode),
+                Runner(LayoutMethod, _own_layouts, _triton_layouts),
+                Runner(Sage, _sage_check, _triton_sage),
+            ],
+            "flex": [Runner(LayoutMethod, _flex_check, _flex_layouts)],
+        }
+        _RUNNERS["triton"] += _linear_runners()
+    return _RUNNERS
+
+
+def _linear_runners() -> list[Runner]:
+    return []
+
+
+_RUNNERS: dict[str, list[Runner]] | None = None
+
+
+def _verdict(method, backend: str, case: Case) -> tuple[list[str], Runner | None]:
+    if backend == "torch":
+        return [], None
+    runner = next((r for r in _runners()[backend] if isinstance(method, r.cls)), None)
+    if runner is None:
+        return [f"no {backend} implementation of {method.name!r}"], None
+    why = (_triton_common(case) if backend == "triton" else _flex_common(case)) + runner.check(method, case)
+    return why, runner
+
+
+def _flex_common(case: Case) -> list[str]:
+    why = _device_reasons(case, "flex") + _score_mod(case)
+    if getattr(torch.nn.attention, "flex_attention", None) is None and \
+            importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        why.append("this torch has no FlexAttention (torch >= 2.5)")
+    return why
+
+
+def choose(method, backend: str, case: Case) -> Runner | None:
+    """The runner for ``backend`` (None = the method's own forward); raises when an explicit choice cannot run."""
+    if backend not in ("auto", *BACKENDS):
+        raise AttnZooError(f"backend: expected one of {', '.join(('auto', *BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        if case.q.device.type != "cuda":
+            return None
+        why, runner = _verdict(method, "triton", case)
+        return None if why else runner
+    why, runner = _verdict(method, backend, case)
+    if why:
+        raise UnsupportedError(f"method {method.name!r} cannot run on backend {backend!r}: " + "; ".join(why))
+    return runner
+
+
+def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,
+            key_padding_mask: torch.Tensor | None = None, return_lse: bool = False, **params: Any) -> list[Verdict]:
+    """Every backend and whether it would run ``attention(q, k, v, method=method, ...)``, with its reasons.
+
+    The first line is what ``backend="auto"`` picks. A capability the method
+    itself lacks (e.g. gradients) is a reason for every backend.
+    """
+    from .api import configure
+    from .checks import check_qkv
+    m, inputs, _ = configure(method, params)
+    prob = check_qkv(q, k, v, key_padding_mask, None)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    case = Case(q, k, v, causal, key_padding_mask, return_lse, grad, inputs)
+    base = []
+    try:
+        m.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask, return_lse=return_lse,
+                             grad=grad)
+    except UnsupportedError as e:
+        base.append(str(e))
+    rows = []
+    for b in BACKENDS:
+        why = base + _verdict(m, b, case)[0]
+        rows.append(Verdict(b, not why, tuple(why)))
+    auto = "torch" if choose(m, "auto", case) is None else "triton"
+    picked = next(r for r in rows if r.backend == auto)
+    rows.insert(0, Verdict(f"auto ({auto})", picked.runs, picked.reasons))
+    return rows
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """``(backend, methods it implements, availability here)`` for ``attnzoo info --backends``."""
+    cuda = torch.cuda.is_available()
+    missing = triton_missing()
+    trit = ("ready" if cuda and not missing else
+            missing or ("CPU tensors only, under TRITON_INTERPRET=1 (no CUDA device)" if _interpreted()
+                        else "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly)"))
+    flex = "ready" if cuda else "no CUDA device"
+    names = {b: _method_names(b) for b in ("triton", "flex")}
+    return [("torch", "every method", "ready"),
+            ("triton", names["triton"], trit),
+            ("flex", names["flex"], flex)]
+
+
+def _method_names(backend: str) -> str:
+    from .registry import methods
+    out = []
+    for name, cls in methods().items():
+        r = next((r for r in _runners()[backend] if issubclass(cls, r.cls)), None)
+        if r is not None and (r.cls.__name__ != "LayoutMethod" or _is_layout_only(cls)):
+            out.append(name)
+    return ", ".join(out)
+
+
+def _is_layout_only(cls) -> bool:
+    from .catalog.sparse._base import LayoutMethod
+    return cls.forward is LayoutMethod.forward
+
+
+def run(runner: Runner, method, q, k, v, prob, *, causal, key_padding_mask, return_lse, inputs):
+    """Run ``runner``; the output in q's dtype and the lse in fp32 (as the torch path returns them)."""
+    out, lse = runner.run(method, q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
+                          return_lse=return_lse, **inputs)
+    return out.to(q.dtype), (None if lse is None else lse.float())
+
+
+__all__ = ["BACKENDS", "Verdict", "auto_triton", "choose", "describe", "explain"]
