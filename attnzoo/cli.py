@@ -87,11 +87,26 @@ def _params_table(params) -> Table:
 
 
 @app.command("info")
-def info(name: str = typer.Argument(..., help="a method or KV-cache policy name (see `attnzoo list`)")) -> None:
+def info(name: str = typer.Argument(None, help="a method or KV-cache policy name (see `attnzoo list`)"),
+         backends: bool = typer.Option(False, "--backends", help="list the backends (torch, triton, flex), what "
+                                       "they run and whether they can run here")) -> None:
     """Print one method or cache policy: what it does, its parameters with defaults and ranges, its papers."""
     from . import registry
     from .cache import policies
 
+    if backends:
+        from .backends import describe
+        table = Table(title="backends (attention(..., backend=NAME); attnzoo.explain(method, q, k, v) per call)")
+        for col in ("backend", "methods", "here"):
+            table.add_column(col)
+        for row in describe():
+            table.add_row(*row)
+        console.print(table)
+        if name is None:
+            return
+    if name is None:
+        console.print("[red]error:[/] expected a method name or --backends")
+        raise typer.Exit(2)
     if name in policies():
         cls = policies()[name]
         console.print(f"[bold]{name}[/]  (KV-cache policy, kind {cls.kind}; use attnzoo.KVCache({name!r}, ...))")

@@ -1,0 +1,75 @@
+"""Backend dispatch: explicit choices raise with their reasons, explain() lists every backend, flex's block masks."""
+
+import warnings
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.core.blocksparse import BlockLayout, attend
+
+from _sparse_ref import assert_matches
+
+
+def _qkv(dtype=torch.float32):
+    return torch.randn(1, 4, 24, 16, dtype=dtype), torch.randn(1, 2, 24, 16, dtype=dtype), \
+        torch.randn(1, 2, 24, 16, dtype=dtype)
+
+
+def test_auto_on_cpu_is_torch_and_unknown_backend_is_named():
+    q, k, v = _qkv()
+    torch.testing.assert_close(az.attention(q, k, v, backend="auto"), az.attention(q, k, v, backend="torch"))
+    with pytest.raises(az.AttnZooError, match=r"backend: expected one of auto, torch, triton, flex, got 'cuda'"):
+        az.attention(q, k, v, backend="cuda")
+
+
+def test_explicit_backend_that_cannot_run_raises_with_its_reasons():
+    q, k, v = _qkv(torch.float64)
+    with pytest.raises(az.UnsupportedError, match=r"'exact' cannot run on backend 'triton': .*dtype torch.float64"):
+        az.attention(q, k, v, backend="triton")
+    with pytest.raises(az.UnsupportedError, match=r"'naive' cannot run on backend 'triton': no triton implementation"):
+        az.attention(q, k, v, method="naive", backend="triton")
+    with pytest.raises(az.UnsupportedError, match=r"backend 'flex': inputs are on cpu; the flex backend needs CUDA"):
+        az.attention(q.float(), k.float(), v.float(), method="sliding_window", window=8, backend="flex")
+
+
+def test_explain_lists_every_backend_with_reasons():
+    q, k, v = _qkv()
+    rows = az.explain("bigbird", q, k, v, causal=True, window=8, block=8)
+    assert [r.backend for r in rows] == ["auto (torch)", "torch", "triton", "flex"]
+    assert rows[1].runs and not rows[3].runs
+    assert any("computes more than its layouts" in r for r in rows[2].reasons)
+    q.requires_grad_()
+    rows = az.explain("sage", q, k, v)  # sage has no gradients: a reason on every backend
+    assert all(not r.runs and "gradients" in str(r) for r in rows)
+
+
+def test_info_backends_lists_availability():
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+    res = CliRunner().invoke(app, ["info", "--backends"])
+    assert res.exit_code == 0, res.output
+    assert "triton" in res.output and "flex" in res.output and "sliding_window" in res.output
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_block_mask_of_a_layout_equals_the_engine(causal):
+    """The FlexAttention BlockMask built from a layout (partial blocks, per-head rows, GQA, padding) gives the
+    engine's (out, lse); run with eager flex_attention on CPU (compiled on CUDA)."""
+    from attnzoo.kernels.flex import flex_layout_attention
+    B, Hq, Hkv, Nq, Nk = 2, 4, 2, 40, 56
+    q, k, v = torch.randn(B, Hq, Nq, 16), torch.randn(B, Hkv, Nk, 16), torch.randn(B, Hkv, Nk, 16)
+    pad = torch.rand(B, Nk) > 0.2
+    lays = [BlockLayout.from_mask_mod(lambda b, h, qi, kj: (qi + 16 - kj).abs() < 10 + h, heads=Hkv, len_q=Nq,
+                                      len_k=Nk, block=16, causal=causal),
+            BlockLayout.from_indices(torch.randint(-1, 4, (B, Hq, 3, 3)), block_q=16, block_k=16, len_q=Nq,
+                                     len_k=Nk)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex warns that it materialises the scores
+        for lay in lays:
+            for mask in (None, pad):
+                got = flex_layout_attention(q, k, v, lay, scale=0.3, causal=causal, key_padding_mask=mask)
+                want = attend(q.double(), k.double(), v.double(), lay, scale=0.3, causal=causal,
+                              key_padding_mask=mask)
+                assert_matches(got[0].double(), got[1].double(), *want, tol=1e-5)

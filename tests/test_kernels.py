@@ -1,0 +1,199 @@
+"""The Triton kernels against float64 references, on CUDA or (no GPU) under Triton's interpreter on CPU.
+
+``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports the
+kernels when no CUDA device exists: Triton reads it when a kernel is defined.
+The interpreter is slow, so shapes are tiny (tiles of 16) and cases few; the
+slow marker runs every layout method through the kernels.
+"""
+
+import math
+
+import pytest
+import torch
+
+import attnzoo as az
+from attnzoo.core.blocksparse import BlockLayout, TokenLayout
+from attnzoo.core.exact import naive_attention
+
+from _sparse_ref import assert_matches, masked_reference
+
+pytest.importorskip("triton")
+kern = pytest.importorskip("attnzoo.kernels.attention")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and not __import__("attnzoo.kernels._attn", fromlist=["INTERPRET"]).INTERPRET:
+    pytest.skip("no CUDA device and the kernels were not defined under TRITON_INTERPRET=1", allow_module_level=True)
+
+
+def _qkv(B, Hq, Hkv, Nq, Nk, D=16, dtype=torch.float32, grad=False):
+    t = [torch.randn(B, h, n, D, dtype=dtype, device=DEV, requires_grad=grad)
+         for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk))]
+    return t
+
+
+def _pad_with_empty_rows(B, Nk):
+    """Key padding where batch row 1 keeps only its last key: causal rows before it see nothing."""
+    pad = torch.rand(B, Nk, device=DEV) > 0.3
+    pad[-1] = False
+    pad[-1, -1] = True
+    return pad
+
+
+def _grads(out, lse, inputs, seed_out, seed_lse):
+    fin = torch.isfinite(lse)
+    loss = (out.double() * seed_out).sum() + (torch.where(fin, lse, 0).double() * seed_lse).sum()
+    return torch.autograd.grad(loss, inputs)
+
+
+def _check_grads(got, want, tol):
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,pad", [(True, 21, 37, True), (False, 40, 19, False)])
+def test_dense_forward_and_backward_match_naive(causal, Nq, Nk, pad):
+    """GQA (Hq=4, Hkv=2), bottom-right causal with Nq != Nk, padding with empty rows; out, lse and gradients."""
+    q, k, v = _qkv(2, 4, 2, Nq, Nk, grad=True)
+    mask = _pad_with_empty_rows(2, Nk) if pad else None
+    out, lse = kern.flash_attention(q, k, v, scale=0.3, causal=causal, key_padding_mask=mask, block_m=16,
+                                    block_n=16)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out, r_lse = naive_attention(*ref, scale=0.3, causal=causal, key_padding_mask=mask)
+    if pad and causal:
+        assert not torch.isfinite(r_lse).all()  # the case really has empty rows
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
+    _check_grads(_grads(out, lse, (q, k, v), so, sl), _grads(r_out, r_lse, ref, so, sl), 5e-5)
+
+
+def test_dense_half_inputs_accumulate_in_fp32():
+    q, k, v = _qkv(1, 2, 1, 33, 33, dtype=torch.float16)
+    out, lse = az.attention(q, k, v, causal=True, return_lse=True, backend="triton")
+    r_out, r_lse = naive_attention(q.double(), k.double(), v.double(), scale=0.25, causal=True)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), r_out, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse.double(), r_lse, atol=2e-3, rtol=2e-3)
+
+
+def _window(b, h, q_idx, kv_idx):
+    return (q_idx + 16 - kv_idx).abs() < 9 + 3 * h  # per KV head, partial blocks
+
+
+def test_block_layout_with_partial_blocks_matches_masked_reference():
+    """A per-KV-head BlockLayout whose edge blocks need the mask_mod: forward and backward, causal, padded."""
+    B, Hq, Hkv, Nq, Nk = 2, 4, 2, 40, 56
+    q, k, v = _qkv(B, Hq, Hkv, Nq, Nk, grad=True)
+    pad = _pad_with_empty_rows(B, Nk)
+    lay = BlockLayout.from_mask_mod(_window, heads=Hkv, len_q=Nq, len_k=Nk, block=16, causal=True, device=DEV)
+    assert lay.partial is not None and bool(lay.partial.any())
+    out, lse = kern.layout_attention(q, k, v, lay, scale=0.3, causal=True, key_padding_mask=pad)
+    qi = torch.arange(Nq, device=DEV).view(-1, 1)
+    kj = torch.arange(Nk, device=DEV).view(1, -1)
+    vis = _window(0, torch.arange(Hkv, device=DEV).view(-1, 1, 1), qi, kj).repeat_interleave(Hq // Hkv, 0)
+    vis = vis & (kj <= qi + Nk - Nq) & pad[:, None, None, :]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out, r_lse = masked_reference(*ref, vis, scale=0.3)
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
+    _check_grads(_grads(out, lse, (q, k, v), so, sl), _grads(r_out, r_lse, ref, so, sl), 5e-5)
+
+
+def test_token_layout_with_mask_mod_matches_masked_reference():
+    """Explicit tokens per group of query rows (per query head, with -1 holes) filtered by a mask_mod."""
+    B, Hq, Hkv, Nq, Nk, group, T = 1, 4, 2, 24, 50, 8, 20
+    q, k, v = _qkv(B, Hq, Hkv, Nq, Nk, grad=True)
+    ng = -(-Nq // group)
+    tok = torch.stack([torch.randperm(Nk, device=DEV)[:T] for _ in range(Hq * ng)]).view(1, Hq, ng, T)
+    tok[..., -3:] = -1
+    mm = (lambda b, h, qi, kj: (qi + kj + h) % 3 != 0)
+    lay = TokenLayout(tok, group, Nq, Nk, mask_mod=mm)
+    out, lse = kern.layout_attention(q, k, v, lay, scale=0.3, causal=False)
+    rows = tok.repeat_interleave(group, 2)[:, :, :Nq]
+    vis = torch.zeros(1, Hq, Nq, Nk + 1, dtype=torch.bool, device=DEV)  # column Nk takes the -1 holes
+    vis = vis.scatter_(-1, torch.where(rows >= 0, rows, Nk), True)[..., :Nk]
+    h = torch.arange(Hq, device=DEV).view(1, -1, 1, 1)
+    vis &= mm(0, h, torch.arange(Nq, device=DEV).view(-1, 1), torch.arange(Nk, device=DEV).view(1, -1))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out, r_lse = masked_reference(*ref, vis, scale=0.3)
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
+    _check_grads(_grads(out, lse, (q, k, v), so, sl), _grads(r_out, r_lse, ref, so, sl), 5e-5)
+
+
+@pytest.mark.parametrize("nq", [1, 3])
+def test_split_k_reads_a_store_range_and_selected_slots(nq):
+    """Split-K over slots [10, 70) of a (B, Hkv, cap) store, causal by slot, per-head padding; and over
+    selected slots read in place. Partials of 3 splits merged by lse."""
+    B, Hq, Hkv, cap, n = 2, 8, 2, 90, 70
+    k, v = torch.randn(B, Hkv, cap, 16, device=DEV), torch.randn(B, Hkv, cap, 16, device=DEV)
+    q = torch.randn(B, Hq, nq, 16, device=DEV)
+    valid = torch.rand(B, Hkv, cap, device=DEV) > 0.2
+    got = kern.split_k(q, k, v, scale=0.3, causal=True, valid=valid, start=10, stop=n, splits=3, block_n=16)
+    pos = torch.arange(cap, device=DEV)
+    vis = (pos >= 10) & (pos < n) & (pos.view(1, -1) <= (torch.arange(nq, device=DEV) + n - nq).view(-1, 1))
+    vis = vis & valid.repeat_interleave(Hq // Hkv, 1)[:, :, None, :]
+    r_out, r_lse = masked_reference(q.double(), k.double(), v.double(), vis, scale=0.3)
+    assert_matches(got.out.double(), got.lse.double(), r_out, r_lse, tol=2e-5)
+
+    idx = torch.stack([torch.randperm(n, device=DEV)[:33] for _ in range(B * Hkv)]).view(B, Hkv, 33)
+    got = kern.split_k(q, k, v, scale=0.3, causal=False, valid=valid, idx=idx, splits=2, block_n=16)
+    sel = torch.zeros(B, Hkv, cap, dtype=torch.bool, device=DEV).scatter_(-1, idx, True) & valid
+    r_out, r_lse = masked_reference(q.double(), k.double(), v.double(),
+                                    sel.repeat_interleave(Hq // Hkv, 1)[:, :, None, :], scale=0.3)
+    assert_matches(got.out.double(), got.lse.double(), r_out, r_lse, tol=2e-5)
+
+
+def test_sage_kernel_matches_the_sage_method_and_exact():
+    """INT8 QKᵀ with K smoothing (K far from zero mean) and fp16 P·V: cosine to exact >= 0.999, equal to the
+    torch sage method up to the fp16 rounding of P·V, lse corrected for the smoothing exactly."""
+    q, k, v = _qkv(1, 4, 2, 40, 50, D=32)
+    k = k + 3
+    out, lse = az.attention(q, k, v, method="sage", block=16, causal=True, return_lse=True, backend="triton")
+    t_out, t_lse = az.attention(q, k, v, method="sage", block=16, causal=True, return_lse=True, backend="torch")
+    r_out, r_lse = naive_attention(q.double(), k.double(), v.double(), scale=32 ** -0.5, causal=True)
+    assert torch.nn.functional.cosine_similarity(out.double().flatten(), r_out.flatten(), 0) >= 0.999
+    torch.testing.assert_close(out, t_out, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse, t_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,params", [("sliding_window", {"window": 12, "block": 16}),
+                                           ("streaming", {"sinks": 4, "window": 16, "block": 16}),
+                                           ("block_topk", {"block": 16, "topk": 2})])
+def test_layout_methods_on_triton_equal_the_torch_backend(method, params):
+    """Whole methods through attention(backend="triton"): the layouts the method builds, merged by lse."""
+    q, k, v = _qkv(1, 4, 2, 48, 48)
+    pad = torch.ones(1, 48, dtype=torch.bool, device=DEV)
+    pad[0, 5:9] = False
+    got = az.attention(q, k, v, method=method, causal=True, key_padding_mask=pad, return_lse=True,
+                       backend="triton", **params)
+    want = az.attention(q, k, v, method=method, causal=True, key_padding_mask=pad, return_lse=True,
+                        backend="torch", **params)
+    assert_matches(got[0].double(), got[1].double(), want[0].double(), want[1].double(), tol=2e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [n for n, c in az.methods().items()
+                                    if "LayoutMethod" in [b.__name__ for b in c.__mro__]])
+def test_every_layout_method_runs_on_triton(method):
+    """Every layout-only method (forward+backward where it supports gradients) equals its torch backend."""
+    from attnzoo.backends import _is_layout_only
+    if not _is_layout_only(az.methods()[method]):
+        pytest.skip(f"{method} computes outside its layouts (explain() says so)")
+    params = {"block_sparse": {"mask_mod": _window, "block": 16}}.get(method, {})
+    params.update({p.name: 16 for p in az.info(method).params if p.name in ("block", "block_size")})
+    q, k, v = _qkv(1, 4, 2, 64, 64, grad=True)
+    got = az.attention(q, k, v, method=method, causal=True, return_lse=True, backend="triton", **params)
+    want = az.attention(q, k, v, method=method, causal=True, return_lse=True, backend="torch", **params)
+    assert_matches(got[0].double(), got[1].double(), want[0].double(), want[1].double(), tol=2e-5)
+    seed = torch.randn_like(got[0])
+    _check_grads(torch.autograd.grad((got[0] * seed).sum(), (q, k, v)),
+                 [g.double() for g in torch.autograd.grad((want[0] * seed).sum(), (q, k, v))], 5e-5)
+
+
+def test_flash_decode_and_exact_tiled_dispatch_to_the_kernels():
+    q, k, v = _qkv(1, 4, 2, 2, 45)
+    for method in ("flash_decode", "exact_tiled", "exact"):
+        out, lse = az.attention(q, k, v, method=method, causal=True, return_lse=True, backend="triton")
+        r_out, r_lse = naive_attention(q.double(), k.double(), v.double(), scale=0.25, causal=True)
+        assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    assert math.isfinite(float(lse.sum()))
