@@ -36,6 +36,23 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _tile(H, groups, n_rows, TAB_ROWS, TAB_HDIV, stb, sth, stm, pmb, pmh, pmm, BLOCK_M: tl.constexpr,
+          ROW_TILE: tl.constexpr):
+    """This program's (batch, row head, KV head), its rows, and the offsets of its layout table row."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    row0 = tl.program_id(0) * ROW_TILE
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = row0 + offs_m
+    row_ok = (offs_m < ROW_TILE) & (rows < n_rows)
+    trow = row0 // TAB_ROWS
+    tab_row = b * stb + (h // TAB_HDIV) * sth + trow * stm
+    pm_row = b * pmb + (h // TAB_HDIV) * pmh + trow * pmm
+    return b, h, h // groups, row0, rows, row_ok, rows - trow * TAB_ROWS, tab_row, pm_row
+
+
+@triton.jit
 def _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE: tl.constexpr, BLOCK_N: tl.constexpr,
                KEY_UNIT: tl.constexpr, TAB_LEN):
     """Key indices ``(BLOCK_N,)`` of slot ``s`` and whether each exists (in range, not an empty slot)."""
@@ -93,23 +110,12 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PAD_HDIV: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, Q_BLOCK: tl.constexpr,
                 K_BLOCK: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // groups
-    row0 = tile * ROW_TILE
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = row0 + offs_m
-    row_ok = (offs_m < ROW_TILE) & (rows < n_rows)
+    b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TAB_HDIV, stb, sth,
+                                                                stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    trow = row0 // TAB_ROWS
-    rloc = rows - trow * TAB_ROWS
-    tab_row = b * stb + (h // TAB_HDIV) * sth + trow * stm
-    pm_row = b * pmb + (h // TAB_HDIV) * pmh + trow * pmm
 
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d < D)[None, :], other=0)
@@ -171,22 +177,11 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
     ``q``/``dq`` share strides; ``lse``/``delta`` are contiguous ``(B, H, n_rows)``;
     probabilities are recomputed from the saved lse, as in FlashAttention-2.
     """
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // groups
-    row0 = tile * ROW_TILE
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = row0 + offs_m
-    row_ok = (offs_m < ROW_TILE) & (rows < n_rows)
+    b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TAB_HDIV, stb, sth,
+                                                                stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    trow = row0 // TAB_ROWS
-    rloc = rows - trow * TAB_ROWS
-    tab_row = b * stb + (h // TAB_HDIV) * sth + trow * stm
-    pm_row = b * pmb + (h // TAB_HDIV) * pmh + trow * pmm
     qmask = row_ok[:, None] & (offs_d < D)[None, :]
     q_ptr = b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :]
     q = tl.load(Q + q_ptr, mask=qmask, other=0)
