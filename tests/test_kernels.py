@@ -197,3 +197,26 @@ def test_flash_decode_and_exact_tiled_dispatch_to_the_kernels():
         r_out, r_lse = naive_attention(q.double(), k.double(), v.double(), scale=0.25, causal=True)
         assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
     assert math.isfinite(float(lse.sum()))
+
+
+@pytest.mark.parametrize("policy,params", [("full", {"splits": 3, "split_size": 8}),
+                                           ("quest", {"budget": 16, "page": 4, "local": 4, "splits": 2})])
+def test_kv_cache_reads_through_the_split_k_kernel(monkeypatch, policy, params):
+    """A cache decoding through the kernel (as it does on CUDA: ranges in place, selected slots read without a
+    gather copy) gives the torch reads' outputs and lse at every step."""
+    from attnzoo.cache import read
+    q, k, v = _qkv(1, 4, 2, 40, 40)
+
+    def decode():
+        cache = az.KVCache(policy, **params)
+        cache.append(k[:, :, :32], v[:, :, :32])
+        outs = [cache.attend(q[:, :, :32], return_lse=True)]
+        for t in range(32, 36):
+            cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+            outs.append(cache.attend(q[:, :, t:t + 1], return_lse=True))
+        return outs
+
+    want = decode()
+    monkeypatch.setattr(read, "auto_triton", lambda t: True)
+    for (o, l), (wo, wl) in zip(decode(), want):
+        assert_matches(o.double(), l.double(), wo.double(), wl.double(), tol=2e-5)

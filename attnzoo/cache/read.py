@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..backends import auto_triton
 from ..catalog.exact import FlashDecode
 from ..checks import Problem
 from ..core.exact import tiled_attention
@@ -39,6 +40,9 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[3]
     if n == 0:
         return Partial.empty((B, Hq, nq, Dv), device=q.device)
+    if auto_triton(q):  # CUDA: the split-K kernel reads the (strided) slices in place
+        from ..kernels.attention import split_k
+        return split_k(q, k, v, scale=scale, causal=causal, valid=valid, splits=max(1, min(splits, n // split_size)))
     if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
     groups = Hq // Hkv
@@ -113,7 +117,14 @@ def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], step) -> 
 
 
 def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step) -> Partial:
-    """Attention over the slots ``idx (B, Hkv, m)`` (all older than the query: no causal mask)."""
+    """Attention over the slots ``idx (B, Hkv, m)`` (all older than the query: no causal mask).
+
+    On CUDA with float storage the split-K kernel reads the selected slots in place (no gather copy).
+    """
+    if store.bits is None and auto_triton(q):
+        from ..kernels.attention import split_k
+        return split_k(q, store.buf["k"], store.buf["v"], scale=step.scale, causal=False, valid=store.buf.get("valid"),
+                       idx=idx, splits=step.splits)
     k, v = store.gather(idx)
     valid = store.valid
     valid = None if valid is None else torch.gather(valid, 2, idx)

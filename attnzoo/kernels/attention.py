@@ -274,6 +274,7 @@ def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start:
     Hkv = k.shape[1]
     G = Hq // Hkv
     stop = k.shape[2] if stop is None else stop
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     rows = q.reshape(B, Hkv, G * nq, D)
     block_m = min(64, _pow2(G * nq))
     if idx is None:
