@@ -7,9 +7,11 @@ from typing import Any
 import torch
 
 from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale
-from ..core.scoremod import check_sinks, with_sinks
-from ..errors import AttnZooError
-from .policy import Step, make_policy
+from ..core.exact import chunked_attention
+from ..core.partial import Partial
+from ..core.scoremod import check_score_mod, check_sinks, with_sinks
+from ..errors import AttnZooError, UnsupportedError
+from .policy import Policy, Step, make_policy
 
 
 class KVCache:
@@ -126,10 +128,11 @@ class KVCache:
 
     # ------------------------------------------------------------------ reads
     def attend(self, q: torch.Tensor, causal: bool = True, scale: float | None = None,
-               return_lse: bool = False, sinks: torch.Tensor | None = None):
+               return_lse: bool = False, sinks: torch.Tensor | None = None, score_mod=None):
         """Attend the queries of the newest ``nq`` tokens: ``q (B, Hq, nq, D)`` -> ``(B, Hq, nq, Dv)``.
 
-        ``sinks (Hq,)``: learnable sink logits merged into the read (see :mod:`attnzoo.mods`).
+        ``sinks (Hq,)``: learnable sink logits merged into the read; ``score_mod``: see :mod:`attnzoo.mods`
+        (only policies that read every held token, e.g. ``full`` and ``quantized``, take one).
         """
         check_tensor("q", q, 4, "(B, Hq, nq, D)")
         check_finite("q", q)
@@ -151,12 +154,32 @@ class KVCache:
                     self._seq, self.splits, self.split_size)
         if sinks is not None:
             check_sinks(sinks, Hq, device)
+        if score_mod is not None:
+            check_score_mod(score_mod)
         with torch.no_grad():
-            part = self._layer.attend(q, step)
+            part = self._layer.attend(q, step) if score_mod is None else self._read_all(q, step, score_mod)
             if sinks is not None:
                 part = with_sinks(part.out, part.lse, sinks)
         out = part.out.to(dtype)
         return (out, part.lse.float()) if return_lse else out
+
+    @property
+    def reads_all(self) -> bool:
+        """Whether the policy reads every token it holds (so a read may take a score_mod)."""
+        return type(self.policy).read is Policy.read and type(self.policy).build is Policy.build
+
+    def _read_all(self, q: torch.Tensor, step: Step, score_mod) -> Partial:
+        """A read with a score_mod: exact attention over every held token (whose slots are its positions)."""
+        layer = self._layer
+        if not self.reads_all:
+            raise UnsupportedError(f"KVCache: policy {self.policy.name!r} chooses which tokens it reads; a score_mod "
+                                   "needs a policy that reads every held token (full, quantized)")
+        store = layer.store
+        pad = None if store.valid is None else store.valid[:, 0]
+        out, lse = chunked_attention(q.float(), store.keys().float(), store.values().float(), scale=step.scale,
+                                     causal=step.causal, key_padding_mask=pad, score_mod=score_mod)
+        layer.policy.update(store, q, step)
+        return Partial(out, lse)
 
     def __repr__(self) -> str:
         return f"KVCache({self.policy!r}, seq_length={self._seq}, held={self.held}, nbytes={self.nbytes})"

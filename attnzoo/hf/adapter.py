@@ -5,20 +5,24 @@ with ``query (B, Hq, Sq, D)``, ``key/value (B, Hkv, Sk, D)`` and a mask built by
 the mask function registered under the same name. This module translates that
 call into attnzoo's convention (``causal`` bottom-right aligned +
 ``key_padding_mask``), runs the layer's :class:`~attnzoo.hf.plan.LayerSpec`, and
-returns ``(B, Sq, Hq, Dv)`` as transformers expects. Whatever cannot be
-expressed (an additive bias, a per-head mask, dropout, soft-capping, ...)
-raises :class:`~attnzoo.UnsupportedError`: nothing is silently ignored.
+returns ``(B, Sq, Hq, Dv)`` as transformers expects. Soft-capping becomes a
+``score_mod``, gpt-oss's ``s_aux`` the method's ``sinks``, packed sequences
+(a block-diagonal mask from position ids, or flash-attention's ``cu_seq_lens_*``
+kwargs) a varlen call. Whatever cannot be expressed (an additive bias, a per-head
+mask, dropout, ...) raises :class:`~attnzoo.UnsupportedError`: nothing is silently ignored.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from .. import registry
+from .. import mods, registry
 from ..core.masks import causal_mask
 from ..errors import AttnZooError, UnsupportedError
 from .plan import HeadGroup, LayerSpec
@@ -63,6 +67,8 @@ class Geometry:
     key_padding_mask: torch.Tensor | None
     len_k: int
     window: int | None = None  # a causal sliding window (keys with p(i) - window < j), when the mask has one
+    #: packed documents (a block-diagonal causal mask): offsets over the batch rows laid end to end
+    cu_seqlens: torch.Tensor | None = None
 
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
@@ -111,21 +117,46 @@ def mask_geometry(mask: torch.Tensor | None, *, causal: bool, len_q: int, len_k:
         vis, keep = vis[..., :n_keys], keep[:, :n_keys]
     dev = vis.device
     candidates = [(causal, None), (not causal, None)]
-    if window is not None:
-        candidates.append((True, window))
+    if window is not None:  # a window that bites is tried first: it explains keys no query sees
+        candidates.insert(0 if n_keys > window else 2, (True, window))
     for is_causal, win in candidates:
-        structure = None
+        structure, kept = None, keep
         if is_causal:
             structure = causal_mask(len_q, n_keys, device=dev)
             if win is not None:
                 structure = structure & ~causal_mask(len_q, n_keys, q_offset=n_keys - len_q - win, device=dev)
-        expected = keep[:, None, :] if structure is None else keep[:, None, :] & structure
+                kept = keep | ~structure.any(dim=0)  # keys outside every window: not padding (nothing sees them)
+        expected = kept[:, None, :] if structure is None else kept[:, None, :] & structure
         if torch.equal(vis, expected.expand_as(vis)):
-            padding = None if bool(keep.all()) else keep
+            padding = None if bool(kept.all()) else kept
             return Geometry(is_causal, padding, n_keys, win)
-    raise UnsupportedError("attention_mask: this mask is neither causal nor non-causal attention with key padding"
+    if causal and len_q == n_keys and bool(keep.all()):
+        for win in (None, window) if window is not None else (None,):
+            cu = _documents(vis, win)
+            if cu is not None:
+                return Geometry(True, None, n_keys, win, cu)
+    raise UnsupportedError("attention_mask: this mask is neither causal nor non-causal attention with key padding "
+                           "nor packed causal documents"
                            + (f" (nor a causal sliding window of {window})" if window is not None else "")
                            + "; attnzoo cannot express it")
+
+
+def _documents(vis: torch.Tensor, window: int | None) -> torch.Tensor | None:
+    """Offsets of packed documents if ``vis (B, S, S)`` is causal attention within documents (transformers'
+    mask for packed position ids), each batch row's documents following the previous row's; else None."""
+    B, S, _ = vis.shape
+    pos = torch.arange(S, device=vis.device)
+    first = vis.int().argmax(dim=-1)  # first visible key of each query
+    starts = first == pos  # a document's first token sees only itself
+    doc_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=-1).values  # (B, S)
+    kj = pos.view(1, 1, S)
+    expected = (kj <= pos.view(1, S, 1)) & (kj >= doc_start.unsqueeze(-1))
+    if window is not None:
+        expected = expected & (kj > pos.view(1, S, 1) - window)
+    if not torch.equal(vis, expected):
+        return None
+    offsets = (starts.nonzero()[:, 0] * S + starts.nonzero()[:, 1]).tolist()
+    return torch.tensor(offsets + [B * S], dtype=torch.int32, device=vis.device)
 
 
 class _GeometryMemo:
@@ -151,11 +182,7 @@ _geometry = _GeometryMemo()
 
 # transformers kwargs that change the attention computation in ways attnzoo does not express
 _REFUSED = {
-    "softcap": "logit soft-capping",
-    "s_aux": "learned attention sinks (s_aux)",
     "position_bias": "an additive position bias",
-    "cu_seq_lens_q": "packed sequences (cu_seq_lens)",
-    "cu_seq_lens_k": "packed sequences (cu_seq_lens)",
 }
 
 
@@ -181,13 +208,69 @@ def layer_spec(module: torch.nn.Module) -> LayerSpec:
     return spec
 
 
+@dataclass(frozen=True)
+class Routes:
+    """What a layer's call adds to plain attention: a score_mod (soft-capping, a window folded in),
+    sink logits (gpt-oss's ``s_aux``), packed-sequence offsets."""
+
+    score_mod: Any = None
+    sinks: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+
+    def call_kwargs(self, heads: torch.Tensor | None) -> dict[str, Any]:
+        """Keyword arguments of a method call on query heads ``heads`` (None = all)."""
+        kw: dict[str, Any] = {}
+        if self.score_mod is not None:
+            kw["score_mod"] = self.score_mod
+        if self.sinks is not None:
+            kw["sinks"] = self.sinks if heads is None else self.sinks[heads]
+        if self.cu_seqlens is not None:
+            kw["cu_seqlens_q"] = kw["cu_seqlens_k"] = self.cu_seqlens
+        return kw
+
+
+def _routes(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> Routes:
+    """The soft-capping, sinks and flash-attention varlen offsets a transformers call carries."""
+    cap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        sinks = sinks.to(query.dtype if query.dtype == torch.float64 else torch.float32)
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if (cu_q is None) != (cu_k is None):
+        raise UnsupportedError(f"attnzoo attention ({type(module).__name__}): cu_seq_lens_q and cu_seq_lens_k must "
+                               "be given together")
+    if cu_q is not None and not torch.equal(cu_q.long(), cu_k.long()):
+        raise UnsupportedError(f"attnzoo attention ({type(module).__name__}): packed sequences with different query "
+                               "and key offsets (a cache over packed sequences) are not supported")
+    return Routes(None if cap is None else mods.softcap(float(cap)), sinks, cu_q)
+
+
+def window_mod(window: int):
+    """A causal sliding window as a score_mod (for exact methods that also carry another score_mod)."""
+
+    def sliding_window_mod(score, b, h, q_idx, kv_idx):
+        return score.masked_fill(q_idx - kv_idx >= window, -math.inf)
+
+    return sliding_window_mod
+
+
 def run_spec(spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, causal: bool,
              scale: float | None, key_padding_mask: torch.Tensor | None,
-             overrides: dict[str, Any]) -> torch.Tensor:
-    """Run a layer's head groups; returns ``(B, Hq, Sq, Dv)``."""
+             overrides: dict[str, Any], routes: Routes = Routes()) -> torch.Tensor:
+    """Run a layer's head groups; returns ``(B, Hq, Sq, Dv)``.
+
+    Packed sequences over a batch of several rows run as one packed row (the rows laid end to end).
+    """
+    B = query.shape[0]
+    if routes.cu_seqlens is not None and B > 1:
+        flat = [t.transpose(0, 1).reshape(1, t.shape[1], -1, t.shape[3]) for t in (query, key, value)]
+        out = run_spec(spec, *flat, causal=causal, scale=scale, key_padding_mask=None, overrides=overrides,
+                       routes=routes)
+        return out.reshape(out.shape[1], B, -1, out.shape[3]).transpose(0, 1)
     groups = [g.with_overrides(overrides) for g in spec.groups]
     if len(groups) == 1 and groups[0].heads is None:
-        return groups[0].method(query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+        return groups[0].method(query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                **routes.call_kwargs(None))
     heads_q, heads_kv = query.shape[1], key.shape[1]
     if heads_q != spec.num_heads:
         raise AttnZooError(f"layer {spec.layer}: the per-head plan has {spec.num_heads} heads, the model's "
@@ -198,7 +281,7 @@ def run_spec(spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: tor
         idx = torch.tensor(g.heads, device=query.device)
         kv_idx = idx // per_kv  # each selected query head with its own KV head (plain multi-head attention)
         out[:, idx] = g.method(query[:, idx], key[:, kv_idx], value[:, kv_idx], causal=causal, scale=scale,
-                               key_padding_mask=key_padding_mask)
+                               key_padding_mask=key_padding_mask, **routes.call_kwargs(idx))
     return out
 
 
@@ -209,34 +292,55 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """The function registered with ``transformers.AttentionInterface`` under :data:`ATTN_NAME`."""
     spec = layer_spec(module)
     _refuse_unsupported(module, dropout, kwargs)
+    routes = _routes(module, query, kwargs)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     record = getattr(module, CAPTURE_ATTR, None)
     if record is not None:
         record.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
     cache_layer = getattr(key, CACHE_TAG, None)
     if cache_layer is not None:
+        if routes.cu_seqlens is not None:
+            raise UnsupportedError("attnzoo cache: packed sequences (cu_seq_lens) with a KV cache are not supported")
         out = cache_layer.attend(spec, query, attention_mask, causal=causal, scale=scaling,
-                                 sliding_window=sliding_window)
+                                 sliding_window=sliding_window, score_mod=routes.score_mod, sinks=routes.sinks)
         return out.transpose(1, 2), None
     overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}  # the plan's own parameters only
-    geo = _geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=key.shape[2],
-                    window=sliding_window)
+    if routes.cu_seqlens is not None:  # flash-attention varlen kwargs: one packed row, its offsets given
+        if query.shape[0] != 1:
+            raise UnsupportedError(f"cu_seq_lens_q: packed sequences expected a batch of 1, got {query.shape[0]}")
+        geo = Geometry(causal, None, key.shape[2])
+        if sliding_window is not None and sliding_window < key.shape[2]:
+            geo = Geometry(causal, None, key.shape[2], sliding_window)
+    else:
+        geo = _geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=key.shape[2],
+                        window=sliding_window)
+        if geo.cu_seqlens is not None:
+            routes = dataclasses.replace(routes, cu_seqlens=geo.cu_seqlens)
     if geo.len_k < key.shape[2]:
         key, value = key[:, :, :geo.len_k], value[:, :, :geo.len_k]
     if geo.window is not None:
-        spec = windowed(spec, geo.window)
+        if routes.score_mod is None:
+            spec = windowed(spec, geo.window)
+        else:  # an exact method carries both: the window joins the score_mod
+            exact_only(spec, f"the model's sliding window ({geo.window}) together with soft-capping")
+            routes = dataclasses.replace(routes, score_mod=mods.compose(routes.score_mod, window_mod(geo.window)))
     out = run_spec(spec, query, key, value, causal=geo.causal, scale=scaling, key_padding_mask=geo.key_padding_mask,
-                   overrides=overrides)
+                   overrides=overrides, routes=routes)
     return out.transpose(1, 2), None
+
+
+def exact_only(spec: LayerSpec, what: str) -> None:
+    """Refuse a plan with a non-exact method where only exact attention can honour ``what``."""
+    bad = [g.method.name for g in spec.groups if g.method.name not in _EXACT]
+    if bad:
+        raise UnsupportedError(f"layer {spec.layer}: {what} needs an exact method; method {bad[0]!r} cannot be "
+                               "combined with it")
 
 
 def windowed(spec: LayerSpec, window: int) -> LayerSpec:
     """The layer's plan on a sliding-window layer whose window bites: exact methods become the registered
     ``sliding_window`` method (the same keys); any other method cannot honour the window and is refused."""
-    bad = [g.method.name for g in spec.groups if g.method.name not in _EXACT]
-    if bad:
-        raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({window}) is shorter than the "
-                               f"context and method {bad[0]!r} cannot be combined with it")
+    exact_only(spec, f"the model's sliding window ({window}), shorter than the context,")
     if "sliding_window" not in registry.methods():
         raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({window}) is shorter than the "
                                "context and no 'sliding_window' method is registered to honour it")

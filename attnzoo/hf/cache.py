@@ -23,7 +23,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ..cache import KVCache
 from ..errors import AttnZooError, UnsupportedError
-from .adapter import _EXACT, ATTN_NAME, CACHE_TAG, mask_geometry
+from .. import mods
+from .adapter import _EXACT, ATTN_NAME, CACHE_TAG, mask_geometry, window_mod
 from .integration import apply, attention_layers, is_applied, layer_plan
 from .plan import LayerSpec
 
@@ -60,7 +61,7 @@ class AttnZooCacheLayer(CacheLayerMixin):
         return keys, value_states
 
     def attend(self, spec: LayerSpec, query: torch.Tensor, attention_mask, *, causal: bool, scale: float | None,
-               sliding_window: int | None) -> torch.Tensor:
+               sliding_window: int | None, score_mod=None, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """Append the pending tokens (padding taken from the mask) and read them through the policy."""
         if self._pending is None:
             raise AttnZooError("attnzoo cache: attend called without a preceding update")
@@ -72,15 +73,18 @@ class AttnZooCacheLayer(CacheLayerMixin):
                                    f"policy ({self.kv.policy.name!r}) decides what is read; apply 'exact' instead")
         n, total = keys.shape[2], self.kv.seq_length + keys.shape[2]
         geo = mask_geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=total, window=sliding_window)
-        if geo.window is not None:
-            raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({geo.window}) is shorter than the "
-                                   "context; an attnzoo cache reads what its policy keeps (try the streaming policy)")
+        if geo.window is not None:  # exact over what the policy holds, the window as a score_mod (full reads only)
+            if not self.kv.reads_all:
+                raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({geo.window}) is shorter than "
+                                       f"the context and policy {self.kv.policy.name!r} chooses what it reads (a "
+                                       "window needs a policy that reads every held token: full, quantized)")
+            score_mod = window_mod(geo.window) if score_mod is None else mods.compose(score_mod, window_mod(geo.window))
         if geo.len_k != total or (not geo.causal and query.shape[2] > 1):
             raise UnsupportedError("attnzoo cache: only causal attention over the whole cached sequence is "
                                    "supported (the mask is not causal or leaves trailing keys unseen)")
         key_mask = None if geo.key_padding_mask is None else geo.key_padding_mask[:, -n:]
         self.kv.append(keys, values, key_mask=key_mask)
-        return self.kv.attend(query, causal=geo.causal, scale=scale)
+        return self.kv.attend(query, causal=geo.causal, scale=scale, score_mod=score_mod, sinks=sinks)
 
     def get_seq_length(self) -> int:
         return self.kv.seq_length
