@@ -19,6 +19,7 @@ import transformers
 
 import attnzoo
 import attnzoo.hf as azhf
+from test_hf import _one_thread  # noqa: F401  (one torch thread for tiny models)
 
 transformers.logging.set_verbosity_error()
 
@@ -46,14 +47,6 @@ ARCHS = {
 #: architectures whose own transformers code does not build a packed mask from position ids (flash kwargs only)
 NO_POSITION_ID_PACKING = {"gpt-oss"}
 AVAILABLE = [n for n, (c, m, _, _) in ARCHS.items() if hasattr(transformers, c) and hasattr(transformers, m)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(name: str) -> transformers.PreTrainedModel:
