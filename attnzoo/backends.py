@@ -195,8 +195,37 @@ def _runners() -> dict[str, list[Runner]]:
     return _RUNNERS
 
 
+def _linear_check(m, case: Case) -> list[str]:
+    why = []
+    if not case.causal:
+        why.append("causal=False (one global state: two GEMMs, which the torch engine already is)")
+    if case.k.shape[2] == 1:
+        why.append("a single key (a recurrent step, not the chunked form)")
+    g = case.inputs.get("g")
+    if isinstance(g, torch.Tensor) and not why:
+        from .kernels.linear import CHUNK_PER_CHANNEL, SAFE_LOG, chunk_decay_ok
+        if not chunk_decay_ok(g.clamp(min=-1e4)):
+            why.append(f"gates decaying below -{SAFE_LOG:g} (log space) within {CHUNK_PER_CHANNEL} tokens (the "
+                       "factorised per-channel kernel would overflow)")
+    return why
+
+
+def _triton_linear(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **inputs):
+    """The method's own forward (feature maps, gates) with the engine's chunked form on the kernels, in fp32."""
+    from .core.linear import chunked_form
+    from .kernels.linear import chunked
+    if q.dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+        inputs = {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                  for n, t in inputs.items()}
+    with chunked_form(chunked):
+        return m.forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask, return_lse=return_lse,
+                         **inputs)
+
+
 def _linear_runners() -> list[Runner]:
-    return []
+    from .catalog.linear import GLA, Lightning, Linear, Performer
+    return [Runner(cls, _linear_check, _triton_linear) for cls in (Linear, Performer, Lightning, GLA)]
 
 
 _RUNNERS: dict[str, list[Runner]] | None = None

@@ -220,3 +220,35 @@ def test_kv_cache_reads_through_the_split_k_kernel(monkeypatch, policy, params):
     monkeypatch.setattr(read, "auto_triton", lambda t: True)
     for (o, l), (wo, wl) in zip(decode(), want):
         assert_matches(o.double(), l.double(), wo.double(), wl.double(), tol=2e-5)
+
+
+@pytest.mark.parametrize("method,extra", [("lightning", {}), ("gla", {"g": True}), ("linear", {})])
+def test_linear_methods_on_the_chunked_kernels(method, extra):
+    """No decay (+ normaliser), a decay per head, per-token-per-channel gates; outputs and gradients of q, k,
+    v (and g) equal the torch engine in float64; GQA (K/V repeated by the engine), Nq < Nk, padding."""
+    q, k, v = (t.double().detach().requires_grad_() for t in _qkv(1, 4, 2, 19, 37))
+    pad = torch.ones(1, 37, dtype=torch.bool, device=DEV)
+    pad[0, 3:6] = False
+    inputs = {}
+    if extra:
+        inputs["g"] = (torch.nn.functional.logsigmoid(torch.randn(1, 4, 37, 16, device=DEV)) / 4).double()
+        inputs["g"].requires_grad_()
+    leaves = (q, k, v, *inputs.values())
+    got = az.attention(q.float(), k.float(), v.float(), method=method, causal=True, key_padding_mask=pad,
+                       backend="triton", **{n: t.float() for n, t in inputs.items()})
+    want = az.attention(q, k, v, method=method, causal=True, key_padding_mask=pad, backend="torch", **inputs)
+    torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=5e-5)
+    seed = torch.randn_like(want)
+    _check_grads(torch.autograd.grad((got.double() * seed).sum(), leaves),
+                 torch.autograd.grad((want * seed).sum(), leaves), 2e-4)
+
+
+def test_gla_gates_too_steep_for_the_factorised_kernel_are_refused_with_the_reason():
+    q, k, v = _qkv(1, 2, 2, 20, 20)
+    g = torch.full((1, 2, 20, 16), -10.0, device=DEV)  # -160 per 16-token chunk
+    rows = az.explain("gla", q, k, v, causal=True, g=g)
+    assert not next(r for r in rows if r.backend == "triton").runs
+    with pytest.raises(az.UnsupportedError, match="decaying below -60"):
+        az.attention(q, k, v, method="gla", causal=True, g=g, backend="triton")
+    torch.testing.assert_close(az.attention(q, k, v, method="gla", causal=True, g=g, backend="auto"),
+                               az.attention(q, k, v, method="gla", causal=True, g=g, backend="torch"))

@@ -25,6 +25,8 @@ processed in pieces. The normaliser ``z`` is carried as one extra value column.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,21 @@ _GATE_FLOOR = -1e4
 #: chunks whose cumulative per-channel log-decay stays above -_SAFE_LOG use the
 #: factorised matmul form exp(G_t)·exp(-G_s); others fall back to the exact segment sums
 _SAFE_LOG = 60.0
+
+
+#: an implementation of the chunked form taking over inside :func:`chunked_form` (a kernel backend)
+_CHUNKED = contextvars.ContextVar("attnzoo_chunked_form", default=None)
+
+
+@contextlib.contextmanager
+def chunked_form(impl):
+    """Within the block, the chunked form runs ``impl(q, k, v, gate, s0, chunk) -> (out, final)``
+    (the contract of :func:`_chunked`): how a kernel backend takes over every method built on this engine."""
+    token = _CHUNKED.set(impl)
+    try:
+        yield
+    finally:
+        _CHUNKED.reset(token)
 
 
 @dataclass
@@ -272,7 +289,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     if form == "parallel":
         out, final = _parallel(rows, k, v, gate, s0)
     elif form == "chunked":
-        out, final = _chunked(rows, k, v, gate, s0, chunk)
+        out, final = (_CHUNKED.get() or _chunked)(rows, k, v, gate, s0, chunk)
     else:
         out, final = _recurrent(rows, k, v, gate, s0)
     out = out[:, :, len_k - (len_q - unseen):]
