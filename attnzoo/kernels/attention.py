@@ -11,7 +11,6 @@ see nothing give ``(0, -inf)``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -85,18 +84,16 @@ class Call:
 
 
 def _common(call: Call, q, k, pad):
-    B, H, n_rows, D = q.shape
+    """The launch's table/mask/padding tensors (placeholders where absent), their strides, the row tiles."""
     ks = call.keys
     dev = q.device
     tab = ks.tab if ks.tab is not None else _dummy(dev)
     pidx = ks.pidx if ks.pidx is not None else tab
     pm = ks.pm if ks.pm is not None else _dummy(dev)
     padt = pad if pad is not None else _dummy(dev)
-    tstr = _bstrides(ks.tab, 3)
-    pmstr = _bstrides(ks.pm, 3)
-    padstr = _bstrides(pad, 2)  # (B, Hp, Nk) with unit key stride
-    n_tiles = triton.cdiv(n_rows, ks.row_tile)
-    return (tab, pidx, pm, padt), (tstr, padstr, pmstr), n_tiles, ks.tab.shape[-1] if ks.tab is not None else 1
+    strides = (_bstrides(ks.tab, 3), _bstrides(pad, 2), _bstrides(ks.pm, 3))  # pad: (B, Hp, Nk), unit key stride
+    n_tiles = triton.cdiv(q.shape[2], ks.row_tile)
+    return (tab, pidx, pm, padt), strides, n_tiles, ks.tab.shape[-1] if ks.tab is not None else 1
 
 
 def _consts(call: Call, q, v, pad) -> dict:
