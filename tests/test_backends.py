@@ -53,7 +53,7 @@ def test_info_backends_lists_availability():
     assert "triton" in res.output and "flex" in res.output and "sliding_window" in res.output
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_flex_block_mask_of_a_layout_equals_the_engine(causal):
     """The FlexAttention BlockMask built from a layout (partial blocks, per-head rows, GQA, padding) gives the
     engine's (out, lse); run with eager flex_attention on CPU (compiled on CUDA)."""
