@@ -16,6 +16,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnzoo
 from attnzoo import parallel as azp
@@ -334,24 +336,36 @@ def test_mesh_layouts(R, U, N):
         at += length
 
 
-def test_documents_pieces_cover_every_visible_pair():
-    """Per (query, key) position pair: visible through some piece exactly when the packed-causal rule says so."""
-    N = 11
-    docs = Documents.from_args("t", [0, 3, 3, 8, N], [0, 4, 6, 6, N], N)
-    segs = [(0, 4), (4, 3), (7, 4)]
+def _cuts(draw, N: int, most: int) -> list[int]:
+    return [0] + sorted(draw(st.lists(st.integers(0, N), max_size=most))) + [N]
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), N=st.integers(0, 14), causal=st.booleans())
+def test_documents_pieces_cover_exactly_the_visible_pairs(data, N, causal):
+    """Per (query, key) position pair: seen through exactly one piece when the packed rule makes it visible
+    (same document; causal bottom-right inside it), through none otherwise, for any documents and any
+    cutting of the sequence into held segments."""
+    cu_q = _cuts(data.draw, N, 4)
+    cu_k = _cuts(data.draw, N, len(cu_q) - 2)
+    while len(cu_k) < len(cu_q):
+        cu_k.insert(-1, N)
+    docs = Documents.from_args("t", cu_q, cu_k, N)
+    bounds = _cuts(data.draw, N, 4)
+    segs = [(a, b - a) for a, b in zip(bounds, bounds[1:])]
     seen = torch.zeros(N, N, dtype=torch.int64)
     for qs in segs:
         for ks in segs:
-            for q0, q1, k0, k1, qo, ko in docs.pieces(qs, ks, causal=True):
+            for q0, q1, k0, k1, qo, ko in docs.pieces(qs, ks, causal):
                 for i in range(q1 - q0):
                     for j in range(k1 - k0):
-                        seen[qs[0] + q0 + i, ks[0] + k0 + j] += int(ko + j <= qo + i)
+                        seen[qs[0] + q0 + i, ks[0] + k0 + j] += int(not causal or ko + j <= qo + i)
     expected = torch.zeros(N, N, dtype=torch.int64)
     for d in range(len(docs)):
         lq, lk = docs.q[d + 1] - docs.q[d], docs.k[d + 1] - docs.k[d]
         for a in range(lq):
             for b in range(lk):
-                expected[docs.q[d] + a, docs.k[d] + b] = int(b <= a + lk - lq)
+                expected[docs.q[d] + a, docs.k[d] + b] = int(not causal or b <= a + lk - lq)
     assert torch.equal(seen, expected)
 
 

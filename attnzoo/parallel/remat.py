@@ -1,5 +1,6 @@
-"""LightSeq's rematerialization-aware checkpointing (METHODS.md M44) for layers
-that call the sequence-parallel attention.
+"""LightSeq's rematerialization-aware checkpointing (Li et al., "DistFlashAttn /
+LightSeq: sequence level parallelism for distributed training of long context
+transformers", 2023) for layers that call the sequence-parallel attention.
 
 Ordinary activation checkpointing (``torch.utils.checkpoint``) keeps only a
 layer's inputs and reruns the whole layer in the backward pass, attention

@@ -1,4 +1,5 @@
-"""Unified sequence parallelism (USP): Ulysses inside the rows of a 2-D mesh, a ring across them.
+"""Unified sequence parallelism (USP; Fang and Zhao, "USP: a unified sequence parallelism approach for
+long context generative AI", 2024): Ulysses inside the rows of a 2-D mesh, a ring across them.
 
 The P ranks of the default group form a ``ring × ulysses`` device mesh
 (``torch.distributed.device_mesh``; rank ``r`` sits in row ``r // U``, column
