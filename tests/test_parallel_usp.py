@@ -135,7 +135,8 @@ def check_packed_rejects_bad_offsets(rank, P):
     q = torch.randn(1, P, 3, 4)
     N = 3 * P
     for fn in (azp.ring_attention, azp.ulysses_attention, _usp(1)):
-        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, 2, 1, N]), attnzoo.AttnZooError, "cu_seqlens_q", "non-decreasing")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, 2, 1, N]), attnzoo.AttnZooError, "cu_seqlens_q",
+                      "non-decreasing")
         _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, N - 1]), attnzoo.AttnZooError, "cu_seqlens_q", f"N={N}")
         _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, N], cu_seqlens_k=[0, 1, N]), attnzoo.AttnZooError,
                 "cu_seqlens_k")
@@ -157,8 +158,8 @@ def check_arguments_agree(rank, P):
 def check_usp_rejects(rank, P):
     q = torch.randn(1, P, 3, 4)
     _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=P + 1), attnzoo.AttnZooError, "ulysses", f"P={P}")
-    _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=1, method="sliding_window", window=2), attnzoo.AttnZooError,
-            "method", "'exact'")
+    _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=1, method="sliding_window", window=2),
+                  attnzoo.AttnZooError, "method", "'exact'")
     odd = torch.randn(1, 3, 3, 4)
     _expect_error(lambda: azp.usp_attention(odd, odd, odd, ulysses=2), attnzoo.AttnZooError, "Hq=3", "ulysses=2")
 

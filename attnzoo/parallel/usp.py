@@ -11,8 +11,8 @@ ring alone sends P-1 K/V blocks; the mesh trades one for the other:
 
     per-rank forward bytes (non-causal, n = N/P positions per rank, element size e,
     Hkv' = KV heads after replication to a multiple of U):
-      Ulysses part  (U-1)/U · n · (2·Hq·D + 2·Hkv'·D) · e     (q, k, v in, out back; D = Dv)
-      ring part     (R-1) · n · Hkv' · 2·D · e                (each column block holds U·n positions of Hkv'/U heads)
+      Ulysses part  (U-1)/U · n · (2·Hq·D + 2·Hkv'·D) · e   (q, k, v in, out back; D = Dv)
+      ring part     (R-1) · n · Hkv' · 2·D · e     (a column block: U·n positions of Hkv'/U heads)
 
 Causal attention balances the ring with the zig-zag layout at the row level
 (row i holds chunks i and 2R-1-i of 2R), re-laid out inside the call by one
