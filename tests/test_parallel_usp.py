@@ -39,7 +39,7 @@ def _oracle(q, k, v, causal: bool, cu_q=None, cu_k=None, method: str = "naive", 
     """Full-sequence attention, or each document's on its own (zeros for queries of a document without keys)."""
     if cu_q is None:
         return attnzoo.attention(q, k, v, method=method, causal=causal, **params)
-    cu_k = cu_q if cu_k is None else cu_k
+    cu_q, cu_k = cu_q.tolist(), cu_k.tolist()
     outs = []
     for i in range(len(cu_q) - 1):
         qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
@@ -52,9 +52,9 @@ def _oracle(q, k, v, causal: bool, cu_q=None, cu_k=None, method: str = "naive", 
 
 
 def _compare(rank: int, P: int, fn, N: int, Hq: int, Hkv: int, causal: bool, grad: bool, *, dtype=torch.float32,
-             tol: float = TOL, oracle: dict | None = None, **kwargs) -> list[float]:
+             tol: float = TOL, oracle: dict | None = None, B: int = 2, **kwargs) -> list[float]:
     """Run ``fn`` on this rank's shards and compare with the oracle; returns [out, dq, dk, dv] errors."""
-    q, k, v, d_out = _inputs(N, Hq, Hkv)
+    q, k, v, d_out = _inputs(N, Hq, Hkv, B=B)
     leaves = [t.clone().requires_grad_(grad) for t in (q, k, v)]
     ref = _oracle(*leaves, causal, kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k"), **(oracle or {}))
     mine = [azp.shard_sequence(t, rank, P).to(dtype).requires_grad_(grad) for t in (q, k, v)]
@@ -108,11 +108,12 @@ def check_usp_small_tiles(rank, P):
         ring_module.Q_TILE, ring_module.K_TILE = saved
 
 
-def _packings(N: int) -> list[tuple[list[int], list[int] | None]]:
-    """Documents crossing shard boundaries: an empty one, one of length 1; and different query/key
-    lengths per document (cross-attention inside each, causal bottom-right)."""
-    return [([0, 1, 1, N // 2 + 1, N - 2, N], None), ([0, 3, N - 1, N], [0, 5, N - 4, N]),
-            ([0, 2, N], [0, 0, N])]  # the first document's queries see no key at all
+def _packings(N: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Documents crossing shard boundaries: an empty one, one of length 1; different query/key lengths
+    per document (cross-attention inside each, causal bottom-right); a document whose queries see no key."""
+    same = torch.tensor([0, 1, 1, N // 2 + 1, N - 2, N], dtype=torch.int32)
+    return [(same, same), (torch.tensor([0, 3, N - 1, N]), torch.tensor([0, 5, N - 4, N])),
+            (torch.tensor([0, 2, N]), torch.tensor([0, 0, N]))]
 
 
 def check_packed(rank, P):
@@ -122,25 +123,35 @@ def check_packed(rank, P):
     for causal in (False, True):
         for cu_q, cu_k in _packings(N):
             for fn in algos:
-                _compare(rank, P, fn, N, 4, 2, causal, grad=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    # offsets as a tensor; a non-exact local method per document (Ulysses and USP with ring degree 1)
-    cu = torch.tensor([0, 5, N], dtype=torch.int32)
-    _compare(rank, P, azp.ring_attention, N, 4, 4, True, grad=False, cu_seqlens_q=cu)
+                _compare(rank, P, fn, N, 4, 2, causal, grad=True, B=1, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    # a non-exact local method on each document (Ulysses, and USP with ring degree 1)
+    cu = torch.tensor([0, 5, N])
     for fn in (azp.ulysses_attention, _usp(P)):
-        _compare(rank, P, fn, N, 4, 2, True, grad=True, cu_seqlens_q=[0, 5, N], method="sliding_window", window=3,
-                 oracle={"method": "sliding_window", "window": 3})
+        _compare(rank, P, fn, N, 4, 2, True, grad=True, B=1, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                 method="sliding_window", window=3, oracle={"method": "sliding_window", "window": 3})
 
 
 def check_packed_rejects_bad_offsets(rank, P):
+    """The single-process API's checks, with the call's name, on every rank alike (the offsets agree)."""
     q = torch.randn(1, P, 3, 4)
     N = 3 * P
+
+    def cu(*offsets):
+        return torch.tensor(offsets)
     for fn in (azp.ring_attention, azp.ulysses_attention, _usp(1)):
-        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, 2, 1, N]), attnzoo.AttnZooError, "cu_seqlens_q",
-                      "non-decreasing")
-        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, N - 1]), attnzoo.AttnZooError, "cu_seqlens_q", f"N={N}")
-        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=[0, N], cu_seqlens_k=[0, 1, N]), attnzoo.AttnZooError,
-                "cu_seqlens_k")
-        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=torch.tensor([0.0, N])), attnzoo.AttnZooError, "integer")
+        name = getattr(fn, "func", fn).__name__
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=cu(0, 2, 1, N), cu_seqlens_k=cu(0, 1, 2, N)),
+                      attnzoo.AttnZooError, name, "cu_seqlens_q", "non-decreasing")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=cu(0, N - 1), cu_seqlens_k=cu(0, N)), attnzoo.AttnZooError,
+                      "cu_seqlens_q", str(N), "global offsets")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=cu(0, N), cu_seqlens_k=cu(0, 1, N)), attnzoo.AttnZooError,
+                      "cu_seqlens_k", "2 offsets")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=cu(0, N)), attnzoo.AttnZooError, "cu_seqlens_k", "None")
+        _expect_error(lambda: fn(q, q, q, cu_seqlens_q=torch.tensor([0.0, N]), cu_seqlens_k=cu(0, N)),
+                      attnzoo.AttnZooError, "cu_seqlens_q", "int32")
+        two = torch.randn(2, P, 3, 4)
+        _expect_error(lambda: fn(two, two, two, cu_seqlens_q=cu(0, N), cu_seqlens_k=cu(0, N)), attnzoo.AttnZooError,
+                      "batch 2")
 
 
 def check_arguments_agree(rank, P):
@@ -148,8 +159,9 @@ def check_arguments_agree(rank, P):
     q = torch.randn(1, P, 3, 4)
     N = 3 * P
     _expect_error(lambda: azp.ring_attention(q, q, q, scale=0.5 + rank), azp.ParallelError, "scale differs")
-    _expect_error(lambda: azp.token_ring_attention(q, q, q, cu_seqlens_q=[0, 1 + rank, N]), azp.ParallelError,
-            "cu_seqlens_q differs")
+    cu = torch.tensor([0, 1 + rank, N])
+    _expect_error(lambda: azp.token_ring_attention(q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu), azp.ParallelError,
+                  "cu_seqlens_q differs")
     _expect_error(lambda: azp.ulysses_attention(q, q, q, method="sliding_window", window=2 + rank), azp.ParallelError,
             "params differs")
     _expect_error(lambda: azp.usp_attention(q, q, q, ulysses=1 if rank else P), azp.ParallelError, "ulysses differs")
@@ -351,7 +363,7 @@ def test_documents_pieces_cover_exactly_the_visible_pairs(data, N, causal):
     cu_k = _cuts(data.draw, N, len(cu_q) - 2)
     while len(cu_k) < len(cu_q):
         cu_k.insert(-1, N)
-    docs = Documents.from_args("t", cu_q, cu_k, N)
+    docs = Documents.from_args("t", torch.tensor(cu_q), torch.tensor(cu_k), N, torch.zeros(1, 1, N, 1))
     bounds = _cuts(data.draw, N, 4)
     segs = [(a, b - a) for a, b in zip(bounds, bounds[1:])]
     seen = torch.zeros(N, N, dtype=torch.int64)

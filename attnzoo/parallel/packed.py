@@ -6,10 +6,12 @@ The convention is FlashAttention's varlen one with *global* offsets:
 documents), likewise ``cu_seqlens_k``; document ``i``'s queries are positions
 ``[cu_seqlens_q[i], cu_seqlens_q[i+1])`` and see only document ``i``'s keys;
 ``causal`` aligns each document bottom-right (query ``a`` of a document with
-``Lq`` queries and ``Lk`` keys sees keys ``b <= a + Lk - Lq``). Documents may
-cross shard boundaries freely: every rank passes the same offsets and the
-engines cut each (query segment, key segment) pair at the boundaries.
-Without offsets the whole sequence is one document.
+``Lq`` queries and ``Lk`` keys sees keys ``b <= a + Lk - Lq``): the semantics of
+``attnzoo.attention(..., cu_seqlens_q=, cu_seqlens_k=)`` (:mod:`attnzoo.varlen`),
+whose checks these offsets pass. Documents may cross shard boundaries freely:
+every rank passes the same offsets and the engines cut each (query segment,
+key segment) pair at the boundaries. Without offsets the whole sequence is one
+document.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Iterator
 import torch
 
 from ..errors import AttnZooError
+from ..varlen import check_cu_seqlens
 from .layout import Segment
 
 
@@ -35,19 +38,27 @@ class Documents:
         return cls((0, total), (0, total))
 
     @classmethod
-    def from_args(cls, fn: str, cu_seqlens_q, cu_seqlens_k, total: int) -> "Documents":
-        """Validated offsets; ``cu_seqlens_k`` defaults to ``cu_seqlens_q`` (self-attention over one packing)."""
+    def from_args(cls, fn: str, cu_seqlens_q, cu_seqlens_k, total: int, q: torch.Tensor) -> "Documents":
+        """Validated offsets, as the single-process API takes them (:func:`attnzoo.varlen.check_cu_seqlens`:
+        both or neither, integer tensors on q's device, a packed batch of 1)."""
         if cu_seqlens_q is None and cu_seqlens_k is None:
             return cls.single(total)
-        if cu_seqlens_q is None:
-            raise AttnZooError(f"{fn}: cu_seqlens_q: expected the query document offsets when cu_seqlens_k is "
-                               f"given, got None")
-        q = _offsets(fn, "cu_seqlens_q", cu_seqlens_q, total)
-        k = q if cu_seqlens_k is None else _offsets(fn, "cu_seqlens_k", cu_seqlens_k, total)
-        if len(q) != len(k):
-            raise AttnZooError(f"{fn}: cu_seqlens_k: expected {len(q)} offsets ({len(q) - 1} documents, as in "
-                               f"cu_seqlens_q), got {len(k)}")
-        return cls(q, k)
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            missing = "cu_seqlens_k" if cu_seqlens_k is None else "cu_seqlens_q"
+            raise AttnZooError(f"{fn}: {missing}: expected an integer tensor of offsets next to the other one, "
+                               f"got None")
+        if q.shape[0] != 1:
+            raise AttnZooError(f"{fn}: q: expected a packed batch of 1 with cu_seqlens (the documents lie along "
+                               f"the sequence), got batch {q.shape[0]}")
+        try:
+            cq = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", total, q.device)
+            ck = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", total, q.device)
+        except AttnZooError as e:
+            raise AttnZooError(f"{fn}: {e} (global offsets: the last is the total length N over all ranks)") from None
+        if len(cq) != len(ck):
+            raise AttnZooError(f"{fn}: cu_seqlens_k: expected {len(cq)} offsets (as many sequences as "
+                               f"cu_seqlens_q), got {len(ck)}")
+        return cls(tuple(cq), tuple(ck))
 
     def __len__(self) -> int:
         return len(self.q) - 1
@@ -69,19 +80,3 @@ class Documents:
             if causal and k_offset > q_offset + (qb - qa) - 1:  # the first key is after the last query
                 continue
             yield qa - qs, qb - qs, ka - ks, kb - ks, q_offset, k_offset
-
-
-def _offsets(fn: str, name: str, value, total: int) -> tuple[int, ...]:
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
-            raise AttnZooError(f"{fn}: {name}: expected a 1-D integer tensor of offsets, got {value.dim()}-D "
-                               f"{value.dtype}")
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool)
-                                                       for x in value):
-        raise AttnZooError(f"{fn}: {name}: expected a 1-D integer tensor or a list of ints, got {value!r}")
-    value = tuple(value)
-    if len(value) < 2 or value[0] != 0 or value[-1] != total or any(b < a for a, b in zip(value, value[1:])):
-        raise AttnZooError(f"{fn}: {name}: expected non-decreasing global offsets from 0 to the total length "
-                           f"N={total} (at least [0, N]), got {list(value)}")
-    return value

@@ -301,7 +301,7 @@ def _sequence_parallel(fn: str, engine: str, q, k, v, causal: bool, group, scale
                                     agree={"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
                                            "lightseq": lightseq})
     total = sum(contiguous.length(r) for r in range(team.size))
-    rule = Rule(causal, prob.scale, Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, total))
+    rule = Rule(causal, prob.scale, Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, total, q))
     layout = Layout.zigzag(total, team.size) if causal and team.size > 1 else contiguous
     q, k, v = (relayout(team, t, contiguous, layout) for t in (q, k, v))
     out = ring_engine(engine, q, k, v, team, layout, rule, lightseq)
@@ -309,12 +309,12 @@ def _sequence_parallel(fn: str, engine: str, q, k, v, causal: bool, group, scale
 
 
 _COMMON = """
-    Packed sequences: ``cu_seqlens_q`` / ``cu_seqlens_k`` (1-D int tensors or
-    lists, the same on every rank) are the FlashAttention varlen offsets of the
-    documents in *global* positions (``[0, ..., N]``); documents may cross
-    shard boundaries; each document's queries see only its keys, causal
-    aligned bottom-right within each document; ``cu_seqlens_k`` defaults to
-    ``cu_seqlens_q``. ``lightseq``: inside
+    Packed sequences (batch 1): ``cu_seqlens_q`` / ``cu_seqlens_k`` (1-D int
+    tensors, the same on every rank) are the FlashAttention varlen offsets of
+    the documents in *global* positions (``[0, ..., N]``), as in
+    ``attnzoo.attention``; documents may cross shard boundaries; each
+    document's queries see only its keys, causal aligned bottom-right within
+    each document. ``lightseq``: inside
     :func:`attnzoo.parallel.lightseq_checkpoint`, keep this call's output and
     lse for the backward instead of recomputing it (no effect elsewhere).
 """

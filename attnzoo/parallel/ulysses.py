@@ -70,24 +70,6 @@ def heads_parallel(team: Team, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return _AllToAll.apply(local(qh, kh, vh), team, lengths, False)
 
 
-def per_document(attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], docs: Documents,
-                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``attend`` on each document of a packed full sequence separately, outputs concatenated (a
-    document with queries but no keys gives zeros)."""
-    if len(docs) == 1:
-        return attend(q, k, v)
-    outs = []
-    for i in range(len(docs)):
-        qa, qb, ka, kb = docs.q[i], docs.q[i + 1], docs.k[i], docs.k[i + 1]
-        if qb == qa:
-            continue
-        if kb == ka:
-            outs.append(q.new_zeros(q.shape[:2] + (qb - qa, v.shape[3])))
-        else:
-            outs.append(attend(q[:, :, qa:qb], k[:, :, ka:kb], v[:, :, ka:kb]))
-    return torch.cat(outs, dim=2) if outs else q.new_zeros(q.shape[:3] + (v.shape[3],))
-
-
 def check_params(fn: str, method: str, params: dict[str, Any]) -> None:
     """An unknown method or a per-call tensor input (which would need resharding) fails before data moves."""
     _lookup(method)
@@ -121,8 +103,9 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, meth
     (``P / gcd(Hkv, P)`` times) to be split. Differentiable when the local
     method is. Per-call tensor inputs (``key_padding_mask``, ``g``, ...) are not
     resharded and are refused. Packed sequences (``cu_seqlens_q`` /
-    ``cu_seqlens_k``, global offsets as in :func:`ring_attention`): the local
-    method runs on each document separately.
+    ``cu_seqlens_k``, global offsets as in :func:`ring_attention`) go to the
+    local method, which runs each document separately (methods with varlen
+    support).
     """
     fn = "ulysses_attention"
     team = resolve_team(fn, group)
@@ -132,8 +115,15 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, meth
                                        "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k})
     check_heads(fn, prob.heads_q, team.size, "the number of ranks P")
     lengths = [layout.length(r) for r in range(team.size)]
-    docs = Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, sum(lengths))
+    packed = packed_args(fn, cu_seqlens_q, cu_seqlens_k, sum(lengths), q)
+    return heads_parallel(team, q, k, v, lengths, functools.partial(
+        attention, method=method, causal=causal, scale=prob.scale, **packed, **params))
 
-    def attend(qh, kh, vh):
-        return attention(qh, kh, vh, method=method, causal=causal, scale=prob.scale, **params)
-    return heads_parallel(team, q, k, v, lengths, functools.partial(per_document, attend, docs))
+
+def packed_args(fn: str, cu_seqlens_q, cu_seqlens_k, total: int, q: torch.Tensor) -> dict[str, Any]:
+    """The offsets, checked, for a local method that sees the whole sequence (it runs each document
+    separately); none without offsets."""
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        return {}
+    Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, total, q)
+    return {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k}

@@ -33,7 +33,7 @@ from .comm import Team, resolve_team
 from .layout import Layout, check_shards, relayout
 from .packed import Documents
 from .ring import Rule, ring_engine
-from .ulysses import check_heads, check_params, heads_parallel, per_document
+from .ulysses import check_heads, check_params, heads_parallel, packed_args
 
 _MESHES: dict[tuple[int, int], tuple[Any, Any]] = {}
 
@@ -76,8 +76,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses:
     its ``params``. KV heads fewer than U are replicated as in
     :func:`ulysses_attention`. Packed sequences (``cu_seqlens_q`` /
     ``cu_seqlens_k``) and ``lightseq`` as in :func:`ring_attention` (with a
-    non-exact local method, documents are attended one by one and ``lightseq``
-    has no effect).
+    non-exact local method, the method attends each document separately and
+    ``lightseq`` has no effect).
     """
     fn = "usp_attention"
     world = resolve_team(fn, None)
@@ -99,7 +99,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses:
                                            "lightseq": lightseq})
     check_heads(fn, prob.heads_q, ulysses, "ulysses")
     total = sum(contiguous.length(r) for r in range(world.size))
-    docs = Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, total)
+    docs = Documents.from_args(fn, cu_seqlens_q, cu_seqlens_k, total, q)
     row, col, rows = _teams(fn, world, ulysses, q.device.type)
 
     if causal and col.size > 1:  # zig-zag across the rows, then each row's positions spread over its ranks
@@ -113,7 +113,7 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, ulysses:
         local = functools.partial(ring_engine, "ring", team=col, layout=ring_layout,
                                   rule=Rule(causal, prob.scale, docs), lightseq=lightseq)
     else:
-        local = functools.partial(per_document, functools.partial(
-            attention, method=method, causal=causal, scale=prob.scale, **params), docs)
+        local = functools.partial(attention, method=method, causal=causal, scale=prob.scale,
+                                  **packed_args(fn, cu_seqlens_q, cu_seqlens_k, total, q), **params)
     out = heads_parallel(row, q, k, v, lengths, local)
     return relayout(world, out, layout, contiguous)
