@@ -395,6 +395,10 @@ class Method:
         if sinks is not None:
             check_sinks(sinks, prob.heads_q, device)
 
+    def sequence_kv(self, k: torch.Tensor, v: torch.Tensor, k0: int, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values packed sequence ``[k0, k1)`` attends (cu_seqlens calls): its own slice by default."""
+        return k[:, :, k0:k1], v[:, :, k0:k1]
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: Problem, *, causal: bool,
                 key_padding_mask: torch.Tensor | None, return_lse: bool,
                 **inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -89,7 +89,8 @@ def run_varlen(method: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if q1 == q0:
             continue
         per_seq = {n: t[:, :, k0:k1] if isinstance(t, torch.Tensor) else t for n, t in inputs.items()}
-        res = method(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], return_lse=return_lse, **call, **per_seq)
+        ks, vs = method.sequence_kv(k, v, k0, k1)
+        res = method(q[:, :, q0:q1], ks, vs, return_lse=return_lse, **call, **per_seq)
         outs.append(res[0] if return_lse else res)
         if return_lse:
             lses.append(res[1])

@@ -69,11 +69,13 @@ def assert_same_grads(out_a, out_b, tensors):
 @pytest.mark.parametrize("method", SCORE_MOD_METHODS)
 @pytest.mark.parametrize("causal,Nq", [(True, 11), (False, 11), (True, 3)])
 def test_helpers_match_dense_values_and_gradients(method, causal, Nq):
+    if not causal and not az.info(method).supports.noncausal:
+        pytest.skip(f"{method} is causal only")
     q, k, v = qkv(Nq=Nq)
     slopes = mods.alibi_slopes(4).to(F64)
     table = torch.randn(4, 9, dtype=F64, requires_grad=True)
     dist = distance(Nq, 13)
-    params = {"q_tile": 4} if method == "exact_tiled" else {}
+    params = {"exact_tiled": {"q_tile": 4, "k_tile": 5}, "flash_decode": {"splits": 3}}.get(method, {})
     cases = [  # (score_mod, reference arguments (built fresh per case), uses the table)
         (mods.alibi(slopes), lambda: dict(bias=slopes[:, None, None] * dist), False),
         (mods.softcap(1.5), lambda: dict(cap=1.5), False),
@@ -87,6 +89,11 @@ def test_helpers_match_dense_values_and_gradients(method, causal, Nq):
         torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=1e-10)
         assert_same_grads(got, want, [q, k, v, table] if uses_table else [q, k, v])
+        with torch.no_grad():  # inference: the mod runs inside the tiled engine's tiles
+            fast = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod, return_lse=True,
+                                **params)
+        torch.testing.assert_close(fast[0], want[0].detach(), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(fast[1], want[1].detach(), atol=1e-12, rtol=1e-10)
 
 
 def test_gradient_reaches_a_tensor_the_mod_closes_over_through_a_computation():
@@ -271,7 +278,7 @@ def test_varlen_needs_batch_one():
 # ---------------------------------------------------------- unsupported
 @pytest.mark.parametrize("method,kwargs,match", [
     ("sliding_window", dict(score_mod=mods.softcap(3.0), window=4), "score_mod"),
-    ("flash_decode", dict(score_mod=mods.softcap(3.0)), "score_mod"),
+    ("streaming", dict(score_mod=mods.softcap(3.0)), "score_mod"),
     ("linear", dict(sinks=torch.zeros(4, dtype=F64)), "sinks"),
     ("linformer", dict(cu_seqlens_q=torch.tensor([0, 13], dtype=torch.int32),
                        cu_seqlens_k=torch.tensor([0, 13], dtype=torch.int32)), "cu_seqlens"),
@@ -335,3 +342,26 @@ def test_pack_refuses_bad_masks():
         az.pack(torch.randn(2, 5, 3), torch.full((2, 5), 2))
     with pytest.raises(az.AttnZooError, match="packed"):
         az.unpack(torch.randn(1, 4, 3), torch.ones(2, 5))
+
+
+# ---------------------------------------------------------- AnchorAttention
+@settings(max_examples=15, deadline=None)
+@given(lengths=st.lists(st.integers(1, 8), min_size=1, max_size=5))
+def test_anchor_equals_the_dense_document_plus_anchor_mask(lengths):
+    q, k, v, cq, _ = packed(lengths, lengths)
+    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    j, i = torch.arange(len(doc))[None, :], torch.arange(len(doc))[:, None]
+    mask = (j <= i) & ((doc[None, :] == doc[:, None]) | (j == 0))
+    out, lse = az.attention(q, k, v, method="anchor", causal=True, cu_seqlens_q=cq, cu_seqlens_k=cq,
+                            return_lse=True)
+    want = dense(q, k, v, causal=False, mask=mask)
+    torch.testing.assert_close(out, want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(lse, want[1], atol=1e-12, rtol=1e-10)
+
+
+def test_anchor_on_one_document_is_causal_exact_and_refuses_noncausal():
+    q, k, v = qkv(B=1, Nq=9, Nk=9, grad=False)
+    torch.testing.assert_close(az.attention(q, k, v, method="anchor", causal=True),
+                               az.attention(q, k, v, method="naive", causal=True))
+    with pytest.raises(az.UnsupportedError, match="causal"):
+        az.attention(q, k, v, method="anchor")

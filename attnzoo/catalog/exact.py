@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from ..checks import Problem
-from ..core.exact import (chunked_attention, has_empty_rows, naive_attention, sdpa_attention, sdpa_with_lse,
+from ..core.exact import (has_empty_rows, naive_attention, sdpa_attention, sdpa_with_lse,
                           tiled_attention)
 from ..core.partial import merge
 from ..registry import Family, Method, Supports, param, register
@@ -53,11 +53,8 @@ class ExactTiled(Method):
     k_tile: int = param(512, min=1, help="keys per tile")
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
-        if score_mod is not None:
-            return chunked_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
-                                     score_mod=score_mod, rows=self.q_tile)
         return tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
-                               q_tile=self.q_tile, k_tile=self.k_tile)
+                               q_tile=self.q_tile, k_tile=self.k_tile, score_mod=score_mod)
 
 
 @register
@@ -79,10 +76,7 @@ class Exact(Method):
     upcast_half: ClassVar[bool] = False  # SDPA accumulates half inputs in fp32 itself
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
-        if score_mod is not None:
-            return chunked_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
-                                     score_mod=score_mod)
-        if not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
+        if score_mod is None and not has_empty_rows(q, k, causal=causal, key_padding_mask=key_padding_mask):
             if not return_lse:
                 return sdpa_attention(q, k, v, scale=prob.scale, causal=causal,
                                       key_padding_mask=key_padding_mask), None
@@ -92,7 +86,8 @@ class Exact(Method):
         dtype = q.dtype
         if dtype in (torch.float16, torch.bfloat16):
             q, k, v = q.float(), k.float(), v.float()
-        out, lse = tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+        out, lse = tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                                   score_mod=score_mod)
         return out.to(dtype), lse
 
 
@@ -106,12 +101,12 @@ class FlashDecode(Method):
     name: ClassVar[str] = "flash_decode"
     family: ClassVar[Family] = Family.EXACT
     complexity: ClassVar[str] = "O(Nq·Nk·D)/splits"
-    supports: ClassVar[Supports] = dataclasses.replace(_ALL, score_mod=False)
+    supports: ClassVar[Supports] = _ALL
     papers: ClassVar[tuple[str, ...]] = ("Flash-Decoding", "LeanAttention")
 
     splits: int = param(8, min=1, help="number of key ranges attended independently")
 
-    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
         n_k = prob.len_k
         bounds = [round(n_k * s / self.splits) for s in range(self.splits + 1)]
         q_offset = n_k - prob.len_q
@@ -122,5 +117,27 @@ class FlashDecode(Method):
             pad = None if key_padding_mask is None else key_padding_mask[:, j0:j1]
             parts.append(tiled_attention(q, k[:, :, j0:j1], v[:, :, j0:j1], scale=prob.scale, causal=causal,
                                          key_padding_mask=pad, q_offset=q_offset, k_offset=j0,
-                                         k_tile=max(1, j1 - j0)))
+                                         k_tile=max(1, j1 - j0), score_mod=score_mod))
         return merge(*parts)
+
+
+@register
+@dataclass(frozen=True)
+class Anchor(Exact):
+    """AnchorAttention: packed documents attend within themselves plus one shared anchor, the packed
+    sequence's first token (e.g. BOS). With ``cu_seqlens_q/k`` each document runs as its own exact call
+    with the anchor's key and value prepended (cost Σ_d (|d| + 1)·|d|, never a total × total mask);
+    without them the whole input is one document and this is causal exact attention. Position ids
+    (and whether they restart per document) are the model's business, applied to q and k beforehand."""
+
+    name: ClassVar[str] = "anchor"
+    family: ClassVar[Family] = Family.STATIC_SPARSE
+    complexity: ClassVar[str] = "O(Σ_d |d|²·D)"
+    supports: ClassVar[Supports] = dataclasses.replace(_ALL, noncausal=False)
+    papers: ClassVar[tuple[str, ...]] = ("When Precision Meets Position: BFloat16 Breaks Down RoPE in "
+                                         "Long-Context Training (AnchorAttention)",)
+
+    def sequence_kv(self, k, v, k0, k1):
+        if k0 == 0:  # the first document holds the anchor already
+            return k[:, :, :k1], v[:, :, :k1]
+        return torch.cat([k[:, :, :1], k[:, :, k0:k1]], dim=2), torch.cat([v[:, :, :1], v[:, :, k0:k1]], dim=2)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,29 +54,29 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-                      key_padding_mask: torch.Tensor | None = None, score_mod=None,
-                      rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`naive_attention` a chunk of query rows at a time: what runs a ``score_mod`` exactly.
+                      key_padding_mask: torch.Tensor | None = None, score_mod=None, q_offset: int | None = None,
+                      k_offset: int = 0, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`naive_attention` a chunk of query rows at a time: how gradients flow through a ``score_mod``.
 
-    Each chunk has ``rows`` query rows (default: about 16M scores) and reads only the keys it can see (causal);
-    under autograd each chunk is checkpointed (its scores are recomputed in the backward), so the
-    memory stays O(chunk·Nk) and gradients reach q, k, v and every tensor the score_mod closes over
-    through ordinary autograd. Returns ``(out, lse)``.
+    Each chunk has ``rows`` query rows (default: about 16M scores) and reads only the keys it can
+    see (causal); under autograd each chunk is checkpointed (its scores are recomputed in the
+    backward), so the memory stays O(chunk·Nk) and gradients reach q, k, v and every tensor the
+    score_mod closes over through ordinary autograd. Returns ``(out, lse)``.
     """
     B, Hq, len_q, _ = q.shape
     len_k = k.shape[2]
     groups = Hq // k.shape[1]
     if groups > 1:  # once for all chunks
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    q_offset = len_k - len_q
+    q_offset = len_k - len_q if q_offset is None else q_offset
     rows = rows or max(16, (1 << 24) // max(1, B * Hq * len_k))
     outs, lses = [], []
     for i0 in range(0, len_q, rows):
         i1 = min(len_q, i0 + rows)
-        end = len_k if not causal else max(0, min(len_k, q_offset + i1))
+        end = len_k if not causal else max(0, min(len_k, q_offset + i1 - k_offset))
         run = functools.partial(naive_attention, scale=scale, causal=causal, q_offset=q_offset + i0,
-                                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :end],
-                                score_mod=score_mod)
+                                k_offset=k_offset, score_mod=score_mod,
+                                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :end])
         args = (q[:, :, i0:i1], k[:, :, :end], v[:, :, :end])
         o, ls = checkpoint(run, *args, use_reentrant=False) if torch.is_grad_enabled() else run(*args)
         outs.append(o)
@@ -145,6 +146,7 @@ class TileSpec:
     k_offset: int
     q_tile: int
     k_tile: int
+    score_mod: Any = None  # applied to each tile's scores in the forward (inference; see tiled_attention)
 
     def key_end(self, i1: int, len_k: int) -> int:
         """One past the last key any query of ``[.., i1)`` may see."""
@@ -168,15 +170,24 @@ def _rows(t: torch.Tensor, groups: int, i0: int, i1: int) -> torch.Tensor:
 
 
 def _masked_scores(q_rows: torch.Tensor, k_tile: torch.Tensor, groups: int, mask: torch.Tensor | None,
-                   pad: torch.Tensor | None) -> torch.Tensor:
-    """Scores ``(B, Hkv, G·ql, kl)`` of pre-scaled query rows with -inf where invisible."""
+                   pad: torch.Tensor | None, mod=None) -> torch.Tensor:
+    """Scores ``(B, Hkv, G·ql, kl)`` of pre-scaled query rows, modified by ``mod``, with -inf where invisible."""
     s = torch.matmul(q_rows, k_tile.transpose(-1, -2))
+    if mod is not None:
+        s = mod(s)
     if mask is not None:
         B, Hkv, rows, kl = s.shape
         s = s.view(B, Hkv, groups, rows // groups, kl).masked_fill(~mask, -math.inf).view(B, Hkv, rows, kl)
     if pad is not None:
         s = s.masked_fill(~pad, -math.inf)
     return s
+
+
+def _tile_mod(spec: TileSpec, heads_q: int, i0: int, j0: int, s: torch.Tensor) -> torch.Tensor:
+    """The score_mod on one tile: rows ``(B, Hkv, G·ql, kl)`` are query heads ``(B, Hq, ql, kl)`` in order."""
+    B, _, rows, kl = s.shape
+    view = s.view(B, heads_q, rows * s.shape[1] // heads_q, kl)
+    return apply_score_mod(spec.score_mod, view, spec.q_offset + i0, spec.k_offset + j0).view_as(s)
 
 
 def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileSpec,
@@ -200,8 +211,9 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
         acc = rows.new_zeros(B, Hkv, n_rows, dim_v)
         for j0 in range(0, spec.key_end(i1, len_k), spec.k_tile):
             j1 = min(spec.key_end(i1, len_k), j0 + spec.k_tile)
+            mod = None if spec.score_mod is None else functools.partial(_tile_mod, spec, Hq, i0, j0)
             s = _masked_scores(rows, k[:, :, j0:j1], groups, spec.tile_mask(i0, i1, j0, j1, q.device),
-                               None if pad is None else pad[..., j0:j1])
+                               None if pad is None else pad[..., j0:j1], mod)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
             p = s.sub_(m_safe).exp_()
@@ -278,8 +290,16 @@ class _TiledAttention(torch.autograd.Function):
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                     key_padding_mask: torch.Tensor | None = None, q_offset: int | None = None,
-                    k_offset: int = 0, q_tile: int = 256, k_tile: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable tiled exact attention; returns ``(out, lse)`` (the lse is differentiable too)."""
-    spec = TileSpec(scale, causal, k.shape[2] - q.shape[2] if q_offset is None else q_offset, k_offset,
-                    q_tile, k_tile)
+                    k_offset: int = 0, q_tile: int = 256, k_tile: int = 512,
+                    score_mod=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable tiled exact attention; returns ``(out, lse)`` (the lse is differentiable too).
+
+    A ``score_mod`` runs on each tile in inference; under autograd the call goes to
+    :func:`chunked_attention` instead, whose gradients also reach the tensors the mod closes over.
+    """
+    q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset
+    if score_mod is not None and torch.is_grad_enabled():
+        return chunked_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                                 score_mod=score_mod, q_offset=q_offset, k_offset=k_offset, rows=q_tile)
+    spec = TileSpec(scale, causal, q_offset, k_offset, q_tile, k_tile, score_mod)
     return _TiledAttention.apply(q, k, v, key_padding_mask, spec)

@@ -1,0 +1,119 @@
+"""score_mod overhead and packed (varlen) batches against padded ones (B=1, H=8, D=64, fp32, causal).
+
+1. score_mod at N (default 4096): each method with and without a mod (alibi, softcap, relative_bias),
+   inference and training (forward + backward); ``mod ÷ plain`` is the overhead (target <= 1.3 on CPU
+   for inference), ``× SDPA`` = SDPA time ÷ ours.
+2. varlen: ``--docs`` sequences of random lengths (seeded) summing to ``--total`` tokens, packed
+   (``cu_seqlens``, each sequence its own call) against the same sequences as a right-padded batch with a
+   key padding mask (one SDPA call); ``padded ÷ packed`` is the speed-up (target >= 1.5).
+
+    python benchmarks/routes.py                 # N=4096; 8 documents summing to 16K
+    python benchmarks/routes.py --quick         # small sizes, seconds
+
+Times are medians (``attnzoo.bench.metrics.time_calls``) after one warm-up, one torch thread unless
+``--threads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import attnzoo as az  # noqa: E402
+from attnzoo import mods  # noqa: E402
+from attnzoo.bench.metrics import time_calls  # noqa: E402
+
+H, D = 8, 64
+
+
+def median(fn, repeats: int) -> float:
+    fn()
+    return time_calls(fn, repeat=repeats, budget_s=60.0).median
+
+
+def score_mod_table(n: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, n, D, generator=g) for _ in range(3))
+    table = torch.randn(H, 257, generator=g)
+    mod_list = {"alibi": mods.alibi(mods.alibi_slopes(H)), "softcap": mods.softcap(30.0),
+                "relative_bias": mods.relative_bias(table)}
+    sdpa = median(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
+    print(f"\n## score_mod at N={n} (B=1, H={H}, D={D}, causal, fp32, {torch.get_num_threads()} thread(s))\n")
+    print("| method | mod | mode | plain s | with mod s | mod ÷ plain | × SDPA (with mod) |\n|---|---|---|---|---|---|---|")
+    for method in ("exact", "exact_tiled"):
+        with torch.no_grad():
+            plain = median(lambda: az.attention(q, k, v, method=method, causal=True), repeats)
+            for name, m in mod_list.items():
+                t = median(lambda: az.attention(q, k, v, method=method, causal=True, score_mod=m), repeats)
+                print(f"| {method} | {name} | inference | {plain:.3f} | {t:.3f} | {t / plain:.2f} | {sdpa / t:.2f} |")
+    qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+    tab = table.clone().requires_grad_(True)
+
+    def train(score_mod=None):
+        out = az.attention(qg, kg, vg, method="exact", causal=True, score_mod=score_mod)
+        out.sum().backward()
+
+    plain = median(train, repeats)
+    for name, m in {"alibi": mods.alibi(mods.alibi_slopes(H)), "relative_bias": mods.relative_bias(tab)}.items():
+        t = median(lambda: train(m), repeats)
+        print(f"| exact | {name} | fwd+bwd | {plain:.3f} | {t:.3f} | {t / plain:.2f} | |")
+
+
+def varlen_table(total: int, docs: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    cuts = torch.sort(torch.randperm(total - 1, generator=g)[: docs - 1] + 1).values.tolist()
+    bounds = [0, *cuts, total]
+    lengths = [b - a for a, b in zip(bounds, bounds[1:])]
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    q, k, v = (torch.randn(1, H, total, D, generator=g) for _ in range(3))
+    longest = max(lengths)
+    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # right padding
+
+    def padded_batch(t):
+        out = t.new_zeros(docs, H, longest, D)
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            out[i, :, : b - a] = t[0, :, a:b]
+        return out
+
+    pq, pk, pv = padded_batch(q), padded_batch(k), padded_batch(v)
+    with torch.no_grad():
+        packed = median(lambda: az.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), repeats)
+        padded = median(lambda: az.attention(pq, pk, pv, causal=True, key_padding_mask=mask), repeats)
+        attn_mask = mask[:, None, None, :] & torch.ones(longest, longest, dtype=torch.bool).tril()
+        sdpa = median(lambda: F.scaled_dot_product_attention(pq, pk, pv, attn_mask=attn_mask), repeats)
+        # same result on the real tokens
+        a = az.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
+        b = az.attention(pq, pk, pv, causal=True, key_padding_mask=mask)
+        err = max(float((a[0, :, x:y] - b[i, :, : y - x]).abs().max())
+                  for i, (x, y) in enumerate(zip(bounds, bounds[1:])))
+    print(f"\n## varlen: {docs} documents, lengths {lengths} (total {total}, padded to {docs} × {longest})\n")
+    print("| call | s | × SDPA (padded batch) |\n|---|---|---|")
+    print(f"| exact, packed (cu_seqlens) | {packed:.3f} | {sdpa / packed:.2f} |")
+    print(f"| exact, padded batch + key_padding_mask | {padded:.3f} | {sdpa / padded:.2f} |")
+    print(f"\npadded ÷ packed = {padded / packed:.2f}× (max |packed - padded| on real tokens: {err:.1e})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=4096, help="sequence length of the score_mod table")
+    ap.add_argument("--total", type=int, default=16384, help="packed tokens of the varlen table")
+    ap.add_argument("--docs", type=int, default=8, help="documents of the varlen table")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="N=512, 8 documents summing to 2K")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.quick:
+        a.n, a.total, a.repeats = 512, 2048, 2
+    score_mod_table(a.n, a.repeats)
+    varlen_table(a.total, a.docs, a.repeats)
+
+
+if __name__ == "__main__":
+    main()
