@@ -6,7 +6,8 @@ broadcastable to it: batch row ``b``, *query* head ``h``, query position ``q_idx
 ``kv_idx``. Positions are on the key axis, bottom-right aligned like attnzoo's causal mask: query
 ``i`` of ``Nq`` sits at ``Nk - Nq + i``, so a mod written for self-attention also holds for decode
 steps and chunked prefill (for ``Nq == Nk`` this is exactly FlexAttention's ``q_idx``). Masking is
-applied after the mod. Write mods with elementwise torch ops and broadcasting indexing; gradients
+applied after the mod. The scores tensor belongs to the engine: outside autograd a mod may update it
+in place (the helpers do, which saves a full pass over each tile). Write mods with elementwise torch ops and broadcasting indexing; gradients
 reach q, k, v and every tensor the mod closes over (a learnable bias table).
 
 >>> import attnzoo as az
@@ -51,7 +52,8 @@ def alibi(slopes: torch.Tensor) -> ScoreMod:
     _check_table("alibi", "slopes", slopes, 1)
 
     def alibi_mod(score, b, h, q_idx, kv_idx):
-        return score + slopes[h].to(score.dtype) * (kv_idx - q_idx).to(score.dtype)
+        slope, dist = slopes[h].to(score.dtype), (kv_idx - q_idx).to(score.dtype)
+        return score + slope * dist if _needs_graph(score, slopes) else score.addcmul_(slope, dist)
 
     return alibi_mod
 
@@ -63,7 +65,7 @@ def softcap(cap: float) -> ScoreMod:
     cap = float(cap)
 
     def softcap_mod(score, b, h, q_idx, kv_idx):
-        return torch.tanh(score / cap) * cap
+        return torch.tanh(score / cap) * cap if score.requires_grad else score.div_(cap).tanh_().mul_(cap)
 
     return softcap_mod
 
@@ -82,10 +84,15 @@ def relative_bias(table: torch.Tensor) -> ScoreMod:
 
     def relative_bias_mod(score, b, h, q_idx, kv_idx):
         rel = (kv_idx - q_idx).clamp(-radius, radius) + radius
-        bias = table[h, rel] if table.dim() == 2 else table[rel]
-        return score + bias.to(score.dtype)
+        bias = (table[h, rel] if table.dim() == 2 else table[rel]).to(score.dtype)
+        return score + bias if _needs_graph(score, table) else score.add_(bias)
 
     return relative_bias_mod
+
+
+def _needs_graph(score: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether autograd records this call (else the helpers update the engine's scores in place)."""
+    return torch.is_grad_enabled() and (score.requires_grad or any(t.requires_grad for t in tensors))
 
 
 def compose(*score_mods: ScoreMod) -> ScoreMod:
