@@ -72,14 +72,23 @@ class Supports:
     varlen: bool = False  # packed sequences: cu_seqlens_q / cu_seqlens_k (attnzoo.varlen)
 
 
+#: the upper bound of a size parameter that changes the result and costs memory in proportion
+#: (random features, hash buckets, k-means clusters): far above any useful value, far below a hang
+MAX_SIZE = 2**12
+
+
 def param(default: Any, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None, help: str = "", **field_kwargs: Any) -> Any:
+          choices: tuple | None = None, help: str = "", clamp: bool = False, **field_kwargs: Any) -> Any:
     """A method parameter: a dataclass field with a range or a set of choices.
 
     ``min``/``max`` are inclusive bounds; ``None`` values always pass (use them
-    for "auto" defaults).
+    for "auto" defaults). ``clamp=True`` marks a size (a block, a tile, a top-k
+    count, a number of splits) whose values above the call's sequence length mean
+    the same as that length: each call caps it there (see :meth:`Method.fit`), so
+    ``block=10**12`` costs what ``block=N`` costs. Sizes that change the result
+    beyond the length take a ``max`` instead.
     """
-    meta = {"min": min, "max": max, "choices": choices, "help": help}
+    meta = {"min": min, "max": max, "choices": choices, "help": help, "clamp": clamp}
     if isinstance(default, (list, dict, set, torch.Tensor)):
         return dataclasses.field(default_factory=lambda: default, metadata=meta, **field_kwargs)
     return dataclasses.field(default=default, metadata=meta, **field_kwargs)
@@ -356,12 +365,19 @@ class Method:
             q, k, v = q.float(), k.float(), v.float()
             inputs = {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
                       for n, t in inputs.items()}
-        out, lse = self.forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
-                                return_lse=return_lse, **inputs)
+        out, lse = self.fit(prob).forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                          return_lse=return_lse, **inputs)
         out = out.to(dtype)
         if return_lse:
             return out, lse
         return out
+
+    def fit(self, prob: Problem) -> "Method":
+        """This method with every ``clamp`` parameter capped at the call's sequence length (same result)."""
+        n = max(prob.len_q, prob.len_k)
+        over = {f.name: n for f in dataclasses.fields(self) if f.metadata.get("clamp")
+                and isinstance(getattr(self, f.name), int) and getattr(self, f.name) > n}
+        return dataclasses.replace(self, **over) if over else self
 
     def check_capabilities(self, prob: Problem, *, causal: bool, key_padding_mask: torch.Tensor | None,
                            return_lse: bool, grad: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,3 +91,43 @@ def test_cache_empty_heads_and_batch():
     cache.append(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 6))
     out, lse = cache.attend(torch.randn(1, 0, 1, 8), return_lse=True)
     assert out.shape == (1, 0, 1, 6) and lse.shape == (1, 0, 1)
+
+
+# ------------------------------------------------------------ defect 4: size parameters are bounded
+def _clamped(cls):
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("clamp")]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in az.methods().items() if _clamped(c)))
+def test_sizes_above_the_length_cost_what_the_length_costs(name):
+    """A ``clamp`` size (block, tile, chunk, top-k, splits) of 10**12 gives the result of the input's length."""
+    cls = az.methods()[name]
+    q, k, v = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    for p in _clamped(cls):
+        huge = _call(_build_with(cls, **{p: 10**12}), q, k, v)
+        torch.testing.assert_close(huge, _call(_build_with(cls, **{p: 64}), q, k, v))
+
+
+def _build_with(cls, **params):
+    return cls(mask_mod=lambda b, h, qi, ki: ki <= qi, **params) if cls.name == "block_sparse" else cls(**params)
+
+
+def test_a_huge_top_k_equals_exact():
+    q = torch.randn(1, 2, 128, 16)
+    torch.testing.assert_close(az.attention(q, q, q, method="hip", topk=10**12, causal=True),
+                               az.attention(q, q, q, causal=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(az.attention(q, q, q, method="flash_decode", splits=10**9, causal=True),
+                               az.attention(q, q, q, causal=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, param", [("performer", "features"), ("scatterbrain", "features"),
+                                         ("scatterbrain", "buckets"), ("lsh", "buckets"), ("lsh", "rounds"),
+                                         ("routing", "clusters"), ("routing", "iters"), ("nystrom", "pinv_iters")])
+def test_sizes_that_change_the_result_have_an_upper_bound(name, param):
+    with pytest.raises(AttnZooError, match=rf"^{name}: parameter '{param}' expected a value in \[\d+, \d+\]"):
+        az.get(name, **{param: 10**12})
+
+
+def test_snapkv_pool_has_an_upper_bound():
+    with pytest.raises(AttnZooError, match=r"^snapkv: parameter 'pool' expected a value in \[1, 1025\]"):
+        az.KVCache("snapkv", budget=16, observe=4, pool=10**12)

@@ -205,7 +205,7 @@ class SnapKV(Policy):
 
     budget: int = param(2048, min=1, help="tokens held per KV head after each attend")
     observe: int = param(32, min=1, help="queries remembered for voting (the observation window)")
-    pool: int = param(7, min=1, help="max-pooling width over neighbouring tokens")
+    pool: int = param(7, min=1, max=1025, help="max-pooling width over neighbouring tokens")
     interval: int = param(1, min=1, help="decode steps between compressions")
 
     def validate(self) -> None:

@@ -35,7 +35,7 @@ class Aaren(Method):
                                             decode=True, grad=True, lse=True, sinks=True, varlen=True)
     papers: ClassVar[tuple[str, ...]] = ("Attention as an RNN (Aaren)",)
 
-    chunk: int = param(64, min=1, help="keys consumed per RNN step")
+    chunk: int = param(64, min=1, clamp=True, help="keys consumed per RNN step")
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
         k, v = k.repeat_interleave(prob.groups, dim=1), v.repeat_interleave(prob.groups, dim=1)

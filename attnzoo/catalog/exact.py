@@ -49,8 +49,8 @@ class ExactTiled(Method):
     supports: ClassVar[Supports] = _ALL
     papers: ClassVar[tuple[str, ...]] = ("FlashAttention", "FlashAttention-2")
 
-    q_tile: int = param(256, min=1, help="query rows per tile")
-    k_tile: int = param(512, min=1, help="keys per tile")
+    q_tile: int = param(256, min=1, clamp=True, help="query rows per tile")
+    k_tile: int = param(512, min=1, clamp=True, help="keys per tile")
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
         return tiled_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
@@ -104,7 +104,7 @@ class FlashDecode(Method):
     supports: ClassVar[Supports] = _ALL
     papers: ClassVar[tuple[str, ...]] = ("Flash-Decoding", "LeanAttention")
 
-    splits: int = param(8, min=1, help="number of key ranges attended independently")
+    splits: int = param(8, min=1, clamp=True, help="number of key ranges attended independently")
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
         n_k = prob.len_k

@@ -19,7 +19,7 @@ from ..checks import Problem
 from ..core.features import orthogonal_gaussian, taylor2
 from ..core.linear import LinearState, linear_attention
 from ..errors import AttnZooError
-from ..registry import Family, Method, Supports, param, register
+from ..registry import MAX_SIZE, Family, Method, Supports, param, register
 from .linear import Performer, RecurrentMethod, engine_form
 
 
@@ -118,7 +118,7 @@ class Based(RecurrentMethod):
     window: int = param(64, min=1, help="exact sliding-window length w")
     feature_dim: int = param(16, min=1, help="projected dimension d' of the Taylor features (size 1 + d' + d'²)")
     seed: int = param(0, help="seed of the projection to feature_dim")
-    chunk: int = param(64, min=1, help="chunk length of the linear part")
+    chunk: int = param(64, min=1, clamp=True, help="chunk length of the linear part")
 
     def features(self, x: torch.Tensor, scale: float) -> torch.Tensor:
         dim = x.shape[-1]
@@ -201,10 +201,10 @@ class Scatterbrain(Method):
     supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)
     papers: ClassVar[tuple[str, ...]] = ("Scatterbrain: Unifying Sparse and Low-rank Attention",)
 
-    features: int = param(128, min=1, help="random features m of the low-rank (Performer) part")
-    buckets: int = param(32, min=1, help="LSH buckets (1, or an even number)")
+    features: int = param(128, min=1, max=MAX_SIZE, help="random features m of the low-rank (Performer) part")
+    buckets: int = param(32, min=1, max=MAX_SIZE, help="LSH buckets (1, or an even number)")
     seed: int = param(0, help="seed of the random features and the LSH rotations")
-    chunk: int = param(64, min=1, help="sorted chunk length of the sparse part")
+    chunk: int = param(64, min=1, clamp=True, help="sorted chunk length of the sparse part")
 
     def validate(self) -> None:
         if self.buckets > 1 and self.buckets % 2:

@@ -25,7 +25,7 @@ from ..checks import Problem, check_qkv
 from ..core.features import elu_plus_one, favor_positive, orthogonal_gaussian
 from ..core.linear import LinearState, check_log_gate, linear_attention
 from ..errors import AttnZooError
-from ..registry import Family, Method, Supports, param, register
+from ..registry import MAX_SIZE, Family, Method, Supports, param, register
 
 _CAUSAL_AND_NOT = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)
 _CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=False, varlen=True)
@@ -94,7 +94,7 @@ class Linear(RecurrentMethod):
     papers: ClassVar[tuple[str, ...]] = ("Transformers are RNNs (Katharopoulos et al.)",)
 
     eps: float = param(1e-6, min=0.0, help="added to the normaliser")
-    chunk: int = param(64, min=1, help="chunk length of the chunked causal form")
+    chunk: int = param(64, min=1, clamp=True, help="chunk length of the chunked causal form")
 
     def attend(self, q, k, v, prob, *, causal, key_padding_mask, state):
         return linear_attention(elu_plus_one(q), elu_plus_one(k), v, causal=causal, normalize=True, eps=self.eps,
@@ -119,10 +119,10 @@ class Performer(RecurrentMethod):
     supports: ClassVar[Supports] = _CAUSAL_AND_NOT
     papers: ClassVar[tuple[str, ...]] = ("Rethinking Attention with Performers",)
 
-    features: int = param(256, min=1, help="number of random features m")
+    features: int = param(256, min=1, max=MAX_SIZE, help="number of random features m")
     seed: int = param(0, help="seed of the random features (ignored when redraw=True)")
     redraw: bool = param(False, help="draw fresh features at every call")
-    chunk: int = param(64, min=1, help="chunk length of the chunked causal form")
+    chunk: int = param(64, min=1, clamp=True, help="chunk length of the chunked causal form")
 
     def feature_maps(self, q, k, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(φ(q) stabilised per row, its log shift, φ(k))`` for ``exp(scale·q·k)``."""
@@ -162,7 +162,7 @@ class Lightning(RecurrentMethod):
     papers: ClassVar[tuple[str, ...]] = ("Lightning Attention-2", "TransNormerLLM", "RetNet")
 
     decay: float | torch.Tensor | None = param(None, help="λ in [0, 1]: float, (Hq,) tensor, or None (RetNet)")
-    chunk: int = param(64, min=1, help="chunk (block) length")
+    chunk: int = param(64, min=1, clamp=True, help="chunk (block) length")
 
     def validate(self) -> None:
         d = self.decay
@@ -205,7 +205,7 @@ class GLA(RecurrentMethod):
     papers: ClassVar[tuple[str, ...]] = ("Gated Linear Attention Transformers with Hardware-Efficient Training",)
     inputs: ClassVar[dict[str, str]] = {"g": "(B, Hq, Nk, D) log forget gates <= 0 at each key position (required)"}
 
-    chunk: int = param(64, min=1, help="chunk length")
+    chunk: int = param(64, min=1, clamp=True, help="chunk length")
 
     def attend(self, q, k, v, prob, *, causal, key_padding_mask, state, g=None):
         if g is None:

@@ -107,7 +107,7 @@ class Nystrom(Method):
     papers: ClassVar[tuple[str, ...]] = ("Nyströmformer",)
 
     landmarks: int = param(64, min=1, help="number of segment-mean landmarks m")
-    pinv_iters: int = param(6, min=1, help="Newton–Schulz iterations of the pseudo-inverse")
+    pinv_iters: int = param(6, min=1, max=100, help="Newton–Schulz iterations of the pseudo-inverse")
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
         hkv, scale = prob.heads_kv, prob.scale

@@ -68,7 +68,7 @@ class Sage(Method):
     bits: int | None = param(8, choices=(8, 4, None), help="integer width of Q and K (None: no quantisation)")
     smooth_k: bool = param(True, help="subtract the token mean of K before quantising (exact for softmax)")
     smooth_q: bool = param(False, help="subtract each query block's mean before quantising, add it back exactly")
-    block: int = param(128, min=1, help="tokens per quantisation scale, for Q and K")
+    block: int = param(128, min=1, clamp=True, help="tokens per quantisation scale, for Q and K")
 
     def validate(self) -> None:
         if self.bits is None and self.smooth_q:

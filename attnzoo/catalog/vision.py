@@ -63,7 +63,7 @@ class GridMethod(LayoutMethod):
 
     grid: Any = param(None, help="grid shape of the N row-major tokens; None = a square (2-D) or one square "
                                  "frame (3-D) when N is a perfect square")
-    block: int = param(64, min=1, help=_BLOCK_HELP)
+    block: int = param(64, min=1, clamp=True, help=_BLOCK_HELP)
 
     def validate(self) -> None:
         if self.grid is not None:
@@ -200,9 +200,9 @@ class AdaSpa(LayoutMethod):
     papers: ClassVar[tuple[str, ...]] = ("Training-free and Adaptive Sparse Attention for Efficient Long Video "
                                          "Generation (AdaSpa)",)
 
-    block: int = param(64, min=1, help="query/key block size b")
+    block: int = param(64, min=1, clamp=True, help="query/key block size b")
     coverage: float = param(0.9, min=0.0, max=1.0, help="attention mass each query block keeps (top-p)")
-    chunk: int = param(8, min=1, help="query blocks scored at once in the search (memory only)")
+    chunk: int = param(8, min=1, clamp=True, help="query blocks scored at once in the search (memory only)")
 
     def block_mass(self, q, k, *, scale: float, causal: bool, key_padding_mask=None) -> torch.Tensor:
         """``(B, Hq, nq, nk)`` exact attention mass of every (query block, key block), from the cached lse."""

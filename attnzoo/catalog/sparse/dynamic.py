@@ -104,7 +104,7 @@ class VerticalSlash(LayoutMethod):
     n_vertical: int = param(1024, min=1, help="key columns kept per head")
     n_slash: int = param(2048, min=1, help="diagonals (offsets p - j) kept per head")
     sinks: int = param(4, min=0, help="initial key columns always kept")
-    block: int = param(64, min=1, help="query/key block size of the slash part")
+    block: int = param(64, min=1, clamp=True, help="query/key block size of the slash part")
 
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
         dev, bs, n_k = q.device, self.block, prob.len_k
@@ -153,8 +153,8 @@ class BlockTopK(LayoutMethod):
     complexity: ClassVar[str] = "O((N/block)²·D + N·topk·block·D)"
     papers: ClassVar[tuple[str, ...]] = ("MInference 1.0", "SeerAttention", "Quest")
 
-    block: int = param(64, min=1, help="query/key block size")
-    topk: int = param(16, min=1, help="key blocks kept per query block")
+    block: int = param(64, min=1, clamp=True, help="query/key block size")
+    topk: int = param(16, min=1, clamp=True, help="key blocks kept per query block")
     score: str = param("mean", choices=("mean", "bound"), help="pooled block score")
     top_p: float | None = param(None, min=1e-6, max=1.0, help="keep blocks up to this pooled-softmax mass "
                                                              "instead of topk")
@@ -202,8 +202,8 @@ class HiP(LayoutMethod):
     papers: ClassVar[tuple[str, ...]] = ("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical "
                                          "Attention Pruning",)
 
-    block: int = param(64, min=1, help="query/key block size")
-    topk: int = param(16, min=1, help="key blocks kept per query block")
+    block: int = param(64, min=1, clamp=True, help="query/key block size")
+    topk: int = param(16, min=1, clamp=True, help="key blocks kept per query block")
 
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
         bs, dev, kk = self.block, q.device, self.topk

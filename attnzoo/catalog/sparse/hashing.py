@@ -19,7 +19,7 @@ from ...checks import Problem
 from ...core.blocksparse import BlockLayout, TokenLayout, attend
 from ...core.partial import Partial, merge
 from ...errors import AttnZooError, UnsupportedError
-from ...registry import Family, Method, Supports, param, register
+from ...registry import MAX_SIZE, Family, Method, Supports, param, register
 from ._base import SPARSE_SUPPORTS, range_blocks
 
 _NO_DECODE = Supports(causal=True, noncausal=True, decode=False, grad=True, lse=True, sinks=True, varlen=True)
@@ -108,9 +108,9 @@ class LSH(Method):
     supports: ClassVar[Supports] = _NO_DECODE
     papers: ClassVar[tuple[str, ...]] = ("Reformer: The Efficient Transformer",)
 
-    buckets: int = param(32, min=2, help="hash buckets per round (even)")
-    rounds: int = param(2, min=1, help="independent hash rounds")
-    chunk: int = param(64, min=1, help="sorted tokens per chunk")
+    buckets: int = param(32, min=2, max=MAX_SIZE, help="hash buckets per round (even)")
+    rounds: int = param(2, min=1, max=64, help="independent hash rounds")
+    chunk: int = param(64, min=1, clamp=True, help="sorted tokens per chunk")
     seed: int = param(0, help="seed of the random rotations")
 
     def validate(self) -> None:
@@ -166,10 +166,10 @@ class Routing(Method):
     supports: ClassVar[Supports] = SPARSE_SUPPORTS
     papers: ClassVar[tuple[str, ...]] = ("Efficient Content-Based Sparse Attention with Routing Transformers",)
 
-    clusters: int = param(16, min=1, help="k-means centroids per head")
-    iters: int = param(2, min=0, help="k-means iterations")
+    clusters: int = param(16, min=1, max=MAX_SIZE, help="k-means centroids per head")
+    iters: int = param(2, min=0, max=1000, help="k-means iterations")
     seed: int = param(0, help="seed of the initial centroids")
-    block: int = param(64, min=1, help="query/key block size of the sorted layout")
+    block: int = param(64, min=1, clamp=True, help="query/key block size of the sorted layout")
 
     def centroids(self, q: torch.Tensor, k: torch.Tensor, prob: Problem) -> torch.Tensor:
         """``(B, Hkv, C, D)`` unit centroids fitted on the unit queries and keys of each KV head."""
@@ -239,7 +239,7 @@ class Hyper(Method):
     supports: ClassVar[Supports] = _NO_DECODE
     papers: ClassVar[tuple[str, ...]] = ("HyperAttention: Long-context Attention in Near-Linear Time",)
 
-    block: int = param(256, min=1, help="sorted block size of the heavy part")
+    block: int = param(256, min=1, clamp=True, help="sorted block size of the heavy part")
     samples: int = param(256, min=1, help="uniformly sampled key columns")
     bits: int = param(7, min=1, max=30, help="hyperplanes of the sortLSH hash")
     seed: int = param(0, help="seed of the hash and of the samples")

@@ -39,7 +39,7 @@ class SlidingWindow(StaticMethod):
     papers: ClassVar[tuple[str, ...]] = ("Longformer", "Mistral 7B")
 
     window: int = param(512, min=1, help="keys each query sees on each side (itself included)")
-    block: int = param(128, min=1, help=_BLOCK_HELP)
+    block: int = param(128, min=1, clamp=True, help=_BLOCK_HELP)
 
     def static_layouts(self, prob, causal, device):
         off, w = _offset(prob), self.window
@@ -61,7 +61,7 @@ class DilatedWindow(StaticMethod):
 
     window: int = param(256, min=1, help="keys each query sees on each side")
     dilation: int = param(2, min=1, help="distance between the keys a query sees")
-    block: int = param(128, min=1, help=_BLOCK_HELP)
+    block: int = param(128, min=1, clamp=True, help=_BLOCK_HELP)
 
     def static_layouts(self, prob, causal, device):
         off, w, dil = _offset(prob), self.window, self.dilation
@@ -88,7 +88,7 @@ class Streaming(StaticMethod):
 
     sinks: int = param(4, min=0, help="initial keys every query sees")
     window: int = param(512, min=1, help="recent keys each query sees (itself included)")
-    block: int = param(128, min=1, help=_BLOCK_HELP)
+    block: int = param(128, min=1, clamp=True, help=_BLOCK_HELP)
 
     def static_layouts(self, prob, causal, device):
         # two disjoint layouts merged by lse: the band alone is banded, so it runs on the fused fast path
@@ -121,7 +121,7 @@ class Strided(StaticMethod):
 
     stride: int = param(64, min=1, help="every stride-th key (j % stride == stride-1) is a column all queries see")
     local: int = param(64, min=1, help="width of the local band")
-    block: int = param(128, min=1, help=_BLOCK_HELP)
+    block: int = param(128, min=1, clamp=True, help=_BLOCK_HELP)
 
     def static_layouts(self, prob, causal, device):
         off, loc, st, bs = _offset(prob), self.local, self.stride, self.block
@@ -156,7 +156,7 @@ class BigBird(StaticMethod):
     window: int = param(256, min=1, help="half-width of the local band")
     n_global: int = param(64, min=0, help="global tokens (seen by all, see all)")
     n_random: int = param(2, min=0, help="random key blocks per query block")
-    block: int = param(64, min=1, help="block size of the random blocks and of the executor")
+    block: int = param(64, min=1, clamp=True, help="block size of the random blocks and of the executor")
     seed: int = param(0, help="seed of the random blocks")
 
     def random_blocks(self, prob: Problem, causal: bool, device=None) -> torch.Tensor:
@@ -211,7 +211,7 @@ class ShiftedSparse(StaticMethod):
     papers: ClassVar[tuple[str, ...]] = ("LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models",)
 
     group: int = param(2048, min=1, help="tokens per attention group")
-    block: int = param(128, min=1, help=_BLOCK_HELP)
+    block: int = param(128, min=1, clamp=True, help=_BLOCK_HELP)
 
     def static_layouts(self, prob, causal, device):
         off, grp, bs, heads = _offset(prob), self.group, self.block, prob.heads_q
@@ -243,7 +243,7 @@ class BlockSparse(LayoutMethod):
 
     mask_mod: Callable | None = param(None, help="mask_mod(b, h, q_idx, kv_idx) -> bool tensor (elementwise)")
     layout: Any = param(None, help="a BlockLayout / TokenLayout or a tuple of disjoint ones")
-    block: int = param(128, min=1, help="block size when building from mask_mod")
+    block: int = param(128, min=1, clamp=True, help="block size when building from mask_mod")
 
     def validate(self) -> None:
         if (self.mask_mod is None) == (self.layout is None):
