@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -131,3 +132,23 @@ def test_sizes_that_change_the_result_have_an_upper_bound(name, param):
 def test_snapkv_pool_has_an_upper_bound():
     with pytest.raises(AttnZooError, match=r"^snapkv: parameter 'pool' expected a value in \[1, 1025\]"):
         az.KVCache("snapkv", budget=16, observe=4, pool=10**12)
+
+
+# ------------------------------------------------------------ defect 9: run_local fails fast
+def _rank_zero_gives_up(rank: int, world_size: int) -> int:
+    from attnzoo.parallel import ParallelError
+
+    if rank == 0:
+        raise ParallelError("rank 0 gave up")
+    time.sleep(120)  # a rank stuck far longer than the test may wait
+    return rank
+
+
+@pytest.mark.slow  # starting the process group's workers takes ~10-30 s on a shared 2-core machine
+def test_run_local_raises_as_soon_as_one_rank_failed():
+    from attnzoo.parallel import ParallelError, run_local
+
+    start = time.monotonic()
+    with pytest.raises(ParallelError, match="rank 0 of 2 raised:\nParallelError: rank 0 gave up"):
+        run_local(_rank_zero_gives_up, 2, wall_timeout=300)
+    assert time.monotonic() - start < 60  # not the 120 s of the stuck rank, nor the 300 s wall timeout

@@ -51,6 +51,10 @@ def init_process_group(backend: str | None = None, *, timeout: float = 60.0, **k
         ) from e
 
 
+#: seconds the other ranks get to report once one rank has failed, before they are terminated
+_FAILURE_GRACE_S = 5.0
+
+
 def _worker(rank: int, world_size: int, store_path: str, backend: str, timeout: float, fn: Callable,
             args: tuple, results) -> None:
     try:
@@ -85,7 +89,9 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
     :class:`ParallelError` with its traceback; a rank that exits without a
     value does too, unless ``missing_ok`` (fault-injection tests), when its
     value is None. ``timeout`` is the process group's; ``wall_timeout`` bounds
-    the whole run, after which the workers are terminated.
+    the whole run, after which the workers are terminated. Once a rank has
+    failed, the rest get a few seconds to report, then are terminated: the
+    error comes at once, not after the slowest rank's timeout.
     """
     ctx = _context()
     results = ctx.Queue()
@@ -101,6 +107,8 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
             try:
                 rank, ok, value = results.get(timeout=0.2)
                 got[rank] = (ok, value)
+                if not ok:  # a rank failed: the others' reports get a short grace, not the wall timeout
+                    deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
             except queue.Empty:
                 if all(not p.is_alive() for p in procs) and results.empty():
                     break
@@ -110,8 +118,8 @@ def run_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo", 
                 proc.terminate()
                 proc.join()
     failed = {r: v for r, (ok, v) in got.items() if not ok}
-    if failed:
-        rank, tb = min(failed.items())
+    if failed:  # the cause first: a rank's own error before the ParallelErrors it set off on the others
+        rank, tb = min(failed.items(), key=lambda item: (item[1].startswith("ParallelError"), item[0]))
         raise ParallelError(f"run_local: rank {rank} of {world_size} raised:\n{tb}")
     missing = [r for r in range(world_size) if r not in got]
     if missing and not missing_ok:
