@@ -51,7 +51,7 @@ SMALL = {
 def generate_with(model, ids, mask, cache, **kw):
     kw.setdefault("max_new_tokens", NEW)
     return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0,
-                          past_key_values=cache, **kw)
+                          cache=cache, **kw)
 
 
 def test_every_policy_is_exercised():
@@ -65,9 +65,12 @@ def test_full_cache_generate_equals_sdpa(arch):
     ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
     with torch.no_grad():
         ref = greedy(model, ids, mask, n=NEW)
+        with pytest.raises(attnzoo.UnsupportedError, match=r"route it first with attnzoo.hf.apply\(model, 'exact'\)"):
+            azhf.make_cache(model, "full")  # never routed behind the user's back
+        assert not azhf.is_applied(model)
+        azhf.apply(model, "exact")
         cache = azhf.make_cache(model, "full")
         out = generate_with(model, ids, mask, cache)
-    assert azhf.is_applied(model)  # make_cache routed the model through attnzoo ("exact")
     assert torch.equal(out, ref)
     assert cache.get_seq_length() == PROMPT + NEW - 1  # the last token is sampled, never fed back
     assert cache.layers[0].kv.held == [PROMPT + NEW - 1] * 2
@@ -79,6 +82,7 @@ def test_policy_covering_the_context_equals_sdpa(policy):
     ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
     with torch.no_grad():
         ref = greedy(model, ids, mask, n=NEW)
+        azhf.apply(model, "exact")
         out = generate_with(model, ids, mask, azhf.make_cache(model, policy, **COVERING[policy]))
     assert torch.equal(out, ref)
 
@@ -89,6 +93,7 @@ def test_policy_with_a_small_budget_generates_and_shrinks(policy, arch):
     """Every policy on Qwen2 by default; on Llama and Mistral too in the slow run."""
     model = tiny_decoder(arch)
     ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    azhf.apply(model, "exact")
     with torch.no_grad():
         full = azhf.make_cache(model, "full")
         generate_with(model, ids, mask, full)
@@ -110,6 +115,7 @@ def test_beam_search_reorders_the_cache():
     kw = dict(max_new_tokens=6, num_beams=3, return_dict_in_generate=True, output_scores=True)
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kw)
+        azhf.apply(model, "exact")
         out = generate_with(model, ids, mask, azhf.make_cache(model, "full"), **kw)
     assert torch.equal(out.sequences, ref.sequences)
     torch.testing.assert_close(out.sequences_scores, ref.sequences_scores, atol=1e-5, rtol=1e-5)
@@ -118,9 +124,10 @@ def test_beam_search_reorders_the_cache():
 def test_cache_layer_crop_reset_and_batch_changes():
     model = tiny_decoder("llama")
     ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    azhf.apply(model, "exact")
     cache = azhf.make_cache(model, "full")
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, cache=cache)
     assert cache.get_seq_length() == PROMPT and cache.get_mask_sizes(3, 0) == (PROMPT + 3, 0)
     with pytest.raises(attnzoo.UnsupportedError, match="batch_repeat_interleave"):
         cache.batch_repeat_interleave(2)
@@ -134,10 +141,11 @@ def test_cache_layer_crop_reset_and_batch_changes():
 def test_cache_refuses_unrouted_attention_and_non_exact_methods(causal_only):
     model = tiny_decoder("llama")
     ids, mask = padded_batch(length=PROMPT, pad=(0, 0))
+    azhf.apply(model, "exact")
     cache = azhf.make_cache(model, "full")
     azhf.remove(model)  # the cache's keys now reach SDPA, which knows nothing of the policy
     with torch.no_grad(), pytest.raises(attnzoo.UnsupportedError, match="attn_implementation='sdpa'"):
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, cache=cache)
     layer = azhf.AttnZooCacheLayer("full")
     k = torch.randn(1, 2, 3, 16)
     layer.update(k, k)
@@ -160,5 +168,21 @@ BAD_CACHE = [  # (policy, params, the error message must match)
 
 @pytest.mark.parametrize("policy,params,match", BAD_CACHE)
 def test_bad_policies_and_budgets(policy, params, match):
+    model = tiny_decoder("llama")
+    azhf.apply(model, "exact")
     with pytest.raises(attnzoo.AttnZooError, match=match):
-        azhf.make_cache(tiny_decoder("llama"), policy, **params)
+        azhf.make_cache(model, policy, **params)
+
+
+def test_the_cache_reads_through_the_applied_flash_decode():
+    """``apply(("flash_decode", {"splits": 4}))`` then a cache: it reads with 4 splits, not KVCache's default."""
+    model = tiny_decoder("llama")
+    azhf.apply(model, {"*": ("flash_decode", {"splits": 4})})
+    cache = azhf.make_cache(model, "h2o", budget=8, recent=4)
+    assert {layer.kv.splits for layer in cache.layers} == {4}
+    with pytest.raises(attnzoo.AttnZooError, match=r"splits expected 4 \(the flash_decode applied to layer 0\)"):
+        azhf.make_cache(model, "h2o", budget=8, recent=4, splits=8)
+    ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    with torch.no_grad():
+        out = generate_with(model, ids, mask, cache)
+    assert out.shape[1] == PROMPT + NEW

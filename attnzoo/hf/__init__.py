@@ -5,7 +5,7 @@
 >>> azhf.apply(model, {0: "exact", "*": ("sliding_window", {"window": 64})})   # a per-layer plan
 >>> azhf.remove(model)                                  # the original attention again
 >>> qkv = azhf.capture_qkv(model, inputs)               # what each attention layer receives
->>> model.generate(**inputs, past_key_values=azhf.make_cache(model, "h2o", budget=256))  # a KV cache that shrinks
+>>> azhf.apply(model, "exact"); model.generate(**inputs, cache=azhf.make_cache(model, "h2o", budget=256))  # a KV cache that shrinks
 
 Supported transformers versions: >=5.0,<6 (tested with the version pip installs, 5.23).
 """

@@ -1,13 +1,14 @@
 """A transformers ``Cache`` whose layers are attnzoo :class:`~attnzoo.cache.KVCache` objects.
 
+>>> attnzoo.hf.apply(model, "exact")
 >>> cache = attnzoo.hf.make_cache(model, "h2o", budget=64, recent=16)
->>> model.generate(**inputs, past_key_values=cache)
+>>> model.generate(**inputs, cache=cache)
 >>> cache.nbytes          # what the compressed cache really holds
 
 How a step flows: the model's attention module calls ``cache.update(k, v, layer_idx)``;
 the layer keeps the new tokens pending and returns them tagged; attnzoo's attention
-function (the model must be routed through :func:`attnzoo.hf.apply`; ``make_cache``
-does it with ``exact`` if not) sees the tag, derives the new tokens' padding from
+function (the model must be routed through :func:`attnzoo.hf.apply` with an exact
+method first; ``make_cache`` refuses otherwise) sees the tag, derives the new tokens' padding from
 the mask, appends them to the ``KVCache`` and reads through the policy
 (``KVCache.attend``). ``get_seq_length`` is the logical length (tokens appended, also
 after eviction), so RoPE positions and transformers' mask sizes stay those of the
@@ -25,7 +26,7 @@ from ..cache import KVCache
 from ..errors import AttnZooError, UnsupportedError
 from .. import mods
 from .adapter import _EXACT, ATTN_NAME, CACHE_TAG, mask_geometry, window_mod
-from .integration import apply, attention_layers, is_applied, layer_plan
+from .integration import attention_layers, is_applied, layer_plan
 from .plan import LayerSpec
 
 
@@ -143,27 +144,45 @@ class AttnZooCache(Cache):
 
 
 def make_cache(model, policy: str = "full", **params: Any) -> AttnZooCache:
-    """A cache for ``model.generate(..., past_key_values=cache)`` that keeps what ``policy`` keeps.
+    """A cache for ``model.generate(..., cache=cache)`` that keeps what ``policy`` keeps.
 
-    Every layer gets ``KVCache(policy, **params)``. The model must run ``exact`` attention through
-    attnzoo (the policy decides what is read); a model not yet routed is routed with
-    ``attnzoo.hf.apply(model, "exact")`` (undo with ``attnzoo.hf.remove``).
+    Every layer gets ``KVCache(policy, **params)``. The model must already run an exact method
+    through attnzoo (``attnzoo.hf.apply(model, "exact")`` first; the policy decides what is read).
+    The applied method is read through: a layer running ``("flash_decode", {"splits": S})`` gets a
+    cache reading with ``splits=S`` (a different ``splits`` given here is refused).
     """
     layers = attention_layers(model)
+    if not is_applied(model):
+        raise UnsupportedError("make_cache: the model's attention does not run through attnzoo, so no cache policy "
+                               "would be read; route it first with attnzoo.hf.apply(model, 'exact') (or another "
+                               f"exact method: {', '.join(_EXACT)})")
     config = model.config.get_text_config()
     budget = params.get("budget")
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(budget, int) and not isinstance(budget, bool) and limit is not None and budget > limit:
         raise AttnZooError(f"{policy}: parameter 'budget' expected at most the model's max_position_embeddings "
                            f"({limit}), got {budget}")
-    if not is_applied(model):
-        apply(model, "exact")
-    bad = [s.describe() for s in layer_plan(model) if any(g.method.name not in _EXACT for g in s.groups)]
+    specs = layer_plan(model)
+    bad = [s.describe() for s in specs if any(g.method.name not in _EXACT for g in s.groups)]
     if bad:
         raise UnsupportedError(f"make_cache: the cache policy decides what each layer reads, so the model must run "
                                f"an exact method; found {bad[0]}")
-    cache_layers = [AttnZooCacheLayer(policy, **params) for _ in layers]
+    cache_layers = [AttnZooCacheLayer(policy, **_read_through(spec, params)) for spec in specs]
     heads_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     cache_layers[0].kv.policy.build(heads_kv)  # per-head plans (duo, razor) are checked against the model now
     return AttnZooCache(cache_layers, model.config)
 
+
+def _read_through(spec: LayerSpec, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` plus the split-K count of the layer's applied ``flash_decode`` (the rest read every key alike)."""
+    splits = {g.method.splits for g in spec.groups if g.method.name == "flash_decode"}
+    if len(splits) > 1:
+        raise UnsupportedError(f"make_cache: {spec.describe()} applies flash_decode with different splits "
+                               f"{sorted(splits)}; one cache layer reads with one split count")
+    if not splits:
+        return params
+    applied = splits.pop()
+    if params.get("splits", applied) != applied:
+        raise AttnZooError(f"make_cache: splits expected {applied} (the flash_decode applied to layer {spec.layer}) "
+                           f"or not given, got {params['splits']}")
+    return {**params, "splits": applied}
