@@ -127,6 +127,7 @@ def info(name: str = typer.Argument(None, help="a method or KV-cache policy name
     console.print(m.doc)
     caps = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in vars(m.supports).items())
     console.print(f"supports: {caps}; training-free: {'yes' if m.training_free else 'no'}")
+    console.print(f"exact for: {registry.methods()[name].exact_for}")
     if m.params:
         console.print(_params_table(m.params))
     for inp, desc in m.inputs.items():

@@ -42,7 +42,7 @@ from .varlen import run_varlen
 
 
 class Family(str, enum.Enum):
-    """Where a method sits in the literature (METHODS.md Part A.2)."""
+    """Where a method sits in the literature (docs/methods.md)."""
 
     EXACT = "exact"
     LOCAL = "local"
@@ -300,6 +300,9 @@ class Method:
     supports: ClassVar[Supports] = Supports()
     training_free: ClassVar[bool] = True
     papers: ClassVar[tuple[str, ...]] = ()
+    #: when the method equals exact attention: "always", a parameter condition ("window >= N"),
+    #: or "never: why" (docs/methods.md shows it; tests/test_docs.py requires it)
+    exact_for: ClassVar[str] = ""
     #: extra per-call tensor inputs (name -> description), e.g. ``g`` for gla
     inputs: ClassVar[dict[str, str]] = {}
     #: compute in float32 when given float16/bfloat16 inputs

@@ -21,7 +21,7 @@ one period of ``recycled`` and two of LServe's reuse, so their amortised cost sh
   the decode queries that carry a planted needle;
 * ``rel err``: ``‖out - out_full‖ / ‖out_full‖``.
 
-Workloads: ``random`` (METHODS.md 6.1 G1, i.i.d. Gaussian) and ``needle`` (G2:
+Workloads: ``random`` (docs/methods.md, Benchmark workloads) and ``needle`` (G2:
 needles + sink + locality). The needle and sink strengths grow with ``ln L``
 (needle ``ln L + 4``, sink ``ln L``) so that, as in a retrieval head of a real
 model, a needle holds most of its query's mass at every length (with the

@@ -24,7 +24,7 @@ def masked_reference(q, k, v, visible, scale=None):
 
 
 def positions(len_q, len_k):
-    """``p (Nq, 1)`` absolute query positions and ``j (1, Nk)`` key indices (METHODS.md A.1)."""
+    """``p (Nq, 1)`` absolute query positions and ``j (1, Nk)`` key indices (docs/methods.md, Conventions)."""
     p = torch.arange(len_q).view(-1, 1) + (len_k - len_q)
     j = torch.arange(len_k).view(1, -1)
     return p, j

@@ -246,7 +246,7 @@ def test_quest_lserve_physical_pages_and_reuse():
 
 @pytest.mark.parametrize("name", ["tokenselect", "quest", "retrieval", "recycled"])
 def test_selection_finds_planted_needles(name):
-    """On the needle workload (METHODS.md 6.1 G2) a small budget recalls most attention mass."""
+    """On the needle workload (docs/methods.md, Benchmark workloads) a small budget recalls most attention mass."""
     steps = 8
     qkv = workloads.make("needle", length=512 + steps, len_q=steps, heads=4, heads_kv=2, dim=32, seed=11,
                          needles=8, dtype=torch.float64)

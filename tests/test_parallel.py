@@ -414,7 +414,7 @@ def test_relayout_plans_move_every_row_to_its_place(N, P):
 
 @pytest.mark.parametrize("P", [2, 3, 4, 8])
 def test_zigzag_balances_causal_work(P):
-    """Visible (query, key) pairs per rank under causal attention: max/min <= 1.1 (METHODS.md M43)."""
+    """Visible (query, key) pairs per rank under causal attention: max/min <= 1.1 (docs/methods.md, Sequence parallel)."""
     N = 64 * P
     layout = Layout.zigzag(N, P)
     work = []

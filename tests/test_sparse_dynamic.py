@@ -1,5 +1,5 @@
 """Dynamic and hashing sparse methods: exact at full budget, faithful to their rule, and measured on
-planted structure (METHODS.md 6.1 workloads).
+planted structure (docs/methods.md, Benchmark workloads).
 
 Seeds: every input comes from ``attnzoo.bench.workloads.make(..., seed=0)`` or
 ``torch.Generator().manual_seed(seed)`` with the seed written in the test;
@@ -144,7 +144,7 @@ def test_probsparse_lazy_rows_are_means_and_active_rows_exact(causal):
     assert (is_exact & ~is_lazy).sum(-1).eq(math.ceil(math.log(64))).all()  # u = factor·⌈ln N⌉ active rows
 
 
-# ------------------------------------------------------------------ planted structure (METHODS.md 6.1)
+# ------------------------------------------------------------------ planted structure (docs/methods.md, Benchmark workloads)
 N = 1024  # workloads at length 1024, 4 query heads over 2 KV heads, D = 32, seed 0
 
 

@@ -1,4 +1,4 @@
-"""Seeded attention-input generators (METHODS.md 6.1) with known structure.
+"""Seeded attention-input generators (docs/methods.md, Benchmark workloads) with known structure.
 
 Each workload returns q, k, v in attnzoo's layout plus ``meta`` describing
 what was planted, so tests and benchmarks can check that a sparse or

@@ -1,4 +1,4 @@
-"""Decoding caches with pluggable selection/eviction policies (METHODS.md A.3, B4).
+"""Decoding caches with pluggable selection/eviction policies (docs/methods.md, KV-cache policies).
 
 >>> from attnzoo.cache import KVCache, policies
 >>> cache = KVCache("quest", budget=2048, page=16)

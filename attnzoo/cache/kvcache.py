@@ -1,4 +1,4 @@
-"""``KVCache``: one attention layer's decoding cache driven by a pluggable policy (METHODS.md A.3)."""
+"""``KVCache``: one layer's decoding cache driven by a pluggable policy (docs/methods.md, KV-cache policies)."""
 
 from __future__ import annotations
 

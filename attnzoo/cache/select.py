@@ -3,7 +3,7 @@
 The always-kept part is the first ``sinks`` and the last ``local`` slots
 (rounded out to the policy's selection unit: a page or a block), read by
 split-K; the selected slots of the middle are gathered per (batch, KV head) and
-read the same way; the two partials merge by lse (METHODS.md B1, B3, B4). A
+read the same way; the two partials merge by lse (docs/methods.md, KV-cache policies). A
 read whose budget covers every held token, and every multi-token read
 (prefill / chunked prefill), is exact over everything held.
 """

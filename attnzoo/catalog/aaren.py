@@ -1,4 +1,4 @@
-"""Aaren: softmax attention as a many-to-many RNN over the B1 monoid (METHODS.md A.2, §M30)."""
+"""Aaren: softmax attention as a many-to-many RNN over the B1 monoid (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ class Aaren(Method):
     """
 
     name: ClassVar[str] = "aaren"
+    exact_for: ClassVar[str] = "always (causal)"
     family: ClassVar[Family] = Family.LINEAR_RNN
     complexity: ClassVar[str] = "O(Nq·Nk·D), O(Nq·(chunk + D)) state"
     supports: ClassVar[Supports] = Supports(causal=True, noncausal=False,

@@ -24,6 +24,7 @@ class Naive(Method):
     """Materialises the full score matrix. Works in float64: the oracle every test compares with."""
 
     name: ClassVar[str] = "naive"
+    exact_for: ClassVar[str] = "always (it computes in float64: the tests' oracle)"
     family: ClassVar[Family] = Family.EXACT
     complexity: ClassVar[str] = "O(N²·D), O(N²) mem"
     supports: ClassVar[Supports] = _ALL
@@ -44,6 +45,7 @@ class ExactTiled(Method):
     """
 
     name: ClassVar[str] = "exact_tiled"
+    exact_for: ClassVar[str] = "always"
     family: ClassVar[Family] = Family.EXACT
     complexity: ClassVar[str] = "O(N²·D), O(N·tile) mem"
     supports: ClassVar[Supports] = _ALL
@@ -69,6 +71,7 @@ class Exact(Method):
     """
 
     name: ClassVar[str] = "exact"
+    exact_for: ClassVar[str] = "always"
     family: ClassVar[Family] = Family.EXACT
     complexity: ClassVar[str] = "O(N²·D)"
     supports: ClassVar[Supports] = _ALL
@@ -99,6 +102,7 @@ class FlashDecode(Method):
     the split is what lets a decode step with one query use every core."""
 
     name: ClassVar[str] = "flash_decode"
+    exact_for: ClassVar[str] = "always (any splits)"
     family: ClassVar[Family] = Family.EXACT
     complexity: ClassVar[str] = "O(Nq·Nk·D)/splits"
     supports: ClassVar[Supports] = _ALL

@@ -1,5 +1,5 @@
 """Hybrids of exact attention on a few keys and a linear (kernelised) part on the rest
-(METHODS.md A.2, §M32 Scatterbrain, §M33 BASED).
+(docs/methods.md).
 
 Both parts are kept unnormalised and summed in numerator and denominator (not
 lse-merged: the linear part has no log-sum-exp), on a common per-row log scale so
@@ -108,6 +108,7 @@ class Based(RecurrentMethod):
     """
 
     name: ClassVar[str] = "based"
+    exact_for: ClassVar[str] = "window >= N (the exact sliding-window part covers every key)"
     family: ClassVar[Family] = Family.HYBRID
     complexity: ClassVar[str] = "O(N·(d'²·D + w·D))"
     supports: ClassVar[Supports] = Supports(causal=True, noncausal=False,
@@ -196,6 +197,7 @@ class Scatterbrain(Method):
     """
 
     name: ClassVar[str] = "scatterbrain"
+    exact_for: ClassVar[str] = "buckets = 1 and chunk >= N (the exact sparse part covers every pair)"
     family: ClassVar[Family] = Family.HYBRID
     complexity: ClassVar[str] = "O(N·m·D + N·chunk·D)"
     supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)

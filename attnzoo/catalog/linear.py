@@ -1,4 +1,4 @@
-"""Kernelised and linear-RNN attention on the chunked recurrence engine (METHODS.md A.2, B5, §M28–29, §7).
+"""Kernelised and linear-RNN attention on the chunked recurrence engine (docs/methods.md).
 
 ``linear`` (elu+1), ``performer`` (FAVOR+), ``lightning`` (per-head decay) and
 ``gla`` (per-token, per-channel gates) differ only in their feature map and
@@ -88,6 +88,7 @@ class Linear(RecurrentMethod):
     """
 
     name: ClassVar[str] = "linear"
+    exact_for: ClassVar[str] = "never: φ = elu+1 is a different kernel from softmax"
     family: ClassVar[Family] = Family.KERNELISED
     complexity: ClassVar[str] = "O(N·D²)"
     supports: ClassVar[Supports] = _CAUSAL_AND_NOT
@@ -114,6 +115,7 @@ class Performer(RecurrentMethod):
     """
 
     name: ClassVar[str] = "performer"
+    exact_for: ClassVar[str] = "never: an unbiased estimate of softmax whose error shrinks as features grows"
     family: ClassVar[Family] = Family.KERNELISED
     complexity: ClassVar[str] = "O(N·m·D)"
     supports: ClassVar[Supports] = _CAUSAL_AND_NOT
@@ -156,6 +158,7 @@ class Lightning(RecurrentMethod):
     """
 
     name: ClassVar[str] = "lightning"
+    exact_for: ClassVar[str] = "never: decayed linear attention is its own model, not a softmax approximation"
     family: ClassVar[Family] = Family.LINEAR_RNN
     complexity: ClassVar[str] = "O(N·C·D + N·D²)"
     supports: ClassVar[Supports] = _CAUSAL_ONLY
@@ -199,6 +202,7 @@ class GLA(RecurrentMethod):
     """
 
     name: ClassVar[str] = "gla"
+    exact_for: ClassVar[str] = "never: gated linear attention is its own model, not a softmax approximation"
     family: ClassVar[Family] = Family.LINEAR_RNN
     complexity: ClassVar[str] = "O(N·C·D + N·D²)"
     supports: ClassVar[Supports] = _CAUSAL_ONLY

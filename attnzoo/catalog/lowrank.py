@@ -1,4 +1,4 @@
-"""Training-free low-rank attention: Linformer-style pooling and Nyströmformer (METHODS.md A.2, §M26, §7).
+"""Training-free low-rank attention: Linformer-style pooling and Nyströmformer (docs/methods.md).
 
 Both replace the N keys by a few segment means, so they are non-causal only
 (a segment mixes future tokens). Their learned forms live in ``attnzoo.layers``.
@@ -62,6 +62,7 @@ class Linformer(Method):
     """
 
     name: ClassVar[str] = "linformer"
+    exact_for: ClassVar[str] = "k >= Nk (every segment is one key)"
     family: ClassVar[Family] = Family.LOW_RANK
     complexity: ClassVar[str] = "O(N·k·D)"
     supports: ClassVar[Supports] = _NONCAUSAL
@@ -101,6 +102,7 @@ class Nystrom(Method):
     """
 
     name: ClassVar[str] = "nystrom"
+    exact_for: ClassVar[str] = "landmarks >= N, up to the pseudo-inverse iteration's convergence"
     family: ClassVar[Family] = Family.LOW_RANK
     complexity: ClassVar[str] = "O(N·m·D + m³)"
     supports: ClassVar[Supports] = _NONCAUSAL

@@ -1,4 +1,4 @@
-"""SageAttention-style quantised attention (METHODS.md M35, block B7).
+"""SageAttention-style quantised attention (docs/methods.md).
 
 Q and K are quantised per block of ``block`` tokens to signed ``bits``-bit
 integers (scale = max|x| / (2^(bits-1) - 1)) after smoothing, and the scores
@@ -59,6 +59,7 @@ class Sage(Method):
     """
 
     name: ClassVar[str] = "sage"
+    exact_for: ClassVar[str] = "bits = None (no quantisation)"
     family: ClassVar[Family] = Family.QUANTISED
     complexity: ClassVar[str] = "O(N²·D) in INT8/INT4"
     supports: ClassVar[Supports] = Supports(causal=True, noncausal=True,

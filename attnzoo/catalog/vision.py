@@ -107,6 +107,7 @@ class Window2D(GridMethod):
     to ``s - window``. Sides the window does not divide end in a shorter window (no padding tokens)."""
 
     name: ClassVar[str] = "window2d"
+    exact_for: ClassVar[str] = "window >= both grid sides and shift = 0"
     family: ClassVar[Family] = Family.LOCAL
     complexity: ClassVar[str] = "O(N·M²·D)"
     papers: ClassVar[tuple[str, ...]] = ("Swin Transformer: Hierarchical Vision Transformer using Shifted Windows",)
@@ -137,6 +138,7 @@ class Neighborhood2D(GridMethod):
     centred on it, the window shifted inward at borders so it always holds ``kernel²`` keys."""
 
     name: ClassVar[str] = "neighborhood2d"
+    exact_for: ClassVar[str] = "dilation = 1 and kernel = both grid sides (odd)"
     family: ClassVar[Family] = Family.LOCAL
     complexity: ClassVar[str] = "O(N·k²·D)"
     papers: ClassVar[tuple[str, ...]] = ("Neighborhood Attention Transformer", "Dilated Neighborhood Attention "
@@ -163,6 +165,7 @@ class Tile3D(GridMethod):
     Tile's frame pattern; ``ref_frames >= T`` with whole-frame tiles is exact attention."""
 
     name: ClassVar[str] = "tile3d"
+    exact_for: ClassVar[str] = "ref_frames >= T with whole-frame tiles"
     family: ClassVar[Family] = Family.STATIC_SPARSE
     complexity: ClassVar[str] = "O(T·(1+r)·F²·D)"
     papers: ClassVar[tuple[str, ...]] = ("Efficient-vDiT: Efficient Video Diffusion Transformers With Attention "
@@ -195,6 +198,7 @@ class AdaSpa(LayoutMethod):
     reuses it across denoising steps."""
 
     name: ClassVar[str] = "adaspa"
+    exact_for: ClassVar[str] = "coverage = 1"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "search O(N²·D), attend O(N·k·b·D)"
     papers: ClassVar[tuple[str, ...]] = ("Training-free and Adaptive Sparse Attention for Efficient Long Video "

@@ -1,4 +1,4 @@
-"""Block-sparse and token-gather attention: one layout format, one executor (METHODS.md B2/B2g).
+"""Block-sparse and token-gather attention: one layout format, one executor (docs/methods.md, Engines).
 
 A :class:`BlockLayout` says, per (batch, head, query block), which key blocks
 the block reads: a padded row list ``kv_blocks (Bl, Hl, nq, S)`` (``-1`` =

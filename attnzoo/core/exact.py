@@ -1,5 +1,5 @@
 """Exact softmax attention: the materialised reference, the SDPA dispatch, and
-the tiled online-softmax engine with its recomputing backward (METHODS.md B1).
+the tiled online-softmax engine with its recomputing backward (docs/methods.md, Engines).
 
 All three share one visibility rule (:mod:`attnzoo.core.masks`): causal with
 bottom-right alignment via ``q_offset``/``k_offset``, plus key padding.

@@ -1,4 +1,4 @@
-"""Feature maps φ for kernelised attention (METHODS.md B5, §7 Performer, §M33 BASED).
+"""Feature maps φ for kernelised attention (docs/methods.md, Engines).
 
 A kernelised method replaces ``exp(q·k)`` by ``φ(q)·φ(k)`` so that attention
 becomes a product with a running state (:mod:`attnzoo.core.linear`). Every map

@@ -1,4 +1,4 @@
-"""The executor's fast paths on PyTorch's fused CPU attention kernel (METHODS.md B2, B2g).
+"""The executor's fast paths on PyTorch's fused CPU attention kernel (docs/methods.md, Engines).
 
 The generic executor (:mod:`attnzoo.core.blocksparse`) gathers key blocks and
 runs the online softmax as separate max/exp/sum passes in eager PyTorch.

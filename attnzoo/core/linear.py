@@ -1,4 +1,4 @@
-"""The chunked linear-recurrence engine (METHODS.md B5).
+"""The chunked linear-recurrence engine (docs/methods.md, Engines).
 
 One recurrence, three forms that agree::
 

@@ -1,4 +1,4 @@
-"""Which keys a query may see: causal alignment and key padding (METHODS.md A.1).
+"""Which keys a query may see: causal alignment and key padding (docs/methods.md, Conventions).
 
 Query ``i`` of ``Nq`` sits at absolute position ``q_offset + i`` and key ``j``
 at ``k_offset + j``; by default ``q_offset = Nk - Nq`` and ``k_offset = 0``

@@ -1,4 +1,4 @@
-"""Partial attention results and their exact log-sum-exp merge (METHODS.md B1).
+"""Partial attention results and their exact log-sum-exp merge (docs/methods.md, Engines).
 
 Attention of a query over a key set S can be kept as ``(out, lse)`` with
 ``out = softmax-weighted mean of v over S`` and ``lse = log Σ_S exp(score)``.

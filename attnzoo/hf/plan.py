@@ -1,4 +1,4 @@
-"""Attention plans: which attnzoo method runs on which layer and head (METHODS.md B8).
+"""Attention plans: which attnzoo method runs on which layer and head (docs/methods.md, Attention plans).
 
 A plan is resolved once, at :func:`attnzoo.hf.apply` time, into one
 :class:`LayerSpec` per attention layer, so that every bad name, parameter,

@@ -1,5 +1,5 @@
 """Learned linear / low-rank attention layers on the chunked recurrence engine
-(METHODS.md §M26 Linformer, §M27 SLAB, §M29 GLA, §M30 Aaren).
+(docs/methods.md).
 
 Every layer maps ``x (B, N, d_model)`` to ``(B, N, d_model)``. The recurrent
 ones (GLA, Aaren) take and return a state so a prompt can be prefilled and

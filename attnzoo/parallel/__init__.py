@@ -1,4 +1,4 @@
-"""Sequence-parallel exact attention across processes on ``torch.distributed`` (METHODS.md A.4, B6).
+"""Sequence-parallel exact attention across processes on ``torch.distributed`` (docs/methods.md, Sequence parallel).
 
 Every rank passes its contiguous shard of the sequence (rank r holds
 ``torch.tensor_split(x, P, dim=2)[r]``) and gets back the output for the same

@@ -1,4 +1,4 @@
-"""The communication layer of sequence-parallel attention (METHODS.md B6).
+"""The communication layer of sequence-parallel attention (docs/methods.md, Sequence parallel).
 
 Everything goes through ``torch.distributed`` (gloo on CPU, NCCL on GPU):
 batched point-to-point sends for the rings, ``all_to_all_single`` for

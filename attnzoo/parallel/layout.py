@@ -1,6 +1,6 @@
 """Which positions of the sequence each rank holds, and moving rows between layouts.
 
-The public convention (METHODS.md A.4): rank ``r`` of ``P`` holds the
+The public convention (docs/methods.md, Sequence parallel): rank ``r`` of ``P`` holds the
 contiguous shard ``torch.tensor_split(x, P, dim=2)[r]`` of the ``N`` positions.
 When ``N`` is not divisible by ``P`` the first ``N % P`` ranks hold one extra
 position (that is what ``tensor_split`` does); any other split is refused.

@@ -1,4 +1,4 @@
-"""Ring attention and TokenRing attention (METHODS.md M43), forward and backward.
+"""Ring attention and TokenRing attention (docs/methods.md, Sequence parallel), forward and backward.
 
 Both compute exact attention of every query shard against every key shard
 with the tiled engine of :mod:`attnzoo.core.exact`, each (query segment, key

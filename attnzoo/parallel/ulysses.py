@@ -1,4 +1,4 @@
-"""DeepSpeed-Ulysses sequence parallelism (METHODS.md M42).
+"""DeepSpeed-Ulysses sequence parallelism (docs/methods.md, Sequence parallel).
 
 One all-to-all turns "every rank holds N/P positions of all heads" into
 "every rank holds all N positions of H/P heads"; any registered attention

@@ -1,4 +1,4 @@
-"""BiFormer's bi-level routing attention (METHODS.md V2), training-free form, on 1-D or 2-D token grids."""
+"""BiFormer's bi-level routing attention (docs/methods.md), training-free form, on 1-D or 2-D token grids."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class BilevelRouting(Method):
     this training-free form. ``topk >=`` the number of regions equals exact."""
 
     name: ClassVar[str] = "bilevel_routing"
+    exact_for: ClassVar[str] = "topk >= the number of regions"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(R²·D + N·topk·(N/R)·D)"
     supports: ClassVar[Supports] = Supports(causal=False, noncausal=True,

@@ -1,4 +1,4 @@
-"""Content-dependent sparse prefill (METHODS.md A.2, §4.3): the layout is estimated from q and k.
+"""Content-dependent sparse prefill (docs/methods.md): the layout is estimated from q and k.
 
 Each method estimates which key blocks (and tokens) matter, builds a layout,
 and lets the engine attend exactly over it; ``layouts(q, k, causal=...)``
@@ -95,6 +95,7 @@ class VerticalSlash(LayoutMethod):
     blocks; the two are merged by lse. ``n_vertical >= Nk`` equals causal exact."""
 
     name: ClassVar[str] = "vertical_slash"
+    exact_for: ClassVar[str] = "n_slash >= N (every diagonal kept), or n_vertical >= Nk"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(last_q·N·D + N·(n_vertical + n_slash·block)·D)"
     supports: ClassVar[Supports] = _CAUSAL_ONLY
@@ -149,6 +150,7 @@ class BlockTopK(LayoutMethod):
     ``topk >= Nk / block`` equals exact."""
 
     name: ClassVar[str] = "block_topk"
+    exact_for: ClassVar[str] = "topk >= the number of key blocks"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O((N/block)²·D + N·topk·block·D)"
     papers: ClassVar[tuple[str, ...]] = ("MInference 1.0", "SeerAttention", "Quest")
@@ -197,6 +199,7 @@ class HiP(LayoutMethod):
     query block's own blocks are attended. ``topk >=`` the number of blocks equals exact."""
 
     name: ClassVar[str] = "hip"
+    exact_for: ClassVar[str] = "topk >= the number of key blocks"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(N·topk·log(N/topk)·D)"
     papers: ClassVar[tuple[str, ...]] = ("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical "

@@ -1,4 +1,4 @@
-"""Hashing and clustering attention (METHODS.md A.2, §4.6, §7): sort by bucket, attend blocks of the sort.
+"""Hashing and clustering attention (docs/methods.md): sort by bucket, attend blocks of the sort.
 
 Queries and keys are reordered by (bucket, position); the method's key set is
 then a block layout in the sorted order whose ``mask_mod`` restores the
@@ -103,6 +103,7 @@ class LSH(Method):
     attention over the union of the rounds' keys. Self-attention (Nq == Nk). ``chunk >= N`` equals exact."""
 
     name: ClassVar[str] = "lsh"
+    exact_for: ClassVar[str] = "chunk >= N (one chunk holds every key)"
     family: ClassVar[Family] = Family.HASHING
     complexity: ClassVar[str] = "O(rounds·N·chunk·D + N log N)"
     supports: ClassVar[Supports] = _NO_DECODE
@@ -161,6 +162,7 @@ class Routing(Method):
     are sorted by cluster and attended as a block layout. ``clusters = 1`` equals exact."""
 
     name: ClassVar[str] = "routing"
+    exact_for: ClassVar[str] = "clusters = 1"
     family: ClassVar[Family] = Family.HASHING
     complexity: ClassVar[str] = "O(N·C·D + N²/C·D) balanced"
     supports: ClassVar[Supports] = SPARSE_SUPPORTS
@@ -234,6 +236,7 @@ class Hyper(Method):
     ``block >= N`` or ``samples >= Nk`` equals exact."""
 
     name: ClassVar[str] = "hyper"
+    exact_for: ClassVar[str] = "block >= N (the heavy part is every pair)"
     family: ClassVar[Family] = Family.HASHING
     complexity: ClassVar[str] = "O(N·(block + samples)·D)"
     supports: ClassVar[Supports] = _NO_DECODE

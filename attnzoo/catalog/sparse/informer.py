@@ -1,4 +1,4 @@
-"""Informer's ProbSparse attention (METHODS.md A.2, §4.3 M12): only the most "active" queries attend."""
+"""Informer's ProbSparse attention (docs/methods.md): only the most "active" queries attend."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class ProbSparse(Method):
     running mean up to their position (causal). ``factor·⌈ln Nq⌉ >= Nq`` equals exact."""
 
     name: ClassVar[str] = "probsparse"
+    exact_for: ClassVar[str] = "factor·⌈ln Nq⌉ >= Nq (every query is active)"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(N·log N·D)"
     supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)

@@ -1,4 +1,4 @@
-"""Static sparse patterns (METHODS.md A.2, §4.2, §7): each is a ``mask_mod`` plus the key blocks it can reach.
+"""Static sparse patterns (docs/methods.md): each is a ``mask_mod`` plus the key blocks it can reach.
 
 Positions follow A.1: query ``i`` sits at ``p = i + Nk - Nq``; every mask
 below is stated on ``p`` and the key index ``j``; causality is applied on top
@@ -34,6 +34,7 @@ class SlidingWindow(StaticMethod):
     """Local attention: causal, key j is visible iff ``p - window < j <= p``; non-causal iff ``|p - j| < window``."""
 
     name: ClassVar[str] = "sliding_window"
+    exact_for: ClassVar[str] = "window >= N"
     family: ClassVar[Family] = Family.LOCAL
     complexity: ClassVar[str] = "O(N·w·D), O(N·w) mem"
     papers: ClassVar[tuple[str, ...]] = ("Longformer", "Mistral 7B")
@@ -55,6 +56,7 @@ class DilatedWindow(StaticMethod):
     ``d < window · dilation``."""
 
     name: ClassVar[str] = "dilated_window"
+    exact_for: ClassVar[str] = "dilation = 1 and window >= N"
     family: ClassVar[Family] = Family.LOCAL
     complexity: ClassVar[str] = "O(N·w·dilation·D)"
     papers: ClassVar[tuple[str, ...]] = ("Longformer", "LongNet", "DiNAT")
@@ -81,6 +83,7 @@ class Streaming(StaticMethod):
     """StreamingLLM / A-shape: the sliding window's keys plus the first ``sinks`` keys (∩ causal)."""
 
     name: ClassVar[str] = "streaming"
+    exact_for: ClassVar[str] = "window >= N, or sinks + window >= N"
     family: ClassVar[Family] = Family.LOCAL
     complexity: ClassVar[str] = "O(N·(w+sinks)·D)"
     papers: ClassVar[tuple[str, ...]] = ("StreamingLLM (Efficient Streaming Language Models with Attention Sinks)",
@@ -115,6 +118,7 @@ class Strided(StaticMethod):
     """
 
     name: ClassVar[str] = "strided"
+    exact_for: ClassVar[str] = "local >= N, or stride = 1"
     family: ClassVar[Family] = Family.STATIC_SPARSE
     complexity: ClassVar[str] = "O(N·(local + N/stride)·D)"
     papers: ClassVar[tuple[str, ...]] = ("Generating Long Sequences with Sparse Transformers", "S2-Attention")
@@ -149,6 +153,7 @@ class BigBird(StaticMethod):
     query block may see), all ∩ causal. Blocks have ``block`` tokens."""
 
     name: ClassVar[str] = "bigbird"
+    exact_for: ClassVar[str] = "window >= N, or n_global >= N"
     family: ClassVar[Family] = Family.STATIC_SPARSE
     complexity: ClassVar[str] = "O(N·(w + g + r·block)·D)"
     papers: ClassVar[tuple[str, ...]] = ("Big Bird: Transformers for Longer Sequences",)
@@ -206,6 +211,7 @@ class ShiftedSparse(StaticMethod):
     ``(p + s_h) // group == (j + s_h) // group`` with ``s_h = group // 2`` on shifted heads, else 0."""
 
     name: ClassVar[str] = "shifted_sparse"
+    exact_for: ClassVar[str] = "group >= 2N (no group, shifted or not, splits the sequence)"
     family: ClassVar[Family] = Family.STATIC_SPARSE
     complexity: ClassVar[str] = "O(N·group·D)"
     papers: ClassVar[tuple[str, ...]] = ("LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models",)
@@ -237,6 +243,7 @@ class BlockSparse(LayoutMethod):
     :class:`TokenLayout`, or a tuple of disjoint ones, e.g. what a dynamic method's ``layouts()`` chose)."""
 
     name: ClassVar[str] = "block_sparse"
+    exact_for: ClassVar[str] = "a mask_mod or layout that allows every key"
     family: ClassVar[Family] = Family.STATIC_SPARSE
     complexity: ClassVar[str] = "O(nnz·block·D); building from mask_mod O(Nq·Nk)"
     papers: ClassVar[tuple[str, ...]] = ("FlexAttention", "Generating Long Sequences with Sparse Transformers")
