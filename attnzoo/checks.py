@@ -71,8 +71,13 @@ def check_qkv(
     v: torch.Tensor,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    *,
+    grad: bool = False,
 ) -> Problem:
-    """Validate the standard ``(B, H, N, D)`` inputs and return their sizes."""
+    """Validate the standard ``(B, H, N, D)`` inputs and return their sizes.
+
+    ``grad``: gradients will be taken (a tighter logit bound, see :func:`check_logit_range`).
+    """
     check_tensor("q", q, 4, "(B, Hq, Nq, D)")
     check_tensor("k", k, 4, "(B, Hkv, Nk, D)")
     check_tensor("v", v, 4, "(B, Hkv, Nk, Dv)")
@@ -106,7 +111,55 @@ def check_qkv(
     scale = resolve_scale(scale, D)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_finite(name, t)
+    check_logit_range(q, k, scale, grad=grad)
     return Problem(B, Hq, Hkv, Nq, Nk, D, v.shape[3], resolve_scale(scale, D))
+
+
+#: the largest |scale · q·k| accepted, as a fraction of the compute dtype's max (margin for s - max, sums)
+LOGIT_HEADROOM = 2.0 ** -8
+
+
+def check_logit_range(q: torch.Tensor, k: torch.Tensor, scale: float, *, grad: bool = False) -> None:
+    """Refuse inputs whose scaled logits could overflow the compute dtype (they would come out as NaN).
+
+    Bounds every logit by Cauchy-Schwarz, ``|scale · q·k| <= scale · max‖q‖ · max‖k‖``
+    (one pass over q and k, skipped with ``CHECK_FINITE``), against the largest
+    float32 (float64 for float64 inputs; half inputs are computed in float32)
+    with a margin of :data:`LOGIT_HEADROOM`. With ``grad`` the bound is
+    ``1 / eps`` of that dtype instead: backward passes recompute probabilities
+    as ``exp(s - lse)``, whose rounding error ``|s| · eps`` must stay below 1
+    (beyond it they overflow to inf). Realistic inputs stay orders of
+    magnitude below both; only a huge ``scale`` or huge q/k values reach them.
+    """
+    if not CHECK_FINITE or not q.numel() or not k.numel() or q.device.type == "meta":
+        return
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    info = torch.finfo(compute)
+    limit = 1.0 / info.eps if grad else info.max * LOGIT_HEADROOM
+    with torch.no_grad():
+        q_norm = float(torch.linalg.vector_norm(q, dim=-1, dtype=torch.float64).amax())
+        k_norm = float(torch.linalg.vector_norm(k, dim=-1, dtype=torch.float64).amax())
+    bound = scale * q_norm * k_norm
+    if not bound <= limit:
+        why = "are too large for gradients" if grad else f"may overflow {str(compute).replace('torch.', '')}"
+        raise AttnZooError(
+            f"scale: scaled logits {why}: scale · max‖q‖ · max‖k‖ = {scale:.3g} · {q_norm:.3g} · {k_norm:.3g} = "
+            f"{bound:.3g}, expected at most {limit:.3g}; use a smaller scale or rescale the inputs q/k")
+
+
+def check_result(method: str, out: torch.Tensor, prob: Problem) -> None:
+    """The last guard of "no NaN from accepted input": a non-finite result is refused, naming the cause.
+
+    Softmax methods cannot overflow below :func:`check_logit_range`'s bound; methods
+    without a normaliser (linear attention) scale their output with ``q·k`` and
+    can, as can any result cast to float16. One pass over the output.
+    """
+    if not CHECK_FINITE or not out.numel() or out.device.type == "meta":
+        return
+    if not bool(torch.isfinite(out.sum(dtype=torch.float32 if out.dtype != torch.float64 else None))) and \
+            not bool(torch.isfinite(out).all()):
+        raise AttnZooError(f"{method}: the result overflows {str(out.dtype).replace('torch.', '')} for these "
+                           f"inputs (scale={prob.scale:.3g}); use a smaller scale or rescale the inputs q/k/v")
 
 
 def check_padding_mask(mask: object, batch: int, len_k: int, device: torch.device) -> None:

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from . import backends
-from .checks import Problem, check_flag, check_qkv
+from .checks import Problem, check_flag, check_qkv, check_result
 from .errors import AttnZooError, UnsupportedError
 from .core.scoremod import ScoreMod, check_score_mod, check_sinks, with_sinks
 from .varlen import run_varlen
@@ -335,8 +335,8 @@ class Method:
                               max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, key_padding_mask=key_padding_mask,
                               return_lse=return_lse, inputs=inputs, causal=causal, scale=scale, score_mod=score_mod,
                               sinks=sinks, backend=backend)
-        prob = check_qkv(q, k, v, key_padding_mask, scale)
         grad = _wants_grad(q, k, v)
+        prob = check_qkv(q, k, v, key_padding_mask, scale, grad=grad)
         self.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask,
                                 return_lse=return_lse, grad=grad)
         self.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
@@ -362,6 +362,7 @@ class Method:
         if runner is not None:  # a kernel backend: half inputs stay half (the kernels accumulate in fp32)
             out, lse = backends.run(runner, self, q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
                                     return_lse=return_lse, inputs=inputs)
+            check_result(self.name, out, prob)
             return (out, lse) if return_lse else out
         dtype = q.dtype
         if self.upcast_half and dtype in (torch.float16, torch.bfloat16):
@@ -371,6 +372,7 @@ class Method:
         out, lse = self.fit(prob).forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
                                           return_lse=return_lse, **inputs)
         out = out.to(dtype)
+        check_result(self.name, out, prob)
         if return_lse:
             return out, lse
         return out
