@@ -428,7 +428,8 @@ class Method:
 
 
 def _wants_grad(*ts: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+    """Gradients will be taken (non-tensors, refused later by the input checks, want none)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 # ------------------------------------------------------------------ registry
