@@ -29,7 +29,7 @@ def test_every_method_is_documented(name):
     cls = az.methods()[name]
     where = f"{cls.__module__}.{cls.__qualname__}"
     assert (cls.__doc__ or "").strip(), f"{where}: add a docstring stating the method's rule"
-    assert cls.exact_for, (f"{where}: add `exact_for: ClassVar[str] = ...`, when it equals exact attention "
+    assert "exact_for" in vars(cls), (f"{where}: add `exact_for: ClassVar[str] = ...`, when it equals exact attention "
                            "('always', a parameter condition such as 'window >= N', or 'never: why')")
     assert cls.papers, f"{where}: add `papers: ClassVar[tuple[str, ...]]`, the paper(s) it implements"
     section = _section(name)

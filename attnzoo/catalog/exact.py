@@ -135,6 +135,7 @@ class Anchor(Exact):
     (and whether they restart per document) are the model's business, applied to q and k beforehand."""
 
     name: ClassVar[str] = "anchor"
+    exact_for: ClassVar[str] = "one document (no cu_seqlens): then it is causal exact attention"
     family: ClassVar[Family] = Family.STATIC_SPARSE
     complexity: ClassVar[str] = "O(Σ_d |d|²·D)"
     supports: ClassVar[Supports] = dataclasses.replace(_ALL, noncausal=False)
