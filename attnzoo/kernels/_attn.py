@@ -15,7 +15,7 @@ iff it is in range, not padded (``pad[b, h // PAD_HDIV, j]``), and, when
 causal, ``j <= r % ROWS_MOD + q_off`` (bottom-right; ``ROWS_MOD`` lets a
 decode call fold a query group into the rows). ``MASK`` adds the layout's
 element mask: ``1`` = per partial block (``pidx`` into packed
-``(P, ROW_TILE, KEY_UNIT)`` masks), ``2`` = a dense per-token mask.
+``(P, TAB_ROWS, KEY_UNIT)`` masks), ``2`` = a dense per-token mask.
 
 Scores are accumulated in fp32 (``QUANT``: an int8 x int8 dot with per-row and
 per-key scales, SageAttention's recipe), P·V in the value dtype with an fp32
@@ -36,17 +36,21 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _tile(H, groups, n_rows, TAB_ROWS, TAB_HDIV, stb, sth, stm, pmb, pmh, pmm, BLOCK_M: tl.constexpr,
+def _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth, stm, pmb, pmh, pmm, BLOCK_M: tl.constexpr,
           ROW_TILE: tl.constexpr):
-    """This program's (batch, row head, KV head), its rows, and the offsets of its layout table row."""
+    """This program's (batch, row head, KV head), its rows, and the offsets of its layout table row.
+
+    Program ``i`` takes the ``i % TPR``-th tile of ``ROW_TILE`` rows of table row ``i // TPR``
+    (``TAB_ROWS`` rows each), so a tile never straddles two table rows.
+    """
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    row0 = tl.program_id(0) * ROW_TILE
+    trow = tl.program_id(0) // TPR
+    row0 = trow * TAB_ROWS + (tl.program_id(0) % TPR) * ROW_TILE
     offs_m = tl.arange(0, BLOCK_M)
     rows = row0 + offs_m
-    row_ok = (offs_m < ROW_TILE) & (rows < n_rows)
-    trow = row0 // TAB_ROWS
+    row_ok = (offs_m < ROW_TILE) & (rows < n_rows) & (rows < (trow + 1) * TAB_ROWS)
     tab_row = b * stb + (h // TAB_HDIV) * sth + trow * stm
     pm_row = b * pmb + (h // TAB_HDIV) * pmh + trow * pmm
     return b, h, h // groups, row0, rows, row_ok, rows - trow * TAB_ROWS, tab_row, pm_row
@@ -73,7 +77,7 @@ def _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE: tl.constexpr, BLOCK
 @triton.jit
 def _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, pidx_row, PM, pm_row, rloc,
              q_off, ROWS_MOD, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, PAD_HDIV: tl.constexpr,
-             MASK: tl.constexpr, ROW_TILE: tl.constexpr, KEY_UNIT: tl.constexpr, BLOCK_N: tl.constexpr,
+             MASK: tl.constexpr, TAB_ROWS, KEY_UNIT: tl.constexpr, BLOCK_N: tl.constexpr,
              TAB_LEN):
     """``(BLOCK_M, BLOCK_N)`` visibility of slot ``s``'s keys to the tile's rows."""
     vis = ok[None, :] & row_ok[:, None]
@@ -87,13 +91,13 @@ def _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, pidx_row, PM,
         pi = tl.load(PIDX + pidx_row + s)
         if pi >= 0:
             cols = tl.arange(0, BLOCK_N)
-            mm = tl.load(PM + pi * (ROW_TILE * KEY_UNIT) + rloc[:, None] * KEY_UNIT + cols[None, :],
-                         mask=(rloc < ROW_TILE)[:, None] & (cols < KEY_UNIT)[None, :], other=0)
+            mm = tl.load(PM + pi * (TAB_ROWS * KEY_UNIT) + rloc[:, None] * KEY_UNIT + cols[None, :],
+                         mask=(rloc < TAB_ROWS)[:, None] & (cols < KEY_UNIT)[None, :], other=0)
             vis = vis & (mm != 0)
     if MASK == 2:
         t = s * BLOCK_N + tl.arange(0, BLOCK_N)
         mm = tl.load(PM + pm_row + rloc[:, None] * TAB_LEN + t[None, :],
-                     mask=(rloc < ROW_TILE)[:, None] & (t < TAB_LEN)[None, :], other=0)
+                     mask=(rloc < TAB_ROWS)[:, None] & (t < TAB_LEN)[None, :], other=0)
         vis = vis & (mm != 0)
     return vis
 
@@ -104,14 +108,14 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
                 sos, sob, soh, som, sls, slb, slh, sqsb, sqsh, sksb, sksh,
                 stb, sth, stm, spb, sph, pmb, pmh, pmm,
                 n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, slots_per_split, qk_scale,
-                TAB_LEN, TAB_ROWS, TAB_HDIV, H,
+                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PAD_HDIV: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, Q_BLOCK: tl.constexpr,
                 K_BLOCK: tl.constexpr):
     split = tl.program_id(2)
-    b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TAB_HDIV, stb, sth,
+    b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth,
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -142,7 +146,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
         else:
             sc = tl.dot(q, tl.trans(k)) * qk_scale
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
-                       q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, ROW_TILE, KEY_UNIT, BLOCK_N, TAB_LEN)
+                       q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         sc = tl.where(vis, sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -167,7 +171,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                 sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, stb, sth, stm, spb, sph, pmb, pmh, pmm,
                 n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, qk_scale, scale,
-                TAB_LEN, TAB_ROWS, TAB_HDIV, H,
+                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
@@ -177,7 +181,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
     ``q``/``dq`` share strides; ``lse``/``delta`` are contiguous ``(B, H, n_rows)``;
     probabilities are recomputed from the saved lse, as in FlashAttention-2.
     """
-    b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TAB_HDIV, stb, sth,
+    b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth,
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -207,7 +211,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
         v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :], mask=vmask, other=0)
         sc = tl.dot(q, tl.trans(k)) * qk_scale
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
-                       q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, ROW_TILE, KEY_UNIT, BLOCK_N, TAB_LEN)
+                       q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
         dv = tl.dot(tl.trans(p).to(do.dtype), do)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)

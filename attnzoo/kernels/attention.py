@@ -29,7 +29,7 @@ class Keys:
 
     ``tab (Bl, Hl, rows_of_tab, S)`` int32 (block or token indices; broadcast over
     size-1 dims), ``tab_rows`` query rows per table row, ``row_tile`` rows per
-    program (``<= block_m``), ``key_unit`` keys per block (BLOCKS), ``tab_hdiv``
+    program (``<= block_m``; a table row of more rows takes several programs), ``key_unit`` keys per block (BLOCKS), ``tab_hdiv``
     row head -> table head divisor; ``pidx``/``pm`` the element masks.
     """
 
@@ -52,6 +52,10 @@ class Keys:
         if self.mode == BLOCKS:
             return self.tab.shape[-1]
         return triton.cdiv(self.tab.shape[-1], self.block_n)
+
+
+#: query rows per program at most: a larger query block / token group is split over several programs
+_MAX_ROW_TILE = 64
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -92,8 +96,11 @@ def _common(call: Call, q, k, pad):
     pm = ks.pm if ks.pm is not None else _dummy(dev)
     padt = pad if pad is not None else _dummy(dev)
     strides = (_bstrides(ks.tab, 3), _bstrides(pad, 2), _bstrides(ks.pm, 3))  # pad: (B, Hp, Nk), unit key stride
-    n_tiles = triton.cdiv(q.shape[2], ks.row_tile)
-    return (tab, pidx, pm, padt), strides, n_tiles, ks.tab.shape[-1] if ks.tab is not None else 1
+    n_rows = q.shape[2]
+    tab_rows = min(ks.tab_rows, n_rows)
+    tpr = triton.cdiv(tab_rows, ks.row_tile)  # tiles per table row
+    tiles = (triton.cdiv(n_rows, tab_rows) * tpr, tab_rows, tpr)
+    return (tab, pidx, pm, padt), strides, tiles, ks.tab.shape[-1] if ks.tab is not None else 1
 
 
 def _consts(call: Call, q, v, pad) -> dict:
@@ -113,7 +120,7 @@ def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=
     """
     B, H, n_rows, _ = q.shape
     Dv = v.shape[-1]
-    (tab, pidx, pm, padt), (tstr, padstr, pmstr), n_tiles, tab_len = _common(call, q, k, pad)
+    (tab, pidx, pm, padt), (tstr, padstr, pmstr), (n_tiles, tab_rows, tpr), tab_len = _common(call, q, k, pad)
     n_slots = call.keys.n_slots(call.k_end)
     splits = max(1, min(splits, n_slots))
     per = triton.cdiv(max(n_slots, 1), splits)
@@ -132,7 +139,7 @@ def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=
         *_bstrides(qs, 2), *_bstrides(kscale, 2),
         *tstr, *padstr, *pmstr,
         n_rows, call.k_end, call.keys.k_base, call.q_off, call.rows_mod, call.groups, n_slots, per,
-        call.scale * LOG2E, tab_len, call.keys.tab_rows, call.keys.tab_hdiv, H,
+        call.scale * LOG2E, tab_len, tab_rows, tpr, call.keys.tab_hdiv, H,
         QUANT=quant is not None, Q_BLOCK=qb, K_BLOCK=kb, **_consts(call, q, v, pad))
     if splits == 1:
         return out[0], lse[0]
@@ -142,7 +149,7 @@ def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=
 def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call):
     """``(dq, dk, dv)`` of :func:`forward` (``splits = 1``), recomputing probabilities from ``lse``."""
     B, H, n_rows, _ = q.shape
-    (tab, pidx, pm, padt), (tstr, padstr, pmstr), n_tiles, tab_len = _common(call, q, k, pad)
+    (tab, pidx, pm, padt), (tstr, padstr, pmstr), (n_tiles, tab_rows, tpr), tab_len = _common(call, q, k, pad)
     d_out = d_out.contiguous()
     delta = (d_out.float() * out.float()).sum(-1)
     if d_lse is not None:
@@ -159,7 +166,7 @@ def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call):
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         *tstr, *padstr, *pmstr,
         n_rows, call.k_end, call.keys.k_base, call.q_off, call.rows_mod, call.groups,
-        call.keys.n_slots(call.k_end), call.scale * LOG2E, call.scale, tab_len, call.keys.tab_rows,
+        call.keys.n_slots(call.k_end), call.scale * LOG2E, call.scale, tab_len, tab_rows, tpr,
         call.keys.tab_hdiv, H, **_consts(call, q, v, pad))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -206,7 +213,8 @@ def _block_keys(layout: BlockLayout, heads_q: int, heads_kv: int) -> Keys:
         return cache[key]
     kb = layout.kv_blocks
     Bl, Hl = kb.shape[:2]
-    keys = Keys(BLOCKS, _pow2(layout.block_q), _pow2(layout.block_k), layout.block_q,
+    rt = min(layout.block_q, _MAX_ROW_TILE)
+    keys = Keys(BLOCKS, _pow2(rt), _pow2(layout.block_k), rt,
                 tab=kb.to(torch.int32).contiguous(), tab_rows=layout.block_q,
                 tab_hdiv=heads_q // heads_kv if (Hl == heads_kv and Hl != heads_q) else 1, key_unit=layout.block_k)
     if layout.partial is not None and bool(layout.partial.any()):
@@ -231,7 +239,8 @@ def _token_keys(layout: TokenLayout, heads_q: int, heads_kv: int) -> Keys:
     """A TokenLayout as TOKENS slots; a mask_mod evaluated into a dense per-token mask."""
     tok = layout.kv_tokens
     Bl, Hl, ng, T = tok.shape
-    keys = Keys(TOKENS, _pow2(layout.group), min(64, _pow2(T)), layout.group, tab=tok.to(torch.int32).contiguous(),
+    rt = min(layout.group, _MAX_ROW_TILE)
+    keys = Keys(TOKENS, _pow2(rt), min(64, _pow2(T)), rt, tab=tok.to(torch.int32).contiguous(),
                 tab_rows=layout.group, tab_hdiv=heads_q // heads_kv if (Hl == heads_kv and Hl != heads_q) else 1)
     if layout.mask_mod is None:
         return keys
