@@ -148,6 +148,26 @@ def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, *
     return merge(*parts)
 
 
+def _triton_engines(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **inputs):
+    """The method's own forward (its estimators in fp32, as on torch) with the layout and tiled engines on the
+    kernels: for sparse methods that compute more than their layouts (bigbird's global rows, hashing's sorts)."""
+    from .core.blocksparse import LAYOUT_ENGINE
+    from .core.exact import TILED_ENGINE
+    kern = _kernels()
+    q, k, v, inputs = _upcast(q, k, v, inputs)
+    with LAYOUT_ENGINE.use(kern.layout_attention), TILED_ENGINE.use(kern.flash_attention):
+        return m.forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask, return_lse=return_lse,
+                         **inputs)
+
+
+def _upcast(q, k, v, inputs):
+    """Half inputs in fp32, as ``Method.__call__`` gives them to ``forward`` on the torch backend."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return q, k, v, inputs
+    return q.float(), k.float(), v.float(), {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                             else t for n, t in inputs.items()}
+
+
 def _sage_check(m, case: Case) -> list[str]:
     why = []
     if m.bits != 8 or not m.smooth_k or m.smooth_q:
@@ -186,6 +206,7 @@ def _runners() -> dict[str, list[Runner]]:
                 Runner(Exact, lambda m, c: [], _triton_exact),
                 Runner(ExactTiled, lambda m, c: [], _triton_exact),
                 Runner(FlashDecode, lambda m, c: _no_grad(c, "split-K decode"), _triton_flash_decode),
+                *(Runner(cls, lambda m, c: [], _triton_engines) for cls in _engine_methods()),
                 Runner(LayoutMethod, _own_layouts, _triton_layouts),
                 Runner(Sage, _sage_check, _triton_sage),
             ],
@@ -212,15 +233,20 @@ def _linear_check(m, case: Case) -> list[str]:
 
 def _triton_linear(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **inputs):
     """The method's own forward (feature maps, gates) with the engine's chunked form on the kernels, in fp32."""
-    from .core.linear import chunked_form
+    from .core.linear import CHUNKED
     from .kernels.linear import chunked
-    if q.dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
-        inputs = {n: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-                  for n, t in inputs.items()}
-    with chunked_form(chunked):
+    q, k, v, inputs = _upcast(q, k, v, inputs)
+    with CHUNKED.use(chunked):
         return m.forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask, return_lse=return_lse,
                          **inputs)
+
+
+def _engine_methods() -> tuple[type, ...]:
+    """Sparse methods that attend only through the layout / tiled engines (without custom query positions)."""
+    from .catalog.sparse.bilevel import BilevelRouting
+    from .catalog.sparse.hashing import LSH, Hyper, Routing
+    from .catalog.sparse.static import BigBird
+    return (BigBird, BilevelRouting, LSH, Hyper, Routing)
 
 
 def _linear_runners() -> list[Runner]:

@@ -38,7 +38,8 @@ def test_explain_lists_every_backend_with_reasons():
     rows = az.explain("bigbird", q, k, v, causal=True, window=8, block=8)
     assert [r.backend for r in rows] == ["auto (torch)", "torch", "triton", "flex"]
     assert rows[1].runs and not rows[3].runs
-    assert any("computes more than its layouts" in r for r in rows[2].reasons)
+    assert any("computes more than its layouts" in r for r in rows[3].reasons)  # flex: layouts only
+    assert any("no triton implementation of 'probsparse'" in r for r in az.explain("probsparse", q, k, v)[2].reasons)
     q.requires_grad_()
     rows = az.explain("sage", q, k, v)  # sage has no gradients: a reason on every backend
     assert all(not r.runs and "gradients" in str(r) for r in rows)

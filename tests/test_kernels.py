@@ -171,23 +171,42 @@ def test_layout_methods_on_triton_equal_the_torch_backend(method, params):
     assert_matches(got[0].double(), got[1].double(), want[0].double(), want[1].double(), tol=2e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", [n for n, c in az.methods().items()
-                                    if "LayoutMethod" in [b.__name__ for b in c.__mro__]])
-def test_every_layout_method_runs_on_triton(method):
-    """Every layout-only method (forward+backward where it supports gradients) equals its torch backend."""
-    from attnzoo.backends import _is_layout_only
-    if not _is_layout_only(az.methods()[method]):
-        pytest.skip(f"{method} computes outside its layouts (explain() says so)")
-    params = {"block_sparse": {"mask_mod": _window, "block": 16}}.get(method, {})
-    params.update({p.name: 16 for p in az.info(method).params if p.name in ("block", "block_size")})
-    q, k, v = _qkv(1, 4, 2, 64, 64, grad=True)
-    got = az.attention(q, k, v, method=method, causal=True, return_lse=True, backend="triton", **params)
-    want = az.attention(q, k, v, method=method, causal=True, return_lse=True, backend="torch", **params)
+def _sparse_on_triton():
+    from attnzoo.backends import _method_names
+    return [n for n in _method_names("triton").split(", ") if az.info(n).family.value not in ("exact", "quantised",
+                                                                                                "linear RNN",
+                                                                                                "kernelised")]
+
+
+_SMALL = {"block_sparse": {"mask_mod": _window}, "bigbird": {"window": 8, "n_global": 4},
+          "bilevel_routing": {"regions": 4}, "lsh": {"rounds": 1}, "routing": {}, "hyper": {"samples": 8}}
+
+
+def _run_both(method, grad, Nq=64):
+    params = dict(_SMALL.get(method, {}))
+    params.update({p.name: 16 for p in az.info(method).params if p.name in ("block", "block_size", "chunk")})
+    q, k, v = _qkv(1, 4, 2, Nq, 64, grad=grad)
+    causal = az.info(method).supports.causal and method != "bilevel_routing"
+    got = az.attention(q, k, v, method=method, causal=causal, return_lse=True, backend="triton", **params)
+    want = az.attention(q, k, v, method=method, causal=causal, return_lse=True, backend="torch", **params)
     assert_matches(got[0].double(), got[1].double(), want[0].double(), want[1].double(), tol=2e-5)
-    seed = torch.randn_like(got[0])
-    _check_grads(torch.autograd.grad((got[0] * seed).sum(), (q, k, v)),
-                 [g.double() for g in torch.autograd.grad((want[0] * seed).sum(), (q, k, v))], 5e-5)
+    if grad and az.info(method).supports.grad:
+        seed = torch.randn_like(got[0])
+        _check_grads(torch.autograd.grad((got[0] * seed).sum(), (q, k, v)),
+                     [g.double() for g in torch.autograd.grad((want[0] * seed).sum(), (q, k, v))], 5e-5)
+
+
+@pytest.mark.parametrize("method", ["bigbird", "lsh"])
+def test_methods_beyond_their_layouts_run_their_engines_on_the_kernels(method):
+    """BigBird's global rows (tiled engine) and LSH's sorted buckets + sampled tokens (layout engine)."""
+    _run_both(method, grad=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", _sparse_on_triton())
+def test_every_sparse_method_runs_on_triton(method):
+    """Every sparse method with a Triton runner equals its torch backend, forward and backward."""
+    _run_both(method, grad=True)
 
 
 def test_flash_decode_and_exact_tiled_dispatch_to_the_kernels():

@@ -36,11 +36,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import AttnZooError
+from ..errors import AttnZooError, UnsupportedError
 from .fused import attend_band, attend_token_union, band_plan, fix_empty_rows, fused_applies, fused_kernel
 from .masks import MaskMod, call_mask_mod, check_mask_mod
+from .override import Override
 from .partial import Partial, merge
 
+#: :func:`attend`'s replacement inside ``LAYOUT_ENGINE.use(impl)`` (a kernel backend; no custom query positions)
+LAYOUT_ENGINE = Override("attnzoo_layout_engine")
 #: elements of one mask evaluation chunk when building layouts (bounds peak memory)
 _BUILD_CHUNK = 1 << 24
 #: keys a query block reads per executor pass (key blocks are grouped up to this width)
@@ -675,6 +678,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     """
     if not isinstance(layout, (BlockLayout, TokenLayout)):
         raise AttnZooError(f"layout: expected a BlockLayout or TokenLayout, got {type(layout).__name__}")
+    impl = LAYOUT_ENGINE.get()
+    if impl is not None:
+        if q_positions is not None:
+            raise UnsupportedError("layout engine override: custom query positions (q_positions) are not supported")
+        return impl(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,

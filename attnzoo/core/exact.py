@@ -20,9 +20,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
+from ..errors import UnsupportedError
 from .kernel import flash_cpu
 from .masks import empty_rows, visible_mask
+from .override import Override
 from .scoremod import apply_score_mod
+
+#: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
+TILED_ENGINE = Override("attnzoo_tiled_engine")
 
 
 # ---------------------------------------------------------------- reference
@@ -296,8 +301,15 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
 
     A ``score_mod`` runs on each tile in inference; under autograd the call goes to
     :func:`chunked_attention` instead, whose gradients also reach the tensors the mod closes over.
+    Inside ``TILED_ENGINE.use(impl)`` the call goes to ``impl`` (a kernel backend).
     """
     q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset
+    impl = TILED_ENGINE.get()
+    if impl is not None:
+        if score_mod is not None:
+            raise UnsupportedError("tiled engine override: score_mod is not supported")
+        return impl(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset,
+                    k_offset=k_offset)
     if score_mod is not None and torch.is_grad_enabled():
         return chunked_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
                                  score_mod=score_mod, q_offset=q_offset, k_offset=k_offset, rows=q_tile)

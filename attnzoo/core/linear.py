@@ -25,13 +25,12 @@ processed in pieces. The normaliser ``z`` is carried as one extra value column.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import AttnZooError
+from .override import Override
 from .partial import Partial, merge
 
 FORMS = ("parallel", "chunked", "recurrent")
@@ -42,19 +41,8 @@ _GATE_FLOOR = -1e4
 _SAFE_LOG = 60.0
 
 
-#: an implementation of the chunked form taking over inside :func:`chunked_form` (a kernel backend)
-_CHUNKED = contextvars.ContextVar("attnzoo_chunked_form", default=None)
-
-
-@contextlib.contextmanager
-def chunked_form(impl):
-    """Within the block, the chunked form runs ``impl(q, k, v, gate, s0, chunk) -> (out, final)``
-    (the contract of :func:`_chunked`): how a kernel backend takes over every method built on this engine."""
-    token = _CHUNKED.set(impl)
-    try:
-        yield
-    finally:
-        _CHUNKED.reset(token)
+#: the chunked form's replacement inside ``CHUNKED.use(impl)`` (a kernel backend); same contract as :func:`_chunked`
+CHUNKED = Override("attnzoo_chunked_form")
 
 
 @dataclass
@@ -289,7 +277,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     if form == "parallel":
         out, final = _parallel(rows, k, v, gate, s0)
     elif form == "chunked":
-        out, final = (_CHUNKED.get() or _chunked)(rows, k, v, gate, s0, chunk)
+        out, final = (CHUNKED.get() or _chunked)(rows, k, v, gate, s0, chunk)
     else:
         out, final = _recurrent(rows, k, v, gate, s0)
     out = out[:, :, len_k - (len_q - unseen):]

@@ -195,12 +195,17 @@ def _pad_arg(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 # ------------------------------------------------------------------ dense
-def flash_attention(q, k, v, *, scale: float, causal: bool, key_padding_mask=None, block_m: int = 64,
-                    block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention ``(out, lse)`` (FlashAttention-2 tiles; causal tiles above the diagonal skipped)."""
+def flash_attention(q, k, v, *, scale: float, causal: bool, key_padding_mask=None, q_offset: int | None = None,
+                    k_offset: int = 0, block_m: int = 64, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention ``(out, lse)`` (FlashAttention-2 tiles; causal tiles above the diagonal skipped).
+
+    ``q_offset``/``k_offset``: absolute positions of the first query / key (default bottom-right), as in
+    :func:`attnzoo.core.exact.tiled_attention`, whose contract this has.
+    """
     Nq, Nk = q.shape[2], k.shape[2]
+    q_off = (Nk - Nq if q_offset is None else q_offset) - k_offset
     keys = Keys(DENSE, block_m, block_n, block_m)
-    call = Call(keys, scale, causal, Nk - Nq, Nq, q.shape[1] // k.shape[1], Nk)
+    call = Call(keys, scale, causal, q_off, Nq, q.shape[1] // k.shape[1], Nk)
     return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call)
 
 
