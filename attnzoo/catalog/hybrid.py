@@ -18,6 +18,7 @@ import torch
 from ..checks import Problem
 from ..core.features import orthogonal_gaussian, taylor2
 from ..core.linear import LinearState, linear_attention
+from ..core.partial import masked_softmax
 from ..errors import AttnZooError
 from ..registry import MAX_SIZE, Family, Method, Supports, param, register
 from .linear import Performer, RecurrentMethod, engine_form
@@ -49,10 +50,7 @@ def combine(num: torch.Tensor, den: torch.Tensor, log_shift: torch.Tensor | floa
 def masked_softmax_partial(scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of softmax attention restricted to ``visible``; empty rows give ``(0, -inf)``."""
-    s = scores.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    p, lse = masked_softmax(scores, visible)
     return torch.matmul(p, v), lse
 
 

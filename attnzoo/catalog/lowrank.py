@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..checks import Problem
+from ..core.partial import masked_softmax
 from ..registry import Family, Method, Supports, param, register
 
 _NONCAUSAL = Supports(causal=False, noncausal=True, decode=False, grad=True, lse=False)
@@ -42,11 +43,7 @@ def _grouped(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
 
 def biased_softmax(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Softmax of ``scores + bias`` over the last dim; ``bias = -inf`` hides a column; all-hidden rows give 0."""
-    s = scores + bias
-    m = s.amax(dim=-1, keepdim=True)
-    p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-    total = p.sum(dim=-1, keepdim=True)
-    return p / torch.where(total > 0, total, torch.ones_like(total))
+    return masked_softmax(scores + bias)[0]
 
 
 @register

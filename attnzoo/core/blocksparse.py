@@ -40,7 +40,7 @@ from ..errors import AttnZooError, UnsupportedError
 from .fused import attend_band, attend_token_union, band_plan, fix_empty_rows, fused_applies, fused_kernel
 from .masks import MaskMod, call_mask_mod, check_mask_mod
 from .override import Override
-from .partial import Partial, merge
+from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, merge
 
 #: :func:`attend`'s replacement inside ``LAYOUT_ENGINE.use(impl)`` (a kernel backend; no custom query positions)
 LAYOUT_ENGINE = Override("attnzoo_layout_engine")
@@ -546,23 +546,12 @@ def _forward(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     qb = plan.to_rows(q) * plan.scale
     k_units, v_units = _unit_view(k, plan), _unit_view(v, plan)
     pad_flat = None if pad is None else pad.reshape(-1)
-    m = qb.new_full((*qb.shape[:-1], 1), -math.inf)
-    denom = qb.new_zeros(*qb.shape[:-1], 1)
-    acc = qb.new_zeros(*qb.shape[:-1], dim_v)
+    soft = OnlineSoftmax(qb.shape[:-1], dim_v, like=qb)
     for s, u in _slots(plan):
         sc, _, vb, _ = _slot_scores(qb, k_units, v_units, plan, s, u, pad_flat, B)
-        m_new = torch.maximum(m, sc.amax(dim=-1, keepdim=True))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = sc.sub_(m_safe).exp_()
-        alpha = torch.exp(m - m_safe)
-        denom = denom.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
-        acc = acc.mul_(alpha).add_(torch.matmul(p, vb))
-        m = m_new
-    seen = denom > 0
-    one = torch.ones_like(denom)
-    out = torch.where(seen, acc / torch.where(seen, denom, one), torch.zeros_like(acc))
-    lse = torch.where(seen, m + torch.log(torch.where(seen, denom, one)), torch.full_like(m, -math.inf))
-    return plan.from_rows(out), plan.from_rows(lse).squeeze(-1)
+        soft.add(sc, vb)
+    out, lse = soft.result()
+    return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)
 
 
 def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan):
@@ -570,22 +559,17 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan):
     qb = plan.to_rows(q)
     qs = qb * plan.scale
     dob = plan.to_rows(d_out)
-    delta = (d_out * out).sum(-1)
-    if d_lse is not None:
-        delta = delta - d_lse
+    lse_safe, delta = grad_inputs(out, lse, d_out, d_lse)
     delta_r = plan.to_rows(delta.unsqueeze(-1))
-    lse_r = plan.to_rows(torch.where(torch.isfinite(lse), lse, torch.full_like(lse, math.inf)).unsqueeze(-1))
+    lse_r = plan.to_rows(lse_safe.unsqueeze(-1))
     k_units, v_units = _unit_view(k, plan), _unit_view(v, plan)
     dk_units, dv_units = torch.zeros_like(k_units), torch.zeros_like(v_units)
     dqb = torch.zeros_like(qb)
     pad_flat = None if pad is None else pad.reshape(-1)
     for s, u in _slots(plan):
         sc, kb, vb, flat = _slot_scores(qs, k_units, v_units, plan, s, u, pad_flat, B)
-        p = sc.sub_(lse_r).exp_()
-        dv_blk = torch.matmul(p.transpose(-1, -2), dob)
-        ds = p.mul_(torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta_r))
-        dqb += torch.matmul(ds, kb)
-        dk_blk = torch.matmul(ds.transpose(-1, -2), qb)
+        dq_blk, dk_blk, dv_blk = grad_step(sc, lse_r, delta_r, qb, dob, kb, vb)
+        dqb += dq_blk
         idx = flat.reshape(-1)
         dk_units.index_add_(0, idx, dk_blk.reshape(idx.numel(), -1))
         dv_units.index_add_(0, idx, dv_blk.reshape(idx.numel(), -1))

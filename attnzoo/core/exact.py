@@ -24,6 +24,7 @@ from ..errors import UnsupportedError
 from .kernel import flash_cpu
 from .masks import empty_rows, visible_mask
 from .override import Override
+from .partial import OnlineSoftmax, grad_inputs, grad_step, masked_softmax
 from .scoremod import apply_score_mod
 
 #: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
@@ -49,13 +50,8 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                                  k_offset, head_offset)
     mask = visible_mask(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
                         q_offset=q_offset, k_offset=k_offset, device=q.device)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    out = torch.matmul(probs, v)
-    return out, lse
+    probs, lse = masked_softmax(scores, mask)
+    return torch.matmul(probs, v), lse
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
@@ -210,27 +206,14 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
     for i0 in range(0, len_q, spec.q_tile):
         i1 = min(len_q, i0 + spec.q_tile)
         rows = _rows(q, groups, i0, i1) * spec.scale
-        n_rows = rows.shape[2]
-        m = rows.new_full((B, Hkv, n_rows, 1), -math.inf)
-        denom = rows.new_zeros(B, Hkv, n_rows, 1)
-        acc = rows.new_zeros(B, Hkv, n_rows, dim_v)
+        soft = OnlineSoftmax(rows.shape[:3], dim_v, like=rows)
         for j0 in range(0, spec.key_end(i1, len_k), spec.k_tile):
             j1 = min(spec.key_end(i1, len_k), j0 + spec.k_tile)
             mod = None if spec.score_mod is None else functools.partial(_tile_mod, spec, Hq, i0, j0)
             s = _masked_scores(rows, k[:, :, j0:j1], groups, spec.tile_mask(i0, i1, j0, j1, q.device),
                                None if pad is None else pad[..., j0:j1], mod)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-            p = s.sub_(m_safe).exp_()
-            alpha = torch.exp(m - m_safe)
-            denom = denom * alpha + p.sum(dim=-1, keepdim=True)
-            acc = torch.baddbmm(acc.mul_(alpha).flatten(0, 1), p.flatten(0, 1), v[:, :, j0:j1].flatten(0, 1)
-                                ).view_as(acc)
-            m = m_new
-        seen = denom > 0
-        o = torch.where(seen, acc / torch.where(seen, denom, torch.ones_like(denom)), torch.zeros_like(acc))
-        ls = torch.where(seen, m + torch.log(torch.where(seen, denom, torch.ones_like(denom))),
-                         torch.full_like(m, -math.inf))
+            soft.add(s, v[:, :, j0:j1])
+        o, ls = soft.result()
         out[:, :, i0:i1] = o.view(B, Hq, i1 - i0, dim_v)
         lse[:, :, i0:i1] = ls.view(B, Hq, i1 - i0)
     return out, lse
@@ -249,11 +232,7 @@ def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     B, Hq, len_q, _ = q.shape
     Hkv, len_k = k.shape[1], k.shape[2]
     groups = Hq // Hkv
-    delta = (d_out * out).sum(dim=-1)  # (B, Hq, Nq)
-    if d_lse is not None:
-        delta = delta - d_lse
-    # rows with lse = -inf saw nothing: exp(s - inf) = 0 keeps them out.
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, math.inf))
+    lse_safe, delta = grad_inputs(out, lse, d_out, d_lse)
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
@@ -269,11 +248,10 @@ def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             j1 = min(spec.key_end(i1, len_k), j0 + spec.k_tile)
             s = _masked_scores(q_rows * spec.scale, k[:, :, j0:j1], groups,
                                spec.tile_mask(i0, i1, j0, j1, q.device), None if pad is None else pad[..., j0:j1])
-            p = torch.exp(s - lse_rows)
-            dv[:, :, j0:j1] += torch.matmul(p.transpose(-1, -2), do_rows)
-            ds = p * (torch.matmul(do_rows, v[:, :, j0:j1].transpose(-1, -2)) - delta_rows)
-            dq_rows += torch.matmul(ds, k[:, :, j0:j1])
-            dk[:, :, j0:j1] += torch.matmul(ds.transpose(-1, -2), q_rows)
+            dq_t, dk_t, dv_t = grad_step(s, lse_rows, delta_rows, q_rows, do_rows, k[:, :, j0:j1], v[:, :, j0:j1])
+            dq_rows += dq_t
+            dk[:, :, j0:j1] += dk_t
+            dv[:, :, j0:j1] += dv_t
         dq[:, :, i0:i1] = dq_rows.view(B, Hq, i1 - i0, -1)
     return dq * spec.scale, dk * spec.scale, dv
 

@@ -70,3 +70,82 @@ def merge(*partials: Partial) -> Partial:
     for w, p in zip(weights[1:], partials[1:]):
         out = out.addcmul_(p[0].to(dtype), w)  # one pass per partial over the (large) outputs
     return Partial(out, lse)
+
+
+# ------------------------------------------------------------------ the online softmax and its gradient
+def masked_softmax(scores: torch.Tensor, visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NaN-free softmax over the last dim: ``(probs, lse)``.
+
+    Entries that are -inf or where ``visible`` is False get probability 0; a
+    row with nothing visible gives all-zero probabilities and ``lse = -inf``
+    (never ``exp(-inf - (-inf)) = NaN``).
+    """
+    s = scores if visible is None else scores.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    probs = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return probs, lse
+
+
+class OnlineSoftmax:
+    """Softmax attention of fixed query rows accumulated over key chunks (FlashAttention's forward).
+
+    Holds the running max ``m``, denominator and unnormalised output of rows
+    ``(..., R)``; :meth:`add` folds in one chunk of scores ``(..., R, K)``
+    (-inf where invisible) and values ``(..., K, Dv)``; :meth:`result` is the
+    :class:`Partial` over every chunk added, ``(0, -inf)`` for rows that saw
+    no key. The tiled engine and the block-sparse executor both run on it.
+    """
+
+    def __init__(self, rows: tuple[int, ...], dim_v: int, *, like: torch.Tensor) -> None:
+        self.m = like.new_full((*rows, 1), -math.inf)
+        self.denom = like.new_zeros(*rows, 1)
+        self.acc = like.new_zeros(*rows, dim_v)
+
+    def add(self, scores: torch.Tensor, values: torch.Tensor) -> None:
+        """Fold in one chunk; ``scores`` is overwritten (it becomes the chunk's unnormalised probabilities)."""
+        m_new = torch.maximum(self.m, scores.amax(dim=-1, keepdim=True))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = scores.sub_(m_safe).exp_()
+        alpha = torch.exp(self.m - m_safe)
+        self.denom = self.denom.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+        acc = self.acc.mul_(alpha).view(-1, *self.acc.shape[-2:])
+        acc.baddbmm_(p.reshape(-1, *p.shape[-2:]),
+                     values.expand(*p.shape[:-2], *values.shape[-2:]).reshape(-1, *values.shape[-2:]))
+        self.m = m_new
+
+    def result(self) -> Partial:
+        """``(out (..., R, Dv), lse (..., R))``; rows that saw nothing are ``(0, -inf)``."""
+        seen = self.denom > 0
+        denom = torch.where(seen, self.denom, torch.ones_like(self.denom))
+        out = torch.where(seen, self.acc / denom, torch.zeros_like(self.acc))
+        lse = torch.where(seen, self.m + torch.log(denom), torch.full_like(self.m, -math.inf))
+        return Partial(out, lse.squeeze(-1))
+
+
+def grad_inputs(out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a recomputing backward needs per query row: ``(lse_safe, delta)``, both ``(..., N)``.
+
+    ``delta = Σ d_out · out - d_lse``; ``lse_safe`` is +inf on rows that saw
+    nothing, so their recomputed probabilities ``exp(s - lse_safe)`` are 0.
+    """
+    delta = (d_out * out).sum(dim=-1)
+    if d_lse is not None:
+        delta = delta - d_lse
+    return torch.where(torch.isfinite(lse), lse, torch.full_like(lse, math.inf)), delta
+
+
+def grad_step(scores: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, q: torch.Tensor, d_out: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk of FlashAttention-2's backward: ``(dq, dk, dv)`` contributions, before the ``scale`` factor.
+
+    ``scores (..., R, K)`` are the chunk's scaled scores (-inf where invisible;
+    overwritten), ``lse``/``delta (..., R, 1)`` from :func:`grad_inputs`,
+    ``q``/``d_out (..., R, D)`` the unscaled query rows and their output
+    gradient, ``k``/``v (..., K, D)`` the chunk's keys and values. Multiply
+    the accumulated ``dq`` and ``dk`` by ``scale``.
+    """
+    p = scores.sub_(lse).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), d_out)
+    ds = p.mul_(torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta))
+    return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
