@@ -92,7 +92,7 @@ def main() -> None:
     ceiling = gemm_ceiling()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
           f"GEMM ceiling {ceiling:.1f} GFLOP/s; B=1 H={args.heads} D={args.dim} fp32; median of {args.repeat}")
-    header = (f"{'causal':>6} {'N':>6} {'method':>12} {'time ms':>9} {'spread':>7} {'vs SDPA':>8} "
+    header = (f"{'causal':>6} {'N':>6} {'method':>12} {'time ms':>9} {'spread':>7} {'× SDPA':>8} "
               f"{'GFLOP/s':>8} {'% GEMM':>7} {'peak MiB':>9}")
     print(header)
     print("-" * len(header))
@@ -110,9 +110,9 @@ def main() -> None:
                         else f" failed: {res.stderr.strip().splitlines()[-1]}")
                 med = statistics.median(times[name])
                 print(f"{causal!s:>6} {n:>6} {name:>12} {med * 1e3:>9.1f} {(max(times[name]) - min(times[name])) * 1e3:>7.1f} "
-                      f"{med / sdpa_time:>7.2f}x {flops / med / 1e9:>8.1f} {100 * flops / med / 1e9 / ceiling:>6.1f}% "
+                      f"{sdpa_time / med:>8.2f} {flops / med / 1e9:>8.1f} {100 * flops / med / 1e9 / ceiling:>6.1f}% "
                       f"{peak}", flush=True)
-    print("vs SDPA = time / SDPA time (lower is better); peak MiB = growth of resident memory at the peak of one call "
+    print("× SDPA = SDPA time / method time (bigger is better; 1 = as fast as SDPA); peak MiB = growth of resident memory at the peak of one call "
           f"(inputs excluded; q, k, v and out are {4 * args.heads * args.dim * 1024 / 2**20:.1f} MiB per 1K tokens each)")
 
 

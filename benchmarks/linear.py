@@ -163,12 +163,19 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(r) + " |")
 
-    fit = [(n, t) for n, t in chunked_times.items() if t is not None and (args.quick or n >= 8192)]
+    fit = [(n, t) for n, t in sorted(chunked_times.items()) if t is not None and (args.quick or n >= 8192)]
+    while len(fit) >= 2 and fit[1][1] <= fit[0][1]:  # overhead-dominated short lengths: time does not grow yet
+        fit = fit[1:]
+    slope = None
     if len(fit) >= 2:
         xs, ys = [math.log(n) for n, _ in fit], [math.log(t) for _, t in fit]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    if slope is not None and slope > 0:
         print(f"\nchunked lightning: fitted time exponent in N over N in {[n for n, _ in fit]}: {slope:.2f}")
+    else:
+        print("\nchunked lightning: no time exponent fitted: the time does not grow over these lengths "
+              "(fixed costs dominate; run without --quick for longer ones)")
 
     print(f"\nchunk-size sweep at N={sweep_n} (chunked form, ms):")
     q, k, v, g, log_lam = inputs(sweep_n)

@@ -75,7 +75,7 @@ def main():
     sizes = args.sizes or ([1024, 2048] if args.quick else [4096, 16384, 65536])
     torch.manual_seed(0)
     print(f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'N':>6} {'method':<44} {'time s':>9} {'vs SDPA':>8} {'density':>8} {'recall':>7}  note")
+    print(f"{'N':>6} {'method':<44} {'time s':>9} {'× SDPA':>8} {'density':>8} {'recall':>7}  note")
     for n in sizes:
         q, k, v, _ = workloads.make("vertical_slash", length=n, heads=H, dim=D, seed=0)
         rows = []
