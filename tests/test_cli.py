@@ -47,3 +47,13 @@ def test_every_option_states_its_default():
             if isinstance(p, click.Option) and p.name != "help":
                 shown = p.show_default is not False and p.default not in (None, False, ())
                 assert shown or "default" in (p.help or ""), f"attnzoo {name} {p.opts[0]}: no default in its help"
+
+
+def test_show_layout_draws_visible_sparsity_and_says_where(tmp_path, capsys, monkeypatch):
+    from attnzoo.viz import show_layout
+
+    monkeypatch.chdir(tmp_path)
+    png = show_layout("bigbird", 256)  # the defaults (window 256) would read every pair at N=256
+    out = capsys.readouterr().out
+    assert png == tmp_path / "bigbird.png" and png.read_bytes()[:4] == b"\x89PNG"
+    assert f"wrote {png}" in out and "drawn with window=32" in out
