@@ -145,6 +145,9 @@ def mqar(
         f"{m}:{k}={v}" for m, ps in MQAR_MIXER_PARAMS.items() for k, v in ps.items())),
     steps: Optional[int] = typer.Option(None, min=1, help="most training steps per model (default 2000; quick 400)"),
     lr: float = typer.Option(3e-3), layers: int = typer.Option(2, min=1), heads: int = typer.Option(2, min=1),
+    batch: Optional[int] = typer.Option(None, min=1, help="sequences per step (default 64; quick 32)"),
+    eval_size: Optional[int] = typer.Option(None, min=1, help="held-out sequences (default 512; quick 256)"),
+    patience: int = typer.Option(8, min=1, help="evaluations without improvement before stopping"),
     quick: bool = typer.Option(False, help=f"small grid and budget (about 10 minutes on 2 cores): {QUICK}"),
     out: Optional[Path] = typer.Option(None, help=f"results folder (default {RESULTS_ROOT}/mqar-<time>)"),
     resume: bool = typer.Option(False, help="continue the results in --out (default: the latest run)"),
@@ -162,9 +165,10 @@ def mqar(
         dim_list = _ints(dims, "--dims") if dims else (QUICK["dims"] if quick else (64, 128))
         pair_list = _ints(pairs, "--pairs") if pairs else (QUICK["pairs"] if quick else (8, 32, 64))
         budget = {k: QUICK[k] for k in ("steps", "eval_size", "batch")} if quick else {}
-        if steps:
-            budget["steps"] = steps
-        cfg = TrainConfig(n_layers=layers, n_heads=heads, lr=lr, seed=seed, **budget)
+        for name, value in (("steps", steps), ("batch", batch), ("eval_size", eval_size)):
+            if value:
+                budget[name] = value
+        cfg = TrainConfig(n_layers=layers, n_heads=heads, lr=lr, seed=seed, patience=patience, **budget)
         task_grid = [{"pairs": p, "seq_len": seq_len or max(64, 4 * p), "vocab_size": vocab} for p in pair_list]
         params = {**MQAR_MIXER_PARAMS}
         for m, ps in _mixer_params(mixer_param).items():
