@@ -13,7 +13,8 @@ import importlib
 
 #: public name -> the submodule defining it
 _EXPORTS = {
-    **dict.fromkeys(("IGNORE", "FitResult", "evaluate", "fit", "token_accuracy", "token_loss"), ".trainer"),
+    **dict.fromkeys(("AUX_LOSSES", "IGNORE", "FitResult", "aux_loss", "evaluate", "fit", "token_accuracy", "token_loss"),
+                   ".trainer"),
     **dict.fromkeys(("LAYERS", "MethodMixer", "build_mixer", "mixer_names", "register_layer"), ".mixers"),
     **dict.fromkeys(("Block", "ShortConv", "TinyModel"), ".model"),
 }

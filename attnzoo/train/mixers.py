@@ -18,7 +18,8 @@ from torch import nn
 
 from ..api import attention
 from ..errors import AttnZooError
-from ..layers import AarenLayer, GLALayer
+from ..layers import (AarenLayer, CombinerLayer, DiffQKVLayer, GLALayer, LandmarkLayer, MoHLayer, SEALayer,
+                      SeerGateLayer, SparsifinerLayer, SSELayer)
 from ..registry import Family, _lookup, param_names
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class LayerSpec:
     causal_only: bool = False
     returns_state: bool = False
     #: floats of state the layer keeps per sequence when decoding after ``seq_len`` tokens: f(layer, seq_len)
+    #: (default: the layer's own ``state_size(seq_len)`` method, if it has one)
     state: Callable[[nn.Module, int], int] | None = None
 
 
@@ -56,7 +58,10 @@ class LayerMixer(nn.Module):
         return y[0] if self.spec.returns_state else y
 
     def state_size(self, seq_len: int) -> int | None:
-        return None if self.spec.state is None else self.spec.state(self.layer, seq_len)
+        if self.spec.state is not None:
+            return self.spec.state(self.layer, seq_len)
+        own = getattr(self.layer, "state_size", None)
+        return None if own is None else own(seq_len)
 
 
 def _gla_state(layer: GLALayer, seq_len: int) -> int:
@@ -70,6 +75,14 @@ def _aaren_state(layer: AarenLayer, seq_len: int) -> int:
 
 register_layer("gla", GLALayer, causal_only=True, returns_state=True, state=_gla_state)
 register_layer("aaren", AarenLayer, causal_only=True, returns_state=True, state=_aaren_state)
+register_layer("landmark", LandmarkLayer, causal_only=True)
+register_layer("sse", SSELayer, causal_only=True)
+register_layer("combiner", CombinerLayer, causal_only=True)
+register_layer("moh", MoHLayer)
+register_layer("diffqkv", DiffQKVLayer)
+register_layer("sea", SEALayer)
+register_layer("sparsifiner", SparsifinerLayer)
+register_layer("seer", SeerGateLayer)
 
 
 class MethodMixer(nn.Module):

@@ -59,13 +59,14 @@ class TinyModel(nn.Module):
     """Token model: ``ids (B, N)`` -> logits ``(B, N, n_out)`` (``pool=None``) or ``(B, n_out)``.
 
     ``mixer`` is a name for :func:`attnzoo.train.build_mixer` (a registered method
-    or a learned layer) with ``mixer_params``, or a list of names, one per layer
-    (a layer plan: e.g. full attention in some layers, windows in the others);
+    or a learned layer) with ``mixer_params``, or a list with one entry per layer,
+    each a name or ``(name, params)`` (a layer plan, e.g. :func:`attnzoo.layers.masformer_plan`);
     ``n_out`` defaults to ``vocab``; ``conv`` adds a short causal convolution before each mixer
     (0: none; only with ``causal=True``).
     """
 
-    def __init__(self, vocab: int, *, d_model: int = 64, n_layers: int = 2, mixer: str | list[str] = "exact",
+    def __init__(self, vocab: int, *, d_model: int = 64, n_layers: int = 2,
+                 mixer: str | list[str | tuple[str, dict]] = "exact",
                  n_heads: int = 2, max_len: int = 512, n_out: int | None = None, pool: str | None = None,
                  causal: bool = True, mlp_ratio: int = 4, conv: int = 0, seed: int = 0, mixer_params: dict[str, Any] | None = None):
         super().__init__()
@@ -79,6 +80,8 @@ class TinyModel(nn.Module):
         if conv and not causal:
             raise AttnZooError(f"TinyModel: conv expected 0 with causal=False (the short convolution is causal), got {conv}")
         plan = [mixer] * n_layers if isinstance(mixer, str) else list(mixer)
+        plan = [(p, {**(mixer_params or {})}) if isinstance(p, str) else (p[0], {**(mixer_params or {}), **p[1]})
+                for p in plan]
         if len(plan) != n_layers:
             raise AttnZooError(f"TinyModel: a mixer list needs one name per layer ({n_layers}), got {len(plan)}")
         self.max_len, self.pool, self.plan = max_len, pool, plan
@@ -87,9 +90,9 @@ class TinyModel(nn.Module):
             self.embed = nn.Embedding(vocab, d_model)
             self.pos = nn.Embedding(max_len, d_model)
             self.blocks = nn.ModuleList(
-                Block(d_model, build_mixer(name, d_model, n_heads, causal=causal, max_len=max_len,
-                                           **(mixer_params or {})), mlp_ratio, conv)
-                for name in plan)
+                Block(d_model, build_mixer(name, d_model, n_heads, causal=causal, max_len=max_len, **params),
+                      mlp_ratio, conv)
+                for name, params in plan)
             self.norm = nn.LayerNorm(d_model)
             self.head = nn.Linear(d_model, n_out or vocab)
             nn.init.normal_(self.embed.weight, std=0.02)

@@ -39,6 +39,22 @@ def token_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[int, i
     return int((outputs.argmax(-1)[keep] == targets[keep]).sum()), int(keep.sum())
 
 
+#: auxiliary losses layers leave on themselves after a training forward, and their weights
+AUX_LOSSES = {"distill_loss": 1.0, "balance_loss": 0.01}
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """Weighted sum of the auxiliary losses the model's layers hold (:data:`AUX_LOSSES`): learned sparse
+    predictors' distillation, mixture-of-head load balancing. 0 when no layer has one."""
+    total: torch.Tensor | float = 0.0
+    for m in model.modules():
+        for name, weight in AUX_LOSSES.items():
+            value = m.__dict__.get(name)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                total = total + weight * value
+    return total
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` did: steps taken, best held-out metric (the weights left in the model), why it stopped."""
@@ -87,13 +103,14 @@ def fit(model: nn.Module, train: Iterable, held_out: Sequence, *, steps: int = 1
         weight_decay: float = 0.1, warmup: int = 50, grad_clip: float = 1.0, eval_every: int = 50,
         patience: int = 8, target: float | None = None, loss: Callable = token_loss,
         metric: Callable = token_accuracy, seed: int = 0, progress: bool = True, desc: str = "training",
-        extra_loss: Callable[[nn.Module], torch.Tensor] | None = None) -> FitResult:
+        extra_loss: Callable[[nn.Module], torch.Tensor | float] | None = aux_loss) -> FitResult:
     """Train ``model`` in place with AdamW (linear warm-up, cosine decay), evaluating every ``eval_every`` steps.
 
     Stops at ``steps``, when the held-out metric reaches ``target``, when it has
     not improved for ``patience`` evaluations, or when ``train`` runs out (a
     Sequence is cycled). The best evaluated weights are loaded back. ``extra_loss(model)``
-    adds an auxiliary term (a router's load-balancing loss, a gate's distillation loss).
+    adds an auxiliary term after each forward (default :func:`aux_loss`: the layers' own
+    distillation and load-balancing losses; None for none).
     """
     for name, value, lo in (("steps", steps, 1), ("eval_every", eval_every, 1), ("patience", patience, 1),
                             ("warmup", warmup, 0)):
