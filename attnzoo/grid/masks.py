@@ -98,9 +98,20 @@ def neighborhood_pattern(grid: tuple[int, ...], kernel, dilation=1, device=None)
     first = starts[0][c_sorted[0]] // dil[0]  # first neighbour row (sub-grid units)
     lo = sub_start + first * row_len
     hi = lo + ker[0] * row_len - 1
-    sorted_mm = neighborhood_mask_mod(grid, kernel, dilation, device)
-    return SortedPattern(order, lambda b, h, q_idx, kv_idx: sorted_mm(b, h, order[q_idx], order[kv_idx]),
-                         ((lo, hi),))
+    # on sorted indices: same residue class, and on every axis the key's sub-grid coordinate lies in the
+    # query's window of ``kernel`` sub-grid positions (no modulo, six small gathers)
+    cls_s = cls_id[order]
+    sub = [c // d for c, d in zip(c_sorted, dil)]
+    first_sub = [s[c] // d for s, c, d in zip(starts, c_sorted, dil)]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = cls_s[q_idx] == cls_s[kv_idx]
+        for pos, lo, k in zip(sub, first_sub, ker):
+            rel = pos[kv_idx] - lo[q_idx]
+            ok = ok & (rel >= 0) & (rel < k)
+        return ok
+
+    return SortedPattern(order, mask_mod, ((lo, hi),))
 
 
 # ------------------------------------------------------------------ 3-D tiles
