@@ -209,3 +209,8 @@ def report_cmd(results: Path = typer.Argument(..., help="a results folder or res
         console.print(f"report: {build_report(results)}")
     except AttnZooError as e:
         raise _fail(e) from None
+
+
+from ..tasks.vision_cli import vision as _vision  # noqa: E402  (attnzoo task vision)
+
+app.command("vision")(_vision)
