@@ -1,7 +1,7 @@
 """``attnzoo report RESULTS``: a self-contained ``report.html`` with PNG plots (matplotlib).
 
-The page holds the leaderboard, time vs length on log-log axes per method
-with the fitted exponent, the error vs speedup Pareto front, side-by-side
+The page holds the leaderboard, time vs length on log-log axes (one panel per
+family, only with several lengths) with each method's fitted exponent, the error vs speedup Pareto front, side-by-side
 attention heatmaps (exact vs each method) on the real workload, the cases
 that were skipped or failed and why, and the machine block. Each plot is
 written to ``plots/`` next to the page and also embedded in it (base64), so the
@@ -45,34 +45,57 @@ def _slug(text: str) -> str:
 
 
 def _style(i: int) -> dict:
+    """Line style of the i-th series when many share one axis (colour, then dash and marker cycle)."""
     return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4],
             "marker": "osv^D"[i // 10 % 5], "markersize": 3}
 
 
+def _colours(n: int) -> list:
+    """``n`` distinct colours: tab10 while it lasts, then evenly spaced hues."""
+    plt = _pyplot()
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
+
+
 def plot_time_vs_length(cases: list[dict], path: Path, title: str) -> dict[str, float | None]:
-    """Log-log time per call vs length for each method; returns each method's fitted exponent."""
+    """Log-log time per call vs length, one panel per family (distinct colours within a panel, torch SDPA
+    in every panel); returns each method's fitted exponent. Needs cases at two lengths or more."""
     plt = _pyplot()
     by_method: dict[str, dict[int, float]] = {}
+    family: dict[str, str] = {}
     sdpa: dict[int, float] = {}
     for c in cases:
         by_method.setdefault(c["method"], {})[c["length"]] = c["time_s"]
+        family[c["method"]] = c.get("family", "")
         sdpa[c["length"]] = c["sdpa_s"]
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    exponents = {}
-    for i, (name, points) in enumerate(sorted(by_method.items())):
-        lengths = sorted(points)
-        times = [points[n] for n in lengths]
-        exponents[name] = fitted_exponent(lengths, times)
-        label = name if exponents[name] is None else f"{name} (N^{exponents[name]:.2f})"
-        ax.plot(lengths, [t * 1e3 for t in times], label=label, **_style(i))
+    families = sorted(set(family.values()))
+    cols = min(3, len(families))
+    rows = math.ceil(len(families) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
+    for ax in axes.flat[len(families):]:
+        ax.axis("off")
     lengths = sorted(sdpa)
     slope = fitted_exponent(lengths, [sdpa[n] for n in lengths])
-    ax.plot(lengths, [sdpa[n] * 1e3 for n in lengths], color="black", linewidth=2.5, alpha=0.5,
-            label="torch SDPA" + ("" if slope is None else f" (N^{slope:.2f})"))
-    ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel="time per call (ms)", title=title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(by_method) // 24)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    exponents = {}
+    for ax, fam in zip(axes.flat, families):
+        names = sorted(m for m in by_method if family[m] == fam)
+        for name, colour in zip(names, _colours(len(names))):
+            points = by_method[name]
+            ns = sorted(points)
+            exponents[name] = fitted_exponent(ns, [points[n] for n in ns])
+            label = name if exponents[name] is None else f"{name} (N^{exponents[name]:.2f})"
+            ax.plot(ns, [points[n] * 1e3 for n in ns], label=label, color=colour, marker="o", markersize=3)
+        ax.plot(lengths, [sdpa[n] * 1e3 for n in lengths], color="black", linewidth=2.5, alpha=0.4,
+                label="torch SDPA" + ("" if slope is None else f" (N^{slope:.2f})"))
+        ax.set(xscale="log", yscale="log", title=fam)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper left")
+    fig.supxlabel("sequence length N")
+    fig.supylabel("time per call (ms)")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return exponents
 
@@ -93,20 +116,23 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> list[str]:
     points = [(r["speedup"], max(r["rel_error"], _ERROR_FLOOR)) for r in rows]
     front = pareto_front(points)
     families = sorted({r["family"] for r in rows})
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for f, family in enumerate(families):
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for family, colour in zip(families, _colours(len(families))):
         mine = [p for r, p in zip(rows, points) if r["family"] == family]
-        ax.scatter([s for s, _ in mine], [e for _, e in mine], s=22, color=f"C{f % 10}", label=family, zorder=3)
-    for i in front:
-        ax.annotate(rows[i]["method"], points[i], fontsize=7, xytext=(3, 4), textcoords="offset points")
+        ax.scatter([s for s, _ in mine], [e for _, e in mine], s=24, color=colour, label=family, zorder=3)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], color="black", alpha=0.5, zorder=2,
-            marker="o", markerfacecolor="none", markersize=9, label="Pareto front (labelled)")
+            marker="o", markerfacecolor="none", markersize=10, label="Pareto front (labelled)")
     ax.axvline(1.0, color="grey", linestyle=":", label="torch SDPA speed")
     ax.set(xscale="log", yscale="log", xlabel="speedup over torch SDPA (×)",
            ylabel=f"relative Frobenius error vs exact (float32 floor {_ERROR_FLOOR:g})", title=title)
+    ax.margins(x=0.25, y=0.35)  # room for the labels at the edges: no point or label is clipped
+    for k, i in enumerate(front):
+        ax.annotate(rows[i]["method"], points[i], fontsize=8, xytext=(5, 6 if k % 2 else -11),
+                    textcoords="offset points", annotation_clip=False,
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return [rows[i]["method"] for i in front]
 
@@ -118,11 +144,16 @@ def plot_heatmaps(maps: list[tuple[str, np.ndarray]], path: Path, title: str) ->
     rows = math.ceil(len(maps) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.4 * rows + 0.4), squeeze=False,
                              layout="constrained")
-    vmax = max(float(np.sqrt(np.clip(m, 0, None)).max()) for _, m in maps) or 1.0
+    from matplotlib.colors import LogNorm
+
+    # attention weights span decades (a row's mass spreads over N keys): a log scale from 1/(100·N) to the
+    # largest weight shows both the pattern and its tail; zeros (keys not read) stay black
+    n = max(m.shape[-1] for _, m in maps)
+    norm = LogNorm(vmin=1.0 / (100 * n), vmax=max(float(m.max()) for _, m in maps) or 1.0, clip=True)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, m) in zip(axes.flat, maps):
-        ax.imshow(np.sqrt(np.clip(m.astype(np.float32), 0, None)), cmap="magma", vmin=0, vmax=vmax,
+        ax.imshow(np.clip(m.astype(np.float32), norm.vmin, None) * (m > 0), cmap="magma", norm=norm,
                   interpolation="nearest")
         ax.set_title(name, fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -133,7 +164,7 @@ def plot_heatmaps(maps: list[tuple[str, np.ndarray]], path: Path, title: str) ->
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
 def _figure(path: Path, root: Path, caption: str) -> str:
@@ -147,7 +178,7 @@ def _figure(path: Path, root: Path, caption: str) -> str:
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f0f0f0}td:first-child,td:nth-child(2){text-align:left}img{max-width:100%}
-figure{margin:1.5em 0}figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:1px 4px}"""
+figure{margin:1.5em 0}.scroll{overflow-x:auto;max-width:100%}figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:1px 4px}"""
 
 
 def build_report(results: str | Path, out: str | Path | None = None) -> Path:
@@ -178,8 +209,9 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
         group = [c for c in cases if c["status"] == "ok" and workload_label(c) == board.workload
                  and c["causal"] == board.causal]
         slug = _slug(f"{board.workload}-{causal}")
+        several = len({c["length"] for c in group}) >= 2
         exponents = plot_time_vs_length(group, plots / f"time_vs_length-{slug}.png",
-                                        f"time vs length: {board.workload}, {causal}")
+                                        f"time vs length: {board.workload}, {causal}") if several else {}
         front = plot_pareto(board.rows, plots / f"pareto-{slug}.png", f"error vs speedup: {title}")
         headers = [h for h, _, _ in tables.COLUMNS] + ["exponent"]
         rows = [tables.cells(r) + [tables.fmt(exponents.get(r["method"]), "{:.2f}")] for r in board.rows]
@@ -187,8 +219,10 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
                      f"<p><b>Pick</b> — {html.escape(tables.advice(board))}. "
                      f"Pareto front (fastest for its error): {html.escape(', '.join(front))}.</p>"
                      + _table(headers, rows)
-                     + _figure(plots / f"time_vs_length-{slug}.png", out.parent,
-                               "time per call vs length, log-log; the legend gives each method's fitted exponent")
+                     + (_figure(plots / f"time_vs_length-{slug}.png", out.parent,
+                                "time per call vs length, log-log, one panel per family; the legends give each "
+                                "method's fitted exponent") if several else
+                        "<p>(one length measured: no time-vs-length plot)</p>")
                      + _figure(plots / f"pareto-{slug}.png", out.parent, "relative error vs speedup over SDPA")
                      + _shorter_lengths(cases, board))
     parts.append(_heatmap_section(cases, root, plots, out.parent))
@@ -238,6 +272,7 @@ def _heatmap_section(cases: list[dict], root: Path, plots: Path, page_dir: Path)
         note = f"<p>No map (the method cannot take v = I): {html.escape('; '.join(missing))}</p>" if missing else ""
         parts.append(f"<h2>Attention maps: {html.escape(title)}</h2>"
                      "<p>Each method's effective attention matrix, read off by running it with v = identity, "
-                     "next to exact attention; square-root colour scale, average-pooled to at most 128×128.</p>"
+                     "next to exact attention; logarithmic colour scale (black: not read), average-pooled to at most "
+                     "128×128.</p>"
                      + note + _figure(path, page_dir, f"attention heatmaps: {title}"))
     return "".join(parts)
