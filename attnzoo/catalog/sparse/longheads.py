@@ -31,6 +31,7 @@ class LongHeads(LayoutMethod):
     (``chunks`` in all); ``chunks·block >= N`` equals exact attention."""
 
     name: ClassVar[str] = "longheads"
+    exact_for: ClassVar[str] = "chunks · block >= N (every chunk is read)"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(N·(N/block)·D + N·chunks·block·D)"
     papers: ClassVar[tuple[str, ...]] = ("LongHeads: Multi-Head Attention is Secretly a Long Context Processor",)
