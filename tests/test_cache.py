@@ -398,7 +398,7 @@ def test_half_precision_inputs():
     (("h2o", dict(budget=8, recent=9)), r"parameter 'recent' expected <= budget=8"),
     (("snapkv", dict(budget=16, observe=16)), r"parameter 'observe' expected < budget=16"),
     (("snapkv", dict(budget=16, observe=4, interval=14)), r"parameter 'interval' expected <= budget - observe"),
-    (("tokenselect", dict(budget=600)), r"tokenselect: parameter 'budget' expected >= 641 \(sinks and local"),
+    (("tokenselect", dict(budget=600)), r"tokenselect: parameter 'budget' expected >= 641, forced by sinks=128 and local=512"),
     (("infllm", dict(budget=700)), r"infllm: parameter 'budget' expected >= 895"),
     (("quest", dict(budget=-3)), r"quest: parameter 'budget' expected a value in \[1, inf\]"),
     (("quest", dict(page=4, phys_page=6)), r"parameter 'phys_page' expected a multiple of page=4"),

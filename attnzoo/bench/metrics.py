@@ -15,12 +15,17 @@ run with the allocator untouched. Where ``clear_refs`` is unavailable (not
 Linux) the peak is reported as unknown (None), never guessed.
 
 Attention-mass recall — the fraction of exact attention probability mass that
-falls on the keys a method reads, averaged over query rows. Methods do not
-return the keys they used, so a method opts in by defining
+falls on the keys a method reads, averaged over query rows. Exact-family methods
+read every key: recall 1 by definition. A method that is exact softmax over a
+subset of the keys (the local, static-sparse, dynamic-sparse and hashing
+families: :data:`SUBSET_FAMILIES`) and returns its log-sum-exp has, per query
+row, recall ``exp(lse_method - lse_exact)``: its normaliser is the exact one
+restricted to the keys it read. A method can instead define
 ``visible(q, k, *, causal, key_padding_mask, **inputs)`` returning a bool tensor
 broadcastable to ``(B, Hq, Nq, Nk)`` (True = read), or None when it reads every
-visible key. Exact-family methods read every key: recall 1 by definition.
-Without the hook recall is not applicable (None), never a made-up number.
+visible key (the hook wins when both apply). Methods that change the scores
+themselves (linear, low-rank, hybrid, quantised) are not a subset of softmax
+attention: recall is not applicable (None), never a made-up number.
 """
 
 from __future__ import annotations
@@ -158,18 +163,43 @@ def mass_recall(q: torch.Tensor, k: torch.Tensor, keys_read: torch.Tensor, *, sc
     return total / rows if rows else 1.0
 
 
-def method_recall(method: Method, q, k, *, scale: float, causal: bool, key_padding_mask=None,
+#: families whose methods compute exact softmax attention over a subset of the keys
+SUBSET_FAMILIES = (Family.LOCAL, Family.STATIC_SPARSE, Family.DYNAMIC_SPARSE, Family.HASHING)
+
+
+def lse_recall(lse: torch.Tensor, lse_exact: torch.Tensor) -> float:
+    """Mean over rows with a visible key of ``exp(lse - lse_exact)`` (a row that read nothing: 0)."""
+    live = torch.isfinite(lse_exact)
+    share = torch.exp((lse.double() - lse_exact.double()).clamp(max=0.0))  # -inf - finite -> 0
+    return float(share[live].mean()) if bool(live.any()) else 1.0
+
+
+def recall_applies(method: Method) -> bool:
+    """Whether recall means something for ``method`` (exact, a subset of keys, or a ``visible`` hook)."""
+    family = type(method).family
+    return (family is Family.EXACT or callable(getattr(method, "visible", None))
+            or (family in SUBSET_FAMILIES and type(method).supports.lse))
+
+
+def method_recall(method: Method, q, k, v=None, *, scale: float, causal: bool, key_padding_mask=None,
                   **inputs) -> float | None:
     """Recall of ``method`` by the protocol in the module docstring (None = not applicable)."""
     if type(method).family is Family.EXACT:
         return 1.0
     visible = getattr(method, "visible", None)
-    if not callable(visible):
+    if callable(visible):
+        keys_read = visible(q, k, causal=causal, key_padding_mask=key_padding_mask, **inputs)
+        if keys_read is None:
+            return 1.0
+        return mass_recall(q, k, keys_read.bool(), scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    if v is None or not recall_applies(method):
         return None
-    keys_read = visible(q, k, causal=causal, key_padding_mask=key_padding_mask, **inputs)
-    if keys_read is None:
-        return 1.0
-    return mass_recall(q, k, keys_read.bool(), scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    from ..core.exact import tiled_attention
+
+    _, lse = method(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
+                    **inputs)
+    _, lse_exact = tiled_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    return lse_recall(lse, lse_exact)
 
 
 # -------------------------------------------------------------------- flops

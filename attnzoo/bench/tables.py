@@ -24,6 +24,22 @@ COLUMNS = (
 )
 
 
+#: methods that are a different attention model, not an approximation of softmax attention: their distance
+#: from exact is by design (a model trained with them would learn around it), so no error or accuracy limit
+#: makes them a fair pick; tables label them and picks leave them out
+DIFFERENT_MODELS = {
+    "linear": "linear attention with elu+1 features instead of softmax",
+    "lightning": "linear attention with a decay per head",
+    "gla": "gated linear attention (a recurrent model; the bench's gates are random)",
+    "based": "Taylor-feature linear attention plus a sliding window",
+}
+
+
+def different_model(method: str) -> str | None:
+    """Why ``method`` is a different model rather than an approximation of softmax attention, or None."""
+    return DIFFERENT_MODELS.get(method)
+
+
 def fmt(value, spec: str) -> str:
     """A cell: blank for a missing value (not applicable / not measured), never a made-up number."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -60,8 +60,10 @@ class _Select(Policy):
     def validate(self) -> None:
         least = self.always_max + self.unit
         if self.budget < least:
-            raise AttnZooError(f"{self.name}: parameter 'budget' expected >= {least} (sinks and local rounded out to "
-                               f"units of {self.unit}, plus one unit to select), got {self.budget}")
+            raise AttnZooError(f"{self.name}: parameter 'budget' expected >= {least}, forced by sinks={self.sinks} and "
+                               f"local={self.local} rounded out to units of {self.unit}, plus one unit to select; "
+                               f"got {self.budget} (lower sinks/local, or give attnzoo eval a fractional budget, "
+                               "which scales them)")
 
     @property
     def always_max(self) -> int:
@@ -171,7 +173,8 @@ class Quest(_Select):
 
     budget: int = param(2048, min=1, help="tokens read per decode step (always-kept + selected pages)")
     page: int = param(16, min=1, help="logical page size: tokens sharing one key min/max")
-    sinks: int = param(0, min=0, help="initial tokens always read (rounded up to a page)")
+    sinks: int = param(16, min=0, help="initial tokens always read (rounded up to a page); 0 loses the attention "
+                                       "sinks (SmolLM2 passkey at budget 256: 2/6 found with 0, 6/6 with 16)")
     local: int = param(16, min=0, help="most recent tokens always read (rounded out to a page)")
     phys_page: int | None = param(None, min=1, help="LServe physical page (a multiple of page); None = Quest")
     reuse: int = param(1, min=1, help="decode steps a selection is used for")

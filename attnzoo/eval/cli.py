@@ -1,14 +1,22 @@
-"""The ``attnzoo models`` commands (and, below, ``attnzoo eval``).
+"""The ``attnzoo models`` commands and ``attnzoo eval``.
 
-``attnzoo.models`` (torch) is imported inside the commands, so ``attnzoo --help`` starts without torch.
+``attnzoo.models`` and the runner (torch) are imported inside the commands, so ``attnzoo --help`` starts
+without torch.
 """
 
 from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from rich.table import Table
+
+from ..bench.cli import _Bar
 from ..errors import AttnZooError
 
 console = Console(width=None if Console().is_terminal else 160)
@@ -46,6 +54,144 @@ def list_models() -> None:
     console.print(f"cache folder: {model_store.cache_dir()} (set ${model_store.CACHE_ENV} to move it)")
 
 
+#: the presets: ``quick`` fits ~10 minutes on 2 idle cores; ``full`` is the closing table of the eval issue
+PRESETS = {
+    "quick": {"tasks": "passkey", "lengths": "1024,2048", "samples": 3, "budgets": "0.125",
+              "methods": "exact,sliding_window,streaming,vertical_slash,block_topk",
+              "policies": "streaming,h2o,snapkv,quest"},
+    "full": {"tasks": "passkey,niah_single,niah_multikey,variable_tracking,perplexity", "lengths": "2048,4096,8192",
+             "samples": 6, "budgets": "0.0625,0.125,0.25",
+             "methods": "exact,sliding_window,streaming,vertical_slash,block_topk,hip",
+             "policies": "streaming,h2o,snapkv,quest,tokenselect,infllm,razor,quantized:bits=8,quantized:bits=4"},
+}
+
+
+def build_plan(tasks: str, lengths: str, methods: str, policies: str, plans: list[str], budgets: str, samples: int,
+               seed: int, model: str, threads: int | None, recall: bool):
+    """Parse the options into a :class:`attnzoo.eval.runner.Plan` (every name and parameter checked now)."""
+    from .. import models as model_store
+    from ..tasks import make_task
+    from . import cases as C
+    from .runner import Plan
+
+    task_specs = []
+    for spec in C.split_specs(tasks):
+        name, params = C.parse_spec(spec)
+        make_task(name, **params)
+        task_specs.append((name, params))
+    try:
+        lens = tuple(int(x) for x in lengths.split(",") if x.strip())
+    except ValueError:
+        raise AttnZooError(f"eval: --lengths expected comma-separated integers, got {lengths!r}") from None
+    if not lens or min(lens) < 16:
+        raise AttnZooError(f"eval: --lengths expected token counts >= 16, got {lengths!r}")
+    budget_list = [C._value(b.strip()) for b in budgets.split(",") if b.strip()] if budgets else []
+    for b in budget_list:
+        C.check_budget(b)
+    cases = [C.method_case(m) for m in C.split_specs(methods)]
+    for spec in C.split_specs(policies):
+        name, params = C.parse_spec(spec)
+        if "budget" in params or name in C._NO_BUDGET:
+            cases.append(C.policy_case(spec))
+        else:
+            cases += [C.policy_case(spec, b) for b in budget_list or [None]]
+    cases += [C.plan_case(p) for p in plans]
+    if not cases or not task_specs:
+        raise AttnZooError("eval: nothing to run (give --methods, --policies or --plans, and --tasks)")
+    plan = Plan(tuple(task_specs), lens, tuple(cases), samples=samples, seed=seed, model=model, threads=threads,
+                recall=recall)
+    if model in model_store.MODELS or Path(model).is_dir():
+        limit = _context(model)
+        if limit is not None and max(lens) > limit:
+            raise AttnZooError(f"eval: --lengths {max(lens)} exceeds the model's context ({limit} tokens)")
+    return plan
+
+
+def _context(model: str) -> int | None:
+    import json
+
+    from .. import models as model_store
+
+    folder = model_store.model_dir(model) if model in model_store.MODELS else Path(model)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return 8192 if model in model_store.MODELS else None  # not fetched yet: SmolLM2's 8K
+    config = config.get("text_config", config)
+    return config.get("max_position_embeddings")
+
+
+def eval_command(
+    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks, parameters as name:key=value "
+                                                   "(see attnzoo.tasks; default: the preset's)"),
+    lengths: Optional[str] = typer.Option(None, help="comma-separated prompt lengths in tokens"),
+    methods: Optional[str] = typer.Option(None, help="prefill=<method> cases: comma-separated, name:key=value,..."),
+    policies: Optional[str] = typer.Option(None, help="cache=<policy> cases: name[:key=value,...]; budget=256 "
+                                                      "(tokens) or budget=0.125 (of the context) per policy"),
+    budgets: Optional[str] = typer.Option(None, help="budgets for policies without one: tokens or fractions"),
+    plans: Optional[list[str]] = typer.Option(None, "--plan", help="repeatable: plan=<file> cases (JSON plans)"),
+    samples: Optional[int] = typer.Option(None, min=1, help="samples per task and length"),
+    seed: int = typer.Option(0, help="the task generators' seed"),
+    model: str = typer.Option("smollm2-135m", help="a known model name (attnzoo models list) or a local causal "
+                                                   "LM folder"),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: every core)"),
+    out: Optional[Path] = typer.Option(None, help="results folder (default eval-results/run-<time>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out"),
+    quick: bool = typer.Option(False, "--quick", help="the quick preset (the default): ~10 min on 2 cores"),
+    full: bool = typer.Option(False, "--full", help="2K/4K/8K, six methods, eight policies at three budgets"),
+    min_accuracy: float = typer.Option(0.95, min=0.0, max=1.0,
+                                       help="the pick keeps cases with at least this share of exact's figure"),
+    recall: bool = typer.Option(True, "--recall/--no-recall", help="prefill methods' attention-mass recall"),
+    make_report: bool = typer.Option(True, "--report/--no-report", help="build report.html after the run"),
+) -> None:
+    """Score methods (prefill=) and KV-cache policies (cache=) on a real model's long-context tasks."""
+    from ..bench.results import ResultsFile
+    from .runner import run
+
+    try:
+        if quick and full:
+            raise AttnZooError("eval: pass at most one of --quick and --full")
+        preset = PRESETS["full" if full else "quick"]
+        plan = build_plan(tasks or preset["tasks"], lengths or preset["lengths"], preset["methods"] if methods is None
+                          else methods, preset["policies"] if policies is None else policies, list(plans or []),
+                          budgets or preset["budgets"], samples or preset["samples"], seed, model, threads, recall)
+        out = out or Path("eval-results") / dt.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+        n = len(plan.expand())
+        console.print(f"[bold]attnzoo eval[/] → {out}: {n} cases ({len(plan.tasks)} tasks × {len(plan.lengths)} "
+                      f"lengths × {len(plan.cases)} cases), {plan.samples} samples each, model {plan.model}")
+        results = run(plan, out, resume=resume, progress=_Bar, on_note=lambda m: console.print(f"[dim]{escape(m)}[/]"))
+    except AttnZooError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished cases are saved; continue with "
+                      f"`attnzoo eval --resume --out {out}` (same options)")
+        raise typer.Exit(130) from None
+    rows = ResultsFile(results).read().cases
+    print_tables(rows, min_accuracy)
+    console.print(f"results: {results}")
+    if make_report:
+        from .report import build_report
+
+        console.print(f"report:  {build_report(results, min_accuracy=min_accuracy)}")
+    if rows and all(r["status"] != "ok" for r in rows):
+        console.print("[red]every case failed or was skipped[/]")
+        raise typer.Exit(1)
+
+
+def print_tables(rows: list[dict], min_accuracy: float) -> None:
+    from . import table as T
+
+    for g in T.groups(rows):
+        t = Table(title=f"{g.task}, N={g.length} ({g.metric}; samples per row in brackets)")
+        for col in T.COLUMNS:
+            t.add_column(col)
+        for r in g.rows:
+            t.add_row(*(escape(c) for c in T.cells(g, r)))
+        console.print(t)
+        console.print(f"[bold]pick[/] — {escape(T.pick(g, min_accuracy))}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``models`` to the ``attnzoo`` app."""
+    """Add ``models`` and ``eval`` to the ``attnzoo`` app."""
     app.add_typer(models_app, name="models")
+    app.command("eval")(eval_command)

@@ -1,0 +1,176 @@
+"""What ``attnzoo eval`` puts on a task: ``prefill=<method>``, ``cache=<policy>`` or ``plan=<file>``.
+
+* ``prefill=<method>``: the method runs every attention call of the model (prompt and generation)
+  through :func:`attnzoo.hf.apply`; the KV cache is the ordinary full one.
+* ``cache=<policy>``: the model runs exact attention and the KV cache is
+  :func:`attnzoo.hf.make_cache` with the policy: the prompt is compressed, generation reads through it.
+  A budget is a number of tokens (``budget=256``) or a fraction of the context (``budget=0.125``);
+  a fractional budget also scales the policy's sinks / local / window defaults (which are sized for
+  long contexts) by the same ratio, so the policy is valid at every length.
+* ``plan=<file>``: a JSON file: a per-layer / per-head plan (see :mod:`attnzoo.hf.plan`) handed to
+  ``apply``; or ``{"plan": ..., "cache": {"policy": name, ...params}}`` to also set a cache policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from .. import registry
+from ..cache.policy import make_policy, policies
+from ..errors import AttnZooError
+
+KINDS = ("prefill", "cache", "plan")
+#: how the policies' token budget maps onto their own parameters (the rest take ``budget`` itself)
+_WINDOWED = {"streaming": "window", "razor": "window", "duo": "window"}
+#: parameters a fractional budget scales (when the user did not set them)
+_SCALED = ("sinks", "local", "recent", "observe", "block", "reps")
+#: selection units a fractional budget shrinks only when the scaled policy still does not fit
+_UNITS = ("page",)
+#: policies without a token budget: they hold every token (``quantized``: in fewer bits)
+_NO_BUDGET = ("full", "quantized")
+
+
+def _value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def split_specs(text: str | list[str] | None) -> list[str]:
+    """``"a:x=1,y=2,b"`` -> ``["a:x=1,y=2", "b"]``: a comma piece holding ``=`` continues the previous item."""
+    items: list[str] = []
+    for chunk in [text] if isinstance(text, str) else (text or []):
+        for piece in filter(None, (p.strip() for p in chunk.split(","))):
+            if "=" in piece and ":" not in piece and items:
+                items[-1] += "," + piece
+            else:
+                items.append(piece)
+    return items
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"sliding_window:window=256,block=64"`` -> ``("sliding_window", {"window": 256, "block": 64})``."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise AttnZooError(f"eval: parameter expected key=value, got {item!r} in {spec!r}")
+        params[key.strip()] = _value(raw.strip())
+    return name.strip(), params
+
+
+def method_case(spec: str) -> dict:
+    name, params = parse_spec(spec)
+    registry.get(name, **params)  # unknown names / bad parameters: named now, with close matches
+    return {"kind": "prefill", "name": name, "params": params, "budget": None}
+
+
+def policy_case(spec: str, budget: float | int | None = None) -> dict:
+    name, params = parse_spec(spec)
+    make_policy_cls(name)
+    if "budget" in params:
+        budget = params.pop("budget")
+    if name in _NO_BUDGET:
+        budget = None
+    elif budget is None:
+        raise AttnZooError(f"eval: policy {name!r} needs a budget (budget=256 tokens or budget=0.125 of the "
+                           "context; or pass --budgets)")
+    else:
+        check_budget(budget)
+    return {"kind": "cache", "name": name, "params": params, "budget": budget}
+
+
+def plan_case(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise AttnZooError(f"eval: plan file {path} does not exist")
+    load_plan(path)
+    return {"kind": "plan", "name": str(path.resolve()), "params": {}, "budget": None}
+
+
+def load_plan(path: str | Path) -> tuple[Any, dict | None]:
+    """A plan file -> ``(plan for attnzoo.hf.apply, cache policy spec or None)``."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as e:
+        raise AttnZooError(f"eval: plan file {path} is not JSON ({e})") from None
+    if isinstance(data, dict) and "plan" in data:
+        cache = data.get("cache")
+        if cache is not None and not (isinstance(cache, dict) and isinstance(cache.get("policy"), str)):
+            raise AttnZooError(f"eval: plan file {path}: 'cache' expected {{'policy': name, ...}}, got {cache!r}")
+        return data["plan"], cache
+    return data, None
+
+
+def make_policy_cls(name: str):
+    if name not in policies():
+        make_policy(name)  # raises with close matches
+    return policies()[name]
+
+
+def check_budget(budget: Any) -> None:
+    ok = isinstance(budget, (int, float)) and not isinstance(budget, bool) and budget > 0
+    if not ok or (isinstance(budget, float) and budget >= 1 and not float(budget).is_integer()):
+        raise AttnZooError(f"eval: budget expected a token count >= 1 or a fraction in (0, 1), got {budget!r}")
+
+
+def budget_tokens(budget: float | int, length: int) -> int:
+    """A budget as tokens: fractions of ``length`` round to the nearest token (at least 1)."""
+    return max(1, round(budget * length)) if budget < 1 else int(budget)
+
+
+def policy_params(name: str, params: dict, budget: float | int | None, length: int) -> dict:
+    """The policy's parameters for one context ``length``: the budget in its own terms, defaults scaled.
+
+    A fractional budget ``f`` scales every default in ``_SCALED`` (and a window policy's ``sinks``)
+    that exceeds ``f`` of its own default budget, by ``tokens / default budget``; if the policy still
+    refuses (units rounding), those parameters and the selection unit (``page``) are halved until it
+    accepts or they reach 1.
+    """
+    cls = make_policy_cls(name)
+    if budget is None or name in _NO_BUDGET:
+        return dict(params)
+    tokens = budget_tokens(budget, length)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(params)
+    if name in _WINDOWED:
+        sinks = out.get("sinks", fields["sinks"].default)
+        if budget < 1 and "sinks" not in params:
+            sinks = min(sinks, max(1, tokens // 16))
+            out["sinks"] = sinks
+        out[_WINDOWED[name]] = max(1, tokens - sinks)
+        return out
+    out["budget"] = tokens
+    if not budget < 1:
+        return out
+    ratio = tokens / fields["budget"].default
+    scaled = [p for p in _SCALED if p in fields and p not in params and isinstance(fields[p].default, int)
+              and fields[p].default > 0]
+    floor = {"sinks": 4}  # attention sinks stay (a few initial tokens carry much of every row's mass)
+    for p in scaled:
+        out[p] = max(min(floor.get(p, 1), fields[p].default), min(fields[p].default, round(fields[p].default * ratio)))
+    shrink = scaled + [p for p in _UNITS if p in fields and p not in params]
+    for _ in range(12):
+        try:
+            cls(**out)
+            return out
+        except AttnZooError:
+            if all(out.get(p, fields[p].default) <= 1 for p in shrink):
+                break
+            for p in shrink:
+                out[p] = max(1, out.get(p, fields[p].default) // 2)
+    cls(**out)  # raises the policy's own message
+    return out
+
+
+def describe(case: dict) -> str:
+    """``prefill=sliding_window:window=256`` / ``cache=h2o@0.125`` / ``plan=name.json``."""
+    params = ",".join(f"{k}={v}" for k, v in sorted(case["params"].items()))
+    name = Path(case["name"]).name if case["kind"] == "plan" else case["name"]
+    text = f"{case['kind']}={name}" + (f":{params}" if params else "")
+    return text + (f"@{case['budget']}" if case.get("budget") is not None else "")

@@ -1,0 +1,131 @@
+"""attnzoo eval: case parsing and budgets, the runner on a tiny random Llama (rows, KV bytes, recall, resume),
+the CLI's bad input; SmolLM2 answering a passkey in the slow suite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from attnzoo.bench.results import ResultsFile
+from attnzoo.cache.policy import make_policy
+from attnzoo.cli import app
+from attnzoo.errors import AttnZooError
+from attnzoo.eval import cases as C
+from attnzoo.eval import runner as R
+
+from _tiny_lm import save_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", max_positions=1024))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_spec_parsing_keeps_parameters_with_their_item():
+    assert C.split_specs("exact,sliding_window:window=64,block=32,streaming") == [
+        "exact", "sliding_window:window=64,block=32", "streaming"]
+    assert C.parse_spec("quest:sinks=16,page=8") == ("quest", {"sinks": 16, "page": 8})
+    assert C.policy_case("h2o:budget=0.25") == {"kind": "cache", "name": "h2o", "params": {}, "budget": 0.25}
+    assert C.describe(C.policy_case("quest:sinks=16", 0.125)) == "cache=quest:sinks=16@0.125"
+
+
+@pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "quest", "tokenselect", "infllm", "razor",
+                                  "recycled", "retrieval"])
+@pytest.mark.parametrize("fraction", [1 / 16, 1 / 8, 1 / 4])
+@pytest.mark.parametrize("length", [512, 2048, 8192])
+def test_fractional_budgets_give_a_valid_policy_within_the_budget(name, fraction, length):
+    params = C.policy_params(name, {}, fraction, length)
+    policy = make_policy(name, **params)
+    tokens = round(fraction * length)
+    held = params.get("budget", params.get("window", 0) + params.get("sinks", 0))
+    assert held == tokens and getattr(policy, "sinks", 1) >= 1
+
+
+def test_token_budgets_below_the_minimum_name_the_defaults_that_force_it():
+    with pytest.raises(AttnZooError, match=r"expected >= 641, forced by sinks=128 and local=512"):
+        make_policy("tokenselect", **C.policy_params("tokenselect", {}, 256, 4096))
+    with pytest.raises(AttnZooError, match="needs a budget"):
+        C.policy_case("h2o")
+    with pytest.raises(AttnZooError, match="budget expected"):
+        C.policy_case("h2o", 1.5)
+    with pytest.raises(AttnZooError, match="did you mean 'snapkv'"):
+        C.policy_case("snapk", 0.1)
+    with pytest.raises(AttnZooError, match="did you mean 'sliding_window'"):
+        C.method_case("sliding_windo")
+
+
+def test_runner_rows_on_a_tiny_llama(tiny, tmp_path):
+    plan = R.Plan(tasks=(("passkey", {}), ("perplexity", {})), lengths=(300,), samples=2, model=tiny,
+                  cases=(C.method_case("exact"), C.method_case("sliding_window:window=32,block=16"),
+                         C.method_case("lightning"), C.policy_case("streaming", 0.25), C.policy_case("snapkv", 96)))
+    path = R.run(plan, tmp_path, on_note=lambda m: None)
+    rows = {(r["task"], C.describe(r)): r for r in ResultsFile(path).read().cases}
+    assert len(rows) == 5 + 3  # perplexity takes no cache cases
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("reason") for r in rows.values()]
+    exact = rows["passkey", "prefill=exact"]
+    assert exact["n"] == 2 and exact["recall"] == 1.0 and 0 <= exact["score"] <= 1
+    assert exact["kv_bytes"] == exact["kv_full_bytes"] >= R.full_kv_bytes(R.model_store.load(tiny)[0],
+                                                                          exact["prompt_tokens"])
+    window = rows["passkey", "prefill=sliding_window:block=16,window=32"]
+    assert 0 < window["recall"] < 1 and rows["passkey", "prefill=lightning"]["recall"] is None
+    stream = rows["passkey", "cache=streaming@0.25"]
+    assert stream["resolved"] == {"sinks": 4, "window": 71}
+    assert stream["kv_bytes"] < 0.5 * stream["kv_full_bytes"]
+    assert rows["passkey", "cache=snapkv@96"]["resolved"]["budget"] == 96
+    ppl = rows["perplexity", "prefill=exact"]
+    assert ppl["metric"] == "perplexity" and 1 < ppl["score"] < 1000 and ppl["decode_s_per_token"] is None
+
+
+def test_resume_after_a_kill_reruns_only_the_cut_case(tiny, tmp_path):
+    plan = R.Plan(tasks=(("passkey", {}),), lengths=(300,), samples=1, model=tiny, recall=False,
+                  cases=(C.method_case("exact"), C.policy_case("h2o", 0.5)))
+    path = R.run(plan, tmp_path, on_note=lambda m: None)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]) + lines[-1][:40])  # killed while writing the last row
+    with pytest.raises(AttnZooError, match="--resume"):
+        R.run(plan, tmp_path)
+    notes = []
+    R.run(plan, tmp_path, resume=True, on_note=notes.append)
+    contents = ResultsFile(path).read()
+    assert not contents.problems and len(contents.cases) == 2 and len(contents.runs) == 2
+    assert any("moved to results.jsonl.corrupt" in n for n in notes) and any("1 of 2" in n for n in notes)
+
+
+def test_cli_runs_reports_and_refuses_bad_input(tiny, tmp_path):
+    run = CliRunner().invoke(app, ["eval", "--model", tiny, "--tasks", "passkey", "--lengths", "300", "--samples", "1",
+                                   "--methods", "exact,lightning", "--policies", "streaming", "--budgets", "0.5",
+                                   "--threads", "1", "--no-recall", "--out", str(tmp_path / "run")])
+    assert run.exit_code == 0, run.output
+    assert "pick" in run.output and (tmp_path / "run" / "report.html").exists()
+    assert "lightning" not in run.output.split("pick")[1]  # a different model is never picked
+    for args, message in ((["--tasks", "paskey"], "did you mean 'passkey'"),
+                          (["--lengths", "2048"], "exceeds the model's context (1024"),
+                          (["--policies", "h2o:budget=0"], "budget expected"),
+                          (["--methods", "nope"], "unknown method")):
+        bad = CliRunner().invoke(app, ["eval", "--model", tiny, "--out", str(tmp_path / "x"), *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    failing = CliRunner().invoke(app, ["eval", "--model", tiny, "--tasks", "passkey", "--lengths", "300",
+                                       "--samples", "1", "--methods", "", "--policies", "quantized:bits=4",
+                                       "--out", str(tmp_path / "f")])  # group 32 > the tiny head dim 16
+    assert failing.exit_code == 1 and "every case failed" in failing.output
+
+
+@pytest.mark.slow
+def test_smollm2_finds_a_passkey(tmp_path):
+    plan = R.Plan(tasks=(("passkey", {}),), lengths=(1024,), samples=2, recall=False,
+                  cases=(C.method_case("exact"), C.policy_case("snapkv", 0.25)))
+    path = R.run(plan, tmp_path, on_note=lambda m: None)
+    rows = ResultsFile(path).read().cases
+    assert [r["score"] for r in rows] == [1.0, 1.0], [r.get("predictions") for r in rows]
+    assert rows[1]["kv_bytes"] < 0.4 * rows[1]["kv_full_bytes"]
