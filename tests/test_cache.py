@@ -61,7 +61,7 @@ COVERING = {
     "h2o": dict(budget=64),
     "snapkv": dict(budget=64, observe=4),
     "tokenselect": dict(budget=65, sinks=2, local=4),
-    "quest": dict(budget=65, page=4, local=4),
+    "quest": dict(budget=65, page=4, local=4, sinks=0),
     "infllm": dict(budget=65, block=8, reps=2, sinks=2, local=8),
     "recycled": dict(budget=65, every=4),
     "retrieval": dict(budget=65, sinks=2, local=4),
@@ -75,7 +75,7 @@ SMALL = {
     "h2o": dict(budget=12, recent=4),
     "snapkv": dict(budget=12, observe=4, pool=3),
     "tokenselect": dict(budget=16, sinks=2, local=4),
-    "quest": dict(budget=16, page=4, local=4),
+    "quest": dict(budget=16, page=4, local=4, sinks=0),
     "infllm": dict(budget=24, block=4, reps=2, sinks=2, local=8),
     "recycled": dict(budget=12, every=4),
     "retrieval": dict(budget=16, sinks=2, local=4),
@@ -213,7 +213,7 @@ def test_tokenselect_reuses_selection_while_queries_are_similar():
 
 def test_quest_page_bounds_are_upper_bounds_and_incremental():
     q, k, v = _qkv(B=2, Hq=2, Hkv=2, N=45, seed=9)
-    cache = KVCache("quest", budget=20, page=4, local=4)
+    cache = KVCache("quest", budget=20, page=4, local=4, sinks=0)
     for a, b in [(0, 3), (3, 10), (10, 11), (11, 45)]:
         cache.append(k[:, :, a:b], v[:, :, a:b])
     store = cache._layer.store
@@ -237,7 +237,7 @@ def test_quest_page_bounds_are_upper_bounds_and_incremental():
 
 def test_quest_lserve_physical_pages_and_reuse():
     q, k, v = _qkv(B=1, N=64, seed=10)
-    cache = KVCache("quest", budget=24, page=4, phys_page=8, local=4, reuse=3)
+    cache = KVCache("quest", budget=24, page=4, phys_page=8, local=4, reuse=3, sinks=0)
     _decode(cache, q, k, v, 48)
     slots = cache.policy.last
     assert slots.shape[-1] % 8 == 0 and bool((slots[..., ::8] % 8 == 0).all())
@@ -250,7 +250,7 @@ def test_selection_finds_planted_needles(name):
     steps = 8
     qkv = workloads.make("needle", length=512 + steps, len_q=steps, heads=4, heads_kv=2, dim=32, seed=11,
                          needles=8, dtype=torch.float64)
-    params = {"tokenselect": dict(budget=96, sinks=4, local=16), "quest": dict(budget=96, page=8, local=8),
+    params = {"tokenselect": dict(budget=96, sinks=4, local=16), "quest": dict(budget=96, page=8, local=8, sinks=0),
               "retrieval": dict(budget=96, sinks=4, local=16, index="exact"), "recycled": dict(budget=96, every=4)}[name]
     cache = KVCache(name, **params)
     cache.append(qkv.k[:, :, :512], qkv.v[:, :, :512])
@@ -349,7 +349,7 @@ def test_padding_mask_hides_tokens():
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[0, :5] = False  # left padding of row 0
     ref = attnzoo.attention(q, k, v, method="naive", causal=True, key_padding_mask=mask)
-    for name, params in [("full", {}), ("quest", dict(budget=12, page=2, local=2)), ("h2o", dict(budget=30))]:
+    for name, params in [("full", {}), ("quest", dict(budget=12, page=2, local=2, sinks=0)), ("h2o", dict(budget=30))]:
         out, _ = _decode(KVCache(name, **params), q, k, v, 8, key_mask=mask)
         if name != "quest":
             torch.testing.assert_close(out[:, :, 5:], ref[:, :, 5:], atol=TOL, rtol=0)
@@ -359,7 +359,7 @@ def test_padding_mask_hides_tokens():
 def test_crop_reorder_reset_and_seq_length():
     q, k, v = _qkv(N=30, seed=17)
     ref, _ = _decode(KVCache("full"), q, k, v, 10)
-    for name, params in [("full", {}), ("streaming", dict(sinks=2, window=20)), ("quest", dict(budget=12, page=2, local=2))]:
+    for name, params in [("full", {}), ("streaming", dict(sinks=2, window=20)), ("quest", dict(budget=12, page=2, local=2, sinks=0))]:
         cache = KVCache(name, **params)
         _decode(cache, q[:, :, :25], k[:, :, :25], v[:, :, :25], 10)
         cache.crop(-5)

@@ -219,7 +219,7 @@ def test_flash_decode_and_exact_tiled_dispatch_to_the_kernels():
 
 
 @pytest.mark.parametrize("policy,params", [("full", {"splits": 3, "split_size": 8}),
-                                           ("quest", {"budget": 16, "page": 4, "local": 4, "splits": 2})])
+                                           ("quest", {"budget": 16, "page": 4, "local": 4, "sinks": 0, "splits": 2})])
 def test_kv_cache_reads_through_the_split_k_kernel(monkeypatch, policy, params):
     """A cache decoding through the kernel (as it does on CUDA: ranges in place, selected slots read without a
     gather copy) gives the torch reads' outputs and lse at every step."""

@@ -12,14 +12,12 @@ define their own.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..errors import AttnZooError
-from ..registry import Method
+from ..registry import Method, Registry
 
 
 @dataclass(frozen=True)
@@ -62,42 +60,6 @@ class Task:
         return sum(scores) / len(scores)
 
 
-class Registry:
-    """Name -> class, with close-match suggestions for unknown names and checked parameters."""
-
-    def __init__(self, what: str, load=None):
-        self.what, self._items, self._load = what, {}, load
-
-    def register(self, cls):
-        if not cls.name or self._items.get(cls.name, cls) is not cls:
-            raise TypeError(f"register: {cls.__name__} needs a unique `name`, got {cls.name!r}")
-        self._items[cls.name] = cls
-        return cls
-
-    def all(self) -> dict[str, type]:
-        if self._load is not None:
-            self._load()
-        return dict(self._items)
-
-    def lookup(self, name: Any) -> type:
-        items = self.all()
-        if not isinstance(name, str):
-            raise AttnZooError(f"{self.what}: expected a {self.what} name (str), got {type(name).__name__}")
-        if name not in items:
-            close = difflib.get_close_matches(name, list(items), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise AttnZooError(f"{self.what}: unknown {self.what} {name!r}{hint} (available: {', '.join(items)})")
-        return items[name]
-
-    def make(self, name: str, **params: Any):
-        cls = self.lookup(name)
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise AttnZooError(f"{name}: unknown parameter(s) {unknown}; valid parameters: {', '.join(valid) or 'none'}")
-        return cls(**params)
-
-
 _LOADED = False
 
 
@@ -112,15 +74,19 @@ def _load_builtin_tasks() -> None:
                 importlib.import_module(f"{__package__}.{info.name}")
 
 
-TASKS = Registry("task", _load_builtin_tasks)
-register_task = TASKS.register
+TASKS: Registry[type[Task]] = Registry("task", load=_load_builtin_tasks)
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator adding a task to the registry under ``cls.name``."""
+    return TASKS.add(cls.name, cls)
 
 
 def tasks() -> dict[str, type[Task]]:
     """Every registered task class, by name."""
-    return TASKS.all()
+    return dict(TASKS)
 
 
 def make_task(name: str, **params: Any) -> Task:
     """A configured task; unknown names and parameters raise AttnZooError with suggestions."""
-    return TASKS.make(name, **params)
+    return TASKS.build(name, **params)
