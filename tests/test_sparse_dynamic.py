@@ -77,16 +77,19 @@ def test_replaying_the_chosen_layout_gives_the_same_result(name, params, causal)
     torch.testing.assert_close(out, replay, atol=1e-12, rtol=1e-12)
 
 
-def test_block_topk_keeps_the_top_pooled_blocks():
-    """The visible set equals the A.2 rule restated densely: top-k mean-pooled blocks + diagonal, ∩ causal."""
+@pytest.mark.parametrize("sink", [False, True])
+def test_block_topk_keeps_the_top_pooled_blocks(sink):
+    """The visible set equals the A.2 rule restated densely: top-k mean-pooled blocks + diagonal (+ block 0
+    with ``sink``), ∩ causal."""
     q, k, v, _ = _inputs((1, 2, 2, 48, 48, 8), seed=22, padded=False)
     bs, topk = 8, 2
-    out = az.attention(q, k, v, method="block_topk", block=bs, topk=topk, causal=True)
+    out = az.attention(q, k, v, method="block_topk", block=bs, topk=topk, score="mean", sink=sink, causal=True)
     qb, kb = q.view(1, 2, 6, bs, 8).mean(3), k.view(1, 2, 6, bs, 8).mean(3)
     s = (qb @ kb.transpose(-1, -2)) * 8 ** -0.5
     s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -math.inf)
     keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(topk, -1).indices, True)
     keep = (keep & torch.isfinite(s)) | torch.eye(6, dtype=torch.bool)
+    keep[..., 0] |= sink
     vis = keep.repeat_interleave(bs, 2).repeat_interleave(bs, 3)
     ref, _ = masked_reference(q, k, v, combine(vis, causal=True, len_q=48, len_k=48))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)

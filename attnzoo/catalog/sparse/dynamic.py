@@ -144,8 +144,9 @@ class VerticalSlash(LayoutMethod):
 @dataclass(frozen=True)
 class BlockTopK(LayoutMethod):
     """Per query block, the ``topk`` key blocks with the highest pooled score (+ the diagonal blocks when
-    causal). ``score="mean"``: ``scale · mean(Q_blk)·mean(K_blk)`` (MInference block-sparse, SeerAttention's
-    gate without learned projections); ``"bound"``: Quest's upper bound ``Σ_d max(q̄_d·kmin_d, q̄_d·kmax_d)``.
+    causal, + block 0 with ``sink``). ``score="mean"``: ``scale · mean(Q_blk)·mean(K_blk)`` (MInference
+    block-sparse, SeerAttention's gate without learned projections); ``"bound"`` (the default): Quest's upper
+    bound ``Σ_d max(q̄_d·kmin_d, q̄_d·kmax_d)``; the mean score drops the sink block on a real model.
     ``top_p`` replaces the count by the smallest set of blocks holding that share of the pooled softmax.
     ``topk >= Nk / block`` equals exact."""
 
@@ -157,7 +158,9 @@ class BlockTopK(LayoutMethod):
 
     block: int = param(64, min=1, clamp=True, help="query/key block size")
     topk: int = param(16, min=1, clamp=True, help="key blocks kept per query block")
-    score: str = param("mean", choices=("mean", "bound"), help="pooled block score")
+    score: str = param("bound", choices=("mean", "bound"), help="pooled block score (SmolLM2 passkey at 2K/4K: "
+                                                                 "mean 0/6, bound 6/6)")
+    sink: bool = param(True, help="always keep key block 0 (the attention sinks), like HiP")
     top_p: float | None = param(None, min=1e-6, max=1.0, help="keep blocks up to this pooled-softmax mass "
                                                              "instead of topk")
 
@@ -183,6 +186,8 @@ class BlockTopK(LayoutMethod):
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
         s = self.block_scores(q, k, prob, causal, key_padding_mask)
         keep = topk_mask(s, self.topk) if self.top_p is None else top_p_mask(s, self.top_p)
+        if self.sink:
+            keep[..., 0] |= torch.isfinite(s[..., 0])
         if causal:
             keep = keep | diagonal_blocks(prob, self.block, self.block, q.device)
         return [BlockLayout.from_block_mask(keep, block_q=self.block, block_k=self.block, len_q=prob.len_q,
