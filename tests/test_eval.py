@@ -17,19 +17,12 @@ from attnzoo.eval import cases as C
 from attnzoo.eval import runner as R
 
 from _tiny_lm import save_tiny_llama
+from test_hf import _one_thread  # noqa: F401  (one torch thread: the runner generates)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return str(save_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama", max_positions=1024))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_spec_parsing_keeps_parameters_with_their_item():
