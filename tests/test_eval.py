@@ -122,3 +122,22 @@ def test_smollm2_finds_a_passkey(tmp_path):
     rows = ResultsFile(path).read().cases
     assert [r["score"] for r in rows] == [1.0, 1.0], [r.get("predictions") for r in rows]
     assert rows[1]["kv_bytes"] < 0.4 * rows[1]["kv_full_bytes"]
+
+
+@pytest.mark.parametrize("name, params", [("sliding_window", {"window": 16, "block": 8}),
+                                          ("block_topk", {"block": 8, "topk": 2}),
+                                          ("streaming", {"sinks": 2, "window": 8, "block": 8})])
+def test_lse_recall_is_the_exact_mass_on_the_keys_the_method_reads(name, params):
+    """exp(lse_method - lse_exact) per row = the exact attention mass on the method's visible keys (viz)."""
+    from attnzoo import get
+    from attnzoo.bench import metrics, workloads
+    from attnzoo.viz import visible_keys
+
+    q, k, v, _ = workloads.make("vertical_slash", heads=1, length=64, dim=32, seed=3, dtype=torch.float64)
+    method = get(name, **params)
+    seen = visible_keys(method, 64, causal=True, heads=1, workload="vertical_slash", seed=3)  # one-hot values
+    expected = metrics.mass_recall(q, k, seen[None], scale=32 ** -0.5, causal=True)
+    got = metrics.method_recall(method, q, k, v, scale=32 ** -0.5, causal=True)
+    assert 0 < got < 1 and got == pytest.approx(expected, abs=1e-5)
+    assert metrics.method_recall(get("exact"), q, k, v, scale=0.25, causal=True) == 1.0
+    assert metrics.method_recall(get("lightning"), q, k, v, scale=0.25, causal=True) is None  # scores changed
