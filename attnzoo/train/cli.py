@@ -211,6 +211,6 @@ def report_cmd(results: Path = typer.Argument(..., help="a results folder or res
         raise _fail(e) from None
 
 
-from ..tasks.vision_cli import vision as _vision  # noqa: E402  (attnzoo task vision)
+from .vision_cli import vision as _vision  # noqa: E402  (attnzoo task vision; torch loads inside it)
 
 app.command("vision")(_vision)

@@ -1,5 +1,6 @@
 """``attnzoo task vision``: train the tiny ViT with each mixer on digits and the long-range grid task and print
-accuracy, parameters and time per epoch (the command is added to the ``task`` app by attnzoo/train/cli.py)."""
+accuracy, parameters and time per epoch (added to the ``task`` app by attnzoo/train/cli.py; torch and
+attnzoo.tasks load inside the command, so the CLI starts without them)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def vision(
 ) -> None:
     """Tiny ViT per mixer on scikit-learn digits (12×12 token grid) and a long-range pixel comparison."""
     from ..layers.vision import MIXERS
-    from .vision import TASKS, run_one
+    from ..tasks.vision import TASKS, run_one
 
     names = sorted(MIXERS) if mixers.strip() == "all" else [m.strip() for m in mixers.split(",") if m.strip()]
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
