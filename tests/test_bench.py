@@ -290,12 +290,17 @@ def test_compare_matches_cases_by_key():
     assert [(r["length"], r["ratio"]) for r in rows] == [(64, 2.0)]
 
 
-def test_advice_names_the_fastest_and_the_fastest_near_exact():
-    rows = [{"method": "fast", "speedup": 4.0, "rel_error": 0.2}, {"method": "good", "speedup": 1.5, "rel_error": 1e-4},
+def test_advice_picks_within_max_err_and_never_a_different_model():
+    rows = [{"method": "lightning", "speedup": 9.0, "rel_error": 60.0},
+            {"method": "fast", "speedup": 4.0, "rel_error": 0.2}, {"method": "good", "speedup": 1.5, "rel_error": 1e-4},
             {"method": "exact", "speedup": 1.0, "rel_error": 1e-7}]
-    text = tables.advice(tables.Board("gaussian", True, 1024, rows))
-    assert text.startswith("fastest: fast (4.00× SDPA") and "rel err ≤ 0.001: good (1.50× SDPA)" in text
-    assert "no method reached" in tables.advice(tables.Board("gaussian", True, 1024, rows[:1]))
+    text = tables.advice(tables.Board("gaussian", True, 1024, rows), max_err=1e-3)
+    assert text.startswith("pick (rel err ≤ 0.001): good (1.50× SDPA") and "at any error: fast (4.00× SDPA" in text
+    assert "never picked (different models, not approximations): lightning" in text
+    assert "pick (rel err ≤ 0.5): fast" in tables.advice(tables.Board("gaussian", True, 1024, rows), max_err=0.5)
+    assert "no approximation" in tables.advice(tables.Board("gaussian", True, 1024, rows[:2]), max_err=1e-3)
+    assert tables._row({"method": "gla", "family": "linear RNN", "time_s": 1.0, "spread": 0.0})["family"] == \
+        "linear RNN (different model)"
 
 
 # ------------------------------------------------------------------ end to end

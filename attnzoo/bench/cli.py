@@ -87,7 +87,7 @@ def _stored_suite(out: Path):
     return Suite(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in fields})
 
 
-def print_leaderboards(cases: list[dict]) -> None:
+def print_leaderboards(cases: list[dict], max_err: float = 1e-2) -> None:
     for board in tables.leaderboards(cases):
         table = Table(title=f"{board.workload}, {'causal' if board.causal else 'non-causal'}, N={board.length} "
                             "(fastest first)")
@@ -96,7 +96,7 @@ def print_leaderboards(cases: list[dict]) -> None:
         for row in board.rows:
             table.add_row(*tables.cells(row))
         console.print(table)
-        console.print(f"  [bold]pick[/] {escape(tables.advice(board))}")
+        console.print(f"  [bold]pick[/] {escape(tables.advice(board, max_err))}")
     not_run = tables.not_run(cases)
     skipped: dict[str, list[str]] = {}
     for c in not_run:
@@ -148,6 +148,9 @@ def bench(
                                                         "(default: 0.1)"),
     threads: Optional[int] = typer.Option(None, help="torch threads in the worker (default: 1; --full: every "
                                                      "core)"),
+    max_err: Optional[float] = typer.Option(None, help="the pick: the fastest approximation within this relative "
+                                                       "error of exact; different models (linear, lightning, gla, "
+                                                       "based) are never picked (default: 0.01)"),
     time_cap: Optional[float] = typer.Option(None, help="skip a length whose time per call, predicted "
                                                         "quadratically from a shorter one, exceeds this (s)  "
                                                         "(default: 2; --full: 30)"),
@@ -197,7 +200,7 @@ def bench(
             methods=_names(methods, "--methods"), lengths=_ints(lengths, "--lengths"), heads=heads,
             heads_kv=heads_kv, head_dim=head_dim, batch=batch, causal=causal,
             workloads=tuple(workload) if workload else None, repeat=repeat, min_time_s=min_time, threads=threads,
-            time_cap_s=time_cap, plugins=tuple(plugin) if plugin else None)
+            time_cap_s=time_cap, plugins=tuple(plugin) if plugin else None, max_err=max_err)
         plan(suite)  # every option and method name is checked here, before the first case
         from .runner import run
 
@@ -213,7 +216,7 @@ def bench(
                       f"`attnzoo bench --resume --out {out}`")
         raise typer.Exit(130) from None
     cases = ResultsFile(results).read().cases
-    print_leaderboards(cases)
+    print_leaderboards(cases, suite.max_err)
     console.print(f"results: {results}")
     if make_report:
         _write_report(results, None)

@@ -190,6 +190,7 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
     plots = out.parent / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     cases = contents.cases
+    max_err = next((r["suite"].get("max_err") for r in reversed(contents.runs) if r["suite"].get("max_err")), 1e-2)
     parts = [f"<h1>attnzoo benchmark</h1><p>{len(cases)} cases from <code>{html.escape(str(store.path))}</code>: "
              f"{sum(c['status'] == 'ok' for c in cases)} measured, "
              f"{sum(c['status'] == 'skipped' for c in cases)} skipped, "
@@ -216,7 +217,7 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
         headers = [h for h, _, _ in tables.COLUMNS] + ["exponent"]
         rows = [tables.cells(r) + [tables.fmt(exponents.get(r["method"]), "{:.2f}")] for r in board.rows]
         parts.append(f"<h2>Leaderboard: {html.escape(title)}</h2>"
-                     f"<p><b>Pick</b> — {html.escape(tables.advice(board))}. "
+                     f"<p><b>Pick</b> — {html.escape(tables.advice(board, max_err))}. "
                      f"Pareto front (fastest for its error): {html.escape(', '.join(front))}.</p>"
                      + _table(headers, rows)
                      + (_figure(plots / f"time_vs_length-{slug}.png", out.parent,

@@ -53,6 +53,7 @@ class Suite:
     # can make a small call 100x slower.
     threads: int | None = 1
     plugins: tuple[str, ...] = ()  # modules to import first: methods registered outside attnzoo.catalog
+    max_err: float = 1e-2  # the pick: the fastest approximation within this relative error of exact
 
     def replace(self, **changes) -> "Suite":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -86,6 +87,8 @@ class Suite:
                               ("case_timeout_s", self.case_timeout_s)):
             seconds(option, value)
         seconds("--min-time", self.min_time_s, allow_zero=True)
+        if isinstance(self.max_err, bool) or not isinstance(self.max_err, (int, float)) or not self.max_err > 0:
+            raise AttnZooError(f"bench: --max-err expected a positive relative error, got {self.max_err!r}")
         if not self.workloads:
             raise AttnZooError("bench: --workload expected at least one workload, got none")
         for spec in self.workloads:

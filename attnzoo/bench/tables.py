@@ -49,7 +49,8 @@ def fmt(value, spec: str) -> str:
 
 def _row(case: dict) -> dict:
     peak = case.get("peak_bytes")
-    return {**case, "time_ms": case["time_s"] * 1e3, "spread_pct": case["spread"] * 100,
+    family = case.get("family", "") + (" (different model)" if different_model(case["method"]) else "")
+    return {**case, "family": family, "time_ms": case["time_s"] * 1e3, "spread_pct": case["spread"] * 100,
             "peak_mib": None if peak is None else peak / 2**20}
 
 
@@ -79,18 +80,28 @@ def leaderboards(cases: list[dict], every_length: bool = False) -> list[Board]:
     return boards
 
 
-def advice(board: Board, near_exact: float = 1e-3) -> str:
-    """One line on what to pick from a leaderboard: the fastest near-exact method and the fastest overall."""
+def advice(board: Board, max_err: float = 1e-2) -> str:
+    """What to pick from a leaderboard: the fastest method within ``max_err`` relative error of exact.
+
+    Methods that are a different model (:data:`DIFFERENT_MODELS`) are never picked, however fast, and are
+    named as such; the fastest approximation at any error is shown next to the pick.
+    """
     rows = board.rows
     if not rows:
         return ""
-    fastest = rows[0]
-    accurate = next((r for r in rows if r["rel_error"] <= near_exact), None)
-    text = f"fastest: {fastest['method']} ({fastest['speedup']:.2f}× SDPA, rel err {fastest['rel_error']:.1e})"
-    if accurate is not None and accurate is not fastest:
-        text += f"; fastest with rel err ≤ {near_exact:g}: {accurate['method']} ({accurate['speedup']:.2f}× SDPA)"
-    elif accurate is None:
-        text += f"; no method reached rel err ≤ {near_exact:g}"
+    approx = [r for r in rows if not different_model(r["method"])]
+    pick = next((r for r in approx if r["rel_error"] <= max_err), None)
+    if pick is None:
+        text = f"no approximation of softmax attention reached rel err ≤ {max_err:g}"
+    else:
+        text = f"pick (rel err ≤ {max_err:g}): {pick['method']} ({pick['speedup']:.2f}× SDPA, rel err " \
+               f"{pick['rel_error']:.1e})"
+    if approx and approx[0] is not pick:
+        text += (f"; fastest at any error: {approx[0]['method']} ({approx[0]['speedup']:.2f}× SDPA, rel err "
+                 f"{approx[0]['rel_error']:.1e})")
+    others = [r["method"] for r in rows if different_model(r["method"])]
+    if others:
+        text += f"; never picked (different models, not approximations): {', '.join(others)}"
     return text
 
 

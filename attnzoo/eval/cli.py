@@ -89,12 +89,15 @@ def build_plan(tasks: str, lengths: str, methods: str, policies: str, plans: lis
     for b in budget_list:
         C.check_budget(b)
     cases = [C.method_case(m) for m in C.split_specs(methods)]
+    swept = []
     for spec in C.split_specs(policies):
         name, params = C.parse_spec(spec)
         if "budget" in params or name in C._NO_BUDGET:
             cases.append(C.policy_case(spec))
         else:
-            cases += [C.policy_case(spec, b) for b in budget_list or [None]]
+            swept.append(spec)
+    # budget by budget (the first budget's row of every policy comes first: a cut run still compares them all)
+    cases += [C.policy_case(spec, b) for b in budget_list or [None] for spec in swept]
     cases += [C.plan_case(p) for p in plans]
     if not cases or not task_specs:
         raise AttnZooError("eval: nothing to run (give --methods, --policies or --plans, and --tasks)")

@@ -9,9 +9,26 @@
 Real-model tasks (:mod:`.needle`, :mod:`.synthetic`, :mod:`.perplexity`) build prompts of a given
 length in tokens from text shipped in ``data/`` and score greedy answers by exact match;
 ``attnzoo eval`` runs them with every method and cache policy.
+
+The names below load on first use (PEP 562), so a CLI module in this package starts without torch.
 """
 
-from .base import TASKS, Registry, Sample, Task, make_task, register_task, tasks
-from .text import TextTask
+import importlib
 
-__all__ = ["TASKS", "Registry", "Sample", "Task", "TextTask", "make_task", "register_task", "tasks"]
+#: public name -> the submodule defining it
+_EXPORTS = {**dict.fromkeys(("TASKS", "Sample", "Task", "make_task", "register_task", "tasks"), ".base"),
+            "TextTask": ".text"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'attnzoo.tasks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
