@@ -279,7 +279,7 @@ def numerics_measure(rank: int, world: int, dtype_name: str, n_total: int, heads
 
         def rel(a, b):  # relative to the whole sequence's max, so that every P uses the same yardstick
             shard = azp.shard_sequence(b, rank, world).detach()
-            return float((a.detach().double() - shard).abs().max() / b.abs().max()) if shard.numel() else 0.0
+            return float((a.detach().double() - shard).abs().max() / b.detach().abs().max()) if shard.numel() else 0.0
         result[name] = (rel(out, ref), max(rel(a.grad, b.grad) for a, b in zip(mine, leaves)))
     return result
 
