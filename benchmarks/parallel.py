@@ -200,42 +200,58 @@ def _rss() -> int:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
 
 
-def lightseq_measure(rank: int, world: int, attend_name: str, wrap: str, n_total: int, d: int, heads: int,
-                     layers: int, repeat: int) -> dict:
-    """One rank, one thread: a stack of ``layers`` layers, forward+backward, wrapped by ``wrap``."""
+WRAPS = ("none", "plain", "lightseq")
+
+
+def lightseq_measure(rank: int, world: int, attend_name: str, n_total: int, d: int, heads: int, layers: int,
+                     repeat: int) -> dict:
+    """One rank, one thread: a stack of ``layers`` layers, forward+backward, unwrapped and wrapped each way
+    (the same weights); memory and bytes per wrap, then time in interleaved rounds (minimum per wrap)."""
     torch.set_num_threads(1)
     _mmap_threshold(1 << 16)  # before any large allocation, so that no cached heap block hides the memory held
     attend = {"ring": azp.ring_attention,
               "usp": functools.partial(azp.usp_attention, ulysses=2 if world % 2 == 0 else 1)}[attend_name]
     torch.manual_seed(0)
-    stack = [Layer(attend, d, heads) for _ in range(layers)]
-    if wrap != "none":
-        stack = [azp.LightSeqCheckpoint(layer, lightseq=wrap == "lightseq") for layer in stack]
-    model = torch.nn.Sequential(*stack)
+    stack = torch.nn.ModuleList(Layer(attend, d, heads) for _ in range(layers))
+    models = {"none": torch.nn.Sequential(*stack)}
+    for wrap in WRAPS[1:]:
+        models[wrap] = torch.nn.Sequential(*(azp.LightSeqCheckpoint(layer, lightseq=wrap == "lightseq")
+                                             for layer in stack))
     x = azp.shard_sequence(torch.randn(1, n_total, d), rank, world, dim=1).contiguous()
     tiny = azp.shard_sequence(torch.randn(1, 2 * world, d), rank, world, dim=1)
-    model(tiny.requires_grad_()).sum().backward()  # load every code path first
-    model.zero_grad(set_to_none=True)
+    for model in models.values():  # load every code path first
+        model(tiny.clone().requires_grad_()).sum().backward()
+    held: dict[str, int] = {}
 
-    held = {}
-
-    def step():
+    def step(wrap: str):  # the caller frees the last gradients first, so that they do not hide in "before"
         xs = x.clone().requires_grad_()
         before = _rss()
-        y = model(xs)
-        held["after forward"] = _rss() - before
+        y = models[wrap](xs)
+        held[wrap] = _rss() - before
         y.square().mean().backward()
 
-    _, peak = peak_memory(step)
-    held_after_forward = held["after forward"]
-    azp.comm_stats().reset()
-    model.zero_grad(set_to_none=True)
-    step()
-    stats = azp.comm_stats()
-    sent = stats.bytes_sent - stats.sent_by_op.get("shape check", 0)
+    result = {}
+    for wrap in WRAPS:
+        stack.zero_grad(set_to_none=True)
+        _, peak = peak_memory(lambda: step(wrap))
+        result[wrap] = {"held": held[wrap], "peak": peak or 0}
+        stack.zero_grad(set_to_none=True)
+        azp.comm_stats().reset()
+        step(wrap)
+        stats = azp.comm_stats()
+        result[wrap]["sent"] = stats.bytes_sent - stats.sent_by_op.get("shape check", 0)
     _mmap_threshold(1 << 25)
-    t = _median_time(lambda: (model.zero_grad(set_to_none=True), step()), repeat, barrier=True)
-    return {"held": held_after_forward, "peak": peak, "sent": sent, "time": t}
+    times: dict[str, list[float]] = {wrap: [] for wrap in WRAPS}
+    for _ in range(repeat):
+        for wrap in WRAPS:
+            stack.zero_grad(set_to_none=True)
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(wrap)
+            times[wrap].append(time.perf_counter() - t0)
+    for wrap in WRAPS:
+        result[wrap]["time"] = min(times[wrap])
+    return result
 
 
 def lightseq_table(args, n_total: int) -> None:
@@ -243,19 +259,21 @@ def lightseq_table(args, n_total: int) -> None:
     print(f"\n## LightSeq checkpointing: {args.layers} layers, d={args.d_model}, {args.heads} heads, N = {n_total} "
           f"(N/P = {n_total // world}), P = {world}, causal, fp32, fwd+bwd; per rank (max over ranks); "
           f"resident memory (VmRSS after the forward, VmHWM peak of fwd+bwd, extra over the start; measured with "
-          f"glibc returning blocks >= 64 KiB to the OS, timed with its default caching); MB sent includes the "
-          f"zig-zag re-layout and all-to-alls, which the rerun repeats")
+          f"glibc returning blocks >= 64 KiB to the OS, timed with its default caching; time = min of "
+          f"{args.repeat} interleaved rounds); MB sent includes the zig-zag re-layout and all-to-alls, which the "
+          f"rerun repeats")
     header = (f"{'attention':>9} {'checkpoint':>10} {'held MiB':>9} {'peak MiB':>9} {'fwd+bwd ms':>11} "
               f"{'MB sent':>8}")
     print(header)
     print("-" * len(header))
     for attend in ("ring", "usp"):
-        for wrap in ("none", "plain", "lightseq"):
-            rows = azp.run_local(lightseq_measure, world, attend, wrap, n_total, args.d_model, args.heads,
-                                 args.layers, args.repeat, wall_timeout=1800.0)
-            peak = max((r["peak"] or 0) for r in rows)
-            print(f"{attend:>9} {wrap:>10} {max(r['held'] for r in rows) / 2**20:>9.1f} {peak / 2**20:>9.1f} "
-                  f"{max(r['time'] for r in rows) * 1e3:>11.1f} {max(r['sent'] for r in rows) / 1e6:>8.2f}")
+        rows = azp.run_local(lightseq_measure, world, attend, n_total, args.d_model, args.heads, args.layers,
+                             args.repeat, wall_timeout=3600.0)
+        for wrap in WRAPS:
+            def worst(key: str) -> float:
+                return max(r[wrap][key] for r in rows)
+            print(f"{attend:>9} {wrap:>10} {worst('held') / 2**20:>9.1f} {worst('peak') / 2**20:>9.1f} "
+                  f"{worst('time') * 1e3:>11.1f} {worst('sent') / 1e6:>8.2f}")
 
 
 # ---------------------------------------------------------------- numerics
