@@ -66,8 +66,13 @@ Rank `r` of `P` holds a contiguous shard of the sequence (or, with `zigzag`, two
 causal work is balanced). **Ring attention** passes K/V shards around the ring and merges the partial
 results by lse; **TokenRing** sends queries and partial outputs instead. **Ulysses** swaps the sequence
 split for a head split with one all-to-all, runs any registered method on whole sequences, and swaps
-back. **USP** combines both (Ulysses within groups, a ring across them). **LightSeq** checkpointing
-recomputes the attention of a layer from its saved lse rather than storing probabilities. Every rank
+back. **USP** (`usp_attention(..., ulysses=U)`) combines both on a `(P/U) × U` device mesh: Ulysses
+within each row of U ranks, a ring (zig-zag for causal) across the rows; it scales past P = Hq and, with
+few KV heads, sends fewer bytes than either alone. **LightSeq** checkpointing (`LightSeqCheckpoint`,
+`lightseq_checkpoint`) reruns a checkpointed layer in the backward like `torch.utils.checkpoint` but keeps
+each ring attention's output and lse from the forward, so the attention forward (and its K/V traffic) is
+not recomputed; gradients are identical. **Packed sequences** (`cu_seqlens_q` / `cu_seqlens_k`, global
+offsets, documents may cross shards) follow `attention`'s varlen rule on every algorithm. Every rank
 must pass the same arguments; disagreements raise `ParallelError` naming the argument.
 
 ## Attention plans (attnzoo.hf)
