@@ -136,7 +136,7 @@ class Budget:
     eval_every: int
 
 
-QUICK = {"digits": Budget(120, 32, 3e-3, 40), "longrange": Budget(300, 32, 3e-3, 100)}
+QUICK = {"digits": Budget(400, 32, 3e-3, 100), "longrange": Budget(300, 32, 3e-3, 100)}
 FULL = {"digits": Budget(1000, 64, 2e-3, 100), "longrange": Budget(2500, 64, 1e-3, 250)}
 
 
