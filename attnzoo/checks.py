@@ -54,15 +54,20 @@ def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
     return t
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Reject NaN/inf (one pass over ``t``; skipped when ``CHECK_FINITE`` is False)."""
+def check_finite(name: str, t: torch.Tensor) -> float | None:
+    """Reject NaN/inf; returns ``max |t|`` (None when skipped: ``CHECK_FINITE`` False, empty or meta).
+
+    One pass over ``t``: the largest magnitude is finite exactly when every
+    element is (NaN and inf propagate), and it bounds the logits for free
+    (:func:`check_logit_range`).
+    """
     if not CHECK_FINITE or not t.numel() or t.device.type == "meta":
-        return
-    # A finite sum proves every element finite (NaN and inf propagate); only when the
-    # sum is not finite (a bad value, or an overflow of huge finite values) scan elementwise.
-    if not bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else None))) and \
-            not bool(torch.isfinite(t).all()):
+        return None
+    with torch.no_grad():
+        peak = float(torch.linalg.vector_norm(t, ord=math.inf))
+    if not math.isfinite(peak):
         raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
+    return peak
 
 
 def check_qkv(
@@ -109,9 +114,9 @@ def check_qkv(
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, B, Nk, q.device)
     scale = resolve_scale(scale, D)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, t)
-    check_logit_range(q, k, scale, grad=grad)
+    q_max, k_max, _ = (check_finite(name, t) for name, t in (("q", q), ("k", k), ("v", v)))
+    if q_max is not None and k_max is not None:
+        check_logit_range(q_max, k_max, D, scale, q.dtype, grad=grad)
     return Problem(B, Hq, Hkv, Nq, Nk, D, v.shape[3], resolve_scale(scale, D))
 
 
@@ -119,11 +124,12 @@ def check_qkv(
 LOGIT_HEADROOM = 2.0 ** -8
 
 
-def check_logit_range(q: torch.Tensor, k: torch.Tensor, scale: float, *, grad: bool = False) -> None:
+def check_logit_range(q_max: float, k_max: float, dim: int, scale: float, dtype: torch.dtype, *,
+                      grad: bool = False) -> None:
     """Refuse inputs whose scaled logits could overflow the compute dtype (they would come out as NaN).
 
-    Bounds every logit by Cauchy-Schwarz, ``|scale · q·k| <= scale · max‖q‖ · max‖k‖``
-    (one pass over q and k, skipped with ``CHECK_FINITE``), against the largest
+    Bounds every logit by ``|scale · q·k| <= scale · D · max|q| · max|k|``
+    (the maxima come from :func:`check_finite`'s pass) against the largest
     float32 (float64 for float64 inputs; half inputs are computed in float32)
     with a margin of :data:`LOGIT_HEADROOM`. With ``grad`` the bound is
     ``1 / eps`` of that dtype instead: backward passes recompute probabilities
@@ -131,20 +137,15 @@ def check_logit_range(q: torch.Tensor, k: torch.Tensor, scale: float, *, grad: b
     (beyond it they overflow to inf). Realistic inputs stay orders of
     magnitude below both; only a huge ``scale`` or huge q/k values reach them.
     """
-    if not CHECK_FINITE or not q.numel() or not k.numel() or q.device.type == "meta":
-        return
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
     info = torch.finfo(compute)
     limit = 1.0 / info.eps if grad else info.max * LOGIT_HEADROOM
-    with torch.no_grad():
-        q_norm = float(torch.linalg.vector_norm(q, dim=-1, dtype=torch.float64).amax())
-        k_norm = float(torch.linalg.vector_norm(k, dim=-1, dtype=torch.float64).amax())
-    bound = scale * q_norm * k_norm
+    bound = scale * dim * q_max * k_max
     if not bound <= limit:
         why = "are too large for gradients" if grad else f"may overflow {str(compute).replace('torch.', '')}"
         raise AttnZooError(
-            f"scale: scaled logits {why}: scale · max‖q‖ · max‖k‖ = {scale:.3g} · {q_norm:.3g} · {k_norm:.3g} = "
-            f"{bound:.3g}, expected at most {limit:.3g}; use a smaller scale or rescale the inputs q/k")
+            f"scale: scaled logits {why}: scale · D · max|q| · max|k| = {scale:.3g} · {dim} · {q_max:.3g} · "
+            f"{k_max:.3g} = {bound:.3g}, expected at most {limit:.3g}; use a smaller scale or rescale the inputs q/k")
 
 
 def check_result(method: str, out: torch.Tensor, prob: Problem) -> None:
@@ -156,8 +157,9 @@ def check_result(method: str, out: torch.Tensor, prob: Problem) -> None:
     """
     if not CHECK_FINITE or not out.numel() or out.device.type == "meta":
         return
-    if not bool(torch.isfinite(out.sum(dtype=torch.float32 if out.dtype != torch.float64 else None))) and \
-            not bool(torch.isfinite(out).all()):
+    with torch.no_grad():
+        finite = math.isfinite(float(torch.linalg.vector_norm(out, ord=math.inf)))
+    if not finite:
         raise AttnZooError(f"{method}: the result overflows {str(out.dtype).replace('torch.', '')} for these "
                            f"inputs (scale={prob.scale:.3g}); use a smaller scale or rescale the inputs q/k/v")
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from ..checks import Problem
+from ..core.gqa import fold_groups
 from ..core.partial import masked_softmax
 from ..registry import Family, Method, Supports, param, register
 
@@ -33,12 +34,6 @@ def segment_means(x: torch.Tensor, segments: int, key_padding_mask: torch.Tensor
     sums = x.new_zeros(B, x.shape[1], s, x.shape[3]).index_add(2, segment_of, x * weight[:, None, :, None])
     counts = x.new_zeros(B, s).index_add(1, segment_of, weight)
     return sums / counts.clamp(min=1)[:, None, :, None], counts
-
-
-def _grouped(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
-    """``(B, Hq, N, D)`` -> ``(B, Hkv, G·N, D)``: query groups folded into rows (K/V never repeated)."""
-    B, Hq, n, d = q.shape
-    return q.reshape(B, heads_kv, (Hq // heads_kv) * n, d)
 
 
 def biased_softmax(scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -71,7 +66,7 @@ class Linformer(Method):
         k_bar, counts = segment_means(k, self.k, key_padding_mask)
         v_bar, _ = segment_means(v, self.k, key_padding_mask)
         log_count = torch.log(counts)[:, None, None, :]  # -inf for empty segments
-        p = biased_softmax(torch.matmul(_grouped(q, prob.heads_kv), k_bar.transpose(-1, -2)) * prob.scale, log_count)
+        p = biased_softmax(torch.matmul(fold_groups(q, prob.heads_kv), k_bar.transpose(-1, -2)) * prob.scale, log_count)
         return torch.matmul(p, v_bar).view(prob.batch, prob.heads_q, prob.len_q, prob.dim_v), None
 
 
@@ -115,9 +110,9 @@ class Nystrom(Method):
         land_bias = torch.where(counts > 0, 0.0, -math.inf).to(q.dtype)[:, None, None, :]
         key_bias = q.new_zeros(1, 1, 1, 1) if key_padding_mask is None else \
             torch.where(key_padding_mask, 0.0, -math.inf).to(q.dtype)[:, None, None, :]
-        kernel_1 = biased_softmax(torch.matmul(_grouped(q, hkv), k_land.transpose(-1, -2)) * scale, land_bias)
-        kernel_2 = biased_softmax(torch.matmul(_grouped(q_land, hkv), k_land.transpose(-1, -2)) * scale, land_bias)
-        kernel_3 = biased_softmax(torch.matmul(_grouped(q_land, hkv), k.transpose(-1, -2)) * scale, key_bias)
+        kernel_1 = biased_softmax(torch.matmul(fold_groups(q, hkv), k_land.transpose(-1, -2)) * scale, land_bias)
+        kernel_2 = biased_softmax(torch.matmul(fold_groups(q_land, hkv), k_land.transpose(-1, -2)) * scale, land_bias)
+        kernel_3 = biased_softmax(torch.matmul(fold_groups(q_land, hkv), k.transpose(-1, -2)) * scale, key_bias)
         m_q = q_land.shape[2]
         # the pseudo-inverse and C·V are per query head: unfold the groups
         k2 = kernel_2.view(prob.batch, prob.heads_q, m_q, -1)

@@ -21,10 +21,11 @@ from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 from ..errors import UnsupportedError
-from .kernel import flash_cpu
+from .kernel import KERNEL_DTYPES, flash_cpu
+from .gqa import fold_groups, unfold_groups
 from .masks import empty_rows, visible_mask
 from .override import Override
-from .partial import OnlineSoftmax, grad_inputs, grad_step, masked_softmax
+from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, masked_softmax, merge
 from .scoremod import apply_score_mod
 
 #: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
@@ -119,15 +120,13 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: f
     group folded into rows, K/V never repeated), and with causal only for
     ``Nq == Nk`` (its causal mask is top-left). Callers route empty rows away.
     """
-    B, Hq, len_q, _ = q.shape
-    Hkv = k.shape[1]
+    Hq, len_q, Hkv = q.shape[1], q.shape[2], k.shape[1]
     if (q.device.type != "cpu" or key_padding_mask is not None
             or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))
             or (causal and (len_q != k.shape[2] or Hq != Hkv)) or q.shape[-1] != v.shape[-1]):
         return None
-    rows = q.reshape(B, Hkv, (Hq // Hkv) * len_q, q.shape[-1])  # (B, Hq, N, D) -> query group as rows
-    out, lse = flash_cpu(rows, k, v, scale=scale, causal=causal)
-    return out.reshape(B, Hq, len_q, v.shape[-1]), lse.reshape(B, Hq, len_q)
+    out, lse = flash_cpu(fold_groups(q, Hkv), k, v, scale=scale, causal=causal)
+    return unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)
 
 
 def has_empty_rows(q: torch.Tensor, k: torch.Tensor, *, causal: bool,
@@ -166,8 +165,7 @@ class TileSpec:
 
 def _rows(t: torch.Tensor, groups: int, i0: int, i1: int) -> torch.Tensor:
     """Query rows ``[i0, i1)`` of a ``(B, Hq, N, X)`` tensor as ``(B, Hkv, G·n, X)``."""
-    B, Hq, _, X = t.shape
-    return t[:, :, i0:i1].reshape(B, Hq // groups, groups * (i1 - i0), X)
+    return fold_groups(t[:, :, i0:i1], t.shape[1] // groups)
 
 
 def _masked_scores(q_rows: torch.Tensor, k_tile: torch.Tensor, groups: int, mask: torch.Tensor | None,
@@ -202,6 +200,8 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
     groups = Hq // Hkv
     out = q.new_empty(B, Hq, len_q, dim_v)
     lse = q.new_empty(B, Hq, len_q)
+    if _fused_tiles_apply(q, k, v, spec, key_padding_mask):
+        return _fused_tiles(q, k, v, spec, out, lse)
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     for i0 in range(0, len_q, spec.q_tile):
         i1 = min(len_q, i0 + spec.q_tile)
@@ -214,8 +214,55 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
                                None if pad is None else pad[..., j0:j1], mod)
             soft.add(s, v[:, :, j0:j1])
         o, ls = soft.result()
-        out[:, :, i0:i1] = o.view(B, Hq, i1 - i0, dim_v)
-        lse[:, :, i0:i1] = ls.view(B, Hq, i1 - i0)
+        out[:, :, i0:i1] = unfold_groups(o, Hq)
+        lse[:, :, i0:i1] = unfold_groups(ls.unsqueeze(-1), Hq).squeeze(-1)
+    return out, lse
+
+
+def _fused_tiles_apply(q, k, v, spec: TileSpec, key_padding_mask) -> bool:
+    """Whether :func:`_fused_tiles` can run this forward: CPU kernel dtypes, equal head dims, no score_mod or
+    padding, and every query sees the first key (so no row of any kernel call is empty)."""
+    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.shape[-1] == v.shape[-1]
+            and spec.score_mod is None and key_padding_mask is None and k.shape[2] > 0
+            and (not spec.causal or spec.q_offset >= spec.k_offset))
+
+
+#: query rows per tile of the fused causal forward under GQA (bounds the diagonal's K/V copy to Hq heads)
+_FUSED_ROWS = 2048
+
+
+def _fused_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled forward on PyTorch's fused CPU kernel, tiles merged by lse.
+
+    Non-causal: one call (the kernel tiles internally). Causal: the keys
+    before a query tile's first position are visible to every row of it (one
+    unmasked call, the query group folded into rows); the next keys, as many
+    as the tile has rows, are its diagonal square, where the kernel's own
+    top-left causal mask is exactly attnzoo's (K/V repeated to the query heads
+    for GQA). Without GQA the tile is every query (a prefill is then one
+    causal call); with it, :data:`_FUSED_ROWS` rows bound the repeated copy.
+    Every row of every call sees at least one key, so the kernel's lse of an
+    empty row (0) never arises. Few, large calls: the kernel tiles internally,
+    and each extra call adds a merge of small tensors.
+    """
+    Hq, len_q, Hkv, len_k = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    groups = Hq // Hkv
+    tile = _FUSED_ROWS if spec.causal and groups > 1 else len_q
+    for i0 in range(0, len_q, tile):
+        i1 = min(len_q, i0 + tile)
+        end = spec.key_end(i1, len_k)
+        first = min(end, spec.q_offset + i0 - spec.k_offset) if spec.causal else end  # keys every row sees
+        parts = []
+        if first > 0:
+            o, ls = flash_cpu(_rows(q, groups, i0, i1), k[:, :, :first], v[:, :, :first], scale=spec.scale)
+            parts.append(Partial(unfold_groups(o, Hq), unfold_groups(ls.unsqueeze(-1), Hq).squeeze(-1)))
+        if first < end:
+            kd, vd = (t[:, :, first:end].repeat_interleave(groups, dim=1) if groups > 1 else t[:, :, first:end]
+                      for t in (k, v))
+            parts.append(Partial(*flash_cpu(q[:, :, i0:i1], kd, vd, scale=spec.scale, causal=True)))
+        o, ls = merge(*parts)
+        out[:, :, i0:i1] = o
+        lse[:, :, i0:i1] = ls
     return out, lse
 
 
@@ -252,7 +299,7 @@ def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             dq_rows += dq_t
             dk[:, :, j0:j1] += dk_t
             dv[:, :, j0:j1] += dv_t
-        dq[:, :, i0:i1] = dq_rows.view(B, Hq, i1 - i0, -1)
+        dq[:, :, i0:i1] = unfold_groups(dq_rows, Hq)
     return dq * spec.scale, dk * spec.scale, dv
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ...checks import Problem
 from ...core.blocksparse import BlockLayout, TokenLayout, _compact
+from ...core.gqa import fold_groups, unfold_groups
 from ...registry import Family, Supports, param, register
 from ._base import LayoutMethod, block_positions
 
@@ -24,10 +25,7 @@ _CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, ls
 # ---------------------------------------------------------------- shared estimators
 def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale · q kᵀ`` for ``q (B, Hq, n, D)`` against ``k (B, Hkv, m, D)`` without repeating k: ``(B, Hq, n, m)``."""
-    B, Hq, n, D = q.shape
-    Hkv = k.shape[1]
-    s = torch.matmul(q.reshape(B, Hkv, (Hq // Hkv) * n, D), k.transpose(-1, -2)) * scale
-    return s.view(B, Hq, n, k.shape[2])
+    return unfold_groups(torch.matmul(fold_groups(q, k.shape[1]), k.transpose(-1, -2)) * scale, q.shape[1])
 
 
 def block_pool(t: torch.Tensor, block: int, valid: torch.Tensor | None = None, how: str = "mean") -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from ...checks import Problem
 from ...core.blocksparse import BlockLayout, TokenLayout, attend
+from ...core.gqa import fold_groups
 from ...core.partial import Partial, merge
 from ...errors import AttnZooError, UnsupportedError
 from ...registry import MAX_SIZE, Family, Method, Supports, param, register
@@ -78,18 +79,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
-def _per_kv_head(fn_q: torch.Tensor, prob: Problem) -> torch.Tensor:
-    """``(B, Hq, N, X)`` viewed as ``(B, Hkv, G·N, X)`` so a per-KV-head projection applies to its group."""
-    B, Hq, N, X = fn_q.shape
-    return fn_q.reshape(B, prob.heads_kv, prob.groups * N, X)
-
-
 def _project(x: torch.Tensor, proj: torch.Tensor, prob: Problem, queries: bool) -> torch.Tensor:
     """``x @ proj[kv head]`` for queries ``(B, Hq, N, D)`` or keys ``(B, Hkv, N, D)``."""
     if not queries:
         return torch.matmul(x, proj)
     B, Hq, N, _ = x.shape
-    return torch.matmul(_per_kv_head(x, prob), proj).view(B, Hq, N, -1)
+    return torch.matmul(fold_groups(x, prob.heads_kv), proj).view(B, Hq, N, -1)
 
 
 # ------------------------------------------------------------------------ Reformer
@@ -176,7 +171,7 @@ class Routing(Method):
     def centroids(self, q: torch.Tensor, k: torch.Tensor, prob: Problem) -> torch.Tensor:
         """``(B, Hkv, C, D)`` unit centroids fitted on the unit queries and keys of each KV head."""
         gen = torch.Generator().manual_seed(self.seed)
-        pts = torch.cat([_per_kv_head(_unit(q), prob), _unit(k)], 2)  # (B, Hkv, G·Nq + Nk, D)
+        pts = torch.cat([fold_groups(_unit(q), prob.heads_kv), _unit(k)], 2)  # (B, Hkv, G·Nq + Nk, D)
         init = torch.randperm(prob.len_k, generator=gen)[:self.clusters].to(q.device)
         cent = _unit(k)[:, :, init]
         if cent.shape[2] < self.clusters:  # fewer keys than clusters: extra centroids stay empty
