@@ -129,7 +129,12 @@ def rows_gla(ns, repeats):
         q, k, v = qkv(n)
         k, v = (t.repeat_interleave(H // HKV, 1) for t in (k, v))
         g = torch.nn.functional.logsigmoid(torch.randn(B, H, n, D, device="cuda")) / 16
-        ours = cuda_time(lambda: az.attention(q, k, v, method="gla", causal=True, g=g, backend="triton"), repeats)
+        torch.backends.cuda.matmul.allow_tf32 = True  # our gla kernel runs in fp32: TF32 dots, like fla's
+        try:
+            ours = cuda_time(lambda: az.attention(q, k, v, method="gla", causal=True, g=g, backend="triton"),
+                             repeats)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
         row = dict(row="gla chunked fwd", n=n, ours_ms=ours * 1e3, peer="fla chunk_gla", target="x_peer >= 0.8 at 16K")
         if chunk_gla is None:
             row["note"] = why

@@ -25,12 +25,19 @@ grid axis split the slots (split-K); their partials are merged by lse.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 #: True when the kernels were defined under Triton's interpreter (they then run on CPU tensors)
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 DENSE, BLOCKS, TOKENS = 0, 1, 2
+
+
+def dot_precision(dtype: torch.dtype = torch.float32) -> str:
+    """Dots on fp32 operands follow PyTorch's switch: TF32 only when ``torch.backends.cuda.matmul.allow_tf32``;
+    half operands keep Triton's default (tensor cores)."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -113,7 +120,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PAD_HDIV: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, Q_BLOCK: tl.constexpr,
-                K_BLOCK: tl.constexpr):
+                K_BLOCK: tl.constexpr, PREC: tl.constexpr):
     split = tl.program_id(2)
     b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth,
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
@@ -144,7 +151,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
             k_scale = tl.load(KS + b * sksb + hk * sksh + kc // K_BLOCK, mask=ok, other=0)
             sc = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
         else:
-            sc = tl.dot(q, tl.trans(k)) * qk_scale
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         sc = tl.where(vis, sc, float("-inf"))
@@ -155,7 +162,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
         den = den * alpha + tl.sum(p, 1)
         v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :],
                     mask=ok[:, None] & (offs_dv < DV)[None, :], other=0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m = m_new
 
     seen = den > 0
@@ -175,7 +182,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                PAD_HDIV: tl.constexpr, MASK: tl.constexpr):
+                PAD_HDIV: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
     """Gradients of one row tile: dQ in registers, dK/dV added atomically into fp32 buffers.
 
     ``q``/``dq`` share strides; ``lse``/``delta`` are contiguous ``(B, H, n_rows)``;
@@ -209,15 +216,15 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
         vmask = ok[:, None] & (offs_dv < DV)[None, :]
         k = tl.load(K + b * skb + hk * skh + kc[:, None] * skn + offs_d[None, :], mask=kmask, other=0)
         v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :], mask=vmask, other=0)
-        sc = tl.dot(q, tl.trans(k)) * qk_scale
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q) * scale
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * scale
         tl.atomic_add(DK + b * sdkb + hk * sdkh + kc[:, None] * sdkn + offs_d[None, :], dk, mask=kmask)
         tl.atomic_add(DV_ + b * sdvb + hk * sdvh + kc[:, None] * sdvn + offs_dv[None, :], dv, mask=vmask)
     tl.store(DQ + q_ptr, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)

@@ -29,8 +29,9 @@ class Keys:
 
     ``tab (Bl, Hl, rows_of_tab, S)`` int32 (block or token indices; broadcast over
     size-1 dims), ``tab_rows`` query rows per table row, ``row_tile`` rows per
-    program (``<= block_m``; a table row of more rows takes several programs), ``key_unit`` keys per block (BLOCKS), ``tab_hdiv``
-    row head -> table head divisor; ``pidx``/``pm`` the element masks.
+    program (``<= block_m``; a longer table row takes several programs),
+    ``key_unit`` keys per block (BLOCKS), ``tab_hdiv`` row head -> table head
+    divisor; ``pidx``/``pm`` the element masks.
     """
 
     mode: int
@@ -108,7 +109,8 @@ def _consts(call: Call, q, v, pad) -> dict:
     D, Dv = q.shape[-1], v.shape[-1]
     return dict(D=D, DV=Dv, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(Dv), BLOCK_M=ks.block_m, BLOCK_N=ks.block_n,
                 ROW_TILE=ks.row_tile, KEY_UNIT=ks.key_unit, MODE=ks.mode, CAUSAL=call.causal,
-                HAS_PAD=pad is not None, PAD_HDIV=call.pad_hdiv, MASK=ks.mask)
+                HAS_PAD=pad is not None, PAD_HDIV=call.pad_hdiv, MASK=ks.mask,
+                PREC=_attn.dot_precision(v.dtype))
 
 
 def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=None):

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..errors import UnsupportedError
+from ._attn import dot_precision
 
 #: per-channel gates: the factorised intra-chunk form stays finite while a chunk decays less than this (fp32)
 SAFE_LOG = 60.0
@@ -62,13 +63,14 @@ def _state_ptrs(bh, c, n_chunks, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _states(Q, K, V, G, S0, HS, FINAL, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr):
+            BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     s = tl.load(S0 + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V))
     for c in range(n_chunks):
         tl.store(HS + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V), s)
         q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
-        s = s * tl.exp(b_last)[:, None] + tl.dot(tl.trans(k * tl.exp(b_last[None, :] - b)), v)
+        kd = k * tl.exp(b_last[None, :] - b)
+        s = s * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
     tl.store(FINAL + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V), s)
 
 
@@ -82,20 +84,20 @@ def _decay(b, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _outputs(Q, K, V, G, HS, O, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PER_CHANNEL: tl.constexpr):
+             BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
     s = tl.load(HS + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V))
     qt = q * tl.exp(b)
-    o = tl.dot(qt, s)
+    o = tl.dot(qt, s, input_precision=PREC)
     if PER_CHANNEL:
         i = tl.arange(0, BLOCK_C)
-        a = tl.where(i[:, None] >= i[None, :], tl.dot(qt, tl.trans(k * tl.exp(-b))), 0.0)
+        a = tl.where(i[:, None] >= i[None, :], tl.dot(qt, tl.trans(k * tl.exp(-b)), input_precision=PREC), 0.0)
     else:
         dec, _ = _decay(b, BLOCK_C)
-        a = tl.dot(q, tl.trans(k)) * dec
-    o += tl.dot(a, v)
+        a = tl.dot(q, tl.trans(k), input_precision=PREC) * dec
+    o += tl.dot(a, v, input_precision=PREC)
     rows = c * BLOCK_C + tl.arange(0, BLOCK_C)
     cv = tl.arange(0, BLOCK_V)
     tl.store(O + (bh * N + rows[:, None]) * DV + cv[None, :], o, mask=(rows < N)[:, None] & (cv < DV)[None, :])
@@ -103,14 +105,14 @@ def _outputs(Q, K, V, G, HS, O, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, 
 
 @triton.jit
 def _dstates(Q, DO, G, DFINAL, HD, DS0, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr):
+             BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     ds = tl.load(DFINAL + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V))
     for r in range(n_chunks):
         c = n_chunks - 1 - r
         tl.store(HD + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V), ds)
         q, _, do, b, b_last = _chunk(Q, Q, DO, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
-        ds = ds * tl.exp(b_last)[:, None] + tl.dot(tl.trans(q * tl.exp(b)), do)
+        ds = ds * tl.exp(b_last)[:, None] + tl.dot(tl.trans(q * tl.exp(b)), do, input_precision=PREC)
     tl.store(DS0 + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V), ds)
 
 
@@ -124,7 +126,8 @@ def _rows(X, c, bh, N, W, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
 
 @triton.jit
 def _grads(Q, K, V, G, DO, HS, HD, DQ, DK_, DV_, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr,
-           BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PER_CHANNEL: tl.constexpr):
+           BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PER_CHANNEL: tl.constexpr,
+           PREC: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
     q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
@@ -133,25 +136,25 @@ def _grads(Q, K, V, G, DO, HS, HD, DQ, DK_, DV_, N, DK, DV, GK, n_chunks, BLOCK_
     ds = tl.load(HD + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V))
     eb = tl.exp(b)
     kdec = tl.exp(b_last[None, :] - b)
-    dq = tl.dot(do, tl.trans(s)) * eb
-    dk = tl.dot(v, tl.trans(ds)) * kdec
-    dv = tl.dot(k * kdec, ds)
+    dq = tl.dot(do, tl.trans(s), input_precision=PREC) * eb
+    dk = tl.dot(v, tl.trans(ds), input_precision=PREC) * kdec
+    dv = tl.dot(k * kdec, ds, input_precision=PREC)
     i = tl.arange(0, BLOCK_C)
     causal = i[:, None] >= i[None, :]
-    da = tl.where(causal, tl.dot(do, tl.trans(v)), 0.0)
+    da = tl.where(causal, tl.dot(do, tl.trans(v), input_precision=PREC), 0.0)
     if PER_CHANNEL:
         qt = q * eb
         kt = k * tl.exp(-b)
-        a = tl.where(causal, tl.dot(qt, tl.trans(kt)), 0.0)
-        dq += tl.dot(da, kt) * eb
-        dk += tl.dot(tl.trans(da), qt) * tl.exp(-b)
+        a = tl.where(causal, tl.dot(qt, tl.trans(kt), input_precision=PREC), 0.0)
+        dq += tl.dot(da, kt, input_precision=PREC) * eb
+        dk += tl.dot(tl.trans(da), qt, input_precision=PREC) * tl.exp(-b)
     else:
         dec, _ = _decay(b, BLOCK_C)
-        a = tl.dot(q, tl.trans(k)) * dec
+        a = tl.dot(q, tl.trans(k), input_precision=PREC) * dec
         p = da * dec
-        dq += tl.dot(p, k)
-        dk += tl.dot(tl.trans(p), q)
-    dv += tl.dot(tl.trans(a), do)
+        dq += tl.dot(p, k, input_precision=PREC)
+        dk += tl.dot(tl.trans(p), q, input_precision=PREC)
+    dv += tl.dot(tl.trans(a), do, input_precision=PREC)
     rows = c * BLOCK_C + i
     ck = tl.arange(0, BLOCK_K)
     cv = tl.arange(0, BLOCK_V)
@@ -181,7 +184,7 @@ class _Chunked(torch.autograd.Function):
         bk, bv = _pow2(dk), _pow2(dv)
         nc = triton.cdiv(N, chunk)
         args = (N, dk, dv, gk, nc)
-        meta = dict(BLOCK_C=chunk, BLOCK_K=bk, BLOCK_V=bv, BLOCK_G=1 if gk == 1 else bk)
+        meta = dict(BLOCK_C=chunk, BLOCK_K=bk, BLOCK_V=bv, BLOCK_G=1 if gk == 1 else bk, PREC=dot_precision())
         hs = q.new_empty(B * H, nc, bk, bv, dtype=torch.float32)
         final = torch.empty(B * H, bk, bv, dtype=torch.float32, device=q.device)
         _states[(B * H,)](q, k, v, g, _state(s0, bk, bv), hs, final, *args, **meta)
