@@ -97,6 +97,21 @@ def rows_dense(ns, repeats, ceiling):
     return out
 
 
+def rows_tiles(repeats, n=16384):
+    """The dense forward's tile sizes at 16K (the dispatch uses 64 x 64): which default a GPU wants."""
+    from attnzoo.kernels.attention import flash_attention
+    q, k, v = qkv(n)
+    out = []
+    for bm, bn in ((64, 64), (128, 64), (64, 128), (128, 128)):
+        try:
+            t = cuda_time(lambda: flash_attention(q, k, v, scale=D ** -0.5, causal=True, block_m=bm, block_n=bn),
+                          repeats)
+            out.append(dict(row=f"dense tiles {bm}x{bn}", n=n, ours_ms=t * 1e3, tflops=causal_tflops(n, t)))
+        except Exception as e:  # e.g. out of shared memory on a smaller GPU
+            out.append(dict(row=f"dense tiles {bm}x{bn}", n=n, error=f"{type(e).__name__}: {e}"[:300]))
+    return out
+
+
 def rows_sparse(ns, repeats):
     import attnzoo as az
     from attnzoo.kernels.flex import block_mask, _compiled
@@ -206,6 +221,7 @@ def main() -> int:
     rows = []
     sections = [("gemm", lambda: [dict(row="bf16 GEMM ceiling", tflops=ceiling)]),
                 ("dense", lambda: rows_dense(ns, repeats, ceiling)),
+                ("tiles", lambda: rows_tiles(repeats)),
                 ("sparse", lambda: rows_sparse([n for n in ns if n >= 16384] or ns, repeats)),
                 ("gla", lambda: rows_gla([n for n in ns if n <= 16384], repeats)),
                 ("decode", lambda: rows_decode(repeats, bandwidth)),
