@@ -37,20 +37,20 @@ CHUNK_PER_CHANNEL = 16
 
 @triton.jit
 def _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-           BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Chunk ``c`` of one (batch, head): q, k ``(C, Dk)``, v ``(C, Dv)``, cumulative gates ``b (C, GK)``, last row."""
+           BLOCK_V: tl.constexpr):
+    """Chunk ``c`` of one (batch, head): q, k ``(C, Dk)``, v ``(C, Dv)``, cumulative gates ``b (C, Dk)``, their sum."""
     rows = c * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = rows < N
     ck = tl.arange(0, BLOCK_K)
     cv = tl.arange(0, BLOCK_V)
-    cg = tl.arange(0, BLOCK_G)
     km = ok[:, None] & (ck < DK)[None, :]
     q = tl.load(Q + (bh * N + rows[:, None]) * DK + ck[None, :], mask=km, other=0.0)
     k = tl.load(K + (bh * N + rows[:, None]) * DK + ck[None, :], mask=km, other=0.0)
     v = tl.load(V + (bh * N + rows[:, None]) * DV + cv[None, :], mask=ok[:, None] & (cv < DV)[None, :], other=0.0)
-    g = tl.load(G + (bh * N + rows[:, None]) * GK + cg[None, :], mask=ok[:, None] & (cg < GK)[None, :], other=0.0)
+    # a scalar gate (GK = 1) is read into every channel: b has the same (C, BLOCK_K) shape for every gate kind
+    g = tl.load(G + (bh * N + rows[:, None]) * GK + (ck % GK)[None, :], mask=ok[:, None], other=0.0)
     b = tl.cumsum(g, 0)
-    b_last = tl.sum(g, 0)  # (GK,)
+    b_last = tl.sum(g, 0)  # (Dk,)
     return q, k, v, b, b_last
 
 
@@ -63,12 +63,12 @@ def _state_ptrs(bh, c, n_chunks, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _states(Q, K, V, G, S0, HS, FINAL, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr):
+            BLOCK_V: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     s = tl.load(S0 + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V))
     for c in range(n_chunks):
         tl.store(HS + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V), s)
-        q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
+        q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V)
         kd = k * tl.exp(b_last[None, :] - b)
         s = s * tl.exp(b_last)[:, None] + tl.dot(tl.trans(kd), v, input_precision=PREC)
     tl.store(FINAL + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V), s)
@@ -84,10 +84,10 @@ def _decay(b, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _outputs(Q, K, V, G, HS, O, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
+             BLOCK_V: tl.constexpr, PER_CHANNEL: tl.constexpr, PREC: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
+    q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V)
     s = tl.load(HS + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V))
     qt = q * tl.exp(b)
     o = tl.dot(qt, s, input_precision=PREC)
@@ -95,7 +95,7 @@ def _outputs(Q, K, V, G, HS, O, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, 
         i = tl.arange(0, BLOCK_C)
         a = tl.where(i[:, None] >= i[None, :], tl.dot(qt, tl.trans(k * tl.exp(-b)), input_precision=PREC), 0.0)
     else:
-        dec, _ = _decay(b, BLOCK_C)
+        dec, _ = _decay(tl.max(b, 1)[:, None], BLOCK_C)  # scalar gates: equal channels
         a = tl.dot(q, tl.trans(k), input_precision=PREC) * dec
     o += tl.dot(a, v, input_precision=PREC)
     rows = c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -105,13 +105,13 @@ def _outputs(Q, K, V, G, HS, O, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, 
 
 @triton.jit
 def _dstates(Q, DO, G, DFINAL, HD, DS0, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PREC: tl.constexpr):
+             BLOCK_V: tl.constexpr, PREC: tl.constexpr):
     bh = tl.program_id(0)
     ds = tl.load(DFINAL + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V))
     for r in range(n_chunks):
         c = n_chunks - 1 - r
         tl.store(HD + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V), ds)
-        q, _, do, b, b_last = _chunk(Q, Q, DO, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
+        q, _, do, b, b_last = _chunk(Q, Q, DO, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V)
         ds = ds * tl.exp(b_last)[:, None] + tl.dot(tl.trans(q * tl.exp(b)), do, input_precision=PREC)
     tl.store(DS0 + _state_ptrs(bh, 0, 1, BLOCK_K, BLOCK_V), ds)
 
@@ -126,11 +126,11 @@ def _rows(X, c, bh, N, W, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
 
 @triton.jit
 def _grads(Q, K, V, G, DO, HS, HD, DQ, DK_, DV_, N, DK, DV, GK, n_chunks, BLOCK_C: tl.constexpr,
-           BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_G: tl.constexpr, PER_CHANNEL: tl.constexpr,
+           BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, PER_CHANNEL: tl.constexpr,
            PREC: tl.constexpr):
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V, BLOCK_G)
+    q, k, v, b, b_last = _chunk(Q, K, V, G, c, bh, N, DK, DV, GK, BLOCK_C, BLOCK_K, BLOCK_V)
     do = _rows(DO, c, bh, N, DV, BLOCK_C, BLOCK_V)
     s = tl.load(HS + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V))
     ds = tl.load(HD + _state_ptrs(bh, c, n_chunks, BLOCK_K, BLOCK_V))
@@ -149,7 +149,7 @@ def _grads(Q, K, V, G, DO, HS, HD, DQ, DK_, DV_, N, DK, DV, GK, n_chunks, BLOCK_
         dq += tl.dot(da, kt, input_precision=PREC) * eb
         dk += tl.dot(tl.trans(da), qt, input_precision=PREC) * tl.exp(-b)
     else:
-        dec, _ = _decay(b, BLOCK_C)
+        dec, _ = _decay(tl.max(b, 1)[:, None], BLOCK_C)  # scalar gates: equal channels
         a = tl.dot(q, tl.trans(k), input_precision=PREC) * dec
         p = da * dec
         dq += tl.dot(p, k, input_precision=PREC)
@@ -184,7 +184,7 @@ class _Chunked(torch.autograd.Function):
         bk, bv = _pow2(dk), _pow2(dv)
         nc = triton.cdiv(N, chunk)
         args = (N, dk, dv, gk, nc)
-        meta = dict(BLOCK_C=chunk, BLOCK_K=bk, BLOCK_V=bv, BLOCK_G=1 if gk == 1 else bk, PREC=dot_precision())
+        meta = dict(BLOCK_C=chunk, BLOCK_K=bk, BLOCK_V=bv, PREC=dot_precision())
         hs = q.new_empty(B * H, nc, bk, bv, dtype=torch.float32)
         final = torch.empty(B * H, bk, bv, dtype=torch.float32, device=q.device)
         _states[(B * H,)](q, k, v, g, _state(s0, bk, bv), hs, final, *args, **meta)
