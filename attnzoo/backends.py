@@ -224,9 +224,9 @@ def _linear_check(m, case: Case) -> list[str]:
         why.append("a single key (a recurrent step, not the chunked form)")
     g = case.inputs.get("g")
     if isinstance(g, torch.Tensor) and not why:
-        from .kernels.linear import CHUNK_PER_CHANNEL, SAFE_LOG, chunk_decay_ok
+        from .kernels.linear import CHUNK, SAFE_LOG, chunk_decay_ok
         if not chunk_decay_ok(g.clamp(min=-1e4)):
-            why.append(f"gates decaying below -{SAFE_LOG:g} (log space) within {CHUNK_PER_CHANNEL} tokens (the "
+            why.append(f"gates decaying below -{SAFE_LOG:g} (log space) within {CHUNK} tokens (the "
                        "factorised per-channel kernel would overflow)")
     return why
 

@@ -271,3 +271,18 @@ def test_gla_gates_too_steep_for_the_factorised_kernel_are_refused_with_the_reas
         az.attention(q, k, v, method="gla", causal=True, g=g, backend="triton")
     torch.testing.assert_close(az.attention(q, k, v, method="gla", causal=True, g=g, backend="auto"),
                                az.attention(q, k, v, method="gla", causal=True, g=g, backend="torch"))
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_within_shared_memory():
+    """The interpreter does not run Triton's compiler: compile every kernel (dense/blocks/tokens, int8, the
+    backward, the linear kernels at D=128) to a cubin with Triton's bundled toolchain, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.dirname(here) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, os.path.join(here, "_compile_kernels.py")], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]

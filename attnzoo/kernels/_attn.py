@@ -32,14 +32,15 @@ import triton.language as tl
 #: True when the kernels were defined under Triton's interpreter (they then run on CPU tensors)
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 DENSE, BLOCKS, TOKENS = 0, 1, 2
+LOG2E = 1.4426950408889634  # host side (scales); kernels read the constexpr copies (no plain globals in @jit)
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 def dot_precision(dtype: torch.dtype = torch.float32) -> str:
     """Dots on fp32 operands follow PyTorch's switch: TF32 only when ``torch.backends.cuda.matmul.allow_tf32``;
     half operands keep Triton's default (tensor cores)."""
     return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -167,7 +168,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
 
     seen = den > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, den, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, den, 1.0))) * LN2, float("-inf"))
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, den, 1.0))) * _LN2, float("-inf"))
     tl.store(O + split * sos + b * sob + h * soh + rows[:, None] * som + offs_dv[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv < DV)[None, :])
     tl.store(LSE + split * sls + b * slb + h * slh + rows, lse, mask=row_ok)
@@ -199,7 +200,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
     do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0)
     r_ptr = (b * H + h) * n_rows + rows
-    lse = tl.load(LSE + r_ptr, mask=row_ok, other=float("inf")) * LOG2E
+    lse = tl.load(LSE + r_ptr, mask=row_ok, other=float("inf")) * _LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: p = 0
     delta = tl.load(DELTA + r_ptr, mask=row_ok, other=0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
