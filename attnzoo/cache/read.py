@@ -21,9 +21,7 @@ import math
 import torch
 
 from ..backends import auto_triton
-from ..catalog.exact import FlashDecode
-from ..checks import Problem
-from ..core.exact import tiled_attention
+from ..core.splitk import split_k
 from ..core.partial import Partial, merge
 
 
@@ -41,21 +39,17 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     if n == 0:
         return Partial.empty((B, Hq, nq, Dv), device=q.device)
     if auto_triton(q):  # CUDA: the split-K kernel reads the (strided) slices in place
-        from ..kernels.attention import split_k
-        return split_k(q, k, v, scale=scale, causal=causal, valid=valid, splits=max(1, min(splits, n // split_size)))
+        from ..kernels.attention import split_k as split_k_kernel
+        return split_k_kernel(q, k, v, scale=scale, causal=causal, valid=valid,
+                              splits=max(1, min(splits, n // split_size)))
     if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
     groups = Hq // Hkv
     fold = B * Hkv
-    prob = Problem(fold, groups, 1, nq, n, D, Dv, scale)
     mask = None if valid is None else valid.reshape(fold, n)
     qf, kf, vf = q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D), v.reshape(fold, 1, n, Dv)
-    splits = min(splits, n // split_size)
-    if splits < 2:  # one range: the tiled engine directly, nothing to merge
-        out, lse = tiled_attention(qf, kf, vf, scale=scale, causal=causal, key_padding_mask=mask, k_tile=n)
-    else:
-        out, lse = FlashDecode(splits=splits).forward(qf, kf, vf, prob, causal=causal, key_padding_mask=mask,
-                                                      return_lse=True)
+    out, lse = split_k(qf, kf, vf, scale=scale, causal=causal, splits=min(splits, n // split_size),
+                       key_padding_mask=mask)
     return Partial(out.view(B, Hq, nq, Dv), lse.view(B, Hq, nq))
 
 

@@ -11,7 +11,7 @@ import torch
 from ..checks import Problem
 from ..core.exact import (has_empty_rows, naive_attention, sdpa_attention, sdpa_with_lse,
                           tiled_attention)
-from ..core.partial import merge
+from ..core.splitk import split_k
 from ..registry import Family, Method, Supports, param, register
 
 _ALL = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True, score_mod=True, sinks=True,
@@ -111,18 +111,8 @@ class FlashDecode(Method):
     splits: int = param(8, min=1, clamp=True, help="number of key ranges attended independently")
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
-        n_k = prob.len_k
-        bounds = [round(n_k * s / self.splits) for s in range(self.splits + 1)]
-        q_offset = n_k - prob.len_q
-        parts = []
-        for j0, j1 in zip(bounds[:-1], bounds[1:]):
-            if j1 <= j0:
-                continue
-            pad = None if key_padding_mask is None else key_padding_mask[:, j0:j1]
-            parts.append(tiled_attention(q, k[:, :, j0:j1], v[:, :, j0:j1], scale=prob.scale, causal=causal,
-                                         key_padding_mask=pad, q_offset=q_offset, k_offset=j0,
-                                         k_tile=max(1, j1 - j0), score_mod=score_mod))
-        return merge(*parts)
+        return split_k(q, k, v, scale=prob.scale, causal=causal, splits=self.splits,
+                       key_padding_mask=key_padding_mask, score_mod=score_mod)
 
 
 @register
