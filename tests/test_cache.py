@@ -489,3 +489,55 @@ def test_infllm_representatives_are_the_most_attended_keys_of_each_block():
     slots = torch.cat([torch.arange(8), torch.arange(8 * best, 8 * best + 8), torch.arange(32, 41)]).view(1, 1, -1)
     ref, ref_lse = _subset_attention(q[:, :, 40:41], k, v, slots)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------- fast reads equal the dense reference
+def _sorted_positions(B, H, n, seed):
+    """Per-(batch, head) sorted, distinct positions with gaps (as after per-head eviction)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(3 * n, generator=g)[:n].sort().values for _ in range(B * H)]).view(B, H, n)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("given_lse", [True, False])
+def test_key_mass_equals_dense_read_mass(causal, given_lse):
+    """GQA, padding, per-head positions with gaps, fewer queries than keys, chunks smaller than the queries."""
+    from attnzoo.cache.read import dense_read, key_mass
+    B, Hq, Hkv, n, nq = 2, 6, 2, 40, 11
+    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, N=n, seed=21)
+    q = q[:, :, :nq]
+    k_pos = _sorted_positions(B, Hkv, n, 22)
+    q_pos = torch.arange(nq) * 3 + int(k_pos.min()) + 5  # queries among the keys (causal hides some)
+    valid = torch.rand(B, Hkv, n, generator=torch.Generator().manual_seed(23)) > 0.2
+    part, mass = dense_read(q, k, v, scale=0.3, q_pos=q_pos, k_pos=k_pos, causal=causal, valid=valid,
+                            want_mass=True)
+    got = key_mass(q, k, part.lse if given_lse else None, scale=0.3, q_pos=q_pos, k_pos=k_pos, causal=causal,
+                   valid=valid, rows=4)
+    torch.testing.assert_close(got, mass.float(), atol=1e-5, rtol=1e-5)
+
+
+class _DenseH2O(policies()["h2o"]):
+    """The H2O read before the fused path: one dense_read giving output and mass (the reference)."""
+
+    def read(self, store, q, step):
+        from attnzoo.cache.read import dense_read
+        part, mass = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
+                                k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
+        store.scores.add_(mass)
+        return part
+
+
+@pytest.mark.parametrize("prefill,chunk", [(40, 1), (17, 5)])
+def test_h2o_fast_read_evicts_as_the_dense_reference(prefill, chunk):
+    """Same outputs, same accumulated mass, same evicted tokens (GQA, left padding, prefill then decode)."""
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=64, seed=24)
+    key_mask = torch.ones(2, 64, dtype=torch.bool)
+    key_mask[1, :5] = False
+    fast, ref = KVCache("h2o", budget=24, recent=6), KVCache(_DenseH2O(budget=24, recent=6))
+    out, lse = _decode(fast, q, k, v, prefill, chunk, key_mask=key_mask)
+    ref_out, ref_lse = _decode(ref, q, k, v, prefill, chunk, key_mask=key_mask)
+    torch.testing.assert_close(out, ref_out, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(lse, ref_lse, atol=TOL, rtol=TOL)
+    for h in range(2):
+        assert torch.equal(fast.positions(h), ref.positions(h))
+    torch.testing.assert_close(fast._layer.store.scores, ref._layer.store.scores, atol=TOL, rtol=TOL)

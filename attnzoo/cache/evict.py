@@ -12,7 +12,7 @@ from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from ..registry import param
 from .policy import Policy, Step, register_policy
-from .read import dense_read, read_ranges
+from .read import dense_read, key_mass, mass_read, read_ranges
 from .store import Store
 
 
@@ -174,8 +174,7 @@ class H2O(Policy):
         return Store(track_scores=True)
 
     def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
-        part, mass = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
-                                k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
+        part, mass = mass_read(q, store, step)
         store.scores.add_(mass)
         return part
 
@@ -229,8 +228,8 @@ class SnapKV(Policy):
     def update(self, store: Store, q: torch.Tensor, step: Step) -> None:
         if store.n <= self.budget:
             return
-        _, mass = dense_read(self.obs_q, store.keys(), store.values(), scale=step.scale, q_pos=self.obs_pos,
-                             k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
+        mass = key_mass(self.obs_q, store.keys(), None, scale=step.scale, q_pos=self.obs_pos,
+                        k_pos=store.positions, causal=step.causal, valid=store.valid)
         B, H, n = mass.shape
         pooled = F.max_pool1d(mass.view(B * H, 1, n), self.pool, stride=1, padding=self.pool // 2)[..., :n]
         store.keep(_top_older(pooled.view(B, H, n), self.observe, self.budget - self.interval + 1))

@@ -94,6 +94,65 @@ def dense_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     return Partial(out, torch.cat(lses, dim=3).view(B, Hq, nq)), mass
 
 
+def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scale: float, q_pos: torch.Tensor,
+             k_pos: torch.Tensor, causal: bool = True, valid: torch.Tensor | None = None,
+             rows: int = 256, budget_elems: int = 1 << 24) -> torch.Tensor:
+    """``(B, Hkv, n)``: the probability each key received, summed over the queries and their group's heads.
+
+    The probabilities are recomputed from the read's saved ``lse (B, Hq, nq)``
+    (``p = exp(s - lse)``; ``lse=None`` computes it first, in a pass of the same
+    shape), a chunk of at most ``rows`` queries at a time: no N×N matrix and no
+    output. Keys are sorted by position in every row, so a chunk scores only the
+    keys up to the last one any of its queries may see, and masks only those
+    some of its queries may not see. Visibility is :func:`dense_read`'s (causal
+    by position, ``valid``; ``q_pos`` ascending), and so is the result.
+    """
+    B, Hq, nq, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    groups = Hq // Hkv
+    qf = q.float().view(B, Hkv, groups, nq, D) * scale
+    kf = k.float()
+    kp = k_pos.contiguous()
+    step = max(1, min(rows, budget_elems // max(1, B * Hq * n)))
+
+    def scores(i0: int, i1: int) -> tuple[torch.Tensor, int]:
+        """Scores ``(B, Hkv, G, i1 - i0, end)`` of a query chunk, -inf where hidden; keys ``>= end`` it cannot see."""
+        qp = q_pos[i0:i1]
+        end, full = n, n
+        if causal:  # keys [0, full) are seen by every query of the chunk, [end, n) by none
+            end = int(torch.searchsorted(kp, qp[-1:].expand(B, Hkv, 1).contiguous(), right=True).max())
+            full = int(torch.searchsorted(kp, qp[:1].expand(B, Hkv, 1).contiguous(), right=True).min())
+        s = torch.matmul(qf[:, :, :, i0:i1], kf[:, :, None, :end].transpose(-1, -2))
+        if full < end:
+            s[..., full:end].masked_fill_(kp[:, :, None, None, full:end] > qp.view(1, 1, 1, -1, 1), -math.inf)
+        if valid is not None:
+            s.masked_fill_(~valid[:, :, None, None, :end], -math.inf)
+        return s, end
+
+    chunks = [(i0, min(nq, i0 + step)) for i0 in range(0, nq, step)]
+    if lse is None:
+        lse = torch.cat([torch.logsumexp(scores(i0, i1)[0], dim=-1) for i0, i1 in chunks], dim=3).view(B, Hq, nq)
+    lse_safe = torch.where(torch.isfinite(lse), lse.float(), torch.full_like(lse, math.inf, dtype=torch.float32))
+    lse_safe = lse_safe.view(B, Hkv, groups, nq, 1)
+    mass = torch.zeros(B, Hkv, n, device=q.device)
+    for i0, i1 in chunks:
+        s, end = scores(i0, i1)
+        mass[:, :, :end] += s.sub_(lse_safe[:, :, :, i0:i1]).exp_().sum(dim=(2, 3))
+    return mass
+
+
+def mass_read(q: torch.Tensor, store, step, start: int = 0) -> tuple[Partial, torch.Tensor]:
+    """Exact attention over the held slots ``[start, n)`` and the mass each received (:func:`key_mass`).
+
+    The read is one :func:`flash_read` (the fused path); the mass is recomputed from its lse.
+    """
+    valid = None if store.valid is None else store.valid[:, :, start:]
+    keys = store.keys(start)
+    part = flash_read(q, keys, store.values(start), scale=step.scale, causal=step.causal, valid=valid, **step.split)
+    return part, key_mass(q, keys, part.lse, scale=step.scale, q_pos=step.q_pos, k_pos=store.positions[:, :, start:],
+                          causal=step.causal, valid=valid)
+
+
 def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], step) -> list[Partial]:
     """One :func:`flash_read` partial per non-empty slot range ``[a, b)`` of ``store``.
 

@@ -20,7 +20,7 @@ from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from ..registry import param
 from .policy import Policy, Step, register_policy
-from .read import dense_read, read_ranges, read_selected
+from .read import mass_read, read_ranges, read_selected
 from .store import Store
 
 
@@ -253,17 +253,13 @@ class InfLLM(_Select):
         return Store(track_scores=True)
 
     def read_all(self, store, q, step):
-        part, mass = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
-                                k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
+        part, mass = mass_read(q, store, step)
         store.scores.add_(mass)
         return part
 
     def read_always(self, store, q, step, lo, hi):
         parts = read_ranges(q, store, [(0, lo)], step)
-        valid = store.valid
-        local, mass = dense_read(q, store.keys(hi), store.values(hi), scale=step.scale, q_pos=step.q_pos,
-                                 k_pos=store.positions[:, :, hi:], causal=step.causal,
-                                 valid=None if valid is None else valid[:, :, hi:], want_mass=True)
+        local, mass = mass_read(q, store, step, hi)
         store.scores[:, :, hi:].add_(mass)
         return [*parts, local]
 
@@ -331,8 +327,7 @@ class Recycled(Policy):
             self.recycled = None
             return super().read(store, q, step)
         if self.recycled is None or self.age >= self.every:
-            part, mass = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
-                                    k_pos=store.positions, causal=step.causal, valid=store.valid, want_mass=True)
+            part, mass = mass_read(q, store, step)
             self.recycled = torch.topk(mass, self.budget, dim=-1).indices.sort(dim=-1).values
             self.full_at, self.age = store.n, 1
             return part
