@@ -541,3 +541,32 @@ def test_h2o_fast_read_evicts_as_the_dense_reference(prefill, chunk):
     for h in range(2):
         assert torch.equal(fast.positions(h), ref.positions(h))
     torch.testing.assert_close(fast._layer.store.scores, ref._layer.store.scores, atol=TOL, rtol=TOL)
+
+
+class _DenseStreaming(policies()["streaming"]):
+    """The streaming read before the band path: dense_read with the sink + window visibility (the reference)."""
+
+    def read(self, store, q, step):
+        from attnzoo.cache.read import dense_read
+        if step.decode:
+            return super().read(store, q, step)
+        part, _ = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
+                             k_pos=store.positions, causal=step.causal, valid=store.valid, window=self.window,
+                             sinks=self.sinks)
+        return part if self.comp is None else attnzoo.merge(part, self._compensation(q, step.scale))
+
+
+@pytest.mark.parametrize("prefill,chunk,sinks", [(50, 1, 3), (13, 7, 3), (30, 9, 0), (9, 6, 12)])
+@pytest.mark.parametrize("compensate", [False, True])
+def test_streaming_band_read_equals_the_dense_reference(prefill, chunk, sinks, compensate):
+    """Prefill and chunks (sink slots then a gap after eviction) with GQA and left padding."""
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=64, seed=25)
+    key_mask = torch.ones(2, 64, dtype=torch.bool)
+    key_mask[1, :4] = False
+    fast = KVCache("streaming", sinks=sinks, window=10, compensate=compensate)
+    ref = KVCache(_DenseStreaming(sinks=sinks, window=10, compensate=compensate))
+    out, lse = _decode(fast, q, k, v, prefill, chunk, key_mask=key_mask)
+    ref_out, ref_lse = _decode(ref, q, k, v, prefill, chunk, key_mask=key_mask)
+    torch.testing.assert_close(out, ref_out, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(lse, ref_lse, atol=TOL, rtol=TOL)
+    assert torch.equal(fast.positions(0), ref.positions(0))

@@ -12,7 +12,7 @@ from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from ..registry import param
 from .policy import Policy, Step, register_policy
-from .read import dense_read, key_mass, mass_read, read_ranges
+from .read import band_read, dense_read, key_mass, mass_read, read_ranges
 from .store import Store
 
 
@@ -86,10 +86,12 @@ class Streaming(Policy):
             first_sink_free = _slot_of(store, self.sinks)
             start = max(first_sink_free, _slot_of(store, p - self.window + 1))
             parts = read_ranges(q, store, [(0, first_sink_free), (start, n)], step)
-        else:
-            part, _ = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
-                                 k_pos=store.positions, causal=step.causal, valid=store.valid,
-                                 window=self.window, sinks=self.sinks)
+        else:  # the band path; the dense reference only where the held slots leave no band
+            part = band_read(q, store, step, sinks=self.sinks, window=self.window)
+            if part is None:
+                part, _ = dense_read(q, store.keys(), store.values(), scale=step.scale, q_pos=step.q_pos,
+                                     k_pos=store.positions, causal=step.causal, valid=store.valid,
+                                     window=self.window, sinks=self.sinks)
             parts = [part]
         if self.comp is not None:
             parts.append(self._compensation(q, step.scale))

@@ -94,6 +94,37 @@ def dense_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     return Partial(out, torch.cat(lses, dim=3).view(B, Hq, nq)), mass
 
 
+def band_read(q: torch.Tensor, store, step, *, sinks: int, window: int) -> Partial | None:
+    """StreamingLLM's sinks + window visibility over the held slots through the fused band path, or None.
+
+    Applies when the held slots are the sink positions followed by one run of
+    consecutive positions (what streaming eviction leaves) and padding is the
+    same in every head: then "window by position" is "window by slot" over the
+    run. Without a gap the whole run is the ``streaming`` method's pattern (its
+    sink + band layouts on the block-sparse engine); after eviction the sink
+    slots, which every query sees, are one more split-K partial.
+    """
+    from ..catalog.sparse.static import Streaming as SinkWindow
+
+    pos, n, valid = store.positions, store.n, store.valid
+    if not step.causal or (valid is not None and not bool((valid == valid[:, :1]).all())):
+        return None
+    row = pos[0, 0]
+    a = int(torch.searchsorted(row, sinks))  # sink slots
+    if not bool((pos == row).all()) or (a < n and int(row[-1] - row[a]) != n - 1 - a):
+        return None
+    gap = a > 0 and a < n and int(row[a]) != a
+    b = a if gap else 0  # first slot of the banded run
+    pad = None if valid is None else valid[:, 0, b:]
+    method = SinkWindow(sinks=0 if gap else a, window=window)
+    out, lse = method(q, store.keys(b), store.values(b), causal=True, scale=step.scale, key_padding_mask=pad,
+                      return_lse=True)
+    parts = [Partial(out.float(), lse)]
+    if gap:
+        parts += read_ranges(q, store, [(0, a)], step)  # older than every query: read without a mask
+    return merge(*parts)
+
+
 def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scale: float, q_pos: torch.Tensor,
              k_pos: torch.Tensor, causal: bool = True, valid: torch.Tensor | None = None,
              rows: int = 256, budget_elems: int = 1 << 24) -> torch.Tensor:
