@@ -141,8 +141,8 @@ def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scal
     B, Hq, nq, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     groups = Hq // Hkv
-    qf = q.float().view(B, Hkv, groups, nq, D) * scale
-    kf = k.float()
+    qf = q.float() * scale
+    kt = k.float().transpose(-1, -2)
     kp = k_pos.contiguous()
     step = max(1, min(rows, budget_elems // max(1, B * Hq * n)))
 
@@ -153,7 +153,9 @@ def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scal
         if causal:  # keys [0, full) are seen by every query of the chunk, [end, n) by none
             end = int(torch.searchsorted(kp, qp[-1:].expand(B, Hkv, 1).contiguous(), right=True).max())
             full = int(torch.searchsorted(kp, qp[:1].expand(B, Hkv, 1).contiguous(), right=True).min())
-        s = torch.matmul(qf[:, :, :, i0:i1], kf[:, :, None, :end].transpose(-1, -2))
+        # the group's query heads folded into rows: one GEMM per KV head, K never broadcast
+        s = torch.matmul(qf[:, :, i0:i1].reshape(B, Hkv, groups * (i1 - i0), D), kt[..., :end])
+        s = s.view(B, Hkv, groups, i1 - i0, end)
         if full < end:
             s[..., full:end].masked_fill_(kp[:, :, None, None, full:end] > qp.view(1, 1, 1, -1, 1), -math.inf)
         if valid is not None:
