@@ -28,6 +28,7 @@ from .. import mods
 from .adapter import _EXACT, ATTN_NAME, CACHE_TAG, mask_geometry, window_mod
 from .integration import attention_layers, is_applied, layer_plan
 from .plan import LayerSpec
+from ..plan.file import Plan as PlanFile
 
 
 class AttnZooCacheLayer(CacheLayerMixin):
@@ -143,10 +144,11 @@ class AttnZooCache(Cache):
         return sum(layer.kv.nbytes for layer in self.layers)
 
 
-def make_cache(model, policy: str = "full", **params: Any) -> AttnZooCache:
+def make_cache(model, policy: str | PlanFile = "full", **params: Any) -> AttnZooCache:
     """A cache for ``model.generate(..., cache=cache)`` that keeps what ``policy`` keeps.
 
-    Every layer gets ``KVCache(policy, **params)``. The model must already run an exact method
+    Every layer gets ``KVCache(policy, **params)``; a plan file (:class:`attnzoo.plan.Plan`) gives each
+    layer its own policy instead (its full KV heads keep everything, the others stream). The model must already run an exact method
     through attnzoo (``attnzoo.hf.apply(model, "exact")`` first; the policy decides what is read).
     The applied method is read through: a layer running ``("flash_decode", {"splits": S})`` gets a
     cache reading with ``splits=S`` (a different ``splits`` given here is refused).
@@ -167,9 +169,18 @@ def make_cache(model, policy: str = "full", **params: Any) -> AttnZooCache:
     if bad:
         raise UnsupportedError(f"make_cache: the cache policy decides what each layer reads, so the model must run "
                                f"an exact method; found {bad[0]}")
-    cache_layers = [AttnZooCacheLayer(policy, **_read_through(spec, params)) for spec in specs]
+    if isinstance(policy, PlanFile):
+        if params:
+            raise AttnZooError(f"make_cache: parameters {sorted(params)} given next to a plan file; the plan's "
+                               "groups carry their own")
+        policy.check_model(model)
+        per_layer = policy.cache_layers()
+    else:
+        per_layer = [(policy, params)] * len(specs)
+    cache_layers = [AttnZooCacheLayer(p, **_read_through(spec, kw)) for spec, (p, kw) in zip(specs, per_layer)]
     heads_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    cache_layers[0].kv.policy.build(heads_kv)  # per-head plans (duo, razor) are checked against the model now
+    for layer in cache_layers if isinstance(policy, PlanFile) else cache_layers[:1]:
+        layer.kv.policy.build(heads_kv)  # per-head plans (duo, razor) are checked against the model now
     return AttnZooCache(cache_layers, model.config)
 
 

@@ -12,6 +12,7 @@ import transformers
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 
 from ..errors import AttnZooError, UnsupportedError
+from ..plan.file import Plan as PlanFile
 from . import plan as plans
 from .adapter import ATTN_NAME, CAPTURE_ATTR, SPEC_ATTR, attnzoo_attention, attnzoo_mask
 
@@ -78,13 +79,17 @@ def _num_heads(module: torch.nn.Module) -> int:
 
 
 def apply(model: PreTrainedModel, method: str | Mapping = "exact", **params: Any) -> PreTrainedModel:
-    """Route ``model``'s attention through attnzoo: ``apply(model, "sliding_window", window=64)`` or
-    ``apply(model, plan)`` (see :mod:`attnzoo.hf.plan`). Returns the model (modified in place).
+    """Route ``model``'s attention through attnzoo: ``apply(model, "sliding_window", window=64)``,
+    ``apply(model, plan)`` (see :mod:`attnzoo.hf.plan`) or ``apply(model, attnzoo.plan.load("plan.json"))``
+    (a plan file, checked against the model's shapes). Returns the model (modified in place).
 
     Re-applying replaces the previous plan; :func:`remove` restores the original attention.
     Parameters of a layer's methods may also be passed per call: ``model(**inputs, window=32)``.
     """
     check_transformers_version()
+    if isinstance(method, PlanFile):
+        method.check_model(model)
+        method = method.apply_plan()
     layers = attention_layers(model)
     heads = {i: {_num_heads(m) for m in ms} for i, ms in layers.items()}
     if any(len(h) != 1 for h in heads.values()) or len({next(iter(h)) for h in heads.values()}) != 1:

@@ -1,0 +1,152 @@
+"""Plan files and calibrators: a tiny Llama with one planted copy-from-far-back KV head."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import attnzoo.hf as azhf  # noqa: E402
+import attnzoo.plan as P  # noqa: E402
+from attnzoo import AttnZooError  # noqa: E402
+
+HIDDEN, HEADS, HEADS_KV, HEAD_DIM, LAYERS, VOCAB = 64, 4, 2, 32, 2, 1000
+PLANTED = (1, 1)  # (layer, KV head) that copies from far back
+
+
+def planted_model() -> transformers.LlamaForCausalLM:
+    """Every KV head attends (almost) only to the BOS sink, except PLANTED, which attends to earlier
+    copies of the current token. RoPE's theta is huge so the dims used below barely rotate."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128,
+                                      num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                      num_key_value_heads=HEADS_KV, head_dim=HEAD_DIM, attention_bias=True,
+                                      max_position_embeddings=4096, bos_token_id=0,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 1e12})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    sink_dim = HIDDEN - 1                       # only the BOS embedding has this coordinate
+    slow = list(range(HEAD_DIM // 2 - 8, HEAD_DIM // 2)) + list(range(HEAD_DIM - 8, HEAD_DIM))  # barely rotated
+    per = HEADS // HEADS_KV
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb.normal_()
+        emb[:, sink_dim] = 0
+        emb[0] = 0
+        emb[0, sink_dim] = 1.0
+        proj = torch.linalg.qr(torch.randn(HIDDEN - 1, len(slow)))[0].T * 4.0   # (16, 63) orthonormal rows, x4
+        for layer_i, layer in enumerate(model.model.layers):
+            a = layer.self_attn
+            for w in (a.q_proj.weight, a.k_proj.weight, a.q_proj.bias, a.k_proj.bias):
+                w.zero_()
+            for kv in range(HEADS_KV):
+                krows = [kv * HEAD_DIM + d for d in slow]
+                if (layer_i, kv) == PLANTED:   # q = k = the token's projection: matches its earlier copies
+                    a.k_proj.weight[krows, :HIDDEN - 1] = proj
+                    for qh in range(kv * per, (kv + 1) * per):
+                        a.q_proj.weight[[qh * HEAD_DIM + d for d in slow], :HIDDEN - 1] = proj
+                else:                          # k reads the BOS coordinate, q is a constant: attend to the sink
+                    a.k_proj.weight[kv * HEAD_DIM + slow[0], sink_dim] = 1.0
+                    for qh in range(kv * per, (kv + 1) * per):
+                        a.q_proj.bias[qh * HEAD_DIM + slow[0]] = 30.0
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return planted_model()
+
+
+@pytest.mark.parametrize("name,params", [("razor", {"probe": 128}),
+                                         ("duo", {"samples": 1, "prompt_length": 512, "queries": 32})])
+def test_calibrator_finds_planted_head(model, name, params):
+    # 4 KV heads in all; budget 0.5 at 512 tokens: streaming heads hold 64 or 65 tokens, one head keeps all
+    cal = P.make_calibrator(name, budget=0.5, length=512, window=60, **params)
+    assert cal.allocate(LAYERS * HEADS_KV) == 1
+    scores = cal.scores(model)
+    assert scores.shape == (LAYERS, HEADS_KV)
+    others = torch.cat([scores.flatten()[:PLANTED[0] * HEADS_KV + PLANTED[1]],
+                        scores.flatten()[PLANTED[0] * HEADS_KV + PLANTED[1] + 1:]])
+    assert scores[PLANTED] > 5 * others.max()
+    plan = cal.run(model, model_name="tiny")
+    kinds = {(i, h): plan.kind(i, h) for i in range(LAYERS) for h in range(HEADS_KV)}
+    assert kinds == {key: "full" if key == PLANTED else "streaming" for key in kinds}
+    assert plan.kv_fraction(512) <= 0.5
+
+
+def _plan(shapes=None, layers=None):
+    shapes = shapes or {"layers": LAYERS, "heads": HEADS, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM}
+    return P.split_plan("tiny", shapes, layers or [[0], [0, 1]], sinks=2, window=8, compensation=True)
+
+
+def test_round_trip(tmp_path):
+    plan = _plan()
+    path = plan.save(tmp_path / "plan.json")
+    again = P.load(path)
+    assert again == plan and again.to_dict() == json.loads(path.read_text())
+    assert again.cache_layers() == [("razor", {"retrieval_heads": (0,), "sinks": 2, "window": 8,
+                                               "compensation": True}), ("full", {})]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d["layers"].pop(), "missing layers \\[1\\]"),
+    (lambda d: d["layers"][0]["groups"][1].update(policy="evict_all"), "unknown policy 'evict_all'"),
+    (lambda d: d["layers"][0]["groups"][1].update(policy=None, method="no_such_method"), "no_such_method"),
+    (lambda d: d["layers"][0]["groups"][1].update(heads=[0]), "missing \\[1\\], repeated \\[0\\]"),
+    (lambda d: d["layers"][0]["groups"][1]["params"].update(budget=3), "no parameter 'budget'"),
+    (lambda d: d["layers"][0]["groups"][1]["params"].update(window=0), "window"),
+    (lambda d: d.update(version=7), "'version' expected 1"),
+])
+def test_refusals(tmp_path, edit, match):
+    data = _plan().to_dict()
+    edit(data)
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(AttnZooError, match=match):
+        P.load(tmp_path / "bad.json")
+
+
+def test_other_shapes_refused(model):
+    plan = _plan({"layers": LAYERS, "heads": HEADS, "heads_kv": HEADS_KV, "head_dim": 16})
+    with pytest.raises(AttnZooError, match="head_dim 16 \\(model: 32\\)"):
+        azhf.apply(model, plan)
+
+
+def test_all_full_plan_equals_exact(model):
+    ids = torch.randint(100, VOCAB, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+        plan = _plan(layers=[[0, 1], [0, 1]])
+        azhf.apply(model, plan)
+        try:
+            cache = azhf.make_cache(model, plan)
+            assert [layer.kv.policy.name for layer in cache.layers] == ["full", "full"]
+            got = model(ids, cache=cache, use_cache=True).logits
+        finally:
+            azhf.remove(model)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_split_plan_cache_holds_less(model):
+    ids = torch.randint(100, VOCAB, (1, 300), generator=torch.Generator().manual_seed(2))
+    plan = _plan(layers=[[0], [1]])
+    with torch.no_grad():
+        azhf.apply(model, plan)
+        try:
+            cache = azhf.make_cache(model, plan)
+            model(ids, cache=cache, use_cache=True)
+            full = azhf.make_cache(model, "full")
+            model(ids, cache=full, use_cache=True)
+        finally:
+            azhf.remove(model)
+    # half the KV heads hold 2 + 8 + 1 of 300 tokens
+    assert cache.nbytes < 0.6 * full.nbytes
+    assert [layer.kv.policy.name for layer in cache.layers] == ["razor", "razor"]
+
+
+def test_budget_too_small_refused():
+    with pytest.raises(AttnZooError, match="budget"):
+        P.make_calibrator("razor", budget=0.001, length=512, window=64)
+    with pytest.raises(AttnZooError, match="unknown calibrator"):
+        P.make_calibrator("moa")
