@@ -170,6 +170,10 @@ from .train.cli import app as _task_app  # noqa: E402  (attnzoo task ...)
 
 app.add_typer(_task_app, name="task")
 
+from .plan.cli import app as _plan_app  # noqa: E402  (attnzoo plan, attnzoo plan show)
+
+app.add_typer(_plan_app, name="plan")
+
 
 def main() -> None:
     app()

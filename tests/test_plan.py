@@ -150,3 +150,27 @@ def test_budget_too_small_refused():
         P.make_calibrator("razor", budget=0.001, length=512, window=64)
     with pytest.raises(AttnZooError, match="unknown calibrator"):
         P.make_calibrator("moa")
+
+
+def test_eval_reads_a_plan_file(tmp_path):
+    from attnzoo.eval import cases
+
+    path = _plan().save(tmp_path / "plan.json")
+    plan, cache = cases.load_plan(path)
+    assert plan == _plan() and cache == {"policy": plan}
+    assert cases.plan_case(path)["kind"] == "plan"
+
+
+def test_cli_show(tmp_path):
+    pytest.importorskip("matplotlib")
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+
+    path = _plan().save(tmp_path / "plan.json")
+    result = CliRunner().invoke(app, ["plan", "show", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "streaming KV heads" in result.output and (tmp_path / "plan.png").stat().st_size > 0
+    bad = CliRunner().invoke(app, ["plan", "--calibrator", "razor", "--budget", "0.001", "--length", "512",
+                                   "--out", str(tmp_path / "x.json")])
+    assert bad.exit_code == 2 and "budget" in bad.output

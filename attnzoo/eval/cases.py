@@ -8,7 +8,8 @@
   a fractional budget also scales the policy's sinks / local / window defaults (which are sized for
   long contexts) by the same ratio, so the policy is valid at every length.
 * ``plan=<file>``: a JSON file: a per-layer / per-head plan (see :mod:`attnzoo.hf.plan`) handed to
-  ``apply``; or ``{"plan": ..., "cache": {"policy": name, ...params}}`` to also set a cache policy.
+  ``apply``; or ``{"plan": ..., "cache": {"policy": name, ...params}}`` to also set a cache policy; or a
+  calibrated plan file (``attnzoo plan --out``, :mod:`attnzoo.plan.file`), which sets both.
 """
 
 from __future__ import annotations
@@ -94,11 +95,17 @@ def plan_case(path: str | Path) -> dict:
 
 
 def load_plan(path: str | Path) -> tuple[Any, dict | None]:
-    """A plan file -> ``(plan for attnzoo.hf.apply, cache policy spec or None)``."""
+    """A plan file -> ``(plan for attnzoo.hf.apply, cache policy spec or None)``; a calibrated plan
+    (:mod:`attnzoo.plan.file`) is both: ``(plan, {"policy": plan})`` (make_cache takes it as its policy)."""
+    from ..plan.file import from_dict, is_plan_file
+
     try:
         data = json.loads(Path(path).read_text())
     except ValueError as e:
         raise AttnZooError(f"eval: plan file {path} is not JSON ({e})") from None
+    if is_plan_file(data):
+        plan = from_dict(data, source=f"eval: plan file {path}")
+        return plan, {"policy": plan}
     if isinstance(data, dict) and "plan" in data:
         cache = data.get("cache")
         if cache is not None and not (isinstance(cache, dict) and isinstance(cache.get("policy"), str)):
