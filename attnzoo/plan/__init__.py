@@ -5,25 +5,20 @@
 >>> plan.save("plan.json"); plan = P.load("plan.json")
 >>> attnzoo.hf.apply(model, plan); cache = attnzoo.hf.make_cache(model, plan)
 
-Names load on first use (PEP 562), so the CLI module in this package starts without torch.
+The plan file needs no torch; the calibrators (torch, transformers) load on first use, so the CLI
+module in this package starts without torch.
 """
 
-import importlib
+from .file import Group, Plan, from_dict, is_plan_file, load, model_shapes, split_plan
 
-_EXPORTS = {**dict.fromkeys(("Plan", "Group", "load", "from_dict", "split_plan", "model_shapes", "is_plan_file"),
-                            ".file"),
-            **dict.fromkeys(("CALIBRATORS", "Calibrator", "make_calibrator", "register_calibrator"), ".base")}
+_CALIBRATION = ("CALIBRATORS", "Calibrator", "make_calibrator", "register_calibrator")
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["Group", "Plan", "from_dict", "is_plan_file", "load", "model_shapes", "split_plan", *_CALIBRATION]
 
 
 def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
+    if name in _CALIBRATION:
+        from . import base
+
+        return getattr(base, name)
     raise AttributeError(f"module 'attnzoo.plan' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
