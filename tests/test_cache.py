@@ -570,3 +570,19 @@ def test_streaming_band_read_equals_the_dense_reference(prefill, chunk, sinks, c
     torch.testing.assert_close(out, ref_out, atol=TOL, rtol=TOL)
     torch.testing.assert_close(lse, ref_lse, atol=TOL, rtol=TOL)
     assert torch.equal(fast.positions(0), ref.positions(0))
+
+
+def test_full_cache_holds_at_most_2_percent_over_its_keys_and_values():
+    """int32 positions and < 1% spare capacity: a prompt, then decode steps (growth included)."""
+    k, v = torch.randn(1, 2, 2048 + 40, 64), torch.randn(1, 2, 2048 + 40, 64)
+    cache = KVCache("full")
+    cache.append(k[:, :, :2048], v[:, :, :2048])
+    ratios = [cache.nbytes / (2 * k[:, :, :2048].nbytes)]
+    assert ratios[0] <= 1.01  # the prompt: exactly its tokens plus their positions
+    capacities = set()
+    for i in range(2048, 2048 + 40):
+        cache.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        ratios.append(cache.nbytes / (2 * k[:, :, :i + 1].nbytes))
+        capacities.add(cache._layer.store.capacity)
+    assert max(ratios) <= 1.02, max(ratios)
+    assert len(capacities) <= 3  # it grew by spare slots, not one reallocation per token

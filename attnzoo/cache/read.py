@@ -144,6 +144,7 @@ def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scal
     qf = q.float() * scale
     kt = k.float().transpose(-1, -2)
     kp = k_pos.contiguous()
+    q_pos = q_pos.to(kp.dtype)
     step = max(1, min(rows, budget_elems // max(1, B * Hq * n)))
 
     def scores(i0: int, i1: int) -> tuple[torch.Tensor, int]:

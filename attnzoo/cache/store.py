@@ -8,8 +8,8 @@ right after their keys were appended). Buffers:
 
 * ``k``, ``v``: the keys and values (or, when quantised, their codes plus
   per-group ``low``/``step``; see :mod:`attnzoo.cache.quant`);
-* ``pos``: the absolute position of each held token (``(B, H, n)`` int64;
-  differs between heads after per-head eviction);
+* ``pos``: the absolute position of each held token (``(B, H, n)`` int32:
+  half the bytes of int64; differs between heads after per-head eviction);
 * ``valid``: False for padding (created by the first ``append`` that passes a
   ``key_mask``);
 * ``score``: attention mass each token received so far (``track_scores``).
@@ -17,7 +17,10 @@ right after their keys were appended). Buffers:
 Per-page metadata (``page`` slots a page): channel-wise key ``kmin``/``kmax``,
 updated on append for the touched pages only, recomputed on compaction.
 ``keep`` compacts to given slots and really frees memory: when the buffers are
-much larger than what is kept, they are reallocated at the kept size.
+much larger than what is kept, they are reallocated at the kept size. The first
+append (a prompt) allocates exactly its tokens; later growth adds 1/128 of the
+length (at least 16 slots), so appends stay amortised O(1) while the spare
+capacity stays under 1% of what is held (``nbytes`` counts it).
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ import math
 import torch
 
 from . import quant
+
+#: dtype of the held tokens' positions (int32: a context of 2^31 tokens is far beyond any cache)
+POS_DTYPE = torch.int32
+#: growth of a non-empty store: ``total // GROWTH`` spare slots (under 1% of the held bytes)
+GROWTH = 128
 
 
 def _take(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -113,7 +121,7 @@ class Store:
             for x, t in (("k", k), ("v", v)):
                 quant.check_group(t.shape[-1], self.group, self.bits, "key" if x == "k" else "value")
                 rows[x], rows[x + "_low"], rows[x + "_step"] = quant.encode(t, self.bits, self.group)
-        rows["pos"] = positions.view(1, 1, n).expand(B, H, n)
+        rows["pos"] = positions.to(POS_DTYPE).view(1, 1, n).expand(B, H, n)
         if key_mask is not None or "valid" in self.buf:
             if "valid" not in self.buf and self.buf:
                 self.buf["valid"] = torch.ones_like(self.buf["pos"], dtype=torch.bool)
@@ -128,10 +136,14 @@ class Store:
         self._update_pages(n0)
 
     def _reserve(self, total: int, like: dict[str, torch.Tensor]) -> None:
-        """Grow every buffer to hold ``total`` slots (12.5% slack, so appends are amortised O(1))."""
+        """Grow every buffer to hold ``total`` slots: exactly on the first append, then with
+        ``total // 128`` (at least 16) spare slots, so appends are amortised O(1)."""
         if total <= self.capacity and set(like) <= set(self.buf):
             return
-        cap = max(total, self.capacity) if total <= self.capacity else total + max(total // 8, 16)
+        if total <= self.capacity or self.n == 0:
+            cap = max(total, self.capacity)
+        else:
+            cap = total + max(total // GROWTH, 16)
         self._reallocate(cap, like)
 
     def _reallocate(self, cap: int, like: dict[str, torch.Tensor] | None = None) -> None:
