@@ -59,6 +59,26 @@ def _mixer_params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
+def parse_plan(text: str) -> str | list:
+    """``"exact"`` -> ``"exact"``; ``"sliding_window(window=16),exact"`` -> one ``[name, params]`` per layer."""
+    from ..checks import parse_params
+
+    entries, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            entries.append(text[start:i].strip())
+            start = i + 1
+    if depth or not all(entries):
+        raise AttnZooError(f"--mixer: expected NAME or NAME(K=V,...) entries separated by commas, got {text!r}")
+    plan = []
+    for e in entries:
+        name, _, rest = e.partition("(")
+        params = parse_params([p for p in rest.rstrip(")").split(",") if p.strip()]) if rest else {}
+        plan.append([name.strip(), params])
+    return plan[0][0] if len(plan) == 1 and not plan[0][1] else plan
+
+
 def print_table(cases: list[dict], task: str) -> None:
     from .report import accuracy_table
 
@@ -102,15 +122,19 @@ def list_tasks() -> None:
 @app.command("train")
 def train(
     task: str = typer.Argument(..., help="a trained task (see `attnzoo task list`)"),
-    mixer: str = typer.Option("exact", help="a registered method or learned layer; comma-separated = one per layer"),
+    mixer: str = typer.Option("exact", help="a registered method or learned layer; comma-separated = one per layer, "
+                                            "each NAME or NAME(K=V,...), e.g. 'sliding_window(window=16),exact'"),
     param: list[str] = typer.Option(None, help="task parameter NAME=VALUE (repeatable)"),
     mixer_param: list[str] = typer.Option(None, help="mixer parameter NAME=VALUE (repeatable)"),
     d_model: int = typer.Option(64, min=1), layers: int = typer.Option(2, min=1), heads: int = typer.Option(2, min=1),
     conv: int = typer.Option(4, min=0, help="short causal convolution before each mixer (0: none)"),
     steps: int = typer.Option(2000, min=1), lr: float = typer.Option(3e-3), batch: int = typer.Option(64, min=1),
     eval_size: int = typer.Option(512, min=1), target: float = typer.Option(0.99), seed: int = typer.Option(0),
+    patience: int = typer.Option(8, min=1, help="evaluations (every 50 steps) without improvement before stopping"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    out: Optional[Path] = typer.Option(None, help="also append the result to this results folder (skipped when "
+                                                  "already there; default: not saved)"),
 ) -> None:
     """Train one tiny model on one task and print its held-out accuracy."""
     import torch
@@ -120,12 +144,21 @@ def train(
 
     torch.set_num_threads(threads)
     try:
-        plan = mixer.split(",")
         cfg = TrainConfig(d_model=d_model, n_layers=layers, n_heads=heads, conv=conv, steps=steps, lr=lr,
-                          batch=batch, eval_size=eval_size, target=target, seed=seed)
-        case = make_case(task, parse_params(param), plan[0] if len(plan) == 1 else plan,
-                         parse_params(mixer_param), cfg)
-        record = train_case(case, progress=progress)
+                          batch=batch, eval_size=eval_size, target=target, seed=seed, patience=patience)
+        case = make_case(task, parse_params(param), parse_plan(mixer), parse_params(mixer_param), cfg)
+        if out is None:
+            record = train_case(case, progress=progress)
+        else:
+            from .sweep import run_sweep
+
+            written = run_sweep([case], out, resume=True, progress=progress, suite={"command": "train"})
+            if not written:
+                console.print(f"{task} / {mixer}: already in {out}; nothing trained")
+                return
+            record = written[0]
+            if record["status"] != "ok":
+                raise AttnZooError(record["reason"])
     except AttnZooError as e:
         raise _fail(e) from None
     console.print(f"{task} / {mixer} d={d_model}: held-out accuracy [bold]{record['accuracy']:.4f}[/] "

@@ -81,6 +81,8 @@ def run_sweep(cases: list[dict], out: str | Path, *, resume: bool = False, suite
                                "or choose another --out")
         store.repair()
         done = store.read().done
+        if all(case_key(c) in done for c in cases):
+            return []
     store.append({"type": "run", "run_id": dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S"),
                   "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                   "resumed": bool(done), "machine": {**machine_info(), "threads": torch.get_num_threads()},
