@@ -130,3 +130,14 @@ def test_task_cli(tmp_path):
     assert res.exit_code == 0 and "held-out accuracy" in res.output
     res = CliRunner().invoke(app, ["task", "train", "mqar", "--param", "pairs=100"])
     assert res.exit_code == 2 and "seq_len" in res.output
+
+
+def test_plan_parser():
+    from attnzoo.train.cli import parse_plan
+
+    assert parse_plan("exact") == "exact"
+    assert parse_plan("landmark(block=8)") == [["landmark", {"block": 8}]]
+    assert parse_plan("sliding_window(window=16,sinks=0), exact") == [["sliding_window", {"window": 16, "sinks": 0}],
+                                                                      ["exact", {}]]
+    with pytest.raises(AttnZooError, match="--mixer"):
+        parse_plan("sliding_window(window=16")

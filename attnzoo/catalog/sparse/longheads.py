@@ -35,6 +35,7 @@ class LongHeads(LayoutMethod):
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(N·(N/block)·D + N·chunks·block·D)"
     papers: ClassVar[tuple[str, ...]] = ("LongHeads: Multi-Head Attention is Secretly a Long Context Processor",)
+    exact_for: ClassVar[str] = "chunks·block >= N (every chunk read)"
     score: ClassVar[str] = "mean"  # the chunk summary: mean key (BlockTopK's pooled "mean" score)
 
     block: int = param(256, min=1, help="chunk length l")
