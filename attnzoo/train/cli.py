@@ -92,9 +92,9 @@ def print_table(cases: list[dict], task: str) -> None:
 
 
 def _announce(record: dict) -> None:
-    from .report import setting
+    from .report import mixer_label, setting
 
-    what = f"{record['mixer']} d={record['d_model']} {setting(record)}"
+    what = f"{mixer_label(record)} d={record['d_model']} {setting(record)}"
     if record["status"] == "ok":
         console.print(f"  {escape(what)}: accuracy {record['accuracy']:.3f} in {record['steps']} steps "
                       f"({record['seconds']:.0f} s, {record['stopped']})")
@@ -146,7 +146,10 @@ def train(
     try:
         cfg = TrainConfig(d_model=d_model, n_layers=layers, n_heads=heads, conv=conv, steps=steps, lr=lr,
                           batch=batch, eval_size=eval_size, target=target, seed=seed, patience=patience)
-        case = make_case(task, parse_params(param), parse_plan(mixer), parse_params(mixer_param), cfg)
+        plan, shared = parse_plan(mixer), parse_params(mixer_param)
+        if isinstance(plan, list) and len(plan) == 1:  # one entry with parameters: every layer
+            plan, shared = plan[0][0], {**plan[0][1], **shared}
+        case = make_case(task, parse_params(param), plan, shared, cfg)
         if out is None:
             record = train_case(case, progress=progress)
         else:

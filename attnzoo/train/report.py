@@ -26,6 +26,15 @@ def setting(case: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(tp.items())) or "default"
 
 
+def mixer_label(case: dict) -> str:
+    """``exact``, ``landmark(block=8)``, or a per-layer plan ``sliding_window(window=16)+exact``."""
+    def one(name: str, params: dict) -> str:
+        return name + (f"({','.join(f'{k}={v}' for k, v in sorted(params.items()))})" if params else "")
+
+    m = case["mixer"]
+    return one(m, case.get("mixer_params") or {}) if isinstance(m, str) else "+".join(one(n, p) for n, p in m)
+
+
 def accuracy_table(cases: list[dict], task: str) -> tuple[list[str], list[list[str]]]:
     """Rows: mixers (in first-seen order); columns: (d_model, setting) pairs; cells: held-out accuracy.
 
@@ -33,7 +42,7 @@ def accuracy_table(cases: list[dict], task: str) -> tuple[list[str], list[list[s
     mine = {}
     for c in cases:
         if c["task"] == task:
-            mine[(c["mixer"], c["d_model"], setting(c))] = c
+            mine[(mixer_label(c), c["d_model"], setting(c))] = c
     cols = sorted({(d, s) for _, d, s in mine}, key=lambda x: (x[0], _order(x[1])))
     mixers = list(dict.fromkeys(m for m, _, _ in mine))
     headers = ["mixer"] + [f"d={d} {s}" for d, s in cols]
@@ -61,10 +70,10 @@ def _plot(cases: list[dict], task: str, x: str, path: Path, xlabel: str) -> bool
     plt = _pyplot()
     settings = sorted({setting(c) for c in ok}, key=_order)
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False, sharey=True)
-    mixers = list(dict.fromkeys(c["mixer"] for c in ok))
+    mixers = list(dict.fromkeys(mixer_label(c) for c in ok))
     for ax, s in zip(axes[0], settings):
         for i, m in enumerate(mixers):
-            pts = sorted((c[x], c["accuracy"]) for c in ok if c["mixer"] == m and setting(c) == s)
+            pts = sorted((c[x], c["accuracy"]) for c in ok if mixer_label(c) == m and setting(c) == s)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **{**_style(i), "markersize": 5})
         ax.set(xscale="log", xlabel=xlabel, title=f"{task}: {s}", ylim=(-0.02, 1.02))
@@ -98,7 +107,7 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
         failed = [c for c in cases if c["task"] == task and c["status"] != "ok"]
         if failed:
             parts.append("<h3>Failed cases</h3>" + _table(["mixer", "d", "setting", "reason"], [
-                [c["mixer"], str(c["d_model"]), setting(c), c.get("reason", "")] for c in failed]))
+                [mixer_label(c), str(c["d_model"]), setting(c), c.get("reason", "")] for c in failed]))
     parts.append("<h2>Runs</h2>" + "".join(
         f"<h3>run {html.escape(r['run_id'])}{' (resumed)' if r.get('resumed') else ''}</h3>"
         + _table(["key", "value"], [[k, str(v)] for k, v in sorted({**r["machine"], **r["suite"]}.items())])
