@@ -124,7 +124,7 @@ def test_task_cli(tmp_path):
     assert res.exit_code == 2 and "--resume" in res.output
     res = CliRunner().invoke(app, args + ["--resume"])
     assert res.exit_code == 0
-    assert len((out / "results.jsonl").read_text().splitlines()) == 4  # nothing retrained, one more header
+    assert len((out / "results.jsonl").read_text().splitlines()) == 3  # nothing left to train: nothing written
     res = CliRunner().invoke(app, ["task", "train", "mqar", "--param", "pairs=2", "--param", "seq_len=16",
                                    "--param", "vocab_size=24", "--steps", "5", "--d-model", "16", "--no-progress"])
     assert res.exit_code == 0 and "held-out accuracy" in res.output
