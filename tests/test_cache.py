@@ -527,11 +527,12 @@ class _DenseH2O(policies()["h2o"]):
         return part
 
 
-@pytest.mark.parametrize("prefill,chunk", [(40, 1), (17, 5)])
+@pytest.mark.parametrize("prefill,chunk", [(40, 1), (17, 5), (80, 3)])
 def test_h2o_fast_read_evicts_as_the_dense_reference(prefill, chunk):
-    """Same outputs, same accumulated mass, same evicted tokens (GQA, left padding, prefill then decode)."""
-    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=64, seed=24)
-    key_mask = torch.ones(2, 64, dtype=torch.bool)
+    """Same outputs, same accumulated mass, same evicted tokens (GQA, left padding, prefill then decode;
+    a prompt of 80 takes the fused mass path)."""
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=96, seed=24)
+    key_mask = torch.ones(2, 96, dtype=torch.bool)
     key_mask[1, :5] = False
     fast, ref = KVCache("h2o", budget=24, recent=6), KVCache(_DenseH2O(budget=24, recent=6))
     out, lse = _decode(fast, q, k, v, prefill, chunk, key_mask=key_mask)
@@ -586,3 +587,21 @@ def test_full_cache_holds_at_most_2_percent_over_its_keys_and_values():
         capacities.add(cache._layer.store.capacity)
     assert max(ratios) <= 1.02, max(ratios)
     assert len(capacities) <= 3  # it grew by spare slots, not one reallocation per token
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_mass_equals_dense_read_mass(causal, dtype):
+    """The swapped-roles kernel call: GQA, padding (left-padded rows whose first queries see nothing), nq < n."""
+    from attnzoo.cache.read import FUSED_MASS_QUERIES, dense_read, fused_mass
+    B, Hq, Hkv, n, nq = 2, 6, 2, 100, FUSED_MASS_QUERIES + 3
+    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, N=n, seed=26, dtype=dtype)
+    q = q[:, :, n - nq:]
+    valid = torch.ones(B, Hkv, n, dtype=torch.bool)
+    valid[1, :, :60] = False  # row 1: the first queries see only padding
+    valid[0, 1, 7] = False
+    pos = torch.arange(n)
+    part, mass = dense_read(q, k, v, scale=0.3, q_pos=pos[n - nq:], k_pos=pos.expand(B, Hkv, n), causal=causal,
+                            valid=valid, want_mass=True)
+    got = fused_mass(q, k, part.lse, scale=0.3, causal=causal, valid=valid)
+    torch.testing.assert_close(got, mass.float(), atol=TOL, rtol=TOL)  # fp32, as the store's scores

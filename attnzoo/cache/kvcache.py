@@ -24,7 +24,7 @@ class KVCache:
     * ``policy``: a registered name (see :func:`attnzoo.cache.policies`) or a configured policy;
       ``**params`` are its parameters, validated like method parameters.
     * ``splits``, ``split_size``: a read over ``n`` keys uses ``min(splits, n // split_size)`` key
-      ranges (split-K, ``flash_decode``) merged by lse.
+      ranges (split-K, ``flash_decode``) merged by lse; on CPU only single-query (decode) reads split.
     * ``append(k, v, key_mask=None)``: ``key_mask (B, n)`` bool, False marks padding tokens that
       nothing may attend to (left padding of a batch); they still take a position.
     * ``attend(q, causal=True, scale=None, return_lse=False, sinks=None)``: the queries of the newest ``nq``

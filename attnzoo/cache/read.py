@@ -21,6 +21,7 @@ import math
 import torch
 
 from ..backends import auto_triton
+from ..core.kernel import KERNEL_DTYPES, flash_cpu
 from ..core.splitk import split_k
 from ..core.partial import Partial, merge
 
@@ -29,8 +30,10 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
                valid: torch.Tensor | None = None, splits: int = 8, split_size: int = 1) -> Partial:
     """Attention of ``q (B, Hq, nq, D)`` over ``k``/``v (B, Hkv, n, ·)`` by split-K + lse merge.
 
-    At most ``splits`` key ranges of at least ``split_size`` keys each (on CPU
-    every extra range is only overhead; on a GPU they are what fills the device).
+    At most ``splits`` key ranges of at least ``split_size`` keys each (on a
+    GPU they are what fills the device). On CPU only a single query is split:
+    a multi-token read (a prompt) is one fused call, as every extra range is
+    only overhead there.
     ``causal`` aligns bottom-right by slot (the queries are the newest slots);
     ``valid (B, Hkv, n)`` hides padding. Rows that see nothing give ``(0, -inf)``.
     """
@@ -48,7 +51,7 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     fold = B * Hkv
     mask = None if valid is None else valid.reshape(fold, n)
     qf, kf, vf = q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D), v.reshape(fold, 1, n, Dv)
-    out, lse = split_k(qf, kf, vf, scale=scale, causal=causal, splits=min(splits, n // split_size),
+    out, lse = split_k(qf, kf, vf, scale=scale, causal=causal, splits=min(splits, n // split_size) if nq == 1 else 1,
                        key_padding_mask=mask)
     return Partial(out.view(B, Hq, nq, Dv), lse.view(B, Hq, nq))
 
@@ -175,6 +178,38 @@ def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scal
     return mass
 
 
+#: queries from which :func:`fused_mass` beats :func:`key_mass` (below, its per-call copies of K dominate)
+FUSED_MASS_QUERIES = 64
+
+
+def fused_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, causal: bool,
+               valid: torch.Tensor | None = None) -> torch.Tensor | None:
+    """:func:`key_mass` for the newest ``nq`` slots (causal by slot) on the fused CPU kernel, or None.
+
+    The mass of key ``j`` is ``Σ_i exp(s_ij - lse_i)``: attention with the roles
+    swapped, whose lse it is. Keys become the kernel's queries ``[k_j, 1]``,
+    queries its keys ``[q_i, -lse_i / scale]`` (the extra channel subtracts
+    ``lse_i``), so ``exp(lse')`` per query head is the mass; the group's heads
+    are summed by a logsumexp. Causal visibility ``j <= n - nq + i`` is the
+    kernel's top-left mask once both sequences are reversed. Padding keys get
+    zero mass afterwards; queries that saw nothing add none.
+    """
+    B, Hq, nq, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or nq < FUSED_MASS_QUERIES:
+        return None
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    bias = torch.where(torch.isfinite(lse), -lse.to(dtype) / scale, torch.full((), -1e9 / scale, dtype=dtype))
+    rows = torch.cat([k.to(dtype), k.new_ones(B, Hkv, n, 1, dtype=dtype)], -1).repeat_interleave(Hq // Hkv, 1)
+    cols = torch.cat([q.to(dtype), bias.unsqueeze(-1)], -1)
+    if causal:
+        rows, cols = rows.flip(2), cols.flip(2)
+    _, lse_t = flash_cpu(rows, cols, torch.zeros_like(cols), scale=scale, causal=causal)
+    lse_t = lse_t.flip(2) if causal else lse_t
+    mass = torch.logsumexp(lse_t.float().view(B, Hkv, Hq // Hkv, n), dim=2).exp_()
+    return mass if valid is None else mass.masked_fill_(~valid, 0.0)
+
+
 def mass_read(q: torch.Tensor, store, step, start: int = 0) -> tuple[Partial, torch.Tensor]:
     """Exact attention over the held slots ``[start, n)`` and the mass each received (:func:`key_mass`).
 
@@ -183,7 +218,8 @@ def mass_read(q: torch.Tensor, store, step, start: int = 0) -> tuple[Partial, to
     valid = None if store.valid is None else store.valid[:, :, start:]
     keys = store.keys(start)
     part = flash_read(q, keys, store.values(start), scale=step.scale, causal=step.causal, valid=valid, **step.split)
-    return part, key_mass(q, keys, part.lse, scale=step.scale, q_pos=step.q_pos, k_pos=store.positions[:, :, start:],
+    mass = fused_mass(q, keys, part.lse, scale=step.scale, causal=step.causal, valid=valid)
+    return part, mass if mass is not None else key_mass(q, keys, part.lse, scale=step.scale, q_pos=step.q_pos, k_pos=store.positions[:, :, start:],
                           causal=step.causal, valid=valid)
 
 
