@@ -331,7 +331,7 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     assert len(exact) == 4 * n_exact and all(c["status"] == "ok" and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
                                     and c["recall"] == 1.0 for c in exact)
     assert "fastest first" in res.stdout and "× SDPA" in res.stdout and "exact_tiled" in res.stdout
-    assert "pick fastest:" in res.stdout
+    assert "pick (rel err ≤" in res.stdout
     page = (out / "report.html").read_text()
     images = re.findall(r'<img src="data:image/png;base64,([^"]+)" data-file="([^"]+)"', page)
     kinds = {Path(f).name.split("-")[0] for _, f in images}
