@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale
-from ..core.exact import chunked_attention
+from ..core.exact import tiled_attention
 from ..core.partial import Partial
 from ..core.scoremod import check_score_mod, check_sinks, with_sinks
 from ..errors import AttnZooError, UnsupportedError
@@ -176,7 +176,7 @@ class KVCache:
                                    "needs a policy that reads every held token (full, quantized)")
         store = layer.store
         pad = None if store.valid is None else store.valid[:, 0]
-        out, lse = chunked_attention(q.float(), store.keys().float(), store.values().float(), scale=step.scale,
+        out, lse = tiled_attention(q.float(), store.keys().float(), store.values().float(), scale=step.scale,
                                      causal=step.causal, key_padding_mask=pad, score_mod=score_mod)
         layer.policy.update(store, q, step)
         return Partial(out, lse)

@@ -10,14 +10,11 @@ reference, whose job is to be obviously right.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from torch.nn.attention.bias import causal_lower_right
 
 from ..errors import UnsupportedError
@@ -26,7 +23,7 @@ from .gqa import fold_groups, unfold_groups
 from .masks import empty_rows, visible_mask
 from .override import Override
 from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, masked_softmax, merge
-from .scoremod import apply_score_mod
+from .scoremod import ModHook, apply_score_mod, tile_index
 
 #: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
 TILED_ENGINE = Override("attnzoo_tiled_engine")
@@ -53,37 +50,6 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                         q_offset=q_offset, k_offset=k_offset, device=q.device)
     probs, lse = masked_softmax(scores, mask)
     return torch.matmul(probs, v), lse
-
-
-def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-                      key_padding_mask: torch.Tensor | None = None, score_mod=None, q_offset: int | None = None,
-                      k_offset: int = 0, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`naive_attention` a chunk of query rows at a time: how gradients flow through a ``score_mod``.
-
-    Each chunk has ``rows`` query rows (default: about 16M scores) and reads only the keys it can
-    see (causal); under autograd each chunk is checkpointed (its scores are recomputed in the
-    backward), so the memory stays O(chunk·Nk) and gradients reach q, k, v and every tensor the
-    score_mod closes over through ordinary autograd. Returns ``(out, lse)``.
-    """
-    B, Hq, len_q, _ = q.shape
-    len_k = k.shape[2]
-    groups = Hq // k.shape[1]
-    if groups > 1:  # once for all chunks
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    q_offset = len_k - len_q if q_offset is None else q_offset
-    rows = rows or max(16, (1 << 24) // max(1, B * Hq * len_k))
-    outs, lses = [], []
-    for i0 in range(0, len_q, rows):
-        i1 = min(len_q, i0 + rows)
-        end = len_k if not causal else max(0, min(len_k, q_offset + i1 - k_offset))
-        run = functools.partial(naive_attention, scale=scale, causal=causal, q_offset=q_offset + i0,
-                                k_offset=k_offset, score_mod=score_mod,
-                                key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, :end])
-        args = (q[:, :, i0:i1], k[:, :, :end], v[:, :, :end])
-        o, ls = checkpoint(run, *args, use_reentrant=False) if torch.is_grad_enabled() else run(*args)
-        outs.append(o)
-        lses.append(ls)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 # -------------------------------------------------------------------- SDPA
@@ -146,7 +112,7 @@ class TileSpec:
     k_offset: int
     q_tile: int
     k_tile: int
-    score_mod: Any = None  # applied to each tile's scores in the forward (inference; see tiled_attention)
+    mod: ModHook | None = None  # the call's score_mod, applied to each tile's scores (forward and backward)
 
     def key_end(self, i1: int, len_k: int) -> int:
         """One past the last key any query of ``[.., i1)`` may see."""
@@ -169,24 +135,26 @@ def _rows(t: torch.Tensor, groups: int, i0: int, i1: int) -> torch.Tensor:
 
 
 def _masked_scores(q_rows: torch.Tensor, k_tile: torch.Tensor, groups: int, mask: torch.Tensor | None,
-                   pad: torch.Tensor | None, mod=None) -> torch.Tensor:
-    """Scores ``(B, Hkv, G·ql, kl)`` of pre-scaled query rows, modified by ``mod``, with -inf where invisible."""
+                   pad: torch.Tensor | None, spec: TileSpec, i0: int, j0: int, grads: list | None = None):
+    """Scores ``(B, Hkv, G·ql, kl)`` of pre-scaled query rows, modified by the call's score_mod, -inf where
+    invisible; with ``grads`` (the backward) also the mod's ``to_raw`` (see :class:`ModHook`)."""
     s = torch.matmul(q_rows, k_tile.transpose(-1, -2))
-    if mod is not None:
-        s = mod(s)
+    to_raw = None
+    if spec.mod is not None:  # rows (B, Hkv, G·ql, kl) are the query heads (B, Hq, ql, kl) in order
+        B, Hkv, rows, kl = s.shape
+        view = s.view(B, Hkv * groups, rows // groups, kl)
+        idx = tile_index(view.shape, spec.q_offset + i0, spec.k_offset + j0, device=s.device)
+        if grads is None:
+            s = spec.mod.scores(view, *idx).view_as(s)
+        else:
+            mod, to_raw = spec.mod.recompute(view, *idx, grads)
+            s = mod.view_as(s)
     if mask is not None:
         B, Hkv, rows, kl = s.shape
         s = s.view(B, Hkv, groups, rows // groups, kl).masked_fill(~mask, -math.inf).view(B, Hkv, rows, kl)
     if pad is not None:
         s = s.masked_fill(~pad, -math.inf)
-    return s
-
-
-def _tile_mod(spec: TileSpec, heads_q: int, i0: int, j0: int, s: torch.Tensor) -> torch.Tensor:
-    """The score_mod on one tile: rows ``(B, Hkv, G·ql, kl)`` are query heads ``(B, Hq, ql, kl)`` in order."""
-    B, _, rows, kl = s.shape
-    view = s.view(B, heads_q, rows * s.shape[1] // heads_q, kl)
-    return apply_score_mod(spec.score_mod, view, spec.q_offset + i0, spec.k_offset + j0).view_as(s)
+    return s if grads is None else (s, to_raw)
 
 
 def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileSpec,
@@ -209,9 +177,8 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
         soft = OnlineSoftmax(rows.shape[:3], dim_v, like=rows)
         for j0 in range(0, spec.key_end(i1, len_k), spec.k_tile):
             j1 = min(spec.key_end(i1, len_k), j0 + spec.k_tile)
-            mod = None if spec.score_mod is None else functools.partial(_tile_mod, spec, Hq, i0, j0)
             s = _masked_scores(rows, k[:, :, j0:j1], groups, spec.tile_mask(i0, i1, j0, j1, q.device),
-                               None if pad is None else pad[..., j0:j1], mod)
+                               None if pad is None else pad[..., j0:j1], spec, i0, j0)
             soft.add(s, v[:, :, j0:j1])
         o, ls = soft.result()
         out[:, :, i0:i1] = unfold_groups(o, Hq)
@@ -223,7 +190,7 @@ def _fused_tiles_apply(q, k, v, spec: TileSpec, key_padding_mask) -> bool:
     """Whether :func:`_fused_tiles` can run this forward: CPU kernel dtypes, equal head dims, no score_mod or
     padding, and every query sees the first key (so no row of any kernel call is empty)."""
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.shape[-1] == v.shape[-1]
-            and spec.score_mod is None and key_padding_mask is None and k.shape[2] > 0
+            and spec.mod is None and key_padding_mask is None and k.shape[2] > 0
             and (not spec.causal or spec.q_offset >= spec.k_offset))
 
 
@@ -268,18 +235,21 @@ def _fused_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor) 
 
 def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                    d_out: torch.Tensor, d_lse: torch.Tensor | None, spec: TileSpec,
-                   key_padding_mask: torch.Tensor | None = None
+                   key_padding_mask: torch.Tensor | None = None, mod_grads: list | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of tiled attention, recomputing probabilities from the saved ``lse``.
 
     ``out``/``lse`` may be the *global* result of a larger key set of which
     ``k``/``v`` are a slice (ring attention): the returned gradients are then
     this slice's contribution, exactly as in FlashAttention-2's backward.
+    With a score_mod, its captured tensors' gradients are added into ``mod_grads``.
     """
     B, Hq, len_q, _ = q.shape
     Hkv, len_k = k.shape[1], k.shape[2]
     groups = Hq // Hkv
     lse_safe, delta = grad_inputs(out, lse, d_out, d_lse)
+    if mod_grads is None:
+        mod_grads = [None] * (len(spec.mod.captured) if spec.mod is not None else 0)
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
@@ -293,9 +263,11 @@ def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
         dq_rows = torch.zeros_like(q_rows)
         for j0 in range(0, spec.key_end(i1, len_k), spec.k_tile):
             j1 = min(spec.key_end(i1, len_k), j0 + spec.k_tile)
-            s = _masked_scores(q_rows * spec.scale, k[:, :, j0:j1], groups,
-                               spec.tile_mask(i0, i1, j0, j1, q.device), None if pad is None else pad[..., j0:j1])
-            dq_t, dk_t, dv_t = grad_step(s, lse_rows, delta_rows, q_rows, do_rows, k[:, :, j0:j1], v[:, :, j0:j1])
+            s, to_raw = _masked_scores(q_rows * spec.scale, k[:, :, j0:j1], groups,
+                                       spec.tile_mask(i0, i1, j0, j1, q.device),
+                                       None if pad is None else pad[..., j0:j1], spec, i0, j0, mod_grads)
+            dq_t, dk_t, dv_t = grad_step(s, lse_rows, delta_rows, q_rows, do_rows, k[:, :, j0:j1], v[:, :, j0:j1],
+                                         to_raw)
             dq_rows += dq_t
             dk[:, :, j0:j1] += dk_t
             dv[:, :, j0:j1] += dv_t
@@ -304,8 +276,10 @@ def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
 
 
 class _TiledAttention(torch.autograd.Function):
+    """``*captured``: the tensors the score_mod closes over that require grad (inputs, so they get gradients)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, spec):  # noqa: D401  (autograd signature)
+    def forward(ctx, q, k, v, key_padding_mask, spec, *captured):  # noqa: D401  (autograd signature)
         out, lse = tiled_forward(q, k, v, spec, key_padding_mask)
         ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
         ctx.spec = spec
@@ -314,8 +288,10 @@ class _TiledAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        dq, dk, dv = tiled_backward(q, k, v, out, lse, d_out.contiguous(), d_lse, ctx.spec, key_padding_mask)
-        return dq, dk, dv, None, None
+        grads = [None] * len(ctx.spec.mod.captured) if ctx.spec.mod is not None else []
+        dq, dk, dv = tiled_backward(q, k, v, out, lse, d_out.contiguous(), d_lse, ctx.spec, key_padding_mask,
+                                    grads)
+        return dq, dk, dv, None, None, *(ctx.spec.mod.input_grads(grads) if grads else ())
 
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
@@ -324,8 +300,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
                     score_mod=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable tiled exact attention; returns ``(out, lse)`` (the lse is differentiable too).
 
-    A ``score_mod`` runs on each tile in inference; under autograd the call goes to
-    :func:`chunked_attention` instead, whose gradients also reach the tensors the mod closes over.
+    A ``score_mod`` runs on each tile's scores, in the forward and in the recomputing backward, where
+    its gradient reaches q, k and the tensors it closes over (:class:`~attnzoo.core.scoremod.ModHook`).
     Inside ``TILED_ENGINE.use(impl)`` the call goes to ``impl`` (a kernel backend).
     """
     q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset
@@ -335,8 +311,7 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
             raise UnsupportedError("tiled engine override: score_mod is not supported")
         return impl(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset,
                     k_offset=k_offset)
-    if score_mod is not None and torch.is_grad_enabled():
-        return chunked_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                 score_mod=score_mod, q_offset=q_offset, k_offset=k_offset, rows=q_tile)
-    spec = TileSpec(scale, causal, q_offset, k_offset, q_tile, k_tile, score_mod)
-    return _TiledAttention.apply(q, k, v, key_padding_mask, spec)
+    hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(), q_idx=q_offset,
+                                                  kv_idx=k_offset)
+    spec = TileSpec(scale, causal, q_offset, k_offset, q_tile, k_tile, hook)
+    return _TiledAttention.apply(q, k, v, key_padding_mask, spec, *(hook.captured if hook else ()))

@@ -136,16 +136,20 @@ def grad_inputs(out: torch.Tensor, lse: torch.Tensor, d_out: torch.Tensor, d_lse
 
 
 def grad_step(scores: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, q: torch.Tensor, d_out: torch.Tensor,
-              k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              k: torch.Tensor, v: torch.Tensor, to_raw=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk of FlashAttention-2's backward: ``(dq, dk, dv)`` contributions, before the ``scale`` factor.
 
     ``scores (..., R, K)`` are the chunk's scaled scores (-inf where invisible;
     overwritten), ``lse``/``delta (..., R, 1)`` from :func:`grad_inputs`,
     ``q``/``d_out (..., R, D)`` the unscaled query rows and their output
     gradient, ``k``/``v (..., K, D)`` the chunk's keys and values. Multiply
-    the accumulated ``dq`` and ``dk`` by ``scale``.
+    the accumulated ``dq`` and ``dk`` by ``scale``. With a score_mod the
+    scores are the modified ones and ``to_raw`` (:meth:`attnzoo.core.scoremod.ModHook.recompute`)
+    maps their gradient back to the raw ``q·kᵀ``.
     """
     p = scores.sub_(lse).exp_()
     dv = torch.matmul(p.transpose(-1, -2), d_out)
     ds = p.mul_(torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta))
+    if to_raw is not None:
+        ds = to_raw(ds)
     return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv

@@ -10,6 +10,8 @@ import inspect
 from typing import Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from ..errors import AttnZooError
 from .partial import Partial, merge
@@ -63,13 +65,99 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> Par
     return merge(Partial(out, lse), Partial(torch.zeros_like(out), sink_lse))
 
 
+class ModHook:
+    """A score_mod bound to one engine call: the one place the tiled engine and the block-sparse executor
+    apply it, in the forward and in their recomputing backward.
+
+    The engines form each tile's raw scores (already scaled) and the index tensors ``b, h, q_idx, kv_idx``
+    broadcastable to them, then call :meth:`scores` (forward: the mod, possibly in place) or
+    :meth:`recompute` (backward: the mod under autograd, plus the map from the gradient of the modified
+    scores to that of the raw ones). Tensors the mod closes over that require grad (``captured``, found by
+    :func:`captured_tensors`) are extra inputs of the engines' autograd functions; their gradients are
+    summed over tiles into the ``grads`` list :meth:`recompute` is given.
+    """
+
+    def __init__(self, score_mod: ScoreMod, *, like: torch.Tensor, grad: bool, q_idx: int = 0,
+                 kv_idx: int = 0) -> None:
+        self.fn = score_mod
+        self.captured = captured_tensors(score_mod, like, q_idx, kv_idx) if grad else ()
+
+    def scores(self, s: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
+        """The modified scores of a tile (forward, no autograd: the mod may update ``s`` in place)."""
+        with torch.no_grad():
+            return call_score_mod(self.fn, s, b, h, q_idx, kv_idx)
+
+    def recompute(self, s: torch.Tensor, b, h, q_idx, kv_idx, grads: list):
+        """``(modified scores (a fresh tensor), to_raw)``: ``to_raw(ds)`` is the gradient of the raw scores
+        given ``ds`` of the modified ones, and adds the captured tensors' gradients into ``grads``."""
+        raw = s.detach().requires_grad_(True)
+        with torch.enable_grad():
+            mod = call_score_mod(self.fn, raw, b, h, q_idx, kv_idx)
+        if not mod.requires_grad:  # the mod ignores the scores (a constant): no gradient to them or anything
+            return mod.detach().clone(), torch.zeros_like
+
+        def to_raw(ds: torch.Tensor) -> torch.Tensor:
+            got = torch.autograd.grad(mod, (raw, *self.captured), ds.reshape(mod.shape), allow_unused=True)
+            for i, g in enumerate(got[1:]):
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+            return torch.zeros_like(ds) if got[0] is None else got[0].reshape(ds.shape)
+
+        return mod.detach().clone(), to_raw
+
+    def input_grads(self, grads: list) -> tuple:
+        """The captured tensors' gradients for an autograd function's backward (zeros where none reached)."""
+        return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(self.captured, grads))
+
+
+class _Reads(TorchFunctionMode):
+    """Records the tensors requiring grad that torch operations read without having made them."""
+
+    def __init__(self, own: tuple[torch.Tensor, ...]) -> None:
+        super().__init__()
+        self.made = {id(t): t for t in own}  # kept alive so ids stay unique during the call
+        self.read: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.made:
+                self.read[id(t)] = t
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.made[id(t)] = t
+        return out
+
+
+def captured_tensors(score_mod: ScoreMod, like: torch.Tensor, q_idx: int = 0, kv_idx: int = 0
+                     ) -> tuple[torch.Tensor, ...]:
+    """The tensors requiring grad that ``score_mod`` reads from outside (a learnable bias table, slopes).
+
+    Found by running the mod once on a one-element score (batch 0, head 0, one valid query / key position)
+    under a torch function mode that records every tensor argument the mod did not create (FlexAttention
+    lifts them by tracing instead). A mod that picks its tensors by Python branching on index *values*
+    should read all of them on this probe.
+    """
+    score = like.new_zeros(1, 1, 1, 1).requires_grad_(True)
+    idx = [torch.full((1, 1, 1, 1), i, dtype=torch.long, device=like.device) for i in (0, 0, q_idx, kv_idx)]
+    rec = _Reads((score, *idx))
+    with torch.enable_grad(), rec:
+        score_mod(score, *idx)
+    return tuple(rec.read.values())
+
+
+def tile_index(shape: tuple[int, int, int, int], q_offset: int, k_offset: int, head_offset: int = 0, device=None):
+    """``(b, h, q_idx, kv_idx)`` broadcastable to ``(B, H, Nq, Nk)`` scores of contiguous positions."""
+    B, H, len_q, len_k = shape
+    return (torch.arange(B, device=device).view(B, 1, 1, 1),
+            torch.arange(head_offset, head_offset + H, device=device).view(1, H, 1, 1),
+            torch.arange(q_offset, q_offset + len_q, device=device).view(1, 1, len_q, 1),
+            torch.arange(k_offset, k_offset + len_k, device=device).view(1, 1, 1, len_k))
+
+
 def apply_score_mod(score_mod: ScoreMod, scores: torch.Tensor, q_offset: int, k_offset: int,
                     head_offset: int = 0) -> torch.Tensor:
     """``score_mod`` on ``(B, H, Nq, Nk)`` scores with broadcastable batch, head and position indices."""
-    B, H, len_q, len_k = scores.shape
-    dev = scores.device
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    h = torch.arange(head_offset, head_offset + H, device=dev).view(1, H, 1, 1)
-    qi = torch.arange(q_offset, q_offset + len_q, device=dev).view(1, 1, len_q, 1)
-    kj = torch.arange(k_offset, k_offset + len_k, device=dev).view(1, 1, 1, len_k)
-    return call_score_mod(score_mod, scores, b, h, qi, kj)
+    return call_score_mod(score_mod, scores, *tile_index(scores.shape, q_offset, k_offset, head_offset,
+                                                         scores.device))
