@@ -57,9 +57,11 @@ class Verdict:
     backend: str
     runs: bool
     reasons: tuple[str, ...] = ()
+    note: str = ""  # how it runs, when that differs from the usual path
 
     def __str__(self) -> str:
-        return f"{self.backend}: " + ("runs" if self.runs else "no: " + "; ".join(self.reasons))
+        return f"{self.backend}: " + ("runs" + (f" ({self.note})" if self.note else "") if self.runs
+                                      else "no: " + "; ".join(self.reasons))
 
 
 # ------------------------------------------------------------ environment
@@ -291,15 +293,18 @@ def choose(method, backend: str, case: Case) -> Runner | None:
 
 
 def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,
-            key_padding_mask: torch.Tensor | None = None, return_lse: bool = False, **params: Any) -> list[Verdict]:
+            key_padding_mask: torch.Tensor | None = None, return_lse: bool = False, score_mod=None,
+            **params: Any) -> list[Verdict]:
     """Every backend and whether it would run ``attention(q, k, v, method=method, ...)``, with its reasons.
 
     The first line is what ``backend="auto"`` picks. A capability the method
-    itself lacks (e.g. gradients) is a reason for every backend.
+    itself lacks (e.g. gradients, a score_mod) is a reason for every backend.
     """
     from .api import configure
     from .checks import check_qkv
     m, inputs, _ = configure(method, params)
+    if score_mod is not None:
+        inputs = {**inputs, "score_mod": score_mod}
     prob = check_qkv(q, k, v, key_padding_mask, None)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     case = Case(q, k, v, causal, key_padding_mask, return_lse, grad, inputs)
@@ -307,15 +312,18 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
     try:
         m.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask, return_lse=return_lse,
                              grad=grad)
+        m.check_routes(prob, q.device, score_mod=score_mod, sinks=None)
     except UnsupportedError as e:
         base.append(str(e))
     rows = []
     for b in BACKENDS:
         why = base + _verdict(m, b, case)[0]
-        rows.append(Verdict(b, not why, tuple(why)))
+        note = ("score_mod: on the generic engines (tiled, the block-sparse slot loop), never the fused CPU "
+                "kernels" if b == "torch" and score_mod is not None else "")
+        rows.append(Verdict(b, not why, tuple(why), note))
     auto = "torch" if choose(m, "auto", case) is None else "triton"
     picked = next(r for r in rows if r.backend == auto)
-    rows.insert(0, Verdict(f"auto ({auto})", picked.runs, picked.reasons))
+    rows.insert(0, Verdict(f"auto ({auto})", picked.runs, picked.reasons, picked.note))
     return rows
 
 

@@ -18,7 +18,18 @@ from attnzoo import mods
 from attnzoo.cache import KVCache
 
 F64 = torch.float64
-SCORE_MOD_METHODS = sorted(n for n, c in az.methods().items() if c.supports.score_mod)
+#: methods that equal exact attention with the mod (anchor: without cu_seqlens it is causal exact)
+SCORE_MOD_METHODS = ["anchor", "exact", "exact_tiled", "flash_decode", "naive"]
+#: layout methods (block-sparse executor) with small sizes, so their key sets are sparse at ~20 tokens
+LAYOUT_MOD_METHODS = {
+    "adaspa": dict(block=4, coverage=0.7), "bigbird": dict(window=2, n_global=2, n_random=1, block=4),
+    "block_sparse": dict(mask_mod=lambda b, h, qi, kj: (qi + 2 * kj) % 3 != 0, block=4),
+    "block_topk": dict(block=4, topk=2), "dilated_window": dict(window=3, dilation=2, block=4),
+    "hip": dict(block=4, topk=2), "longheads": dict(block=4, chunks=2),
+    "shifted_sparse": dict(group=6, block=4), "sliding_window": dict(window=3, block=4),
+    "streaming": dict(sinks=2, window=3, block=4), "strided": dict(stride=3, local=2, block=4),
+    "vertical_slash": dict(last_q=4, n_vertical=3, n_slash=2, sinks=1, block=4),
+}
 
 
 def qkv(B=2, Hq=4, Hkv=2, Nq=11, Nk=13, D=8, grad=True, seed=0):
@@ -124,6 +135,92 @@ def test_score_mod_under_half_precision_and_no_grad_is_finite():
     with torch.no_grad():
         out = az.attention(q, k, v, method="exact", causal=True, score_mod=mods.softcap(5.0))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_every_score_mod_method_is_tested():
+    declared = {n for n, c in az.methods().items() if c.supports.score_mod}
+    assert declared == set(SCORE_MOD_METHODS) | set(LAYOUT_MOD_METHODS)
+
+
+def _visible(method, q, k, causal):
+    """The keys ``method`` reads, ``(B, Hq, Nq, Nk)``: its output with one-hot values (the selection of a
+    dynamic method depends on q and k only)."""
+    B, Hkv, Nk, _ = k.shape
+    eye = torch.eye(Nk, dtype=F64).expand(B, Hkv, Nk, Nk)
+    with torch.no_grad():
+        return method(q.detach(), k.detach(), eye, causal=causal) > 0
+
+
+@settings(max_examples=24, deadline=None, derandomize=True)
+@given(name=st.sampled_from(sorted(LAYOUT_MOD_METHODS)), B=st.integers(1, 2), heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
+       Nq=st.integers(1, 20), extra=st.integers(0, 6), causal=st.booleans(), which=st.integers(0, 2))
+def test_layout_methods_apply_score_mods_like_the_dense_reference(name, B, heads, Nq, extra, causal, which):
+    """Sparse methods with a score_mod equal the dense float64 reference with the same mod restricted to the
+    keys the method reads: values, lse, and gradients to q, k, v and a learnable bias table."""
+    cls = az.methods()[name]
+    causal = causal or not cls.supports.noncausal
+    Nk = Nq + extra if causal else max(1, Nq + extra - 3)  # decode-shaped Nq < Nk; Nq > Nk when non-causal
+    q, k, v = qkv(B=B, Hq=heads[0], Hkv=heads[1], Nq=Nq, Nk=Nk, seed=Nq * 7 + extra)
+    Hq = heads[0]
+    method = az.get(name, **LAYOUT_MOD_METHODS[name])
+    vis = _visible(method, q, k, causal)
+    dist = distance(Nq, Nk)
+    table = torch.randn(Hq, 7, dtype=F64, requires_grad=True)
+    slopes = mods.alibi_slopes(Hq).to(F64)
+    score_mod, ref = [
+        (mods.relative_bias(table), lambda: dict(bias=table[:, dist.clamp(-3, 3) + 3])),
+        (mods.compose(mods.alibi(slopes), mods.softcap(2.0)), lambda: dict(bias=slopes[:, None, None] * dist, cap=2.0)),
+        (mods.compose(mods.relative_bias(table), mods.softcap(1.5)),
+         lambda: dict(bias=table[:, dist.clamp(-3, 3) + 3], cap=1.5)),
+    ][which]
+    got = method(q, k, v, causal=causal, score_mod=score_mod, return_lse=True)
+    want = dense(q, k, v, causal=causal, mask=vis, **ref())
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, table] if which != 1 else [q, k, v])
+    with torch.no_grad():  # inference: the mod in the executor's forward (the generic slot loop)
+        fast = method(q, k, v, causal=causal, score_mod=score_mod, return_lse=True)
+    torch.testing.assert_close(fast[0], want[0].detach(), atol=1e-12, rtol=1e-10)
+
+
+def test_layout_score_mod_with_padding_sinks_and_varlen():
+    """The executor's mod with a key padding mask, learnable sinks and packed sequences (positions restart
+    per sequence) against dense references."""
+    q, k, v = qkv(B=2, Nq=13, Nk=13)
+    pad = torch.ones(2, 13, dtype=torch.bool)
+    pad[1, 9:] = False
+    table = torch.randn(4, 7, dtype=F64, requires_grad=True)
+    sinks = torch.randn(4, dtype=F64, requires_grad=True)
+    method = az.get("sliding_window", window=4, block=4)
+    got = method(q, k, v, causal=True, key_padding_mask=pad, score_mod=mods.relative_bias(table), sinks=sinks,
+                 return_lse=True)
+    band = (distance(13, 13) > -4) & (distance(13, 13) <= 0)
+    want = dense(q, k, v, causal=True, bias=table[:, distance(13, 13).clamp(-3, 3) + 3], sinks=sinks,
+                 mask=band & pad[:, None, None, :])
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, table, sinks])
+    cu = torch.tensor([0, 5, 13], dtype=torch.int32)
+    q1, k1, v1 = (t[:1] for t in (q, k, v))
+    packed = method(q1, k1, v1, causal=True, score_mod=mods.relative_bias(table), cu_seqlens_q=cu, cu_seqlens_k=cu)
+    for a, b in ((0, 5), (5, 13)):
+        one = method(q1[:, :, a:b], k1[:, :, a:b], v1[:, :, a:b], causal=True, score_mod=mods.relative_bias(table))
+        torch.testing.assert_close(packed[:, :, a:b], one, atol=1e-12, rtol=1e-10)
+
+
+def test_layout_engine_override_and_kernels_refuse_score_mod():
+    from attnzoo.backends import explain
+    from attnzoo.core.blocksparse import LAYOUT_ENGINE, BlockLayout, attend
+
+    q, k, v = qkv(B=1, grad=False, Nq=8, Nk=8)
+    lay = BlockLayout.from_mask_mod(lambda b, h, qi, kj: kj <= qi, len_q=8, len_k=8, block=4)
+    with LAYOUT_ENGINE.use(lambda *a, **kw: None), pytest.raises(az.UnsupportedError, match="score_mod"):
+        attend(q, k, v, lay, scale=1.0, causal=True, score_mod=mods.softcap(2.0))
+    for name in ("exact", "sliding_window"):
+        rows = {r.backend: r for r in explain(name, q, k, v, causal=True, score_mod=mods.softcap(2.0))}
+        assert any("score_mod" in why for why in rows["triton"].reasons)
+        assert rows["torch"].runs
+        with pytest.raises(az.UnsupportedError, match="score_mod"):
+            az.attention(q, k, v, method=name, causal=True, score_mod=mods.softcap(2.0), backend="triton")
 
 
 def test_mask_combinators():
@@ -277,8 +374,8 @@ def test_varlen_needs_batch_one():
 
 # ---------------------------------------------------------- unsupported
 @pytest.mark.parametrize("method,kwargs,match", [
-    ("sliding_window", dict(score_mod=mods.softcap(3.0), window=4), "score_mod"),
-    ("streaming", dict(score_mod=mods.softcap(3.0)), "score_mod"),
+    ("lsh", dict(score_mod=mods.softcap(3.0)), "score_mod"),
+    ("routing", dict(score_mod=mods.softcap(3.0)), "score_mod"),
     ("linear", dict(sinks=torch.zeros(4, dtype=F64)), "sinks"),
     ("linformer", dict(cu_seqlens_q=torch.tensor([0, 13], dtype=torch.int32),
                        cu_seqlens_k=torch.tensor([0, 13], dtype=torch.int32)), "cu_seqlens"),

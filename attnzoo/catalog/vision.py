@@ -249,6 +249,7 @@ class AdaSpa(LayoutMethod):
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
         return [self.search(q, k, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)]
 
-    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
         lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
-        return attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+        return attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                          score_mod=score_mod)

@@ -41,6 +41,7 @@ from .fused import attend_band, attend_token_union, band_plan, fix_empty_rows, f
 from .masks import MaskMod, call_mask_mod, check_mask_mod
 from .override import Override
 from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, merge
+from .scoremod import ModHook, ScoreMod
 
 #: :func:`attend`'s replacement inside ``LAYOUT_ENGINE.use(impl)`` (a kernel backend; no custom query positions)
 LAYOUT_ENGINE = Override("attnzoo_layout_engine")
@@ -355,7 +356,9 @@ class _Plan:
     """Everything one executor call needs besides q/k/v: the layout as slots of key units."""
 
     def __init__(self, layout: Layout, *, batch: int, heads_q: int, heads_kv: int, len_q: int, len_k: int,
-                 scale: float, causal: bool, q_positions: torch.Tensor | None, device) -> None:
+                 scale: float, causal: bool, q_positions: torch.Tensor | None, device,
+                 mod: ModHook | None = None) -> None:
+        self.mod = mod
         lb, lh = check_layout(layout, batch=batch, heads_q=heads_q, heads_kv=heads_kv, len_q=len_q, len_k=len_k,
                               causal=causal)
         self.scale, self.causal, self.len_q, self.len_k = scale, causal, len_q, len_k
@@ -419,6 +422,18 @@ class _Plan:
         return t.reshape(B, self.heads_q, nq * self.rows, X)[:, :, :self.len_q]
 
     # ------------------------------------------------------------ one slot
+    def mod_index(self, u: torch.Tensor, batch: int):
+        """``(b, h, q_idx, kv_idx)`` of the score_mod, broadcastable to a slot's scores ``(B, Hkv, Gl, nq, R, W)``:
+        query heads ``h`` (rows are ``gr`` query heads of ``rows`` positions), key positions of the units ``u``."""
+        dev = u.device
+        gr, R = self.heads_q // self.heads_kv // self.gl, self.q_pos.shape[-1]
+        head = (torch.arange(self.heads_kv, device=dev).view(-1, 1) * self.gl + torch.arange(self.gl, device=dev))
+        h = head.view(1, self.heads_kv, self.gl, 1, 1, 1) * gr + (torch.arange(R, device=dev) // self.rows).view(
+            1, 1, 1, 1, R, 1)
+        kpos = (u.unsqueeze(-1) * self.unit + torch.arange(self.unit, device=dev)).flatten(-2)
+        return (torch.arange(batch, device=dev).view(batch, 1, 1, 1, 1, 1), h,
+                self.q_pos.clamp(max=self.len_k - 1).unsqueeze(-1), kpos.clamp(0, self.len_k - 1).unsqueeze(-2))
+
     def flat_index(self, u: torch.Tensor, batch: int) -> torch.Tensor:
         """Row indices into the ``(B·Hkv·n_units, unit·X)`` view of K or V: ``(B, Hkv, Gl, n, U)``."""
         b = torch.arange(batch, device=u.device).view(batch, 1, 1, 1, 1) * self.heads_kv
@@ -527,18 +542,26 @@ def _slots(plan: _Plan):
             yield s, u
 
 
-def _slot_scores(q_rows, k_units, v_units, plan: _Plan, s: int, u: torch.Tensor, pad_flat, batch: int):
-    """Scores of the (scaled) query rows against slot ``s``'s keys, invisible ones at -inf.
+def _slot_scores(q_rows, k_units, v_units, plan: _Plan, s: int, u: torch.Tensor, pad_flat, batch: int,
+                 mod_grads: list | None = None):
+    """Scores of the (scaled) query rows against slot ``s``'s keys, modified by the call's score_mod,
+    invisible ones at -inf.
 
-    Returns ``(scores, keys, values, flat)``: the gathered keys and values of
-    the slot and their row indices (where the backward pass scatters dK, dV).
+    Returns ``(scores, keys, values, flat, to_raw)``: the gathered keys and values of
+    the slot, their row indices (where the backward pass scatters dK, dV) and, in the backward
+    (``mod_grads`` given) with a score_mod, its ``to_raw`` (see :class:`~attnzoo.core.scoremod.ModHook`).
     """
     flat = plan.flat_index(u, batch)
     width = u.shape[-1] * plan.unit
     kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
     sc = torch.matmul(q_rows, kb.transpose(-1, -2))
+    to_raw = None
+    if plan.mod is not None:
+        idx = plan.mod_index(u, batch)
+        sc, to_raw = (plan.mod.scores(sc, *idx), None) if mod_grads is None else plan.mod.recompute(sc, *idx,
+                                                                                                   mod_grads)
     _apply_mask(sc, *plan.slot_mask(s, u, pad_flat, batch))
-    return sc, kb, vb, flat
+    return sc, kb, vb, flat, to_raw
 
 
 def _forward(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -548,13 +571,13 @@ def _forward(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
     pad_flat = None if pad is None else pad.reshape(-1)
     soft = OnlineSoftmax(qb.shape[:-1], dim_v, like=qb)
     for s, u in _slots(plan):
-        sc, _, vb, _ = _slot_scores(qb, k_units, v_units, plan, s, u, pad_flat, B)
+        sc, _, vb, _, _ = _slot_scores(qb, k_units, v_units, plan, s, u, pad_flat, B)
         soft.add(sc, vb)
     out, lse = soft.result()
     return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)
 
 
-def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan):
+def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan, mod_grads: list):
     B = q.shape[0]
     qb = plan.to_rows(q)
     qs = qb * plan.scale
@@ -567,8 +590,8 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan):
     dqb = torch.zeros_like(qb)
     pad_flat = None if pad is None else pad.reshape(-1)
     for s, u in _slots(plan):
-        sc, kb, vb, flat = _slot_scores(qs, k_units, v_units, plan, s, u, pad_flat, B)
-        dq_blk, dk_blk, dv_blk = grad_step(sc, lse_r, delta_r, qb, dob, kb, vb)
+        sc, kb, vb, flat, to_raw = _slot_scores(qs, k_units, v_units, plan, s, u, pad_flat, B, mod_grads)
+        dq_blk, dk_blk, dv_blk = grad_step(sc, lse_r, delta_r, qb, dob, kb, vb, to_raw)
         dqb += dq_blk
         idx = flat.reshape(-1)
         dk_units.index_add_(0, idx, dk_blk.reshape(idx.numel(), -1))
@@ -635,10 +658,13 @@ def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tupl
 
 
 class _LayoutAttention(torch.autograd.Function):
-    """Forward on the fused kernel where it applies; the backward recomputes slot by slot from (out, lse)."""
+    """Forward on the fused kernel where it applies; the backward recomputes slot by slot from (out, lse).
+
+    ``*captured``: the tensors the score_mod closes over that require grad (inputs, so they get gradients).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, pad, plan, layout, fused):  # noqa: D401  (autograd signature)
+    def forward(ctx, q, k, v, pad, plan, layout, fused, *captured):  # noqa: D401  (autograd signature)
         out, lse = _forward_any(q, k, v, pad, plan, layout, fused)
         ctx.save_for_backward(q, k, v, pad, out, lse)
         ctx.plan = plan
@@ -647,18 +673,24 @@ class _LayoutAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, pad, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, pad, out, lse, d_out.contiguous(), d_lse, ctx.plan)
-        return dq, dk, dv, None, None, None, None
+        mod = ctx.plan.mod
+        grads = [None] * (len(mod.captured) if mod is not None else 0)
+        dq, dk, dv = _backward(q, k, v, pad, out, lse, d_out.contiguous(), d_lse, ctx.plan, grads)
+        return dq, dk, dv, None, None, None, None, *(mod.input_grads(grads) if mod is not None else ())
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, scale: float, causal: bool,
-           key_padding_mask: torch.Tensor | None = None,
-           q_positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           key_padding_mask: torch.Tensor | None = None, q_positions: torch.Tensor | None = None,
+           score_mod: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact softmax attention restricted to ``layout``; differentiable. Returns ``(out, lse)``.
 
     ``q_positions`` (``(B|1, Hq|1, Nq)`` absolute positions) overrides the
     default ``i + Nk - Nq`` for the causal test, for callers that pass a
-    gathered subset of query rows.
+    gathered subset of query rows. ``score_mod`` (:mod:`attnzoo.mods`; it sees
+    those positions as ``q_idx``) modifies each slot's scores in the forward and
+    in the recomputing backward; a call with one always runs the generic slot
+    loop, since the fused CPU paths (:mod:`attnzoo.core.fused`, PyTorch's flash
+    kernel) take no score modification.
     """
     if not isinstance(layout, (BlockLayout, TokenLayout)):
         raise AttnZooError(f"layout: expected a BlockLayout or TokenLayout, got {type(layout).__name__}")
@@ -666,13 +698,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     if impl is not None:
         if q_positions is not None:
             raise UnsupportedError("layout engine override: custom query positions (q_positions) are not supported")
+        if score_mod is not None:
+            raise UnsupportedError("layout engine override: score_mod is not supported")
         return impl(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(),
+                                                  q_idx=max(0, Nk - 1), kv_idx=0)
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
-                 q_positions=q_positions, device=q.device)
-    fused = fused_applies(q, v, q_positions)
-    return _LayoutAttention.apply(q, k, v, key_padding_mask, plan, layout, fused)
+                 q_positions=q_positions, device=q.device, mod=hook)
+    fused = hook is None and fused_applies(q, v, q_positions)
+    return _LayoutAttention.apply(q, k, v, key_padding_mask, plan, layout, fused, *(hook.captured if hook else ()))
 
 
 def _cached_band_plan(layout: BlockLayout, causal: bool):
@@ -686,8 +722,9 @@ def _cached_band_plan(layout: BlockLayout, causal: bool):
 
 
 def attend_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: Sequence[Layout], *, scale: float,
-               causal: bool, key_padding_mask: torch.Tensor | None = None) -> Partial:
-    """Attend each layout and merge by lse; the layouts' key sets must be disjoint."""
-    parts = [Partial(*attend(q, k, v, lay, scale=scale, causal=causal, key_padding_mask=key_padding_mask))
-             for lay in layouts]
+               causal: bool, key_padding_mask: torch.Tensor | None = None,
+               score_mod: ScoreMod | None = None) -> Partial:
+    """Attend each layout (with the same ``score_mod``) and merge by lse; the layouts' key sets must be disjoint."""
+    parts = [Partial(*attend(q, k, v, lay, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                             score_mod=score_mod)) for lay in layouts]
     return merge(*parts)

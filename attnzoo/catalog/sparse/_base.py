@@ -14,13 +14,17 @@ from ...core.blocksparse import BlockLayout, Layout, attend_all, query_block_pos
 from ...registry import Method, Supports
 
 SPARSE_SUPPORTS = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True, sinks=True, varlen=True)
+#: layout methods also take a score_mod: the executor applies it to the scores of the keys the layouts select
+#: (dynamic methods select on the unmodified scores)
+LAYOUT_SUPPORTS = dataclasses.replace(SPARSE_SUPPORTS, score_mod=True)
 
 
 @dataclass(frozen=True)
 class LayoutMethod(Method):
-    """A method that is exact attention over the key set its :meth:`layouts` selects."""
+    """A method that is exact attention over the key set its :meth:`layouts` selects (with a ``score_mod``:
+    exact attention with that mod over the same key set; the selection does not see the mod)."""
 
-    supports: ClassVar[Supports] = SPARSE_SUPPORTS
+    supports: ClassVar[Supports] = LAYOUT_SUPPORTS
 
     def build_layouts(self, q: torch.Tensor, k: torch.Tensor, prob: Problem, *, causal: bool,
                       key_padding_mask: torch.Tensor | None) -> list[Layout]:
@@ -33,9 +37,10 @@ class LayoutMethod(Method):
         prob = check_qkv(q, k, k, key_padding_mask)
         return self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
 
-    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
         lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
-        out, lse = attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+        out, lse = attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                              score_mod=score_mod)
         return out, lse
 
 

@@ -7,6 +7,7 @@ returns what it chose, so ``block_sparse(layout=...)`` can replay it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,9 +18,9 @@ from ...checks import Problem
 from ...core.blocksparse import BlockLayout, TokenLayout, _compact
 from ...core.gqa import fold_groups, unfold_groups
 from ...registry import Family, Supports, param, register
-from ._base import LayoutMethod, block_positions
+from ._base import LAYOUT_SUPPORTS, LayoutMethod, block_positions
 
-_CAUSAL_ONLY = Supports(causal=True, noncausal=False, decode=True, grad=True, lse=True, sinks=True, varlen=True)
+_CAUSAL_ONLY = dataclasses.replace(LAYOUT_SUPPORTS, noncausal=False)
 
 
 # ---------------------------------------------------------------- shared estimators

@@ -191,14 +191,14 @@ class BigBird(StaticMethod):
 
         return [static_block_layout(as_layout_rows(band, glob, rand), mask_mod, prob, bs, causal)]
 
-    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
         out, lse = super().forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
-                                   return_lse=return_lse)
+                                   return_lse=return_lse, score_mod=score_mod)
         rows = max(0, min(prob.len_q, self.n_global - _offset(prob)))  # queries at p < n_global see everything
         if rows == 0:
             return out, lse
         g_out, g_lse = tiled_attention(q[:, :, :rows], k, v, scale=prob.scale, causal=causal,
-                                       key_padding_mask=key_padding_mask, q_offset=_offset(prob))
+                                       key_padding_mask=key_padding_mask, q_offset=_offset(prob), score_mod=score_mod)
         return torch.cat([g_out.to(out.dtype), out[:, :, rows:]], 2), torch.cat([g_lse.to(lse.dtype),
                                                                                  lse[:, :, rows:]], 2)
 
