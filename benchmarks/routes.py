@@ -1,8 +1,10 @@
 """score_mod overhead and packed (varlen) batches against padded ones (B=1, H=8, D=64, fp32, causal).
 
 1. score_mod at N (default 4096): each method with and without a mod (alibi, softcap, relative_bias),
-   inference and training (forward + backward); ``mod ÷ plain`` is the overhead (target <= 1.3 on CPU
-   for inference), ``× SDPA`` = SDPA time ÷ ours.
+   inference and training (forward + backward; relative_bias with a learnable table); ``mod ÷ plain`` is
+   the overhead (target <= 1.3 on CPU for inference), ``× SDPA`` = SDPA time ÷ ours (forward + backward:
+   SDPA's). Methods: exact (SDPA without a mod, the tiled engine with one), exact_tiled, and
+   sliding_window (window 512: the block-sparse executor; with a mod its generic slot loop).
 2. varlen: ``--docs`` sequences of random lengths (seeded) summing to ``--total`` tokens, packed
    (``cu_seqlens``, each sequence its own call) against the same sequences as a right-padded batch with a
    key padding mask (one SDPA call); ``padded ÷ packed`` is the speed-up (target >= 1.5).
@@ -38,34 +40,37 @@ def best(fn, repeats: int) -> float:
     return min(time_calls(fn, repeat=repeats, budget_s=120.0).runs)
 
 
+METHODS = {"exact": {}, "exact_tiled": {}, "sliding_window": {"window": 512}}
+
+
 def score_mod_table(n: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, n, D, generator=g) for _ in range(3))
     table = torch.randn(H, 257, generator=g)
-    mod_list = {"alibi": mods.alibi(mods.alibi_slopes(H)), "softcap": mods.softcap(30.0),
-                "relative_bias": mods.relative_bias(table)}
-    sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
-    print(f"\n## score_mod at N={n} (B=1, H={H}, D={D}, causal, fp32, {torch.get_num_threads()} thread(s))\n")
-    print(f"SDPA causal: {sdpa:.3f} s; `exact` without a mod is SDPA, with one the tiled engine (plain tiled: "
-          "the exact_tiled rows)\n")
-    print("| method | mod | mode | plain s | with mod s | mod ÷ plain | × SDPA (with mod) |\n|---|---|---|---|---|---|---|")
-    for method in ("exact", "exact_tiled"):
-        with torch.no_grad():
-            plain = best(lambda: az.attention(q, k, v, method=method, causal=True), repeats)
-            for name, m in mod_list.items():
-                t = best(lambda: az.attention(q, k, v, method=method, causal=True, score_mod=m), repeats)
-                print(f"| {method} | {name} | inference | {plain:.3f} | {t:.3f} | {t / plain:.2f} | {sdpa / t:.2f} |")
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     tab = table.clone().requires_grad_(True)
+    mod_list = {"alibi": mods.alibi(mods.alibi_slopes(H)), "softcap": mods.softcap(30.0),
+                "relative_bias": mods.relative_bias(tab)}
+    sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
+    sdpa_train = best(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward(), repeats)
+    print(f"\n## score_mod at N={n} (B=1, H={H}, D={D}, causal, fp32, {torch.get_num_threads()} thread(s))\n")
+    print(f"SDPA causal: {sdpa:.3f} s forward, {sdpa_train:.3f} s forward + backward; `exact` without a mod is "
+          "SDPA, with one the tiled engine (plain tiled: the exact_tiled rows)\n")
+    print("| method | mod | mode | plain s | with mod s | mod ÷ plain | × SDPA (with mod) |\n|---|---|---|---|---|---|---|")
+    for method, params in METHODS.items():
+        def infer(score_mod=None):
+            with torch.no_grad():
+                az.attention(q, k, v, method=method, causal=True, score_mod=score_mod, **params)
 
-    def train(score_mod=None):
-        out = az.attention(qg, kg, vg, method="exact", causal=True, score_mod=score_mod)
-        out.sum().backward()
+        def train(score_mod=None):
+            az.attention(qg, kg, vg, method=method, causal=True, score_mod=score_mod, **params).sum().backward()
 
-    plain = best(train, repeats)
-    for name, m in {"alibi": mods.alibi(mods.alibi_slopes(H)), "relative_bias": mods.relative_bias(tab)}.items():
-        t = best(lambda: train(m), repeats)
-        print(f"| exact | {name} | fwd+bwd | {plain:.3f} | {t:.3f} | {t / plain:.2f} | |")
+        for mode, fn, ref in (("inference", infer, sdpa), ("fwd+bwd", train, sdpa_train)):
+            plain = best(fn, repeats)
+            for name, m in mod_list.items():
+                t = best(lambda: fn(m), repeats)
+                print(f"| {method} | {name} | {mode} | {plain:.3f} | {t:.3f} | {t / plain:.2f} | {ref / t:.2f} |",
+                      flush=True)
 
 
 def varlen_table(total: int, docs: int, repeats: int) -> None:
@@ -110,12 +115,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="N=512, 8 documents summing to 2K")
+    ap.add_argument("--only", choices=("score_mod", "varlen"), help="run one table")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.quick:
         a.n, a.total, a.repeats = 512, 2048, 2
-    score_mod_table(a.n, a.repeats)
-    varlen_table(a.total, a.docs, a.repeats)
+    if a.only != "varlen":
+        score_mod_table(a.n, a.repeats)
+    if a.only != "score_mod":
+        varlen_table(a.total, a.docs, a.repeats)
 
 
 if __name__ == "__main__":
