@@ -7,8 +7,10 @@ broadcastable to it: batch row ``b``, *query* head ``h``, query position ``q_idx
 ``i`` of ``Nq`` sits at ``Nk - Nq + i``, so a mod written for self-attention also holds for decode
 steps and chunked prefill (for ``Nq == Nk`` this is exactly FlexAttention's ``q_idx``). Masking is
 applied after the mod. The scores tensor belongs to the engine: outside autograd a mod may update it
-in place (the helpers do, which saves a full pass over each tile). Write mods with elementwise torch ops and broadcasting indexing; gradients
-reach q, k, v and every tensor the mod closes over (a learnable bias table).
+in place (the helpers do, which saves a full pass over each tile); under autograd it must not. Write mods
+with elementwise torch ops and broadcasting indexing; gradients reach q, k, v and every tensor requiring
+grad that the mod reads through torch operations (a learnable bias table; found by running the mod once,
+see :func:`attnzoo.core.scoremod.captured_tensors`).
 
 >>> import attnzoo as az
 >>> from attnzoo import mods
