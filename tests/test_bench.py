@@ -307,7 +307,7 @@ def test_advice_picks_within_max_err_and_never_a_different_model():
 def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     out = tmp_path / "quick"
     res = _bench(tmp_path, "--lengths", "32,64", "--heads", "2", "--head-dim", "8", "--repeat", "1", "--min-time", "0",
-                 "--out", str(out), timeout=110)
+                 "--out", str(out), timeout=400)
     assert res.returncode == 0, res.stderr + res.stdout
     contents = ResultsFile(out).read()
     run = contents.runs[0]
