@@ -174,3 +174,29 @@ def test_cli_show(tmp_path):
     bad = CliRunner().invoke(app, ["plan", "--calibrator", "razor", "--budget", "0.001", "--length", "512",
                                    "--out", str(tmp_path / "x.json")])
     assert bad.exit_code == 2 and "budget" in bad.output
+
+
+def test_cli_calibrates_and_eval_scores_the_plan(tmp_path):
+    """`attnzoo plan` on a saved tiny Llama (duo on passkey prompts), then the eval runner on the plan."""
+    from typer.testing import CliRunner
+
+    from _tiny_lm import save_tiny_llama
+    from attnzoo.bench.results import ResultsFile
+    from attnzoo.cli import app
+    from attnzoo.eval import cases as C
+    from attnzoo.eval import runner as R
+
+    folder = str(save_tiny_llama(tmp_path / "llama", max_positions=1024))
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--model", folder, "--calibrator", "duo", "--budget", "0.5",
+                                      "--length", "300", "-p", "prompt_length=300", "-p", "samples=1",
+                                      "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = P.load(out)
+    assert plan.calibrator["name"] == "duo" and plan.kv_fraction(300) <= 0.5
+    assert sum(plan.kind(i, h) == "full" for i in range(2) for h in range(2)) == 1
+    run = R.Plan(tasks=(("passkey", {}),), lengths=(300,), samples=1, model=folder, recall=False,
+                 cases=(C.plan_case(out),))
+    row = ResultsFile(R.run(run, tmp_path / "eval", on_note=lambda m: None)).read().cases[0]
+    assert row["status"] == "ok", row.get("reason")
+    assert row["kv_bytes"] < 0.7 * row["kv_full_bytes"]
