@@ -9,7 +9,7 @@
 The names below load on first use (PEP 562), so ``attnzoo task --help`` starts without torch.
 """
 
-import importlib
+from .._lazy import lazy_exports
 
 #: public name -> the submodule defining it
 _EXPORTS = {
@@ -22,13 +22,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'attnzoo.train' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
