@@ -73,4 +73,6 @@ def test_flex_block_mask_of_a_layout_equals_the_engine(causal):
                 got = flex_layout_attention(q, k, v, lay, scale=0.3, causal=causal, key_padding_mask=mask)
                 want = attend(q.double(), k.double(), v.double(), lay, scale=0.3, causal=causal,
                               key_padding_mask=mask)
-                assert_matches(got[0].double(), got[1].double(), *want, tol=1e-5)
+                # fp32 flex against a float64 reference: eager flex keeps lse in base 2 and converts, so its lse
+                # differs by up to ~5e-5 at |lse| ~ 4 on some CPUs (CI saw 5.1e-5); 2e-4 bounds that with margin.
+                assert_matches(got[0].double(), got[1].double(), *want, tol=2e-4)
