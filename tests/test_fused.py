@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 
 import attnzoo as az
 import attnzoo.core.blocksparse as bs
-from attnzoo.core.fused import band_plan
+from attnzoo.core.layout import band_plan
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend
 from _sparse_ref import assert_matches, band, combine, dilated, masked_reference, positions
 

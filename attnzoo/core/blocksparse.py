@@ -1,13 +1,7 @@
 """Block-sparse and token-gather attention: one layout format, one executor (docs/methods.md, Engines).
 
-A :class:`BlockLayout` says, per (batch, head, query block), which key blocks
-the block reads: a padded row list ``kv_blocks (Bl, Hl, nq, S)`` (``-1`` =
-empty slot; the ELL form of a CSR matrix, so every row has ``S`` slots) and a
-``partial`` flag for blocks whose elements need the layout's ``mask_mod``.
-Blocks without the flag are attended whole (only causality, the key tail and
-padding are masked, and only where a block touches them). A
-:class:`TokenLayout` lists explicit key tokens per group of query rows
-(vertical columns, sampled or top-k tokens).
+The layouts (:class:`BlockLayout`, :class:`TokenLayout`, re-exported here)
+live in :mod:`attnzoo.core.layout`, which also documents ``mask_mod``.
 
 :func:`attend` runs either layout: for each slot it gathers the selected key
 blocks of *every* query block with one index, does one batched matmul over
@@ -18,340 +12,35 @@ query group folds the group into the query rows. The backward pass recomputes
 the probabilities slot by slot from the saved log-sum-exp (as
 :func:`attnzoo.core.exact.tiled_backward` does), so training memory stays
 O(N · D). Results over disjoint key sets merge exactly by lse
-(:func:`attend_all`).
-
-``mask_mod(b, h, q_idx, kv_idx) -> bool`` follows FlexAttention: ``q_idx`` is
-the query index ``0..Nq-1``, ``kv_idx`` the key index, ``h`` the layout's head
-(query head when the layout has ``Hq`` heads, KV head when it has ``Hkv``, 0
-when shared). It must be elementwise: it is called on broadcastable index
-tensors, never on Python ints.
+(:func:`attend_all`). Forward passes on CPU take the fused paths of
+:mod:`attnzoo.core.fused` where they apply.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import AttnZooError, UnsupportedError
-from .fused import attend_band, attend_token_union, band_plan, fix_empty_rows, fused_applies, fused_kernel
-from .masks import MaskMod, call_mask_mod, check_mask_mod
+from .fused import attend_band, attend_token_union, fix_empty_rows, fused_applies, fused_kernel
+from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
+from .masks import call_mask_mod
 from .override import Override
 from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, merge
 from .scoremod import ModHook, ScoreMod
 
 #: :func:`attend`'s replacement inside ``LAYOUT_ENGINE.use(impl)`` (a kernel backend; no custom query positions)
 LAYOUT_ENGINE = Override("attnzoo_layout_engine")
-#: elements of one mask evaluation chunk when building layouts (bounds peak memory)
-_BUILD_CHUNK = 1 << 24
 #: keys a query block reads per executor pass (key blocks are grouped up to this width)
 _PASS_KEYS = 1024
 #: gathered key/value/mask elements per chunk of query blocks on the fused path (bounds its memory)
 _FUSED_CHUNK = 1 << 24
 
 
-# ------------------------------------------------------------------ checks
-def _check_positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise AttnZooError(f"{name}: expected a positive int, got {value!r}")
-    return value
-
-
-def _compact(keep: torch.Tensor, values: torch.Tensor, *extra: torch.Tensor):
-    """Move the kept entries of ``values (..., C)`` to the front, ``-1`` after, trimmed to the longest row.
-
-    ``extra`` tensors of the same shape are reordered alongside (False where not kept).
-    """
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
-    width = int(keep.sum(-1).max()) if keep.numel() else 0
-    order = order[..., :width]
-    kept = torch.gather(keep, -1, order)
-    vals = torch.where(kept, torch.gather(values, -1, order), torch.full_like(order, -1))
-    if not extra:
-        return vals
-    return (vals, *(torch.gather(e, -1, order) & kept for e in extra))
-
-
-def _dedupe(blocks: torch.Tensor) -> torch.Tensor:
-    """Sort each row of block indices and turn repeats into ``-1`` (a block must be read once)."""
-    srt = torch.sort(blocks, dim=-1).values
-    dup = torch.zeros_like(srt, dtype=torch.bool)
-    dup[..., 1:] = srt[..., 1:] == srt[..., :-1]
-    return torch.where(dup, torch.full_like(srt, -1), srt)
-
-
-def query_block_positions(len_q: int, len_k: int, block_q: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last absolute position ``p(i) = i + Nk - Nq`` of each query block: two ``(nq,)`` tensors."""
-    nq = -(-len_q // block_q)
-    first = torch.arange(nq, device=device) * block_q
-    last = torch.clamp(first + block_q - 1, max=len_q - 1)
-    off = len_k - len_q
-    return first + off, last + off
-
-
-# ------------------------------------------------------------------ layouts
-@dataclass(frozen=True, eq=False)
-class BlockLayout:
-    """Per (batch, head, query block): the key blocks it reads, and which need an element mask.
-
-    ``kv_blocks``: ``(Bl, Hl, nq, S)`` int64 key-block indices, ``-1`` = empty
-    slot; ``Bl`` is 1 or B and ``Hl`` is 1, Hkv or Hq (broadcast over the rest).
-    ``partial``: ``(Bl, Hl, nq, S)`` bool, True where ``mask_mod`` must be
-    applied elementwise (None = no block needs it). ``causal``: the causal mode
-    the layout was pruned for (None = valid for both).
-    """
-
-    kv_blocks: torch.Tensor
-    block_q: int
-    block_k: int
-    len_q: int
-    len_k: int
-    partial: torch.Tensor | None = None
-    mask_mod: MaskMod | None = None
-    causal: bool | None = None
-    #: reused across calls (static methods): the executor caches its element masks on it
-    reuse: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mask_cache", {} if self.reuse else None)
-        _check_positive("layout.block_q", self.block_q)
-        _check_positive("layout.block_k", self.block_k)
-        kb = self.kv_blocks
-        if not isinstance(kb, torch.Tensor) or kb.dim() != 4 or kb.dtype != torch.int64:
-            got = f"{tuple(kb.shape)} {kb.dtype}" if isinstance(kb, torch.Tensor) else type(kb).__name__
-            raise AttnZooError(f"layout.kv_blocks: expected an int64 tensor (Bl, Hl, nq, S), got {got}")
-        if kb.shape[2] != self.n_q_blocks:
-            raise AttnZooError(f"layout.kv_blocks: expected {self.n_q_blocks} query blocks (ceil(len_q={self.len_q}"
-                               f" / block_q={self.block_q})) in dim 2, got shape {tuple(kb.shape)}")
-        if kb.numel() and (int(kb.max()) >= self.n_k_blocks or int(kb.min()) < -1):
-            raise AttnZooError(f"layout.kv_blocks: expected indices in [-1, {self.n_k_blocks - 1}] "
-                               f"(ceil(len_k={self.len_k} / block_k={self.block_k}) key blocks), got "
-                               f"[{int(kb.min())}, {int(kb.max())}]")
-        if self.partial is not None and (self.partial.shape != kb.shape or self.partial.dtype != torch.bool):
-            raise AttnZooError(f"layout.partial: expected a bool tensor of shape {tuple(kb.shape)}, got "
-                               f"{tuple(self.partial.shape)} {self.partial.dtype}")
-        if self.partial is not None and self.mask_mod is None:
-            raise AttnZooError("layout.partial: partial blocks need a mask_mod, got mask_mod=None")
-        if self.mask_mod is not None:
-            check_mask_mod(self.mask_mod, "layout.mask_mod")
-
-    @property
-    def n_q_blocks(self) -> int:
-        return -(-self.len_q // self.block_q)
-
-    @property
-    def n_k_blocks(self) -> int:
-        return -(-self.len_k // self.block_k)
-
-    @property
-    def nnz(self) -> int:
-        """Number of (query block, key block) pairs read, over all batch·head rows of the layout."""
-        return int((self.kv_blocks >= 0).sum())
-
-    # ---------------------------------------------------------- builders
-    @classmethod
-    def from_indices(cls, kv_blocks: torch.Tensor, *, block_q: int, block_k: int, len_q: int, len_k: int,
-                     mask_mod: MaskMod | None = None, causal: bool | None = None) -> "BlockLayout":
-        """A layout from explicit key-block indices (dynamic methods); repeats are dropped.
-
-        With a ``mask_mod`` every listed block is masked elementwise.
-        """
-        if not isinstance(kv_blocks, torch.Tensor) or kv_blocks.dim() != 4:
-            got = tuple(kv_blocks.shape) if isinstance(kv_blocks, torch.Tensor) else type(kv_blocks).__name__
-            raise AttnZooError(f"kv_blocks: expected an int64 tensor (Bl, Hl, nq, S), got {got}")
-        blocks = _dedupe(kv_blocks.long())
-        blocks = _compact(blocks >= 0, blocks)
-        partial = None if mask_mod is None else blocks >= 0
-        return cls(blocks, block_q, block_k, len_q, len_k, partial, mask_mod, causal)
-
-    @classmethod
-    def from_block_mask(cls, block_mask: torch.Tensor, *, block_q: int, block_k: int, len_q: int, len_k: int,
-                        causal: bool | None = None) -> "BlockLayout":
-        """A layout from a dense block-level bool mask ``(Bl, Hl, nq, nk_blocks)`` (True = read)."""
-        if not isinstance(block_mask, torch.Tensor) or block_mask.dim() != 4 or block_mask.dtype != torch.bool:
-            raise AttnZooError("block_mask: expected a bool tensor (Bl, Hl, nq, nk_blocks)")
-        cols = torch.arange(block_mask.shape[-1], device=block_mask.device).expand_as(block_mask)
-        return cls(_compact(block_mask, cols), block_q, block_k, len_q, len_k, None, None, causal)
-
-    @classmethod
-    def from_candidates(cls, candidates: torch.Tensor, mask_mod: MaskMod, *, block_q: int, block_k: int,
-                        len_q: int, len_k: int, causal: bool) -> "BlockLayout":
-        """Evaluate ``mask_mod`` on candidate key blocks ``(Bl, Hl, nq, C)`` (``-1`` = none).
-
-        Keeps the blocks with at least one visible element (``mask_mod`` ∩
-        causal ∩ in range) and flags those where ``mask_mod`` is not true
-        everywhere. Cost O(nq · C · block_q · block_k): methods pass a superset
-        of the blocks they can reach, never all of them.
-        """
-        check_mask_mod(mask_mod)
-        cand = _dedupe(candidates.long())
-        cand = _compact(cand >= 0, cand)
-        Bl, Hl, nq, C = cand.shape
-        dev = cand.device
-        keep = torch.zeros(cand.shape, dtype=torch.bool, device=dev)
-        partial = torch.zeros_like(keep)
-        qa = torch.arange(block_q, device=dev)
-        ka = torch.arange(block_k, device=dev)
-        b = torch.arange(Bl, device=dev).view(Bl, 1, 1, 1, 1, 1)
-        h = torch.arange(Hl, device=dev).view(1, Hl, 1, 1, 1, 1)
-        step = max(1, _BUILD_CHUNK // max(1, Bl * Hl * C * block_q * block_k))
-        off = len_k - len_q
-        for n0 in range(0, nq, step):
-            n1 = min(nq, n0 + step)
-            q_idx = (torch.arange(n0, n1, device=dev).view(-1, 1) * block_q + qa).view(n1 - n0, 1, block_q, 1)
-            blk = cand[:, :, n0:n1]  # (Bl, Hl, n, C)
-            kv_idx = (blk.unsqueeze(-1) * block_k + ka).unsqueeze(-2)  # (Bl, Hl, n, C, 1, bk)
-            in_range = (q_idx < len_q) & (kv_idx < len_k) & (kv_idx >= 0)
-            mm = call_mask_mod(mask_mod, b, h, q_idx.clamp(max=len_q - 1), kv_idx.clamp(0, len_k - 1))
-            mm = mm.expand(torch.broadcast_shapes(mm.shape, in_range.shape))
-            visible = mm & in_range
-            if causal:
-                visible = visible & (kv_idx <= q_idx + off)
-            keep[:, :, n0:n1] = visible.flatten(-2).any(-1)
-            partial[:, :, n0:n1] = (in_range & ~mm).flatten(-2).any(-1)
-        blocks, flags = _compact(keep, cand, partial)
-        any_partial = bool(flags.any())
-        return cls(blocks, block_q, block_k, len_q, len_k, flags if any_partial else None,
-                   mask_mod if any_partial else None, causal)
-
-    @classmethod
-    def from_mask_mod(cls, mask_mod: MaskMod, *, batch: int = 1, heads: int = 1, len_q: int, len_k: int,
-                      block: int = 128, causal: bool = False, device=None) -> "BlockLayout":
-        """FlexAttention's ``create_block_mask``: evaluate ``mask_mod`` block by block.
-
-        ``batch``/``heads`` = 1 share the layout (then ``mask_mod`` must not
-        depend on b/h). Evaluates every (query, key) pair in chunks, O(Nq·Nk)
-        time and O(chunk) memory, never an Nq×Nk mask.
-        """
-        check_mask_mod(mask_mod)
-        for name, val in (("batch", batch), ("heads", heads), ("len_q", len_q), ("len_k", len_k), ("block", block)):
-            _check_positive(name, val)
-        nq, nkb = -(-len_q // block), -(-len_k // block)
-        cand = torch.arange(nkb, device=device).expand(batch, heads, nq, nkb)
-        if causal:
-            _, last = query_block_positions(len_q, len_k, block, device)
-            cand = torch.where(cand * block <= last.view(-1, 1), cand, torch.full_like(cand, -1))
-        return cls.from_candidates(cand, mask_mod, block_q=block, block_k=block, len_q=len_q, len_k=len_k,
-                                   causal=causal)
-
-    # ------------------------------------------------------------ views
-    def block_mask(self) -> torch.Tensor:
-        """Dense block-level mask ``(Bl, Hl, nq, nk_blocks)`` bool (True = block read)."""
-        Bl, Hl, nq, S = self.kv_blocks.shape
-        dense = torch.zeros(Bl, Hl, nq, self.n_k_blocks + 1, dtype=torch.bool, device=self.kv_blocks.device)
-        idx = torch.where(self.kv_blocks >= 0, self.kv_blocks, torch.full_like(self.kv_blocks, self.n_k_blocks))
-        dense.scatter_(-1, idx, True)
-        return dense[..., :-1]
-
-    def density(self, causal: bool | None = None) -> float:
-        """Fraction of (query, key) pairs inside the blocks read (of the causal triangle when causal)."""
-        causal = bool(self.causal) if causal is None else causal
-        first, last = query_block_positions(self.len_q, self.len_k, self.block_q, self.kv_blocks.device)
-        rows = (last - first + 1).view(1, 1, -1, 1)
-        read = torch.where(self.kv_blocks >= 0, rows * self.block_k, torch.zeros_like(self.kv_blocks))
-        total = (torch.arange(self.len_q) + self.len_k - self.len_q + 1).clamp(0, self.len_k).sum() if causal \
-            else self.len_q * self.len_k
-        Bl, Hl = self.kv_blocks.shape[:2]
-        return min(1.0, float(read.sum()) / (float(total) * Bl * Hl))
-
-
-@dataclass(frozen=True, eq=False)
-class TokenLayout:
-    """Explicit key tokens per group of ``group`` consecutive query rows (B2g).
-
-    ``kv_tokens``: ``(Bl, Hl, ng, T)`` int64 key indices, ``-1`` = none, with
-    ``ng = ceil(len_q / group)``; the indices of a row must be distinct (a repeat
-    is counted twice). An optional ``mask_mod`` filters elements.
-    The executor reads ``slot`` tokens per batched matmul.
-    """
-
-    kv_tokens: torch.Tensor
-    group: int
-    len_q: int
-    len_k: int
-    mask_mod: MaskMod | None = None
-    slot: int = 128
-
-    def __post_init__(self) -> None:
-        _check_positive("token_layout.group", self.group)
-        _check_positive("token_layout.slot", self.slot)
-        t = self.kv_tokens
-        ng = -(-self.len_q // self.group)
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != torch.int64 or t.shape[2] != ng:
-            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise AttnZooError(f"token_layout.kv_tokens: expected an int64 tensor (Bl, Hl, {ng}, T) "
-                               f"(ng = ceil(len_q / group)), got {got}")
-        if t.numel() and (int(t.max()) >= self.len_k or int(t.min()) < -1):
-            raise AttnZooError(f"token_layout.kv_tokens: expected indices in [-1, {self.len_k - 1}], got "
-                               f"[{int(t.min())}, {int(t.max())}]")
-        if self.mask_mod is not None:
-            check_mask_mod(self.mask_mod, "token_layout.mask_mod")
-
-    def excluding(self, layout: BlockLayout) -> "TokenLayout":
-        """Drop the tokens whose key block ``layout`` already reads for the same query group.
-
-        Makes the two key sets disjoint so their results merge exactly
-        (requires ``group == layout.block_q``).
-        """
-        if layout.block_q != self.group or layout.len_q != self.len_q or layout.len_k != self.len_k:
-            raise AttnZooError(f"layout: expected block_q={self.group}, len_q={self.len_q}, len_k={self.len_k} "
-                               f"to match the token layout, got {layout.block_q}, {layout.len_q}, {layout.len_k}")
-        member = layout.block_mask()
-        tok = self.kv_tokens
-        shape = torch.broadcast_shapes(member.shape[:2], tok.shape[:2])
-        member = member.expand(*shape, *member.shape[2:])
-        tok = tok.expand(*shape, *tok.shape[2:])
-        blk = torch.where(tok >= 0, tok // layout.block_k, torch.zeros_like(tok))
-        read = torch.gather(member, -1, blk) & (tok >= 0)
-        keep = (tok >= 0) & ~read
-        return TokenLayout(_compact(keep, tok), self.group, self.len_q, self.len_k, self.mask_mod, self.slot)
-
-    def union(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per layout head, the sorted keys any query group reads and which of them each group reads.
-
-        Returns ``keys (Bl, Hl, T)`` (``-1`` padded) and ``member (Bl, Hl, ng, T)``
-        bool. When the groups share most of their keys (vertical columns), ``T``
-        stays near the longest row and one dense attention over ``keys`` per head
-        replaces the per-group gather.
-        """
-        tok = self.kv_tokens.flatten(2)  # (Bl, Hl, ng·S)
-        srt = torch.sort(tok, dim=-1).values
-        first = srt >= 0
-        first[..., 1:] &= srt[..., 1:] != srt[..., :-1]
-        keys = _compact(first, srt)
-        sentinel = torch.where(keys >= 0, keys, torch.full_like(keys, self.len_k))  # sorted for the search
-        pos = torch.searchsorted(sentinel, tok.clamp(min=0))
-        pos = torch.where(tok >= 0, pos, torch.full_like(pos, keys.shape[-1]))  # unused slots: a spare column
-        member = torch.zeros(*self.kv_tokens.shape[:3], keys.shape[-1] + 1, dtype=torch.bool, device=tok.device)
-        member.scatter_(-1, pos.view(self.kv_tokens.shape), True)
-        return keys, member[..., :-1]
-
-
-Layout = BlockLayout | TokenLayout
-
-
 # ----------------------------------------------------------------- executor
-def check_layout(layout: Layout, *, batch: int, heads_q: int, heads_kv: int, len_q: int, len_k: int,
-                 causal: bool) -> tuple[int, int]:
-    """Refuse a layout that does not fit these inputs; returns its (batch, head) dims."""
-    lb, lh = (layout.kv_blocks if isinstance(layout, BlockLayout) else layout.kv_tokens).shape[:2]
-    if lb not in (1, batch):
-        raise AttnZooError(f"layout: expected batch dim 1 or {batch}, got {lb}")
-    if lh not in (1, heads_kv, heads_q):
-        raise AttnZooError(f"layout: expected head dim 1, {heads_kv} (KV heads) or {heads_q} (query heads), "
-                           f"got {lh}")
-    if (layout.len_q, layout.len_k) != (len_q, len_k):
-        raise AttnZooError(f"layout: expected len_q={len_q}, len_k={len_k} (the shapes of q and k), got "
-                           f"len_q={layout.len_q}, len_k={layout.len_k}")
-    if isinstance(layout, BlockLayout) and layout.causal and not causal:
-        raise AttnZooError("layout: was built for causal=True (blocks above the diagonal pruned), "
-                           "got causal=False")
-    return lb, lh
-
-
 class _Plan:
     """Everything one executor call needs besides q/k/v: the layout as slots of key units."""
 
@@ -712,7 +401,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
 
 
 def _cached_band_plan(layout: BlockLayout, causal: bool):
-    """The layout's :class:`~attnzoo.core.fused.BandPlan` (None when not banded), kept on reused layouts."""
+    """The layout's :class:`~attnzoo.core.layout.BandPlan` (None when not banded), kept on reused layouts."""
     if layout.mask_cache is None:
         return band_plan(layout, causal)
     key = ("band", causal)

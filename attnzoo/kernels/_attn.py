@@ -6,9 +6,9 @@ of key *slots*; what a slot is depends on ``MODE``:
 - ``DENSE``: slot ``s`` is keys ``k_base + [s·BLOCK_N, (s+1)·BLOCK_N)``; causal calls
   stop at the tile's last visible key (tiles above the diagonal are never read);
 - ``BLOCKS``: slot ``s`` is key block ``tab[s]`` (``-1`` = skip) of a
-  :class:`~attnzoo.core.blocksparse.BlockLayout` row, offset by ``k_base``;
+  :class:`~attnzoo.core.layout.BlockLayout` row, offset by ``k_base``;
 - ``TOKENS``: slot ``s`` is tokens ``tab[s·BLOCK_N : (s+1)·BLOCK_N]`` of a
-  :class:`~attnzoo.core.blocksparse.TokenLayout` row (``-1`` = none).
+  :class:`~attnzoo.core.layout.TokenLayout` row (``-1`` = none).
 
 The visibility rule is the engine's: key index ``j`` is visible to row ``r``
 iff it is in range, not padded (``pad[b, h // PAD_HDIV, j]``), and, when

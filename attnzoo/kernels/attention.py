@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from ..core.blocksparse import BlockLayout, TokenLayout, check_layout
+from ..core.layout import BlockLayout, TokenLayout, check_layout
 from ..core.masks import call_mask_mod
 from ..core.partial import Partial, merge
 from . import _attn

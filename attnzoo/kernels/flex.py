@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from ..core.blocksparse import BlockLayout, TokenLayout, check_layout, query_block_positions
+from ..core.layout import BlockLayout, TokenLayout, check_layout, query_block_positions
 from ..errors import UnsupportedError
 
 

@@ -10,7 +10,8 @@ from typing import ClassVar
 import torch
 
 from ...checks import Problem, check_qkv
-from ...core.blocksparse import BlockLayout, Layout, attend_all, query_block_positions
+from ...core.blocksparse import attend_all
+from ...core.layout import BlockLayout, Layout, query_block_positions
 from ...registry import Method, Supports
 
 SPARSE_SUPPORTS = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True, sinks=True, varlen=True)

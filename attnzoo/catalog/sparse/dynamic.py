@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from ...checks import Problem
-from ...core.blocksparse import BlockLayout, TokenLayout, _compact
+from ...core.layout import BlockLayout, TokenLayout, compact
 from ...core.gqa import fold_groups, unfold_groups
 from ...registry import Family, Supports, param, register
 from ._base import LAYOUT_SUPPORTS, LayoutMethod, block_positions
@@ -133,7 +133,7 @@ class VerticalSlash(LayoutMethod):
                                              causal=True)
         cols = torch.sort(vertical.topk(min(self.n_vertical, n_k), dim=-1).indices, dim=-1).values
         cols = cols.unsqueeze(2).expand(-1, -1, blocks.n_q_blocks, -1)
-        cols = _compact(cols <= last.view(1, 1, -1, 1), cols)  # causal: drop columns after the block's end
+        cols = compact(cols <= last.view(1, 1, -1, 1), cols)  # causal: drop columns after the block's end
         tokens = TokenLayout(cols.contiguous(), bs, prob.len_q, n_k).excluding(blocks)
         return [blocks, tokens]
 

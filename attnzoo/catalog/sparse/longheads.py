@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ...core.blocksparse import BlockLayout
+from ...core.layout import BlockLayout
 from ...registry import Family, param, register
 from ._base import LayoutMethod
 from .dynamic import BlockTopK, diagonal_blocks, topk_mask

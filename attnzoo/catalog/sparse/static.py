@@ -13,7 +13,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ...checks import Problem
-from ...core.blocksparse import BlockLayout, TokenLayout, _compact
+from ...core.layout import BlockLayout, TokenLayout, compact
 from ...core.exact import tiled_attention
 from ...core.masks import check_mask_mod
 from ...errors import AttnZooError
@@ -141,7 +141,7 @@ class Strided(StaticMethod):
         far = (cols < (lo_blk * bs).unsqueeze(-1)) | (cols >= ((hi_blk + 1) * bs).unsqueeze(-1))
         if causal:
             far = far & (cols <= last.unsqueeze(-1))
-        tokens = _compact(far, cols).view(1, 1, band.shape[0], -1)
+        tokens = compact(far, cols).view(1, 1, band.shape[0], -1)
         return [near, TokenLayout(tokens, bs, prob.len_q, prob.len_k)]
 
 
