@@ -13,8 +13,11 @@ parameters and seconds per epoch; ``attnzoo task vision`` prints the table.
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -164,11 +167,50 @@ def run_one(mixer: str, task: str, *, quick: bool = True, seed: int = 0, dim: in
               patience=budget.steps, warmup=budget.steps // 10, weight_decay=0.05, seed=seed, progress=progress,
               desc=f"{mixer} / {task}")
     seconds = time.perf_counter() - t0
-    return {"mixer": mixer, "task": task, "accuracy": res.best_metric, "params": sum(p.numel()
+    return {"mixer": mixer, "task": task, "mode": "quick" if quick else "full", "seed": seed, "dim": dim,
+            "depth": depth, "accuracy": res.best_metric, "chance": chance(data), "params": sum(p.numel()
             for p in model.parameters()), "epoch_s": seconds / (res.steps / len(train)), "seconds": seconds,
-            "steps": res.steps, "grid": model.grid}
+            "steps": res.steps, "best_step": res.best_step, "grid": list(model.grid)}
 
 
-def run(mixers: list[str], tasks: tuple[str, ...] = TASKS, **kw) -> list[dict]:
-    """:func:`run_one` for every (mixer, task)."""
-    return [run_one(m, t, **kw) for m in mixers for t in tasks]
+def chance(data: ImageData) -> float:
+    """Held-out accuracy of always answering the most frequent held-out class."""
+    return float(torch.bincount(data.test_y, minlength=data.classes).max()) / len(data.test_y)
+
+
+_KEY = ("mixer", "task", "mode", "seed", "dim", "depth")
+
+
+def load_results(path: str | Path) -> list[dict]:
+    """The records of a results file (one JSON object a line); [] when it does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(mixers: list[str], tasks: tuple[str, ...] = TASKS, *, out: str | Path | None = None,
+        on_record: Callable[[dict, bool], None] | None = None, quick: bool = True, seed: int = 0, dim: int = 32,
+        depth: int = 2, **kw) -> list[dict]:
+    """:func:`run_one` for every (mixer, task), in that order.
+
+    With ``out`` (a JSON-lines file) each record is appended as soon as it is measured and a case already in
+    the file (same mixer, task, mode, seed, dim, depth) is read back instead of retrained, so an interrupted
+    run resumes where it stopped. ``on_record(record, reused)`` sees each record as it comes.
+    """
+    done = {tuple(r.get(k) for k in _KEY): r for r in (load_results(out) if out is not None else [])}
+    mode = "quick" if quick else "full"
+    records = []
+    for m in mixers:
+        for t in tasks:
+            key = (m, t, mode, seed, dim, depth)
+            reused = key in done
+            r = done[key] if reused else run_one(m, t, quick=quick, seed=seed, dim=dim, depth=depth, **kw)
+            if out is not None and not reused:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                with open(out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+            if on_record is not None:
+                on_record(r, reused)
+            records.append(r)
+    return records
