@@ -98,7 +98,10 @@ def test_neighborhood_index_and_mask_mod_agree():
 
 @pytest.mark.parametrize("pattern", [
     lambda: G.window_pattern((7, 10), 3, 1), lambda: G.neighborhood_pattern((9, 11), 3, 2),
-    lambda: G.neighborhood_pattern((8, 8), 5, 1), lambda: G.tile3d_pattern((4, 6, 5), (2, 4, 3), 1)])
+    lambda: G.neighborhood_pattern((8, 8), 5, 1), lambda: G.tile3d_pattern((4, 6, 5), (2, 4, 3), 1),
+    lambda: G.neighborhood_pattern((9, 11), 3, 2, tile=(2, 3)), lambda: G.neighborhood_pattern((13, 17), 5, 1, tile=4),
+    lambda: G.neighborhood_pattern((5, 6, 7), 3, (1, 2, 1), tile=(2, 2, 3)),
+    lambda: G.neighborhood_pattern((5, 6, 7), 3, 1)])
 def test_sorted_pattern_runs_hold_every_key(pattern):
     p = pattern()
     n = p.order.shape[0]
@@ -109,6 +112,15 @@ def test_sorted_pattern_runs_hold_every_key(pattern):
         in_runs |= (i[None] >= lo[:, None]) & (i[None] <= hi[:, None])
     assert not (dense & ~in_runs).any()
     assert torch.equal(torch.sort(p.order).values, i)
+
+
+@pytest.mark.parametrize("grid,k,d,tile", [((9, 11), 3, 2, (2, 3)), ((13, 17), 5, 1, 4), ((13, 17), 5, 1, None),
+                                           ((5, 6, 7), 3, (1, 2, 1), (2, 2, 3))])
+def test_neighborhood_pattern_is_the_row_major_mask_sorted(grid, k, d, tile):
+    p = G.neighborhood_pattern(grid, k, d, tile=tile)
+    i = torch.arange(p.order.shape[0])
+    row_major = G.neighborhood_mask_mod(grid, k, d)(0, 0, i[:, None], i[None])
+    assert torch.equal(p.mask_mod(0, 0, i[:, None], i[None]), row_major[p.order][:, p.order])
 
 
 def test_flat_window_order_groups_windows():
@@ -149,7 +161,7 @@ def _dense_for(method, grid, **kw):
     ("window2d", (8, 8), dict(window=4)), ("window2d", (8, 8), dict(window=4, shift=2)),
     ("window2d", (7, 10), dict(window=3, shift=1)), ("window2d", (5, 9), dict(window=(2, 4), shift=(1, 3))),
     ("neighborhood2d", (9, 11), dict(kernel=3, dilation=2)), ("neighborhood2d", (10, 7), dict(kernel=5)),
-    ("neighborhood2d", (12, 12), dict(kernel=3, dilation=4)),
+    ("neighborhood2d", (12, 12), dict(kernel=3, dilation=4)), ("neighborhood2d", (20, 23), dict(kernel=5)),
     ("tile3d", (4, 6, 5), dict(tile=(2, 4, 3), ref_frames=1)), ("tile3d", (5, 4, 4), dict(ref_frames=2)),
     ("tile3d", (3, 5, 6), dict(tile=(1, 2, 2), ref_frames=0)),
 ])
@@ -192,6 +204,20 @@ def test_grid_method_gradients_and_padding(method, kw):
     g2 = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+def test_neighborhood_on_a_wide_grid_reads_tiles_and_keeps_its_masks():
+    grid, kw = (40, 37), dict(kernel=5, dilation=1, block=16)
+    m = az.get("neighborhood2d", grid=grid, **kw)
+    assert len(m.pattern(grid, None).runs) > 1  # the 2-D tile order was picked (rows would be one run)
+    q, k, v = _qkv(40 * 37, heads=2, d=8)
+    dense = _dense_for("neighborhood2d", grid, **kw)
+    first, again = m(q, k, v), m(q, k, v)  # the second call runs on the masks kept by the first
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, _masked_ref(q, k, v, dense))
+    pad = torch.ones(1, 40 * 37, dtype=torch.bool)
+    pad[0, ::7] = False  # padding is not in the kept masks
+    torch.testing.assert_close(m(q, k, v, key_padding_mask=pad), _masked_ref(q, k, v, dense & pad[0][None]))
 
 
 @settings(max_examples=20, deadline=None)

@@ -153,7 +153,15 @@ class Neighborhood2D(GridMethod):
             raise AttnZooError(f"{self.name}: parameter 'kernel' expected an odd int, got {self.kernel}")
 
     def pattern(self, grid, device):
-        return neighborhood_pattern(grid, self.kernel, self.dilation, device)
+        """Of two token orders (sub-grid rows; 2-D tiles of one block), the one whose layout reads fewer key
+        blocks: rows win on narrow grids (a block holds whole rows), tiles on wide ones (a 7×7 neighbourhood
+        at 128×128 reads 9 tile blocks instead of 14 row blocks)."""
+        th = 1 << (self.block.bit_length() - 1) // 2  # a power-of-two tile of about one block
+        options = [neighborhood_pattern(grid, self.kernel, self.dilation, device, tile=t)
+                   for t in (None, (th, max(1, self.block // th)))]
+        n = math.prod(grid)
+        return min(options, key=lambda p: int((as_layout_rows(*[_run_blocks(lo, hi, self.block, n)
+                                                                for lo, hi in p.runs]) >= 0).sum()))
 
 
 @register

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import AttnZooError, UnsupportedError
 from .fused import attend_band, attend_token_union, fix_empty_rows, fused_applies, fused_kernel
+from .kernel import additive_mask
 from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
 from .masks import call_mask_mod
 from .override import Override
@@ -38,6 +39,8 @@ LAYOUT_ENGINE = Override("attnzoo_layout_engine")
 _PASS_KEYS = 1024
 #: gathered key/value/mask elements per chunk of query blocks on the fused path (bounds its memory)
 _FUSED_CHUNK = 1 << 24
+#: mask elements the fused path keeps on a reused layout (additive, in q's dtype; all chunks together)
+_FUSED_MASK_CACHE = 1 << 24
 
 
 # ----------------------------------------------------------------- executor
@@ -300,7 +303,8 @@ def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tenso
     slots at once), build their element mask, and let the kernel attend each
     block to its gathered keys; about twice as fast as the slot loop of
     :func:`_forward`, whose softmax is separate eager passes. Memory is bounded
-    by the chunk (``_FUSED_CHUNK`` gathered elements).
+    by the chunk (``_FUSED_CHUNK`` gathered elements); a reused layout keeps
+    its kernel masks (up to ``_FUSED_MASK_CACHE`` elements).
     """
     B, D = q.shape[0], q.shape[3]
     qb = plan.to_rows(q)  # (B, Hkv, Gl, nq, R, D)
@@ -314,17 +318,27 @@ def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tenso
     k_units, v_units = _unit_view(k, plan), _unit_view(v, plan)
     pad_flat = None if pad is None else pad.reshape(-1)
     step = max(1, _FUSED_CHUNK // (math.prod(lead) * width * (R + 2 * D)))
+    # a reused layout keeps its masks, ready for the kernel (the same on every call without padding or custom
+    # positions): evaluating a mask_mod and converting it to the kernel's additive form cost more than the kernel
+    cache = plan.mask_cache if (plan.mask_cache is not None and pad is None and not plan.custom_positions
+                                and math.prod(units.shape[:4]) * R * width <= _FUSED_MASK_CACHE) else None
     for n0 in range(0, nq, step):
         n1 = min(nq, n0 + step)
         u = units[:, :, :, n0:n1]
         flat = plan.flat_index(u, B)
         kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
-        mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), pad_flat, B)
-        heads = lead if math.prod(mask.shape[:3]) > 1 else (1, 1, 1)  # a mask shared by all heads broadcasts
-        mask = mask.expand(*heads, n1 - n0, R, width).reshape(-1, n1 - n0, R, width)
+        key = ("fused", n0, n1, plan.causal, plan.heads_q, plan.heads_kv, q.dtype)
+        masks = cache.get(key) if cache is not None else None
+        if masks is None:
+            mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), pad_flat, B)
+            masks = additive_mask(mask, q.dtype), mask.any(-1, keepdim=True)  # (.., n, R, W), rows with a key
+            if cache is not None:
+                cache[key] = masks
+        heads = lead if math.prod(masks[0].shape[:3]) > 1 else (1, 1, 1)  # a mask shared by all heads broadcasts
+        add, seen = (m.expand(*heads, n1 - n0, R, m.shape[-1]).reshape(-1, n1 - n0, R, m.shape[-1]) for m in masks)
         o, l = fused_kernel(qb[:, :, :, n0:n1].reshape(-1, n1 - n0, R, D), kb.reshape(-1, n1 - n0, width, D),
-                            vb.reshape(-1, n1 - n0, width, D), mask, plan.scale)
-        o, l = fix_empty_rows(o, l, mask)
+                            vb.reshape(-1, n1 - n0, width, D), add, plan.scale)
+        o, l = fix_empty_rows(o, l, seen)
         out[:, :, :, n0:n1] = o.view(*lead, n1 - n0, R, D)
         lse[:, :, :, n0:n1] = l.view(*lead, n1 - n0, R)
     return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)

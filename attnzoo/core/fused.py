@@ -44,7 +44,8 @@ def fused_applies(q: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | 
 
 
 def fused_kernel(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)`` under a bool ``mask`` (broadcast).
+    """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)`` under a bool ``mask`` (broadcast; or
+    its :func:`~attnzoo.core.kernel.additive_mask`).
 
     Rows whose mask is all False come back as ``(0, 0)``: callers set their lse to -inf.
     """

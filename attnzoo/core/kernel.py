@@ -25,18 +25,21 @@ def kernel_rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool visibility mask as the kernel's additive mask: 0 where visible, -inf elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+
+
 def flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)``: ``(out, lse)``.
 
-    ``mask`` is a bool visibility mask broadcast to ``(X, Y, Lq, Lk)``;
+    ``mask`` is a bool visibility mask broadcast to ``(X, Y, Lq, Lk)``, or that mask already
+    made additive (:func:`additive_mask`, for callers that keep it across calls);
     ``causal`` is the kernel's top-left causal mask. Rows with no visible key
     come back as ``(0, 0)`` (callers that can produce them set their lse to
     -inf, see :func:`attnzoo.core.fused.fix_empty_rows`).
     """
-    additive = None
-    if mask is not None:
-        additive = torch.where(mask, torch.zeros((), dtype=q.dtype, device=q.device),
-                               torch.full((), -math.inf, dtype=q.dtype, device=q.device))
+    additive = additive_mask(mask, q.dtype) if mask is not None and mask.dtype == torch.bool else mask
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         kernel_rows(q), kernel_rows(k), kernel_rows(v), 0.0, causal, attn_mask=additive, scale=scale)

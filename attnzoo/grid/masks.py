@@ -5,6 +5,8 @@ runs, so the block-sparse engine reads a few key blocks per query block instead 
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,38 +82,65 @@ def neighborhood_mask_mod(grid: tuple[int, ...], kernel, dilation=1, device=None
     return mask_mod
 
 
-def neighborhood_pattern(grid: tuple[int, ...], kernel, dilation=1, device=None) -> SortedPattern:
-    """Tokens sorted by residue class of every axis (the dilated sub-grids), row-major inside: a query's
-    neighbourhood spans ``kernel`` consecutive rows of its sub-grid, one contiguous run."""
+def neighborhood_pattern(grid: tuple[int, ...], kernel, dilation=1, device=None, tile=None) -> SortedPattern:
+    """Tokens sorted by residue class of every axis (the dilated sub-grids), then inside each sub-grid
+
+    * ``tile=None``: row-major. A query's neighbourhood spans ``kernel`` consecutive rows of its sub-grid,
+      one contiguous run (``kernel · row`` keys read for ``kernel²`` needed: good for narrow sub-grids);
+    * ``tile=(t0, t1, ...)``: by tiles of that shape (row-major over tiles, row-major inside a tile). A
+      query's neighbourhood is one run per tile row it touches (the tiles of that row from the first to the
+      last touched column are contiguous), so a query block that is one tile reads the ~3×3 tiles around it
+      (good for wide sub-grids, whose rows are longer than a block).
+
+    On sorted indices the mask is: same residue class, and on every axis the key's sub-grid coordinate lies
+    in the query's window of ``kernel`` sub-grid positions.
+    """
     ker, dil, starts = _neighborhood_bounds(grid, kernel, dilation, device)
+    nd = len(grid)
+    tiles = (1,) * (nd - 1) + (max(grid),) if tile is None else per_axis(tile, nd, "tile")
+    if min(tiles) < 1:
+        raise AttnZooError(f"tile: expected positive sizes, got {tile!r}")
     coords = _coords(grid, device)
+    sub_sides = [-(-g // d) for g, d in zip(grid, dil)]
+    n_tiles = [-(-s // t) for s, t in zip(sub_sides, tiles)]
     cls_id = _compose([c % d for c, d in zip(coords, dil)], list(dil))
-    inner = _compose([c // d for c, d in zip(coords, dil)], [-(-g // d) for g, d in zip(grid, dil)])
-    order = torch.argsort(cls_id * len(inner) + inner)
-    sub_start, _ = _group_runs(cls_id[order])
-    # sub-grid shape of each sorted token: per axis the count of its residue class
-    c_sorted = [c[order] for c in coords]
-    sub_sizes = [(g - 1 - c % d) // d + 1 for c, g, d in zip(c_sorted, grid, dil)]
-    row_len = torch.ones_like(sub_start)
-    for s in sub_sizes[1:]:
-        row_len = row_len * s  # tokens per step of the first axis inside the sub-grid
-    first = starts[0][c_sorted[0]] // dil[0]  # first neighbour row (sub-grid units)
-    lo = sub_start + first * row_len
-    hi = lo + ker[0] * row_len - 1
-    # on sorted indices: same residue class, and on every axis the key's sub-grid coordinate lies in the
-    # query's window of ``kernel`` sub-grid positions (no modulo, six small gathers)
-    cls_s = cls_id[order]
-    sub = [c // d for c, d in zip(c_sorted, dil)]
-    first_sub = [s[c] // d for s, c, d in zip(starts, c_sorted, dil)]
+    sub = [c // d for c, d in zip(coords, dil)]
+    tile_id = _compose([p // t for p, t in zip(sub, tiles)], n_tiles)
+    inner = _compose([p % t for p, t in zip(sub, tiles)], list(tiles))
+    order = torch.argsort((cls_id * math.prod(n_tiles) + tile_id) * math.prod(tiles) + inner)
+    cls_s, tile_s = cls_id[order], tile_id[order]
+    # first / last sorted position of every (class, tile); tiles with no token are never read
+    t_lo, t_hi = _group_runs(cls_s * math.prod(n_tiles) + tile_s)
+    n_all = math.prod(dil) * math.prod(n_tiles)
+    first_of = torch.zeros(n_all, dtype=torch.long, device=device).scatter_(0, cls_s * math.prod(n_tiles) + tile_s,
+                                                                          t_lo)
+    last_of = torch.zeros(n_all, dtype=torch.long, device=device).scatter_(0, cls_s * math.prod(n_tiles) + tile_s,
+                                                                         t_hi)
+    sub_s = [p[order] for p in sub]
+    first_sub = [st[c[order]] // d for st, c, d in zip(starts, coords, dil)]  # window start, sub-grid units
+    lo_tile = [f // t for f, t in zip(first_sub, tiles)]
+    hi_tile = [(f + k - 1) // t for f, k, t in zip(first_sub, ker, tiles)]
+    # one run per combination of the leading axes' tile indices (the last axis is contiguous inside a row)
+    runs = []
+    for offs in itertools.product(*[range((k - 2 + t) // t + 1) for k, t in zip(ker[:-1], tiles[:-1])]):
+        lead = [lo + o for lo, o in zip(lo_tile[:-1], offs)]
+        used = torch.ones_like(cls_s, dtype=torch.bool)
+        for tl, hi in zip(lead, hi_tile[:-1]):
+            used &= tl <= hi
+        lead = [tl.clamp(max=n - 1) for tl, n in zip(lead, n_tiles[:-1])]
+        base = cls_s * math.prod(n_tiles)
+        lo = first_of[base + _compose(lead + [lo_tile[-1]], n_tiles)]
+        hi = last_of[base + _compose(lead + [hi_tile[-1]], n_tiles)]
+        runs.append((torch.where(used, lo, len(order)), torch.where(used, hi, -1)))  # unused: empty, lo > hi
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = cls_s[q_idx] == cls_s[kv_idx]
-        for pos, lo, k in zip(sub, first_sub, ker):
+        for pos, lo, k in zip(sub_s, first_sub, ker):
             rel = pos[kv_idx] - lo[q_idx]
             ok = ok & (rel >= 0) & (rel < k)
         return ok
 
-    return SortedPattern(order, mask_mod, ((lo, hi),))
+    return SortedPattern(order, mask_mod, tuple(runs))
 
 
 # ------------------------------------------------------------------ 3-D tiles
