@@ -318,39 +318,52 @@ def test_echoatt_without_sharing_is_the_base_stack_and_shared_layers_reuse_the_m
 
 
 # --------------------------------------------------------------------- Titans
-def _titans_loop(q, k, v, theta, alpha, mem, chunk):
-    """Token by token, gradients at the chunk-start memory: M_t = (1-α_t)M_{t-1} - θ_t ∇‖k_t M_c - v_t‖²."""
-    outs, M = [], mem.clone()
+def _titans_loop(q, k, v, theta, alpha, mem, chunk, eta=None):
+    """Token by token, gradients at the chunk-start memory: S_t = η_t S_{t-1} - θ_t ∇‖k_t M_c - v_t‖²,
+    M_t = (1-α_t)M_{t-1} + S_t."""
+    outs, M, S = [], mem.clone(), torch.zeros_like(mem)
     for t in range(q.shape[2]):
         if t % chunk == 0:
             Mc = M.clone()
         kt, vt = k[:, :, t:t + 1], v[:, :, t:t + 1]
         grad = 2 * kt.transpose(-1, -2) @ (kt @ Mc - vt)
-        M = (1 - alpha[:, :, t:t + 1]) * M - theta[:, :, t:t + 1] * grad
+        S = (0 if eta is None else eta[:, :, t:t + 1]) * S - theta[:, :, t:t + 1] * grad
+        M = (1 - alpha[:, :, t:t + 1]) * M + S
         outs.append(q[:, :, t:t + 1] @ M)
-    return torch.cat(outs, 2), M
+    return torch.cat(outs, 2), M, S
 
 
+@pytest.mark.parametrize("momentum", [False, True])
 @pytest.mark.parametrize("chunk", [1, 4, 16])
-def test_titans_chunked_memory_equals_the_token_loop(chunk):
-    q, k, v = (torch.randn(1, 2, 23, 4, dtype=torch.float64) for _ in range(3))
+def test_titans_chunked_memory_equals_the_token_loop(chunk, momentum):
+    g = torch.Generator().manual_seed(chunk)
+    q, k, v = (torch.randn(1, 2, 23, 4, dtype=torch.float64, generator=g) for _ in range(3))
     k = F.normalize(k, dim=-1)
-    theta, alpha = torch.rand(1, 2, 23, 1, dtype=torch.float64) * 0.5, torch.rand(1, 2, 23, 1,
-                                                                                  dtype=torch.float64) * 0.2
-    mem = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    y, m_end = titans_memory(q, k, v, theta, alpha, mem, chunk)
-    ref, ref_m = _titans_loop(q, k, v, theta, alpha, mem, chunk)
+    theta, alpha, eta = (torch.rand(1, 2, 23, 1, dtype=torch.float64, generator=g) * s for s in (0.5, 0.2, 0.9))
+    eta = eta if momentum else None
+    mem = torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=g)
+    y, m_end, s_end = titans_memory(q, k, v, theta, alpha, mem, chunk, eta=eta)
+    ref, ref_m, ref_s = _titans_loop(q, k, v, theta, alpha, mem, chunk, eta)
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(m_end, ref_m)
+    torch.testing.assert_close(s_end, ref_s)
+    if 12 % chunk == 0:  # carrying (M, S) across two calls equals one call (the split on a chunk boundary)
+        first = [t[:, :, :12] for t in (q, k, v, theta, alpha)]
+        rest = [t[:, :, 12:] for t in (q, k, v, theta, alpha)]
+        y1, m1, s1 = titans_memory(*first, mem, chunk, eta=None if eta is None else eta[:, :, :12])
+        y2, m2, _ = titans_memory(*rest, m1, chunk, eta=None if eta is None else eta[:, :, 12:], surprise=s1)
+        torch.testing.assert_close(torch.cat([y1, y2], 2), y)
+        torch.testing.assert_close(m2, m_end)
 
 
 def test_titans_with_zero_step_keeps_its_memory():
     q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64) for _ in range(3))
     zero = torch.zeros(1, 2, 10, 1, dtype=torch.float64)
     mem = torch.randn(1, 2, 4, 4, dtype=torch.float64)
-    y, m_end = titans_memory(q, k, v, zero, zero, mem, 4)
-    torch.testing.assert_close(m_end, mem)
-    torch.testing.assert_close(y, q @ mem)
+    for eta in (None, torch.full_like(zero, 0.9)):
+        y, m_end, _ = titans_memory(q, k, v, zero, zero, mem, 4, eta=eta)
+        torch.testing.assert_close(m_end, mem)
+        torch.testing.assert_close(y, q @ mem)
 
 
 # ------------------------------------------------------------------------ RxT

@@ -1,6 +1,6 @@
-"""Linear-state and memory mixers on the chunked linear engine (``core/linear.py``): ScatterFormer (V9),
-ESSA (V10), LightNet (V11), Titans' linear neural memory (V19) and the Reactive Transformer's short-term
-memory (V20). Each maps ``x (B, N, C)`` (a row-major ``grid`` or a sequence) to ``(B, N, C)``."""
+"""Linear-state and memory mixers: ScatterFormer (V9), ESSA (V10) and LightNet (V11) on the chunked linear
+engine (``core/linear.py``), Titans' linear neural memory with momentum (V19; its own chunk form, the state
+being two matrices) and the Reactive Transformer's short-term memory (V20). Each maps ``x (B, N, C)`` (a row-major ``grid`` or a sequence) to ``(B, N, C)``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from ... import grid as G
 from ...api import attention
 from ...core.features import elu_plus_one
-from ...core.linear import LinearState, linear_attention
+from ...core.linear import linear_attention
 from ..linear import _check_width, _merge_heads, _split_heads
 from .attention import GlobalAttention, _QKV
 
@@ -101,46 +101,80 @@ class LightNetAttention(nn.Module):
         return self.proj(o * torch.sigmoid(self.gate(x)))
 
 
-def titans_memory(q, k, v, theta, alpha, memory: torch.Tensor, chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Titans' linear neural memory read after each update: memory ``M (B, H, Dk, Dv)`` learns at test time
-    by a gradient step on ``ℓ_t = ‖k_t M - v_t‖²`` with data-dependent step ``θ_t`` and forgetting ``α_t``
-    (``(B, H, N, 1)``): ``M_t = (1 - α_t) M_{t-1} - θ_t ∇ℓ_t``, ``y_t = q_t M_t``. Within a chunk the gradients
-    are taken at the chunk-start memory (Titans' mini-batch form); ``-θ_t∇ℓ_t = k_tᵀ w_t`` with
-    ``w_t = 2θ_t(v_t - k_t M_c)`` is a rank-one update, so each chunk is one gated linear-attention call
-    carrying ``M`` as the state. This is the momentum-free form (η = 0). Returns ``(y, final M)``."""
-    state = LinearState(memory, None, 0)
+def _decay_matrix(log_cum: torch.Tensor) -> torch.Tensor:
+    """``(.., b)`` cumulative log-decays -> ``(.., b, b)`` with ``[j, t] = exp(l_t - l_j)`` for ``j <= t``, else 0:
+    the product of the decays of tokens ``j+1 .. t``."""
+    b = log_cum.shape[-1]
+    later = torch.ones(b, b, dtype=torch.bool, device=log_cum.device).triu()
+    return (log_cum.unsqueeze(-2) - log_cum.unsqueeze(-1)).masked_fill(~later, float("-inf")).exp()
+
+
+def titans_memory(q, k, v, theta, alpha, memory: torch.Tensor, chunk: int = 16, eta=None,
+                  surprise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Titans' linear neural memory, read after each update: the memory ``M (B, H, Dk, Dv)`` learns at test
+    time from the associative loss ``ℓ_t = ‖k_t M - v_t‖²`` with data-dependent gates ``(B, H, N, 1)``:
+    step ``θ_t``, forgetting ``α_t`` and momentum ``η_t`` (None = 0, no momentum)::
+
+        S_t = η_t S_{t-1} - θ_t ∇ℓ_t(M_c),   M_t = (1 - α_t) M_{t-1} + S_t,   y_t = q_t M_t
+
+    with the gradient taken at the chunk-start memory ``M_c`` (Titans' mini-batch form), so that
+    ``-θ_t∇ℓ_t = k_tᵀ w_t``, ``w_t = 2θ_t(v_t - k_t M_c)``, is rank one and known for the whole chunk. The
+    two recurrences then unroll into ``M_t = A_t M_c + g_t S_c + Σ_{s≤t} C[s, t] k_sᵀ w_s``, where
+    ``C = Y·X`` multiplies the momentum decays ``Y[s, j]`` (η of tokens s+1..j) by the forgetting decays
+    ``X[j, t]`` (1 - α of tokens j+1..t): per chunk, attention-like products with a ``b × b`` weight,
+    O(N·b·D + N·D²). ``surprise`` is the incoming ``S`` (None = 0). Returns ``(y, final M, final S)``."""
+    M = memory
+    S = torch.zeros_like(memory) if surprise is None else surprise
+    log_keep = torch.log1p(-alpha.clamp(max=1.0 - 1e-6))[..., 0]  # (B, H, N)
+    log_eta = None if eta is None else torch.log(eta.clamp(min=1e-30))[..., 0]
     outs = []
-    log_keep = torch.log1p(-alpha.clamp(max=1.0 - 1e-6))
     for c0 in range(0, q.shape[2], chunk):
         sl = slice(c0, c0 + chunk)
-        w = 2 * theta[:, :, sl] * (v[:, :, sl] - k[:, :, sl] @ state.kv)
-        out, state = linear_attention(q[:, :, sl], k[:, :, sl], w, causal=True, gate=log_keep[:, :, sl],
-                                      chunk=chunk, state=state)
-        outs.append(out)
-    return torch.cat(outs, dim=2), state.kv
+        qc, kc = q[:, :, sl], k[:, :, sl]
+        w = 2 * theta[:, :, sl] * (v[:, :, sl] - kc @ M)
+        la = log_keep[:, :, sl].cumsum(-1)
+        X = _decay_matrix(la)
+        if log_eta is None:  # S_t = the token's own update
+            Y = torch.eye(la.shape[-1], dtype=q.dtype, device=q.device)
+            g = torch.zeros_like(la)
+            s_keep = torch.zeros_like(la[..., -1])
+        else:
+            le = log_eta[:, :, sl].cumsum(-1)
+            Y = _decay_matrix(le)
+            g = (le.exp().unsqueeze(-2) @ X).squeeze(-2)  # Σ_j η_1..η_j · X[j, t]: S_c's weight in M_t
+            s_keep = le[..., -1].exp()
+        C = Y @ X
+        outs.append((qc @ kc.transpose(-1, -2) * C.transpose(-1, -2)) @ w + la.exp().unsqueeze(-1) * (qc @ M)
+                    + g.unsqueeze(-1) * (qc @ S))
+        M, S = (la[..., -1:].exp().unsqueeze(-1) * M + g[..., -1:].unsqueeze(-1) * S
+                + kc.transpose(-1, -2) @ (C[..., -1:] * w),
+                s_keep[..., None, None] * S + kc.transpose(-1, -2) @ (Y[..., -1:] * w))
+    return torch.cat(outs, dim=2), M, S
 
 
 class TitansMemory(nn.Module):
     """Titans (V19), linear memory variant as a mixer over the tokens in order: per head a ``Dk × Dv``
-    memory (learned initial value) updated at test time by :func:`titans_memory`; ``θ_t = θ_max·σ(·)`` and
-    ``α_t = σ(·)`` come from the token."""
+    memory (learned initial value) updated at test time by :func:`titans_memory`; the step
+    ``θ_t = θ_max·σ(·)``, forgetting ``α_t = σ(·)`` and momentum ``η_t = σ(·)`` (``momentum=False``: η = 0)
+    come from the token."""
 
-    def __init__(self, dim: int, heads: int = 4, chunk: int = 64, theta_max: float = 0.5):
+    def __init__(self, dim: int, heads: int = 4, chunk: int = 64, theta_max: float = 0.5, momentum: bool = True):
         super().__init__()
         _check_width("TitansMemory", dim, heads)
-        self.heads, self.chunk, self.theta_max = heads, chunk, theta_max
+        self.heads, self.chunk, self.theta_max, self.momentum = heads, chunk, theta_max, momentum
         d = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.gates = nn.Linear(dim, 2 * heads)
+        self.gates = nn.Linear(dim, (3 if momentum else 2) * heads)
         self.memory0 = nn.Parameter(torch.zeros(heads, d, d))
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, grid=None):
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        th, al = torch.sigmoid(self.gates(x)).transpose(1, 2).unsqueeze(-1).chunk(2, dim=1)
+        th, al, *eta = torch.sigmoid(self.gates(x)).transpose(1, 2).unsqueeze(-1).chunk(
+            3 if self.momentum else 2, dim=1)
         mem = self.memory0.expand(x.shape[0], -1, -1, -1)
-        y, _ = titans_memory(q, k, v, self.theta_max * th, al, mem, self.chunk)
+        y, _, _ = titans_memory(q, k, v, self.theta_max * th, al, mem, self.chunk, eta=eta[0] if eta else None)
         return self.proj(_merge_heads(y))
 
 
