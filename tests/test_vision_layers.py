@@ -65,12 +65,13 @@ def test_swin_without_bias_equals_window2d(grid, window, shift):
 
 
 # ----------------------------------------------------------------- BiFormer
-def test_biformer_all_regions_is_full_attention_plus_lce():
+@pytest.mark.parametrize("grid", [(6, 6), (5, 7)])  # (5, 7): padded to whole regions, the padding masked
+def test_biformer_all_regions_is_full_attention_plus_lce(grid):
     m = BiFormerAttention(16, 2, regions=2, topk=4).double()
-    x = _x(36)
+    x = _x(grid[0] * grid[1])
     q, k, v = m.split(x)
-    lce = G.from_channels_first(m.lce(G.to_channels_first(_merge_heads(v), (6, 6))))
-    torch.testing.assert_close(m(x, (6, 6)), m.proj(_merge_heads(_mhsa(q, k, v)) + lce))
+    lce = G.from_channels_first(m.lce(G.to_channels_first(_merge_heads(v), grid)))
+    torch.testing.assert_close(m(x, grid), m.proj(_merge_heads(_mhsa(q, k, v)) + lce))
 
 
 # --------------------------------------------------------------------- HiLo
@@ -411,6 +412,20 @@ def test_a_few_training_steps_reduce_the_loss(name):
         l_.backward()
         opt.step()
     assert loss().item() < first
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_every_mixer_on_a_grid_its_windows_do_not_divide_has_finite_gradients(name):
+    grid, dim = (6, 7), 16  # 4×4 windows, 2×2 regions/pools and 16-token groups do not divide it
+    mixer = make_mixer(name, dim, 2).double()
+    x = torch.randn(2, 42, dim, dtype=torch.float64, requires_grad=True)
+    y = mixer(x, grid)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    grads = [p.grad for p in mixer.parameters()]
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert not grads or any(g is not None and g.abs().sum() > 0 for g in grads)  # PoolFormer has no parameters
 
 
 def test_mixer_errors():

@@ -99,7 +99,8 @@ class DiNAAttention(_QKV):
 class BiFormerAttention(_QKV):
     """BiFormer bi-level routing attention (the ``bilevel_routing`` method on the grid's ``regions²``
     regions, ``topk`` routed regions per region) plus the local context enhancement LCE(V), a 5×5
-    depthwise convolution of V added to the output."""
+    depthwise convolution of V added to the output. Sides that ``regions`` does not divide are padded at the
+    bottom/right with zero tokens, which take part in routing but are masked as keys."""
 
     def __init__(self, dim: int, heads: int = 4, regions: int = 4, topk: int = 4, lce_kernel: int = 5):
         super().__init__(dim, heads, "BiFormerAttention")
@@ -108,8 +109,19 @@ class BiFormerAttention(_QKV):
 
     def forward(self, x, grid):
         grid = G.check_grid(grid, x.shape[1], dims=(2,))
+        S = self.regions
+        padded = tuple(-(-g // S) * S for g in grid)
+        keep = pad = None
+        if padded != grid:  # pad bottom/right with zero tokens (masked as keys) to whole regions, as BiFormer does
+            x = G.flatten(F.pad(G.unflatten(x, grid), (0, 0, 0, padded[1] - grid[1], 0, padded[0] - grid[0])), padded)
+            real = F.pad(torch.ones(grid, dtype=torch.bool, device=x.device),
+                         (0, padded[1] - grid[1], 0, padded[0] - grid[0])).flatten()
+            keep, pad = real.nonzero().squeeze(-1), real.expand(x.shape[0], -1)
         q, k, v = self.split(x)
-        out = attention(q, k, v, method="bilevel_routing", regions=self.regions, topk=self.topk, grid=grid)
+        out = attention(q, k, v, method="bilevel_routing", regions=S, topk=self.topk, grid=padded,
+                        key_padding_mask=pad)
+        if keep is not None:
+            out, v = out[:, :, keep], v[:, :, keep]
         lce = G.from_channels_first(self.lce(G.to_channels_first(_merge_heads(v), grid)))
         return self.proj(_merge_heads(out) + lce)
 
