@@ -76,6 +76,59 @@ def test_calibrator_finds_planted_head(model, name, params):
     assert plan.kv_fraction(512) <= 0.5
 
 
+@pytest.mark.parametrize("name,params,reduced", [
+    ("moa", {"samples": 1, "prompt_length": 512, "observe": 4}, "snapkv"),
+    ("moa", {"samples": 1, "prompt_length": 512, "policy": "streaming"}, "streaming"),
+    ("duo_gates", {"samples": 1, "prompt_length": 256, "steps": 20, "window": 30}, "streaming"),
+    ("minference", {"samples": 1, "prompt_length": 512}, "streaming"),
+])
+def test_option_calibrators_find_planted_head(model, name, params, reduced):
+    # moa / duo_gates: budget 0.5 of the KV; minference: 0.5 of the prefill FLOPs. The planted head keeps
+    # the full cache (moa, duo_gates) or gets another pattern than the local heads (minference)
+    plan = P.make_calibrator(name, budget=0.5, length=512, **params).run(model, model_name="tiny")
+    scores = torch.tensor(plan.calibrator["scores"])
+    second = scores.flatten().sort().values[-2]   # (gates: the others' fall to ~0.6 under the L1 term alone)
+    assert scores[PLANTED] > 0.01 and scores[PLANTED] - second > 0.3 * scores[PLANTED]
+    kinds = {(i, h): plan.kind(i, h) for i in range(LAYERS) for h in range(HEADS_KV)}
+    planted = kinds.pop(PLANTED)
+    assert set(kinds.values()) == {reduced} and planted == ("vertical_slash" if name == "minference" else "full")
+    assert plan.kv_fraction(512) <= (1.0 if name == "minference" else 0.5)
+    assert plan.needs_cache == (name != "minference")
+
+
+def test_allocate_options():
+    from attnzoo.plan.base import allocate_options
+
+    errors = torch.tensor([[1.0, 0.5, 0.0], [0.2, 0.1, 0.0], [0.9, 0.0, 0.0]])
+    costs = torch.tensor([1.0, 2.0, 8.0]).expand(3, -1)
+    assert allocate_options(errors, costs, 3.0).tolist() == [0, 0, 0]
+    assert allocate_options(errors, costs, 4.0).tolist() == [0, 0, 1]    # the biggest drop per token first
+    assert allocate_options(errors, costs, 11.0).tolist() == [2, 0, 1]
+    with pytest.raises(AttnZooError, match="cheapest option"):
+        allocate_options(errors, costs, 2.0)
+
+
+def test_per_head_params_in_one_layer(model):
+    """Each KV head of a layer its own policy and size: the cache holds what the plan says."""
+    shapes = {"layers": LAYERS, "heads": HEADS, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM}
+    snap = ("policy", "snapkv", {"budget": 40, "observe": 4})
+    plan = P.head_plan("tiny", shapes, [[("policy", "streaming", {"sinks": 2, "window": 20, "compensation": False}),
+                                         snap], [("policy", "full", {}),
+                                                 ("policy", "streaming", {"sinks": 4, "window": 60})]])
+    assert plan.kv_fraction(300) == pytest.approx((22 + 40 + 300 + 65) / 1200)
+    ids = torch.randint(100, VOCAB, (1, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        azhf.apply(model, plan)
+        try:
+            cache = azhf.make_cache(model, plan)
+            model(ids, cache=cache, use_cache=True)
+        finally:
+            azhf.remove(model)
+    assert [layer.kv.held for layer in cache.layers] == [[22, 40], [300, 64]]
+    with pytest.raises(AttnZooError, match="expected a 'budget'"):
+        P.head_plan("tiny", shapes, [[snap, ("policy", "snapkv", {"observe": 4})], [snap, snap]])
+
+
 def _plan(shapes=None, layers=None):
     shapes = shapes or {"layers": LAYERS, "heads": HEADS, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM}
     return P.split_plan("tiny", shapes, layers or [[0], [0, 1]], sinks=2, window=8, compensation=True)
@@ -86,8 +139,8 @@ def test_round_trip(tmp_path):
     path = plan.save(tmp_path / "plan.json")
     again = P.load(path)
     assert again == plan and again.to_dict() == json.loads(path.read_text())
-    assert again.cache_layers() == [("razor", {"retrieval_heads": (0,), "sinks": 2, "window": 8,
-                                               "compensation": True}), ("full", {})]
+    assert again.cache_layers() == [("heads", {"groups": (((0,), "full", {}), ((1,), "streaming", {
+        "sinks": 2, "window": 8, "compensate": True}))}), ("full", {})]
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -142,14 +195,15 @@ def test_split_plan_cache_holds_less(model):
             azhf.remove(model)
     # half the KV heads hold 2 + 8 + 1 of 300 tokens
     assert cache.nbytes < 0.6 * full.nbytes
-    assert [layer.kv.policy.name for layer in cache.layers] == ["razor", "razor"]
+    assert [layer.kv.policy.name for layer in cache.layers] == ["heads", "heads"]
+    assert [layer.kv.held for layer in cache.layers] == [[300, 10], [10, 300]]  # what the plan says
 
 
 def test_budget_too_small_refused():
     with pytest.raises(AttnZooError, match="budget"):
         P.make_calibrator("razor", budget=0.001, length=512, window=64)
     with pytest.raises(AttnZooError, match="unknown calibrator"):
-        P.make_calibrator("moa")
+        P.make_calibrator("no_such_calibrator")
 
 
 def test_eval_reads_a_plan_file(tmp_path):
@@ -159,6 +213,15 @@ def test_eval_reads_a_plan_file(tmp_path):
     plan, cache = cases.load_plan(path)
     assert plan == _plan() and cache == {"policy": plan}
     assert cases.plan_case(path)["kind"] == "plan"
+    prefill = P.head_plan("tiny", plan.shapes, [[("method", "streaming", {"sinks": 4, "window": 60})] * 2] * 2)
+    assert cases.load_plan(prefill.save(tmp_path / "prefill.json")) == (prefill, None)  # the full cache
+
+
+def test_eval_refuses_window_next_to_budget():
+    from attnzoo.eval import cases
+
+    with pytest.raises(AttnZooError, match="both window=252 and budget=1"):
+        cases.policy_params("streaming", {"sinks": 4, "window": 252}, 1, 2048)
 
 
 def test_cli_show(tmp_path):

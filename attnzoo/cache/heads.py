@@ -79,3 +79,47 @@ class Duo(Policy):
             raise AttnZooError(f"duo: parameter 'plan' expected {heads_kv} entries (one per KV head), got {len(self.plan)}")
         full = [h for h, p in enumerate(self.plan) if p is True or p == "full"]
         return _split(full, heads_kv, Streaming(sinks=self.sinks, window=self.window))
+
+
+def _check_group(g, i: int) -> tuple[tuple[int, ...], str, dict]:
+    if not (isinstance(g, (tuple, list)) and len(g) == 3 and isinstance(g[0], (tuple, list))
+            and isinstance(g[1], str) and isinstance(g[2], dict)):
+        raise AttnZooError(f"heads: parameter 'groups' entry {i} expected (kv_heads, policy name, params), got {g!r}")
+    from .policy import POLICIES, make_policy
+
+    if g[1] in POLICIES and POLICIES[g[1]].kind == "split":
+        raise AttnZooError(f"heads: parameter 'groups' entry {i}: policy {g[1]!r} splits heads itself; give each "
+                           "group a single-store policy (full, streaming, snapkv, ...)")
+    make_policy(g[1], **g[2])  # unknown names / bad params: named now
+    return tuple(g[0]), g[1], dict(g[2])
+
+
+@register_policy
+@dataclass
+class Heads(Policy):
+    """Per-head groups: each group of KV heads runs its own policy with its own parameters and store
+    (a calibrated plan's cache layer: full heads, streaming heads with their own windows, SnapKV heads
+    with their own budgets)."""
+
+    name: ClassVar[str] = "heads"
+    kind: ClassVar[str] = "split"
+    reads: ClassVar[str] = "each group's policy"
+    papers: ClassVar[tuple[str, ...]] = ("MoA", "DuoAttention", "RazorAttention")
+
+    groups: tuple = param((), help="((kv_heads, policy, params), ...) covering every KV head once")
+
+    def validate(self) -> None:
+        if not isinstance(self.groups, (tuple, list)) or not self.groups:
+            raise AttnZooError(f"heads: parameter 'groups' expected a non-empty list of (kv_heads, policy, params), "
+                               f"got {self.groups!r}")
+        self._groups = [_check_group(g, i) for i, g in enumerate(self.groups)]
+
+    def build(self, heads_kv: int) -> SplitLayer:
+        from .policy import make_policy
+
+        seen = [h for heads, _, _ in self._groups for h in _head_list(self.name, "groups", heads, heads_kv)]
+        if sorted(seen) != list(range(heads_kv)):
+            raise AttnZooError(f"heads: parameter 'groups' expected every KV head 0..{heads_kv - 1} once, got "
+                               f"{sorted(seen)}")
+        return SplitLayer([(list(heads), Layer(make_policy(name, **params))) for heads, name, params in self._groups],
+                          heads_kv)

@@ -9,7 +9,8 @@
   long contexts) by the same ratio, so the policy is valid at every length.
 * ``plan=<file>``: a JSON file: a per-layer / per-head plan (see :mod:`attnzoo.hf.plan`) handed to
   ``apply``; or ``{"plan": ..., "cache": {"policy": name, ...params}}`` to also set a cache policy; or a
-  calibrated plan file (``attnzoo plan --out``, :mod:`attnzoo.plan.file`), which sets both.
+  calibrated plan file (``attnzoo plan --out``, :mod:`attnzoo.plan.file`), which sets both (a plan of
+  prefill methods only, e.g. ``minference``'s, keeps the ordinary full cache).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def load_plan(path: str | Path) -> tuple[Any, dict | None]:
         raise AttnZooError(f"eval: plan file {path} is not JSON ({e})") from None
     if is_plan_file(data):
         plan = from_dict(data, source=f"eval: plan file {path}")
-        return plan, {"policy": plan}
+        return plan, {"policy": plan} if plan.needs_cache else None  # a prefill plan keeps the full cache
     if isinstance(data, dict) and "plan" in data:
         cache = data.get("cache")
         if cache is not None and not (isinstance(cache, dict) and isinstance(cache.get("policy"), str)):
@@ -146,6 +147,9 @@ def policy_params(name: str, params: dict, budget: float | int | None, length: i
     fields = {f.name: f for f in dataclasses.fields(cls)}
     out = dict(params)
     if name in _WINDOWED:
+        if _WINDOWED[name] in params:  # the budget sets it: a silent override hid a 5-token cache once
+            raise AttnZooError(f"eval: policy {name!r} got both {_WINDOWED[name]}={params[_WINDOWED[name]]} and "
+                               f"budget={budget}; the budget sets the {_WINDOWED[name]} (budget - sinks), give one")
         sinks = out.get("sinks", fields["sinks"].default)
         if budget < 1 and "sinks" not in params:
             sinks = min(sinks, max(1, tokens // 16))

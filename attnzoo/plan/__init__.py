@@ -9,11 +9,11 @@ The plan file needs no torch; the calibrators (torch, transformers) load on firs
 module in this package starts without torch.
 """
 
-from .file import Group, Plan, from_dict, is_plan_file, load, model_shapes, split_plan
+from .file import Group, Plan, from_dict, head_plan, is_plan_file, load, model_shapes, split_plan
 
 _CALIBRATION = ("CALIBRATORS", "Calibrator", "make_calibrator", "register_calibrator")
 
-__all__ = ["Group", "Plan", "from_dict", "is_plan_file", "load", "model_shapes", "split_plan", *_CALIBRATION]
+__all__ = ["Group", "Plan", "from_dict", "head_plan", "is_plan_file", "load", "model_shapes", "split_plan", *_CALIBRATION]
 
 
 def __getattr__(name: str):

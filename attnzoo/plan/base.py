@@ -1,11 +1,21 @@
-"""Calibrators: measure each KV head of a real model, then keep the full cache only where it matters.
+"""Calibrators: measure each KV head of a real model, then give each head what it needs under a budget.
 
 A calibrator is a small dataclass in :data:`CALIBRATORS` (parameters declared with
-:func:`attnzoo.param`, checked like method parameters). :meth:`Calibrator.scores` returns one number
-per (layer, KV head), higher = the head needs its whole past more; :meth:`Calibrator.run` turns the
-scores into a :class:`~attnzoo.plan.file.Plan` that meets the mean KV budget: every streaming head
-holds ``sinks + window`` tokens (+1 compensation token where the calibrator uses one) and the
-highest-scoring heads keep everything, as many as ``budget`` leaves room for at ``length`` tokens.
+:func:`attnzoo.param`, checked like method parameters). :meth:`Calibrator.choose` returns one
+choice per (layer, KV head) (a cache policy or a prefill method and its params) and the scores it
+was based on; :meth:`Calibrator.run` writes them into a :class:`~attnzoo.plan.file.Plan`.
+
+Two ways of choosing live here and are shared by the calibrators:
+
+* :class:`SplitCalibrator` (``razor``, ``duo``, ``duo_gates``): one score per KV head, the
+  highest-scoring heads keep everything, every other head streams ``sinks + window`` tokens, as many
+  full heads as ``budget`` leaves room for at ``length`` tokens.
+* :func:`allocate_options` (``moa``, ``minference``): every head has a list of options, each with a
+  profiled error and a cost; the plan minimises the summed error with the mean cost within the budget
+  (a knapsack over the budget, solved exactly by dynamic programming).
+
+Calibration prompts (:func:`calibration_prompts`) are passkey prompts with their answer appended, so
+calibrators can score the positions that produce the answer.
 """
 
 from __future__ import annotations
@@ -23,30 +33,56 @@ from ..errors import AttnZooError
 from ..registry import Method, Registry, param
 from . import file
 
+#: one head's choice: ("policy" | "method", name, params)
+Choice = tuple[str, str, dict]
+FULL: Choice = ("policy", "full", {})
+
 
 @dataclass
 class Calibrator:
-    """Base class: a budget, the context length it refers to, and the streaming heads' shape."""
+    """Base class: a budget, the context length it refers to, the sinks every reduced head keeps, a seed."""
 
     name: ClassVar[str] = ""
-    #: whether streaming heads keep one compensation token (the mean K/V of what they evicted)
-    compensation: ClassVar[bool] = False
 
     budget: float = param(0.125, min=1e-6, max=1.0, help="mean share of the context the KV heads hold")
     length: int = param(4096, min=16, help="context length (tokens) the budget refers to")
     sinks: int = param(4, min=0, help="initial tokens every streaming head keeps")
-    window: int | None = param(None, min=1, help="recent tokens a streaming head keeps (default: half the "
-                                                "budget's tokens, less the sinks)")
-    seed: int = param(0, help="seed of the calibration prompts")
+    seed: int = param(1234, help="seed of the calibration prompts (eval's default seed 0 stays held out)")
 
     def __post_init__(self) -> None:
         Method.__post_init__(self)  # the registry's field checks + validate()
 
     def validate(self) -> None:
-        self.allocate(1)  # a budget too small for the streaming heads is refused now
+        """Cross-parameter checks; raise AttnZooError naming the parameter."""
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def choose(self, model, tokenizer=None) -> tuple[list[list[Choice]], torch.Tensor]:
+        """Per (layer, KV head) a :data:`Choice`, and the ``(layers, heads_kv)`` scores behind them."""
+        raise NotImplementedError
+
+    def run(self, model, tokenizer=None, *, model_name: str = "model") -> file.Plan:
+        """Calibrate ``model`` and return the plan (the calibrator's settings, scores and time recorded in it)."""
+        start = time.perf_counter()
+        choices, scores = self.choose(model, tokenizer)
+        info = {"name": self.name, "params": self.params(), "seconds": round(time.perf_counter() - start, 2),
+                "scores": [[round(float(s), 5) for s in row] for row in scores.float()]}
+        return file.head_plan(model_name, file.model_shapes(model), choices, calibrator=info)
+
+
+@dataclass
+class SplitCalibrator(Calibrator):
+    """Full cache for the top-scoring KV heads, sinks + window for the others (scores from :meth:`scores`)."""
+
+    #: whether streaming heads keep one compensation token (the mean K/V of what they evicted)
+    compensation: ClassVar[bool] = False
+
+    window: int | None = param(None, min=1, help="recent tokens a streaming head keeps (default: half the "
+                                                "budget's tokens, less the sinks)")
+
+    def validate(self) -> None:
+        self.allocate(1)  # a budget too small for the streaming heads is refused now
 
     def streaming_window(self) -> int:
         if self.window is not None:
@@ -69,24 +105,52 @@ class Calibrator:
         """``(layers, heads_kv)`` scores: higher = the head needs its whole past more."""
         raise NotImplementedError
 
-    def run(self, model, tokenizer=None, *, model_name: str = "model") -> file.Plan:
-        """Calibrate ``model`` and return the plan (the calibrator's settings, scores and time recorded in it)."""
-        start = time.perf_counter()
-        with torch.no_grad():
-            scores = self.scores(model, tokenizer).float()
-        shapes = file.model_shapes(model)
-        k = self.allocate(scores.numel())
-        top = set(torch.argsort(scores.flatten(), descending=True, stable=True)[:k].tolist())
-        full = [[h for h in range(shapes["heads_kv"]) if i * shapes["heads_kv"] + h in top]
-                for i in range(shapes["layers"])]
-        info = {"name": self.name, "params": self.params(), "seconds": round(time.perf_counter() - start, 2),
-                "scores": [[round(float(s), 5) for s in row] for row in scores]}
-        return file.split_plan(model_name, shapes, full, calibrator=info, sinks=self.sinks,
-                               window=self.streaming_window(), compensation=self.compensation)
+    def choose(self, model, tokenizer=None) -> tuple[list[list[Choice]], torch.Tensor]:
+        scores = self.scores(model, tokenizer).float()
+        layers, heads_kv = scores.shape
+        top = set(torch.argsort(scores.flatten(), descending=True, stable=True)[:self.allocate(scores.numel())]
+                  .tolist())
+        stream = ("policy", "streaming", {"sinks": self.sinks, "window": self.streaming_window(),
+                                          "compensation": self.compensation})
+        return [[FULL if i * heads_kv + h in top else stream for h in range(heads_kv)] for i in range(layers)], scores
+
+
+def allocate_options(errors: torch.Tensor, costs: torch.Tensor, total: float, *, units: int = 1 << 15) -> torch.Tensor:
+    """Per head the option index minimising the summed ``errors (heads, options)`` with ``Σ costs ≤ total``.
+
+    ``costs (heads, options)``, every head's option 0 the cheapest, ``Σ costs[:, 0] ≤ total``. A knapsack
+    dynamic programme over the budget: exact when the costs are whole numbers and ``total ≤ units``
+    (token counts); otherwise costs are rounded up to ``total / units`` steps (the plan still fits).
+    Among the plans with the least error it returns the cheapest.
+    """
+    if float(costs[:, 0].sum()) > total + 1e-9:
+        raise AttnZooError(f"allocate: the cheapest option of every head costs {float(costs[:, 0].sum()):g} in all, "
+                           f"more than the budget {total:g}")
+    costs = costs.double()
+    whole = bool((costs == costs.round()).all()) and total <= units
+    step = 1.0 if whole else total / units
+    c = torch.ceil(costs / step - 1e-9).long()
+    cap = int(math.floor(total / step + 1e-9))
+    best = torch.full((cap + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    picks = []
+    for h in range(errors.shape[0]):
+        cand = torch.full((errors.shape[1], cap + 1), math.inf, dtype=torch.float64)
+        for o in range(errors.shape[1]):
+            if int(c[h, o]) <= cap:
+                cand[o, int(c[h, o]):] = best[:cap + 1 - int(c[h, o])] + float(errors[h, o])
+        best, arg = cand.min(0)
+        picks.append(arg)
+    spent = int((best <= best.min() + 1e-12).nonzero()[0])
+    choice = torch.zeros(errors.shape[0], dtype=torch.long)
+    for h in reversed(range(errors.shape[0])):
+        choice[h] = picks[h][spent]
+        spent -= int(c[h, choice[h]])
+    return choice
 
 
 def _load_builtin() -> None:
-    for module in ("razor", "duo"):
+    for module in ("razor", "duo", "moa", "minference", "gates"):
         importlib.import_module(f"{__package__}.{module}")
 
 
@@ -115,12 +179,40 @@ def bos(model, tokenizer) -> list[int]:
     return [] if tid is None else [int(tid)]
 
 
+def calibration_prompts(model, tokenizer, samples: int, length: int, seed: int) -> list[tuple[list[int], int]]:
+    """``(ids, start)`` per prompt: a passkey prompt with its answer appended from ``ids[start]`` on.
+
+    With a tokenizer: the ``passkey`` task's prompts (:mod:`attnzoo.tasks`; evaluate on other seeds). Without
+    one, a synthetic prompt: random filler with a random 16-token key at a quarter depth, the key again
+    as the answer.
+    """
+    if tokenizer is not None:
+        from ..tasks import make_task
+
+        out = []
+        for s in make_task("passkey").generate(samples, seed=seed, tokenizer=tokenizer, length=length):
+            ids = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
+            out.append((ids + tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"], len(ids)))
+        return out
+    lo, hi = token_range(model)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(samples):
+        key = torch.randint(lo, hi, (16,), generator=gen).tolist()
+        filler = torch.randint(lo, hi, (length - 32 - 1,), generator=gen).tolist()
+        at = len(filler) // 4
+        ids = bos(model, None) + filler[:at] + key + filler[at:]
+        out.append((ids + key, len(ids)))
+    return out
+
+
 def capture(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer ``(q, k, v)`` with KV heads repeated to the query heads, for one token sequence."""
     from ..hf import capture_qkv
 
     device = next(model.parameters()).device
-    qkv = capture_qkv(model, {"input_ids": torch.tensor([ids], device=device)})
+    with torch.no_grad():
+        qkv = capture_qkv(model, {"input_ids": torch.tensor([ids], device=device)})
     out = []
     for q, k, v in qkv:
         rep = q.shape[1] // k.shape[1]
@@ -128,6 +220,11 @@ def capture(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, tor
     return out
 
 
-def per_kv_head(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
-    """``(..., heads)`` query-head figures -> ``(..., heads_kv)``, the max over each KV head's query heads."""
-    return x.unflatten(-1, (heads_kv, x.shape[-1] // heads_kv)).amax(-1)
+def per_kv_head(x: torch.Tensor, heads_kv: int, reduce: str = "amax") -> torch.Tensor:
+    """``(..., heads)`` query-head figures -> ``(..., heads_kv)``, the max (or mean) over each KV head's query heads."""
+    return getattr(x.unflatten(-1, (heads_kv, x.shape[-1] // heads_kv)), reduce)(-1)
+
+
+def heads_kv_of(model) -> int:
+    config = model.config.get_text_config()
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads

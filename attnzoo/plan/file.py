@@ -14,12 +14,15 @@ A plan is JSON (``version`` 1)::
 
 Each layer lists groups of **KV head** indices covering every KV head exactly once. A group has
 either a ``policy`` (``full``: the head keeps every token; ``streaming``: it keeps ``sinks`` +
-``window`` tokens, plus one compensation token with ``compensation``) or a ``method`` (a registered
+``window`` tokens, plus one compensation token with ``compensation``; ``snapkv``: it keeps the
+``budget`` tokens its last ``observe`` queries attend to most) or a ``method`` (a registered
 attention method and its params, run at prefill on the query heads sharing those KV heads).
+Groups of one layer may differ in params (each KV head its own window or budget).
 
 :meth:`Plan.apply_plan` gives the per-head dict :func:`attnzoo.hf.apply` resolves and
-:meth:`Plan.cache_layers` the per-layer ``razor`` policies (:mod:`attnzoo.cache.heads`) that
-:func:`attnzoo.hf.make_cache` builds; both accept a :class:`Plan` directly.
+:meth:`Plan.cache_layers` the per-layer ``heads`` policies (:mod:`attnzoo.cache.heads`) that
+:func:`attnzoo.hf.make_cache` builds; both accept a :class:`Plan` directly. A plan whose groups are
+all ``full`` or methods (a prefill plan) needs no cache policy (:attr:`Plan.needs_cache`).
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from typing import Any
 from ..errors import AttnZooError
 
 VERSION = 1
-POLICIES = ("full", "streaming")
+POLICIES = ("full", "streaming", "snapkv")
 SHAPE_KEYS = ("layers", "heads", "heads_kv", "head_dim")
 #: the parameters of a streaming group and their defaults (the ``razor`` cache policy's)
 STREAMING_PARAMS = {"sinks": 4, "window": 512, "compensation": True}
+#: parameters a snapkv group may set (the ``snapkv`` cache policy's; its defaults apply)
+SNAPKV_PARAMS = ("budget", "observe", "pool")
 
 
 @dataclass(frozen=True)
@@ -92,23 +97,22 @@ class Plan:
             out[i] = entries if len(set(map(repr, entries))) > 1 else entries[0]
         return out
 
+    @property
+    def needs_cache(self) -> bool:
+        """Whether some KV head holds less than everything (a cache plan rather than a prefill plan)."""
+        return any(g.policy not in (None, "full") for groups in self.layers for g in groups)
+
     def cache_layers(self) -> list[tuple[str, dict]]:
-        """Per layer, the cache policy and params: ``full``, or ``razor`` with the full heads as retrieval heads."""
+        """Per layer, the cache policy and params: ``full``, or ``heads`` with one group per plan group."""
         out = []
         for i, groups in enumerate(self.layers):
             if any(g.method is not None for g in groups):
                 raise AttnZooError(f"plan layer {i}: groups run prefill methods, which a KV cache cannot read "
                                    "through; make_cache takes plans whose groups are all cache policies")
-            streaming = [g for g in groups if g.policy == "streaming"]
-            if not streaming:
+            if all(g.policy == "full" for g in groups):
                 out.append(("full", {}))
                 continue
-            params = {**STREAMING_PARAMS, **streaming[0].params}
-            if any({**STREAMING_PARAMS, **g.params} != params for g in streaming[1:]):
-                raise AttnZooError(f"plan layer {i}: streaming groups with different params; one layer streams "
-                                   "with one sinks/window/compensation setting")
-            full = tuple(h for g in groups if g.policy == "full" for h in g.heads)
-            out.append(("razor", {"retrieval_heads": full, **params}))
+            out.append(("heads", {"groups": tuple((g.heads, *_cache_policy(g)) for g in groups)}))
         return out
 
     def check_model(self, model) -> None:
@@ -133,7 +137,17 @@ def _held(g: Group, length: int) -> int:
     if g.policy == "streaming":
         p = {**STREAMING_PARAMS, **g.params}
         return min(length, p["sinks"] + p["window"]) + int(bool(p["compensation"]) and p["sinks"] + p["window"] < length)
+    if g.policy == "snapkv":
+        return min(length, g.params["budget"])
     return length
+
+
+def _cache_policy(g: Group) -> tuple[str, dict]:
+    """The cache policy name and params that run one policy group."""
+    if g.policy == "streaming":
+        p = {**STREAMING_PARAMS, **g.params}
+        return "streaming", {"sinks": p["sinks"], "window": p["window"], "compensate": bool(p["compensation"])}
+    return g.policy, dict(g.params)
 
 
 def _validate(plan: Plan) -> None:
@@ -165,14 +179,17 @@ def _validate(plan: Plan) -> None:
             if g.policy is not None:
                 if g.policy not in POLICIES:
                     raise AttnZooError(f"{where}: unknown policy {g.policy!r} (expected one of {', '.join(POLICIES)})")
-                allowed = STREAMING_PARAMS if g.policy == "streaming" else {}
+                allowed = {"full": (), "streaming": STREAMING_PARAMS, "snapkv": SNAPKV_PARAMS}[g.policy]
                 extra = sorted(set(g.params) - set(allowed))
                 if extra:
                     raise AttnZooError(f"{where}: policy {g.policy!r} takes no parameter {extra[0]!r} "
                                        f"(accepted: {', '.join(allowed) or 'none'})")
-                if g.policy == "streaming":
+                if g.policy == "snapkv" and "budget" not in g.params:
+                    raise AttnZooError(f"{where}: policy 'snapkv' expected a 'budget' parameter (tokens held)")
+                if g.policy != "full":
+                    name, params = _cache_policy(g)
                     try:
-                        make_policy("razor", **{**STREAMING_PARAMS, **g.params})
+                        make_policy(name, **params)
                     except AttnZooError as e:
                         raise AttnZooError(f"{where}: {e}") from None
             else:
@@ -247,14 +264,24 @@ def model_shapes(model) -> dict:
             "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads}
 
 
-def split_plan(model_name: str, shapes: dict, full: list[list[int]], *, calibrator: dict | None = None,
-            **streaming: Any) -> Plan:
-    """A cache plan: per layer, the KV heads in ``full[layer]`` keep everything, the rest stream."""
+def head_plan(model_name: str, shapes: dict, choices: list[list[tuple[str, str, dict]]], *,
+              calibrator: dict | None = None) -> Plan:
+    """A plan from one choice per (layer, KV head): ``(kind, name, params)``, kind ``policy`` or ``method``;
+    the KV heads of a layer with equal choices share one group."""
     layers = []
-    for heads in full:
-        rest = [h for h in range(shapes["heads_kv"]) if h not in heads]
-        groups = [Group(tuple(sorted(heads)), "full")] if heads else []
-        if rest:
-            groups.append(Group(tuple(rest), "streaming", params={**STREAMING_PARAMS, **streaming}))
-        layers.append(tuple(groups))
+    for row in choices:
+        groups: dict[str, tuple[list[int], tuple]] = {}
+        for h, choice in enumerate(row):
+            groups.setdefault(json.dumps(choice, sort_keys=True), ([], choice))[0].append(h)
+        layers.append(tuple(Group(tuple(heads), **{kind: name}, params=dict(params))
+                            for heads, (kind, name, params) in groups.values()))
     return Plan(model_name, dict(shapes), tuple(layers), calibrator or {})
+
+
+def split_plan(model_name: str, shapes: dict, full: list[list[int]], *, calibrator: dict | None = None,
+               **streaming: Any) -> Plan:
+    """A cache plan: per layer, the KV heads in ``full[layer]`` keep everything, the rest stream."""
+    stream = ("policy", "streaming", {**STREAMING_PARAMS, **streaming})
+    return head_plan(model_name, shapes, [[("policy", "full", {}) if h in heads else stream
+                                           for h in range(shapes["heads_kv"])] for heads in full],
+                     calibrator=calibrator)

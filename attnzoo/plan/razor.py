@@ -15,12 +15,12 @@ from typing import ClassVar
 import torch
 
 from ..registry import param
-from .base import Calibrator, bos, capture, per_kv_head, register_calibrator, token_range
+from .base import SplitCalibrator, bos, capture, heads_kv_of, per_kv_head, register_calibrator, token_range
 
 
 @register_calibrator
 @dataclass
-class Razor(Calibrator):
+class Razor(SplitCalibrator):
     """Retrieval heads by echo + induction attention on a repeated random-token probe (RazorAttention)."""
 
     name: ClassVar[str] = "razor"
@@ -44,5 +44,4 @@ class Razor(Calibrator):
             echo = p.gather(-1, (pos_q - L).expand(p.shape[0], L)[..., None])[..., 0]
             induction = p.gather(-1, (pos_q - L + 1).expand(p.shape[0], L)[..., None])[..., 0]
             out.append((echo + induction).mean(-1))
-        heads_kv = model.config.get_text_config().num_key_value_heads or q.shape[1]
-        return per_kv_head(torch.stack(out), heads_kv)
+        return per_kv_head(torch.stack(out), heads_kv_of(model))

@@ -1,0 +1,127 @@
+"""``moa``: MoA's idea, each head its own span (or budget) under one total budget, chosen from profiled errors.
+
+Every KV head gets one option among ``spans`` (shares of the context, so a head's tokens grow with the
+context: MoA's elastic rule ``span = α + β·N`` with ``α`` = the sinks and ``β`` the share) or the full
+cache. Profiling: on passkey prompts with their answer appended, each layer's attention output at the
+positions that produce the answer is compared, per head and option, with exact attention over every
+earlier key (relative error, mean over positions, prompts and the KV head's query heads). Then
+:func:`~attnzoo.plan.base.allocate_options` picks per head the option that minimises the summed error
+with the mean held share within ``budget`` at ``length`` tokens.
+
+``policy`` says what a reduced head does:
+
+* ``streaming`` (MoA's heads): sinks + the last ``share·N`` tokens, during the prompt too;
+* ``snapkv``: the prompt runs exact; afterwards the head keeps the ``share·N`` tokens its last
+  ``observe`` queries attend to most (max-pooled over ``pool`` neighbours), SnapKV's rule, so heads
+  that retrieve get larger budgets than heads that only look nearby.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import AttnZooError
+from ..registry import param
+from .base import (FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, per_kv_head,
+                   register_calibrator)
+from .duo import streaming_mask
+
+SPANS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+@register_calibrator
+@dataclass
+class MoA(Calibrator):
+    """Per-head spans or budgets under the total budget, from each head's profiled output error (MoA)."""
+
+    name: ClassVar[str] = "moa"
+
+    policy: str = param("snapkv", choices=("snapkv", "streaming"), help="what reduced heads do")
+    spans: tuple = param(SPANS, help="candidate shares of the context a reduced head holds")
+    samples: int = param(2, min=1, max=64, help="calibration prompts")
+    prompt_length: int = param(1024, min=64, help="tokens per calibration prompt")
+    observe: int = param(8, min=1, help="snapkv: queries that vote for the tokens kept")
+    pool: int = param(7, min=1, max=1025, help="snapkv: max-pooling width over neighbouring tokens")
+
+    def validate(self) -> None:
+        if not isinstance(self.spans, (tuple, list)) or not self.spans or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 1 for s in self.spans):
+            raise AttnZooError(f"moa: parameter 'spans' expected shares in (0, 1), got {self.spans!r}")
+        self.spans = tuple(sorted(float(s) for s in self.spans))
+        held = self.held(self.spans[0], self.length)
+        if held > self.budget * self.length:
+            raise AttnZooError(f"calibrator moa: parameter 'budget' {self.budget} holds {self.budget * self.length:g} "
+                               f"tokens per head at length {self.length}, fewer than the smallest span's {held}; "
+                               "raise the budget or add a smaller span")
+
+    def held(self, share: float, length: int) -> int:
+        """Tokens a reduced head holds at ``length`` for one share (a snapkv head at least observe + 1)."""
+        if self.policy == "snapkv":
+            return min(length, max(self.observe + 1, round(share * length)))
+        return min(length, self.sinks + max(1, round(share * length)))
+
+    def choice(self, share: float) -> tuple:
+        tokens = self.held(share, self.length)
+        if self.policy == "snapkv":
+            return ("policy", "snapkv", {"budget": tokens, "observe": self.observe, "pool": self.pool})
+        return ("policy", "streaming", {"sinks": self.sinks, "window": tokens - self.sinks, "compensation": False})
+
+    def read_masks(self, q, k, pos: torch.Tensor, start: int, tokens: int, group: int) -> torch.Tensor:
+        """``(H, len(pos), N)`` bool: what each query head reads at the scored positions for one option
+        (``group`` query heads share a KV head, so a snapkv head keeps one token set for all of them)."""
+        H, N = q.shape[1], k.shape[2]
+        if self.policy == "streaming":
+            return streaming_mask(pos, N, self.sinks, tokens - self.sinks).expand(H, -1, -1)
+        obs = torch.arange(max(0, start - self.observe), start)          # the prompt's last queries vote
+        logits = q[0, :, obs] @ k[0, :, :start].transpose(-1, -2) * q.shape[-1] ** -0.5
+        logits = logits.masked_fill(torch.arange(start)[None, :] > obs[:, None], float("-inf"))
+        mass = logits.softmax(-1).sum(1).unflatten(0, (-1, group)).sum(1)                    # (Hkv, start)
+        pooled = F.max_pool1d(mass[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0, :start]
+        older = start - len(obs)
+        keep = torch.zeros(H // group, N, dtype=torch.bool)
+        keep[:, older:] = True                                       # the observation window and the answer
+        if tokens > len(obs) and older > 0:
+            top = pooled[:, :older].topk(min(older, tokens - len(obs)), dim=-1).indices
+            keep.scatter_(1, top, True)
+        keep = keep.repeat_interleave(group, 0)
+        return keep[:, None, :] & (torch.arange(N)[None, None, :] <= pos[None, :, None])
+
+    def choose(self, model, tokenizer=None):
+        return self.allocate(self.profile(model, tokenizer))
+
+    def profile(self, model, tokenizer=None) -> torch.Tensor:
+        """``(layers, heads_kv, spans)``: each KV head's mean relative output error at each span."""
+        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed)
+        errors = None
+        for ids, start in prompts:
+            pos = torch.arange(start - 1, len(ids) - 1)
+            per_layer = []
+            for q, k, v in capture(model, ids):
+                group = q.shape[1] // heads_kv_of(model)
+                qn = q[:, :, pos]
+                causal = torch.arange(k.shape[2])[None, :] <= pos[:, None]
+                full = F.scaled_dot_product_attention(qn, k, v, attn_mask=causal)
+                errs = []
+                for share in self.spans:
+                    mask = self.read_masks(q, k, pos, start, self.held(share, start), group)
+                    part = F.scaled_dot_product_attention(qn, k, v, attn_mask=mask[None])
+                    errs.append(((part - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12))[0].mean(-1))
+                per_layer.append(torch.stack(errs, -1))                                   # (H, spans)
+            e = torch.stack(per_layer)                                                     # (L, H, spans)
+            errors = e if errors is None else errors + e
+        return per_kv_head((errors / len(prompts)).transpose(1, 2), heads_kv_of(model), "mean").transpose(1, 2)
+
+    def allocate(self, errors: torch.Tensor):
+        """Choices and scores from a :meth:`profile` (one profile serves every budget and length)."""
+        L, heads_kv = errors.shape[:2]
+        errors = torch.cat([errors, torch.zeros(L, heads_kv, 1)], -1).flatten(0, 1)        # + full: no error
+        costs = torch.tensor([self.held(s, self.length) for s in self.spans] + [self.length], dtype=torch.float64)
+        pick = allocate_options(errors, costs.expand(errors.shape[0], -1), self.budget * self.length * errors.shape[0])
+        options = [self.choice(s) for s in self.spans] + [FULL]
+        choices = [[options[int(pick[i * heads_kv + h])] for h in range(heads_kv)] for i in range(L)]
+        # score: the error a head would have at the smallest span (higher = needs more)
+        return choices, errors[:, 0].view(L, heads_kv)
