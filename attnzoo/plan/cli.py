@@ -32,16 +32,18 @@ def calibrate(
     ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", help="a known model name (attnzoo models list) or a local causal "
                                                    "LM folder"),
-    calibrator: str = typer.Option("razor", help="razor (retrieval-head probe) or duo (streaming error, "
-                                                 "training-free)"),
-    budget: float = typer.Option(0.125, help="mean share of the context the KV heads hold"),
+    calibrator: str = typer.Option("razor", help="razor (retrieval-head probe), duo (streaming error, "
+                                                 "training-free), duo_gates (trained gates), moa (per-head "
+                                                 "spans/budgets), minference (per-head prefill patterns)"),
+    budget: float = typer.Option(0.125, help="mean share of the context the KV heads hold (minference: of the "
+                                             "prefill's attention FLOPs)"),
     length: int = typer.Option(4096, help="context length the budget refers to"),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="calibrator parameter NAME=VALUE "
                                                                            "(repeatable; e.g. window=128)"),
     out: Optional[Path] = typer.Option(None, help="where to write the plan (JSON)"),
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads (default: every core)"),
 ) -> None:
-    """Calibrate a plan: score every KV head, keep the full cache on the top ones, stream the rest."""
+    """Calibrate a plan: measure every KV head, give each what it needs within the budget."""
     if ctx.invoked_subcommand is not None:
         return
     if out is None:
@@ -85,13 +87,19 @@ def show(path: Path = typer.Argument(..., help="a plan file"),
     s = plan.shapes
     table = Table(title=f"{path.name}: {plan.model} ({s['layers']} layers, {s['heads']} heads, {s['heads_kv']} KV "
                         f"heads, head dim {s['head_dim']}); calibrator {cal.get('name', '-')}")
-    for col in ("layer", "full KV heads", "streaming KV heads", "method heads", "streaming params"):
+    for col in ("layer", "full KV heads", "streaming KV heads (sinks+window)", "snapkv KV heads (budget)",
+                "method heads"):
         table.add_column(col)
+
+    def heads(groups, policy: str, size) -> str:
+        return "; ".join(f"{','.join(map(str, g.heads))}" + (f" ({size(g.params)})" if size else "")
+                         for g in groups if g.policy == policy)
+
     for i, groups in enumerate(plan.layers):
-        pick = lambda what: ", ".join(str(h) for g in groups if (g.policy or g.method) == what for h in g.heads)  # noqa: E731
         methods = "; ".join(f"{g.method} {list(g.heads)}" for g in groups if g.method)
-        params = next((g.params for g in groups if g.policy == "streaming"), {})
-        table.add_row(str(i), pick("full"), pick("streaming"), methods, ", ".join(f"{k}={v}" for k, v in params.items()))
+        table.add_row(str(i), heads(groups, "full", None),
+                      heads(groups, "streaming", lambda p: f"{p.get('sinks', 4)}+{p.get('window', 512)}"),
+                      heads(groups, "snapkv", lambda p: p["budget"]), methods)
     console.print(table)
     console.print(f"KV held at {length} tokens: {plan.kv_fraction(length):.3f} of the full cache"
                   + (f"; calibrated in {cal['seconds']} s" if "seconds" in cal else ""))
