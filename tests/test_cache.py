@@ -67,6 +67,7 @@ COVERING = {
     "retrieval": dict(budget=65, sinks=2, local=4),
     "razor": dict(retrieval_heads=(0, 1), window=8),
     "duo": dict(plan=(True, "full"), window=8),
+    "heads": dict(groups=(((0,), "full", {}), ((1,), "snapkv", {"budget": 64, "observe": 4}))),
 }
 
 # budgets well below the context, for the eviction / selection behaviour
@@ -81,6 +82,7 @@ SMALL = {
     "retrieval": dict(budget=16, sinks=2, local=4),
     "razor": dict(retrieval_heads=(1,), sinks=2, window=10),
     "duo": dict(plan=(False, True), sinks=2, window=10),
+    "heads": dict(groups=(((0,), "streaming", {"sinks": 2, "window": 10}), ((1,), "full", {}))),
 }
 
 
@@ -152,6 +154,25 @@ def test_duo_and_razor_heads():
     out, _ = _decode(razor, q, k, v, 20)
     torch.testing.assert_close(out, torch.cat([stream[:, :2], full[:, 2:]], 1), atol=TOL, rtol=0)
     assert razor.held == [10, 50]
+
+
+def test_heads_groups_equal_their_own_policies():
+    """Each group of a ``heads`` layer reads exactly what its policy alone reads on those KV heads."""
+    q, k, v = _qkv(Hq=6, Hkv=3, N=50, seed=4)
+    groups = (((0, 2), "streaming", {"sinks": 2, "window": 8}), ((1,), "snapkv", {"budget": 12, "observe": 4}))
+    cache = KVCache("heads", groups=groups)
+    out, _ = _decode(cache, q, k, v, 20)
+    for heads, name, params in groups:
+        qh = torch.cat([q[:, 2 * h:2 * h + 2] for h in heads], 1)
+        ref, _ = _decode(KVCache(name, **params), qh, k[:, list(heads)], v[:, list(heads)], 20)
+        torch.testing.assert_close(torch.cat([out[:, 2 * h:2 * h + 2] for h in heads], 1), ref, atol=TOL, rtol=0)
+    assert cache.held == [10, 12, 10]
+    with pytest.raises(attnzoo.AttnZooError, match="every KV head 0..2 once"):
+        KVCache("heads", groups=groups[:1]).append(k, v)
+    with pytest.raises(attnzoo.AttnZooError, match="splits heads itself"):
+        KVCache("heads", groups=(((0,), "razor", {}),))
+    with pytest.raises(attnzoo.AttnZooError, match="snapkv: parameter 'observe'"):
+        KVCache("heads", groups=(((0,), "snapkv", {"budget": 4, "observe": 8}),))
 
 
 def test_razor_compensation_token_is_the_mean_of_evicted_tokens():
@@ -268,7 +289,7 @@ def test_selection_finds_planted_needles(name):
 
 
 # ---------------------------------------------------------------- memory
-@pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "razor", "duo"])
+@pytest.mark.parametrize("name", ["streaming", "h2o", "snapkv", "razor", "duo", "heads"])
 def test_eviction_holds_memory_at_budget(name):
     q, k, v = _qkv(N=64, Dv=8, seed=12)
     params = SMALL[name]
@@ -276,7 +297,7 @@ def test_eviction_holds_memory_at_budget(name):
     token_bytes = 8 * (16 + 8) + 8  # fp64 K and V, int64 position
     seen = []
 
-    full_heads = [1] if name in ("razor", "duo") else []  # SMALL keeps KV head 1 whole for both
+    full_heads = [1] if name in ("razor", "duo", "heads") else []  # SMALL keeps KV head 1 whole for these
 
     def check(cache):
         for head, held in enumerate(cache.held):
