@@ -125,11 +125,33 @@ def test_task_cli(tmp_path):
     res = CliRunner().invoke(app, args + ["--resume"])
     assert res.exit_code == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 3  # nothing left to train: nothing written
+    res = CliRunner().invoke(app, ["task", "report", str(out), "--markdown"])
+    assert res.exit_code == 0 and "| mixer | d=16 pairs=2 |" in res.output
+    assert "| lightning | " in res.output and ", steps) |" in res.output  # accuracy (steps, why it stopped)
     res = CliRunner().invoke(app, ["task", "train", "mqar", "--param", "pairs=2", "--param", "seq_len=16",
                                    "--param", "vocab_size=24", "--steps", "5", "--d-model", "16", "--no-progress"])
     assert res.exit_code == 0 and "held-out accuracy" in res.output
     res = CliRunner().invoke(app, ["task", "train", "mqar", "--param", "pairs=100"])
     assert res.exit_code == 2 and "seq_len" in res.output
+
+
+def test_mqar_presets(tmp_path):
+    """No size flag: the quick preset; --full: the published grid's budget; flags override either."""
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+    from attnzoo.train.sweep import load_cases
+
+    small = ["--mixers", "exact", "--dims", "16", "--pairs", "2", "--seq-len", "16", "--steps", "2", "--no-report"]
+    for preset, vocab in (([], 64), (["--full"], 160)):
+        out = tmp_path / f"run{len(preset)}"
+        res = CliRunner().invoke(app, ["task", "mqar", *preset, *small, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        [case] = load_cases(out)
+        assert case["batch"] == 32 and case["eval_size"] == 256 and case["patience"] == 4
+        assert case["task_params"] == {"pairs": 2, "seq_len": 16, "vocab_size": vocab} and case["steps"] == 2
+    res = CliRunner().invoke(app, ["task", "mqar", "--quick", "--full"])
+    assert res.exit_code == 2 and "at most one" in res.output
 
 
 def test_plan_parser():
@@ -141,3 +163,16 @@ def test_plan_parser():
                                                                       ["exact", {}]]
     with pytest.raises(AttnZooError, match="--mixer"):
         parse_plan("sliding_window(window=16")
+
+
+def test_report_plot_legend_names_every_mixer(tmp_path):
+    """A mixer measured in one setting only (here gla at 32 pairs) still gets a legend entry."""
+    from attnzoo.train.report import _plot
+
+    base = {"task": "mqar", "status": "ok", "mixer_params": {}, "d_model": 64}
+    cases = [{**base, "mixer": "exact", "task_params": {"pairs": 8}, "accuracy": 1.0},
+             {**base, "mixer": "exact", "task_params": {"pairs": 32}, "accuracy": 1.0},
+             {**base, "mixer": "gla", "task_params": {"pairs": 32}, "accuracy": 0.1}]
+    assert _plot(cases, "mqar", "d_model", tmp_path / "p.png", "model dimension") == ["exact", "gla"]
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert _plot(cases, "listops", "d_model", tmp_path / "q.png", "model dimension") == []

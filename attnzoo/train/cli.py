@@ -25,10 +25,18 @@ app = typer.Typer(help="Train tiny models on synthetic tasks (MQAR, ListOps, ret
 console = Console(width=None if Console().is_terminal else 160)
 RESULTS_ROOT = Path("task-results")
 
-#: quick mode: the MQAR grid and budget that fit in about ten minutes on two cores
-QUICK = {"dims": (64,), "pairs": (4, 8), "steps": 400, "eval_size": 256, "batch": 32}
-#: window sizes small enough that local mixers cannot see every pair at once (the defaults cover the sequence)
-MQAR_MIXER_PARAMS = {"sliding_window": {"window": 16}, "based": {"window": 16, "feature_dim": 16}}
+#: the MQAR presets. ``quick`` (the default) takes about five minutes of one core; ``full`` is the
+#: issue's grid with the budget of the table in docs/training.md (hours on two shared cores).
+PRESETS = {
+    "quick": {"mixers": "exact,sliding_window,gla,based,linear", "dims": "64", "pairs": "8,16",
+              "vocab": 64, "steps": 300, "batch": 32, "eval_size": 256, "patience": 4},
+    "full": {"mixers": "exact,sliding_window,gla,based,linear,lightning,aaren,landmark", "dims": "64,128",
+             "pairs": "8,32,64", "vocab": 160, "steps": 800, "batch": 32, "eval_size": 256, "patience": 4},
+}
+#: window sizes small enough that local mixers cannot see every pair at once (the defaults cover the sequence),
+#: landmark blocks of 8 (8 to 32 blocks per sequence)
+MQAR_MIXER_PARAMS = {"sliding_window": {"window": 16}, "based": {"window": 16, "feature_dim": 16},
+                     "landmark": {"block": 8}}
 
 
 def _fail(e: AttnZooError) -> typer.Exit:
@@ -169,58 +177,71 @@ def train(
                   f"{record['seconds']:.1f} s; {record['parameters']} parameters, state {record['state_size']} floats)")
 
 
+def _preset_help(key: str) -> str:
+    return f"quick: {PRESETS['quick'][key]}; --full: {PRESETS['full'][key]}"
+
+
 @app.command("mqar")
 def mqar(
-    mixers: str = typer.Option("exact,sliding_window,gla,based,linear,lightning,aaren",
-                               help="comma-separated mixers (methods or learned layers)"),
-    dims: Optional[str] = typer.Option(None, help="model dimensions, comma-separated (default 64,128; quick: 64)"),
-    pairs: Optional[str] = typer.Option(None, help="key-value pairs, comma-separated (default 8,32,64; quick: 4,8)"),
+    mixers: Optional[str] = typer.Option(None, help="comma-separated mixers (methods or learned layers) ("
+                                                   + _preset_help("mixers") + ")"),
+    dims: Optional[str] = typer.Option(None, help="model dimensions, comma-separated (" + _preset_help("dims") + ")"),
+    pairs: Optional[str] = typer.Option(None, help="key-value pairs, comma-separated (" + _preset_help("pairs") + ")"),
     seq_len: Optional[int] = typer.Option(None, min=8, help="tokens per sequence (default max(64, 4·pairs))"),
-    vocab: int = typer.Option(256, min=8, help="vocabulary size"),
+    vocab: Optional[int] = typer.Option(None, min=8, help="vocabulary size (" + _preset_help("vocab") + ")"),
     mixer_param: list[str] = typer.Option(None, help="MIXER:NAME=VALUE (repeatable); defaults: " + ", ".join(
         f"{m}:{k}={v}" for m, ps in MQAR_MIXER_PARAMS.items() for k, v in ps.items())),
-    steps: Optional[int] = typer.Option(None, min=1, help="most training steps per model (default 2000; quick 400)"),
+    steps: Optional[int] = typer.Option(None, min=1, help="most training steps per model (" + _preset_help("steps") + ")"),
     lr: float = typer.Option(3e-3), layers: int = typer.Option(2, min=1), heads: int = typer.Option(2, min=1),
-    batch: Optional[int] = typer.Option(None, min=1, help="sequences per step (default 64; quick 32)"),
-    eval_size: Optional[int] = typer.Option(None, min=1, help="held-out sequences (default 512; quick 256)"),
-    patience: int = typer.Option(8, min=1, help="evaluations without improvement before stopping"),
-    quick: bool = typer.Option(False, help=f"small grid and budget (about 10 minutes on 2 cores): {QUICK}"),
+    batch: Optional[int] = typer.Option(None, min=1, help="sequences per step (" + _preset_help("batch") + ")"),
+    eval_size: Optional[int] = typer.Option(None, min=1, help="held-out sequences (" + _preset_help("eval_size") + ")"),
+    patience: Optional[int] = typer.Option(None, min=1, help="evaluations (every 50 steps) without improvement "
+                                                             "before stopping (" + _preset_help("patience") + ")"),
+    quick: bool = typer.Option(False, "--quick", help="the quick preset (the default): about 10 minutes on 2 cores"),
+    full: bool = typer.Option(False, "--full", help="the full grid: 8 mixers × d 64,128 × pairs 8,32,64 (hours on "
+                                                    "2 cores)"),
     out: Optional[Path] = typer.Option(None, help=f"results folder (default {RESULTS_ROOT}/mqar-<time>)"),
     resume: bool = typer.Option(False, help="continue the results in --out (default: the latest run)"),
     report: bool = typer.Option(True, help="write report.html next to the results"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     seed: int = typer.Option(0),
 ) -> None:
-    """Zoology's MQAR: accuracy of a 2-layer model per mixer × model dimension × number of pairs."""
+    """Zoology's MQAR: accuracy of a 2-layer model per mixer × model dimension × number of pairs.
+
+    Options not given come from the preset (quick unless --full)."""
     import torch
 
     from .sweep import TrainConfig, grid, run_sweep
 
     torch.set_num_threads(threads)
     try:
-        dim_list = _ints(dims, "--dims") if dims else (QUICK["dims"] if quick else (64, 128))
-        pair_list = _ints(pairs, "--pairs") if pairs else (QUICK["pairs"] if quick else (8, 32, 64))
-        budget = {k: QUICK[k] for k in ("steps", "eval_size", "batch")} if quick else {}
-        for name, value in (("steps", steps), ("batch", batch), ("eval_size", eval_size)):
-            if value:
-                budget[name] = value
-        cfg = TrainConfig(n_layers=layers, n_heads=heads, lr=lr, seed=seed, patience=patience, **budget)
-        task_grid = [{"pairs": p, "seq_len": seq_len or max(64, 4 * p), "vocab_size": vocab} for p in pair_list]
+        if quick and full:
+            raise AttnZooError("task mqar: pass at most one of --quick and --full")
+        preset = PRESETS["full" if full else "quick"]
+        dim_list = _ints(dims or preset["dims"], "--dims")
+        pair_list = _ints(pairs or preset["pairs"], "--pairs")
+        mixer_list = [m.strip() for m in (mixers or preset["mixers"]).split(",") if m.strip()]
+        if not mixer_list:
+            raise AttnZooError(f"task mqar: --mixers expected at least one name, got {mixers!r}")
+        cfg = TrainConfig(n_layers=layers, n_heads=heads, lr=lr, seed=seed, patience=patience or preset["patience"],
+                          steps=steps or preset["steps"], eval_size=eval_size or preset["eval_size"],
+                          batch=batch or preset["batch"])
         params = {**MQAR_MIXER_PARAMS}
         for m, ps in _mixer_params(mixer_param).items():
             params[m] = {**params.get(m, {}), **ps}
-        mixer_list = [m for m in mixers.split(",") if m]
+        task_grid = [{"pairs": p, "seq_len": seq_len or max(64, 4 * p), "vocab_size": vocab or preset["vocab"]}
+                     for p in pair_list]
         cases = grid("mqar", mixer_list, dim_list, task_grid, cfg, params)
         if out is None:
             runs = sorted(RESULTS_ROOT.glob("mqar-*/results.jsonl"), key=lambda p: p.stat().st_mtime)
             if resume and not runs:
                 raise AttnZooError(f"task: --resume found no run under {RESULTS_ROOT}/; pass --out FOLDER")
             out = runs[-1].parent if resume else RESULTS_ROOT / f"mqar-{dt.datetime.now():%Y%m%d-%H%M%S}"
-        console.print(f"MQAR: {len(cases)} models ({len(mixer_list)} mixers × {len(dim_list)} dims × "
-                      f"{len(pair_list)} pair counts) -> {out}")
+        console.print(f"MQAR ({'full' if full else 'quick'} preset): {len(cases)} models ({len(mixer_list)} mixers × "
+                      f"{len(dim_list)} dims × {len(pair_list)} pair counts) -> {out}")
         run_sweep(cases, out, resume=resume, on_case=_announce,
-                  suite={"mixers": mixer_list, "dims": list(dim_list), "pairs": list(pair_list), "quick": quick,
-                         **dataclasses.asdict(cfg)})
+                  suite={"preset": "full" if full else "quick", "mixers": mixer_list, "dims": list(dim_list),
+                         "pairs": list(pair_list), **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "d_model"}})
     except AttnZooError as e:
         raise _fail(e) from None
     from .sweep import load_cases
@@ -233,15 +254,20 @@ def mqar(
 
 
 @app.command("report")
-def report_cmd(results: Path = typer.Argument(..., help="a results folder or results.jsonl")) -> None:
+def report_cmd(results: Path = typer.Argument(..., help="a results folder or results.jsonl"),
+               markdown: bool = typer.Option(False, "--markdown", help="print the tables as Markdown (for docs), "
+                                                                      "each cell with its steps and stop reason")) -> None:
     """Print the accuracy tables of a results file and write its report.html."""
-    from .report import build_report
+    from .report import build_report, markdown_table
     from .sweep import load_cases
 
     try:
         cases = load_cases(results)
         for task in dict.fromkeys(c["task"] for c in cases):
-            print_table(cases, task)
+            if markdown:
+                print(f"{task}:\n\n{markdown_table(cases, task)}\n")
+            else:
+                print_table(cases, task)
         console.print(f"report: {build_report(results)}")
     except AttnZooError as e:
         raise _fail(e) from None

@@ -35,8 +35,9 @@ def mixer_label(case: dict) -> str:
     return one(m, case.get("mixer_params") or {}) if isinstance(m, str) else "+".join(one(n, p) for n, p in m)
 
 
-def accuracy_table(cases: list[dict], task: str) -> tuple[list[str], list[list[str]]]:
-    """Rows: mixers (in first-seen order); columns: (d_model, setting) pairs; cells: held-out accuracy.
+def accuracy_table(cases: list[dict], task: str, detail: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Rows: mixers (in first-seen order); columns: (d_model, setting) pairs; cells: held-out accuracy
+    (``detail``: followed by the steps trained and why training stopped).
 
     A later record of the same case (a rerun) replaces an earlier one; failed cases show ``failed``."""
     mine = {}
@@ -51,9 +52,19 @@ def accuracy_table(cases: list[dict], task: str) -> tuple[list[str], list[list[s
         row = [m]
         for d, s in cols:
             c = mine.get((m, d, s))
-            row.append("" if c is None else f"{c['accuracy']:.3f}" if c["status"] == "ok" else c["status"])
+            if c is None or c["status"] != "ok":
+                row.append("" if c is None else c["status"])
+            else:
+                row.append(f"{c['accuracy']:.3f}" + (f" ({c['steps']}, {c['stopped']})" if detail else ""))
         rows.append(row)
     return headers, rows
+
+
+def markdown_table(cases: list[dict], task: str) -> str:
+    """:func:`accuracy_table` as Markdown, each cell ``accuracy (steps, stop reason)``."""
+    headers, rows = accuracy_table(cases, task, detail=True)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def _order(label: str):
@@ -63,26 +74,39 @@ def _order(label: str):
         return (1, label)
 
 
-def _plot(cases: list[dict], task: str, x: str, path: Path, xlabel: str) -> bool:
+def _plot(cases: list[dict], task: str, x: str, path: Path, xlabel: str) -> list[str]:
+    """One panel per task setting, accuracy against ``x`` (log axis) per mixer; one legend for the figure
+    (every mixer, whichever panels it appears in). Returns the legend's labels (empty: nothing to plot)."""
     ok = [c for c in cases if c["task"] == task and c["status"] == "ok" and c.get(x)]
     if not ok:
-        return False
+        return []
     plt = _pyplot()
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator, ScalarFormatter
+
     settings = sorted({setting(c) for c in ok}, key=_order)
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.8), squeeze=False, sharey=True)
     mixers = list(dict.fromkeys(mixer_label(c) for c in ok))
+    handles = {}
     for ax, s in zip(axes[0], settings):
         for i, m in enumerate(mixers):
             pts = sorted((c[x], c["accuracy"]) for c in ok if mixer_label(c) == m and setting(c) == s)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m, **{**_style(i), "markersize": 5})
+                handles[m], = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=m,
+                                      **{**_style(i), "markersize": 5})
         ax.set(xscale="log", xlabel=xlabel, title=f"{task}: {s}", ylim=(-0.02, 1.02))
+        if x == "d_model":  # a handful of dimensions: label exactly those
+            ax.xaxis.set_major_locator(FixedLocator(sorted({c[x] for c in ok})))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded 2x10^3 3x10^3 ... labels
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("held-out accuracy")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    labels = [m for m in mixers if m in handles]
+    fig.legend([handles[m] for m in labels], labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95))
+    fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return True
+    return labels
 
 
 def build_report(results: str | Path, out: str | Path | None = None) -> Path:
