@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .core.scoremod import ScoreMod, check_score_mod, with_sinks
+from .core.scoremod import DistanceBias, ScoreMod, check_score_mod, with_sinks
 from .errors import AttnZooError
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "and_masks", "compose", "or_masks", "relative_bias", "softcap",
@@ -52,12 +52,19 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 def alibi(slopes: torch.Tensor) -> ScoreMod:
     """ALiBi: ``score + slopes[h] * (kv_idx - q_idx)`` (a linear penalty on distance; ``slopes`` of shape (Hq,))."""
     _check_table("alibi", "slopes", slopes, 1)
+    return _Alibi(slopes)
 
-    def alibi_mod(score, b, h, q_idx, kv_idx):
-        slope, dist = slopes[h].to(score.dtype), (kv_idx - q_idx).to(score.dtype)
-        return score + slope * dist if _needs_graph(score, slopes) else score.addcmul_(slope, dist)
 
-    return alibi_mod
+class _Alibi(DistanceBias):
+    def __init__(self, slopes: torch.Tensor) -> None:
+        self.slopes = slopes
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        slope, dist = self.slopes[h].to(score.dtype), (kv_idx - q_idx).to(score.dtype)
+        return score + slope * dist if _needs_graph(score, self.slopes) else score.addcmul_(slope, dist)
+
+    def bias(self, dist):
+        return self.slopes.detach().double().unsqueeze(-1) * dist.to(self.slopes.device, torch.float64)
 
 
 def softcap(cap: float) -> ScoreMod:
@@ -82,14 +89,21 @@ def relative_bias(table: torch.Tensor) -> ScoreMod:
     if table.dim() not in (1, 2) or table.shape[-1] % 2 != 1:
         raise AttnZooError(f"relative_bias: table expected shape (Hq, 2R+1) or (2R+1,) with an odd last size, "
                            f"got {tuple(table.shape)}")
-    radius = table.shape[-1] // 2
+    return _RelativeBias(table)
 
-    def relative_bias_mod(score, b, h, q_idx, kv_idx):
-        rel = (kv_idx - q_idx).clamp(-radius, radius) + radius
-        bias = (table[h, rel] if table.dim() == 2 else table[rel]).to(score.dtype)
-        return score + bias if _needs_graph(score, table) else score.add_(bias)
 
-    return relative_bias_mod
+class _RelativeBias(DistanceBias):
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table, self.radius = table, table.shape[-1] // 2
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        rel = (kv_idx - q_idx).clamp(-self.radius, self.radius) + self.radius
+        bias = (self.table[h, rel] if self.table.dim() == 2 else self.table[rel]).to(score.dtype)
+        return score + bias if _needs_graph(score, self.table) else score.add_(bias)
+
+    def bias(self, dist):
+        rows = self.table.detach().view(-1, self.table.shape[-1])
+        return rows[:, dist.to(rows.device).clamp(-self.radius, self.radius) + self.radius]
 
 
 def _needs_graph(score: torch.Tensor, *tensors: torch.Tensor) -> bool:
@@ -103,13 +117,35 @@ def compose(*score_mods: ScoreMod) -> ScoreMod:
         check_score_mod(m, f"compose argument {i}")
     if not score_mods:
         raise AttnZooError("compose: expected at least one score_mod, got none")
+    if all(isinstance(m, DistanceBias) for m in score_mods):
+        return _BiasSum(score_mods)
 
     def composed(score, b, h, q_idx, kv_idx):
-        for m in score_mods:
-            score = m(score, b, h, q_idx, kv_idx)
-        return score
+        return _apply_in_order(score_mods, score, b, h, q_idx, kv_idx)
 
     return composed
+
+
+def _apply_in_order(score_mods, score, b, h, q_idx, kv_idx):
+    for m in score_mods:
+        score = m(score, b, h, q_idx, kv_idx)
+    return score
+
+
+class _BiasSum(DistanceBias):
+    """Distance biases applied in order: a distance bias too (their sum)."""
+
+    def __init__(self, parts: tuple[DistanceBias, ...]) -> None:
+        self.parts = parts
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return _apply_in_order(self.parts, score, b, h, q_idx, kv_idx)
+
+    def bias(self, dist):
+        total = self.parts[0].bias(dist)
+        for m in self.parts[1:]:
+            total = total + m.bias(dist).to(total.device)
+        return total
 
 
 def and_masks(*mask_mods: Callable) -> Callable:

@@ -23,7 +23,7 @@ from .gqa import fold_groups, unfold_groups
 from .masks import empty_rows, visible_mask
 from .override import Override
 from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, masked_softmax, merge
-from .scoremod import ModHook, apply_score_mod, tile_index
+from .scoremod import ModHook, apply_score_mod, bias_floor, distance_rows, tile_index
 
 #: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
 TILED_ENGINE = Override("attnzoo_tiled_engine")
@@ -169,7 +169,9 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
     out = q.new_empty(B, Hq, len_q, dim_v)
     lse = q.new_empty(B, Hq, len_q)
     if _fused_tiles_apply(q, k, v, spec, key_padding_mask):
-        return _fused_tiles(q, k, v, spec, out, lse)
+        if spec.mod is None:
+            return _fused_tiles(q, k, v, spec, out, lse)
+        return _fused_bias_tiles(q, k, v, spec, out, lse)
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     for i0 in range(0, len_q, spec.q_tile):
         i1 = min(len_q, i0 + spec.q_tile)
@@ -187,11 +189,12 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
 
 
 def _fused_tiles_apply(q, k, v, spec: TileSpec, key_padding_mask) -> bool:
-    """Whether :func:`_fused_tiles` can run this forward: CPU kernel dtypes, equal head dims, no score_mod or
-    padding, and every query sees the first key (so no row of any kernel call is empty)."""
+    """Whether :func:`_fused_tiles` (no score_mod) or :func:`_fused_bias_tiles` (a distance bias) can run this
+    forward: CPU kernel dtypes, equal head dims, no padding, and every query sees the first key (so no row
+    of any kernel call is empty)."""
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.shape[-1] == v.shape[-1]
-            and spec.mod is None and key_padding_mask is None and k.shape[2] > 0
-            and (not spec.causal or spec.q_offset >= spec.k_offset))
+            and (spec.mod is None or spec.mod.distance is not None) and key_padding_mask is None
+            and k.shape[2] > 0 and (not spec.causal or spec.q_offset >= spec.k_offset))
 
 
 #: query rows per tile of the fused causal forward under GQA (bounds the diagonal's K/V copy to Hq heads)
@@ -230,6 +233,64 @@ def _fused_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor) 
         o, ls = merge(*parts)
         out[:, :, i0:i1] = o
         lse[:, :, i0:i1] = ls
+    return out, lse
+
+
+#: query rows per kernel call of the causal forward with a distance bias: the hidden half of each call's
+#: diagonal square is computed (under a -inf mask); 768 rows is where the kernel takes its largest query blocks
+_BIAS_ROWS = 768
+
+
+def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled forward with a distance-bias score_mod (:class:`~attnzoo.core.scoremod.DistanceBias`) on
+    PyTorch's fused CPU kernel, the bias as its additive mask; never a (query, key) grid of indices.
+
+    A kernel call takes a tile of query rows, reversed, and every key a row of it sees: element ``(r, c)``
+    then has distance ``d0 + r + c``, so the mask (the bias, -inf where causal hides a key) is an
+    overlapping strided view of one vector per head (:func:`~attnzoo.core.scoremod.distance_rows`).
+    Non-causal, one call takes every query. Far keys of a steep bias are dropped where that cannot
+    change the result (:func:`~attnzoo.core.scoremod.bias_floor`): it keeps the kernel out of subnormal
+    arithmetic, several times slower on CPUs.
+    """
+    B, Hq, len_q, _ = q.shape
+    len_k = k.shape[2]
+    mod, dtype = spec.mod.distance, torch.promote_types(torch.float32, q.dtype)
+    sees_self = spec.q_offset >= spec.k_offset and spec.q_offset + len_q <= spec.k_offset + len_k
+    floor = bias_floor(mod, q, k, spec.scale, len_k) if sees_self else None
+    tile = _BIAS_ROWS if spec.causal else len_q
+    for i0 in range(0, len_q, tile):
+        i1 = min(len_q, i0 + tile)
+        rows, end = i1 - i0, spec.key_end(i1, len_k)
+        w = distance_rows(mod, spec.k_offset - spec.q_offset - i1 + 1, rows + end - 1, dtype, q.device,
+                          causal=spec.causal, floor=floor)
+        hankel = w.as_strided((w.shape[0], rows, end), (w.stride(0), 1, 1))
+        o, ls = _biased_kernel(q[:, :, i0:i1].flip(2), k[:, :, :end], v[:, :, :end], hankel, spec.scale)
+        out[:, :, i0:i1], lse[:, :, i0:i1] = o.flip(2), ls.flip(2)
+    return out, lse
+
+
+def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, causal: bool = False):
+    """The fused kernel on ``q (B, Hq, r, D)``, ``k, v (B, Hkv, c, D)`` with the additive mask ``bias
+    (Hq or 1, r, c)`` shared by the batch rows. Under GQA the kernel's batch axis runs over the query
+    group (K and V expanded along it, no copy; one call per batch row): query head ``h·G + g`` is
+    kernel entry ``(g, h)``."""
+    B, Hq, rows, _ = q.shape
+    Hkv = k.shape[1]
+    groups = Hq // Hkv
+    if groups == 1:
+        return flash_cpu(q, k, v, scale=scale, causal=causal, mask=bias.unsqueeze(0).expand(B, Hq, *bias.shape[1:]))
+    if bias.shape[0] == 1:
+        mask = bias.expand(groups, Hkv, *bias.shape[1:])
+    else:
+        mask = bias.view(Hkv, groups, *bias.shape[1:]).transpose(0, 1)
+    out = q.new_empty(q.shape[:3] + v.shape[3:])
+    lse = torch.empty(q.shape[:3], dtype=bias.dtype, device=q.device)
+    for b in range(B):
+        kb, vb = (t[b].expand(groups, *t.shape[1:]) for t in (k, v))
+        o, ls = flash_cpu(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale, causal=causal,
+                          mask=mask)
+        out[b], lse[b] = o.transpose(0, 1).reshape(Hq, rows, -1), ls.transpose(0, 1).reshape(Hq, rows)
     return out, lse
 
 

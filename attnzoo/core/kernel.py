@@ -35,7 +35,9 @@ def flash_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)``: ``(out, lse)``.
 
     ``mask`` is a bool visibility mask broadcast to ``(X, Y, Lq, Lk)``, or that mask already
-    made additive (:func:`additive_mask`, for callers that keep it across calls);
+    made additive (:func:`additive_mask`, for callers that keep it across calls; any float
+    bias, -inf hiding a key, float32 for every q dtype but float64; any strides with a last
+    one of 1, overlapping ones included: :mod:`attnzoo.core.exact` passes strided views);
     ``causal`` is the kernel's top-left causal mask. Rows with no visible key
     come back as ``(0, 0)`` (callers that can produce them set their lse to
     -inf, see :func:`attnzoo.core.fused.fix_empty_rows`).

@@ -7,6 +7,8 @@ the position convention in :mod:`attnzoo.mods`). A sink is a partial ``(out = 0,
 from __future__ import annotations
 
 import inspect
+import math
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -65,6 +67,68 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> Par
     return merge(Partial(out, lse), Partial(torch.zeros_like(out), sink_lse))
 
 
+class DistanceBias(ABC):
+    """A score_mod adding a bias that depends only on the query head and the distance ``kv_idx - q_idx``:
+    ``score + bias[h, kv_idx - q_idx]`` (ALiBi, relative-position tables, their sums; :mod:`attnzoo.mods`).
+
+    Engines with PyTorch's fused CPU kernel run such a mod inside it, as an additive mask: a tile's bias
+    is Toeplitz per head (constant along diagonals), so with the tile's query rows reversed it is an
+    overlapping strided view of one vector over the tile's distances (:func:`distance_rows`) and no
+    (query, key) grid is built. ``__call__`` is the same function on index tensors, which the generic
+    engines and every backward pass use.
+    """
+
+    @abstractmethod
+    def __call__(self, score, b, h, q_idx, kv_idx): ...
+
+    @abstractmethod
+    def bias(self, dist: torch.Tensor) -> torch.Tensor:
+        """The bias of integer distances ``dist (L,)``: ``(Hq, L)``, or ``(1, L)`` when shared by the heads."""
+
+
+def distance_rows(mod: DistanceBias, d0: int, length: int, dtype: torch.dtype, device, *, causal: bool,
+                  floor: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """``(Hq or 1, length)`` contiguous additive-mask entries of the distances ``d0, d0 + 1, ...``.
+
+    -inf where ``causal`` hides the key (distance > 0), outside a ``window`` (distance < -window + 1),
+    and where the bias is below ``floor (heads, 1)`` (:func:`bias_floor`). A tile whose query rows are
+    reversed reads element ``(r, c)`` at ``d0 + r + c``.
+    """
+    dist = torch.arange(d0, d0 + length, device=device)
+    with torch.no_grad():
+        w = mod.bias(dist).to(dtype)
+        if floor is not None:
+            w = torch.where(w < floor, torch.full((), -math.inf, dtype=dtype), w)
+        hide = dist > 0 if causal else None
+        if window is not None:
+            far = dist <= -window
+            hide = far if hide is None else hide | far
+        if hide is not None:
+            w = w.masked_fill(hide, -math.inf)
+    return w.contiguous()
+
+
+def bias_floor(mod: DistanceBias, q: torch.Tensor, k: torch.Tensor, scale: float, len_k: int) -> torch.Tensor:
+    """``(Hq, 1)``: bias values below it may be set to -inf without changing the result in q's precision.
+
+    Valid when every query row sees the key at its own position (distance 0). Scores are
+    ``s = scale·q·k + bias`` with ``|scale·q·k| <= A = scale·max‖q‖·max‖k‖`` (per head), so a row's
+    maximum is at least ``bias(0) - A``: a key with ``bias < bias(0) - 2A - margin`` has
+    ``exp(s - max) < exp(-margin)``, and all ``len_k`` of them together weigh less than ``e^-4 · eps`` of the
+    row (``margin = log len_k - log eps + 4``). The point is speed: far keys of a steep bias (ALiBi) would
+    otherwise land in the subnormal range, which makes the CPU's arithmetic many times slower.
+    """
+    Hq, Hkv = q.shape[1], k.shape[1]
+    with torch.no_grad():
+        qn = q.detach().float().norm(dim=-1).amax(dim=(0, 2))  # (Hq,)
+        kn = k.detach().float().norm(dim=-1).amax(dim=(0, 2)).repeat_interleave(Hq // Hkv)
+        bound = scale * qn * kn
+        eps = torch.finfo(q.dtype if q.dtype == torch.float64 else torch.float32).eps
+        margin = math.log(max(len_k, 1)) - math.log(eps) + 4.0
+        zero = mod.bias(torch.zeros(1, dtype=torch.long, device=q.device)).float()  # (Hq|1, 1)
+        return (zero - 2 * bound.unsqueeze(-1) - margin).to(q.dtype if q.dtype == torch.float64 else torch.float32)
+
+
 class ModHook:
     """A score_mod bound to one engine call: the one place the tiled engine and the block-sparse executor
     apply it, in the forward and in their recomputing backward.
@@ -80,6 +144,7 @@ class ModHook:
     def __init__(self, score_mod: ScoreMod, *, like: torch.Tensor, grad: bool, q_idx: int = 0,
                  kv_idx: int = 0) -> None:
         self.fn = score_mod
+        self.distance = score_mod if isinstance(score_mod, DistanceBias) else None  # fused kernels run it as a mask
         self.captured = captured_tensors(score_mod, like, q_idx, kv_idx) if grad else ()
 
     def scores(self, s: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
