@@ -348,6 +348,11 @@ def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tupl
     """The forward pass on the fastest path that can run it (see :mod:`attnzoo.core.fused`)."""
     if not fused:
         return _forward(q, k, v, pad, plan)
+    if plan.mod is not None:  # a distance bias: the band path takes it as additive masks, no other fused path
+        band = _cached_band_plan(layout, plan.causal) if isinstance(layout, BlockLayout) else None
+        if band is None:
+            return _forward(q, k, v, pad, plan)
+        return attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad, bias=plan.mod.distance)
     if isinstance(layout, BlockLayout):
         band = _cached_band_plan(layout, plan.causal)
         if band is not None:
@@ -410,7 +415,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
                                                   q_idx=max(0, Nk - 1), kv_idx=0)
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device, mod=hook)
-    fused = hook is None and fused_applies(q, v, q_positions)
+    fused = (hook is None or hook.distance is not None) and fused_applies(q, v, q_positions)
     return _LayoutAttention.apply(q, k, v, key_padding_mask, plan, layout, fused, *(hook.captured if hook else ()))
 
 

@@ -23,7 +23,7 @@ from .gqa import fold_groups, unfold_groups
 from .masks import empty_rows, visible_mask
 from .override import Override
 from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, masked_softmax, merge
-from .scoremod import ModHook, apply_score_mod, bias_floor, distance_rows, tile_index
+from .scoremod import ModHook, apply_score_mod, distance_rows, negligible_gap, tile_index
 
 #: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
 TILED_ENGINE = Override("attnzoo_tiled_engine")
@@ -250,14 +250,17 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
     then has distance ``d0 + r + c``, so the mask (the bias, -inf where causal hides a key) is an
     overlapping strided view of one vector per head (:func:`~attnzoo.core.scoremod.distance_rows`).
     Non-causal, one call takes every query. Far keys of a steep bias are dropped where that cannot
-    change the result (:func:`~attnzoo.core.scoremod.bias_floor`): it keeps the kernel out of subnormal
+    change the result (:func:`~attnzoo.core.scoremod.negligible_gap`): it keeps the kernel out of subnormal
     arithmetic, several times slower on CPUs.
     """
     B, Hq, len_q, _ = q.shape
     len_k = k.shape[2]
     mod, dtype = spec.mod.distance, torch.promote_types(torch.float32, q.dtype)
     sees_self = spec.q_offset >= spec.k_offset and spec.q_offset + len_q <= spec.k_offset + len_k
-    floor = bias_floor(mod, q, k, spec.scale, len_k) if sees_self else None
+    floor = None
+    if sees_self:  # every row sees distance 0: its largest visible bias is at least bias(0)
+        zero = mod.bias(torch.zeros(1, dtype=torch.long, device=q.device)).to(q.device, dtype)
+        floor = zero - negligible_gap(q, k, spec.scale, len_k).to(dtype)
     tile = _BIAS_ROWS if spec.causal else len_q
     for i0 in range(0, len_q, tile):
         i1 = min(len_q, i0 + tile)

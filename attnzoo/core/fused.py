@@ -35,6 +35,7 @@ import torch
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .layout import MASK_CHUNK, BandPlan, TokenLayout
 from .masks import call_mask_mod
+from .scoremod import DistanceBias, negligible_gap
 
 
 def fused_applies(q: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None) -> bool:
@@ -66,15 +67,30 @@ def _rows_of_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPlan, *, scale: float,
-                key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                key_padding_mask: torch.Tensor | None = None,
+                bias: DistanceBias | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a banded layout with the fused CPU kernel: ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``.
 
     Key padding is applied per batch row through a strided view of the padding
-    mask over the same windows (one kernel call per row then).
+    mask over the same windows (one kernel call per row then). A distance-bias
+    score_mod (``bias``) joins the element masks as their additive values: key
+    ``c`` of a query block's window is at distance ``c - r`` plus a constant
+    from row ``r``, so every block shares one ``(Hq, block, L)`` bias
+    (:func:`_band_bias`).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     groups, b, nq, L = Hq // Hkv, plan.block, plan.n_q, plan.window
+    band_bias = None if bias is None else _band_bias(bias, plan, q, k, scale)
+
+    def masks(mask: torch.Tensor, rows: slice, cols: slice):
+        """The kernel masks of query group ``g`` for the element mask ``mask (n|1, r, c)``: the bool mask
+        itself, or with a bias ``(B·Hkv, n|1, r, c)`` additive ones (far keys dropped, see :func:`_band_bias`)."""
+        if band_bias is None:
+            return lambda g: mask
+        add = band_bias(mask, rows, cols)  # (Hq, n|1, r, c)
+        per_group = add.view(Hkv, groups, *add.shape[1:])
+        return lambda g: per_group[:, g].repeat(B, 1, 1, 1) if B > 1 else per_group[:, g]
     q = q.contiguous().view(B * Hkv, groups, Nq, D)
     k, v = _rows_of_heads(k), _rows_of_heads(v)
     pad = None if key_padding_mask is None else key_padding_mask.contiguous()
@@ -82,15 +98,19 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
     lse = torch.empty(B * Hkv, groups, nq, b, dtype=torch.promote_types(torch.float32, q.dtype), device=q.device)
     batches = [(None, slice(None))] if pad is None else [(i, slice(i * Hkv, (i + 1) * Hkv)) for i in range(B)]
 
-    def run(q_of_group, blocks, rows, kw, vw, mask, pad_windows):
-        """Attend query blocks ``blocks`` (their ``rows``) to windows ``kw, vw`` under ``mask (n|1, r, c)``."""
+    def run(q_of_group, blocks, rows, kw, vw, mask_of_group, pad_windows):
+        """Attend query blocks ``blocks`` (their ``rows``) to windows ``kw, vw`` under the kernel masks
+        ``mask_of_group(g)``: bool ``(n|1, r, c)`` or additive ``(B·Hkv, n|1, r, c)``."""
         for g in range(groups):  # the query heads sharing one KV head read the same windows
-            qg = q_of_group(g)
+            qg, mask = q_of_group(g), mask_of_group(g)
             for i, heads in batches:
-                m = mask if i is None else mask & pad_windows[i].unsqueeze(-2)
-                o, l = fused_kernel(qg[heads], kw[heads], vw[heads], m.unsqueeze(0), scale)
+                if mask.dtype == torch.bool:
+                    m = (mask if i is None else mask & pad_windows[i].unsqueeze(-2)).unsqueeze(0)
+                else:
+                    m = mask[heads] if i is None else mask[heads].masked_fill(~pad_windows[i].unsqueeze(-2), -math.inf)
+                o, l = fused_kernel(qg[heads], kw[heads], vw[heads], m, scale)
                 if i is not None:  # rows that padding empties
-                    o, l = fix_empty_rows(o, l, m)
+                    o, l = fix_empty_rows(o, l, m if m.dtype == torch.bool else m > -math.inf)
                 out[heads, g, blocks, rows], lse[heads, g, blocks, rows] = o, l
 
     blocks = plan.interior
@@ -108,7 +128,8 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
                                                                   pad.storage_offset() + key0)[:, sel]
             rows = slice(part.row, part.row + part.rows)
             run(lambda g: q[:, g, first * b:(first + span) * b].view(B * Hkv, span, b, D)[:, sel, rows],
-                blocks, rows, kw, vw, part.mask.unsqueeze(0), pad_windows)
+                blocks, rows, kw, vw, masks(part.mask.unsqueeze(0), rows, slice(part.col, part.col + part.cols)),
+                pad_windows)
     if plan.special.numel():
         # special blocks: windows gathered with clamped indices (positions outside the keys are masked)
         pos = (plan.special.view(-1, 1) + plan.start) * b + torch.arange(L, device=q.device)
@@ -117,11 +138,38 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         pad_windows = None if pad is None else pad[:, pos].view(B, -1, L)
         rows = (plan.special.view(-1, 1) * b + torch.arange(b, device=q.device)).clamp(max=Nq - 1).view(-1)
         run(lambda g: q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D), plan.special, slice(None), kw, vw,
-            plan.special_mask, pad_windows)
+            masks(plan.special_mask, slice(None), slice(None)), pad_windows)
     if plan.any_empty:  # rows of the layout that see no key (written row by row, not a pass over the output)
         out[:, :, plan.empty_rows] = 0.0
         lse[:, :, plan.empty_rows] = -math.inf
     return out.view(B, Hq, nq * b, D)[:, :, :Nq], lse.view(B, Hq, nq * b)[:, :, :Nq]
+
+
+def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tensor, scale: float):
+    """The additive masks of a banded layout under a distance bias, as a function of an element mask.
+
+    Row ``r`` of query block ``i`` is at position ``i·block + r + Nk - Nq`` (bottom-right aligned) and
+    column ``c`` of its window at ``(i + start)·block + c``: the distance ``start·block - (Nk - Nq) + c - r``
+    does not depend on ``i``, so one ``(Hq, block, L)`` bias serves every block. The returned function
+    takes a bool mask ``(n, r, c)`` of the window rows ``rows`` and columns ``cols`` and gives
+    ``(Hq, n, r, c)``: the bias where visible, -inf elsewhere and at keys too far below the row's largest
+    visible bias to count (:func:`~attnzoo.core.scoremod.negligible_gap`: spares the kernel subnormal
+    arithmetic).
+    """
+    b, L, Nq, Nk = plan.block, plan.window, q.shape[2], k.shape[2]
+    dtype = torch.promote_types(torch.float32, q.dtype)
+    dist = plan.start * b - (Nk - Nq) + torch.arange(L, device=q.device) - torch.arange(b, device=q.device).view(-1, 1)
+    with torch.no_grad():
+        table = mod.bias(dist.reshape(-1)).to(q.device, dtype).view(-1, b, L)  # (Hq|1, b, L)
+        table = table.expand(q.shape[1], b, L)
+        gap = negligible_gap(q, k, scale, Nk).to(dtype).view(-1, 1, 1, 1)
+
+    def additive(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        with torch.no_grad():
+            add = table[:, rows, cols].unsqueeze(1).masked_fill(~mask, -math.inf)
+            return add.masked_fill(add < add.amax(-1, keepdim=True) - gap, -math.inf)
+
+    return additive
 
 
 # ------------------------------------------------------------------ token sets as one dense attention

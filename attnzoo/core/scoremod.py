@@ -87,46 +87,40 @@ class DistanceBias(ABC):
 
 
 def distance_rows(mod: DistanceBias, d0: int, length: int, dtype: torch.dtype, device, *, causal: bool,
-                  floor: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+                  floor: torch.Tensor | None = None) -> torch.Tensor:
     """``(Hq or 1, length)`` contiguous additive-mask entries of the distances ``d0, d0 + 1, ...``.
 
-    -inf where ``causal`` hides the key (distance > 0), outside a ``window`` (distance < -window + 1),
-    and where the bias is below ``floor (heads, 1)`` (:func:`bias_floor`). A tile whose query rows are
-    reversed reads element ``(r, c)`` at ``d0 + r + c``.
+    -inf where ``causal`` hides the key (distance > 0) and where the bias is below ``floor (Hq, 1)``
+    (see :func:`negligible_gap`). A tile whose query rows are reversed reads element ``(r, c)`` at
+    ``d0 + r + c``.
     """
     dist = torch.arange(d0, d0 + length, device=device)
     with torch.no_grad():
-        w = mod.bias(dist).to(dtype)
+        w = mod.bias(dist).to(device, dtype)
         if floor is not None:
-            w = torch.where(w < floor, torch.full((), -math.inf, dtype=dtype), w)
-        hide = dist > 0 if causal else None
-        if window is not None:
-            far = dist <= -window
-            hide = far if hide is None else hide | far
-        if hide is not None:
-            w = w.masked_fill(hide, -math.inf)
+            w = w.masked_fill(w < floor, -math.inf)
+        if causal:
+            w = w.masked_fill(dist > 0, -math.inf)
     return w.contiguous()
 
 
-def bias_floor(mod: DistanceBias, q: torch.Tensor, k: torch.Tensor, scale: float, len_k: int) -> torch.Tensor:
-    """``(Hq, 1)``: bias values below it may be set to -inf without changing the result in q's precision.
+def negligible_gap(q: torch.Tensor, k: torch.Tensor, scale: float, len_k: int) -> torch.Tensor:
+    """``(Hq, 1)``: a key whose bias is this far below the largest bias its query row sees weighs nothing.
 
-    Valid when every query row sees the key at its own position (distance 0). Scores are
-    ``s = scale·q·k + bias`` with ``|scale·q·k| <= A = scale·max‖q‖·max‖k‖`` (per head), so a row's
-    maximum is at least ``bias(0) - A``: a key with ``bias < bias(0) - 2A - margin`` has
-    ``exp(s - max) < exp(-margin)``, and all ``len_k`` of them together weigh less than ``e^-4 · eps`` of the
-    row (``margin = log len_k - log eps + 4``). The point is speed: far keys of a steep bias (ALiBi) would
-    otherwise land in the subnormal range, which makes the CPU's arithmetic many times slower.
+    Scores are ``s = scale·q·k + bias`` with ``|scale·q·k| <= A = scale·max‖q‖·max‖k‖`` (per head), so a
+    row's maximum is at least its largest visible bias minus ``A``, and a key whose bias is below that by
+    ``2A + margin`` has ``exp(s - max) < exp(-margin)``: all ``len_k`` such keys together weigh less than
+    ``e^-4 · eps`` of the row (``margin = log len_k - log eps + 4``) and may be masked (-inf) without
+    changing the result in q's precision. The point is speed: far keys of a steep bias (ALiBi) otherwise
+    land in the subnormal range, where CPU arithmetic is many times slower.
     """
     Hq, Hkv = q.shape[1], k.shape[1]
+    dtype = q.dtype if q.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        qn = q.detach().float().norm(dim=-1).amax(dim=(0, 2))  # (Hq,)
-        kn = k.detach().float().norm(dim=-1).amax(dim=(0, 2)).repeat_interleave(Hq // Hkv)
-        bound = scale * qn * kn
-        eps = torch.finfo(q.dtype if q.dtype == torch.float64 else torch.float32).eps
-        margin = math.log(max(len_k, 1)) - math.log(eps) + 4.0
-        zero = mod.bias(torch.zeros(1, dtype=torch.long, device=q.device)).float()  # (Hq|1, 1)
-        return (zero - 2 * bound.unsqueeze(-1) - margin).to(q.dtype if q.dtype == torch.float64 else torch.float32)
+        qn = q.detach().to(dtype).norm(dim=-1).amax(dim=(0, 2))  # (Hq,)
+        kn = k.detach().to(dtype).norm(dim=-1).amax(dim=(0, 2)).repeat_interleave(Hq // Hkv)
+        margin = math.log(max(len_k, 1)) - math.log(torch.finfo(dtype).eps) + 4.0
+        return (2 * scale * qn * kn + margin).unsqueeze(-1)
 
 
 class ModHook:
