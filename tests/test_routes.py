@@ -183,6 +183,95 @@ def test_layout_methods_apply_score_mods_like_the_dense_reference(name, B, heads
     torch.testing.assert_close(fast[0], want[0].detach(), atol=1e-12, rtol=1e-10)
 
 
+def _distance_mods(which, Hq, steep):
+    """A distance-bias mod and its dense bias builder (``dist (Nq, Nk)`` -> ``(Hq|1, Nq, Nk)``)."""
+    slopes = mods.alibi_slopes(Hq).to(F64) * (64.0 if steep else 1.0)  # steep: far keys fall below the floor
+    table = torch.randn(Hq, 9, dtype=F64, requires_grad=True)
+    shared = torch.randn(5, dtype=F64)
+    return {
+        "alibi": (mods.alibi(slopes), lambda d: slopes[:, None, None] * d, None),
+        "relative_bias": (mods.relative_bias(table), lambda d: table[:, d.clamp(-4, 4) + 4], table),
+        "shared_table": (mods.relative_bias(shared), lambda d: shared[d.clamp(-2, 2) + 2][None], None),
+        "sum": (mods.compose(mods.alibi(slopes), mods.relative_bias(table)),
+                lambda d: slopes[:, None, None] * d + table[:, d.clamp(-4, 4) + 4], table),
+    }[which]
+
+
+class _Spy:
+    """Counts calls of a module function (patched for the test's duration)."""
+
+    def __init__(self, module, name):
+        self.fn, self.calls = getattr(module, name), 0
+        self.patch = pytest.MonkeyPatch()
+        self.patch.setattr(module, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(method=st.sampled_from(["exact", "exact_tiled", "sliding_window"]), B=st.integers(1, 2),
+       heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]), Nq=st.integers(1, 40), extra=st.integers(0, 12),
+       causal=st.booleans(), which=st.sampled_from(["alibi", "relative_bias", "shared_table", "sum"]),
+       steep=st.booleans())
+def test_distance_bias_mods_run_in_the_fused_kernel_like_the_dense_reference(method, B, heads, Nq, extra, causal,
+                                                                             which, steep):
+    """alibi, relative_bias and their sums (``DistanceBias``) run inside PyTorch's fused CPU kernel as
+    strided additive masks (exact family: reversed query tiles, here 8 rows each; sliding_window: the band
+    path's shared per-block bias): values and lse against the dense float64 reference, and the gradients
+    (recomputed by the tiled backward) to q, k, v and the table."""
+    import attnzoo.core.blocksparse as blocksparse
+    import attnzoo.core.exact as exact
+    causal = causal or method == "sliding_window"
+    Nk = Nq + extra if causal else max(1, Nq + extra - 6)
+    Hq, Hkv = heads
+    q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, seed=Nq * 13 + extra)
+    score_mod, bias, table = _distance_mods(which, Hq, steep)
+    params = {"sliding_window": dict(window=6, block=4)}.get(method, {})
+    mask = (distance(Nq, Nk) > -6) if method == "sliding_window" else None
+    spies = [_Spy(exact, "_fused_bias_tiles"), _Spy(blocksparse, "attend_band")]
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(exact, "_BIAS_ROWS", 8)
+            got = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod, return_lse=True, **params)
+            with torch.no_grad():
+                fast = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod, return_lse=True,
+                                    **params)
+    finally:
+        for spy in spies:
+            spy.patch.undo()
+    assert spies[method == "sliding_window"].calls == 2  # the fused path ran (with grad and without)
+    want = dense(q, k, v, causal=causal, bias=bias(distance(Nq, Nk)), mask=mask)
+    for out in (got, fast):
+        torch.testing.assert_close(out[0], want[0].detach(), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(out[1], want[1].detach(), atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v] + ([table] if table is not None else []))
+
+
+def test_distance_bias_in_float32_drops_only_negligible_keys():
+    """A steep ALiBi in float32 (most keys masked as negligible, see ``negligible_gap``) over several query
+    tiles, causal and not, GQA: as close to float64 as the generic engine running the same mod (a plain
+    function, no DistanceBias) gets. A softcap composed after a bias is no distance bias."""
+    from attnzoo.core.scoremod import DistanceBias
+    g = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 4, 900, 16, generator=g), torch.randn(2, 2, 1000, 16, generator=g), \
+        torch.randn(2, 2, 1000, 16, generator=g)
+    alibi = mods.alibi(torch.tensor([4.0, 1.0, 0.25, 0.01]))
+    for method, causal, params in (("exact", True, {}), ("exact", False, {}), ("sliding_window", True, {"window": 300})):
+        with torch.no_grad():
+            want = az.attention(q.double(), k.double(), v.double(), method=method, causal=causal, score_mod=alibi,
+                                return_lse=True, **params)
+            errors = []
+            for mod in (alibi, lambda *a: alibi(*a)):
+                got = az.attention(q, k, v, method=method, causal=causal, score_mod=mod, return_lse=True, **params)
+                errors.append([float((a.double() - b).abs().max()) for a, b in zip(got, want)])
+        fused, generic = errors
+        assert fused[0] <= 2 * generic[0] + 1e-6 and fused[1] <= 2 * generic[1] + 1e-6, (method, causal, errors)
+    assert isinstance(mods.compose(alibi, mods.relative_bias(torch.randn(3))), DistanceBias)
+    assert not isinstance(mods.compose(alibi, mods.softcap(2.0)), DistanceBias)
+
+
 def test_layout_score_mod_with_padding_sinks_and_varlen():
     """The executor's mod with a key padding mask, learnable sinks and packed sequences (positions restart
     per sequence) against dense references."""
