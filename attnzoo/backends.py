@@ -318,8 +318,9 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
     rows = []
     for b in BACKENDS:
         why = base + _verdict(m, b, case)[0]
-        note = ("score_mod: on the generic engines (tiled, the block-sparse slot loop), never the fused CPU "
-                "kernels" if b == "torch" and score_mod is not None else "")
+        note = ("score_mod: a distance bias (alibi, relative_bias, their sums) in the fused CPU kernel (exact "
+                "family, banded layouts), any other mod on the generic engines (tiled, the block-sparse slot loop)"
+                if b == "torch" and score_mod is not None else "")
         rows.append(Verdict(b, not why, tuple(why), note))
     auto = "torch" if choose(m, "auto", case) is None else "triton"
     picked = next(r for r in rows if r.backend == auto)

@@ -21,6 +21,11 @@ see :func:`attnzoo.core.scoremod.captured_tensors`).
 denominator and no value. A sink is the partial ``(out = 0, lse = sinks[h])`` merged with the
 attention result by log-sum-exp (:func:`with_sinks`), so every method that returns an lse takes it.
 
+``alibi``, ``relative_bias`` and a ``compose`` of them are *distance biases*
+(:class:`attnzoo.core.scoremod.DistanceBias`: ``score + bias[h, kv_idx - q_idx]``): on CPU the exact
+family and banded layouts run them inside PyTorch's fused attention kernel as its additive mask; any
+other mod runs on the generic tiled engines.
+
 ``and_masks`` / ``or_masks`` combine mask_mods ``(b, h, q_idx, kv_idx) -> bool``.
 """
 

@@ -396,9 +396,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     default ``i + Nk - Nq`` for the causal test, for callers that pass a
     gathered subset of query rows. ``score_mod`` (:mod:`attnzoo.mods`; it sees
     those positions as ``q_idx``) modifies each slot's scores in the forward and
-    in the recomputing backward; a call with one always runs the generic slot
-    loop, since the fused CPU paths (:mod:`attnzoo.core.fused`, PyTorch's flash
-    kernel) take no score modification.
+    in the recomputing backward. Of the fused CPU paths (:mod:`attnzoo.core.fused`,
+    PyTorch's flash kernel) only the band path takes one, and only a distance bias
+    (:class:`~attnzoo.core.scoremod.DistanceBias`: ALiBi, relative-position tables)
+    as additive masks; any other mod runs the generic slot loop.
     """
     if not isinstance(layout, (BlockLayout, TokenLayout)):
         raise AttnZooError(f"layout: expected a BlockLayout or TokenLayout, got {type(layout).__name__}")
