@@ -78,7 +78,8 @@ MAX_SIZE = 2**12
 
 
 def param(default: Any, *, min: float | None = None, max: float | None = None,
-          choices: tuple | None = None, help: str = "", clamp: bool = False, **field_kwargs: Any) -> Any:
+          choices: tuple | None = None, help: str = "", clamp: bool = False, share: str | None = None,
+          **field_kwargs: Any) -> Any:
     """A method parameter: a dataclass field with a range or a set of choices.
 
     ``min``/``max`` are inclusive bounds; ``None`` values always pass (use them
@@ -87,8 +88,16 @@ def param(default: Any, *, min: float | None = None, max: float | None = None,
     the same as that length: each call caps it there (see :meth:`Method.fit`), so
     ``block=10**12`` costs what ``block=N`` costs. Sizes that change the result
     beyond the length take a ``max`` instead.
+
+    ``share="keys"`` (or ``"blocks"``) marks a count that may also be given as a
+    fraction: a float in (0, 1) is that share of the call's keys (of its key blocks
+    of ``self.block`` keys), rounded up, at least 1 — a budget that scales with N,
+    so a default stays sparse at every length. An int is a count, checked against
+    ``min``/``max``.
     """
-    meta = {"min": min, "max": max, "choices": choices, "help": help, "clamp": clamp}
+    if share not in (None, "keys", "blocks"):
+        raise ValueError(f"param: share expected None, 'keys' or 'blocks', got {share!r}")
+    meta = {"min": min, "max": max, "choices": choices, "help": help, "clamp": clamp, "share": share}
     if isinstance(default, (list, dict, set, torch.Tensor)):
         return dataclasses.field(default_factory=lambda: default, metadata=meta, **field_kwargs)
     return dataclasses.field(default=default, metadata=meta, **field_kwargs)
@@ -134,6 +143,8 @@ class ParamInfo:
     max: float | None = None
     choices: tuple | None = None
     help: str = ""
+    #: "keys" / "blocks": a float in (0, 1) is a share of the call's keys / key blocks (see :func:`param`)
+    share: str | None = None
 
 
 def _type_text(annotation: Any) -> str:
@@ -149,7 +160,7 @@ def param_specs(entry: Any) -> tuple[ParamInfo, ...]:
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
             m = f.metadata
             out.append(ParamInfo(f.name, _type_text(f.type), default, m.get("min"), m.get("max"), m.get("choices"),
-                                 m.get("help", "")))
+                                 m.get("help", ""), m.get("share")))
         return tuple(out)
     sig = inspect.signature(entry)
     return tuple(ParamInfo(p.name, _type_text(p.annotation) if p.annotation is not p.empty else "", p.default)
@@ -173,6 +184,14 @@ def check_value(owner: str, spec: ParamInfo, value: Any) -> None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if isinstance(value, float) and not math.isfinite(value):
             raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a finite number, got {value}")
+        if spec.share and isinstance(value, float) and value < 1:
+            if value <= 0:
+                raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a count >= {spec.min} or a share of "
+                                   f"the {spec.share} in (0, 1), got {value}")
+            return
+        if spec.share and isinstance(value, float) and not value.is_integer():
+            raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a whole count or a share of the "
+                               f"{spec.share} in (0, 1), got {value}")
         lo, hi = spec.min, spec.max
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
@@ -378,11 +397,25 @@ class Method:
         return out
 
     def fit(self, prob: Problem) -> "Method":
-        """This method with every ``clamp`` parameter capped at the call's sequence length (same result)."""
+        """This method for one call: every ``share`` parameter given as a fraction turned into a count of the
+        call's keys or key blocks (rounded up, at least 1), every ``clamp`` parameter capped at the call's
+        sequence length (same result)."""
+        counts = self.resolve_shares(prob.len_k)
+        me = dataclasses.replace(self, **counts) if counts else self
         n = max(prob.len_q, prob.len_k)
-        over = {f.name: n for f in dataclasses.fields(self) if f.metadata.get("clamp")
-                and isinstance(getattr(self, f.name), int) and getattr(self, f.name) > n}
-        return dataclasses.replace(self, **over) if over else self
+        over = {f.name: n for f in dataclasses.fields(me) if f.metadata.get("clamp")
+                and isinstance(getattr(me, f.name), int) and getattr(me, f.name) > n}
+        return dataclasses.replace(me, **over) if over else me
+
+    def resolve_shares(self, len_k: int) -> dict[str, int]:
+        """``{name: count}`` for the ``share`` parameters given as a fraction, at ``len_k`` keys."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value, share = getattr(self, f.name), f.metadata.get("share")
+            if share and isinstance(value, float):
+                units = len_k if share == "keys" else -(-len_k // max(1, int(self.block)))
+                out[f.name] = max(1, math.ceil(value * units - 1e-9)) if value < 1 else int(value)
+        return out
 
     def check_capabilities(self, prob: Problem, *, causal: bool, key_padding_mask: torch.Tensor | None,
                            return_lse: bool, grad: bool) -> None:

@@ -7,6 +7,7 @@ Seeds: workloads use seed 0 unless stated; tensors in metric tests use torch.man
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -235,13 +236,22 @@ def test_structured_workload_deals_patterns_to_heads_and_g_is_a_log_gate():
 
 
 def test_plan_skips_what_a_method_cannot_run():
-    suite = Suite(methods=("exact", "naive"), lengths=(64, 32, 4096), workloads=("gaussian", "real:layer=1"))
+    suite = Suite(methods=("exact", "naive"), lengths=(64, 32, 4096), workloads=("gaussian", "real:layer=1"),
+                  causal=False)
     planned, notes = plan(suite)
     lengths = [(p.case["workload"], p.case["length"]) for p in planned]
     assert lengths == [("gaussian", 32)] * 2 + [("gaussian", 64)] * 2 + [("gaussian", 4096)] * 2 + \
         [("real", 32)] * 2 + [("real", 64)] * 2
-    assert any("lengths above 512" in n for n in notes)
+    assert any("lengths above 512" in n for n in notes)  # non-causal: MiniLM, at every length it encodes
     assert [p.heatmap for p in planned if p.case["workload"] == "real"] == [True, True, False, False]
+    # causal: the decoder, only where sparse methods are sparse (>= 2048, else the longest length given)
+    planned, notes = plan(dataclasses.replace(suite, causal=True, lengths=(64, 2048, 4096)))
+    real = [(p.case["length"], p.case["workload_params"]) for p in planned if p.case["workload"] == "real"]
+    assert real == [(n, {"layer": 1, "model": "smollm2-135m"}) for n in (2048, 2048, 4096, 4096)]
+    assert any("run at 2048, 4096 only" in n for n in notes)
+    assert workloads.real_lengths([256, 1024], {"model": "smollm2-135m"}) == [1024]
+    assert workloads.real_lengths([256, 1024], {}) == [256, 1024]
+    assert workloads.real_params({"capture": "x.pt"}, causal=True) == {"capture": "x.pt"}
     assert parse_workload("needle:needles=3,strength=2.5,causal=false") == (
         "needle", {"needles": 3, "strength": 2.5, "causal": False})
     with pytest.raises(AttnZooError, match="unknown workload 'nope'"):
@@ -252,6 +262,26 @@ def test_plan_skips_what_a_method_cannot_run():
                                                          lengths=(32,), workloads=("gaussian",)))[0]}
     assert skips["exact"] is None and skips["nystrom"][0] == "capability"
     assert skips["block_sparse"][0] == "parameters" and "mask_mod" in skips["block_sparse"][1]
+
+
+def test_density_counts_the_visible_pairs_a_method_reads():
+    from attnzoo import get
+    from attnzoo.viz import visible_keys
+
+    q, k, _, _ = workloads.make("vertical_slash", heads=2, length=96, dim=16, seed=3)
+    n, w = 96, 20
+    causal_pairs = n * (n + 1) // 2
+    band = sum(min(i + 1, w) for i in range(n))  # each row reads its last w keys (itself included)
+    assert metrics.method_density(get("sliding_window", window=w, block=16), q, k, causal=True) == \
+        pytest.approx(band / causal_pairs)
+    for name, params in (("block_topk", {"block": 16, "topk": 2}), ("vertical_slash", {"n_vertical": 8,
+                                                                                       "n_slash": 8, "block": 16})):
+        method = get(name, **params)
+        read = visible_keys(method, n, causal=True, heads=2, workload="vertical_slash", seed=3)  # one-hot probe
+        got = metrics.method_density(method, q, k, causal=True)
+        assert 0 < got < 1 and got == pytest.approx(float(read.sum()) / (2 * causal_pairs))
+    assert metrics.method_density(get("exact"), q, k, causal=True) == 1.0
+    assert metrics.method_density(get("lsh"), q, k, causal=True) is None  # does not expose what it reads
 
 
 # --------------------------------------------------------------- results file
@@ -316,20 +346,24 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     assert run["machine"]["threads"] == 1
     cases = contents.cases
     methods = {m for m in attnzoo.methods() if not m.startswith("_")}  # "_" = test doubles of this process
-    assert {(c["workload"], c["length"]) for c in cases} == {("structured", 32), ("structured", 64),
-                                                             ("real", 32), ("real", 64)}
-    assert {c["method"] for c in cases} == methods and len(cases) == 4 * len(methods)
+    # the causal real workload is SmolLM2 at the longest length given (none reaches 2048)
+    assert {(c["workload"], c["length"]) for c in cases} == {("structured", 32), ("structured", 64), ("real", 64)}
+    assert {c["method"] for c in cases} == methods and len(cases) == 3 * len(methods)
     # every registered method has its four cases; whatever other families do, the exact ones must measure cleanly
     for c in cases:
         assert c["status"] == "ok" or c["reason"], c
         if c["status"] == "ok":
             assert c["time_s"] > 0 and c["speedup"] > 0 and 0 <= c["rel_error"] and c["threads"] == 1
             assert c["gflops"] > 0 and c["pct_gemm"] == pytest.approx(100 * c["gflops"] / c["gemm_gflops"])
-            assert c["dim"] == (32 if c["workload"] == "real" else 8)  # the real workload has MiniLM's head dim
+            assert c["dim"] == (64 if c["workload"] == "real" else 8)  # the real workload has SmolLM2's head dim
+            assert c["density"] is None or 0 < c["density"] <= 1
     exact = [c for c in cases if c["family"] == "exact"]
     n_exact = sum(cls.family is attnzoo.Family.EXACT for name, cls in attnzoo.methods().items() if name in methods)
-    assert len(exact) == 4 * n_exact and all(c["status"] == "ok" and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
-                                    and c["recall"] == 1.0 for c in exact)
+    assert len(exact) == 3 * n_exact and all(c["status"] == "ok" and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
+                                    and c["recall"] == 1.0 and c["density"] == 1.0 for c in exact)
+    window = next(c for c in cases if c["method"] == "sliding_window" and c["workload"] == "real")
+    assert window["density"] == 1.0  # its 512-token window covers 64 tokens
+    assert "density" in res.stdout
     assert "fastest first" in res.stdout and "× SDPA" in res.stdout and "exact_tiled" in res.stdout
     assert "pick (rel err ≤" in res.stdout
     page = (out / "report.html").read_text()
@@ -411,6 +445,25 @@ def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recor
 
 
 # ------------------------------------------------------------------- capture
+def test_real_workload_capture_is_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+    from _tiny_lm import save_tiny_llama
+
+    from attnzoo.bench import capture
+
+    monkeypatch.setenv("ATTNZOO_CACHE", str(tmp_path / "cache"))
+    model = str(save_tiny_llama(tmp_path / "llama", max_positions=256))
+    first = workloads.make("real", model=model, heads=4, length=48, layer=1)
+    files = list((tmp_path / "cache" / "captures").glob("*.pt"))
+    assert [f.name.split("-")[1:3] for f in files] == [["48x1", "layer1"]]
+    capture.cached_layer.cache_clear()  # a new process: only the file is left
+    monkeypatch.setattr(capture, "capture_qkv", lambda *a, **k: pytest.fail("captured again"))
+    again = workloads.make("real", model=model, heads=4, length=48, layer=1)
+    assert torch.equal(first.q, again.q) and torch.equal(first.v, again.v) and again.meta["layer"] == 1
+    with pytest.raises(AttnZooError, match="layer expected 0..1"):
+        workloads.make("real", model=model, heads=4, length=48, layer=5)
+
+
+
 def test_capture_from_minilm_reproduces_the_models_attention(tmp_path):
     from transformers import AutoModel
 

@@ -145,3 +145,20 @@ def test_generic_registry_looks_up_builds_and_checks_one_way():
     with pytest.raises(TypeError, match="already taken"):
         r.add("copy", lambda: None)
     assert r.remove("toy") is Toy and "toy" not in r
+
+
+def test_share_parameters_scale_with_the_sequence_length():
+    """A ``share`` parameter given as a fraction is that share of the call's keys / key blocks, rounded up."""
+    from attnzoo import get
+    from attnzoo.checks import Problem
+
+    frac, count = get("block_topk", block=16, topk=0.125), get("block_topk", block=16, topk=4)
+    q, k, v = (torch.randn(1, 2, 512, 16) for _ in range(3))  # 32 key blocks: 1/8 = 4
+    assert torch.equal(frac(q, k, v, causal=True), count(q, k, v, causal=True))
+    assert frac.fit(Problem(1, 2, 2, 100, 100, 16, 16, 0.25)).topk == 1  # 7 blocks: ceil(0.875) = 1
+    assert get("vertical_slash", n_vertical=0.25).resolve_shares(1000)["n_vertical"] == 250
+    assert frac.resolve_shares(4096) == {"topk": 32} and count.resolve_shares(4096) == {}
+    assert [p.share for p in az.info("block_topk").params if p.name == "topk"] == ["blocks"]
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(az.AttnZooError, match="'topk' expected"):
+            get("block_topk", topk=bad)

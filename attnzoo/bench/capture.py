@@ -16,6 +16,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -121,6 +122,46 @@ def capture_qkv(model_dir: str | Path | None = None, text: str | None = None, *,
     hidden = output.last_hidden_state
     return {"q": q, "k": k, "v": v, "input_ids": input_ids, "model": model_dir, "hidden": hidden,
             "text_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def num_layers(model_dir: str | Path) -> int:
+    """The model's layer count (``num_hidden_layers`` of its config)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("text_config", config)["num_hidden_layers"])
+
+
+@functools.lru_cache(maxsize=4)
+def cached_layer(model: str | None, text: str | None, *, length: int, batch: int, layer: int | None) -> dict:
+    """One layer's Q/K/V (``{"q", "k", "v": [one (B, H, N, D) tensor]}`` plus the record's metadata, ``layer``),
+    captured once and kept on disk under ``<attnzoo cache>/captures/``: the real workload at a long length
+    costs a model forward (~30 s at 8K on 2 cores) the first time and a file read after.
+
+    ``layer`` None is the middle layer. The file name holds the model folder, length, batch, layer and a hash
+    of the model folder's path and the text, so another text or model never reads a stale file.
+    """
+    from .. import models
+
+    model_dir = str(default_model_dir() if model is None else resolve_model(model))
+    text = default_text(model_dir) if text is None else text
+    layers = num_layers(model_dir)
+    layer = layers // 2 if layer is None else layer
+    if not 0 <= layer < layers:
+        raise AttnZooError(f"workload real: layer expected 0..{layers - 1}, got {layer}")
+    text_sha = hashlib.sha256(text.encode()).hexdigest()
+    key = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), text_sha]).encode()).hexdigest()[:12]
+    path = models.cache_dir() / "captures" / f"{Path(model_dir).name}-{length}x{batch}-layer{layer}-{key}.pt"
+    if path.exists():
+        try:
+            return load(path)
+        except (AttnZooError, OSError, RuntimeError, EOFError):
+            pass  # a cut or foreign file: capture again and replace it
+    record = capture_qkv(model_dir, text, length=length, batch=batch)
+    one = {"q": [record["q"][layer]], "k": [record["k"][layer]], "v": [record["v"][layer]], "layer": layer,
+           "layers": layers, "input_ids": record["input_ids"], "model": record["model"], "text_sha256": text_sha}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save(one, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return one
 
 
 def save(record: dict, path: str | Path) -> Path:

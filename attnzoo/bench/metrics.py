@@ -26,6 +26,14 @@ broadcastable to ``(B, Hq, Nq, Nk)`` (True = read), or None when it reads every
 visible key (the hook wins when both apply). Methods that change the scores
 themselves (linear, low-rank, hybrid, quantised) are not a subset of softmax
 attention: recall is not applicable (None), never a made-up number.
+
+Density — the share of the visible (query, key) pairs (the causal triangle
+when causal) a method reads: 1 for the exact family; for a method with a
+``visible`` hook, the pairs it marks; for a method that attends over the
+layouts it builds (``layouts(q, k, ...)``, every block-sparse method), the pairs
+those layouts hold after their masks, counted by attending them with zero
+queries and keys (each row's log-sum-exp is then log(keys read)); otherwise
+None (not measured: the method does not expose what it reads).
 """
 
 from __future__ import annotations
@@ -200,6 +208,35 @@ def method_recall(method: Method, q, k, v=None, *, scale: float, causal: bool, k
                     **inputs)
     _, lse_exact = tiled_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
     return lse_recall(lse, lse_exact)
+
+
+# ----------------------------------------------------------------- density
+def method_density(method: Method, q, k, *, causal: bool, key_padding_mask=None, **inputs) -> float | None:
+    """Share of the visible (query, key) pairs ``method`` reads on ``q``/``k`` (see the module docstring)."""
+    if type(method).family is Family.EXACT:
+        return 1.0
+    len_q, len_k = q.shape[2], k.shape[2]
+    seen = visible_mask(len_q, len_k, causal=causal, key_padding_mask=key_padding_mask)
+    seen = torch.ones(1, 1, len_q, len_k, dtype=torch.bool) if seen is None else seen.bool()
+    total = float(seen.expand(q.shape[0], q.shape[1], len_q, len_k).sum())
+    visible = getattr(method, "visible", None)
+    if callable(visible):
+        keys_read = visible(q, k, causal=causal, key_padding_mask=key_padding_mask, **inputs)
+        if keys_read is None:
+            return 1.0
+        read = float((keys_read.bool() & seen).expand(q.shape[0], q.shape[1], len_q, len_k).sum())
+        return read / total if total else 1.0
+    layouts = getattr(method, "layouts", None)
+    if not callable(layouts):
+        return None
+    from ..core.blocksparse import attend_all
+
+    lays = layouts(q, k, causal=causal, key_padding_mask=key_padding_mask)
+    zq, zk = q.new_zeros(*q.shape[:3], 1), k.new_zeros(*k.shape[:3], 1)
+    _, lse = attend_all(zq, zk, k.new_ones(*k.shape[:3], 1), lays, scale=1.0, causal=causal,
+                        key_padding_mask=key_padding_mask)
+    read = float(torch.exp(lse.double()).nan_to_num(0.0).sum())  # rows that read nothing: exp(-inf) = 0
+    return min(1.0, read / total) if total else 1.0
 
 
 # -------------------------------------------------------------------- flops

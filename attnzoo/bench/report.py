@@ -201,7 +201,8 @@ def build_report(results: str | Path, out: str | Path | None = None) -> Path:
              "<p>Time is the median of the timed calls after a warm-up; <b>× SDPA</b> is torch SDPA's time on the "
              "same inputs in the same process divided by the method's; errors are against exact attention in float64; "
              "<b>recall</b> is the share of exact attention mass on the keys the method reads (blank: the method does "
-             "not expose its selection); GFLOP/s counts exact attention's FLOPs unless the method reports its "
+             "not expose its selection); <b>density</b> is the share of the visible (query, key) pairs it reads "
+             "(1 for exact; blank: not exposed, or not a subset of the keys); GFLOP/s counts exact attention's FLOPs unless the method reports its "
              "own, and % GEMM compares it with a float32 matmul measured on the same machine; "
              "peak MiB is the worker's resident-set high-water mark during one call above its level before.</p>"]
     for board in tables.leaderboards(cases):

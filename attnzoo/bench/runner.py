@@ -172,6 +172,8 @@ def plan(suite: Suite) -> tuple[list[Planned], list[str]]:
     planned, notes = [], []
     for spec in suite.workloads:
         name, params = parse_workload(spec)
+        if name == "real":
+            params = workloads.real_params(params, suite.causal)
         try:
             limit = workloads.max_length(name, params)
         except AttnZooError as e:  # e.g. the real workload without transformers installed
@@ -180,6 +182,13 @@ def plan(suite: Suite) -> tuple[list[Planned], list[str]]:
         lengths = sorted(n for n in suite.lengths if limit is None or n <= limit)
         if len(lengths) < len(suite.lengths):
             notes.append(f"workload {spec}: lengths above {limit} not run (the most its model encodes)")
+        if name == "real" and lengths:
+            sparse = workloads.real_lengths(lengths, params)
+            if len(sparse) < len(lengths):
+                notes.append(f"workload {spec} ({params['model']}): run at {', '.join(map(str, sparse))} only "
+                             f"(lengths >= {workloads.REAL_SPARSE_FROM}, or the longest given, where sparse "
+                             "methods are sparse)")
+            lengths = sparse
         for length in lengths:
             for method in names:
                 case = {"method": method, "params": {}, "workload": name, "workload_params": params,

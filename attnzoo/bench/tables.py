@@ -19,6 +19,7 @@ COLUMNS = (
     ("rel err", "rel_error", "{:.1e}"),
     ("cosine", "cosine", "{:.4f}"),
     ("recall", "recall", "{:.3f}"),
+    ("density", "density", "{:.3f}"),
     ("GFLOP/s", "gflops", "{:.1f}"),
     ("% GEMM", "pct_gemm", "{:.0f}"),
 )

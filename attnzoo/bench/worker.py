@@ -111,7 +111,8 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
               "gflops": flops / timing.median / 1e9, "gemm_gflops": opts["gemm_gflops"],
               "pct_gemm": 100 * flops / timing.median / 1e9 / opts["gemm_gflops"], "dim": setup.prob.dim,
               **metrics.output_errors(out, setup.reference),
-              "recall": metrics.method_recall(method, q, k, v, scale=setup.prob.scale, causal=causal, **inputs)}
+              "recall": metrics.method_recall(method, q, k, v, scale=setup.prob.scale, causal=causal, **inputs),
+              "density": metrics.method_density(method, q, k, causal=causal, **inputs)}
     if opts.get("maps_dir"):
         folder = Path(opts["maps_dir"])
         exact_path = folder / "exact.npy"

@@ -13,7 +13,6 @@ planted key beats an ordinary key by about e^8 in the softmax, whatever D is.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,26 +244,29 @@ def _structured(shape: Shape, gen: torch.Generator):
 @workload("real")
 def _real(shape: Shape, gen: torch.Generator, layer: int | None = None, capture: str | None = None,
           model: str | None = None, text: str | None = None):
-    """Real Q/K/V of a pretrained model on real text (default all-MiniLM-L6-v2 on data/ prose;
-    ``model="smollm2-135m"``: the eval's decoder on the shipped KJV text, where sparse methods are sparse).
+    """Real Q/K/V of a pretrained model on real text. The bench's causal suites run SmolLM2-135M (the eval's
+    decoder, ``model="smollm2-135m"``) on the shipped long KJV text, where sparse methods are really sparse;
+    with no ``model`` (non-causal suites) it is all-MiniLM-L6-v2 on data/ prose.
 
-    ``capture`` loads a file written by ``attnzoo capture``; otherwise the model
-    (default MiniLM) is run on ``batch`` windows of ``length`` tokens of ``text``
-    (a file path; default the package's public-domain text). ``layer`` defaults
+    ``capture`` loads a file written by ``attnzoo capture``; otherwise the model is run on ``batch``
+    windows of ``length`` tokens of ``text`` (a file path; default the model's shipped text) once, and the
+    layer kept in the attnzoo cache (:func:`attnzoo.bench.capture.cached_layer`). ``layer`` defaults
     to the middle layer; the first ``heads`` heads are used; ``dim`` is the model's.
     """
     from . import capture as cap
 
     if capture is not None:
         record = cap.load(capture)
+        layers = len(record["q"])
+        layer = layers // 2 if layer is None else layer
+        if not 0 <= layer < layers:
+            raise AttnZooError(f"workload real: layer expected 0..{layers - 1}, got {layer}")
+        q, k, v = record["q"][layer], record["k"][layer], record["v"][layer]
     else:
         text_value = None if text is None else open(text).read()
-        record = _cached_capture(model, text_value, shape.len_k, shape.batch)
-    layers = len(record["q"])
-    layer = layers // 2 if layer is None else layer
-    if not 0 <= layer < layers:
-        raise AttnZooError(f"workload real: layer expected 0..{layers - 1}, got {layer}")
-    q, k, v = record["q"][layer], record["k"][layer], record["v"][layer]
+        record = cap.cached_layer(model, text_value, length=shape.len_k, batch=shape.batch, layer=layer)
+        layer = record["layer"]
+        q, k, v = record["q"][0], record["k"][0], record["v"][0]
     if q.shape[0] < shape.batch or k.shape[2] < shape.len_k:
         raise AttnZooError(f"workload real: the capture holds batch {q.shape[0]} × length {k.shape[2]}; "
                            f"asked for batch {shape.batch} × length {shape.len_k}")
@@ -285,11 +287,28 @@ def _real(shape: Shape, gen: torch.Generator, layer: int | None = None, capture:
     return q.float(), k.float(), v.float(), meta
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_capture(model: str | None, text: str | None, length: int, batch: int) -> dict:
-    from . import capture as cap
+#: the decoder the causal ``real`` workload runs when no model or capture is named
+CAUSAL_REAL_MODEL = "smollm2-135m"
+#: the causal real workload runs at the suite's lengths from here up (at shorter lengths the sparse methods'
+#: windows and budgets cover nearly every key), or at the longest length given when none reaches it
+REAL_SPARSE_FROM = 2048
 
-    return cap.capture_qkv(model, text, length=length, batch=batch)
+
+def real_params(params: dict, causal: bool) -> dict:
+    """The ``real`` workload's parameters for a suite: causal suites default to the decoder
+    (:data:`CAUSAL_REAL_MODEL`), non-causal ones to MiniLM (no model named)."""
+    if causal and not params.get("model") and not params.get("capture"):
+        return {**params, "model": CAUSAL_REAL_MODEL}
+    return params
+
+
+def real_lengths(lengths, params: dict) -> list[int]:
+    """The lengths the ``real`` workload runs at: every one for MiniLM or a capture file; for a decoder the
+    ones >= :data:`REAL_SPARSE_FROM`, or the longest when none is."""
+    lengths = sorted(lengths)
+    if not params.get("model") or params.get("capture"):
+        return lengths
+    return [n for n in lengths if n >= REAL_SPARSE_FROM] or lengths[-1:]
 
 
 def max_length(name: str, params: dict | None = None) -> int | None:

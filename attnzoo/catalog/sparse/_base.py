@@ -36,7 +36,7 @@ class LayoutMethod(Method):
                 key_padding_mask: torch.Tensor | None = None) -> list[Layout]:
         """The layouts this method would attend with on ``q``/``k`` (run them with ``block_sparse(layout=...)``)."""
         prob = check_qkv(q, k, k, key_padding_mask)
-        return self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+        return self.fit(prob).build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
         lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
