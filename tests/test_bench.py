@@ -256,6 +256,8 @@ def test_plan_skips_what_a_method_cannot_run():
         "needle", {"needles": 3, "strength": 2.5, "causal": False})
     with pytest.raises(AttnZooError, match="unknown workload 'nope'"):
         plan(Suite(workloads=("nope",)))
+    with pytest.raises(AttnZooError, match="bench: unknown workload 'neddle'; did you mean 'needle'"):
+        plan(Suite(workloads=("neddle",)))
     with pytest.raises(AttnZooError, match="unknown method 'exakt'.*'exact'"):
         plan(Suite(methods=("exakt",)))
     skips = {p.case["method"]: p.skip for p in plan(Suite(methods=("block_sparse", "nystrom", "exact"),

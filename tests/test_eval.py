@@ -48,6 +48,9 @@ def test_fractional_budgets_give_a_valid_policy_within_the_budget(name, fraction
 def test_token_budgets_below_the_minimum_name_the_defaults_that_force_it():
     with pytest.raises(AttnZooError, match=r"expected >= 641, forced by sinks=128 and local=512"):
         make_policy("tokenselect", **C.policy_params("tokenselect", {}, 256, 4096))
+    with pytest.raises(AttnZooError, match=r"expected >= 895, forced by sinks=4 and local=512 rounded out to units "
+                                           r"of 128, plus one unit to select; got 256 \(lower sinks/local"):
+        make_policy("infllm", **C.policy_params("infllm", {}, 256, 4096))
     with pytest.raises(AttnZooError, match="needs a budget"):
         C.policy_case("h2o")
     with pytest.raises(AttnZooError, match="budget expected"):

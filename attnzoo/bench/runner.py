@@ -107,7 +107,10 @@ def parse_workload(spec: str) -> tuple[str, dict]:
     """``"needle:needles=16,strength=8"`` -> ``("needle", {"needles": 16, "strength": 8})``."""
     name, _, rest = spec.partition(":")
     if name not in workloads.WORKLOADS:
-        raise AttnZooError(f"bench: unknown workload {name!r}; available: {', '.join(workloads.WORKLOADS)}")
+        try:
+            workloads.WORKLOADS.lookup(name)
+        except AttnZooError as e:  # "workload: unknown workload 'x'; did you mean ...? (available: ...)"
+            raise AttnZooError(f"bench: {str(e).removeprefix('workload: ')}") from None
     params = {}
     for item in filter(None, rest.split(",")):
         key, eq, raw = item.partition("=")

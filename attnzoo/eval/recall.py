@@ -1,11 +1,11 @@
-"""Prefill attention-mass recall of a method on a real model's own Q/K/V (see attnzoo.bench.metrics)."""
+"""Prefill attention-mass recall and density of a method on a real model's own Q/K/V (see attnzoo.bench.metrics)."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import registry
-from ..bench.metrics import method_recall
+from ..bench.metrics import method_density, method_recall
 from ..tasks import Sample
 
 
@@ -33,4 +33,12 @@ def prefill_recall(qkv: list[tuple[torch.Tensor, ...]], method: registry.Method)
     (the method changes the scores rather than choosing keys)."""
     with torch.inference_mode():
         values = [method_recall(method, q, k, v, scale=q.shape[-1] ** -0.5, causal=True) for q, k, v in qkv]
+    return None if None in values else sum(values) / len(values)
+
+
+def prefill_density(qkv: list[tuple[torch.Tensor, ...]], method: registry.Method) -> float | None:
+    """Mean share of the causal (query, key) pairs ``method`` reads on the captured layers; None when the
+    method does not expose what it reads."""
+    with torch.inference_mode():
+        values = [method_density(method, q, k, causal=True) for q, k, _ in qkv]
     return None if None in values else sum(values) / len(values)

@@ -34,7 +34,7 @@ from ..bench.results import ResultsFile, case_key, machine_info
 from ..errors import AttnZooError
 from ..tasks import Sample, Task, make_task, tasks
 from . import cases as C
-from .recall import layer_qkv, prefill_recall, prompt_ids
+from .recall import layer_qkv, prefill_density, prefill_recall, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,14 @@ def perplexity(model, sample: Sample, task: Task, chunk: int = 1024) -> Outcome:
     return Outcome(task.score(sample, nll), "", prefill_s, [], full, full, ids.shape[1])
 
 
+def method_parameters(case: dict, length: int) -> dict:
+    """A prefill method's parameters, defaults included, with counts given as a share of N resolved at ``length``."""
+    method = registry.get(case["name"], **case["params"])
+    fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+    fields.update(method.resolve_shares(length))
+    return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
+
+
 # ---------------------------------------------------------------- one case
 class Runner:
     """Holds the model and the generated samples; runs one case at a time."""
@@ -170,7 +178,7 @@ class Runner:
         azhf.remove(self.model) if azhf.is_applied(self.model) else None
         if case["kind"] == "prefill":
             azhf.apply(self.model, case["name"], **case["params"])
-            return (lambda: DynamicCache(config=self.model.config)), {}
+            return (lambda: DynamicCache(config=self.model.config)), method_parameters(case, length)
         if case["kind"] == "cache":
             params = C.policy_params(case["name"], case["params"], case["budget"], length)
             azhf.apply(self.model, "exact")
@@ -210,19 +218,22 @@ class Runner:
                   "kv_bytes": sum(held) / len(held), "kv_full_bytes": sum(full) / len(full), "peak_rss": peak or None,
                   "resolved": resolved}
         if case["kind"] == "prefill" and self.plan.recall:
-            result["recall"] = self.recall(case, samples[0])
+            result["recall"], result["density"] = self.recall(case, samples[0])
         return result
 
-    def recall(self, case: dict, sample: Sample) -> float | None:
-        """Mean prefill attention-mass recall of the method over three layers (first, middle, last)."""
+    def recall(self, case: dict, sample: Sample) -> tuple[float | None, float | None]:
+        """Mean prefill attention-mass recall and density of the method over three layers (first, middle, last)."""
         method = registry.get(case["name"], **case["params"])
-        if not recall_applies(method) or type(method).family is Family.EXACT:
-            return 1.0 if type(method).family is Family.EXACT else None
+        if type(method).family is Family.EXACT:
+            return 1.0, 1.0
+        if not recall_applies(method) and not callable(getattr(method, "layouts", None)):
+            return None, None  # it changes the scores and does not expose what it reads: nothing to capture for
         key = (case["task"], case_key(case["task_params"]), case["length"])
         if self._qkv[0] != key:  # one capture per (task, length), shared by its methods
             self._qkv = key, None
             self._qkv = key, layer_qkv(self.model, prompt_ids(self.tokenizer, sample))
-        return prefill_recall(self._qkv[1], method)
+        recall = prefill_recall(self._qkv[1], method) if recall_applies(method) else None
+        return recall, prefill_density(self._qkv[1], method)
 
     def close(self) -> None:
         import attnzoo.hf as azhf

@@ -48,7 +48,13 @@ def relative(g: Group, row: dict) -> float | None:
     return a / e if e else (1.0 if a == 0 else None)
 
 
-COLUMNS = ("case", "score (n)", "of exact", "KV MiB held / full", "prefill s", "× exact", "s/token", "recall")
+COLUMNS = ("case", "score (n)", "of exact", "KV MiB held / full", "prefill s", "× exact", "s/token", "recall",
+           "density", "parameters")
+
+
+def parameters(row: dict) -> str:
+    """The parameters the case ran with, defaults included (a method's shares as counts at this length)."""
+    return ",".join(f"{k}={v}" for k, v in sorted((row.get("resolved") or {}).items()) if v is not None)
 
 
 def label(row: dict) -> str:
@@ -58,12 +64,13 @@ def label(row: dict) -> str:
 
 def cells(g: Group, row: dict) -> list[str]:
     if row["status"] != "ok":
-        return [label(row), row["status"], "", "", "", "", "", row.get("reason", "")[:80]]
+        return [label(row), row["status"], "", "", "", "", "", "", "", row.get("reason", "")[:80]]
     spec = "{:.1f}" if g.metric == "perplexity" else "{:.2f}"
     speed = g.exact["prefill_s"] / row["prefill_s"] if g.exact and row["prefill_s"] else None
     return [label(row), f"{fmt(row['score'], spec)} ({row['n']})", fmt(relative(g, row), "{:.2f}"),
             f"{row['kv_bytes'] / MIB:.1f} / {row['kv_full_bytes'] / MIB:.1f}", fmt(row["prefill_s"], "{:.2f}"),
-            fmt(speed, "{:.2f}"), fmt(row.get("decode_s_per_token"), "{:.3f}"), fmt(row.get("recall"), "{:.3f}")]
+            fmt(speed, "{:.2f}"), fmt(row.get("decode_s_per_token"), "{:.3f}"), fmt(row.get("recall"), "{:.3f}"),
+            fmt(row.get("density"), "{:.3f}"), parameters(row)]
 
 
 def pick(g: Group, min_accuracy: float = 0.95) -> str:

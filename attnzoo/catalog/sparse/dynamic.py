@@ -101,8 +101,10 @@ class VerticalSlash(LayoutMethod):
     papers: ClassVar[tuple[str, ...]] = ("MInference 1.0",)
 
     last_q: int = param(64, min=1, help="probe queries (the last ones)")
-    n_vertical: int = param(1024, min=1, help="key columns kept per head")
-    n_slash: int = param(2048, min=1, help="diagonals (offsets p - j) kept per head")
+    n_vertical: int | float = param(0.125, min=1, share="keys", help="key columns kept per head: a count or a share "
+                                                                    "of the keys (default 1/8)")
+    n_slash: int | float = param(0.125, min=1, share="keys", help="diagonals (offsets p - j) kept per head: a count "
+                                                                 "or a share of the keys (default 1/8)")
     sinks: int = param(4, min=0, help="initial key columns always kept")
     block: int = param(64, min=1, clamp=True, help="query/key block size of the slash part")
 
@@ -156,7 +158,9 @@ class BlockTopK(LayoutMethod):
     papers: ClassVar[tuple[str, ...]] = ("MInference 1.0", "SeerAttention", "Quest")
 
     block: int = param(64, min=1, clamp=True, help="query/key block size")
-    topk: int = param(16, min=1, clamp=True, help="key blocks kept per query block")
+    topk: int | float = param(0.125, min=1, clamp=True, share="blocks", help="key blocks kept per query block: a "
+                                                                             "count or a share of the key blocks "
+                                                                             "(default 1/8)")
     score: str = param("bound", choices=("mean", "bound"), help="pooled block score (SmolLM2 passkey at 2K/4K: "
                                                                  "mean 0/6, bound 6/6)")
     sink: bool = param(True, help="always keep key block 0 (the attention sinks), like HiP")
