@@ -94,6 +94,8 @@ def _params(cls: type) -> list[str]:
         rng = "" if p.choices is None else "one of " + ", ".join(map(repr, p.choices))
         if p.min is not None or p.max is not None:
             rng = f"[{'-inf' if p.min is None else p.min}, {'inf' if p.max is None else p.max}]"
+        if p.share:
+            rng += f" or a share of the {'keys' if p.share == 'keys' else 'key blocks'} in (0, 1)"
         clamp = p.name in fields and fields[p.name].metadata.get("clamp")
         meaning = p.help + (" (values above N act as N)" if clamp else "")
         default = repr(p.default) if not callable(p.default) else p.default.__name__

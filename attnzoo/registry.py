@@ -89,14 +89,12 @@ def param(default: Any, *, min: float | None = None, max: float | None = None,
     ``block=10**12`` costs what ``block=N`` costs. Sizes that change the result
     beyond the length take a ``max`` instead.
 
-    ``share="keys"`` (or ``"blocks"``) marks a count that may also be given as a
-    fraction: a float in (0, 1) is that share of the call's keys (of its key blocks
-    of ``self.block`` keys), rounded up, at least 1 — a budget that scales with N,
-    so a default stays sparse at every length. An int is a count, checked against
-    ``min``/``max``.
+    ``share="keys"`` (or the name of the method's key-block-size field, e.g.
+    ``"block"``) marks a count that may also be given as a fraction: a float in
+    (0, 1) is that share of the call's keys (of its key blocks), rounded up, at
+    least 1 — a budget that scales with N, so a default stays sparse at every
+    length. An int is a count, checked against ``min``/``max``.
     """
-    if share not in (None, "keys", "blocks"):
-        raise ValueError(f"param: share expected None, 'keys' or 'blocks', got {share!r}")
     meta = {"min": min, "max": max, "choices": choices, "help": help, "clamp": clamp, "share": share}
     if isinstance(default, (list, dict, set, torch.Tensor)):
         return dataclasses.field(default_factory=lambda: default, metadata=meta, **field_kwargs)
@@ -143,7 +141,7 @@ class ParamInfo:
     max: float | None = None
     choices: tuple | None = None
     help: str = ""
-    #: "keys" / "blocks": a float in (0, 1) is a share of the call's keys / key blocks (see :func:`param`)
+    #: "keys" / a block-size field: a float in (0, 1) is a share of the call's keys / key blocks (see :func:`param`)
     share: str | None = None
 
 
@@ -187,11 +185,11 @@ def check_value(owner: str, spec: ParamInfo, value: Any) -> None:
         if spec.share and isinstance(value, float) and value < 1:
             if value <= 0:
                 raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a count >= {spec.min} or a share of "
-                                   f"the {spec.share} in (0, 1), got {value}")
+                                   f"N in (0, 1), got {value}")
             return
         if spec.share and isinstance(value, float) and not value.is_integer():
-            raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a whole count or a share of the "
-                               f"{spec.share} in (0, 1), got {value}")
+            raise AttnZooError(f"{owner}: parameter {spec.name!r} expected a whole count or a share of N in (0, 1), "
+                               f"got {value}")
         lo, hi = spec.min, spec.max
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
@@ -413,7 +411,7 @@ class Method:
         for f in dataclasses.fields(self):
             value, share = getattr(self, f.name), f.metadata.get("share")
             if share and isinstance(value, float):
-                units = len_k if share == "keys" else -(-len_k // max(1, int(self.block)))
+                units = len_k if share == "keys" else -(-len_k // max(1, int(getattr(self, share))))
                 out[f.name] = max(1, math.ceil(value * units - 1e-9)) if value < 1 else int(value)
         return out
 

@@ -158,7 +158,7 @@ class BlockTopK(LayoutMethod):
     papers: ClassVar[tuple[str, ...]] = ("MInference 1.0", "SeerAttention", "Quest")
 
     block: int = param(64, min=1, clamp=True, help="query/key block size")
-    topk: int | float = param(0.125, min=1, clamp=True, share="blocks", help="key blocks kept per query block: a "
+    topk: int | float = param(0.125, min=1, clamp=True, share="block", help="key blocks kept per query block: a "
                                                                              "count or a share of the key blocks "
                                                                              "(default 1/8)")
     score: str = param("bound", choices=("mean", "bound"), help="pooled block score (SmolLM2 passkey at 2K/4K: "
@@ -201,10 +201,13 @@ class BlockTopK(LayoutMethod):
 @register
 @dataclass(frozen=True)
 class HiP(LayoutMethod):
-    """HiP's hierarchical top-k block search: the visible key blocks of each query block are cut into
-    ``2·topk`` chunks, each scored by ``max_i q_i·k_rep`` (its middle key); the best ``topk`` chunks are
-    halved and rescored until chunks are single blocks. The ``topk`` blocks found, the sink block 0 and the
-    query block's own blocks are attended. ``topk >=`` the number of blocks equals exact."""
+    """HiP's hierarchical top-k block search: the visible key blocks (``block_k`` keys each) of each query
+    block (``block`` queries) are cut into ``2·topk`` chunks, each scored by ``max_i q_i·k_rep`` (its middle
+    key); the best ``topk`` chunks are halved and rescored until chunks are single key blocks. The ``topk``
+    key blocks found, the sink block 0 and the query block's own blocks are attended. Key blocks must be
+    small (HiP uses 2): one representative per 64 keys missed SmolLM2's passkey needle (0/3 at 2K; the
+    needle's attention mass at the last prompt row fell to 5 % of exact's), one per 8 keeps it.
+    ``topk >=`` the number of key blocks equals exact."""
 
     name: ClassVar[str] = "hip"
     exact_for: ClassVar[str] = "topk >= the number of key blocks"
@@ -213,18 +216,22 @@ class HiP(LayoutMethod):
     papers: ClassVar[tuple[str, ...]] = ("HiP Attention: Sparse Sub-Quadratic Attention with Hierarchical "
                                          "Attention Pruning",)
 
-    block: int = param(64, min=1, clamp=True, help="query/key block size")
-    topk: int = param(16, min=1, clamp=True, help="key blocks kept per query block")
+    block: int = param(64, min=1, clamp=True, help="query block size")
+    block_k: int = param(8, min=1, clamp=True, help="key block size: the search's finest unit, one representative "
+                                                    "key each")
+    topk: int | float = param(0.125, min=1, clamp=True, share="block_k",
+                              help="key blocks kept per query block: a count or a share of the key blocks "
+                                   "(default 1/8)")
 
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
-        bs, dev, kk = self.block, q.device, self.topk
+        bs, bk, dev, kk = self.block, self.block_k, q.device, self.topk
         B, Hq, n_q, D = q.shape
         Hkv, n_k = k.shape[1], k.shape[2]
         first, last = block_positions(prob, bs, dev)
-        nq, nkb = first.numel(), -(-n_k // bs)
-        n_vis = (last.clamp(-1, n_k - 1) // bs + 1).clamp(min=0) if causal else torch.full_like(last, nkb)
+        nq, nkb = first.numel(), -(-n_k // bk)
+        n_vis = (last.clamp(-1, n_k - 1) // bk + 1).clamp(min=0) if causal else torch.full_like(last, nkb)
         c = torch.arange(2 * kk, device=dev)
-        start = (c * n_vis.view(-1, 1)) // (2 * kk)  # (nq, 2k) in block units
+        start = (c * n_vis.view(-1, 1)) // (2 * kk)  # (nq, 2k) in key-block units
         end = ((c + 1) * n_vis.view(-1, 1)) // (2 * kk)
         start, end = start.expand(B, Hq, nq, -1), end.expand(B, Hq, nq, -1)
         qb = torch.nn.functional.pad(q, (0, 0, 0, nq * bs - n_q)).view(B, Hq, nq, bs, D) * prob.scale
@@ -234,7 +241,7 @@ class HiP(LayoutMethod):
                       + torch.arange(Hq, device=dev) // (Hq // Hkv)) * n_k).view(B, Hq, 1, 1)
         key_limit = last.clamp(max=n_k - 1).view(1, 1, -1, 1) if causal else n_k - 1
         while True:
-            rep = ((start + end) * bs) // 2
+            rep = ((start + end) * bk) // 2
             rep = torch.minimum(rep, torch.as_tensor(key_limit, device=dev)).clamp(min=0)
             k_rep = k_flat[(head_base + rep).reshape(-1)].view(B, Hq, nq, -1, D)
             score = torch.matmul(qb, k_rep.transpose(-1, -2)).masked_fill(~row_ok, -math.inf).amax(-2)
@@ -251,8 +258,8 @@ class HiP(LayoutMethod):
         keep.scatter_(-1, torch.where(end > start, start, torch.full_like(start, nkb)), True)
         keep = keep[..., :nkb]
         keep[..., 0] = True
-        keep = keep | diagonal_blocks(prob, bs, bs, dev)
+        keep = keep | diagonal_blocks(prob, bs, bk, dev)
         if causal:
-            keep = keep & causal_block_ok(prob, bs, bs, dev)
-        return [BlockLayout.from_block_mask(keep, block_q=bs, block_k=bs, len_q=prob.len_q, len_k=n_k,
+            keep = keep & causal_block_ok(prob, bs, bk, dev)
+        return [BlockLayout.from_block_mask(keep, block_q=bs, block_k=bk, len_q=prob.len_q, len_k=n_k,
                                             causal=causal)]
