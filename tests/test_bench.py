@@ -270,7 +270,7 @@ def test_density_counts_the_visible_pairs_a_method_reads():
     from attnzoo import get
     from attnzoo.viz import visible_keys
 
-    q, k, _, _ = workloads.make("vertical_slash", heads=2, length=96, dim=16, seed=3)
+    q, k, _, _ = workloads.make("vertical_slash", heads=2, length=96, dim=32, seed=3, dtype=torch.float64)
     n, w = 96, 20
     causal_pairs = n * (n + 1) // 2
     band = sum(min(i + 1, w) for i in range(n))  # each row reads its last w keys (itself included)

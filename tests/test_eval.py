@@ -61,6 +61,12 @@ def test_token_budgets_below_the_minimum_name_the_defaults_that_force_it():
         C.method_case("sliding_windo")
 
 
+def test_method_parameters_show_shares_as_counts_at_the_length():
+    params = R.method_parameters(C.method_case("hip"), 2048)
+    assert params["topk"] == 32 and params["block"] == 16 and params["block_k"] == 8  # 1/8 of 256 key blocks
+    assert R.method_parameters(C.method_case("block_topk:topk=3"), 2048)["topk"] == 3
+
+
 def test_runner_rows_on_a_tiny_llama(tiny, tmp_path):
     plan = R.Plan(tasks=(("passkey", {}), ("perplexity", {})), lengths=(300,), samples=2, model=tiny,
                   cases=(C.method_case("exact"), C.method_case("sliding_window:window=32,block=16"),
@@ -75,6 +81,13 @@ def test_runner_rows_on_a_tiny_llama(tiny, tmp_path):
                                                                           exact["prompt_tokens"])
     window = rows["passkey", "prefill=sliding_window:block=16,window=32"]
     assert 0 < window["recall"] < 1 and rows["passkey", "prefill=lightning"]["recall"] is None
+    assert 0 < window["density"] < 0.5 and exact["density"] == 1.0 and rows["passkey", "prefill=lightning"]["density"] \
+        is None
+    assert window["resolved"]["window"] == 32 and window["resolved"]["block"] == 16  # every parameter, defaults too
+    from attnzoo.eval import table as T
+
+    group = next(g for g in T.groups(list(rows.values())) if g.task == "passkey")
+    assert "block=16" in T.cells(group, window)[-1] and len(T.cells(group, window)) == len(T.COLUMNS)
     stream = rows["passkey", "cache=streaming@0.25"]
     assert stream["resolved"] == {"sinks": 4, "window": 71}
     assert stream["kv_bytes"] < 0.5 * stream["kv_full_bytes"]
