@@ -286,6 +286,14 @@ def test_density_counts_the_visible_pairs_a_method_reads():
     assert metrics.method_density(get("lsh"), q, k, causal=True) is None  # does not expose what it reads
 
 
+def test_heatmaps_of_a_long_causal_problem_read_its_first_tokens():
+    q, k = torch.randn(1, 2, 600, 8), torch.randn(1, 2, 600, 8)
+    qm, km = metrics.map_inputs(q, k, causal=True, inputs={})
+    assert qm.shape[2] == km.shape[2] == metrics.MAP_TOKENS and torch.equal(qm, q[:, :, :metrics.MAP_TOKENS])
+    for causal, inputs in ((False, {}), (True, {"g": q})):  # non-causal or extra per-token inputs: whole
+        assert metrics.map_inputs(q, k, causal=causal, inputs=inputs)[1] is k
+
+
 # --------------------------------------------------------------- results file
 def test_results_file_reports_and_repairs_a_cut_trailing_line(tmp_path):
     store = ResultsFile(tmp_path)

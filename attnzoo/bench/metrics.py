@@ -285,6 +285,20 @@ def exact_map(q, k, *, scale: float, causal: bool, head: int = 0, size: int = 12
     return _pool(probs[0, 0], size)
 
 
+#: the longest prefix a causal problem's heatmaps are read on (``v = I`` costs N³ per head)
+MAP_TOKENS = 512
+
+
+def map_inputs(q, k, *, causal: bool, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The q/k the heatmaps read: a causal self-attention problem longer than :data:`MAP_TOKENS` (and without
+    extra per-token inputs) is cut to its first MAP_TOKENS tokens, whose causal attention is the same
+    problem's; anything else is used whole."""
+    n = k.shape[2]
+    if causal and not inputs and q.shape[2] == n > MAP_TOKENS:
+        return q[:, :, :MAP_TOKENS], k[:, :, :MAP_TOKENS]
+    return q, k
+
+
 def method_map(method: Method, q, k, *, causal: bool, head: int = 0, size: int = 128, **inputs) -> torch.Tensor:
     """The attention matrix a method applies, read off by feeding ``v = I`` (Dv = Nk).
 

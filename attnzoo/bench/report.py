@@ -262,8 +262,10 @@ def _heatmap_section(cases: list[dict], root: Path, plots: Path, page_dir: Path)
     groups: dict[str, list[dict]] = {}
     for c in cases:
         if c["status"] == "ok" and c.get("map"):
+            first = c.get("map_tokens", c["length"])
             groups.setdefault(f"{workload_label(c)}, {'causal' if c['causal'] else 'non-causal'}, "
-                              f"N={c['length']}", []).append(c)
+                              f"N={c['length']}" + (f" (its first {first} tokens)" if first < c["length"] else ""),
+                              []).append(c)
     parts = []
     for title, group in groups.items():
         maps = [("exact (reference)", np.load(root / group[0]["exact_map"]))]

@@ -115,13 +115,14 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
               "density": metrics.method_density(method, q, k, causal=causal, **inputs)}
     if opts.get("maps_dir"):
         folder = Path(opts["maps_dir"])
+        qm, km = metrics.map_inputs(q, k, causal=causal, inputs=inputs)
         exact_path = folder / "exact.npy"
         if not exact_path.exists():
-            _save_map(exact_path, metrics.exact_map(q, k, scale=setup.prob.scale, causal=causal))
-        result["exact_map"] = str(exact_path)
+            _save_map(exact_path, metrics.exact_map(qm, km, scale=setup.prob.scale, causal=causal))
+        result["exact_map"], result["map_tokens"] = str(exact_path), km.shape[2]
         try:
             result["map"] = _save_map(folder / f"{case['method']}.npy",
-                                      metrics.method_map(method, q, k, causal=causal, **inputs))
+                                      metrics.method_map(method, qm, km, causal=causal, **inputs))
         except Exception as e:  # noqa: BLE001 — e.g. a method that needs Dv == D: no heatmap, still a result
             result["map_error"] = f"{type(e).__name__}: {e}"
     return result
