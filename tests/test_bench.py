@@ -359,7 +359,7 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     # the causal real workload is SmolLM2 at the longest length given (none reaches 2048)
     assert {(c["workload"], c["length"]) for c in cases} == {("structured", 32), ("structured", 64), ("real", 64)}
     assert {c["method"] for c in cases} == methods and len(cases) == 3 * len(methods)
-    # every registered method has its four cases; whatever other families do, the exact ones must measure cleanly
+    # every registered method has its three cases; whatever other families do, the exact ones must measure cleanly
     for c in cases:
         assert c["status"] == "ok" or c["reason"], c
         if c["status"] == "ok":
