@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -162,6 +163,14 @@ def resolve(model: str | Path | None) -> Path:
     if not (path / "config.json").exists():
         raise AttnZooError(f"models: {path} holds no config.json; expected a transformers causal LM folder "
                            f"or one of {', '.join(MODELS)}")
+    try:
+        arch = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except ValueError:
+        arch = []
+    if arch and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in arch):
+        # transformers would load e.g. a BERT encoder as BertLMHeadModel with a fresh random head
+        raise AttnZooError(f"models: {path} is not a causal LM (its config names {', '.join(arch)}); expected "
+                           f"a decoder folder (…ForCausalLM) or one of {', '.join(MODELS)}")
     return path
 
 

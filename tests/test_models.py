@@ -39,6 +39,10 @@ def test_bad_model_arguments_say_what_to_do(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AttnZooError, match="no config.json"):
         models.load(tmp_path / "empty")
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
+    with pytest.raises(AttnZooError, match=r"is not a causal LM \(its config names BertModel\)"):
+        models.load(tmp_path / "encoder")
     with pytest.raises(AttnZooError, match=r"pip install 'attnzoo\[eval\]'"):
         models.require("surely_not_a_module_xyz")
 
