@@ -501,9 +501,12 @@ def test_capture_from_minilm_reproduces_the_models_attention(tmp_path):
 
     from attnzoo.cli import app
 
-    res = CliRunner().invoke(app, ["capture", "--out", str(tmp_path / "cli.pt"), "--length", "48", "--batch", "2"])
+    res = CliRunner().invoke(app, ["capture", "--model", str(capture.default_model_dir()), "--out",
+                                   str(tmp_path / "cli.pt"), "--length", "48", "--batch", "2"])
     assert res.exit_code == 0, res.output
     assert "6 layers, q (2, 12, 48, 32)" in res.output
+    res = CliRunner().invoke(app, ["capture", "--out", str(tmp_path / "smol.pt"), "--length", "32"])
+    assert res.exit_code == 0 and "30 layers, q (1, 9, 32, 64)" in res.output, res.output  # default: SmolLM2
     assert torch.equal(capture.load(tmp_path / "cli.pt")["q"][3], loaded["q"][3])
     real = workloads.make("real", length=48, heads=4, batch=2, capture=str(path), layer=2)
     assert torch.equal(real.q, loaded["q"][2][:, :4]) and torch.equal(real.v, loaded["v"][2][:, :4])

