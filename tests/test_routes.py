@@ -142,13 +142,13 @@ def test_every_score_mod_method_is_tested():
     assert declared == set(SCORE_MOD_METHODS) | set(LAYOUT_MOD_METHODS)
 
 
-def _visible(method, q, k, causal):
+def _visible(method, q, k, causal, score_mod=None):
     """The keys ``method`` reads, ``(B, Hq, Nq, Nk)``: its output with one-hot values (the selection of a
-    dynamic method depends on q and k only)."""
+    dynamic method depends on q, k and the mod only)."""
     B, Hkv, Nk, _ = k.shape
     eye = torch.eye(Nk, dtype=F64).expand(B, Hkv, Nk, Nk)
     with torch.no_grad():
-        return method(q.detach(), k.detach(), eye, causal=causal) > 0
+        return method(q.detach(), k.detach(), eye, causal=causal, score_mod=score_mod) > 0
 
 
 @settings(max_examples=24, deadline=None, derandomize=True)
@@ -163,7 +163,6 @@ def test_layout_methods_apply_score_mods_like_the_dense_reference(name, B, heads
     q, k, v = qkv(B=B, Hq=heads[0], Hkv=heads[1], Nq=Nq, Nk=Nk, seed=Nq * 7 + extra)
     Hq = heads[0]
     method = az.get(name, **LAYOUT_MOD_METHODS[name])
-    vis = _visible(method, q, k, causal)
     dist = distance(Nq, Nk)
     table = torch.randn(Hq, 7, dtype=F64, requires_grad=True)
     slopes = mods.alibi_slopes(Hq).to(F64)
@@ -173,6 +172,7 @@ def test_layout_methods_apply_score_mods_like_the_dense_reference(name, B, heads
         (mods.compose(mods.relative_bias(table), mods.softcap(1.5)),
          lambda: dict(bias=table[:, dist.clamp(-3, 3) + 3], cap=1.5)),
     ][which]
+    vis = _visible(method, q, k, causal, score_mod)
     got = method(q, k, v, causal=causal, score_mod=score_mod, return_lse=True)
     want = dense(q, k, v, causal=causal, mask=vis, **ref())
     torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
@@ -270,6 +270,32 @@ def test_distance_bias_in_float32_drops_only_negligible_keys():
         assert fused[0] <= 2 * generic[0] + 1e-6 and fused[1] <= 2 * generic[1] + 1e-6, (method, causal, errors)
     assert isinstance(mods.compose(alibi, mods.relative_bias(torch.randn(3))), DistanceBias)
     assert not isinstance(mods.compose(alibi, mods.softcap(2.0)), DistanceBias)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("block_topk", dict(block=4, topk=1, sink=False)), ("block_topk", dict(block=4, topk=1, sink=False, score="mean")),
+    ("longheads", dict(block=4, chunks=3)), ("hip", dict(block=4, block_k=4, topk=1)),
+    ("vertical_slash", dict(last_q=4, n_vertical=4, n_slash=1, sinks=0, block=4)),
+    ("adaspa", dict(block=4, coverage=0.3))])
+def test_dynamic_methods_select_on_the_modified_scores(name, params):
+    """A mod that lifts keys [8, 12) far above the rest (and slopes towards them, so HiP's halving search,
+    which scores a chunk by its middle key, is led there) makes every dynamic method read them for the
+    rows past them, where the plain scores (those keys' k made small) leave them out."""
+    q, k, v = qkv(B=1, Hq=2, Hkv=2, Nq=32, Nk=32, grad=False, seed=5)
+    q = q.abs() + 1.0
+    k = k.abs() + 1.0
+    k[:, :, 8:12] = 0.01  # unmodified, these keys score lowest for every query
+    lift = lambda s, b, h, qi, kj: s + 1e3 * ((kj >= 8) & (kj < 12)) + 1e3 - 10 * (kj - 10).abs()  # noqa: E731
+    method = az.get(name, **params)
+    plain = _visible(method, q, k, True)
+    modded = _visible(method, q, k, True, lift)
+    late = slice(16, 32)  # query rows whose own block is past the lifted keys
+    assert not plain[:, :, late, 8:12].all()
+    assert modded[:, :, late, 8:12].all()
+    lays = method.layouts(q, k, causal=True, score_mod=lift)
+    again = az.get("block_sparse", layout=tuple(lays))(q, k, torch.eye(32, dtype=F64).expand(1, 2, 32, 32),
+                                                         causal=True, score_mod=lift) > 0
+    assert torch.equal(again, modded)  # layouts(score_mod=...) is what the method attends
 
 
 def test_layout_score_mod_with_padding_sinks_and_varlen():

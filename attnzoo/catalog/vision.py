@@ -20,6 +20,7 @@ from ..checks import Problem
 from ..core.blocksparse import BlockLayout, attend, attend_all
 from ..core.exact import tiled_attention
 from ..core.masks import visible_mask
+from ..core.scoremod import apply_score_mod
 from ..errors import AttnZooError, UnsupportedError
 from ..grid import SortedPattern, check_grid, neighborhood_pattern, per_axis, tile3d_pattern, window_pattern
 from ..registry import Family, Supports, param, register
@@ -83,7 +84,7 @@ class GridMethod(LayoutMethod):
     def pattern(self, grid: tuple[int, ...], device) -> SortedPattern:
         raise NotImplementedError
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         """The block layout in the pattern's sorted order (``pattern(...).order``), not in row-major order."""
         return [_plan(self, prob.len_k, q.device)[2]]
 
@@ -216,10 +217,12 @@ class AdaSpa(LayoutMethod):
     coverage: float = param(0.9, min=0.0, max=1.0, help="attention mass each query block keeps (top-p)")
     chunk: int = param(8, min=1, clamp=True, help="query blocks scored at once in the search (memory only)")
 
-    def block_mass(self, q, k, *, scale: float, causal: bool, key_padding_mask=None) -> torch.Tensor:
-        """``(B, Hq, nq, nk)`` exact attention mass of every (query block, key block), from the cached lse."""
+    def block_mass(self, q, k, *, scale: float, causal: bool, key_padding_mask=None, score_mod=None) -> torch.Tensor:
+        """``(B, Hq, nq, nk)`` exact attention mass of every (query block, key block), from the cached lse
+        (with ``score_mod``: of the modified scores)."""
         with torch.no_grad():
-            _, lse = tiled_attention(q, k, k[..., :1], scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+            _, lse = tiled_attention(q, k, k[..., :1], scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                                     score_mod=score_mod)
             B, Hq, Nq, _ = q.shape
             Nk, b = k.shape[2], self.block
             kk = k.repeat_interleave(Hq // k.shape[1], dim=1)
@@ -229,6 +232,8 @@ class AdaSpa(LayoutMethod):
             for c0 in range(0, nq, self.chunk):
                 r0, r1 = c0 * b, min(Nq, (c0 + self.chunk) * b)
                 s = scale * (q[:, :, r0:r1].float() @ kk.float().transpose(-1, -2))
+                if score_mod is not None:
+                    s = apply_score_mod(score_mod, s, r0 + Nk - Nq, 0)
                 p = (s - lse[:, :, r0:r1, None]).exp()
                 vis = visible_mask(r1 - r0, Nk, causal=causal, key_padding_mask=key_padding_mask,
                                    q_offset=r0 + Nk - Nq, device=q.device)
@@ -239,10 +244,11 @@ class AdaSpa(LayoutMethod):
             return out
 
     def search(self, q, k, *, scale: float | None = None, causal: bool = False,
-               key_padding_mask: torch.Tensor | None = None) -> BlockLayout:
+               key_padding_mask: torch.Tensor | None = None, score_mod=None) -> BlockLayout:
         """The per-head block layout covering ``coverage`` of each query block's attention mass."""
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        mass = self.block_mass(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+        mass = self.block_mass(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                               score_mod=score_mod)
         if self.coverage >= 1.0:
             keep = torch.ones_like(mass, dtype=torch.bool)
         else:
@@ -254,10 +260,11 @@ class AdaSpa(LayoutMethod):
         return BlockLayout.from_block_mask(keep, block_q=self.block, block_k=self.block, len_q=q.shape[2],
                                            len_k=k.shape[2], causal=causal)
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
-        return [self.search(q, k, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)]
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+        return [self.search(q, k, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                            score_mod=score_mod)]
 
     def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
-        lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+        lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
         return attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
                           score_mod=score_mod)

@@ -12,34 +12,39 @@ import torch
 from ...checks import Problem, check_qkv
 from ...core.blocksparse import attend_all
 from ...core.layout import BlockLayout, Layout, query_block_positions
+from ...core.scoremod import check_score_mod
 from ...registry import Method, Supports
 
 SPARSE_SUPPORTS = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=True, sinks=True, varlen=True)
-#: layout methods also take a score_mod: the executor applies it to the scores of the keys the layouts select
-#: (dynamic methods select on the unmodified scores)
+#: layout methods also take a score_mod: the executor applies it to the scores of the keys the layouts select,
+#: and dynamic methods select on the modified scores
 LAYOUT_SUPPORTS = dataclasses.replace(SPARSE_SUPPORTS, score_mod=True)
 
 
 @dataclass(frozen=True)
 class LayoutMethod(Method):
     """A method that is exact attention over the key set its :meth:`layouts` selects (with a ``score_mod``:
-    exact attention with that mod over the same key set; the selection does not see the mod)."""
+    exact attention with that mod over the key set, which a dynamic method selects on the modified scores)."""
 
     supports: ClassVar[Supports] = LAYOUT_SUPPORTS
 
     def build_layouts(self, q: torch.Tensor, k: torch.Tensor, prob: Problem, *, causal: bool,
-                      key_padding_mask: torch.Tensor | None) -> list[Layout]:
-        """The disjoint layouts whose union is this method's visible set."""
+                      key_padding_mask: torch.Tensor | None, score_mod=None) -> list[Layout]:
+        """The disjoint layouts whose union is this method's visible set (a dynamic method estimates it on
+        the scores as ``score_mod`` modifies them; static ones ignore it)."""
         raise NotImplementedError
 
     def layouts(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
-                key_padding_mask: torch.Tensor | None = None) -> list[Layout]:
+                key_padding_mask: torch.Tensor | None = None, score_mod=None) -> list[Layout]:
         """The layouts this method would attend with on ``q``/``k`` (run them with ``block_sparse(layout=...)``)."""
         prob = check_qkv(q, k, k, key_padding_mask)
-        return self.fit(prob).build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+        if score_mod is not None:
+            check_score_mod(score_mod)
+        return self.fit(prob).build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                            score_mod=score_mod)
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
-        lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+        lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
         out, lse = attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
                               score_mod=score_mod)
         return out, lse
@@ -52,7 +57,7 @@ class StaticMethod(LayoutMethod):
     def static_layouts(self, prob: Problem, causal: bool, device) -> list[Layout]:
         raise NotImplementedError
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         return _cached_layouts(self, prob.len_q, prob.len_k, prob.heads_q, causal, q.device)
 
 

@@ -17,6 +17,7 @@ import torch
 from ...checks import Problem
 from ...core.layout import BlockLayout, TokenLayout, compact
 from ...core.gqa import fold_groups, unfold_groups
+from ...core.scoremod import apply_score_mod, call_score_mod
 from ...registry import Family, Supports, param, register
 from ._base import LAYOUT_SUPPORTS, LayoutMethod, block_positions
 
@@ -108,10 +109,13 @@ class VerticalSlash(LayoutMethod):
     sinks: int = param(4, min=0, help="initial key columns always kept")
     block: int = param(64, min=1, clamp=True, help="query/key block size of the slash part")
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         dev, bs, n_k = q.device, self.block, prob.len_k
         lq = min(self.last_q, prob.len_q)
         probe = grouped_scores(q[:, :, -lq:], k, prob.scale)  # (B, Hq, lq, Nk)
+        if score_mod is not None:  # probe rows are the last lq queries, at positions n_k - lq + i
+            with torch.no_grad():
+                probe = apply_score_mod(score_mod, probe, n_k - lq, 0)
         pos = torch.arange(prob.len_q - lq, prob.len_q, device=dev).view(-1, 1) + (n_k - prob.len_q)
         offsets = pos - torch.arange(n_k, device=dev)  # δ = p - j, (lq, Nk)
         visible = (offsets >= 0) & _key_valid(prob, key_padding_mask, dev)[:, None, None, :]
@@ -167,8 +171,9 @@ class BlockTopK(LayoutMethod):
     top_p: float | None = param(None, min=1e-6, max=1.0, help="keep blocks up to this pooled-softmax mass "
                                                              "instead of topk")
 
-    def block_scores(self, q, k, prob: Problem, causal: bool, key_padding_mask) -> torch.Tensor:
-        """Pooled scores ``(B, Hq, nq, nk_blocks)``; -inf for blocks a query block cannot see."""
+    def block_scores(self, q, k, prob: Problem, causal: bool, key_padding_mask, score_mod=None) -> torch.Tensor:
+        """Pooled scores ``(B, Hq, nq, nk_blocks)``; -inf for blocks a query block cannot see. A ``score_mod``
+        modifies each pooled score as the score of the blocks' middle query and key positions."""
         bs, dev = self.block, q.device
         valid = _key_valid(prob, key_padding_mask, dev)
         q_bar = block_pool(q, bs)
@@ -180,14 +185,21 @@ class BlockTopK(LayoutMethod):
             qg = q_bar.view(B, k.shape[1], Hq // k.shape[1], nq, 1, D)
             s = torch.maximum(qg * kmax[:, :, None, None], qg * kmin[:, :, None, None]).sum(-1)
             s = s.view(B, Hq, nq, -1) * prob.scale
+        if score_mod is not None:
+            first, last = block_positions(prob, bs, dev)
+            k_mid = (torch.arange(s.shape[-1], device=dev) * bs + (bs - 1) // 2).clamp(max=prob.len_k - 1)
+            with torch.no_grad():
+                s = call_score_mod(score_mod, s, torch.arange(s.shape[0], device=dev).view(-1, 1, 1, 1),
+                                   torch.arange(s.shape[1], device=dev).view(1, -1, 1, 1),
+                                   ((first + last) // 2).view(1, 1, -1, 1), k_mid.view(1, 1, 1, -1))
         has_key = block_pool(valid.unsqueeze(1).unsqueeze(-1).float(), bs).view(valid.shape[0], 1, 1, -1) > 0
         ok = has_key
         if causal:
             ok = ok & causal_block_ok(prob, bs, bs, dev)
         return s.masked_fill(~ok, -math.inf)
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
-        s = self.block_scores(q, k, prob, causal, key_padding_mask)
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+        s = self.block_scores(q, k, prob, causal, key_padding_mask, score_mod)
         keep = topk_mask(s, self.topk) if self.top_p is None else top_p_mask(s, self.top_p)
         if self.sink:
             keep[..., 0] |= torch.isfinite(s[..., 0])
@@ -226,7 +238,7 @@ class HiP(LayoutMethod):
                               help="key blocks kept per query block: a count or a share of the key blocks "
                                    "(default 1/8)")
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         bs, bk, dev, kk = self.block, self.block_k, q.device, self.topk
         B, Hq, n_q, D = q.shape
         Hkv, n_k = k.shape[1], k.shape[2]
@@ -243,11 +255,18 @@ class HiP(LayoutMethod):
         head_base = ((torch.arange(B, device=dev).view(-1, 1) * Hkv
                       + torch.arange(Hq, device=dev) // (Hq // Hkv)) * n_k).view(B, Hq, 1, 1)
         key_limit = last.clamp(max=n_k - 1).view(1, 1, -1, 1) if causal else n_k - 1
+        q_pos = (torch.arange(nq * bs, device=dev).clamp(max=n_q - 1) + n_k - n_q).view(1, 1, nq, bs, 1)
         while True:
             rep = ((start + end) * bk) // 2
             rep = torch.minimum(rep, torch.as_tensor(key_limit, device=dev)).clamp(min=0)
             k_rep = k_flat[(head_base + rep).reshape(-1)].view(B, Hq, nq, -1, D)
-            score = torch.matmul(qb, k_rep.transpose(-1, -2)).masked_fill(~row_ok, -math.inf).amax(-2)
+            score = torch.matmul(qb, k_rep.transpose(-1, -2))  # (B, Hq, nq, bs, chunks)
+            if score_mod is not None:  # the scores of the block's queries with the chunks' middle keys
+                with torch.no_grad():
+                    score = call_score_mod(score_mod, score, torch.arange(B, device=dev).view(-1, 1, 1, 1, 1),
+                                           torch.arange(Hq, device=dev).view(1, -1, 1, 1, 1), q_pos,
+                                           rep.unsqueeze(-2))
+            score = score.masked_fill(~row_ok, -math.inf).amax(-2)
             score = score.masked_fill(end <= start, -math.inf)
             top = score.topk(min(kk, score.shape[-1]), dim=-1)
             start, end = start.gather(-1, top.indices), end.gather(-1, top.indices)

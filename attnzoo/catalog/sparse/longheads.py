@@ -44,8 +44,8 @@ class LongHeads(LayoutMethod):
 
     block_scores = BlockTopK.block_scores
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
-        s = self.block_scores(q, k, prob, causal, key_padding_mask)
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+        s = self.block_scores(q, k, prob, causal, key_padding_mask, score_mod)
         first = torch.finfo(s.dtype).max  # finite: topk_mask keeps finite scores only
         s[..., 0] = s[..., 0].masked_fill(s[..., 0] > -math.inf, first)  # the first chunk, when visible
         local = diagonal_blocks(prob, self.block, self.block, q.device)

@@ -265,7 +265,7 @@ class BlockSparse(LayoutMethod):
                     raise AttnZooError(f"block_sparse: parameter 'layout' expected a BlockLayout, TokenLayout "
                                        f"or a tuple of them, got {type(lay).__name__}")
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask):
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         if self.layout is not None:
             return list(self.layout) if isinstance(self.layout, (tuple, list)) else [self.layout]
         return [BlockLayout.from_mask_mod(self.mask_mod, batch=prob.batch, heads=prob.heads_q, len_q=prob.len_q,
