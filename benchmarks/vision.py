@@ -5,7 +5,8 @@ and the Attention Tile video pattern (``tile3d``) on a 16×32×32 video, all in 
 fp32, one thread (a dense 16K×16K score matrix is 1 GiB per head). Times are the minimum of ``--runs``
 calls after a warm-up (the first call also builds and caches the layout: reported as "first").
 "× SDPA" = plain SDPA time (no mask, all keys) ÷ ours; "× masked" = dense SDPA with the bool mask ÷ ours.
-Peak = resident memory the call adds at its peak (the mask itself is built before and not counted).
+Peak = resident memory the call adds at its peak (the mask itself is built before and not counted);
+"kept" = what the method's cached layout holds between calls (block lists and the fused path's kernel masks).
 
     python benchmarks/vision.py            # the full table
     python benchmarks/vision.py --quick    # 32×32 grids and an 8×16×16 video
@@ -44,6 +45,13 @@ def cases(quick: bool):
     return out
 
 
+def held_bytes(layout) -> int:
+    """Bytes of the tensors a layout holds: its block lists and the masks its executor keeps."""
+    tensors = [layout.kv_blocks, layout.partial] + [t for v in (layout.mask_cache or {}).values()
+                                                     for t in (v if isinstance(v, tuple) else (v,))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def best(fn, runs):
     fn()
     return min(time_calls(fn, repeat=runs, budget_s=math.inf).runs)
@@ -57,7 +65,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"B=1 H=1 D={D} fp32, threads=1, min of {args.runs} runs; peak = RSS added by the call")
     head = (f"{'pattern':<20}{'grid':>12}{'N':>7}{'density':>9}{'first s':>9}{'ours ms':>9}{'masked ms':>10}"
-            f"{'SDPA ms':>9}{'× masked':>9}{'× SDPA':>8}{'peak MiB':>9}{'masked MiB':>11}{'rel err':>9}")
+            f"{'SDPA ms':>9}{'× masked':>9}{'× SDPA':>8}{'peak MiB':>9}{'kept MiB':>9}{'masked MiB':>11}{'rel err':>9}")
     print(head)
     for label, method, grid, params, mm in cases(args.quick):
         n = math.prod(grid)
@@ -76,10 +84,11 @@ def main() -> None:
         ref, peak_masked = peak_memory(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v), args.runs)
         err = output_errors(out, ref)["rel_error"]
+        kept = held_bytes(m.layout(n, q.device))
         mib = lambda b: "n/a" if b is None else f"{b / 2**20:.0f}"  # noqa: E731
         print(f"{label:<20}{'×'.join(map(str, grid)):>12}{n:>7}{density:>9.4f}{first:>9.2f}{ours * 1e3:>9.1f}"
               f"{masked * 1e3:>10.1f}{sdpa * 1e3:>9.1f}{masked / ours:>9.1f}{sdpa / ours:>8.1f}{mib(peak):>9}"
-              f"{mib(peak_masked):>11}{err:>9.1e}", flush=True)
+              f"{kept / 2**20:>9.1f}{mib(peak_masked):>11}{err:>9.1e}", flush=True)
         del mask, ref, out
 
 

@@ -84,9 +84,13 @@ class GridMethod(LayoutMethod):
     def pattern(self, grid: tuple[int, ...], device) -> SortedPattern:
         raise NotImplementedError
 
+    def layout(self, n: int, device=None) -> BlockLayout:
+        """The block layout for N tokens, in the pattern's sorted order (``pattern(...).order``), not in
+        row-major order; built once per (method, N, device) and reused (it keeps the executor's masks)."""
+        return _plan(self, n, device)[2]
+
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
-        """The block layout in the pattern's sorted order (``pattern(...).order``), not in row-major order."""
-        return [_plan(self, prob.len_k, q.device)[2]]
+        return [self.layout(prob.len_k, q.device)]
 
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
         if prob.len_q != prob.len_k:
