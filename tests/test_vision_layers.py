@@ -112,9 +112,13 @@ def test_channel_attention_matches_einsum_and_is_permutation_equivariant():
 
 # ------------------------------------------------------------- EfficientViT
 def test_cascaded_group_attention_matches_a_loop_and_the_order_matters():
-    m = CascadedGroupAttention(16, 4, qk_dim=8).double()
+    m = CascadedGroupAttention(16, 4, qk_dim=8, bias_side=6).double()
+    with torch.no_grad():
+        m.attention_bias.normal_()
     grid = (4, 5)
     x = _x(20)
+    r, c = torch.arange(20) // 5, torch.arange(20) % 5
+    offset = (r[:, None] - r[None]).abs() * 6 + (c[:, None] - c[None]).abs()
     outs, prev = [], torch.zeros(2, 20, 4, dtype=torch.float64)
     for j in range(4):
         xj = x[..., 4 * j:4 * j + 4] + prev
@@ -122,10 +126,14 @@ def test_cascaded_group_attention_matches_a_loop_and_the_order_matters():
         qkv = xj @ w.weight.T + w.bias
         q, k, v = qkv[..., :8], qkv[..., 8:16], qkv[..., 16:]
         q = m.dw[j](q.transpose(1, 2).reshape(2, 8, 4, 5)).reshape(2, 8, 20).transpose(1, 2)
-        prev = (q @ k.transpose(1, 2) / math.sqrt(8)).softmax(-1) @ v
+        prev = (q @ k.transpose(1, 2) / math.sqrt(8) + m.attention_bias[j][offset]).softmax(-1) @ v
         outs.append(prev)
     torch.testing.assert_close(m(x, grid), m.proj(torch.cat(outs, -1)))
-    swapped = CascadedGroupAttention(16, 4, qk_dim=8).double()
+    m(x, grid).sum().backward()
+    assert m.attention_bias.grad.abs().sum() > 0  # the bias is learned
+    with pytest.raises(az.AttnZooError, match="bias_side"):
+        m(_x(49), (7, 7))
+    swapped = CascadedGroupAttention(16, 4, qk_dim=8, bias_side=6).double()
     swapped.load_state_dict(m.state_dict())
     with torch.no_grad():
         for p in (swapped.qkv, swapped.dw):

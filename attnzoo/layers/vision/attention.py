@@ -174,24 +174,41 @@ class ChannelAttention(_QKV):
 class CascadedGroupAttention(nn.Module):
     """EfficientViT cascaded group attention: head ``j`` sees its channel chunk plus the previous head's
     output (``X̃_j = X_j + O_{j-1}``), ``Q_j = DWConv(X̃_j W^Q_j)``, small ``qk_dim`` for Q/K, V of width
-    C/h; outputs concatenated and projected."""
+    C/h, ``O_j = softmax(Q_jK_jᵀ/√d + B_j)V_j`` with ``B_j`` a learned bias per head indexed by the
+    absolute row and column offsets of the two tokens (grid sides up to ``bias_side``); outputs concatenated
+    and projected."""
 
-    def __init__(self, dim: int, heads: int = 4, qk_dim: int = 16, kernel: int = 3):
+    def __init__(self, dim: int, heads: int = 4, qk_dim: int = 16, kernel: int = 3, bias_side: int = 16):
         super().__init__()
         _check_width("CascadedGroupAttention", dim, heads)
-        self.heads, self.chunk, self.qk_dim = heads, dim // heads, qk_dim
+        self.heads, self.chunk, self.qk_dim, self.bias_side = heads, dim // heads, qk_dim, bias_side
         self.qkv = nn.ModuleList(nn.Linear(self.chunk, 2 * qk_dim + self.chunk) for _ in range(heads))
         self.dw = nn.ModuleList(nn.Conv2d(qk_dim, qk_dim, kernel, padding=kernel // 2, groups=qk_dim)
                                 for _ in range(heads))
+        self.attention_bias = nn.Parameter(torch.zeros(heads, bias_side * bias_side))
         self.proj = nn.Linear(dim, dim)
+
+    def bias_mod(self, j: int, grid: tuple[int, int]):
+        """Head ``j``'s bias as a score_mod: ``B_j[|Δrow|·bias_side + |Δcol|]``."""
+        W, side, table = grid[1], self.bias_side, self.attention_bias[j]
+
+        def mod(score, b, h, q_idx, kv_idx):
+            offset = (q_idx // W - kv_idx // W).abs() * side + (q_idx % W - kv_idx % W).abs()
+            return score + table[offset].to(score.dtype)
+
+        return mod
 
     def forward(self, x, grid):
         grid = G.check_grid(grid, x.shape[1], dims=(2,))
+        if max(grid) > self.bias_side:
+            raise AttnZooError(f"CascadedGroupAttention: grid sides expected <= bias_side={self.bias_side}, "
+                               f"got {grid}")
         outs, prev = [], 0
         for j, xj in enumerate(x.chunk(self.heads, dim=-1)):
             q, k, v = self.qkv[j](xj + prev).split([self.qk_dim, self.qk_dim, self.chunk], dim=-1)
             q = G.from_channels_first(self.dw[j](G.to_channels_first(q, grid)))
-            prev = attention(q[:, None], k[:, None], v[:, None], method="exact")[:, 0]
+            prev = attention(q[:, None], k[:, None], v[:, None], method="exact",
+                             score_mod=self.bias_mod(j, grid))[:, 0]
             outs.append(prev)
         return self.proj(torch.cat(outs, dim=-1))
 
