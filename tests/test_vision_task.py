@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from attnzoo.cli import app
 from attnzoo.layers.vision import MIXERS
-from attnzoo.tasks.vision import Budget, TinyViT, digits, longrange, run_one
+from attnzoo.tasks.vision import Budget, TinyViT, digits, load_results, longrange, run, run_one
 
 
 def test_digits_and_longrange_data():
@@ -37,7 +37,18 @@ def test_tiny_vit_runs_every_mixer(mixer):
 def test_run_one_trains_and_reports():
     r = run_one("swin", "digits", budget=Budget(4, 16, 1e-3, 4), dim=16)
     assert r["mixer"] == "swin" and 0.0 <= r["accuracy"] <= 1.0 and r["params"] > 0 and r["epoch_s"] > 0
-    assert r["steps"] == 4 and r["grid"] == (12, 12)
+    assert r["steps"] == 4 and r["grid"] == [12, 12] and r["chance"] == pytest.approx(51 / 359)
+
+
+def test_run_writes_each_case_and_resumes(tmp_path):
+    out, seen = tmp_path / "vision.jsonl", []
+    kw = dict(tasks=("longrange",), out=out, budget=Budget(2, 16, 1e-3, 2), dim=8,
+              on_record=lambda r, reused: seen.append((r["mixer"], reused)))
+    first = run(["eca"], **kw)
+    assert [r["mixer"] for r in load_results(out)] == ["eca"] and first[0]["steps"] == 2
+    run(["eca", "poolformer"], **kw)  # eca is read back, poolformer trained and appended
+    assert seen == [("eca", False), ("eca", True), ("poolformer", False)]
+    assert [r["mixer"] for r in load_results(out)] == ["eca", "poolformer"]
 
 
 def test_cli_refuses_unknown_names():
