@@ -30,7 +30,7 @@ from .base import (FULL, Calibrator, allocate_options, calibration_prompts, capt
                    register_calibrator)
 from .duo import streaming_mask
 
-SPANS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+SPANS = (1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
 
 @register_calibrator
