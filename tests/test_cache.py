@@ -159,14 +159,15 @@ def test_duo_and_razor_heads():
 def test_heads_groups_equal_their_own_policies():
     """Each group of a ``heads`` layer reads exactly what its policy alone reads on those KV heads."""
     q, k, v = _qkv(Hq=6, Hkv=3, N=50, seed=4)
-    groups = (((0, 2), "streaming", {"sinks": 2, "window": 8}), ((1,), "snapkv", {"budget": 12, "observe": 4}))
+    groups = (((0,), "streaming", {"sinks": 2, "window": 8}), ((1,), "snapkv", {"budget": 12, "observe": 4}),
+              ((2,), "full", {}))  # three groups: one store each
     cache = KVCache("heads", groups=groups)
     out, _ = _decode(cache, q, k, v, 20)
     for heads, name, params in groups:
         qh = torch.cat([q[:, 2 * h:2 * h + 2] for h in heads], 1)
         ref, _ = _decode(KVCache(name, **params), qh, k[:, list(heads)], v[:, list(heads)], 20)
         torch.testing.assert_close(torch.cat([out[:, 2 * h:2 * h + 2] for h in heads], 1), ref, atol=TOL, rtol=0)
-    assert cache.held == [10, 12, 10]
+    assert cache.held == [10, 12, 50]
     with pytest.raises(attnzoo.AttnZooError, match="every KV head 0..2 once"):
         KVCache("heads", groups=groups[:1]).append(k, v)
     with pytest.raises(attnzoo.AttnZooError, match="splits heads itself"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..core.partial import Partial
@@ -63,7 +65,7 @@ class SplitLayer:
         for heads, layer in self.groups:
             qh = (heads.to(q.device)[:, None] * groups + torch.arange(groups, device=q.device)).flatten()
             parts.append((qh, layer.attend(q[:, qh], step)))
-        dtype = torch.promote_types(*(p.out.dtype for _, p in parts)) if len(parts) > 1 else parts[0][1].out.dtype
+        dtype = functools.reduce(torch.promote_types, (p.out.dtype for _, p in parts))
         out = q.new_empty(B, Hq, nq, parts[0][1].out.shape[-1], dtype=dtype)
         lse = q.new_empty(B, Hq, nq, dtype=torch.float32)
         for qh, part in parts:
