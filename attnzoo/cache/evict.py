@@ -8,6 +8,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..core.gqa import fold_groups, unfold_groups
 from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from ..registry import param
@@ -100,14 +101,13 @@ class Streaming(Policy):
     def _compensation(self, q: torch.Tensor, scale: float) -> Partial:
         """The single mean token: score ``scale·q·k̄``, value ``v̄`` (empty rows when nothing was evicted)."""
         sum_k, sum_v, count = self.comp
-        B, Hq, nq, D = q.shape
-        Hkv = sum_k.shape[1]
         denom = count.clamp(min=1).unsqueeze(-1)
         k_mean, v_mean = sum_k / denom, sum_v / denom
-        score = torch.einsum("bhgqd,bhd->bhgq", q.float().view(B, Hkv, Hq // Hkv, nq, D), k_mean) * scale
+        rows = fold_groups(q.float(), sum_k.shape[1])  # (B, Hkv, G·nq, D)
+        score = torch.matmul(rows, k_mean.unsqueeze(-1)) * scale  # (B, Hkv, G·nq, 1)
         score = score.masked_fill((count == 0)[:, :, None, None], float("-inf"))
-        out = v_mean[:, :, None, None, :].expand(B, Hkv, Hq // Hkv, nq, -1)
-        return Partial(out.reshape(B, Hq, nq, -1), score.reshape(B, Hq, nq))
+        out = v_mean.unsqueeze(2).expand(*rows.shape[:3], -1)
+        return Partial(unfold_groups(out, q.shape[1]), unfold_groups(score, q.shape[1]).squeeze(-1))
 
     def update(self, store: Store, q: torch.Tensor, step: Step) -> None:
         if store.n <= self.sinks + self.window:

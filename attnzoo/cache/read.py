@@ -1,9 +1,9 @@
 """The arithmetic of a cache read: split-K attention over held or gathered keys, merged by lse.
 
-Both readers fold each KV head's query group into rows, so K and V are never
-repeated (``(B, Hq, nq, D)`` is viewed as ``(B·Hkv, G, nq, D)`` against
-``(B·Hkv, 1, n, D)``); per-(batch, head) key masks then become an ordinary
-``key_padding_mask``. :func:`flash_read` is the fast path (the registered
+Both readers fold each KV head's query group (:mod:`attnzoo.core.gqa`), so K
+and V are never repeated (``(B, Hq, nq, D)`` is viewed as ``(B·Hkv, G, nq, D)``
+against ``(B·Hkv, 1, n, D)``); per-(batch, head) key masks then become an
+ordinary ``key_padding_mask``. :func:`flash_read` is the fast path (the registered
 ``flash_decode`` method: split-K + lse merge); :func:`dense_read` materialises
 probabilities a chunk of queries at a time, for the policies that need them
 (accumulated scores, observation windows) or a visibility rule by position
@@ -23,6 +23,7 @@ import torch
 from ..backends import auto_triton
 from ..core.kernel import KERNEL_DTYPES, flash_cpu
 from ..core.splitk import split_k
+from ..core.gqa import fold_groups, merge_groups, repeat_kv, split_groups, unfold_groups
 from ..core.partial import Partial, merge
 
 
@@ -47,13 +48,12 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
                               splits=max(1, min(splits, n // split_size)))
     if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
-    groups = Hq // Hkv
-    fold = B * Hkv
-    mask = None if valid is None else valid.reshape(fold, n)
-    qf, kf, vf = q.reshape(fold, groups, nq, D), k.reshape(fold, 1, n, D), v.reshape(fold, 1, n, Dv)
+    # each (batch, KV head) one batch row whose query group are its heads: a per-row key mask is padding
+    mask = None if valid is None else valid.flatten(0, 1)
+    qf, kf, vf = split_groups(q, Hkv).flatten(0, 1), k.flatten(0, 1).unsqueeze(1), v.flatten(0, 1).unsqueeze(1)
     out, lse = split_k(qf, kf, vf, scale=scale, causal=causal, splits=min(splits, n // split_size) if nq == 1 else 1,
                        key_padding_mask=mask)
-    return Partial(out.view(B, Hq, nq, Dv), lse.view(B, Hq, nq))
+    return Partial(merge_groups(out.unflatten(0, (B, Hkv))), merge_groups(lse.unflatten(0, (B, Hkv))))
 
 
 def dense_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, q_pos: torch.Tensor,
@@ -69,9 +69,8 @@ def dense_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     summed over the queries and the query heads of its group (None unless ``want_mass``).
     """
     B, Hq, nq, D = q.shape
-    Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[3]
-    groups = Hq // Hkv
-    qf = q.float().view(B, Hkv, groups, nq, D) * scale
+    Hkv, n = k.shape[1], k.shape[2]
+    qf = split_groups(q.float(), Hkv) * scale  # (B, Hkv, G, nq, D)
     kf, vf = k.float(), v.float()
     mass = torch.zeros(B, Hkv, n, device=q.device) if want_mass else None
     outs, lses = [], []
@@ -93,8 +92,7 @@ def dense_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
         lses.append(lse.squeeze(-1))
         if mass is not None:
             mass += p.sum(dim=(2, 3))
-    out = torch.cat(outs, dim=3).view(B, Hq, nq, Dv)
-    return Partial(out, torch.cat(lses, dim=3).view(B, Hq, nq)), mass
+    return Partial(merge_groups(torch.cat(outs, dim=3)), merge_groups(torch.cat(lses, dim=3))), mass
 
 
 def band_read(q: torch.Tensor, store, step, *, sinks: int, window: int) -> Partial | None:
@@ -151,30 +149,29 @@ def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scal
     step = max(1, min(rows, budget_elems // max(1, B * Hq * n)))
 
     def scores(i0: int, i1: int) -> tuple[torch.Tensor, int]:
-        """Scores ``(B, Hkv, G, i1 - i0, end)`` of a query chunk, -inf where hidden; keys ``>= end`` it cannot see."""
+        """Scores ``(B, Hkv, G·(i1 - i0), end)`` of a query chunk (the group's query heads folded into rows: one
+        GEMM per KV head, K never broadcast), -inf where hidden; keys ``>= end`` it cannot see."""
         qp = q_pos[i0:i1]
         end, full = n, n
         if causal:  # keys [0, full) are seen by every query of the chunk, [end, n) by none
             end = int(torch.searchsorted(kp, qp[-1:].expand(B, Hkv, 1).contiguous(), right=True).max())
             full = int(torch.searchsorted(kp, qp[:1].expand(B, Hkv, 1).contiguous(), right=True).min())
-        # the group's query heads folded into rows: one GEMM per KV head, K never broadcast
-        s = torch.matmul(qf[:, :, i0:i1].reshape(B, Hkv, groups * (i1 - i0), D), kt[..., :end])
-        s = s.view(B, Hkv, groups, i1 - i0, end)
+        s = torch.matmul(fold_groups(qf[:, :, i0:i1], Hkv), kt[..., :end])
         if full < end:
-            s[..., full:end].masked_fill_(kp[:, :, None, None, full:end] > qp.view(1, 1, 1, -1, 1), -math.inf)
+            s[..., full:end].masked_fill_(kp[:, :, None, full:end] > qp.repeat(groups).view(1, 1, -1, 1), -math.inf)
         if valid is not None:
-            s.masked_fill_(~valid[:, :, None, None, :end], -math.inf)
+            s.masked_fill_(~valid[:, :, None, :end], -math.inf)
         return s, end
 
     chunks = [(i0, min(nq, i0 + step)) for i0 in range(0, nq, step)]
     if lse is None:
-        lse = torch.cat([torch.logsumexp(scores(i0, i1)[0], dim=-1) for i0, i1 in chunks], dim=3).view(B, Hq, nq)
+        lse = torch.cat([unfold_groups(torch.logsumexp(scores(i0, i1)[0], dim=-1, keepdim=True), Hq)
+                         for i0, i1 in chunks], dim=2).squeeze(-1)
     lse_safe = torch.where(torch.isfinite(lse), lse.float(), torch.full_like(lse, math.inf, dtype=torch.float32))
-    lse_safe = lse_safe.view(B, Hkv, groups, nq, 1)
     mass = torch.zeros(B, Hkv, n, device=q.device)
     for i0, i1 in chunks:
         s, end = scores(i0, i1)
-        mass[:, :, :end] += s.sub_(lse_safe[:, :, :, i0:i1]).exp_().sum(dim=(2, 3))
+        mass[:, :, :end] += s.sub_(fold_groups(lse_safe[:, :, i0:i1, None], Hkv)).exp_().sum(dim=2)
     return mass
 
 
@@ -200,13 +197,13 @@ def fused_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: fl
         return None
     dtype = torch.promote_types(q.dtype, torch.float32)
     bias = torch.where(torch.isfinite(lse), -lse.to(dtype) / scale, torch.full((), -1e9 / scale, dtype=dtype))
-    rows = torch.cat([k.to(dtype), k.new_ones(B, Hkv, n, 1, dtype=dtype)], -1).repeat_interleave(Hq // Hkv, 1)
+    rows = repeat_kv(torch.cat([k.to(dtype), k.new_ones(B, Hkv, n, 1, dtype=dtype)], -1), Hq)
     cols = torch.cat([q.to(dtype), bias.unsqueeze(-1)], -1)
     if causal:
         rows, cols = rows.flip(2), cols.flip(2)
     _, lse_t = flash_cpu(rows, cols, torch.zeros_like(cols), scale=scale, causal=causal)
     lse_t = lse_t.flip(2) if causal else lse_t
-    mass = torch.logsumexp(lse_t.float().view(B, Hkv, Hq // Hkv, n), dim=2).exp_()
+    mass = torch.logsumexp(split_groups(lse_t.float(), Hkv), dim=2).exp_()
     return mass if valid is None else mass.masked_fill_(~valid, 0.0)
 
 

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from ..core.gqa import split_groups
 from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from ..registry import param
@@ -26,8 +27,7 @@ from .store import Store
 
 def _group_queries(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
     """The last query of each head as ``(B, Hkv, G, D)`` fp32."""
-    B, Hq, _, D = q.shape
-    return q[:, :, -1].float().view(B, heads_kv, Hq // heads_kv, D)
+    return split_groups(q[:, :, -1].float(), heads_kv)
 
 
 def _key_scores(qg: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

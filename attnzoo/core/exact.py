@@ -19,7 +19,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from ..errors import UnsupportedError
 from .kernel import KERNEL_DTYPES, flash_cpu
-from .gqa import fold_groups, unfold_groups
+from .gqa import fold_groups, repeat_kv, unfold_groups
 from .masks import empty_rows, visible_mask
 from .override import Override
 from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, masked_softmax, merge
@@ -38,10 +38,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     ``score_mod`` (see :mod:`attnzoo.mods`) sees query positions ``q_offset + i``, key positions
     ``k_offset + j`` and query heads ``head_offset + h``; it runs before the mask.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     if score_mod is not None:
         scores = apply_score_mod(score_mod, scores, k.shape[2] - q.shape[2] if q_offset is None else q_offset,
@@ -227,8 +224,7 @@ def _fused_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor) 
             o, ls = flash_cpu(_rows(q, groups, i0, i1), k[:, :, :first], v[:, :, :first], scale=spec.scale)
             parts.append(Partial(unfold_groups(o, Hq), unfold_groups(ls.unsqueeze(-1), Hq).squeeze(-1)))
         if first < end:
-            kd, vd = (t[:, :, first:end].repeat_interleave(groups, dim=1) if groups > 1 else t[:, :, first:end]
-                      for t in (k, v))
+            kd, vd = (repeat_kv(t[:, :, first:end], Hq) for t in (k, v))
             parts.append(Partial(*flash_cpu(q[:, :, i0:i1], kd, vd, scale=spec.scale, causal=True)))
         o, ls = merge(*parts)
         out[:, :, i0:i1] = o

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AttnZooError
+from .gqa import repeat_kv
 from .override import Override
 from .partial import Partial, merge
 
@@ -249,9 +250,7 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         raise AttnZooError(f"chunk: expected a positive chunk size, got {chunk}")
     B, Hq, len_q, dim_k = q.shape
     len_k, dim_v = k.shape[2], v.shape[3]
-    groups = Hq // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = repeat_kv(k, Hq), repeat_kv(v, Hq)
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     if key_padding_mask is not None:

@@ -16,7 +16,7 @@ import torch
 
 from ...checks import Problem
 from ...core.layout import BlockLayout, TokenLayout, compact
-from ...core.gqa import fold_groups, unfold_groups
+from ...core.gqa import fold_groups, merge_groups, split_groups, unfold_groups
 from ...core.scoremod import apply_score_mod, call_score_mod
 from ...registry import Family, Supports, param, register
 from ._base import LAYOUT_SUPPORTS, LayoutMethod, block_positions
@@ -181,10 +181,9 @@ class BlockTopK(LayoutMethod):
             s = grouped_scores(q_bar, block_pool(k, bs, valid), prob.scale)
         else:
             kmax, kmin = block_pool(k, bs, valid, "max"), block_pool(k, bs, valid, "min")
-            B, Hq, nq, D = q_bar.shape
-            qg = q_bar.view(B, k.shape[1], Hq // k.shape[1], nq, 1, D)
+            qg = split_groups(q_bar, k.shape[1]).unsqueeze(-2)  # (B, Hkv, G, nq, 1, D)
             s = torch.maximum(qg * kmax[:, :, None, None], qg * kmin[:, :, None, None]).sum(-1)
-            s = s.view(B, Hq, nq, -1) * prob.scale
+            s = merge_groups(s) * prob.scale
         if score_mod is not None:
             first, last = block_positions(prob, bs, dev)
             k_mid = (torch.arange(s.shape[-1], device=dev) * bs + (bs - 1) // 2).clamp(max=prob.len_k - 1)
