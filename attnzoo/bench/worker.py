@@ -74,7 +74,7 @@ def prepare(case: dict, opts: dict) -> Setup:
     with torch.no_grad():
         sdpa()
         timing = metrics.time_calls(sdpa, repeat=opts["repeat"], budget_s=opts["budget_s"],
-                                        min_time_s=opts.get("min_time_s", 0.0))
+                                    min_time_s=opts.get("min_time_s", 0.0), clock=metrics.bench_clock(q.device))
     return Setup(qkv, prob, ref, timing.median, causal)
 
 
@@ -103,10 +103,10 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
         return {"status": "failed", "reason": "the output has NaN or inf entries"}
     _, peak = metrics.peak_memory(call)
     timing = metrics.time_calls(call, repeat=opts["repeat"], budget_s=opts["budget_s"],
-                                min_time_s=opts.get("min_time_s", 0.0))
+                                min_time_s=opts.get("min_time_s", 0.0), clock=metrics.bench_clock(q.device))
     flops, flops_source = metrics.method_flops(method, setup.prob, causal)
     result = {"status": "ok", "time_s": timing.median, "time_runs": list(timing.runs), "spread": timing.spread,
-              "threads": timing.threads, "sdpa_s": setup.sdpa_s, "speedup": setup.sdpa_s / timing.median,
+              "threads": timing.threads, "clock": timing.clock, "sdpa_s": setup.sdpa_s, "speedup": setup.sdpa_s / timing.median,
               "peak_bytes": peak, "flops": flops, "flops_source": flops_source,
               "gflops": flops / timing.median / 1e9, "gemm_gflops": opts["gemm_gflops"],
               "pct_gemm": 100 * flops / timing.median / 1e9 / opts["gemm_gflops"], "dim": setup.prob.dim,
