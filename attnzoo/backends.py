@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import AttnZooError, UnsupportedError
+from .kernels import auto_triton, triton_missing
 
 BACKENDS = ("torch", "triton", "flex")
 
@@ -65,13 +66,6 @@ class Verdict:
 
 
 # ------------------------------------------------------------ environment
-def triton_missing() -> str | None:
-    """Why Triton cannot be used at all here, or None."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install 'attnzoo[gpu]')"
-    return None
-
-
 def _interpreted() -> bool:
     """Kernels run on CPU tensors: defined (or about to be) under TRITON_INTERPRET=1."""
     mod = sys.modules.get("attnzoo.kernels._attn")
@@ -103,11 +97,6 @@ def _triton_common(case: Case) -> list[str]:
 
 def _score_mod(case: Case) -> list[str]:
     return ["score_mod (the kernels apply no score modification)"] if case.inputs.get("score_mod") else []
-
-
-def auto_triton(t: torch.Tensor) -> bool:
-    """The ``auto`` rule for engines called outside :func:`attention` (the KV cache's reads)."""
-    return t.device.type == "cuda" and triton_missing() is None
 
 
 # ---------------------------------------------------------------- runners

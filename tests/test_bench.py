@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -193,11 +194,43 @@ def test_flops_count_visible_pairs():
     assert metrics.method_flops(attnzoo.get("exact"), prob, True) == (2 * 2 * 10 * 16, "exact-equivalent")
 
 
-def test_timing_respects_repeat_and_budget():
+@pytest.mark.parametrize("clock", ["wall", "own"])
+def test_timing_respects_repeat_and_budget(clock):
+    if clock == "own" and metrics.bench_clock() != "own":
+        pytest.skip("no /proc/thread-self/schedstat here")
     calls = []
-    t = metrics.time_calls(lambda: calls.append(time.sleep(0.02)), repeat=50, budget_s=0.05)
-    assert 2 <= len(t.runs) <= 4 and len(calls) == len(t.runs) and t.median >= 0.02
-    assert len(metrics.time_calls(lambda: None, repeat=3, budget_s=10).runs) == 3
+    t = metrics.time_calls(lambda: calls.append(time.sleep(0.02)), repeat=50, budget_s=0.05, clock=clock)
+    assert 2 <= len(t.runs) <= 4 and len(calls) == len(t.runs) and t.median >= 0.02  # a sleep counts
+    assert len(metrics.time_calls(lambda: None, repeat=3, budget_s=10, clock=clock).runs) == 3
+
+
+def test_the_own_clock_leaves_out_the_time_spent_waiting_for_a_core():
+    """Sharing one core with a busy process doubles a call's wall time, not its ``own`` time (its CPU time)."""
+    if not hasattr(os, "sched_setaffinity") or metrics.bench_clock() != "own":
+        pytest.skip("needs Linux affinity and /proc/thread-self/schedstat")
+    cpu_times: list[float] = []
+
+    def work():
+        t0, x = time.thread_time(), 0
+        for i in range(100_000):
+            x += i
+        cpu_times.append(time.thread_time() - t0)
+
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    hog = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True: pass"])
+    try:
+        os.sched_setaffinity(0, {core})
+        time.sleep(0.2)  # the hog is running on our core
+        wall = metrics.time_calls(work, repeat=10, budget_s=30, clock="wall").median
+        own = metrics.time_calls(work, repeat=10, budget_s=30, clock="own").median
+    finally:
+        hog.kill()
+        hog.wait()
+        os.sched_setaffinity(0, before)
+    cpu = statistics.median(cpu_times)
+    assert wall > 1.5 * cpu  # the core was shared
+    assert 0.8 * cpu < own < 1.3 * cpu, (own, cpu, wall)
 
 
 @pytest.mark.skipif(not metrics.peak_memory_supported(), reason="needs Linux /proc/self/clear_refs")

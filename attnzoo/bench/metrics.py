@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -69,25 +70,28 @@ _TRIM = _malloc_trim()
 
 
 # -------------------------------------------------------------------- time
-#: what a timing measures: ``wall`` the elapsed time, ``cpu`` the process's CPU time (user + system)
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+#: where Linux counts the time the calling thread spent waiting in the run queue for a core (ns, 2nd field)
+_SCHEDSTAT = Path("/proc/thread-self/schedstat")
 
 
 def bench_clock(device: torch.device | str = "cpu") -> str:
-    """``cpu`` for single-threaded CPU work, else ``wall``.
+    """The clock :func:`time_calls` should use here: ``own`` for single-threaded CPU work where Linux reports
+    run-queue waits, else ``wall``.
 
-    With one thread a call's CPU time is its elapsed time on an idle core, but it
-    does not grow while other processes hold the core: on the shared 2-core box a
-    2.5 ms call measured 2.3, 6.8 or 10.7 ms of wall time (4 ms scheduler slices
-    of other processes), its CPU time 2.3-2.6 ms. With several threads (or a GPU)
-    CPU time is not elapsed time, so those keep the wall clock.
+    ``own`` is the wall time less the time the thread waited for a core while
+    other processes held it. On the shared 2-core box a 5 ms call measured 9 to
+    22 ms of wall time (4 ms scheduler slices of other processes) and 4.8 to
+    5.4 ms ``own``, which, unlike CPU time, still counts a call's sleeps and
+    waits. With several threads (or a GPU) one thread's waits say too little,
+    so those keep the wall clock.
     """
-    return "cpu" if torch.get_num_threads() == 1 and torch.device(device).type == "cpu" else "wall"
+    single_cpu = torch.get_num_threads() == 1 and torch.device(device).type == "cpu"
+    return "own" if single_cpu and _SCHEDSTAT.exists() else "wall"
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds per call over ``len(runs)`` timed calls after the caller's warm-up, on ``clock`` (see CLOCKS)."""
+    """Seconds per call over ``len(runs)`` timed calls after the caller's warm-up, on ``clock``."""
 
     runs: tuple[float, ...]
     threads: int
@@ -105,16 +109,31 @@ class Timing:
 
 def time_calls(fn: Callable[[], Any], *, repeat: int, budget_s: float, min_time_s: float = 0.0,
                clock: str = "wall") -> Timing:
-    """Time ``fn`` on ``clock`` at least ``repeat`` times and until ``min_time_s`` is measured (so a fast call's
-    median rests on many samples), stopping early once ``budget_s`` of wall time is spent (at least once)."""
-    read = CLOCKS[clock]
+    """Time ``fn`` at least ``repeat`` times and until ``min_time_s`` is measured (so a fast call's median
+    rests on many samples), stopping early once ``budget_s`` of wall time is spent (at least once).
+
+    ``clock``: ``wall``, or ``own`` (see :func:`bench_clock`): each call's wall
+    time less the run-queue wait the thread accrued during it.
+    """
+    if clock not in ("wall", "own"):
+        raise ValueError(f"clock: expected 'wall' or 'own', got {clock!r}")
+    fd = os.open(_SCHEDSTAT, os.O_RDONLY) if clock == "own" else None  # this thread's file: read it from here
+
+    def waited() -> float:
+        return 0.0 if fd is None else int(os.pread(fd, 128, 0).split()[1]) * 1e-9
+
     runs: list[float] = []
     measured, start = 0.0, time.perf_counter()
-    while (len(runs) < repeat or measured < min_time_s) and (not runs or time.perf_counter() - start < budget_s):
-        t0 = read()
-        fn()
-        runs.append(read() - t0)
-        measured += runs[-1]
+    try:
+        while (len(runs) < repeat or measured < min_time_s) and (not runs or time.perf_counter() - start < budget_s):
+            t0, w0 = time.perf_counter(), waited()
+            fn()
+            w1, t1 = waited(), time.perf_counter()
+            runs.append(max(t1 - t0 - (w1 - w0), 0.0))
+            measured += runs[-1]
+    finally:
+        if fd is not None:
+            os.close(fd)
     return Timing(tuple(runs), torch.get_num_threads(), clock)
 
 

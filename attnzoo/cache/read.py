@@ -16,11 +16,15 @@ slots) plan maps directly onto its gather layout (B2g).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
 
-from ..backends import auto_triton
+from ..core.blocksparse import LAYOUT_ENGINE, attend_all
+from ..core.layout import reusable, sink_window_layouts
+from ..kernels import auto_triton
 from ..core.kernel import KERNEL_DTYPES, flash_cpu
 from ..core.splitk import split_k
 from ..core.gqa import fold_groups, merge_groups, repeat_kv, split_groups, unfold_groups
@@ -105,10 +109,8 @@ def band_read(q: torch.Tensor, store, step, *, sinks: int, window: int) -> Parti
     sink + band layouts on the block-sparse engine); after eviction the sink
     slots, which every query sees, are one more split-K partial.
     """
-    from ..catalog.sparse.static import Streaming as SinkWindow
-
     pos, n, valid = store.positions, store.n, store.valid
-    if not step.causal or (valid is not None and not bool((valid == valid[:, :1]).all())):
+    if n == 0 or not step.causal or (valid is not None and not bool((valid == valid[:, :1]).all())):
         return None
     row = pos[0, 0]
     a = int(torch.searchsorted(row, sinks))  # sink slots
@@ -117,13 +119,33 @@ def band_read(q: torch.Tensor, store, step, *, sinks: int, window: int) -> Parti
     gap = a > 0 and a < n and int(row[a]) != a
     b = a if gap else 0  # first slot of the banded run
     pad = None if valid is None else valid[:, 0, b:]
-    method = SinkWindow(sinks=0 if gap else a, window=window)
-    out, lse = method(q, store.keys(b), store.values(b), causal=True, scale=step.scale, key_padding_mask=pad,
-                      return_lse=True)
-    parts = [Partial(out.float(), lse)]
+    keys, values = store.keys(b), store.values(b)
+    if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
+        q, keys, values = q.float(), keys.float(), values.float()
+    layouts = _sink_window(q.shape[2], n - b, 0 if gap else a, window, q.device)
+    # on CUDA the layouts run on the Triton layout kernel, as the streaming method's auto backend does
+    engine = contextlib.nullcontext()
+    if auto_triton(q):
+        from ..kernels.attention import layout_attention
+        engine = LAYOUT_ENGINE.use(layout_attention)
+    with engine:
+        parts = [attend_all(q, keys, values, layouts, scale=step.scale, causal=True, key_padding_mask=pad)]
     if gap:
         parts += read_ranges(q, store, [(0, a)], step)  # older than every query: read without a mask
     return merge(*parts)
+
+
+#: block of the sink + window layouts (the ``streaming`` method's default), capped at the read's length
+_BAND_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=32)
+def _sink_window(len_q: int, len_k: int, sinks: int, window: int, device) -> list:
+    """The streaming pattern's layouts for a read of ``len_q`` queries over ``len_k`` held keys, kept across
+    decode steps (a full streaming cache reads the same number of slots every step)."""
+    block = min(_BAND_BLOCK, max(len_q, len_k))
+    return reusable(sink_window_layouts(len_q, len_k, sinks=sinks, window=window, block=block, causal=True,
+                                        device=device))
 
 
 def key_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor | None, *, scale: float, q_pos: torch.Tensor,

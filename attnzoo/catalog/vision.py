@@ -19,12 +19,13 @@ import torch
 from ..checks import Problem
 from ..core.blocksparse import BlockLayout, attend, attend_all
 from ..core.exact import tiled_attention
+from ..core.layout import range_blocks
 from ..core.masks import visible_mask
 from ..core.scoremod import apply_score_mod
 from ..errors import AttnZooError, UnsupportedError
 from ..grid import SortedPattern, check_grid, neighborhood_pattern, per_axis, tile3d_pattern, window_pattern
 from ..registry import Family, Supports, param, register
-from .sparse._base import LayoutMethod, as_layout_rows, range_blocks
+from .sparse._base import LayoutMethod, as_layout_rows
 
 _GRID_SUPPORTS = Supports(causal=False, noncausal=True, decode=False, grad=True, lse=True)
 _BLOCK_HELP = "query/key block size of the executor (speed only; the result does not depend on it)"

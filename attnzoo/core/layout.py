@@ -24,6 +24,7 @@ backends) import it, never the other way round.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,25 @@ def query_block_positions(len_q: int, len_k: int, block_q: int, device=None) -> 
     last = torch.clamp(first + block_q - 1, max=len_q - 1)
     off = len_k - len_q
     return first + off, last + off
+
+
+def range_blocks(lo: torch.Tensor, hi: torch.Tensor, block: int, len_k: int) -> torch.Tensor:
+    """Inclusive key ranges ``[lo, hi]`` per row ``(n,)`` -> the key blocks they touch ``(n, C)``, ``-1`` padded."""
+    empty = (hi < lo) | (hi < 0) | (lo >= len_k)
+    lo_b = lo.clamp(0, len_k - 1) // block
+    hi_b = hi.clamp(0, len_k - 1) // block
+    width = int((hi_b - lo_b + 1).clamp(min=0).max()) if lo.numel() else 0
+    idx = lo_b.unsqueeze(-1) + torch.arange(max(width, 1), device=lo.device)
+    ok = (idx <= hi_b.unsqueeze(-1)) & ~empty.unsqueeze(-1)
+    return torch.where(ok, idx, torch.full_like(idx, -1))
+
+
+def band_blocks(len_q: int, len_k: int, block: int, before: int, after: int, causal: bool,
+                device=None) -> torch.Tensor:
+    """Key blocks within ``before`` keys before / ``after`` keys after each query block's positions: ``(nq, C)``."""
+    first, last = query_block_positions(len_q, len_k, block, device)
+    hi = last if causal else last + after
+    return range_blocks(first - before, hi, block, len_k)
 
 
 # ------------------------------------------------------------------ layouts
@@ -313,6 +333,36 @@ class TokenLayout:
 
 
 Layout = BlockLayout | TokenLayout
+
+
+def reusable(layouts: list[Layout]) -> list[Layout]:
+    """``layouts`` for reuse across calls: block layouts then cache their element masks and band plans."""
+    return [dataclasses.replace(lay, reuse=True) if isinstance(lay, BlockLayout) else lay for lay in layouts]
+
+
+def sink_window_layouts(len_q: int, len_k: int, *, sinks: int, window: int, block: int, causal: bool,
+                        device=None) -> list[Layout]:
+    """StreamingLLM's pattern: query ``i`` sees keys ``j`` with ``|i + Nk - Nq - j| < window`` and the first
+    ``sinks`` keys (∩ causal in the executor).
+
+    Two disjoint layouts merged by lse: the band alone is banded (it runs on the
+    fused band path) and the few sink keys outside it are a token layout. The
+    ``streaming`` method and the KV cache's streaming read (sinks + window over
+    the held slots) both attend with them.
+    """
+    off = len_k - len_q
+    band = band_blocks(len_q, len_k, block, window - 1, window - 1, causal, device)
+
+    def in_band(b, h, qi, kj):
+        return (qi + off - kj).abs() < window
+
+    layouts: list[Layout] = [BlockLayout.from_candidates(band.view(1, 1, *band.shape), in_band, block_q=block,
+                                                         block_k=block, len_q=len_q, len_k=len_k, causal=causal)]
+    n_sink = min(sinks, len_k)
+    if n_sink:  # the few sink keys every query block reads, as tokens (those inside the band are masked)
+        tokens = torch.arange(n_sink, device=device).expand(1, 1, band.shape[0], n_sink)
+        layouts.append(TokenLayout(tokens, block, len_q, len_k, lambda b, h, qi, kj: ~in_band(b, h, qi, kj)))
+    return layouts
 
 
 def check_layout(layout: Layout, *, batch: int, heads_q: int, heads_kv: int, len_q: int, len_k: int,

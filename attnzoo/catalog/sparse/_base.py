@@ -11,7 +11,7 @@ import torch
 
 from ...checks import Problem, check_qkv
 from ...core.blocksparse import attend_all
-from ...core.layout import BlockLayout, Layout, query_block_positions
+from ...core.layout import BlockLayout, Layout, band_blocks, query_block_positions, reusable
 from ...core.scoremod import check_score_mod
 from ...registry import Method, Supports
 
@@ -64,8 +64,7 @@ class StaticMethod(LayoutMethod):
 @functools.lru_cache(maxsize=64)
 def _cached_layouts(method: StaticMethod, len_q: int, len_k: int, heads_q: int, causal: bool, device):
     prob = Problem(1, heads_q, heads_q, len_q, len_k, 1, 1, 1.0)
-    return [dataclasses.replace(lay, reuse=True) if isinstance(lay, BlockLayout) else lay
-            for lay in method.static_layouts(prob, causal, device)]
+    return reusable(method.static_layouts(prob, causal, device))
 
 
 # ------------------------------------------------------------- index helpers
@@ -74,22 +73,9 @@ def block_positions(prob: Problem, block: int, device) -> tuple[torch.Tensor, to
     return query_block_positions(prob.len_q, prob.len_k, block, device)
 
 
-def range_blocks(lo: torch.Tensor, hi: torch.Tensor, block: int, len_k: int) -> torch.Tensor:
-    """Inclusive key ranges ``[lo, hi]`` per row ``(n,)`` -> the key blocks they touch ``(n, C)``, ``-1`` padded."""
-    empty = (hi < lo) | (hi < 0) | (lo >= len_k)
-    lo_b = lo.clamp(0, len_k - 1) // block
-    hi_b = hi.clamp(0, len_k - 1) // block
-    width = int((hi_b - lo_b + 1).clamp(min=0).max()) if lo.numel() else 0
-    idx = lo_b.unsqueeze(-1) + torch.arange(max(width, 1), device=lo.device)
-    ok = (idx <= hi_b.unsqueeze(-1)) & ~empty.unsqueeze(-1)
-    return torch.where(ok, idx, torch.full_like(idx, -1))
-
-
 def band_candidates(prob: Problem, block: int, before: int, after: int, causal: bool, device) -> torch.Tensor:
     """Key blocks within ``before`` keys before / ``after`` keys after each query block's positions."""
-    first, last = block_positions(prob, block, device)
-    hi = last if causal else last + after
-    return range_blocks(first - before, hi, block, prob.len_k)
+    return band_blocks(prob.len_q, prob.len_k, block, before, after, causal, device)
 
 
 def prefix_candidates(n_rows: int, count: int, block: int, len_k: int, device) -> torch.Tensor:

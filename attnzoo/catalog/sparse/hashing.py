@@ -18,10 +18,11 @@ import torch
 from ...checks import Problem
 from ...core.blocksparse import BlockLayout, TokenLayout, attend
 from ...core.gqa import fold_groups
+from ...core.layout import range_blocks
 from ...core.partial import Partial, merge
 from ...errors import AttnZooError, UnsupportedError
 from ...registry import MAX_SIZE, Family, Method, Supports, param, register
-from ._base import SPARSE_SUPPORTS, range_blocks
+from ._base import SPARSE_SUPPORTS
 
 _NO_DECODE = Supports(causal=True, noncausal=True, decode=False, grad=True, lse=True, sinks=True, varlen=True)
 

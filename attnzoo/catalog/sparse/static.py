@@ -13,13 +13,13 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ...checks import Problem
-from ...core.layout import BlockLayout, TokenLayout, compact
+from ...core.layout import BlockLayout, TokenLayout, compact, range_blocks, sink_window_layouts
 from ...core.exact import tiled_attention
 from ...core.masks import check_mask_mod
 from ...errors import AttnZooError
 from ...registry import Family, param, register
 from ._base import (LayoutMethod, StaticMethod, as_layout_rows, band_candidates, block_positions,
-                    prefix_candidates, range_blocks, static_block_layout)
+                    prefix_candidates, static_block_layout)
 
 _BLOCK_HELP = "query/key block size of the executor (speed only; the result does not depend on it)"
 
@@ -94,17 +94,8 @@ class Streaming(StaticMethod):
     block: int = param(128, min=1, clamp=True, help=_BLOCK_HELP)
 
     def static_layouts(self, prob, causal, device):
-        # two disjoint layouts merged by lse: the band alone is banded, so it runs on the fused fast path
-        off, w, n_sink = _offset(prob), self.window, self.sinks
-        band = band_candidates(prob, self.block, w - 1, w - 1, causal, device)
-        in_band = lambda b, h, qi, kj: (qi + off - kj).abs() < w  # noqa: E731
-        layouts = [static_block_layout(as_layout_rows(band), in_band, prob, self.block, causal)]
-        n_sink = min(n_sink, prob.len_k)
-        if n_sink:  # the few sink keys every query block reads, as tokens (those inside the band are masked)
-            sinks = torch.arange(n_sink, device=device).expand(1, 1, band.shape[0], n_sink)
-            layouts.append(TokenLayout(sinks, self.block, prob.len_q, prob.len_k,
-                                       lambda b, h, qi, kj: ~in_band(b, h, qi, kj)))
-        return layouts
+        return sink_window_layouts(prob.len_q, prob.len_k, sinks=self.sinks, window=self.window, block=self.block,
+                                   causal=causal, device=device)
 
 
 @register
