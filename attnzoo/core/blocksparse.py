@@ -30,7 +30,7 @@ from .kernel import additive_mask
 from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
 from .masks import call_mask_mod
 from .override import Override
-from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, merge
+from .partial import OnlineSoftmax, Partial, Recomputed, grad_inputs, grad_step, merge
 from .scoremod import ModHook, ScoreMod
 
 #: :func:`attend`'s replacement inside ``LAYOUT_ENGINE.use(impl)`` (a kernel backend; no custom query positions)
@@ -365,28 +365,6 @@ def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tupl
     return _forward_fused(q, k, v, pad, plan)
 
 
-class _LayoutAttention(torch.autograd.Function):
-    """Forward on the fused kernel where it applies; the backward recomputes slot by slot from (out, lse).
-
-    ``*captured``: the tensors the score_mod closes over that require grad (inputs, so they get gradients).
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, pad, plan, layout, fused, *captured):  # noqa: D401  (autograd signature)
-        out, lse = _forward_any(q, k, v, pad, plan, layout, fused)
-        ctx.save_for_backward(q, k, v, pad, out, lse)
-        ctx.plan = plan
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        q, k, v, pad, out, lse = ctx.saved_tensors
-        mod = ctx.plan.mod
-        grads = [None] * (len(mod.captured) if mod is not None else 0)
-        dq, dk, dv = _backward(q, k, v, pad, out, lse, d_out.contiguous(), d_lse, ctx.plan, grads)
-        return dq, dk, dv, None, None, None, None, *(mod.input_grads(grads) if mod is not None else ())
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, scale: float, causal: bool,
            key_padding_mask: torch.Tensor | None = None, q_positions: torch.Tensor | None = None,
            score_mod: ScoreMod | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -417,7 +395,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device, mod=hook)
     fused = (hook is None or hook.distance is not None) and fused_applies(q, v, q_positions)
-    return _LayoutAttention.apply(q, k, v, key_padding_mask, plan, layout, fused, *(hook.captured if hook else ()))
+
+    def forward(q, k, v, pad):  # on the fused kernel where it applies
+        return _forward_any(q, k, v, pad, plan, layout, fused)
+
+    def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):  # slot by slot from (out, lse)
+        return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan, grads)
+
+    return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))
 
 
 def _cached_band_plan(layout: BlockLayout, causal: bool):

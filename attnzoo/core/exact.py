@@ -22,7 +22,7 @@ from .kernel import KERNEL_DTYPES, flash_cpu
 from .gqa import fold_groups, repeat_kv, unfold_groups
 from .masks import empty_rows, visible_mask
 from .override import Override
-from .partial import OnlineSoftmax, Partial, grad_inputs, grad_step, masked_softmax, merge
+from .partial import OnlineSoftmax, Partial, Recomputed, grad_inputs, grad_step, masked_softmax, merge
 from .scoremod import ModHook, apply_score_mod, distance_rows, negligible_gap, tile_index
 
 #: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
@@ -335,25 +335,6 @@ def tiled_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
     return dq * spec.scale, dk * spec.scale, dv
 
 
-class _TiledAttention(torch.autograd.Function):
-    """``*captured``: the tensors the score_mod closes over that require grad (inputs, so they get gradients)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, spec, *captured):  # noqa: D401  (autograd signature)
-        out, lse = tiled_forward(q, k, v, spec, key_padding_mask)
-        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-        ctx.spec = spec
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-        grads = [None] * len(ctx.spec.mod.captured) if ctx.spec.mod is not None else []
-        dq, dk, dv = tiled_backward(q, k, v, out, lse, d_out.contiguous(), d_lse, ctx.spec, key_padding_mask,
-                                    grads)
-        return dq, dk, dv, None, None, *(ctx.spec.mod.input_grads(grads) if grads else ())
-
-
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                     key_padding_mask: torch.Tensor | None = None, q_offset: int | None = None,
                     k_offset: int = 0, q_tile: int = 256, k_tile: int = 512,
@@ -374,4 +355,11 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(), q_idx=q_offset,
                                                   kv_idx=k_offset)
     spec = TileSpec(scale, causal, q_offset, k_offset, q_tile, k_tile, hook)
-    return _TiledAttention.apply(q, k, v, key_padding_mask, spec, *(hook.captured if hook else ()))
+
+    def forward(q, k, v, pad):
+        return tiled_forward(q, k, v, spec, pad)
+
+    def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):
+        return tiled_backward(q, k, v, out, lse, d_out, d_lse, spec, pad, grads)
+
+    return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))

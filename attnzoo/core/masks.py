@@ -65,18 +65,22 @@ def empty_rows(len_q: int, len_k: int, *, causal: bool, key_padding_mask: torch.
     return empty.unsqueeze(1)
 
 
-def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
-    """Refuse anything but a callable taking ``(b, h, q_idx, kv_idx)``."""
-    if not callable(mask_mod):
-        raise AttnZooError(f"{name}: expected a callable mask_mod(b, h, q_idx, kv_idx) -> bool tensor, "
-                           f"got {type(mask_mod).__name__}")
+def check_callable(fn: object, name: str, form: str, n_args: int) -> None:
+    """Refuse anything but a callable ``form`` that takes ``n_args`` positional arguments."""
+    if not callable(fn):
+        raise AttnZooError(f"{name}: expected a callable {form}, got {type(fn).__name__}")
     try:
-        inspect.signature(mask_mod).bind(0, 0, 0, 0)
+        inspect.signature(fn).bind(*[0] * n_args)
     except TypeError:
-        raise AttnZooError(f"{name}: expected a callable mask_mod(b, h, q_idx, kv_idx) -> bool tensor taking 4 "
-                           f"positional arguments, got signature {inspect.signature(mask_mod)}") from None
+        raise AttnZooError(f"{name}: expected a callable {form} taking {n_args} positional arguments, got "
+                           f"signature {inspect.signature(fn)}") from None
     except ValueError:  # builtins without a signature: checked when called
         pass
+
+
+def check_mask_mod(mask_mod: object, name: str = "mask_mod") -> None:
+    """Refuse anything but a callable taking ``(b, h, q_idx, kv_idx)``."""
+    check_callable(mask_mod, name, "mask_mod(b, h, q_idx, kv_idx) -> bool tensor", 4)
 
 
 def call_mask_mod(mask_mod: MaskMod, b, h, q_idx, kv_idx) -> torch.Tensor:

@@ -153,3 +153,30 @@ def grad_step(scores: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, q: t
     if to_raw is not None:
         ds = to_raw(ds)
     return torch.matmul(ds, k), torch.matmul(ds.transpose(-1, -2), q), dv
+
+
+class Recomputed(torch.autograd.Function):
+    """Attention whose backward pass recomputes from the saved ``(out, lse)``: the one autograd Function of the
+    tiled engine and the block-sparse executor.
+
+    ``forward(q, k, v, pad) -> (out, lse)`` and ``backward(q, k, v, pad, out, lse, d_out, d_lse, grads) ->
+    (dq, dk, dv)`` are the engine's passes; ``hook`` is the call's score_mod hook
+    (:class:`~attnzoo.core.scoremod.ModHook`) or None. ``*captured``, the tensors the score_mod closes over
+    that require grad, are inputs so they get gradients: the backward pass fills ``grads`` (one per captured
+    tensor) and ``hook.input_grads`` returns them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, pad, forward, backward, hook, *captured):  # noqa: D401  (autograd signature)
+        out, lse = forward(q, k, v, pad)
+        ctx.save_for_backward(q, k, v, pad, out, lse)
+        ctx.backward_pass, ctx.hook = backward, hook
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, pad, out, lse = ctx.saved_tensors
+        hook = ctx.hook
+        grads = [None] * (len(hook.captured) if hook is not None else 0)
+        dq, dk, dv = ctx.backward_pass(q, k, v, pad, out, lse, d_out.contiguous(), d_lse, grads)
+        return dq, dk, dv, None, None, None, None, *(hook.input_grads(grads) if hook is not None else ())

@@ -6,7 +6,6 @@ the position convention in :mod:`attnzoo.mods`). A sink is a partial ``(out = 0,
 
 from __future__ import annotations
 
-import inspect
 import math
 from abc import ABC, abstractmethod
 from typing import Callable
@@ -16,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import AttnZooError
+from .masks import check_callable
 from .partial import Partial, merge
 
 #: FlexAttention's score_mod(score, b, h, q_idx, kv_idx) -> score
@@ -24,16 +24,7 @@ ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tor
 
 def check_score_mod(score_mod: object, name: str = "score_mod") -> None:
     """Refuse anything but a callable taking ``(score, b, h, q_idx, kv_idx)``."""
-    if not callable(score_mod):
-        raise AttnZooError(f"{name}: expected a callable score_mod(score, b, h, q_idx, kv_idx) -> score, "
-                           f"got {type(score_mod).__name__}")
-    try:
-        inspect.signature(score_mod).bind(0, 0, 0, 0, 0)
-    except TypeError:
-        raise AttnZooError(f"{name}: expected a callable score_mod(score, b, h, q_idx, kv_idx) taking 5 positional "
-                           f"arguments, got signature {inspect.signature(score_mod)}") from None
-    except ValueError:  # builtins without a signature: checked when called
-        pass
+    check_callable(score_mod, name, "score_mod(score, b, h, q_idx, kv_idx) -> score", 5)
 
 
 def call_score_mod(score_mod: ScoreMod, score: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:

@@ -31,14 +31,13 @@ class LongHeads(LayoutMethod):
     (``chunks`` in all); ``chunks·block >= N`` equals exact attention."""
 
     name: ClassVar[str] = "longheads"
-    exact_for: ClassVar[str] = "chunks · block >= N (every chunk is read)"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(N·(N/block)·D + N·chunks·block·D)"
     papers: ClassVar[tuple[str, ...]] = ("LongHeads: Multi-Head Attention is Secretly a Long Context Processor",)
     exact_for: ClassVar[str] = "chunks·block >= N (every chunk read)"
     score: ClassVar[str] = "mean"  # the chunk summary: mean key (BlockTopK's pooled "mean" score)
 
-    block: int = param(256, min=1, help="chunk length l")
+    block: int = param(256, min=1, clamp=True, help="chunk length l (above N: one chunk, exact attention)")
     chunks: int = param(16, min=2, help="chunks each head reads per query chunk, the first and the local one "
                                         "included (chunks·block is the window)")
 
