@@ -116,12 +116,15 @@ def print_comparison(current: list[dict], other_path: Path) -> None:
     if not rows:
         console.print(f"[yellow]--compare: no case of this run was also measured in {other_path}[/]")
         return
-    table = Table(title=f"this run vs {other_path} (other/now > 1: this run is faster)")
-    for col in ("workload", "method", "N", "now ms", "other ms", "other/now", "now err", "other err"):
+    table = Table(title=f"this run vs {other_path} (other/now > 1: this run is faster; ÷ SDPA: each time "
+                        "relative to the SDPA time measured alongside it, steady when the whole machine is slower "
+                        "in one run)")
+    for col in ("workload", "method", "N", "now ms", "other ms", "other/now", "÷ SDPA", "now err", "other err"):
         table.add_column(col, justify="left" if col in ("workload", "method") else "right")
     for r in rows:
+        rel = "-" if r["ratio_sdpa"] is None else f"{r['ratio_sdpa']:.2f}"
         table.add_row(r["workload"], r["method"], str(r["length"]), f"{r['now_ms']:.2f}", f"{r['other_ms']:.2f}",
-                      f"{r['ratio']:.2f}", f"{r['now_err']:.1e}", f"{r['other_err']:.1e}")
+                      f"{r['ratio']:.2f}", rel, f"{r['now_err']:.1e}", f"{r['other_err']:.1e}")
     console.print(table)
 
 

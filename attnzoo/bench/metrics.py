@@ -96,10 +96,16 @@ class Timing:
     runs: tuple[float, ...]
     threads: int
     clock: str = "wall"
+    #: the reference's calls, one after each of ``runs`` (empty without ``alongside``)
+    ref_runs: tuple[float, ...] = ()
 
     @property
     def median(self) -> float:
         return statistics.median(self.runs)
+
+    @property
+    def ref_median(self) -> float | None:
+        return statistics.median(self.ref_runs) if self.ref_runs else None
 
     @property
     def spread(self) -> float:
@@ -108,12 +114,16 @@ class Timing:
 
 
 def time_calls(fn: Callable[[], Any], *, repeat: int, budget_s: float, min_time_s: float = 0.0,
-               clock: str = "wall") -> Timing:
+               clock: str = "wall", alongside: Callable[[], Any] | None = None) -> Timing:
     """Time ``fn`` at least ``repeat`` times and until ``min_time_s`` is measured (so a fast call's median
     rests on many samples), stopping early once ``budget_s`` of wall time is spent (at least once).
 
     ``clock``: ``wall``, or ``own`` (see :func:`bench_clock`): each call's wall
-    time less the run-queue wait the thread accrued during it.
+    time less the run-queue wait the thread accrued during it. ``alongside``: a
+    reference timed after each call of ``fn`` (``Timing.ref_runs``), so that the
+    two medians see the same machine: their ratio stays put when the whole
+    machine slows down (other processes' cache and memory traffic), which no
+    clock can leave out.
     """
     if clock not in ("wall", "own"):
         raise ValueError(f"clock: expected 'wall' or 'own', got {clock!r}")
@@ -122,19 +132,25 @@ def time_calls(fn: Callable[[], Any], *, repeat: int, budget_s: float, min_time_
     def waited() -> float:
         return 0.0 if fd is None else int(os.pread(fd, 128, 0).split()[1]) * 1e-9
 
+    def timed(f: Callable[[], Any]) -> float:
+        t0, w0 = time.perf_counter(), waited()
+        f()
+        w1, t1 = waited(), time.perf_counter()
+        return max(t1 - t0 - (w1 - w0), 0.0)
+
     runs: list[float] = []
+    ref_runs: list[float] = []
     measured, start = 0.0, time.perf_counter()
     try:
         while (len(runs) < repeat or measured < min_time_s) and (not runs or time.perf_counter() - start < budget_s):
-            t0, w0 = time.perf_counter(), waited()
-            fn()
-            w1, t1 = waited(), time.perf_counter()
-            runs.append(max(t1 - t0 - (w1 - w0), 0.0))
+            runs.append(timed(fn))
             measured += runs[-1]
+            if alongside is not None:
+                ref_runs.append(timed(alongside))
     finally:
         if fd is not None:
             os.close(fd)
-    return Timing(tuple(runs), torch.get_num_threads(), clock)
+    return Timing(tuple(runs), torch.get_num_threads(), clock, tuple(ref_runs))
 
 
 # ------------------------------------------------------------------ memory

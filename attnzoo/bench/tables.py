@@ -116,13 +116,22 @@ def not_run(cases: list[dict]) -> list[dict]:
 
 
 def compare(current: list[dict], other: list[dict]) -> list[dict]:
-    """Cases measured (ok) in both runs, matched by case key: times and the ratio other / current."""
+    """Cases measured (ok) in both runs, matched by case key: times and the ratio other / current.
+
+    ``ratio_sdpa`` is the same ratio of each time relative to its run's SDPA time
+    (``sdpa_s``, measured alongside the case): other/now of ``1 / speedup``. A
+    machine that is slower during one run slows SDPA too, so this ratio stays
+    near 1 for unchanged code where the plain one drifts (None when a record
+    lacks ``sdpa_s``).
+    """
     before = {c["key"]: c for c in other if c["status"] == "ok"}
     rows = []
     for c in current:
         o = before.get(c["key"])
         if c["status"] == "ok" and o is not None:
+            ratio = o["time_s"] / c["time_s"]
+            rel = ratio * c["sdpa_s"] / o["sdpa_s"] if c.get("sdpa_s") and o.get("sdpa_s") else None
             rows.append({"method": c["method"], "workload": workload_label(c), "length": c["length"],
-                         "now_ms": c["time_s"] * 1e3, "other_ms": o["time_s"] * 1e3,
-                         "ratio": o["time_s"] / c["time_s"], "now_err": c["rel_error"], "other_err": o["rel_error"]})
+                         "now_ms": c["time_s"] * 1e3, "other_ms": o["time_s"] * 1e3, "ratio": ratio,
+                         "ratio_sdpa": rel, "now_err": c["rel_error"], "other_err": o["rel_error"]})
     return sorted(rows, key=lambda r: (r["workload"], r["method"], r["length"]))

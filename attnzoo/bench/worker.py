@@ -20,6 +20,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ class Setup:
     qkv: workloads.QKV
     prob: Problem
     reference: torch.Tensor
-    sdpa_s: float
+    sdpa: Callable[[], torch.Tensor]  # torch SDPA on the problem: timed alongside every method (× SDPA)
     causal: bool
 
 
@@ -72,10 +73,8 @@ def prepare(case: dict, opts: dict) -> Setup:
         return sdpa_attention(q, k, v, scale=prob.scale, causal=causal)
 
     with torch.no_grad():
-        sdpa()
-        timing = metrics.time_calls(sdpa, repeat=opts["repeat"], budget_s=opts["budget_s"],
-                                    min_time_s=opts.get("min_time_s", 0.0), clock=metrics.bench_clock(q.device))
-    return Setup(qkv, prob, ref, timing.median, causal)
+        sdpa()  # warm-up
+    return Setup(qkv, prob, ref, sdpa, causal)
 
 
 def _save_map(path: Path, m: torch.Tensor) -> str:
@@ -103,10 +102,12 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
         return {"status": "failed", "reason": "the output has NaN or inf entries"}
     _, peak = metrics.peak_memory(call)
     timing = metrics.time_calls(call, repeat=opts["repeat"], budget_s=opts["budget_s"],
-                                min_time_s=opts.get("min_time_s", 0.0), clock=metrics.bench_clock(q.device))
+                                min_time_s=opts.get("min_time_s", 0.0), clock=metrics.bench_clock(q.device),
+                                alongside=setup.sdpa)
+    sdpa_s = timing.ref_median
     flops, flops_source = metrics.method_flops(method, setup.prob, causal)
     result = {"status": "ok", "time_s": timing.median, "time_runs": list(timing.runs), "spread": timing.spread,
-              "threads": timing.threads, "clock": timing.clock, "sdpa_s": setup.sdpa_s, "speedup": setup.sdpa_s / timing.median,
+              "threads": timing.threads, "clock": timing.clock, "sdpa_s": sdpa_s, "speedup": sdpa_s / timing.median,
               "peak_bytes": peak, "flops": flops, "flops_source": flops_source,
               "gflops": flops / timing.median / 1e9, "gemm_gflops": opts["gemm_gflops"],
               "pct_gemm": 100 * flops / timing.median / 1e9 / opts["gemm_gflops"], "dim": setup.prob.dim,
