@@ -204,6 +204,14 @@ def test_timing_respects_repeat_and_budget(clock):
     assert len(metrics.time_calls(lambda: None, repeat=3, budget_s=10, clock=clock).runs) == 3
 
 
+def test_a_reference_is_timed_alongside_every_call():
+    order: list[str] = []
+    t = metrics.time_calls(lambda: order.append("f"), repeat=4, budget_s=10,
+                           alongside=lambda: order.append("ref"))
+    assert order == ["f", "ref"] * 4 and len(t.runs) == len(t.ref_runs) == 4 and t.ref_median is not None
+    assert metrics.time_calls(lambda: None, repeat=2, budget_s=10).ref_median is None
+
+
 def test_the_own_clock_leaves_out_the_time_spent_waiting_for_a_core():
     """Sharing one core with a busy process doubles a call's wall time, not its ``own`` time (its CPU time)."""
     if not hasattr(os, "sched_setaffinity") or metrics.bench_clock() != "own":
@@ -360,7 +368,10 @@ def test_compare_matches_cases_by_key():
            dict(base, key="k3", status="skipped")]
     other = [dict(base, key="k1", time_s=1.0), dict(base, key="k3", time_s=1.0)]
     rows = tables.compare(now, other)
-    assert [(r["length"], r["ratio"]) for r in rows] == [(64, 2.0)]
+    assert [(r["length"], r["ratio"], r["ratio_sdpa"]) for r in rows] == [(64, 2.0, None)]
+    # relative to SDPA: the other run's machine was 2.5x slower at SDPA, so the method did not get slower
+    now[0]["sdpa_s"], other[0]["sdpa_s"] = 0.1, 0.25
+    assert tables.compare(now, other)[0]["ratio_sdpa"] == pytest.approx(0.8)
 
 
 def test_advice_picks_within_max_err_and_never_a_different_model():
