@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import time
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 import attnzoo as az
 from attnzoo import AttnZooError
+from attnzoo.cache import policies
 
 
 def _build(cls):
@@ -127,6 +130,59 @@ def test_a_huge_top_k_equals_exact():
 def test_sizes_that_change_the_result_have_an_upper_bound(name, param):
     with pytest.raises(AttnZooError, match=rf"^{name}: parameter '{param}' expected a value in \[\d+, \d+\]"):
         az.get(name, **{param: 10**12})
+
+
+def _int_params(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.type in ("int", "int | None") or f.type is int]
+
+
+@contextlib.contextmanager
+def _at_most(seconds: int, what: str):
+    """Fail (instead of hanging the suite) when the block runs longer than ``seconds``."""
+    def stop(*_):
+        raise TimeoutError(f"{what} ran longer than {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", sorted(az.methods()))
+def test_every_int_parameter_at_10_to_the_12_is_refused_or_costs_what_the_length_costs(name):
+    """Each int parameter of every method at 10**12 (N = 64): a clear AttnZooError (at build or call), or a
+    result in seconds (a clamp size, or a size whose excess means "everything"), never a hang or a crash."""
+    cls = az.methods()[name]
+    q = torch.randn(1, 2, 64, 8)
+    for p in _int_params(cls):
+        with _at_most(30, f"{name}({p}=10**12)"):
+            try:
+                out = _call(_build_with(cls, **{p: 10**12}), q, q, q)
+            except AttnZooError as e:
+                assert p in str(e) or name in str(e) or "expected" in str(e), str(e)
+                continue
+            assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(policies()))
+def test_every_int_parameter_of_a_cache_policy_at_10_to_the_12_is_refused_or_cheap(name):
+    if name == "duo":
+        pytest.skip("duo needs a per-head plan (its sinks/window are the streaming policy's, checked there)")
+    for p in _int_params(policies()[name]):
+        with _at_most(30, f"KVCache({name!r}, {p}=10**12)"):
+            try:
+                cache = az.KVCache(name, **{p: 10**12})
+                cache.append(torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8))
+                cache.attend(torch.randn(1, 2, 64, 8))
+                for _ in range(3):
+                    cache.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+                    out = cache.attend(torch.randn(1, 2, 1, 8))
+            except AttnZooError as e:
+                assert p in str(e) or "expected" in str(e), str(e)
+                continue
+            assert torch.isfinite(out).all()
 
 
 def test_snapkv_pool_has_an_upper_bound():
