@@ -69,7 +69,7 @@ class _Alibi(DistanceBias):
         return score + slope * dist if _needs_graph(score, self.slopes) else score.addcmul_(slope, dist)
 
     def bias(self, dist):
-        return self.slopes.detach().double().unsqueeze(-1) * dist.to(self.slopes.device, torch.float64)
+        return self.slopes.double().unsqueeze(-1) * dist.to(self.slopes.device, torch.float64)
 
 
 def softcap(cap: float) -> ScoreMod:
@@ -107,7 +107,7 @@ class _RelativeBias(DistanceBias):
         return score + bias if _needs_graph(score, self.table) else score.add_(bias)
 
     def bias(self, dist):
-        rows = self.table.detach().view(-1, self.table.shape[-1])
+        rows = self.table.view(-1, self.table.shape[-1])
         return rows[:, dist.to(rows.device).clamp(-self.radius, self.radius) + self.radius]
 
 

@@ -184,16 +184,17 @@ def test_layout_methods_apply_score_mods_like_the_dense_reference(name, B, heads
 
 
 def _distance_mods(which, Hq, steep):
-    """A distance-bias mod and its dense bias builder (``dist (Nq, Nk)`` -> ``(Hq|1, Nq, Nk)``)."""
-    slopes = mods.alibi_slopes(Hq).to(F64) * (64.0 if steep else 1.0)  # steep: far keys fall below the floor
-    table = torch.randn(Hq, 9, dtype=F64, requires_grad=True)
-    shared = torch.randn(5, dtype=F64)
+    """A distance-bias mod, its dense bias builder (``dist (Nq, Nk)`` -> ``(Hq|1, Nq, Nk)``) and the learnable
+    tensors it reads."""
+    slopes = (mods.alibi_slopes(Hq).to(F64) * (64.0 if steep else 1.0)).requires_grad_()  # steep: far keys
+    table = torch.randn(Hq, 9, dtype=F64, requires_grad=True)                            # fall below the floor
+    shared = torch.randn(5, dtype=F64, requires_grad=True)
     return {
-        "alibi": (mods.alibi(slopes), lambda d: slopes[:, None, None] * d, None),
-        "relative_bias": (mods.relative_bias(table), lambda d: table[:, d.clamp(-4, 4) + 4], table),
-        "shared_table": (mods.relative_bias(shared), lambda d: shared[d.clamp(-2, 2) + 2][None], None),
+        "alibi": (mods.alibi(slopes), lambda d: slopes[:, None, None] * d, [slopes]),
+        "relative_bias": (mods.relative_bias(table), lambda d: table[:, d.clamp(-4, 4) + 4], [table]),
+        "shared_table": (mods.relative_bias(shared), lambda d: shared[d.clamp(-2, 2) + 2][None], [shared]),
         "sum": (mods.compose(mods.alibi(slopes), mods.relative_bias(table)),
-                lambda d: slopes[:, None, None] * d + table[:, d.clamp(-4, 4) + 4], table),
+                lambda d: slopes[:, None, None] * d + table[:, d.clamp(-4, 4) + 4], [slopes, table]),
     }[which]
 
 
@@ -220,14 +221,15 @@ def test_distance_bias_mods_run_in_the_fused_kernel_like_the_dense_reference(met
     """alibi, relative_bias and their sums (``DistanceBias``) run inside PyTorch's fused CPU kernel as
     strided additive masks (exact family: reversed query tiles, here 8 rows each; sliding_window: the band
     path's shared per-block bias): values and lse against the dense float64 reference, and the gradients
-    (recomputed by the tiled backward) to q, k, v and the table."""
+    (the recomputing backward, the bias's own gradients from per-distance sums) to q, k, v, the slopes
+    and the tables."""
     import attnzoo.core.blocksparse as blocksparse
     import attnzoo.core.exact as exact
     causal = causal or method == "sliding_window"
     Nk = Nq + extra if causal else max(1, Nq + extra - 6)
     Hq, Hkv = heads
     q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, seed=Nq * 13 + extra)
-    score_mod, bias, table = _distance_mods(which, Hq, steep)
+    score_mod, bias, learnable = _distance_mods(which, Hq, steep)
     params = {"sliding_window": dict(window=6, block=4)}.get(method, {})
     mask = (distance(Nq, Nk) > -6) if method == "sliding_window" else None
     spies = [_Spy(exact, "_fused_bias_tiles"), _Spy(blocksparse, "attend_band")]
@@ -246,7 +248,7 @@ def test_distance_bias_mods_run_in_the_fused_kernel_like_the_dense_reference(met
     for out in (got, fast):
         torch.testing.assert_close(out[0], want[0].detach(), atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(out[1], want[1].detach(), atol=1e-12, rtol=1e-10)
-    assert_same_grads(got, want, [q, k, v] + ([table] if table is not None else []))
+    assert_same_grads(got, want, [q, k, v, *learnable])
 
 
 def test_distance_bias_in_float32_drops_only_negligible_keys():

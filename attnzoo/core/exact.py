@@ -255,7 +255,8 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
     sees_self = spec.q_offset >= spec.k_offset and spec.q_offset + len_q <= spec.k_offset + len_k
     floor = None
     if sees_self:  # every row sees distance 0: its largest visible bias is at least bias(0)
-        zero = mod.bias(torch.zeros(1, dtype=torch.long, device=q.device)).to(q.device, dtype)
+        with torch.no_grad():
+            zero = mod.bias(torch.zeros(1, dtype=torch.long, device=q.device)).to(q.device, dtype)
         floor = zero - negligible_gap(q, k, spec.scale, len_k).to(dtype)
     tile = _BIAS_ROWS if spec.causal else len_q
     for i0 in range(0, len_q, tile):

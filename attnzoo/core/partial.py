@@ -145,9 +145,14 @@ def grad_step(scores: torch.Tensor, lse: torch.Tensor, delta: torch.Tensor, q: t
     gradient, ``k``/``v (..., K, D)`` the chunk's keys and values. Multiply
     the accumulated ``dq`` and ``dk`` by ``scale``. With a score_mod the
     scores are the modified ones and ``to_raw`` (:meth:`attnzoo.core.scoremod.ModHook.recompute`)
-    maps their gradient back to the raw ``q·kᵀ``.
+    maps their gradient back to the raw ``q·kᵀ``; its probabilities below the dtype's smallest normal
+    number are set to 0 (a mod such as ALiBi puts many there, and subnormal arithmetic is many times
+    slower on CPUs; they are below the precision of every sum they join).
     """
-    p = scores.sub_(lse).exp_()
+    p = scores.sub_(lse)
+    if to_raw is not None:
+        p = p.masked_fill_(p < math.log(torch.finfo(p.dtype).tiny), -math.inf)
+    p = p.exp_()
     dv = torch.matmul(p.transpose(-1, -2), d_out)
     ds = p.mul_(torch.matmul(d_out, v.transpose(-1, -2)).sub_(delta))
     if to_raw is not None:

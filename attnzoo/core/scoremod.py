@@ -74,7 +74,8 @@ class DistanceBias(ABC):
 
     @abstractmethod
     def bias(self, dist: torch.Tensor) -> torch.Tensor:
-        """The bias of integer distances ``dist (L,)``: ``(Hq, L)``, or ``(1, L)`` when shared by the heads."""
+        """The bias of integer distances ``dist (L,)``: ``(Hq, L)``, or ``(1, L)`` when shared by the heads;
+        differentiable with respect to the mod's tensors (the backward's gradients to them go through it)."""
 
 
 def distance_rows(mod: DistanceBias, d0: int, length: int, dtype: torch.dtype, device, *, causal: bool,
@@ -140,6 +141,8 @@ class ModHook:
     def recompute(self, s: torch.Tensor, b, h, q_idx, kv_idx, grads: list):
         """``(modified scores (a fresh tensor), to_raw)``: ``to_raw(ds)`` is the gradient of the raw scores
         given ``ds`` of the modified ones, and adds the captured tensors' gradients into ``grads``."""
+        if self.distance is not None and _contiguous_tile(s, h, q_idx, kv_idx):
+            return self._recompute_distance(s, b, h, q_idx, kv_idx, grads)
         raw = s.detach().requires_grad_(True)
         with torch.enable_grad():
             mod = call_score_mod(self.fn, raw, b, h, q_idx, kv_idx)
@@ -155,9 +158,53 @@ class ModHook:
 
         return mod.detach().clone(), to_raw
 
+    def _recompute_distance(self, s: torch.Tensor, b, h, q_idx, kv_idx, grads: list):
+        """:meth:`recompute` of a distance bias on a tile of contiguous heads and positions, without autograd
+        on the tile: the scores' gradient passes through unchanged, and the bias tensors' gradients are
+        pulled back through :meth:`DistanceBias.bias` from the sums of ``ds`` along the tile's diagonals."""
+        with torch.no_grad():
+            mod = call_score_mod(self.fn, s.clone(), b, h, q_idx, kv_idx)
+        if not self.captured:
+            return mod, lambda ds: ds
+        heads, rows, cols = s.shape[1:]
+        h0, q0, k0 = int(h.flatten()[0]), int(q_idx.flatten()[0]), int(kv_idx.flatten()[0])
+
+        def to_raw(ds: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():  # row i of `shifted` holds row i of ds moved right by rows - 1 - i
+                width = rows + cols - 1
+                shifted = ds.new_zeros(heads, rows, width)
+                shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(
+                    ds.reshape(mod.shape).sum(0))
+                sums = shifted.sum(1)  # (heads, width): column c is distance k0 - q0 + c - (rows - 1)
+            with torch.enable_grad():
+                bias = self.distance.bias(torch.arange(k0 - q0 - rows + 1, k0 - q0 + cols, device=ds.device))
+                if bias.shape[0] == 1:
+                    sums = sums.sum(0, keepdim=True)
+                else:
+                    bias = bias[h0:h0 + heads]
+                got = torch.autograd.grad(bias, self.captured, sums.to(bias.dtype), allow_unused=True)
+            for i, gi in enumerate(got):
+                if gi is not None:
+                    grads[i] = gi if grads[i] is None else grads[i] + gi
+            return ds
+
+        return mod, to_raw
+
     def input_grads(self, grads: list) -> tuple:
         """The captured tensors' gradients for an autograd function's backward (zeros where none reached)."""
         return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(self.captured, grads))
+
+
+def _contiguous_tile(s: torch.Tensor, h, q_idx, kv_idx) -> bool:
+    """Whether ``s (B, H, rows, cols)`` has consecutive heads, query and key positions (the tiled engine's tiles,
+    :func:`tile_index`), as :meth:`ModHook._recompute_distance` reads them."""
+    if s.dim() != 4 or not all(isinstance(t, torch.Tensor) for t in (h, q_idx, kv_idx)):
+        return False
+    heads, rows, cols = s.shape[1:]
+    shapes = (tuple(h.shape), tuple(q_idx.shape), tuple(kv_idx.shape))
+    if shapes != ((1, heads, 1, 1), (1, 1, rows, 1), (1, 1, 1, cols)):
+        return False
+    return all(int(t.flatten()[-1] - t.flatten()[0]) == t.numel() - 1 for t in (h, q_idx, kv_idx))
 
 
 class _Reads(TorchFunctionMode):
