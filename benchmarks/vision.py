@@ -46,10 +46,13 @@ def cases(quick: bool):
 
 
 def held_bytes(layout) -> int:
-    """Bytes of the tensors a layout holds: its block lists and the masks its executor keeps."""
-    tensors = [layout.kv_blocks, layout.partial] + [t for v in (layout.mask_cache or {}).values()
-                                                     for t in (v if isinstance(v, tuple) else (v,))]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    """Bytes of the tensors a layout holds: its block lists and what its executor keeps (kernel masks, the
+    band plan's masks)."""
+    kept = []
+    for v in (layout.mask_cache or {}).values():
+        kept += v if isinstance(v, tuple) else list(vars(v).values()) if hasattr(v, "__dataclass_fields__") else [v]
+    return sum(t.numel() * t.element_size() for t in [layout.kv_blocks, layout.partial, *kept]
+               if isinstance(t, torch.Tensor))
 
 
 def best(fn, runs):
