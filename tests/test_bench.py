@@ -506,6 +506,9 @@ def test_real_workload_capture_is_kept_on_disk_and_read_back(tmp_path, monkeypat
 
     monkeypatch.setenv("ATTNZOO_CACHE", str(tmp_path / "cache"))
     model = str(save_tiny_llama(tmp_path / "llama", max_positions=256))
+    # the bench's main process captures before a case is timed; the worker then only reads the file
+    assert workloads.prepare_real({"model": model, "layer": 1}, length=48, batch=1) is True
+    assert workloads.prepare_real({"model": model, "layer": 1}, length=48, batch=1) is False
     first = workloads.make("real", model=model, heads=4, length=48, layer=1)
     files = list((tmp_path / "cache" / "captures").glob("*.pt"))
     assert [f.name.split("-")[1:3] for f in files] == [["48x1", "layer1"]]

@@ -130,15 +130,9 @@ def num_layers(model_dir: str | Path) -> int:
     return int(config.get("text_config", config)["num_hidden_layers"])
 
 
-@functools.lru_cache(maxsize=4)
-def cached_layer(model: str | None, text: str | None, *, length: int, batch: int, layer: int | None) -> dict:
-    """One layer's Q/K/V (``{"q", "k", "v": [one (B, H, N, D) tensor]}`` plus the record's metadata, ``layer``),
-    captured once and kept on disk under ``<attnzoo cache>/captures/``: the real workload at a long length
-    costs a model forward (~30 s at 8K on 2 cores) the first time and a file read after.
-
-    ``layer`` None is the middle layer. The file name holds the model folder, length, batch, layer and a hash
-    of the model folder's path and the text, so another text or model never reads a stale file.
-    """
+def capture_file(model: str | None, text: str | None, *, length: int, batch: int,
+                 layer: int | None) -> tuple[str, str, int, Path]:
+    """``(model folder, text, layer, cache file)`` of :func:`cached_layer`'s capture (``layer`` None: the middle)."""
     from .. import models
 
     model_dir = str(default_model_dir() if model is None else resolve_model(model))
@@ -150,6 +144,19 @@ def cached_layer(model: str | None, text: str | None, *, length: int, batch: int
     text_sha = hashlib.sha256(text.encode()).hexdigest()
     key = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), text_sha]).encode()).hexdigest()[:12]
     path = models.cache_dir() / "captures" / f"{Path(model_dir).name}-{length}x{batch}-layer{layer}-{key}.pt"
+    return model_dir, text, layer, path
+
+
+@functools.lru_cache(maxsize=4)
+def cached_layer(model: str | None, text: str | None, *, length: int, batch: int, layer: int | None) -> dict:
+    """One layer's Q/K/V (``{"q", "k", "v": [one (B, H, N, D) tensor]}`` plus the record's metadata, ``layer``),
+    captured once and kept on disk under ``<attnzoo cache>/captures/``: the real workload at a long length
+    costs a model forward (~30 s at 8K on 2 cores) the first time and a file read after.
+
+    ``layer`` None is the middle layer. The file name holds the model folder, length, batch, layer and a hash
+    of the model folder's path and the text, so another text or model never reads a stale file.
+    """
+    model_dir, text, layer, path = capture_file(model, text, length=length, batch=batch, layer=layer)
     if path.exists():
         try:
             return load(path)
@@ -157,7 +164,9 @@ def cached_layer(model: str | None, text: str | None, *, length: int, batch: int
             pass  # a cut or foreign file: capture again and replace it
     record = capture_qkv(model_dir, text, length=length, batch=batch)
     one = {"q": [record["q"][layer]], "k": [record["k"][layer]], "v": [record["v"][layer]], "layer": layer,
-           "layers": layers, "input_ids": record["input_ids"], "model": record["model"], "text_sha256": text_sha}
+           "layers": len(record["q"]), "input_ids": record["input_ids"], "model": record["model"],
+           "text_sha256": record["text_sha256"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save(one, tmp)
     os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one

@@ -311,6 +311,23 @@ def real_lengths(lengths, params: dict) -> list[int]:
     return [n for n in lengths if n >= REAL_SPARSE_FROM] or lengths[-1:]
 
 
+def prepare_real(params: dict, *, length: int, batch: int) -> bool:
+    """Make sure the ``real`` workload's capture for these parameters is on disk (run the model now if not;
+    then free it). Returns whether it ran the model."""
+    if params.get("capture"):
+        return False
+    from . import capture as cap
+
+    text = params.get("text")
+    args = (params.get("model"), None if text is None else open(text).read())
+    kw = {"length": length, "batch": batch, "layer": params.get("layer")}
+    ran = not cap.capture_file(*args, **kw)[3].exists()
+    cap.cached_layer(*args, **kw)
+    cap.cached_layer.cache_clear()
+    cap._load.cache_clear()  # the model: the worker reads the file
+    return ran
+
+
 def max_length(name: str, params: dict | None = None) -> int | None:
     """The longest length a workload can produce (None = any): the model's limit for ``real``."""
     if name != "real":
