@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from ..checks import Problem
-from ..core.features import orthogonal_gaussian, taylor2
+from ..core.features import taylor2
 from ..core.linear import LinearState, linear_attention
 from ..core.partial import masked_softmax
 from ..errors import AttnZooError

@@ -23,7 +23,7 @@ import torch
 
 from ..checks import Problem, check_qkv
 from ..core.features import elu_plus_one, favor_positive, orthogonal_gaussian
-from ..core.linear import LinearState, check_log_gate, linear_attention
+from ..core.linear import check_log_gate, linear_attention
 from ..errors import AttnZooError
 from ..registry import MAX_SIZE, Family, Method, Supports, param, register
 

@@ -12,4 +12,4 @@ from .masks import (SortedPattern, neighborhood_mask_mod, neighborhood_pattern, 
 __all__ = ["SortedPattern", "axis_neighbors", "check_grid", "cyclic_shift", "flat_window_order", "flatten",
            "from_channels_first", "neighborhood_index", "neighborhood_mask_mod", "neighborhood_pattern", "per_axis", "shifted_window_merge", "shifted_window_partition",
            "tile3d_mask_mod", "tile3d_pattern", "to_channels_first", "unflatten", "window_ids", "window_mask_mod",
-           "window_merge", "window_partition"]
+           "window_merge", "window_partition", "window_pattern"]

@@ -153,7 +153,7 @@ def make_cache(model, policy: str | PlanFile = "full", **params: Any) -> AttnZoo
     The applied method is read through: a layer running ``("flash_decode", {"splits": S})`` gets a
     cache reading with ``splits=S`` (a different ``splits`` given here is refused).
     """
-    layers = attention_layers(model)
+    attention_layers(model)  # refuses a model whose attention cannot be routed, before anything else
     if not is_applied(model):
         raise UnsupportedError("make_cache: the model's attention does not run through attnzoo, so no cache policy "
                                "would be read; route it first with attnzoo.hf.apply(model, 'exact') (or another "

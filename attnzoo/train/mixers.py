@@ -16,7 +16,6 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..api import attention
 from ..errors import AttnZooError
 from ..layers import (AarenLayer, CombinerLayer, DiffQKVLayer, GLALayer, LandmarkLayer, MoHLayer, SEALayer,
                       SeerGateLayer, SparsifinerLayer, SSELayer)
