@@ -377,8 +377,8 @@ class Method:
             out = out + 0 * (q.sum() + k.sum() + v.sum())
             return (out, lse) if return_lse else out
         if runner is not None:  # a kernel backend: half inputs stay half (the kernels accumulate in fp32)
-            out, lse = backends.run(runner, self, q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
-                                    return_lse=return_lse, inputs=inputs)
+            out, lse = backends.run(runner, self.fit(prob), q, k, v, prob, causal=causal,
+                                    key_padding_mask=key_padding_mask, return_lse=return_lse, inputs=inputs)
             check_result(self.name, out, prob)
             return (out, lse) if return_lse else out
         dtype = q.dtype

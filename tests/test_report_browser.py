@@ -40,7 +40,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     page = tmp_path / "run" / "report.html"
     text = page.read_text()
-    assert text.count("<img") >= 5  # per workload a time-vs-length and a Pareto plot; the real workload's maps
+    # structured: a time-vs-length and a Pareto plot; real (SmolLM2, run at the longest length only): its plots
+    assert text.count("<img") >= 4
     probe = page.with_name("probe.html")
     probe.write_text(text.replace("</body>", PROBE + "</body>"))
     dom = _chromium("--dump-dom", "--virtual-time-budget=10000", probe.as_uri(), cwd=tmp_path)
