@@ -151,9 +151,7 @@ class ModHook:
 
         def to_raw(ds: torch.Tensor) -> torch.Tensor:
             got = torch.autograd.grad(mod, (raw, *self.captured), ds.reshape(mod.shape), allow_unused=True)
-            for i, g in enumerate(got[1:]):
-                if g is not None:
-                    grads[i] = g if grads[i] is None else grads[i] + g
+            _accumulate(grads, got[1:])
             return torch.zeros_like(ds) if got[0] is None else got[0].reshape(ds.shape)
 
         return mod.detach().clone(), to_raw
@@ -183,9 +181,7 @@ class ModHook:
                 else:
                     bias = bias[h0:h0 + heads]
                 got = torch.autograd.grad(bias, self.captured, sums.to(bias.dtype), allow_unused=True)
-            for i, gi in enumerate(got):
-                if gi is not None:
-                    grads[i] = gi if grads[i] is None else grads[i] + gi
+            _accumulate(grads, got)
             return ds
 
         return mod, to_raw
@@ -193,6 +189,13 @@ class ModHook:
     def input_grads(self, grads: list) -> tuple:
         """The captured tensors' gradients for an autograd function's backward (zeros where none reached)."""
         return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(self.captured, grads))
+
+
+def _accumulate(grads: list, got: tuple) -> None:
+    """Add one tile's gradients of the captured tensors into ``grads`` (None: nothing reached that tensor)."""
+    for i, g in enumerate(got):
+        if g is not None:
+            grads[i] = g if grads[i] is None else grads[i] + g
 
 
 def _contiguous_tile(s: torch.Tensor, h, q_idx, kv_idx) -> bool:
