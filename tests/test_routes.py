@@ -579,3 +579,26 @@ def test_anchor_on_one_document_is_causal_exact_and_refuses_noncausal():
                                az.attention(q, k, v, method="naive", causal=True))
     with pytest.raises(az.UnsupportedError, match="causal"):
         az.attention(q, k, v, method="anchor")
+
+
+@pytest.mark.parametrize("method,params", [("exact", {}), ("exact_tiled", {}), ("sliding_window", dict(window=24))])
+def test_distance_bias_fused_path_takes_strided_inputs_and_empty_batches(method, params):
+    """The fused distance-bias path (ALiBi as a strided additive mask) gives the same values and gradients on
+    permuted, sliced and expanded (stride-0 heads) inputs as on contiguous copies; an empty batch is empty."""
+    Hq, Hkv, N, D = 4, 2, 80, 16
+    slopes = mods.alibi_slopes(Hq).requires_grad_(True)
+    mod = mods.alibi(slopes)
+    q = torch.randn(1, N, Hq, D).permute(0, 2, 1, 3).requires_grad_(True)  # permuted
+    k_buf = torch.randn(1, Hkv, N + 7, D)
+    k = k_buf[:, :, 3:N + 3].requires_grad_(False)  # sliced
+    v = torch.randn(1, 1, N, D).expand(1, Hkv, N, D)  # expanded: head stride 0
+    args = dict(method=method, causal=True, return_lse=True, score_mod=mod, **params)
+    out, lse = az.attention(q, k, v, **args)
+    (g_q, g_s) = torch.autograd.grad(out.square().sum(), (q, slopes))
+    qc = q.detach().contiguous().requires_grad_(True)
+    ref, ref_lse = az.attention(qc, k.contiguous(), v.contiguous(), **args)
+    (r_q, r_s) = torch.autograd.grad(ref.square().sum(), (qc, slopes))
+    for got, want in ((out, ref), (lse, ref_lse), (g_q, r_q), (g_s, r_s)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    empty = az.attention(q[:0], k[:0], v[:0], **args)
+    assert empty[0].shape == (0, Hq, N, D) and empty[1].shape == (0, Hq, N)
