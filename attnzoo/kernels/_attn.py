@@ -21,6 +21,14 @@ Scores are accumulated in fp32 (``QUANT``: an int8 x int8 dot with per-row and
 per-key scales, SageAttention's recipe), P·V in the value dtype with an fp32
 accumulator. Rows with no visible key give ``(0, -inf)``. Programs of a third
 grid axis split the slots (split-K); their partials are merged by lse.
+
+Built-in score modifications are specialisations (constexpr flags): ``ALIBI``
+adds ``slopes[qh]·dist``, ``REL`` adds ``table[qh, clamp(dist, ±R) + R]`` (both
+with ``dist = kidx − (r % ROWS_MOD + q_off)``, the key's position minus the
+query's, and ``qh = h·HFOLD + r // ROWS_MOD`` the query head), then ``SOFTCAP``
+maps the score to ``cap·tanh(score / cap)``; the backward adds the gradients
+of the slopes and the table atomically. ``VARLEN``: the batch index is a packed
+sequence whose query rows and keys are read from ``cu_seqlens`` offsets.
 """
 
 from __future__ import annotations
@@ -111,20 +119,86 @@ def _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, pidx_row, PM,
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
+def _tanh(x):
+    """tanh from exp (``libdevice.tanh`` does not run under the interpreter): a series for |x| < 0.25
+    (no cancellation), else ``sign·(1 − e)/(1 + e)`` with ``e = exp(−2|x|)`` (no overflow)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = x * (1.0 + x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (
+        -0.05396825396825397 + x2 * 0.021869488536155203))))
+    return tl.where(a < 0.25, small, tl.where(x < 0, -big, big))
+
+
+@triton.jit
+def _mod(sc, kidx, rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, TABLE, stab, radius, cap,
+         ALIBI: tl.constexpr, REL: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Natural-unit scores ``sc (BLOCK_M, BLOCK_N)`` with the built-in mods: ``(scores, dist, tanh)``
+    (``tanh`` of the capped argument, for the backward; the scores themselves without ``SOFTCAP``)."""
+    dist = kidx[None, :] - (rows % ROWS_MOD + q_off)[:, None]
+    qh = h * HFOLD + rows // ROWS_MOD
+    if ALIBI:
+        sc = sc + tl.load(SLOPES + qh, mask=row_ok, other=0)[:, None] * dist.to(tl.float32)
+    if REL:
+        ti = tl.minimum(tl.maximum(dist, -radius), radius) + radius
+        sc = sc + tl.load(TABLE + qh[:, None] * stab + ti, mask=row_ok[:, None], other=0)
+    t = sc
+    if SOFTCAP:
+        t = _tanh(sc / cap)
+        sc = cap * t
+    return sc, dist, t
+
+
+@triton.jit
+def _sequence(CUQ, CUK, b, row0, BLOCK_M: tl.constexpr, ROW_TILE: tl.constexpr):
+    """VARLEN: batch index ``b`` is packed sequence ``b``. The tile's first row and its rows (offset into the
+    packed queries), their validity, their end, the keys ``[k0, k1)`` and the causal offset (bottom-right
+    within the sequence: key ``j`` is visible to packed row ``r`` iff ``j <= r + k1 - q1``)."""
+    q0 = tl.load(CUQ + b)
+    q1 = tl.load(CUQ + b + 1)
+    k0 = tl.load(CUK + b)
+    k1 = tl.load(CUK + b + 1)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = q0 + row0 + offs_m
+    return q0 + row0, rows, (offs_m < ROW_TILE) & (rows < q1), q1, k0, k1, k1 - q1
+
+
+@triton.jit
+def _slot_end(s_hi, row0, row_end, k_base, k_end, q_off, ROWS_MOD, MODE: tl.constexpr, CAUSAL: tl.constexpr,
+              VARLEN: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr):
+    """The end of a program's slot loop: dense causal tiles stop at the last key any row of the tile sees
+    (folded rows: up to ``ROWS_MOD - 1``); a VARLEN program past its sequence's rows reads nothing."""
+    if MODE == 0:
+        if CAUSAL:
+            last = tl.minimum(tl.minimum(row0 + ROW_TILE, row_end) - 1, ROWS_MOD - 1) + q_off
+            s_hi = tl.minimum(s_hi, tl.cdiv(tl.minimum(last + 1, k_end) - k_base, BLOCK_N))
+    if VARLEN:
+        s_hi = tl.where(row0 < row_end, s_hi, 0)
+    return s_hi
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 sos, sob, soh, som, sls, slb, slh, sqsb, sqsh, sksb, sksh,
                 stb, sth, stm, spb, sph, pmb, pmh, pmm,
                 n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, slots_per_split, qk_scale,
-                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H,
+                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H, HFOLD, stab, radius, cap,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PAD_HDIV: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, Q_BLOCK: tl.constexpr,
-                K_BLOCK: tl.constexpr, PREC: tl.constexpr):
+                K_BLOCK: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr,
+                SOFTCAP: tl.constexpr, VARLEN: tl.constexpr):
     split = tl.program_id(2)
     b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth,
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
+    row_end = n_rows
+    if VARLEN:
+        row0, rows, row_ok, row_end, k_base, k_end, q_off = _sequence(CUQ, CUK, b, row0, BLOCK_M, ROW_TILE)
+        n_slots = tl.cdiv(k_end - k_base, BLOCK_N)
+        b = 0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -138,11 +212,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     s_lo = split * slots_per_split
-    s_hi = tl.minimum(s_lo + slots_per_split, n_slots)
-    if MODE == 0:
-        if CAUSAL:  # stop at the last key any row of the tile sees (folded rows: up to ROWS_MOD - 1)
-            last = tl.minimum(tl.minimum(row0 + ROW_TILE, n_rows) - 1, ROWS_MOD - 1) + q_off
-            s_hi = tl.minimum(s_hi, tl.cdiv(tl.minimum(last + 1, k_end) - k_base, BLOCK_N))
+    s_hi = _slot_end(tl.minimum(s_lo + slots_per_split, n_slots), row0, row_end, k_base, k_end, q_off, ROWS_MOD,
+                     MODE, CAUSAL, VARLEN, BLOCK_N, ROW_TILE)
     for s in range(s_lo, s_hi):
         kidx, ok = _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE, BLOCK_N, KEY_UNIT, TAB_LEN)
         kc = tl.where(ok, kidx, 0)
@@ -153,6 +224,9 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
             sc = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32) * q_scale[:, None] * k_scale[None, :]
         else:
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if ALIBI or REL or SOFTCAP:  # the mods take natural-unit scores; the softmax runs in base 2
+            sc = _mod(sc * _LN2, kidx, rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, TABLE, stab, radius, cap,
+                      ALIBI, REL, SOFTCAP)[0] * _LOG2E
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         sc = tl.where(vis, sc, float("-inf"))
@@ -175,22 +249,30 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK, DSLOPES, DTABLE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
-                sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, stb, sth, stm, spb, sph, pmb, pmh, pmm,
+                sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, slb, slh, stb, sth, stm, spb, sph, pmb, pmh, pmm,
                 n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, qk_scale, scale,
-                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H,
+                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H, HFOLD, stab, radius, cap,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                PAD_HDIV: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+                PAD_HDIV: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
+                REL: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, BIAS_GRAD: tl.constexpr):
     """Gradients of one row tile: dQ in registers, dK/dV added atomically into fp32 buffers.
 
-    ``q``/``dq`` share strides; ``lse``/``delta`` are contiguous ``(B, H, n_rows)``;
+    ``q``/``dq`` share strides; ``lse``/``delta`` share strides ``(slb, slh, 1)``;
     probabilities are recomputed from the saved lse, as in FlashAttention-2.
+    ``BIAS_GRAD``: the gradients of the modified scores before the cap, summed
+    into ``DSLOPES`` (times the distance) and ``DTABLE`` (by table entry).
     """
     b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth,
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
+    row_end = n_rows
+    if VARLEN:
+        row0, rows, row_ok, row_end, k_base, k_end, q_off = _sequence(CUQ, CUK, b, row0, BLOCK_M, ROW_TILE)
+        n_slots = tl.cdiv(k_end - k_base, BLOCK_N)
+        b = 0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -199,17 +281,14 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
     q = tl.load(Q + q_ptr, mask=qmask, other=0)
     do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv < DV)[None, :], other=0)
-    r_ptr = (b * H + h) * n_rows + rows
+    r_ptr = b * slb + h * slh + rows
     lse = tl.load(LSE + r_ptr, mask=row_ok, other=float("inf")) * _LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows that saw nothing: p = 0
     delta = tl.load(DELTA + r_ptr, mask=row_ok, other=0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    s_hi = n_slots
-    if MODE == 0:
-        if CAUSAL:
-            last = tl.minimum(tl.minimum(row0 + ROW_TILE, n_rows) - 1, ROWS_MOD - 1) + q_off
-            s_hi = tl.minimum(s_hi, tl.cdiv(tl.minimum(last + 1, k_end) - k_base, BLOCK_N))
+    s_hi = _slot_end(n_slots, row0, row_end, k_base, k_end, q_off, ROWS_MOD, MODE, CAUSAL, VARLEN, BLOCK_N,
+                     ROW_TILE)
     for s in range(0, s_hi):
         kidx, ok = _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE, BLOCK_N, KEY_UNIT, TAB_LEN)
         kc = tl.where(ok, kidx, 0)
@@ -218,12 +297,24 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD,
         k = tl.load(K + b * skb + hk * skh + kc[:, None] * skn + offs_d[None, :], mask=kmask, other=0)
         v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :], mask=vmask, other=0)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        if ALIBI or REL or SOFTCAP:
+            sc, dist, t = _mod(sc * _LN2, kidx, rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, TABLE, stab,
+                               radius, cap, ALIBI, REL, SOFTCAP)
+            sc = sc * _LOG2E
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         p = tl.where(vis, tl.exp2(sc - lse[:, None]), 0.0)
         dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(tl.float32)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        if BIAS_GRAD:  # rows of one program share the query head (no folded rows in a backward)
+            if ALIBI:
+                tl.atomic_add(DSLOPES + h, tl.sum(tl.sum(ds * dist.to(tl.float32), 1), 0))
+            if REL:
+                ti = tl.minimum(tl.maximum(dist, -radius), radius) + radius
+                tl.atomic_add(DTABLE + h * stab + ti, ds, mask=vis)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * scale
         tl.atomic_add(DK + b * sdkb + hk * sdkh + kc[:, None] * sdkn + offs_d[None, :], dk, mask=kmask)

@@ -86,6 +86,36 @@ class Call:
     groups: int  # row heads per KV head (1 when folded)
     k_end: int
     pad_hdiv: int = 1
+    mod: "Mod" = None  # built-in score modifications (None: plain scores)
+    hfold: int = 1  # query heads folded into one program's rows (split-K decode): query head = h·hfold + r // rows_mod
+    seqs: int = 0  # varlen: packed sequences (the launch's batch axis), 0 otherwise
+    max_rows: int = 0  # varlen: the longest sequence's query count
+
+
+@dataclass(frozen=True)
+class Mod:
+    """The built-in score modifications as kernel specialisations, on natural-unit scores ``s``:
+    ``s + slopes[h]·d + table[h, clamp(d, -R, R) + R]`` with ``d = kv_idx - q_idx``, then ``cap·tanh(s / cap)``.
+
+    ``slopes (Hq,)`` and ``table (Hq or 1, 2R + 1)`` are fp32 tensors (gradients flow to them through
+    :class:`_KernelAttention`); ``cap`` a float or None. The tensors travel as autograd inputs, this holds
+    only what selects the specialisation.
+    """
+
+    alibi: bool = False
+    rel: bool = False
+    cap: float | None = None
+    radius: int = 0
+
+
+def _mod_args(call: Call, slopes, table, dev) -> tuple:
+    """The kernels' mod arguments: ``(SLOPES, TABLE, table head stride, radius, cap)`` and the constexprs."""
+    mod = call.mod or Mod()
+    stab = 0 if table is None or table.shape[0] == 1 else table.stride(0)
+    tensors = (slopes if slopes is not None else _dummy(dev).float(), table if table is not None else
+               _dummy(dev).float())
+    return tensors, (call.hfold, stab, mod.radius, float(mod.cap or 1.0)), dict(
+        ALIBI=mod.alibi, REL=mod.rel, SOFTCAP=mod.cap is not None, VARLEN=call.seqs > 0)
 
 
 def _common(call: Call, q, k, pad):
@@ -97,7 +127,7 @@ def _common(call: Call, q, k, pad):
     pm = ks.pm if ks.pm is not None else _dummy(dev)
     padt = pad if pad is not None else _dummy(dev)
     strides = (_bstrides(ks.tab, 3), _bstrides(pad, 2), _bstrides(ks.pm, 3))  # pad: (B, Hp, Nk), unit key stride
-    n_rows = q.shape[2]
+    n_rows = call.max_rows if call.seqs else q.shape[2]
     tab_rows = min(ks.tab_rows, n_rows)
     tpr = triton.cdiv(tab_rows, ks.row_tile)  # tiles per table row
     tiles = (triton.cdiv(n_rows, tab_rows) * tpr, tab_rows, tpr)
@@ -113,12 +143,15 @@ def _consts(call: Call, q, v, pad) -> dict:
                 PREC=_attn.dot_precision(v.dtype))
 
 
-def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=None):
+def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=None, slopes=None, table=None,
+            cu=None):
     """``(out, lse)`` of rows ``q (B, H, n_rows, D)`` over ``k``/``v (B, H/groups, ·, ·)``.
 
     ``splits > 1`` cuts each row's slots into that many ranges run by separate
     programs and merges their fp32 partials by lse. ``quant = (q_int8, q_scale,
-    k_int8, k_scale, q_block, k_block)`` scores with an int8 dot.
+    k_int8, k_scale, q_block, k_block)`` scores with an int8 dot. ``slopes`` /
+    ``table``: the tensors of ``call.mod``; ``cu = (cu_q, cu_k)`` int32 offsets
+    of a varlen call (``call.seqs`` sequences packed in batch row 0).
     """
     B, H, n_rows, _ = q.shape
     Dv = v.shape[-1]
@@ -134,22 +167,26 @@ def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=
         qq, kk, qs, kscale, qb, kb = q, k, _dummy(q.device), _dummy(q.device), 1, 1
     else:
         qq, qs, kk, kscale, qb, kb = quant
-    _attn._fwd_kernel[(n_tiles, B * H, splits)](
-        qq, kk, v, out, lse, qs, kscale, tab, pidx, pm, padt,
+    (sl, tb), mod_scalars, mod_consts = _mod_args(call, slopes, table, q.device)
+    cuq, cuk = cu if cu is not None else (_dummy(q.device),) * 2
+    _attn._fwd_kernel[(n_tiles, (call.seqs or B) * H, splits)](
+        qq, kk, v, out, lse, qs, kscale, tab, pidx, pm, padt, sl, tb, cuq, cuk,
         qq.stride(0), qq.stride(1), qq.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
         *_bstrides(qs, 2), *_bstrides(kscale, 2),
         *tstr, *padstr, *pmstr,
         n_rows, call.k_end, call.keys.k_base, call.q_off, call.rows_mod, call.groups, n_slots, per,
-        call.scale * LOG2E, tab_len, tab_rows, tpr, call.keys.tab_hdiv, H,
-        QUANT=quant is not None, Q_BLOCK=qb, K_BLOCK=kb, **_consts(call, q, v, pad))
+        call.scale * LOG2E, tab_len, tab_rows, tpr, call.keys.tab_hdiv, H, *mod_scalars,
+        QUANT=quant is not None, Q_BLOCK=qb, K_BLOCK=kb, **_consts(call, q, v, pad), **mod_consts)
     if splits == 1:
         return out[0], lse[0]
     return merge(*(Partial(out[i], lse[i]) for i in range(splits)))
 
 
-def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call):
-    """``(dq, dk, dv)`` of :func:`forward` (``splits = 1``), recomputing probabilities from ``lse``."""
+def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call, slopes=None, table=None, cu=None,
+             bias_grad: bool = False):
+    """``(dq, dk, dv, dslopes, dtable)`` of :func:`forward` (``splits = 1``), recomputing probabilities from
+    ``lse``; the mod tensors' gradients are None unless ``bias_grad``."""
     B, H, n_rows, _ = q.shape
     (tab, pidx, pm, padt), (tstr, padstr, pmstr), (n_tiles, tab_rows, tpr), tab_len = _common(call, q, k, pad)
     d_out = d_out.contiguous()
@@ -161,34 +198,53 @@ def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call):
     dq = torch.empty_like(q)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-    _attn._bwd_kernel[(n_tiles, B * H)](
-        q, k, v, d_out, lse, delta, dq, dk, dv, tab, pidx, pm, padt,
+    dsl = torch.zeros_like(slopes) if bias_grad and slopes is not None else _dummy(q.device).float()
+    dtb = torch.zeros_like(table) if bias_grad and table is not None else _dummy(q.device).float()
+    (sl, tb), mod_scalars, mod_consts = _mod_args(call, slopes, table, q.device)
+    cuq, cuk = cu if cu is not None else (_dummy(q.device),) * 2
+    _attn._bwd_kernel[(n_tiles, (call.seqs or B) * H)](
+        q, k, v, d_out, lse, delta, dq, dk, dv, tab, pidx, pm, padt, sl, tb, cuq, cuk, dsl, dtb,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        *tstr, *padstr, *pmstr,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), lse.stride(0),
+        lse.stride(1), *tstr, *padstr, *pmstr,
         n_rows, call.k_end, call.keys.k_base, call.q_off, call.rows_mod, call.groups,
         call.keys.n_slots(call.k_end), call.scale * LOG2E, call.scale, tab_len, tab_rows, tpr,
-        call.keys.tab_hdiv, H, **_consts(call, q, v, pad))
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+        call.keys.tab_hdiv, H, *mod_scalars, BIAS_GRAD=bias_grad, **_consts(call, q, v, pad), **mod_consts)
+    grads = (dsl if bias_grad and slopes is not None else None, dtb if bias_grad and table is not None else None)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), *grads
 
 
 class _KernelAttention(torch.autograd.Function):
-    """Forward and backward kernels for one :class:`Call`; ``(out, lse)``, both differentiable."""
+    """Forward and backward kernels for one :class:`Call`; ``(out, lse)``, both differentiable in q, k, v and the
+    mod's ``slopes`` / ``table``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pad, call):  # noqa: D401  (autograd signature)
+    def forward(ctx, q, k, v, pad, call, slopes=None, table=None, cu=None):  # noqa: D401  (autograd signature)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = forward(q, k, v, pad, call)
-        ctx.save_for_backward(q, k, v, pad, out, lse)
-        ctx.call = call
+        out, lse = forward(q, k, v, pad, call, slopes=slopes, table=table, cu=cu)
+        ctx.save_for_backward(q, k, v, pad, out, lse, slopes, table)
+        ctx.call, ctx.cu = call, cu
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, pad, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward(q, k, v, pad, out, lse, d_out, d_lse, ctx.call)
-        return dq, dk, dv, None, None
+        q, k, v, pad, out, lse, slopes, table = ctx.saved_tensors
+        dq, dk, dv, dsl, dtb = backward(q, k, v, pad, out, lse, d_out, d_lse, ctx.call, slopes, table, ctx.cu,
+                                        bias_grad=any(ctx.needs_input_grad[5:7]))
+        return dq, dk, dv, None, None, dsl, dtb, None
+
+
+def _mod_tensors(mod_tensors) -> tuple:
+    """``(Mod, slopes, table)`` from ``(slopes or None, table or None, cap or None)``: fp32, contiguous, with the
+    table's rows as ``(Hq or 1, 2R + 1)``."""
+    slopes, table, cap = mod_tensors or (None, None, None)
+    if slopes is None and table is None and cap is None:
+        return None, None, None
+    slopes = None if slopes is None else slopes.float().contiguous()
+    table = None if table is None else table.float().reshape(-1, table.shape[-1]).contiguous()
+    return (Mod(slopes is not None, table is not None, cap, 0 if table is None else table.shape[-1] // 2),
+            slopes, table)
 
 
 def _pad_arg(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -198,17 +254,35 @@ def _pad_arg(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 # ------------------------------------------------------------------ dense
 def flash_attention(q, k, v, *, scale: float, causal: bool, key_padding_mask=None, q_offset: int | None = None,
-                    k_offset: int = 0, block_m: int = 64, block_n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+                    k_offset: int = 0, block_m: int = 64, block_n: int = 64, slopes=None, table=None,
+                    cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention ``(out, lse)`` (FlashAttention-2 tiles; causal tiles above the diagonal skipped).
 
     ``q_offset``/``k_offset``: absolute positions of the first query / key (default bottom-right), as in
-    :func:`attnzoo.core.exact.tiled_attention`, whose contract this has.
+    :func:`attnzoo.core.exact.tiled_attention`, whose contract this has. ``slopes`` (ALiBi, ``(Hq,)``),
+    ``table`` (relative bias, ``(Hq, 2R+1)`` or ``(2R+1,)``) and ``cap`` (softcap): see :class:`Mod`.
     """
     Nq, Nk = q.shape[2], k.shape[2]
     q_off = (Nk - Nq if q_offset is None else q_offset) - k_offset
+    mod, slopes, table = _mod_tensors((slopes, table, cap))
     keys = Keys(DENSE, block_m, block_n, block_m)
-    call = Call(keys, scale, causal, q_off, Nq, q.shape[1] // k.shape[1], Nk)
-    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call)
+    call = Call(keys, scale, causal, q_off, Nq, q.shape[1] // k.shape[1], Nk, mod=mod)
+    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table)
+
+
+def varlen_attention(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, *, scale: float, causal: bool,
+                     block_m: int = 64, block_n: int = 64, slopes=None, table=None,
+                     cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences in one launch: ``q (1, Hq, total_q, D)``, ``k``/``v (1, Hkv, total_k, ·)``; sequence
+    ``i``'s queries ``cu_q[i]:cu_q[i+1]`` attend its keys ``cu_k[i]:cu_k[i+1]`` (causal bottom-right within the
+    sequence; positions for the mods count from each sequence's start). ``max_q``: the longest sequence's query
+    count (the grid). Differentiable; ``(out, lse)`` over the packed queries."""
+    mod, slopes, table = _mod_tensors((slopes, table, cap))
+    keys = Keys(DENSE, block_m, block_n, block_m)
+    call = Call(keys, scale, causal, 0, 1 << 30, q.shape[1] // k.shape[1], k.shape[2], mod=mod,
+                seqs=cu_q.numel() - 1, max_rows=max(int(max_q), 1))
+    cu = (cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous())
+    return _KernelAttention.apply(q, k, v, None, call, slopes, table, cu)
 
 
 # ----------------------------------------------------------------- layouts
@@ -261,19 +335,23 @@ def _token_keys(layout: TokenLayout, heads_q: int, heads_kv: int) -> Keys:
 
 
 def layout_attention(q, k, v, layout: BlockLayout | TokenLayout, *, scale: float, causal: bool,
-                     key_padding_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention restricted to ``layout`` (as :func:`attnzoo.core.blocksparse.attend`); differentiable."""
+                     key_padding_mask=None, slopes=None, table=None,
+                     cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention restricted to ``layout`` (as :func:`attnzoo.core.blocksparse.attend`); differentiable.
+    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`)."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     check_layout(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, causal=causal)
     keys = _block_keys(layout, Hq, Hkv) if isinstance(layout, BlockLayout) else _token_keys(layout, Hq, Hkv)
-    call = Call(keys, scale, causal, Nk - Nq, Nq, Hq // Hkv, Nk)
-    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call)
+    mod, slopes, table = _mod_tensors((slopes, table, cap))
+    call = Call(keys, scale, causal, Nk - Nq, Nq, Hq // Hkv, Nk, mod=mod)
+    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table)
 
 
 # ------------------------------------------------------------------ decode
 def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start: int = 0, stop: int | None = None,
-            q_off: int | None = None, splits: int = 8, block_n: int = 64) -> Partial:
+            q_off: int | None = None, splits: int = 8, block_n: int = 64, slopes=None, table=None,
+            cap: float | None = None) -> Partial:
     """Split-K attention of ``q (B, Hq, nq, D)`` over a KV store ``k``/``v (B, Hkv, cap, ·)``.
 
     Reads either the slots ``[start, stop)`` in place or the selected slots
@@ -282,6 +360,7 @@ def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start:
     queries are the newest slots ending at ``stop`` (their positions start at
     ``q_off``, default ``stop - nq``). ``valid (B, Hkv, cap)`` hides padding.
     The splits' partials are merged by lse; returns a :class:`Partial` in fp32.
+    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`; forward only).
     """
     B, Hq, nq, D = q.shape
     Hkv = k.shape[1]
@@ -294,9 +373,10 @@ def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start:
         keys = Keys(DENSE, block_m, block_n, block_m, k_base=start)
     else:
         keys = Keys(TOKENS, block_m, block_n, block_m, tab=idx.to(torch.int32).unsqueeze(2).contiguous())
-    call = Call(keys, scale, causal, stop - nq if q_off is None else q_off, nq, 1, stop)
+    mod, slopes, table = _mod_tensors((slopes, table, cap))
+    call = Call(keys, scale, causal, stop - nq if q_off is None else q_off, nq, 1, stop, mod=mod, hfold=G)
     pad = None if valid is None else valid.to(torch.int8)
-    out, lse = forward(rows, k, v, pad, call, splits=splits, out_dtype=torch.float32)
+    out, lse = forward(rows, k, v, pad, call, splits=splits, out_dtype=torch.float32, slopes=slopes, table=table)
     return Partial(out.float().reshape(B, Hq, nq, -1), lse.reshape(B, Hq, nq))
 
 
