@@ -44,11 +44,13 @@ class Case:
 
 @dataclass(frozen=True)
 class Runner:
-    """How one backend runs instances of ``cls``: ``check`` lists why it cannot, ``run`` gives ``(out, lse)``."""
+    """How one backend runs instances of ``cls``: ``check`` lists why it cannot, ``run`` gives ``(out, lse)``;
+    ``mods``: ``run`` takes the built-in score_mods (:func:`kernel_mod`)."""
 
     cls: type
     check: Callable[[Any, Case], list[str]]
     run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    mods: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,11 +94,62 @@ def _triton_common(case: Case) -> list[str]:
         why.append(f"dtype {case.q.dtype} (the kernels take float16/bfloat16/float32)")
     if max(case.q.shape[-1], case.v.shape[-1]) > 256:
         why.append(f"head dim {max(case.q.shape[-1], case.v.shape[-1])} > 256")
-    return why + _score_mod(case)
+    return why
 
 
 def _score_mod(case: Case) -> list[str]:
-    return ["score_mod (the kernels apply no score modification)"] if case.inputs.get("score_mod") else []
+    return ["score_mod (this backend runs this method without score modifications)"] \
+        if case.inputs.get("score_mod") else []
+
+
+#: what the kernels' score_mod specialisations cover (explain's words)
+KERNEL_MODS = ("alibi, relative_bias, their sums (mods.compose), optionally followed by one softcap; a user "
+               "function runs on the torch backend")
+
+
+def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
+    """A built-in score_mod as the kernels' arguments ``{slopes, table, cap}`` (``{}`` for none), or the reasons
+    it cannot be one.
+
+    ``compose(biases..., softcap)`` becomes one ALiBi slope vector (the slopes summed), one relative table (the
+    tables brought to the largest radius by repeating their edge entries, shared rows broadcast) and a cap,
+    all through differentiable torch ops, so gradients reach the mod's own tensors.
+    """
+    if score_mod is None:
+        return {}, []
+    from . import mods
+    parts, stack = [], [score_mod]
+    while stack:  # flatten compositions, in order
+        m = stack.pop(0)
+        if isinstance(m, (mods._BiasSum, mods._Composed)):
+            stack[:0] = list(m.parts)
+        else:
+            parts.append(m)
+    caps = [i for i, m in enumerate(parts) if isinstance(m, mods._Softcap)]
+    other = [m for m in parts if not isinstance(m, (mods._Alibi, mods._RelativeBias, mods._Softcap))]
+    if other:
+        name = getattr(other[0], "__name__", type(other[0]).__name__)
+        return {}, [f"score_mod {name!r} (the kernels apply only {KERNEL_MODS})"]
+    if len(caps) > 1 or (caps and caps[0] != len(parts) - 1):
+        return {}, [f"score_mod with a softcap before another mod (the kernels apply only {KERNEL_MODS})"]
+    Hq, dev = q.shape[1], q.device
+    slopes = [m.slopes for m in parts if isinstance(m, mods._Alibi)]
+    tables = [m.table for m in parts if isinstance(m, mods._RelativeBias)]
+    bad = [f"alibi slopes of shape {tuple(t.shape)} (expected ({Hq},))" for t in slopes if t.numel() != Hq]
+    bad += [f"relative_bias table of shape {tuple(t.shape)} (expected rows 1 or {Hq})" for t in tables
+            if t.dim() == 2 and t.shape[0] not in (1, Hq)]
+    if bad:
+        return {}, bad
+    out = {"cap": parts[caps[0]].cap} if caps else {}
+    if slopes:
+        out["slopes"] = sum(t.to(dev, torch.float32) for t in slopes)
+    if tables:
+        radius = max(t.shape[-1] // 2 for t in tables)
+        pos = torch.arange(-radius, radius + 1, device=dev)
+        out["table"] = sum(t.to(dev, torch.float32).reshape(-1, t.shape[-1])[
+                               :, pos.clamp(-(t.shape[-1] // 2), t.shape[-1] // 2) + t.shape[-1] // 2]
+                           for t in tables)
+    return out, []
 
 
 # ---------------------------------------------------------------- runners
@@ -109,13 +162,15 @@ def _no_grad(case: Case, what: str) -> list[str]:
     return [f"gradients ({what} is forward only)"] if case.grad else []
 
 
-def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
-    return _kernels().flash_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask)
+def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
+    return _kernels().flash_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                                      **kernel_mod(score_mod, q)[0])
 
 
-def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
     valid = None if key_padding_mask is None else key_padding_mask[:, None, :].expand(-1, prob.heads_kv, -1)
-    out, lse = _kernels().split_k(q, k, v, scale=prob.scale, causal=causal, valid=valid, splits=m.splits)
+    out, lse = _kernels().split_k(q, k, v, scale=prob.scale, causal=causal, valid=valid, splits=m.splits,
+                                  **kernel_mod(score_mod, q)[0])
     return out, lse
 
 
@@ -126,16 +181,18 @@ def _own_layouts(m, case: Case) -> list[str]:
     return []
 
 
-def _layouts(m, q, k, prob, causal, key_padding_mask):
-    return m.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask)
+def _layouts(m, q, k, prob, causal, key_padding_mask, score_mod=None):
+    return m.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
 
 
-def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
+    """The method's layouts (a dynamic method selects on the modified scores) through the layout kernel."""
     from .core.partial import Partial, merge
     kern = _kernels()
+    mod = kernel_mod(score_mod, q)[0]
     parts = [Partial(*kern.layout_attention(q, k, v, lay, scale=prob.scale, causal=causal,
-                                            key_padding_mask=key_padding_mask))
-             for lay in _layouts(m, q, k, prob, causal, key_padding_mask)]
+                                            key_padding_mask=key_padding_mask, **mod))
+             for lay in _layouts(m, q, k, prob, causal, key_padding_mask, score_mod)]
     return merge(*parts)
 
 
@@ -194,11 +251,11 @@ def _runners() -> dict[str, list[Runner]]:
         from .catalog.sparse._base import LayoutMethod
         _RUNNERS = {
             "triton": [
-                Runner(Exact, lambda m, c: [], _triton_exact),
-                Runner(ExactTiled, lambda m, c: [], _triton_exact),
-                Runner(FlashDecode, lambda m, c: _no_grad(c, "split-K decode"), _triton_flash_decode),
+                Runner(Exact, lambda m, c: [], _triton_exact, mods=True),
+                Runner(ExactTiled, lambda m, c: [], _triton_exact, mods=True),
+                Runner(FlashDecode, lambda m, c: _no_grad(c, "split-K decode"), _triton_flash_decode, mods=True),
                 *(Runner(cls, lambda m, c: [], _triton_engines) for cls in _engine_methods()),
-                Runner(LayoutMethod, _own_layouts, _triton_layouts),
+                Runner(LayoutMethod, _own_layouts, _triton_layouts, mods=True),
                 Runner(Sage, _sage_check, _triton_sage),
             ],
             "flex": [Runner(LayoutMethod, _flex_check, _flex_layouts)],
@@ -255,6 +312,8 @@ def _verdict(method, backend: str, case: Case) -> tuple[list[str], Runner | None
     if runner is None:
         return [f"no {backend} implementation of {method.name!r}"], None
     why = (_triton_common(case) if backend == "triton" else _flex_common(case)) + runner.check(method, case)
+    if backend == "triton":
+        why += kernel_mod(case.inputs.get("score_mod"), case.q)[1] if runner.mods else _score_mod(case)
     return why, runner
 
 
@@ -307,14 +366,50 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
     rows = []
     for b in BACKENDS:
         why = base + _verdict(m, b, case)[0]
-        note = ("score_mod: a distance bias (alibi, relative_bias, their sums) in the fused CPU kernel (exact "
-                "family, banded layouts), any other mod on the generic engines (tiled, the block-sparse slot loop)"
-                if b == "torch" and score_mod is not None else "")
+        note = ""
+        if score_mod is not None and b == "torch":
+            note = ("score_mod: a distance bias (alibi, relative_bias, their sums) in the fused CPU kernel (exact "
+                    "family, banded layouts), any other mod on the generic engines (tiled, the block-sparse slot "
+                    "loop)")
+        elif score_mod is not None and b == "triton":
+            note = "score_mod as a kernel specialisation (ALiBi slopes / relative table / softcap, fwd and bwd)"
         rows.append(Verdict(b, not why, tuple(why), note))
     auto = "torch" if choose(m, "auto", case) is None else "triton"
     picked = next(r for r in rows if r.backend == auto)
     rows.insert(0, Verdict(f"auto ({auto})", picked.runs, picked.reasons, picked.note))
     return rows
+
+
+def packed(method, q, k, v, cu_q: list[int], cu_k: list[int], *, causal: bool, scale, score_mod, sinks,
+           backend: str, inputs: dict, return_lse: bool):
+    """A varlen call (offsets already checked) in ONE dense-kernel launch over every packed sequence, or None
+    when that does not apply (then each sequence runs as its own call, on ``backend``).
+
+    Applies to ``exact`` / ``exact_tiled`` on the triton backend (``auto``: CUDA inputs) with no extra inputs
+    and a score_mod the kernels take; sinks merge after the launch. Same results as the per-sequence calls.
+    """
+    from .catalog.exact import Exact, ExactTiled
+    from .checks import check_qkv
+    if backend not in ("auto", "triton") or type(method) not in (Exact, ExactTiled) or inputs:
+        return None
+    if (backend == "auto" and q.device.type != "cuda") or 0 in (q.shape[2], k.shape[2]):
+        return None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    case = Case(q, k, v, causal, None, True, grad, {"score_mod": score_mod} if score_mod is not None else {})
+    if _triton_common(case) or kernel_mod(score_mod, q)[1]:
+        return None
+    prob = check_qkv(q, k, v, None, scale, grad=grad)
+    method.check_capabilities(prob, causal=causal, key_padding_mask=None, return_lse=return_lse, grad=grad)
+    method.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
+    dev = q.device
+    out, lse = _kernels().varlen_attention(
+        q, k, v, torch.tensor(cu_q, dtype=torch.int32, device=dev), torch.tensor(cu_k, dtype=torch.int32, device=dev),
+        max(b - a for a, b in zip(cu_q, cu_q[1:])), scale=prob.scale, causal=causal, **kernel_mod(score_mod, q)[0])
+    if sinks is not None:
+        from .core.scoremod import with_sinks
+        out, lse = with_sinks(out, lse, sinks)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -76,12 +76,18 @@ def softcap(cap: float) -> ScoreMod:
     """Logit soft-capping (Gemma 2, Grok): ``cap * tanh(score / cap)``."""
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
         raise AttnZooError(f"softcap: cap expected a positive finite number, got {cap!r}")
-    cap = float(cap)
+    return _Softcap(float(cap))
 
-    def softcap_mod(score, b, h, q_idx, kv_idx):
+
+class _Softcap:
+    """``cap * tanh(score / cap)``; ``cap`` is read by the Triton backend (a kernel specialisation)."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        cap = self.cap
         return torch.tanh(score / cap) * cap if score.requires_grad else score.div_(cap).tanh_().mul_(cap)
-
-    return softcap_mod
 
 
 def relative_bias(table: torch.Tensor) -> ScoreMod:
@@ -124,11 +130,17 @@ def compose(*score_mods: ScoreMod) -> ScoreMod:
         raise AttnZooError("compose: expected at least one score_mod, got none")
     if all(isinstance(m, DistanceBias) for m in score_mods):
         return _BiasSum(score_mods)
+    return _Composed(score_mods)
 
-    def composed(score, b, h, q_idx, kv_idx):
-        return _apply_in_order(score_mods, score, b, h, q_idx, kv_idx)
 
-    return composed
+class _Composed:
+    """score_mods applied in order (``parts``; the Triton backend reads them to build a kernel specialisation)."""
+
+    def __init__(self, parts: tuple) -> None:
+        self.parts = parts
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return _apply_in_order(self.parts, score, b, h, q_idx, kv_idx)
 
 
 def _apply_in_order(score_mods, score, b, h, q_idx, kv_idx):

@@ -8,7 +8,8 @@ within each sequence, so a sequence with fewer queries than keys is a decode / c
 Each sequence runs as its own call of the method on its slice of the packed tensors: nothing is
 padded, no ``total × total`` mask exists, a static sparse method builds (and caches) the layout of each
 document length, and a linear method's recurrent state starts afresh at every boundary. The cost is
-``Σ_i Nq_i·Nk_i`` instead of the padded batch's ``B·max Nq·max Nk``.
+``Σ_i Nq_i·Nk_i`` instead of the padded batch's ``B·max Nq·max Nk``. On the Triton backend, ``exact`` and
+``exact_tiled`` run every sequence in one kernel launch instead (:func:`attnzoo.backends.packed`).
 
 :func:`pack` / :func:`unpack` move between a padded batch with an attention mask and the packed form
 (ByteTransformer's padding-free path): pack once, run every layer on the packed tokens, unpack at the end.
@@ -84,6 +85,10 @@ def run_varlen(method: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if isinstance(t, torch.Tensor) and (t.dim() < 3 or t.shape[2] != k.shape[2]):
             raise UnsupportedError(f"{method.name}: input {name!r} must have the packed key length {k.shape[2]} "
                                    f"at dim 2 to be cut per sequence, got shape {tuple(t.shape)}")
+    from .backends import packed
+    one = packed(method, q, k, v, cq, ck, inputs=inputs, return_lse=return_lse, **call)
+    if one is not None:  # every sequence in one kernel launch
+        return one
     outs, lses = [], []
     for (q0, q1), (k0, k1) in zip(zip(cq, cq[1:]), zip(ck, ck[1:])):
         if q1 == q0:
