@@ -45,12 +45,14 @@ class Case:
 @dataclass(frozen=True)
 class Runner:
     """How one backend runs instances of ``cls``: ``check`` lists why it cannot, ``run`` gives ``(out, lse)``;
-    ``mods``: ``run`` takes the built-in score_mods (:func:`kernel_mod`)."""
+    ``mods``: ``run`` takes the built-in score_mods (:func:`kernel_mod`); ``sinks``: ``run`` takes ``sinks``
+    (else :class:`~attnzoo.registry.Method` merges them after the call)."""
 
     cls: type
     check: Callable[[Any, Case], list[str]]
     run: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
     mods: bool = False
+    sinks: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,15 +164,16 @@ def _no_grad(case: Case, what: str) -> list[str]:
     return [f"gradients ({what} is forward only)"] if case.grad else []
 
 
-def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
+def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, sinks=None, **_):
     return _kernels().flash_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
-                                      **kernel_mod(score_mod, q)[0])
+                                      sinks=sinks, **kernel_mod(score_mod, q)[0])
 
 
-def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
+def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, sinks=None,
+                         **_):
     valid = None if key_padding_mask is None else key_padding_mask[:, None, :].expand(-1, prob.heads_kv, -1)
     out, lse = _kernels().split_k(q, k, v, scale=prob.scale, causal=causal, valid=valid, splits=m.splits,
-                                  **kernel_mod(score_mod, q)[0])
+                                  sinks=sinks, **kernel_mod(score_mod, q)[0])
     return out, lse
 
 
@@ -185,14 +188,15 @@ def _layouts(m, q, k, prob, causal, key_padding_mask, score_mod=None):
     return m.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
 
 
-def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
-    """The method's layouts (a dynamic method selects on the modified scores) through the layout kernel."""
+def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, sinks=None, **_):
+    """The method's layouts (a dynamic method selects on the modified scores) through the layout kernel, merged
+    by lse; the first layout's launch adds the sinks."""
     from .core.partial import Partial, merge
     kern = _kernels()
     mod = kernel_mod(score_mod, q)[0]
     parts = [Partial(*kern.layout_attention(q, k, v, lay, scale=prob.scale, causal=causal,
-                                            key_padding_mask=key_padding_mask, **mod))
-             for lay in _layouts(m, q, k, prob, causal, key_padding_mask, score_mod)]
+                                            key_padding_mask=key_padding_mask, sinks=None if i else sinks, **mod))
+             for i, lay in enumerate(_layouts(m, q, k, prob, causal, key_padding_mask, score_mod))]
     return merge(*parts)
 
 
@@ -251,11 +255,12 @@ def _runners() -> dict[str, list[Runner]]:
         from .catalog.sparse._base import LayoutMethod
         _RUNNERS = {
             "triton": [
-                Runner(Exact, lambda m, c: [], _triton_exact, mods=True),
-                Runner(ExactTiled, lambda m, c: [], _triton_exact, mods=True),
-                Runner(FlashDecode, lambda m, c: _no_grad(c, "split-K decode"), _triton_flash_decode, mods=True),
+                Runner(Exact, lambda m, c: [], _triton_exact, mods=True, sinks=True),
+                Runner(ExactTiled, lambda m, c: [], _triton_exact, mods=True, sinks=True),
+                Runner(FlashDecode, lambda m, c: _no_grad(c, "split-K decode"), _triton_flash_decode, mods=True,
+                       sinks=True),
                 *(Runner(cls, lambda m, c: [], _triton_engines) for cls in _engine_methods()),
-                Runner(LayoutMethod, _own_layouts, _triton_layouts, mods=True),
+                Runner(LayoutMethod, _own_layouts, _triton_layouts, mods=True, sinks=True),
                 Runner(Sage, _sage_check, _triton_sage),
             ],
             "flex": [Runner(LayoutMethod, _flex_check, _flex_layouts)],
@@ -386,7 +391,7 @@ def packed(method, q, k, v, cu_q: list[int], cu_k: list[int], *, causal: bool, s
     when that does not apply (then each sequence runs as its own call, on ``backend``).
 
     Applies to ``exact`` / ``exact_tiled`` on the triton backend (``auto``: CUDA inputs) with no extra inputs
-    and a score_mod the kernels take; sinks merge after the launch. Same results as the per-sequence calls.
+    and a score_mod the kernels take (sinks too). Same results as the per-sequence calls.
     """
     from .catalog.exact import Exact, ExactTiled
     from .checks import check_qkv
@@ -404,10 +409,8 @@ def packed(method, q, k, v, cu_q: list[int], cu_k: list[int], *, causal: bool, s
     dev = q.device
     out, lse = _kernels().varlen_attention(
         q, k, v, torch.tensor(cu_q, dtype=torch.int32, device=dev), torch.tensor(cu_k, dtype=torch.int32, device=dev),
-        max(b - a for a, b in zip(cu_q, cu_q[1:])), scale=prob.scale, causal=causal, **kernel_mod(score_mod, q)[0])
-    if sinks is not None:
-        from .core.scoremod import with_sinks
-        out, lse = with_sinks(out, lse, sinks)
+        max(b - a for a, b in zip(cu_q, cu_q[1:])), scale=prob.scale, causal=causal, sinks=sinks,
+        **kernel_mod(score_mod, q)[0])
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

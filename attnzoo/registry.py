@@ -357,11 +357,6 @@ class Method:
         self.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask,
                                 return_lse=return_lse, grad=grad)
         self.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
-        if sinks is not None:
-            out, lse = self(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
-                            score_mod=score_mod, backend=backend, **inputs)
-            out, lse = with_sinks(out, lse, sinks)
-            return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
         if score_mod is not None:
             inputs = {**inputs, "score_mod": score_mod}
         unknown = sorted(set(inputs) - set(self.inputs) - {"score_mod"})
@@ -370,7 +365,15 @@ class Method:
             raise AttnZooError(f"{self.name}: unknown input(s) {unknown}; this method's extra inputs: {valid}")
         runner = backends.choose(self, backend, backends.Case(q, k, v, causal, key_padding_mask, return_lse, grad,
                                                               inputs))
-        if 0 in (prob.batch, prob.heads_q, prob.len_q, prob.len_k):
+        empty = 0 in (prob.batch, prob.heads_q, prob.len_q, prob.len_k)
+        if sinks is not None and runner is not None and runner.sinks and not empty:
+            inputs = {**inputs, "sinks": sinks}  # the kernel adds them to its denominators
+        elif sinks is not None:  # a partial (0, sinks) merged with the attention's (out, lse)
+            out, lse = self(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
+                            backend=backend, **inputs)
+            out, lse = with_sinks(out, lse, sinks)
+            return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)
+        if empty:
             out = q.new_zeros(prob.batch, prob.heads_q, prob.len_q, prob.dim_v)
             lse = q.new_full((prob.batch, prob.heads_q, prob.len_q), -math.inf, dtype=torch.float32)
             # keep the graph connected so backward works on empty inputs too

@@ -76,3 +76,28 @@ def test_flex_block_mask_of_a_layout_equals_the_engine(causal):
                 # fp32 flex against a float64 reference: eager flex keeps lse in base 2 and converts, so its lse
                 # differs by up to ~5e-5 at |lse| ~ 4 on some CPUs (CI saw 5.1e-5); 2e-4 bounds that with margin.
                 assert_matches(got[0].double(), got[1].double(), *want, tol=2e-4)
+
+
+def test_triton_takes_built_in_mods_and_names_what_it_refuses():
+    """explain(): the triton backend runs alibi / relative_bias / their sums / a final softcap (as kernel
+    specialisations); a user function, a softcap before a bias and mismatched slopes are reasons, and methods
+    whose triton runner takes no mod say so."""
+    pytest.importorskip("triton")
+    q, k, v = _qkv()
+    mods = az.mods
+    ok = [mods.alibi(mods.alibi_slopes(4)), mods.softcap(20.0),
+          mods.compose(mods.relative_bias(torch.randn(9)), mods.alibi(torch.rand(4)), mods.softcap(5.0))]
+    for mod in ok:
+        row = next(r for r in az.explain("exact", q, k, v, causal=True, score_mod=mod) if r.backend == "triton")
+        assert row.runs and "kernel specialisation" in row.note, str(row)
+    refused = [(lambda s, b, h, qi, ki: s * 2, "score_mod '<lambda>'"),
+               (mods.compose(mods.softcap(5.0), mods.alibi(torch.rand(4))), "softcap before another mod"),
+               (mods.alibi(torch.rand(3)), r"alibi slopes of shape \(3,\) \(expected \(4,\)\)")]
+    for mod, why in refused:
+        row = next(r for r in az.explain("exact", q, k, v, causal=True, score_mod=mod) if r.backend == "triton")
+        assert not row.runs and any(__import__("re").search(why, r) for r in row.reasons), str(row)
+        with pytest.raises(az.UnsupportedError, match=why):
+            az.attention(q, k, v, causal=True, score_mod=mod, backend="triton")
+    row = next(r for r in az.explain("bigbird", q, k, v, causal=True, window=8, block=8,
+                                     score_mod=mods.softcap(5.0)) if r.backend == "triton")
+    assert any("without score modifications" in r for r in row.reasons)

@@ -10,6 +10,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import attnzoo as az
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout
@@ -118,6 +120,167 @@ def test_token_layout_with_mask_mod_matches_masked_reference():
     assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
     so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
     _check_grads(_grads(out, lse, (q, k, v), so, sl), _grads(r_out, r_lse, ref, so, sl), 5e-5)
+
+
+def _mod_case(Hq, alibi, table, cap, grad=True):
+    """Kernel arguments and the float64 reference score_mod of the same built-in mods (ALiBi slopes, a relative
+    table of radius 4, per head or shared, a softcap), with their leaves for gradients."""
+    leaves, args, parts = [], {}, []
+    if alibi:
+        args["slopes"] = (torch.rand(Hq, device=DEV) * 0.6).requires_grad_(grad)
+    if table:
+        args["table"] = torch.randn(*((Hq,) if table == "head" else ()), 9, device=DEV).requires_grad_(grad)
+    for name, t in args.items():
+        ref = t.detach().double().requires_grad_(grad)
+        leaves.append((t, ref))
+        parts.append(az.mods.alibi(ref) if name == "slopes" else az.mods.relative_bias(ref))
+    if cap:
+        args["cap"] = cap
+        parts.append(az.mods.softcap(cap))
+    return args, az.mods.compose(*parts), leaves
+
+
+@pytest.mark.parametrize("causal,Nq,Nk,pad,alibi,table,cap", [
+    (True, 21, 37, True, True, "head", 1.5),  # every mod, bottom-right causal, empty rows
+    (False, 40, 19, False, True, "shared", None),
+    (True, 33, 33, False, False, None, 0.7),  # softcap alone, scores far beyond the cap (both tanh branches)
+])
+def test_dense_kernel_mods_match_float64_with_gradients_to_the_mod_tensors(causal, Nq, Nk, pad, alibi, table, cap):
+    """ALiBi / relative bias / softcap as kernel specialisations (GQA 4/2): out, lse and the gradients of q, k, v,
+    the slopes and the table (atomics) against naive attention with the same mods in float64."""
+    q, k, v = _qkv(2, 4, 2, Nq, Nk, grad=True)
+    mask = _pad_with_empty_rows(2, Nk) if pad else None
+    args, mod, leaves = _mod_case(4, alibi, table, cap)
+    out, lse = kern.flash_attention(q, k, v, scale=0.3, causal=causal, key_padding_mask=mask, block_m=16,
+                                    block_n=16, **args)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_out, r_lse = naive_attention(*ref, scale=0.3, causal=causal, key_padding_mask=mask, score_mod=mod)
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
+    got = _grads(out, lse, (q, k, v, *(t for t, _ in leaves)), so, sl)
+    want = _grads(r_out, r_lse, (*ref, *(r for _, r in leaves)), so, sl)
+    for g, w in zip(got, want):  # the slopes' gradient sums ~Nq·Nk distance-weighted terms: relative tolerance
+        torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=2e-5)
+
+
+def test_sinks_join_the_kernel_denominator_with_their_gradient():
+    """A sink logit per query head in the dense kernel (GQA, causal, padding with empty rows: those rows get
+    lse = sink, out = 0), its gradient from the saved lse; and in split-K decode (added by one split only)."""
+    from attnzoo.core.scoremod import with_sinks
+    q, k, v = _qkv(2, 4, 2, 21, 37, grad=True)
+    sinks = torch.randn(4, device=DEV, requires_grad=True)
+    mask = _pad_with_empty_rows(2, 37)
+    out, lse = kern.flash_attention(q, k, v, scale=0.3, causal=True, key_padding_mask=mask, block_m=16, block_n=16,
+                                    sinks=sinks)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    r_out, r_lse = with_sinks(*naive_attention(*ref[:3], scale=0.3, causal=True, key_padding_mask=mask), ref[3])
+    assert torch.isfinite(lse).all()
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
+    _check_grads(_grads(out, lse, (q, k, v, sinks), so, sl), _grads(r_out, r_lse, ref, so, sl), 5e-5)
+
+    Q, K, V = torch.randn(2, 8, 3, 16, device=DEV), torch.randn(2, 2, 90, 16, device=DEV), \
+        torch.randn(2, 2, 90, 16, device=DEV)
+    s8, slopes = torch.randn(8, device=DEV), torch.rand(8, device=DEV)
+    got = kern.split_k(Q, K, V, scale=0.3, causal=True, stop=70, splits=3, block_n=16, sinks=s8, slopes=slopes,
+                       cap=2.0)
+    mod = az.mods.compose(az.mods.alibi(slopes.double()), az.mods.softcap(2.0))
+    want = with_sinks(*naive_attention(Q.double(), K[:, :, :70].double(), V[:, :, :70].double(), scale=0.3,
+                                       causal=True, score_mod=mod), s8.double())
+    assert_matches(got.out.double(), got.lse.double(), want.out, want.lse, tol=2e-5)
+
+
+def _packed(lens_q, lens_k, causal, grad=False):
+    cq = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    ck = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    q, k, v = _qkv(1, 4, 2, sum(lens_q), sum(lens_k), grad=grad)
+    return q, k, v, cq, ck
+
+
+def test_varlen_in_one_launch_equals_per_sequence_float64_with_mods_sinks_and_gradients():
+    """Packed sequences (empty ones, Nq > Nk, Nq < Nk, keys but no queries) through attention(cu_seqlens=...,
+    backend="triton"): ONE kernel launch, equal to every sequence run alone in float64, with ALiBi + a shared
+    table + softcap, sinks, and gradients to q, k, v, the slopes, the table and the sinks."""
+    lens_q, lens_k = [5, 0, 17, 3, 9, 0], [9, 4, 17, 0, 30, 0]
+    q, k, v, cq, ck = _packed(lens_q, lens_k, True, grad=True)
+    args, mod, leaves = _mod_case(4, True, "shared", 2.0)
+    sinks = torch.randn(4, device=DEV, requires_grad=True)
+    kmod = az.mods.compose(az.mods.alibi(args["slopes"]), az.mods.relative_bias(args["table"]),
+                           az.mods.softcap(2.0))
+    launches = []
+    real = kern.varlen_attention
+    kern.varlen_attention = lambda *a, **kw: launches.append(1) or real(*a, **kw)
+    try:
+        out, lse = az.attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, score_mod=kmod, sinks=sinks,
+                                return_lse=True, backend="triton")
+    finally:
+        kern.varlen_attention = real
+    assert launches == [1]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    r_out, r_lse = az.attention(*ref[:3], causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, score_mod=mod,
+                                sinks=ref[3], return_lse=True, backend="torch")
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
+    got = _grads(out, lse, (q, k, v, sinks, *(t for t, _ in leaves)), so, sl)
+    want = _grads(r_out, r_lse, (*ref, *(r for _, r in leaves)), so, sl)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=5e-5, rtol=2e-5)
+
+
+@given(lens=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=5),
+       causal=st.booleans())
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_varlen_kernel_over_random_boundaries_equals_per_sequence(lens, causal):
+    """Random sequence boundaries (empty sequences, sequences without keys or queries): the one-launch varlen
+    kernel equals each sequence attended alone (float64 naive)."""
+    lens_q, lens_k = [a for a, _ in lens], [b for _, b in lens]
+    if causal:  # bottom-right causal: a sequence with more queries than keys leaves its first rows empty
+        lens_k = [max(a, b) if i % 2 else b for i, (a, b) in enumerate(zip(lens_q, lens_k))]
+    q, k, v, cq, ck = _packed(lens_q, lens_k, causal)
+    if max(lens_q) == 0 or sum(lens_k) == 0:
+        return
+    out, lse = kern.varlen_attention(q, k, v, cq, ck, max(lens_q), scale=0.3, causal=causal, block_m=16,
+                                     block_n=16)
+    for i in range(len(lens_q)):
+        q0, q1, k0, k1 = int(cq[i]), int(cq[i + 1]), int(ck[i]), int(ck[i + 1])
+        r_out, r_lse = naive_attention(q[:, :, q0:q1].double(), k[:, :, k0:k1].double(), v[:, :, k0:k1].double(),
+                                       scale=0.3, causal=causal)
+        assert_matches(out[:, :, q0:q1].double(), lse[:, :, q0:q1].double(), r_out, r_lse, tol=2e-5)
+
+
+def test_composed_biases_merge_into_one_slope_vector_and_one_table():
+    """compose(alibi, relative_bias(per head, R=2), alibi, relative_bias(shared, R=4), softcap) on the kernels: the
+    slopes summed, the tables brought to R=4 by their edge entries; equal to torch with every tensor's gradient."""
+    q, k, v = _qkv(1, 4, 2, 20, 30, grad=True)
+    ts = [torch.rand(4, device=DEV), torch.randn(4, 5, device=DEV), torch.rand(4, device=DEV),
+          torch.randn(9, device=DEV)]
+    ts = [t.requires_grad_() for t in ts]
+    mod = az.mods.compose(az.mods.alibi(ts[0]), az.mods.relative_bias(ts[1]), az.mods.alibi(ts[2]),
+                          az.mods.relative_bias(ts[3]), az.mods.softcap(4.0))
+    res = [az.attention(q, k, v, causal=True, score_mod=mod, backend=b) for b in ("triton", "torch")]
+    torch.testing.assert_close(res[0], res[1], atol=2e-5, rtol=2e-5)
+    seed = torch.randn_like(res[0])
+    _check_grads(torch.autograd.grad((res[0] * seed).sum(), (q, k, v, *ts)),
+                 [g.double() for g in torch.autograd.grad((res[1] * seed).sum(), (q, k, v, *ts))], 5e-5)
+
+
+@pytest.mark.parametrize("method,params", [("sliding_window", {"window": 12, "block": 16}),
+                                           ("block_topk", {"block": 16, "topk": 2})])
+def test_layout_methods_with_mods_and_sinks_on_triton_equal_torch(method, params):
+    """Layout methods with ALiBi + softcap and sinks (the first layout's launch adds them): the triton backend
+    equals the torch backend, forward and backward (q, k, v, slopes, sinks); block_topk selects on the modified
+    scores in both."""
+    q, k, v = _qkv(1, 4, 2, 48, 48, grad=True)
+    slopes = (torch.rand(4, device=DEV) * 0.5).requires_grad_()
+    sinks = torch.randn(4, device=DEV, requires_grad=True)
+    mod = az.mods.compose(az.mods.alibi(slopes), az.mods.softcap(3.0))
+    res = [az.attention(q, k, v, method=method, causal=True, score_mod=mod, sinks=sinks, return_lse=True,
+                        backend=b, **params) for b in ("triton", "torch")]
+    assert_matches(res[0][0].double(), res[0][1].double(), res[1][0].double(), res[1][1].double(), tol=2e-5)
+    seed = torch.randn_like(res[0][0])
+    leaves = (q, k, v, slopes, sinks)
+    _check_grads(torch.autograd.grad((res[0][0] * seed).sum(), leaves),
+                 [g.double() for g in torch.autograd.grad((res[1][0] * seed).sum(), leaves)], 5e-5)
 
 
 @pytest.mark.parametrize("nq", [1, 3])

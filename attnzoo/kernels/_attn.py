@@ -27,8 +27,10 @@ adds ``slopes[qh]·dist``, ``REL`` adds ``table[qh, clamp(dist, ±R) + R]`` (bot
 with ``dist = kidx − (r % ROWS_MOD + q_off)``, the key's position minus the
 query's, and ``qh = h·HFOLD + r // ROWS_MOD`` the query head), then ``SOFTCAP``
 maps the score to ``cap·tanh(score / cap)``; the backward adds the gradients
-of the slopes and the table atomically. ``VARLEN``: the batch index is a packed
-sequence whose query rows and keys are read from ``cu_seqlens`` offsets.
+of the slopes and the table atomically. ``SINK``: a per-query-head logit joins
+the softmax denominator with no value (gpt-oss); its gradient is a host-side
+sum over rows. ``VARLEN``: the batch index is a packed sequence whose query rows
+and keys are read from ``cu_seqlens`` offsets.
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ def _slot_end(s_hi, row0, row_end, k_base, k_end, q_off, ROWS_MOD, MODE: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK,
+def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK, SINKS,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 sos, sob, soh, som, sls, slb, slh, sqsb, sqsh, sksb, sksh,
                 stb, sth, stm, spb, sph, pmb, pmh, pmm,
@@ -190,7 +192,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PAD_HDIV: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, Q_BLOCK: tl.constexpr,
                 K_BLOCK: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr,
-                SOFTCAP: tl.constexpr, VARLEN: tl.constexpr):
+                SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, SINK: tl.constexpr):
     split = tl.program_id(2)
     b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth,
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
@@ -240,6 +242,15 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m = m_new
 
+    if SINK:  # the sink logit joins the denominator once (split 0), with no value
+        sink = tl.load(SINKS + h * HFOLD + rows // ROWS_MOD, mask=row_ok, other=0) * _LOG2E
+        sink = tl.where(split == 0, sink, float("-inf"))
+        m_new = tl.maximum(m, sink)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        den = den * alpha + tl.exp2(sink - m_safe)
+        acc = acc * alpha[:, None]
+        m = m_new
     seen = den > 0
     out = tl.where(seen[:, None], acc / tl.where(seen, den, 1.0)[:, None], 0.0)
     lse = tl.where(seen, (m + tl.log2(tl.where(seen, den, 1.0))) * _LN2, float("-inf"))

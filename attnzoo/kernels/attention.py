@@ -144,14 +144,15 @@ def _consts(call: Call, q, v, pad) -> dict:
 
 
 def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=None, slopes=None, table=None,
-            cu=None):
+            cu=None, sinks=None):
     """``(out, lse)`` of rows ``q (B, H, n_rows, D)`` over ``k``/``v (B, H/groups, ·, ·)``.
 
     ``splits > 1`` cuts each row's slots into that many ranges run by separate
     programs and merges their fp32 partials by lse. ``quant = (q_int8, q_scale,
     k_int8, k_scale, q_block, k_block)`` scores with an int8 dot. ``slopes`` /
     ``table``: the tensors of ``call.mod``; ``cu = (cu_q, cu_k)`` int32 offsets
-    of a varlen call (``call.seqs`` sequences packed in batch row 0).
+    of a varlen call (``call.seqs`` sequences packed in batch row 0); ``sinks (Hq,)``
+    fp32 logits joining every row's denominator.
     """
     B, H, n_rows, _ = q.shape
     Dv = v.shape[-1]
@@ -171,13 +172,15 @@ def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=
     cuq, cuk = cu if cu is not None else (_dummy(q.device),) * 2
     _attn._fwd_kernel[(n_tiles, (call.seqs or B) * H, splits)](
         qq, kk, v, out, lse, qs, kscale, tab, pidx, pm, padt, sl, tb, cuq, cuk,
+        sinks if sinks is not None else _dummy(q.device).float(),
         qq.stride(0), qq.stride(1), qq.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
         *_bstrides(qs, 2), *_bstrides(kscale, 2),
         *tstr, *padstr, *pmstr,
         n_rows, call.k_end, call.keys.k_base, call.q_off, call.rows_mod, call.groups, n_slots, per,
         call.scale * LOG2E, tab_len, tab_rows, tpr, call.keys.tab_hdiv, H, *mod_scalars,
-        QUANT=quant is not None, Q_BLOCK=qb, K_BLOCK=kb, **_consts(call, q, v, pad), **mod_consts)
+        QUANT=quant is not None, Q_BLOCK=qb, K_BLOCK=kb, SINK=sinks is not None, **_consts(call, q, v, pad),
+        **mod_consts)
     if splits == 1:
         return out[0], lse[0]
     return merge(*(Partial(out[i], lse[i]) for i in range(splits)))
@@ -216,23 +219,28 @@ def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call, slopes=None, tabl
 
 
 class _KernelAttention(torch.autograd.Function):
-    """Forward and backward kernels for one :class:`Call`; ``(out, lse)``, both differentiable in q, k, v and the
-    mod's ``slopes`` / ``table``."""
+    """Forward and backward kernels for one :class:`Call`; ``(out, lse)``, both differentiable in q, k, v, the
+    mod's ``slopes`` / ``table`` and the ``sinks``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pad, call, slopes=None, table=None, cu=None):  # noqa: D401  (autograd signature)
+    def forward(ctx, q, k, v, pad, call, slopes=None, table=None, cu=None, sinks=None):  # noqa: D401
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out, lse = forward(q, k, v, pad, call, slopes=slopes, table=table, cu=cu)
-        ctx.save_for_backward(q, k, v, pad, out, lse, slopes, table)
+        sinks = None if sinks is None else sinks.float().contiguous()
+        out, lse = forward(q, k, v, pad, call, slopes=slopes, table=table, cu=cu, sinks=sinks)
+        ctx.save_for_backward(q, k, v, pad, out, lse, slopes, table, sinks)
         ctx.call, ctx.cu = call, cu
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
-        q, k, v, pad, out, lse, slopes, table = ctx.saved_tensors
+        q, k, v, pad, out, lse, slopes, table, sinks = ctx.saved_tensors
         dq, dk, dv, dsl, dtb = backward(q, k, v, pad, out, lse, d_out, d_lse, ctx.call, slopes, table, ctx.cu,
                                         bias_grad=any(ctx.needs_input_grad[5:7]))
-        return dq, dk, dv, None, None, dsl, dtb, None
+        dsink = None
+        if sinks is not None and ctx.needs_input_grad[8]:  # d lse / d sink = its probability; it has no value
+            delta = (d_out.float() * out.float()).sum(-1) - (0 if d_lse is None else d_lse)
+            dsink = -(torch.exp(sinks[None, :, None] - lse) * delta).sum((0, 2))
+        return dq, dk, dv, None, None, dsl, dtb, None, dsink
 
 
 def _mod_tensors(mod_tensors) -> tuple:
@@ -255,24 +263,25 @@ def _pad_arg(key_padding_mask: torch.Tensor | None) -> torch.Tensor | None:
 # ------------------------------------------------------------------ dense
 def flash_attention(q, k, v, *, scale: float, causal: bool, key_padding_mask=None, q_offset: int | None = None,
                     k_offset: int = 0, block_m: int = 64, block_n: int = 64, slopes=None, table=None,
-                    cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    cap: float | None = None, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention ``(out, lse)`` (FlashAttention-2 tiles; causal tiles above the diagonal skipped).
 
     ``q_offset``/``k_offset``: absolute positions of the first query / key (default bottom-right), as in
     :func:`attnzoo.core.exact.tiled_attention`, whose contract this has. ``slopes`` (ALiBi, ``(Hq,)``),
-    ``table`` (relative bias, ``(Hq, 2R+1)`` or ``(2R+1,)``) and ``cap`` (softcap): see :class:`Mod`.
+    ``table`` (relative bias, ``(Hq, 2R+1)`` or ``(2R+1,)``) and ``cap`` (softcap): see :class:`Mod`;
+    ``sinks (Hq,)``: learnable sink logits in every row's denominator (differentiable).
     """
     Nq, Nk = q.shape[2], k.shape[2]
     q_off = (Nk - Nq if q_offset is None else q_offset) - k_offset
     mod, slopes, table = _mod_tensors((slopes, table, cap))
     keys = Keys(DENSE, block_m, block_n, block_m)
     call = Call(keys, scale, causal, q_off, Nq, q.shape[1] // k.shape[1], Nk, mod=mod)
-    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table)
+    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table, None, sinks)
 
 
 def varlen_attention(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, *, scale: float, causal: bool,
                      block_m: int = 64, block_n: int = 64, slopes=None, table=None,
-                     cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     cap: float | None = None, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed sequences in one launch: ``q (1, Hq, total_q, D)``, ``k``/``v (1, Hkv, total_k, ·)``; sequence
     ``i``'s queries ``cu_q[i]:cu_q[i+1]`` attend its keys ``cu_k[i]:cu_k[i+1]`` (causal bottom-right within the
     sequence; positions for the mods count from each sequence's start). ``max_q``: the longest sequence's query
@@ -282,7 +291,7 @@ def varlen_attention(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int
     call = Call(keys, scale, causal, 0, 1 << 30, q.shape[1] // k.shape[1], k.shape[2], mod=mod,
                 seqs=cu_q.numel() - 1, max_rows=max(int(max_q), 1))
     cu = (cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous())
-    return _KernelAttention.apply(q, k, v, None, call, slopes, table, cu)
+    return _KernelAttention.apply(q, k, v, None, call, slopes, table, cu, sinks)
 
 
 # ----------------------------------------------------------------- layouts
@@ -336,22 +345,22 @@ def _token_keys(layout: TokenLayout, heads_q: int, heads_kv: int) -> Keys:
 
 def layout_attention(q, k, v, layout: BlockLayout | TokenLayout, *, scale: float, causal: bool,
                      key_padding_mask=None, slopes=None, table=None,
-                     cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     cap: float | None = None, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention restricted to ``layout`` (as :func:`attnzoo.core.blocksparse.attend`); differentiable.
-    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`)."""
+    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`); ``sinks``: as :func:`flash_attention`."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     check_layout(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, causal=causal)
     keys = _block_keys(layout, Hq, Hkv) if isinstance(layout, BlockLayout) else _token_keys(layout, Hq, Hkv)
     mod, slopes, table = _mod_tensors((slopes, table, cap))
     call = Call(keys, scale, causal, Nk - Nq, Nq, Hq // Hkv, Nk, mod=mod)
-    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table)
+    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table, None, sinks)
 
 
 # ------------------------------------------------------------------ decode
 def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start: int = 0, stop: int | None = None,
             q_off: int | None = None, splits: int = 8, block_n: int = 64, slopes=None, table=None,
-            cap: float | None = None) -> Partial:
+            cap: float | None = None, sinks=None) -> Partial:
     """Split-K attention of ``q (B, Hq, nq, D)`` over a KV store ``k``/``v (B, Hkv, cap, ·)``.
 
     Reads either the slots ``[start, stop)`` in place or the selected slots
@@ -360,7 +369,8 @@ def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start:
     queries are the newest slots ending at ``stop`` (their positions start at
     ``q_off``, default ``stop - nq``). ``valid (B, Hkv, cap)`` hides padding.
     The splits' partials are merged by lse; returns a :class:`Partial` in fp32.
-    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`; forward only).
+    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`); ``sinks (Hq,)``: sink logits
+    (the first split adds them). Forward only.
     """
     B, Hq, nq, D = q.shape
     Hkv = k.shape[1]
@@ -376,7 +386,8 @@ def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start:
     mod, slopes, table = _mod_tensors((slopes, table, cap))
     call = Call(keys, scale, causal, stop - nq if q_off is None else q_off, nq, 1, stop, mod=mod, hfold=G)
     pad = None if valid is None else valid.to(torch.int8)
-    out, lse = forward(rows, k, v, pad, call, splits=splits, out_dtype=torch.float32, slopes=slopes, table=table)
+    out, lse = forward(rows, k, v, pad, call, splits=splits, out_dtype=torch.float32, slopes=slopes, table=table,
+                       sinks=None if sinks is None else sinks.float().contiguous())
     return Partial(out.float().reshape(B, Hq, nq, -1), lse.reshape(B, Hq, nq))
 
 
