@@ -27,14 +27,24 @@ def compile_one(fn, ptrs, consts, arch, **options):
 def cases():
     base = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, ROW_TILE=64, KEY_UNIT=64,
                 CAUSAL=True, HAS_PAD=True, PAD_HDIV=1, PREC="tf32")
-    common = dict(TAB="*i32", PIDX="*i32", PM="*i8", PAD="*i8", LSE="*fp32")
+    plain = dict(ALIBI=False, REL=False, SOFTCAP=False, VARLEN=False)
+    common = dict(TAB="*i32", PIDX="*i32", PM="*i8", PAD="*i8", LSE="*fp32", SLOPES="*fp32", TABLE="*fp32",
+                  CUQ="*i32", CUK="*i32", SINKS="*fp32", DSLOPES="*fp32", DTABLE="*fp32", cap="fp32")
+    fwd = dict(common, Q="*bf16", K="*bf16", V="*bf16", O="*bf16", QS="*fp32", KS="*fp32")
+    bwd = dict(common, Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", DELTA="*fp32", DQ="*bf16", DK="*fp32",
+               DV_="*fp32")
     for mode in (0, 1, 2):
         for quant in ((False, True) if mode == 0 else (False,)):
             t = "*i8" if quant else "*bf16"
-            yield (_attn._fwd_kernel, dict(common, Q=t, K=t, V="*bf16", O="*bf16", QS="*fp32", KS="*fp32"),
-                   dict(base, MODE=mode, MASK=mode, QUANT=quant, Q_BLOCK=128, K_BLOCK=128), {})
-        yield (_attn._bwd_kernel, dict(common, Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", DELTA="*fp32",
-                                       DQ="*bf16", DK="*fp32", DV_="*fp32"), dict(base, MODE=mode, MASK=mode), {})
+            yield (_attn._fwd_kernel, dict(fwd, Q=t, K=t),
+                   dict(base, **plain, MODE=mode, MASK=mode, QUANT=quant, Q_BLOCK=128, K_BLOCK=128, SINK=False), {})
+        yield _attn._bwd_kernel, bwd, dict(base, **plain, MODE=mode, MASK=mode, BIAS_GRAD=False), {}
+    # the score_mod / sinks / varlen specialisations: every mod at once, dense and layouts, and varlen dense
+    mods = dict(ALIBI=True, REL=True, SOFTCAP=True)
+    for mode, varlen in ((0, False), (1, False), (0, True)):
+        spec = dict(base, **mods, VARLEN=varlen, MODE=mode, MASK=mode, HAS_PAD=not varlen)
+        yield (_attn._fwd_kernel, fwd, dict(spec, QUANT=False, Q_BLOCK=128, K_BLOCK=128, SINK=True), {})
+        yield _attn._bwd_kernel, bwd, dict(spec, BIAS_GRAD=True), {}
     p = "*fp32"
     lc = dict(BLOCK_C=linear.CHUNK, BLOCK_K=128, BLOCK_V=128, PREC="tf32")
     yield linear._states, dict(Q=p, K=p, V=p, G=p, S0=p, HS=p, FINAL=p), lc, dict(num_stages=1)
@@ -49,7 +59,8 @@ def main() -> int:
     bad = 0
     for arch, limit in LIMITS.items():
         for fn, ptrs, consts, options in cases():
-            tag = {k: v for k, v in consts.items() if k in ("MODE", "QUANT", "PER_CHANNEL")}
+            tag = {k: v for k, v in consts.items() if k in ("MODE", "QUANT", "PER_CHANNEL", "ALIBI", "VARLEN")
+                   and (k not in ("ALIBI", "VARLEN") or v)}
             try:
                 shared = compile_one(fn, ptrs, consts, arch, **options)
             except Exception as e:  # a compile error is the finding
