@@ -6,8 +6,8 @@
 
 bf16, B=1, H=32, Hkv=8, D=128, causal. Every row is timed in this run against
 its peer in this run: torch SDPA (flash backend), compiled FlexAttention on the
-same block mask (mask building excluded from flex, included in ours), fla's
-``chunk_gla`` where fla imports, the copy bandwidth of the bytes a decode step
+same block mask (mask building excluded from flex, included in ours), compiled
+flex with the same score_mod (softcap, ALiBi rows), fla's ``chunk_gla`` where fla imports, the copy bandwidth of the bytes a decode step
 reads, and a bf16 GEMM ceiling measured here (TFLOP/s columns are / ceiling).
 ``× peer`` = peer time ÷ ours (bigger is better). Times: CUDA events, the
 minimum of ``--repeats`` calls after warm-up. Exits with a message (status 2)
@@ -133,6 +133,45 @@ def rows_sparse(ns, repeats):
     return out
 
 
+def rows_mods(ns, repeats):
+    """score_mods as kernel specialisations (softcap at Gemma 2's 50, ALiBi with the paper's slopes), forward and
+    forward+backward, against the same kernel without a mod (the overhead) and compiled FlexAttention with the
+    same score_mod on a causal block mask (the peer; its mask building excluded)."""
+    import attnzoo as az
+    from attnzoo.kernels.flex import _compiled
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    out = []
+    for n in ns:
+        q, k, v = qkv(n)
+        slopes = az.mods.alibi_slopes(H).to(q.device)
+        cases = {"softcap": (az.mods.softcap(50.0), lambda s, b, h, qi, ki: 50.0 * torch.tanh(s / 50.0)),
+                 "alibi": (az.mods.alibi(slopes), lambda s, b, h, qi, ki: s + slopes[h] * (ki - qi))}
+        plain = cuda_time(lambda: az.attention(q, k, v, causal=True, backend="triton"), repeats)
+        bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, n, n, device=q.device)
+        flex = _compiled()
+        for name, (mod, flex_mod) in cases.items():
+            ours = cuda_time(lambda: az.attention(q, k, v, causal=True, score_mod=mod, backend="triton"), repeats)
+            row = dict(row=f"{name} fwd", n=n, ours_ms=ours * 1e3, plain_ms=plain * 1e3, overhead=ours / plain,
+                       target="overhead <= 1.3")
+            try:
+                peer = cuda_time(lambda: flex(q, k, v, score_mod=flex_mod, block_mask=bm, enable_gqa=True), repeats)
+                row.update(peer="compiled flex (same mod)", peer_ms=peer * 1e3, x_peer=peer / ours)
+            except Exception as e:  # flex compile failure must not cost the row
+                row["note"] = f"flex: {type(e).__name__}: {e}"[:300]
+            out.append(row)
+        if n > 8192:
+            continue
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        seed = torch.randn_like(q)
+        base = cuda_time(lambda: az.attention(qg, kg, vg, causal=True, backend="triton").backward(seed), repeats)
+        for name, (mod, _) in cases.items():
+            t = cuda_time(lambda: az.attention(qg, kg, vg, causal=True, score_mod=mod, backend="triton").backward(seed),
+                          repeats)
+            out.append(dict(row=f"{name} fwd+bwd", n=n, ours_ms=t * 1e3, plain_ms=base * 1e3, overhead=t / base))
+    return out
+
+
 def rows_gla(ns, repeats):
     import attnzoo as az
     out = []
@@ -225,7 +264,8 @@ def main() -> int:
                 ("sparse", lambda: rows_sparse([n for n in ns if n >= 16384] or ns, repeats)),
                 ("gla", lambda: rows_gla([n for n in ns if n <= 16384], repeats)),
                 ("decode", lambda: rows_decode(repeats, bandwidth)),
-                ("sage", lambda: rows_sage([n for n in ns if n <= 16384], repeats))]
+                ("sage", lambda: rows_sage([n for n in ns if n <= 16384], repeats)),
+                ("mods", lambda: rows_mods([n for n in ns if n <= 16384], repeats))]
     ceiling = gemm_ceiling(repeats)
     bandwidth = copy_bandwidth(repeats)
     header.update(gemm_tflops=ceiling, copy_gb_s=bandwidth)
