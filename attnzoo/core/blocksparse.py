@@ -296,20 +296,32 @@ def _backward(q, k, v, pad, out, lse, d_out, d_lse, plan: _Plan, mod_grads: list
     return plan.from_rows(dqb) * plan.scale, back(dk_units, k) * plan.scale, back(dv_units, v)
 
 
-def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass of any layout on the fused CPU kernel.
+def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass of any layout on the fused CPU kernel (``units (Bl, H1, Gl, nq, W)``: the key units each
+    query block reads, -1 for none; default the plan's).
 
-    Per chunk of query blocks: gather every key unit the blocks read (all
-    slots at once), build their element mask, and let the kernel attend each
-    block to its gathered keys; about twice as fast as the slot loop of
-    :func:`_forward`, whose softmax is separate eager passes. Memory is bounded
-    by the chunk (``_FUSED_CHUNK`` gathered elements); a reused layout keeps
-    its kernel masks (up to ``_FUSED_MASK_CACHE`` elements).
+    A block layout without padding, ``mask_mod`` or custom positions first splits off its fully visible
+    units (:func:`_split_clean`): they run on the kernel without any mask, and only the rest (the
+    causal diagonal, the sequence end, partial blocks) needs the masked pass below, merged by lse.
+    The masked pass, per chunk of query blocks: gather every key unit the blocks read (all slots at
+    once), build their element mask, and let the kernel attend each block to its gathered keys; about
+    twice as fast as the slot loop of :func:`_forward`, whose softmax is separate eager passes. Memory
+    is bounded by the chunk (``_FUSED_CHUNK`` gathered elements); a reused layout keeps its kernel masks
+    (up to ``_FUSED_MASK_CACHE`` elements).
     """
     B, D = q.shape[0], q.shape[3]
     qb = plan.to_rows(q)  # (B, Hkv, Gl, nq, R, D)
     lead, (nq, R) = qb.shape[:3], qb.shape[3:5]
-    units = plan.units.flatten(-2)  # (Bl, H1, Gl, nq, U): every slot of a query block
+    tag = "fused" if units is None else "masked"
+    if units is None:
+        units = plan.units.flatten(-2)  # (Bl, H1, Gl, nq, U): every slot of a query block
+        if pad is None and plan.mask_mod is None and not plan.custom_positions and not plan.always_mask:
+            clean, counts, masked = _split_clean(plan, units)
+            parts = [_attend_clean(qb, k, v, plan, clean, counts)]
+            if masked.shape[-1]:
+                parts.append(Partial(*_forward_fused(q, k, v, pad, plan, masked)))
+            out, lse = merge(*parts)
+            return out.to(q.dtype), lse
     width = units.shape[-1] * plan.unit
     out = qb.new_zeros(qb.shape)
     lse = torch.full(qb.shape[:-1], -math.inf, dtype=torch.promote_types(torch.float32, q.dtype), device=q.device)
@@ -327,7 +339,7 @@ def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tenso
         u = units[:, :, :, n0:n1]
         flat = plan.flat_index(u, B)
         kb, vb = _gather(k_units, flat, width), _gather(v_units, flat, width)
-        key = ("fused", n0, n1, plan.causal, plan.heads_q, plan.heads_kv, q.dtype)
+        key = (tag, n0, n1, plan.causal, plan.heads_q, plan.heads_kv, q.dtype)
         masks = cache.get(key) if cache is not None else None
         if masks is None:
             mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), pad_flat, B)
@@ -342,6 +354,62 @@ def _forward_fused(q, k, v, pad, plan: _Plan) -> tuple[torch.Tensor, torch.Tenso
         out[:, :, :, n0:n1] = o.view(*lead, n1 - n0, R, D)
         lse[:, :, :, n0:n1] = l.view(*lead, n1 - n0, R)
     return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)
+
+
+def _split_clean(plan: _Plan, units: torch.Tensor):
+    """Split a block layout's ``units (Bl, H1, Gl, nq, W)`` into the fully visible ones and the rest.
+
+    A unit is fully visible to its query block when it lies inside the keys, wholly before the block's
+    first query position (causal) and is not marked partial. Returns ``(clean, counts, masked)``:
+    ``clean`` the units with each row's fully visible ones first, ``counts (Bl, H1, Gl, nq)`` how many,
+    and ``masked (.., W2)`` the others (-1 padded, ``W2`` the most any row has).
+    """
+    real = units >= 0
+    first_key = units * plan.unit
+    need = first_key + plan.unit > plan.len_k
+    if plan.causal:
+        need = need | (first_key + plan.unit - 1 > plan.q_block_first.unsqueeze(-1))
+    if plan.partial is not None:
+        need = need | plan.partial.flatten(-2)
+    need = need & real
+    clean = real & ~need
+    order = torch.sort((~clean).to(torch.uint8), dim=-1, stable=True).indices
+    n_need = need.sum(-1)
+    width = int(n_need.max()) if n_need.numel() else 0
+    m_order = torch.sort((~need).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
+    masked = torch.where(need.gather(-1, m_order), units.gather(-1, m_order), -1)
+    return units.gather(-1, order), clean.sum(-1), masked
+
+
+def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, clean: torch.Tensor,
+                  counts: torch.Tensor) -> Partial:
+    """The fully visible units of :func:`_split_clean` on the fused kernel with no mask: the query blocks
+    reading the same number of units are one kernel call (chunked to ``_FUSED_CHUNK`` gathered elements),
+    each block attending its gathered keys."""
+    B, Hkv, Gl, nq, R, D = qb.shape
+    lead = (B, Hkv, Gl, nq)
+    rows_q = qb.reshape(-1, R, D)
+    out = qb.new_zeros(rows_q.shape)
+    lse = torch.full(rows_q.shape[:-1], -math.inf, dtype=torch.promote_types(torch.float32, qb.dtype),
+                     device=qb.device)
+    counts = counts.expand(lead).reshape(-1)
+    clean = clean.expand(*lead, clean.shape[-1]).reshape(counts.numel(), -1)
+    # first unit row of each query block's KV head in the (B·Hkv·n_units, unit·D) views
+    base = ((torch.arange(B, device=qb.device).view(B, 1, 1, 1) * Hkv
+             + torch.arange(Hkv, device=qb.device).view(1, Hkv, 1, 1)) * plan.n_units).expand(lead).reshape(-1)
+    k_units, v_units = _unit_view(k, plan), _unit_view(v, plan)
+    for c in counts.unique().tolist():
+        if c == 0:
+            continue
+        sel = (counts == c).nonzero().squeeze(1)
+        step = max(1, _FUSED_CHUNK // (c * plan.unit * 2 * D + R * D))
+        for s0 in range(0, sel.numel(), step):
+            rows = sel[s0:s0 + step]
+            flat = (base[rows].unsqueeze(1) + clean[rows, :c]).reshape(-1)
+            kb, vb = (t.index_select(0, flat).view(1, rows.numel(), c * plan.unit, D) for t in (k_units, v_units))
+            o, l = fused_kernel(rows_q.index_select(0, rows).unsqueeze(0), kb, vb, None, plan.scale)
+            out[rows], lse[rows] = o[0], l[0]
+    return Partial(plan.from_rows(out.view(qb.shape)), plan.from_rows(lse.view(*lead, R, 1)).squeeze(-1))
 
 
 def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:

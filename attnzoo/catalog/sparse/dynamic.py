@@ -170,6 +170,10 @@ class BlockTopK(LayoutMethod):
     sink: bool = param(True, help="always keep key block 0 (the attention sinks), like HiP")
     top_p: float | None = param(None, min=1e-6, max=1.0, help="keep blocks up to this pooled-softmax mass "
                                                              "instead of topk")
+    heads: str = param("query", choices=("query", "kv"),
+                       help="select per query head, or once per KV head for its query group (each block's best "
+                            "score in the group): the group then reads its blocks together, one gather and one "
+                            "kernel row set for G heads")
 
     def block_scores(self, q, k, prob: Problem, causal: bool, key_padding_mask, score_mod=None) -> torch.Tensor:
         """Pooled scores ``(B, Hq, nq, nk_blocks)``; -inf for blocks a query block cannot see. A ``score_mod``
@@ -180,10 +184,10 @@ class BlockTopK(LayoutMethod):
         if self.score == "mean":
             s = grouped_scores(q_bar, block_pool(k, bs, valid), prob.scale)
         else:
+            # Σ_d max(q̄_d·kmax_d, q̄_d·kmin_d) = q̄⁺·kmax + q̄⁻·kmin: two GEMMs, no (nq, nk_blocks, D) product
             kmax, kmin = block_pool(k, bs, valid, "max"), block_pool(k, bs, valid, "min")
-            qg = split_groups(q_bar, k.shape[1]).unsqueeze(-2)  # (B, Hkv, G, nq, 1, D)
-            s = torch.maximum(qg * kmax[:, :, None, None], qg * kmin[:, :, None, None]).sum(-1)
-            s = merge_groups(s) * prob.scale
+            s = grouped_scores(q_bar.clamp(min=0), kmax, prob.scale) + grouped_scores(q_bar.clamp(max=0), kmin,
+                                                                                        prob.scale)
         if score_mod is not None:
             first, last = block_positions(prob, bs, dev)
             k_mid = (torch.arange(s.shape[-1], device=dev) * bs + (bs - 1) // 2).clamp(max=prob.len_k - 1)
@@ -199,6 +203,8 @@ class BlockTopK(LayoutMethod):
 
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         s = self.block_scores(q, k, prob, causal, key_padding_mask, score_mod)
+        if self.heads == "kv":
+            s = split_groups(s, k.shape[1]).amax(2)
         keep = topk_mask(s, self.topk) if self.top_p is None else top_p_mask(s, self.top_p)
         if self.sink:
             keep[..., 0] |= torch.isfinite(s[..., 0])
