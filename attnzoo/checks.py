@@ -54,6 +54,14 @@ def check_tensor(name: str, t: object, ndim: int, layout: str) -> torch.Tensor:
     return t
 
 
+def _peak(t: torch.Tensor) -> float:
+    """``max |t|`` in one pass (NaN if any element is NaN): ``aminmax`` is ~20x faster than the inf-norm on CPU."""
+    if not t.is_floating_point():
+        return float(torch.linalg.vector_norm(t.to(torch.promote_types(t.dtype, torch.float32)), ord=math.inf))
+    lo, hi = torch.aminmax(t)
+    return max(-float(lo), float(hi)) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan
+
+
 def check_finite(name: str, t: torch.Tensor) -> float | None:
     """Reject NaN/inf; returns ``max |t|`` (None when skipped: ``CHECK_FINITE`` False, empty or meta).
 
@@ -64,7 +72,7 @@ def check_finite(name: str, t: torch.Tensor) -> float | None:
     if not CHECK_FINITE or not t.numel() or t.device.type == "meta":
         return None
     with torch.no_grad():
-        peak = float(torch.linalg.vector_norm(t, ord=math.inf))
+        peak = _peak(t)
     if not math.isfinite(peak):
         raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
     return peak
@@ -158,7 +166,7 @@ def check_result(method: str, out: torch.Tensor, prob: Problem) -> None:
     if not CHECK_FINITE or not out.numel() or out.device.type == "meta":
         return
     with torch.no_grad():
-        finite = math.isfinite(float(torch.linalg.vector_norm(out, ord=math.inf)))
+        finite = math.isfinite(_peak(out))
     if not finite:
         raise AttnZooError(f"{method}: the result overflows {str(out.dtype).replace('torch.', '')} for these "
                            f"inputs (scale={prob.scale:.3g}); use a smaller scale or rescale the inputs q/k/v")
