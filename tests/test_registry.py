@@ -152,7 +152,7 @@ def test_share_parameters_scale_with_the_sequence_length():
     from attnzoo import get
     from attnzoo.checks import Problem
 
-    frac, count = get("block_topk", block=16, topk=0.125), get("block_topk", block=16, topk=4)
+    frac, count = get("block_topk", block=16, topk=0.125, dense_below=0), get("block_topk", block=16, topk=4)
     q, k, v = (torch.randn(1, 2, 512, 16) for _ in range(3))  # 32 key blocks: 1/8 = 4
     assert torch.equal(frac(q, k, v, causal=True), count(q, k, v, causal=True))
     assert frac.fit(Problem(1, 2, 2, 100, 100, 16, 16, 0.25)).topk == 1  # 7 blocks: ceil(0.875) = 1

@@ -24,6 +24,8 @@ from ..errors import AttnZooError
 from ..registry import param
 from .base import FULL, Calibrator, allocate_options, calibration_prompts, heads_kv_of, register_calibrator
 
+#: recall losses below this are float rounding (fp32 lse of the same keys summed in another order)
+_ROUNDING = 1e-6
 PATTERNS = ("streaming", "vertical_slash", "block_topk")
 
 
@@ -93,7 +95,9 @@ class MInference(Calibrator):
                 rows.append(per_head)
             e = torch.tensor(rows, dtype=torch.float64)                                  # (L, Hkv, options)
             loss = e if loss is None else loss + e
-        loss = loss / self.samples
+        # a pattern that reads every key the head uses misses only float rounding (±1e-7 in either direction):
+        # count that as no loss, so the tie with full attention goes to the cheaper pattern
+        loss = (loss / self.samples).masked_fill((loss / self.samples).abs() < _ROUNDING, 0.0)
         L = loss.shape[0]
         errors = torch.cat([loss, torch.zeros(L, heads_kv, 1, dtype=torch.float64)], -1).flatten(0, 1)
         costs = torch.tensor([flop_share(self.keys(s, self.length), self.length) for _, s in options] + [1.0],

@@ -43,8 +43,18 @@ class LayoutMethod(Method):
         return self.fit(prob).build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask,
                                             score_mod=score_mod)
 
+    def choose(self, q: torch.Tensor, k: torch.Tensor, prob: Problem, *, causal: bool,
+               key_padding_mask: torch.Tensor | None, score_mod=None) -> list[Layout] | None:
+        """The layouts :meth:`forward` attends, or None for the dense path (exact attention on the fused kernel:
+        a dynamic method where sparsity cannot pay, see ``DynamicLayoutMethod``)."""
+        return self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
+
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
-        lays = self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
+        lays = self.choose(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
+        if lays is None:
+            from ..exact import Exact
+            return Exact().forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                   return_lse=return_lse, score_mod=score_mod)
         out, lse = attend_all(q, k, v, lays, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
                               score_mod=score_mod)
         return out, lse

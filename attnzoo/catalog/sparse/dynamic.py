@@ -8,18 +8,26 @@ returns what it chose, so ``block_sparse(layout=...)`` can replay it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from ...checks import Problem
-from ...core.layout import BlockLayout, TokenLayout, compact
+from ...checks import Problem, check_qkv
+from ...core.layout import BlockLayout, Layout, TokenLayout, compact
 from ...core.gqa import fold_groups, merge_groups, split_groups, unfold_groups
 from ...core.scoremod import apply_score_mod, call_score_mod
 from ...registry import Family, Supports, param, register
 from ._base import LAYOUT_SUPPORTS, LayoutMethod, block_positions
+
+log = logging.getLogger(__name__)
+#: the dense-path thresholds of a share budget (:class:`DynamicLayoutMethod`): below 2K keys the sparse path lost
+#: to SDPA on SmolLM2 Q/K/V (benchmarks/prefill.py), and reading half the pairs cannot pay for the estimation
+DENSE_BELOW, DENSE_FROM = 2048, 0.5
+#: block size of the full layout that stands for the dense path in :meth:`DynamicLayoutMethod.layouts`
+_DENSE_BLOCK = 64
 
 _CAUSAL_ONLY = dataclasses.replace(LAYOUT_SUPPORTS, noncausal=False)
 
@@ -84,10 +92,115 @@ def _key_valid(prob: Problem, key_padding_mask: torch.Tensor | None, device) -> 
         else key_padding_mask
 
 
+# ---------------------------------------------------------------- the dense path
+def visible_pairs(prob: Problem, causal: bool) -> int:
+    """(query, key) pairs one head may see: ``Nq·Nk``, or the causal (bottom-right aligned) triangle."""
+    if not causal:
+        return prob.len_q * prob.len_k
+    off = prob.len_k - prob.len_q  # query i sees keys [0, i + off]
+    lo = max(0, -off)  # first query that sees a key
+    n = prob.len_q - lo
+    return n * (lo + off + 1) + n * (n - 1) // 2
+
+
+def layout_share(layouts: list[Layout], prob: Problem, causal: bool) -> float:
+    """The share of the visible pairs the layouts read per batch row and head, counting whole blocks (an upper
+    bound: the diagonal blocks' hidden half counts): the dense-path test of :class:`DynamicLayoutMethod`."""
+    total = max(1, visible_pairs(prob, causal))
+    share = 0.0
+    for lay in layouts:
+        if isinstance(lay, BlockLayout):
+            kept = (lay.kv_blocks >= 0).sum().item() * lay.block_q * lay.block_k
+        else:
+            kept = (lay.kv_tokens >= 0).sum().item() * lay.group
+        share += kept / (lay.kv_blocks.shape[0] * lay.kv_blocks.shape[1] if isinstance(lay, BlockLayout)
+                         else lay.kv_tokens.shape[0] * lay.kv_tokens.shape[1]) / total
+    return share
+
+
+def rows_share(prob: Problem, causal: bool, block_q: int, block_k: int, per_row: int) -> float:
+    """The share of the visible key blocks that reading ``per_row`` of them per query block (all when fewer
+    are visible) covers: a lower bound of what a top-k layout reads, from the sizes alone."""
+    first, last = block_positions(prob, block_q, "cpu")
+    nkb = -(-prob.len_k // block_k)
+    vis = (last.clamp(-1, prob.len_k - 1) // block_k + 1).clamp(min=0) if causal else torch.full_like(last, nkb)
+    return float(vis.clamp(max=per_row).sum()) / max(1, float(vis.sum()))
+
+
+@dataclass(frozen=True)
+class DynamicLayoutMethod(LayoutMethod):
+    """A layout estimated from q and k, or the dense path where sparsity cannot pay: with fewer than
+    ``dense_below`` keys, or when the estimated layout reads at least ``dense_from`` of the visible pairs
+    (the N-scaled budget plus the forced sink and diagonal blocks cover most of them), the call is exact
+    attention on the fused kernel and :meth:`layouts` returns the full layout. :meth:`path` says which
+    path a call takes (and the ``attnzoo.catalog.sparse.dynamic`` logger at DEBUG level)."""
+
+    dense_below: int | None = param(None, min=0, help="calls with fewer keys take the dense path (exact attention "
+                                                      "on the fused kernel); default: 2048 with a share budget "
+                                                      "(below it estimation and gathers cost more than they "
+                                                      "save: block_topk at 1K 0.87x SDPA), 0 with a count")
+    dense_from: float | None = param(None, min=0.0, max=1.0, help="take the dense path when the layout reads at "
+                                                                  "least this share of the visible pairs (1: "
+                                                                  "never); default: 0.5 with a share budget, 1 "
+                                                                  "with a count")
+
+    def fit(self, prob: Problem) -> "DynamicLayoutMethod":
+        """Shares resolved (see :meth:`Method.fit`), and the dense-path thresholds: a share budget (the default)
+        scales with N and falls back to dense attention where it cannot pay; a count is a layout asked for,
+        kept on the sparse path unless ``dense_below``/``dense_from`` are given."""
+        share = any(f.metadata.get("share") and isinstance(getattr(self, f.name), float)
+                    and getattr(self, f.name) < 1 for f in dataclasses.fields(self))
+        me = dataclasses.replace(
+            self, dense_below=(DENSE_BELOW if share else 0) if self.dense_below is None else self.dense_below,
+            dense_from=(DENSE_FROM if share else 1.0) if self.dense_from is None else self.dense_from)
+        return LayoutMethod.fit(me, prob)
+
+    def estimate(self, q, k, prob: Problem, *, causal: bool, key_padding_mask, score_mod=None) -> list[Layout]:
+        """The layouts the method estimates from q and k (the sparse path)."""
+        raise NotImplementedError
+
+    def min_share(self, prob: Problem, causal: bool) -> float:
+        """A lower bound of :func:`layout_share` from the sizes alone (skips the estimation when it already
+        decides the dense path)."""
+        return 0.0
+
+    def choose(self, q, k, prob: Problem, *, causal: bool, key_padding_mask, score_mod=None) -> list[Layout] | None:
+        """The sparse path's layouts, or None for the dense path."""
+        if self.dense_below is None or self.dense_from is None:  # not fitted to this call yet
+            return self.fit(prob).choose(q, k, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                         score_mod=score_mod)
+        dense = prob.len_k < self.dense_below or (self.dense_from < 1
+                                                   and self.min_share(prob, causal) >= self.dense_from)
+        lays = None if dense else self.estimate(q, k, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                                score_mod=score_mod)
+        if lays is not None and self.dense_from < 1 and layout_share(lays, prob, causal) >= self.dense_from:
+            lays = None
+        log.debug("%s: %s path at Nq=%d, Nk=%d", self.name, "dense" if lays is None else "sparse", prob.len_q,
+                  prob.len_k)
+        return lays
+
+    def path(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False,
+             key_padding_mask: torch.Tensor | None = None, score_mod=None) -> str:
+        """``"dense"`` or ``"sparse"``: the path a call on ``q``/``k`` takes."""
+        prob = check_qkv(q, k, k, key_padding_mask)
+        lays = self.fit(prob).choose(q, k, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                     score_mod=score_mod)
+        return "dense" if lays is None else "sparse"
+
+    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+        lays = self.choose(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
+        if lays is not None:
+            return lays
+        nqb, nkb = -(-prob.len_q // _DENSE_BLOCK), -(-prob.len_k // _DENSE_BLOCK)
+        return [BlockLayout.from_block_mask(torch.ones(1, 1, nqb, nkb, dtype=torch.bool, device=q.device),
+                                            block_q=_DENSE_BLOCK, block_k=_DENSE_BLOCK, len_q=prob.len_q,
+                                            len_k=prob.len_k, causal=causal)]
+
+
 # ---------------------------------------------------------------- MInference vertical-slash
 @register
 @dataclass(frozen=True)
-class VerticalSlash(LayoutMethod):
+class VerticalSlash(DynamicLayoutMethod):
     """MInference's vertical-slash pattern: the last ``last_q`` queries probe all keys (exact softmax);
     column sums pick the top ``n_vertical`` key columns and diagonal sums the top ``n_slash`` offsets
     ``p - j``; the first ``sinks`` columns and offset 0 are always kept. Slashes are read as the key
@@ -104,12 +217,17 @@ class VerticalSlash(LayoutMethod):
     last_q: int = param(64, min=1, help="probe queries (the last ones)")
     n_vertical: int | float = param(0.125, min=1, share="keys", help="key columns kept per head: a count or a share "
                                                                     "of the keys (default 1/8)")
-    n_slash: int | float = param(0.125, min=1, share="keys", help="diagonals (offsets p - j) kept per head: a count "
-                                                                 "or a share of the keys (default 1/8)")
+    n_slash: int | float = param(1 / 64, min=1, share="keys", help="diagonals (offsets p - j) kept per head: a "
+                                                                  "count or a share of the keys (default 1/64: "
+                                                                  "each is read as the key blocks it crosses, so "
+                                                                  "1/8 read 0.44-0.62 of the pairs at 2K-4K)")
     sinks: int = param(4, min=0, help="initial key columns always kept")
     block: int = param(64, min=1, clamp=True, help="query/key block size of the slash part")
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+    def min_share(self, prob, causal):
+        return rows_share(prob, causal, self.block, 1, self.n_vertical)
+
+    def estimate(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         dev, bs, n_k = q.device, self.block, prob.len_k
         lq = min(self.last_q, prob.len_q)
         probe = grouped_scores(q[:, :, -lq:], k, prob.scale)  # (B, Hq, lq, Nk)
@@ -147,7 +265,7 @@ class VerticalSlash(LayoutMethod):
 # ---------------------------------------------------------------- pooled-block top-k
 @register
 @dataclass(frozen=True)
-class BlockTopK(LayoutMethod):
+class BlockTopK(DynamicLayoutMethod):
     """Per query block, the ``topk`` key blocks with the highest pooled score (+ the diagonal blocks when
     causal, + block 0 with ``sink``). ``score="mean"``: ``scale · mean(Q_blk)·mean(K_blk)`` (MInference
     block-sparse, SeerAttention's gate without learned projections); ``"bound"`` (the default): Quest's upper
@@ -170,10 +288,14 @@ class BlockTopK(LayoutMethod):
     sink: bool = param(True, help="always keep key block 0 (the attention sinks), like HiP")
     top_p: float | None = param(None, min=1e-6, max=1.0, help="keep blocks up to this pooled-softmax mass "
                                                              "instead of topk")
-    heads: str = param("query", choices=("query", "kv"),
+    heads: str = param("kv", choices=("query", "kv"),
                        help="select per query head, or once per KV head for its query group (each block's best "
                             "score in the group): the group then reads its blocks together, one gather and one "
-                            "kernel row set for G heads")
+                            "kernel row set for G heads (SmolLM2 8K: recall 0.965 vs 0.968 per query head, "
+                            "1.3x faster)")
+
+    def min_share(self, prob, causal):
+        return 0.0 if self.top_p is not None else rows_share(prob, causal, self.block, self.block, self.topk)
 
     def block_scores(self, q, k, prob: Problem, causal: bool, key_padding_mask, score_mod=None) -> torch.Tensor:
         """Pooled scores ``(B, Hq, nq, nk_blocks)``; -inf for blocks a query block cannot see. A ``score_mod``
@@ -201,7 +323,7 @@ class BlockTopK(LayoutMethod):
             ok = ok & causal_block_ok(prob, bs, bs, dev)
         return s.masked_fill(~ok, -math.inf)
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+    def estimate(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         s = self.block_scores(q, k, prob, causal, key_padding_mask, score_mod)
         if self.heads == "kv":
             s = split_groups(s, k.shape[1]).amax(2)
@@ -217,7 +339,7 @@ class BlockTopK(LayoutMethod):
 # ---------------------------------------------------------------- HiP hierarchical pruning
 @register
 @dataclass(frozen=True)
-class HiP(LayoutMethod):
+class HiP(DynamicLayoutMethod):
     """HiP's hierarchical top-k block search: the visible key blocks (``block_k`` keys each) of each query
     block (``block`` queries) are cut into ``2·topk`` chunks, each scored by ``max_i q_i·k_rep`` (its middle
     key); the best ``topk`` chunks are halved and rescored until chunks are single key blocks. The ``topk``
@@ -243,7 +365,10 @@ class HiP(LayoutMethod):
                               help="key blocks kept per query block: a count or a share of the key blocks "
                                    "(default 1/8)")
 
-    def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+    def min_share(self, prob, causal):
+        return rows_share(prob, causal, self.block, self.block_k, self.topk)
+
+    def estimate(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         bs, bk, dev, kk = self.block, self.block_k, q.device, self.topk
         B, Hq, n_q, D = q.shape
         Hkv, n_k = k.shape[1], k.shape[2]
