@@ -95,6 +95,68 @@ def test_block_topk_keeps_the_top_pooled_blocks(sink):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
 
 
+def test_block_topk_kv_heads_share_the_groups_best_blocks():
+    """``heads="kv"``: one selection per KV head, each block scored by its best score among the group's query
+    heads (the ``bound`` score, restated densely as Σ_d max(q̄_d·kmax_d, q̄_d·kmin_d))."""
+    q, k, v, _ = _inputs((1, 4, 2, 48, 48, 8), seed=23, padded=False)
+    bs, topk = 8, 2
+    method = az.get("block_topk", block=bs, topk=topk, heads="kv", sink=False)
+    (lay,) = method.layouts(q, k, causal=True)
+    assert lay.kv_blocks.shape[1] == 2  # one row set per KV head
+    qb = q.view(1, 4, 6, bs, 8).mean(3).view(1, 2, 2, 6, 1, 8)
+    kmax, kmin = k.view(1, 2, 6, bs, 8).amax(3), k.view(1, 2, 6, bs, 8).amin(3)
+    s = torch.maximum(qb * kmax[:, :, None, None], qb * kmin[:, :, None, None]).sum(-1).amax(2) * 8 ** -0.5
+    s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -math.inf)
+    keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(topk, -1).indices, True)
+    keep = (keep & torch.isfinite(s)) | torch.eye(6, dtype=torch.bool)
+    assert torch.equal(lay.block_mask(), keep)
+    vis = keep.repeat_interleave(2, 1).repeat_interleave(bs, 2).repeat_interleave(bs, 3)
+    ref, _ = masked_reference(q, k, v, combine(vis, causal=True, len_q=48, len_k=48))
+    torch.testing.assert_close(method(q, k, v, causal=True), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["block_topk", "vertical_slash", "hip"])
+def test_share_budgets_take_the_dense_path_where_sparsity_cannot_pay(name):
+    """Below ``dense_below`` keys (default 2048 with a share budget) a dynamic method is exact attention and says
+    so; a count budget, or ``dense_below=0``, keeps the sparse layout; ``dense_from`` sends a layout reading
+    that share of the visible pairs to the dense path too."""
+    q, k, v, _ = _inputs((1, 4, 2, 256, 256, 8), seed=24, padded=False)
+    method = az.get(name)
+    assert method.path(q, k, causal=True) == "dense"
+    out, lse = method(q, k, v, causal=True, return_lse=True)
+    ref, ref_lse = az.attention(q, k, v, method="naive", causal=True, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    (full,) = method.layouts(q, k, causal=True)  # replaying the layouts gives the dense result too
+    assert bool(full.block_mask().all())
+    sparse = az.get(name, dense_below=0, dense_from=1.0)
+    assert sparse.path(q, k, causal=True) == "sparse"
+    assert not torch.allclose(sparse(q, k, v, causal=True), ref, atol=1e-3)
+    assert az.get(name, dense_below=0, dense_from=0.01).path(q, k, causal=True) == "dense"
+    counts = {"block_topk": dict(topk=2), "vertical_slash": dict(n_vertical=8, n_slash=2), "hip": dict(topk=4)}
+    assert az.get(name, **counts[name]).path(q, k, causal=True) == "sparse"
+
+
+def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
+    """At 2K keys block_topk's default is sparse; its fully visible blocks run on the fused kernel without a
+    mask and the result equals the generic slot-loop executor."""
+    from unittest import mock
+    import attnzoo.core.blocksparse as bs
+
+    g = torch.Generator().manual_seed(25)
+    q, k, v = torch.randn(1, 4, 2048, 16, generator=g), torch.randn(1, 2, 2048, 16, generator=g), \
+        torch.randn(1, 2, 2048, 16, generator=g)
+    method = az.get("block_topk")
+    assert method.path(q, k, causal=True) == "sparse"
+    with mock.patch.object(bs, "_attend_clean", wraps=bs._attend_clean) as spy:
+        out, lse = method(q, k, v, causal=True, return_lse=True)
+    assert spy.called
+    with mock.patch.object(bs, "fused_applies", return_value=False):
+        ref, ref_lse = method(q, k, v, causal=True, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=2e-5)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_routing_attends_within_clusters(causal):
     q, k, v, pad = _inputs((2, 4, 2, 40, 40, 8), seed=23, padded=True)
