@@ -136,7 +136,8 @@ def rows_sparse(ns, repeats):
 def rows_mods(ns, repeats):
     """score_mods as kernel specialisations (softcap at Gemma 2's 50, ALiBi with the paper's slopes), forward and
     forward+backward, against the same kernel without a mod (the overhead) and compiled FlexAttention with the
-    same score_mod on a causal block mask (the peer; its mask building excluded)."""
+    same score_mod on a causal block mask (the peer; its mask building excluded); plus a learnable relative
+    table's fwd+bwd (its gradient is added by per-element atomics: the row shows what they cost)."""
     import attnzoo as az
     from attnzoo.kernels.flex import _compiled
     from torch.nn.attention.flex_attention import create_block_mask
@@ -165,7 +166,10 @@ def rows_mods(ns, repeats):
         qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
         seed = torch.randn_like(q)
         base = cuda_time(lambda: az.attention(qg, kg, vg, causal=True, backend="triton").backward(seed), repeats)
-        for name, (mod, _) in cases.items():
+        table = torch.zeros(H, 257, device=q.device, requires_grad=True)  # learnable: its gradient by atomics
+        trained = {**{name: mod for name, (mod, _) in cases.items()}, "relative_bias(R=128, learnable)":
+                   az.mods.relative_bias(table)}
+        for name, mod in trained.items():
             t = cuda_time(lambda: az.attention(qg, kg, vg, causal=True, score_mod=mod, backend="triton").backward(seed),
                           repeats)
             out.append(dict(row=f"{name} fwd+bwd", n=n, ours_ms=t * 1e3, plain_ms=base * 1e3, overhead=t / base))

@@ -40,8 +40,8 @@ def cases():
                    dict(base, **plain, MODE=mode, MASK=mode, QUANT=quant, Q_BLOCK=128, K_BLOCK=128, SINK=False), {})
         yield _attn._bwd_kernel, bwd, dict(base, **plain, MODE=mode, MASK=mode, BIAS_GRAD=False), {}
     # the score_mod / sinks / varlen specialisations: every mod at once, dense and layouts, and varlen dense
-    mods = dict(ALIBI=True, REL=True, SOFTCAP=True)
-    for mode, varlen in ((0, False), (1, False), (0, True)):
+    every, softcap = dict(ALIBI=True, REL=True, SOFTCAP=True), dict(ALIBI=False, REL=False, SOFTCAP=True)
+    for mods, mode, varlen in ((every, 0, False), (every, 1, False), (every, 0, True), (softcap, 0, False)):
         spec = dict(base, **mods, VARLEN=varlen, MODE=mode, MASK=mode, HAS_PAD=not varlen)
         yield (_attn._fwd_kernel, fwd, dict(spec, QUANT=False, Q_BLOCK=128, K_BLOCK=128, SINK=True), {})
         yield _attn._bwd_kernel, bwd, dict(spec, BIAS_GRAD=True), {}
@@ -59,8 +59,8 @@ def main() -> int:
     bad = 0
     for arch, limit in LIMITS.items():
         for fn, ptrs, consts, options in cases():
-            tag = {k: v for k, v in consts.items() if k in ("MODE", "QUANT", "PER_CHANNEL", "ALIBI", "VARLEN")
-                   and (k not in ("ALIBI", "VARLEN") or v)}
+            tag = {k: v for k, v in consts.items() if k in ("MODE", "QUANT", "PER_CHANNEL", "ALIBI", "SOFTCAP",
+                                                            "VARLEN") and (k not in ("ALIBI", "SOFTCAP", "VARLEN") or v)}
             try:
                 shared = compile_one(fn, ptrs, consts, arch, **options)
             except Exception as e:  # a compile error is the finding

@@ -134,17 +134,26 @@ def _tanh(x):
 
 
 @triton.jit
-def _mod(sc, kidx, rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, TABLE, stab, radius, cap,
-         ALIBI: tl.constexpr, REL: tl.constexpr, SOFTCAP: tl.constexpr):
+def _mod_rows(rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, ALIBI: tl.constexpr):
+    """What the mods need of the tile's rows, loaded once per program: their positions (the causal rule's
+    ``r % ROWS_MOD + q_off``), their ALiBi slopes and their table rows' offsets (query head ``qh``)."""
+    qh = h * HFOLD + rows // ROWS_MOD
+    slope = tl.zeros(rows.shape, tl.float32)
+    if ALIBI:
+        slope = tl.load(SLOPES + qh, mask=row_ok, other=0)
+    return rows % ROWS_MOD + q_off, slope, tl.where(row_ok, qh * stab, 0)
+
+
+@triton.jit
+def _mod(sc, kidx, qpos, slope, trow, TABLE, radius, cap, ALIBI: tl.constexpr, REL: tl.constexpr,
+         SOFTCAP: tl.constexpr):
     """Natural-unit scores ``sc (BLOCK_M, BLOCK_N)`` with the built-in mods: ``(scores, dist, tanh)``
     (``tanh`` of the capped argument, for the backward; the scores themselves without ``SOFTCAP``)."""
-    dist = kidx[None, :] - (rows % ROWS_MOD + q_off)[:, None]
-    qh = h * HFOLD + rows // ROWS_MOD
+    dist = kidx[None, :] - qpos[:, None]
     if ALIBI:
-        sc = sc + tl.load(SLOPES + qh, mask=row_ok, other=0)[:, None] * dist.to(tl.float32)
+        sc = sc + slope[:, None] * dist.to(tl.float32)
     if REL:
-        ti = tl.minimum(tl.maximum(dist, -radius), radius) + radius
-        sc = sc + tl.load(TABLE + qh[:, None] * stab + ti, mask=row_ok[:, None], other=0)
+        sc = sc + tl.load(TABLE + trow[:, None] + tl.minimum(tl.maximum(dist, -radius), radius) + radius)
     t = sc
     if SOFTCAP:
         t = _tanh(sc / cap)
@@ -213,6 +222,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ,
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
+    qpos, slope, trow = _mod_rows(rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, ALIBI)
     s_lo = split * slots_per_split
     s_hi = _slot_end(tl.minimum(s_lo + slots_per_split, n_slots), row0, row_end, k_base, k_end, q_off, ROWS_MOD,
                      MODE, CAUSAL, VARLEN, BLOCK_N, ROW_TILE)
@@ -227,8 +237,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ,
         else:
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if ALIBI or REL or SOFTCAP:  # the mods take natural-unit scores; the softmax runs in base 2
-            sc = _mod(sc * _LN2, kidx, rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, TABLE, stab, radius, cap,
-                      ALIBI, REL, SOFTCAP)[0] * _LOG2E
+            sc = _mod(sc * _LN2, kidx, qpos, slope, trow, TABLE, radius, cap, ALIBI, REL, SOFTCAP)[0] * _LOG2E
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         sc = tl.where(vis, sc, float("-inf"))
@@ -298,6 +307,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES
     delta = tl.load(DELTA + r_ptr, mask=row_ok, other=0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    qpos, slope, trow = _mod_rows(rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, ALIBI)
     s_hi = _slot_end(n_slots, row0, row_end, k_base, k_end, q_off, ROWS_MOD, MODE, CAUSAL, VARLEN, BLOCK_N,
                      ROW_TILE)
     for s in range(0, s_hi):
@@ -309,8 +319,7 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES
         v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :], mask=vmask, other=0)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if ALIBI or REL or SOFTCAP:
-            sc, dist, t = _mod(sc * _LN2, kidx, rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, TABLE, stab,
-                               radius, cap, ALIBI, REL, SOFTCAP)
+            sc, dist, t = _mod(sc * _LN2, kidx, qpos, slope, trow, TABLE, radius, cap, ALIBI, REL, SOFTCAP)
             sc = sc * _LOG2E
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
