@@ -137,7 +137,7 @@ def _mod_case(Hq, alibi, table, cap, grad=True):
     if cap:
         args["cap"] = cap
         parts.append(az.mods.softcap(cap))
-    return args, az.mods.compose(*parts), leaves
+    return args, az.mods.compose(*parts) if parts else None, leaves
 
 
 @pytest.mark.parametrize("causal,Nq,Nk,pad,alibi,table,cap", [
@@ -281,6 +281,52 @@ def test_layout_methods_with_mods_and_sinks_on_triton_equal_torch(method, params
     leaves = (q, k, v, slopes, sinks)
     _check_grads(torch.autograd.grad((res[0][0] * seed).sum(), leaves),
                  [g.double() for g in torch.autograd.grad((res[1][0] * seed).sum(), leaves)], 5e-5)
+
+
+@pytest.mark.slow
+@given(hq_hkv=st.sampled_from([(2, 2), (4, 2), (4, 1)]), nq=st.integers(1, 40), extra=st.integers(0, 24),
+       causal=st.booleans(), alibi=st.booleans(), table=st.sampled_from([None, "head", "shared"]),
+       cap=st.sampled_from([None, 0.5, 4.0]), sinks=st.booleans(), token=st.booleans())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_kernel_mods_and_sinks_sweep(hq_hkv, nq, extra, causal, alibi, table, cap, sinks, token):
+    """Any combination of the mods and sinks, on the dense kernel or a token layout (per query head, holes),
+    GQA, Nq <= Nk causal or any non-causal: out, lse and every gradient against a float64 dense reference."""
+    from attnzoo.core.scoremod import apply_score_mod, with_sinks
+    Hq, Hkv = hq_hkv
+    Nk = nq + extra
+    q, k, v = _qkv(1, Hq, Hkv, nq, Nk, grad=True)
+    args, mod, leaves = _mod_case(Hq, alibi, table, cap)
+    sink = torch.randn(Hq, device=DEV, requires_grad=True) if sinks else None
+    vis = torch.ones(1, Hq, nq, Nk, dtype=torch.bool, device=DEV)
+    if token:
+        T = min(Nk, 12)
+        tok = torch.stack([torch.randperm(Nk, device=DEV)[:T] for _ in range(Hq * nq)]).view(1, Hq, nq, T)
+        tok[..., -2:] = -1
+        vis = torch.zeros(1, Hq, nq, Nk + 1, dtype=torch.bool, device=DEV)
+        vis = vis.scatter_(-1, torch.where(tok >= 0, tok, Nk), True)[..., :Nk]
+        out, lse = kern.layout_attention(q, k, v, TokenLayout(tok, 1, nq, Nk), scale=0.3, causal=causal,
+                                         sinks=sink, **args)
+    else:
+        out, lse = kern.flash_attention(q, k, v, scale=0.3, causal=causal, block_m=16, block_n=16, sinks=sink,
+                                        **args)
+    if causal:
+        vis = vis & (torch.arange(Nk, device=DEV) <= torch.arange(nq, device=DEV)[:, None] + extra)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    r_sink = None if sink is None else sink.detach().double().requires_grad_()
+    s = ref[0] @ ref[1].repeat_interleave(Hq // Hkv, 1).transpose(-1, -2) * 0.3
+    s = apply_score_mod(mod, s, Nk - nq, 0) if mod is not None else s
+    s = s.masked_fill(~vis, float("-inf"))
+    r_lse = torch.logsumexp(s, -1)
+    r_out = torch.nan_to_num(torch.softmax(s, -1)) @ ref[2].repeat_interleave(Hq // Hkv, 1)
+    if sink is not None:
+        r_out, r_lse = with_sinks(r_out, r_lse, r_sink)
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=3e-5)
+    so, sl = torch.randn_like(r_out), torch.randn_like(r_lse)
+    extra_leaves = [(t, r) for t, r in leaves] + ([(sink, r_sink)] if sink is not None else [])
+    got = _grads(out, lse, (q, k, v, *(t for t, _ in extra_leaves)), so, sl)
+    want = _grads(r_out, r_lse, (*ref, *(r for _, r in extra_leaves)), so, sl)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=3e-5)
 
 
 @pytest.mark.parametrize("nq", [1, 3])
