@@ -75,6 +75,13 @@ def test_dense_half_inputs_accumulate_in_fp32():
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double(), r_out, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(lse.double(), r_lse, atol=2e-3, rtol=2e-3)
+    slopes = torch.rand(2, device=DEV)  # fp32 mod tensors with half inputs: the scores stay fp32 in the kernel
+    mod = az.mods.compose(az.mods.alibi(slopes), az.mods.softcap(1.0))
+    out, lse = az.attention(q, k, v, causal=True, return_lse=True, score_mod=mod, backend="triton")
+    r_out, r_lse = naive_attention(q.double(), k.double(), v.double(), scale=0.25, causal=True,
+                                   score_mod=az.mods.compose(az.mods.alibi(slopes.double()), az.mods.softcap(1.0)))
+    torch.testing.assert_close(out.double(), r_out, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse.double(), r_lse, atol=2e-3, rtol=2e-3)
 
 
 def _window(b, h, q_idx, kv_idx):
