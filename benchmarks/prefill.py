@@ -1,7 +1,14 @@
-"""Prompt prefill through attnzoo's KVCache against SDPA / transformers' DynamicCache, and bytes held.
+"""Prompt prefill against SDPA: dynamic sparse methods on real Q/K/V, attnzoo's KVCache, and bytes held.
 
-Two tables, one thread, fp32, B=1, time = min over ``--repeats`` interleaved rounds (the machine is
-shared: ratios come from the same run):
+Three tables, one thread (``--threads``), fp32, B=1, time = min over ``--repeats`` interleaved rounds (the
+machine is shared: ratios come from the same run):
+
+* sparse prefill (``--sparse``; issue 20 item 1): SmolLM2-135M's Q/K/V of one layer (the bench's causal
+  ``real`` workload: layer 15 on the shipped text, captured once into the attnzoo cache) at each length;
+  lengths beyond ``--real-up-to`` use synthetic inputs with the same statistics (see
+  :func:`synthetic_like`). Each dynamic method at its defaults (and the variants in ``SPARSE``): time,
+  ``× SDPA``, the path it took (``dense``/``sparse``), the share of the visible pairs its layouts read
+  and its attention recall (the bench's protocol);
 
 * per layer (SmolLM2-135M's shapes: 9 query heads, 3 KV heads, head dim 64; random Q/K/V): one
   ``scaled_dot_product_attention`` causal call (``SDPA``) against ``KVCache(policy)``: append the
@@ -14,6 +21,7 @@ shared: ratios come from the same run):
 Evicting policies get a budget of ``--budget`` tokens (the issue's 256).
 
     python benchmarks/prefill.py                       # 2K and 4K
+    python benchmarks/prefill.py --sparse --lengths 4096 8192 --threads 2
     python benchmarks/prefill.py --lengths 2048 --repeats 2 --no-model
 """
 
@@ -94,6 +102,115 @@ def per_layer(lengths, budget: int, repeats: int) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
+#: row label -> (method, parameters) of the sparse-prefill table
+SPARSE = {
+    "block_topk": ("block_topk", {}),
+    "block_topk (heads=query)": ("block_topk", {"heads": "query"}),
+    "block_topk (topk 1/10)": ("block_topk", {"topk": 0.1}),
+    "vertical_slash": ("vertical_slash", {}),
+    "hip": ("hip", {}),
+}
+
+
+#: SmolLM2-135M's rope_theta (its config.json)
+ROPE_BASE = 100000.0
+
+
+def synthetic_like(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, seed: int = 0):
+    """Inputs of length ``n`` with the statistics of a real capture: per head, Gaussian rows with the
+    capture's mean and covariance (q, k, v each), then rotated by RoPE at their positions (SmolLM2's base
+    ``ROPE_BASE``) after un-rotating the capture's rows to estimate them, so scores keep their positional decay,
+    their mean direction (the sink-like bias) and their channel scales."""
+
+    def stats(t, rotated):
+        x = t[0].double()
+        if rotated:
+            x = _unrope(x)
+        mean = x.mean(1, keepdim=True)
+        cov = torch.einsum("hni,hnj->hij", x - mean, x - mean) / x.shape[1]
+        return mean, torch.linalg.cholesky(cov + 1e-6 * torch.eye(x.shape[-1], dtype=x.dtype))
+
+    def draw(t, rotated, gen):
+        mean, chol = stats(t, rotated)
+        z = torch.randn(t.shape[1], n, t.shape[-1], generator=gen, dtype=torch.float64)
+        x = mean + z @ chol.transpose(-1, -2)
+        return (_rope(x) if rotated else x).float().unsqueeze(0)
+
+    gen = torch.Generator().manual_seed(seed)
+    return draw(q, True, gen), draw(k, True, gen), draw(v, False, gen)
+
+
+def _rope_tables(n: int, d: int, base: float = ROPE_BASE):
+    inv = base ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(n, dtype=torch.float64).view(-1, 1) * inv
+    return torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+
+def _rope(x: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+    """Llama's rotary embedding (rotate-half) of ``x (H, N, D)`` at positions 0..N-1 (``sign`` -1: undo)."""
+    cos, sin = _rope_tables(x.shape[1], x.shape[2])
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + sign * rot * sin
+
+
+def _unrope(x: torch.Tensor) -> torch.Tensor:
+    return _rope(x, -1.0)
+
+
+def sparse_prefill(lengths, repeats: int, real_up_to: int, recall: bool) -> None:
+    import attnzoo as az
+    from attnzoo.bench import capture
+    from attnzoo.bench.metrics import method_recall
+    from attnzoo.catalog.sparse.dynamic import layout_share
+    from attnzoo.checks import check_qkv
+
+    print("\n## Sparse prefill (SmolLM2-135M layer 15 Q/K/V, 9 query / 3 KV heads, D=64): ms, x SDPA = SDPA / ours, "
+          "path, share of visible pairs read, recall\n")
+    print("| N | inputs | method | ms | x SDPA | path | share read | recall |")
+    print("|---:|---|---|---:|---:|---|---:|---:|")
+    real = None
+    for n in lengths:
+        if n <= real_up_to:
+            rec = capture.cached_layer("smollm2-135m", None, length=n, batch=1, layer=None)
+            q, k, v = (rec[x][0].float().contiguous() for x in "qkv")
+            source = "real"
+            real = (q, k, v)
+        else:
+            if real is None:
+                rec = capture.cached_layer("smollm2-135m", None, length=real_up_to, batch=1, layer=None)
+                real = tuple(rec[x][0].float() for x in "qkv")
+            q, k, v = synthetic_like(*real, n)
+            source = f"synthetic (stats of {real[0].shape[2]})"
+        prob = check_qkv(q, k, v)
+        methods = {label: az.get(name, **params) for label, (name, params) in SPARSE.items()}
+
+        def sdpa():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        timed = {"SDPA causal": sdpa}
+        timed.update({label: (lambda m=m: m(q, k, v, causal=True)) for label, m in methods.items()})
+        with torch.no_grad():
+            for fn in timed.values():  # warm-up
+                fn()
+            result = {label: [] for label in timed}
+            for _ in range(repeats):
+                for label, fn in timed.items():
+                    result[label].append(best(fn, 1))
+        base = min(result["SDPA causal"])
+        print(f"| {n} | {source} | SDPA causal | {1000 * base:.0f} | 1.00 | dense | 1.000 | 1.000 |", flush=True)
+        for label, m in methods.items():
+            with torch.no_grad():
+                fitted = m.fit(prob)
+                lays = fitted.choose(q, k, prob, causal=True, key_padding_mask=None)
+                path = "dense" if lays is None else "sparse"
+                share = 1.0 if lays is None else layout_share(lays, prob, True)
+                rc = method_recall(m, q, k, v, scale=prob.scale, causal=True) if recall else None
+            t = min(result[label])
+            print(f"| {n} | {source} | {label} | {1000 * t:.0f} | {base / t:.2f} | {path} | {share:.3f} | "
+                  + ("-" if rc is None else f"{rc:.3f}") + " |", flush=True)
+
+
 def end_to_end(model_name: str, lengths, budget: int, repeats: int) -> None:
     import attnzoo.hf as azhf
     from transformers import DynamicCache
@@ -158,8 +275,15 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="smollm2-135m (default when fetched), tiny, or a folder")
     ap.add_argument("--no-model", action="store_true", help="per-layer table only")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sparse", action="store_true", help="the sparse-prefill table only (issue 20 item 1)")
+    ap.add_argument("--real-up-to", type=int, default=8192, help="longest captured length; longer ones are "
+                                                                 "synthetic with its statistics")
+    ap.add_argument("--no-recall", action="store_true", help="skip the recall column (costly at 32K)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.sparse:
+        sparse_prefill(args.lengths, args.repeats, args.real_up_to, not args.no_recall)
+        return
     per_layer(args.lengths, args.budget, args.repeats)
     if not args.no_model:
         model = args.model
