@@ -332,9 +332,14 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES
         if BIAS_GRAD:  # rows of one program share the query head (no folded rows in a backward)
             if ALIBI:
                 tl.atomic_add(DSLOPES + h, tl.sum(tl.sum(ds * dist.to(tl.float32), 1), 0))
-            if REL:
-                ti = tl.minimum(tl.maximum(dist, -radius), radius) + radius
-                tl.atomic_add(DTABLE + h * stab + ti, ds, mask=vis)
+            if REL:  # a tile whose visible keys all lie at or beyond one edge adds to that entry once
+                far = tl.max(tl.max(tl.where(vis, dist, -radius), 1), 0) <= -radius
+                late = tl.min(tl.min(tl.where(vis, dist, radius), 1), 0) >= radius
+                if far or late:
+                    tl.atomic_add(DTABLE + h * stab + tl.where(far, 0, 2 * radius), tl.sum(tl.sum(ds, 1), 0))
+                else:
+                    ti = tl.minimum(tl.maximum(dist, -radius), radius) + radius
+                    tl.atomic_add(DTABLE + h * stab + ti, ds, mask=vis)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC) * scale
         tl.atomic_add(DK + b * sdkb + hk * sdkh + kc[:, None] * sdkn + offs_d[None, :], dk, mask=kmask)
