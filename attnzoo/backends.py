@@ -161,7 +161,11 @@ def _kernels():
 
 
 def _no_grad(case: Case, what: str) -> list[str]:
-    return [f"gradients ({what} is forward only)"] if case.grad else []
+    """A forward-only runner refuses gradients, to q/k/v or to the score_mod's tensors (a learnable table)."""
+    mod = kernel_mod(case.inputs.get("score_mod"), case.q)[0] if torch.is_grad_enabled() else {}
+    if case.grad or any(isinstance(t, torch.Tensor) and t.requires_grad for t in mod.values()):
+        return [f"gradients ({what} is forward only)"]
+    return []
 
 
 def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, sinks=None, **_):
@@ -171,10 +175,13 @@ def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, sco
 
 def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, sinks=None,
                          **_):
+    """Split-K (forward only): sinks in the kernel, or merged after it when they are learning (their gradient)."""
+    from .core.scoremod import with_sinks
+    learn = sinks is not None and sinks.requires_grad and torch.is_grad_enabled()
     valid = None if key_padding_mask is None else key_padding_mask[:, None, :].expand(-1, prob.heads_kv, -1)
-    out, lse = _kernels().split_k(q, k, v, scale=prob.scale, causal=causal, valid=valid, splits=m.splits,
-                                  sinks=sinks, **kernel_mod(score_mod, q)[0])
-    return out, lse
+    part = _kernels().split_k(q, k, v, scale=prob.scale, causal=causal, valid=valid, splits=m.splits,
+                              sinks=None if learn else sinks, **kernel_mod(score_mod, q)[0])
+    return with_sinks(part.out, part.lse, sinks) if learn else part
 
 
 def _own_layouts(m, case: Case) -> list[str]:

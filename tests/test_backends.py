@@ -101,3 +101,19 @@ def test_triton_takes_built_in_mods_and_names_what_it_refuses():
     row = next(r for r in az.explain("bigbird", q, k, v, causal=True, window=8, block=8,
                                      score_mod=mods.softcap(5.0)) if r.backend == "triton")
     assert any("without score modifications" in r for r in row.reasons)
+
+
+def test_forward_only_split_k_refuses_learnable_mod_tensors_and_merges_learnable_sinks():
+    """flash_decode's kernel is forward only: a learnable relative table is a reason (never a silently missing
+    gradient); learnable sinks are merged after the kernel, so their gradient equals torch's."""
+    pytest.importorskip("triton")
+    q, k, v = _qkv()
+    q = q[:, :, :2]
+    table = torch.randn(4, 7, requires_grad=True)
+    row = next(r for r in az.explain("flash_decode", q, k, v, causal=True, score_mod=az.mods.relative_bias(table))
+               if r.backend == "triton")
+    assert not row.runs and any("gradients (split-K decode is forward only)" in r for r in row.reasons)
+    sinks = torch.randn(4, requires_grad=True)
+    grads = [torch.autograd.grad(az.attention(q, k, v, method="flash_decode", causal=True, sinks=sinks,
+                                              backend=b).sum(), sinks)[0] for b in ("triton", "torch")]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
