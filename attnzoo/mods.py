@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from .core.scoremod import DistanceBias, ScoreMod, check_score_mod, with_sinks
+from .core.scoremod import DistanceBias, ScoreMod, Softcap, check_score_mod, with_sinks
 from .errors import AttnZooError
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "and_masks", "compose", "or_masks", "relative_bias", "softcap",
@@ -79,15 +79,9 @@ def softcap(cap: float) -> ScoreMod:
     return _Softcap(float(cap))
 
 
-class _Softcap:
-    """``cap * tanh(score / cap)``; ``cap`` is read by the Triton backend (a kernel specialisation)."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def __call__(self, score, b, h, q_idx, kv_idx):
-        cap = self.cap
-        return torch.tanh(score / cap) * cap if score.requires_grad else score.div_(cap).tanh_().mul_(cap)
+#: the soft cap the engines recognise (core.scoremod.Softcap: the tiled forward fuses it, the Triton backend
+#: specialises its kernels on ``cap``)
+_Softcap = Softcap
 
 
 def relative_bias(table: torch.Tensor) -> ScoreMod:

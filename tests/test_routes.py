@@ -251,6 +251,72 @@ def test_distance_bias_mods_run_in_the_fused_kernel_like_the_dense_reference(met
     assert_same_grads(got, want, [q, k, v, *learnable])
 
 
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(method=st.sampled_from(["exact", "exact_tiled"]), B=st.integers(1, 2), heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
+       Nq=st.integers(1, 30), extra=st.integers(0, 9), causal=st.booleans(), padded=st.booleans(),
+       which=st.sampled_from(["softcap", "bias_softcap", "closure"]))
+def test_row_wise_mod_forward_like_the_dense_reference(method, B, heads, Nq, extra, causal, padded, which):
+    """Mods other than a distance bias run the tiled engine's row-wise forward (``exact._mod_row_tiles``, here
+    4 query positions per block so calls span several; a softcap alone on its fused no-maximum path): values,
+    lse, and the gradients (recomputing backward) to q, k, v and a tensor the mod closes over, against the
+    dense float64 reference, with causal offsets (Nk > Nq), GQA and key padding (rows without keys too)."""
+    import attnzoo.core.exact as exact
+    Hq, Hkv = heads
+    Nk = Nq + extra
+    q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, seed=Nq * 7 + extra)
+    pad = (torch.arange(Nk)[None, :] * (torch.arange(B)[:, None] + 2) % 3 != 1) if padded else None
+    table = torch.randn(Hq, 7, dtype=F64, requires_grad=True)
+    dist = distance(Nq, Nk)
+    score_mod, ref, learnable = {
+        "softcap": (mods.softcap(1.5), dict(cap=1.5), []),
+        "bias_softcap": (mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
+                         dict(bias=table[:, dist.clamp(-3, 3) + 3], cap=2.0), [table]),
+        "closure": (lambda s, b, h, qi, kj: s * 0.5 + table[h, (qi + kj) % 7] - b,
+                    dict(bias=None), [table]),
+    }[which]
+    want_s = None
+    if which == "closure":  # the reference scores written out: 0.5·s + table[h, (i + j) % 7] - b
+        qi = torch.arange(Nq)[:, None] + Nk - Nq
+        kj = torch.arange(Nk)[None, :]
+        want_s = table[:, (qi + kj) % 7][None] - torch.arange(B, dtype=F64)[:, None, None, None]
+    spy = _Spy(exact, "_mod_row_tiles")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(exact, "_MOD_ROWS", 4)
+            mp.setattr(exact, "_MOD_MIN_ROWS", 1)
+            got = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod, key_padding_mask=pad,
+                               return_lse=True)
+            with torch.no_grad():
+                fast = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod,
+                                    key_padding_mask=pad, return_lse=True)
+    finally:
+        spy.patch.undo()
+    assert spy.calls == 2
+    mask = None if pad is None else pad[:, None, None, :]
+    if which == "closure":
+        want = dense(q * 0.5, k, v, causal=causal, bias=want_s, mask=mask)
+    else:
+        want = dense(q, k, v, causal=causal, mask=mask, **ref)
+    for out in (got, fast):
+        torch.testing.assert_close(out[0], want[0].detach(), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(out[1], want[1].detach(), atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, *learnable])
+
+
+def test_row_wise_softcap_in_float32_with_and_without_the_fixed_shift():
+    """float32: softcap(30) skips the row maximum (scores shifted by the cap), softcap(60) cannot (exp(-120)
+    underflows) and takes the maximum; both as close to float64 as plain float32 attention is."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 300, 32, generator=g) * 4 for _ in range(3))
+    for cap in (30.0, 60.0, 0.5):
+        with torch.no_grad():
+            got = az.attention(q, k, v, causal=True, score_mod=mods.softcap(cap))
+        want = dense(q.double(), k.double(), v.double(), causal=True, cap=cap)[0]
+        plain = (az.attention(q, k, v, causal=True).double() - dense(q.double(), k.double(), v.double(),
+                                                                   causal=True)[0]).abs().max()
+        assert (got.double() - want).abs().max() <= max(4 * plain, 1e-5), cap
+
+
 def test_distance_bias_in_float32_drops_only_negligible_keys():
     """A steep ALiBi in float32 (most keys masked as negligible, see ``negligible_gap``) over several query
     tiles, causal and not, GQA: as close to float64 as the generic engine running the same mod (a plain

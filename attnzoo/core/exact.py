@@ -170,6 +170,8 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
             return _fused_tiles(q, k, v, spec, out, lse)
         return _fused_bias_tiles(q, k, v, spec, out, lse)
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    if _mod_rows(q, k, spec):
+        return _mod_row_tiles(q, k, v, spec, out, lse, pad)
     for i0 in range(0, len_q, spec.q_tile):
         i1 = min(len_q, i0 + spec.q_tile)
         rows = _rows(q, groups, i0, i1) * spec.scale
@@ -291,6 +293,70 @@ def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, causal: bool = Fal
         o, ls = flash_cpu(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale, causal=causal,
                           mask=mask)
         out[b], lse[b] = o.transpose(0, 1).reshape(Hq, rows, -1), ls.transpose(0, 1).reshape(Hq, rows)
+    return out, lse
+
+
+#: query positions per score block of the row-wise forward with a score_mod (:func:`_mod_row_tiles`) ...
+_MOD_ROWS = 64
+#: ... and the most scores (all heads) one block may hold; fewer positions than _MOD_MIN_ROWS: key tiles instead
+_MOD_BLOCK = 1 << 23
+_MOD_MIN_ROWS = 16
+
+
+def _mod_rows(q: torch.Tensor, k: torch.Tensor, spec: TileSpec) -> int:
+    """Query positions per block of :func:`_mod_row_tiles` for this call, 0 where it does not run (no
+    score_mod, a distance bias (the fused kernel runs those), or rows too long for a bounded block)."""
+    if spec.mod is None or spec.mod.distance is not None:
+        return 0
+    rows = min(_MOD_ROWS, _MOD_BLOCK // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
+    return rows if rows >= _MOD_MIN_ROWS else 0
+
+
+def _fixed_shift(cap: float | None, dtype: torch.dtype) -> float | None:
+    """The softcap whose scores may skip the row maximum (shifted by ``cap`` instead, see
+    :meth:`OnlineSoftmax.add`): ``exp(-2 cap)``, the smallest weight, must stay a normal number of ``dtype``."""
+    if cap is None or 2 * cap > -math.log(torch.finfo(dtype).tiny) - 8:
+        return None
+    return cap
+
+
+def _mod_row_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor, pad: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled forward with a score_mod other than a distance bias: a block of query positions (every
+    head) against every key they see in one GEMM, the mod on it, one softmax pass (no online rescale).
+
+    Fewer, larger operations than key tiles: the mod's elementwise passes are what costs here (the GEMMs
+    are what PyTorch's fused kernel does too). K is transposed once so the score GEMM reads it contiguous;
+    the causal mask touches only the block's diagonal columns. A soft cap (:class:`Softcap`) is fused:
+    ``1 / cap`` joins the query scale, and ``cap·tanh(s) - cap`` (in place) is already shifted by the row's
+    upper bound, so no maximum pass either.
+    """
+    B, Hq, len_q, _ = q.shape
+    Hkv, len_k = k.shape[1], k.shape[2]
+    groups, block = Hq // Hkv, _mod_rows(q, k, spec)
+    cap = _fixed_shift(spec.mod.cap, q.dtype)
+    k_rows = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # (B, Hkv, Nk, D) laid out as (B, Hkv, D, Nk)
+    for i0 in range(0, len_q, block):
+        i1 = min(len_q, i0 + block)
+        end = spec.key_end(i1, len_k)
+        soft = OnlineSoftmax((B, Hkv, groups * (i1 - i0)), v.shape[3], like=q)
+        if end > 0:
+            if cap is None:
+                s = _masked_scores(_rows(q, groups, i0, i1) * spec.scale, k_rows[:, :, :end], groups, None, None,
+                                   spec, i0, 0)
+            else:
+                s = torch.matmul(_rows(q, groups, i0, i1) * (spec.scale / cap), k_rows[:, :, :end].transpose(-1, -2))
+                s = torch.add(s.new_tensor(-cap), s.tanh_(), alpha=cap, out=s)
+            diag = min(end, max(0, spec.q_offset + i0 + 1 - spec.k_offset)) if spec.causal else end
+            mask = spec.tile_mask(i0, i1, diag, end, q.device)
+            if mask is not None:
+                s.view(B, Hkv, groups, i1 - i0, end)[..., diag:].masked_fill_(~mask, -math.inf)
+            if pad is not None:
+                s.masked_fill_(~pad[..., :end], -math.inf)
+            soft.add(s, v[:, :, :end], shift=cap)
+        o, ls = soft.result()
+        out[:, :, i0:i1] = unfold_groups(o, Hq)
+        lse[:, :, i0:i1] = unfold_groups(ls.unsqueeze(-1), Hq).squeeze(-1)
     return out, lse
 
 

@@ -101,11 +101,20 @@ class OnlineSoftmax:
         self.denom = like.new_zeros(*rows, 1)
         self.acc = like.new_zeros(*rows, dim_v)
 
-    def add(self, scores: torch.Tensor, values: torch.Tensor) -> None:
-        """Fold in one chunk; ``scores`` is overwritten (it becomes the chunk's unnormalised probabilities)."""
-        m_new = torch.maximum(self.m, scores.amax(dim=-1, keepdim=True))
-        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        p = scores.sub_(m_safe).exp_()
+    def add(self, scores: torch.Tensor, values: torch.Tensor, shift: float | None = None) -> None:
+        """Fold in one chunk; ``scores`` is overwritten (it becomes the chunk's unnormalised probabilities).
+
+        ``shift``: the scores were given minus this number, an upper bound of every score of the chunk
+        (soft-capped scores: the cap), which then stands in for the row maximum and saves its pass over
+        the chunk. The caller makes sure ``exp(score - shift)`` of a visible key cannot underflow.
+        """
+        if shift is None:
+            m_new = torch.maximum(self.m, scores.amax(dim=-1, keepdim=True))
+            m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+            p = scores.sub_(m_safe).exp_()
+        else:
+            m_new = m_safe = self.m.clamp_min(shift)
+            p = scores.exp_() if bool((m_new == shift).all()) else scores.add_(shift - m_new).exp_()
         alpha = torch.exp(self.m - m_safe)
         self.denom = self.denom.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
         acc = self.acc.mul_(alpha).view(-1, *self.acc.shape[-2:])

@@ -78,6 +78,22 @@ class DistanceBias(ABC):
         differentiable with respect to the mod's tensors (the backward's gradients to them go through it)."""
 
 
+class Softcap:
+    """Logit soft-capping ``cap * tanh(score / cap)`` (:func:`attnzoo.mods.softcap`). The tiled engine's
+    forward knows it (:attr:`ModHook.cap`): ``1 / cap`` joins the query scale and, every capped score being
+    at most ``cap``, the softmax needs no row maximum (:func:`attnzoo.core.exact.tiled_forward`)."""
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        cap = self.cap
+        return torch.tanh(score / cap) * cap if score.requires_grad else score.div_(cap).tanh_().mul_(cap)
+
+    def __repr__(self) -> str:
+        return f"softcap({self.cap})"
+
+
 def distance_rows(mod: DistanceBias, d0: int, length: int, dtype: torch.dtype, device, *, causal: bool,
                   floor: torch.Tensor | None = None) -> torch.Tensor:
     """``(Hq or 1, length)`` contiguous additive-mask entries of the distances ``d0, d0 + 1, ...``.
@@ -131,6 +147,7 @@ class ModHook:
                  kv_idx: int = 0) -> None:
         self.fn = score_mod
         self.distance = score_mod if isinstance(score_mod, DistanceBias) else None  # fused kernels run it as a mask
+        self.cap = score_mod.cap if isinstance(score_mod, Softcap) else None  # the tiled forward folds it in
         self.captured = captured_tensors(score_mod, like, q_idx, kv_idx) if grad else ()
 
     def scores(self, s: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
