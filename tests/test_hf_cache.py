@@ -188,3 +188,83 @@ def test_the_cache_reads_through_the_applied_flash_decode():
     with torch.no_grad():
         out = generate_with(model, ids, mask, cache)
     assert out.shape[1] == PROMPT + NEW
+
+
+# ------------------------------------------------------------------ packed sequences with the attnzoo cache
+PACKED = [5, 9, 3]  # prompt lengths, packed into one row
+
+
+def _packed_step(model, cache, tokens: list[torch.Tensor], held: list[int]):
+    """One forward of every sequence's new ``tokens`` laid end to end (flash-attention varlen kwargs, each
+    sequence's positions continuing from its ``held`` tokens); returns the logits split per sequence."""
+    n = [t.numel() for t in tokens]
+    cu_q = torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor([h + m for h, m in zip(held, n)]).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(h, h + m) for h, m in zip(held, n)])[None]
+    logits = model(input_ids=torch.cat(tokens)[None], position_ids=positions, cache=cache, use_cache=True,
+                   cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=max(n), max_length_k=int(cu_k.diff().max())
+                   ).logits[0]
+    return list(logits.split(n))
+
+
+def test_packed_sequences_prefill_and_generate_with_the_attnzoo_cache_like_one_by_one():
+    """A packed prefill (ragged lengths) into an attnzoo cache, a ragged second chunk, then greedy steps of
+    one token per sequence, all as packed rows with flash-attention's varlen kwargs: the logits equal each
+    sequence run alone by the model's own attention (no cache), and the greedy tokens its own generate()."""
+    model = tiny_decoder("llama")
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 96, (n,), generator=g) for n in PACKED]
+    chunk = [torch.randint(1, 96, (n,), generator=g) for n in (2, 0, 3)]  # chunked prefill; one sequence idle
+    with torch.no_grad():
+        full = [torch.cat([p, c]) for p, c in zip(prompts, chunk)]
+        want_tokens = [greedy(model, f[None], torch.ones(1, f.numel(), dtype=torch.long), n=4)[0] for f in full]
+        want_logits = [model(input_ids=t[None]).logits[0] for t in want_tokens]
+        azhf.apply(model, "exact")
+        cache = azhf.make_cache(model, "full")
+        held = [0] * len(PACKED)
+        logits = _packed_step(model, cache, prompts, held)
+        held = [p.numel() for p in prompts]
+        for seq, got in enumerate(logits):
+            torch.testing.assert_close(got, want_logits[seq][:held[seq]], atol=1e-5, rtol=1e-5)
+        logits = _packed_step(model, cache, chunk, held)
+        held = [f.numel() for f in full]
+        for seq, got in enumerate(logits):
+            torch.testing.assert_close(got, want_logits[seq][held[seq] - chunk[seq].numel():held[seq]], atol=1e-5,
+                                       rtol=1e-5)
+        tokens = [f.clone() for f in full]
+        nxt = [want_logits[s][held[s] - 1].argmax()[None] for s in range(len(full))]
+        for _ in range(3):
+            tokens = [torch.cat([t, x]) for t, x in zip(tokens, nxt)]
+            logits = _packed_step(model, cache, nxt, held)
+            for seq, got in enumerate(logits):
+                torch.testing.assert_close(got[0], want_logits[seq][held[seq]], atol=1e-5, rtol=1e-5)
+            held = [h + 1 for h in held]
+            nxt = [lg[-1].argmax()[None] for lg in logits]
+        tokens = [torch.cat([t, x]) for t, x in zip(tokens, nxt)]
+    for got, want in zip(tokens, want_tokens):
+        assert torch.equal(got, want)
+    assert cache.layers[0].kv.seq_length == max(PACKED) + 3 + 3  # padded slots: the longest step each time
+
+
+def test_packed_cache_refusals():
+    model = tiny_decoder("llama")
+    azhf.apply(model, "exact")
+    prompts = [torch.arange(1, 1 + n) for n in PACKED]
+    with torch.no_grad():
+        cache = azhf.make_cache(model, "full")
+        _packed_step(model, cache, prompts, [0, 0, 0])
+        with pytest.raises(attnzoo.AttnZooError, match="cu_seq_lens_k"):  # key lengths that forget the prompts
+            _packed_step(model, cache, [torch.tensor([1])] * 3, [0, 0, 0])
+        cache = azhf.make_cache(model, "full")
+        _packed_step(model, cache, prompts, [0, 0, 0])
+        with pytest.raises(attnzoo.UnsupportedError, match="packed sequences"):
+            model(input_ids=torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
+        with pytest.raises(attnzoo.UnsupportedError, match="packed sequences"):
+            cache.crop(-1)
+        plain = azhf.make_cache(model, "full")
+        model(input_ids=torch.tensor([[1, 2, 3]]), cache=plain, use_cache=True)
+        with pytest.raises(attnzoo.UnsupportedError, match="cannot continue"):
+            _packed_step(model, plain, prompts, [0, 0, 0])
+        with pytest.raises(attnzoo.UnsupportedError, match="attnzoo cache"):  # offsets differ, no cache to hold them
+            model(input_ids=torch.tensor([[1, 2]]), use_cache=False, cu_seq_lens_q=torch.tensor([0, 2], dtype=torch.int32),
+                  cu_seq_lens_k=torch.tensor([0, 3], dtype=torch.int32))

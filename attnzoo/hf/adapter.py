@@ -8,7 +8,8 @@ call into attnzoo's convention (``causal`` bottom-right aligned +
 returns ``(B, Sq, Hq, Dv)`` as transformers expects. Soft-capping becomes a
 ``score_mod``, gpt-oss's ``s_aux`` the method's ``sinks``, packed sequences
 (a block-diagonal mask from position ids, or flash-attention's ``cu_seq_lens_*``
-kwargs) a varlen call. Whatever cannot be expressed (an additive bias, a per-head
+kwargs) a varlen call (with an attnzoo cache: one cache row per sequence, see
+:meth:`attnzoo.hf.cache.AttnZooCacheLayer.attend`). Whatever cannot be expressed (an additive bias, a per-head
 mask, dropout, ...) raises :class:`~attnzoo.UnsupportedError`: nothing is silently ignored.
 """
 
@@ -216,6 +217,7 @@ class Routes:
     score_mod: Any = None
     sinks: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None  # differs from cu_seqlens only with an attnzoo cache (earlier tokens)
 
     def call_kwargs(self, heads: torch.Tensor | None) -> dict[str, Any]:
         """Keyword arguments of a method call on query heads ``heads`` (None = all)."""
@@ -229,8 +231,9 @@ class Routes:
         return kw
 
 
-def _routes(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> Routes:
-    """The soft-capping, sinks and flash-attention varlen offsets a transformers call carries."""
+def _routes(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any], cached: bool = False) -> Routes:
+    """The soft-capping, sinks and flash-attention varlen offsets a transformers call carries (with an attnzoo
+    cache (``cached``) the key offsets count each sequence's earlier tokens too)."""
     cap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")
     if sinks is not None:
@@ -239,10 +242,11 @@ def _routes(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]
     if (cu_q is None) != (cu_k is None):
         raise UnsupportedError(f"attnzoo attention ({type(module).__name__}): cu_seq_lens_q and cu_seq_lens_k must "
                                "be given together")
-    if cu_q is not None and not torch.equal(cu_q.long(), cu_k.long()):
+    if cu_q is not None and not cached and not torch.equal(cu_q.long(), cu_k.long()):
         raise UnsupportedError(f"attnzoo attention ({type(module).__name__}): packed sequences with different query "
-                               "and key offsets (a cache over packed sequences) are not supported")
-    return Routes(None if cap is None else mods.softcap(float(cap)), sinks, cu_q)
+                               "and key offsets need the keys of earlier steps: pass an attnzoo cache "
+                               "(attnzoo.hf.make_cache)")
+    return Routes(None if cap is None else mods.softcap(float(cap)), sinks, cu_q, cu_k)
 
 
 def window_mod(window: int):
@@ -292,17 +296,17 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """The function registered with ``transformers.AttentionInterface`` under :data:`ATTN_NAME`."""
     spec = layer_spec(module)
     _refuse_unsupported(module, dropout, kwargs)
-    routes = _routes(module, query, kwargs)
+    cache_layer = getattr(key, CACHE_TAG, None)
+    routes = _routes(module, query, kwargs, cached=cache_layer is not None)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     record = getattr(module, CAPTURE_ATTR, None)
     if record is not None:
         record.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
-    cache_layer = getattr(key, CACHE_TAG, None)
     if cache_layer is not None:
-        if routes.cu_seqlens is not None:
-            raise UnsupportedError("attnzoo cache: packed sequences (cu_seq_lens) with a KV cache are not supported")
         out = cache_layer.attend(spec, query, attention_mask, causal=causal, scale=scaling,
-                                 sliding_window=sliding_window, score_mod=routes.score_mod, sinks=routes.sinks)
+                                 sliding_window=sliding_window, score_mod=routes.score_mod, sinks=routes.sinks,
+                                 cu_seqlens=None if routes.cu_seqlens is None else (routes.cu_seqlens,
+                                                                                    routes.cu_seqlens_k))
         return out.transpose(1, 2), None
     overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}  # the plan's own parameters only
     if routes.cu_seqlens is not None:  # flash-attention varlen kwargs: one packed row, its offsets given

@@ -42,6 +42,7 @@ class AttnZooCacheLayer(CacheLayerMixin):
         super().__init__()
         self.kv = KVCache(policy, **params)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._docs: torch.Tensor | None = None  # packed mode: tokens held per sequence (one KVCache row each)
 
     def __repr__(self) -> str:
         return f"AttnZooCacheLayer({self.kv!r})"
@@ -63,8 +64,12 @@ class AttnZooCacheLayer(CacheLayerMixin):
         return keys, value_states
 
     def attend(self, spec: LayerSpec, query: torch.Tensor, attention_mask, *, causal: bool, scale: float | None,
-               sliding_window: int | None, score_mod=None, sinks: torch.Tensor | None = None) -> torch.Tensor:
-        """Append the pending tokens (padding taken from the mask) and read them through the policy."""
+               sliding_window: int | None, score_mod=None, sinks: torch.Tensor | None = None,
+               cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Append the pending tokens (padding taken from the mask) and read them through the policy.
+
+        ``cu_seqlens = (cu_q, cu_k)`` (flash-attention's varlen kwargs): see :meth:`_attend_packed`.
+        """
         if self._pending is None:
             raise AttnZooError("attnzoo cache: attend called without a preceding update")
         keys, values = self._pending
@@ -73,6 +78,12 @@ class AttnZooCacheLayer(CacheLayerMixin):
         if bad:
             raise UnsupportedError(f"layer {spec.layer}: method {bad[0]!r} cannot run with an attnzoo cache, whose "
                                    f"policy ({self.kv.policy.name!r}) decides what is read; apply 'exact' instead")
+        if cu_seqlens is not None:
+            return self._attend_packed(spec, query, keys, values, *cu_seqlens, causal=causal, scale=scale,
+                                       sliding_window=sliding_window, score_mod=score_mod, sinks=sinks)
+        if self._docs is not None:
+            raise UnsupportedError("attnzoo cache: this cache holds packed sequences (one row each); every later "
+                                   "call must carry cu_seq_lens_q / cu_seq_lens_k too")
         n, total = keys.shape[2], self.kv.seq_length + keys.shape[2]
         geo = mask_geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=total, window=sliding_window)
         if geo.window is not None:  # exact over what the policy holds, the window as a score_mod (full reads only)
@@ -88,6 +99,52 @@ class AttnZooCacheLayer(CacheLayerMixin):
         self.kv.append(keys, values, key_mask=key_mask)
         return self.kv.attend(query, causal=geo.causal, scale=scale, score_mod=score_mod, sinks=sinks)
 
+    def _attend_packed(self, spec: LayerSpec, query, keys, values, cu_q: torch.Tensor, cu_k: torch.Tensor, *,
+                       causal: bool, scale, sliding_window, score_mod, sinks) -> torch.Tensor:
+        """Packed sequences (flash-attention's varlen convention with a cache): ``query``, ``keys``, ``values``
+        are one row of every sequence's new tokens laid end to end, ``cu_q`` their offsets, and ``cu_k`` the
+        offsets of each sequence's whole key set (its tokens held from earlier calls, then the new ones).
+
+        The cache keeps one KVCache row per sequence: each call's new tokens are left-padded to the longest
+        (padding masked, as in a left-padded batch), appended, and read causally; the output rows of real
+        tokens are packed back. A ragged prefill followed by one token per sequence per step therefore holds
+        exactly a left-padded batch; ragged later steps leave padding slots mid-row, which position-based
+        policies count as positions. Returns ``(1, Hq, total_new, Dv)``.
+        """
+        n_q, n_k = cu_q.long().diff(), cu_k.long().diff()
+        docs, total = n_q.numel(), keys.shape[2]
+        if query.shape[0] != 1 or int(cu_q[-1]) != total or (n_q < 0).any():
+            raise AttnZooError(f"cu_seq_lens_q: expected increasing offsets from 0 to {total} over one packed row, "
+                               f"got {cu_q.tolist()} for a batch of {query.shape[0]}")
+        if not causal:
+            raise UnsupportedError("attnzoo cache: packed sequences need causal attention")
+        held = self._docs if self._docs is not None else n_q.new_zeros(docs)
+        if self._docs is None and self.kv.seq_length:
+            raise UnsupportedError("attnzoo cache: packed sequences cannot continue a cache filled without them")
+        if held.numel() != docs or not torch.equal(n_k.cpu(), (held + n_q).cpu()):
+            raise AttnZooError(f"cu_seq_lens_k: expected the offsets of each sequence's held plus new tokens, "
+                               f"lengths {(held + n_q).tolist() if held.numel() == docs else f'for {held.numel()} sequences'}"
+                               f", got lengths {n_k.tolist()}")
+        if sliding_window is not None and int(n_k.max()) > sliding_window:
+            raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({sliding_window}) is shorter "
+                                   "than a packed sequence held in the attnzoo cache; not supported")
+        width = int(n_q.max()) if docs else 0
+        if width == 0:
+            return query.new_zeros(*query.shape[:3], values.shape[3])
+        # slot j of sequence i holds packed token cu_q[i] + j - (width - n_q[i]); slots before that are padding
+        src = cu_q[:-1].long().to(keys.device)[:, None] + torch.arange(width, device=keys.device) \
+            - (width - n_q.to(keys.device))[:, None]
+        real = src >= cu_q[:-1].long().to(keys.device)[:, None]
+        src = src.clamp(0, max(total - 1, 0))
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (1, H, total, X) -> (docs, H, width, X), padding zeroed
+            return t[0][:, src].transpose(0, 1).masked_fill(~real[:, None, :, None], 0)
+
+        self.kv.append(rows(keys), rows(values), key_mask=real)
+        out = self.kv.attend(rows(query), causal=True, scale=scale, score_mod=score_mod, sinks=sinks)
+        self._docs = held + n_q
+        return out.transpose(0, 1)[:, real].unsqueeze(0)
+
     def get_seq_length(self) -> int:
         return self.kv.seq_length
 
@@ -100,13 +157,20 @@ class AttnZooCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.kv.reset()
         self._pending = None
+        self._docs = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """transformers passes ``-n`` to drop the last ``n`` tokens (KVCache.crop's convention too)."""
+        self._not_packed("crop")
         self.kv.crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._not_packed("reorder_cache")
         self.kv.reorder(beam_idx)
+
+    def _not_packed(self, what: str) -> None:
+        if self._docs is not None:
+            raise UnsupportedError(f"attnzoo cache: {what} of a cache holding packed sequences is not supported")
 
     def _batch_change(self, what: str) -> None:
         if self.kv.seq_length:
