@@ -381,8 +381,8 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
         note = ""
         if score_mod is not None and b == "torch":
             note = ("score_mod: a distance bias (alibi, relative_bias, their sums) in the fused CPU kernel (exact "
-                    "family, banded layouts), any other mod on the generic engines (tiled, the block-sparse slot "
-                    "loop)")
+                    "family, banded layouts); any other mod on the exact family's row-wise tiled forward (softcap "
+                    "fused into it), on sparse methods the block-sparse slot loop")
         elif score_mod is not None and b == "triton":
             note = "score_mod as a kernel specialisation (ALiBi slopes / relative table / softcap, fwd and bwd)"
         rows.append(Verdict(b, not why, tuple(why), note))

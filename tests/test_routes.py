@@ -139,7 +139,48 @@ def test_score_mod_under_half_precision_and_no_grad_is_finite():
 
 def test_every_score_mod_method_is_tested():
     declared = {n for n, c in az.methods().items() if c.supports.score_mod}
-    assert declared == set(SCORE_MOD_METHODS) | set(LAYOUT_MOD_METHODS)
+    assert declared == set(SCORE_MOD_METHODS) | set(LAYOUT_MOD_METHODS) | set(REORDERED_MOD_METHODS)
+
+
+#: methods that attend reordered tokens (hash buckets, clusters, grid patterns): (params, N, causal allowed)
+REORDERED_MOD_METHODS = {
+    "lsh": (dict(buckets=4, chunk=4, rounds=2), 16, True), "routing": (dict(clusters=3, block=4), 16, True),
+    "bilevel_routing": (dict(regions=2, topk=1, grid=(4, 4)), 16, False),
+    "window2d": (dict(window=2, block=4), 16, False), "neighborhood2d": (dict(kernel=3, block=4), 16, False),
+    "tile3d": (dict(grid=(2, 2, 4), tile=(1, 2, 2), block=4), 16, False),
+}
+
+
+@settings(max_examples=18, deadline=None, derandomize=True)
+@given(name=st.sampled_from(sorted(REORDERED_MOD_METHODS)), B=st.integers(1, 2),
+       heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]), causal=st.booleans(), which=st.integers(0, 2),
+       seed=st.integers(0, 50))
+def test_reordered_methods_apply_score_mods_at_the_original_positions(name, B, heads, causal, which, seed):
+    """Methods that sort or regroup tokens before the block-sparse executor (lsh, routing, bilevel_routing,
+    the grid methods) apply the mod with the tokens' original positions (``scoremod.reordered``): equal to the
+    dense float64 reference with the mod, restricted to the keys the method reads; values, lse and gradients
+    to q, k, v and a learnable table."""
+    params, N, causal_ok = REORDERED_MOD_METHODS[name]
+    causal = causal and causal_ok
+    q, k, v = qkv(B=B, Hq=heads[0], Hkv=heads[1], Nq=N, Nk=N, seed=seed)
+    Hq = heads[0]
+    method = az.get(name, **params)
+    dist = distance(N, N)
+    table = torch.randn(Hq, 7, dtype=F64, requires_grad=True)
+    slopes = mods.alibi_slopes(Hq).to(F64)
+    score_mod, ref = [
+        (mods.relative_bias(table), dict(bias=table[:, dist.clamp(-3, 3) + 3])),
+        (mods.compose(mods.alibi(slopes), mods.softcap(2.0)), dict(bias=slopes[:, None, None] * dist, cap=2.0)),
+        (lambda s, b, h, qi, kj: s + table[h, (2 * qi + kj) % 7] - b,  # not a function of kv - q only
+         dict(bias=table[:, (2 * torch.arange(N)[:, None] + torch.arange(N)[None, :]) % 7][None]
+              - torch.arange(B, dtype=F64)[:, None, None, None])),
+    ][which]
+    vis = _visible(method, q, k, causal)
+    got = method(q, k, v, causal=causal, score_mod=score_mod, return_lse=True)
+    want = dense(q, k, v, causal=causal, mask=vis, **ref)
+    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, table] if which != 1 else [q, k, v])
 
 
 def _visible(method, q, k, causal, score_mod=None):
@@ -558,8 +599,9 @@ def test_varlen_needs_batch_one():
 
 # ---------------------------------------------------------- unsupported
 @pytest.mark.parametrize("method,kwargs,match", [
-    ("lsh", dict(score_mod=mods.softcap(3.0)), "score_mod"),
-    ("routing", dict(score_mod=mods.softcap(3.0)), "score_mod"),
+    ("probsparse", dict(score_mod=mods.softcap(3.0)), "score_mod"),  # lazy queries output mean(V), no scores
+    ("hyper", dict(score_mod=mods.softcap(3.0)), "score_mod"),
+    ("performer", dict(score_mod=mods.softcap(3.0)), "score_mod"),  # no score matrix at all
     ("linear", dict(sinks=torch.zeros(4, dtype=F64)), "sinks"),
     ("linformer", dict(cu_seqlens_q=torch.tensor([0, 13], dtype=torch.int32),
                        cu_seqlens_k=torch.tensor([0, 13], dtype=torch.int32)), "cu_seqlens"),

@@ -21,13 +21,13 @@ from ..core.blocksparse import BlockLayout, attend, attend_all
 from ..core.exact import tiled_attention
 from ..core.layout import range_blocks
 from ..core.masks import visible_mask
-from ..core.scoremod import apply_score_mod
+from ..core.scoremod import apply_score_mod, reordered
 from ..errors import AttnZooError, UnsupportedError
 from ..grid import SortedPattern, check_grid, neighborhood_pattern, per_axis, tile3d_pattern, window_pattern
 from ..registry import Family, Supports, param, register
 from .sparse._base import LayoutMethod, as_layout_rows
 
-_GRID_SUPPORTS = Supports(causal=False, noncausal=True, decode=False, grad=True, lse=True)
+_GRID_SUPPORTS = Supports(causal=False, noncausal=True, decode=False, grad=True, lse=True, score_mod=True)
 _BLOCK_HELP = "query/key block size of the executor (speed only; the result does not depend on it)"
 
 
@@ -93,14 +93,16 @@ class GridMethod(LayoutMethod):
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         return [self.layout(prob.len_k, q.device)]
 
-    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
         if prob.len_q != prob.len_k:
             raise UnsupportedError(f"method {self.name!r} does not support Nq != Nk (grid self-attention only), "
                                    f"got Nq={prob.len_q}, Nk={prob.len_k}")
         order, inverse, layout = _plan(self, prob.len_k, q.device)
         pad = None if key_padding_mask is None else key_padding_mask[:, order]
+        if score_mod is not None:  # the mod sees the tokens' row-major positions
+            score_mod = reordered(score_mod, order, order, q_offset=0, groups=prob.groups)
         out, lse = attend(q[:, :, order], k[:, :, order], v[:, :, order], layout, scale=prob.scale, causal=False,
-                          key_padding_mask=pad)
+                          key_padding_mask=pad, score_mod=score_mod)
         return out[:, :, inverse], lse[:, :, inverse]
 
 

@@ -264,6 +264,24 @@ def captured_tensors(score_mod: ScoreMod, like: torch.Tensor, q_idx: int = 0, kv
     return tuple(rec.read.values())
 
 
+def reordered(score_mod: ScoreMod, q_order: torch.Tensor, k_order: torch.Tensor, *, q_offset: int,
+              groups: int) -> ScoreMod:
+    """``score_mod`` for an engine that runs on reordered tokens (sorted by hash bucket or cluster, a grid's
+    pattern order): the engine's query row ``i`` (position ``i + q_offset``) is original query
+    ``q_order[b, h, i]`` and its key ``j`` original key ``k_order[b, h // groups, j]``; the mod sees the
+    original positions (query ``q_order[...] + q_offset``). Orders are ``(N,)`` or ``(B|1, H|1, N)``."""
+    def pick(order: torch.Tensor, b, h, i):
+        if order.dim() == 1:
+            return order[i]
+        return order[b if order.shape[0] > 1 else 0, h if order.shape[1] > 1 else 0, i]
+
+    def mod(score, b, h, q_idx, kv_idx):
+        qi = pick(q_order, b, h, (q_idx - q_offset).clamp(0, q_order.shape[-1] - 1)) + q_offset
+        return score_mod(score, b, h, qi, pick(k_order, b, h // groups, kv_idx))
+
+    return mod
+
+
 def tile_index(shape: tuple[int, int, int, int], q_offset: int, k_offset: int, head_offset: int = 0, device=None):
     """``(b, h, q_idx, kv_idx)`` broadcastable to ``(B, H, Nq, Nk)`` scores of contiguous positions."""
     B, H, len_q, len_k = shape

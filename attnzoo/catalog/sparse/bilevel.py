@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ...core.blocksparse import BlockLayout, attend
+from ...core.scoremod import reordered
 from ...errors import AttnZooError, UnsupportedError
 from ...registry import Family, Method, Supports, param, register
 from .dynamic import block_pool, grouped_scores, topk_mask
@@ -26,8 +27,8 @@ class BilevelRouting(Method):
     exact_for: ClassVar[str] = "topk >= the number of regions"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(R²·D + N·topk·(N/R)·D)"
-    supports: ClassVar[Supports] = Supports(causal=False, noncausal=True,
-                                            decode=False, grad=True, lse=True, sinks=True, varlen=True)
+    supports: ClassVar[Supports] = Supports(causal=False, noncausal=True, decode=False, grad=True, lse=True,
+                                            sinks=True, varlen=True, score_mod=True)
     training_free: ClassVar[bool] = True
     papers: ClassVar[tuple[str, ...]] = ("BiFormer: Vision Transformer with Bi-Level Routing Attention",)
 
@@ -58,7 +59,7 @@ class BilevelRouting(Method):
         idx = torch.arange(n, device=device).view(S, H // S, S, W // S)
         return idx.permute(0, 2, 1, 3).reshape(-1)
 
-    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
         if prob.len_q != prob.len_k:
             raise UnsupportedError(f"method 'bilevel_routing' does not support Nq != Nk (self-attention only), "
                                    f"got Nq={prob.len_q}, Nk={prob.len_k}")
@@ -74,7 +75,10 @@ class BilevelRouting(Method):
             affinity = grouped_scores(block_pool(q, size), block_pool(k, size, key_padding_mask), 1.0)
             layout = BlockLayout.from_block_mask(topk_mask(affinity, self.topk), block_q=size, block_k=size,
                                                  len_q=n, len_k=n)
-        out, lse = attend(q, k, v, layout, scale=prob.scale, causal=False, key_padding_mask=key_padding_mask)
+        if score_mod is not None and order is not None:  # the mod sees the tokens' row-major positions
+            score_mod = reordered(score_mod, order, order, q_offset=0, groups=prob.groups)
+        out, lse = attend(q, k, v, layout, scale=prob.scale, causal=False, key_padding_mask=key_padding_mask,
+                          score_mod=score_mod)
         if order is not None:
             back = torch.argsort(order)
             out, lse = out[:, :, back], lse[:, :, back]

@@ -9,6 +9,7 @@ per KV head and never repeated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -20,11 +21,14 @@ from ...core.blocksparse import BlockLayout, TokenLayout, attend
 from ...core.gqa import fold_groups
 from ...core.layout import range_blocks
 from ...core.partial import Partial, merge
+from ...core.scoremod import reordered
 from ...errors import AttnZooError, UnsupportedError
 from ...registry import MAX_SIZE, Family, Method, Supports, param, register
 from ._base import SPARSE_SUPPORTS
 
 _NO_DECODE = Supports(causal=True, noncausal=True, decode=False, grad=True, lse=True, sinks=True, varlen=True)
+#: lsh and routing take a score_mod: exact attention over their key sets, the mod at the original positions
+_MOD = dict(score_mod=True)
 
 
 def _gather_rows(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -49,12 +53,13 @@ def _kv_heads(h: torch.Tensor, prob: Problem) -> torch.Tensor:
 
 def sorted_attention(q, k, v, prob: Problem, q_order: torch.Tensor, k_order: torch.Tensor,
                      blocks: torch.Tensor, block: int, *, causal: bool, key_padding_mask: torch.Tensor | None,
-                     rule: Callable | None = None) -> Partial:
+                     rule: Callable | None = None, score_mod=None) -> Partial:
     """Attend query block ``n`` of the ``q_order`` sort to key blocks ``blocks[..., n, :]`` of the ``k_order`` sort.
 
     ``q_order (B, Hq, Nq)``, ``k_order (B, Hkv, Nk)``, ``blocks (B, Hq, nq, C)``.
     ``rule(b, h, q_orig, k_orig) -> bool`` further restricts pairs on original
-    indices. Returns the partial result in the original query order.
+    indices. ``score_mod`` sees original positions (:func:`~attnzoo.core.scoremod.reordered`). Returns the
+    partial result in the original query order.
     """
     off = prob.len_k - prob.len_q
 
@@ -70,8 +75,10 @@ def sorted_attention(q, k, v, prob: Problem, q_order: torch.Tensor, k_order: tor
 
     layout = BlockLayout.from_indices(blocks, block_q=block, block_k=block, len_q=prob.len_q, len_k=prob.len_k,
                                       mask_mod=mask_mod)
+    if score_mod is not None:
+        score_mod = reordered(score_mod, q_order, k_order, q_offset=off, groups=prob.groups)
     out, lse = attend(_gather_rows(q, q_order), _gather_rows(k, k_order), _gather_rows(v, k_order), layout,
-                      scale=prob.scale, causal=False)
+                      scale=prob.scale, causal=False, score_mod=score_mod)
     back = _rank(q_order)
     return Partial(_gather_rows(out, back), torch.gather(lse, 2, back))
 
@@ -102,7 +109,7 @@ class LSH(Method):
     exact_for: ClassVar[str] = "chunk >= N (one chunk holds every key)"
     family: ClassVar[Family] = Family.HASHING
     complexity: ClassVar[str] = "O(rounds·N·chunk·D + N log N)"
-    supports: ClassVar[Supports] = _NO_DECODE
+    supports: ClassVar[Supports] = dataclasses.replace(_NO_DECODE, **_MOD)
     papers: ClassVar[tuple[str, ...]] = ("Reformer: The Efficient Transformer",)
 
     buckets: int = param(32, min=2, max=MAX_SIZE, help="hash buckets per round (even)")
@@ -114,7 +121,7 @@ class LSH(Method):
         if self.buckets % 2:
             raise AttnZooError(f"lsh: parameter 'buckets' expected an even number, got {self.buckets}")
 
-    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
         if prob.len_q != prob.len_k:
             raise UnsupportedError(f"method 'lsh' does not support Nq != Nk (self-attention only), got "
                                    f"Nq={prob.len_q}, Nk={prob.len_k}")
@@ -133,7 +140,8 @@ class LSH(Method):
             k_order = _sort_by_bucket(torch.cat([hk, -hk], -1).argmax(-1))
             rule = _not_seen_rule(list(seen), prob) if seen else None
             parts.append(sorted_attention(q, k, v, prob, q_order, k_order, blocks.clamp(min=-1), self.chunk,
-                                          causal=causal, key_padding_mask=key_padding_mask, rule=rule))
+                                          causal=causal, key_padding_mask=key_padding_mask, rule=rule,
+                                          score_mod=score_mod))
             seen.append((_rank(q_order) // self.chunk, _rank(k_order) // self.chunk))
         return merge(*parts)
 
@@ -161,7 +169,7 @@ class Routing(Method):
     exact_for: ClassVar[str] = "clusters = 1"
     family: ClassVar[Family] = Family.HASHING
     complexity: ClassVar[str] = "O(N·C·D + N²/C·D) balanced"
-    supports: ClassVar[Supports] = SPARSE_SUPPORTS
+    supports: ClassVar[Supports] = dataclasses.replace(SPARSE_SUPPORTS, **_MOD)
     papers: ClassVar[tuple[str, ...]] = ("Efficient Content-Based Sparse Attention with Routing Transformers",)
 
     clusters: int = param(16, min=1, max=MAX_SIZE, help="k-means centroids per head")
@@ -183,7 +191,7 @@ class Routing(Method):
             cent = torch.where(sums.norm(dim=-1, keepdim=True) > 0, _unit(sums), cent)
         return cent
 
-    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse):
+    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
         with torch.no_grad():
             cent = self.centroids(q, k, prob)
             cq = _project(_unit(q), cent.transpose(-1, -2), prob, True).argmax(-1)  # (B, Hq, Nq)
@@ -207,7 +215,7 @@ class Routing(Method):
             return cq[b, h, qo] == ck[b, _kv_heads(h, prob), ko]
 
         return sorted_attention(q, k, v, prob, q_order, k_order, blocks, bs, causal=causal,
-                                key_padding_mask=key_padding_mask, rule=same_cluster)
+                                key_padding_mask=key_padding_mask, rule=same_cluster, score_mod=score_mod)
 
 
 # ------------------------------------------------------------------------ HyperAttention
