@@ -107,6 +107,7 @@ SPARSE = {
     "block_topk": ("block_topk", {}),
     "block_topk (heads=query)": ("block_topk", {"heads": "query"}),
     "block_topk (topk 1/10)": ("block_topk", {"topk": 0.1}),
+    "block_topk (topk 1/16)": ("block_topk", {"topk": 0.0625}),
     "vertical_slash": ("vertical_slash", {}),
     "hip": ("hip", {}),
 }
@@ -158,7 +159,7 @@ def _unrope(x: torch.Tensor) -> torch.Tensor:
     return _rope(x, -1.0)
 
 
-def sparse_prefill(lengths, repeats: int, real_up_to: int, recall: bool) -> None:
+def sparse_prefill(lengths, repeats: int, real_up_to: int, recall: bool, rows: list[str] | None = None) -> None:
     import attnzoo as az
     from attnzoo.bench import capture
     from attnzoo.bench.metrics import method_recall
@@ -183,7 +184,8 @@ def sparse_prefill(lengths, repeats: int, real_up_to: int, recall: bool) -> None
             q, k, v = synthetic_like(*real, n)
             source = f"synthetic (stats of {real[0].shape[2]})"
         prob = check_qkv(q, k, v)
-        methods = {label: az.get(name, **params) for label, (name, params) in SPARSE.items()}
+        methods = {label: az.get(name, **params) for label, (name, params) in SPARSE.items()
+                   if rows is None or label in rows}
 
         def sdpa():
             F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -279,10 +281,11 @@ def main() -> None:
     ap.add_argument("--real-up-to", type=int, default=8192, help="longest captured length; longer ones are "
                                                                  "synthetic with its statistics")
     ap.add_argument("--no-recall", action="store_true", help="skip the recall column (costly at 32K)")
+    ap.add_argument("--rows", nargs="+", default=None, help=f"sparse-table rows to run (of {', '.join(SPARSE)})")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.sparse:
-        sparse_prefill(args.lengths, args.repeats, args.real_up_to, not args.no_recall)
+        sparse_prefill(args.lengths, args.repeats, args.real_up_to, not args.no_recall, args.rows)
         return
     per_layer(args.lengths, args.budget, args.repeats)
     if not args.no_model:

@@ -250,7 +250,8 @@ def test_token_layouts_equal_dense_reference(B, hkv, groups, nq, nk, group, head
     dedup[..., 1:] = torch.where(dedup[..., 1:] == dedup[..., :-1], -1, dedup[..., 1:])  # distinct per row
     lay = TokenLayout(dedup, group, nq, nk, lambda b, h, qi, kj: (qi + kj + h) % 5 != 0)
     pad = torch.rand(B, nk, generator=gen) > 0.3 if padded else None
-    out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
+    with mock.patch("attnzoo.core.fused._CAUSAL_ROWS", 3):  # causal: row chunks of 3, each cut to its keys
+        out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
     qi, kj = torch.arange(nq).view(-1, 1), torch.arange(nk).view(1, -1)
     member = torch.zeros(1, hl, ng, nk + 1, dtype=torch.bool)
     member.scatter_(-1, torch.where(dedup >= 0, dedup, nk), True)

@@ -173,6 +173,11 @@ def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tens
 
 
 # ------------------------------------------------------------------ token sets as one dense attention
+#: causal token unions run in row chunks of at least this many rows (more when Nq / 16 is larger), each
+#: attending only the union keys up to its last row: about half the kernel work of one pass over all keys
+_CAUSAL_ROWS = 256
+
+
 def attend_token_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, keys: torch.Tensor,
                        member: torch.Tensor, *, scale: float, causal: bool,
                        key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,20 +205,33 @@ def attend_token_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
     qf = q.reshape(B, H, fold, Nq, D)
     outs, lses = [], []
     step = max(1, MASK_CHUNK // (B * H * fold * max(T, 1)))
+    if causal:  # smaller row chunks, each reading only the union keys its last row may see (keys are sorted)
+        step = min(step, max(_CAUSAL_ROWS, -(-Nq // 16)))
+        last_key = torch.where(keys >= 0, keys, torch.full_like(keys, Nk)).flatten(0, 1)  # (Bl·Hl, T) sorted
     for r0 in range(0, Nq, step):
         r1 = min(Nq, r0 + step)
         q_idx = torch.arange(r0, r1, device=q.device)
-        vis = member[:, :, q_idx // layout.group] & valid.unsqueeze(2)  # (B|Bl, Hl, n, T)
+        t = T
         if causal:
-            vis = vis & (keys.unsqueeze(2) <= q_idx.view(-1, 1) + Nk - Nq)
+            limit = torch.full((last_key.shape[0], 1), r1 - 1 + Nk - Nq, dtype=last_key.dtype, device=q.device)
+            t = int(torch.searchsorted(last_key, limit, right=True).max())
+            if t == 0:
+                outs.append(q.new_zeros(B, H, fold, r1 - r0, D))
+                lses.append(torch.full((B, H, fold, r1 - r0), -math.inf, device=q.device,
+                                       dtype=torch.promote_types(torch.float32, q.dtype)))
+                continue
+        vis = member[:, :, q_idx // layout.group, :t] & valid[..., :t].unsqueeze(2)  # (B|Bl, Hl, n, t)
+        if causal:
+            vis = vis & (keys[..., :t].unsqueeze(2) <= q_idx.view(-1, 1) + Nk - Nq)
         if layout.mask_mod is not None:
             b = torch.arange(Bl, device=q.device).view(Bl, 1, 1, 1)
             h = torch.arange(Hl, device=q.device).view(1, Hl, 1, 1)
             vis = vis & call_mask_mod(layout.mask_mod, b, h, q_idx.view(1, 1, -1, 1),
-                                      keys.clamp(0, Nk - 1).unsqueeze(2))
-        vis = vis.expand(vis.shape[0], H, r1 - r0, T).unsqueeze(2).expand(-1, -1, fold, -1, -1)
-        mask = vis.reshape(vis.shape[0], H, fold * (r1 - r0), T)
-        o, l = fix_empty_rows(*fused_kernel(qf[:, :, :, r0:r1].reshape(B, H, -1, D), kg, vg, mask, scale), mask)
+                                      keys[..., :t].clamp(0, Nk - 1).unsqueeze(2))
+        vis = vis.expand(vis.shape[0], H, r1 - r0, t).unsqueeze(2).expand(-1, -1, fold, -1, -1)
+        mask = vis.reshape(vis.shape[0], H, fold * (r1 - r0), t)
+        o, l = fix_empty_rows(*fused_kernel(qf[:, :, :, r0:r1].reshape(B, H, -1, D), kg[:, :, :t], vg[:, :, :t],
+                                            mask, scale), mask)
         outs.append(o.reshape(B, H, fold, r1 - r0, D))
         lses.append(l.reshape(B, H, fold, r1 - r0))
     out, lse = (torch.cat(t, 3) if len(t) > 1 else t[0] for t in (outs, lses))
