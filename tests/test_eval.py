@@ -177,3 +177,62 @@ def test_real_workload_from_smollm2_on_the_shipped_text():
 
     qkv = workloads.make("real", model="smollm2-135m", heads=9, heads_kv=3, length=512)
     assert qkv.q.shape == (1, 9, 512, 64) and qkv.k.shape == (1, 3, 512, 64) and torch.isfinite(qkv.q).all()
+
+
+def _row(task, length, kind, name, score, held, *, budget=None, status="ok", **extra):
+    case = {"task": task, "task_params": {}, "length": length, "kind": kind, "name": name, "params": {},
+            "budget": budget, "samples": 3, "seed": 0, "model": "m"}
+    return {"type": "case", "run_id": "r", "key": json.dumps(case, sort_keys=True), "suite_kind": "eval", **case,
+            "status": status, "metric": "accuracy", "score": score, "n": 3, "kv_bytes": held * 8 * 2 ** 20,
+            "kv_full_bytes": 8.0 * 2 ** 20, "prefill_s": 2.0, "decode_s_per_token": 0.1, "resolved": {}, **extra}
+
+
+def _rows():
+    return [_row(t, 4096, "prefill", "exact", 1.0, 1.0, recall=1.0) for t in ("passkey", "vt")] + [
+        _row("passkey", 4096, "cache", "snapkv", 1.0, 0.127, budget=0.125),   # generated tokens: within the slack
+        _row("vt", 4096, "cache", "snapkv", 2 / 3, 0.131, budget=0.125),      # one task below 95 %
+        _row("passkey", 4096, "cache", "snapkv", 1.0, 0.064, budget=0.0625),
+        _row("vt", 4096, "cache", "snapkv", 1.0, 0.066, budget=0.0625),
+        _row("passkey", 4096, "cache", "quest", 1.0, 1.08, budget=0.0625),    # holds everything
+        _row("vt", 4096, "cache", "quest", 1.0, 1.08, budget=0.0625),
+        _row("passkey", 4096, "cache", "h2o", 1.0, 0.06, budget=0.0625),      # not measured on vt: no claim
+        _row("passkey", 4096, "cache", "razor", 1.0, 0.06, budget=0.0625),
+        _row("vt", 4096, "cache", "razor", None, 0.0, budget=0.0625, status="failed"),
+        _row("passkey", 4096, "cache", "quantized", 1.0, 0.2, params_note="bits=4"),
+        _row("vt", 4096, "cache", "quantized", 1.0, 0.2)]
+
+
+def test_wide_table_one_score_per_task_and_the_memory_statement():
+    from attnzoo.eval import table as T
+
+    (w,) = T.wide(_rows())
+    assert w.tasks == ["passkey", "vt"] and list(w.cases)[0] == "prefill=exact"
+    assert list(w.cases).index("cache=snapkv@0.0625") < list(w.cases).index("cache=snapkv@0.125")
+    cells = dict(zip(T.wide_header(w), T.wide_cells(w, "cache=snapkv@0.125", w.cases["cache=snapkv@0.125"])))
+    assert cells["passkey (n)"] == "1.00 (3)" and cells["vt (n)"] == "0.67 (3)" and cells["min of exact"] == "0.67"
+    assert T.wide_cells(w, "cache=h2o@0.0625", w.cases["cache=h2o@0.0625"])[2] == ""  # vt not measured: blank
+    kept = T.keeps(w)
+    assert [k.split(" ")[0] for k in kept] == ["cache=snapkv@0.0625"]
+    assert "holds 0.065 of the cache" in kept[0]
+    assert [k.split(" ")[0] for k in T.keeps(w, min_accuracy=0.6)] == ["cache=snapkv@0.0625", "cache=snapkv@0.125"]
+    assert [k.split(" ")[0] for k in T.keeps(w, max_memory=0.25)] == ["cache=quantized", "cache=snapkv@0.0625"]
+    assert T.keeps(w, max_memory=0.125, slack=0.0) == [kept[0]]
+    assert T.markdown(["a", "b"], [["x|y", "1"]]).splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_eval_table_command_merges_results_files(tmp_path):
+    rows = _rows()
+    for i, part in enumerate((rows[:6], rows[6:])):
+        store = ResultsFile(tmp_path / f"r{i}")
+        for r in part:
+            store.append(r)
+    run = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--markdown"])
+    assert run.exit_code == 0, run.output
+    assert "| cache=quest@0.0625 | 1.00 (3) | 1.00 (3) | 1.00 | 8.6 / 8.0 | 2.0 | 1.00 | 0.10 |" in run.output
+    assert "| prefill=exact | 1.00 (3) | 1.00 (3) | 1.00 |" in run.output
+    assert "at ≤ 0.125 of the KV cache: cache=snapkv@0.0625 (holds 0.065" in run.output
+    missing = CliRunner().invoke(app, ["eval-table", str(tmp_path / "none")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    ResultsFile(tmp_path / "bench").append({**rows[0], "suite_kind": "bench"})
+    empty = CliRunner().invoke(app, ["eval-table", str(tmp_path / "bench")])
+    assert empty.exit_code == 2 and "no eval rows" in empty.output

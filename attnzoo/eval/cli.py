@@ -194,7 +194,46 @@ def print_tables(rows: list[dict], min_accuracy: float) -> None:
         console.print(f"[bold]pick[/] — {escape(T.pick(g, min_accuracy))}")
 
 
+def eval_table(
+    results: list[Path] = typer.Argument(..., help="results.jsonl files or folders holding one (later files win "
+                                                   "for a case measured twice)"),
+    markdown: bool = typer.Option(False, "--markdown", help="GitHub markdown instead of terminal tables"),
+    min_accuracy: float = typer.Option(0.95, min=0.0, max=1.0, help="the statement's share of exact's score"),
+    max_memory: float = typer.Option(0.125, min=0.0, max=1.0, help="the statement's share of the full KV cache"),
+) -> None:
+    """Every case of eval results at each length, one score per task: which keep --min-accuracy of exact's score
+    on every task while holding at most --max-memory of the full KV cache."""
+    from ..bench.results import ResultsFile
+    from . import table as T
+
+    rows: dict[str, dict] = {}
+    try:
+        for path in results:
+            rows.update((r["key"], r) for r in ResultsFile(path).read().cases if r.get("suite_kind") == "eval")
+    except (AttnZooError, OSError) as e:
+        _fail(e)
+    if not rows:
+        _fail(AttnZooError(f"eval-table: no eval rows in {', '.join(map(str, results))}"))
+    for w in T.wide(list(rows.values())):
+        title = f"N={w.length} (score per task, samples in brackets; other columns: means over the row's tasks)"
+        body = [T.wide_cells(w, label, by_task) for label, by_task in w.cases.items()]
+        kept = T.keeps(w, min_accuracy, max_memory)
+        verdict = (f"keep ≥ {min_accuracy:.0%} of exact on every task at ≤ {max_memory:g} of the KV cache: "
+                   + ("; ".join(kept) if kept else "none"))
+        if markdown:
+            print(f"\n**{title}**\n\n{T.markdown(T.wide_header(w), body)}\n\n{verdict}")
+            continue
+        t = Table(title=title)
+        for col in T.wide_header(w):
+            t.add_column(col)
+        for r in body:
+            t.add_row(*map(escape, r))
+        console.print(t)
+        console.print(escape(verdict))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``models`` and ``eval`` to the ``attnzoo`` app."""
+    """Add ``models``, ``eval`` and ``eval-table`` to the ``attnzoo`` app."""
     app.add_typer(models_app, name="models")
     app.command("eval")(eval_command)
+    app.command("eval-table")(eval_table)

@@ -93,3 +93,117 @@ def pick(g: Group, min_accuracy: float = 0.95) -> str:
     if not parts:
         return f"nothing kept ≥ {min_accuracy:.0%} of exact's {g.metric} with less memory or time (n={n})"
     return f"keeping ≥ {min_accuracy:.0%} of exact's {g.metric} (n={n} samples): " + "; ".join(parts)
+
+
+# ------------------------------------------------------- across tasks (docs)
+@dataclass
+class Wide:
+    """Every case at one length with one score per task (the docs' table): ``cases`` maps a case label to its
+    rows by task; ``exact`` holds exact's row per task."""
+
+    length: int
+    tasks: list[str]
+    cases: dict[str, dict[str, dict]]
+    exact: dict[str, dict]
+
+
+def wide(rows: list[dict]) -> list[Wide]:
+    """One :class:`Wide` per length: exact first, then prefill methods, then cache policies by name and budget."""
+    out = []
+    for length in sorted({r["length"] for r in rows if r.get("suite_kind") == "eval"}):
+        gs = [g for g in groups(rows) if g.length == length]
+        cases: dict[str, dict[str, dict]] = {}
+        for g in gs:
+            for r in g.rows:
+                cases.setdefault(describe(r), {})[g.task] = r
+        order = sorted(cases, key=lambda d: (not d.startswith("prefill=exact"), not d.startswith("prefill="),
+                                             _budgetless(cases[d]), _budget(cases[d])))
+        out.append(Wide(length, [g.task for g in gs], {d: cases[d] for d in order},
+                        {g.task: g.exact for g in gs if g.exact}))
+    return out
+
+
+def _any(by_task: dict[str, dict]) -> dict:
+    return next(iter(by_task.values()))
+
+
+def _budgetless(by_task: dict[str, dict]) -> str:
+    return describe({**_any(by_task), "budget": None})
+
+
+def _budget(by_task: dict[str, dict]) -> float:
+    budget = _any(by_task).get("budget")
+    return -1.0 if budget is None else budget / _any(by_task)["length"] if budget >= 1 else budget
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def held_share(by_task: dict[str, dict]) -> float | None:
+    """The mean share of the full cache a case held, over its measured tasks."""
+    return _mean([r["kv_bytes"] / r["kv_full_bytes"] for r in by_task.values() if r["status"] == "ok"])
+
+
+def of_exact(w: Wide, by_task: dict[str, dict]) -> float | None:
+    """The case's lowest score as a share of exact's over the tasks both measured (None if none)."""
+    shares = [relative(Group(t, w.length, r.get("metric") or "accuracy", [], w.exact.get(t)), r)
+              for t, r in by_task.items() if r["status"] == "ok"]
+    shares = [s for s in shares if s is not None]
+    return min(shares) if shares else None
+
+
+WIDE_TAIL = ("min of exact", "KV held / full MiB", "prefill s", "× exact", "s/token", "recall", "density",
+             "parameters")
+
+
+def wide_cells(w: Wide, label: str, by_task: dict[str, dict]) -> list[str]:
+    """A row: the case, its score (n) per task, then means over its measured tasks."""
+    ok = [r for r in by_task.values() if r["status"] == "ok"]
+    scores = []
+    for t in w.tasks:
+        r = by_task.get(t)
+        if r is None:
+            scores.append("")
+        elif r["status"] != "ok":
+            scores.append(r["status"])
+        else:
+            scores.append(f"{fmt(r['score'], '{:.1f}' if r['metric'] == 'perplexity' else '{:.2f}')} ({r['n']})")
+    if not ok:
+        return [label, *scores] + [""] * len(WIDE_TAIL)
+    ex = [w.exact[r["task"]]["prefill_s"] / r["prefill_s"] for r in ok if r["task"] in w.exact and r["prefill_s"]]
+    mean = lambda key: _mean([r.get(key) for r in ok])  # noqa: E731
+    return [label, *scores, fmt(of_exact(w, by_task), "{:.2f}"),
+            f"{mean('kv_bytes') / MIB:.1f} / {mean('kv_full_bytes') / MIB:.1f}", fmt(mean("prefill_s"), "{:.1f}"),
+            fmt(_mean(ex), "{:.2f}"), fmt(mean("decode_s_per_token"), "{:.2f}"), fmt(mean("recall"), "{:.3f}"),
+            fmt(mean("density"), "{:.3f}"), parameters(ok[0])]
+
+
+def wide_header(w: Wide) -> list[str]:
+    return ["case", *(f"{t} (n)" for t in w.tasks), *WIDE_TAIL]
+
+
+def keeps(w: Wide, min_accuracy: float = 0.95, max_memory: float = 0.125, slack: float = 0.01) -> list[str]:
+    """The cases that keep ``min_accuracy`` of exact's score on every task measured with exact at this length while
+    holding at most ``max_memory`` (+ ``slack``) of the full cache, mean over generation (different models never
+    count). The slack is for the generated tokens, which a policy keeps on top of its budget of the prompt: a
+    1/8 budget at 4K holds 0.127 of the cache after 8 tokens, 0.131 after 30."""
+    found = []
+    for label, by_task in w.cases.items():
+        r = _any(by_task)
+        if r["kind"] == "prefill" and (r["name"] == "exact" or different_model(r["name"])):
+            continue
+        if set(by_task) < set(w.exact) or any(by_task[t]["status"] != "ok" for t in w.exact):
+            continue  # not measured on every task exact was: no claim
+        share, kept = held_share(by_task), of_exact(w, by_task)
+        if share is not None and kept is not None and share <= max_memory + slack and kept >= min_accuracy:
+            found.append(f"{label} (holds {share:.3f} of the cache, {kept:.2f} of exact)")
+    return found
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub markdown table (``|`` in a cell escaped)."""
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
