@@ -6,7 +6,10 @@ differentiable ones share one autograd function whose backward is the same
 gather backward kernel (dQ in registers, dK/dV added atomically in fp32).
 Semantics are the engines': GQA reads KV head ``h // G`` (K/V never
 repeated), causal is bottom-right, key padding is ``(B, Nk)`` bool, rows that
-see nothing give ``(0, -inf)``.
+see nothing give ``(0, -inf)``. Every entry point takes the built-in score
+modifications as tensors (``slopes``, ``table``, ``cap``: :class:`Mod`) and
+learnable ``sinks``; :func:`varlen_attention` runs packed sequences
+(``cu_seqlens``) in one launch.
 """
 
 from __future__ import annotations
