@@ -206,6 +206,25 @@ def test_grid_method_gradients_and_padding(method, kw):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("block", [8, 64])
+def test_small_grids_run_dense_with_the_same_values_and_gradients(block):
+    """A small grid whose layout reads most pairs runs one dense masked call (block 64 here), otherwise the
+    block engine (block 8); both equal the dense reference in values and gradients, also with GQA."""
+    from attnzoo.catalog.vision import _dense_mask
+    grid, kw = (7, 9), dict(kernel=3, dilation=2)
+    m = az.get("neighborhood2d", grid=grid, block=block, **kw)
+    assert (_dense_mask(m, 63, torch.device("cpu"), torch.float64) is not None) == (block == 64)
+    q, k, v = _qkv(63, heads=4, seed=2)
+    k, v = k[:, :2], v[:, :2]  # GQA: two query heads per KV head
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    out = m(q, k, v)
+    ref = _masked_ref(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), _dense_for("neighborhood2d", grid, **kw))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
+                    torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        torch.testing.assert_close(a, b)
+
+
 def test_neighborhood_on_a_wide_grid_reads_tiles_and_keeps_its_masks():
     grid, kw = (40, 37), dict(kernel=5, dilation=1, block=16)
     m = az.get("neighborhood2d", grid=grid, **kw)

@@ -192,12 +192,13 @@ def test_scatterformer_equals_per_window_linear_attention():
     grid, win = (6, 7), 3
     q, k, v = (torch.randn(2, 2, 42, 8, dtype=torch.float64) for _ in range(3))
     from attnzoo.layers.vision import windowed_linear_attention
-    gid = G.window_ids(grid, win)
-    out = windowed_linear_attention(q, k, v, gid)
-    for w in gid.unique():
-        sel = gid == w
-        ref = az.attention(q[:, :, sel], k[:, :, sel], v[:, :, sel], method="linear", causal=False)
-        torch.testing.assert_close(out[:, :, sel], ref)
+    scattered = torch.randint(0, 5, (42,), generator=torch.Generator().manual_seed(0)) * 2  # odd ids unused
+    for gid in (G.window_ids(grid, win), scattered):
+        out = windowed_linear_attention(q, k, v, gid)
+        for w in gid.unique():
+            sel = gid == w
+            ref = az.attention(q[:, :, sel], k[:, :, sel], v[:, :, sel], method="linear", causal=False)
+            torch.testing.assert_close(out[:, :, sel], ref)
     m = ScatterFormerAttention(16, 2, window=3).double()
     assert m(_x(42), grid).shape == (2, 42, 16)
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..checks import Problem
 from ..core.blocksparse import BlockLayout, attend, attend_all
 from ..core.exact import tiled_attention
+from ..core.kernel import additive_mask
 from ..core.layout import range_blocks
-from ..core.masks import visible_mask
+from ..core.masks import call_mask_mod, visible_mask
 from ..core.scoremod import apply_score_mod, reordered
 from ..errors import AttnZooError, UnsupportedError
 from ..grid import SortedPattern, check_grid, neighborhood_pattern, per_axis, tile3d_pattern, window_pattern
@@ -45,6 +47,24 @@ def pattern_layout(pattern: SortedPattern, n: int, block: int) -> BlockLayout:
     cand = as_layout_rows(*[_run_blocks(lo, hi, block, n) for lo, hi in pattern.runs])
     return BlockLayout.from_candidates(cand, pattern.mask_mod, block_q=block, block_k=block, len_q=n, len_k=n,
                                        causal=False)
+
+
+#: a grid of at most this many tokens whose layout reads at least half of all (query, key) pairs runs as one
+#: dense masked SDPA call (its additive mask kept, at most 4 MiB in fp32): the block engine cannot skip work
+#: there, and its per-block gathers and recomputing backward cost ~3x a fused dense call (a 12×12 grid)
+_DENSE_TOKENS = 1024
+
+
+@functools.lru_cache(maxsize=32)
+def _dense_mask(method: "GridMethod", n: int, device, dtype) -> torch.Tensor | None:
+    """The pattern's ``(N, N)`` additive mask in row-major order when the dense path applies, else None."""
+    layout = _plan(method, n, device)[2]
+    if n > _DENSE_TOKENS or 2 * int((layout.kv_blocks >= 0).sum()) * layout.block_q * layout.block_k < n * n:
+        return None
+    pattern = method.pattern(method.resolve_grid(n), device)
+    pos = pattern.inverse  # the sorted position of each row-major token
+    visible = call_mask_mod(pattern.mask_mod, 0, 0, pos[:, None], pos[None, :])
+    return additive_mask(visible, dtype)
 
 
 @functools.lru_cache(maxsize=32)
@@ -97,6 +117,11 @@ class GridMethod(LayoutMethod):
         if prob.len_q != prob.len_k:
             raise UnsupportedError(f"method {self.name!r} does not support Nq != Nk (grid self-attention only), "
                                    f"got Nq={prob.len_q}, Nk={prob.len_k}")
+        if key_padding_mask is None and score_mod is None and not return_lse:
+            dense = _dense_mask(self, prob.len_k, q.device, q.dtype)
+            if dense is not None:  # a small grid: one fused dense call under the pattern's mask
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, scale=prob.scale,
+                                                      enable_gqa=q.shape[1] != k.shape[1]), None
         order, inverse, layout = _plan(self, prob.len_k, q.device)
         pad = None if key_padding_mask is None else key_padding_mask[:, order]
         if score_mod is not None:  # the mod sees the tokens' row-major positions

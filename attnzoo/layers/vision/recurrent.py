@@ -16,16 +16,32 @@ from ..linear import _check_width, _merge_heads, _split_heads
 from .attention import GlobalAttention, _QKV
 
 
+def _window_slots(window_id: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows as padded rows: ``slots (n_win, m)`` token indices (m = the largest window), ``valid (n_win, m)``
+    and ``position (N,)``, each token's index in the flattened ``(n_win·m)`` rows."""
+    order = torch.argsort(window_id, stable=True)
+    counts = torch.bincount(window_id)
+    n_win, m = counts.numel(), int(counts.max())
+    wid = window_id[order]
+    rank = torch.arange(order.numel(), device=order.device) - (counts.cumsum(0) - counts)[wid]
+    slots = torch.zeros(n_win, m, dtype=torch.long, device=order.device)
+    valid = torch.zeros(n_win, m, dtype=torch.bool, device=order.device)
+    slots[wid, rank], valid[wid, rank] = order, True
+    position = torch.empty_like(order)
+    position[order] = wid * m + rank
+    return slots, valid, position
+
+
 def windowed_linear_attention(q, k, v, window_id: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """ScatterFormer's scattered linear attention: per window ``w`` the state ``S_w = Σ_{j∈w} φ(k_j)ᵀv_j``,
     ``z_w = Σ_{j∈w} φ(k_j)`` (φ = elu+1), ``o_i = φ(q_i)S_{w(i)} / (φ(q_i)·z_{w(i)} + eps)``, for all windows at
-    once (``window_id (N,)``; windows need not be contiguous or equal)."""
-    fq, fk = elu_plus_one(q), elu_plus_one(k)
-    n_win = int(window_id.max()) + 1
-    kv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-    states = fk.new_zeros(*fk.shape[:2], n_win, fk.shape[-1], kv.shape[-1])
-    states.index_add_(2, window_id, fk.unsqueeze(-1) * kv.unsqueeze(-2))
-    out = (fq.unsqueeze(-2) @ states[:, :, window_id]).squeeze(-2)
+    once (``window_id (N,)``; windows need not be contiguous or equal): the windows are gathered as padded
+    rows (padding keys weigh 0), so states and outputs are two batched matmuls over the windows."""
+    slots, valid, position = _window_slots(window_id)
+    fk = elu_plus_one(k)[:, :, slots] * valid[..., None].to(k.dtype)  # (B, H, n_win, m, D)
+    kv = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)[:, :, slots]
+    states = fk.transpose(-1, -2) @ kv  # (B, H, n_win, D, Dv + 1)
+    out = (elu_plus_one(q)[:, :, slots] @ states).flatten(2, 3)[:, :, position]
     return out[..., :-1] / (out[..., -1:] + eps)
 
 
@@ -122,34 +138,57 @@ def titans_memory(q, k, v, theta, alpha, memory: torch.Tensor, chunk: int = 16, 
     two recurrences then unroll into ``M_t = A_t M_c + g_t S_c + Σ_{s≤t} C[s, t] k_sᵀ w_s``, where
     ``C = Y·X`` multiplies the momentum decays ``Y[s, j]`` (η of tokens s+1..j) by the forgetting decays
     ``X[j, t]`` (1 - α of tokens j+1..t): per chunk, attention-like products with a ``b × b`` weight,
-    O(N·b·D + N·D²). ``surprise`` is the incoming ``S`` (None = 0). Returns ``(y, final M, final S)``."""
+    O(N·b·D + N·D²). Everything but the chunk-to-chunk state passing runs for all chunks at once (the
+    sequence padded to whole chunks; padding comes after the last token, so it changes nothing).
+    ``surprise`` is the incoming ``S`` (None = 0). Returns ``(y, final M, final S)``."""
+    B, H, N, _ = q.shape
+    b = max(1, min(chunk, N))
+    nc = -(-N // b)
+    pad = nc * b - N
+
+    def chunks(t, value=0.0):  # (B, H, N, X) -> (B, H, nc, b, X), padded after the end
+        return F.pad(t, (0, 0, 0, pad), value=value).view(B, H, nc, b, t.shape[-1])
+
+    qc, kc, vc, thc = chunks(q), chunks(k), chunks(v), chunks(theta)
+    la = chunks(torch.log1p(-alpha.clamp(max=1.0 - 1e-6)))[..., 0].cumsum(-1)  # (B, H, nc, b)
+    X = _decay_matrix(la)
+    end = (N - 1) - (nc - 1) * b  # the last real token of the last chunk
+    ends = torch.full((nc,), b - 1, device=q.device)
+    ends[-1] = end
+    if eta is None:  # S_t = the token's own update: Y = I, S_c does not reach M_t
+        Y, C, g = None, X, torch.zeros_like(la)
+    else:
+        le = chunks(torch.log(eta.clamp(min=1e-30)))[..., 0].cumsum(-1)
+        Y = _decay_matrix(le)
+        C = Y @ X
+        g = (le.exp().unsqueeze(-2) @ X).squeeze(-2)  # Σ_j η_1..η_j · X[j, t]: S_c's weight in M_t
+    idx = torch.arange(nc, device=q.device)
+    # the weights that carry a chunk into the next chunk's start state, at each chunk's last (real) token
+    m_keep = la[..., idx, ends].exp()[..., None, None]  # (B, H, nc, 1, 1)
+    m_from_s = g[..., idx, ends][..., None, None]
+    c_end = C.transpose(-1, -2)[:, :, idx, ends].unsqueeze(-1)  # (B, H, nc, b, 1): C[s, end]
+    if Y is None:  # S after a chunk is its last token's own update
+        s_keep = torch.zeros((), dtype=q.dtype, device=q.device).expand(1, 1, nc, 1, 1)
+        y_end = F.one_hot(ends, b).to(q.dtype)[None, None, :, :, None]
+    else:
+        s_keep = le[..., idx, ends].exp()[..., None, None]
+        y_end = Y.transpose(-1, -2)[:, :, idx, ends].unsqueeze(-1)
     M = memory
     S = torch.zeros_like(memory) if surprise is None else surprise
-    log_keep = torch.log1p(-alpha.clamp(max=1.0 - 1e-6))[..., 0]  # (B, H, N)
-    log_eta = None if eta is None else torch.log(eta.clamp(min=1e-30))[..., 0]
-    outs = []
-    for c0 in range(0, q.shape[2], chunk):
-        sl = slice(c0, c0 + chunk)
-        qc, kc = q[:, :, sl], k[:, :, sl]
-        w = 2 * theta[:, :, sl] * (v[:, :, sl] - kc @ M)
-        la = log_keep[:, :, sl].cumsum(-1)
-        X = _decay_matrix(la)
-        if log_eta is None:  # S_t = the token's own update
-            Y = torch.eye(la.shape[-1], dtype=q.dtype, device=q.device)
-            g = torch.zeros_like(la)
-            s_keep = torch.zeros_like(la[..., -1])
-        else:
-            le = log_eta[:, :, sl].cumsum(-1)
-            Y = _decay_matrix(le)
-            g = (le.exp().unsqueeze(-2) @ X).squeeze(-2)  # Σ_j η_1..η_j · X[j, t]: S_c's weight in M_t
-            s_keep = le[..., -1].exp()
-        C = Y @ X
-        outs.append((qc @ kc.transpose(-1, -2) * C.transpose(-1, -2)) @ w + la.exp().unsqueeze(-1) * (qc @ M)
-                    + g.unsqueeze(-1) * (qc @ S))
-        M, S = (la[..., -1:].exp().unsqueeze(-1) * M + g[..., -1:].unsqueeze(-1) * S
-                + kc.transpose(-1, -2) @ (C[..., -1:] * w),
-                s_keep[..., None, None] * S + kc.transpose(-1, -2) @ (Y[..., -1:] * w))
-    return torch.cat(outs, dim=2), M, S
+    Ms, Ss, ws = [], [], []
+    for c in range(nc):  # only the states pass from chunk to chunk
+        w = 2 * thc[:, :, c] * (vc[:, :, c] - kc[:, :, c] @ M)
+        Ms.append(M)
+        Ss.append(S)
+        ws.append(w)
+        kt = kc[:, :, c].transpose(-1, -2)
+        M, S = (m_keep[:, :, c] * M + m_from_s[:, :, c] * S + kt @ (c_end[:, :, c] * w),
+                s_keep[:, :, c] * S + kt @ (y_end[:, :, c] * w))
+    Mc, Sc, W = torch.stack(Ms, 2), torch.stack(Ss, 2), torch.stack(ws, 2)
+    y = (qc @ kc.transpose(-1, -2) * C.transpose(-1, -2)) @ W + la.exp().unsqueeze(-1) * (qc @ Mc)
+    if Y is not None:
+        y = y + g.unsqueeze(-1) * (qc @ Sc)
+    return y.reshape(B, H, nc * b, -1)[:, :, :N], M, S
 
 
 class TitansMemory(nn.Module):
