@@ -41,7 +41,7 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "aff": lambda dim, heads, **kw: AFF(dim, **kw),
     "poolformer": lambda dim, heads, **kw: PoolMixer(dim, **kw),
     "echoatt": lambda dim, heads, **kw: EchoAttention(dim, heads, **kw),
-    "titans": lambda dim, heads, **kw: TitansMemory(dim, heads, **kw),
+    "titans": lambda dim, heads, **kw: TitansMemory(dim, heads, **{"chunk": 16, **kw}),
     "rxt": lambda dim, heads, **kw: RxTLayer(dim, heads, **kw),
 }
 

@@ -7,6 +7,7 @@ EchoAtt (V18). The attention itself runs on attnzoo's registered methods and eng
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -188,29 +189,32 @@ class CascadedGroupAttention(nn.Module):
         self.attention_bias = nn.Parameter(torch.zeros(heads, bias_side * bias_side))
         self.proj = nn.Linear(dim, dim)
 
-    def bias_mod(self, j: int, grid: tuple[int, int]):
-        """Head ``j``'s bias as a score_mod: ``B_j[|Δrow|·bias_side + |Δcol|]``."""
-        W, side, table = grid[1], self.bias_side, self.attention_bias[j]
-
-        def mod(score, b, h, q_idx, kv_idx):
-            offset = (q_idx // W - kv_idx // W).abs() * side + (q_idx % W - kv_idx % W).abs()
-            return score + table[offset].to(score.dtype)
-
-        return mod
+    def bias(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``(heads, N, N)`` every head's bias ``B_j[|Δrow|·bias_side + |Δcol|]`` on the grid."""
+        return self.attention_bias[:, _abs_offsets(grid, self.bias_side, self.attention_bias.device)]
 
     def forward(self, x, grid):
         grid = G.check_grid(grid, x.shape[1], dims=(2,))
         if max(grid) > self.bias_side:
             raise AttnZooError(f"CascadedGroupAttention: grid sides expected <= bias_side={self.bias_side}, "
                                f"got {grid}")
+        bias = self.bias(grid).to(x.dtype)
         outs, prev = [], 0
         for j, xj in enumerate(x.chunk(self.heads, dim=-1)):
             q, k, v = self.qkv[j](xj + prev).split([self.qk_dim, self.qk_dim, self.chunk], dim=-1)
             q = G.from_channels_first(self.dw[j](G.to_channels_first(q, grid)))
-            prev = attention(q[:, None], k[:, None], v[:, None], method="exact",
-                             score_mod=self.bias_mod(j, grid))[:, 0]
+            # the bias as SDPA's additive mask (one fused call; its gradient reaches the table), as Swin's
+            prev = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[j])
             outs.append(prev)
         return self.proj(torch.cat(outs, dim=-1))
+
+
+@functools.lru_cache(maxsize=8)
+def _abs_offsets(grid: tuple[int, int], side: int, device) -> torch.Tensor:
+    """``(N, N)`` index ``|Δrow|·side + |Δcol|`` of every token pair of a row-major grid."""
+    r, c = (t.flatten() for t in torch.meshgrid(torch.arange(grid[0], device=device),
+                                                torch.arange(grid[1], device=device), indexing="ij"))
+    return (r[:, None] - r[None]).abs() * side + (c[:, None] - c[None]).abs()
 
 
 class FlatFormerAttention(_QKV):

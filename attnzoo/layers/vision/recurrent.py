@@ -176,14 +176,16 @@ def titans_memory(q, k, v, theta, alpha, memory: torch.Tensor, chunk: int = 16, 
     M = memory
     S = torch.zeros_like(memory) if surprise is None else surprise
     Ms, Ss, ws = [], [], []
-    for c in range(nc):  # only the states pass from chunk to chunk
-        w = 2 * thc[:, :, c] * (vc[:, :, c] - kc[:, :, c] @ M)
+    # only the states pass from chunk to chunk; the per-chunk slices come from one unbind each (indexing
+    # chunk by chunk would make every slice's backward write a full-size gradient)
+    for k_c, v_c, th_c, mk, ms, ce, sk, ye in zip(*(t.unbind(2) for t in (
+            kc, vc, 2 * thc, m_keep, m_from_s, c_end, s_keep, y_end))):
+        w = th_c * (v_c - k_c @ M)
         Ms.append(M)
         Ss.append(S)
         ws.append(w)
-        kt = kc[:, :, c].transpose(-1, -2)
-        M, S = (m_keep[:, :, c] * M + m_from_s[:, :, c] * S + kt @ (c_end[:, :, c] * w),
-                s_keep[:, :, c] * S + kt @ (y_end[:, :, c] * w))
+        kt = k_c.transpose(-1, -2)
+        M, S = mk * M + ms * S + kt @ (ce * w), sk * S + kt @ (ye * w)
     Mc, Sc, W = torch.stack(Ms, 2), torch.stack(Ss, 2), torch.stack(ws, 2)
     y = (qc @ kc.transpose(-1, -2) * C.transpose(-1, -2)) @ W + la.exp().unsqueeze(-1) * (qc @ Mc)
     if Y is not None:
