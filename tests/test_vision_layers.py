@@ -392,7 +392,7 @@ def test_rxt_with_empty_memory_is_a_stateless_causal_decoder():
     torch.testing.assert_close(m(x2, stm=stm)[:, :6], with_mem[:, :6])
     new = m.update(stm, x)
     assert new.shape == stm.shape
-    u = m._attend(m.mem_attn, stm, x + m.encoder(x))
+    u = m.mem_attn.attend(stm, x + m.encoder(x))
     lo, hi = torch.minimum(stm, u), torch.maximum(stm, u)
     assert torch.all(new >= lo - 1e-12) and torch.all(new <= hi + 1e-12)  # gated residual: between STM and U
 

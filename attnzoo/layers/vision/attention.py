@@ -34,6 +34,15 @@ class _QKV(nn.Module):
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
 
+    def attend(self, xq: torch.Tensor, xkv: torch.Tensor, **kw) -> torch.Tensor:
+        """Exact attention of ``xq``'s queries over ``xkv``'s keys and values (cross-attention; ``xq is xkv``:
+        self-attention), projected; each side computes only its part of the q/k/v projection."""
+        C = xq.shape[-1]
+        w, b = self.qkv.weight, self.qkv.bias
+        q = _split_heads(F.linear(xq, w[:C], b[:C]), self.heads)
+        k, v = (_split_heads(t, self.heads) for t in F.linear(xkv, w[C:], b[C:]).chunk(2, dim=-1))
+        return self.proj(_merge_heads(attention(q, k, v, method="exact", **kw)))
+
 
 class GlobalAttention(_QKV):
     """Plain multi-head self-attention over all tokens (the reference row)."""
@@ -285,11 +294,6 @@ class FITAttention(nn.Module):
             self.latents = nn.Parameter(torch.randn(latents, dim) * 0.02)
             self.read, self.mix, self.write = (_QKV(dim, heads, "FITAttention") for _ in range(3))
 
-    def _cross(self, mod: _QKV, xq, xkv, **kw):
-        q = _split_heads(mod.qkv(xq)[..., :xq.shape[-1]], self.heads)
-        _, k, v = mod.split(xkv)
-        return mod.proj(_merge_heads(attention(q, k, v, method="exact", **kw)))
-
     def forward(self, x, grid=None):
         B, n, C = x.shape
         g = min(self.group, n)
@@ -300,10 +304,10 @@ class FITAttention(nn.Module):
         y = xg + self.local.proj(_merge_heads(attention(q, k, v, method="exact", key_padding_mask=kpm)))
         if self.n_latents:
             lat = self.latents.expand(y.shape[0], -1, -1)
-            lat = lat + self._cross(self.read, lat, y, key_padding_mask=kpm)
+            lat = lat + self.read.attend(lat, y, key_padding_mask=kpm)
             flat = lat.reshape(B, -1, C)
-            flat = flat + self._cross(self.mix, flat, flat)
-            y = y + self._cross(self.write, y, flat.reshape_as(lat))
+            flat = flat + self.mix.attend(flat, flat)
+            y = y + self.write.attend(y, flat.reshape_as(lat))
         return y.reshape(B, n + pad, C)[:, :n] - x  # the mixer's update (the block adds the residual)
 
 

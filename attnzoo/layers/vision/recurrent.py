@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import grid as G
-from ...api import attention
 from ...core.features import elu_plus_one
 from ...core.linear import linear_attention
 from ..linear import _check_width, _merge_heads, _split_heads
@@ -146,8 +145,8 @@ def titans_memory(q, k, v, theta, alpha, memory: torch.Tensor, chunk: int = 16, 
     nc = -(-N // b)
     pad = nc * b - N
 
-    def chunks(t, value=0.0):  # (B, H, N, X) -> (B, H, nc, b, X), padded after the end
-        return F.pad(t, (0, 0, 0, pad), value=value).view(B, H, nc, b, t.shape[-1])
+    def chunks(t):  # (B, H, N, X) -> (B, H, nc, b, X), zero-padded after the end
+        return (F.pad(t, (0, 0, 0, pad)) if pad else t).reshape(B, H, nc, b, t.shape[-1])
 
     qc, kc, vc, thc = chunks(q), chunks(k), chunks(v), chunks(theta)
     la = chunks(torch.log1p(-alpha.clamp(max=1.0 - 1e-6)))[..., 0].cumsum(-1)  # (B, H, nc, b)
@@ -210,10 +209,10 @@ class TitansMemory(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, grid=None):
-        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        B, n, _ = x.shape  # one contiguous (3, B, H, N, d) copy: the memory's many small ops run on dense rows
+        q, k, v = self.qkv(x).view(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).contiguous()
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        th, al, *eta = torch.sigmoid(self.gates(x)).transpose(1, 2).unsqueeze(-1).chunk(
-            3 if self.momentum else 2, dim=1)
+        th, al, *eta = torch.sigmoid(self.gates(x)).view(B, n, -1, self.heads).permute(2, 0, 3, 1).unsqueeze(-1)
         mem = self.memory0.expand(x.shape[0], -1, -1, -1)
         y, _, _ = titans_memory(q, k, v, self.theta_max * th, al, mem, self.chunk, eta=eta[0] if eta else None)
         return self.proj(_merge_heads(y))
@@ -239,19 +238,14 @@ class RxTLayer(nn.Module):
     def initial_memory(self, batch: int) -> torch.Tensor:
         return self.stm0.expand(batch, -1, -1)
 
-    def _attend(self, mod: _QKV, xq, xkv, **kw):
-        q = _split_heads(mod.qkv(xq)[..., :xq.shape[-1]], self.heads)
-        _, k, v = mod.split(xkv)
-        return mod.proj(_merge_heads(attention(q, k, v, method="exact", **kw)))
-
     def forward(self, x, grid=None, stm: torch.Tensor | None = None):
-        y = self._attend(self.self_attn, x, x, causal=True)
+        y = self.self_attn.attend(x, x, causal=True)
         if stm is not None and stm.shape[1]:
-            y = y + self._attend(self.cross, x, stm)
+            y = y + self.cross.attend(x, stm)
         return y
 
     def update(self, stm: torch.Tensor, interaction: torch.Tensor) -> torch.Tensor:
         ed = interaction + self.encoder(interaction)
-        u = self._attend(self.mem_attn, stm, ed)
+        u = self.mem_attn.attend(stm, ed)
         g = torch.sigmoid(self.gate(stm + u))
         return (1 - g) * stm + g * u
