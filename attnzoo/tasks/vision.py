@@ -8,7 +8,8 @@
   mixers whose reach in two blocks is shorter than the distance stay near chance.
 
 :func:`run` trains one model per (mixer, task) with :func:`attnzoo.train.fit` and reports held-out accuracy,
-parameters and seconds per epoch; ``attnzoo task vision`` prints the table.
+parameters, seconds per epoch, wall and CPU seconds (the process's CPU time: on one thread, what an idle
+machine's wall time would be); ``attnzoo task vision`` prints the table.
 """
 
 from __future__ import annotations
@@ -162,14 +163,14 @@ def run_one(mixer: str, task: str, *, quick: bool = True, seed: int = 0, dim: in
                     classes=data.classes, dim=dim, depth=depth)
     train = _batches(data.train_x, data.train_y, budget.batch, seed)
     held_out = _batches(data.test_x, data.test_y, 256, seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = fit(model, train, held_out, steps=budget.steps, lr=budget.lr, eval_every=budget.eval_every,
               patience=budget.steps, warmup=budget.steps // 10, weight_decay=0.05, seed=seed, progress=progress,
               desc=f"{mixer} / {task}")
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"mixer": mixer, "task": task, "mode": "quick" if quick else "full", "seed": seed, "dim": dim,
             "depth": depth, "accuracy": res.best_metric, "chance": chance(data), "params": sum(p.numel()
-            for p in model.parameters()), "epoch_s": seconds / (res.steps / len(train)), "seconds": seconds,
+            for p in model.parameters()), "epoch_s": seconds / (res.steps / len(train)), "seconds": seconds, "cpu_s": cpu,
             "steps": res.steps, "best_step": res.best_step, "grid": list(model.grid)}
 
 

@@ -21,16 +21,22 @@ def vision(
     mixers: str = typer.Option("global,swin,dina,hilo", help="comma-separated mixers, or 'all' (global first, "
                                "then every name of attnzoo.layers.vision.MIXERS)"),
     tasks: str = typer.Option("digits,longrange", help="comma-separated: digits, longrange"),
-    full: bool = typer.Option(False, "--full", help="the longer budget (default: quick, ~1 min per mixer unloaded)"),
+    full: bool = typer.Option(False, "--full", help="the longer budget (default: quick, at most ~1 min per mixer on an idle machine)"),
     dim: int = typer.Option(32, help="model width"),
     seed: int = typer.Option(0, help="data split and initialisation seed"),
     out: Optional[Path] = typer.Option(None, help="results file (JSON lines; default "
                                        "task-results/vision-quick.jsonl or vision-full.jsonl)"),
     resume: bool = typer.Option(True, help="reuse the cases already in --out (--no-resume: start the file anew)"),
+    threads: int = typer.Option(1, min=1, help="torch CPU threads (the models are tiny: a second thread gains "
+                                "little and costs much on a busy machine)"),
 ) -> None:
     """Tiny ViT per mixer on scikit-learn digits (12×12 token grid) and a long-range pixel comparison."""
+    import torch
+
     from ..layers.vision import MIXERS
     from ..tasks.vision import TASKS, run
+
+    torch.set_num_threads(threads)
 
     names = (["global"] + [m for m in MIXERS if m != "global"] if mixers.strip() == "all"
              else [m.strip() for m in mixers.split(",") if m.strip()])
@@ -60,7 +66,7 @@ def vision(
 
 
 def results_table(records: list[dict], task_list: list[str], title: str) -> Table:
-    """One row per mixer: accuracy per task (chance in the header), parameters, seconds per mixer."""
+    """One row per mixer: accuracy per task (chance in the header), parameters, wall and CPU seconds per mixer."""
     by = {(r["mixer"], r["task"]): r for r in records}
     mixers = list(dict.fromkeys(r["mixer"] for r in records))
     table = Table(title=title)
@@ -68,12 +74,14 @@ def results_table(records: list[dict], task_list: list[str], title: str) -> Tabl
     for t in task_list:
         ch = next((r["chance"] for r in records if r["task"] == t and "chance" in r), None)
         table.add_column(t + (f" (chance {ch:.2f})" if ch is not None else ""), justify="right")
-    for h in ("params", "s/epoch " + task_list[0], "total s"):
+    for h in ("params", "s/epoch " + task_list[0], "total s", "total CPU s"):
         table.add_column(h, justify="right")
     for m in mixers:
         rs = [by.get((m, t)) for t in task_list]
         first = rs[0]
+        cpu = [r.get("cpu_s") for r in rs if r]  # records of older files may lack it
         table.add_row(m, *(f"{r['accuracy']:.3f}" if r else "—" for r in rs),
                       f"{first['params']:,}" if first else "—", f"{first['epoch_s']:.1f}" if first else "—",
-                      f"{sum(r['seconds'] for r in rs if r):.0f}")
+                      f"{sum(r['seconds'] for r in rs if r):.0f}",
+                      f"{sum(cpu):.0f}" if cpu and None not in cpu else "—")
     return table
