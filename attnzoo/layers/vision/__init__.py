@@ -40,8 +40,8 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "hornet": lambda dim, heads, **kw: GnConv(dim, **kw),
     "aff": lambda dim, heads, **kw: AFF(dim, **kw),
     "poolformer": lambda dim, heads, **kw: PoolMixer(dim, **kw),
-    "echoatt": lambda dim, heads, **kw: EchoAttention(dim, heads, **{"depth": 2, **kw}),
-    "titans": lambda dim, heads, **kw: TitansMemory(dim, heads, **{"chunk": 16, **kw}),
+    "echoatt": lambda dim, heads, **kw: EchoAttention(dim, heads, **kw),
+    "titans": lambda dim, heads, **kw: TitansMemory(dim, heads, **{"chunk": 32, **kw}),
     "rxt": lambda dim, heads, **kw: RxTLayer(dim, heads, **kw),
 }
 
