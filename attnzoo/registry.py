@@ -302,6 +302,11 @@ class Registry(Mapping[str, T]):
         return f"Registry({self.kind!r}, {list(self._entries)})"
 
 
+#: families that never form the softmax scores a score_mod modifies
+_SCORELESS = (Family.LOW_RANK, Family.KERNELISED, Family.LINEAR_RNN)
+_NO_SCORES = "it never forms the query-key softmax scores a score_mod modifies"
+
+
 @dataclass(frozen=True)
 class Method:
     """Base class of every registered method.
@@ -324,6 +329,8 @@ class Method:
     inputs: ClassVar[dict[str, str]] = {}
     #: compute in float32 when given float16/bfloat16 inputs
     upcast_half: ClassVar[bool] = True
+    #: why the method refuses a score_mod, where the math gives a mod no meaning (the refusal says it)
+    no_score_mod: ClassVar[str] = ""
 
     # ----------------------------------------------------------- parameters
     def __post_init__(self) -> None:
@@ -444,7 +451,9 @@ class Method:
         for name, given, ok in (("score_mod", score_mod, self.supports.score_mod),
                                 ("sinks", sinks, self.supports.sinks)):
             if given is not None and not ok:
-                raise UnsupportedError(f"method {self.name!r} does not support {name}")
+                why = _NO_SCORES if name == "score_mod" and self.family in _SCORELESS else self.no_score_mod
+                raise UnsupportedError(f"method {self.name!r} does not support {name}"
+                                       + (f": {why}" if why and name == "score_mod" else ""))
         if score_mod is not None:
             check_score_mod(score_mod)
         if sinks is not None:

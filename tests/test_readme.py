@@ -29,7 +29,7 @@ def _inputs() -> dict:
                    "pad_token_id": 0},
         "attention_mask": torch.arange(n).expand(1, n) >= 16,  # 16 left-padding tokens
         "table": torch.zeros(8, 2 * 16 + 1), "sink_logits": torch.zeros(8),
-        "doc_id": torch.arange(n) // 64, "n_new": 2,
+        "doc_id": torch.arange(n) // 64, "n_new": 2, "prompts": [torch.arange(1, 6), torch.arange(3, 12)],
         "q1": torch.randn(1, 8, 1, 64), "k1": torch.randn(1, 2, 1, 64), "v1": torch.randn(1, 2, 1, 64),
         "g1": torch.nn.functional.logsigmoid(torch.randn(1, 8, 1, 64)) / 16,  # the next token's q, k, v, gates
         "k_t": torch.randn(1, 2, 1, 64), "v_t": torch.randn(1, 2, 1, 64), "q_t": torch.randn(1, 8, 1, 64),

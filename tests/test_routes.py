@@ -599,9 +599,10 @@ def test_varlen_needs_batch_one():
 
 # ---------------------------------------------------------- unsupported
 @pytest.mark.parametrize("method,kwargs,match", [
-    ("probsparse", dict(score_mod=mods.softcap(3.0)), "score_mod"),  # lazy queries output mean(V), no scores
-    ("hyper", dict(score_mod=mods.softcap(3.0)), "score_mod"),
-    ("performer", dict(score_mod=mods.softcap(3.0)), "score_mod"),  # no score matrix at all
+    ("probsparse", dict(score_mod=mods.softcap(3.0)), "score_mod: its lazy queries output the mean of V"),
+    ("hyper", dict(score_mod=mods.softcap(3.0)), "score_mod: its light part is a sampled estimate"),
+    ("performer", dict(score_mod=mods.softcap(3.0)), "score_mod: it never forms the query-key softmax scores"),
+    ("linformer", dict(score_mod=mods.softcap(3.0)), "score_mod: it never forms"),
     ("linear", dict(sinks=torch.zeros(4, dtype=F64)), "sinks"),
     ("linformer", dict(cu_seqlens_q=torch.tensor([0, 13], dtype=torch.int32),
                        cu_seqlens_k=torch.tensor([0, 13], dtype=torch.int32)), "cu_seqlens"),

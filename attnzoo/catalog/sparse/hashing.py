@@ -244,6 +244,8 @@ class Hyper(Method):
     family: ClassVar[Family] = Family.HASHING
     complexity: ClassVar[str] = "O(N·(block + samples)·D)"
     supports: ClassVar[Supports] = _NO_DECODE
+    no_score_mod: ClassVar[str] = ("its light part is a sampled estimate of the remaining mass, not a key set; "
+                                   "not built with a mod")
     papers: ClassVar[tuple[str, ...]] = ("HyperAttention: Long-context Attention in Near-Linear Time",)
 
     block: int = param(256, min=1, clamp=True, help="sorted block size of the heavy part")

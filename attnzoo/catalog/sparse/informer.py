@@ -25,6 +25,8 @@ class ProbSparse(Method):
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O(N·log N·D)"
     supports: ClassVar[Supports] = Supports(causal=True, noncausal=True, decode=True, grad=True, lse=False, varlen=True)
+    no_score_mod: ClassVar[str] = ("its lazy queries output the mean of V (uniform attention), which no score "
+                                   "modification reaches, and it picks active queries on unmodified scores")
     papers: ClassVar[tuple[str, ...]] = ("Informer: Beyond Efficient Transformer for Long Sequence Time-Series "
                                          "Forecasting",)
 
