@@ -268,3 +268,24 @@ def test_packed_cache_refusals():
         with pytest.raises(attnzoo.UnsupportedError, match="attnzoo cache"):  # offsets differ, no cache to hold them
             model(input_ids=torch.tensor([[1, 2]]), use_cache=False, cu_seq_lens_q=torch.tensor([0, 2], dtype=torch.int32),
                   cu_seq_lens_k=torch.tensor([0, 3], dtype=torch.int32))
+
+
+def test_cache_path_translates_each_steps_mask_once(monkeypatch):
+    """The per-layer mask translation is memoised per step: with left padding every step passes a tensor
+    mask, translated for the first layer only (2 layers: a per-layer translation would count 2 per step)."""
+    from attnzoo.hf import adapter, cache as hf_cache
+
+    model = tiny_decoder("llama")
+    ids, mask = padded_batch(length=PROMPT, pad=(0, 5))
+    azhf.apply(model, "exact")
+    calls = []
+    real = adapter.mask_geometry
+    counted = lambda m, **kw: calls.append(m is not None) or real(m, **kw)  # noqa: E731
+    for module in (adapter, hf_cache):  # wherever the translation is called from
+        monkeypatch.setattr(module, "mask_geometry", counted, raising=False)
+    with torch.no_grad():
+        ref = generate_with(model, ids, mask, azhf.make_cache(model, "full"))
+        calls.clear()
+        out = generate_with(model, ids, mask, azhf.make_cache(model, "quest", budget=12, page=4, local=4, sinks=0))
+    assert out.shape == ref.shape
+    assert sum(calls) == NEW  # one tensor mask per forward (prompt + NEW - 1 decode steps), each translated once

@@ -25,7 +25,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from ..cache import KVCache
 from ..errors import AttnZooError, UnsupportedError
 from .. import mods
-from .adapter import _EXACT, ATTN_NAME, CACHE_TAG, mask_geometry, window_mod
+from .adapter import _EXACT, ATTN_NAME, CACHE_TAG, _geometry, window_mod
 from .integration import attention_layers, is_applied, layer_plan
 from .plan import LayerSpec
 from ..plan.file import Plan as PlanFile
@@ -85,7 +85,8 @@ class AttnZooCacheLayer(CacheLayerMixin):
             raise UnsupportedError("attnzoo cache: this cache holds packed sequences (one row each); every later "
                                    "call must carry cu_seq_lens_q / cu_seq_lens_k too")
         n, total = keys.shape[2], self.kv.seq_length + keys.shape[2]
-        geo = mask_geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=total, window=sliding_window)
+        # every layer of a step receives the same mask object: translated once per step, not once per layer
+        geo = _geometry(attention_mask, causal=causal, len_q=query.shape[2], len_k=total, window=sliding_window)
         if geo.window is not None:  # exact over what the policy holds, the window as a score_mod (full reads only)
             if not self.kv.reads_all:
                 raise UnsupportedError(f"layer {spec.layer}: the model's sliding window ({geo.window}) is shorter than "
