@@ -135,6 +135,9 @@ def test_share_budgets_take_the_dense_path_where_sparsity_cannot_pay(name):
     assert az.get(name, dense_below=0, dense_from=0.01).path(q, k, causal=True) == "dense"
     counts = {"block_topk": dict(topk=2), "vertical_slash": dict(n_vertical=8, n_slash=2), "hip": dict(topk=4)}
     assert az.get(name, **counts[name]).path(q, k, causal=True) == "sparse"
+    prob = Problem(1, 4, 2, 256, 256, 8, 8, 8 ** -0.5)
+    assert method.fit(prob).dense_below == {"vertical_slash": 8192}.get(name, 2048)  # the measured crossovers
+    assert az.get(name, **counts[name]).fit(prob).dense_below == 0
 
 
 def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
