@@ -209,7 +209,7 @@ def _subset_attention(q_last, k, v, slots):
 
 def test_tokenselect_reads_sinks_local_and_soft_vote_topk():
     q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=40, seed=7)
-    cache = KVCache("tokenselect", budget=14, sinks=2, local=4, threshold=2.0)
+    cache = KVCache("tokenselect", budget=14, sinks=2, local=4, threshold=2.0, score_dtype="float32")
     cache.append(k, v)
     out, lse = cache.attend(q[:, :, -1:], return_lse=True)
     s = torch.einsum("bhgd,bhmd->bhgm", q[:, :, -1].view(2, 2, 2, 16), k[:, :, 2:36]) * 0.25
@@ -220,6 +220,41 @@ def test_tokenselect_reads_sinks_local_and_soft_vote_topk():
     ref, ref_lse = _subset_attention(q[:, :, -1:], k, v, slots)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
     torch.testing.assert_close(lse, ref_lse.float(), atol=TOL, rtol=0)
+
+
+def test_tokenselect_bf16_scoring_is_within_its_bound_of_the_fp32_vote():
+    """The bf16 vote (the default) selects a token set whose exact vote is >= exp(-4δ) of the best set's, δ the
+    largest score error bf16 rounding allows (q, k and the product each rounded: 3·2^-8·scale·Σ_d|q_d k_d|):
+    each score moves by <= δ, each head's softmax weight by a factor <= e^{2δ}, so each token the bf16 vote
+    swaps in has an exact vote >= e^{-4δ} of the one it swaps out. The bf16 copy of K is what is scored and
+    counted in nbytes; a bf16 store keeps no copy."""
+    B, Hq, Hkv, N, D, lo, local, budget = 2, 8, 2, 1200, 64, 4, 16, 128
+    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, D=D, seed=21, dtype=torch.float32)
+    caches = {dt: KVCache("tokenselect", budget=budget, sinks=lo, local=local, threshold=2.0, score_dtype=dt)
+              for dt in ("bfloat16", "float32")}
+    for cache in caches.values():
+        cache.append(k[:, :, :N - 8], v[:, :, :N - 8])
+    store = caches["bfloat16"]._layer.store
+    assert torch.equal(store.score_keys(), k[:, :, :N - 8].bfloat16())
+    assert caches["bfloat16"].nbytes - caches["float32"].nbytes == k[:, :, :N - 8].numel() * 2
+    for t in range(N - 8, N):
+        for cache in caches.values():
+            cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
+            cache.attend(q[:, :, t:t + 1])
+        hi = t + 1 - local
+        qg = q[:, :, t].double().view(B, Hkv, Hq // Hkv, D) / math.sqrt(D)
+        km = k[:, :, lo:hi].double()
+        vote = torch.einsum("bhgd,bhmd->bhgm", qg, km).softmax(-1).sum(dim=(1, 2))  # exact, (B, m)
+        delta = 3 * 2 ** -8 * torch.einsum("bhgd,bhmd->bhgm", qg.abs(), km.abs()).amax()
+        got = {dt: torch.gather(vote, 1, c.policy.ref[1][:, 0] - lo).sum(-1) for dt, c in caches.items()}
+        take = caches["float32"].policy.ref[1].shape[-1]
+        best = vote.topk(take, dim=-1).values.sum(-1)
+        torch.testing.assert_close(got["float32"], best)
+        assert bool((got["bfloat16"] >= torch.exp(-4 * delta) * best * (1 - 1e-9)).all())  # the proven bound (~0.68)
+        assert bool((got["bfloat16"] >= 0.999 * best).all())  # measured: >= 0.99996 on this input
+    half = KVCache("tokenselect", budget=budget, sinks=lo, local=local)
+    half.append(k.bfloat16(), v.bfloat16())
+    assert "ck" not in half._layer.store.buf and half._layer.store.score_keys().dtype == torch.bfloat16
 
 
 def test_tokenselect_reuses_selection_while_queries_are_similar():

@@ -12,7 +12,11 @@ right after their keys were appended). Buffers:
   half the bytes of int64; differs between heads after per-head eviction);
 * ``valid``: False for padding (created by the first ``append`` that passes a
   ``key_mask``);
-* ``score``: attention mass each token received so far (``track_scores``).
+* ``score``: attention mass each token received so far (``track_scores``);
+* ``ck``: a compact copy of the keys in the ``compact`` dtype (e.g. bfloat16),
+  kept only when that differs from the keys' dtype and the store is not
+  quantised: selectors score every key each step, and a bf16 copy halves
+  the bytes an fp32 score pass reads (:meth:`score_keys`).
 
 Per-page metadata (``page`` slots a page): channel-wise key ``kmin``/``kmax``,
 updated on append for the touched pages only, recomputed on compaction.
@@ -54,8 +58,9 @@ class Store:
     """Held tokens of a uniform group of KV heads (same count per batch element and head)."""
 
     def __init__(self, *, bits: int | None = None, group: int = 32, page: int | None = None,
-                 track_scores: bool = False) -> None:
+                 track_scores: bool = False, compact: torch.dtype | None = None) -> None:
         self.bits, self.group, self.page, self.track_scores = bits, group, page, track_scores
+        self.compact = compact
         self.buf: dict[str, torch.Tensor] = {}
         self.pages: dict[str, torch.Tensor] = {}
         self.n = 0
@@ -100,6 +105,12 @@ class Store:
         return quant.decode(*(self.buf[name + s][:, :, start:stop] for s in ("", "_low", "_step")),
                             self.bits, self.group, self.dtype)
 
+    def score_keys(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Keys of slots ``[start, stop)`` for scoring: the compact copy when one is kept, else :meth:`keys`."""
+        if "ck" in self.buf:
+            return self.buf["ck"][:, :, start: self.n if stop is None else stop]
+        return self.keys(start, stop)
+
     def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at slots ``idx (B, H, m)`` (GQA-free: one index list per KV head)."""
         if self.bits is None:
@@ -121,6 +132,8 @@ class Store:
             for x, t in (("k", k), ("v", v)):
                 quant.check_group(t.shape[-1], self.group, self.bits, "key" if x == "k" else "value")
                 rows[x], rows[x + "_low"], rows[x + "_step"] = quant.encode(t, self.bits, self.group)
+        if self.bits is None and self.compact not in (None, k.dtype):
+            rows["ck"] = k.to(self.compact)
         rows["pos"] = positions.to(POS_DTYPE).view(1, 1, n).expand(B, H, n)
         if key_mask is not None or "valid" in self.buf:
             if "valid" not in self.buf and self.buf:
