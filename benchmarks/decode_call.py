@@ -1,0 +1,72 @@
+"""Per attention call decode latency of the select policies against the ``full`` cache, min of repeats.
+
+One decode step = append one token + attend its query, on a KVCache that holds
+``L`` random tokens. The policies' steps are interleaved (one step of each per
+round), so every ratio comes from the same stretch of a shared machine's load;
+each row is the minimum over ``--rounds`` rounds. ``× full`` = full's time ÷ the
+row's (bigger is better). Shapes default to SmolLM2-135M's layers (9 query
+heads, 3 KV heads, D=64); ``--heads 32 --heads-kv 8 --dim 128`` is
+benchmarks/decode.py's.
+
+    python benchmarks/decode_call.py --length 8192 --budget 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from attnzoo.cache import KVCache
+
+ROWS = {
+    "full": ("full", {}),
+    "quest": ("quest", {}),
+    "tokenselect (bf16 scores)": ("tokenselect", {}),
+    "tokenselect (fp32 scores)": ("tokenselect", dict(score_dtype="float32")),
+    "infllm": ("infllm", {}),
+    "recycled (every 8)": ("recycled", dict(every=8)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--budget", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=9)
+    ap.add_argument("--heads-kv", type=int, default=3)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=24)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    L, Hq, Hkv, D = args.length, args.heads, args.heads_kv, args.dim
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, Hkv, L, D, generator=g), torch.randn(1, Hkv, L, D, generator=g)
+    caches = {}
+    for label, (policy, params) in ROWS.items():
+        params = params if policy == "full" else dict(budget=args.budget, **params)
+        cache = KVCache(policy, **params)
+        cache.append(k, v)
+        cache.attend(torch.randn(1, Hq, 32, D, generator=g))
+        caches[label] = cache
+    best = dict.fromkeys(caches, float("inf"))
+    for _ in range(args.rounds):
+        q, kt, vt = torch.randn(1, Hq, 1, D, generator=g), torch.randn(1, Hkv, 1, D, generator=g), \
+            torch.randn(1, Hkv, 1, D, generator=g)
+        for label, cache in caches.items():
+            t0 = time.perf_counter()
+            cache.append(kt, vt)
+            cache.attend(q)
+            best[label] = min(best[label], time.perf_counter() - t0)
+    print(f"# decode per attention call: L={L}, budget={args.budget}, Hq={Hq}, Hkv={Hkv}, D={D}, fp32, "
+          f"threads={args.threads}, min of {args.rounds} interleaved rounds")
+    print("| policy | ms/call | × full | MiB held |")
+    print("|---|---:|---:|---:|")
+    for label, t in best.items():
+        print(f"| {label} | {t * 1e3:.2f} | {best['full'] / t:.2f} | {caches[label].nbytes / 2**20:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
