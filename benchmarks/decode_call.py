@@ -4,7 +4,9 @@ One decode step = append one token + attend its query, on a KVCache that holds
 ``L`` random tokens. The policies' steps are interleaved (one step of each per
 round), so every ratio comes from the same stretch of a shared machine's load;
 each row is the minimum over ``--rounds`` rounds. ``× full`` = full's time ÷ the
-row's (bigger is better). Shapes default to SmolLM2-135M's layers (9 query
+row's (bigger is better). Each policy gets ``attnzoo eval``'s parameters for the
+budget fraction ``--budget / --length`` (defaults such as tokenselect's sinks and
+local window scaled down with it). Shapes default to SmolLM2-135M's layers (9 query
 heads, 3 KV heads, D=64); ``--heads 32 --heads-kv 8 --dim 128`` is
 benchmarks/decode.py's.
 
@@ -19,6 +21,7 @@ import time
 import torch
 
 from attnzoo.cache import KVCache
+from attnzoo.eval.cases import policy_params
 
 ROWS = {
     "full": ("full", {}),
@@ -46,7 +49,8 @@ def main() -> None:
     k, v = torch.randn(1, Hkv, L, D, generator=g), torch.randn(1, Hkv, L, D, generator=g)
     caches = {}
     for label, (policy, params) in ROWS.items():
-        params = params if policy == "full" else dict(budget=args.budget, **params)
+        if policy != "full":
+            params = policy_params(policy, params, args.budget / L, L)
         cache = KVCache(policy, **params)
         cache.append(k, v)
         cache.attend(torch.randn(1, Hq, 32, D, generator=g))
