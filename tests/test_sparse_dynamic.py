@@ -142,7 +142,8 @@ def test_share_budgets_take_the_dense_path_where_sparsity_cannot_pay(name):
 
 def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
     """At 2K keys block_topk's default is sparse; its fully visible blocks run on the fused kernel without a
-    mask and the result equals the generic slot-loop executor."""
+    mask, its diagonal blocks on the kernel's causal mask, and the result equals the generic slot-loop
+    executor (a 2040-key case has a partial last block: the gathered masked pass instead)."""
     from unittest import mock
     import attnzoo.core.blocksparse as bs
 
@@ -151,13 +152,29 @@ def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
         torch.randn(1, 2, 2048, 16, generator=g)
     method = az.get("block_topk")
     assert method.path(q, k, causal=True) == "sparse"
-    with mock.patch.object(bs, "_attend_clean", wraps=bs._attend_clean) as spy:
+    diagonal = bs._attend_diagonal
+    returned = []
+
+    def record(*args):
+        returned.append(diagonal(*args))
+        return returned[-1]
+
+    with mock.patch.object(bs, "_attend_clean", wraps=bs._attend_clean) as spy, \
+            mock.patch.object(bs, "_attend_diagonal", side_effect=record):
         out, lse = method(q, k, v, causal=True, return_lse=True)
-    assert spy.called
+    assert spy.called and returned and returned[0] is not None  # the diagonal on the kernel's causal mask
     with mock.patch.object(bs, "fused_applies", return_value=False):
         ref, ref_lse = method(q, k, v, causal=True, return_lse=True)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=2e-5)
+    q, k, v = q[:, :, :2040], k[:, :, :2040], v[:, :, :2040]
+    method = az.get("block_topk", dense_below=0)
+    returned.clear()
+    with mock.patch.object(bs, "_attend_diagonal", side_effect=record):
+        out = method(q, k, v, causal=True)
+    assert returned == [None]
+    with mock.patch.object(bs, "fused_applies", return_value=False):
+        torch.testing.assert_close(out, method(q, k, v, causal=True), atol=2e-6, rtol=2e-5)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import AttnZooError, UnsupportedError
 from .fused import attend_band, attend_token_union, fix_empty_rows, fused_applies, fused_kernel
-from .kernel import additive_mask
+from .kernel import additive_mask, flash_cpu
 from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
 from .masks import call_mask_mod
 from .override import Override
@@ -319,7 +319,9 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
             clean, counts, masked = _split_clean(plan, units)
             parts = [_attend_clean(qb, k, v, plan, clean, counts)]
             if masked.shape[-1]:
-                parts.append(Partial(*_forward_fused(q, k, v, pad, plan, masked)))
+                diagonal = _attend_diagonal(qb, k, v, plan, masked)
+                parts.append(diagonal if diagonal is not None else Partial(*_forward_fused(q, k, v, pad, plan,
+                                                                                           masked)))
             out, lse = merge(*parts)
             return out.to(q.dtype), lse
     width = units.shape[-1] * plan.unit
@@ -379,6 +381,32 @@ def _split_clean(plan: _Plan, units: torch.Tensor):
     m_order = torch.sort((~need).to(torch.uint8), dim=-1, stable=True).indices[..., :width]
     masked = torch.where(need.gather(-1, m_order), units.gather(-1, m_order), -1)
     return units.gather(-1, order), clean.sum(-1), masked
+
+
+def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan,
+                     masked: torch.Tensor) -> Partial | None:
+    """The masked units of :func:`_split_clean` when they are only each query block's own diagonal block
+    (causal, ``Nq == Nk``, query and key blocks of one size, whole blocks): the kernel's own top-left causal
+    mask on each block against its key block, read in place (no gather, no element mask). None otherwise."""
+    B, Hkv, Gl, nq, R, D = qb.shape
+    b = plan.rows
+    if not (plan.causal and plan.len_q == plan.len_k and plan.unit == b and plan.len_k % b == 0
+            and masked.shape[-1] == 1 and plan.partial is None):
+        return None
+    own = torch.arange(nq, device=qb.device)
+    unit = masked[..., 0]
+    if not bool(((unit == own) | (unit < 0)).all()):
+        return None
+    gr = R // b
+    kd, vd = (t.reshape(B, Hkv, 1, nq, 1, b, D).expand(B, Hkv, Gl, nq, gr, b, D).reshape(-1, gr, b, D)
+              for t in (k, v))
+    o, l = flash_cpu(qb.reshape(-1, gr, b, D), kd, vd, scale=plan.scale, causal=True)
+    out, lse = o.reshape(qb.shape), l.reshape(B, Hkv, Gl, nq, R).to(torch.promote_types(torch.float32, qb.dtype))
+    missing = (unit < 0).expand(B, Hkv, Gl, nq)
+    if bool(missing.any()):  # query blocks whose layout leaves out their diagonal
+        out[missing] = 0.0
+        lse[missing] = -math.inf
+    return Partial(plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1))
 
 
 def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, clean: torch.Tensor,
