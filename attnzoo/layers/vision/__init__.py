@@ -36,7 +36,7 @@ MIXERS: dict[str, Callable[..., nn.Module]] = {
     "dina": lambda dim, heads, **kw: DiNAAttention(dim, heads, **{"kernel": 5, "dilation": None, **kw}),
     "natten": lambda dim, heads, **kw: DiNAAttention(dim, heads, **{"kernel": 5, "dilation": 1, **kw}),
     "shvit": lambda dim, heads, **kw: SHViTAttention(dim, **kw),
-    "fit": lambda dim, heads, **kw: FITAttention(dim, heads, **{"group": 48, "latents": 4, **kw}),
+    "fit": lambda dim, heads, **kw: FITAttention(dim, heads, **{"group": 64, "latents": 4, **kw}),
     "hornet": lambda dim, heads, **kw: GnConv(dim, **kw),
     "aff": lambda dim, heads, **kw: AFF(dim, **kw),
     "poolformer": lambda dim, heads, **kw: PoolMixer(dim, **kw),
