@@ -21,7 +21,7 @@ def vision(
     mixers: str = typer.Option("global,swin,dina,hilo", help="comma-separated mixers, or 'all' (global first, "
                                "then every name of attnzoo.layers.vision.MIXERS)"),
     tasks: str = typer.Option("digits,longrange", help="comma-separated: digits, longrange"),
-    full: bool = typer.Option(False, "--full", help="the longer budget (default: quick, at most ~1 min per mixer on an idle machine)"),
+    full: bool = typer.Option(False, "--full", help="the longer budget (default: quick, at most ~1 min per mixer on 2 idle cores with --threads 2, ~1.25 min for the slowest two on one)"),
     dim: int = typer.Option(32, help="model width"),
     seed: int = typer.Option(0, help="data split and initialisation seed"),
     out: Optional[Path] = typer.Option(None, help="results file (JSON lines; default "
