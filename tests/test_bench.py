@@ -557,3 +557,17 @@ def test_capture_from_minilm_reproduces_the_models_attention(tmp_path):
     assert torch.equal(capture.load(tmp_path / "cli.pt")["q"][3], loaded["q"][3])
     real = workloads.make("real", length=48, heads=4, batch=2, capture=str(path), layer=2)
     assert torch.equal(real.q, loaded["q"][2][:, :4]) and torch.equal(real.v, loaded["v"][2][:, :4])
+
+
+def test_worker_env_fixes_malloc_unless_the_user_set_it(monkeypatch):
+    from attnzoo.bench.runner import STEADY_MALLOC, worker_env
+
+    for name in (*STEADY_MALLOC, "ATTNZOO_BENCH_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    env = worker_env(threads=1, plugins=("mine",))
+    assert {name: env[name] for name in STEADY_MALLOC} == STEADY_MALLOC
+    assert env["ATTNZOO_BENCH_THREADS"] == "1" and env["ATTNZOO_BENCH_PLUGINS"] == "mine"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(attnzoo.__file__).resolve().parents[1])
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert worker_env(threads=None)["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    assert "ATTNZOO_BENCH_THREADS" not in worker_env(threads=None)

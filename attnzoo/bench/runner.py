@@ -44,7 +44,7 @@ class Suite:
     workloads: tuple[str, ...] = ("structured", "real")  # "name" or "name:param=value,param=value"
     repeat: int = 3  # timed calls per case (after one warm-up) ...
     budget_s: float = 1.0  # ... or fewer once this much time is spent
-    min_time_s: float = 0.1  # ... and more (within the budget) until this much is measured: stable medians
+    min_time_s: float = 0.3  # ... and more (within the budget) until this much is measured: stable medians
     time_cap_s: float = 2.0  # a length whose predicted time per call exceeds this is skipped
     case_timeout_s: float = 60.0  # a case still running after this is killed and recorded as failed
     seed: int = 0
@@ -206,16 +206,32 @@ class WorkerError(RuntimeError):
     """The worker timed out or died; the message says which and why."""
 
 
+#: glibc's malloc raises its mmap threshold each time a process frees a large mmapped block, so whether a
+#: tensor of a few MB comes from fresh, page-faulting mmap pages or from the reused heap depends on what
+#: the worker ran before. Measured on an idle 2-core machine: the same performer call (N=2048, 1 thread)
+#: took 73-122 ms (minimum of 5) in five fresh processes, 60-75 ms with the thresholds fixed and 41-60 ms
+#: with PyTorch's huge-page allocation as well (interleaved runs). Every worker allocates alike;
+#: variables the user set are kept.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
+                 "THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def worker_env(threads: int | None, plugins: tuple[str, ...] = ()) -> dict[str, str]:
+    """The worker's environment: offline hub, this package importable, threads, plugins, steady malloc."""
+    env = {**STEADY_MALLOC, **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    if threads:
+        env["ATTNZOO_BENCH_THREADS"] = str(threads)
+    env["ATTNZOO_BENCH_PLUGINS"] = ",".join(plugins)
+    return env
+
+
 class Worker:
     """A ``python -m attnzoo.bench.worker`` subprocess answering one JSON line per case."""
 
     def __init__(self, log_path: Path, threads: int | None, plugins: tuple[str, ...] = ()):
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        package_root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        if threads:
-            env["ATTNZOO_BENCH_THREADS"] = str(threads)
-        env["ATTNZOO_BENCH_PLUGINS"] = ",".join(plugins)
+        env = worker_env(threads, plugins)
         self.log_path = log_path
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "attnzoo.bench.worker"], stdin=subprocess.PIPE,
