@@ -148,7 +148,7 @@ def bench(
                                                     "--min-time) (default: 3; --full: 5)"),
     min_time: Optional[float] = typer.Option(None, help="per case, keep timing calls (within the budget) until "
                                                         "this many seconds are measured; 0: just --repeat calls "
-                                                        "(default: 0.3)"),
+                                                        "(default: 0.1)"),
     threads: Optional[int] = typer.Option(None, help="torch threads in the worker (default: 1; --full: every "
                                                      "core)"),
     max_err: Optional[float] = typer.Option(None, help="the pick: the fastest approximation within this relative "

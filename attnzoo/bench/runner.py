@@ -44,7 +44,7 @@ class Suite:
     workloads: tuple[str, ...] = ("structured", "real")  # "name" or "name:param=value,param=value"
     repeat: int = 3  # timed calls per case (after one warm-up) ...
     budget_s: float = 1.0  # ... or fewer once this much time is spent
-    min_time_s: float = 0.3  # ... and more (within the budget) until this much is measured: stable medians
+    min_time_s: float = 0.1  # ... and more (within the budget) until this much is measured: stable medians
     time_cap_s: float = 2.0  # a length whose predicted time per call exceeds this is skipped
     case_timeout_s: float = 60.0  # a case still running after this is killed and recorded as failed
     seed: int = 0
