@@ -177,6 +177,35 @@ def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
         torch.testing.assert_close(out, method(q, k, v, causal=True), atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["block_topk", "vertical_slash", "hip"])
+def test_clean_and_diagonal_units_equal_the_slot_loop_with_gradients_and_an_empty_batch(name):
+    """The sparse path's unmasked units and in-place diagonal blocks (forced at 256 keys with dense_below=0,
+    dense_from=1) give the slot-loop executor's values, lse and gradients in float64, GQA 4:2, on a
+    permuted q; an empty batch gives empty outputs and gradients."""
+    from unittest import mock
+    import attnzoo.core.blocksparse as bs
+
+    g = torch.Generator().manual_seed(26)
+    q = torch.randn(1, 16, 4, 256, generator=g, dtype=torch.float64).permute(0, 2, 3, 1)  # stride(-1) = 1024
+    k, v = (torch.randn(1, 2, 256, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    method = az.get(name, dense_below=0, dense_from=1.0)
+    results = []
+    for fused in (True, False):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        with mock.patch.object(bs, "_attend_clean", wraps=bs._attend_clean) as spy, \
+                mock.patch.object(bs, "fused_applies", return_value=fused):
+            out, lse = method(*leaves, causal=True, return_lse=True)
+        assert spy.called == fused
+        (out.pow(2).sum() + lse.sum()).backward()
+        results.append((out, lse, *(t.grad for t in leaves)))
+    for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=what)
+    empty = torch.zeros(0, 4, 256, 16, dtype=torch.float64, requires_grad=True)
+    out = method(empty, k[:0], v[:0], causal=True)
+    out.sum().backward()
+    assert out.shape == (0, 4, 256, 16) and empty.grad.shape == empty.shape
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_routing_attends_within_clusters(causal):
     q, k, v, pad = _inputs((2, 4, 2, 40, 40, 8), seed=23, padded=True)
