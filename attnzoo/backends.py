@@ -120,6 +120,7 @@ def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
     if score_mod is None:
         return {}, []
     from . import mods
+    from .core.scoremod import Softcap
     parts, stack = [], [score_mod]
     while stack:  # flatten compositions, in order
         m = stack.pop(0)
@@ -127,8 +128,8 @@ def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
             stack[:0] = list(m.parts)
         else:
             parts.append(m)
-    caps = [i for i, m in enumerate(parts) if isinstance(m, mods._Softcap)]
-    other = [m for m in parts if not isinstance(m, (mods._Alibi, mods._RelativeBias, mods._Softcap))]
+    caps = [i for i, m in enumerate(parts) if isinstance(m, Softcap)]
+    other = [m for m in parts if not isinstance(m, (mods._Alibi, mods._RelativeBias, Softcap))]
     if other:
         name = getattr(other[0], "__name__", type(other[0]).__name__)
         return {}, [f"score_mod {name!r} (the kernels apply only {KERNEL_MODS})"]

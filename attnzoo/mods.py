@@ -76,12 +76,7 @@ def softcap(cap: float) -> ScoreMod:
     """Logit soft-capping (Gemma 2, Grok): ``cap * tanh(score / cap)``."""
     if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
         raise AttnZooError(f"softcap: cap expected a positive finite number, got {cap!r}")
-    return _Softcap(float(cap))
-
-
-#: the soft cap the engines recognise (core.scoremod.Softcap: the tiled forward fuses it, the Triton backend
-#: specialises its kernels on ``cap``)
-_Softcap = Softcap
+    return Softcap(float(cap))  # the engines recognise it: the tiled forward fuses it, Triton specialises on cap
 
 
 def relative_bias(table: torch.Tensor) -> ScoreMod:
