@@ -108,13 +108,10 @@ def layout_share(layouts: list[Layout], prob: Problem, causal: bool) -> float:
     bound: the diagonal blocks' hidden half counts): the dense-path test of :class:`DynamicLayoutMethod`."""
     total = max(1, visible_pairs(prob, causal))
     share = 0.0
-    for lay in layouts:
-        if isinstance(lay, BlockLayout):
-            kept = (lay.kv_blocks >= 0).sum().item() * lay.block_q * lay.block_k
-        else:
-            kept = (lay.kv_tokens >= 0).sum().item() * lay.group
-        share += kept / (lay.kv_blocks.shape[0] * lay.kv_blocks.shape[1] if isinstance(lay, BlockLayout)
-                         else lay.kv_tokens.shape[0] * lay.kv_tokens.shape[1]) / total
+    for lay in layouts:  # pairs read per (batch row, head) of the layout
+        index, pairs = (lay.kv_blocks, lay.block_q * lay.block_k) if isinstance(lay, BlockLayout) \
+            else (lay.kv_tokens, lay.group)
+        share += (index >= 0).sum().item() * pairs / (index.shape[0] * index.shape[1]) / total
     return share
 
 
