@@ -179,11 +179,12 @@ def test_real_workload_from_smollm2_on_the_shipped_text():
     assert qkv.q.shape == (1, 9, 512, 64) and qkv.k.shape == (1, 3, 512, 64) and torch.isfinite(qkv.q).all()
 
 
-def _row(task, length, kind, name, score, held, *, budget=None, status="ok", **extra):
-    case = {"task": task, "task_params": {}, "length": length, "kind": kind, "name": name, "params": {},
-            "budget": budget, "samples": 3, "seed": 0, "model": "m"}
+def _row(task, length, kind, name, score, held, *, budget=None, status="ok", seed=0, n=3, task_params=None,
+         **extra):
+    case = {"task": task, "task_params": task_params or {}, "length": length, "kind": kind, "name": name,
+            "params": {}, "budget": budget, "samples": n, "seed": seed, "model": "m"}
     return {"type": "case", "run_id": "r", "key": json.dumps(case, sort_keys=True), "suite_kind": "eval", **case,
-            "status": status, "metric": "accuracy", "score": score, "n": 3, "kv_bytes": held * 8 * 2 ** 20,
+            "status": status, "metric": "accuracy", "score": score, "n": n, "kv_bytes": held * 8 * 2 ** 20,
             "kv_full_bytes": 8.0 * 2 ** 20, "prefill_s": 2.0, "decode_s_per_token": 0.1, "resolved": {}, **extra}
 
 
@@ -218,6 +219,29 @@ def test_wide_table_one_score_per_task_and_the_memory_statement():
     assert [k.split(" ")[0] for k in T.keeps(w, max_memory=0.25)] == ["cache=quantized", "cache=snapkv@0.0625"]
     assert T.keeps(w, max_memory=0.125, slack=0.0) == [kept[0]]
     assert T.markdown(["a", "b"], [["x|y", "1"]]).splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_table_pools_seeds_and_keeps_task_variants_apart():
+    from attnzoo.eval import table as T
+
+    rows = [_row("passkey", 2048, "prefill", "exact", 1.0, 1.0, scores=[1.0] * 3),
+            _row("passkey", 2048, "prefill", "exact", 2 / 3, 1.0, seed=1, scores=[1.0, 0.0, 1.0], prefill_s=4.0),
+            _row("passkey", 2048, "cache", "snapkv", 1 / 3, 0.2, budget=0.125, scores=[0.0, 1.0, 0.0]),
+            _row("passkey", 2048, "cache", "snapkv", 0.0, 0.2, budget=0.125, n=1, scores=[0.0]),  # fewer: ignored
+            _row("passkey", 2048, "cache", "snapkv", 1.0, 0.2, budget=0.125, seed=1, scores=[1.0] * 3),
+            _row("passkey", 2048, "cache", "h2o", None, 0.1, budget=0.125, seed=1, status="failed"),
+            _row("passkey", 2048, "cache", "h2o", 0.0, 0.1, budget=0.125, scores=[0.0] * 3),
+            _row("vt", 2048, "prefill", "exact", 1.0, 1.0, task_params={"hops": 1}),
+            _row("vt", 2048, "prefill", "exact", 0.0, 1.0)]
+    (w,) = T.wide(rows)
+    assert w.tasks == ["passkey", "vt", "vt:hops=1"]
+    exact, snap = w.exact["passkey"], w.cases["cache=snapkv@0.125"]["passkey"]
+    assert exact["n"] == 6 and exact["score"] == 5 / 6 and exact["prefill_s"] == 3.0 and exact["seeds"] == [0, 1]
+    assert snap["n"] == 6 and snap["score"] == 4 / 6 and snap["scores"] == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0]
+    assert w.cases["cache=h2o@0.125"]["passkey"]["n"] == 3  # the failed seed adds nothing
+    assert w.cases["prefill=exact"]["vt:hops=1"]["score"] == 1.0 and w.exact["vt"]["score"] == 0.0
+    cells = dict(zip(T.wide_header(w), T.wide_cells(w, "cache=snapkv@0.125", w.cases["cache=snapkv@0.125"])))
+    assert cells["passkey (n)"] == "0.67 (6)" and cells["min of exact"] == "0.80"
 
 
 def test_eval_table_command_merges_results_files(tmp_path):

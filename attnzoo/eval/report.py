@@ -44,7 +44,7 @@ def plot_budget_curves(g: T.Group, path: Path) -> None:
 def plot_heatmap(rows: list[dict], task: str, path: Path) -> None:
     """Score per case (rows) and length (columns) for one task, numbers written in the cells."""
     plt = _pyplot()
-    ok = [r for r in rows if r["task"] == task and r["status"] == "ok"]
+    ok = [r for r in T.pool(rows) if T.task_label(r) == task and r["status"] == "ok"]
     names = sorted({describe(r) for r in ok}, key=lambda d: (not d.startswith("prefill=exact"), d))
     lengths = sorted({r["length"] for r in ok})
     grid = np.full((len(names), len(lengths)), np.nan)
@@ -111,7 +111,7 @@ def build_report(results: str | Path, out: str | Path | None = None, *, min_accu
             parts.append(_figure(plots / f"budget-{slug}.png", out.parent, "score vs KV cache held"))
         if plot_speedup(g, plots / f"speedup-{slug}.png"):
             parts.append(_figure(plots / f"speedup-{slug}.png", out.parent, "score vs prefill speedup"))
-    for task in sorted({r["task"] for r in rows if r["status"] == "ok"}):
+    for task in sorted({T.task_label(r) for r in rows if r["status"] == "ok"}):
         plot_heatmap(rows, task, plots / f"heatmap-{_slug(task)}.png")
         parts.append(f"<h2>{html.escape(task)}: every case at every length</h2>"
                      + _figure(plots / f"heatmap-{_slug(task)}.png", out.parent, f"{task} score heatmap"))

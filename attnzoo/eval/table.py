@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from ..bench.tables import different_model, fmt
+from ..tasks import make_task
 from .cases import describe
 
 MIB = 2 ** 20
@@ -21,13 +23,59 @@ class Group:
     exact: dict | None
 
 
-def groups(cases: list[dict]) -> list[Group]:
-    out: dict[tuple, Group] = {}
+def task_label(row: dict) -> str:
+    """``niah_multikey`` or, with task parameters, ``niah_multikey:distractors=1,haystack=noise``."""
+    params = ",".join(f"{k}={v}" for k, v in sorted((row.get("task_params") or {}).items()))
+    return row["task"] + (f":{params}" if params else "")
+
+
+#: row fields that are per-sample means: pooled as means weighted by the samples
+_MEANS = ("prefill_s", "decode_s_per_token", "kv_bytes", "kv_full_bytes", "recall", "density")
+
+
+def pool(cases: list[dict]) -> list[dict]:
+    """One row per case, task and length, pooling the samples of runs with different seeds.
+
+    More samples for a measured case come from a run with another ``--seed`` (new prompts, the same depths), so
+    nothing measured is repeated. Per seed the row with the most samples counts; rows of different seeds merge
+    into one with every sample's score (the task's own aggregate over them: mean accuracy, or the perplexity of
+    the pooled NLL), ``n`` their sum, and the other figures as sample-weighted means. Failed rows pool only when
+    no run of the case succeeded."""
+    by_case: dict[str, dict[object, dict]] = {}
     for c in cases:
         if c.get("suite_kind") != "eval":
             continue
-        key = (c["task"], c["length"])
-        g = out.setdefault(key, Group(c["task"], c["length"], c.get("metric") or "accuracy", [], None))
+        ident = {k: v for k, v in json.loads(c["key"]).items() if k not in ("seed", "samples")} if "key" in c else c
+        seeds = by_case.setdefault(json.dumps(ident, sort_keys=True, default=str), {})
+        seed = c.get("seed")
+        if seed not in seeds or c.get("n", 0) >= seeds[seed].get("n", 0):
+            seeds[seed] = c
+    out = []
+    for seeds in by_case.values():
+        ok = [r for r in seeds.values() if r["status"] == "ok"]
+        if len(ok) < 2:
+            out.append(ok[0] if ok else list(seeds.values())[-1])
+            continue
+        ok.sort(key=lambda r: (r.get("seed") is None, r.get("seed")))
+        n = sum(r["n"] for r in ok)
+        scores = [s for r in ok for s in r.get("scores") or [r["score"]] * r["n"]]
+        row = {**ok[0], "n": n, "seeds": [r.get("seed") for r in ok], "scores": scores,
+               "score": make_task(ok[0]["task"], **ok[0].get("task_params", {})).aggregate(scores),
+               "predictions": [p for r in ok for p in r.get("predictions") or []],
+               "peak_rss": max((r.get("peak_rss") or 0 for r in ok), default=0) or None}
+        for key in _MEANS:
+            have = [(r[key], r["n"]) for r in ok if r.get(key) is not None]
+            row[key] = sum(v * w for v, w in have) / sum(w for _, w in have) if have else None
+        out.append(row)
+    return out
+
+
+def groups(cases: list[dict]) -> list[Group]:
+    """Rows by (task with its parameters, length), seeds pooled (:func:`pool`)."""
+    out: dict[tuple, Group] = {}
+    for c in pool(cases):
+        key = (task_label(c), c["length"])
+        g = out.setdefault(key, Group(key[0], c["length"], c.get("metric") or "accuracy", [], None))
         if c["status"] == "ok":
             g.metric = c["metric"]
             if c["kind"] == "prefill" and c["name"] == "exact":
@@ -172,7 +220,8 @@ def wide_cells(w: Wide, label: str, by_task: dict[str, dict]) -> list[str]:
             scores.append(f"{fmt(r['score'], '{:.1f}' if r['metric'] == 'perplexity' else '{:.2f}')} ({r['n']})")
     if not ok:
         return [label, *scores] + [""] * len(WIDE_TAIL)
-    ex = [w.exact[r["task"]]["prefill_s"] / r["prefill_s"] for r in ok if r["task"] in w.exact and r["prefill_s"]]
+    ex = [w.exact[task_label(r)]["prefill_s"] / r["prefill_s"] for r in ok if task_label(r) in w.exact
+          and r["prefill_s"]]
     mean = lambda key: _mean([r.get(key) for r in ok])  # noqa: E731
     return [label, *scores, fmt(of_exact(w, by_task), "{:.2f}"),
             f"{mean('kv_bytes') / MIB:.1f} / {mean('kv_full_bytes') / MIB:.1f}", fmt(mean("prefill_s"), "{:.1f}"),
