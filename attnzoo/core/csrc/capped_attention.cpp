@@ -1,0 +1,219 @@
+// Flash-style CPU attention with a soft cap on the scores (attnzoo.core.capped; docs/architecture.md).
+//
+// out, lse = attention of q (X, Y, Lq, D) over k, v (X, Y, Lk, D|Dv) where the score of query i and key j is
+//   x = scale * q_i . k_j + mask[i, j]          (mask: optional additive, -inf hides a key)
+//   x = cap * tanh(x / cap)                      (when cap > 0; a hidden key stays hidden)
+// and, with `causal`, key j is visible to query i only when j <= i + offset.
+// Work items are (x, y, block of query rows), run in parallel; each walks blocks of keys: one GEMM for the
+// scores, one pass (mask + cap + row maximum), one pass (exp + row sum, online rescale), one GEMM into the
+// output. Rows of every tensor need a unit last stride; every other stride is free (expanded heads,
+// overlapping windows). GEMMs are BLAS sgemm_/dgemm_, which libtorch_cpu exports (MKL).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*);
+}
+
+namespace {
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 512;
+
+// column-major C (m x n) = op(A) (m x k) * B (k x n) + beta * C
+inline void gemm(char ta, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                 int ldc) {
+  const char tb = 'N';
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void gemm(char ta, int m, int n, int k, const double* a, int lda, const double* b, int ldb, double beta,
+                 double* c, int ldc) {
+  const char tb = 'N';
+  const double one = 1.0;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// exp for float rows: Cephes' polynomial on a range-reduced argument, written so the loops vectorise (no
+// library call: rounding by the 1.5 * 2^23 trick); exact 0 below -87.3 (so exp(-inf) = 0), finite up to 88.3
+inline float fast_exp(float x) {
+  const bool zero = x < -87.3f;
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return zero ? 0.0f : p * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename T>
+struct Args {
+  const T *q, *k, *v, *mask;
+  T* out;
+  T* lse;
+  int64_t X, Y, Lq, Lk, D, Dv;
+  int64_t qs[3], ks[3], vs[3], ms[4], os[3];  // strides (x, y, row) and the mask's (x, y, i, j)
+  T scale, cap;
+  bool causal;
+  int64_t offset;
+};
+
+// one (x, y, query block): rows [i0, i1)
+template <typename T>
+void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::vector<T>& s, std::vector<T>& acc,
+           std::vector<T>& m, std::vector<T>& l) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t rows = i1 - i0;
+  const T* q = a.q + x * a.qs[0] + y * a.qs[1] + i0 * a.qs[2];
+  const T* k = a.k + x * a.ks[0] + y * a.ks[1];
+  const T* v = a.v + x * a.vs[0] + y * a.vs[1];
+  const T* mask = a.mask ? a.mask + x * a.ms[0] + y * a.ms[1] : nullptr;
+  std::fill(m.begin(), m.end(), ninf);
+  std::fill(l.begin(), l.end(), T(0));
+  std::fill(acc.begin(), acc.end(), T(0));
+  const int64_t end = a.causal ? std::min(a.Lk, std::max<int64_t>(0, i1 - 1 + a.offset + 1)) : a.Lk;
+  const T two_over_cap = a.cap > 0 ? T(2) / a.cap : T(0), minus_two_cap = -2 * a.cap;
+  for (int64_t j0 = 0; j0 < end; j0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, end - j0);
+    // s (rows x n, row stride kBlockK) = q_block . k_block^T
+    gemm('T', n, rows, a.D, k + j0 * a.ks[2], a.ks[2], q, a.qs[2], T(0), s.data(), kBlockK);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* sr = s.data() + r * kBlockK;
+      const int64_t vis = a.causal ? std::min(n, std::max<int64_t>(0, i0 + r + a.offset - j0 + 1)) : n;
+      const T* mr = mask ? mask + (i0 + r) * a.ms[2] + j0 * a.ms[3] : nullptr;
+      T mx = ninf;
+      if (mr && a.ms[3] == 1) {
+        for (int64_t c = 0; c < vis; ++c) sr[c] = sr[c] * a.scale + mr[c];
+      } else if (mr) {
+        for (int64_t c = 0; c < vis; ++c) sr[c] = sr[c] * a.scale + mr[c * a.ms[3]];
+      } else {
+        for (int64_t c = 0; c < vis; ++c) sr[c] = sr[c] * a.scale;
+      }
+      if (a.cap > 0) {  // cap * tanh(x / cap) - cap = -2 cap / (exp(2x / cap) + 1): the logit minus its bound
+#pragma omp simd
+        for (int64_t c = 0; c < vis; ++c) {
+          const T x = sr[c];
+          const T z = minus_two_cap / (fast_exp(x * two_over_cap) + T(1));
+          sr[c] = x == ninf ? ninf : z;
+        }
+      }
+#pragma omp simd reduction(max : mx)
+      for (int64_t c = 0; c < vis; ++c) mx = sr[c] > mx ? sr[c] : mx;
+      const T m_new = std::max(m[r], mx);
+      if (m_new == ninf) {  // nothing visible yet
+        std::fill(sr, sr + n, T(0));
+        continue;
+      }
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < vis; ++c) {
+        const T p = fast_exp(sr[c] - m_new);
+        sr[c] = p;
+        sum += p;
+      }
+      std::fill(sr + vis, sr + n, T(0));
+      const T alpha = m[r] == ninf ? T(0) : std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+      if (alpha != T(1)) {
+        T* ar = acc.data() + r * a.Dv;
+        for (int64_t d = 0; d < a.Dv; ++d) ar[d] *= alpha;
+      }
+    }
+    // acc (rows x Dv) += p (rows x n) . v_block (n x Dv)
+    gemm('N', a.Dv, rows, n, v + j0 * a.vs[2], a.vs[2], s.data(), kBlockK, T(1), acc.data(), a.Dv);
+  }
+  T* out = a.out + x * a.os[0] + y * a.os[1] + i0 * a.os[2];
+  T* lse = a.lse + (x * a.Y + y) * a.Lq + i0;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* o = out + r * a.os[2];
+    if (l[r] > 0) {
+      const T inv = T(1) / l[r];
+      for (int64_t d = 0; d < a.Dv; ++d) o[d] = acc[r * a.Dv + d] * inv;
+      lse[r] = m[r] + std::log(l[r]) + (a.cap > 0 ? a.cap : T(0));
+    } else {
+      for (int64_t d = 0; d < a.Dv; ++d) o[d] = T(0);
+      lse[r] = -std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+template <typename T>
+void run(Args<T>& a) {
+  const int64_t nblocks = (a.Lq + kBlockQ - 1) / kBlockQ;
+  at::parallel_for(0, a.X * a.Y * nblocks, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> s(kBlockQ * kBlockK), acc(kBlockQ * a.Dv), m(kBlockQ), l(kBlockQ);
+    for (int64_t t = begin; t < stop; ++t) {
+      const int64_t xy = t / nblocks, i0 = (t % nblocks) * kBlockQ;
+      block(a, xy / a.Y, xy % a.Y, i0, std::min(a.Lq, i0 + kBlockQ), s, acc, m, l);
+    }
+  });
+}
+
+}  // namespace
+
+// q (X, Y, Lq, D), k (X, Y, Lk, D), v (X, Y, Lk, Dv), mask: additive (X, Y, Lq, Lk) with any strides, or empty;
+// returns out (X, Y, Lq, Dv) and lse (X, Y, Lq) in q's dtype (float32 or float64)
+std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const std::optional<at::Tensor>& mask, double scale, double cap, bool causal,
+                                            int64_t offset) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "capped_attention: q, k, v must be 4-D");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "capped_attention: unit last strides");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "capped_attention: dtypes");
+  const int64_t X = q.size(0), Y = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
+  auto out = at::empty({X, Y, Lq, Dv}, q.options());
+  auto lse = at::empty({X, Y, Lq}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "capped_attention", [&] {
+    Args<scalar_t> a{};
+    a.q = q.data_ptr<scalar_t>();
+    a.k = k.data_ptr<scalar_t>();
+    a.v = v.data_ptr<scalar_t>();
+    a.mask = nullptr;
+    if (mask.has_value() && mask->defined()) {
+      TORCH_CHECK(mask->dim() == 4 && mask->scalar_type() == q.scalar_type(), "capped_attention: mask");
+      a.mask = mask->data_ptr<scalar_t>();
+      for (int i = 0; i < 4; ++i) a.ms[i] = mask->size(i) == 1 ? 0 : mask->stride(i);
+    }
+    a.out = out.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<scalar_t>();
+    a.X = X, a.Y = Y, a.Lq = Lq, a.Lk = Lk, a.D = D, a.Dv = Dv;
+    for (int i = 0; i < 3; ++i) {
+      a.qs[i] = q.size(i) == 1 ? 0 : q.stride(i);
+      a.ks[i] = k.size(i) == 1 ? 0 : k.stride(i);
+      a.vs[i] = v.size(i) == 1 ? 0 : v.stride(i);
+      a.os[i] = out.stride(i);
+    }
+    // BLAS needs leading dimensions of at least a row (a single row's stride is arbitrary)
+    a.qs[2] = Lq > 1 ? q.stride(2) : D, a.ks[2] = Lk > 1 ? k.stride(2) : D, a.vs[2] = Lk > 1 ? v.stride(2) : Dv;
+    TORCH_CHECK(a.qs[2] >= D && a.ks[2] >= D && a.vs[2] >= Dv, "capped_attention: rows must not overlap");
+    a.scale = static_cast<scalar_t>(scale);
+    a.cap = static_cast<scalar_t>(cap);
+    a.causal = causal;
+    a.offset = offset;
+    if (Lq > 0) run(a);
+  });
+  return {out, lse};
+}
+
+TORCH_LIBRARY(attnzoo, m) { m.def("capped_attention", &capped_attention); }
