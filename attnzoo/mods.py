@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from .core.scoremod import DistanceBias, ScoreMod, Softcap, check_score_mod, with_sinks
+from .core.scoremod import BiasSum, DistanceBias, ScoreMod, Softcap, check_score_mod, with_sinks
 from .errors import AttnZooError
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "and_masks", "compose", "or_masks", "relative_bias", "softcap",
@@ -118,7 +118,7 @@ def compose(*score_mods: ScoreMod) -> ScoreMod:
     if not score_mods:
         raise AttnZooError("compose: expected at least one score_mod, got none")
     if all(isinstance(m, DistanceBias) for m in score_mods):
-        return _BiasSum(score_mods)
+        return BiasSum(score_mods)
     return _Composed(score_mods)
 
 
@@ -129,29 +129,9 @@ class _Composed:
         self.parts = parts
 
     def __call__(self, score, b, h, q_idx, kv_idx):
-        return _apply_in_order(self.parts, score, b, h, q_idx, kv_idx)
-
-
-def _apply_in_order(score_mods, score, b, h, q_idx, kv_idx):
-    for m in score_mods:
-        score = m(score, b, h, q_idx, kv_idx)
-    return score
-
-
-class _BiasSum(DistanceBias):
-    """Distance biases applied in order: a distance bias too (their sum)."""
-
-    def __init__(self, parts: tuple[DistanceBias, ...]) -> None:
-        self.parts = parts
-
-    def __call__(self, score, b, h, q_idx, kv_idx):
-        return _apply_in_order(self.parts, score, b, h, q_idx, kv_idx)
-
-    def bias(self, dist):
-        total = self.parts[0].bias(dist)
-        for m in self.parts[1:]:
-            total = total + m.bias(dist).to(total.device)
-        return total
+        for m in self.parts:
+            score = m(score, b, h, q_idx, kv_idx)
+        return score
 
 
 def and_masks(*mask_mods: Callable) -> Callable:

@@ -292,16 +292,23 @@ def test_distance_bias_mods_run_in_the_fused_kernel_like_the_dense_reference(met
     assert_same_grads(got, want, [q, k, v, *learnable])
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
+@pytest.mark.parametrize("extension", [False, True])
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(method=st.sampled_from(["exact", "exact_tiled"]), B=st.integers(1, 2), heads=st.sampled_from([(2, 2), (4, 2), (4, 1)]),
        Nq=st.integers(1, 30), extra=st.integers(0, 9), causal=st.booleans(), padded=st.booleans(),
        which=st.sampled_from(["softcap", "bias_softcap", "closure"]))
-def test_row_wise_mod_forward_like_the_dense_reference(method, B, heads, Nq, extra, causal, padded, which):
+def test_row_wise_mod_forward_like_the_dense_reference(extension, method, B, heads, Nq, extra, causal, padded,
+                                                       which):
     """Mods other than a distance bias run the tiled engine's row-wise forward (``exact._mod_row_tiles``, here
-    4 query positions per block so calls span several; a softcap alone on its fused no-maximum path): values,
-    lse, and the gradients (recomputing backward) to q, k, v and a tensor the mod closes over, against the
-    dense float64 reference, with causal offsets (Nk > Nq), GQA and key padding (rows without keys too)."""
+    4 query positions per block so calls span several; a softcap alone on its fused no-maximum path), or with
+    ``extension`` (where it builds) the soft-cap C++ kernel (``core.capped``: a softcap alone, a bias then a
+    softcap without padding): values, lse, and the gradients (recomputing backward) to q, k, v and a tensor
+    the mod closes over, against the dense float64 reference, with causal offsets (Nk > Nq), GQA and key
+    padding (rows without keys too)."""
     import attnzoo.core.exact as exact
+    from attnzoo.core import capped
+    if extension and not capped.available():
+        pytest.skip("the soft-cap extension did not build here")
     Hq, Hkv = heads
     Nk = Nq + extra
     q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, seed=Nq * 7 + extra)
@@ -320,9 +327,17 @@ def test_row_wise_mod_forward_like_the_dense_reference(method, B, heads, Nq, ext
         qi = torch.arange(Nq)[:, None] + Nk - Nq
         kj = torch.arange(Nk)[None, :]
         want_s = table[:, (qi + kj) % 7][None] - torch.arange(B, dtype=F64)[:, None, None, None]
-    spy = _Spy(exact, "_mod_row_tiles")
+    path = "_mod_row_tiles"
+    if extension and which == "softcap":
+        path = "_capped_tiles"
+    elif extension and which == "bias_softcap" and not padded:
+        path = "_fused_bias_tiles"
+    spy = _Spy(exact, path)
     try:
         with pytest.MonkeyPatch.context() as mp:
+            if not extension:
+                mp.setattr(capped, "applies", lambda *a: False)
+            mp.setattr(exact, "_BIAS_ROWS", 8)
             mp.setattr(exact, "_MOD_ROWS", 4)
             mp.setattr(exact, "_MOD_MIN_ROWS", 1)
             got = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod, key_padding_mask=pad,
@@ -341,6 +356,43 @@ def test_row_wise_mod_forward_like_the_dense_reference(method, B, heads, Nq, ext
     for out in (got, fast):
         torch.testing.assert_close(out[0], want[0].detach(), atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(out[1], want[1].detach(), atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, *learnable])
+
+
+@pytest.mark.parametrize("which", ["softcap", "bias_softcap"])
+@pytest.mark.parametrize("method,heads,Nq,Nk,causal,padded", [
+    ("exact", (4, 2), 21, 28, True, False), ("exact", (4, 1), 70, 70, True, True), ("exact_tiled", (2, 2), 9, 9, True, False),
+    ("exact", (4, 2), 30, 17, False, True), ("exact_tiled", (3, 1), 1, 40, True, False)])
+def test_soft_cap_extension_in_the_exact_engine(which, method, heads, Nq, Nk, causal, padded):
+    """The tiled forward on the soft-cap C++ kernel (``core.capped``): a softcap alone (``_capped_tiles``, any
+    padding) or a bias then a softcap (``_fused_bias_tiles``, the bias as the kernel's mask; with padding the
+    row-wise path): values, lse and gradients (to the table too) against the dense float64 reference, GQA,
+    causal Nq != Nk, padding with rows that see no key, query tiles of 8 rows."""
+    import attnzoo.core.exact as exact
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the soft-cap extension did not build here")
+    q, k, v = qkv(B=2, Hq=heads[0], Hkv=heads[1], Nq=Nq, Nk=Nk, seed=Nq + Nk)
+    pad = (torch.arange(Nk)[None, :] >= torch.tensor([[0], [min(Nk, 12)]])) if padded else None  # row 1: 12 hidden
+    table = torch.randn(heads[0], 7, dtype=F64, requires_grad=True)
+    score_mod, ref, learnable = {
+        "softcap": (mods.softcap(0.8), dict(cap=0.8), []),
+        "bias_softcap": (mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
+                         dict(bias=table[:, distance(Nq, Nk).clamp(-3, 3) + 3], cap=2.0), [table]),
+    }[which]
+    path = "_capped_tiles" if which == "softcap" else "_mod_row_tiles" if padded else "_fused_bias_tiles"
+    spy = _Spy(exact, path)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(exact, "_BIAS_ROWS", 8)
+            got = az.attention(q, k, v, method=method, causal=causal, score_mod=score_mod, key_padding_mask=pad,
+                               return_lse=True)
+    finally:
+        spy.patch.undo()
+    assert spy.calls == 1
+    want = dense(q, k, v, causal=causal, mask=None if pad is None else pad[:, None, None, :], **ref)
+    torch.testing.assert_close(got[0], want[0].detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[1], want[1].detach(), atol=1e-12, rtol=1e-10)
     assert_same_grads(got, want, [q, k, v, *learnable])
 
 
@@ -712,3 +764,74 @@ def test_distance_bias_fused_path_takes_strided_inputs_and_empty_batches(method,
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     empty = az.attention(q[:0], k[:0], v[:0], **args)
     assert empty[0].shape == (0, Hq, N, D) and empty[1].shape == (0, Hq, N)
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view (heads and positions swapped in memory), grad-connected."""
+    return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("path,Nq,Nk,causal", [("band", 21, 28, True), ("band", 24, 24, False),
+                                               ("fused", 24, 24, True), ("fused", 21, 28, True),
+                                               ("token union", 21, 28, True), ("fused tokens", 24, 24, False)])
+@pytest.mark.parametrize("which", ["softcap", "bias_softcap", "alibi"])
+def test_fused_sparse_paths_run_mods_like_the_slot_loop_and_the_dense_reference(path, Nq, Nk, causal, which):
+    """Each fused forward path of the block-sparse executor (``blocksparse.forward_path``) with each built-in
+    mod it takes: a soft cap on every path (``core.capped``), a distance bias alone or followed by a soft cap
+    on the band path (others run the slot loop, and say so). Values and lse equal the slot loop's and the
+    dense float64 reference restricted to the layout's keys; gradients (the recomputing backward) to q, k,
+    v and the bias table equal the reference's. GQA, strided q/k/v, causal with Nq != Nk."""
+    from attnzoo.core import blocksparse as bs
+    from attnzoo.core import capped
+    from attnzoo.core.layout import BlockLayout, TokenLayout
+    if not capped.available() and which != "alibi":
+        pytest.skip("the soft-cap extension did not build here")
+    q, k, v = (_strided(t) for t in qkv(B=2, Hq=4, Hkv=2, Nq=Nq, Nk=Nk, seed=Nq + Nk))
+    g = torch.Generator().manual_seed(7)
+    if path == "band":
+        (layout,) = az.get("sliding_window", window=6, block=4).layouts(q, k, causal=causal)
+    elif path == "fused":  # a random block layout per KV head (the causal diagonal block always kept)
+        nqb, nkb = -(-Nq // 4), -(-Nk // 4)
+        pick = torch.rand(1, 2, nqb, nkb, generator=g) < 0.4
+        pick |= torch.arange(nkb)[None, :] == (torch.arange(nqb)[:, None] * 4 + Nk - Nq) // 4
+        if Nq == Nk:  # nothing above the diagonal: only the diagonal blocks need masks (``_attend_diagonal``)
+            pick = pick.tril()
+        layout = BlockLayout.from_block_mask(pick, block_q=4, block_k=4, len_q=Nq, len_k=Nk, causal=causal)
+    elif path == "token union":  # every query group reads the same few keys
+        keys = torch.tensor([0, 1, 5, 9, 13, 20, 27])
+        layout = TokenLayout(keys.expand(1, 1, -(-Nq // 3), -1), 3, Nq, Nk)
+    else:  # each query group its own keys: a union too large for one dense call
+        keys = torch.stack([torch.randperm(Nk, generator=g)[:6].sort().values for _ in range(-(-Nq // 3))])
+        layout = TokenLayout(keys.view(1, 1, -1, 6), 3, Nq, Nk)
+    table = torch.randn(4, 9, dtype=F64, requires_grad=True)
+    dist = distance(Nq, Nk)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=F64)
+    score_mod, ref, learnable = {
+        "softcap": (mods.softcap(1.5), dict(cap=1.5), []),
+        "bias_softcap": (mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
+                         dict(bias=table[:, dist.clamp(-4, 4) + 4], cap=2.0), [table]),
+        "alibi": (mods.alibi(slopes), dict(bias=slopes[:, None, None] * dist), []),
+    }[which]
+    scale = q.shape[-1] ** -0.5
+    kind = "fused" if path == "fused tokens" else path
+    expect = kind if which == "softcap" or kind == "band" else "slot loop"
+    assert bs.forward_path(q, k, v, layout, causal=causal, score_mod=score_mod) == expect
+
+    def run():
+        return bs.attend(q, k, v, layout, scale=scale, causal=causal, score_mod=score_mod)
+
+    got = run()
+    with torch.no_grad():
+        fast = run()
+        eye = torch.eye(Nk, dtype=F64).expand(2, 2, Nk, Nk)
+        vis = bs.attend(q, k, eye, layout, scale=scale, causal=causal)[0] > 0  # the layout's keys, (B, Hq, Nq, Nk)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bs, "fused_applies", lambda *a: False)
+        slot = run()
+    want = dense(q, k, v, causal=causal, mask=vis, **ref)
+    for out in (got, fast):
+        for a, b in zip(out, slot):
+            torch.testing.assert_close(a, b.detach(), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(out[0], want[0].detach(), atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close(out[1], want[1].detach(), atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, *learnable])

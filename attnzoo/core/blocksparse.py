@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnZooError, UnsupportedError
+from . import capped
 from .fused import attend_band, attend_token_union, fix_empty_rows, fused_applies, fused_kernel
 from .kernel import additive_mask, flash_cpu
 from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
@@ -307,9 +308,11 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
     once), build their element mask, and let the kernel attend each block to its gathered keys; about
     twice as fast as the slot loop of :func:`_forward`, whose softmax is separate eager passes. Memory
     is bounded by the chunk (``_FUSED_CHUNK`` gathered elements); a reused layout keeps its kernel masks
-    (up to ``_FUSED_MASK_CACHE`` elements).
+    (up to ``_FUSED_MASK_CACHE`` elements). A soft cap (``plan.mod``) runs every call on
+    :mod:`attnzoo.core.capped`.
     """
     B, D = q.shape[0], q.shape[3]
+    cap = _cap(plan)
     qb = plan.to_rows(q)  # (B, Hkv, Gl, nq, R, D)
     lead, (nq, R) = qb.shape[:3], qb.shape[3:5]
     tag = "fused" if units is None else "masked"
@@ -317,9 +320,9 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
         units = plan.units.flatten(-2)  # (Bl, H1, Gl, nq, U): every slot of a query block
         if pad is None and plan.mask_mod is None and not plan.custom_positions and not plan.always_mask:
             clean, counts, masked = _split_clean(plan, units)
-            parts = [_attend_clean(qb, k, v, plan, clean, counts)]
+            parts = [_attend_clean(qb, k, v, plan, clean, counts, cap)]
             if masked.shape[-1]:
-                diagonal = _attend_diagonal(qb, k, v, plan, masked)
+                diagonal = _attend_diagonal(qb, k, v, plan, masked, cap)
                 parts.append(diagonal if diagonal is not None else Partial(*_forward_fused(q, k, v, pad, plan,
                                                                                            masked)))
             out, lse = merge(*parts)
@@ -351,7 +354,7 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
         heads = lead if math.prod(masks[0].shape[:3]) > 1 else (1, 1, 1)  # a mask shared by all heads broadcasts
         add, seen = (m.expand(*heads, n1 - n0, R, m.shape[-1]).reshape(-1, n1 - n0, R, m.shape[-1]) for m in masks)
         o, l = fused_kernel(qb[:, :, :, n0:n1].reshape(-1, n1 - n0, R, D), kb.reshape(-1, n1 - n0, width, D),
-                            vb.reshape(-1, n1 - n0, width, D), add, plan.scale)
+                            vb.reshape(-1, n1 - n0, width, D), add, plan.scale, cap)
         o, l = fix_empty_rows(o, l, seen)
         out[:, :, :, n0:n1] = o.view(*lead, n1 - n0, R, D)
         lse[:, :, :, n0:n1] = l.view(*lead, n1 - n0, R)
@@ -383,8 +386,13 @@ def _split_clean(plan: _Plan, units: torch.Tensor):
     return units.gather(-1, order), clean.sum(-1), masked
 
 
+def _cap(plan: _Plan) -> float | None:
+    """The soft cap the fused paths apply (a plan reaches them with no score_mod or a soft cap alone)."""
+    return None if plan.mod is None else plan.mod.capped[1]
+
+
 def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan,
-                     masked: torch.Tensor) -> Partial | None:
+                     masked: torch.Tensor, cap: float | None = None) -> Partial | None:
     """The masked units of :func:`_split_clean` when they are only each query block's own diagonal block
     (causal, ``Nq == Nk``, query and key blocks of one size, whole blocks): the kernel's own top-left causal
     mask on each block against its key block, read in place (no gather, no element mask). None otherwise."""
@@ -400,7 +408,10 @@ def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _
     gr = R // b
     kd, vd = (t.reshape(B, Hkv, 1, nq, 1, b, D).expand(B, Hkv, Gl, nq, gr, b, D).reshape(-1, gr, b, D)
               for t in (k, v))
-    o, l = flash_cpu(qb.reshape(-1, gr, b, D), kd, vd, scale=plan.scale, causal=True)
+    if cap is None:
+        o, l = flash_cpu(qb.reshape(-1, gr, b, D), kd, vd, scale=plan.scale, causal=True)
+    else:
+        o, l = capped.capped_attention(qb.reshape(-1, gr, b, D), kd, vd, scale=plan.scale, cap=cap, causal=True)
     out, lse = o.reshape(qb.shape), l.reshape(B, Hkv, Gl, nq, R).to(torch.promote_types(torch.float32, qb.dtype))
     missing = (unit < 0).expand(B, Hkv, Gl, nq)
     if bool(missing.any()):  # query blocks whose layout leaves out their diagonal
@@ -410,7 +421,7 @@ def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _
 
 
 def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, clean: torch.Tensor,
-                  counts: torch.Tensor) -> Partial:
+                  counts: torch.Tensor, cap: float | None = None) -> Partial:
     """The fully visible units of :func:`_split_clean` on the fused kernel with no mask: the query blocks
     reading the same number of units are one kernel call (chunked to ``_FUSED_CHUNK`` gathered elements),
     each block attending its gathered keys."""
@@ -435,30 +446,31 @@ def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Pla
             rows = sel[s0:s0 + step]
             flat = (base[rows].unsqueeze(1) + clean[rows, :c]).reshape(-1)
             kb, vb = (t.index_select(0, flat).view(1, rows.numel(), c * plan.unit, D) for t in (k_units, v_units))
-            o, l = fused_kernel(rows_q.index_select(0, rows).unsqueeze(0), kb, vb, None, plan.scale)
+            o, l = fused_kernel(rows_q.index_select(0, rows).unsqueeze(0), kb, vb, None, plan.scale, cap)
             out[rows], lse[rows] = o[0], l[0]
     return Partial(plan.from_rows(out.view(qb.shape)), plan.from_rows(lse.view(*lead, R, 1)).squeeze(-1))
 
 
-def _forward_any(q, k, v, pad, plan: _Plan, layout: Layout, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward pass on the fastest path that can run it (see :mod:`attnzoo.core.fused`)."""
+def _route(plan: _Plan, layout: Layout, fused: bool):
+    """``(name, forward)``: the fastest forward path that can run this call (:mod:`attnzoo.core.fused`) and
+    its function of ``(q, k, v, pad)``. Names: ``band``, ``token union``, ``fused`` (gathered units on the
+    kernel) or ``slot loop`` (:func:`_forward`, the generic path)."""
     if not fused:
-        return _forward(q, k, v, pad, plan)
-    if plan.mod is not None:  # a distance bias: the band path takes it as additive masks, no other fused path
-        band = _cached_band_plan(layout, plan.causal) if isinstance(layout, BlockLayout) else None
-        if band is None:
-            return _forward(q, k, v, pad, plan)
-        return attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad, bias=plan.mod.distance)
-    if isinstance(layout, BlockLayout):
-        band = _cached_band_plan(layout, plan.causal)
-        if band is not None:
-            return attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad)
-    else:
+        return "slot loop", lambda q, k, v, pad: _forward(q, k, v, pad, plan)
+    bias, cap = (None, None) if plan.mod is None else (
+        (plan.mod.distance, None) if plan.mod.distance is not None else plan.mod.capped)
+    band = _cached_band_plan(layout, plan.causal) if isinstance(layout, BlockLayout) else None
+    if band is not None:  # a distance bias joins its masks as their values
+        return "band", lambda q, k, v, pad: attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad,
+                                                        bias=bias, cap=cap)
+    if bias is not None:  # the other fused paths take no bias
+        return "slot loop", lambda q, k, v, pad: _forward(q, k, v, pad, plan)
+    if isinstance(layout, TokenLayout):
         keys, member = layout.union()
         if 0 < keys.shape[-1] <= 2 * layout.kv_tokens.shape[-1]:  # dense over the union beats per-group gathers
-            return attend_token_union(q, k, v, layout, keys, member, scale=plan.scale, causal=plan.causal,
-                                      key_padding_mask=pad)
-    return _forward_fused(q, k, v, pad, plan)
+            return "token union", lambda q, k, v, pad: attend_token_union(
+                q, k, v, layout, keys, member, scale=plan.scale, causal=plan.causal, key_padding_mask=pad, cap=cap)
+    return "fused", lambda q, k, v, pad: _forward_fused(q, k, v, pad, plan)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, scale: float, causal: bool,
@@ -470,10 +482,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     default ``i + Nk - Nq`` for the causal test, for callers that pass a
     gathered subset of query rows. ``score_mod`` (:mod:`attnzoo.mods`; it sees
     those positions as ``q_idx``) modifies each slot's scores in the forward and
-    in the recomputing backward. Of the fused CPU paths (:mod:`attnzoo.core.fused`,
-    PyTorch's flash kernel) only the band path takes one, and only a distance bias
-    (:class:`~attnzoo.core.scoremod.DistanceBias`: ALiBi, relative-position tables)
-    as additive masks; any other mod runs the generic slot loop.
+    in the recomputing backward. The fused CPU forward paths (:mod:`attnzoo.core.fused`)
+    take a soft cap alone (every path, on :mod:`attnzoo.core.capped`'s kernel); the band
+    path also a distance bias (:class:`~attnzoo.core.scoremod.DistanceBias`: ALiBi,
+    relative-position tables, as additive masks), alone or followed by a soft cap; any
+    other mod runs the generic slot loop (:func:`forward_path` says which runs).
     """
     if not isinstance(layout, (BlockLayout, TokenLayout)):
         raise AttnZooError(f"layout: expected a BlockLayout or TokenLayout, got {type(layout).__name__}")
@@ -484,21 +497,34 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
         if score_mod is not None:
             raise UnsupportedError("layout engine override: score_mod is not supported")
         return impl(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    plan, (_, forward) = _plan_and_route(q, k, v, layout, scale, causal, q_positions, score_mod)
+    hook = plan.mod
+
+    def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):  # slot by slot from (out, lse)
+        return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan, grads)
+
+    return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))
+
+
+def _plan_and_route(q, k, v, layout: Layout, scale: float, causal: bool, q_positions, score_mod):
+    """The executor's plan of a call and its forward :func:`_route`."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(),
                                                   q_idx=max(0, Nk - 1), kv_idx=0)
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device, mod=hook)
-    fused = (hook is None or hook.distance is not None) and fused_applies(q, v, q_positions)
+    fused = fused_applies(q, v, q_positions) and (hook is None or hook.distance is not None or (
+        hook.capped is not None and capped.applies(q, v)))
+    return plan, _route(plan, layout, fused)
 
-    def forward(q, k, v, pad):  # on the fused kernel where it applies
-        return _forward_any(q, k, v, pad, plan, layout, fused)
 
-    def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):  # slot by slot from (out, lse)
-        return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan, grads)
-
-    return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))
+def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, causal: bool,
+                 q_positions: torch.Tensor | None = None, score_mod: ScoreMod | None = None) -> str:
+    """Which forward path :func:`attend` takes for this call: ``band``, ``token union``, ``fused`` (PyTorch's
+    fused CPU kernel, or with a soft cap :mod:`attnzoo.core.capped`'s) or ``slot loop`` (the generic
+    executor: other devices, custom query positions, user score_mods, a distance bias off the band path)."""
+    return _plan_and_route(q, k, v, layout, 1.0, causal, q_positions, score_mod)[1][0]
 
 
 def _cached_band_plan(layout: BlockLayout, causal: bool):

@@ -10,6 +10,7 @@ reference, whose job is to be obviously right.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from ..errors import UnsupportedError
+from . import capped
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .gqa import fold_groups, repeat_kv, unfold_groups
 from .masks import empty_rows, visible_mask
@@ -169,6 +171,8 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
         if spec.mod is None:
             return _fused_tiles(q, k, v, spec, out, lse)
         return _fused_bias_tiles(q, k, v, spec, out, lse)
+    if spec.mod is not None and spec.mod.capped is not None and spec.mod.capped[0] is None and capped.applies(q, v):
+        return _capped_tiles(q, k, v, spec, key_padding_mask)
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     if _mod_rows(q, k, spec):
         return _mod_row_tiles(q, k, v, spec, out, lse, pad)
@@ -188,12 +192,14 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
 
 
 def _fused_tiles_apply(q, k, v, spec: TileSpec, key_padding_mask) -> bool:
-    """Whether :func:`_fused_tiles` (no score_mod) or :func:`_fused_bias_tiles` (a distance bias) can run this
-    forward: CPU kernel dtypes, equal head dims, no padding, and every query sees the first key (so no row
-    of any kernel call is empty)."""
+    """Whether :func:`_fused_tiles` (no score_mod) or :func:`_fused_bias_tiles` (a distance bias, alone or
+    followed by a soft cap) can run this forward: CPU kernel dtypes, equal head dims, no padding, and every
+    query sees the first key (so no row of any kernel call is empty)."""
+    mod = spec.mod
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.shape[-1] == v.shape[-1]
-            and (spec.mod is None or spec.mod.distance is not None) and key_padding_mask is None
-            and k.shape[2] > 0 and (not spec.causal or spec.q_offset >= spec.k_offset))
+            and (mod is None or mod.distance is not None
+                 or (mod.capped is not None and mod.capped[0] is not None and capped.applies(q, v)))
+            and key_padding_mask is None and k.shape[2] > 0 and (not spec.causal or spec.q_offset >= spec.k_offset))
 
 
 #: query rows per tile of the fused causal forward under GQA (bounds the diagonal's K/V copy to Hq heads)
@@ -249,14 +255,16 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
     overlapping strided view of one vector per head (:func:`~attnzoo.core.scoremod.distance_rows`).
     Non-causal, one call takes every query. Far keys of a steep bias are dropped where that cannot
     change the result (:func:`~attnzoo.core.scoremod.negligible_gap`): it keeps the kernel out of subnormal
-    arithmetic, several times slower on CPUs.
+    arithmetic, several times slower on CPUs. A bias followed by a soft cap runs the same tiles on
+    :mod:`attnzoo.core.capped` (no key dropped: capped scores are bounded, every key weighs).
     """
     B, Hq, len_q, _ = q.shape
     len_k = k.shape[2]
-    mod, dtype = spec.mod.distance, torch.promote_types(torch.float32, q.dtype)
+    mod, cap = (spec.mod.distance, None) if spec.mod.distance is not None else spec.mod.capped
+    dtype = torch.promote_types(torch.float32, q.dtype)
     sees_self = spec.q_offset >= spec.k_offset and spec.q_offset + len_q <= spec.k_offset + len_k
     floor = None
-    if sees_self:  # every row sees distance 0: its largest visible bias is at least bias(0)
+    if sees_self and cap is None:  # every row sees distance 0: its largest visible bias is at least bias(0)
         with torch.no_grad():
             zero = mod.bias(torch.zeros(1, dtype=torch.long, device=q.device)).to(q.device, dtype)
         floor = zero - negligible_gap(q, k, spec.scale, len_k).to(dtype)
@@ -267,21 +275,22 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
         w = distance_rows(mod, spec.k_offset - spec.q_offset - i1 + 1, rows + end - 1, dtype, q.device,
                           causal=spec.causal, floor=floor)
         hankel = w.as_strided((w.shape[0], rows, end), (w.stride(0), 1, 1))
-        o, ls = _biased_kernel(q[:, :, i0:i1].flip(2), k[:, :, :end], v[:, :, :end], hankel, spec.scale)
+        o, ls = _biased_kernel(q[:, :, i0:i1].flip(2), k[:, :, :end], v[:, :, :end], hankel, spec.scale, cap)
         out[:, :, i0:i1], lse[:, :, i0:i1] = o.flip(2), ls.flip(2)
     return out, lse
 
 
-def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, causal: bool = False):
+def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, cap: float | None = None):
     """The fused kernel on ``q (B, Hq, r, D)``, ``k, v (B, Hkv, c, D)`` with the additive mask ``bias
-    (Hq or 1, r, c)`` shared by the batch rows. Under GQA the kernel's batch axis runs over the query
-    group (K and V expanded along it, no copy; one call per batch row): query head ``h·G + g`` is
-    kernel entry ``(g, h)``."""
+    (Hq or 1, r, c)`` shared by the batch rows (with ``cap``: :mod:`attnzoo.core.capped`'s, the cap after the
+    bias). Under GQA the kernel's batch axis runs over the query group (K and V expanded along it, no copy;
+    one call per batch row): query head ``h·G + g`` is kernel entry ``(g, h)``."""
     B, Hq, rows, _ = q.shape
     Hkv = k.shape[1]
     groups = Hq // Hkv
+    kernel = flash_cpu if cap is None else functools.partial(capped.capped_attention, cap=cap)
     if groups == 1:
-        return flash_cpu(q, k, v, scale=scale, causal=causal, mask=bias.unsqueeze(0).expand(B, Hq, *bias.shape[1:]))
+        return kernel(q, k, v, scale=scale, mask=bias.unsqueeze(0).expand(B, Hq, *bias.shape[1:]))
     if bias.shape[0] == 1:
         mask = bias.expand(groups, Hkv, *bias.shape[1:])
     else:
@@ -290,10 +299,26 @@ def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, causal: bool = Fal
     lse = torch.empty(q.shape[:3], dtype=bias.dtype, device=q.device)
     for b in range(B):
         kb, vb = (t[b].expand(groups, *t.shape[1:]) for t in (k, v))
-        o, ls = flash_cpu(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale, causal=causal,
-                          mask=mask)
+        o, ls = kernel(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale, mask=mask)
         out[b], lse[b] = o.transpose(0, 1).reshape(Hq, rows, -1), ls.transpose(0, 1).reshape(Hq, rows)
     return out, lse
+
+
+def _capped_tiles(q, k, v, spec: TileSpec, key_padding_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiled forward with a soft cap on the fused CPU extension (:mod:`attnzoo.core.capped`): one call,
+    the query group of a KV head on the kernel's second batch axis (K and V expanded along it, no copy),
+    the bottom-right causal rule as its offset, key padding as a mask broadcast over heads and rows."""
+    B, Hq, len_q, _ = q.shape
+    Hkv, len_k = k.shape[1], k.shape[2]
+    groups = Hq // Hkv
+    qg = q.reshape(B * Hkv, groups, len_q, q.shape[3])
+    kg, vg = (t.reshape(B * Hkv, 1, len_k, t.shape[3]) for t in (k, v))
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, None, :].expand(B, Hkv, 1, 1, len_k).reshape(B * Hkv, 1, 1, len_k)
+    out, lse = capped.capped_attention(qg, kg, vg, scale=spec.scale, cap=spec.mod.cap, causal=spec.causal,
+                                       offset=spec.q_offset - spec.k_offset, mask=mask)
+    return out.view(B, Hq, len_q, -1), lse.view(B, Hq, len_q)
 
 
 #: query positions per score block of the row-wise forward with a score_mod (:func:`_mod_row_tiles`) ...

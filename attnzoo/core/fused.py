@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from . import capped
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .layout import MASK_CHUNK, BandPlan, TokenLayout
 from .masks import call_mask_mod
@@ -44,12 +45,16 @@ def fused_applies(q: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | 
             and q.shape[-1] == v.shape[-1])
 
 
-def fused_kernel(q, k, v, mask: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_kernel(q, k, v, mask: torch.Tensor, scale: float, cap: float | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused attention of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D)`` under a bool ``mask`` (broadcast; or
-    its :func:`~attnzoo.core.kernel.additive_mask`).
+    its :func:`~attnzoo.core.kernel.additive_mask`); with a soft ``cap`` on :mod:`attnzoo.core.capped`'s kernel
+    (the cap after the additive mask's values).
 
-    Rows whose mask is all False come back as ``(0, 0)``: callers set their lse to -inf.
+    Rows whose mask is all False come back as ``(0, 0)`` or ``(0, -inf)``: callers set their lse to -inf.
     """
+    if cap is not None:
+        return capped.capped_attention(q, k, v, scale=scale, cap=cap, mask=mask)
     return flash_cpu(q, k, v, scale=scale, mask=mask)
 
 
@@ -67,8 +72,8 @@ def _rows_of_heads(t: torch.Tensor) -> torch.Tensor:
 
 
 def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPlan, *, scale: float,
-                key_padding_mask: torch.Tensor | None = None,
-                bias: DistanceBias | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None,
+                cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a banded layout with the fused CPU kernel: ``(out (B, Hq, Nq, D), lse (B, Hq, Nq))``.
 
     Key padding is applied per batch row through a strided view of the padding
@@ -76,12 +81,12 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
     score_mod (``bias``) joins the element masks as their additive values: key
     ``c`` of a query block's window is at distance ``c - r`` plus a constant
     from row ``r``, so every block shares one ``(Hq, block, L)`` bias
-    (:func:`_band_bias`).
+    (:func:`_band_bias`). A soft ``cap`` (after the bias) runs the same calls on :mod:`attnzoo.core.capped`.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     groups, b, nq, L = Hq // Hkv, plan.block, plan.n_q, plan.window
-    band_bias = None if bias is None else _band_bias(bias, plan, q, k, scale)
+    band_bias = None if bias is None else _band_bias(bias, plan, q, k, scale, drop_far=cap is None)
 
     def masks(mask: torch.Tensor, rows: slice, cols: slice):
         """The kernel masks of query group ``g`` for the element mask ``mask (n|1, r, c)``: the bool mask
@@ -108,7 +113,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
                     m = (mask if i is None else mask & pad_windows[i].unsqueeze(-2)).unsqueeze(0)
                 else:
                     m = mask[heads] if i is None else mask[heads].masked_fill(~pad_windows[i].unsqueeze(-2), -math.inf)
-                o, l = fused_kernel(qg[heads], kw[heads], vw[heads], m, scale)
+                o, l = fused_kernel(qg[heads], kw[heads], vw[heads], m, scale, cap)
                 if i is not None:  # rows that padding empties
                     o, l = fix_empty_rows(o, l, m if m.dtype == torch.bool else m > -math.inf)
                 out[heads, g, blocks, rows], lse[heads, g, blocks, rows] = o, l
@@ -145,7 +150,7 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
     return out.view(B, Hq, nq * b, D)[:, :, :Nq], lse.view(B, Hq, nq * b)[:, :, :Nq]
 
 
-def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tensor, scale: float):
+def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tensor, scale: float, drop_far: bool):
     """The additive masks of a banded layout under a distance bias, as a function of an element mask.
 
     Row ``r`` of query block ``i`` is at position ``i·block + r + Nk - Nq`` (bottom-right aligned) and
@@ -154,7 +159,7 @@ def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tens
     takes a bool mask ``(n, r, c)`` of the window rows ``rows`` and columns ``cols`` and gives
     ``(Hq, n, r, c)``: the bias where visible, -inf elsewhere and at keys too far below the row's largest
     visible bias to count (:func:`~attnzoo.core.scoremod.negligible_gap`: spares the kernel subnormal
-    arithmetic).
+    arithmetic; only with ``drop_far``: under a soft cap every key weighs).
     """
     b, L, Nq, Nk = plan.block, plan.window, q.shape[2], k.shape[2]
     dtype = torch.promote_types(torch.float32, q.dtype)
@@ -167,7 +172,7 @@ def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tens
     def additive(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
         with torch.no_grad():
             add = table[:, rows, cols].unsqueeze(1).masked_fill(~mask, -math.inf)
-            return add.masked_fill(add < add.amax(-1, keepdim=True) - gap, -math.inf)
+            return add.masked_fill(add < add.amax(-1, keepdim=True) - gap, -math.inf) if drop_far else add
 
     return additive
 
@@ -180,13 +185,15 @@ _CAUSAL_ROWS = 256
 
 def attend_token_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, keys: torch.Tensor,
                        member: torch.Tensor, *, scale: float, causal: bool,
-                       key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       key_padding_mask: torch.Tensor | None = None,
+                       cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A token layout as one dense attention per head over the union of its keys (``TokenLayout.union``).
 
     Each query row sees the union keys its group reads (``member``), ∩ causal,
     ``mask_mod`` and padding. With ``Hl`` of 1 or Hkv the query heads of a KV
     head are folded into rows; per-query-head layouts gather keys per query head.
-    Rows are processed in chunks of ``MASK_CHUNK`` mask elements.
+    Rows are processed in chunks of ``MASK_CHUNK`` mask elements. A soft ``cap`` runs on
+    :mod:`attnzoo.core.capped`.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -231,7 +238,7 @@ def attend_token_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
         vis = vis.expand(vis.shape[0], H, r1 - r0, t).unsqueeze(2).expand(-1, -1, fold, -1, -1)
         mask = vis.reshape(vis.shape[0], H, fold * (r1 - r0), t)
         o, l = fix_empty_rows(*fused_kernel(qf[:, :, :, r0:r1].reshape(B, H, -1, D), kg[:, :, :t], vg[:, :, :t],
-                                            mask, scale), mask)
+                                            mask, scale, cap), mask)
         outs.append(o.reshape(B, H, fold, r1 - r0, D))
         lses.append(l.reshape(B, H, fold, r1 - r0))
     out, lse = (torch.cat(t, 3) if len(t) > 1 else t[0] for t in (outs, lses))

@@ -78,6 +78,24 @@ class DistanceBias(ABC):
         differentiable with respect to the mod's tensors (the backward's gradients to them go through it)."""
 
 
+class BiasSum(DistanceBias):
+    """Distance biases applied in order (:func:`attnzoo.mods.compose`): a distance bias too (their sum)."""
+
+    def __init__(self, parts: tuple[DistanceBias, ...]) -> None:
+        self.parts = parts
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        for m in self.parts:
+            score = m(score, b, h, q_idx, kv_idx)
+        return score
+
+    def bias(self, dist):
+        total = self.parts[0].bias(dist)
+        for m in self.parts[1:]:
+            total = total + m.bias(dist).to(total.device)
+        return total
+
+
 class Softcap:
     """Logit soft-capping ``cap * tanh(score / cap)`` (:func:`attnzoo.mods.softcap`). The tiled engine's
     forward knows it (:attr:`ModHook.cap`): ``1 / cap`` joins the query scale and, every capped score being
@@ -148,6 +166,7 @@ class ModHook:
         self.fn = score_mod
         self.distance = score_mod if isinstance(score_mod, DistanceBias) else None  # fused kernels run it as a mask
         self.cap = score_mod.cap if isinstance(score_mod, Softcap) else None  # the tiled forward folds it in
+        self.capped = _capped_bias(score_mod)  # (bias | None, cap): the soft-cap extension runs it
         self.captured = captured_tensors(score_mod, like, q_idx, kv_idx) if grad else ()
 
     def scores(self, s: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
@@ -206,6 +225,19 @@ class ModHook:
     def input_grads(self, grads: list) -> tuple:
         """The captured tensors' gradients for an autograd function's backward (zeros where none reached)."""
         return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(self.captured, grads))
+
+
+def _capped_bias(score_mod) -> tuple[DistanceBias | None, float] | None:
+    """``(bias, cap)`` of a soft cap alone (``bias`` None) or distance biases followed by one soft cap
+    (``mods.compose(alibi, softcap)``), which :mod:`attnzoo.core.capped` runs with the bias as its additive
+    mask; None for any other mod."""
+    if isinstance(score_mod, Softcap):
+        return None, score_mod.cap
+    parts = getattr(score_mod, "parts", None)
+    if (isinstance(parts, tuple) and len(parts) > 1 and isinstance(parts[-1], Softcap)
+            and all(isinstance(p, DistanceBias) for p in parts[:-1])):
+        return (parts[0] if len(parts) == 2 else BiasSum(parts[:-1])), parts[-1].cap
+    return None
 
 
 def _accumulate(grads: list, got: tuple) -> None:
