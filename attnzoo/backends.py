@@ -353,6 +353,29 @@ def choose(method, backend: str, case: Case) -> Runner | None:
     return runner
 
 
+def torch_mod_note(score_mod) -> str:
+    """How the torch engines run ``score_mod`` forward on CPU (``explain``'s note; backward passes recompute
+    slot by slot or tile by tile with the mod, on every device)."""
+    from .core import capped
+    from .core.scoremod import DistanceBias, capped_parts
+    if isinstance(score_mod, DistanceBias):
+        return ("score_mod: a distance bias (alibi, relative_bias, their sums) inside PyTorch's fused CPU kernel as its "
+                "additive mask (exact family, banded layouts); other layouts: the block-sparse slot loop")
+    parts = capped_parts(score_mod)
+    if parts is None:
+        name = getattr(score_mod, "__name__", type(score_mod).__name__)
+        return (f"score_mod {name!r}: Python code, which no fused kernel can run: the exact family's row-wise tiled "
+                "forward (eager ops), sparse methods the block-sparse slot loop")
+    where = ("the exact family and every fused sparse path (band, token union, gathered units)" if parts[0] is None
+             else "with the bias as its mask: the exact family without key padding and banded layouts (others: the "
+                  "row-wise tiled forward / the slot loop)")
+    state = {None: " (compiled on first use)", True: "",
+             False: "; not built here (no compiler?): instead the exact family's row-wise tiled forward and the "
+                    "block-sparse slot loop"}[capped.built()]
+    return f"score_mod: {'a soft cap' if parts[0] is None else 'distance biases then a soft cap'} on the C++ " \
+           f"soft-cap kernel (core.capped), {where}{state}"
+
+
 def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,
             key_padding_mask: torch.Tensor | None = None, return_lse: bool = False, score_mod=None,
             **params: Any) -> list[Verdict]:
@@ -381,9 +404,7 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
         why = base + _verdict(m, b, case)[0]
         note = ""
         if score_mod is not None and b == "torch":
-            note = ("score_mod: a distance bias (alibi, relative_bias, their sums) in the fused CPU kernel (exact "
-                    "family, banded layouts); any other mod on the exact family's row-wise tiled forward (softcap "
-                    "fused into it), on sparse methods the block-sparse slot loop")
+            note = torch_mod_note(score_mod)
         elif score_mod is not None and b == "triton":
             note = "score_mod as a kernel specialisation (ALiBi slopes / relative table / softcap, fwd and bwd)"
         rows.append(Verdict(b, not why, tuple(why), note))

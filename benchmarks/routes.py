@@ -4,14 +4,17 @@
    "user softcap": the same cap written as a plain function, which the engines cannot recognise),
    inference and training (forward + backward; relative_bias with a learnable table); ``mod ÷ plain`` is
    the overhead (target <= 1.3 on CPU for inference), ``× SDPA`` = SDPA time ÷ ours (forward + backward:
-   SDPA's). Methods: exact (SDPA without a mod, the tiled engine with one), exact_tiled, and
-   sliding_window (window 512: the block-sparse executor; with a mod its generic slot loop).
+   SDPA's). Methods: exact (SDPA without a mod, the tiled engine with one), exact_tiled, sliding_window
+   (window 512: the band path) and block_topk (its defaults: gathered key blocks on the fused kernel). A soft
+   cap runs on the C++ soft-cap kernel (``attnzoo.core.capped``) where it builds; a distance bias inside
+   PyTorch's fused kernel (exact family, band path); anything else the eager paths (``explain`` says which).
 2. varlen: ``--docs`` sequences of random lengths (seeded) summing to ``--total`` tokens, packed
    (``cu_seqlens``, each sequence its own call) against the same sequences as a right-padded batch with a
    key padding mask (one SDPA call); ``padded ÷ packed`` is the speed-up (target >= 1.5).
 
     python benchmarks/routes.py                 # N=4096; 8 documents summing to 16K
     python benchmarks/routes.py --quick         # small sizes, seconds
+    python benchmarks/routes.py --only score_mod --methods sliding_window,block_topk --modes inference
 
 Times are the minimum of ``--repeats`` calls (``attnzoo.bench.metrics.time_calls``) after one warm-up, one torch thread unless
 ``--threads``.
@@ -30,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnzoo as az  # noqa: E402
 from attnzoo import mods  # noqa: E402
+from attnzoo.core import capped  # noqa: E402
 from attnzoo.bench.metrics import time_calls  # noqa: E402
 
 H, D = 8, 64
@@ -41,10 +45,11 @@ def best(fn, repeats: int) -> float:
     return min(time_calls(fn, repeat=repeats, budget_s=120.0).runs)
 
 
-METHODS = {"exact": {}, "exact_tiled": {}, "sliding_window": {"window": 512}}
+METHODS = {"exact": {}, "exact_tiled": {}, "sliding_window": {"window": 512}, "block_topk": {}}
+MODES = ("inference", "fwd+bwd")
 
 
-def score_mod_table(n: int, repeats: int) -> None:
+def score_mod_table(n: int, repeats: int, methods=tuple(METHODS), modes=MODES) -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, n, D, generator=g) for _ in range(3))
     table = torch.randn(H, 257, generator=g)
@@ -58,8 +63,10 @@ def score_mod_table(n: int, repeats: int) -> None:
     print(f"\n## score_mod at N={n} (B=1, H={H}, D={D}, causal, fp32, {torch.get_num_threads()} thread(s))\n")
     print(f"SDPA causal: {sdpa:.3f} s forward, {sdpa_train:.3f} s forward + backward; `exact` without a mod is "
           "SDPA, with one the tiled engine (plain tiled: the exact_tiled rows)\n")
+    print(f"soft-cap C++ kernel (attnzoo.core.capped): {'built' if capped.available() else 'NOT built: eager paths'}\n")
     print("| method | mod | mode | plain s | with mod s | mod ÷ plain | × SDPA (with mod) |\n|---|---|---|---|---|---|---|")
-    for method, params in METHODS.items():
+    for method in methods:
+        params = METHODS[method]
         def infer(score_mod=None):
             with torch.no_grad():
                 az.attention(q, k, v, method=method, causal=True, score_mod=score_mod, **params)
@@ -68,6 +75,8 @@ def score_mod_table(n: int, repeats: int) -> None:
             az.attention(qg, kg, vg, method=method, causal=True, score_mod=score_mod, **params).sum().backward()
 
         for mode, fn, ref in (("inference", infer, sdpa), ("fwd+bwd", train, sdpa_train)):
+            if mode not in modes:
+                continue
             plain = best(fn, repeats)
             for name, m in mod_list.items():
                 t = best(lambda: fn(m), repeats)
@@ -118,12 +127,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="N=512, 8 documents summing to 2K")
     ap.add_argument("--only", choices=("score_mod", "varlen"), help="run one table")
+    ap.add_argument("--methods", default=",".join(METHODS), help="score_mod table: comma-separated methods")
+    ap.add_argument("--modes", default=",".join(MODES), help="score_mod table: inference and/or fwd+bwd")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.quick:
         a.n, a.total, a.repeats = 512, 2048, 2
     if a.only != "varlen":
-        score_mod_table(a.n, a.repeats)
+        methods, modes = a.methods.split(","), a.modes.split(",")
+        bad = [m for m in methods if m not in METHODS] + [m for m in modes if m not in MODES]
+        if bad:
+            ap.error(f"unknown --methods/--modes entries {bad}; choose from {list(METHODS)} and {list(MODES)}")
+        score_mod_table(a.n, a.repeats, methods, modes)
     if a.only != "score_mod":
         varlen_table(a.total, a.docs, a.repeats)
 

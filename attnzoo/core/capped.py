@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +34,8 @@ _SOURCE = Path(__file__).with_name("csrc") / "capped_attention.cpp"
 #: dtypes the extension runs (others take the eager paths)
 DTYPES = (torch.float32, torch.float64)
 _built: dict[str, object] = {}
+#: a build lock older than this (seconds) was left by a killed build (a build takes ~20 s of CPU)
+_STALE_LOCK_S = 600
 
 
 def _cpu_tag() -> str:
@@ -48,11 +51,19 @@ def _load():
     key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_tag().encode()).hexdigest()[:16]
     build = Path(os.environ.get("ATTNZOO_CPP_CACHE", Path.home() / ".cache" / "attnzoo" / "cpp")) / key
     build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"  # torch's build lock: a process killed mid-build leaves it, and later builds would wait
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
     from torch.utils.cpp_extension import load
 
     load(name=f"attnzoo_capped_{key}", sources=[str(_SOURCE)], build_directory=str(build), is_python_module=False,
          extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"], verbose=False)
     return torch.ops.attnzoo.capped_attention
+
+
+def built() -> bool | None:
+    """Whether the extension was built in this process (None: not tried yet; nothing is built here)."""
+    return None if "module" not in _built else _built["module"] is not None
 
 
 def available() -> bool:

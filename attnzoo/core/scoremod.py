@@ -166,7 +166,7 @@ class ModHook:
         self.fn = score_mod
         self.distance = score_mod if isinstance(score_mod, DistanceBias) else None  # fused kernels run it as a mask
         self.cap = score_mod.cap if isinstance(score_mod, Softcap) else None  # the tiled forward folds it in
-        self.capped = _capped_bias(score_mod)  # (bias | None, cap): the soft-cap extension runs it
+        self.capped = capped_parts(score_mod)  # (bias | None, cap): the soft-cap extension runs it
         self.captured = captured_tensors(score_mod, like, q_idx, kv_idx) if grad else ()
 
     def scores(self, s: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
@@ -227,7 +227,7 @@ class ModHook:
         return tuple(torch.zeros_like(t) if g is None else g.to(t.dtype) for t, g in zip(self.captured, grads))
 
 
-def _capped_bias(score_mod) -> tuple[DistanceBias | None, float] | None:
+def capped_parts(score_mod) -> tuple[DistanceBias | None, float] | None:
     """``(bias, cap)`` of a soft cap alone (``bias`` None) or distance biases followed by one soft cap
     (``mods.compose(alibi, softcap)``), which :mod:`attnzoo.core.capped` runs with the bias as its additive
     mask; None for any other mod."""
