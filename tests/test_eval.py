@@ -255,6 +255,12 @@ def test_eval_table_command_merges_results_files(tmp_path):
     assert "| cache=quest@0.0625 | 1.00 (3) | 1.00 (3) | 1.00 | 8.6 / 8.0 | 2.0 | 1.00 | 0.10 |" in run.output
     assert "| prefill=exact | 1.00 (3) | 1.00 (3) | 1.00 |" in run.output
     assert "at ≤ 0.125 of the KV cache: cache=snapkv@0.0625 (holds 0.065" in run.output
+    # over the passkey alone, h2o (not measured on vt) and razor (failed on vt) make their claims
+    only = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--tasks", "passkey"])
+    assert only.exit_code == 0 and "vt (n)" not in only.output, only.output
+    assert "cache=h2o@0.0625 (holds" in only.output and "cache=razor@0.0625 (holds" in only.output
+    wrong = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), "--tasks", "passkee"])
+    assert wrong.exit_code == 2 and "expected tasks of these results (passkey, vt), got passkee" in wrong.output
     missing = CliRunner().invoke(app, ["eval-table", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
     ResultsFile(tmp_path / "bench").append({**rows[0], "suite_kind": "bench"})

@@ -200,10 +200,14 @@ def eval_table(
     markdown: bool = typer.Option(False, "--markdown", help="GitHub markdown instead of terminal tables"),
     min_accuracy: float = typer.Option(0.95, min=0.0, max=1.0, help="the statement's share of exact's score"),
     max_memory: float = typer.Option(0.125, min=0.0, max=1.0, help="the statement's share of the full KV cache"),
+    tasks: str | None = typer.Option(None, help="only these tasks (comma-separated, as the columns name them, e.g. "
+                                                "passkey,niah_multikey:haystack=noise): the table and statement "
+                                                "over them alone"),
 ) -> None:
     """Every case of eval results at each length, one score per task: which keep --min-accuracy of exact's score
     on every task while holding at most --max-memory of the full KV cache."""
     from ..bench.results import ResultsFile
+    from . import cases as C
     from . import table as T
 
     rows: dict[str, dict] = {}
@@ -212,6 +216,13 @@ def eval_table(
             rows.update((r["key"], r) for r in ResultsFile(path).read().cases if r.get("suite_kind") == "eval")
     except (AttnZooError, OSError) as e:
         _fail(e)
+    if tasks is not None:
+        keep = C.split_specs(tasks)
+        known = {T.task_label(r) for r in rows.values()}
+        if unknown := [t for t in keep if t not in known]:
+            _fail(AttnZooError(f"eval-table: --tasks expected tasks of these results ({', '.join(sorted(known))}), "
+                               f"got {', '.join(unknown)}"))
+        rows = {k: r for k, r in rows.items() if T.task_label(r) in keep}
     if not rows:
         _fail(AttnZooError(f"eval-table: no eval rows in {', '.join(map(str, results))}"))
     for w in T.wide(list(rows.values())):
