@@ -229,7 +229,8 @@ def eval_table(
         title = f"N={w.length} (score per task, samples in brackets; other columns: means over the row's tasks)"
         body = [T.wide_cells(w, label, by_task) for label, by_task in w.cases.items()]
         kept = T.keeps(w, min_accuracy, max_memory)
-        verdict = (f"keep ≥ {min_accuracy:.0%} of exact on every task at ≤ {max_memory:g} of the KV cache: "
+        verdict = (f"keep ≥ {min_accuracy:.0%} of exact on every task ({', '.join(w.exact) or 'no exact row'}) at "
+                   f"≤ {max_memory:g} of the KV cache: "
                    + ("; ".join(kept) if kept else "none"))
         if markdown:
             print(f"\n**{title}**\n\n{T.markdown(T.wide_header(w), body)}\n\n{verdict}")
