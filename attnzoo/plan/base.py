@@ -14,8 +14,10 @@ Two ways of choosing live here and are shared by the calibrators:
   profiled error and a cost; the plan minimises the summed error with the mean cost within the budget
   (a knapsack over the budget, solved exactly by dynamic programming).
 
-Calibration prompts (:func:`calibration_prompts`) are passkey prompts with their answer appended, so
-calibrators can score the positions that produce the answer.
+Calibration prompts (:func:`calibration_prompts`) are task prompts with their answer appended, so
+calibrators can score the positions that produce the answer; by default they alternate between the
+passkey and RULER's multi-key needles (:data:`TASKS`), so a plan keeps what both need (a plan calibrated
+on passkeys alone cut 7-digit needle values to their first digits).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from ..errors import AttnZooError
 from ..registry import Method, Registry, param
 from . import file
 
+#: the default calibration tasks (prompts alternate between them)
+TASKS = ("passkey", "niah_multikey")
 #: one head's choice: ("policy" | "method", name, params)
 Choice = tuple[str, str, dict]
 FULL: Choice = ("policy", "full", {})
@@ -51,6 +55,8 @@ class Calibrator:
 
     def __post_init__(self) -> None:
         Method.__post_init__(self)  # the registry's field checks + validate()
+        if hasattr(self, "tasks"):  # calibrators that read task prompts declare a `tasks` parameter
+            self.tasks = check_tasks(self.name, self.tasks)
 
     def validate(self) -> None:
         """Cross-parameter checks; raise AttnZooError naming the parameter."""
@@ -179,18 +185,39 @@ def bos(model, tokenizer) -> list[int]:
     return [] if tid is None else [int(tid)]
 
 
-def calibration_prompts(model, tokenizer, samples: int, length: int, seed: int) -> list[tuple[list[int], int]]:
-    """``(ids, start)`` per prompt: a passkey prompt with its answer appended from ``ids[start]`` on.
+def check_tasks(name: str, tasks) -> tuple[str, ...]:
+    """The ``tasks`` parameter as a tuple of registered text-task names (AttnZooError otherwise)."""
+    from ..tasks import TASKS as registered
+    from ..tasks.text import TextTask
 
-    With a tokenizer: the ``passkey`` task's prompts (:mod:`attnzoo.tasks`; evaluate on other seeds). Without
-    one, a synthetic prompt: random filler with a random 16-token key at a quarter depth, the key again
-    as the answer.
+    if isinstance(tasks, str):
+        tasks = tuple(t for t in tasks.split(",") if t)
+    if not isinstance(tasks, (tuple, list)) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise AttnZooError(f"calibrator {name}: parameter 'tasks' expected a non-empty list of task names, "
+                           f"got {tasks!r}")
+    for t in tasks:
+        if t not in registered or not issubclass(registered[t], TextTask):
+            raise AttnZooError(f"calibrator {name}: parameter 'tasks' expected text tasks with prompts and "
+                               f"answers (e.g. {', '.join(TASKS)}), got {t!r}")
+    return tuple(tasks)
+
+
+def calibration_prompts(model, tokenizer, samples: int, length: int, seed: int,
+                        tasks: tuple[str, ...] = TASKS) -> list[tuple[list[int], int]]:
+    """``(ids, start)`` per prompt: a task prompt with its (first) answer appended from ``ids[start]`` on.
+
+    With a tokenizer: prompt ``i`` comes from ``tasks[i % len(tasks)]`` (:mod:`attnzoo.tasks`, generated
+    at ``seed``; evaluate on other seeds). Without one, a synthetic prompt: random filler with a random
+    16-token key at a quarter depth, the key again as the answer.
     """
     if tokenizer is not None:
         from ..tasks import make_task
 
+        per_task = [make_task(t).generate(len(range(i, samples, len(tasks))), seed=seed, tokenizer=tokenizer,
+                                          length=length) if i < samples else [] for i, t in enumerate(tasks)]
         out = []
-        for s in make_task("passkey").generate(samples, seed=seed, tokenizer=tokenizer, length=length):
+        for i in range(samples):
+            s = per_task[i % len(tasks)][i // len(tasks)]
             ids = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
             out.append((ids + tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"], len(ids)))
         return out

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import param
-from .base import SplitCalibrator, calibration_prompts, capture, heads_kv_of, per_kv_head, register_calibrator
+from .base import TASKS, SplitCalibrator, calibration_prompts, capture, heads_kv_of, per_kv_head, register_calibrator
 
 
 def streaming_mask(q_pos: torch.Tensor, n_keys: int, sinks: int, window: int) -> torch.Tensor:
@@ -37,11 +37,12 @@ class Duo(SplitCalibrator):
 
     samples: int = param(2, min=1, max=64, help="calibration prompts")
     prompt_length: int = param(1024, min=64, help="tokens per calibration prompt")
+    tasks: tuple = param(TASKS, help="tasks the calibration prompts alternate between (text tasks)")
     queries: int = param(0, min=0, help="prompt positions before the answer's that are scored too")
 
     def scores(self, model, tokenizer=None) -> torch.Tensor:
         total = None
-        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed)
+        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks)
         window = self.streaming_window()
         for ids, start in prompts:
             pos = torch.arange(max(0, start - 1 - self.queries), len(ids) - 1)

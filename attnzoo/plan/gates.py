@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import param
-from .base import SplitCalibrator, calibration_prompts, heads_kv_of, register_calibrator
+from .base import TASKS, SplitCalibrator, calibration_prompts, heads_kv_of, register_calibrator
 from .duo import streaming_mask
 
 _NAME = "attnzoo_duo_gates"
@@ -55,6 +55,7 @@ class DuoGates(SplitCalibrator):
     l1: float = param(0.05, min=0.0, help="weight of the mean gate in the loss")
     samples: int = param(2, min=1, max=64, help="calibration prompts (cycled through the steps)")
     prompt_length: int = param(512, min=64, help="tokens per calibration prompt")
+    tasks: tuple = param(TASKS, help="tasks the calibration prompts alternate between (text tasks)")
     queries: int = param(32, min=0, help="prompt positions before the answer's that are distilled too")
 
     def scores(self, model, tokenizer=None) -> torch.Tensor:
@@ -63,7 +64,7 @@ class DuoGates(SplitCalibrator):
         from ..hf.integration import attention_layers
 
         layers = attention_layers(model)
-        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed)
+        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks)
         device = next(model.parameters()).device
         gates = torch.ones(len(layers), heads_kv_of(model), device=device, requires_grad=True)
         opt = torch.optim.Adam([gates], lr=self.lr)

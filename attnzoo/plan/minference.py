@@ -22,7 +22,7 @@ from ..bench.metrics import lse_recall
 from ..core.exact import tiled_attention
 from ..errors import AttnZooError
 from ..registry import param
-from .base import FULL, Calibrator, allocate_options, calibration_prompts, heads_kv_of, register_calibrator
+from .base import TASKS, FULL, Calibrator, allocate_options, calibration_prompts, heads_kv_of, register_calibrator
 
 #: recall losses below this are float rounding (fp32 lse of the same keys summed in another order)
 _ROUNDING = 1e-6
@@ -48,6 +48,7 @@ class MInference(Calibrator):
     block: int = param(64, min=1, help="block size of block_topk and vertical_slash")
     samples: int = param(1, min=1, max=64, help="calibration prompts")
     prompt_length: int = param(1024, min=64, help="tokens per calibration prompt")
+    tasks: tuple = param(TASKS, help="tasks the calibration prompts alternate between (text tasks)")
 
     def validate(self) -> None:
         bad = [p for p in self.patterns if p not in PATTERNS] if isinstance(self.patterns, (tuple, list)) else [0]
@@ -78,7 +79,7 @@ class MInference(Calibrator):
         heads_kv = heads_kv_of(model)
         options = [(p, s) for p in self.patterns for s in self.spans]
         loss = None
-        for ids, _ in calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed):
+        for ids, _ in calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks):
             x = torch.tensor([ids], device=next(model.parameters()).device)  # the answer too: it retrieves
             with torch.no_grad():
                 qkv = capture_qkv(model, {"input_ids": x})

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import AttnZooError
 from ..registry import param
-from .base import (FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, per_kv_head,
+from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, per_kv_head,
                    register_calibrator)
 from .duo import streaming_mask
 
@@ -44,6 +44,7 @@ class MoA(Calibrator):
     spans: tuple = param(SPANS, help="candidate shares of the context a reduced head holds")
     samples: int = param(2, min=1, max=64, help="calibration prompts")
     prompt_length: int = param(1024, min=64, help="tokens per calibration prompt")
+    tasks: tuple = param(TASKS, help="tasks the calibration prompts alternate between (text tasks)")
     observe: int = param(8, min=1, help="snapkv: queries that vote for the tokens kept")
     pool: int = param(7, min=1, max=1025, help="snapkv: max-pooling width over neighbouring tokens")
 
@@ -95,7 +96,7 @@ class MoA(Calibrator):
 
     def profile(self, model, tokenizer=None) -> torch.Tensor:
         """``(layers, heads_kv, spans)``: each KV head's mean relative output error at each span."""
-        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed)
+        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks)
         errors = None
         for ids, start in prompts:
             pos = torch.arange(start - 1, len(ids) - 1)
