@@ -1,4 +1,4 @@
-"""Head-split policies: some KV heads keep everything, the others only sinks + a window (per-head capacities)."""
+"""Head-split policies: KV heads with different capacities (full heads, streaming heads, per-head SnapKV budgets)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import ClassVar
 
 from ..errors import AttnZooError
 from ..registry import param
-from .evict import Full, Streaming
+from .evict import Full, SnapKV, Streaming
 from .layer import Layer, SplitLayer
 from .policy import Policy, register_policy
+from .ragged import RaggedSnapKV
 
 
 def _head_list(name: str, what: str, heads, heads_kv: int) -> list[int]:
@@ -97,9 +98,11 @@ def _check_group(g, i: int) -> tuple[tuple[int, ...], str, dict]:
 @register_policy
 @dataclass
 class Heads(Policy):
-    """Per-head groups: each group of KV heads runs its own policy with its own parameters and store
+    """Per-head groups: each group of KV heads runs its own policy with its own parameters
     (a calibrated plan's cache layer: full heads, streaming heads with their own windows, SnapKV heads
-    with their own budgets)."""
+    with their own budgets). Groups that are all ``full`` or ``snapkv`` share one packed store
+    (:class:`~attnzoo.cache.ragged.RaggedSnapKV`: one read and one vote per layer); other mixes get one
+    store per group."""
 
     name: ClassVar[str] = "heads"
     kind: ClassVar[str] = "split"
@@ -107,6 +110,8 @@ class Heads(Policy):
     papers: ClassVar[tuple[str, ...]] = ("MoA", "DuoAttention", "RazorAttention")
 
     groups: tuple = param((), help="((kv_heads, policy, params), ...) covering every KV head once")
+    ragged: bool = param(True, help="full and snapkv groups (one observe/pool/interval) share one packed store: "
+                                    "one read and one vote per layer (False: one store per group)")
 
     def validate(self) -> None:
         if not isinstance(self.groups, (tuple, list)) or not self.groups:
@@ -114,12 +119,20 @@ class Heads(Policy):
                                f"got {self.groups!r}")
         self._groups = [_check_group(g, i) for i, g in enumerate(self.groups)]
 
-    def build(self, heads_kv: int) -> SplitLayer:
+    def build(self, heads_kv: int) -> SplitLayer | RaggedSnapKV:
         from .policy import make_policy
 
         seen = [h for heads, _, _ in self._groups for h in _head_list(self.name, "groups", heads, heads_kv)]
         if sorted(seen) != list(range(heads_kv)):
             raise AttnZooError(f"heads: parameter 'groups' expected every KV head 0..{heads_kv - 1} once, got "
                                f"{sorted(seen)}")
-        return SplitLayer([(list(heads), Layer(make_policy(name, **params))) for heads, name, params in self._groups],
-                          heads_kv)
+        policies = [(heads, make_policy(name, **params)) for heads, name, params in self._groups]
+        snap = {(p.observe, p.pool, p.interval) for _, p in policies if isinstance(p, SnapKV)}
+        if self.ragged and len(snap) == 1 and all(type(p) in (Full, SnapKV) for _, p in policies):
+            budgets = [None] * heads_kv
+            for heads, p in policies:
+                for h in heads:
+                    budgets[h] = p.budget if isinstance(p, SnapKV) else None
+            observe, pool, interval = snap.pop()
+            return RaggedSnapKV(budgets, observe=observe, pool=pool, interval=interval)
+        return SplitLayer([(list(heads), Layer(p)) for heads, p in policies], heads_kv)
