@@ -62,16 +62,18 @@ class RaggedSnapKV:
     def heads(self) -> int:
         return len(self.budgets)
 
-    def _slots(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(S,)`` the KV head owning each slot and the slot's index within that head's region."""
-        owner = torch.repeat_interleave(torch.arange(self.heads, device=device), torch.tensor(self.cap, device=device))
-        local = torch.arange(sum(self.cap), device=device) - torch.tensor(self.start, device=device)[owner]
-        return owner, local
+    def _set_layout(self, start: list[int], cap: list[int], device) -> None:
+        """Regions ``[start_h, start_h + cap_h)``; caches ``(S,)`` each slot's owning head and index within it."""
+        self.start, self.cap = list(start), list(cap)
+        self._start_t = torch.tensor(start, device=device)
+        self._owner = torch.repeat_interleave(torch.arange(self.heads, device=device), torch.tensor(cap, device=device))
+        self._local = torch.arange(sum(cap), device=device) - self._start_t[self._owner]
+        self._own: torch.Tensor | None = None  # built by the first decode read
 
     def _held(self, device, padding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot owners and ``(B, S)`` bool: slots holding a token (not padding, unless ``padding``)."""
-        owner, local = self._slots(device)
-        held = (local < torch.tensor(self.n, device=device)[owner])[None]
+        owner = self._owner
+        held = (self._local < torch.tensor(self.n, device=device)[owner])[None]
         if "valid" in self.buf and not padding:
             return owner, held & self.buf["valid"]
         return owner, held.expand(self.buf["k"].shape[0], -1)
@@ -89,7 +91,7 @@ class RaggedSnapKV:
             new = t.new_zeros(t.shape[0], sum(caps), *t.shape[2:])  # zeros: slack slots stay finite
             new[:, dst] = t[:, src]
             self.buf[name] = new
-        self.start, self.cap = starts, list(caps)
+        self._set_layout(starts, caps, device)
 
     def _grown(self, h: int, need: int) -> int:
         """Capacity for head ``h`` needing ``need`` slots: growth slack for full heads, up to budget + 1 for SnapKV."""
@@ -104,11 +106,11 @@ class RaggedSnapKV:
         if not self.buf:  # a prompt: exactly its tokens, equal regions (the uniform read's view)
             self.buf = {"k": k.new_zeros(B, H * m, k.shape[-1]), "v": v.new_zeros(B, H * m, v.shape[-1]),
                         "pos": torch.zeros(B, H * m, dtype=POS_DTYPE, device=k.device)}
-            self.start, self.cap = [h * m for h in range(H)], [m] * H
+            self._set_layout([h * m for h in range(H)], [m] * H, k.device)
         elif any(n + m > c for n, c in zip(self.n, self.cap)):
             self._relayout([c if n + m <= c else self._grown(h, n + m)
                             for h, (n, c) in enumerate(zip(self.n, self.cap))])
-        idx = (torch.tensor(self.start, device=k.device)[:, None] + torch.tensor(self.n, device=k.device)[:, None]
+        idx = ((self._start_t + torch.tensor(self.n, device=k.device))[:, None]
                + torch.arange(m, device=k.device)).flatten()
         self.buf["k"][:, idx] = k.reshape(B, H * m, -1)
         self.buf["v"][:, idx] = v.reshape(B, H * m, -1)
@@ -173,11 +175,12 @@ class RaggedSnapKV:
         """One query per head against every slot, masked to its KV head's held slots (one GEMM each way)."""
         B, Hq = q.shape[:2]
         owner, held = self._held(q.device)
+        if self._own is None or self._own.shape[0] != Hq:  # (Hq, S): the slots of each query head's KV head
+            self._own = owner[None, :] == torch.arange(Hq, device=q.device)[:, None] // (Hq // self.heads)
         dtype = torch.promote_types(q.dtype, torch.float32)  # half inputs computed in fp32, as flash_read does
         k, v = self.buf["k"].to(dtype), self.buf["v"].to(dtype)
         s = torch.matmul(q.to(dtype).reshape(B, Hq, -1), k.transpose(1, 2)).mul_(scale)  # (B, Hq, S)
-        own = owner[None, :] == torch.arange(Hq, device=q.device)[:, None] // (Hq // self.heads)
-        s.masked_fill_(~(own[None] & held[:, None]), -math.inf)
+        s.masked_fill_(~(self._own[None] & held[:, None]), -math.inf)
         lse = torch.logsumexp(s, dim=-1)
         p = s.sub_(torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None]).exp_()
         return Partial(torch.matmul(p, v).unsqueeze(2), lse.float().unsqueeze(2))
@@ -196,25 +199,30 @@ class RaggedSnapKV:
         n = torch.tensor([self.n[h] for h in over], device=device)
         idx = (torch.tensor([self.start[h] for h in over], device=device)[:, None]
                + torch.minimum(r[None], n[:, None] - 1)).flatten()                        # (Hv·width,)
-        pad = (r[None] < n[:, None])[None]                                                   # (1, Hv, width)
-        keys = self.buf["k"][:, idx].view(B, len(over), width, -1)
-        pos = self.buf["pos"][:, idx].view(B, len(over), width).masked_fill(~pad, _PAD_POS)
-        valid = pad & self.buf["valid"][:, idx].view(B, len(over), width) if "valid" in self.buf else pad.expand(B, -1, -1)
-        qh = torch.tensor([h * G + g for h in over for g in range(G)], device=device)
-        mass = key_mass(self.obs_q[:, qh], keys, None, scale=step.scale, q_pos=self.obs_pos, k_pos=pos,
-                        causal=step.causal, valid=valid)
+        keys = self.buf["k"].index_select(1, idx).view(B, len(over), width, -1)
+        pos = self.buf["pos"].index_select(1, idx).view(B, len(over), width)
+        valid = self.buf["valid"].index_select(1, idx).view(B, len(over), width) if "valid" in self.buf else None
+        if any(self.n[h] < width for h in over):  # heads shorter than the widest: padding slots, after every position
+            pad = (r[None] < n[:, None])[None]                                               # (1, Hv, width)
+            pos = pos.masked_fill(~pad, _PAD_POS)
+            valid = pad.expand(B, -1, -1) if valid is None else valid & pad
+        obs_q = self.obs_q if len(over) == self.heads else self.obs_q[:, [h * G + g for h in over for g in range(G)]]
+        mass = key_mass(obs_q, keys, None, scale=step.scale, q_pos=self.obs_pos, k_pos=pos, causal=step.causal,
+                        valid=valid)
         pooled = F.max_pool1d(mass.view(-1, 1, width), self.pool, stride=1, padding=self.pool // 2)[..., :width]
         pooled = pooled.view(B, len(over), width)
-        keep = torch.zeros_like(self.buf["pos"], dtype=torch.bool)
+        src, dst = [], []
         for size in sorted({(self.n[h], self.budgets[h]) for h in over}):  # one top-k per (held, budget)
             rows = [i for i, h in enumerate(over) if (self.n[h], self.budgets[h]) == size]
-            chosen = _top_older(pooled[:, rows, :size[0]], self.observe, size[1] - self.interval + 1)
-            slots = chosen + torch.tensor([self.start[over[i]] for i in rows], device=device)[None, :, None]
-            keep.scatter_(1, slots.flatten(1), True)
-        owner, held = self._held(device, padding=True)
-        voted = torch.zeros(self.heads, dtype=torch.bool, device=device)
-        voted[over] = True
-        self._compact(keep | (held & ~voted[owner]), owner)
+            kept = size[1] - self.interval + 1
+            starts = self._start_t[[over[i] for i in rows]][:, None]
+            src.append((_top_older(pooled[:, rows, :size[0]], self.observe, kept) + starts).flatten(1))
+            dst.append((starts + torch.arange(kept, device=device)).flatten())
+            for i in rows:
+                self.n[over[i]] = kept
+        B, S = self.buf["pos"].shape
+        rows = torch.arange(B, device=device)[:, None] * S
+        self._move((torch.cat(src, 1) + rows).flatten(), (torch.cat(dst)[None] + rows).flatten())
         if any(self.cap[h] > self.n[h] + self.interval for h in over):  # after the prompt: give the memory back
             self._relayout([self.n[h] + self.interval if h in over else c for h, c in enumerate(self.cap)])
 
@@ -225,20 +233,22 @@ class RaggedSnapKV:
         """
         B, S = keep.shape
         device = keep.device
-        starts = torch.tensor(self.start, device=device)
+        starts = self._start_t
         ends = starts + torch.tensor(self.cap, device=device)
         cum = F.pad(keep.long().cumsum(1), (1, 0))                       # (B, S + 1): kept slots before each
         before = cum[:, starts]                                          # (B, H)
         counts = cum[:, ends] - before
         dst = starts[owner][None] + cum[:, 1:] - 1 - before[:, owner]    # new slot of each kept slot
         rows = torch.arange(B, device=device)[:, None] * S
-        src_flat, dst_flat = (rows + torch.arange(S, device=device))[keep], (rows + dst)[keep]
-        for name, t in self.buf.items():
-            flat = t.view(B * S, -1)
-            flat[dst_flat] = flat[src_flat]
+        self._move((rows + torch.arange(S, device=device))[keep], (rows + dst)[keep])
         self.n = counts.max(0).values.tolist() if B else [0] * self.heads
         if bool((counts != counts.max(0).values).any()):
             if "valid" not in self.buf:
                 self.buf["valid"] = torch.ones_like(self.buf["pos"], dtype=torch.bool)
-            _, local = self._slots(device)
-            self.buf["valid"] &= local[None] < counts[:, owner]
+            self.buf["valid"] &= self._local[None] < counts[:, owner]
+
+    def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slots to slots in every buffer; ``src``/``dst`` index the ``(B·S, ...)`` view (batch row · S + slot)."""
+        for t in self.buf.values():
+            flat = t.view(-1, *t.shape[2:])
+            flat[dst] = flat.index_select(0, src)
