@@ -68,6 +68,7 @@ COVERING = {
     "razor": dict(retrieval_heads=(0, 1), window=8),
     "duo": dict(plan=(True, "full"), window=8),
     "heads": dict(groups=(((0,), "full", {}), ((1,), "snapkv", {"budget": 64, "observe": 4}))),
+    "zipvl": dict(top_p=1.0, observe=4, min_tokens=64),
 }
 
 # budgets well below the context, for the eviction / selection behaviour
@@ -83,6 +84,7 @@ SMALL = {
     "razor": dict(retrieval_heads=(1,), sinks=2, window=10),
     "duo": dict(plan=(False, True), sinks=2, window=10),
     "heads": dict(groups=(((0,), "streaming", {"sinks": 2, "window": 10}), ((1,), "full", {}))),
+    "zipvl": dict(top_p=0.5, observe=4, pool=3),
 }
 
 

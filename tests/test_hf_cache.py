@@ -30,6 +30,7 @@ COVERING = {
     "infllm": dict(budget=64, sinks=2, local=4, block=4, reps=2),
     "recycled": dict(budget=64, every=3),
     "retrieval": dict(budget=64, sinks=2, local=4),
+    "zipvl": dict(top_p=1.0, observe=4, min_tokens=64),
 }
 
 #: each policy with a budget well under the context: it must run, and evicting ones must hold less
@@ -47,6 +48,7 @@ SMALL = {
     "infllm": dict(budget=16, sinks=2, local=3, block=4, reps=2),
     "recycled": dict(budget=8, every=3),
     "retrieval": dict(budget=8, sinks=2, local=3),
+    "zipvl": dict(top_p=0.5, observe=4, pool=3),
 }
 
 

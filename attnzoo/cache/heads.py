@@ -136,3 +136,27 @@ class Heads(Policy):
             observe, pool, interval = snap.pop()
             return RaggedSnapKV(budgets, observe=observe, pool=pool, interval=interval)
         return SplitLayer([(list(heads), Layer(p)) for heads, p in policies], heads_kv)
+
+
+@register_policy
+@dataclass
+class ZipVL(Policy):
+    """ZipVL's adaptive ratio: after the prompt each KV head (or the whole layer) keeps the fewest tokens
+    holding a ``top_p`` share of the last ``observe`` queries' attention mass, then evicts like SnapKV
+    within that budget. The budget is decided per prompt at run time; ``ratios()`` reports them."""
+
+    name: ClassVar[str] = "zipvl"
+    kind: ClassVar[str] = "evict"
+    reads: ClassVar[str] = "the last `observe` queries"
+    papers: ClassVar[tuple[str, ...]] = ("ZipVL",)
+
+    top_p: float = param(0.975, min=1e-6, max=1.0, help="share of the observed attention mass the kept tokens hold")
+    per: str = param("head", choices=("head", "layer"), help="one budget per KV head, or one for the layer")
+    observe: int = param(32, min=1, help="queries remembered for voting (the observation window)")
+    pool: int = param(1, min=1, max=1025, help="max-pooling width over neighbouring tokens when evicting")
+    interval: int = param(1, min=1, help="decode steps between compressions")
+    min_tokens: int = param(0, min=0, help="tokens every head keeps at least (observe + interval at the least)")
+
+    def build(self, heads_kv: int) -> RaggedSnapKV:
+        return RaggedSnapKV([None] * heads_kv, observe=self.observe, pool=self.pool, interval=self.interval,
+                            top_p=self.top_p, per=self.per, min_tokens=self.min_tokens)

@@ -41,16 +41,23 @@ _PAD_POS = torch.iinfo(POS_DTYPE).max
 class RaggedSnapKV:
     """The layer object of a ``heads`` policy whose groups are all ``full`` or ``snapkv`` (one observe/pool/interval).
 
-    ``budgets[h]`` is KV head ``h``'s SnapKV budget, None for a head that keeps everything. The
+    ``budgets[h]`` is KV head ``h``'s SnapKV budget, None for a head that keeps everything. With
+    ``top_p`` (ZipVL's adaptive ratio, the ``zipvl`` policy) the budgets are decided by the first read
+    instead: per head (``per="head"``) or for the whole layer (``per="layer"``, the heads' mass summed),
+    the fewest prompt tokens that hold a ``top_p`` share of the remembered queries' attention mass
+    (at least ``observe + interval`` and ``min_tokens``); :attr:`ratios` records each head's share of the prompt. The
     interface is :class:`~attnzoo.cache.layer.Layer`'s (append, attend, nbytes, held, positions, crop,
     reorder).
     """
 
-    def __init__(self, budgets: list[int | None], *, observe: int, pool: int, interval: int) -> None:
+    def __init__(self, budgets: list[int | None], *, observe: int, pool: int, interval: int,
+                 top_p: float | None = None, per: str = "head", min_tokens: int = 0) -> None:
         for b in budgets:  # SnapKV's own parameter checks (observe < budget, interval fits)
             if b is not None:
                 SnapKV(budget=b, observe=observe, pool=pool, interval=interval)
         self.budgets, self.observe, self.pool, self.interval = list(budgets), observe, pool, interval
+        self.top_p, self.per, self.min_tokens = top_p, per, min_tokens
+        self.ratios: list[float] | None = None  # top_p: the share of the prompt each head keeps
         self.buf: dict[str, torch.Tensor] = {}
         H = len(budgets)
         self.start, self.cap, self.n = [0] * H, [0] * H, [0] * H
@@ -188,27 +195,15 @@ class RaggedSnapKV:
     # ------------------------------------------------------------ votes and compaction
     def _vote(self, step) -> None:
         """SnapKV's compression for every head holding more than its budget, in one key-mass pass."""
+        if self.top_p is not None and self.ratios is None:
+            self._decide(step)
         over = [h for h, b in enumerate(self.budgets) if b is not None and self.n[h] > b]
         if not over:
             return
         device = self.buf["k"].device
-        B, Hq = self.obs_q.shape[:2]
-        G = Hq // self.heads
+        B = self.obs_q.shape[0]
         width = max(self.n[h] for h in over)
-        r = torch.arange(width, device=device)
-        n = torch.tensor([self.n[h] for h in over], device=device)
-        idx = (torch.tensor([self.start[h] for h in over], device=device)[:, None]
-               + torch.minimum(r[None], n[:, None] - 1)).flatten()                        # (Hv·width,)
-        keys = self.buf["k"].index_select(1, idx).view(B, len(over), width, -1)
-        pos = self.buf["pos"].index_select(1, idx).view(B, len(over), width)
-        valid = self.buf["valid"].index_select(1, idx).view(B, len(over), width) if "valid" in self.buf else None
-        if any(self.n[h] < width for h in over):  # heads shorter than the widest: padding slots, after every position
-            pad = (r[None] < n[:, None])[None]                                               # (1, Hv, width)
-            pos = pos.masked_fill(~pad, _PAD_POS)
-            valid = pad.expand(B, -1, -1) if valid is None else valid & pad
-        obs_q = self.obs_q if len(over) == self.heads else self.obs_q[:, [h * G + g for h in over for g in range(G)]]
-        mass = key_mass(obs_q, keys, None, scale=step.scale, q_pos=self.obs_pos, k_pos=pos, causal=step.causal,
-                        valid=valid)
+        mass = self._mass(over, step)
         pooled = F.max_pool1d(mass.view(-1, 1, width), self.pool, stride=1, padding=self.pool // 2)[..., :width]
         pooled = pooled.view(B, len(over), width)
         src, dst = [], []
@@ -225,6 +220,40 @@ class RaggedSnapKV:
         self._move((torch.cat(src, 1) + rows).flatten(), (torch.cat(dst)[None] + rows).flatten())
         if any(self.cap[h] > self.n[h] + self.interval for h in over):  # after the prompt: give the memory back
             self._relayout([self.n[h] + self.interval if h in over else c for h, c in enumerate(self.cap)])
+
+    def _mass(self, over: list[int], step) -> torch.Tensor:
+        """``(B, len(over), width)``: the remembered queries' attention mass on the slots of heads ``over``
+        (:func:`~attnzoo.cache.read.key_mass` over their slots padded to the widest; 0 on padding)."""
+        device = self.buf["k"].device
+        B, Hq = self.obs_q.shape[:2]
+        G = Hq // self.heads
+        width = max(self.n[h] for h in over)
+        r = torch.arange(width, device=device)
+        n = torch.tensor([self.n[h] for h in over], device=device)
+        idx = (torch.tensor([self.start[h] for h in over], device=device)[:, None]
+               + torch.minimum(r[None], n[:, None] - 1)).flatten()                        # (Hv·width,)
+        keys = self.buf["k"].index_select(1, idx).view(B, len(over), width, -1)
+        pos = self.buf["pos"].index_select(1, idx).view(B, len(over), width)
+        valid = self.buf["valid"].index_select(1, idx).view(B, len(over), width) if "valid" in self.buf else None
+        if any(self.n[h] < width for h in over):  # heads shorter than the widest: padding slots, after every position
+            pad = (r[None] < n[:, None])[None]                                               # (1, Hv, width)
+            pos = pos.masked_fill(~pad, _PAD_POS)
+            valid = pad.expand(B, -1, -1) if valid is None else valid & pad
+        obs_q = self.obs_q if len(over) == self.heads else self.obs_q[:, [h * G + g for h in over for g in range(G)]]
+        return key_mass(obs_q, keys, None, scale=step.scale, q_pos=self.obs_pos, k_pos=pos, causal=step.causal,
+                        valid=valid)
+
+    def _decide(self, step) -> None:
+        """ZipVL's adaptive budgets: the fewest tokens holding ``top_p`` of the remembered queries' mass."""
+        mass = self._mass(list(range(self.heads)), step)                   # (B, H, width), rows sum to G·observe
+        if self.per == "layer":
+            mass = mass.sum(1, keepdim=True)
+        share = mass.sort(-1, descending=True).values.cumsum(-1)
+        need = (share < self.top_p * share[..., -1:]).sum(-1) + 1           # (B, H or 1): tokens to reach top_p
+        need = need.amax(0).expand(self.heads).tolist()                    # every batch row keeps its set
+        low = max(self.observe + self.interval, self.min_tokens)
+        self.budgets = [max(low, int(c)) for c in need]
+        self.ratios = [min(1.0, b / max(1, n)) for b, n in zip(self.budgets, self.n)]
 
     def _compact(self, keep: torch.Tensor, owner: torch.Tensor) -> None:
         """Keep the slots where ``keep (B, S)``, in order, at the front of each head's region.
