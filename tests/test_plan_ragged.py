@@ -110,3 +110,31 @@ def test_mixed_observe_or_streaming_groups_keep_one_store_per_group():
         cache = KVCache("heads", groups=groups)
         cache.append(k, v)
         assert not isinstance(cache._layer, RaggedSnapKV)
+
+
+def _top_p_count(q, k, observe: int, top_p: float, group: int, per: str) -> list[int]:
+    """Reference: per KV head (or for the layer's summed mass), the fewest keys holding ``top_p`` of the last
+    ``observe`` queries' attention mass."""
+    n = k.shape[2]
+    s = q[:, :, -observe:] @ k.repeat_interleave(group, 1).transpose(-1, -2) / q.shape[-1] ** 0.5
+    s = s.masked_fill(torch.arange(n)[None, :] > torch.arange(n - observe, n)[:, None], float("-inf"))
+    mass = s.softmax(-1).sum(2).unflatten(1, (-1, group)).sum(2)[0]                     # (Hkv, n)
+    if per == "layer":
+        mass = mass.sum(0, keepdim=True).expand(k.shape[1], -1)
+    share = mass.sort(-1, descending=True).values.cumsum(-1)
+    return ((share < top_p * share[..., -1:]).sum(-1) + 1).tolist()
+
+
+@pytest.mark.parametrize("per", ["head", "layer"])
+def test_zipvl_budgets_are_the_top_p_sets(per):
+    """zipvl: each head (or the layer) keeps the fewest prompt tokens holding top_p of the observed mass."""
+    q, k, v = _qkv(B=1, Hq=4, Hkv=2, N=100, seed=5)
+    k[:, 1] *= 0.05                        # KV head 1 attends almost uniformly: it needs many more tokens
+    k[:, 0, 10] = q[0, 0:2, -24:-20].sum((0, 1)) * 3  # KV head 0: one key its observed queries look at
+    cache = KVCache("zipvl", top_p=0.9, observe=4, per=per)
+    _run(cache, q, k, v, [0, 80, *range(81, 100)])
+    want = [max(5, c) for c in _top_p_count(q[:, :, :80], k[:, :, :80], 4, 0.9, 2, per)]
+    layer = cache._layer
+    assert layer.budgets == want and layer.ratios == [b / 80 for b in want]
+    assert want[0] < want[1] < 80 if per == "head" else want[0] == want[1]
+    assert cache.held == want  # the decode steps since were evicted back to the budget

@@ -29,6 +29,7 @@ from ..registry import param
 from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, per_kv_head,
                    register_calibrator)
 from .duo import streaming_mask
+from .zipvl import observed_mass
 
 SPANS = (1 / 256, 1 / 128, 1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 
@@ -78,9 +79,7 @@ class MoA(Calibrator):
         if self.policy == "streaming":
             return streaming_mask(pos, N, self.sinks, tokens - self.sinks).expand(H, -1, -1)
         obs = torch.arange(max(0, start - self.observe), start)          # the prompt's last queries vote
-        logits = q[0, :, obs] @ k[0, :, :start].transpose(-1, -2) * q.shape[-1] ** -0.5
-        logits = logits.masked_fill(torch.arange(start)[None, :] > obs[:, None], float("-inf"))
-        mass = logits.softmax(-1).sum(1).unflatten(0, (-1, group)).sum(1)                    # (Hkv, start)
+        mass = observed_mass(q, k, start, self.observe, group)                               # (Hkv, start)
         pooled = F.max_pool1d(mass[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0, :start]
         older = start - len(obs)
         keep = torch.zeros(H // group, N, dtype=torch.bool)
