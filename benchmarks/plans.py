@@ -19,7 +19,7 @@ import torch
 
 from attnzoo import models
 from attnzoo.eval.cases import parse_spec, split_specs
-from attnzoo.plan import head_plan, make_calibrator, model_shapes
+from attnzoo.plan import make_calibrator
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         for budget in budgets:
             cal = make_calibrator(name, budget=budget, length=args.length, **params)
             start = time.perf_counter()
-            if hasattr(cal, "profile"):  # moa: profile once, allocate per budget
+            if hasattr(cal, "allocate") and hasattr(cal, "profile"):  # moa, zipvl: profile once, allocate per budget
                 if profile is None:
                     profile = cal.profile(model, tokenizer)
                     profile_s = time.perf_counter() - start
@@ -51,9 +51,7 @@ def main() -> None:
                     start = time.perf_counter()
                 choices, scores = cal.allocate(profile)
                 seconds = profile_s + time.perf_counter() - start
-                info = {"name": cal.name, "params": cal.params(), "seconds": round(seconds, 2),
-                        "scores": [[round(float(s), 5) for s in row] for row in scores.float()]}
-                plan = head_plan(args.model, model_shapes(model), choices, calibrator=info)
+                plan = cal.plan(model, choices, scores, seconds, model_name=args.model)
             else:
                 plan = cal.run(model, tokenizer, model_name=args.model)
                 seconds = plan.calibrator["seconds"]

@@ -268,3 +268,44 @@ def test_cli_calibrates_and_eval_scores_the_plan(tmp_path):
     row = ResultsFile(R.run(run, tmp_path / "eval", on_note=lambda m: None)).read().cases[0]
     assert row["status"] == "ok", row.get("reason")
     assert row["kv_bytes"] < 0.7 * row["kv_full_bytes"]
+
+
+def test_max_drop_picks_the_cheapest_plan_within_the_drop(model):
+    """--max-drop: budgets are tried cheapest first; the first whose accuracy drop fits is returned."""
+    from attnzoo.plan.budget import cheapest_within
+
+    calls = []
+
+    def accuracy(model, tokenizer, plan, tasks, samples, length, seed):  # stands in for greedy generation
+        calls.append(plan)
+        return 1.0 if plan is None or plan.calibrator["params"]["budget"] >= 1 / 8 else 0.5
+
+    cal = P.make_calibrator("moa", length=512, samples=1, prompt_length=512, observe=4)
+    plan = cheapest_within(cal, model, None, 0.2, accuracy=accuracy, model_name="tiny")
+    tried = plan.calibrator["max_drop"]["tried"]
+    assert [t["budget"] for t in tried] == [1 / 64, 1 / 32, 1 / 16, 1 / 8]
+    assert [t["accuracy"] for t in tried] == [0.5, 0.5, 0.5, 1.0] and plan.kv_fraction(512) <= 0.125
+    assert plan.calibrator["params"]["budget"] == 1 / 8 and len(calls) == 5   # exact + four plans
+    assert cheapest_within(cal, model, None, 0.5, accuracy=accuracy).calibrator["params"]["budget"] == 1 / 64
+    with pytest.raises(AttnZooError, match="no budget .* within 0.1 of exact's 1.000"):
+        cheapest_within(cal, model, None, 0.1, accuracy=lambda *a: 1.0 if a[2] is None else 0.5)
+    with pytest.raises(AttnZooError, match="max_drop expected"):
+        cheapest_within(cal, model, None, 1.5, accuracy=accuracy)
+
+
+def test_cli_max_drop_scores_plans_by_generation(tmp_path):
+    """`attnzoo plan --max-drop` on a saved tiny Llama: real greedy generation on the calibration tasks."""
+    from typer.testing import CliRunner
+
+    from _tiny_lm import save_tiny_llama
+    from attnzoo.cli import app
+
+    folder = str(save_tiny_llama(tmp_path / "llama", max_positions=1024))
+    out = tmp_path / "plan.json"
+    result = CliRunner().invoke(app, ["plan", "--model", folder, "--calibrator", "moa", "--max-drop", "1",
+                                      "--length", "600", "-p", "prompt_length=600", "-p", "samples=1",
+                                      "-p", "observe=4", "--check-samples", "1", "--threads", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    md = P.load(out).calibrator["max_drop"]
+    assert md["tasks"] == ["passkey", "niah_multikey"] and len(md["tried"]) == 1 and md["tried"][0]["budget"] == 1 / 64
+    assert "tried 0.015625" in result.output.replace("\n", " ")

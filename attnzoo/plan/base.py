@@ -72,7 +72,12 @@ class Calibrator:
         """Calibrate ``model`` and return the plan (the calibrator's settings, scores and time recorded in it)."""
         start = time.perf_counter()
         choices, scores = self.choose(model, tokenizer)
-        info = {"name": self.name, "params": self.params(), "seconds": round(time.perf_counter() - start, 2),
+        return self.plan(model, choices, scores, time.perf_counter() - start, model_name=model_name)
+
+    def plan(self, model, choices: list[list[Choice]], scores: torch.Tensor, seconds: float, *,
+             model_name: str = "model") -> file.Plan:
+        """The plan of ``choices``, recording the calibrator's settings, ``scores`` and ``seconds``."""
+        info = {"name": self.name, "params": self.params(), "seconds": round(seconds, 2),
                 "scores": [[round(float(s), 5) for s in row] for row in scores.float()]}
         return file.head_plan(model_name, file.model_shapes(model), choices, calibrator=info)
 

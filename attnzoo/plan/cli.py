@@ -38,6 +38,10 @@ def calibrate(
     budget: float = typer.Option(0.125, help="mean share of the context the KV heads hold (minference: of the "
                                              "prefill's attention FLOPs)"),
     length: int = typer.Option(4096, help="context length the budget refers to"),
+    max_drop: Optional[float] = typer.Option(None, help="an accuracy budget instead of --budget: the cheapest of "
+                                                        "the KV budgets 1/64 ... 1/2 whose greedy accuracy on the "
+                                                        "calibration tasks (at --length) is within this of exact's"),
+    check_samples: int = typer.Option(2, min=1, help="--max-drop: prompts per calibration task scored per budget"),
     param: Optional[list[str]] = typer.Option(None, "--param", "-p", help="calibrator parameter NAME=VALUE "
                                                                            "(repeatable; e.g. window=128)"),
     out: Optional[Path] = typer.Option(None, help="where to write the plan (JSON)"),
@@ -61,7 +65,12 @@ def calibrate(
             torch.set_num_threads(threads)
         lm, tokenizer = model_store.load(model)
         start = time.perf_counter()
-        plan = cal.run(lm, tokenizer, model_name=model)
+        if max_drop is None:
+            plan = cal.run(lm, tokenizer, model_name=model)
+        else:
+            from .budget import cheapest_within
+
+            plan = cheapest_within(cal, lm, tokenizer, max_drop, samples=check_samples, model_name=model)
         plan.save(out)
     except AttnZooError as e:
         _fail(e)
@@ -69,6 +78,10 @@ def calibrate(
     console.print(f"attnzoo plan: {calibrator} on {model} in {time.perf_counter() - start:.1f} s: {full} of "
                   f"{plan.shapes['layers'] * plan.shapes['heads_kv']} KV heads keep the full cache; "
                   f"{plan.kv_fraction(length):.3f} of the KV at {length} tokens → {out}")
+    if max_drop is not None:
+        md = plan.calibrator["max_drop"]
+        console.print(f"accuracy on {', '.join(md['tasks'])}: exact {md['exact']:.3f}; tried "
+                      + "; ".join(f"{t['budget']:g}: {t['accuracy']:.3f}" for t in md["tried"]))
 
 
 @app.command("show")

@@ -63,26 +63,30 @@ class ZipVL(Calibrator):
                                f"tokens per head at length {self.length}, fewer than observe + 1 ({self.observe + 1})")
 
     def profile(self, model, tokenizer=None) -> list[torch.Tensor]:
-        """Per prompt, ``(layers, heads_kv or 1, start)`` observed masses."""
+        """Per prompt, ``(layers, heads_kv, start)`` observed masses."""
         out = []
         for ids, start in calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed,
                                               self.tasks):
             layers = []
             for q, k, _ in capture(model, ids):
                 mass = observed_mass(q, k, start, self.observe, q.shape[1] // heads_kv_of(model))
-                layers.append(mass.sum(0, keepdim=True) if self.per == "layer" else mass)
+                layers.append(mass)
             out.append(torch.stack(layers))
         return out
 
     def ratios(self, masses: list[torch.Tensor], top_p: float) -> torch.Tensor:
-        """``(layers, heads_kv or 1)``: mean over prompts of each head's top-p ratio."""
-        return torch.stack([top_p_ratio(m, top_p) for m in masses]).mean(0)
+        """``(layers, heads_kv)``: mean over prompts of each head's top-p ratio (``per="layer"``: the layer's)."""
+        return torch.stack([top_p_ratio(m.sum(1, keepdim=True) if self.per == "layer" else m, top_p)
+                            .expand(-1, m.shape[1]) for m in masses]).mean(0)
 
     def held(self, ratio: float) -> int:
         return min(self.length, max(self.observe + 1, round(ratio * self.length)))
 
     def choose(self, model, tokenizer=None):
-        masses = self.profile(model, tokenizer)
+        return self.allocate(self.profile(model, tokenizer))
+
+    def allocate(self, masses: list[torch.Tensor]):
+        """Choices and ratios from a :meth:`profile` (one profile serves every budget)."""
         if self.top_p is None:  # the largest share whose plan's mean held share fits the budget (bisection)
             lo, hi = 0.0, 1.0
             for _ in range(30):
@@ -91,7 +95,7 @@ class ZipVL(Calibrator):
                     (self.length * self.ratios(masses, mid).numel()) <= self.budget
                 lo, hi = (mid, hi) if fits else (lo, mid)
             self.top_p = max(lo, 1e-6)  # recorded in the plan's calibrator params
-        ratios = self.ratios(masses, self.top_p).expand(-1, heads_kv_of(model)).float()
+        ratios = self.ratios(masses, self.top_p).float()
 
         def choice(ratio: float):
             if self.held(ratio) >= self.length:
