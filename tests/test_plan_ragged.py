@@ -12,15 +12,7 @@ import torch
 from attnzoo.cache import KVCache
 from attnzoo.cache.ragged import RaggedSnapKV
 
-TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_cache import TOL, _one_thread  # noqa: F401  (the tolerance; one torch thread for tiny matmuls)
 
 
 def _qkv(B=2, Hq=6, Hkv=3, N=120, D=16, seed=0):
