@@ -360,15 +360,15 @@ def torch_mod_note(score_mod) -> str:
     from .core.scoremod import DistanceBias, capped_parts
     if isinstance(score_mod, DistanceBias):
         return ("score_mod: a distance bias (alibi, relative_bias, their sums) inside PyTorch's fused CPU kernel as its "
-                "additive mask (exact family, banded layouts); other layouts: the block-sparse slot loop")
+                "additive mask (exact family and every fused sparse path)")
     parts = capped_parts(score_mod)
     if parts is None:
         name = getattr(score_mod, "__name__", type(score_mod).__name__)
         return (f"score_mod {name!r}: Python code, which no fused kernel can run: the exact family's row-wise tiled "
                 "forward (eager ops), sparse methods the block-sparse slot loop")
     where = ("the exact family and every fused sparse path (band, token union, gathered units)" if parts[0] is None
-             else "with the bias as its mask: the exact family without key padding and banded layouts (others: the "
-                  "row-wise tiled forward / the slot loop)")
+             else "with the bias as its mask: every fused sparse path and the exact family without key padding (with "
+                  "it: the row-wise tiled forward)")
     state = {None: " (compiled on first use)", True: "",
              False: "; not built here (no compiler?): instead the exact family's row-wise tiled forward and the "
                     "block-sparse slot loop"}[capped.built()]

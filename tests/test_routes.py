@@ -773,12 +773,14 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("path,Nq,Nk,causal", [("band", 21, 28, True), ("band", 24, 24, False),
                                                ("fused", 24, 24, True), ("fused", 21, 28, True),
-                                               ("token union", 21, 28, True), ("fused tokens", 24, 24, False)])
+                                               ("token union", 21, 28, True), ("fused tokens", 24, 24, False),
+                                               ("fused, per query head", 21, 28, True),
+                                               ("token union, per query head", 24, 24, False)])
 @pytest.mark.parametrize("which", ["softcap", "bias_softcap", "alibi"])
 def test_fused_sparse_paths_run_mods_like_the_slot_loop_and_the_dense_reference(path, Nq, Nk, causal, which):
     """Each fused forward path of the block-sparse executor (``blocksparse.forward_path``) with each built-in
-    mod it takes: a soft cap on every path (``core.capped``), a distance bias alone or followed by a soft cap
-    on the band path (others run the slot loop, and say so). Values and lse equal the slot loop's and the
+    mod: a distance bias as the values of the path's masks, a soft cap (alone or after a bias) on
+    ``core.capped``'s kernel. Values and lse equal the slot loop's and the
     dense float64 reference restricted to the layout's keys; gradients (the recomputing backward) to q, k,
     v and the bias table equal the reference's. GQA, strided q/k/v, causal with Nq != Nk."""
     from attnzoo.core import blocksparse as bs
@@ -788,18 +790,21 @@ def test_fused_sparse_paths_run_mods_like_the_slot_loop_and_the_dense_reference(
         pytest.skip("the soft-cap extension did not build here")
     q, k, v = (_strided(t) for t in qkv(B=2, Hq=4, Hkv=2, Nq=Nq, Nk=Nk, seed=Nq + Nk))
     g = torch.Generator().manual_seed(7)
+    path, per_q = path.split(", per")[0], ", per" in path
+    lh = 4 if per_q else 2  # layout heads: every query head its own, or one per KV head (shared by its group)
     if path == "band":
         (layout,) = az.get("sliding_window", window=6, block=4).layouts(q, k, causal=causal)
     elif path == "fused":  # a random block layout per KV head (the causal diagonal block always kept)
         nqb, nkb = -(-Nq // 4), -(-Nk // 4)
-        pick = torch.rand(1, 2, nqb, nkb, generator=g) < 0.4
+        pick = torch.rand(1, lh, nqb, nkb, generator=g) < 0.4
         pick |= torch.arange(nkb)[None, :] == (torch.arange(nqb)[:, None] * 4 + Nk - Nq) // 4
         if Nq == Nk:  # nothing above the diagonal: only the diagonal blocks need masks (``_attend_diagonal``)
             pick = pick.tril()
         layout = BlockLayout.from_block_mask(pick, block_q=4, block_k=4, len_q=Nq, len_k=Nk, causal=causal)
     elif path == "token union":  # every query group reads the same few keys
-        keys = torch.tensor([0, 1, 5, 9, 13, 20, 27])
-        layout = TokenLayout(keys.expand(1, 1, -(-Nq // 3), -1), 3, Nq, Nk)
+        keys = torch.tensor([0, 1, 5, 9, 13, 17, 20])
+        keys = torch.stack([keys + (h if per_q else 0) for h in range(lh)])  # (lh, 7)
+        layout = TokenLayout(keys[None, :, None].expand(1, lh, -(-Nq // 3), -1), 3, Nq, Nk)
     else:  # each query group its own keys: a union too large for one dense call
         keys = torch.stack([torch.randperm(Nk, generator=g)[:6].sort().values for _ in range(-(-Nq // 3))])
         layout = TokenLayout(keys.view(1, 1, -1, 6), 3, Nq, Nk)
@@ -814,8 +819,8 @@ def test_fused_sparse_paths_run_mods_like_the_slot_loop_and_the_dense_reference(
     }[which]
     scale = q.shape[-1] ** -0.5
     kind = "fused" if path == "fused tokens" else path
-    expect = kind if which == "softcap" or kind == "band" else "slot loop"
-    assert bs.forward_path(q, k, v, layout, causal=causal, score_mod=score_mod) == expect
+    assert bs.forward_path(q, k, v, layout, causal=causal, score_mod=score_mod) == kind
+    assert bs.forward_path(q, k, v, layout, causal=causal, score_mod=lambda s, *_: s) == "slot loop"
 
     def run():
         return bs.attend(q, k, v, layout, scale=scale, causal=causal, score_mod=score_mod)

@@ -32,7 +32,7 @@ from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
 from .masks import call_mask_mod
 from .override import Override
 from .partial import OnlineSoftmax, Partial, Recomputed, grad_inputs, grad_step, merge
-from .scoremod import ModHook, ScoreMod
+from .scoremod import DistanceBias, ModHook, ScoreMod
 
 #: :func:`attend`'s replacement inside ``LAYOUT_ENGINE.use(impl)`` (a kernel backend; no custom query positions)
 LAYOUT_ENGINE = Override("attnzoo_layout_engine")
@@ -115,9 +115,10 @@ class _Plan:
         return t.reshape(B, self.heads_q, nq * self.rows, X)[:, :, :self.len_q]
 
     # ------------------------------------------------------------ one slot
-    def mod_index(self, u: torch.Tensor, batch: int):
+    def mod_index(self, u: torch.Tensor, batch: int, blocks: slice = slice(None)):
         """``(b, h, q_idx, kv_idx)`` of the score_mod, broadcastable to a slot's scores ``(B, Hkv, Gl, nq, R, W)``:
-        query heads ``h`` (rows are ``gr`` query heads of ``rows`` positions), key positions of the units ``u``."""
+        query heads ``h`` (rows are ``gr`` query heads of ``rows`` positions), key positions of the units ``u``
+        (of the query blocks ``blocks``)."""
         dev = u.device
         gr, R = self.heads_q // self.heads_kv // self.gl, self.q_pos.shape[-1]
         head = (torch.arange(self.heads_kv, device=dev).view(-1, 1) * self.gl + torch.arange(self.gl, device=dev))
@@ -125,7 +126,8 @@ class _Plan:
             1, 1, 1, 1, R, 1)
         kpos = (u.unsqueeze(-1) * self.unit + torch.arange(self.unit, device=dev)).flatten(-2)
         return (torch.arange(batch, device=dev).view(batch, 1, 1, 1, 1, 1), h,
-                self.q_pos.clamp(max=self.len_k - 1).unsqueeze(-1), kpos.clamp(0, self.len_k - 1).unsqueeze(-2))
+                self.q_pos[:, :, :, blocks].clamp(max=self.len_k - 1).unsqueeze(-1),
+                kpos.clamp(0, self.len_k - 1).unsqueeze(-2))
 
     def flat_index(self, u: torch.Tensor, batch: int) -> torch.Tensor:
         """Row indices into the ``(B·Hkv·n_units, unit·X)`` view of K or V: ``(B, Hkv, Gl, n, U)``."""
@@ -312,13 +314,14 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
     :mod:`attnzoo.core.capped`.
     """
     B, D = q.shape[0], q.shape[3]
-    cap = _cap(plan)
+    bias, cap = _fused_mod(plan)
     qb = plan.to_rows(q)  # (B, Hkv, Gl, nq, R, D)
     lead, (nq, R) = qb.shape[:3], qb.shape[3:5]
     tag = "fused" if units is None else "masked"
     if units is None:
         units = plan.units.flatten(-2)  # (Bl, H1, Gl, nq, U): every slot of a query block
-        if pad is None and plan.mask_mod is None and not plan.custom_positions and not plan.always_mask:
+        if (pad is None and plan.mask_mod is None and not plan.custom_positions and not plan.always_mask
+                and bias is None):
             clean, counts, masked = _split_clean(plan, units)
             parts = [_attend_clean(qb, k, v, plan, clean, counts, cap)]
             if masked.shape[-1]:
@@ -338,7 +341,7 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
     # a reused layout keeps its masks, ready for the kernel (the same on every call without padding or custom
     # positions): evaluating a mask_mod and converting it to the kernel's additive form cost more than the kernel
     cache = plan.mask_cache if (plan.mask_cache is not None and pad is None and not plan.custom_positions
-                                and math.prod(units.shape[:4]) * R * width <= _FUSED_MASK_CACHE) else None
+                                and bias is None and math.prod(units.shape[:4]) * R * width <= _FUSED_MASK_CACHE) else None
     for n0 in range(0, nq, step):
         n1 = min(nq, n0 + step)
         u = units[:, :, :, n0:n1]
@@ -348,7 +351,12 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
         masks = cache.get(key) if cache is not None else None
         if masks is None:
             mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), pad_flat, B)
-            masks = additive_mask(mask, q.dtype), mask.any(-1, keepdim=True)  # (.., n, R, W), rows with a key
+            add = additive_mask(mask, q.dtype)
+            if bias is not None:  # a distance bias: the mask's values (per query head)
+                idx = plan.mod_index(u, 1, slice(n0, n1))
+                with torch.no_grad():
+                    add = bias(add.expand(torch.broadcast_shapes(add.shape, *(t.shape for t in idx))).clone(), *idx)
+            masks = add, mask.any(-1, keepdim=True)  # (.., n, R, W), rows with a key
             if cache is not None:
                 cache[key] = masks
         heads = lead if math.prod(masks[0].shape[:3]) > 1 else (1, 1, 1)  # a mask shared by all heads broadcasts
@@ -386,9 +394,12 @@ def _split_clean(plan: _Plan, units: torch.Tensor):
     return units.gather(-1, order), clean.sum(-1), masked
 
 
-def _cap(plan: _Plan) -> float | None:
-    """The soft cap the fused paths apply (a plan reaches them with no score_mod or a soft cap alone)."""
-    return None if plan.mod is None else plan.mod.capped[1]
+def _fused_mod(plan: _Plan) -> tuple[DistanceBias | None, float | None]:
+    """``(bias, cap)``: the distance bias the fused paths add to their masks and the soft cap they apply
+    after it (the only mods that reach them)."""
+    if plan.mod is None:
+        return None, None
+    return (plan.mod.distance, None) if plan.mod.distance is not None else plan.mod.capped
 
 
 def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan,
@@ -457,19 +468,17 @@ def _route(plan: _Plan, layout: Layout, fused: bool):
     kernel) or ``slot loop`` (:func:`_forward`, the generic path)."""
     if not fused:
         return "slot loop", lambda q, k, v, pad: _forward(q, k, v, pad, plan)
-    bias, cap = (None, None) if plan.mod is None else (
-        (plan.mod.distance, None) if plan.mod.distance is not None else plan.mod.capped)
+    bias, cap = _fused_mod(plan)  # a distance bias joins each path's masks as their values
     band = _cached_band_plan(layout, plan.causal) if isinstance(layout, BlockLayout) else None
-    if band is not None:  # a distance bias joins its masks as their values
+    if band is not None:
         return "band", lambda q, k, v, pad: attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad,
                                                         bias=bias, cap=cap)
-    if bias is not None:  # the other fused paths take no bias
-        return "slot loop", lambda q, k, v, pad: _forward(q, k, v, pad, plan)
     if isinstance(layout, TokenLayout):
         keys, member = layout.union()
         if 0 < keys.shape[-1] <= 2 * layout.kv_tokens.shape[-1]:  # dense over the union beats per-group gathers
             return "token union", lambda q, k, v, pad: attend_token_union(
-                q, k, v, layout, keys, member, scale=plan.scale, causal=plan.causal, key_padding_mask=pad, cap=cap)
+                q, k, v, layout, keys, member, scale=plan.scale, causal=plan.causal, key_padding_mask=pad,
+                bias=bias, cap=cap)
     return "fused", lambda q, k, v, pad: _forward_fused(q, k, v, pad, plan)
 
 
@@ -483,10 +492,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     gathered subset of query rows. ``score_mod`` (:mod:`attnzoo.mods`; it sees
     those positions as ``q_idx``) modifies each slot's scores in the forward and
     in the recomputing backward. The fused CPU forward paths (:mod:`attnzoo.core.fused`)
-    take a soft cap alone (every path, on :mod:`attnzoo.core.capped`'s kernel); the band
-    path also a distance bias (:class:`~attnzoo.core.scoremod.DistanceBias`: ALiBi,
-    relative-position tables, as additive masks), alone or followed by a soft cap; any
-    other mod runs the generic slot loop (:func:`forward_path` says which runs).
+    take a distance bias (:class:`~attnzoo.core.scoremod.DistanceBias`: ALiBi,
+    relative-position tables) as the values of their additive masks, and a soft cap
+    (alone or after such a bias) on :mod:`attnzoo.core.capped`'s kernel; any other mod
+    (a user function) runs the generic slot loop (:func:`forward_path` says which runs).
     """
     if not isinstance(layout, (BlockLayout, TokenLayout)):
         raise AttnZooError(f"layout: expected a BlockLayout or TokenLayout, got {type(layout).__name__}")
@@ -523,7 +532,7 @@ def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
                  q_positions: torch.Tensor | None = None, score_mod: ScoreMod | None = None) -> str:
     """Which forward path :func:`attend` takes for this call: ``band``, ``token union``, ``fused`` (PyTorch's
     fused CPU kernel, or with a soft cap :mod:`attnzoo.core.capped`'s) or ``slot loop`` (the generic
-    executor: other devices, custom query positions, user score_mods, a distance bias off the band path)."""
+    executor: other devices, custom query positions, user score_mods)."""
     return _plan_and_route(q, k, v, layout, 1.0, causal, q_positions, score_mod)[1][0]
 
 

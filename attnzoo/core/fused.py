@@ -185,15 +185,16 @@ _CAUSAL_ROWS = 256
 
 def attend_token_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, keys: torch.Tensor,
                        member: torch.Tensor, *, scale: float, causal: bool,
-                       key_padding_mask: torch.Tensor | None = None,
+                       key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None,
                        cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A token layout as one dense attention per head over the union of its keys (``TokenLayout.union``).
 
     Each query row sees the union keys its group reads (``member``), ∩ causal,
     ``mask_mod`` and padding. With ``Hl`` of 1 or Hkv the query heads of a KV
     head are folded into rows; per-query-head layouts gather keys per query head.
-    Rows are processed in chunks of ``MASK_CHUNK`` mask elements. A soft ``cap`` runs on
-    :mod:`attnzoo.core.capped`.
+    Rows are processed in chunks of ``MASK_CHUNK`` mask elements. A distance ``bias`` joins the mask
+    as its values (:func:`_token_bias`, per query head, so it varies along folded rows too); a soft
+    ``cap`` (after it) runs on :mod:`attnzoo.core.capped`.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -237,12 +238,29 @@ def attend_token_union(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout
                                       keys[..., :t].clamp(0, Nk - 1).unsqueeze(2))
         vis = vis.expand(vis.shape[0], H, r1 - r0, t).unsqueeze(2).expand(-1, -1, fold, -1, -1)
         mask = vis.reshape(vis.shape[0], H, fold * (r1 - r0), t)
+        add = mask if bias is None else _token_bias(bias, keys[..., :t], q_idx + Nk - Nq, mask, groups, q.dtype)
         o, l = fix_empty_rows(*fused_kernel(qf[:, :, :, r0:r1].reshape(B, H, -1, D), kg[:, :, :t], vg[:, :, :t],
-                                            mask, scale, cap), mask)
+                                            add, scale, cap), mask)
         outs.append(o.reshape(B, H, fold, r1 - r0, D))
         lses.append(l.reshape(B, H, fold, r1 - r0))
     out, lse = (torch.cat(t, 3) if len(t) > 1 else t[0] for t in (outs, lses))
     return out.reshape(B, Hq, Nq, D), lse.to(torch.promote_types(torch.float32, q.dtype)).reshape(B, Hq, Nq)
+
+
+def _token_bias(bias: DistanceBias, keys: torch.Tensor, q_pos: torch.Tensor, mask: torch.Tensor, groups: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask of :func:`attend_token_union`'s rows under a distance bias: ``mask (X, H, fold·n, t)``
+    (query head ``H_idx·fold + f``, rows ``q_pos (n,)``) with the bias of key positions ``keys (Bl, Hl, t)``."""
+    X, H, rows, t = mask.shape
+    fold, n = rows // q_pos.numel(), q_pos.numel()
+    Hq = H * fold
+    kv = keys if keys.shape[1] in (1, Hq) else keys.repeat_interleave(groups, 1)  # key positions per query head
+    h = torch.arange(Hq, device=mask.device).view(1, Hq, 1, 1)
+    with torch.no_grad():
+        add = torch.zeros(X, Hq, n, t, dtype=dtype, device=mask.device)
+        add = bias(add, torch.zeros(1, 1, 1, 1, dtype=torch.long, device=mask.device), h, q_pos.view(1, 1, n, 1),
+                   kv.clamp(min=0).unsqueeze(2))
+        return add.view(X, H, rows, t).masked_fill_(~mask, -math.inf)
 
 
 def fix_empty_rows(out: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
