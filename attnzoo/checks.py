@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,11 +73,95 @@ def check_finite(name: str, t: torch.Tensor) -> float | None:
     """
     if not CHECK_FINITE or not t.numel() or t.device.type == "meta":
         return None
+    known = vouched_peak(t)
+    if known is not None:
+        return known
     with torch.no_grad():
         peak = _peak(t)
     if not math.isfinite(peak):
         raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
     return peak
+
+
+#: (tensor, its version, its max |t|) entries :func:`check_finite` trusts without a pass (see :func:`vouched`)
+_VOUCHED: ContextVar[tuple] = ContextVar("attnzoo_vouched", default=())
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """``t._version`` (None for inference-mode tensors, which keep no version counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+@contextmanager
+def vouched(*peaks: tuple[torch.Tensor, float | None]):
+    """Within the block, :func:`check_finite` of exactly these tensor objects (unchanged since: the same
+    ``_version``) returns the given ``max |t|`` without a pass over them.
+
+    For callers that already know a tensor's peak at less cost than a scan: a decode loop's growing K/V,
+    whose earlier rows were scanned by earlier calls (:class:`GrowingScan`). Entries with peak None are
+    ignored.
+    """
+    entries = tuple((t, _version(t), float(p)) for t, p in peaks if p is not None)
+    token = _VOUCHED.set(_VOUCHED.get() + entries)
+    try:
+        yield
+    finally:
+        _VOUCHED.reset(token)
+
+
+def vouched_peak(t: torch.Tensor) -> float | None:
+    """The peak :func:`vouched` holds for the tensor object ``t`` (None if none, or ``t`` changed since)."""
+    for known, version, peak in _VOUCHED.get():
+        if known is t and _version(t) == version:
+            return peak
+    return None
+
+
+class GrowingScan:
+    """``max |k|`` and ``max |v|`` of a key/value sequence that grows between calls, scanning only new rows.
+
+    A decode loop hands attention the whole cache at every step (transformers' DynamicCache: ``(B, H, N, D)``
+    with ``N`` growing); rescanning it for NaN/inf costs as much as the attention itself. Rows ``[0, n)``
+    scanned by the previous call are trusted when this call continues that sequence: the same batch, heads,
+    head dims, dtype and device, at least ``n`` earlier rows besides its own ``new`` ones, and row ``n - 1``
+    of k and v unchanged (one kept row per head). Anything else (a new prompt, a crop, a beam-search
+    reorder) is scanned whole. A row changed in place in the middle of a cache between calls is not seen
+    here; the NaN it would cause is refused by the output check (:func:`check_result`) instead.
+    """
+
+    def __init__(self) -> None:
+        self._rows = 0
+        self._signature: tuple | None = None
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._peaks = (0.0, 0.0)
+        #: elements of k and v the last call scanned (tests count them)
+        self.scanned = 0
+
+    def peaks(self, k: torch.Tensor, v: torch.Tensor, new: int) -> tuple[float | None, float | None]:
+        """``(max |k|, max |v|)`` over all rows of ``k``/``v`` ``(B, H, N, D)``, whose last ``new`` rows are
+        this call's own; raises AttnZooError on NaN/inf in the rows scanned. ``(None, None)`` when skipped."""
+        if (not CHECK_FINITE or not all(isinstance(t, torch.Tensor) and t.dim() == 4 and t.numel() for t in (k, v))
+                or v.shape[2] != k.shape[2] or k.device.type == "meta"):
+            return None, None  # nothing to vouch for: check_qkv scans (or explains what is wrong)
+        n = k.shape[2]
+        signature = (tuple(k.shape[:2]), tuple(v.shape[:2]), k.shape[3], v.shape[3], k.dtype, v.dtype, k.device)
+        start = 0
+        with torch.no_grad():
+            if self._signature == signature and 0 < self._rows <= n - new:
+                row = self._rows - 1
+                if torch.equal(k[:, :, row], self._last[0]) and torch.equal(v[:, :, row], self._last[1]):
+                    start = self._rows
+            k_new, v_new = k[:, :, start:], v[:, :, start:]
+            k_max, v_max = check_finite("k", k_new), check_finite("v", v_new)
+            self.scanned = k_new.numel() + v_new.numel()
+            if start:
+                k_max, v_max = max(k_max, self._peaks[0]), max(v_max, self._peaks[1])
+            self._rows, self._signature, self._peaks = n, signature, (k_max, v_max)
+            self._last = (k[:, :, n - 1].clone(), v[:, :, n - 1].clone())
+        return k_max, v_max
 
 
 def check_qkv(
@@ -161,15 +247,19 @@ def check_result(method: str, out: torch.Tensor, prob: Problem) -> None:
 
     Softmax methods cannot overflow below :func:`check_logit_range`'s bound; methods
     without a normaliser (linear attention) scale their output with ``q·k`` and
-    can, as can any result cast to float16. One pass over the output.
+    can, as can any result cast to float16. It also catches what an incremental
+    input scan cannot see (:class:`GrowingScan`: a cached row changed in place after
+    an earlier step scanned it). One pass over the output.
     """
     if not CHECK_FINITE or not out.numel() or out.device.type == "meta":
         return
     with torch.no_grad():
         finite = math.isfinite(_peak(out))
     if not finite:
-        raise AttnZooError(f"{method}: the result overflows {str(out.dtype).replace('torch.', '')} for these "
-                           f"inputs (scale={prob.scale:.3g}); use a smaller scale or rescale the inputs q/k/v")
+        raise AttnZooError(f"{method}: the result is not finite: it overflows {str(out.dtype).replace('torch.', '')} "
+                           f"for these inputs (scale={prob.scale:.3g}); use a smaller scale or rescale the inputs "
+                           "q/k/v (or, in a decode loop, a cached key/value was set to NaN/inf after an earlier "
+                           "step scanned it)")
 
 
 def check_padding_mask(mask: object, batch: int, len_k: int, device: torch.device) -> None:

@@ -521,3 +521,91 @@ def test_gqa_per_head_gather_matches_naive_float64():
     ref = attnzoo.attention(q, k, v, method="naive", causal=True, scale=0.3, key_padding_mask=keep)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     assert not math.isnan(float(out.sum()))
+
+
+# ------------------------------------------- input scans of a growing cache
+def _scan_counter(monkeypatch):
+    """Record the element count of every tensor attnzoo scans for NaN/inf."""
+    from attnzoo import checks
+
+    counts = []
+    peak = checks._peak
+    monkeypatch.setattr(checks, "_peak", lambda t: (counts.append(t.numel()), peak(t))[1])
+    return counts
+
+
+@pytest.mark.parametrize("plan", ["exact", {0: "exact", 1: ["exact", "naive", "exact", "exact_tiled"]}])
+def test_decode_steps_on_a_dynamic_cache_scan_only_the_new_keys(monkeypatch, plan):
+    """With transformers' DynamicCache every step hands attention the whole cache; the NaN/inf scan per decode
+    step must not grow with the context (it scanned all of K and V at every step of every layer before)."""
+    model = tiny_decoder("llama")
+    azhf.apply(model, plan)
+    counts = _scan_counter(monkeypatch)
+    per_step = {}
+    for length in (12, 60):
+        ids, mask = padded_batch(length=length)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache, step_ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+            for _ in range(4):
+                del counts[:]
+                out = model(input_ids=step_ids, attention_mask=mask, cache=cache, use_cache=True)
+                step_ids = out.logits[:, -1:].argmax(-1)
+                mask = torch.cat([mask, torch.ones_like(step_ids)], dim=1)
+                per_step.setdefault(length, []).append(sum(counts))
+    # per layer: q (2·4 heads·16), one new row of k and v (2·2·16 each), the output (2·4·16)
+    assert per_step[12] == per_step[60] == [2 * (128 + 64 + 64 + 128)] * 4
+    scans = [m.__dict__["_attnzoo_scan"] for ms in azhf.attention_layers(model).values() for m in ms]
+    assert all(s.scanned == 2 * 64 for s in scans)
+    azhf.remove(model)
+    assert not any("_attnzoo_scan" in m.__dict__ for ms in azhf.attention_layers(model).values() for m in ms)
+
+
+def test_growing_scan_trusts_only_a_continued_sequence():
+    from attnzoo.checks import GrowingScan
+
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 3, 10, 4, generator=gen), torch.randn(2, 3, 10, 5, generator=gen)
+    scan = GrowingScan()
+    peaks = scan.peaks(k[:, :, :8], v[:, :, :8], new=8)
+    assert scan.scanned == 2 * 3 * 8 * 9 and peaks == (float(k[:, :, :8].abs().max()), float(v[:, :, :8].abs().max()))
+    assert scan.peaks(k[:, :, :9], v[:, :, :9], new=1) == (float(k[:, :, :9].abs().max()),
+                                                           float(v[:, :, :9].abs().max()))
+    assert scan.scanned == 2 * 3 * 9  # only row 8
+    bad = k[:, :, :10].clone()
+    bad[1, 2, 9, 0] = math.nan  # a NaN in the appended row is caught before any attention
+    with pytest.raises(attnzoo.AttnZooError, match="k: contains NaN or inf"):
+        scan.peaks(bad, v, new=1)
+    scan.peaks(k, v, new=1)
+    assert scan.scanned == 2 * 3 * 9
+    # a new prompt, a crop, a beam reorder, new-token counts that overlap scanned rows: scanned whole
+    for kk, vv, new in ((k.flip(2), v.flip(2), 1), (k[:, :, :9], v[:, :, :9], 1), (k[[1, 0]], v[[1, 0]], 1),
+                        (k, v, 2), (k[:, :, :5], v[:, :, :5], 1)):
+        scan.peaks(k, v, new=10)  # reset to "10 rows scanned"
+        scan.peaks(torch.cat([kk, kk[:, :, :1]], 2), torch.cat([vv, vv[:, :, :1]], 2), new=new)
+        assert scan.scanned == kk.numel() + vv.numel() + kk[:, :, :1].numel() + vv[:, :, :1].numel()
+    # the kept row changed (here to inf): not trusted, so the change is found
+    scan.peaks(k, v, new=10)
+    changed = k.clone()
+    changed[0, 0, 9, 1] = math.inf
+    with pytest.raises(attnzoo.AttnZooError, match="k: contains NaN or inf"):
+        scan.peaks(torch.cat([changed, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2), new=1)
+
+
+def test_a_cached_key_changed_in_place_after_its_scan_is_refused_by_the_output_check():
+    """Rows an earlier step scanned are trusted (the scan is O(new tokens)); one changed in place in the middle
+    of the cache afterwards is not seen by the input scan, and the NaN it causes is refused, not returned."""
+    model = tiny_decoder("llama")
+    azhf.apply(model, "exact")
+    ids, mask = padded_batch(pad=(0, 0))
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = out.past_key_values
+        cache.layers[1].values[0, 1, 5, 3] = math.nan
+        with pytest.raises(attnzoo.AttnZooError, match="exact: the result .*not finite"):
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+        cache.layers[1].values[0, 1, 5, 3] = 0.0
+        cache.layers[1].keys[0, 1, -1, 3] = math.nan  # the row the scan keeps: the change is caught before attention
+        with pytest.raises(attnzoo.AttnZooError, match="k: contains NaN or inf"):
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 
-from .. import mods, registry
+from .. import checks, mods, registry
 from ..core.masks import causal_mask
 from ..errors import AttnZooError, UnsupportedError
 from .plan import HeadGroup, LayerSpec
@@ -34,6 +34,8 @@ ATTN_NAME = "attnzoo"
 SPEC_ATTR = "_attnzoo_spec"
 #: attribute holding a list that records (q, k, v) of every call (capture_qkv)
 CAPTURE_ATTR = "_attnzoo_capture"
+#: attribute holding a module's :class:`~attnzoo.checks.GrowingScan` (its cached K/V scanned once per row)
+SCAN_ATTR = "_attnzoo_scan"
 #: attribute a KV cache layer sets on the key tensor its ``update`` returns (see attnzoo.hf.cache)
 CACHE_TAG = "_attnzoo_cache_layer"
 #: methods that compute exact softmax attention (the only ones a sliding window or a KV cache policy can wrap)
@@ -281,11 +283,14 @@ def run_spec(spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: tor
                            f"query has {heads_q}")
     per_kv = heads_q // heads_kv
     out = query.new_empty(*query.shape[:3], value.shape[-1])
+    peaks = checks.vouched_peak(key), checks.vouched_peak(value)  # the whole K/V's bound their head subsets'
     for g in groups:
         idx = torch.tensor(g.heads, device=query.device)
         kv_idx = idx // per_kv  # each selected query head with its own KV head (plain multi-head attention)
-        out[:, idx] = g.method(query[:, idx], key[:, kv_idx], value[:, kv_idx], causal=causal, scale=scale,
-                               key_padding_mask=key_padding_mask, **routes.call_kwargs(idx))
+        k_g, v_g = key[:, kv_idx], value[:, kv_idx]
+        with checks.vouched((k_g, peaks[0]), (v_g, peaks[1])):
+            out[:, idx] = g.method(query[:, idx], k_g, v_g, causal=causal, scale=scale,
+                                   key_padding_mask=key_padding_mask, **routes.call_kwargs(idx))
     return out
 
 
@@ -322,15 +327,28 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             routes = dataclasses.replace(routes, cu_seqlens=geo.cu_seqlens)
     if geo.len_k < key.shape[2]:
         key, value = key[:, :, :geo.len_k], value[:, :, :geo.len_k]
+    peaks = (None, None)
+    if routes.cu_seqlens is None:  # a decode step scans only the keys and values it appended
+        peaks = _scan(module).peaks(key, value, new=query.shape[2])
     if geo.window is not None:
         if routes.score_mod is None:
             spec = windowed(spec, geo.window)
         else:  # an exact method carries both: the window joins the score_mod
             exact_only(spec, f"the model's sliding window ({geo.window}) together with soft-capping")
             routes = dataclasses.replace(routes, score_mod=mods.compose(routes.score_mod, window_mod(geo.window)))
-    out = run_spec(spec, query, key, value, causal=geo.causal, scale=scaling, key_padding_mask=geo.key_padding_mask,
-                   overrides=overrides, routes=routes)
+    with checks.vouched((key, peaks[0]), (value, peaks[1])):
+        out = run_spec(spec, query, key, value, causal=geo.causal, scale=scaling,
+                       key_padding_mask=geo.key_padding_mask, overrides=overrides, routes=routes)
     return out.transpose(1, 2), None
+
+
+def _scan(module: torch.nn.Module) -> checks.GrowingScan:
+    """The module's running NaN/inf scan of the K/V it receives: transformers' own caches hand attention the
+    whole cache at every step, and scanning it all again per layer per step costs as much as the attention."""
+    scan = module.__dict__.get(SCAN_ATTR)
+    if scan is None:
+        scan = module.__dict__[SCAN_ATTR] = checks.GrowingScan()
+    return scan
 
 
 def exact_only(spec: LayerSpec, what: str) -> None:

@@ -14,7 +14,7 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from ..errors import AttnZooError, UnsupportedError
 from ..plan.file import Plan as PlanFile
 from . import plan as plans
-from .adapter import ATTN_NAME, CAPTURE_ATTR, SPEC_ATTR, attnzoo_attention, attnzoo_mask
+from .adapter import ATTN_NAME, CAPTURE_ATTR, SCAN_ATTR, SPEC_ATTR, attnzoo_attention, attnzoo_mask
 
 #: the transformers versions attnzoo.hf is written and tested for (also pyproject's ``hf`` extra)
 SUPPORTED_TRANSFORMERS = (5, 6)  # major versions: >= 5.0, < 6
@@ -124,8 +124,8 @@ def _check_mode(spec: plans.LayerSpec, causal: bool) -> None:
 def _clear(model: PreTrainedModel, layers: dict[int, list[torch.nn.Module]]) -> None:
     for ms in layers.values():
         for m in ms:
-            if hasattr(m, SPEC_ATTR):
-                delattr(m, SPEC_ATTR)
+            for attr in (SPEC_ATTR, SCAN_ATTR):
+                m.__dict__.pop(attr, None)
 
 
 def is_applied(model: torch.nn.Module) -> bool:
