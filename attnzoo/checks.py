@@ -61,7 +61,8 @@ def _peak(t: torch.Tensor) -> float:
     if not t.is_floating_point():
         return float(torch.linalg.vector_norm(t.to(torch.promote_types(t.dtype, torch.float32)), ord=math.inf))
     lo, hi = torch.aminmax(t)
-    return max(-float(lo), float(hi)) if not (math.isnan(float(lo)) or math.isnan(float(hi))) else math.nan
+    lo, hi = float(lo), float(hi)
+    return max(-lo, hi) if not (math.isnan(lo) or math.isnan(hi)) else math.nan
 
 
 def check_finite(name: str, t: torch.Tensor) -> float | None:
@@ -76,7 +77,10 @@ def check_finite(name: str, t: torch.Tensor) -> float | None:
     known = vouched_peak(t)
     if known is not None:
         return known
-    with torch.no_grad():
+    if t.requires_grad:
+        with torch.no_grad():
+            peak = _peak(t)
+    else:
         peak = _peak(t)
     if not math.isfinite(peak):
         raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
@@ -253,7 +257,10 @@ def check_result(method: str, out: torch.Tensor, prob: Problem) -> None:
     """
     if not CHECK_FINITE or not out.numel() or out.device.type == "meta":
         return
-    with torch.no_grad():
+    if out.requires_grad:
+        with torch.no_grad():
+            finite = math.isfinite(_peak(out))
+    else:
         finite = math.isfinite(_peak(out))
     if not finite:
         raise AttnZooError(f"{method}: the result is not finite: it overflows {str(out.dtype).replace('torch.', '')} "

@@ -411,18 +411,18 @@ class Method:
         counts = self.resolve_shares(prob.len_k)
         me = dataclasses.replace(self, **counts) if counts else self
         n = max(prob.len_q, prob.len_k)
-        over = {f.name: n for f in dataclasses.fields(me) if f.metadata.get("clamp")
-                and isinstance(getattr(me, f.name), int) and getattr(me, f.name) > n}
+        over = {name: n for name in _fitted_fields(type(self))[1]
+                if isinstance(getattr(me, name), int) and getattr(me, name) > n}
         return dataclasses.replace(me, **over) if over else me
 
     def resolve_shares(self, len_k: int) -> dict[str, int]:
         """``{name: count}`` for the ``share`` parameters given as a fraction, at ``len_k`` keys."""
         out = {}
-        for f in dataclasses.fields(self):
-            value, share = getattr(self, f.name), f.metadata.get("share")
-            if share and isinstance(value, float):
+        for name, share in _fitted_fields(type(self))[0]:
+            value = getattr(self, name)
+            if isinstance(value, float):
                 units = len_k if share == "keys" else -(-len_k // max(1, int(getattr(self, share))))
-                out[f.name] = max(1, math.ceil(value * units - 1e-9)) if value < 1 else int(value)
+                out[name] = max(1, math.ceil(value * units - 1e-9)) if value < 1 else int(value)
         return out
 
     def check_capabilities(self, prob: Problem, *, causal: bool, key_padding_mask: torch.Tensor | None,
@@ -468,6 +468,15 @@ class Method:
                 **inputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Compute ``(out, lse or None)`` on validated, non-empty inputs."""
         raise NotImplementedError
+
+
+@functools.cache
+def _fitted_fields(cls: type) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...]]:
+    """A method class's ``(share field, its unit)`` pairs and its ``clamp`` field names (what :meth:`Method.fit`
+    adjusts per call), found once per class rather than per call."""
+    fields = dataclasses.fields(cls)
+    return (tuple((f.name, f.metadata["share"]) for f in fields if f.metadata.get("share")),
+            tuple(f.name for f in fields if f.metadata.get("clamp")))
 
 
 def _wants_grad(*ts: torch.Tensor) -> bool:

@@ -133,6 +133,26 @@ def test_decode_steps_equal_one_shot(method):
     torch.testing.assert_close(torch.cat(pieces, dim=2), full, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_exact_decode_step_with_gqa_and_padding(causal, padded):
+    """One query per head (a decode step: causal or not, it sees every key) with grouped-query heads, where exact
+    runs the query group folded into rows; equals the float64 reference, half inputs included."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(2, 6, 1, 16, generator=gen), torch.randn(2, 2, 30, 16, generator=gen), \
+        torch.randn(2, 2, 30, 8, generator=gen)
+    mask = None
+    if padded:
+        mask = torch.ones(2, 30, dtype=torch.bool)
+        mask[1, :7] = False
+    ref, _ = reference(q, k, v, causal, mask)
+    assert_close_to_reference(az.attention(q, k, v, method="exact", causal=causal, key_padding_mask=mask), ref)
+    half = az.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), method="exact", causal=causal,
+                        key_padding_mask=mask)
+    assert half.dtype == torch.bfloat16 and half.shape == ref.shape
+    assert float((half.double() - ref).abs().max()) < 0.05
+
+
 @pytest.mark.parametrize("method", ["exact", "exact_tiled", "flash_decode", "naive"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_keep_their_dtype(method, dtype):

@@ -62,6 +62,12 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: 
     """
     len_q, len_k = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if len_q == 1:  # a decode step: bottom-right, its one query sees every key
+        causal = False
+        if gqa:  # the query group folded into rows, no mask needed (a grouped SDPA call is ~1.4x slower on CPU)
+            out = sdpa_attention(fold_groups(q, k.shape[1]), k, v, scale=scale, causal=False,
+                                 key_padding_mask=key_padding_mask)
+            return unfold_groups(out, q.shape[1])
     if key_padding_mask is None:
         if not causal:
             return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)

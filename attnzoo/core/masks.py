@@ -48,10 +48,10 @@ def empty_rows(len_q: int, len_k: int, *, causal: bool, key_padding_mask: torch.
 
     Costs O(B·(Nq + Nk)), never an ``Nq × Nk`` mask.
     """
+    if key_padding_mask is None and (not causal or len_q <= len_k):
+        return None
     last_pos = torch.arange(len_q, device=device) + (len_k - len_q)  # last visible key when causal
     if key_padding_mask is None:
-        if not causal or len_q <= len_k:
-            return None
         return (last_pos < 0).expand(batch, len_q).unsqueeze(1)
     any_kept = key_padding_mask.any(dim=1, keepdim=True)  # (B, 1)
     if not causal:

@@ -273,7 +273,7 @@ def run_spec(spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: tor
         out = run_spec(spec, *flat, causal=causal, scale=scale, key_padding_mask=None, overrides=overrides,
                        routes=routes)
         return out.reshape(out.shape[1], B, -1, out.shape[3]).transpose(0, 1)
-    groups = [g.with_overrides(overrides) for g in spec.groups]
+    groups = [g.with_overrides(overrides) for g in spec.groups] if overrides else spec.groups
     if len(groups) == 1 and groups[0].heads is None:
         return groups[0].method(query, key, value, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                 **routes.call_kwargs(None))
@@ -313,7 +313,8 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                  cu_seqlens=None if routes.cu_seqlens is None else (routes.cu_seqlens,
                                                                                     routes.cu_seqlens_k))
         return out.transpose(1, 2), None
-    overrides = {k: v for k, v in kwargs.items() if k in spec.param_names}  # the plan's own parameters only
+    names = spec.param_names if kwargs else ()
+    overrides = {k: v for k, v in kwargs.items() if k in names}  # the plan's own parameters only
     if routes.cu_seqlens is not None:  # flash-attention varlen kwargs: one packed row, its offsets given
         if query.shape[0] != 1:
             raise UnsupportedError(f"cu_seq_lens_q: packed sequences expected a batch of 1, got {query.shape[0]}")
