@@ -1,0 +1,109 @@
+"""Time per generated token of a real model through attnzoo's transformers adapter against plain SDPA.
+
+One decode step (one token, ``model(input_ids, cache=...)``) of SmolLM2-135M on a transformers
+``DynamicCache`` already holding L tokens, as ``attnzoo eval`` decodes after its prefill: the model
+as transformers runs it (SDPA), and with ``attnzoo.hf.apply(model, "exact")`` (what ``prefill=exact``
+runs), optionally also through attnzoo's own ``full`` cache (``--attnzoo-cache``). The cache is filled
+with random keys/values (a step's cost does not depend on them; a real prefill at 4K takes ~30 s
+here) and grows by one token per step, as in generation. Cases alternate in rounds; each reports the
+minimum step over ``--steps`` steps and ``--rounds`` rounds, one thread; ``× SDPA`` = SDPA time ÷ the
+case's (bigger is better).
+
+    python benchmarks/decode_hf.py --lengths 1024,4096
+    python benchmarks/decode_hf.py --lengths 4096 --profile   # where the adapter's step goes (cProfile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script lives in
+
+import attnzoo.hf as azhf  # noqa: E402
+from attnzoo import models  # noqa: E402
+
+
+def filled_cache(model, length: int, *, attnzoo_cache: bool):
+    """A cache holding ``length`` random tokens in every layer (DynamicCache, or attnzoo's ``full``)."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    heads, dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(1, heads, length, dim, generator=gen), torch.randn(1, heads, length, dim, generator=gen))
+          for _ in range(cfg.num_hidden_layers)]
+    if not attnzoo_cache:
+        cache = DynamicCache(config=cfg)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        return cache
+    cache = azhf.make_cache(model, "full")
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.kv.append(k, v)
+    return cache
+
+
+@torch.no_grad()
+def step_time(model, length: int, steps: int, *, attnzoo_cache: bool = False) -> float:
+    """The fastest of ``steps`` one-token decode steps on a cache of ``length`` tokens (after one warm-up step)."""
+    cache = filled_cache(model, length, attnzoo_cache=attnzoo_cache)
+    ids = torch.tensor([[42]])
+    model(input_ids=ids, cache=cache, use_cache=True)
+    best = float("inf")
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        model(input_ids=ids, cache=cache, use_cache=True)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--attnzoo-cache", action="store_true", help="also time attnzoo's own full cache")
+    ap.add_argument("--profile", action="store_true", help="cProfile the adapter's steps at the first length")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, _ = models.load(args.model)
+    model.eval()
+    cases = {"SDPA (DynamicCache)": dict(apply=False), "attnzoo exact (DynamicCache)": dict(apply=True)}
+    if args.attnzoo_cache:
+        cases["attnzoo exact (attnzoo full cache)"] = dict(apply=True, attnzoo_cache=True)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    print(f"{args.model}, one decode step, 1 thread, min over {args.steps} steps x {args.rounds} rounds")
+    print(f"{'L':>6}  {'case':36s} {'ms/token':>9} {'x SDPA':>7}")
+    for length in lengths:
+        best = {name: float("inf") for name in cases}
+        for _ in range(args.rounds):
+            for name, case in cases.items():
+                if case["apply"]:
+                    azhf.apply(model, "exact")
+                try:
+                    best[name] = min(best[name], step_time(model, length, args.steps,
+                                                           attnzoo_cache=case.get("attnzoo_cache", False)))
+                finally:
+                    if case["apply"]:
+                        azhf.remove(model)
+        base = best["SDPA (DynamicCache)"]
+        for name, t in best.items():
+            print(f"{length:>6}  {name:36s} {t * 1e3:9.1f} {base / t:7.2f}", flush=True)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        azhf.apply(model, "exact")
+        prof = cProfile.Profile()
+        prof.runcall(step_time, model, lengths[0], args.steps)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
+if __name__ == "__main__":
+    main()
