@@ -550,6 +550,62 @@ def test_infllm_representatives_are_the_most_attended_keys_of_each_block():
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("bits", [None, 8])
+def test_store_gathers_whole_units_as_rows_when_aligned(bits):
+    """A select policy's store keeps its capacity a multiple of its unit and gathers whole pages/blocks one row per
+    unit; the result equals the slot-by-slot gather (and an unaligned store falls back to it)."""
+    from attnzoo.cache.store import Store
+
+    _, k, v = _qkv(B=2, Hkv=3, N=45, D=16, seed=23, dtype=torch.float32)
+    aligned, plain = Store(bits=bits, group=8, align=4), Store(bits=bits, group=8)
+    for store in (aligned, plain):
+        for a, b in [(0, 13), (13, 14), (14, 45)]:
+            store.append(k[:, :, a:b], v[:, :, a:b], torch.arange(a, b))
+    assert aligned.capacity % 4 == 0 and plain.capacity % 4 != 0
+    units = torch.tensor([[[0, 3, 7], [1, 2, 10], [4, 5, 6]]] * 2)
+    slots = (units.unsqueeze(-1) * 4 + torch.arange(4)).flatten(-2)
+    ref = plain.gather(slots)
+    for store in (aligned, plain):
+        got = store.gather(slots, unit=4)
+        assert all(torch.equal(g, r) for g, r in zip(got, ref))
+    if bits is None:
+        assert torch.equal(ref[0], torch.gather(k, 2, slots.unsqueeze(-1).expand(-1, -1, -1, 16)))
+
+
+def test_select_policies_equal_attention_over_what_they_select():
+    """quest (pages) and infllm (blocks), sinks gathered with the selected units and the local window read in place:
+    a decode step equals exact attention over exactly those slots, padding included."""
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=70, seed=24)
+    keep = torch.ones(2, 70, dtype=torch.bool)
+    keep[1, :3] = False
+    for name, params in (("quest", dict(budget=32, page=4, sinks=4, local=5)),
+                         ("infllm", dict(budget=40, block=8, reps=2, sinks=2, local=8))):
+        cache = KVCache(name, **params)
+        cache.append(k[:, :, :69], v[:, :, :69], key_mask=keep[:, :69])
+        cache.attend(q[:, :, :69])
+        cache.append(k[:, :, 69:], v[:, :, 69:])
+        out = cache.attend(q[:, :, 69:])
+        store, policy = cache._layer.store, cache.policy
+        unit = policy.unit
+        assert store.capacity % unit == 0
+        lo, hi = policy.always(70)
+        if name == "quest":
+            chosen = policy.last
+        else:
+            q_mean = q[:, :, 69].view(2, 2, 2, 16).mean(2).float()
+            rel = torch.einsum("bhd,bhnrd->bhn", q_mean, policy.rep_keys[:, :, lo // unit: hi // unit].float())
+            top = rel.topk((policy.budget - policy.always_max) // unit, dim=-1).indices.sort(-1).values
+            chosen = (top.unsqueeze(-1) * unit + lo + torch.arange(unit)).flatten(-2)
+        slots = torch.cat([torch.arange(lo).expand(2, 2, lo), chosen, torch.arange(hi, 70).expand(2, 2, 70 - hi)], -1)
+        ks = torch.gather(k, 2, slots.unsqueeze(-1).expand(-1, -1, -1, 16))
+        vs = torch.gather(v, 2, slots.unsqueeze(-1).expand(-1, -1, -1, 16))
+        pad = torch.gather(keep[:, None].expand(2, 2, 70), 2, slots)
+        ref = torch.cat([attnzoo.attention(q[b:b + 1, :, 69:], ks[b:b + 1], vs[b:b + 1], method="naive",
+                                           key_padding_mask=pad[b:b + 1, 0]) for b in range(2)])
+        assert bool((pad[:, 0] == pad[:, 1]).all())
+        torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
 # ---------------------------------------------------------------- fast reads equal the dense reference
 def _sorted_positions(B, H, n, seed):
     """Per-(batch, head) sorted, distinct positions with gaps (as after per-head eviction)."""

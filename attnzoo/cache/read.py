@@ -258,16 +258,18 @@ def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], step) -> 
     return parts
 
 
-def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step) -> Partial:
+def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step, unit: int = 1) -> Partial:
     """Attention over the slots ``idx (B, Hkv, m)`` (all older than the query: no causal mask).
 
-    On CUDA with float storage the split-K kernel reads the selected slots in place (no gather copy).
+    On CUDA with float storage the split-K kernel reads the selected slots in place (no gather copy);
+    elsewhere they are gathered, whole units at a time when ``idx`` is runs of ``unit`` slots
+    (:meth:`Store.gather`).
     """
     if store.bits is None and auto_triton(q):
         from ..kernels.attention import split_k
         return split_k(q, store.buf["k"], store.buf["v"], scale=step.scale, causal=False, valid=store.buf.get("valid"),
                        idx=idx, splits=step.splits)
-    k, v = store.gather(idx)
+    k, v = store.gather(idx, unit)
     valid = store.valid
     valid = None if valid is None else torch.gather(valid, 2, idx)
     return flash_read(q, k, v, scale=step.scale, causal=False, valid=valid, **step.split)

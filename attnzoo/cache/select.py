@@ -1,9 +1,11 @@
 """Select policies: everything stays held; a decode step reads the always-kept part plus a selected subset.
 
 The always-kept part is the first ``sinks`` and the last ``local`` slots
-(rounded out to the policy's selection unit: a page or a block), read by
-split-K; the selected slots of the middle are gathered per (batch, KV head) and
-read the same way; the two partials merge by lse (docs/methods.md, KV-cache policies). A
+(rounded out to the policy's selection unit: a page or a block). The selected
+slots of the middle and the sinks are gathered per (batch, KV head), whole units
+at a time (the store's capacity is aligned to the unit), and read by split-K; the
+local window is a slice of the store, read in place; the two partials merge by
+lse (docs/methods.md, KV-cache policies). A
 read whose budget covers every held token, and every multi-token read
 (prefill / chunked prefill), is exact over everything held.
 """
@@ -98,16 +100,20 @@ class _Select(Policy):
         take = (self.budget - self.always_max) // self.unit * self.unit  # the same at every step
         if not step.decode or n <= self.budget or hi - lo <= take:
             return self.read_all(store, q, step)
-        parts = self.read_always(store, q, step, lo, hi)
         idx = self.select(store, q, step, lo, hi, take)
-        parts.append(read_selected(q, store, idx, step))
-        return merge(*parts)
+        if lo:  # the sink slots join the selected ones: one gathered read instead of two
+            idx = torch.cat([torch.arange(lo, device=idx.device).expand(*idx.shape[:2], lo), idx], dim=-1)
+        return merge(read_selected(q, store, idx, step, self.unit), *self.read_local(store, q, step, hi))
+
+    def make_store(self) -> Store:
+        return Store(align=self.unit)
 
     def read_all(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         return super().read(store, q, step)
 
-    def read_always(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int) -> list[Partial]:
-        return read_ranges(q, store, [(0, lo), (hi, store.n)], step)
+    def read_local(self, store: Store, q: torch.Tensor, step: Step, hi: int) -> list[Partial]:
+        """The local window ``[hi, n)`` (none when empty): a slice of the store, read in place."""
+        return read_ranges(q, store, [(hi, store.n)], step)
 
     def select(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int, take: int) -> torch.Tensor:
         """Sorted slots ``(B, Hkv, take)`` in ``[lo, hi)`` the newest query reads."""
@@ -151,7 +157,7 @@ class TokenSelect(_Select):
                                   "copy of K (none if K is bf16) and reads half the bytes of fp32")
 
     def make_store(self) -> Store:
-        return Store(compact=getattr(torch, self.score_dtype))
+        return Store(compact=getattr(torch, self.score_dtype), align=self.unit)
 
     def reset(self) -> None:
         self.ref: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_ref (B, Hq, D), slots)
@@ -215,7 +221,7 @@ class Quest(_Select):
         self.age = 0
 
     def make_store(self) -> Store:
-        return Store(page=self.page)
+        return Store(page=self.page, align=self.unit)
 
     def select(self, store, q, step, lo, hi, take):
         if self.last is not None and self.age < self.reuse:
@@ -272,18 +278,19 @@ class InfLLM(_Select):
         self.rep_keys: torch.Tensor | None = None  # (B, Hkv, finalised blocks, reps, D)
 
     def make_store(self) -> Store:
-        return Store(track_scores=True)
+        return Store(track_scores=True, align=self.unit)
 
     def read_all(self, store, q, step):
         part, mass = mass_read(q, store, step)
         store.scores.add_(mass)
         return part
 
-    def read_always(self, store, q, step, lo, hi):
-        parts = read_ranges(q, store, [(0, lo)], step)
+    def read_local(self, store, q, step, hi):
+        if hi == store.n:
+            return []
         local, mass = mass_read(q, store, step, hi)
         store.scores[:, :, hi:].add_(mass)
-        return [*parts, local]
+        return [local]
 
     def _finalise(self, store: Store, upto: int) -> None:
         """Pick representative keys for blocks ``[done, upto)`` (they just left the local window)."""

@@ -24,7 +24,8 @@ updated on append for the touched pages only, recomputed on compaction.
 much larger than what is kept, they are reallocated at the kept size. The first
 append (a prompt) allocates exactly its tokens; later growth adds 1/128 of the
 length (at least 16 slots), so appends stay amortised O(1) while the spare
-capacity stays under 1% of what is held (``nbytes`` counts it).
+capacity stays under 1% of what is held (``nbytes`` counts it); a store with ``align`` rounds its
+capacity up to a multiple of it (a select policy's page or block).
 """
 
 from __future__ import annotations
@@ -41,26 +42,36 @@ POS_DTYPE = torch.int32
 GROWTH = 128
 
 
-def _take(buf: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _take(buf: torch.Tensor, idx: torch.Tensor, unit: int = 1) -> torch.Tensor:
     """``buf[b, h, idx[b, h, i]]`` -> ``(B, H, m, ...)`` with one ``index_select`` over whole rows.
 
     ``torch.gather`` would need the index expanded over the trailing dims and
     moves one element at a time; selecting rows of the flattened buffer copies
-    each token's D values as a block (several times faster on CPU).
+    each token's D values as a block (several times faster on CPU). With
+    ``unit > 1``, ``idx`` is runs of ``unit`` consecutive slots, each starting at
+    a multiple of ``unit`` (whole pages or blocks), and the buffer's capacity a
+    multiple of ``unit``: then each run is one row of ``unit·D`` values (the
+    copy moves a few large blocks instead of many small ones).
     """
     B, H, cap = buf.shape[:3]
+    m = idx.shape[-1]
+    if unit > 1:
+        idx = idx[..., ::unit] // unit
+        cap //= unit
     rows = torch.arange(B * H, device=idx.device).view(B, H, 1) * cap
     flat = buf.reshape(B * H * cap, -1)
-    return flat.index_select(0, (idx + rows).flatten()).view(B, H, idx.shape[-1], *buf.shape[3:])
+    return flat.index_select(0, (idx + rows).flatten()).view(B, H, m, *buf.shape[3:])
 
 
 class Store:
     """Held tokens of a uniform group of KV heads (same count per batch element and head)."""
 
     def __init__(self, *, bits: int | None = None, group: int = 32, page: int | None = None,
-                 track_scores: bool = False, compact: torch.dtype | None = None) -> None:
+                 track_scores: bool = False, compact: torch.dtype | None = None, align: int = 1) -> None:
         self.bits, self.group, self.page, self.track_scores = bits, group, page, track_scores
         self.compact = compact
+        #: capacities are multiples of this (a select policy's unit: :meth:`gather` copies whole units as rows)
+        self.align = align
         self.buf: dict[str, torch.Tensor] = {}
         self.pages: dict[str, torch.Tensor] = {}
         self.n = 0
@@ -111,11 +122,16 @@ class Store:
             return self.buf["ck"][:, :, start: self.n if stop is None else stop]
         return self.keys(start, stop)
 
-    def gather(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values at slots ``idx (B, H, m)`` (GQA-free: one index list per KV head)."""
+    def gather(self, idx: torch.Tensor, unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at slots ``idx (B, H, m)`` (GQA-free: one index list per KV head).
+
+        ``unit``: ``idx`` is whole units (runs of ``unit`` slots from multiples of ``unit``, e.g. quest's pages),
+        copied one row per unit when the capacity is aligned to it (``align``).
+        """
+        unit = unit if unit > 1 and self.capacity % unit == 0 else 1
         if self.bits is None:
-            return _take(self.buf["k"], idx), _take(self.buf["v"], idx)
-        parts = {name: _take(t, idx) for name, t in self.buf.items() if name[0] in "kv"}
+            return _take(self.buf["k"], idx, unit), _take(self.buf["v"], idx, unit)
+        parts = {name: _take(t, idx, unit) for name, t in self.buf.items() if name[0] in "kv"}
         return tuple(quant.decode(parts[x], parts[x + "_low"], parts[x + "_step"], self.bits, self.group,
                                   self.dtype) for x in "kv")
 
@@ -159,7 +175,11 @@ class Store:
             cap = total + max(total // GROWTH, 16)
         self._reallocate(cap, like)
 
+    def _aligned(self, cap: int) -> int:
+        return -(-cap // self.align) * self.align
+
     def _reallocate(self, cap: int, like: dict[str, torch.Tensor] | None = None) -> None:
+        cap = self._aligned(cap)
         like = like or {}
         for name in set(self.buf) | set(like):
             ref = self.buf.get(name, like.get(name))
@@ -173,8 +193,9 @@ class Store:
         m = idx.shape[-1]
         kept = {name: _take(t, idx) for name, t in self.buf.items()}
         self.n = m
-        if self.capacity > m + reserve:
-            self.buf = {name: t.new_empty(*t.shape[:2], m + reserve, *t.shape[3:]) for name, t in kept.items()}
+        if self.capacity > self._aligned(m + reserve):
+            cap = self._aligned(m + reserve)
+            self.buf = {name: t.new_empty(*t.shape[:2], cap, *t.shape[3:]) for name, t in kept.items()}
         for name, t in kept.items():
             self.buf[name][:, :, :m] = t
         self.pages = {}
