@@ -52,11 +52,16 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
                               splits=max(1, min(splits, n // split_size)))
     if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
+    splits = min(splits, n // split_size) if nq == 1 else 1
+    if (nq == 1 and splits <= 1 and valid is None and q.device.type == "cpu" and q.dtype in KERNEL_DTYPES
+            and D == Dv):
+        # a decode step's one query sees every key: one kernel call, the query group folded into rows
+        out, lse = flash_cpu(fold_groups(q, Hkv), k, v, scale=scale)
+        return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1))
     # each (batch, KV head) one batch row whose query group are its heads: a per-row key mask is padding
     mask = None if valid is None else valid.flatten(0, 1)
     qf, kf, vf = split_groups(q, Hkv).flatten(0, 1), k.flatten(0, 1).unsqueeze(1), v.flatten(0, 1).unsqueeze(1)
-    out, lse = split_k(qf, kf, vf, scale=scale, causal=causal, splits=min(splits, n // split_size) if nq == 1 else 1,
-                       key_padding_mask=mask)
+    out, lse = split_k(qf, kf, vf, scale=scale, causal=causal, splits=splits, key_padding_mask=mask)
     return Partial(merge_groups(out.unflatten(0, (B, Hkv))), merge_groups(lse.unflatten(0, (B, Hkv))))
 
 
