@@ -11,6 +11,7 @@ case's (bigger is better).
 
     python benchmarks/decode_hf.py --lengths 1024,4096
     python benchmarks/decode_hf.py --lengths 4096 --profile   # where the adapter's step goes (cProfile)
+    python benchmarks/decode_hf.py --rounds 0 --calls 200     # one layer's attention call alone (less noisy)
 """
 
 from __future__ import annotations
@@ -62,6 +63,35 @@ def step_time(model, length: int, steps: int, *, attnzoo_cache: bool = False) ->
     return best
 
 
+@torch.no_grad()
+def call_times(model, length: int, steps: int) -> dict[str, float]:
+    """One layer's attention call alone, transformers' SDPA function against attnzoo's adapter, on keys/values
+    that grow by one token per call as a DynamicCache's do; calls alternate, the fastest of ``steps`` each."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from attnzoo.hf.adapter import attnzoo_attention
+
+    module = model.model.layers[0].self_attn
+    cfg = model.config
+    heads, heads_kv, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    gen = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(1, heads_kv, length + steps, dim, generator=gen) for _ in range(2))
+    q = torch.randn(1, heads, 1, dim, generator=gen)
+    fns = {"SDPA (DynamicCache)": sdpa_attention_forward, "attnzoo exact (DynamicCache)": attnzoo_attention}
+    azhf.apply(model, "exact")
+    best = dict.fromkeys(fns, float("inf"))
+    try:
+        for i in range(steps):
+            kv = k[:, :, :length + i + 1].clone(), v[:, :, :length + i + 1].clone()  # a fresh cat, as DynamicCache
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn(module, q, *kv, None, dropout=0.0, scaling=module.scaling)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    finally:
+        azhf.remove(model)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="1024,2048,4096")
@@ -70,6 +100,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--attnzoo-cache", action="store_true", help="also time attnzoo's own full cache")
     ap.add_argument("--profile", action="store_true", help="cProfile the adapter's steps at the first length")
+    ap.add_argument("--calls", type=int, default=0, help="also time one layer's attention call alone, alternating "
+                                                         "SDPA and attnzoo, this many calls per length")
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, _ = models.load(args.model)
@@ -78,7 +110,8 @@ def main() -> None:
     if args.attnzoo_cache:
         cases["attnzoo exact (attnzoo full cache)"] = dict(apply=True, attnzoo_cache=True)
     lengths = [int(x) for x in args.lengths.split(",")]
-    print(f"{args.model}, one decode step, 1 thread, min over {args.steps} steps x {args.rounds} rounds")
+    print(f"{args.model}, one decode step, 1 thread, min over {args.steps} steps x {args.rounds} rounds"
+          + (f"; one call: min over {args.calls} alternating calls" if args.calls else ""))
     print(f"{'L':>6}  {'case':36s} {'ms/token':>9} {'x SDPA':>7}")
     for length in lengths:
         best = {name: float("inf") for name in cases}
@@ -93,8 +126,13 @@ def main() -> None:
                     if case["apply"]:
                         azhf.remove(model)
         base = best["SDPA (DynamicCache)"]
-        for name, t in best.items():
+        for name, t in best.items() if args.rounds else ():
             print(f"{length:>6}  {name:36s} {t * 1e3:9.1f} {base / t:7.2f}", flush=True)
+        if args.calls:
+            calls = call_times(model, length, args.calls)
+            base = calls["SDPA (DynamicCache)"]
+            for name, t in calls.items():
+                print(f"{length:>6}  one call: {name:26s} {t * 1e3:9.3f} {base / t:7.2f}", flush=True)
     if args.profile:
         import cProfile
         import pstats
