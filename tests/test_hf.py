@@ -609,3 +609,17 @@ def test_a_cached_key_changed_in_place_after_its_scan_is_refused_by_the_output_c
         cache.layers[1].keys[0, 1, -1, 3] = math.nan  # the row the scan keeps: the change is caught before attention
         with pytest.raises(attnzoo.AttnZooError, match="k: contains NaN or inf"):
             model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+
+
+def test_generate_under_inference_mode_scans_incrementally():
+    """Inference tensors keep no version counter: the mask memo and the K/V scan key on identity there."""
+    model = tiny_decoder("llama")
+    ids, mask = padded_batch()
+    with torch.inference_mode():
+        ref = greedy(model, ids, mask, n=5)
+        azhf.apply(model, "exact")
+        tokens = greedy(model, ids, mask, n=5)
+    scans = [m.__dict__["_attnzoo_scan"] for ms in azhf.attention_layers(model).values() for m in ms]
+    azhf.remove(model)
+    assert torch.equal(tokens, ref)
+    assert all(s.scanned == 2 * 2 * 16 * 2 for s in scans)  # the last step scanned one new row of k and v

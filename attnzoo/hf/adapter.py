@@ -173,7 +173,7 @@ class _GeometryMemo:
     def __call__(self, mask, *, causal: bool, len_q: int, len_k: int, window: int | None) -> Geometry:
         if mask is None:
             return mask_geometry(None, causal=causal, len_q=len_q, len_k=len_k, window=window)
-        key = (causal, len_q, len_k, window, mask._version)
+        key = (causal, len_q, len_k, window, checks._version(mask))  # None under inference_mode: identity only
         if self._mask is mask and self._key == key:
             return self._value
         value = mask_geometry(mask, causal=causal, len_q=len_q, len_k=len_k, window=window)
