@@ -91,12 +91,16 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     """``(out (X, Y, Lq, Dv), lse (X, Y, Lq))`` of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D|Dv)``
     (broadcast over ``X, Y``), scores ``cap·tanh((scale·q·k + mask) / cap)`` (no cap: ``None``).
 
+    ``k`` may be laid out transposed (``k.transpose(-1, -2).contiguous().transpose(-1, -2)``, as the exact
+    engine passes it): the score GEMM then reads it without packing a transpose per block.
     ``mask``: a bool visibility mask or an additive one in q's dtype (-inf hides a key), broadcast to
     ``(X, Y, Lq, Lk)``; ``causal``: key ``j`` visible to query ``i`` when ``j <= i + offset``. Rows that
     see no key give ``(0, -inf)``. Only after :func:`applies`.
     """
     X, Y = (max(a, b) for a, b in zip(q.shape[:2], k.shape[:2]))
-    q, k, v = (kernel_rows(t).expand(X, Y, *t.shape[2:]) for t in (q, k, v))
+    if not (k.stride(-2) == 1 and k.stride(-1) >= k.shape[-2] > 1):  # else K^T contiguous: a plain score GEMM
+        k = kernel_rows(k)
+    q, k, v = (t.expand(X, Y, *t.shape[2:]) for t in (kernel_rows(q), k, kernel_rows(v)))
     if mask is not None:
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, -float("inf"))

@@ -319,6 +319,7 @@ def _capped_tiles(q, k, v, spec: TileSpec, key_padding_mask) -> tuple[torch.Tens
     groups = Hq // Hkv
     qg = q.reshape(B * Hkv, groups, len_q, q.shape[3])
     kg, vg = (t.reshape(B * Hkv, 1, len_k, t.shape[3]) for t in (k, v))
+    kg = kg.transpose(-1, -2).contiguous().transpose(-1, -2)  # K^T contiguous: the score GEMM reads it as is
     mask = None
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, None, None, :].expand(B, Hkv, 1, 1, len_k).reshape(B * Hkv, 1, 1, len_k)

@@ -74,6 +74,7 @@ struct Args {
   T* lse;
   int64_t X, Y, Lq, Lk, D, Dv;
   int64_t qs[3], ks[3], vs[3], ms[4], os[3];  // strides (x, y, row) and the mask's (x, y, i, j)
+  int64_t k_col;  // > 0: k is laid out transposed (unit stride along keys, this stride along D)
   T scale, cap;
   bool causal;
   int64_t offset;
@@ -97,7 +98,10 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
   for (int64_t j0 = 0; j0 < end; j0 += kBlockK) {
     const int64_t n = std::min(kBlockK, end - j0);
     // s (rows x n, row stride kBlockK) = q_block . k_block^T
-    gemm('T', n, rows, a.D, k + j0 * a.ks[2], a.ks[2], q, a.qs[2], T(0), s.data(), kBlockK);
+    if (a.k_col > 0)  // K^T stored contiguous along keys: a plain GEMM (no transposed packing)
+      gemm('N', n, rows, a.D, k + j0, a.k_col, q, a.qs[2], T(0), s.data(), kBlockK);
+    else
+      gemm('T', n, rows, a.D, k + j0 * a.ks[2], a.ks[2], q, a.qs[2], T(0), s.data(), kBlockK);
     for (int64_t r = 0; r < rows; ++r) {
       T* sr = s.data() + r * kBlockK;
       const int64_t vis = a.causal ? std::min(n, std::max<int64_t>(0, i0 + r + a.offset - j0 + 1)) : n;
@@ -179,7 +183,9 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
                                          const std::optional<at::Tensor>& mask, double scale, double cap, bool causal,
                                             int64_t offset) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "capped_attention: q, k, v must be 4-D");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "capped_attention: unit last strides");
+  const bool k_col = k.stride(3) != 1 && k.stride(2) == 1 && k.size(2) > 1;
+  TORCH_CHECK(q.stride(3) == 1 && (k.stride(3) == 1 || k_col) && v.stride(3) == 1,
+              "capped_attention: unit last strides (or k transposed in memory)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "capped_attention: dtypes");
   const int64_t X = q.size(0), Y = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Dv = v.size(3);
   auto out = at::empty({X, Y, Lq, Dv}, q.options());
@@ -206,7 +212,9 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
     }
     // BLAS needs leading dimensions of at least a row (a single row's stride is arbitrary)
     a.qs[2] = Lq > 1 ? q.stride(2) : D, a.ks[2] = Lk > 1 ? k.stride(2) : D, a.vs[2] = Lk > 1 ? v.stride(2) : Dv;
-    TORCH_CHECK(a.qs[2] >= D && a.ks[2] >= D && a.vs[2] >= Dv, "capped_attention: rows must not overlap");
+    a.k_col = k_col ? k.stride(3) : 0;
+    TORCH_CHECK(a.qs[2] >= D && (k_col ? a.k_col >= Lk : a.ks[2] >= D) && a.vs[2] >= Dv,
+                "capped_attention: rows must not overlap");
     a.scale = static_cast<scalar_t>(scale);
     a.cap = static_cast<scalar_t>(cap);
     a.causal = causal;
