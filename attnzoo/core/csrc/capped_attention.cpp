@@ -80,6 +80,34 @@ struct Args {
   int64_t offset;
 };
 
+// one row's logits in place: scale * s + mask (-inf hides), with CAP the capped logit minus its bound
+// (cap * tanh(x / cap) - cap = -2 cap / (exp(2x / cap) + 1)); returns the row maximum. One vectorised pass.
+template <typename T, bool CAP, int MASK>
+inline T logits_pass(T* sr, const T* mr, int64_t mstride, int64_t vis, T scale, T two_over_cap, T minus_two_cap) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T mx = ninf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = 0; c < vis; ++c) {
+    T x = sr[c] * scale;
+    if (MASK == 1) x += mr[c];
+    if (MASK == 2) x += mr[c * mstride];
+    if (CAP) {
+      const T z = minus_two_cap / (fast_exp(x * two_over_cap) + T(1));
+      x = x == ninf ? ninf : z;
+    }
+    sr[c] = x;
+    mx = x > mx ? x : mx;
+  }
+  return mx;
+}
+
+template <typename T, bool CAP>
+inline T logits(T* sr, const T* mr, int64_t mstride, int64_t vis, T scale, T two_over_cap, T minus_two_cap) {
+  if (!mr) return logits_pass<T, CAP, 0>(sr, mr, mstride, vis, scale, two_over_cap, minus_two_cap);
+  if (mstride == 1) return logits_pass<T, CAP, 1>(sr, mr, mstride, vis, scale, two_over_cap, minus_two_cap);
+  return logits_pass<T, CAP, 2>(sr, mr, mstride, vis, scale, two_over_cap, minus_two_cap);
+}
+
 // one (x, y, query block): rows [i0, i1)
 template <typename T>
 void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::vector<T>& s, std::vector<T>& acc,
@@ -106,24 +134,8 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
       T* sr = s.data() + r * kBlockK;
       const int64_t vis = a.causal ? std::min(n, std::max<int64_t>(0, i0 + r + a.offset - j0 + 1)) : n;
       const T* mr = mask ? mask + (i0 + r) * a.ms[2] + j0 * a.ms[3] : nullptr;
-      T mx = ninf;
-      if (mr && a.ms[3] == 1) {
-        for (int64_t c = 0; c < vis; ++c) sr[c] = sr[c] * a.scale + mr[c];
-      } else if (mr) {
-        for (int64_t c = 0; c < vis; ++c) sr[c] = sr[c] * a.scale + mr[c * a.ms[3]];
-      } else {
-        for (int64_t c = 0; c < vis; ++c) sr[c] = sr[c] * a.scale;
-      }
-      if (a.cap > 0) {  // cap * tanh(x / cap) - cap = -2 cap / (exp(2x / cap) + 1): the logit minus its bound
-#pragma omp simd
-        for (int64_t c = 0; c < vis; ++c) {
-          const T x = sr[c];
-          const T z = minus_two_cap / (fast_exp(x * two_over_cap) + T(1));
-          sr[c] = x == ninf ? ninf : z;
-        }
-      }
-#pragma omp simd reduction(max : mx)
-      for (int64_t c = 0; c < vis; ++c) mx = sr[c] > mx ? sr[c] : mx;
+      const T mx = a.cap > 0 ? logits<T, true>(sr, mr, a.ms[3], vis, a.scale, two_over_cap, minus_two_cap)
+                             : logits<T, false>(sr, mr, a.ms[3], vis, a.scale, two_over_cap, minus_two_cap);
       const T m_new = std::max(m[r], mx);
       if (m_new == ninf) {  // nothing visible yet
         std::fill(sr, sr + n, T(0));
