@@ -840,3 +840,17 @@ def test_fused_sparse_paths_run_mods_like_the_slot_loop_and_the_dense_reference(
         torch.testing.assert_close(out[0], want[0].detach(), atol=1e-12, rtol=1e-10)
         torch.testing.assert_close(out[1], want[1].detach(), atol=1e-12, rtol=1e-10)
     assert_same_grads(got, want, [q, k, v, *learnable])
+
+
+def test_explain_names_the_path_each_kind_of_mod_takes_on_torch():
+    """``explain``'s torch note: a distance bias in PyTorch's fused kernel, a soft cap (alone or after biases)
+    on the C++ soft-cap kernel, a user function on the eager paths (and why)."""
+    q = torch.randn(1, 2, 16, 8)
+    bias = mods.alibi(mods.alibi_slopes(2))
+    notes = {name: az.explain("block_topk", q, q, q, causal=True, score_mod=m)[0].note
+             for name, m in (("bias", bias), ("cap", mods.softcap(3.0)), ("both", mods.compose(bias, mods.softcap(3.0))),
+                             ("user", lambda s, b, h, qi, kj: s))}
+    assert "fused CPU kernel" in notes["bias"] and "C++ soft-cap kernel" not in notes["bias"]
+    assert "a soft cap on the C++ soft-cap kernel" in notes["cap"]
+    assert "distance biases then a soft cap on the C++ soft-cap kernel" in notes["both"]
+    assert "'<lambda>'" in notes["user"] and "slot loop" in notes["user"] and "row-wise" in notes["user"]
