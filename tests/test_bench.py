@@ -374,6 +374,55 @@ def test_compare_matches_cases_by_key():
     assert tables.compare(now, other)[0]["ratio_sdpa"] == pytest.approx(0.8)
 
 
+def _timed(key: str, times: list[float], sdpa: list[float]) -> tuple[dict, list[dict]]:
+    """A case record timed in ``len(times)`` rounds (its own record is round 1) and its round records."""
+    case = {"type": "case", "key": key, "method": "m", "workload": "gaussian", "workload_params": {}, "length": 64,
+            "status": "ok", "rel_error": 1e-7, "time_s": times[0], "sdpa_s": sdpa[0], "speedup": sdpa[0] / times[0],
+            "spread": 0.01, "flops": 2e9, "gemm_gflops": 100.0}
+    rounds = [{"type": "round", "key": key, "round": r, "status": "ok", "time_s": t, "sdpa_s": s}
+              for r, (t, s) in enumerate(zip(times[1:], sdpa[1:]), start=2)]
+    return case, rounds
+
+
+def test_rounds_merge_into_the_median_and_their_spread(tmp_path):
+    case, rounds = _timed("k", [1.0, 3.0, 2.0], [1.0, 1.0, 2.0])
+    store = ResultsFile(tmp_path)
+    for record in [case, *rounds[::-1], {"type": "round", "key": "k", "round": 4, "status": "failed", "reason": "x"}]:
+        store.append(record)
+    contents = ResultsFile(tmp_path).read()
+    assert len(contents.cases) == 1 and [r["round"] for r in contents.rounds] == [3, 2, 4]
+    c = contents.cases[0]
+    assert c["round_times"] == [1.0, 3.0, 2.0] and c["round_sdpa"] == [1.0, 1.0, 2.0]  # round order; failed left out
+    assert c["time_s"] == 2.0 and c["sdpa_s"] == 1.0 and c["round1_time_s"] == 1.0
+    assert c["speedup"] == pytest.approx(1.0)  # median of 1/1, 1/3, 2/2
+    assert c["spread"] == pytest.approx((3.0 - 1.0) / 1.0)  # per-round ÷ SDPA: 1, 3, 1
+    assert c["gflops"] == pytest.approx(1.0) and c["pct_gemm"] == pytest.approx(1.0)
+    alone = ResultsFile(tmp_path / "one")
+    alone.append(case)
+    assert alone.read().cases[0]["time_s"] == 1.0 and alone.read().cases[0]["spread"] == 0.01  # one round: as is
+
+
+def test_compare_flags_only_beyond_the_tolerance_and_the_rounds_spread():
+    def rows(now_times, other_times, now_sdpa=(1.0, 1.0, 1.0), other_sdpa=(1.0, 1.0, 1.0)):
+        (a, ra), (b, rb) = _timed("k", list(now_times), list(now_sdpa)), _timed("k", list(other_times), list(other_sdpa))
+        from attnzoo.bench.results import merge_rounds
+
+        return tables.compare(merge_rounds([a], ra), merge_rounds([b], rb))
+
+    steady = rows([1.0, 1.02, 0.98], [1.3, 1.32, 1.28])  # 30 % apart, rounds tight: flagged
+    assert steady[0]["flag"] == "faster" and steady[0]["ratio_sdpa"] == pytest.approx(1.3)
+    assert rows([1.3, 1.32, 1.28], [1.0, 1.02, 0.98])[0]["flag"] == "slower"
+    noisy = rows([1.0, 1.35, 0.95], [1.3, 1.32, 1.28])  # 30 % apart in the median, but the rounds overlap
+    assert noisy[0]["flag"] == "" and noisy[0]["now_spread"] == pytest.approx(0.4)
+    assert rows([1.0, 1.02, 0.98], [1.1, 1.12, 1.08])[0]["flag"] == ""  # disjoint rounds, within ±15 %
+    # ÷ SDPA decides: the other run's machine was 1.3x slower at SDPA too, so nothing changed
+    assert rows([1.0, 1.02, 0.98], [1.3, 1.32, 1.28], other_sdpa=(1.3, 1.3, 1.3))[0]["flag"] == ""
+    single = rows([1.0], [1.3], now_sdpa=(1.0,), other_sdpa=(1.0,))  # one round each: the tolerance alone
+    assert single[0]["flag"] == "faster" and rows([1.0], [1.1], (1.0,), (1.0,))[0]["flag"] == ""
+    summary = tables.compare_summary(steady + noisy + single + rows([1.0, 1.0, 1.0], [1.05, 1.0, 1.0]))
+    assert summary.startswith("1 of 4 cases within ±15%") and "2 faster" in summary and "0 slower" in summary
+
+
 def test_advice_picks_within_max_err_and_never_a_different_model():
     rows = [{"method": "lightning", "speedup": 9.0, "rel_error": 60.0},
             {"method": "fast", "speedup": 4.0, "rel_error": 0.2}, {"method": "good", "speedup": 1.5, "rel_error": 1e-4},
@@ -391,7 +440,7 @@ def test_advice_picks_within_max_err_and_never_a_different_model():
 def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
     out = tmp_path / "quick"
     res = _bench(tmp_path, "--lengths", "32,64", "--heads", "2", "--head-dim", "8", "--repeat", "1", "--min-time", "0",
-                 "--out", str(out), timeout=400)
+                 "--rounds", "2", "--out", str(out), timeout=400)
     assert res.returncode == 0, res.stderr + res.stdout
     contents = ResultsFile(out).read()
     run = contents.runs[0]
@@ -411,6 +460,7 @@ def test_quick_suite_end_to_end_writes_results_and_report(tmp_path):
             assert c["gflops"] > 0 and c["pct_gemm"] == pytest.approx(100 * c["gflops"] / c["gemm_gflops"])
             assert c["dim"] == (64 if c["workload"] == "real" else 8)  # the real workload has SmolLM2's head dim
             assert c["density"] is None or 0 < c["density"] <= 1
+            assert len(c["round_times"]) == 2 and c["time_s"] == pytest.approx(statistics.median(c["round_times"]))
     exact = [c for c in cases if c["family"] == "exact"]
     n_exact = sum(cls.family is attnzoo.Family.EXACT for name, cls in attnzoo.methods().items() if name in methods)
     assert len(exact) == 3 * n_exact and all(c["status"] == "ok" and c["rel_error"] < 1e-5 and c["cosine"] > 0.9999
@@ -448,7 +498,7 @@ def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recor
     lengths = (16, 32, 48)
     args = ["--plugin", "azbench_plugin", "--methods", ",".join(methods), "--lengths", ",".join(map(str, lengths)),
             "--heads", "2", "--head-dim", "8", "--workload", "gaussian", "--repeat", "2", "--time-cap", "0.1",
-            "--out", str(out), "--no-report"]
+            "--rounds", "2", "--out", str(out), "--no-report"]
     proc = subprocess.Popen([sys.executable, "-m", "attnzoo.cli", "bench", "--threads", "1", *args],
                             env=_env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -496,9 +546,34 @@ def test_killed_run_resumes_with_every_case_exactly_once_and_every_outcome_recor
     assert all("over the per-case cap of 0.1 s" in by["zz_sleepy", n]["reason"] for n in (32, 48))
     assert "skipped (capability" in res.stdout and "failed zz_boom@" in res.stdout  # the summary names them
     assert "other/now" in res.stdout and " 1.00 " in res.stdout  # --compare against itself: equal times
+    # every ok case was timed in two fresh workers, each round once, across the kill
+    ok = [c for c in contents.cases if c["status"] == "ok"]
+    assert ok and all(len(c["round_times"]) == 2 for c in ok)
+    rounds = [(r["key"], r["round"]) for r in contents.rounds]
+    assert len(rounds) == len(set(rounds)) == len(ok)
+    assert f"{len(ok)} of {len(ok)} cases within ±15%" in " ".join(res.stdout.split())
 
 
-# ------------------------------------------------------------------- capture
+def test_a_round_cut_short_is_timed_again_on_resume(tmp_path):
+    out = tmp_path / "rounds"
+    args = ["--methods", "exact,sliding_window", "--lengths", "16,32", "--heads", "2", "--head-dim", "8",
+            "--workload", "gaussian", "--repeat", "1", "--min-time", "0", "--rounds", "3", "--out", str(out),
+            "--no-report"]
+    res = _bench(tmp_path, *args)
+    assert res.returncode == 0, res.stderr + res.stdout
+    records = (out / "results.jsonl").read_text().splitlines()
+    assert len(ResultsFile(out).read().rounds) == 8
+    (out / "results.jsonl").write_text("\n".join(records[:-3]) + "\n")  # a kill in round 3 lost its last records
+    res = _bench(tmp_path, "--resume", "--out", str(out), "--no-report")
+    assert res.returncode == 0, res.stderr + res.stdout
+    contents = ResultsFile(out).read()
+    assert [r["round"] for r in contents.rounds] == [2, 2, 2, 2, 3, 3, 3, 3]  # every round once, in run order
+    assert all(len(c["round_times"]) == 3 for c in contents.cases)
+    # even rounds run the cases in reverse, so that a drift of the machine spreads over each case's rounds
+    first = [c["key"] for c in contents.cases]
+    assert [r["key"] for r in contents.rounds[:4]] == first[::-1] and len(contents.runs) == 2
+
+
 def test_real_workload_capture_is_kept_on_disk_and_read_back(tmp_path, monkeypatch):
     from _tiny_lm import save_tiny_llama
 

@@ -118,14 +118,19 @@ def print_comparison(current: list[dict], other_path: Path) -> None:
         return
     table = Table(title=f"this run vs {other_path} (other/now > 1: this run is faster; ÷ SDPA: each time "
                         "relative to the SDPA time measured alongside it, steady when the whole machine is slower "
-                        "in one run)")
-    for col in ("workload", "method", "N", "now ms", "other ms", "other/now", "÷ SDPA", "now err", "other err"):
-        table.add_column(col, justify="left" if col in ("workload", "method") else "right")
+                        "in one run; ±% now/other: the spread of ÷ SDPA over each run's rounds; flag: beyond "
+                        f"±{tables.COMPARE_TOLERANCE:.0%} and beyond both runs' rounds)")
+    for col in ("workload", "method", "N", "now ms", "other ms", "other/now", "÷ SDPA", "±% now/other", "flag",
+                "now err", "other err"):
+        table.add_column(col, justify="left" if col in ("workload", "method", "flag") else "right")
     for r in rows:
         rel = "-" if r["ratio_sdpa"] is None else f"{r['ratio_sdpa']:.2f}"
+        spread = f"{100 * r['now_spread']:.0f}/{100 * r['other_spread']:.0f}"
+        flag = f"[red]{r['flag']}[/]" if r["flag"] == "slower" else r["flag"]
         table.add_row(r["workload"], r["method"], str(r["length"]), f"{r['now_ms']:.2f}", f"{r['other_ms']:.2f}",
-                      f"{r['ratio']:.2f}", rel, f"{r['now_err']:.1e}", f"{r['other_err']:.1e}")
+                      f"{r['ratio']:.2f}", rel, spread, flag, f"{r['now_err']:.1e}", f"{r['other_err']:.1e}")
     console.print(table)
+    console.print(f"[bold]compare[/]: {tables.compare_summary(rows)}")
 
 
 def bench(
@@ -148,7 +153,10 @@ def bench(
                                                     "--min-time) (default: 3; --full: 5)"),
     min_time: Optional[float] = typer.Option(None, help="per case, keep timing calls (within the budget) until "
                                                         "this many seconds are measured; 0: just --repeat calls "
-                                                        "(default: 0.1)"),
+                                                        "(default: 0.1), in each round"),
+    rounds: Optional[int] = typer.Option(None, help="fresh worker processes that time each case (the reported "
+                                                    "time is the median over them; --compare flags only "
+                                                    "differences beyond their spread) (default: 3)"),
     threads: Optional[int] = typer.Option(None, help="torch threads in the worker (default: 1; --full: every "
                                                      "core)"),
     max_err: Optional[float] = typer.Option(None, help="the pick: the fastest approximation within this relative "
@@ -202,7 +210,7 @@ def bench(
         suite = base.replace(
             methods=_names(methods, "--methods"), lengths=_ints(lengths, "--lengths"), heads=heads,
             heads_kv=heads_kv, head_dim=head_dim, batch=batch, causal=causal,
-            workloads=tuple(workload) if workload else None, repeat=repeat, min_time_s=min_time, threads=threads,
+            workloads=tuple(workload) if workload else None, repeat=repeat, min_time_s=min_time, rounds=rounds, threads=threads,
             time_cap_s=time_cap, plugins=tuple(plugin) if plugin else None, max_err=max_err)
         plan(suite)  # every option and method name is checked here, before the first case
         from .runner import run

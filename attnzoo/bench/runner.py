@@ -45,6 +45,10 @@ class Suite:
     repeat: int = 3  # timed calls per case (after one warm-up) ...
     budget_s: float = 1.0  # ... or fewer once this much time is spent
     min_time_s: float = 0.1  # ... and more (within the budget) until this much is measured: stable medians
+    # fresh worker processes that time each case (the first also measures errors, memory, recall): a fresh
+    # process's time for the same case moves by up to ~30 % (memory placement, the host), so the reported time
+    # is the median over rounds and --compare flags only differences beyond the rounds' spread
+    rounds: int = 3
     time_cap_s: float = 2.0  # a length whose predicted time per call exceeds this is skipped
     case_timeout_s: float = 60.0  # a case still running after this is killed and recorded as failed
     seed: int = 0
@@ -77,7 +81,7 @@ class Suite:
         for n in self.lengths:
             positive_int("--lengths", n)
         for option, value in (("--batch", self.batch), ("--heads", self.heads), ("--head-dim", self.head_dim),
-                              ("--repeat", self.repeat)):
+                              ("--repeat", self.repeat), ("--rounds", self.rounds)):
             positive_int(option, value)
         positive_int("--heads-kv", self.heads_kv, allow_none=True)
         positive_int("--threads", self.threads, allow_none=True)
@@ -358,17 +362,17 @@ def _run(suite: Suite, out_dir: Path, store: ResultsFile, resume: bool, progress
     todo = [p for p in planned if case_key(p.case) not in done]
     if len(todo) < len(planned):
         on_note(f"resuming: {len(planned) - len(todo)} of {len(planned)} cases already in {store.path}")
-    if not todo:
+    if not todo and not any(_round_todo(store, planned, r) for r in range(2, suite.rounds + 1)):
         return store.path
     run_id = uuid.uuid4().hex[:12]
-    worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins) if any(p.skip is None for p in todo) else None
+    worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
     store.append({"type": "run", "run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "resumed": bool(done), "suite": dataclasses.asdict(suite),
-                  "machine": {**machine_info(), **(worker.hello if worker else {})}})
+                  "machine": {**machine_info(), **worker.hello}})
     limits = _Limits(suite)
     for case in earlier:  # a resumed run remembers which lengths were too slow or too big
         limits.learn(case, case)
-    bar = progress(len(todo)) if progress else None
+    bar = progress(len(todo)) if progress and todo else None
     captured: set[str] = set()
     try:
         for item in todo:
@@ -396,11 +400,49 @@ def _run(suite: Suite, out_dir: Path, store: ResultsFile, resume: bool, progress
             if bar:
                 bar.advance(f"{workload_label(case)} N={case['length']} {case['method']}")
     finally:
-        if worker is not None:
-            worker.close()
+        worker.close()
         if bar:
             bar.close()
+    for r in range(2, suite.rounds + 1):
+        _time_round(suite, out_dir, store, run_id, r, _round_todo(store, planned, r), progress)
     return store.path
+
+
+def _round_todo(store: ResultsFile, planned: list[Planned], r: int) -> list[dict]:
+    """The ok cases not yet timed in round ``r``: plan order in odd rounds, reversed in even ones, so that
+    each case's rounds sit at different points of the run and a drift of the machine spreads over them."""
+    if not store.exists():
+        return []
+    contents = store.read()
+    ok = {c["key"] for c in contents.cases if c["status"] == "ok"}
+    have = {x["key"] for x in contents.rounds if x["round"] == r}
+    cases = [p.case for p in planned if case_key(p.case) in ok and case_key(p.case) not in have]
+    return cases if r % 2 else cases[::-1]
+
+
+def _time_round(suite: Suite, out_dir: Path, store: ResultsFile, run_id: str, r: int, cases: list[dict],
+                progress: Callable | None) -> None:
+    """Time ``cases`` again in a fresh worker process (round ``r``), appending one round record each."""
+    if not cases:
+        return
+    worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
+    bar = progress(len(cases)) if progress else None
+    opts = {"repeat": suite.repeat, "budget_s": suite.budget_s, "min_time_s": suite.min_time_s, "time_only": True}
+    try:
+        for case in cases:
+            if not worker.alive():
+                worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
+            try:
+                result = worker.run(case, opts, suite.case_timeout_s)
+            except WorkerError as e:
+                result = {"status": "failed", "reason": str(e)}
+            store.append({"type": "round", "run_id": run_id, "key": case_key(case), "round": r, **result})
+            if bar:
+                bar.advance(f"round {r}/{suite.rounds} {workload_label(case)} N={case['length']} {case['method']}")
+    finally:
+        worker.close()
+        if bar:
+            bar.close()
 
 
 def _capture_once(case: dict, done: set[str], on_note) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
-from .results import workload_label
+from .results import relative_times, workload_label
+
+#: ``--compare`` flags a case only beyond this relative difference (and beyond the rounds' spread)
+COMPARE_TOLERANCE = 0.15
 
 #: leaderboard columns: (header, record field, format)
 COLUMNS = (
@@ -115,14 +119,20 @@ def not_run(cases: list[dict]) -> list[dict]:
     return [c for c in cases if c["status"] != "ok"]
 
 
-def compare(current: list[dict], other: list[dict]) -> list[dict]:
-    """Cases measured (ok) in both runs, matched by case key: times and the ratio other / current.
+def compare(current: list[dict], other: list[dict], tolerance: float = COMPARE_TOLERANCE) -> list[dict]:
+    """Cases measured (ok) in both runs, matched by case key: times, the ratio other / current, and a flag.
 
     ``ratio_sdpa`` is the same ratio of each time relative to its run's SDPA time
     (``sdpa_s``, measured alongside the case): other/now of ``1 / speedup``. A
     machine that is slower during one run slows SDPA too, so this ratio stays
     near 1 for unchanged code where the plain one drifts (None when a record
     lacks ``sdpa_s``).
+
+    ``flag`` is ``"slower"`` / ``"faster"`` (this run against the other) only when the
+    difference is both beyond ``tolerance`` (of ``ratio_sdpa``, else ``ratio``) and
+    beyond the measured between-round spread: the two runs' per-round values (each
+    round's time ÷ its SDPA time, :func:`attnzoo.bench.results.relative_times`) do
+    not overlap. With one round per run only the tolerance applies. Else ``flag`` is "".
     """
     before = {c["key"]: c for c in other if c["status"] == "ok"}
     rows = []
@@ -131,7 +141,34 @@ def compare(current: list[dict], other: list[dict]) -> list[dict]:
         if c["status"] == "ok" and o is not None:
             ratio = o["time_s"] / c["time_s"]
             rel = ratio * c["sdpa_s"] / o["sdpa_s"] if c.get("sdpa_s") and o.get("sdpa_s") else None
+            if rel is None:  # compare plain times per round
+                now_v, other_v = c.get("round_times") or [c["time_s"]], o.get("round_times") or [o["time_s"]]
+            else:
+                now_v, other_v = relative_times(c), relative_times(o)
+            overlap = min(now_v) <= max(other_v) and min(other_v) <= max(now_v)
+            if len(now_v) == 1 and len(other_v) == 1:
+                overlap = False  # no spread measured: the tolerance alone decides
+            diff = (ratio if rel is None else rel) - 1
+            flag = "" if abs(diff) <= tolerance or overlap else ("faster" if diff > 0 else "slower")
             rows.append({"method": c["method"], "workload": workload_label(c), "length": c["length"],
                          "now_ms": c["time_s"] * 1e3, "other_ms": o["time_s"] * 1e3, "ratio": ratio,
-                         "ratio_sdpa": rel, "now_err": c["rel_error"], "other_err": o["rel_error"]})
+                         "ratio_sdpa": rel, "now_err": c["rel_error"], "other_err": o["rel_error"],
+                         "now_rounds": len(now_v), "other_rounds": len(other_v),
+                         "now_spread": _spread(now_v), "other_spread": _spread(other_v), "flag": flag})
     return sorted(rows, key=lambda r: (r["workload"], r["method"], r["length"]))
+
+
+def _spread(values: list[float]) -> float:
+    """(max - min) / median: 0 for a single value."""
+    return (max(values) - min(values)) / statistics.median(values)
+
+
+def compare_summary(rows: list[dict], tolerance: float = COMPARE_TOLERANCE) -> str:
+    """One line: how many compared cases lie within ±tolerance (÷ SDPA where known) and how many are flagged."""
+    if not rows:
+        return "no case in common"
+    within = sum(abs((r["ratio"] if r["ratio_sdpa"] is None else r["ratio_sdpa"]) - 1) <= tolerance for r in rows)
+    slower = sum(r["flag"] == "slower" for r in rows)
+    faster = sum(r["flag"] == "faster" for r in rows)
+    return (f"{within} of {len(rows)} cases within ±{tolerance:.0%} (÷ SDPA where both runs timed SDPA); "
+            f"flagged beyond ±{tolerance:.0%} and the between-round spread: {slower} slower, {faster} faster")

@@ -20,6 +20,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 from pathlib import Path
 
@@ -43,9 +44,14 @@ class Setup:
 
     qkv: workloads.QKV
     prob: Problem
-    reference: torch.Tensor
     sdpa: Callable[[], torch.Tensor]  # torch SDPA on the problem: timed alongside every method (× SDPA)
     causal: bool
+
+    @cached_property
+    def reference(self) -> torch.Tensor:
+        """Float64 exact attention, built on first use (a timing-only round never needs it)."""
+        q, k, v, _ = self.qkv
+        return reference_output(q, k, v, scale=self.prob.scale, causal=self.causal)
 
 
 def reference_output(q, k, v, *, scale: float, causal: bool) -> torch.Tensor:
@@ -67,14 +73,13 @@ def prepare(case: dict, opts: dict) -> Setup:
     prob = Problem(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
                    resolve_scale(None, q.shape[3]))
     causal = case["causal"]
-    ref = reference_output(q, k, v, scale=prob.scale, causal=causal)
 
     def sdpa():
         return sdpa_attention(q, k, v, scale=prob.scale, causal=causal)
 
     with torch.no_grad():
         sdpa()  # warm-up
-    return Setup(qkv, prob, ref, sdpa, causal)
+    return Setup(qkv, prob, sdpa, causal)
 
 
 def _save_map(path: Path, m: torch.Tensor) -> str:
@@ -84,7 +89,11 @@ def _save_map(path: Path, m: torch.Tensor) -> str:
 
 
 def measure(case: dict, opts: dict, setup: Setup) -> dict:
-    """Run one method on the prepared problem; a dict of metrics (status ok), or skipped/failed with the reason."""
+    """Run one method on the prepared problem; a dict of metrics (status ok), or skipped/failed with the reason.
+
+    ``opts["time_only"]``: a later round (:mod:`attnzoo.bench.runner`): only the times, which the first round's
+    record gains; errors, memory, recall and density were measured there.
+    """
     cls = registry.methods()[case["method"]]
     method = cls(**case["params"])
     q, k, v, _ = setup.qkv
@@ -100,11 +109,14 @@ def measure(case: dict, opts: dict, setup: Setup) -> dict:
         return {"status": "skipped", "skip_kind": "capability", "reason": str(e)}
     if not torch.isfinite(out).all():
         return {"status": "failed", "reason": "the output has NaN or inf entries"}
-    _, peak = metrics.peak_memory(call)
+    peak = None if opts.get("time_only") else metrics.peak_memory(call)[1]
     timing = metrics.time_calls(call, repeat=opts["repeat"], budget_s=opts["budget_s"],
                                 min_time_s=opts.get("min_time_s", 0.0), clock=metrics.bench_clock(q.device),
                                 alongside=setup.sdpa)
     sdpa_s = timing.ref_median
+    if opts.get("time_only"):
+        return {"status": "ok", "time_s": timing.median, "time_runs": list(timing.runs), "spread": timing.spread,
+                "sdpa_s": sdpa_s}
     flops, flops_source = metrics.method_flops(method, setup.prob, causal)
     result = {"status": "ok", "time_s": timing.median, "time_runs": list(timing.runs), "spread": timing.spread,
               "threads": timing.threads, "clock": timing.clock, "sdpa_s": sdpa_s, "speedup": sdpa_s / timing.median,
