@@ -110,6 +110,7 @@ SPARSE = {
     "block_topk (topk 1/16)": ("block_topk", {"topk": 0.0625}),
     "vertical_slash": ("vertical_slash", {}),
     "hip": ("hip", {}),
+    "hip (heads=query)": ("hip", {"heads": "query"}),
 }
 
 

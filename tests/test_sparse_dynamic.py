@@ -115,6 +115,41 @@ def test_block_topk_kv_heads_share_the_groups_best_blocks():
     torch.testing.assert_close(method(q, k, v, causal=True), ref, atol=1e-10, rtol=1e-10)
 
 
+def test_hip_kv_heads_search_with_the_groups_rows():
+    """``heads="kv"``: one search per KV head whose chunks score the best row of the group's query heads. When
+    the group's heads are copies of one head, that is each head's own search; the layout attends exactly."""
+    q, k, v, _ = _inputs((1, 2, 2, 64, 64, 8), seed=24, padded=False)
+    params = dict(block=8, block_k=4, topk=3, dense_below=0, dense_from=1)
+    twins = q.repeat_interleave(2, 1)  # (1, 4, 64, 8): query heads 2h and 2h + 1 are head h of q
+    (kv,) = az.get("hip", heads="kv", **params).layouts(twins, k, causal=True)
+    (per_head,) = az.get("hip", heads="query", **params).layouts(q, k, causal=True)
+    assert kv.kv_blocks.shape[1] == 2 and torch.equal(kv.block_mask(), per_head.block_mask())
+    q4, _, _, _ = _inputs((1, 4, 2, 64, 64, 8), seed=25, padded=False)
+    method = az.get("hip", heads="kv", **params)
+    (lay,) = method.layouts(q4, k, causal=True)
+    vis = lay.block_mask().repeat_interleave(2, 1).repeat_interleave(8, 2).repeat_interleave(4, 3)
+    ref, _ = masked_reference(q4, k, v, combine(vis, causal=True, len_q=64, len_k=64))
+    torch.testing.assert_close(method(q4, k, v, causal=True), ref, atol=1e-10, rtol=1e-10)
+
+
+def test_block_pool_of_whole_and_tail_blocks_equals_the_weighted_pool():
+    """The unweighted fast path (no padding rows, views of t) equals the weighted pool with every row valid,
+    including a partial last block and strided input."""
+    from attnzoo.catalog.sparse.dynamic import block_pool
+
+    t = torch.randn(2, 3, 8, 45, dtype=torch.float64).transpose(2, 3)  # (2, 3, 45, 8), last-dim stride 45
+    some = torch.ones(1, 45, dtype=torch.bool)
+    some[0, 44] = False  # one invalid row: the weighted path
+    for how in ("mean", "max", "min"):
+        fast = block_pool(t, 8, None, how)
+        assert fast.shape == (2, 3, 6, 8) and torch.equal(fast, block_pool(t, 8, torch.ones(1, 45, dtype=torch.bool), how))
+        blocks = [t[:, :, i:i + 8] for i in range(0, 45, 8)]
+        ref = torch.stack([getattr(b, {"mean": "mean", "max": "amax", "min": "amin"}[how])(2) for b in blocks], 2)
+        torch.testing.assert_close(fast, ref, atol=1e-12, rtol=1e-12)
+        weighted = block_pool(t, 8, some, how)
+        torch.testing.assert_close(weighted[:, :, :5], ref[:, :, :5], atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["block_topk", "vertical_slash", "hip"])
 def test_share_budgets_take_the_dense_path_where_sparsity_cannot_pay(name):
     """Below ``dense_below`` keys (default 2048 with a share budget) a dynamic method is exact attention and says

@@ -154,9 +154,9 @@ def bench(
     min_time: Optional[float] = typer.Option(None, help="per case, keep timing calls (within the budget) until "
                                                         "this many seconds are measured; 0: just --repeat calls "
                                                         "(default: 0.1), in each round"),
-    rounds: Optional[int] = typer.Option(None, help="fresh worker processes that time each case (the reported "
-                                                    "time is the median over them; --compare flags only "
-                                                    "differences beyond their spread) (default: 3)"),
+    rounds: Optional[int] = typer.Option(None, help="fresh worker processes that time each case (the best round "
+                                                    "is reported; --compare flags only differences beyond their "
+                                                    "spread) (default: 3)"),
     threads: Optional[int] = typer.Option(None, help="torch threads in the worker (default: 1; --full: every "
                                                      "core)"),
     max_err: Optional[float] = typer.Option(None, help="the pick: the fastest approximation within this relative "

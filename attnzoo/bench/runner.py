@@ -46,8 +46,8 @@ class Suite:
     budget_s: float = 1.0  # ... or fewer once this much time is spent
     min_time_s: float = 0.1  # ... and more (within the budget) until this much is measured: stable medians
     # fresh worker processes that time each case (the first also measures errors, memory, recall): a fresh
-    # process's time for the same case moves by up to ~30 % (memory placement, the host), so the reported time
-    # is the median over rounds and --compare flags only differences beyond the rounds' spread
+    # process's time for the same case moves by up to ~30 % (memory placement, the host), so the best round is
+    # reported (results.merge_rounds) and --compare flags only differences beyond the rounds' spread
     rounds: int = 3
     time_cap_s: float = 2.0  # a length whose predicted time per call exceeds this is skipped
     case_timeout_s: float = 60.0  # a case still running after this is killed and recorded as failed

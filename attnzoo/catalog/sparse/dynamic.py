@@ -41,6 +41,15 @@ def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
 def block_pool(t: torch.Tensor, block: int, valid: torch.Tensor | None = None, how: str = "mean") -> torch.Tensor:
     """Pool ``(B, H, N, D)`` over blocks of ``block`` rows -> ``(B, H, nb, D)``; ``valid (B|1, N)`` weights rows."""
     B, H, N, D = t.shape
+    if valid is not None and bool(valid.all()):
+        valid = None
+    if valid is None and N > 0:  # every row counts: reduce views of t (no padded or weighted copy of it)
+        reduce = {"mean": torch.mean, "max": torch.amax, "min": torch.amin}[how]
+        whole = N // block * block
+        parts = [reduce(t[:, :, :whole].reshape(B, H, N // block, block, D), dim=3)] if whole else []
+        if whole < N:
+            parts.append(reduce(t[:, :, whole:], dim=2, keepdim=True))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
     nb = -(-N // block)
     w = torch.ones(1, N, dtype=t.dtype, device=t.device) if valid is None else valid.to(t.dtype)
     w = torch.nn.functional.pad(w, (0, nb * block - N)).view(w.shape[0], 1, nb, block, 1)
@@ -365,6 +374,10 @@ class HiP(DynamicLayoutMethod):
     topk: int | float = param(0.125, min=1, clamp=True, share="block_k",
                               help="key blocks kept per query block: a count or a share of the key blocks "
                                    "(default 1/8)")
+    heads: str = param("kv", choices=("query", "kv"),
+                       help="search per query head, or once per KV head with its query group's rows (a chunk "
+                            "scores the best of them): the group then reads its blocks together, and each search "
+                            "step gathers G times fewer representative keys")
 
     def min_share(self, prob, causal):
         return rows_share(prob, causal, self.block, self.block_k, self.topk)
@@ -373,30 +386,37 @@ class HiP(DynamicLayoutMethod):
         bs, bk, dev, kk = self.block, self.block_k, q.device, self.topk
         B, Hq, n_q, D = q.shape
         Hkv, n_k = k.shape[1], k.shape[2]
+        Hs = Hkv if self.heads == "kv" else Hq  # heads that select; each scores with its G query heads' rows
+        G = Hq // Hs
         first, last = block_positions(prob, bs, dev)
         nq, nkb = first.numel(), -(-n_k // bk)
         n_vis = (last.clamp(-1, n_k - 1) // bk + 1).clamp(min=0) if causal else torch.full_like(last, nkb)
         c = torch.arange(2 * kk, device=dev)
         start = (c * n_vis.view(-1, 1)) // (2 * kk)  # (nq, 2k) in key-block units
         end = ((c + 1) * n_vis.view(-1, 1)) // (2 * kk)
-        start, end = start.expand(B, Hq, nq, -1), end.expand(B, Hq, nq, -1)
-        qb = torch.nn.functional.pad(q, (0, 0, 0, nq * bs - n_q)).view(B, Hq, nq, bs, D) * prob.scale
-        row_ok = (torch.arange(nq * bs, device=dev) < n_q).view(nq, bs, 1)
+        start, end = start.expand(B, Hs, nq, -1), end.expand(B, Hs, nq, -1)
+        # (B, Hs, nq, G·bs, D): a query block's rows of the selecting head's G query heads, scaled
+        qb = (torch.nn.functional.pad(q, (0, 0, 0, nq * bs - n_q)).view(B, Hs, G, nq, bs, D).transpose(2, 3)
+              .reshape(B, Hs, nq, G * bs, D) * prob.scale)
+        in_block = torch.arange(G * bs, device=dev) % bs  # each row's place in its query block
+        row_ok = (torch.arange(nq, device=dev).view(-1, 1) * bs + in_block < n_q).view(nq, G * bs, 1)
         k_flat = k.reshape(-1, D)
-        head_base = ((torch.arange(B, device=dev).view(-1, 1) * Hkv
-                      + torch.arange(Hq, device=dev) // (Hq // Hkv)) * n_k).view(B, Hq, 1, 1)
+        kv_head = torch.arange(Hs, device=dev) // (Hs // Hkv)
+        head_base = ((torch.arange(B, device=dev).view(-1, 1) * Hkv + kv_head) * n_k).view(B, Hs, 1, 1)
         key_limit = last.clamp(max=n_k - 1).view(1, 1, -1, 1) if causal else n_k - 1
-        q_pos = (torch.arange(nq * bs, device=dev).clamp(max=n_q - 1) + n_k - n_q).view(1, 1, nq, bs, 1)
+        q_pos = ((torch.arange(nq, device=dev).view(-1, 1) * bs + in_block).clamp(max=n_q - 1)
+                 + n_k - n_q).view(1, 1, nq, G * bs, 1)
+        q_head = (torch.arange(Hs, device=dev).view(-1, 1) * G + torch.arange(G * bs, device=dev) // bs
+                  ).view(1, Hs, 1, G * bs, 1)
         while True:
             rep = ((start + end) * bk) // 2
             rep = torch.minimum(rep, torch.as_tensor(key_limit, device=dev)).clamp(min=0)
-            k_rep = k_flat[(head_base + rep).reshape(-1)].view(B, Hq, nq, -1, D)
-            score = torch.matmul(qb, k_rep.transpose(-1, -2))  # (B, Hq, nq, bs, chunks)
+            k_rep = k_flat.index_select(0, (head_base + rep).reshape(-1)).view(B, Hs, nq, -1, D)
+            score = torch.matmul(qb, k_rep.transpose(-1, -2))  # (B, Hs, nq, G·bs, chunks)
             if score_mod is not None:  # the scores of the block's queries with the chunks' middle keys
                 with torch.no_grad():
                     score = call_score_mod(score_mod, score, torch.arange(B, device=dev).view(-1, 1, 1, 1, 1),
-                                           torch.arange(Hq, device=dev).view(1, -1, 1, 1, 1), q_pos,
-                                           rep.unsqueeze(-2))
+                                           q_head, q_pos, rep.unsqueeze(-2))
             score = score.masked_fill(~row_ok, -math.inf).amax(-2)
             score = score.masked_fill(end <= start, -math.inf)
             top = score.topk(min(kk, score.shape[-1]), dim=-1)
@@ -407,7 +427,7 @@ class HiP(DynamicLayoutMethod):
                 break
             mid = (start + end) // 2
             start, end = torch.cat([start, mid], -1), torch.cat([mid, end], -1)
-        keep = torch.zeros(B, Hq, nq, nkb + 1, dtype=torch.bool, device=dev)
+        keep = torch.zeros(B, Hs, nq, nkb + 1, dtype=torch.bool, device=dev)
         keep.scatter_(-1, torch.where(end > start, start, torch.full_like(start, nkb)), True)
         keep = keep[..., :nkb]
         keep[..., 0] = True
