@@ -167,7 +167,8 @@ def bench(
                                                         "(default: 2; --full: 30)"),
     out: Optional[Path] = typer.Option(None, help="results folder (default: bench-results/run-<time>; --resume: "
                                                   "the latest run)"),
-    quick: bool = typer.Option(False, "--quick", help="the quick suite (the default): ~30 s on 2 cores"),
+    quick: bool = typer.Option(False, "--quick", help="the quick suite (the default): 112 cases in 3 rounds, "
+                                                      "minutes on 2 cores (one round: 20-35 s idle)"),
     full: bool = typer.Option(False, "--full", help="lengths 256..8192, 8 heads, more workloads and repeats  "
                                                     "(default: off)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out, keeping its options  "

@@ -377,7 +377,8 @@ class HiP(DynamicLayoutMethod):
     heads: str = param("kv", choices=("query", "kv"),
                        help="search per query head, or once per KV head with its query group's rows (a chunk "
                             "scores the best of them): the group then reads its blocks together, and each search "
-                            "step gathers G times fewer representative keys")
+                            "step gathers G times fewer representative keys (SmolLM2 8K: recall 0.971 vs 0.972 "
+                            "per query head, 1.7x faster)")
 
     def min_share(self, prob, causal):
         return rows_share(prob, causal, self.block, self.block_k, self.topk)
