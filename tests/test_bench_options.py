@@ -68,6 +68,18 @@ def test_compare_two_stored_runs_without_running(tmp_path):
     assert not (tmp_path / "bench-results").exists()
 
 
+def test_compare_of_runs_with_different_rounds_warns(tmp_path):
+    ResultsFile(tmp_path / "old").append(_record("k1", 0.002))
+    new = ResultsFile(tmp_path / "new")
+    new.append(_record("k1", 0.002))
+    new.append({"type": "round", "key": "k1", "round": 2, "status": "ok", "time_s": 0.001})
+    res = _invoke(tmp_path, "--compare", str(tmp_path / "old"), str(tmp_path / "new"))
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "different numbers of rounds" in text and "0 of 1 cases within ±15%" in text
+    assert "0 slower, 0 faster" in text  # 2x faster, but the old time lies within the new run's rounds
+
+
 def test_append_ends_a_record_that_lost_its_newline(tmp_path):
     store = ResultsFile(tmp_path)
     store.path.write_text(json.dumps(_record("k1", 1.0)))  # the newline was lost

@@ -131,6 +131,10 @@ def print_comparison(current: list[dict], other_path: Path) -> None:
                       f"{r['ratio']:.2f}", rel, spread, flag, f"{r['now_err']:.1e}", f"{r['other_err']:.1e}")
     console.print(table)
     console.print(f"[bold]compare[/]: {tables.compare_summary(rows)}")
+    if any(r["now_rounds"] != r["other_rounds"] for r in rows):
+        console.print("[yellow]warning:[/] the runs timed some cases in different numbers of rounds; the best of "
+                      "more rounds is faster by construction (a 3-round run against a 1-round run of the same code "
+                      "flagged 36 of 112 cases faster), so compare runs made with the same --rounds")
 
 
 def bench(

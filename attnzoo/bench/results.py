@@ -116,7 +116,7 @@ def merge_rounds(cases: list[dict], rounds: list[dict]) -> list[dict]:
     merged = []
     for c in cases:
         extra = sorted(later.get(c["key"], ()), key=lambda r: r["round"])
-        if c["status"] != "ok":
+        if c.get("status") != "ok" or "time_s" not in c:
             merged.append(c)
             continue
         times = [c["time_s"]] + [r["time_s"] for r in extra]
