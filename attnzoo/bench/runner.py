@@ -383,14 +383,9 @@ def _run(suite: Suite, out_dir: Path, store: ResultsFile, resume: bool, progress
             else:
                 if case["workload"] == "real":
                     _capture_once(case, captured, on_note)
-                if not worker.alive():
-                    worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
                 opts = {"repeat": suite.repeat, "budget_s": suite.budget_s, "min_time_s": suite.min_time_s, "gemm_gflops": worker.hello["gemm_gflops"],
                         "maps_dir": str(out_dir / "maps" / _map_folder(case)) if item.heatmap else None}
-                try:
-                    result = worker.run(case, opts, suite.case_timeout_s)
-                except WorkerError as e:
-                    result = {"status": "failed", "reason": str(e), "worker_error": True}
+                worker, result = _run_in(worker, suite, out_dir, case, opts)
                 for field in ("map", "exact_map"):  # relative, so the results folder can move
                     if field in result:
                         result[field] = os.path.relpath(result[field], out_dir)
@@ -406,6 +401,17 @@ def _run(suite: Suite, out_dir: Path, store: ResultsFile, resume: bool, progress
     for r in range(2, suite.rounds + 1):
         _time_round(suite, out_dir, store, run_id, r, _round_todo(store, planned, r), progress)
     return store.path
+
+
+def _run_in(worker: Worker, suite: Suite, out_dir: Path, case: dict, opts: dict) -> tuple[Worker, dict]:
+    """Run one case in ``worker`` (a fresh one if it died): the worker to use next and the result; a worker
+    timeout or death is the case's failure."""
+    if not worker.alive():
+        worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
+    try:
+        return worker, worker.run(case, opts, suite.case_timeout_s)
+    except WorkerError as e:
+        return worker, {"status": "failed", "reason": str(e), "worker_error": True}
 
 
 def _round_todo(store: ResultsFile, planned: list[Planned], r: int) -> list[dict]:
@@ -430,12 +436,7 @@ def _time_round(suite: Suite, out_dir: Path, store: ResultsFile, run_id: str, r:
     opts = {"repeat": suite.repeat, "budget_s": suite.budget_s, "min_time_s": suite.min_time_s, "time_only": True}
     try:
         for case in cases:
-            if not worker.alive():
-                worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
-            try:
-                result = worker.run(case, opts, suite.case_timeout_s)
-            except WorkerError as e:
-                result = {"status": "failed", "reason": str(e)}
+            worker, result = _run_in(worker, suite, out_dir, case, opts)
             store.append({"type": "round", "run_id": run_id, "key": case_key(case), "round": r, **result})
             if bar:
                 bar.advance(f"round {r}/{suite.rounds} {workload_label(case)} N={case['length']} {case['method']}")
