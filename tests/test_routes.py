@@ -854,3 +854,25 @@ def test_explain_names_the_path_each_kind_of_mod_takes_on_torch():
     assert "a soft cap on the C++ soft-cap kernel" in notes["cap"]
     assert "distance biases then a soft cap on the C++ soft-cap kernel" in notes["both"]
     assert "'<lambda>'" in notes["user"] and "slot loop" in notes["user"] and "row-wise" in notes["user"]
+
+
+@pytest.mark.parametrize("method,params", [("exact", {}), ("exact_tiled", {}), ("sliding_window", dict(window=24)),
+                                           ("block_topk", dict(block=16, topk=2, dense_below=0, dense_from=1))])
+def test_softcap_paths_take_strided_inputs_and_empty_batches(method, params):
+    """A soft cap (the C++ kernel where it builds, else the eager paths) gives the same values, lse and
+    gradients on permuted, sliced and expanded (stride-0 heads) inputs as on contiguous copies; an empty
+    batch is empty."""
+    Hq, Hkv, N, D = 4, 2, 80, 16
+    q = torch.randn(1, N, Hq, D).permute(0, 2, 1, 3).requires_grad_(True)  # permuted
+    k = torch.randn(1, Hkv, N + 7, D)[:, :, 3:N + 3]  # sliced
+    v = torch.randn(1, 1, N, D).expand(1, Hkv, N, D)  # expanded: head stride 0
+    args = dict(method=method, causal=True, return_lse=True, score_mod=mods.softcap(1.5), **params)
+    out, lse = az.attention(q, k, v, **args)
+    (g_q,) = torch.autograd.grad(out.square().sum(), (q,))
+    qc = q.detach().contiguous().requires_grad_(True)
+    ref, ref_lse = az.attention(qc, k.contiguous(), v.contiguous(), **args)
+    (r_q,) = torch.autograd.grad(ref.square().sum(), (qc,))
+    for got, want in ((out, ref), (lse, ref_lse), (g_q, r_q)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    empty = az.attention(q[:0], k[:0], v[:0], **args)
+    assert empty[0].shape == (0, Hq, N, D) and empty[1].shape == (0, Hq, N)
