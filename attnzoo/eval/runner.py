@@ -99,9 +99,32 @@ def _cache_kwarg(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
+def context_tokens(tokenizer, sample: Sample, ids: torch.Tensor) -> int:
+    """How many leading tokens of ``ids`` (the whole prompt's) come before the question ``sample.meta["question"]``.
+
+    The context is tokenised alone and matched against the prompt's own tokens, so the two reads of a
+    ``question="after"`` run feed exactly the one-pass tokens (a token spanning the boundary goes with the question).
+    """
+    question = sample.meta.get("question")
+    if not isinstance(question, str) or not question or not sample.prompt.endswith(question):
+        raise AttnZooError("eval: question='after' needs samples whose meta['question'] is the end of the prompt "
+                           f"(text tasks set it), got {question!r}")
+    alone = tokenizer(sample.prompt[:-len(question)], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    n = min(len(alone), ids.shape[1] - 1)
+    context = int((alone[:n] == ids[0, :n]).long().cumprod(0).sum())  # the common prefix (>= 1 question token left)
+    if context == 0:
+        raise AttnZooError("eval: question='after' found no context tokens before the question")
+    return context
+
+
 def generate(model, tokenizer, sample: Sample, task: Task, make_cache: Callable[[], Any]) -> Outcome:
-    """Greedy generation of up to ``task.max_new_tokens``: prefill, then one token at a time."""
+    """Greedy generation of up to ``task.max_new_tokens``: prefill, then one token at a time.
+
+    With ``task.question == "after"`` the prefill is two reads through the cache: the context (which a
+    policy compresses at its end), then the question; ``prefill_s`` counts both.
+    """
     ids = prompt_ids(tokenizer, sample)
+    split = context_tokens(tokenizer, sample, ids) if getattr(task, "question", "inline") == "after" else 0
     cache = make_cache()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) - {None}
@@ -109,7 +132,9 @@ def generate(model, tokenizer, sample: Sample, task: Task, make_cache: Callable[
     kw = {_cache_kwarg(type(model)): cache, "use_cache": True}
     with torch.inference_mode():
         t = time.perf_counter()
-        out = model(input_ids=ids, logits_to_keep=1, **kw)
+        if split:
+            model(input_ids=ids[:, :split], logits_to_keep=1, **kw)
+        out = model(input_ids=ids[:, split:], logits_to_keep=1, **kw)
         prefill_s = time.perf_counter() - t
         for step in range(task.max_new_tokens):
             token = int(out.logits[0, -1].argmax())

@@ -38,13 +38,14 @@ class Passkey(TextTask):
     def make(self, tokenizer, length, gen, *, index, of) -> Sample:
         key = number(gen, 5)
         depth = self.depth if self.depth is not None else spread(of)[index]
+        question = "\nWhat is the pass key? The pass key is"
         prompt = assemble(
             tokenizer, length, haystack="noise", gen=gen, inserts=[(depth, f"The pass key is {key}. Remember it. "
                                                                              f"{key} is the pass key.")],
             prefix="There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                    "I will quiz you about the important information there.\n",
-            suffix="\nWhat is the pass key? The pass key is")
-        return Sample(prompt, (key,), {"depth": depth})
+            suffix=question)
+        return Sample(prompt, (key,), {"depth": depth, "question": question})
 
 
 @dataclass
@@ -78,7 +79,7 @@ class _Needles(TextTask):
                  f"The special magic {kind} for {what} mentioned in the provided text are")
         prompt = assemble(tokenizer, length, haystack=self.haystack, gen=gen, inserts=inserts,
                           prefix=_INTRO.format(kind=kind), suffix="\n" + q)
-        return Sample(prompt, tuple(answers), {"depth": depth, "needles": len(needles)})
+        return Sample(prompt, tuple(answers), {"depth": depth, "needles": len(needles), "question": "\n" + q})
 
 
 @register_task

@@ -42,13 +42,14 @@ class VariableTracking(TextTask):
             lines = [f"VAR {chain[0]} = {values[c]}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
             inserts += [(min(start + 0.4 * (j / len(lines)) + 0.01 * c, 0.9), line) for j, line in enumerate(lines)]
         count = self.hops + 1
+        question = (f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above. "
+                    f"Answer: According to the chain(s) of variable assignment in the text above, {count} variables "
+                    f"are assigned the value {values[0]}, they are:")
         prompt = assemble(
             tokenizer, length, haystack="noise", gen=gen, inserts=inserts,
             prefix="Memorize and track the chain(s) of variable assignment hidden in the following text.\n",
-            suffix=f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above. "
-                   f"Answer: According to the chain(s) of variable assignment in the text above, {count} variables "
-                   f"are assigned the value {values[0]}, they are:")
-        return Sample(prompt, tuple(names[:count]), {"depth": start})
+            suffix=question)
+        return Sample(prompt, tuple(names[:count]), {"depth": start, "question": question})
 
 
 @register_task
@@ -88,7 +89,7 @@ class CommonWords(TextTask):
             order = torch.randperm(len(entries), generator=gen).tolist()
             prompt = prefix + "\n".join(f"{i + 1}. {entries[j]}" for i, j in enumerate(order)) + suffix
             if n_tokens(tokenizer, prompt) <= length:
-                return Sample(prompt, tuple(common), {"rare_words": n_rare})
+                return Sample(prompt, tuple(common), {"rare_words": n_rare, "question": suffix})
             if n_rare == 0:
                 raise AttnZooError(f"length: {self.name} with common={self.common}, repeats={self.repeats} needs "
                                    f"more than {length} tokens (lower repeats or common)")

@@ -2,9 +2,14 @@
 
 A :class:`TextTask` builds each prompt from an instruction, a haystack (the shipped King James text,
 ``data/kjv.txt``, or RULER's repeated "noise" sentences), a few inserted sentences (needles) at chosen
-depths, and a question that ends where the answer starts. The haystack is cut so the whole prompt
-is at most ``length`` tokens of the given tokenizer. Generation is greedy; a prediction scores the
-share of the expected strings it contains as whole words.
+depths, and a question that ends where the answer starts (kept in ``Sample.meta["question"]``). The
+haystack is cut so the whole prompt is at most ``length`` tokens of the given tokenizer. Generation is
+greedy; a prediction scores the share of the expected strings it contains as whole words.
+
+Every text task takes ``question="inline"`` (the default: the prompt is read in one pass, question
+included) or ``"after"``: the evaluation reads the context first, so a KV-cache policy compresses it
+before the question exists, and appends the question afterwards (question-agnostic compression: one
+compressed context reused for questions not known when it was compressed).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import AttnZooError
+from ..registry import param
 from .base import Sample, Task
 
 #: Genesis, Exodus and Leviticus 1-14 (KJV, public domain; source in the file's header), ~104K SmolLM2 tokens
@@ -118,6 +124,9 @@ class TextTask(Task):
     kind: ClassVar[str] = "generate"
     #: generation stops after this many new tokens (or the end-of-sequence token)
     max_new_tokens: ClassVar[int] = 12
+    question: str = param("inline", choices=("inline", "after"),
+                          help="after: the context is read (and a cache policy compresses it) before the question "
+                               "is appended")
 
     def generate(self, n: int, *, seed: int = 0, tokenizer=None, length: int | None = None, **context) -> list[Sample]:
         if tokenizer is None or length is None:
