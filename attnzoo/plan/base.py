@@ -208,12 +208,13 @@ def check_tasks(name: str, tasks) -> tuple[str, ...]:
 
 
 def calibration_prompts(model, tokenizer, samples: int, length: int, seed: int,
-                        tasks: tuple[str, ...] = TASKS) -> list[tuple[list[int], int]]:
+                        tasks: tuple[str, ...] = TASKS, *, context: bool = False) -> list[tuple[int | list[int], ...]]:
     """``(ids, start)`` per prompt: a task prompt with its (first) answer appended from ``ids[start]`` on.
 
     With a tokenizer: prompt ``i`` comes from ``tasks[i % len(tasks)]`` (:mod:`attnzoo.tasks`, generated
     at ``seed``; evaluate on other seeds). Without one, a synthetic prompt: random filler with a random
-    16-token key at a quarter depth, the key again as the answer.
+    16-token key at a quarter depth, the key again as the answer. ``context=True`` adds a third item:
+    how many tokens come before the task's question (``start`` for the synthetic prompts, which have none).
     """
     if tokenizer is not None:
         from ..tasks import make_task
@@ -224,7 +225,11 @@ def calibration_prompts(model, tokenizer, samples: int, length: int, seed: int,
         for i in range(samples):
             s = per_task[i % len(tasks)][i // len(tasks)]
             ids = tokenizer(s.prompt, add_special_tokens=False)["input_ids"]
-            out.append((ids + tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"], len(ids)))
+            item = (ids + tokenizer(" " + s.answers[0], add_special_tokens=False)["input_ids"], len(ids))
+            if context:
+                alone = tokenizer(s.prompt[:-len(s.meta["question"])], add_special_tokens=False)["input_ids"]
+                item += (next((i for i, (a, b) in enumerate(zip(alone, ids)) if a != b), min(len(alone), len(ids))),)
+            out.append(item)
         return out
     lo, hi = token_range(model)
     gen = torch.Generator().manual_seed(seed)
@@ -234,7 +239,7 @@ def calibration_prompts(model, tokenizer, samples: int, length: int, seed: int,
         filler = torch.randint(lo, hi, (length - 32 - 1,), generator=gen).tolist()
         at = len(filler) // 4
         ids = bos(model, None) + filler[:at] + key + filler[at:]
-        out.append((ids + key, len(ids)))
+        out.append((ids + key, len(ids)) + ((len(ids),) if context else ()))
     return out
 
 

@@ -14,6 +14,11 @@ with the mean held share within ``budget`` at ``length`` tokens.
 * ``snapkv``: the prompt runs exact; afterwards the head keeps the ``share·N`` tokens its last
   ``observe`` queries attend to most (max-pooled over ``pool`` neighbours), SnapKV's rule, so heads
   that retrieve get larger budgets than heads that only look nearby.
+
+``question="after"`` profiles the compression of ``attnzoo eval``'s ``question=after`` tasks: the voting
+queries are the last ``observe`` ones before the question (the context is compressed before the question
+exists), so a head whose kept tokens miss what the answer needs shows the error and gets a larger span
+or the full cache.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ class MoA(Calibrator):
     tasks: tuple = param(TASKS, help="tasks the calibration prompts alternate between (text tasks)")
     observe: int = param(8, min=1, help="snapkv: queries that vote for the tokens kept")
     pool: int = param(7, min=1, max=1025, help="snapkv: max-pooling width over neighbouring tokens")
+    question: str = param("inline", choices=("inline", "after"),
+                          help="snapkv: the voting queries end the prompt (inline) or the context before the "
+                               "question (after: question-agnostic compression)")
 
     def validate(self) -> None:
         if not isinstance(self.spans, (tuple, list)) or not self.spans or not all(
@@ -74,7 +82,8 @@ class MoA(Calibrator):
 
     def read_masks(self, q, k, pos: torch.Tensor, start: int, tokens: int, group: int) -> torch.Tensor:
         """``(H, len(pos), N)`` bool: what each query head reads at the scored positions for one option
-        (``group`` query heads share a KV head, so a snapkv head keeps one token set for all of them)."""
+        (``group`` query heads share a KV head, so a snapkv head keeps one token set for all of them;
+        its vote is cast by the ``observe`` queries before ``start``, every later token is kept)."""
         H, N = q.shape[1], k.shape[2]
         if self.policy == "streaming":
             return streaming_mask(pos, N, self.sinks, tokens - self.sinks).expand(H, -1, -1)
@@ -95,10 +104,12 @@ class MoA(Calibrator):
 
     def profile(self, model, tokenizer=None) -> torch.Tensor:
         """``(layers, heads_kv, spans)``: each KV head's mean relative output error at each span."""
-        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks)
+        prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks,
+                                      context=True)
         errors = None
-        for ids, start in prompts:
+        for ids, start, context in prompts:
             pos = torch.arange(start - 1, len(ids) - 1)
+            vote = context if self.question == "after" else start
             per_layer = []
             for q, k, v in capture(model, ids):
                 group = q.shape[1] // heads_kv_of(model)
@@ -107,7 +118,7 @@ class MoA(Calibrator):
                 full = F.scaled_dot_product_attention(qn, k, v, attn_mask=causal)
                 errs = []
                 for share in self.spans:
-                    mask = self.read_masks(q, k, pos, start, self.held(share, start), group)
+                    mask = self.read_masks(q, k, pos, vote, self.held(share, vote), group)
                     part = F.scaled_dot_product_attention(qn, k, v, attn_mask=mask[None])
                     errs.append(((part - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12))[0].mean(-1))
                 per_layer.append(torch.stack(errs, -1))                                   # (H, spans)
