@@ -51,6 +51,14 @@ def test_token_budgets_below_the_minimum_name_the_defaults_that_force_it():
     with pytest.raises(AttnZooError, match=r"expected >= 895, forced by sinks=4 and local=512 rounded out to units "
                                            r"of 128, plus one unit to select; got 256 \(lower sinks/local"):
         make_policy("infllm", **C.policy_params("infllm", {}, 256, 4096))
+    for name in ("streaming", "razor"):  # sinks + a window of 1 would silently hold more than the budget
+        with pytest.raises(AttnZooError, match=rf"{name}: budget expected >= 5 tokens, forced by sinks=4"):
+            C.policy_params(name, {}, 4, 4096)
+    with pytest.raises(AttnZooError, match=r"so budget expected >= 33 with observe=32"):
+        C.check_case({**C.policy_case("snapkv", 16), "length": 4096}, 4096)
+    assert C.policy_case("zipvl", 0.125)["budget"] is None and not C.takes_budget("quantized")  # sizes itself
+    with pytest.raises(AttnZooError, match="takes no budget"):
+        C.policy_case("zipvl:budget=256")
     with pytest.raises(AttnZooError, match="needs a budget"):
         C.policy_case("h2o")
     with pytest.raises(AttnZooError, match="budget expected"):
@@ -128,6 +136,31 @@ def test_cli_runs_reports_and_refuses_bad_input(tiny, tmp_path):
                                        "--samples", "1", "--methods", "", "--policies", "quantized:bits=4",
                                        "--out", str(tmp_path / "f")])  # group 32 > the tiny head dim 16
     assert failing.exit_code == 1 and "every case failed" in failing.output
+
+
+def test_cli_refuses_bad_input_before_loading_a_model(tiny, tmp_path, monkeypatch):
+    """A budget below a policy's minimum, a folder that is no causal LM and a missing extra: one line, exit 2,
+    nothing run (no results file)."""
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
+    for args, message in (
+            (["--model", tiny, "--policies", "tokenselect", "--budgets", "256"],
+             "cache=tokenselect@256 at 512 tokens: tokenselect: parameter 'budget' expected >= 641, forced by sinks=128"),
+            (["--model", tiny, "--policies", "streaming", "--budgets", "3"], "expected >= 5 tokens, forced by sinks=4"),
+            (["--model", str(tmp_path / "bert")], "is not a causal LM (its config names BertModel)")):
+        bad = CliRunner().invoke(app, ["eval", "--tasks", "passkey", "--lengths", "512", "--methods", "",
+                                       "--out", str(tmp_path / "x"), *args])
+        assert bad.exit_code == 2 and message in bad.output.replace("\n", " "), bad.output
+        assert "attnzoo eval →" not in bad.output and not (tmp_path / "x").exists()
+    from attnzoo import models
+
+    find_spec = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda m, *a: None if m == "gguf" else find_spec(m, *a))
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))  # nothing fetched: the first run converts
+    bad = CliRunner().invoke(app, ["eval", "--tasks", "passkey", "--lengths", "512", "--methods", "exact",
+                                   "--policies", "", "--out", str(tmp_path / "y")])
+    lines = [line for line in bad.output.splitlines() if line.startswith("error")]
+    assert bad.exit_code == 2 and lines == ["error: models: needs the package(s) gguf: pip install 'attnzoo[eval]'"]
 
 
 @pytest.mark.slow

@@ -211,7 +211,9 @@ class SnapKV(Policy):
 
     def validate(self) -> None:
         if self.observe >= self.budget:
-            raise AttnZooError(f"snapkv: parameter 'observe' expected < budget={self.budget}, got {self.observe}")
+            raise AttnZooError(f"snapkv: parameter 'observe' expected < budget={self.budget}, got {self.observe} "
+                               f"(so budget expected >= {self.observe + 1} with observe={self.observe}: lower observe, "
+                               "or give attnzoo eval a fractional budget, which scales it)")
         if self.observe + self.interval - 1 > self.budget:
             raise AttnZooError(f"snapkv: parameter 'interval' expected <= budget - observe + 1 = "
                                f"{self.budget - self.observe + 1}, got {self.interval}")

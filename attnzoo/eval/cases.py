@@ -31,7 +31,7 @@ _WINDOWED = {"streaming": "window", "razor": "window", "duo": "window"}
 _SCALED = ("sinks", "local", "recent", "observe", "block", "reps")
 #: selection units a fractional budget shrinks only when the scaled policy still does not fit
 _UNITS = ("page",)
-#: policies without a token budget: they hold every token (``quantized``: in fewer bits)
+#: policies without a token budget: they hold every token (``quantized``: in fewer bits); see :func:`takes_budget`
 _NO_BUDGET = ("full", "quantized")
 
 
@@ -72,12 +72,23 @@ def method_case(spec: str) -> dict:
     return {"kind": "prefill", "name": name, "params": params, "budget": None}
 
 
+def takes_budget(name: str) -> bool:
+    """Whether the policy holds a token budget: its own ``budget`` or a window the budget sets. The others
+    (``full``, ``quantized``, ``zipvl``'s mass share, ...) run without one, and ``--budgets`` passes them by."""
+    if name in _NO_BUDGET:
+        return False
+    return name in _WINDOWED or any(f.name == "budget" for f in dataclasses.fields(make_policy_cls(name)))
+
+
 def policy_case(spec: str, budget: float | int | None = None) -> dict:
     name, params = parse_spec(spec)
     make_policy_cls(name)
     if "budget" in params:
         budget = params.pop("budget")
-    if name in _NO_BUDGET:
+        if not takes_budget(name):
+            raise AttnZooError(f"eval: policy {name!r} takes no budget (it keeps every token or sizes itself), "
+                               f"got budget={budget!r}")
+    if not takes_budget(name):
         budget = None
     elif budget is None:
         raise AttnZooError(f"eval: policy {name!r} needs a budget (budget=256 tokens or budget=0.125 of the "
@@ -141,7 +152,7 @@ def policy_params(name: str, params: dict, budget: float | int | None, length: i
     accepts or they reach 1.
     """
     cls = make_policy_cls(name)
-    if budget is None or name in _NO_BUDGET:
+    if budget is None or not takes_budget(name):
         return dict(params)
     tokens = budget_tokens(budget, length)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -154,7 +165,11 @@ def policy_params(name: str, params: dict, budget: float | int | None, length: i
         if budget < 1 and "sinks" not in params:
             sinks = min(sinks, max(1, tokens // 16))
             out["sinks"] = sinks
-        out[_WINDOWED[name]] = max(1, tokens - sinks)
+        if tokens - sinks < 1:  # sinks + a window of 1 would hold more than the budget
+            hint = " (lower sinks, or give a fractional budget, which scales them)" if budget >= 1 else ""
+            raise AttnZooError(f"{name}: budget expected >= {sinks + 1} tokens, forced by sinks={sinks} plus a window "
+                               f"of at least 1; got {tokens}{hint}")
+        out[_WINDOWED[name]] = tokens - sinks
         return out
     out["budget"] = tokens
     if not budget < 1:
@@ -177,6 +192,13 @@ def policy_params(name: str, params: dict, budget: float | int | None, length: i
                 out[p] = max(1, out.get(p, fields[p].default) // 2)
     cls(**out)  # raises the policy's own message
     return out
+
+
+def check_case(case: dict, length: int) -> None:
+    """Refuse now what a case would fail on later: its policy's parameters at ``length`` (a budget below the
+    policy's minimum names the minimum and the defaults that force it)."""
+    if case["kind"] == "cache":
+        make_policy_cls(case["name"])(**policy_params(case["name"], case["params"], case["budget"], length))
 
 
 def describe(case: dict) -> str:

@@ -92,7 +92,7 @@ def build_plan(tasks: str, lengths: str, methods: str, policies: str, plans: lis
     swept = []
     for spec in C.split_specs(policies):
         name, params = C.parse_spec(spec)
-        if "budget" in params or name in C._NO_BUDGET:
+        if "budget" in params or not C.takes_budget(name):
             cases.append(C.policy_case(spec))
         else:
             swept.append(spec)
@@ -103,10 +103,17 @@ def build_plan(tasks: str, lengths: str, methods: str, policies: str, plans: lis
         raise AttnZooError("eval: nothing to run (give --methods, --policies or --plans, and --tasks)")
     plan = Plan(tuple(task_specs), lens, tuple(cases), samples=samples, seed=seed, model=model, threads=threads,
                 recall=recall)
-    if model in model_store.MODELS or Path(model).is_dir():
-        limit = _context(model)
-        if limit is not None and max(lens) > limit:
-            raise AttnZooError(f"eval: --lengths {max(lens)} exceeds the model's context ({limit} tokens)")
+    if model not in model_store.MODELS:
+        model_store.resolve(model)  # a local folder: no config / not a causal LM / unknown name, named now
+    limit = _context(model)
+    if limit is not None and max(lens) > limit:
+        raise AttnZooError(f"eval: --lengths {max(lens)} exceeds the model's context ({limit} tokens)")
+    for case in cases:  # a policy that would refuse its parameters at some length: before any model loads
+        for n in lens:
+            try:
+                C.check_case(case, n)
+            except AttnZooError as e:
+                raise AttnZooError(f"eval: {C.describe(case)} at {n} tokens: {e}") from None
     return plan
 
 
