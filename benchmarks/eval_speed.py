@@ -10,11 +10,15 @@ is better).
 
     python benchmarks/eval_speed.py --lengths 2048 --repeats 2 \
         --cases prefill=exact prefill=hip:topk=0.25 cache=snapkv@0.125
+
+``--markdown`` prints each length's table as GitHub markdown (docs/eval.md takes it unedited); the load
+average at the start and end of each length is printed with it, since a loaded machine makes the ratios noise.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -50,6 +54,7 @@ def main() -> None:
                                                                        "cache=NAME[:k=v,..][@budget]")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--markdown", action="store_true", help="GitHub markdown tables")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cases = [parse_case(c) for c in args.cases]
@@ -60,6 +65,7 @@ def main() -> None:
         rows = {"SDPA (unpatched)": None, **{C.describe(c): c for c in cases}}
         prefill: dict[str, list[float]] = {k: [] for k in rows}
         steps: dict[str, list[float]] = {k: [] for k in rows}
+        load = os.getloadavg()[0]
         for _ in range(args.repeats):  # interleaved rounds: load changes hit every row alike
             for label, case in rows.items():
                 if case is None:
@@ -73,12 +79,20 @@ def main() -> None:
                 prefill[label].append(out.prefill_s)
                 steps[label] += out.decode_s
         base_p, base_s = min(prefill["SDPA (unpatched)"]), statistics.median(steps["SDPA (unpatched)"])
-        print(f"\nN={n} (passkey prompt of {out.tokens} tokens; 1 thread; prefill = min of {args.repeats}, "
-              "step = median)")
-        print(f"{'case':40s} {'prefill s':>10s} {'× SDPA':>7s} {'s/token':>8s} {'× SDPA':>7s}")
+        table = []
         for label in rows:
             p, s = min(prefill[label]), statistics.median(steps[label]) if steps[label] else float("nan")
-            print(f"{label:40s} {p:10.2f} {base_p / p:7.2f} {s:8.3f} {base_s / s:7.2f}")
+            table.append((label, p, base_p / p, s, base_s / s))
+        print(f"\nN={n} (passkey prompt of {out.tokens} tokens; 1 thread; prefill = min of {args.repeats}, "
+              f"step = median; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
+        if args.markdown:
+            print("\n| case | prefill s | × SDPA | s/token | × SDPA |\n|---|---|---|---|---|")
+            for label, p, rp, s, rs in table:
+                print(f"| {label} | {p:.2f} | {rp:.2f} | {s:.3f} | {rs:.2f} |")
+            continue
+        print(f"{'case':40s} {'prefill s':>10s} {'× SDPA':>7s} {'s/token':>8s} {'× SDPA':>7s}")
+        for label, p, rp, s, rs in table:
+            print(f"{label:40s} {p:10.2f} {rp:7.2f} {s:8.3f} {rs:7.2f}")
     runner.close()
 
 
