@@ -145,7 +145,8 @@ def test_cli_refuses_bad_input_before_loading_a_model(tiny, tmp_path, monkeypatc
     (tmp_path / "bert" / "config.json").write_text('{"architectures": ["BertModel"], "model_type": "bert"}')
     for args, message in (
             (["--model", tiny, "--policies", "tokenselect", "--budgets", "256"],
-             "cache=tokenselect@256 at 512 tokens: tokenselect: parameter 'budget' expected >= 641, forced by sinks=128"),
+             "cache=tokenselect@256 at 512 tokens: tokenselect: parameter 'budget' expected >= 641, forced by "
+             "sinks=128"),
             (["--model", tiny, "--policies", "streaming", "--budgets", "3"], "expected >= 5 tokens, forced by sinks=4"),
             (["--model", str(tmp_path / "bert")], "is not a causal LM (its config names BertModel)")):
         bad = CliRunner().invoke(app, ["eval", "--tasks", "passkey", "--lengths", "512", "--methods", "",
