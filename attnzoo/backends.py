@@ -210,14 +210,43 @@ def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, s
 
 def _triton_engines(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **inputs):
     """The method's own forward (its estimators in fp32, as on torch) with the layout and tiled engines on the
-    kernels: for sparse methods that compute more than their layouts (bigbird's global rows, hashing's sorts)."""
+    kernels: for sparse methods that compute more than their layouts (bigbird's global rows, hashing's sorts).
+    A score_mod reaches the kernels through the engines: a built-in one (:func:`kernel_mod`) as the kernels'
+    specialisation, at the tokens' original positions when the method runs on reordered ones
+    (:class:`~attnzoo.core.scoremod.Reordered`: hashing, clustering, 2-D regions)."""
     from .core.blocksparse import LAYOUT_ENGINE
     from .core.exact import TILED_ENGINE
-    kern = _kernels()
     q, k, v, inputs = _upcast(q, k, v, inputs)
-    with LAYOUT_ENGINE.use(kern.layout_attention), TILED_ENGINE.use(kern.flash_attention):
+    with LAYOUT_ENGINE.use(_engine_layout), TILED_ENGINE.use(_engine_tiled):
         return m.forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask, return_lse=return_lse,
                          **inputs)
+
+
+def _engine_mod(score_mod, q) -> dict:
+    """The kernels' mod arguments for a score_mod reaching an engine override (``q_pos``/``k_pos`` for a
+    :class:`~attnzoo.core.scoremod.Reordered` one); raises when the kernels cannot apply it."""
+    from .core.scoremod import Reordered
+    pos = {}
+    if isinstance(score_mod, Reordered):
+        pos = dict(zip(("q_pos", "k_pos"), score_mod.positions()))
+        score_mod = score_mod.mod
+    args, why = kernel_mod(score_mod, q)
+    if why:
+        raise UnsupportedError("triton engines: " + "; ".join(why))
+    return {**args, **pos}
+
+
+def _engine_layout(q, k, v, layout, *, scale, causal, key_padding_mask=None, score_mod=None):
+    return _kernels().layout_attention(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                                       **_engine_mod(score_mod, q))
+
+
+def _engine_tiled(q, k, v, *, scale, causal, key_padding_mask=None, q_offset=None, k_offset=0, score_mod=None):
+    mod = _engine_mod(score_mod, q)
+    if "q_pos" in mod:
+        raise UnsupportedError("triton engines: a score_mod at reordered positions in the dense kernel")
+    return _kernels().flash_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                                      q_offset=q_offset, k_offset=k_offset, **mod)
 
 
 def _upcast(q, k, v, inputs):
@@ -267,7 +296,7 @@ def _runners() -> dict[str, list[Runner]]:
                 Runner(ExactTiled, lambda m, c: [], _triton_exact, mods=True, sinks=True),
                 Runner(FlashDecode, lambda m, c: _no_grad(c, "split-K decode"), _triton_flash_decode, mods=True,
                        sinks=True),
-                *(Runner(cls, lambda m, c: [], _triton_engines) for cls in _engine_methods()),
+                *(Runner(cls, lambda m, c: [], _triton_engines, mods=True) for cls in _engine_methods()),
                 Runner(LayoutMethod, _own_layouts, _triton_layouts, mods=True, sinks=True),
                 Runner(Sage, _sage_check, _triton_sage),
             ],

@@ -503,9 +503,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     if impl is not None:
         if q_positions is not None:
             raise UnsupportedError("layout engine override: custom query positions (q_positions) are not supported")
-        if score_mod is not None:
-            raise UnsupportedError("layout engine override: score_mod is not supported")
-        return impl(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+        mod = {} if score_mod is None else {"score_mod": score_mod}  # the backend applies the mod or refuses it
+        return impl(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask, **mod)
     plan, (_, forward) = _plan_and_route(q, k, v, layout, scale, causal, q_positions, score_mod)
     hook = plan.mod
 

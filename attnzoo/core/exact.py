@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from ..errors import UnsupportedError
 from . import capped
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .gqa import fold_groups, repeat_kv, unfold_groups
@@ -447,10 +446,9 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset
     impl = TILED_ENGINE.get()
     if impl is not None:
-        if score_mod is not None:
-            raise UnsupportedError("tiled engine override: score_mod is not supported")
+        mod = {} if score_mod is None else {"score_mod": score_mod}  # the backend applies the mod or refuses it
         return impl(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset,
-                    k_offset=k_offset)
+                    k_offset=k_offset, **mod)
     hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(), q_idx=q_offset,
                                                   kv_idx=k_offset)
     spec = TileSpec(scale, causal, q_offset, k_offset, q_tile, k_tile, hook)

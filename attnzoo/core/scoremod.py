@@ -296,22 +296,38 @@ def captured_tensors(score_mod: ScoreMod, like: torch.Tensor, q_idx: int = 0, kv
     return tuple(rec.read.values())
 
 
-def reordered(score_mod: ScoreMod, q_order: torch.Tensor, k_order: torch.Tensor, *, q_offset: int,
-              groups: int) -> ScoreMod:
+class Reordered:
     """``score_mod`` for an engine that runs on reordered tokens (sorted by hash bucket or cluster, a grid's
     pattern order): the engine's query row ``i`` (position ``i + q_offset``) is original query
     ``q_order[b, h, i]`` and its key ``j`` original key ``k_order[b, h // groups, j]``; the mod sees the
-    original positions (query ``q_order[...] + q_offset``). Orders are ``(N,)`` or ``(B|1, H|1, N)``."""
-    def pick(order: torch.Tensor, b, h, i):
+    original positions (query ``q_order[...] + q_offset``). Orders are ``(N,)`` or ``(B|1, H|1, N)``.
+    A kernel backend reads the parts (:meth:`positions`) and applies ``mod`` at those positions itself."""
+
+    def __init__(self, score_mod: ScoreMod, q_order: torch.Tensor, k_order: torch.Tensor, *, q_offset: int,
+                 groups: int) -> None:
+        self.mod, self.q_order, self.k_order, self.q_offset, self.groups = score_mod, q_order, k_order, q_offset, \
+            groups
+
+    @staticmethod
+    def _pick(order: torch.Tensor, b, h, i):
         if order.dim() == 1:
             return order[i]
         return order[b if order.shape[0] > 1 else 0, h if order.shape[1] > 1 else 0, i]
 
-    def mod(score, b, h, q_idx, kv_idx):
-        qi = pick(q_order, b, h, (q_idx - q_offset).clamp(0, q_order.shape[-1] - 1)) + q_offset
-        return score_mod(score, b, h, qi, pick(k_order, b, h // groups, kv_idx))
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        qi = self._pick(self.q_order, b, h, (q_idx - self.q_offset).clamp(0, self.q_order.shape[-1] - 1))
+        return self.mod(score, b, h, qi + self.q_offset, self._pick(self.k_order, b, h // self.groups, kv_idx))
 
-    return mod
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(q_pos (B|1, Hq|1, Nq), k_pos (B|1, Hkv|1, Nk))``: the original position of each engine row / key."""
+        q, k = (o.view(1, 1, -1) if o.dim() == 1 else o for o in (self.q_order, self.k_order))
+        return q + self.q_offset, k
+
+
+def reordered(score_mod: ScoreMod, q_order: torch.Tensor, k_order: torch.Tensor, *, q_offset: int,
+              groups: int) -> Reordered:
+    """``score_mod`` at the original positions of reordered tokens (:class:`Reordered`)."""
+    return Reordered(score_mod, q_order, k_order, q_offset=q_offset, groups=groups)
 
 
 def tile_index(shape: tuple[int, int, int, int], q_offset: int, k_offset: int, head_offset: int = 0, device=None):

@@ -8,7 +8,7 @@ of key *slots*; what a slot is depends on ``MODE``:
 - ``BLOCKS``: slot ``s`` is key block ``tab[s]`` (``-1`` = skip) of a
   :class:`~attnzoo.core.layout.BlockLayout` row, offset by ``k_base``;
 - ``TOKENS``: slot ``s`` is tokens ``tab[s·BLOCK_N : (s+1)·BLOCK_N]`` of a
-  :class:`~attnzoo.core.layout.TokenLayout` row (``-1`` = none).
+  :class:`~attnzoo.core.layout.TokenLayout` row (``-1`` = none), offset by ``k_base``.
 
 The visibility rule is the engine's: key index ``j`` is visible to row ``r``
 iff it is in range, not padded (``pad[b, h // PAD_HDIV, j]``), and, when
@@ -30,7 +30,10 @@ maps the score to ``cap·tanh(score / cap)``; the backward adds the gradients
 of the slopes and the table atomically. ``SINK``: a per-query-head logit joins
 the softmax denominator with no value (gpt-oss); its gradient is a host-side
 sum over rows. ``VARLEN``: the batch index is a packed sequence whose query rows
-and keys are read from ``cu_seqlens`` offsets.
+and keys are read from per-sequence ``[start, end)`` pairs (any mode: a layout's
+table is then indexed by the sequence; positions are the sequence's own). ``POS``:
+the mods read the query and key positions from tensors instead of the row and key
+indices (engines running on reordered tokens: hash buckets, clusters, regions).
 """
 
 from __future__ import annotations
@@ -87,8 +90,9 @@ def _slot_keys(TAB, tab_row, s, offs_n, k_base, k_end, MODE: tl.constexpr, BLOCK
         ok = (offs_n < KEY_UNIT) & (kidx >= k_base) & (kidx < k_end)  # blk = -1 lands below k_base
     else:
         t = s * BLOCK_N + offs_n
-        kidx = tl.load(TAB + tab_row + t, mask=t < TAB_LEN, other=-1)
-        ok = kidx >= 0
+        tok = tl.load(TAB + tab_row + t, mask=t < TAB_LEN, other=-1)
+        kidx = k_base + tok
+        ok = tok >= 0
     return kidx, ok
 
 
@@ -134,22 +138,35 @@ def _tanh(x):
 
 
 @triton.jit
-def _mod_rows(rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, ALIBI: tl.constexpr):
+def _mod_rows(rows, row_ok, b, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, QPOS, sqpb, sqph, ALIBI: tl.constexpr,
+              POS: tl.constexpr):
     """What the mods need of the tile's rows, loaded once per program: their positions (the causal rule's
-    ``r % ROWS_MOD + q_off``), their ALiBi slopes and their table rows' offsets (query head ``qh``)."""
+    ``r % ROWS_MOD + q_off``, or ``POS``: read from ``QPOS[b, h, r]``), their ALiBi slopes and their table
+    rows' offsets (query head ``qh``)."""
     qh = h * HFOLD + rows // ROWS_MOD
     slope = tl.zeros(rows.shape, tl.float32)
     if ALIBI:
         slope = tl.load(SLOPES + qh, mask=row_ok, other=0)
-    return rows % ROWS_MOD + q_off, slope, tl.where(row_ok, qh * stab, 0)
+    qpos = rows % ROWS_MOD + q_off
+    if POS:
+        qpos = tl.load(QPOS + b * sqpb + h * sqph + rows, mask=row_ok, other=0)
+    return qpos, slope, tl.where(row_ok, qh * stab, 0)
 
 
 @triton.jit
-def _mod(sc, kidx, qpos, slope, trow, TABLE, radius, cap, ALIBI: tl.constexpr, REL: tl.constexpr,
+def _key_pos(kidx, kc, ok, b, hk, KPOS, skpb, skph, POS: tl.constexpr):
+    """The keys' positions for the mods: their indices, or ``POS``: ``KPOS[b, hk, j]`` (reordered tokens)."""
+    if POS:
+        return tl.load(KPOS + b * skpb + hk * skph + kc, mask=ok, other=0)
+    return kidx
+
+
+@triton.jit
+def _mod(sc, kpos, qpos, slope, trow, TABLE, radius, cap, ALIBI: tl.constexpr, REL: tl.constexpr,
          SOFTCAP: tl.constexpr):
     """Natural-unit scores ``sc (BLOCK_M, BLOCK_N)`` with the built-in mods: ``(scores, dist, tanh)``
     (``tanh`` of the capped argument, for the backward; the scores themselves without ``SOFTCAP``)."""
-    dist = kidx[None, :] - qpos[:, None]
+    dist = kpos[None, :] - qpos[:, None]
     if ALIBI:
         sc = sc + slope[:, None] * dist.to(tl.float32)
     if REL:
@@ -162,17 +179,16 @@ def _mod(sc, kidx, qpos, slope, trow, TABLE, radius, cap, ALIBI: tl.constexpr, R
 
 
 @triton.jit
-def _sequence(CUQ, CUK, b, row0, BLOCK_M: tl.constexpr, ROW_TILE: tl.constexpr):
-    """VARLEN: batch index ``b`` is packed sequence ``b``. The tile's first row and its rows (offset into the
-    packed queries), their validity, their end, the keys ``[k0, k1)`` and the causal offset (bottom-right
-    within the sequence: key ``j`` is visible to packed row ``r`` iff ``j <= r + k1 - q1``)."""
-    q0 = tl.load(CUQ + b)
-    q1 = tl.load(CUQ + b + 1)
-    k0 = tl.load(CUK + b)
-    k1 = tl.load(CUK + b + 1)
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = q0 + row0 + offs_m
-    return q0 + row0, rows, (offs_m < ROW_TILE) & (rows < q1), q1, k0, k1, k1 - q1
+def _sequence(CUQ, CUK, b, row0, rows, row_ok):
+    """VARLEN: batch index ``b`` is packed sequence ``b``, its queries ``[CUQ[2b], CUQ[2b+1])`` and keys
+    ``[CUK[2b], CUK[2b+1])``. The tile's first row and its rows (the sequence's own ``row0``, ``rows`` offset
+    into the packed queries), their validity, their end, the keys ``[k0, k1)`` and the causal offset
+    (bottom-right within the sequence: key ``j`` is visible to packed row ``r`` iff ``j <= r + k1 - q1``)."""
+    q0 = tl.load(CUQ + 2 * b)
+    q1 = tl.load(CUQ + 2 * b + 1)
+    k0 = tl.load(CUK + 2 * b)
+    k1 = tl.load(CUK + 2 * b + 1)
+    return q0 + row0, q0 + rows, row_ok & (q0 + rows < q1), q1, k0, k1, k1 - q1
 
 
 @triton.jit
@@ -190,25 +206,26 @@ def _slot_end(s_hi, row0, row_end, k_base, k_end, q_off, ROWS_MOD, MODE: tl.cons
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK, SINKS,
+def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK, QPOS, KPOS, SINKS,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn,
                 sos, sob, soh, som, sls, slb, slh, sqsb, sqsh, sksb, sksh,
                 stb, sth, stm, spb, sph, pmb, pmh, pmm,
                 n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, slots_per_split, qk_scale,
-                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H, HFOLD, stab, radius, cap,
+                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H, HFOLD, stab, radius, cap, sqpb, sqph, skpb, skph,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PAD_HDIV: tl.constexpr, MASK: tl.constexpr, QUANT: tl.constexpr, Q_BLOCK: tl.constexpr,
                 K_BLOCK: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr,
-                SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, SINK: tl.constexpr):
+                SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, POS: tl.constexpr, SINK: tl.constexpr):
     split = tl.program_id(2)
     b, h, hk, row0, rows, row_ok, rloc, tab_row, pm_row = _tile(H, groups, n_rows, TAB_ROWS, TPR, TAB_HDIV, stb, sth,
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
     row_end = n_rows
     if VARLEN:
-        row0, rows, row_ok, row_end, k_base, k_end, q_off = _sequence(CUQ, CUK, b, row0, BLOCK_M, ROW_TILE)
-        n_slots = tl.cdiv(k_end - k_base, BLOCK_N)
+        row0, rows, row_ok, row_end, k_base, k_end, q_off = _sequence(CUQ, CUK, b, row0, rows, row_ok)
+        if MODE == 0:
+            n_slots = tl.cdiv(k_end - k_base, BLOCK_N)
         b = 0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -222,7 +239,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ,
     den = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    qpos, slope, trow = _mod_rows(rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, ALIBI)
+    qpos, slope, trow = _mod_rows(rows, row_ok, b, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, QPOS, sqpb, sqph,
+                                  ALIBI, POS)
     s_lo = split * slots_per_split
     s_hi = _slot_end(tl.minimum(s_lo + slots_per_split, n_slots), row0, row_end, k_base, k_end, q_off, ROWS_MOD,
                      MODE, CAUSAL, VARLEN, BLOCK_N, ROW_TILE)
@@ -237,7 +255,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ,
         else:
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if ALIBI or REL or SOFTCAP:  # the mods take natural-unit scores; the softmax runs in base 2
-            sc = _mod(sc * _LN2, kidx, qpos, slope, trow, TABLE, radius, cap, ALIBI, REL, SOFTCAP)[0] * _LOG2E
+            kpos = _key_pos(kidx, kc, ok, b, hk, KPOS, skpb, skph, POS)
+            sc = _mod(sc * _LN2, kpos, qpos, slope, trow, TABLE, radius, cap, ALIBI, REL, SOFTCAP)[0] * _LOG2E
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)
         sc = tl.where(vis, sc, float("-inf"))
@@ -269,16 +288,18 @@ def _fwd_kernel(Q, K, V, O, LSE, QS, KS, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK, DSLOPES, DTABLE,
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES, TABLE, CUQ, CUK, QPOS, KPOS,
+                DSLOPES, DTABLE,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                 sdkb, sdkh, sdkn, sdvb, sdvh, sdvn, slb, slh, stb, sth, stm, spb, sph, pmb, pmh, pmm,
                 n_rows, k_end, k_base, q_off, ROWS_MOD, groups, n_slots, qk_scale, scale,
-                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H, HFOLD, stab, radius, cap,
+                TAB_LEN, TAB_ROWS, TPR, TAB_HDIV, H, HFOLD, stab, radius, cap, sqpb, sqph, skpb, skph,
                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILE: tl.constexpr,
                 KEY_UNIT: tl.constexpr, MODE: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
                 PAD_HDIV: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, ALIBI: tl.constexpr,
-                REL: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, BIAS_GRAD: tl.constexpr):
+                REL: tl.constexpr, SOFTCAP: tl.constexpr, VARLEN: tl.constexpr, POS: tl.constexpr,
+                BIAS_GRAD: tl.constexpr):
     """Gradients of one row tile: dQ in registers, dK/dV added atomically into fp32 buffers.
 
     ``q``/``dq`` share strides; ``lse``/``delta`` share strides ``(slb, slh, 1)``;
@@ -290,8 +311,9 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES
                                                                 stm, pmb, pmh, pmm, BLOCK_M, ROW_TILE)
     row_end = n_rows
     if VARLEN:
-        row0, rows, row_ok, row_end, k_base, k_end, q_off = _sequence(CUQ, CUK, b, row0, BLOCK_M, ROW_TILE)
-        n_slots = tl.cdiv(k_end - k_base, BLOCK_N)
+        row0, rows, row_ok, row_end, k_base, k_end, q_off = _sequence(CUQ, CUK, b, row0, rows, row_ok)
+        if MODE == 0:
+            n_slots = tl.cdiv(k_end - k_base, BLOCK_N)
         b = 0
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -307,7 +329,8 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES
     delta = tl.load(DELTA + r_ptr, mask=row_ok, other=0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    qpos, slope, trow = _mod_rows(rows, row_ok, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, ALIBI)
+    qpos, slope, trow = _mod_rows(rows, row_ok, b, h, q_off, ROWS_MOD, HFOLD, SLOPES, stab, QPOS, sqpb, sqph,
+                                  ALIBI, POS)
     s_hi = _slot_end(n_slots, row0, row_end, k_base, k_end, q_off, ROWS_MOD, MODE, CAUSAL, VARLEN, BLOCK_N,
                      ROW_TILE)
     for s in range(0, s_hi):
@@ -319,7 +342,8 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, TAB, PIDX, PM, PAD, SLOPES
         v = tl.load(V + b * svb + hk * svh + kc[:, None] * svn + offs_dv[None, :], mask=vmask, other=0)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         if ALIBI or REL or SOFTCAP:
-            sc, dist, t = _mod(sc * _LN2, kidx, qpos, slope, trow, TABLE, radius, cap, ALIBI, REL, SOFTCAP)
+            kpos = _key_pos(kidx, kc, ok, b, hk, KPOS, skpb, skph, POS)
+            sc, dist, t = _mod(sc * _LN2, kpos, qpos, slope, trow, TABLE, radius, cap, ALIBI, REL, SOFTCAP)
             sc = sc * _LOG2E
         vis = _visible(kidx, ok, rows, row_ok, b, h, s, PAD, spb, sph, PIDX, tab_row, PM, pm_row, rloc,
                        q_off, ROWS_MOD, CAUSAL, HAS_PAD, PAD_HDIV, MASK, TAB_ROWS, KEY_UNIT, BLOCK_N, TAB_LEN)

@@ -111,14 +111,18 @@ class Mod:
     radius: int = 0
 
 
-def _mod_args(call: Call, slopes, table, dev) -> tuple:
-    """The kernels' mod arguments: ``(SLOPES, TABLE, table head stride, radius, cap)`` and the constexprs."""
+def _mod_args(call: Call, slopes, table, pos, dev) -> tuple:
+    """The kernels' mod arguments: ``(SLOPES, TABLE, QPOS, KPOS)``, ``(hfold, table head stride, radius, cap,
+    position strides)`` and the constexprs. ``pos``: None, or ``(q_pos (B|1, Hq|1, Nq), k_pos (B|1, Hkv|1,
+    Nk))`` int32 positions the mods see instead of the row / key indices."""
     mod = call.mod or Mod()
     stab = 0 if table is None or table.shape[0] == 1 else table.stride(0)
+    qp, kp = pos if pos is not None else (_dummy(dev), _dummy(dev))
     tensors = (slopes if slopes is not None else _dummy(dev).float(), table if table is not None else
-               _dummy(dev).float())
-    return tensors, (call.hfold, stab, mod.radius, float(mod.cap or 1.0)), dict(
-        ALIBI=mod.alibi, REL=mod.rel, SOFTCAP=mod.cap is not None, VARLEN=call.seqs > 0)
+               _dummy(dev).float(), qp, kp)
+    pstr = _bstrides(pos[0], 2) + _bstrides(pos[1], 2) if pos is not None else (0,) * 4
+    return tensors, (call.hfold, stab, mod.radius, float(mod.cap or 1.0), *pstr), dict(
+        ALIBI=mod.alibi, REL=mod.rel, SOFTCAP=mod.cap is not None, VARLEN=call.seqs > 0, POS=pos is not None)
 
 
 def _common(call: Call, q, k, pad):
@@ -147,15 +151,16 @@ def _consts(call: Call, q, v, pad) -> dict:
 
 
 def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=None, slopes=None, table=None,
-            cu=None, sinks=None):
+            cu=None, sinks=None, pos=None):
     """``(out, lse)`` of rows ``q (B, H, n_rows, D)`` over ``k``/``v (B, H/groups, ·, ·)``.
 
     ``splits > 1`` cuts each row's slots into that many ranges run by separate
     programs and merges their fp32 partials by lse. ``quant = (q_int8, q_scale,
     k_int8, k_scale, q_block, k_block)`` scores with an int8 dot. ``slopes`` /
-    ``table``: the tensors of ``call.mod``; ``cu = (cu_q, cu_k)`` int32 offsets
-    of a varlen call (``call.seqs`` sequences packed in batch row 0); ``sinks (Hq,)``
-    fp32 logits joining every row's denominator.
+    ``table``: the tensors of ``call.mod``; ``cu = (q_bounds, k_bounds)`` int32
+    ``(call.seqs, 2)`` ``[start, end)`` of each sequence of a varlen call (packed in
+    batch row 0; rows of no listed sequence give ``(0, -inf)``); ``sinks (Hq,)``
+    fp32 logits joining every row's denominator; ``pos``: see :func:`_mod_args`.
     """
     B, H, n_rows, _ = q.shape
     Dv = v.shape[-1]
@@ -165,16 +170,20 @@ def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=
     per = triton.cdiv(max(n_slots, 1), splits)
     splits = triton.cdiv(max(n_slots, 1), per)
     dt = torch.float32 if splits > 1 else (out_dtype or q.dtype)
-    out = torch.empty(splits, B, H, n_rows, Dv, dtype=dt, device=q.device)
-    lse = torch.empty(splits, B, H, n_rows, dtype=torch.float32, device=q.device)
+    if call.seqs:  # a launch over some of the packed sequences writes only their rows
+        out = torch.zeros(splits, B, H, n_rows, Dv, dtype=dt, device=q.device)
+        lse = torch.full((splits, B, H, n_rows), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(splits, B, H, n_rows, Dv, dtype=dt, device=q.device)
+        lse = torch.empty(splits, B, H, n_rows, dtype=torch.float32, device=q.device)
     if quant is None:
         qq, kk, qs, kscale, qb, kb = q, k, _dummy(q.device), _dummy(q.device), 1, 1
     else:
         qq, qs, kk, kscale, qb, kb = quant
-    (sl, tb), mod_scalars, mod_consts = _mod_args(call, slopes, table, q.device)
+    (sl, tb, qp, kp), mod_scalars, mod_consts = _mod_args(call, slopes, table, pos, q.device)
     cuq, cuk = cu if cu is not None else (_dummy(q.device),) * 2
     _attn._fwd_kernel[(n_tiles, (call.seqs or B) * H, splits)](
-        qq, kk, v, out, lse, qs, kscale, tab, pidx, pm, padt, sl, tb, cuq, cuk,
+        qq, kk, v, out, lse, qs, kscale, tab, pidx, pm, padt, sl, tb, cuq, cuk, qp, kp,
         sinks if sinks is not None else _dummy(q.device).float(),
         qq.stride(0), qq.stride(1), qq.stride(2), kk.stride(0), kk.stride(1), kk.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *out.stride()[:4], *lse.stride()[:3],
@@ -190,7 +199,7 @@ def forward(q, k, v, pad, call: Call, *, splits: int = 1, quant=None, out_dtype=
 
 
 def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call, slopes=None, table=None, cu=None,
-             bias_grad: bool = False):
+             bias_grad: bool = False, pos=None):
     """``(dq, dk, dv, dslopes, dtable)`` of :func:`forward` (``splits = 1``), recomputing probabilities from
     ``lse``; the mod tensors' gradients are None unless ``bias_grad``."""
     B, H, n_rows, _ = q.shape
@@ -201,15 +210,15 @@ def backward(q, k, v, pad, out, lse, d_out, d_lse, call: Call, slopes=None, tabl
         delta = delta - d_lse
     delta = delta.contiguous()
     lse = lse.contiguous()
-    dq = torch.empty_like(q)
+    dq = torch.zeros_like(q) if call.seqs else torch.empty_like(q)  # varlen: rows of no listed sequence
     dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     dsl = torch.zeros_like(slopes) if bias_grad and slopes is not None else _dummy(q.device).float()
     dtb = torch.zeros_like(table) if bias_grad and table is not None else _dummy(q.device).float()
-    (sl, tb), mod_scalars, mod_consts = _mod_args(call, slopes, table, q.device)
+    (sl, tb, qp, kp), mod_scalars, mod_consts = _mod_args(call, slopes, table, pos, q.device)
     cuq, cuk = cu if cu is not None else (_dummy(q.device),) * 2
     _attn._bwd_kernel[(n_tiles, (call.seqs or B) * H)](
-        q, k, v, d_out, lse, delta, dq, dk, dv, tab, pidx, pm, padt, sl, tb, cuq, cuk, dsl, dtb,
+        q, k, v, d_out, lse, delta, dq, dk, dv, tab, pidx, pm, padt, sl, tb, cuq, cuk, qp, kp, dsl, dtb,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), d_out.stride(0), d_out.stride(1), d_out.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), lse.stride(0),
@@ -226,24 +235,25 @@ class _KernelAttention(torch.autograd.Function):
     mod's ``slopes`` / ``table`` and the ``sinks``."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pad, call, slopes=None, table=None, cu=None, sinks=None):  # noqa: D401
+    def forward(ctx, q, k, v, pad, call, slopes=None, table=None, cu=None, sinks=None, pos=None):  # noqa: D401
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         sinks = None if sinks is None else sinks.float().contiguous()
-        out, lse = forward(q, k, v, pad, call, slopes=slopes, table=table, cu=cu, sinks=sinks)
+        out, lse = forward(q, k, v, pad, call, slopes=slopes, table=table, cu=cu, sinks=sinks, pos=pos)
         ctx.save_for_backward(q, k, v, pad, out, lse, slopes, table, sinks)
-        ctx.call, ctx.cu = call, cu
+        ctx.call, ctx.cu, ctx.pos = call, cu, pos
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, pad, out, lse, slopes, table, sinks = ctx.saved_tensors
         dq, dk, dv, dsl, dtb = backward(q, k, v, pad, out, lse, d_out, d_lse, ctx.call, slopes, table, ctx.cu,
-                                        bias_grad=any(ctx.needs_input_grad[5:7]))
+                                        bias_grad=any(ctx.needs_input_grad[5:7]), pos=ctx.pos)
         dsink = None
         if sinks is not None and ctx.needs_input_grad[8]:  # d lse / d sink = its probability; it has no value
             delta = (d_out.float() * out.float()).sum(-1) - (0 if d_lse is None else d_lse)
-            dsink = -(torch.exp(sinks[None, :, None] - lse) * delta).sum((0, 2))
-        return dq, dk, dv, None, None, dsl, dtb, None, dsink
+            p_sink = torch.exp(sinks[None, :, None] - lse).masked_fill(lse == float("-inf"), 0)  # rows not run
+            dsink = -(p_sink * delta).sum((0, 2))
+        return dq, dk, dv, None, None, dsl, dtb, None, dsink, None
 
 
 def _mod_tensors(mod_tensors) -> tuple:
@@ -293,8 +303,13 @@ def varlen_attention(q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int
     keys = Keys(DENSE, block_m, block_n, block_m)
     call = Call(keys, scale, causal, 0, 1 << 30, q.shape[1] // k.shape[1], k.shape[2], mod=mod,
                 seqs=cu_q.numel() - 1, max_rows=max(int(max_q), 1))
-    cu = (cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous())
-    return _KernelAttention.apply(q, k, v, None, call, slopes, table, cu, sinks)
+    return _KernelAttention.apply(q, k, v, None, call, slopes, table, (_bounds(cu_q), _bounds(cu_k)), sinks)
+
+
+def _bounds(cu: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens (S + 1,)`` -> the kernels' ``(S, 2)`` int32 ``[start, end)`` per sequence."""
+    cu = cu.to(torch.int32)
+    return torch.stack([cu[:-1], cu[1:]], 1).contiguous()
 
 
 # ----------------------------------------------------------------- layouts
@@ -347,17 +362,26 @@ def _token_keys(layout: TokenLayout, heads_q: int, heads_kv: int) -> Keys:
 
 
 def layout_attention(q, k, v, layout: BlockLayout | TokenLayout, *, scale: float, causal: bool,
-                     key_padding_mask=None, slopes=None, table=None,
-                     cap: float | None = None, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+                     key_padding_mask=None, slopes=None, table=None, cap: float | None = None, sinks=None,
+                     q_pos: torch.Tensor | None = None,
+                     k_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention restricted to ``layout`` (as :func:`attnzoo.core.blocksparse.attend`); differentiable.
-    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`); ``sinks``: as :func:`flash_attention`."""
+    ``slopes`` / ``table`` / ``cap``: the built-in mods (:class:`Mod`); ``sinks``: as :func:`flash_attention`;
+    ``q_pos (B|1, Hq|1, Nq)`` / ``k_pos (B|1, Hkv|1, Nk)``: the positions the mods see (default: the
+    bottom-right row positions and the key indices), for engines running on reordered tokens."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     check_layout(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, causal=causal)
     keys = _block_keys(layout, Hq, Hkv) if isinstance(layout, BlockLayout) else _token_keys(layout, Hq, Hkv)
     mod, slopes, table = _mod_tensors((slopes, table, cap))
     call = Call(keys, scale, causal, Nk - Nq, Nq, Hq // Hkv, Nk, mod=mod)
-    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table, None, sinks)
+    pos = None
+    if mod is not None and (q_pos is not None or k_pos is not None):
+        dev = q.device
+        q_pos = torch.arange(Nk - Nq, Nk, device=dev).view(1, 1, -1) if q_pos is None else q_pos
+        k_pos = torch.arange(Nk, device=dev).view(1, 1, -1) if k_pos is None else k_pos
+        pos = tuple(p.to(torch.int32).contiguous() for p in (q_pos, k_pos))
+    return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table, None, sinks, pos)
 
 
 # ------------------------------------------------------------------ decode
