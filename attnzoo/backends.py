@@ -445,15 +445,24 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
 
 def packed(method, q, k, v, cu_q: list[int], cu_k: list[int], *, causal: bool, scale, score_mod, sinks,
            backend: str, inputs: dict, return_lse: bool):
-    """A varlen call (offsets already checked) in ONE dense-kernel launch over every packed sequence, or None
-    when that does not apply (then each sequence runs as its own call, on ``backend``).
+    """A varlen call (offsets already checked) in ONE kernel launch over every packed sequence, or None when
+    that does not apply (then each sequence runs as its own call, on ``backend``).
 
-    Applies to ``exact`` / ``exact_tiled`` on the triton backend (``auto``: CUDA inputs) with no extra inputs
-    and a score_mod the kernels take (sinks too). Same results as the per-sequence calls.
+    Applies on the triton backend (``auto``: CUDA inputs) with no extra inputs and a score_mod the kernels take
+    (sinks too) to ``exact`` / ``exact_tiled`` (the dense kernel) and to layout-only sparse methods: each
+    sequence's layouts are built on that sequence alone (a dynamic method estimates on it), then one launch
+    per layout runs them all (:func:`~attnzoo.kernels.attention.varlen_layout_attention`; sequences whose
+    layouts differ in block size, e.g. shorter than a block, take one more launch). Same results as the
+    per-sequence calls.
     """
     from .catalog.exact import Exact, ExactTiled
+    from .catalog.sparse._base import LayoutMethod
     from .checks import check_qkv
-    if backend not in ("auto", "triton") or type(method) not in (Exact, ExactTiled) or inputs:
+    from .registry import Method
+    dense = type(method) in (Exact, ExactTiled)
+    layouts = isinstance(method, LayoutMethod) and _is_layout_only(type(method)) and \
+        type(method).sequence_kv is Method.sequence_kv
+    if backend not in ("auto", "triton") or not (dense or layouts) or inputs:
         return None
     if (backend == "auto" and q.device.type != "cuda") or 0 in (q.shape[2], k.shape[2]):
         return None
@@ -462,13 +471,28 @@ def packed(method, q, k, v, cu_q: list[int], cu_k: list[int], *, causal: bool, s
     if _triton_common(case) or kernel_mod(score_mod, q)[1]:
         return None
     prob = check_qkv(q, k, v, None, scale, grad=grad)
-    method.check_capabilities(prob, causal=causal, key_padding_mask=None, return_lse=return_lse, grad=grad)
     method.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
     dev = q.device
-    out, lse = _kernels().varlen_attention(
-        q, k, v, torch.tensor(cu_q, dtype=torch.int32, device=dev), torch.tensor(cu_k, dtype=torch.int32, device=dev),
-        max(b - a for a, b in zip(cu_q, cu_q[1:])), scale=prob.scale, causal=causal, sinks=sinks,
-        **kernel_mod(score_mod, q)[0])
+    cq, ck = (torch.tensor(c, dtype=torch.int32, device=dev) for c in (cu_q, cu_k))
+    mod = kernel_mod(score_mod, q)[0]
+    if dense:
+        method.check_capabilities(prob, causal=causal, key_padding_mask=None, return_lse=return_lse, grad=grad)
+        out, lse = _kernels().varlen_attention(q, k, v, cq, ck, max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                                               scale=prob.scale, causal=causal, sinks=sinks, **mod)
+    else:
+        per_seq = []
+        for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+            if q0 == q1 or k0 == k1:
+                per_seq.append(None)
+                continue
+            qs, ks = q[:, :, q0:q1], k[:, :, k0:k1]
+            one = check_qkv(qs, ks, v[:, :, k0:k1], None, scale, grad=grad)
+            method.check_capabilities(one, causal=causal, key_padding_mask=None, return_lse=return_lse, grad=grad)
+            per_seq.append(_layouts(method.fit(one), qs, ks, one, causal, None, score_mod))
+        if all(lays is None for lays in per_seq):
+            return None
+        out, lse = _kernels().varlen_layout_attention(q, k, v, per_seq, cq, ck, scale=prob.scale, causal=causal,
+                                                      sinks=sinks, **mod)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

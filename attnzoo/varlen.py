@@ -9,7 +9,8 @@ Each sequence runs as its own call of the method on its slice of the packed tens
 padded, no ``total × total`` mask exists, a static sparse method builds (and caches) the layout of each
 document length, and a linear method's recurrent state starts afresh at every boundary. The cost is
 ``Σ_i Nq_i·Nk_i`` instead of the padded batch's ``B·max Nq·max Nk``. On the Triton backend, ``exact`` and
-``exact_tiled`` run every sequence in one kernel launch instead (:func:`attnzoo.backends.packed`).
+``exact_tiled`` run every sequence in one kernel launch instead, layout-only sparse methods one launch per
+layout over every sequence's own layouts (:func:`attnzoo.backends.packed`).
 
 :func:`pack` / :func:`unpack` move between a padded batch with an attention mask and the packed form
 (ByteTransformer's padding-free path): pack once, run every layer on the packed tokens, unpack at the end.

@@ -80,8 +80,8 @@ def test_flex_block_mask_of_a_layout_equals_the_engine(causal):
 
 def test_triton_takes_built_in_mods_and_names_what_it_refuses():
     """explain(): the triton backend runs alibi / relative_bias / their sums / a final softcap (as kernel
-    specialisations); a user function, a softcap before a bias and mismatched slopes are reasons, and methods
-    whose triton runner takes no mod say so."""
+    specialisations); a user function, a softcap before a bias and mismatched slopes are reasons, also for a
+    method whose triton runner overrides the engines (bigbird)."""
     pytest.importorskip("triton")
     q, k, v = _qkv()
     mods = az.mods
@@ -98,9 +98,10 @@ def test_triton_takes_built_in_mods_and_names_what_it_refuses():
         assert not row.runs and any(__import__("re").search(why, r) for r in row.reasons), str(row)
         with pytest.raises(az.UnsupportedError, match=why):
             az.attention(q, k, v, causal=True, score_mod=mod, backend="triton")
-    row = next(r for r in az.explain("bigbird", q, k, v, causal=True, window=8, block=8,
-                                     score_mod=mods.softcap(5.0)) if r.backend == "triton")
-    assert any("without score modifications" in r for r in row.reasons)
+    for mod, runs in ((mods.softcap(5.0), True), (refused[0][0], False)):  # through the engines it overrides
+        row = next(r for r in az.explain("bigbird", q, k, v, causal=True, window=8, block=8, score_mod=mod)
+                   if r.backend == "triton")
+        assert row.runs == runs and (runs or any("score_mod '<lambda>'" in r for r in row.reasons)), str(row)
 
 
 def test_forward_only_split_k_refuses_learnable_mod_tensors_and_merges_learnable_sinks():

@@ -290,6 +290,74 @@ def test_layout_methods_with_mods_and_sinks_on_triton_equal_torch(method, params
                  [g.double() for g in torch.autograd.grad((res[1][0] * seed).sum(), leaves)], 5e-5)
 
 
+def _float64_leaves(*ts):
+    return [t.detach().double().requires_grad_() for t in ts]
+
+
+@pytest.mark.parametrize("method,params,causal", [
+    ("lsh", {"rounds": 2, "chunk": 16, "buckets": 4}, True),  # layouts on hash-sorted tokens, (B, H, N) orders
+    ("bilevel_routing", {"regions": 2, "topk": 1, "grid": (6, 8)}, False),  # 2-D regions: a (N,) token order
+    ("bigbird", {"window": 8, "n_global": 4, "block": 16, "n_random": 1}, True),  # + global rows (dense kernel)
+])
+def test_engine_methods_take_built_in_mods_on_the_kernels_at_the_original_positions(method, params, causal):
+    """Methods that run the layout / tiled engines themselves (reordered tokens, global rows) with ALiBi + a
+    shared relative table + softcap on triton: equal to the same method on torch in float64 (whose mods see
+    the original positions), values, lse and the gradients of q, k, v, the slopes and the table."""
+    q, k, v = _qkv(1, 4, 2, 48, 48, grad=True)
+    slopes = (torch.rand(4, device=DEV) * 0.3).requires_grad_()
+    table = torch.randn(7, device=DEV, requires_grad=True)
+
+    def mod(s, t):
+        return az.mods.compose(az.mods.alibi(s), az.mods.relative_bias(t), az.mods.softcap(3.0))
+
+    got = az.attention(q, k, v, method=method, causal=causal, score_mod=mod(slopes, table), return_lse=True,
+                       backend="triton", **params)
+    ref = _float64_leaves(q, k, v, slopes, table)
+    want = az.attention(*ref[:3], method=method, causal=causal, score_mod=mod(*ref[3:]), return_lse=True,
+                        backend="torch", **params)
+    assert_matches(got[0].double(), got[1].double(), want[0], want[1], tol=2e-5)
+    seed = torch.randn_like(want[0])
+    _check_grads(torch.autograd.grad((got[0] * seed).sum(), (q, k, v, slopes, table)),
+                 torch.autograd.grad((want[0] * seed).sum(), ref), 5e-5)
+
+
+@pytest.mark.parametrize("method,params,lens,launches", [
+    ("sliding_window", {"window": 12, "block": 16}, ([16, 0, 40, 3, 33], [20, 4, 40, 0, 33]), 1),
+    ("strided", {"stride": 5, "local": 8, "block": 16}, ([16, 40, 3, 20], [16, 40, 3, 20]), 2 + 1),
+])
+def test_varlen_layout_methods_run_every_sequence_in_one_launch_per_layout(method, params, lens, launches):
+    """Packed sequences of a layout method on triton: each sequence's own layouts (block and token layouts,
+    with their masks) stacked into one launch per layout (a sequence shorter than a block has a smaller fitted
+    block: one more launch); empty sequences, keys without queries, queries without keys. Equal to every
+    sequence run alone on torch in float64 with ALiBi + a relative table + softcap and sinks, values, lse and
+    gradients to q, k, v, the slopes, the table and the sinks."""
+    lens_q, lens_k = lens
+    q, k, v, cq, ck = _packed(lens_q, lens_k, True, grad=True)
+    slopes = (torch.rand(4, device=DEV) * 0.3).requires_grad_()
+    table, sinks = torch.randn(7, device=DEV, requires_grad=True), torch.randn(4, device=DEV, requires_grad=True)
+
+    def mod(s, t):
+        return az.mods.compose(az.mods.alibi(s), az.mods.relative_bias(t), az.mods.softcap(3.0))
+
+    calls, real = [], kern._KernelAttention.apply
+    kern._KernelAttention.apply = lambda *a: calls.append(a[4]) or real(*a)
+    try:
+        out, lse = az.attention(q, k, v, method=method, causal=True, score_mod=mod(slopes, table), sinks=sinks,
+                                cu_seqlens_q=cq, cu_seqlens_k=ck, return_lse=True, backend="triton", **params)
+    finally:
+        kern._KernelAttention.apply = real
+    assert len(calls) == launches and all(c.seqs for c in calls)
+    ref = _float64_leaves(q, k, v, slopes, table, sinks)
+    parts = [az.attention(ref[0][:, :, q0:q1], ref[1][:, :, k0:k1], ref[2][:, :, k0:k1], method=method, causal=True,
+                          score_mod=mod(*ref[3:5]), sinks=ref[5], return_lse=True, backend="torch", **params)
+             for q0, q1, k0, k1 in zip(cq.tolist(), cq.tolist()[1:], ck.tolist(), ck.tolist()[1:]) if q1 > q0]
+    r_out, r_lse = (torch.cat(t, 2) for t in zip(*parts))
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    seed = torch.randn_like(r_out)
+    _check_grads(torch.autograd.grad((out * seed).sum(), (q, k, v, slopes, table, sinks)),
+                 torch.autograd.grad((r_out * seed).sum(), ref), 5e-5)
+
+
 @pytest.mark.slow
 @given(hq_hkv=st.sampled_from([(2, 2), (4, 2), (4, 1)]), nq=st.integers(1, 40), extra=st.integers(0, 24),
        causal=st.booleans(), alibi=st.booleans(), table=st.sampled_from([None, "head", "shared"]),

@@ -483,14 +483,17 @@ def test_layout_score_mod_with_padding_sinks_and_varlen():
         torch.testing.assert_close(packed[:, :, a:b], one, atol=1e-12, rtol=1e-10)
 
 
-def test_layout_engine_override_and_kernels_refuse_score_mod():
+def test_layout_engine_override_gets_the_mod_and_kernels_refuse_user_mods():
     from attnzoo.backends import explain
     from attnzoo.core.blocksparse import LAYOUT_ENGINE, BlockLayout, attend
 
     q, k, v = qkv(B=1, grad=False, Nq=8, Nk=8)
     lay = BlockLayout.from_mask_mod(lambda b, h, qi, kj: kj <= qi, len_q=8, len_k=8, block=4)
-    with LAYOUT_ENGINE.use(lambda *a, **kw: None), pytest.raises(az.UnsupportedError, match="score_mod"):
+    seen = []  # an engine override gets the mod (a kernel backend applies it or refuses it)
+    with LAYOUT_ENGINE.use(lambda *a, **kw: seen.append(kw.get("score_mod"))):
         attend(q, k, v, lay, scale=1.0, causal=True, score_mod=mods.softcap(2.0))
+        attend(q, k, v, lay, scale=1.0, causal=True)
+    assert isinstance(seen[0], type(mods.softcap(2.0))) and seen[1] is None
     user_mod = lambda s, b, h, qi, kj: s * 2  # noqa: E731  (the kernels take only the built-in mods)
     for name in ("exact", "sliding_window"):
         rows = {r.backend: r for r in explain(name, q, k, v, causal=True, score_mod=user_mod)}

@@ -384,6 +384,84 @@ def layout_attention(q, k, v, layout: BlockLayout | TokenLayout, *, scale: float
     return _KernelAttention.apply(q, k, v, _pad_arg(key_padding_mask), call, slopes, table, None, sinks, pos)
 
 
+def _layout_keys(layout: BlockLayout | TokenLayout, heads_q: int, heads_kv: int) -> Keys:
+    return _block_keys(layout, heads_q, heads_kv) if isinstance(layout, BlockLayout) else \
+        _token_keys(layout, heads_q, heads_kv)
+
+
+def _shape_of(keys: Keys) -> tuple:
+    """What sequences' keys must share to run in one launch: everything but their tables' sizes."""
+    return keys.mode, keys.block_m, keys.row_tile, keys.key_unit, keys.tab_rows, keys.tab_hdiv, keys.tab.shape[1]
+
+
+def _stack_keys(keys: list[Keys | None], rows: int) -> Keys:
+    """One launch's :class:`Keys` over packed sequences: sequence ``i``'s table (``None``: no keys) padded
+    with empty slots to the longest, its partial-block masks appended (their indices shifted), its
+    per-token masks padded like its tokens. ``rows``: the most table rows of a sequence."""
+    some = next(ks for ks in keys if ks is not None)
+    Hl = some.tab.shape[1]
+    slots = max(ks.tab.shape[-1] for ks in keys if ks is not None)
+    dev = some.tab.device
+    tab = torch.full((len(keys), Hl, rows, slots), -1, dtype=torch.int32, device=dev)
+    masked = [ks for ks in keys if ks is not None and ks.mask]
+    pidx = tab.clone() if some.mode == BLOCKS and masked else None
+    pm = [] if masked else None
+    if some.mode == TOKENS and masked:
+        group = some.tab_rows
+        pm = torch.zeros(len(keys), Hl, rows, group, slots, dtype=torch.int8, device=dev)
+    count = 0
+    for i, ks in enumerate(keys):
+        if ks is None:
+            continue
+        r, n = ks.tab.shape[2:]
+        tab[i, :, :r, :n] = ks.tab[0]
+        if pidx is not None and ks.pidx is not None:
+            pidx[i, :, :r, :n] = torch.where(ks.pidx[0] >= 0, ks.pidx[0] + count, -1)
+            pm.append(ks.pm)
+            count += len(ks.pm)
+        elif some.mode == TOKENS and masked:
+            m = ks.pm[0].view(Hl, r, group, n) if ks.pm is not None else torch.ones(Hl, r, group, n, dtype=torch.int8,
+                                                                                    device=dev)
+            pm[i, :, :r, :, :n] = m
+    if some.mode == TOKENS:
+        out = replace(some, tab=tab, block_n=min(64, _pow2(slots)))
+        return out if not masked else replace(out, mask=2, pm=pm.view(len(keys), Hl, rows, -1))
+    if pidx is None:
+        return replace(some, tab=tab, mask=0, pidx=None, pm=None)
+    return replace(some, tab=tab, mask=1, pidx=pidx, pm=torch.cat(pm) if pm else some.pm)
+
+
+def varlen_layout_attention(q, k, v, layouts: list[list[BlockLayout | TokenLayout] | None], cu_q: torch.Tensor,
+                            cu_k: torch.Tensor, *, scale: float, causal: bool, slopes=None, table=None,
+                            cap: float | None = None, sinks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences (as :func:`varlen_attention`) over each sequence's own layouts, ``layouts[i]`` built
+    on sequence ``i`` alone (None: it has no keys or no queries). Sequences whose ``j``-th layouts share their
+    shape (block sizes / token group, heads) run in ONE launch per layout index; the launches are merged by
+    lse. The first layout's launch adds the sinks. Differentiable."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    mod, slopes, table = _mod_tensors((slopes, table, cap))
+    bq, bk = _bounds(cu_q), _bounds(cu_k)
+    keys = [None if lays is None else [_layout_keys(lay, Hq, Hkv) for lay in lays] for lays in layouts]
+    groups: dict[tuple, list[int]] = {}
+    for i, ks in enumerate(keys):
+        if ks is not None:
+            groups.setdefault(tuple(_shape_of(x) for x in ks), []).append(i)
+    lengths = (cu_q[1:] - cu_q[:-1]).tolist()
+    first = next(iter(groups.values()))  # sequences with queries but no keys: their rows get (0, -inf) and sinks
+    first += [i for i, ks in enumerate(keys) if ks is None and lengths[i] > 0]
+    parts = []
+    for members in groups.values():
+        idx = torch.tensor(members, device=q.device)
+        for j in range(len(keys[members[0]])):
+            mine = [None if keys[i] is None else keys[i][j] for i in members]
+            rows = max(ks.tab.shape[2] for ks in mine if ks is not None)
+            call = Call(_stack_keys(mine, rows), scale, causal, 0, 1 << 30, Hq // Hkv, k.shape[2], mod=mod,
+                        seqs=len(members), max_rows=max(1, max(lengths[i] for i in members)))
+            parts.append(Partial(*_KernelAttention.apply(q, k, v, None, call, slopes, table, (bq[idx], bk[idx]),
+                                                         None if j else sinks)))
+    return merge(*parts)
+
+
 # ------------------------------------------------------------------ decode
 def split_k(q, k, v, *, scale: float, causal: bool, valid=None, idx=None, start: int = 0, stop: int | None = None,
             q_off: int | None = None, splits: int = 8, block_n: int = 64, slopes=None, table=None,
