@@ -27,9 +27,9 @@ def compile_one(fn, ptrs, consts, arch, **options):
 def cases():
     base = dict(D=128, DV=128, BLOCK_D=128, BLOCK_DV=128, BLOCK_M=64, BLOCK_N=64, ROW_TILE=64, KEY_UNIT=64,
                 CAUSAL=True, HAS_PAD=True, PAD_HDIV=1, PREC="tf32")
-    plain = dict(ALIBI=False, REL=False, SOFTCAP=False, VARLEN=False)
+    plain = dict(ALIBI=False, REL=False, SOFTCAP=False, VARLEN=False, POS=False)
     common = dict(TAB="*i32", PIDX="*i32", PM="*i8", PAD="*i8", LSE="*fp32", SLOPES="*fp32", TABLE="*fp32",
-                  CUQ="*i32", CUK="*i32", SINKS="*fp32", DSLOPES="*fp32", DTABLE="*fp32", cap="fp32")
+                  CUQ="*i32", CUK="*i32", QPOS="*i32", KPOS="*i32", SINKS="*fp32", DSLOPES="*fp32", DTABLE="*fp32", cap="fp32")
     fwd = dict(common, Q="*bf16", K="*bf16", V="*bf16", O="*bf16", QS="*fp32", KS="*fp32")
     bwd = dict(common, Q="*bf16", K="*bf16", V="*bf16", DO="*bf16", DELTA="*fp32", DQ="*bf16", DK="*fp32",
                DV_="*fp32")
@@ -39,10 +39,13 @@ def cases():
             yield (_attn._fwd_kernel, dict(fwd, Q=t, K=t),
                    dict(base, **plain, MODE=mode, MASK=mode, QUANT=quant, Q_BLOCK=128, K_BLOCK=128, SINK=False), {})
         yield _attn._bwd_kernel, bwd, dict(base, **plain, MODE=mode, MASK=mode, BIAS_GRAD=False), {}
-    # the score_mod / sinks / varlen specialisations: every mod at once, dense and layouts, and varlen dense
+    # the score_mod / sinks / varlen / positions specialisations: every mod at once, dense and layouts, varlen
+    # dense and on layouts (blocks, tokens), mods at reordered positions (blocks)
     every, softcap = dict(ALIBI=True, REL=True, SOFTCAP=True), dict(ALIBI=False, REL=False, SOFTCAP=True)
-    for mods, mode, varlen in ((every, 0, False), (every, 1, False), (every, 0, True), (softcap, 0, False)):
-        spec = dict(base, **mods, VARLEN=varlen, MODE=mode, MASK=mode, HAS_PAD=not varlen)
+    for mods, mode, varlen, pos in ((every, 0, False, False), (every, 1, False, False), (every, 0, True, False),
+                                    (softcap, 0, False, False), (every, 1, True, False), (every, 2, True, False),
+                                    (every, 1, False, True)):
+        spec = dict(base, **mods, VARLEN=varlen, POS=pos, MODE=mode, MASK=mode, HAS_PAD=not varlen)
         yield (_attn._fwd_kernel, fwd, dict(spec, QUANT=False, Q_BLOCK=128, K_BLOCK=128, SINK=True), {})
         yield _attn._bwd_kernel, bwd, dict(spec, BIAS_GRAD=True), {}
     p = "*fp32"
@@ -59,8 +62,9 @@ def main() -> int:
     bad = 0
     for arch, limit in LIMITS.items():
         for fn, ptrs, consts, options in cases():
-            tag = {k: v for k, v in consts.items() if k in ("MODE", "QUANT", "PER_CHANNEL", "ALIBI", "SOFTCAP",
-                                                            "VARLEN") and (k not in ("ALIBI", "SOFTCAP", "VARLEN") or v)}
+            flags = ("ALIBI", "SOFTCAP", "VARLEN", "POS")
+            tag = {k: v for k, v in consts.items() if k in ("MODE", "QUANT", "PER_CHANNEL", *flags)
+                   and (k not in flags or v)}
             try:
                 shared = compile_one(fn, ptrs, consts, arch, **options)
             except Exception as e:  # a compile error is the finding

@@ -879,3 +879,30 @@ def test_softcap_paths_take_strided_inputs_and_empty_batches(method, params):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     empty = az.attention(q[:0], k[:0], v[:0], **args)
     assert empty[0].shape == (0, Hq, N, D) and empty[1].shape == (0, Hq, N)
+
+
+@pytest.mark.parametrize("rows,unit,groups,shared", [(4, 4, 2, False), (3, 5, 1, True), (6, 2, 3, False),
+                                                      (5, 5, 2, True)])
+def test_gathered_bias_tiles_equal_the_mod_on_index_grids(rows, unit, groups, shared):
+    """scoremod.gathered_bias (the fused sparse path's Toeplitz tiles, one gather from a Hankel view) equals
+    the mod itself on (query, key) index grids, for ALiBi + a relative table (per head or shared), several
+    query heads per row group, query blocks and key units of different sizes; units -1 are don't-care."""
+    from attnzoo.core.scoremod import gathered_bias
+    torch.manual_seed(0)
+    Hkv, nq, U, off, n_units = 2, 5, 4, 7, 9
+    heads = Hkv * groups
+    table = torch.randn(*(() if shared else (heads,)), 9, dtype=torch.float64)
+    mod = mods.compose(mods.alibi(torch.rand(heads, dtype=torch.float64)), mods.relative_bias(table))
+    units = torch.randint(-1, n_units, (1, Hkv, 1, nq, U))
+    first = torch.arange(nq) * rows + off
+    head0 = (torch.arange(Hkv) * groups).view(1, Hkv, 1, 1)
+    got = gathered_bias(mod, units, first, head0, rows=rows, unit=unit, groups=groups, dtype=torch.float64,
+                        span=(-(off + nq * rows), n_units * unit - off))
+    assert got.shape == (1, Hkv, 1, nq, groups * rows, U * unit)
+    h = (head0.unsqueeze(-1) + torch.arange(groups)).repeat_interleave(rows, -1).unsqueeze(-1)  # (.., R, 1)
+    q_idx = (first.view(-1, 1) + torch.arange(rows).repeat(groups)).unsqueeze(-1)  # (n, R, 1)
+    kv_idx = (units.unsqueeze(-1) * unit + torch.arange(unit)).flatten(-2).unsqueeze(-2)  # (.., n, 1, W)
+    want = mod(torch.zeros(got.shape, dtype=torch.float64), torch.zeros(1, dtype=torch.long), h, q_idx, kv_idx)
+    real = (units >= 0).repeat_interleave(unit, -1).unsqueeze(-2).expand_as(got)
+    torch.testing.assert_close(got[real], want[real], atol=0, rtol=0)
+    assert torch.isfinite(got).all()

@@ -32,7 +32,7 @@ from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
 from .masks import call_mask_mod
 from .override import Override
 from .partial import OnlineSoftmax, Partial, Recomputed, grad_inputs, grad_step, merge
-from .scoremod import DistanceBias, ModHook, ScoreMod
+from .scoremod import DistanceBias, ModHook, ScoreMod, gathered_bias
 
 #: :func:`attend`'s replacement inside ``LAYOUT_ENGINE.use(impl)`` (a kernel backend; no custom query positions)
 LAYOUT_ENGINE = Override("attnzoo_layout_engine")
@@ -311,7 +311,8 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
     twice as fast as the slot loop of :func:`_forward`, whose softmax is separate eager passes. Memory
     is bounded by the chunk (``_FUSED_CHUNK`` gathered elements); a reused layout keeps its kernel masks
     (up to ``_FUSED_MASK_CACHE`` elements). A soft cap (``plan.mod``) runs every call on
-    :mod:`attnzoo.core.capped`.
+    :mod:`attnzoo.core.capped`; a distance bias is every call's mask values (clean units: their only mask),
+    as Toeplitz tiles (:func:`~attnzoo.core.scoremod.gathered_bias`).
     """
     B, D = q.shape[0], q.shape[3]
     bias, cap = _fused_mod(plan)
@@ -320,12 +321,11 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
     tag = "fused" if units is None else "masked"
     if units is None:
         units = plan.units.flatten(-2)  # (Bl, H1, Gl, nq, U): every slot of a query block
-        if (pad is None and plan.mask_mod is None and not plan.custom_positions and not plan.always_mask
-                and bias is None):
+        if pad is None and plan.mask_mod is None and not plan.custom_positions and not plan.always_mask:
             clean, counts, masked = _split_clean(plan, units)
-            parts = [_attend_clean(qb, k, v, plan, clean, counts, cap)]
+            parts = [_attend_clean(qb, k, v, plan, clean, counts, cap, bias)]
             if masked.shape[-1]:
-                diagonal = _attend_diagonal(qb, k, v, plan, masked, cap)
+                diagonal = None if bias is not None else _attend_diagonal(qb, k, v, plan, masked, cap)
                 parts.append(diagonal if diagonal is not None else Partial(*_forward_fused(q, k, v, pad, plan,
                                                                                            masked)))
             out, lse = merge(*parts)
@@ -352,7 +352,11 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
         if masks is None:
             mask = plan.element_mask(u, torch.arange(n0, n1, device=q.device), pad_flat, B)
             add = additive_mask(mask, q.dtype)
-            if bias is not None:  # a distance bias: the mask's values (per query head)
+            if bias is not None and not plan.custom_positions:  # a distance bias: the mask's values, from
+                gr = plan.heads_q // plan.heads_kv // plan.gl
+                head0 = torch.arange(0, plan.heads_q, gr, device=q.device).view(1, plan.heads_kv, plan.gl, 1)
+                add = add + _gathered_bias(plan, bias, u, torch.arange(n0, n1, device=q.device), head0, q.dtype)
+            elif bias is not None:
                 idx = plan.mod_index(u, 1, slice(n0, n1))
                 with torch.no_grad():
                     add = bias(add.expand(torch.broadcast_shapes(add.shape, *(t.shape for t in idx))).clone(), *idx)
@@ -367,6 +371,16 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
         out[:, :, :, n0:n1] = o.view(*lead, n1 - n0, R, D)
         lse[:, :, :, n0:n1] = l.view(*lead, n1 - n0, R)
     return plan.from_rows(out), plan.from_rows(lse.unsqueeze(-1)).squeeze(-1)
+
+
+def _gathered_bias(plan: _Plan, bias: DistanceBias, u: torch.Tensor, blocks: torch.Tensor, head0: torch.Tensor,
+                   dtype) -> torch.Tensor:
+    """The distance bias (default positions) of query blocks ``blocks`` against their gathered units ``u``
+    (:func:`~attnzoo.core.scoremod.gathered_bias`; ``head0``: each block's first query head)."""
+    off = plan.len_k - plan.len_q
+    return gathered_bias(bias, u, blocks * plan.rows + off, head0, rows=plan.rows, unit=plan.unit, dtype=dtype,
+                         groups=plan.heads_q // plan.heads_kv // plan.gl,
+                         span=(-(off + plan.n_q * plan.rows), plan.n_units * plan.unit - off))
 
 
 def _split_clean(plan: _Plan, units: torch.Tensor):
@@ -432,10 +446,10 @@ def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _
 
 
 def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan, clean: torch.Tensor,
-                  counts: torch.Tensor, cap: float | None = None) -> Partial:
-    """The fully visible units of :func:`_split_clean` on the fused kernel with no mask: the query blocks
-    reading the same number of units are one kernel call (chunked to ``_FUSED_CHUNK`` gathered elements),
-    each block attending its gathered keys."""
+                  counts: torch.Tensor, cap: float | None = None, bias: DistanceBias | None = None) -> Partial:
+    """The fully visible units of :func:`_split_clean` on the fused kernel with no mask (a distance bias:
+    its Toeplitz tiles as the mask): the query blocks reading the same number of units are one kernel call
+    (chunked to ``_FUSED_CHUNK`` gathered elements), each block attending its gathered keys."""
     B, Hkv, Gl, nq, R, D = qb.shape
     lead = (B, Hkv, Gl, nq)
     rows_q = qb.reshape(-1, R, D)
@@ -457,7 +471,10 @@ def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Pla
             rows = sel[s0:s0 + step]
             flat = (base[rows].unsqueeze(1) + clean[rows, :c]).reshape(-1)
             kb, vb = (t.index_select(0, flat).view(1, rows.numel(), c * plan.unit, D) for t in (k_units, v_units))
-            o, l = fused_kernel(rows_q.index_select(0, rows).unsqueeze(0), kb, vb, None, plan.scale, cap)
+            add = None if bias is None else _gathered_bias(
+                plan, bias, clean[rows, :c], rows % nq, rows // nq % (Hkv * Gl) * (R // plan.rows), qb.dtype)
+            o, l = fused_kernel(rows_q.index_select(0, rows).unsqueeze(0), kb, vb,
+                                None if add is None else add.unsqueeze(0), plan.scale, cap)
             out[rows], lse[rows] = o[0], l[0]
     return Partial(plan.from_rows(out.view(qb.shape)), plan.from_rows(lse.view(*lead, R, 1)).squeeze(-1))
 

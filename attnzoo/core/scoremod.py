@@ -130,6 +130,29 @@ def distance_rows(mod: DistanceBias, d0: int, length: int, dtype: torch.dtype, d
     return w.contiguous()
 
 
+def gathered_bias(mod: DistanceBias, units: torch.Tensor, first: torch.Tensor, head0: torch.Tensor, *, rows: int,
+                  unit: int, groups: int, span: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The bias of query blocks against gathered key units, ``(..., groups·rows, U·unit)``, with no (query, key)
+    index grid: the tile of one (block, unit) pair is Toeplitz, ``bias[h, d0 + c - r]`` with
+    ``d0 = u·unit - first``, so every tile is a window of one Hankel view of the bias over all distances
+    (rows reversed), and ONE gather copies the windows into place.
+
+    ``units (..., U)`` key units (-1: none; their values are then arbitrary, finite); ``first`` (the block's
+    first query position: row ``r`` at ``first + r``) and ``head0`` (its first query head; row group ``g`` is
+    head ``head0 + g``) broadcast to ``units``' leading dims; ``span = (lo, hi)``: every distance a row meets.
+    """
+    lo, hi = span[0] - rows, span[1] + unit
+    vec = distance_rows(mod, lo, hi - lo + 1, dtype, units.device, causal=False)  # (Hq or 1, L)
+    windows = vec.as_strided((vec.shape[0], vec.shape[1] - rows - unit + 2, rows, unit), (vec.stride(0), 1, 1, 1))
+    dev = units.device
+    start = (units * unit - first.unsqueeze(-1) - (rows - 1) - lo).clamp(0, windows.shape[1] - 1)
+    head = head0.unsqueeze(-1) + torch.arange(groups, device=dev)
+    head = head if vec.shape[0] > 1 else torch.zeros_like(head)
+    rev = torch.arange(rows - 1, -1, -1, device=dev).view(rows, 1)
+    tiles = windows[head[..., :, None, None], start[..., None, None, :], rev]  # (..., groups, rows, U, unit)
+    return tiles.reshape(*tiles.shape[:-4], groups * rows, -1)
+
+
 def negligible_gap(q: torch.Tensor, k: torch.Tensor, scale: float, len_k: int) -> torch.Tensor:
     """``(Hq, 1)``: a key whose bias is this far below the largest bias its query row sees weighs nothing.
 
