@@ -7,6 +7,7 @@ and that it leaves everything else to the generic executor.
 Seeds: each case draws its inputs from torch.Generator(seed) with the seed in the test.
 """
 
+from contextlib import nullcontext
 from unittest import mock
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import attnzoo as az
 import attnzoo.core.blocksparse as bs
+from attnzoo.core import blockkernel
 from attnzoo.core.layout import band_plan
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend
 from _sparse_ref import assert_matches, band, combine, dilated, masked_reference, positions
@@ -218,10 +220,13 @@ def test_layouts_that_read_nothing_give_zero_and_minus_inf():
 @given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2]), nq=st.integers(1, 50),
        nk=st.integers(1, 50), bq=st.sampled_from([3, 8, 16]), bk=st.sampled_from([2, 5, 8]),
        heads=st.sampled_from(["shared", "kv", "query"]), slots=st.integers(1, 5), causal=st.booleans(),
-       padded=st.booleans(), seed=st.integers(0, 2**16))
+       padded=st.booleans(), seed=st.integers(0, 2**16), engine=st.sampled_from(["block kernel", "fused"]))
 def test_gathered_layouts_equal_dense_reference(B, hkv, groups, nq, nk, bq, bk, heads, slots, causal, padded,
-                                                seed):
-    """Random scattered block layouts (no band): the gathered fused path against the dense reference."""
+                                                seed, engine):
+    """Random scattered block layouts (no band): the block kernel (``core.blockkernel``, where it builds) and
+    the gathered fused path against the dense reference."""
+    if engine == "block kernel" and not blockkernel.available():
+        return  # the extension did not build here
     hq = hkv * groups
     q, k, v = _qkv(B, hq, hkv, nq, nk, 8, seed=seed)
     hl = {"shared": 1, "kv": hkv, "query": hq}[heads]
@@ -229,9 +234,9 @@ def test_gathered_layouts_equal_dense_reference(B, hkv, groups, nq, nk, bq, bk, 
     blocks = torch.randint(-1, nkb, (B, hl, nqb, slots), generator=torch.Generator().manual_seed(seed))
     lay = BlockLayout.from_indices(blocks, block_q=bq, block_k=bk, len_q=nq, len_k=nk)
     pad = torch.rand(B, nk, generator=torch.Generator().manual_seed(seed)) > 0.3 if padded else None
-    with mock.patch.object(bs, "_forward_fused", wraps=bs._forward_fused) as spy:
+    with mock.patch.object(bs.blockkernel, "applies", return_value=False) if engine == "fused" else nullcontext():
+        assert bs.forward_path(q, k, v, lay, causal=causal) in (engine, "band")
         out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
-    assert spy.called or band_plan(lay, causal) is not None
     dense = lay.block_mask().repeat_interleave(bq, 2)[:, :, :nq].repeat_interleave(bk, 3)[..., :nk]
     vis = combine(dense.repeat_interleave(hq // hl, 1), causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
     ref, ref_lse = masked_reference(q, k, v, vis, scale=0.4)

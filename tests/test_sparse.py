@@ -11,6 +11,7 @@ import torch
 
 import attnzoo as az
 import attnzoo.core.blocksparse as bs
+from attnzoo.core import blockkernel
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend, attend_all
 from attnzoo.checks import Problem
 from _sparse_ref import assert_matches, band, combine, dilated, masked_reference, positions
@@ -20,11 +21,15 @@ SHAPES = [(1, 2, 2, 37, 37, 8), (2, 4, 2, 23, 41, 8), (1, 4, 1, 45, 30, 4)]
 CASES = [(shape, causal, padded) for shape in SHAPES for causal in (False, True) for padded in (False, True)]
 
 
-@pytest.fixture(params=["fused", "generic"])
+@pytest.fixture(params=["fused", "gathered", "generic"])
 def path(request, monkeypatch):
-    """Which executor runs unpadded forward passes: the fused CPU kernel or the generic slot loop."""
+    """Which executor runs forward passes: the fused CPU paths (block layouts on ``core.blockkernel`` where it
+    builds), the same without that kernel (block layouts gathered for PyTorch's fused kernel), or the
+    generic slot loop."""
     if request.param == "generic":
         monkeypatch.setattr(bs, "fused_applies", lambda *args: False)
+    if request.param == "gathered":
+        monkeypatch.setattr(blockkernel, "applies", lambda *args: False)
     return request.param
 
 
@@ -34,7 +39,7 @@ def _inputs(shape, seed, padded, dtype=torch.float64, path="generic"):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Nq, D, generator=g, dtype=dtype)
     k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype)
-    v = torch.randn(B, Hkv, Nk, D + (path != "fused"), generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, Nk, D + (path == "generic"), generator=g, dtype=dtype)
     pad = (torch.rand(B, Nk, generator=g) > 0.25) if padded else None
     return q, k, v, pad
 
@@ -287,9 +292,11 @@ def test_visible_keys_probe_matches_the_definition(tmp_path):
 def test_unpadded_forward_passes_take_the_fused_kernel():
     """Any layout, not only banded ones: a dynamic method's scattered blocks and per-head tokens."""
     q, k, v, _ = _inputs((1, 4, 2, 96, 96, 8), seed=12, padded=False, path="fused")
-    with mock.patch.object(bs, "_forward_fused", wraps=bs._forward_fused) as spy:
-        out = az.attention(q, k, v, method="vertical_slash", causal=True, block=16, n_vertical=8, n_slash=2)
-    assert spy.called
+    params = dict(block=16, n_vertical=8, n_slash=2)
+    lays = az.get("vertical_slash", **params).layouts(q, k, causal=True)
+    assert [bs.forward_path(q, k, v, lay, causal=True) for lay in lays] == [
+        "block kernel" if blockkernel.available() else "fused", "token union"]
+    out = az.attention(q, k, v, method="vertical_slash", causal=True, **params)
     with mock.patch.object(bs, "fused_applies", return_value=False):
-        generic = az.attention(q, k, v, method="vertical_slash", causal=True, block=16, n_vertical=8, n_slash=2)
+        generic = az.attention(q, k, v, method="vertical_slash", causal=True, **params)
     torch.testing.assert_close(out, generic, atol=1e-10, rtol=1e-10)

@@ -176,9 +176,10 @@ def test_share_budgets_take_the_dense_path_where_sparsity_cannot_pay(name):
 
 
 def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
-    """At 2K keys block_topk's default is sparse; its fully visible blocks run on the fused kernel without a
-    mask, its diagonal blocks on the kernel's causal mask, and the result equals the generic slot-loop
-    executor (a 2040-key case has a partial last block: the gathered masked pass instead)."""
+    """At 2K keys block_topk's default is sparse and runs on the block kernel (where it builds); without it
+    its fully visible blocks run on the fused kernel without a mask, its diagonal blocks on the kernel's
+    causal mask; both equal the generic slot-loop executor (a 2040-key case has a partial last block: the
+    gathered masked pass instead)."""
     from unittest import mock
     import attnzoo.core.blocksparse as bs
 
@@ -194,18 +195,25 @@ def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
         returned.append(diagonal(*args))
         return returned[-1]
 
+    no_kernel = mock.patch.object(bs.blockkernel, "applies", return_value=False)
     with mock.patch.object(bs, "_attend_clean", wraps=bs._attend_clean) as spy, \
-            mock.patch.object(bs, "_attend_diagonal", side_effect=record):
+            mock.patch.object(bs, "_attend_diagonal", side_effect=record), no_kernel:
         out, lse = method(q, k, v, causal=True, return_lse=True)
     assert spy.called and returned and returned[0] is not None  # the diagonal on the kernel's causal mask
     with mock.patch.object(bs, "fused_applies", return_value=False):
         ref, ref_lse = method(q, k, v, causal=True, return_lse=True)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=2e-5)
+    if bs.blockkernel.available():
+        (layout,) = method.layouts(q, k, causal=True)
+        assert bs.forward_path(q, k, v, layout, causal=True) == "block kernel"
+        out, lse = method(q, k, v, causal=True, return_lse=True)
+        torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=2e-5)
     q, k, v = q[:, :, :2040], k[:, :, :2040], v[:, :, :2040]
     method = az.get("block_topk", dense_below=0)
     returned.clear()
-    with mock.patch.object(bs, "_attend_diagonal", side_effect=record):
+    with mock.patch.object(bs, "_attend_diagonal", side_effect=record), no_kernel:
         out = method(q, k, v, causal=True)
     assert returned == [None]
     with mock.patch.object(bs, "fused_applies", return_value=False):
@@ -214,9 +222,10 @@ def test_long_share_budgets_take_the_sparse_path_on_the_unmasked_kernel():
 
 @pytest.mark.parametrize("name", ["block_topk", "vertical_slash", "hip"])
 def test_clean_and_diagonal_units_equal_the_slot_loop_with_gradients_and_an_empty_batch(name):
-    """The sparse path's unmasked units and in-place diagonal blocks (forced at 256 keys with dense_below=0,
-    dense_from=1) give the slot-loop executor's values, lse and gradients in float64, GQA 4:2, on a
-    permuted q; an empty batch gives empty outputs and gradients."""
+    """The sparse path on the block kernel (where it builds) and, without it, its unmasked units and in-place
+    diagonal blocks (forced at 256 keys with dense_below=0, dense_from=1) give the slot-loop executor's
+    values, lse and gradients in float64, GQA 4:2, on a permuted q; an empty batch gives empty outputs and
+    gradients."""
     from unittest import mock
     import attnzoo.core.blocksparse as bs
 
@@ -225,16 +234,19 @@ def test_clean_and_diagonal_units_equal_the_slot_loop_with_gradients_and_an_empt
     k, v = (torch.randn(1, 2, 256, 16, generator=g, dtype=torch.float64) for _ in range(2))
     method = az.get(name, dense_below=0, dense_from=1.0)
     results = []
-    for fused in (True, False):
+    engines = ["generic", "gathered"] + (["block kernel"] if bs.blockkernel.available() else [])
+    for engine in engines:
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         with mock.patch.object(bs, "_attend_clean", wraps=bs._attend_clean) as spy, \
-                mock.patch.object(bs, "fused_applies", return_value=fused):
+                mock.patch.object(bs, "fused_applies", return_value=engine != "generic"), \
+                mock.patch.object(bs.blockkernel, "applies", return_value=engine == "block kernel"):
             out, lse = method(*leaves, causal=True, return_lse=True)
-        assert spy.called == fused
+        assert spy.called == (engine == "gathered")
         (out.pow(2).sum() + lse.sum()).backward()
         results.append((out, lse, *(t.grad for t in leaves)))
-    for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=what)
+    for other in results[1:]:
+        for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), results[0], other):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=what)
     empty = torch.zeros(0, 4, 256, 16, dtype=torch.float64, requires_grad=True)
     out = method(empty, k[:0], v[:0], causal=True)
     out.sum().backward()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnZooError, UnsupportedError
-from . import capped
+from . import blockkernel, capped
 from .fused import attend_band, attend_token_union, fix_empty_rows, fused_applies, fused_kernel
 from .kernel import additive_mask, flash_cpu
 from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
@@ -479,10 +479,11 @@ def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Pla
     return Partial(plan.from_rows(out.view(qb.shape)), plan.from_rows(lse.view(*lead, R, 1)).squeeze(-1))
 
 
-def _route(plan: _Plan, layout: Layout, fused: bool):
-    """``(name, forward)``: the fastest forward path that can run this call (:mod:`attnzoo.core.fused`) and
-    its function of ``(q, k, v, pad)``. Names: ``band``, ``token union``, ``fused`` (gathered units on the
-    kernel) or ``slot loop`` (:func:`_forward`, the generic path)."""
+def _route(plan: _Plan, layout: Layout, fused: bool, kernel: bool = False):
+    """``(name, forward)``: the fastest forward path that can run this call (:mod:`attnzoo.core.fused`,
+    :mod:`attnzoo.core.blockkernel` where ``kernel``) and its function of ``(q, k, v, pad)``. Names: ``band``,
+    ``block kernel``, ``token union``, ``fused`` (gathered units on the kernel) or ``slot loop``
+    (:func:`_forward`, the generic path)."""
     if not fused:
         return "slot loop", lambda q, k, v, pad: _forward(q, k, v, pad, plan)
     bias, cap = _fused_mod(plan)  # a distance bias joins each path's masks as their values
@@ -490,6 +491,9 @@ def _route(plan: _Plan, layout: Layout, fused: bool):
     if band is not None:
         return "band", lambda q, k, v, pad: attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad,
                                                         bias=bias, cap=cap)
+    if kernel:
+        return "block kernel", lambda q, k, v, pad: blockkernel.attend_blocks(
+            q, k, v, layout, scale=plan.scale, causal=plan.causal, key_padding_mask=pad)
     if isinstance(layout, TokenLayout):
         keys, member = layout.union()
         if 0 < keys.shape[-1] <= 2 * layout.kv_tokens.shape[-1]:  # dense over the union beats per-group gathers
@@ -541,14 +545,17 @@ def _plan_and_route(q, k, v, layout: Layout, scale: float, causal: bool, q_posit
                  q_positions=q_positions, device=q.device, mod=hook)
     fused = fused_applies(q, v, q_positions) and (hook is None or hook.distance is not None or (
         hook.capped is not None and capped.applies(q, v)))
-    return plan, _route(plan, layout, fused)
+    kernel = (fused and hook is None and isinstance(layout, BlockLayout)
+              and blockkernel.applies(q, k, v, layout))
+    return plan, _route(plan, layout, fused, kernel)
 
 
 def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, causal: bool,
                  q_positions: torch.Tensor | None = None, score_mod: ScoreMod | None = None) -> str:
-    """Which forward path :func:`attend` takes for this call: ``band``, ``token union``, ``fused`` (PyTorch's
-    fused CPU kernel, or with a soft cap :mod:`attnzoo.core.capped`'s) or ``slot loop`` (the generic
-    executor: other devices, custom query positions, user score_mods)."""
+    """Which forward path :func:`attend` takes for this call: ``band``, ``block kernel`` (a block layout
+    without element masks or score_mod on :mod:`attnzoo.core.blockkernel`), ``token union``, ``fused``
+    (PyTorch's fused CPU kernel, or with a soft cap :mod:`attnzoo.core.capped`'s) or ``slot loop`` (the
+    generic executor: other devices, custom query positions, user score_mods)."""
     return _plan_and_route(q, k, v, layout, 1.0, causal, q_positions, score_mod)[1][0]
 
 

@@ -9,75 +9,31 @@ maximum, one for ``exp`` and the row sum, a GEMM into the output), with the cap 
 :func:`capped_attention` has :func:`~attnzoo.core.kernel.flash_cpu`'s interface plus ``cap`` and a
 bottom-right causal ``offset``.
 
-The build needs a C++ compiler (and ninja); it is cached under ``$ATTNZOO_CPP_CACHE`` (default
-``~/.cache/attnzoo/cpp``), keyed by the source, torch's version and the CPU. Where it cannot be built (or
+The build (:mod:`attnzoo.core.cpp`) needs a C++ compiler (and ninja). Where it cannot be built (or
 ``ATTNZOO_CPP=0``) :func:`available` is False and every caller keeps its eager path: the extension is
 only ever a faster way to the same result.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import time
-from pathlib import Path
-
 import torch
 
+from . import cpp
 from .kernel import kernel_rows
 
-log = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("csrc") / "capped_attention.cpp"
+_SOURCE = "capped_attention.cpp"
 #: dtypes the extension runs (others take the eager paths)
 DTYPES = (torch.float32, torch.float64)
-_built: dict[str, object] = {}
-#: a build lock older than this (seconds) was left by a killed build (a build takes ~20 s of CPU)
-_STALE_LOCK_S = 600
-
-
-def _cpu_tag() -> str:
-    """The CPU's feature flags (the build uses -march=native), so a shared cache never serves another CPU."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        flags = platform.processor()
-    return platform.machine() + flags
-
-
-def _load():
-    key = hashlib.sha256(_SOURCE.read_bytes() + torch.__version__.encode() + _cpu_tag().encode()).hexdigest()[:16]
-    build = Path(os.environ.get("ATTNZOO_CPP_CACHE", Path.home() / ".cache" / "attnzoo" / "cpp")) / key
-    build.mkdir(parents=True, exist_ok=True)
-    lock = build / "lock"  # torch's build lock: a process killed mid-build leaves it, and later builds would wait
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
-    from torch.utils.cpp_extension import load
-
-    load(name=f"attnzoo_capped_{key}", sources=[str(_SOURCE)], build_directory=str(build), is_python_module=False,
-         extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"], verbose=False)
-    return torch.ops.attnzoo.capped_attention
 
 
 def built() -> bool | None:
     """Whether the extension was built in this process (None: not tried yet; nothing is built here)."""
-    return None if "module" not in _built else _built["module"] is not None
+    return cpp.built(_SOURCE)
 
 
 def available() -> bool:
     """Whether the extension is built (building it now, once per process, if needed)."""
-    if "module" not in _built:
-        module = None
-        if os.environ.get("ATTNZOO_CPP", "1") != "0":
-            try:
-                module = _load()
-            except Exception as e:  # no compiler, no ninja, a build error: the eager paths serve
-                log.warning("attnzoo: the soft-cap CPU extension could not be built (%s); using eager paths",
-                            str(e).splitlines()[0] if str(e) else type(e).__name__)
-        _built["module"] = module
-    return _built["module"] is not None
+    return cpp.available(_SOURCE)
 
 
 def applies(q: torch.Tensor, v: torch.Tensor) -> bool:
@@ -105,5 +61,5 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, -float("inf"))
         mask = kernel_rows(mask.to(q.dtype)).expand(X, Y, q.shape[2], k.shape[2])
-    out, lse = _built["module"](q, k, v, mask, float(scale), float(cap or 0.0), causal, int(offset))
+    out, lse = torch.ops.attnzoo.capped_attention(q, k, v, mask, float(scale), float(cap or 0.0), causal, int(offset))
     return out, lse

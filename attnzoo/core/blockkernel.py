@@ -1,0 +1,53 @@
+"""Block layouts on a C++ CPU kernel that reads the layout itself (``csrc/blocksparse_attention.cpp``).
+
+PyTorch's fused kernel needs each query block's keys as one tensor, so the executor's fused path
+(:func:`attnzoo.core.blocksparse._forward_fused`) gathers the selected key blocks (a copy of every block
+read), runs the causal diagonal as a separate call of small blocks and merges the two by lse, and the
+kernel tiles a query block's rows (a KV head's query group folded in: 192 rows for 3 heads of 64) in
+64-row GEMMs. This kernel instead walks each query block's list of key blocks: adjacent blocks are one
+run of keys read in place, the causal diagonal is the run's last rows' limit, and the whole group's
+rows (up to 256) are one GEMM operand. Work item: (batch row, the query heads sharing a layout row,
+query block).
+
+It serves block layouts without ``mask_mod``/partial blocks, custom positions or a score_mod (key
+padding hides keys in the row pass), in float32/float64, where the extension builds (:mod:`attnzoo.core.cpp`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpp
+from .layout import BlockLayout
+
+_SOURCE = "blocksparse_attention.cpp"
+#: dtypes the extension runs (others take the other fused paths)
+DTYPES = (torch.float32, torch.float64)
+
+
+def available() -> bool:
+    """Whether the extension is built (building it now, once per process, if needed)."""
+    return cpp.available(_SOURCE)
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout) -> bool:
+    """Whether :func:`attend_blocks` can run this call: CPU, float32/64 alike, a layout without element
+    masks, and the extension built."""
+    return (q.device.type == "cpu" and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and layout.partial is None and layout.mask_mod is None and available())
+
+
+def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float,
+                  causal: bool, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))`` of ``q`` over the key blocks ``layout`` lists (causal:
+    bottom-right aligned; ``key_padding_mask (B, Nk)``: False hides a key); rows that see no key give
+    ``(0, -inf)``. Only after :func:`applies`."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    groups = Hq // Hkv
+    heads = 1 if (layout.kv_blocks.shape[1] == Hq and groups > 1) else groups  # query heads per layout row
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    available()  # loads the op (built once per process)
+    return torch.ops.attnzoo_blocksparse.blocksparse_attention(
+        q, k, v, layout.kv_blocks.contiguous(), pad, layout.block_q, layout.block_k, heads, float(scale), causal,
+        k.shape[2] - q.shape[2])

@@ -1,0 +1,71 @@
+"""Building attnzoo's C++ CPU extensions (``core/csrc``) on first use.
+
+Each extension is one source file (plus the shared headers of ``csrc``), compiled with
+``torch.utils.cpp_extension`` into ``$ATTNZOO_CPP_CACHE`` (default ``~/.cache/attnzoo/cpp``), keyed by the
+sources, torch's version and the CPU, and registered as torch ops. Where it cannot be built (no compiler,
+a build error, or ``ATTNZOO_CPP=0``) :func:`available` is False and every caller keeps its eager path: an
+extension is only ever a faster way to the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_CSRC = Path(__file__).with_name("csrc")
+#: a build lock older than this (seconds) was left by a killed build (a build takes ~20 s of CPU)
+_STALE_LOCK_S = 600
+#: source file name -> whether its build succeeded in this process
+_built: dict[str, bool] = {}
+
+
+def _cpu_tag() -> str:
+    """The CPU's feature flags (the build uses -march=native), so a shared cache never serves another CPU."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return platform.machine() + flags
+
+
+def _build(source: str) -> None:
+    text = (_CSRC / source).read_bytes() + b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
+    key = hashlib.sha256(text + torch.__version__.encode() + _cpu_tag().encode()).hexdigest()[:16]
+    build = Path(os.environ.get("ATTNZOO_CPP_CACHE", Path.home() / ".cache" / "attnzoo" / "cpp")) / key
+    build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"  # torch's build lock: a process killed mid-build leaves it, and later builds would wait
+    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+    from torch.utils.cpp_extension import load
+
+    load(name=f"attnzoo_{Path(source).stem}_{key}", sources=[str(_CSRC / source)], build_directory=str(build),
+         is_python_module=False, extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"],
+         extra_include_paths=[str(_CSRC)], verbose=False)
+
+
+def built(source: str) -> bool | None:
+    """Whether ``source``'s extension was built in this process (None: not tried yet; nothing is built here)."""
+    return _built.get(source)
+
+
+def available(source: str) -> bool:
+    """Whether the extension of ``csrc/<source>`` is built (building it now, once per process, if needed)."""
+    if source not in _built:
+        ok = False
+        if os.environ.get("ATTNZOO_CPP", "1") != "0":
+            try:
+                _build(source)
+                ok = True
+            except Exception as e:  # no compiler, no ninja, a build error: the eager paths serve
+                log.warning("attnzoo: the CPU extension %s could not be built (%s); using eager paths", source,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+        _built[source] = ok
+    return _built[source]

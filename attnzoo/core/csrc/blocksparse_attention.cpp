@@ -1,0 +1,226 @@
+// Block-sparse CPU attention straight from a BlockLayout's key-block lists (attnzoo.core.blockkernel).
+//
+// out, lse = attention of each query block over the key blocks its layout row lists, where
+//   q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): any strides with a unit last one;
+//   blocks (Bl, Hl, nq, S) int64, contiguous: key-block indices, -1 = empty slot (Bl 1 or B; Hl 1, Hkv or Hq);
+//   causal: key j visible to query i when j <= i + offset (bottom-right: offset = Nk - Nq);
+//   pad (B, Nk) bool, contiguous, or empty: False hides a key.
+// A work item is (batch row, query heads sharing one layout row, query block): its rows (every such head's
+// block_q queries, scaled, packed into one matrix) walk the listed key blocks, adjacent blocks merged into one
+// run read in place (no gather), in runs of at most kBlockK keys: one GEMM for the scores, one pass for the row
+// maximum, one for exp + row sum with the online rescale, one GEMM into the output. Keys past the row's
+// position (causal) or past Nk are never read. Rows that see no key give (0, -inf).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "flash_common.h"
+
+namespace {
+
+using attnzoo_flash::fast_exp;
+using attnzoo_flash::gemm;
+
+constexpr int64_t kBlockK = 512;  // keys per score block
+constexpr int64_t kRows = 256;    // query rows per score block
+
+template <typename T>
+struct Args {
+  const T *q, *k, *v;
+  const int64_t* blocks;
+  const bool* pad;  // this batch row's key padding (nullptr: none)
+  T *out, *lse;
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
+  int64_t qs[3], ks[3], vs[3], os[3];  // strides (batch, head, row)
+  int64_t Bl, Hl, nqb, S, block_q, block_k;
+  int64_t heads;  // query heads per work item (sharing one layout row)
+  T scale;
+  bool causal;
+  int64_t offset;
+};
+
+// the key runs [start, end) a layout row reads: adjacent blocks merged, clipped to Nk and to `limit`
+inline void key_runs(const int64_t* row, int64_t S, int64_t block_k, int64_t Nk, int64_t limit,
+                     std::vector<std::pair<int64_t, int64_t>>& runs) {
+  runs.clear();
+  for (int64_t s = 0; s < S; ++s) {
+    if (row[s] < 0) continue;
+    const int64_t j0 = row[s] * block_k, j1 = std::min({Nk, j0 + block_k, limit});
+    if (j1 <= j0) continue;
+    if (!runs.empty() && runs.back().second == j0)
+      runs.back().second = j1;
+    else
+      runs.emplace_back(j0, j1);
+  }
+}
+
+// rows [r0, r1) of one work item (row rr is query head rr / nr, position i0 + rr % nr)
+template <typename T>
+void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int64_t i0, const T* k, const T* v,
+          const std::vector<std::pair<int64_t, int64_t>>& runs, std::vector<T>& s, std::vector<T>& acc,
+          std::vector<T>& m, std::vector<T>& l) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t rows = r1 - r0;
+  std::fill(m.begin(), m.begin() + rows, ninf);
+  std::fill(l.begin(), l.begin() + rows, T(0));
+  std::fill(acc.begin(), acc.begin() + rows * a.Dv, T(0));
+  // the tile's positions: the least and the greatest (rows wrap over heads)
+  int64_t p_lo = i0 + a.offset + r0 % nr, p_hi = i0 + a.offset + (r1 - 1) % nr;
+  if (r1 - r0 >= nr || (r1 - 1) % nr < r0 % nr) p_lo = i0 + a.offset, p_hi = i0 + a.offset + nr - 1;
+  for (const auto& run : runs) {
+    const int64_t end = a.causal ? std::min(run.second, p_hi + 1) : run.second;
+    for (int64_t j0 = run.first; j0 < end; j0 += kBlockK) {
+      const int64_t n = std::min(kBlockK, end - j0);
+      // s (rows x n, row stride kBlockK) = q_rows . k_block^T
+      gemm('T', n, rows, a.D, k + j0 * a.ks[2], a.ks[2], qp + r0 * a.D, a.D, T(0), s.data(), kBlockK);
+      const bool whole = !a.causal || j0 + n - 1 <= p_lo;
+      for (int64_t r = 0; r < rows; ++r) {
+        T* sr = s.data() + r * kBlockK;
+        const int64_t vis = whole ? n : std::min(n, std::max<int64_t>(0, i0 + a.offset + (r0 + r) % nr - j0 + 1));
+        if (vis == 0) {
+          std::fill(sr, sr + n, T(0));
+          continue;
+        }
+        T mx = ninf;
+        if (a.pad) {
+          const bool* pr = a.pad + j0;
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = 0; c < vis; ++c) {
+            const T x = pr[c] ? sr[c] : ninf;
+            sr[c] = x;
+            mx = x > mx ? x : mx;
+          }
+        } else {
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = 0; c < vis; ++c) mx = sr[c] > mx ? sr[c] : mx;
+        }
+        const T m_new = std::max(m[r], mx);
+        if (m_new == ninf) {  // nothing visible yet
+          std::fill(sr, sr + n, T(0));
+          continue;
+        }
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < vis; ++c) {
+          const T p = fast_exp(sr[c] - m_new);
+          sr[c] = p;
+          sum += p;
+        }
+        std::fill(sr + vis, sr + n, T(0));
+        const T alpha = m[r] == ninf ? T(0) : std::exp(m[r] - m_new);
+        l[r] = l[r] * alpha + sum;
+        m[r] = m_new;
+        if (alpha != T(1)) {
+          T* ar = acc.data() + r * a.Dv;
+          for (int64_t d = 0; d < a.Dv; ++d) ar[d] *= alpha;
+        }
+      }
+      // acc (rows x Dv) += p (rows x n) . v_block (n x Dv)
+      gemm('N', a.Dv, rows, n, v + j0 * a.vs[2], a.vs[2], s.data(), kBlockK, T(1), acc.data(), a.Dv);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t rr = r0 + r, h = rr / nr, i = i0 + rr % nr;
+    T* o = a.out + h * a.os[1] + i * a.os[2];
+    T* ls = a.lse + h * a.Nq + i;
+    if (l[r] > 0) {
+      const T inv = T(1) / l[r];
+      for (int64_t d = 0; d < a.Dv; ++d) o[d] = acc[r * a.Dv + d] * inv;
+      *ls = m[r] + std::log(l[r]);
+    } else {
+      for (int64_t d = 0; d < a.Dv; ++d) o[d] = T(0);
+      *ls = -std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+template <typename T>
+void run(const Args<T>& a) {
+  const int64_t groups = a.Hq / a.Hkv, items_per_row = a.Hq / a.heads;
+  at::parallel_for(0, a.B * items_per_row * a.nqb, 1, [&](int64_t begin, int64_t stop) {
+    std::vector<T> qp(a.heads * a.block_q * a.D), s(kRows * kBlockK), acc(kRows * a.Dv), m(kRows), l(kRows);
+    std::vector<std::pair<int64_t, int64_t>> runs;
+    for (int64_t t = begin; t < stop; ++t) {
+      const int64_t b = t / (items_per_row * a.nqb), hg = (t / a.nqb) % items_per_row, qb = t % a.nqb;
+      const int64_t h0 = hg * a.heads, kv = h0 / groups;
+      const int64_t lh = a.Hl == 1 ? 0 : (a.Hl == a.Hkv ? kv : h0);
+      const int64_t i0 = qb * a.block_q, nr = std::min(a.Nq, i0 + a.block_q) - i0;
+      const int64_t* row = a.blocks + (((a.Bl == 1 ? 0 : b) * a.Hl + lh) * a.nqb + qb) * a.S;
+      key_runs(row, a.S, a.block_k, a.Nk, a.causal ? i0 + nr + a.offset : a.Nk, runs);
+      // this item's query rows, scaled, packed (head-major)
+      for (int64_t g = 0; g < a.heads; ++g)
+        for (int64_t r = 0; r < nr; ++r) {
+          const T* src = a.q + b * a.qs[0] + (h0 + g) * a.qs[1] + (i0 + r) * a.qs[2];
+          T* dst = qp.data() + (g * nr + r) * a.D;
+          for (int64_t d = 0; d < a.D; ++d) dst[d] = src[d] * a.scale;
+        }
+      Args<T> item = a;  // outputs of this batch row and first head
+      item.out = a.out + b * a.os[0] + h0 * a.os[1];
+      item.lse = a.lse + (b * a.Hq + h0) * a.Nq;
+      item.pad = a.pad ? a.pad + b * a.Nk : nullptr;
+      const T* k = a.k + b * a.ks[0] + kv * a.ks[1];
+      const T* v = a.v + b * a.vs[0] + kv * a.vs[1];
+      const int64_t total = a.heads * nr;
+      for (int64_t r0 = 0; r0 < total; r0 += kRows)
+        tile(item, qp.data(), nr, r0, std::min(total, r0 + kRows), i0, k, v, runs, s, acc, m, l);
+    }
+  });
+}
+
+}  // namespace
+
+// returns out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) in q's dtype (float32 or float64)
+std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& blocks, const std::optional<at::Tensor>& pad,
+                                              int64_t block_q, int64_t block_k, int64_t heads, double scale,
+                                              bool causal, int64_t offset) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && blocks.dim() == 4, "blocksparse_attention: 4-D");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "blocksparse_attention: unit last strides");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "blocksparse_attention: dtypes");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.is_contiguous(), "blocksparse_attention: blocks");
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  const int64_t Dv = v.size(3);
+  TORCH_CHECK(Hq % Hkv == 0 && Hq % heads == 0 && (Hq / Hkv) % heads == 0, "blocksparse_attention: heads");
+  TORCH_CHECK(blocks.size(2) == (Nq + block_q - 1) / block_q, "blocksparse_attention: query blocks");
+  auto out = at::empty({B, Hq, Nq, Dv}, q.options());
+  auto lse = at::empty({B, Hq, Nq}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_attention", [&] {
+    Args<scalar_t> a{};
+    a.q = q.data_ptr<scalar_t>();
+    a.k = k.data_ptr<scalar_t>();
+    a.v = v.data_ptr<scalar_t>();
+    a.blocks = blocks.data_ptr<int64_t>();
+    a.pad = nullptr;
+    if (pad.has_value() && pad->defined()) {
+      TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
+                      pad->size(1) == Nk, "blocksparse_attention: pad (B, Nk) bool");
+      a.pad = pad->data_ptr<bool>();
+    }
+    a.out = out.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<scalar_t>();
+    a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
+    for (int i = 0; i < 3; ++i) {
+      a.qs[i] = q.stride(i);
+      a.ks[i] = k.stride(i);
+      a.vs[i] = v.stride(i);
+      a.os[i] = out.stride(i);
+    }
+    // BLAS needs leading dimensions of at least a row (a single row's stride is arbitrary)
+    a.ks[2] = Nk > 1 ? k.stride(2) : D, a.vs[2] = Nk > 1 ? v.stride(2) : Dv;
+    TORCH_CHECK(a.ks[2] >= D && a.vs[2] >= Dv, "blocksparse_attention: rows must not overlap");
+    a.Bl = blocks.size(0), a.Hl = blocks.size(1), a.nqb = blocks.size(2), a.S = blocks.size(3);
+    a.block_q = block_q, a.block_k = block_k, a.heads = heads;
+    a.scale = static_cast<scalar_t>(scale);
+    a.causal = causal;
+    a.offset = offset;
+    if (Nq > 0 && B > 0) run(a);
+  });
+  return {out, lse};
+}
+
+TORCH_LIBRARY(attnzoo_blocksparse, m) { m.def("blocksparse_attention", &blocksparse_attention); }

@@ -1,0 +1,54 @@
+// Pieces shared by attnzoo's flash-style CPU extensions (capped_attention.cpp, blocksparse_attention.cpp):
+// BLAS GEMMs (libtorch_cpu exports sgemm_/dgemm_, MKL) and a vectorisable exp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*);
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*);
+}
+
+namespace attnzoo_flash {
+
+// column-major C (m x n) = op(A) (m x k) * B (k x n) + beta * C
+inline void gemm(char ta, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,
+                 int ldc) {
+  const char tb = 'N';
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+inline void gemm(char ta, int m, int n, int k, const double* a, int lda, const double* b, int ldb, double beta,
+                 double* c, int ldc) {
+  const char tb = 'N';
+  const double one = 1.0;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// exp for float rows: Cephes' polynomial on a range-reduced argument, written so the loops vectorise (no
+// library call: rounding by the 1.5 * 2^23 trick); exact 0 below -87.3 (so exp(-inf) = 0), finite up to 88.3
+inline float fast_exp(float x) {
+  const bool zero = x < -87.3f;
+  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return zero ? 0.0f : p * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+}  // namespace attnzoo_flash
