@@ -23,8 +23,9 @@
 
 namespace {
 
-using attnzoo_flash::fast_exp;
+using attnzoo_flash::finish_row;
 using attnzoo_flash::gemm;
+using attnzoo_flash::softmax_step;
 
 constexpr int64_t kBlockK = 512;  // keys per score block
 constexpr int64_t kRows = 256;    // query rows per score block
@@ -99,26 +100,7 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
 #pragma omp simd reduction(max : mx)
           for (int64_t c = 0; c < vis; ++c) mx = sr[c] > mx ? sr[c] : mx;
         }
-        const T m_new = std::max(m[r], mx);
-        if (m_new == ninf) {  // nothing visible yet
-          std::fill(sr, sr + n, T(0));
-          continue;
-        }
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < vis; ++c) {
-          const T p = fast_exp(sr[c] - m_new);
-          sr[c] = p;
-          sum += p;
-        }
-        std::fill(sr + vis, sr + n, T(0));
-        const T alpha = m[r] == ninf ? T(0) : std::exp(m[r] - m_new);
-        l[r] = l[r] * alpha + sum;
-        m[r] = m_new;
-        if (alpha != T(1)) {
-          T* ar = acc.data() + r * a.Dv;
-          for (int64_t d = 0; d < a.Dv; ++d) ar[d] *= alpha;
-        }
+        softmax_step(sr, vis, n, mx, m[r], l[r], acc.data() + r * a.Dv, a.Dv);
       }
       // acc (rows x Dv) += p (rows x n) . v_block (n x Dv)
       gemm('N', a.Dv, rows, n, v + j0 * a.vs[2], a.vs[2], s.data(), kBlockK, T(1), acc.data(), a.Dv);
@@ -126,16 +108,7 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t rr = r0 + r, h = rr / nr, i = i0 + rr % nr;
-    T* o = a.out + h * a.os[1] + i * a.os[2];
-    T* ls = a.lse + h * a.Nq + i;
-    if (l[r] > 0) {
-      const T inv = T(1) / l[r];
-      for (int64_t d = 0; d < a.Dv; ++d) o[d] = acc[r * a.Dv + d] * inv;
-      *ls = m[r] + std::log(l[r]);
-    } else {
-      for (int64_t d = 0; d < a.Dv; ++d) o[d] = T(0);
-      *ls = -std::numeric_limits<T>::infinity();
-    }
+    finish_row(acc.data() + r * a.Dv, m[r], l[r], T(0), a.Dv, a.out + h * a.os[1] + i * a.os[2], a.lse + h * a.Nq + i);
   }
 }
 

@@ -24,7 +24,9 @@
 namespace {
 
 using attnzoo_flash::fast_exp;
+using attnzoo_flash::finish_row;
 using attnzoo_flash::gemm;
+using attnzoo_flash::softmax_step;
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 512;
@@ -98,43 +100,15 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
       const T* mr = mask ? mask + (i0 + r) * a.ms[2] + j0 * a.ms[3] : nullptr;
       const T mx = a.cap > 0 ? logits<T, true>(sr, mr, a.ms[3], vis, a.scale, two_over_cap, minus_two_cap)
                              : logits<T, false>(sr, mr, a.ms[3], vis, a.scale, two_over_cap, minus_two_cap);
-      const T m_new = std::max(m[r], mx);
-      if (m_new == ninf) {  // nothing visible yet
-        std::fill(sr, sr + n, T(0));
-        continue;
-      }
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t c = 0; c < vis; ++c) {
-        const T p = fast_exp(sr[c] - m_new);
-        sr[c] = p;
-        sum += p;
-      }
-      std::fill(sr + vis, sr + n, T(0));
-      const T alpha = m[r] == ninf ? T(0) : std::exp(m[r] - m_new);
-      l[r] = l[r] * alpha + sum;
-      m[r] = m_new;
-      if (alpha != T(1)) {
-        T* ar = acc.data() + r * a.Dv;
-        for (int64_t d = 0; d < a.Dv; ++d) ar[d] *= alpha;
-      }
+      softmax_step(sr, vis, n, mx, m[r], l[r], acc.data() + r * a.Dv, a.Dv);
     }
     // acc (rows x Dv) += p (rows x n) . v_block (n x Dv)
     gemm('N', a.Dv, rows, n, v + j0 * a.vs[2], a.vs[2], s.data(), kBlockK, T(1), acc.data(), a.Dv);
   }
   T* out = a.out + x * a.os[0] + y * a.os[1] + i0 * a.os[2];
   T* lse = a.lse + (x * a.Y + y) * a.Lq + i0;
-  for (int64_t r = 0; r < rows; ++r) {
-    T* o = out + r * a.os[2];
-    if (l[r] > 0) {
-      const T inv = T(1) / l[r];
-      for (int64_t d = 0; d < a.Dv; ++d) o[d] = acc[r * a.Dv + d] * inv;
-      lse[r] = m[r] + std::log(l[r]) + (a.cap > 0 ? a.cap : T(0));
-    } else {
-      for (int64_t d = 0; d < a.Dv; ++d) o[d] = T(0);
-      lse[r] = -std::numeric_limits<T>::infinity();
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r)
+    finish_row(acc.data() + r * a.Dv, m[r], l[r], a.cap > 0 ? a.cap : T(0), a.Dv, out + r * a.os[2], lse + r);
 }
 
 template <typename T>

@@ -2,9 +2,11 @@
 // BLAS GEMMs (libtorch_cpu exports sgemm_/dgemm_, MKL) and a vectorisable exp.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
@@ -50,5 +52,44 @@ inline float fast_exp(float x) {
   return zero ? 0.0f : p * scale;
 }
 inline double fast_exp(double x) { return std::exp(x); }
+
+// one row's online-softmax step over a block of n logits `sr` whose first `vis` may be visible (-inf hides
+// one) and whose maximum is `mx`: sr becomes the block's weights (0 past vis, all 0 while the row has seen no
+// key), the row's maximum m and sum l are updated and its accumulated output `acc` (Dv) rescaled
+template <typename T>
+inline void softmax_step(T* sr, int64_t vis, int64_t n, T mx, T& m, T& l, T* acc, int64_t Dv) {
+  const T m_new = std::max(m, mx);
+  if (m_new == -std::numeric_limits<T>::infinity()) {  // nothing visible yet
+    std::fill(sr, sr + n, T(0));
+    return;
+  }
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < vis; ++c) {
+    const T p = fast_exp(sr[c] - m_new);
+    sr[c] = p;
+    sum += p;
+  }
+  std::fill(sr + vis, sr + n, T(0));
+  const T alpha = m == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  if (alpha != T(1))
+    for (int64_t d = 0; d < Dv; ++d) acc[d] *= alpha;
+}
+
+// a row's result from its accumulated output, maximum and sum (logits shifted by `shift`): out and lse,
+// (0, -inf) where it saw no key
+template <typename T>
+inline void finish_row(const T* acc, T m, T l, T shift, int64_t Dv, T* out, T* lse) {
+  if (l > 0) {
+    const T inv = T(1) / l;
+    for (int64_t d = 0; d < Dv; ++d) out[d] = acc[d] * inv;
+    *lse = m + std::log(l) + shift;
+  } else {
+    for (int64_t d = 0; d < Dv; ++d) out[d] = T(0);
+    *lse = -std::numeric_limits<T>::infinity();
+  }
+}
 
 }  // namespace attnzoo_flash
