@@ -330,7 +330,7 @@ def test_row_wise_mod_forward_like_the_dense_reference(extension, method, B, hea
     path = "_mod_row_tiles"
     if extension and which == "softcap":
         path = "_capped_tiles"
-    elif extension and which == "bias_softcap" and not padded:
+    elif extension and which == "bias_softcap":
         path = "_fused_bias_tiles"
     spy = _Spy(exact, path)
     try:
@@ -365,8 +365,8 @@ def test_row_wise_mod_forward_like_the_dense_reference(extension, method, B, hea
     ("exact", (4, 2), 30, 17, False, True), ("exact_tiled", (3, 1), 1, 40, True, False)])
 def test_soft_cap_extension_in_the_exact_engine(which, method, heads, Nq, Nk, causal, padded):
     """The tiled forward on the soft-cap C++ kernel (``core.capped``): a softcap alone (``_capped_tiles``, any
-    padding) or a bias then a softcap (``_fused_bias_tiles``, the bias as the kernel's mask; with padding the
-    row-wise path): values, lse and gradients (to the table too) against the dense float64 reference, GQA,
+    padding) or a bias then a softcap (``_fused_bias_tiles``, the bias as the kernel's mask, padding added to
+    it per batch row): values, lse and gradients (to the table too) against the dense float64 reference, GQA,
     causal Nq != Nk, padding with rows that see no key, query tiles of 8 rows."""
     import attnzoo.core.exact as exact
     from attnzoo.core import capped
@@ -380,7 +380,7 @@ def test_soft_cap_extension_in_the_exact_engine(which, method, heads, Nq, Nk, ca
         "bias_softcap": (mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
                          dict(bias=table[:, distance(Nq, Nk).clamp(-3, 3) + 3], cap=2.0), [table]),
     }[which]
-    path = "_capped_tiles" if which == "softcap" else "_mod_row_tiles" if padded else "_fused_bias_tiles"
+    path = "_capped_tiles" if which == "softcap" else "_fused_bias_tiles"
     spy = _Spy(exact, path)
     try:
         with pytest.MonkeyPatch.context() as mp:

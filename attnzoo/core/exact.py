@@ -175,7 +175,7 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
     if _fused_tiles_apply(q, k, v, spec, key_padding_mask):
         if spec.mod is None:
             return _fused_tiles(q, k, v, spec, out, lse)
-        return _fused_bias_tiles(q, k, v, spec, out, lse)
+        return _fused_bias_tiles(q, k, v, spec, out, lse, key_padding_mask)
     if spec.mod is not None and spec.mod.capped is not None and spec.mod.capped[0] is None and capped.applies(q, v):
         return _capped_tiles(q, k, v, spec, key_padding_mask)
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
@@ -198,13 +198,15 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
 
 def _fused_tiles_apply(q, k, v, spec: TileSpec, key_padding_mask) -> bool:
     """Whether :func:`_fused_tiles` (no score_mod) or :func:`_fused_bias_tiles` (a distance bias, alone or
-    followed by a soft cap) can run this forward: CPU kernel dtypes, equal head dims, no padding, and every
-    query sees the first key (so no row of any kernel call is empty)."""
+    followed by a soft cap) can run this forward: CPU kernel dtypes, equal head dims, and every query sees the
+    first key (so no row of any kernel call is empty); no padding, except before a soft cap (the soft-cap
+    kernel gives rows without keys ``(0, -inf)``)."""
     mod = spec.mod
+    bias_cap = mod is not None and mod.capped is not None and mod.capped[0] is not None and capped.applies(q, v)
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.shape[-1] == v.shape[-1]
-            and (mod is None or mod.distance is not None
-                 or (mod.capped is not None and mod.capped[0] is not None and capped.applies(q, v)))
-            and key_padding_mask is None and k.shape[2] > 0 and (not spec.causal or spec.q_offset >= spec.k_offset))
+            and (mod is None or mod.distance is not None or bias_cap)
+            and (key_padding_mask is None or (bias_cap and mod.distance is None))
+            and k.shape[2] > 0 and (not spec.causal or spec.q_offset >= spec.k_offset))
 
 
 #: query rows per tile of the fused causal forward under GQA (bounds the diagonal's K/V copy to Hq heads)
@@ -250,7 +252,7 @@ def _fused_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor) 
 _BIAS_ROWS = 768
 
 
-def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor
+def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor, key_padding_mask=None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tiled forward with a distance-bias score_mod (:class:`~attnzoo.core.scoremod.DistanceBias`) on
     PyTorch's fused CPU kernel, the bias as its additive mask; never a (query, key) grid of indices.
@@ -261,7 +263,8 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
     Non-causal, one call takes every query. Far keys of a steep bias are dropped where that cannot
     change the result (:func:`~attnzoo.core.scoremod.negligible_gap`): it keeps the kernel out of subnormal
     arithmetic, several times slower on CPUs. A bias followed by a soft cap runs the same tiles on
-    :mod:`attnzoo.core.capped` (no key dropped: capped scores are bounded, every key weighs).
+    :mod:`attnzoo.core.capped` (no key dropped: capped scores are bounded, every key weighs), key padding
+    added to each batch row's mask.
     """
     B, Hq, len_q, _ = q.shape
     len_k = k.shape[2]
@@ -280,22 +283,27 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
         w = distance_rows(mod, spec.k_offset - spec.q_offset - i1 + 1, rows + end - 1, dtype, q.device,
                           causal=spec.causal, floor=floor)
         hankel = w.as_strided((w.shape[0], rows, end), (w.stride(0), 1, 1))
-        o, ls = _biased_kernel(q[:, :, i0:i1].flip(2), k[:, :, :end], v[:, :, :end], hankel, spec.scale, cap)
+        pad = None if key_padding_mask is None else key_padding_mask[:, :end]
+        o, ls = _biased_kernel(q[:, :, i0:i1].flip(2), k[:, :, :end], v[:, :, :end], hankel, spec.scale, cap, pad)
         out[:, :, i0:i1], lse[:, :, i0:i1] = o.flip(2), ls.flip(2)
     return out, lse
 
 
-def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, cap: float | None = None):
+def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, cap: float | None = None, pad=None):
     """The fused kernel on ``q (B, Hq, r, D)``, ``k, v (B, Hkv, c, D)`` with the additive mask ``bias
     (Hq or 1, r, c)`` shared by the batch rows (with ``cap``: :mod:`attnzoo.core.capped`'s, the cap after the
-    bias). Under GQA the kernel's batch axis runs over the query group (K and V expanded along it, no copy;
-    one call per batch row): query head ``h·G + g`` is kernel entry ``(g, h)``."""
+    bias; ``pad (B, c)``: kept keys, -inf in each batch row's mask, soft-cap kernel only). Under GQA the
+    kernel's batch axis runs over the query group (K and V expanded along it, no copy; one call per batch
+    row): query head ``h·G + g`` is kernel entry ``(g, h)``."""
     B, Hq, rows, _ = q.shape
     Hkv = k.shape[1]
     groups = Hq // Hkv
     kernel = flash_cpu if cap is None else functools.partial(capped.capped_attention, cap=cap)
+    hidden = None if pad is None else torch.zeros(pad.shape, dtype=bias.dtype, device=pad.device).masked_fill_(
+        ~pad, -math.inf)
     if groups == 1:
-        return kernel(q, k, v, scale=scale, mask=bias.unsqueeze(0).expand(B, Hq, *bias.shape[1:]))
+        mask = bias.unsqueeze(0) if hidden is None else bias.unsqueeze(0) + hidden[:, None, None, :]
+        return kernel(q, k, v, scale=scale, mask=mask.expand(B, Hq, *bias.shape[1:]))
     if bias.shape[0] == 1:
         mask = bias.expand(groups, Hkv, *bias.shape[1:])
     else:
@@ -304,7 +312,8 @@ def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, cap: float | None 
     lse = torch.empty(q.shape[:3], dtype=bias.dtype, device=q.device)
     for b in range(B):
         kb, vb = (t[b].expand(groups, *t.shape[1:]) for t in (k, v))
-        o, ls = kernel(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale, mask=mask)
+        o, ls = kernel(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale,
+                       mask=mask if hidden is None else mask + hidden[b])
         out[b], lse[b] = o.transpose(0, 1).reshape(Hq, rows, -1), ls.transpose(0, 1).reshape(Hq, rows)
     return out, lse
 
