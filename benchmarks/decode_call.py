@@ -26,8 +26,8 @@ from attnzoo.eval.cases import policy_params
 ROWS = {
     "full": ("full", {}),
     "quest": ("quest", {}),
-    "tokenselect (bf16 scores)": ("tokenselect", {}),
-    "tokenselect (fp32 scores)": ("tokenselect", dict(score_dtype="float32")),
+    "tokenselect (fp32 scores)": ("tokenselect", {}),
+    "tokenselect (bf16 scores)": ("tokenselect", dict(score_dtype="bfloat16")),
     "infllm": ("infllm", {}),
     "recycled (every 8)": ("recycled", dict(every=8)),
 }
@@ -66,10 +66,12 @@ def main() -> None:
             best[label] = min(best[label], time.perf_counter() - t0)
     print(f"# decode per attention call: L={L}, budget={args.budget}, Hq={Hq}, Hkv={Hkv}, D={D}, fp32, "
           f"threads={args.threads}, min of {args.rounds} interleaved rounds")
-    print("| policy | ms/call | × full | MiB held |")
-    print("|---|---:|---:|---:|")
+    print("| policy | ms/call | × full | MiB held | × full held | MiB allocated |")
+    print("|---|---:|---:|---:|---:|---:|")
     for label, t in best.items():
-        print(f"| {label} | {t * 1e3:.2f} | {best['full'] / t:.2f} | {caches[label].nbytes / 2**20:.1f} |")
+        held, full = caches[label].nbytes, caches["full"].nbytes
+        print(f"| {label} | {t * 1e3:.2f} | {best['full'] / t:.2f} | {held / 2**20:.1f} | {held / full:.3f} | "
+              f"{caches[label].allocated_nbytes / 2**20:.1f} |")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ class KVCache:
     * ``seq_length``: tokens appended so far (the logical length, also after eviction);
       ``held``: slots held per KV head (heads differ under ``razor``/``duo``);
       ``positions(head)``: ``(B, n)`` positions of the tokens a KV head holds;
-      ``nbytes``: bytes of every tensor the cache holds, metadata included.
+      ``nbytes``: bytes of every token the cache holds, metadata included (``allocated_nbytes`` adds
+      the spare capacity of geometric growth, at most a quarter of the held tokens).
     * ``reset()``, ``crop(length)`` (forget positions ``>= length``; negative counts from the end),
       ``reorder(beam_idx)`` (beam search).
     """
@@ -64,6 +65,14 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return 0 if self._layer is None else self._layer.nbytes
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes as allocated: :attr:`nbytes` plus spare growth capacity (at most a quarter of the held slots;
+        layers without a separate count, e.g. packed per-head regions, count their slack in ``nbytes``)."""
+        if self._layer is None:
+            return 0
+        return getattr(self._layer, "allocated_nbytes", self._layer.nbytes)
 
     @property
     def held(self) -> list[int]:

@@ -28,6 +28,10 @@ class Layer:
     def nbytes(self) -> int:
         return self.store.nbytes + self.policy.state_nbytes()
 
+    @property
+    def allocated_nbytes(self) -> int:
+        return self.store.allocated_nbytes + self.policy.state_nbytes()
+
     def held(self, heads_kv: int) -> list[int]:
         return [self.store.n] * heads_kv
 
@@ -75,6 +79,10 @@ class SplitLayer:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for _, layer in self.groups)
+
+    @property
+    def allocated_nbytes(self) -> int:
+        return sum(layer.allocated_nbytes for _, layer in self.groups)
 
     def held(self, heads_kv: int) -> list[int]:
         counts = [0] * heads_kv

@@ -22,10 +22,11 @@ import math
 
 import torch
 
+from ..core import cpp
 from ..core.blocksparse import LAYOUT_ENGINE, attend_all
 from ..core.layout import reusable, sink_window_layouts
 from ..kernels import auto_triton
-from ..core.kernel import KERNEL_DTYPES, flash_cpu
+from ..core.kernel import KERNEL_DTYPES, flash_cpu, kernel_rows
 from ..core.splitk import split_k
 from ..core.gqa import fold_groups, merge_groups, repeat_kv, split_groups, unfold_groups
 from ..core.partial import Partial, merge
@@ -234,17 +235,54 @@ def fused_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: fl
     return mass if valid is None else mass.masked_fill_(~valid, 0.0)
 
 
+#: the one-pass kernel's source (:mod:`attnzoo.core.cpp` builds it) and the dtypes it runs
+MASS_SOURCE, MASS_DTYPES = "mass_attention.cpp", (torch.float32, torch.float64)
+
+
+def attend_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
+                     valid: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor] | None:
+    """Attention of the newest ``nq`` slots (causal by slot) and :func:`key_mass` in one pass, or None.
+
+    One call of the C++ kernel ``csrc/mass_attention.cpp`` (built by :mod:`attnzoo.core.cpp`): a
+    flash-style loop that keeps each query block's probabilities and column-sums them once its rows' lse is
+    known, so every score is computed and exponentiated once (:func:`flash_read` then :func:`fused_mass`
+    compute them twice). Each KV head's query group is a batch of heads over the same K/V (a stride-0 view, no
+    copy). None where the extension is not built (``ATTNZOO_CPP=0``, no compiler) or the device/dtype is
+    not the kernel's (CPU; half inputs are computed in fp32, as :func:`flash_read` does).
+    """
+    B, Hq, nq, D = q.shape
+    Hkv, n, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    if q.device.type != "cpu" or n == 0 or dtype not in MASS_DTYPES or not cpp.available(MASS_SOURCE):
+        return None
+    G = Hq // Hkv
+    qg = kernel_rows(q.to(dtype)).reshape(B * Hkv, G, nq, D)
+    kg, vg = (kernel_rows(t.to(dtype)).reshape(B * Hkv, 1, n, t.shape[3]).expand(-1, G, -1, -1) for t in (k, v))
+    bias = None
+    if valid is not None:
+        bias = torch.zeros(B * Hkv, 1, n, dtype=dtype, device=q.device).masked_fill_(~valid.reshape(B * Hkv, 1, n),
+                                                                                     -math.inf).expand(-1, G, -1)
+    out, lse, mass = torch.ops.attnzoo_mass.mass_attention(qg, kg, vg, bias, float(scale), causal, n - nq)
+    part = Partial(out.view(B, Hq, nq, Dv), lse.view(B, Hq, nq).float())
+    return part, mass.view(B, Hkv, G, n).sum(dim=2).float()
+
+
 def mass_read(q: torch.Tensor, store, step, start: int = 0) -> tuple[Partial, torch.Tensor]:
     """Exact attention over the held slots ``[start, n)`` and the mass each received (:func:`key_mass`).
 
-    The read is one :func:`flash_read` (the fused path); the mass is recomputed from its lse.
+    One fused pass where the C++ kernel is built (:func:`attend_with_mass`); else the read is one
+    :func:`flash_read` (the fused path) and the mass is recomputed from its lse.
     """
     valid = None if store.valid is None else store.valid[:, :, start:]
-    keys = store.keys(start)
-    part = flash_read(q, keys, store.values(start), scale=step.scale, causal=step.causal, valid=valid, **step.split)
+    keys, values = store.keys(start), store.values(start)
+    fused = attend_with_mass(q, keys, values, scale=step.scale, causal=step.causal, valid=valid)
+    if fused is not None:
+        return fused
+    part = flash_read(q, keys, values, scale=step.scale, causal=step.causal, valid=valid, **step.split)
     mass = fused_mass(q, keys, part.lse, scale=step.scale, causal=step.causal, valid=valid)
-    return part, mass if mass is not None else key_mass(q, keys, part.lse, scale=step.scale, q_pos=step.q_pos, k_pos=store.positions[:, :, start:],
-                          causal=step.causal, valid=valid)
+    return part, mass if mass is not None else key_mass(q, keys, part.lse, scale=step.scale, q_pos=step.q_pos,
+                                                        k_pos=store.positions[:, :, start:], causal=step.causal,
+                                                        valid=valid)
 
 
 def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], step) -> list[Partial]:

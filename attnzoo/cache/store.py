@@ -14,7 +14,7 @@ right after their keys were appended). Buffers:
   ``key_mask``);
 * ``score``: attention mass each token received so far (``track_scores``);
 * ``ck``: a compact copy of the keys in the ``compact`` dtype (e.g. bfloat16),
-  kept only when that differs from the keys' dtype and the store is not
+  kept only when that is narrower than the keys' dtype and the store is not
   quantised: selectors score every key each step, and a bf16 copy halves
   the bytes an fp32 score pass reads (:meth:`score_keys`).
 
@@ -22,9 +22,13 @@ Per-page metadata (``page`` slots a page): channel-wise key ``kmin``/``kmax``,
 updated on append for the touched pages only, recomputed on compaction.
 ``keep`` compacts to given slots and really frees memory: when the buffers are
 much larger than what is kept, they are reallocated at the kept size. The first
-append (a prompt) allocates exactly its tokens; later growth adds 1/128 of the
-length (at least 16 slots), so appends stay amortised O(1) while the spare
-capacity stays under 1% of what is held (``nbytes`` counts it); a store with ``align`` rounds its
+append (a prompt) allocates exactly its tokens; later growth is geometric: a
+quarter of the length (at least 16 slots) of spare capacity, so a decode loop
+copies the cache once per ``n/4`` appended tokens (with 1/128, as before, every
+``n/128``: 2.5-6 ms per token at 8K). ``nbytes`` counts the held slots (and
+their pages' metadata): what the cache holds; ``allocated_nbytes`` counts the
+buffers as allocated, the spare capacity (at most a quarter of the held slots,
+never written before it is used) included. A store with ``align`` rounds its
 capacity up to a multiple of it (a select policy's page or block).
 """
 
@@ -38,7 +42,9 @@ from . import quant
 
 #: dtype of the held tokens' positions (int32: a context of 2^31 tokens is far beyond any cache)
 POS_DTYPE = torch.int32
-#: growth of a non-empty store: ``total // GROWTH`` spare slots (under 1% of the held bytes)
+#: growth of a non-empty store: ``total // SPARE`` spare slots (geometric: amortised O(1) copies per token)
+SPARE = 4
+#: the slack :mod:`attnzoo.cache.ragged` grows its packed regions by (``total // GROWTH`` slots)
 GROWTH = 128
 
 
@@ -84,8 +90,20 @@ class Store:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every allocated buffer (held slots plus the slack of the last growth)."""
+        """Bytes of the held slots of every buffer and of their pages' metadata (spare capacity excluded)."""
+        pages = math.ceil(self.n / self.page) if self.page else 0
+        return (sum(self._slot_bytes(t) * self.n for t in self.buf.values())
+                + sum(self._slot_bytes(t) * pages for t in self.pages.values()))
+
+    @property
+    def allocated_nbytes(self) -> int:
+        """Bytes of every buffer as allocated: :attr:`nbytes` plus the spare capacity of the last growth."""
         return sum(t.numel() * t.element_size() for t in (*self.buf.values(), *self.pages.values()))
+
+    @staticmethod
+    def _slot_bytes(t: torch.Tensor) -> int:
+        """Bytes of one slot (or page) of a ``(B, H, capacity, ...)`` buffer."""
+        return t[:, :, :1].numel() * t.element_size()
 
     @property
     def positions(self) -> torch.Tensor:
@@ -148,7 +166,7 @@ class Store:
             for x, t in (("k", k), ("v", v)):
                 quant.check_group(t.shape[-1], self.group, self.bits, "key" if x == "k" else "value")
                 rows[x], rows[x + "_low"], rows[x + "_step"] = quant.encode(t, self.bits, self.group)
-        if self.bits is None and self.compact not in (None, k.dtype):
+        if self.bits is None and self.compact is not None and self.compact.itemsize < k.dtype.itemsize:
             rows["ck"] = k.to(self.compact)
         rows["pos"] = positions.to(POS_DTYPE).view(1, 1, n).expand(B, H, n)
         if key_mask is not None or "valid" in self.buf:
@@ -166,13 +184,13 @@ class Store:
 
     def _reserve(self, total: int, like: dict[str, torch.Tensor]) -> None:
         """Grow every buffer to hold ``total`` slots: exactly on the first append, then with
-        ``total // 128`` (at least 16) spare slots, so appends are amortised O(1)."""
+        ``total // SPARE`` (at least 16) spare slots, so appends are amortised O(1)."""
         if total <= self.capacity and set(like) <= set(self.buf):
             return
         if total <= self.capacity or self.n == 0:
             cap = max(total, self.capacity)
         else:
-            cap = total + max(total // GROWTH, 16)
+            cap = total + max(total // SPARE, 16)
         self._reallocate(cap, like)
 
     def _aligned(self, cap: int) -> int:
