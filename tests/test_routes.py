@@ -330,8 +330,10 @@ def test_row_wise_mod_forward_like_the_dense_reference(extension, method, B, hea
     path = "_mod_row_tiles"
     if extension and which == "softcap":
         path = "_capped_tiles"
-    elif extension and which == "bias_softcap":
+    elif extension and which == "bias_softcap" and not padded:
         path = "_fused_bias_tiles"
+    elif extension and which == "bias_softcap" and exact._key_ranges(pad) is not None:  # no holes in the padding
+        path = "_padded_bias_tiles"
     spy = _Spy(exact, path)
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -365,8 +367,8 @@ def test_row_wise_mod_forward_like_the_dense_reference(extension, method, B, hea
     ("exact", (4, 2), 30, 17, False, True), ("exact_tiled", (3, 1), 1, 40, True, False)])
 def test_soft_cap_extension_in_the_exact_engine(which, method, heads, Nq, Nk, causal, padded):
     """The tiled forward on the soft-cap C++ kernel (``core.capped``): a softcap alone (``_capped_tiles``, any
-    padding) or a bias then a softcap (``_fused_bias_tiles``, the bias as the kernel's mask, padding added to
-    it per batch row): values, lse and gradients (to the table too) against the dense float64 reference, GQA,
+    padding) or a bias then a softcap (``_fused_bias_tiles``, the bias as the kernel's mask; left padding:
+    ``_padded_bias_tiles``, each batch row on its kept key range): values, lse and gradients (to the table too) against the dense float64 reference, GQA,
     causal Nq != Nk, padding with rows that see no key, query tiles of 8 rows."""
     import attnzoo.core.exact as exact
     from attnzoo.core import capped
@@ -380,7 +382,7 @@ def test_soft_cap_extension_in_the_exact_engine(which, method, heads, Nq, Nk, ca
         "bias_softcap": (mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
                          dict(bias=table[:, distance(Nq, Nk).clamp(-3, 3) + 3], cap=2.0), [table]),
     }[which]
-    path = "_capped_tiles" if which == "softcap" else "_fused_bias_tiles"
+    path = "_capped_tiles" if which == "softcap" else "_padded_bias_tiles" if padded else "_fused_bias_tiles"
     spy = _Spy(exact, path)
     try:
         with pytest.MonkeyPatch.context() as mp:
@@ -906,3 +908,38 @@ def test_gathered_bias_tiles_equal_the_mod_on_index_grids(rows, unit, groups, sh
     real = (units >= 0).repeat_interleave(unit, -1).unsqueeze(-2).expand_as(got)
     torch.testing.assert_close(got[real], want[real], atol=0, rtol=0)
     assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("which", ["alibi", "bias_softcap"])
+@pytest.mark.parametrize("heads,Nq,Nk,causal", [((4, 2), 9, 20, True), ((2, 2), 14, 14, False), ((3, 1), 20, 20, True)])
+def test_distance_bias_with_left_or_right_padding_runs_the_kernel_per_kept_range(which, heads, Nq, Nk, causal):
+    """A distance bias (alone, or before a soft cap) with key padding that leaves each batch row one key range
+    (left padding, right padding, a fully padded row): each batch row on the fused kernels over its kept keys
+    (``exact._padded_bias_tiles``; causal rows before the first kept key see nothing); values, lse and
+    gradients (to the table too) against the dense float64 reference."""
+    import attnzoo.core.exact as exact
+    from attnzoo.core import capped
+    if which == "bias_softcap" and not capped.available():
+        pytest.skip("the soft-cap extension did not build here")
+    q, k, v = qkv(B=3, Hq=heads[0], Hkv=heads[1], Nq=Nq, Nk=Nk, seed=Nq * Nk)
+    j = torch.arange(Nk)
+    pad = torch.stack([j >= 6, j < Nk - 5, j < 0])  # left, right, nothing kept
+    slopes, table = mods.alibi_slopes(heads[0]).to(F64), torch.randn(heads[0], 7, dtype=F64, requires_grad=True)
+    dist = distance(Nq, Nk)
+    score_mod, ref, learnable = {
+        "alibi": (mods.alibi(slopes), dict(bias=slopes[:, None, None] * dist), []),
+        "bias_softcap": (mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
+                         dict(bias=table[:, dist.clamp(-3, 3) + 3], cap=2.0), [table]),
+    }[which]
+    spy = _Spy(exact, "_padded_bias_tiles")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(exact, "_BIAS_ROWS", 8)
+            got = az.attention(q, k, v, causal=causal, score_mod=score_mod, key_padding_mask=pad, return_lse=True)
+    finally:
+        spy.patch.undo()
+    assert spy.calls == 1
+    want = dense(q, k, v, causal=causal, mask=pad[:, None, None, :], **ref)
+    torch.testing.assert_close(got[0], want[0].detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got[1], want[1].detach(), atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, want, [q, k, v, *learnable])

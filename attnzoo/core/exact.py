@@ -10,6 +10,7 @@ reference, whose job is to be obviously right.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -175,7 +176,9 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
     if _fused_tiles_apply(q, k, v, spec, key_padding_mask):
         if spec.mod is None:
             return _fused_tiles(q, k, v, spec, out, lse)
-        return _fused_bias_tiles(q, k, v, spec, out, lse, key_padding_mask)
+        if key_padding_mask is not None:
+            return _padded_bias_tiles(q, k, v, spec, out, lse, key_padding_mask)
+        return _fused_bias_tiles(q, k, v, spec, out, lse)
     if spec.mod is not None and spec.mod.capped is not None and spec.mod.capped[0] is None and capped.applies(q, v):
         return _capped_tiles(q, k, v, spec, key_padding_mask)
     pad = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
@@ -198,15 +201,42 @@ def tiled_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: TileS
 
 def _fused_tiles_apply(q, k, v, spec: TileSpec, key_padding_mask) -> bool:
     """Whether :func:`_fused_tiles` (no score_mod) or :func:`_fused_bias_tiles` (a distance bias, alone or
-    followed by a soft cap) can run this forward: CPU kernel dtypes, equal head dims, and every query sees the
-    first key (so no row of any kernel call is empty); no padding, except before a soft cap (the soft-cap
-    kernel gives rows without keys ``(0, -inf)``)."""
+    followed by a soft cap) can run this forward: CPU kernel dtypes, equal head dims, every query sees the
+    first key (so no row of any kernel call is empty), no padding but, with a mod, each batch row's kept keys
+    one contiguous range (left or right padding: :func:`_padded_bias_tiles`)."""
     mod = spec.mod
-    bias_cap = mod is not None and mod.capped is not None and mod.capped[0] is not None and capped.applies(q, v)
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and q.shape[-1] == v.shape[-1]
-            and (mod is None or mod.distance is not None or bias_cap)
-            and (key_padding_mask is None or (bias_cap and mod.distance is None))
+            and (mod is None or mod.distance is not None
+                 or (mod.capped is not None and mod.capped[0] is not None and capped.applies(q, v)))
+            and (key_padding_mask is None or (mod is not None and _key_ranges(key_padding_mask) is not None))
             and k.shape[2] > 0 and (not spec.causal or spec.q_offset >= spec.k_offset))
+
+
+def _key_ranges(key_padding_mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Each batch row's kept keys as one range ``[a, e)`` (``(0, 0)``: none), or None when a row has holes."""
+    kept = key_padding_mask.sum(-1)
+    first = torch.where(kept > 0, key_padding_mask.int().argmax(-1), 0)
+    if not bool((key_padding_mask.cumsum(-1).gather(-1, (first + kept - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                 == kept).all()):
+        return None
+    return list(zip(first.tolist(), (first + kept).tolist()))
+
+
+def _padded_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor, key_padding_mask):
+    """:func:`_fused_bias_tiles` with left / right key padding: each batch row attends its kept keys
+    ``[a, e)`` as a call of its own (keys at positions ``k_offset + a`` on; causal rows before the first kept
+    key see nothing: ``(0, -inf)``), so the bias stays one Hankel view and no mask is materialised."""
+    for b, (a, e) in enumerate(_key_ranges(key_padding_mask)):
+        sub = dataclasses.replace(spec, k_offset=spec.k_offset + a)
+        r0 = 0 if not spec.causal else max(0, min(q.shape[2], sub.k_offset - spec.q_offset))
+        if e == a:
+            r0 = q.shape[2]
+        out[b, :, :r0], lse[b, :, :r0] = 0, -math.inf
+        if r0 < q.shape[2]:
+            _fused_bias_tiles(q[b:b + 1, :, r0:], k[b:b + 1, :, a:e], v[b:b + 1, :, a:e],
+                              dataclasses.replace(sub, q_offset=spec.q_offset + r0), out[b:b + 1, :, r0:],
+                              lse[b:b + 1, :, r0:])
+    return out, lse
 
 
 #: query rows per tile of the fused causal forward under GQA (bounds the diagonal's K/V copy to Hq heads)
@@ -252,7 +282,7 @@ def _fused_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor) 
 _BIAS_ROWS = 768
 
 
-def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor, key_padding_mask=None
+def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The tiled forward with a distance-bias score_mod (:class:`~attnzoo.core.scoremod.DistanceBias`) on
     PyTorch's fused CPU kernel, the bias as its additive mask; never a (query, key) grid of indices.
@@ -263,8 +293,7 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
     Non-causal, one call takes every query. Far keys of a steep bias are dropped where that cannot
     change the result (:func:`~attnzoo.core.scoremod.negligible_gap`): it keeps the kernel out of subnormal
     arithmetic, several times slower on CPUs. A bias followed by a soft cap runs the same tiles on
-    :mod:`attnzoo.core.capped` (no key dropped: capped scores are bounded, every key weighs), key padding
-    added to each batch row's mask.
+    :mod:`attnzoo.core.capped` (no key dropped: capped scores are bounded, every key weighs).
     """
     B, Hq, len_q, _ = q.shape
     len_k = k.shape[2]
@@ -283,27 +312,22 @@ def _fused_bias_tiles(q, k, v, spec: TileSpec, out: torch.Tensor, lse: torch.Ten
         w = distance_rows(mod, spec.k_offset - spec.q_offset - i1 + 1, rows + end - 1, dtype, q.device,
                           causal=spec.causal, floor=floor)
         hankel = w.as_strided((w.shape[0], rows, end), (w.stride(0), 1, 1))
-        pad = None if key_padding_mask is None else key_padding_mask[:, :end]
-        o, ls = _biased_kernel(q[:, :, i0:i1].flip(2), k[:, :, :end], v[:, :, :end], hankel, spec.scale, cap, pad)
+        o, ls = _biased_kernel(q[:, :, i0:i1].flip(2), k[:, :, :end], v[:, :, :end], hankel, spec.scale, cap)
         out[:, :, i0:i1], lse[:, :, i0:i1] = o.flip(2), ls.flip(2)
     return out, lse
 
 
-def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, cap: float | None = None, pad=None):
+def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, cap: float | None = None):
     """The fused kernel on ``q (B, Hq, r, D)``, ``k, v (B, Hkv, c, D)`` with the additive mask ``bias
     (Hq or 1, r, c)`` shared by the batch rows (with ``cap``: :mod:`attnzoo.core.capped`'s, the cap after the
-    bias; ``pad (B, c)``: kept keys, -inf in each batch row's mask, soft-cap kernel only). Under GQA the
-    kernel's batch axis runs over the query group (K and V expanded along it, no copy; one call per batch
-    row): query head ``h·G + g`` is kernel entry ``(g, h)``."""
+    bias). Under GQA the kernel's batch axis runs over the query group (K and V expanded along it, no copy;
+    one call per batch row): query head ``h·G + g`` is kernel entry ``(g, h)``."""
     B, Hq, rows, _ = q.shape
     Hkv = k.shape[1]
     groups = Hq // Hkv
     kernel = flash_cpu if cap is None else functools.partial(capped.capped_attention, cap=cap)
-    hidden = None if pad is None else torch.zeros(pad.shape, dtype=bias.dtype, device=pad.device).masked_fill_(
-        ~pad, -math.inf)
     if groups == 1:
-        mask = bias.unsqueeze(0) if hidden is None else bias.unsqueeze(0) + hidden[:, None, None, :]
-        return kernel(q, k, v, scale=scale, mask=mask.expand(B, Hq, *bias.shape[1:]))
+        return kernel(q, k, v, scale=scale, mask=bias.unsqueeze(0).expand(B, Hq, *bias.shape[1:]))
     if bias.shape[0] == 1:
         mask = bias.expand(groups, Hkv, *bias.shape[1:])
     else:
@@ -312,8 +336,7 @@ def _biased_kernel(q, k, v, bias: torch.Tensor, scale: float, cap: float | None 
     lse = torch.empty(q.shape[:3], dtype=bias.dtype, device=q.device)
     for b in range(B):
         kb, vb = (t[b].expand(groups, *t.shape[1:]) for t in (k, v))
-        o, ls = kernel(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale,
-                       mask=mask if hidden is None else mask + hidden[b])
+        o, ls = kernel(q[b].view(Hkv, groups, rows, -1).transpose(0, 1), kb, vb, scale=scale, mask=mask)
         out[b], lse[b] = o.transpose(0, 1).reshape(Hq, rows, -1), ls.transpose(0, 1).reshape(Hq, rows)
     return out, lse
 
