@@ -781,3 +781,32 @@ def test_infllm_prefill_scores_are_the_same_with_and_without_the_one_pass_kernel
             runs.append((out, lse, cache._layer.store.scores.clone()))
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("quest", dict(budget=64, page=8, local=8, sinks=8)),
+    ("quest", dict(budget=72, page=8, phys_page=16, local=12, sinks=0)),
+    ("infllm", dict(budget=72, block=8, reps=2, sinks=2, local=12)),
+])
+def test_select_units_read_in_place_equal_the_gathered_read(name, params, monkeypatch):
+    """The block kernel reading selected pages/blocks (and quest's local window) in place from the store equals the
+    gathered read (GQA, left padding, a local window cut mid-unit); it is the path taken where it builds."""
+    from attnzoo.cache import read
+    from attnzoo.core import blockkernel
+    if not blockkernel.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=160, seed=29, dtype=torch.float32)
+    key_mask = torch.ones(2, 160, dtype=torch.bool)
+    key_mask[1, :9] = False
+    calls = []
+    spy = blockkernel.attend_blocks
+    monkeypatch.setattr(blockkernel, "attend_blocks", lambda *a, **kw: calls.append(1) or spy(*a, **kw))
+    runs = []
+    for in_place in (True, False):
+        monkeypatch.setattr(read, "IN_PLACE_UNIT", 8 if in_place else 10 ** 9)
+        cache = KVCache(name, **params)
+        runs.append(_decode(cache, q, k, v, prefill=120, key_mask=key_mask))
+        assert (len(calls) == 40) == in_place
+        calls.clear()
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

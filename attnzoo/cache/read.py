@@ -22,9 +22,9 @@ import math
 
 import torch
 
-from ..core import cpp
+from ..core import blockkernel, cpp
 from ..core.blocksparse import LAYOUT_ENGINE, attend_all
-from ..core.layout import reusable, sink_window_layouts
+from ..core.layout import BlockLayout, reusable, sink_window_layouts
 from ..kernels import auto_triton
 from ..core.kernel import KERNEL_DTYPES, flash_cpu, kernel_rows
 from ..core.splitk import split_k
@@ -316,6 +316,32 @@ def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step, unit: int = 1
     valid = store.valid
     valid = None if valid is None else torch.gather(valid, 2, idx)
     return flash_read(q, k, v, scale=step.scale, causal=False, valid=valid, **step.split)
+
+
+#: smallest selection unit read in place by the block kernel (single tokens make one-key runs: gathered instead)
+IN_PLACE_UNIT = 8
+
+
+def read_units(q: torch.Tensor, store, units: torch.Tensor, unit: int, step) -> Partial | None:
+    """A decode query's attention over the held slots of the units ``units (B, Hkv, S)`` (sorted unit indices;
+    unit ``u`` is slots ``[u·unit, (u+1)·unit)``, the last one cut at ``n``), read in place, or None.
+
+    One call of the block kernel (:mod:`attnzoo.core.blockkernel`): the units are a one-query-block layout per
+    KV head, adjacent units read as one run straight from the store's buffers, the query group one GEMM
+    operand, and no copy of the selected keys (the gather path copies them, then reads the copy). None where
+    it does not apply: no extension, a quantised or half-precision store, units under ``IN_PLACE_UNIT``
+    tokens, or padding that differs between heads.
+    """
+    k, v, valid = store.keys(), store.values(), store.valid
+    if (unit < IN_PLACE_UNIT or store.bits is not None or q.shape[2] != 1 or q.device.type != "cpu"
+            or q.dtype not in blockkernel.DTYPES or k.dtype != q.dtype or not blockkernel.available()):
+        return None
+    if valid is not None and not bool((valid == valid[:, :1]).all()):
+        return None
+    layout = BlockLayout(units.unsqueeze(2).contiguous(), block_q=1, block_k=unit, len_q=1, len_k=store.n)
+    out, lse = blockkernel.attend_blocks(q, k, v, layout, scale=step.scale, causal=False,
+                                         key_padding_mask=None if valid is None else valid[:, 0])
+    return Partial(out, lse)
 
 
 def combine(parts: list[Partial], like: torch.Tensor, dim_v: int) -> Partial:

@@ -23,7 +23,7 @@ from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from ..registry import param
 from .policy import Policy, Step, register_policy
-from .read import mass_read, read_ranges, read_selected
+from .read import mass_read, read_ranges, read_selected, read_units
 from .store import Store
 
 
@@ -103,7 +103,17 @@ class _Select(Policy):
         idx = self.select(store, q, step, lo, hi, take)
         if lo:  # the sink slots join the selected ones: one gathered read instead of two
             idx = torch.cat([torch.arange(lo, device=idx.device).expand(*idx.shape[:2], lo), idx], dim=-1)
-        return merge(read_selected(q, store, idx, step, self.unit), *self.read_local(store, q, step, hi))
+        u = self.unit
+        local_in_place = type(self).read_local is _Select.read_local
+        if u > 1:  # whole units, read in place by the block kernel where it applies (the local window with them)
+            units = idx[..., ::u] // u
+            if local_in_place:
+                units = torch.cat([units, torch.arange(hi // u, -(-n // u), device=idx.device).expand(
+                    *units.shape[:2], -1)], dim=-1)
+            part = read_units(q, store, units, u, step)
+            if part is not None:
+                return part if local_in_place else merge(part, *self.read_local(store, q, step, hi))
+        return merge(read_selected(q, store, idx, step, u), *self.read_local(store, q, step, hi))
 
     def make_store(self) -> Store:
         return Store(align=self.unit)
