@@ -247,7 +247,8 @@ def attend_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     flash-style loop that keeps each query block's probabilities and column-sums them once its rows' lse is
     known, so every score is computed and exponentiated once (:func:`flash_read` then :func:`fused_mass`
     compute them twice). Each KV head's query group is a batch of heads over the same K/V (a stride-0 view, no
-    copy). None where the extension is not built (``ATTNZOO_CPP=0``, no compiler) or the device/dtype is
+    copy); where no query's visibility differs (one query, or not causal) the group is folded into one work
+    item's rows instead (K read once per KV head). None where the extension is not built (``ATTNZOO_CPP=0``, no compiler) or the device/dtype is
     not the kernel's (CPU; half inputs are computed in fp32, as :func:`flash_read` does).
     """
     B, Hq, nq, D = q.shape
@@ -256,15 +257,18 @@ def attend_with_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     if q.device.type != "cpu" or n == 0 or dtype not in MASS_DTYPES or not cpp.available(MASS_SOURCE):
         return None
     G = Hq // Hkv
-    qg = kernel_rows(q.to(dtype)).reshape(B * Hkv, G, nq, D)
-    kg, vg = (kernel_rows(t.to(dtype)).reshape(B * Hkv, 1, n, t.shape[3]).expand(-1, G, -1, -1) for t in (k, v))
+    fold = nq == 1 or not causal  # every query sees every key: the group's queries are one item's rows
+    Y = 1 if fold else G
+    qg = kernel_rows(q.to(dtype)).reshape(B * Hkv, Y, G * nq // Y, D)
+    kg, vg = (kernel_rows(t.to(dtype)).reshape(B * Hkv, 1, n, t.shape[3]).expand(-1, Y, -1, -1) for t in (k, v))
     bias = None
     if valid is not None:
         bias = torch.zeros(B * Hkv, 1, n, dtype=dtype, device=q.device).masked_fill_(~valid.reshape(B * Hkv, 1, n),
-                                                                                     -math.inf).expand(-1, G, -1)
-    out, lse, mass = torch.ops.attnzoo_mass.mass_attention(qg, kg, vg, bias, float(scale), causal, n - nq)
+                                                                                     -math.inf).expand(-1, Y, -1)
+    out, lse, mass = torch.ops.attnzoo_mass.mass_attention(qg, kg, vg, bias, float(scale), causal and not fold,
+                                                           n - nq)
     part = Partial(out.view(B, Hq, nq, Dv), lse.view(B, Hq, nq).float())
-    return part, mass.view(B, Hkv, G, n).sum(dim=2).float()
+    return part, mass.view(B, Hkv, Y, n).sum(dim=2).float()
 
 
 def mass_read(q: torch.Tensor, store, step, start: int = 0) -> tuple[Partial, torch.Tensor]:

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -43,14 +44,17 @@ struct Args {
   int64_t offset;
 };
 
-// scratch of one worker: the row strip of probabilities (kBlockQ x Lk), the block maxima each row used
+// scratch of one worker: the row strip of probabilities (rows x Lk, every value written by the score GEMM before
+// it is read, so left uninitialised), the output accumulators, and the maximum each row's block weights are
+// relative to
 template <typename T>
 struct Scratch {
-  std::vector<T> s, acc, m, l, mblk, w;
+  std::unique_ptr<T[]> s;
+  std::vector<T> acc, m, l, mblk, w;
   int64_t ld;
-  Scratch(int64_t Lk, int64_t Dv)
-      : s(kBlockQ * std::max<int64_t>(Lk, 1)), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ),
-        mblk(kBlockQ * ((Lk + kBlockK - 1) / kBlockK + 1)), w(kBlockQ), ld(std::max<int64_t>(Lk, 1)) {}
+  Scratch(int64_t rows, int64_t Lk, int64_t Dv)
+      : s(new T[rows * std::max<int64_t>(Lk, 1)]), acc(rows * Dv), m(rows), l(rows),
+        mblk(rows * ((Lk + kBlockK - 1) / kBlockK + 1)), w(rows), ld(std::max<int64_t>(Lk, 1)) {}
 };
 
 // one (x, y, query block): rows [i0, i1); adds their mass to the (x, y) row
@@ -68,7 +72,7 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, Scrat
   const int64_t end = a.causal ? std::min(a.Lk, std::max<int64_t>(0, i1 - 1 + a.offset + 1)) : a.Lk;
   for (int64_t j0 = 0, jb = 0; j0 < end; j0 += kBlockK, ++jb) {
     const int64_t n = std::min(kBlockK, end - j0);
-    T* sb = sc.s.data() + j0;  // this key block's columns of the strip (row stride ld)
+    T* sb = sc.s.get() + j0;  // this key block's columns of the strip (row stride ld)
     gemm('T', n, rows, a.D, k + j0 * a.ks[2], a.ks[2], q, a.qs[2], T(0), sb, ld);
     for (int64_t r = 0; r < rows; ++r) {
       T* sr = sb + r * ld;
@@ -109,7 +113,7 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, Scrat
       const T mb = sc.mblk[r * (nkb + 1) + jb];
       sc.w[r] = sc.l[r] > 0 && mb != ninf ? std::exp(mb - sc.m[r]) / sc.l[r] : T(0);
     }
-    gemm('N', n, 1, rows, sc.s.data() + j0, ld, sc.w.data(), rows, T(1), mass + j0, n);
+    gemm('N', n, 1, rows, sc.s.get() + j0, ld, sc.w.data(), rows, T(1), mass + j0, n);
   }
 }
 
@@ -117,7 +121,7 @@ template <typename T>
 void run(Args<T>& a) {
   const int64_t nblocks = (a.Lq + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, a.X * a.Y, 1, [&](int64_t begin, int64_t stop) {
-    Scratch<T> sc(a.Lk, a.Dv);
+    Scratch<T> sc(std::min(kBlockQ, a.Lq), a.Lk, a.Dv);
     for (int64_t xy = begin; xy < stop; ++xy)
       for (int64_t b = 0; b < nblocks; ++b)
         block(a, xy / a.Y, xy % a.Y, b * kBlockQ, std::min(a.Lq, (b + 1) * kBlockQ), sc);
