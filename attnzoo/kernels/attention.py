@@ -441,12 +441,15 @@ def varlen_layout_attention(q, k, v, layouts: list[list[BlockLayout | TokenLayou
     Hq, Hkv = q.shape[1], k.shape[1]
     mod, slopes, table = _mod_tensors((slopes, table, cap))
     bq, bk = _bounds(cu_q), _bounds(cu_k)
+    lengths, lengths_k = ((c[1:] - c[:-1]).tolist() for c in (cu_q, cu_k))
+    for lays, nq, nk in zip(layouts, lengths, lengths_k):
+        for lay in lays or ():
+            check_layout(lay, batch=1, heads_q=Hq, heads_kv=Hkv, len_q=nq, len_k=nk, causal=causal)
     keys = [None if lays is None else [_layout_keys(lay, Hq, Hkv) for lay in lays] for lays in layouts]
     groups: dict[tuple, list[int]] = {}
     for i, ks in enumerate(keys):
         if ks is not None:
             groups.setdefault(tuple(_shape_of(x) for x in ks), []).append(i)
-    lengths = (cu_q[1:] - cu_q[:-1]).tolist()
     first = next(iter(groups.values()))  # sequences with queries but no keys: their rows get (0, -inf) and sinks
     first += [i for i, ks in enumerate(keys) if ks is None and lengths[i] > 0]
     parts = []
