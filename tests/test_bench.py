@@ -648,3 +648,27 @@ def test_worker_env_fixes_malloc_unless_the_user_set_it(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert worker_env(threads=None)["MALLOC_MMAP_THRESHOLD_"] == "131072"
     assert "ATTNZOO_BENCH_THREADS" not in worker_env(threads=None)
+
+
+def test_the_bench_builds_the_cpu_extensions_before_any_worker_starts(tmp_path, monkeypatch):
+    """A first build (~20 s of CPU per extension, minutes on a loaded machine) inside a worker would count
+    against a timed case's timeout and fail it: the main process builds them before the first worker."""
+    from attnzoo.bench import runner
+    from attnzoo.core import cpp
+
+    events = []
+    monkeypatch.setattr(cpp, "prebuild", lambda: events.append("prebuild") or [])
+    monkeypatch.setattr(runner.Worker, "__init__", lambda self, *a, **k: (_ for _ in ()).throw(
+        RuntimeError(f"worker started after {events}")))
+    suite = runner.Suite(methods=("exact",), lengths=(16,), heads=2, head_dim=8, workloads=("gaussian",))
+    with pytest.raises(RuntimeError, match=r"worker started after \['prebuild'\]"):
+        runner.run(suite, tmp_path / "out", on_note=lambda note: None)
+
+
+def test_prebuild_builds_every_extension_once_or_none_when_disabled(monkeypatch):
+    from attnzoo.core import cpp
+
+    names = sorted(p.name for p in (cpp._CSRC).glob("*.cpp"))
+    monkeypatch.setattr(cpp, "_built", {})
+    monkeypatch.setenv("ATTNZOO_CPP", "0")
+    assert cpp.prebuild() == [] and sorted(cpp._built) == names and not any(cpp._built.values())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import registry
+from ..core import cpp
 from ..errors import AttnZooError
 from . import workloads
 from .results import ResultsFile, case_key, machine_info, workload_label
@@ -365,6 +366,7 @@ def _run(suite: Suite, out_dir: Path, store: ResultsFile, resume: bool, progress
     if not todo and not any(_round_todo(store, planned, r) for r in range(2, suite.rounds + 1)):
         return store.path
     run_id = uuid.uuid4().hex[:12]
+    cpp.prebuild()  # here, not in a worker: a first build must not count against a case's timeout
     worker = Worker(out_dir / "worker.log", suite.threads, suite.plugins)
     store.append({"type": "run", "run_id": run_id, "started": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "resumed": bool(done), "suite": dataclasses.asdict(suite),
