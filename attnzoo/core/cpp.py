@@ -37,18 +37,27 @@ def _cpu_tag() -> str:
 
 
 def _build(source: str) -> None:
-    text = (_CSRC / source).read_bytes() + b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
+    files = [_CSRC / source, *sorted(_CSRC.glob("*.h"))]
+    text = b"".join(f.read_bytes() for f in files)
     key = hashlib.sha256(text + torch.__version__.encode() + _cpu_tag().encode()).hexdigest()[:16]
     build = Path(os.environ.get("ATTNZOO_CPP_CACHE", Path.home() / ".cache" / "attnzoo" / "cpp")) / key
-    build.mkdir(parents=True, exist_ok=True)
+    # compile a copy kept in the build folder: checkouts at other paths with the same sources (worktrees, a
+    # reinstall) then share the build, where their own paths would rewrite its ninja file and rebuild each time
+    src = build / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        if not (src / f.name).exists():  # written once (same key, same bytes): a rewrite would look newer to ninja
+            tmp = src / f".{f.name}.{os.getpid()}.tmp"
+            tmp.write_bytes(f.read_bytes())
+            os.replace(tmp, src / f.name)
     lock = build / "lock"  # torch's build lock: a process killed mid-build leaves it, and later builds would wait
     if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
         lock.unlink(missing_ok=True)
     from torch.utils.cpp_extension import load
 
-    load(name=f"attnzoo_{Path(source).stem}_{key}", sources=[str(_CSRC / source)], build_directory=str(build),
+    load(name=f"attnzoo_{Path(source).stem}_{key}", sources=[str(src / source)], build_directory=str(build),
          is_python_module=False, extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"],
-         extra_include_paths=[str(_CSRC)], verbose=False)
+         extra_include_paths=[str(src)], verbose=False)
 
 
 def built(source: str) -> bool | None:
