@@ -1,7 +1,9 @@
 """What ``attnzoo eval`` puts on a task: ``prefill=<method>``, ``cache=<policy>`` or ``plan=<file>``.
 
-* ``prefill=<method>``: the method runs every attention call of the model (prompt and generation)
-  through :func:`attnzoo.hf.apply`; the KV cache is the ordinary full one.
+* ``prefill=<method>``: the method runs the model's attention calls through :func:`attnzoo.hf.apply`; the
+  KV cache is the ordinary full one. Generation steps of a dynamic sparse method run exact attention
+  (``apply``'s ``decode="auto"``: one query cannot pay for its estimate); ``prefill=block_topk:decode=method``
+  keeps the method on every step. The row's resolved parameters say which (``decode``: dense/method/mixed).
 * ``cache=<policy>``: the model runs exact attention and the KV cache is
   :func:`attnzoo.hf.make_cache` with the policy: the prompt is compressed, generation reads through it.
   A budget is a number of tokens (``budget=256``) or a fraction of the context (``budget=0.125``);
@@ -66,9 +68,22 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
+#: ``prefill=`` parameters that route the model rather than configure the method (``attnzoo.hf.apply``'s)
+_ROUTING = ("decode",)
+
+
+def method_params(params: dict) -> dict:
+    """A ``prefill=`` case's parameters of the method itself (without :data:`_ROUTING`'s)."""
+    return {k: v for k, v in params.items() if k not in _ROUTING}
+
+
 def method_case(spec: str) -> dict:
     name, params = parse_spec(spec)
-    registry.get(name, **params)  # unknown names / bad parameters: named now, with close matches
+    registry.get(name, **method_params(params))  # unknown names / bad parameters: named now, with close matches
+    if "decode" in params:
+        from ..hf.adapter import check_decode
+
+        check_decode(params["decode"])
     return {"kind": "prefill", "name": name, "params": params, "budget": None}
 
 

@@ -170,7 +170,7 @@ def perplexity(model, sample: Sample, task: Task, chunk: int = 1024) -> Outcome:
 
 def method_parameters(case: dict, length: int) -> dict:
     """A prefill method's parameters, defaults included, with counts given as a share of N resolved at ``length``."""
-    method = registry.get(case["name"], **case["params"])
+    method = registry.get(case["name"], **C.method_params(case["params"]))
     fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
     fields.update(method.resolve_shares(length))
     return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
@@ -203,7 +203,8 @@ class Runner:
         azhf.remove(self.model) if azhf.is_applied(self.model) else None
         if case["kind"] == "prefill":
             azhf.apply(self.model, case["name"], **case["params"])
-            return (lambda: DynamicCache(config=self.model.config)), method_parameters(case, length)
+            resolved = method_parameters(case, length) | {"decode": azhf.decode_route(self.model)}
+            return (lambda: DynamicCache(config=self.model.config)), resolved
         if case["kind"] == "cache":
             params = C.policy_params(case["name"], case["params"], case["budget"], length)
             azhf.apply(self.model, "exact")
@@ -248,7 +249,7 @@ class Runner:
 
     def recall(self, case: dict, sample: Sample) -> tuple[float | None, float | None]:
         """Mean prefill attention-mass recall and density of the method over three layers (first, middle, last)."""
-        method = registry.get(case["name"], **case["params"])
+        method = registry.get(case["name"], **C.method_params(case["params"]))
         if type(method).family is Family.EXACT:
             return 1.0, 1.0
         if not recall_applies(method) and not callable(getattr(method, "layouts", None)):

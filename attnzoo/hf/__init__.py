@@ -23,6 +23,7 @@ from .integration import (
     attention_layers,
     capture_qkv,
     check_transformers_version,
+    decode_route,
     is_applied,
     layer_plan,
     register,
@@ -33,5 +34,5 @@ from .plan import HeadGroup, LayerSpec
 __all__ = [
     "ATTN_NAME", "AttnZooCache", "AttnZooCacheLayer", "Geometry", "HeadGroup", "LayerSpec", "SUPPORTED_TRANSFORMERS",
     "apply", "attention_layers", "attnzoo_attention", "attnzoo_mask", "capture_qkv", "check_transformers_version",
-    "is_applied", "layer_plan", "make_cache", "mask_geometry", "register", "remove",
+    "decode_route", "is_applied", "layer_plan", "make_cache", "mask_geometry", "register", "remove",
 ]

@@ -40,6 +40,13 @@ SCAN_ATTR = "_attnzoo_scan"
 CACHE_TAG = "_attnzoo_cache_layer"
 #: methods that compute exact softmax attention (the only ones a sliding window or a KV cache policy can wrap)
 _EXACT = ("exact", "naive", "exact_tiled", "flash_decode")
+#: attribute holding the LayerSpec a module's generation steps run (:func:`decode_spec`, set by apply)
+STEP_ATTR = "_attnzoo_step_spec"
+#: how generation steps run (:func:`decode_spec`): ``auto`` (the default) runs a dynamic sparse method's steps
+#: densely, ``dense`` every non-exact method's, ``method`` keeps every method on every call
+DECODE_MODES = ("auto", "dense", "method")
+#: a call with at most this many queries against more keys is a generation step (one-token steps, short drafts)
+DECODE_QUERIES = 16
 
 
 # ---------------------------------------------------------------- the mask
@@ -328,6 +335,8 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             routes = dataclasses.replace(routes, cu_seqlens=geo.cu_seqlens)
     if geo.len_k < key.shape[2]:
         key, value = key[:, :, :geo.len_k], value[:, :, :geo.len_k]
+    if query.shape[2] <= DECODE_QUERIES and query.shape[2] < geo.len_k:  # a generation step
+        spec = module.__dict__.get(STEP_ATTR, spec)
     peaks = (None, None)
     if routes.cu_seqlens is None:  # a decode step scans only the keys and values it appended
         peaks = _scan(module).peaks(key, value, new=query.shape[2])
@@ -341,6 +350,35 @@ def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         out = run_spec(spec, query, key, value, causal=geo.causal, scale=scaling,
                        key_padding_mask=geo.key_padding_mask, overrides=overrides, routes=routes)
     return out.transpose(1, 2), None
+
+
+def check_decode(decode: Any) -> str:
+    """``decode`` if it is one of :data:`DECODE_MODES`, else AttnZooError naming it."""
+    if decode not in DECODE_MODES:
+        raise AttnZooError(f"decode: expected one of {', '.join(map(repr, DECODE_MODES))}, got {decode!r}")
+    return decode
+
+
+def routed_densely(method: registry.Method, decode: str) -> bool:
+    """Whether a generation step of ``method`` runs as exact attention under routing ``decode``.
+
+    ``auto``: a dynamic sparse method (block_topk, vertical_slash, hip, ...) estimates its key set from
+    every key on each call, so for a handful of queries the estimate alone reads as many bytes as exact
+    attention and sparsity cannot pay: its steps run densely, as sparse-prefill systems (MInference) decode.
+    Methods whose key set is fixed by positions (windows, static sparse) or that compute another function
+    (linear, low-rank, hashing) keep their semantics on every call. ``dense``: every non-exact method's
+    steps run exactly; ``method``: none."""
+    if decode == "method" or method.name in _EXACT:
+        return False
+    return decode == "dense" or method.family == registry.Family.DYNAMIC_SPARSE
+
+
+def decode_spec(spec: LayerSpec, decode: str) -> LayerSpec:
+    """The plan a generation step of layer ``spec`` runs: each group :func:`routed_densely` becomes ``exact``
+    (its heads, sinks and score_mod kept), the others stay as they are."""
+    groups = tuple(HeadGroup(registry.get("exact"), g.heads) if routed_densely(g.method, decode) else g
+                   for g in spec.groups)
+    return spec if groups == spec.groups else LayerSpec(spec.layer, groups, spec.num_heads)
 
 
 def _scan(module: torch.nn.Module) -> checks.GrowingScan:

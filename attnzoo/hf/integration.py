@@ -14,7 +14,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from ..errors import AttnZooError, UnsupportedError
 from ..plan.file import Plan as PlanFile
 from . import plan as plans
-from .adapter import ATTN_NAME, CAPTURE_ATTR, SCAN_ATTR, SPEC_ATTR, attnzoo_attention, attnzoo_mask
+from .adapter import (_EXACT, ATTN_NAME, CAPTURE_ATTR, SCAN_ATTR, SPEC_ATTR, STEP_ATTR, attnzoo_attention,
+                      attnzoo_mask, check_decode, decode_spec)
 
 #: the transformers versions attnzoo.hf is written and tested for (also pyproject's ``hf`` extra)
 SUPPORTED_TRANSFORMERS = (5, 6)  # major versions: >= 5.0, < 6
@@ -78,15 +79,22 @@ def _num_heads(module: torch.nn.Module) -> int:
     return int(heads or module.config.num_attention_heads)
 
 
-def apply(model: PreTrainedModel, method: str | Mapping = "exact", **params: Any) -> PreTrainedModel:
+def apply(model: PreTrainedModel, method: str | Mapping = "exact", *, decode: str = "auto",
+          **params: Any) -> PreTrainedModel:
     """Route ``model``'s attention through attnzoo: ``apply(model, "sliding_window", window=64)``,
     ``apply(model, plan)`` (see :mod:`attnzoo.hf.plan`) or ``apply(model, attnzoo.plan.load("plan.json"))``
     (a plan file, checked against the model's shapes). Returns the model (modified in place).
+
+    ``decode`` says how generation steps (at most 16 queries against a longer cache) run:
+    ``"auto"`` runs a dynamic sparse method's steps as exact attention (its estimate reads every key, so
+    one query cannot pay for it; the prompt still runs the method), ``"dense"`` every non-exact method's,
+    ``"method"`` keeps the method on every call. :func:`decode_route` says which a model does.
 
     Re-applying replaces the previous plan; :func:`remove` restores the original attention.
     Parameters of a layer's methods may also be passed per call: ``model(**inputs, window=32)``.
     """
     check_transformers_version()
+    check_decode(decode)
     if isinstance(method, PlanFile):
         method.check_model(model)
         method = method.apply_plan()
@@ -101,8 +109,10 @@ def apply(model: PreTrainedModel, method: str | Mapping = "exact", **params: Any
     register()
     original = getattr(model, _ORIGINAL_ATTR, model.config._attn_implementation)
     for spec in specs:
+        step = decode_spec(spec, decode)
         for m in layers[spec.layer]:
             setattr(m, SPEC_ATTR, spec)
+            setattr(m, STEP_ATTR, step)
     model.set_attn_implementation(ATTN_NAME)
     if model.config._attn_implementation != ATTN_NAME:
         _clear(model, layers)
@@ -124,7 +134,7 @@ def _check_mode(spec: plans.LayerSpec, causal: bool) -> None:
 def _clear(model: PreTrainedModel, layers: dict[int, list[torch.nn.Module]]) -> None:
     for ms in layers.values():
         for m in ms:
-            for attr in (SPEC_ATTR, SCAN_ATTR):
+            for attr in (SPEC_ATTR, STEP_ATTR, SCAN_ATTR):
                 m.__dict__.pop(attr, None)
 
 
@@ -147,6 +157,18 @@ def layer_plan(model: PreTrainedModel) -> list[plans.LayerSpec]:
     if not is_applied(model):
         raise AttnZooError(f"model: attnzoo was not applied to this {type(model).__name__}")
     return [ms[0].__dict__[SPEC_ATTR] for _, ms in sorted(attention_layers(model).items())]
+
+
+def decode_route(model: PreTrainedModel) -> str:
+    """How the applied plan runs generation steps (see :func:`apply`'s ``decode``): ``"dense"`` (every layer's
+    steps are exact attention), ``"method"`` (every layer's steps run its plan's methods, some non-exact) or
+    ``"mixed"``."""
+    if not is_applied(model):
+        raise AttnZooError(f"model: attnzoo was not applied to this {type(model).__name__}")
+    layers = [ms[0].__dict__ for _, ms in sorted(attention_layers(model).items())]
+    if all(g.method.name in _EXACT for m in layers for g in m[STEP_ATTR].groups):
+        return "dense"
+    return "method" if all(m[STEP_ATTR] is m[SPEC_ATTR] for m in layers) else "mixed"
 
 
 @torch.no_grad()

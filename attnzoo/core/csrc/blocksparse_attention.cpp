@@ -177,15 +177,10 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
     a.out = out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>();
     a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
-    for (int i = 0; i < 3; ++i) {
-      a.qs[i] = q.stride(i);
-      a.ks[i] = k.stride(i);
-      a.vs[i] = v.stride(i);
-      a.os[i] = out.stride(i);
-    }
-    // BLAS needs leading dimensions of at least a row (a single row's stride is arbitrary)
-    a.ks[2] = Nk > 1 ? k.stride(2) : D, a.vs[2] = Nk > 1 ? v.stride(2) : Dv;
-    TORCH_CHECK(a.ks[2] >= D && a.vs[2] >= Dv, "blocksparse_attention: rows must not overlap");
+    attnzoo_flash::operand_strides(q, D, a.qs, "blocksparse_attention", "q");
+    attnzoo_flash::operand_strides(k, D, a.ks, "blocksparse_attention", "k");
+    attnzoo_flash::operand_strides(v, Dv, a.vs, "blocksparse_attention", "v");
+    attnzoo_flash::operand_strides(out, Dv, a.os, "blocksparse_attention", "out");
     a.Bl = blocks.size(0), a.Hl = blocks.size(1), a.nqb = blocks.size(2), a.S = blocks.size(3);
     a.block_q = block_q, a.block_k = block_k, a.heads = heads;
     a.scale = static_cast<scalar_t>(scale);

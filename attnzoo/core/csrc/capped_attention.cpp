@@ -26,6 +26,7 @@ namespace {
 using attnzoo_flash::fast_exp;
 using attnzoo_flash::finish_row;
 using attnzoo_flash::gemm;
+using attnzoo_flash::operand_strides;
 using attnzoo_flash::softmax_step;
 
 constexpr int64_t kBlockQ = 64;
@@ -152,17 +153,16 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
     a.out = out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>();
     a.X = X, a.Y = Y, a.Lq = Lq, a.Lk = Lk, a.D = D, a.Dv = Dv;
-    for (int i = 0; i < 3; ++i) {
-      a.qs[i] = q.size(i) == 1 ? 0 : q.stride(i);
-      a.ks[i] = k.size(i) == 1 ? 0 : k.stride(i);
-      a.vs[i] = v.size(i) == 1 ? 0 : v.stride(i);
-      a.os[i] = out.stride(i);
+    operand_strides(q, D, a.qs, "capped_attention", "q");
+    operand_strides(v, Dv, a.vs, "capped_attention", "v");
+    operand_strides(out, Dv, a.os, "capped_attention", "out");
+    if (k_col) {  // K^T's rows (one per feature, Lk long) are the BLAS operand
+      operand_strides(k.transpose(2, 3), Lk, a.ks, "capped_attention", "k (transposed)");
+      a.k_col = a.ks[2];
+    } else {
+      operand_strides(k, D, a.ks, "capped_attention", "k");
+      a.k_col = 0;
     }
-    // BLAS needs leading dimensions of at least a row (a single row's stride is arbitrary)
-    a.qs[2] = Lq > 1 ? q.stride(2) : D, a.ks[2] = Lk > 1 ? k.stride(2) : D, a.vs[2] = Lk > 1 ? v.stride(2) : Dv;
-    a.k_col = k_col ? k.stride(3) : 0;
-    TORCH_CHECK(a.qs[2] >= D && (k_col ? a.k_col >= Lk : a.ks[2] >= D) && a.vs[2] >= Dv,
-                "capped_attention: rows must not overlap");
     a.scale = static_cast<scalar_t>(scale);
     a.cap = static_cast<scalar_t>(cap);
     a.causal = causal;

@@ -1,6 +1,9 @@
-// Pieces shared by attnzoo's flash-style CPU extensions (capped_attention.cpp, blocksparse_attention.cpp):
-// BLAS GEMMs (libtorch_cpu exports sgemm_/dgemm_, MKL) and a vectorisable exp.
+// Pieces shared by attnzoo's flash-style CPU extensions (capped_attention.cpp, blocksparse_attention.cpp,
+// mass_attention.cpp): the operands' strides for BLAS, BLAS GEMMs (libtorch_cpu exports sgemm_/dgemm_, MKL), a
+// vectorisable exp and the online-softmax step.
 #pragma once
+
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +19,17 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 }
 
 namespace attnzoo_flash {
+
+// the strides (x, y, row) of a 4-D operand whose rows (dim 2) of `row` elements have a unit last stride, as the
+// kernels index it: a size-1 dimension's stride is 0 (it is only ever indexed at 0; broadcast views may carry
+// any stride there), and the row stride is a BLAS leading dimension: at least a row (a lone row's own stride is
+// arbitrary, so it becomes `row`). Refuses rows that overlap (an expanded or too-narrow row stride).
+inline void operand_strides(const at::Tensor& t, int64_t row, int64_t s[3], const char* op, const char* name) {
+  for (int i = 0; i < 2; ++i) s[i] = t.size(i) == 1 ? 0 : t.stride(i);
+  s[2] = t.size(2) > 1 ? t.stride(2) : row;
+  TORCH_CHECK(s[2] >= row, op, ": the rows of ", name, " must not overlap (row stride ", t.stride(2), " < ", row,
+              ")");
+}
 
 // column-major C (m x n) = op(A) (m x k) * B (k x n) + beta * C
 inline void gemm(char ta, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta, float* c,

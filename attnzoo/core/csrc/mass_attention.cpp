@@ -161,15 +161,10 @@ std::vector<at::Tensor> mass_attention(const at::Tensor& q, const at::Tensor& k,
     a.lse = lse.data_ptr<scalar_t>();
     a.mass = mass.data_ptr<scalar_t>();
     a.X = X, a.Y = Y, a.Lq = Lq, a.Lk = Lk, a.D = D, a.Dv = Dv;
-    for (int i = 0; i < 3; ++i) {
-      a.qs[i] = q.stride(i);
-      a.ks[i] = k.stride(i);
-      a.vs[i] = v.stride(i);
-      a.os[i] = out.stride(i);
-    }
-    // BLAS needs leading dimensions of at least a row (a single row's stride is arbitrary)
-    a.qs[2] = Lq > 1 ? q.stride(2) : D, a.ks[2] = Lk > 1 ? k.stride(2) : D, a.vs[2] = Lk > 1 ? v.stride(2) : Dv;
-    TORCH_CHECK(a.qs[2] >= D && a.ks[2] >= D && a.vs[2] >= Dv, "mass_attention: rows must not overlap");
+    operand_strides(q, D, a.qs, "mass_attention", "q");
+    operand_strides(k, D, a.ks, "mass_attention", "k");
+    operand_strides(v, Dv, a.vs, "mass_attention", "v");
+    operand_strides(out, Dv, a.os, "mass_attention", "out");
     a.scale = static_cast<scalar_t>(scale);
     a.causal = causal;
     a.offset = offset;
