@@ -67,6 +67,29 @@ def _mixer_params(items: list[str] | None) -> dict[str, dict]:
     return out
 
 
+def parse_curriculum(items: list[str] | None) -> tuple[tuple[str, tuple], ...]:
+    """``["pairs=8,16,32"]`` -> ``(("pairs", (8, 16, 32)),)``: a task parameter's value per curriculum stage."""
+    from ..checks import parse_params
+
+    out = []
+    for item in items or []:
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise AttnZooError(f"--curriculum: expected NAME=V1,V2,... (a task parameter's value per stage), got {item!r}")
+        out.append((name.strip(), tuple(parse_params([f"{name.strip()}={v}"])[name.strip()]
+                                        for v in values.split(",") if v.strip())))
+    return tuple(out)
+
+
+def lead_up(curriculum: tuple[tuple[str, tuple], ...], name: str, value) -> tuple[tuple[str, tuple], ...]:
+    """The stages of ``curriculum`` whose ``name`` is below ``value`` (a grid column's curriculum leads up to it)."""
+    values = dict(curriculum).get(name)
+    if values is None:
+        return curriculum
+    keep = [i for i, v in enumerate(values) if v < value]
+    return tuple((n, tuple(vs[i] for i in keep)) for n, vs in curriculum) if keep else ()
+
+
 def parse_plan(text: str) -> str | list:
     """``"exact"`` -> ``"exact"``; ``"sliding_window(window=16),exact"`` -> one ``[name, params]`` per layer."""
     from ..checks import parse_params
@@ -110,6 +133,14 @@ def _announce(record: dict) -> None:
         console.print(f"  {escape(what)}: [red]failed[/] {escape(record.get('reason', ''))}")
 
 
+def _log_eval(case: dict, entry: dict) -> None:
+    from .report import mixer_label, setting
+
+    stage = f" stage {entry['stage']}" if case.get("curriculum") else ""
+    console.print(f"    {escape(mixer_label(case))} d={case['d_model']} {escape(setting(case))}{stage} step {entry['step']}: "
+                  f"loss {entry['loss']:.3f}, held-out {entry['metric']:.3f}", highlight=False)
+
+
 @app.command("list")
 def list_tasks() -> None:
     """Print the trained tasks with their parameters, and every mixer name."""
@@ -139,6 +170,11 @@ def train(
     steps: int = typer.Option(2000, min=1), lr: float = typer.Option(3e-3), batch: int = typer.Option(64, min=1),
     eval_size: int = typer.Option(512, min=1), target: float = typer.Option(0.99), seed: int = typer.Option(0),
     patience: int = typer.Option(8, min=1, help="evaluations (every 50 steps) without improvement before stopping"),
+    curriculum: list[str] = typer.Option(None, help="a curriculum: task parameter NAME=V1,V2,... trained on in turn "
+                                                    "before the task itself (repeatable: parameters move together), "
+                                                    "e.g. pairs=8,16,32; see docs/training.md"),
+    stage_steps: int = typer.Option(400, min=1, help="most steps per curriculum stage (part of --steps)"),
+    stage_target: float = typer.Option(0.9, help="held-out accuracy that ends a curriculum stage early"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     out: Optional[Path] = typer.Option(None, help="also append the result to this results folder (skipped when "
@@ -153,7 +189,8 @@ def train(
     torch.set_num_threads(threads)
     try:
         cfg = TrainConfig(d_model=d_model, n_layers=layers, n_heads=heads, conv=conv, steps=steps, lr=lr,
-                          batch=batch, eval_size=eval_size, target=target, seed=seed, patience=patience)
+                          batch=batch, eval_size=eval_size, target=target, seed=seed, patience=patience,
+                          curriculum=parse_curriculum(curriculum), stage_steps=stage_steps, stage_target=stage_target)
         plan, shared = parse_plan(mixer), parse_params(mixer_param)
         if isinstance(plan, list) and len(plan) == 1:  # one entry with parameters: every layer
             plan, shared = plan[0][0], {**plan[0][1], **shared}
@@ -203,8 +240,15 @@ def mqar(
     out: Optional[Path] = typer.Option(None, help=f"results folder (default {RESULTS_ROOT}/mqar-<time>)"),
     resume: bool = typer.Option(False, help="continue the results in --out (default: the latest run)"),
     report: bool = typer.Option(True, help="write report.html next to the results"),
+    curriculum: list[str] = typer.Option(None, help="a curriculum: task parameter NAME=V1,V2,... trained on in turn "
+                                                    "before the task itself (repeatable: parameters move together), "
+                                                    "e.g. pairs=8,16,32 (each column keeps the pair counts below its own); see docs/training.md"),
+    stage_steps: int = typer.Option(400, min=1, help="most steps per curriculum stage (part of --steps)"),
+    stage_target: float = typer.Option(0.9, help="held-out accuracy that ends a curriculum stage early"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     seed: int = typer.Option(0),
+    log_evals: bool = typer.Option(False, help="print every held-out evaluation (a line per 50 steps; for logs of "
+                                               "long runs)"),
 ) -> None:
     """Zoology's MQAR: accuracy of a 2-layer model per mixer × model dimension × number of pairs.
 
@@ -225,13 +269,15 @@ def mqar(
             raise AttnZooError(f"task mqar: --mixers expected at least one name, got {mixers!r}")
         cfg = TrainConfig(n_layers=layers, n_heads=heads, lr=lr, seed=seed, patience=patience or preset["patience"],
                           steps=steps or preset["steps"], eval_size=eval_size or preset["eval_size"],
-                          batch=batch or preset["batch"])
+                          batch=batch or preset["batch"], stage_steps=stage_steps, stage_target=stage_target)
+        stages = parse_curriculum(curriculum)
         params = {**MQAR_MIXER_PARAMS}
         for m, ps in _mixer_params(mixer_param).items():
             params[m] = {**params.get(m, {}), **ps}
-        task_grid = [{"pairs": p, "seq_len": seq_len or max(64, 4 * p), "vocab_size": vocab or preset["vocab"]}
-                     for p in pair_list]
-        cases = grid("mqar", mixer_list, dim_list, task_grid, cfg, params)
+        cases = [case for p in pair_list
+                 for case in grid("mqar", mixer_list, dim_list,
+                                  [{"pairs": p, "seq_len": seq_len or max(64, 4 * p), "vocab_size": vocab or preset["vocab"]}],
+                                  dataclasses.replace(cfg, curriculum=lead_up(stages, "pairs", p)), params)]
         if out is None:
             runs = sorted(RESULTS_ROOT.glob("mqar-*/results.jsonl"), key=lambda p: p.stat().st_mtime)
             if resume and not runs:
@@ -239,9 +285,10 @@ def mqar(
             out = runs[-1].parent if resume else RESULTS_ROOT / f"mqar-{dt.datetime.now():%Y%m%d-%H%M%S}"
         console.print(f"MQAR ({'full' if full else 'quick'} preset): {len(cases)} models ({len(mixer_list)} mixers × "
                       f"{len(dim_list)} dims × {len(pair_list)} pair counts) -> {out}")
-        run_sweep(cases, out, resume=resume, on_case=_announce,
+        run_sweep(cases, out, resume=resume, on_case=_announce, on_eval=_log_eval if log_evals else None,
                   suite={"preset": "full" if full else "quick", "mixers": mixer_list, "dims": list(dim_list),
-                         "pairs": list(pair_list), **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "d_model"}})
+                         "pairs": list(pair_list), **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "d_model"},
+                         "curriculum": {k: list(v) for k, v in stages}})
     except AttnZooError as e:
         raise _fail(e) from None
     from .sweep import load_cases

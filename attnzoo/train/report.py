@@ -18,12 +18,14 @@ SETTING = {"mqar": "pairs", "listops": "max_depth", "retrieval": "seq_len", "pas
 
 
 def setting(case: dict) -> str:
-    """The short label of a case's task setting, e.g. ``pairs=32`` (every task parameter otherwise)."""
+    """The short label of a case's task setting, e.g. ``pairs=32`` (every task parameter otherwise), with its
+    curriculum, if any: ``pairs=64 (curriculum pairs=8,16,32)`` (a column of its own: another training recipe)."""
     tp = case["task_params"]
     key = SETTING.get(case["task"])
-    if key in tp:
-        return f"{key}={tp[key]}"
-    return ",".join(f"{k}={v}" for k, v in sorted(tp.items())) or "default"
+    label = f"{key}={tp[key]}" if key in tp else ",".join(f"{k}={v}" for k, v in sorted(tp.items())) or "default"
+    if case.get("curriculum"):
+        label += " (curriculum " + " ".join(f"{k}={','.join(map(str, v))}" for k, v in case["curriculum"].items()) + ")"
+    return label
 
 
 def mixer_label(case: dict) -> str:
@@ -69,7 +71,7 @@ def markdown_table(cases: list[dict], task: str) -> str:
 
 def _order(label: str):
     try:
-        return (0, float(label.split("=", 1)[1]))
+        return (0, float(label.split("=", 1)[1].split()[0]))
     except (IndexError, ValueError):
         return (1, label)
 

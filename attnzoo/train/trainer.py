@@ -103,14 +103,16 @@ def fit(model: nn.Module, train: Iterable, held_out: Sequence, *, steps: int = 1
         weight_decay: float = 0.1, warmup: int = 50, grad_clip: float = 1.0, eval_every: int = 50,
         patience: int = 8, target: float | None = None, loss: Callable = token_loss,
         metric: Callable = token_accuracy, seed: int = 0, progress: bool = True, desc: str = "training",
-        extra_loss: Callable[[nn.Module], torch.Tensor | float] | None = aux_loss) -> FitResult:
+        extra_loss: Callable[[nn.Module], torch.Tensor | float] | None = aux_loss,
+        on_eval: Callable[[dict], None] | None = None) -> FitResult:
     """Train ``model`` in place with AdamW (linear warm-up, cosine decay), evaluating every ``eval_every`` steps.
 
     Stops at ``steps``, when the held-out metric reaches ``target``, when it has
     not improved for ``patience`` evaluations, or when ``train`` runs out (a
     Sequence is cycled). The best evaluated weights are loaded back. ``extra_loss(model)``
     adds an auxiliary term after each forward (default :func:`aux_loss`: the layers' own
-    distillation and load-balancing losses; None for none).
+    distillation and load-balancing losses; None for none). ``on_eval`` receives each
+    evaluation's history entry as it happens (for logs of long runs).
     """
     for name, value, lo in (("steps", steps, 1), ("eval_every", eval_every, 1), ("patience", patience, 1),
                             ("warmup", warmup, 0)):
@@ -160,6 +162,8 @@ def fit(model: nn.Module, train: Iterable, held_out: Sequence, *, steps: int = 1
             if step % eval_every == 0 or step == steps:
                 score = evaluate(model, held_out, metric)
                 history.append({"step": step, "loss": running, "metric": score})
+                if on_eval is not None:
+                    on_eval(history[-1])
                 if score > best:
                     best, best_step, stale = score, step, 0
                     best_state = copy.deepcopy(model.state_dict())
