@@ -259,6 +259,8 @@ class Retrieval(TrainedTask):
 
     Token ids: 0 SEP, 1 marker, 2.. code tokens, then filler. Negatives' codes differ in
     exactly one position, so deciding needs every code token compared across the halves.
+    With ``close`` a second SEP ends the second document: the token the class is read at is then
+    the same at every length (a curriculum over ``seq_len`` keeps what the model learned to ask there).
     """
 
     name: ClassVar[str] = "retrieval"
@@ -268,6 +270,7 @@ class Retrieval(TrainedTask):
     code_len: int = param(2, min=1, max=8, help="tokens per planted code")
     code_vocab: int = param(8, min=2, max=64, help="distinct code tokens")
     filler_vocab: int = param(32, min=1, help="distinct filler tokens")
+    close: bool = param(False, help="end the second document with a SEP too (the last token, where the class is read)")
 
     @property
     def vocab(self) -> int:
@@ -276,8 +279,9 @@ class Retrieval(TrainedTask):
     n_out: ClassVar[int] = 2
 
     def validate(self) -> None:
-        if self.seq_len < 2 * (self.code_len + 1) + 1:
-            raise AttnZooError(f"retrieval: seq_len expected >= {2 * (self.code_len + 1) + 1}, got {self.seq_len}")
+        least = 2 * (self.code_len + 1) + 1 + self.close
+        if self.seq_len < least:
+            raise AttnZooError(f"retrieval: seq_len expected >= {least}, got {self.seq_len}")
 
     def tensors(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         _check_n(self.name, n)
@@ -296,7 +300,10 @@ class Retrieval(TrainedTask):
         second = torch.where(labels[:, None].bool(), code, other)
         span = c + 1
         at1 = torch.randint(half - span + 1, (n,), generator=g)
-        at2 = half + 1 + torch.randint(self.seq_len - half - 1 - span + 1, (n,), generator=g)
+        end = self.seq_len - self.close  # the second document is [half + 1, end)
+        if self.close:
+            inputs[:, end] = 0
+        at2 = half + 1 + torch.randint(end - half - 1 - span + 1, (n,), generator=g)
         offs = torch.arange(span)
         inputs[rows[:, None], at1[:, None] + offs] = torch.cat([torch.ones(n, 1, dtype=torch.long), code], 1)
         inputs[rows[:, None], at2[:, None] + offs] = torch.cat([torch.ones(n, 1, dtype=torch.long), second], 1)

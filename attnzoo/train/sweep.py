@@ -59,6 +59,7 @@ def make_case(task: str, task_params: dict, mixer: str, mixer_params: dict, cfg:
             **dataclasses.asdict(cfg)}
     if cfg.curriculum:
         case["curriculum"] = {name: list(values) for name, values in cfg.curriculum}
+        stages(case)  # a malformed curriculum fails here, before any training
     else:
         for name in CURRICULUM_FIELDS:
             del case[name]
