@@ -236,3 +236,16 @@ def test_curriculum_solves_what_the_same_budget_does_not():
     plain, staged = run(()), run((("pairs", (4,)),))
     assert plain["accuracy"] < 0.5 and plain["stopped"] == "steps"
     assert staged["accuracy"] >= 0.99 and staged["stopped"] == "target" and staged["stages"][0]["pairs"] == 4
+
+
+def test_retrieval_close_ends_with_a_separator_and_keeps_the_plain_task():
+    """``close`` adds a SEP as the last token; without it the generator's draws are unchanged."""
+    task = make_task("retrieval", seq_len=40, code_len=2, code_vocab=4, close=True)
+    x, y = task.tensors(64, seed=3)
+    assert (x[:, -1] == 0).all() and ((x == 0).sum(1) == 2).all() and ((x == 1).sum(1) == 2).all()
+    assert torch.equal(task.answer(x), y)
+    plain = make_task("retrieval", seq_len=40, code_len=2, code_vocab=4)
+    assert torch.equal(plain.tensors(64, seed=3)[1], y)  # the same labels from the same seed
+    make_task("retrieval", seq_len=19, code_len=8)
+    with pytest.raises(AttnZooError, match="seq_len expected >= 20"):
+        make_task("retrieval", seq_len=19, code_len=8, close=True)
