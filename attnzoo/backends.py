@@ -274,13 +274,23 @@ def _flex_check(m, case: Case) -> list[str]:
     return _own_layouts(m, case)
 
 
-def _flex_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, **_):
+def _flex_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
+    """The method's layouts (a dynamic method selects on the modified scores) on FlexAttention, merged by lse;
+    ``score_mod`` is FlexAttention's own (any function; sinks are merged after the call by the method)."""
     from .core.partial import Partial, merge
     from .kernels.flex import flex_layout_attention
     parts = [Partial(*flex_layout_attention(q, k, v, lay, scale=prob.scale, causal=causal,
-                                            key_padding_mask=key_padding_mask))
-             for lay in _layouts(m, q, k, prob, causal, key_padding_mask)]
+                                            key_padding_mask=key_padding_mask, score_mod=score_mod))
+             for lay in _layouts(m, q, k, prob, causal, key_padding_mask, score_mod)]
     return merge(*parts)
+
+
+def _flex_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, **_):
+    """Exact attention on FlexAttention: the layout of every key block (:func:`~attnzoo.kernels.flex.dense_layout`)."""
+    from .kernels.flex import dense_layout, flex_layout_attention
+    lay = dense_layout(q.shape[2], k.shape[2], causal=causal, device=q.device)
+    return flex_layout_attention(q, k, v, lay, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
+                                 score_mod=score_mod)
 
 
 def _runners() -> dict[str, list[Runner]]:
@@ -300,7 +310,8 @@ def _runners() -> dict[str, list[Runner]]:
                 Runner(LayoutMethod, _own_layouts, _triton_layouts, mods=True, sinks=True),
                 Runner(Sage, _sage_check, _triton_sage),
             ],
-            "flex": [Runner(LayoutMethod, _flex_check, _flex_layouts)],
+            "flex": [Runner(Exact, lambda m, c: [], _flex_exact), Runner(ExactTiled, lambda m, c: [], _flex_exact),
+                     Runner(LayoutMethod, _flex_check, _flex_layouts)],
         }
         _RUNNERS["triton"] += _linear_runners()
     return _RUNNERS
@@ -360,7 +371,14 @@ def _verdict(method, backend: str, case: Case) -> tuple[list[str], Runner | None
 
 
 def _flex_common(case: Case) -> list[str]:
-    why = _device_reasons(case, "flex") + _score_mod(case)
+    """FlexAttention runs on CUDA (compiled) and on CPU (eager, forward only for q, k, v: its CPU backward is
+    missing); any score_mod is its own (gradients reach the tensors the mod closes over)."""
+    why = []
+    if case.q.device.type not in ("cuda", "cpu"):
+        why.append(f"inputs are on {case.q.device.type}; the flex backend needs CUDA or CPU tensors")
+    if case.q.device.type == "cpu" and case.grad:
+        why.append("gradients to q, k, v on CPU (FlexAttention has no CPU backward; the tensors a score_mod "
+                   "closes over do get theirs)")
     if getattr(torch.nn.attention, "flex_attention", None) is None and \
             importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         why.append("this torch has no FlexAttention (torch >= 2.5)")
@@ -436,6 +454,8 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
             note = torch_mod_note(score_mod)
         elif score_mod is not None and b == "triton":
             note = "score_mod as a kernel specialisation (ALiBi slopes / relative table / softcap, fwd and bwd)"
+        elif b == "flex" and q.device.type == "cpu":
+            note = "eager FlexAttention on CPU: forward only, each call materialises its scores"
         rows.append(Verdict(b, not why, tuple(why), note))
     auto = "torch" if choose(m, "auto", case) is None else "triton"
     picked = next(r for r in rows if r.backend == auto)
@@ -504,7 +524,7 @@ def describe() -> list[tuple[str, str, str]]:
     trit = ("ready" if cuda and not missing else
             missing or ("CPU tensors only, under TRITON_INTERPRET=1 (no CUDA device)" if _interpreted()
                         else "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU tensors, slowly)"))
-    flex = "ready" if cuda else "no CUDA device"
+    flex = "ready" if cuda else "CPU tensors only: eager FlexAttention, forward only (no CUDA device)"
     names = {b: _method_names(b) for b in ("triton", "flex")}
     return [("torch", "every method", "ready"),
             ("triton", names["triton"], trit),

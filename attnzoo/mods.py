@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from .core.scoremod import BiasSum, DistanceBias, ScoreMod, Softcap, check_score_mod, with_sinks
+from .core.scoremod import BiasSum, DistanceBias, ScoreMod, Softcap, check_score_mod, functional, with_sinks
 from .errors import AttnZooError
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "and_masks", "compose", "or_masks", "relative_bias", "softcap",
@@ -66,7 +66,7 @@ class _Alibi(DistanceBias):
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         slope, dist = self.slopes[h].to(score.dtype), (kv_idx - q_idx).to(score.dtype)
-        return score + slope * dist if _needs_graph(score, self.slopes) else score.addcmul_(slope, dist)
+        return score + slope * dist if functional(score, self.slopes) else score.addcmul_(slope, dist)
 
     def bias(self, dist):
         return self.slopes.double().unsqueeze(-1) * dist.to(self.slopes.device, torch.float64)
@@ -99,16 +99,11 @@ class _RelativeBias(DistanceBias):
     def __call__(self, score, b, h, q_idx, kv_idx):
         rel = (kv_idx - q_idx).clamp(-self.radius, self.radius) + self.radius
         bias = (self.table[h, rel] if self.table.dim() == 2 else self.table[rel]).to(score.dtype)
-        return score + bias if _needs_graph(score, self.table) else score.add_(bias)
+        return score + bias if functional(score, self.table) else score.add_(bias)
 
     def bias(self, dist):
         rows = self.table.view(-1, self.table.shape[-1])
         return rows[:, dist.to(rows.device).clamp(-self.radius, self.radius) + self.radius]
-
-
-def _needs_graph(score: torch.Tensor, *tensors: torch.Tensor) -> bool:
-    """Whether autograd records this call (else the helpers update the engine's scores in place)."""
-    return torch.is_grad_enabled() and (score.requires_grad or any(t.requires_grad for t in tensors))
 
 
 def compose(*score_mods: ScoreMod) -> ScoreMod:

@@ -29,8 +29,9 @@ def test_explicit_backend_that_cannot_run_raises_with_its_reasons():
         az.attention(q, k, v, backend="triton")
     with pytest.raises(az.UnsupportedError, match=r"'naive' cannot run on backend 'triton': no triton implementation"):
         az.attention(q, k, v, method="naive", backend="triton")
-    with pytest.raises(az.UnsupportedError, match=r"backend 'flex': inputs are on cpu; the flex backend needs CUDA"):
-        az.attention(q.float(), k.float(), v.float(), method="sliding_window", window=8, backend="flex")
+    with pytest.raises(az.UnsupportedError, match=r"backend 'flex': gradients to q, k, v on CPU \(FlexAttention has no"):
+        az.attention(q.float().requires_grad_(), k.float(), v.float(), method="sliding_window", window=8,
+                     backend="flex")
 
 
 def test_explain_lists_every_backend_with_reasons():
@@ -76,6 +77,48 @@ def test_flex_block_mask_of_a_layout_equals_the_engine(causal):
                 # fp32 flex against a float64 reference: eager flex keeps lse in base 2 and converts, so its lse
                 # differs by up to ~5e-5 at |lse| ~ 4 on some CPUs (CI saw 5.1e-5); 2e-4 bounds that with margin.
                 assert_matches(got[0].double(), got[1].double(), *want, tol=2e-4)
+
+
+@pytest.mark.parametrize("method, params", [("exact", {}), pytest.param("sliding_window", {"window": 12},
+                                                                         marks=pytest.mark.slow),
+                                            ("block_topk", {"block": 8, "topk": 2})])
+def test_flex_runs_any_score_mod_and_sinks_like_the_dense_reference(method, params):
+    """The flex backend on CPU (eager FlexAttention, float64): built-in mods, their composition and a user
+    function at attnzoo's bottom-right aligned positions (Nq < Nk), GQA, key padding, sinks merged after the
+    call; values and lse against the torch engines in float64 (the dense reference for exact; the same layouts,
+    selected on the modified scores, for block_topk), the learnable table's gradient too."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Nq, Nk = 2, 4, 2, 40, 56
+    q, k, v = (torch.randn(B, h, n, 16, generator=g, dtype=torch.float64) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
+    pad = torch.rand(B, Nk, generator=g) > 0.2
+    table = torch.randn(Hq, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    sinks = torch.randn(Hq, generator=g, dtype=torch.float64)
+    mods = az.mods
+    cases = [mods.alibi(mods.alibi_slopes(Hq).double()), mods.softcap(3.0), mods.relative_bias(table),
+             mods.compose(mods.relative_bias(table), mods.alibi(torch.rand(Hq, generator=g).double()),
+                          mods.softcap(4.0)),
+             lambda s, b, h, qi, ki: torch.tanh(s / 5) * 5 - 0.05 * (qi - ki).abs() * (h + 1) + 0.1 * b]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager flex warns that it materialises the scores
+        for mod in cases:
+            for mask, sink in ((None, None), (pad, sinks)):
+                got = az.attention(q, k, v, method=method, causal=True, score_mod=mod, key_padding_mask=mask,
+                                   sinks=sink, return_lse=True, backend="flex", **params)
+                want = az.attention(q, k, v, method=method, causal=True, score_mod=mod, key_padding_mask=mask,
+                                    sinks=sink, return_lse=True, backend="torch", **params)
+                # FlexAttention's lse goes through base 2 with a float32 constant: ~6e-8 relative even in float64,
+                # and the sink merge carries that into the values; without sinks the values agree to 1e-10
+                assert_matches(*got, *want, tol=1e-6)
+                if sink is None:
+                    torch.testing.assert_close(got[0], want[0], atol=1e-10, rtol=1e-10)
+        grads = [torch.autograd.grad(az.attention(q, k, v, method=method, causal=True, backend=b, **params,
+                                                  score_mod=mods.relative_bias(table)).square().sum(), table)[0]
+                 for b in ("flex", "torch")]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)
+    assert grads[0].abs().sum() > 0
+    row = next(r for r in az.explain(method, q, k, v, causal=True, score_mod=cases[-1], **params)
+               if r.backend == "flex")
+    assert row.runs and "eager FlexAttention" in row.note, str(row)
 
 
 def test_triton_takes_built_in_mods_and_names_what_it_refuses():

@@ -58,6 +58,14 @@ def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> Par
     return merge(Partial(out, lse), Partial(torch.zeros_like(out), sink_lse))
 
 
+def functional(score: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Whether a helper mod must leave ``score`` unchanged (else it updates the engine's scores in place, which
+    saves a pass): autograd records the call, or a compiler traces it (FlexAttention traces a score_mod even on
+    its eager path)."""
+    return torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (score.requires_grad or any(t.requires_grad for t in tensors)))
+
+
 class DistanceBias(ABC):
     """A score_mod adding a bias that depends only on the query head and the distance ``kv_idx - q_idx``:
     ``score + bias[h, kv_idx - q_idx]`` (ALiBi, relative-position tables, their sums; :mod:`attnzoo.mods`).
@@ -106,7 +114,7 @@ class Softcap:
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         cap = self.cap
-        return torch.tanh(score / cap) * cap if score.requires_grad else score.div_(cap).tanh_().mul_(cap)
+        return torch.tanh(score / cap) * cap if functional(score) else score.div_(cap).tanh_().mul_(cap)
 
     def __repr__(self) -> str:
         return f"softcap({self.cap})"

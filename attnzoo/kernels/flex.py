@@ -7,7 +7,15 @@ that is the layout's ``mask_mod`` ∧ bottom-right causal ∧ key padding ∧ me
 in the layout (FlexAttention's eager path evaluates only the mask_mod). Block
 masks are cached on reused (static) layouts and the compiled kernel once per
 process (``torch.compile`` caches one kernel per mask_mod and shape). Token
-layouts have no FlexAttention form (it reads whole key blocks).
+layouts have no FlexAttention form (it reads whole key blocks). Exact attention
+is the layout of every key block (:func:`dense_layout`).
+
+A ``score_mod`` (attnzoo's convention, :mod:`attnzoo.mods`) goes to FlexAttention
+as its own ``score_mod``, with the query index moved to attnzoo's bottom-right
+aligned position; FlexAttention traces it (also on its eager CPU path, so the
+helpers never update the scores in place there) and gives gradients to the tensors
+it closes over. On CPU FlexAttention is forward-only for q, k, v, and its compiled
+CPU kernel returns no lse, so it runs eagerly there (scores materialised per call).
 """
 
 from __future__ import annotations
@@ -94,8 +102,32 @@ def block_mask(layout: BlockLayout, *, batch: int, heads_q: int, heads_kv: int, 
                                     seq_lengths=(layout.len_q, layout.len_k))
 
 
-def flex_layout_attention(q, k, v, layout, *, scale: float, causal: bool, key_padding_mask=None):
-    """``(out, lse)`` of ``layout`` on FlexAttention (compiled on CUDA); rows without keys give ``(0, -inf)``."""
+def dense_layout(len_q: int, len_k: int, *, causal: bool, device, block: int = 128) -> BlockLayout:
+    """Exact attention as a layout: every key block, those a query block can see under ``causal``."""
+    nkb = -(-len_k // block)
+    cols = torch.arange(nkb, device=device)
+    seen = cols.view(1, -1).expand(-(-len_q // block), nkb)
+    if causal:
+        seen = cols * block <= query_block_positions(len_q, len_k, block, device)[1].view(-1, 1)
+    else:
+        seen = torch.ones_like(seen, dtype=torch.bool)
+    return BlockLayout.from_block_mask(seen[None, None], block_q=block, block_k=block, len_q=len_q, len_k=len_k,
+                                       causal=causal)
+
+
+def _positions(score_mod, offset: int):
+    """``score_mod`` with FlexAttention's query index (0-based in q) moved to attnzoo's position ``+ offset``."""
+    if score_mod is None or offset == 0:
+        return score_mod
+
+    def mod(score, b, h, q_idx, kv_idx):
+        return score_mod(score, b, h, q_idx + offset, kv_idx)
+    return mod
+
+
+def flex_layout_attention(q, k, v, layout, *, scale: float, causal: bool, key_padding_mask=None, score_mod=None):
+    """``(out, lse)`` of ``layout`` on FlexAttention (compiled on CUDA), ``score_mod`` applied to its scores;
+    rows without keys give ``(0, -inf)``."""
     if isinstance(layout, TokenLayout):
         raise UnsupportedError("flex: token layouts (FlexAttention reads whole key blocks; use backend='triton')")
     B, Hq, Nq, _ = q.shape
@@ -109,7 +141,8 @@ def flex_layout_attention(q, k, v, layout, *, scale: float, causal: bool, key_pa
         bm = block_mask(layout, batch=B, heads_q=Hq, heads_kv=Hkv, causal=causal, key_padding_mask=key_padding_mask)
         if cache is not None:
             cache[key] = bm
-    out, lse = _compiled()(q, k, v, block_mask=bm, scale=scale, enable_gqa=Hq != Hkv, return_lse=True)
+    out, lse = _compiled()(q, k, v, score_mod=_positions(score_mod, Nk - Nq), block_mask=bm, scale=scale,
+                           enable_gqa=Hq != Hkv, return_lse=True)
     lse = lse.float()
     empty = ~torch.isfinite(lse) | (lse < -1e30)
     return out.masked_fill(empty.unsqueeze(-1), 0), lse.masked_fill(empty, float("-inf"))
