@@ -547,10 +547,11 @@ def _is_layout_only(cls) -> bool:
 
 
 def run(runner: Runner, method, q, k, v, prob, *, causal, key_padding_mask, return_lse, inputs):
-    """Run ``runner``; the output in q's dtype and the lse in fp32 (as the torch path returns them)."""
+    """Run ``runner``; the output in q's dtype and the lse in fp32, or fp64 for fp64 inputs (as the torch path
+    returns them)."""
     out, lse = runner.run(method, q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
                           return_lse=return_lse, **inputs)
-    return out.to(q.dtype), (None if lse is None else lse.float())
+    return out.to(q.dtype), (None if lse is None else lse.to(torch.promote_types(lse.dtype, torch.float32)))
 
 
 __all__ = ["BACKENDS", "Verdict", "auto_triton", "choose", "describe", "explain"]

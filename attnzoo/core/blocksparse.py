@@ -540,7 +540,7 @@ def _plan_and_route(q, k, v, layout: Layout, scale: float, causal: bool, q_posit
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(),
-                                                  q_idx=max(0, Nk - 1), kv_idx=0)
+                                                  q_idx=max(0, Nk - 1), kv_idx=0, span=(1 - Nk, Nq - 1))
     plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
                  q_positions=q_positions, device=q.device, mod=hook)
     fused = fused_applies(q, v, q_positions) and (hook is None or hook.distance is not None or (

@@ -482,7 +482,8 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         return impl(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, q_offset=q_offset,
                     k_offset=k_offset, **mod)
     hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(), q_idx=q_offset,
-                                                  kv_idx=k_offset)
+                                                  kv_idx=k_offset, span=(k_offset - q_offset - q.shape[2] + 1,
+                                                                         k_offset + k.shape[2] - 1 - q_offset))
     spec = TileSpec(scale, causal, q_offset, k_offset, q_tile, k_tile, hook)
 
     def forward(q, k, v, pad):

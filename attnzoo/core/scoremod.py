@@ -104,6 +104,23 @@ class BiasSum(DistanceBias):
         return total
 
 
+class Within(DistanceBias):
+    """A distance bias evaluated only at the distances ``span = (lo, hi)`` of one call's scores (None: all):
+    the engines' tiles and windows also cover padding, whose distances no visible score has; those take the
+    edge values, so a function defined on the call's positions alone (:func:`attnzoo.mods.positional` indexing
+    its own table) is never called beyond them."""
+
+    def __init__(self, mod: DistanceBias, span: tuple[int, int] | None) -> None:
+        self.mod, self.span = mod, span
+        self.__name__ = getattr(mod, "__name__", type(mod).__name__)
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        return self.mod(score, b, h, q_idx, kv_idx)
+
+    def bias(self, dist):
+        return self.mod.bias(dist if self.span is None else dist.clamp(*self.span))
+
+
 class Softcap:
     """Logit soft-capping ``cap * tanh(score / cap)`` (:func:`attnzoo.mods.softcap`). The tiled engine's
     forward knows it (:attr:`ModHook.cap`): ``1 / cap`` joins the query scale and, every capped score being
@@ -193,11 +210,17 @@ class ModHook:
     """
 
     def __init__(self, score_mod: ScoreMod, *, like: torch.Tensor, grad: bool, q_idx: int = 0,
-                 kv_idx: int = 0) -> None:
+                 kv_idx: int = 0, span: tuple[int, int] | None = None) -> None:
         self.fn = score_mod
-        self.distance = score_mod if isinstance(score_mod, DistanceBias) else None  # fused kernels run it as a mask
+        # fused kernels run a distance bias as a mask, evaluated within the call's distances ``span``
+        self.distance = Within(score_mod, span) if isinstance(score_mod, DistanceBias) else None
         self.cap = score_mod.cap if isinstance(score_mod, Softcap) else None  # the tiled forward folds it in
         self.capped = capped_parts(score_mod)  # (bias | None, cap): the soft-cap extension runs it
+        if self.capped is not None and self.capped[0] is not None:
+            self.capped = Within(self.capped[0], span), self.capped[1]
+        for bias in (self.distance, self.capped[0] if self.capped else None):
+            if bias is not None:
+                _check_rows(bias, like.shape[1], like.device)
         self.captured = captured_tensors(score_mod, like, q_idx, kv_idx) if grad else ()
 
     def scores(self, s: torch.Tensor, b, h, q_idx, kv_idx) -> torch.Tensor:
@@ -269,6 +292,16 @@ def capped_parts(score_mod) -> tuple[DistanceBias | None, float] | None:
             and all(isinstance(p, DistanceBias) for p in parts[:-1])):
         return (parts[0] if len(parts) == 2 else BiasSum(parts[:-1])), parts[-1].cap
     return None
+
+
+def _check_rows(mod: DistanceBias, heads_q: int, device) -> None:
+    """A distance bias must give one row per query head, or one shared row."""
+    with torch.no_grad():
+        rows = mod.bias(torch.zeros(1, dtype=torch.long, device=device)).shape[0]
+    if rows not in (1, heads_q):
+        name = getattr(mod, "__name__", type(mod).__name__)
+        raise AttnZooError(f"score_mod {name}: a distance bias with {rows} head rows (slopes, table rows or heads), "
+                           f"expected {heads_q} (the query heads) or 1")
 
 
 def _accumulate(grads: list, got: tuple) -> None:

@@ -143,6 +143,6 @@ def flex_layout_attention(q, k, v, layout, *, scale: float, causal: bool, key_pa
             cache[key] = bm
     out, lse = _compiled()(q, k, v, score_mod=_positions(score_mod, Nk - Nq), block_mask=bm, scale=scale,
                            enable_gqa=Hq != Hkv, return_lse=True)
-    lse = lse.float()
+    lse = lse.to(torch.promote_types(lse.dtype, torch.float32))
     empty = ~torch.isfinite(lse) | (lse < -1e30)
     return out.masked_fill(empty.unsqueeze(-1), 0), lse.masked_fill(empty, float("-inf"))
