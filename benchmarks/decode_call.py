@@ -6,7 +6,8 @@ round), so every ratio comes from the same stretch of a shared machine's load;
 each row is the minimum over ``--rounds`` rounds. ``× full`` = full's time ÷ the
 row's (bigger is better). Each policy gets ``attnzoo eval``'s parameters for the
 budget fraction ``--budget / --length`` (defaults such as tokenselect's sinks and
-local window scaled down with it). Shapes default to SmolLM2-135M's layers (9 query
+local window scaled down with it). The SDPA row is what the model runs without attnzoo:
+transformers' DynamicCache appends by concatenation and SDPA reads every key (``× SDPA``). Shapes default to SmolLM2-135M's layers (9 query
 heads, 3 KV heads, D=64); ``--heads 32 --heads-kv 8 --dim 128`` is
 benchmarks/decode.py's.
 
@@ -23,11 +24,14 @@ import torch
 from attnzoo.cache import KVCache
 from attnzoo.eval.cases import policy_params
 
+#: the baseline row: transformers' DynamicCache (append by torch.cat) read by SDPA
+SDPA = "SDPA (DynamicCache: cat + SDPA)"
 ROWS = {
     "full": ("full", {}),
     "quest": ("quest", {}),
     "tokenselect (fp32 scores)": ("tokenselect", {}),
     "tokenselect (bf16 scores)": ("tokenselect", dict(score_dtype="bfloat16")),
+    "tokenselect (int8 scores)": ("tokenselect", dict(score_dtype="int8")),
     "infllm": ("infllm", {}),
     "recycled (every 8)": ("recycled", dict(every=8)),
 }
@@ -55,10 +59,15 @@ def main() -> None:
         cache.append(k, v)
         cache.attend(torch.randn(1, Hq, 32, D, generator=g))
         caches[label] = cache
-    best = dict.fromkeys(caches, float("inf"))
+    best = dict.fromkeys([SDPA, *caches], float("inf"))
+    sdpa_kv = k, v
     for _ in range(args.rounds):
         q, kt, vt = torch.randn(1, Hq, 1, D, generator=g), torch.randn(1, Hkv, 1, D, generator=g), \
             torch.randn(1, Hkv, 1, D, generator=g)
+        t0 = time.perf_counter()  # transformers' DynamicCache appends by concatenation, then SDPA reads it all
+        sdpa_kv = torch.cat([sdpa_kv[0], kt], 2), torch.cat([sdpa_kv[1], vt], 2)
+        torch.nn.functional.scaled_dot_product_attention(q, *sdpa_kv, enable_gqa=True)
+        best[SDPA] = min(best[SDPA], time.perf_counter() - t0)
         for label, cache in caches.items():
             t0 = time.perf_counter()
             cache.append(kt, vt)
@@ -66,12 +75,15 @@ def main() -> None:
             best[label] = min(best[label], time.perf_counter() - t0)
     print(f"# decode per attention call: L={L}, budget={args.budget}, Hq={Hq}, Hkv={Hkv}, D={D}, fp32, "
           f"threads={args.threads}, min of {args.rounds} interleaved rounds")
-    print("| policy | ms/call | × full | MiB held | × full held | MiB allocated |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| policy | ms/call | × full | × SDPA | MiB held | × full held | MiB allocated |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    full = caches["full"].nbytes
     for label, t in best.items():
-        held, full = caches[label].nbytes, caches["full"].nbytes
-        print(f"| {label} | {t * 1e3:.2f} | {best['full'] / t:.2f} | {held / 2**20:.1f} | {held / full:.3f} | "
-              f"{caches[label].allocated_nbytes / 2**20:.1f} |")
+        cache = caches.get(label)
+        held = (full, "", "") if cache is None else (cache.nbytes, f"{cache.nbytes / full:.3f}",
+                                                      f"{cache.allocated_nbytes / 2**20:.1f}")
+        print(f"| {label} | {t * 1e3:.2f} | {best['full'] / t:.2f} | {best[SDPA] / t:.2f} | {held[0] / 2**20:.1f} | "
+              f"{held[1]} | {held[2]} |")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ case's (bigger is better).
     python benchmarks/decode_hf.py --lengths 1024,4096
     python benchmarks/decode_hf.py --lengths 4096 --profile   # where the adapter's step goes (cProfile)
     python benchmarks/decode_hf.py --rounds 0 --calls 200     # one layer's attention call alone (less noisy)
+    python benchmarks/decode_hf.py --lengths 8192 --cases prefill=block_topk prefill=block_topk:decode=method \
+        cache=full cache=tokenselect:score_dtype=int8@0.125 cache=quest@0.125   # methods and policies too
 """
 
 from __future__ import annotations
@@ -26,11 +28,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script lives in
 
 import attnzoo.hf as azhf  # noqa: E402
+from attnzoo.eval import cases as C  # noqa: E402
 from attnzoo import models  # noqa: E402
 
 
-def filled_cache(model, length: int, *, attnzoo_cache: bool):
-    """A cache holding ``length`` random tokens in every layer (DynamicCache, or attnzoo's ``full``)."""
+def parse_case(spec: str) -> tuple[str, dict]:
+    """``prefill=NAME[:k=v,..]`` (apply the method; DynamicCache) or ``cache=NAME[:k=v,..]@BUDGET`` (apply exact;
+    attnzoo's cache with the policy, a fractional budget resolved as ``attnzoo eval`` does) -> (label, case)."""
+    kind, _, rest = spec.partition("=")
+    rest, _, budget = rest.partition("@")
+    name, params = C.parse_spec(rest)
+    if kind == "prefill":
+        return spec, dict(apply=(name, params))
+    if kind == "cache":
+        return spec, dict(apply=("exact", {}), policy=(name, params, float(budget) if budget else None))
+    raise SystemExit(f"--cases: expected prefill=... or cache=..., got {spec!r}")
+
+
+def filled_cache(model, length: int, *, attnzoo_cache: bool, policy: tuple | None = None):
+    """A cache holding ``length`` random tokens in every layer (DynamicCache, or attnzoo's cache: ``full`` or
+    ``policy`` = (name, params, budget))."""
     from transformers import DynamicCache
 
     cfg = model.config
@@ -38,21 +55,25 @@ def filled_cache(model, length: int, *, attnzoo_cache: bool):
     gen = torch.Generator().manual_seed(0)
     kv = [(torch.randn(1, heads, length, dim, generator=gen), torch.randn(1, heads, length, dim, generator=gen))
           for _ in range(cfg.num_hidden_layers)]
-    if not attnzoo_cache:
+    if not attnzoo_cache and policy is None:
         cache = DynamicCache(config=cfg)
         for i, (k, v) in enumerate(kv):
             cache.update(k, v, i)
         return cache
-    cache = azhf.make_cache(model, "full")
+    if policy is None:
+        cache = azhf.make_cache(model, "full")
+    else:
+        name, params, budget = policy
+        cache = azhf.make_cache(model, name, **C.policy_params(name, params, budget, length))
     for layer, (k, v) in zip(cache.layers, kv):
         layer.kv.append(k, v)
     return cache
 
 
 @torch.no_grad()
-def step_time(model, length: int, steps: int, *, attnzoo_cache: bool = False) -> float:
+def step_time(model, length: int, steps: int, *, attnzoo_cache: bool = False, policy: tuple | None = None) -> float:
     """The fastest of ``steps`` one-token decode steps on a cache of ``length`` tokens (after one warm-up step)."""
-    cache = filled_cache(model, length, attnzoo_cache=attnzoo_cache)
+    cache = filled_cache(model, length, attnzoo_cache=attnzoo_cache, policy=policy)
     ids = torch.tensor([[42]])
     model(input_ids=ids, cache=cache, use_cache=True)
     best = float("inf")
@@ -99,6 +120,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--attnzoo-cache", action="store_true", help="also time attnzoo's own full cache")
+    ap.add_argument("--cases", nargs="*", default=[], help="more cases: prefill=NAME[:k=v,..] (e.g. "
+                                                          "prefill=block_topk:decode=method) or "
+                                                          "cache=NAME[:k=v,..]@BUDGET (e.g. cache=quest@0.125)")
     ap.add_argument("--profile", action="store_true", help="cProfile the adapter's steps at the first length")
     ap.add_argument("--calls", type=int, default=0, help="also time one layer's attention call alone, alternating "
                                                          "SDPA and attnzoo, this many calls per length")
@@ -106,28 +130,31 @@ def main() -> None:
     torch.set_num_threads(1)
     model, _ = models.load(args.model)
     model.eval()
-    cases = {"SDPA (DynamicCache)": dict(apply=False), "attnzoo exact (DynamicCache)": dict(apply=True)}
+    exact = ("exact", {})
+    cases = {"SDPA (DynamicCache)": dict(apply=None), "attnzoo exact (DynamicCache)": dict(apply=exact)}
     if args.attnzoo_cache:
-        cases["attnzoo exact (attnzoo full cache)"] = dict(apply=True, attnzoo_cache=True)
+        cases["attnzoo exact (attnzoo full cache)"] = dict(apply=exact, attnzoo_cache=True)
+    cases.update(parse_case(spec) for spec in args.cases)
     lengths = [int(x) for x in args.lengths.split(",")]
     print(f"{args.model}, one decode step, 1 thread, min over {args.steps} steps x {args.rounds} rounds"
           + (f"; one call: min over {args.calls} alternating calls" if args.calls else ""))
-    print(f"{'L':>6}  {'case':36s} {'ms/token':>9} {'x SDPA':>7}")
+    print(f"{'L':>6}  {'case':44s} {'ms/token':>9} {'x SDPA':>7}")
     for length in lengths:
         best = {name: float("inf") for name in cases}
         for _ in range(args.rounds):
             for name, case in cases.items():
                 if case["apply"]:
-                    azhf.apply(model, "exact")
+                    azhf.apply(model, case["apply"][0], **case["apply"][1])
                 try:
                     best[name] = min(best[name], step_time(model, length, args.steps,
-                                                           attnzoo_cache=case.get("attnzoo_cache", False)))
+                                                           attnzoo_cache=case.get("attnzoo_cache", False),
+                                                           policy=case.get("policy")))
                 finally:
                     if case["apply"]:
                         azhf.remove(model)
         base = best["SDPA (DynamicCache)"]
         for name, t in best.items() if args.rounds else ():
-            print(f"{length:>6}  {name:36s} {t * 1e3:9.1f} {base / t:7.2f}", flush=True)
+            print(f"{length:>6}  {name:44s} {t * 1e3:9.1f} {base / t:7.2f}", flush=True)
         if args.calls:
             calls = call_times(model, length, args.calls)
             base = calls["SDPA (DynamicCache)"]

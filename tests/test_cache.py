@@ -224,40 +224,72 @@ def test_tokenselect_reads_sinks_local_and_soft_vote_topk():
     torch.testing.assert_close(lse, ref_lse.float(), atol=TOL, rtol=0)
 
 
-def test_tokenselect_bf16_scoring_is_within_its_bound_of_the_fp32_vote():
-    """The bf16 vote (opt-in) selects a token set whose exact vote is >= exp(-4δ) of the best set's, δ the
-    largest score error bf16 rounding allows (q, k and the product each rounded: 3·2^-8·scale·Σ_d|q_d k_d|):
-    each score moves by <= δ, each head's softmax weight by a factor <= e^{2δ}, so each token the bf16 vote
-    swaps in has an exact vote >= e^{-4δ} of the one it swaps out. The bf16 copy of K is what is scored and
-    counted in nbytes; a bf16 store keeps no copy."""
+def _compact_votes(dt: str, seed: int, error_bound):
+    """tokenselect scoring in ``dt`` next to float32 over 8 decode steps (B=2, 8/2 heads, 1200 keys, D=64): per
+    step, the exact vote's share that each one's selection got of the best set's, and ``e^{-4δ}`` with ``δ``
+    the largest score error ``error_bound(qg, km)`` allows (each score moves by <= δ, each head's softmax weight by
+    a factor <= e^{2δ}, so each token the compact vote swaps in has an exact vote >= e^{-4δ} of the one it swaps
+    out). Yields ``(caches, k)`` first, after the prompt."""
     B, Hq, Hkv, N, D, lo, local, budget = 2, 8, 2, 1200, 64, 4, 16, 128
-    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, D=D, seed=21, dtype=torch.float32)
-    caches = {dt: KVCache("tokenselect", budget=budget, sinks=lo, local=local, threshold=2.0, score_dtype=dt)
-              for dt in ("bfloat16", "float32")}
+    q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, D=D, seed=seed, dtype=torch.float32)
+    caches = {d: KVCache("tokenselect", budget=budget, sinks=lo, local=local, threshold=2.0, score_dtype=d)
+              for d in (dt, "float32")}
     for cache in caches.values():
         cache.append(k[:, :, :N - 8], v[:, :, :N - 8])
-    store = caches["bfloat16"]._layer.store
-    assert torch.equal(store.score_keys(), k[:, :, :N - 8].bfloat16())
-    assert caches["bfloat16"].nbytes - caches["float32"].nbytes == k[:, :, :N - 8].numel() * 2
+    yield caches, k[:, :, :N - 8]
     for t in range(N - 8, N):
         for cache in caches.values():
             cache.append(k[:, :, t:t + 1], v[:, :, t:t + 1])
             cache.attend(q[:, :, t:t + 1])
-        hi = t + 1 - local
         qg = q[:, :, t].double().view(B, Hkv, Hq // Hkv, D) / math.sqrt(D)
-        km = k[:, :, lo:hi].double()
+        km = k[:, :, lo:t + 1 - local].double()
         vote = torch.einsum("bhgd,bhmd->bhgm", qg, km).softmax(-1).sum(dim=(1, 2))  # exact, (B, m)
-        delta = 3 * 2 ** -8 * torch.einsum("bhgd,bhmd->bhgm", qg.abs(), km.abs()).amax()
-        got = {dt: torch.gather(vote, 1, c.policy.ref[1][:, 0] - lo).sum(-1) for dt, c in caches.items()}
-        take = caches["float32"].policy.ref[1].shape[-1]
-        best = vote.topk(take, dim=-1).values.sum(-1)
+        got = {d: torch.gather(vote, 1, c.policy.ref[1][:, 0] - lo).sum(-1) for d, c in caches.items()}
+        best = vote.topk(caches["float32"].policy.ref[1].shape[-1], dim=-1).values.sum(-1)
         torch.testing.assert_close(got["float32"], best)
-        assert bool((got["bfloat16"] >= torch.exp(-4 * delta) * best * (1 - 1e-9)).all())  # the proven bound (~0.68)
-        assert bool((got["bfloat16"] >= 0.999 * best).all())  # measured: >= 0.99996 on this input
+        yield got[dt] / best, torch.exp(-4 * error_bound(qg, km))
+
+
+def test_tokenselect_bf16_scoring_is_within_its_bound_of_the_fp32_vote():
+    """The bf16 vote (opt-in) keeps >= e^{-4δ} of the best set's exact vote, δ the largest score error bf16
+    rounding allows (q, k and the product each rounded: 3·2^-8·scale·Σ_d|q_d k_d|). The bf16 copy of K is what
+    is scored and counted in nbytes; a bf16 store keeps no copy."""
+    steps = _compact_votes("bfloat16", 21, lambda qg, km: 3 * 2 ** -8 * torch.einsum(
+        "bhgd,bhmd->bhgm", qg.abs(), km.abs()).amax())
+    caches, k = next(steps)
+    assert torch.equal(caches["bfloat16"]._layer.store.score_keys()[0], k.bfloat16())
+    assert caches["bfloat16"].nbytes - caches["float32"].nbytes == k.numel() * 2
+    for share, bound in steps:
+        assert bool((share >= bound * (1 - 1e-9)).all())  # the proven bound (~0.68)
+        assert bool((share >= 0.999).all())  # measured: >= 0.99996 on this input
     for dt in ("bfloat16", "float32"):  # no copy of bf16 keys, neither a bf16 nor a wider one
-        half = KVCache("tokenselect", budget=budget, sinks=lo, local=local, score_dtype=dt)
-        half.append(k.bfloat16(), v.bfloat16())
-        assert "ck" not in half._layer.store.buf and half._layer.store.score_keys().dtype == torch.bfloat16
+        half = KVCache("tokenselect", budget=128, sinks=4, local=16, score_dtype=dt)
+        half.append(k.bfloat16(), k.bfloat16())
+        assert "ck" not in half._layer.store.buf and half._layer.store.score_keys()[0].dtype == torch.bfloat16
+
+
+def test_tokenselect_int8_scores_are_within_their_bound_and_select_near_the_exact_vote():
+    """int8 scoring (opt-in): K's int8 codes with a per-token scale (counted in nbytes: a quarter of fp32 K plus
+    4 bytes a token and head), the query quantised the same way. Every score is within
+    quant.product_error_bound of the exact one (checked on the scores themselves), and the vote keeps >= e^{-4δ}
+    of the best set's exact vote (δ: the largest bound)."""
+    steps = _compact_votes("int8", 22, lambda qg, km: quant.product_error_bound(qg.flatten(0, 1),
+                                                                                km.flatten(0, 1)).amax())
+    caches, k = next(steps)
+    codes, scale = caches["int8"]._layer.store.score_keys()
+    assert codes.dtype == torch.int8 and scale.shape == k.shape[:3]
+    assert caches["int8"].nbytes - caches["float32"].nbytes == codes.numel() + scale.numel() * 4
+    assert bool(((codes.float() * scale.unsqueeze(-1) - k).abs() <= scale.unsqueeze(-1) / 2 + 1e-6).all())
+    qg, kk = torch.randn(4, 4, k.shape[-1], generator=torch.Generator().manual_seed(5)), k.flatten(0, 1)
+    got = quant.row_products(qg, codes.flatten(0, 1), scale.flatten(0, 1))
+    exact = qg.double() @ kk.double().transpose(-1, -2)
+    assert bool(((got.double() - exact).abs() <= quant.product_error_bound(qg.double(), kk.double()) * (1 + 1e-5)
+                 + 1e-5).all())
+    worst = 1.0
+    for share, bound in steps:
+        assert bool((share >= bound * (1 - 1e-9)).all())  # the proven bound
+        worst = min(worst, float(share.min()))
+    assert worst >= 0.999, worst  # measured: 0.99990 on this input (the proven bound allows ~0.4)
 
 
 def test_tokenselect_reuses_selection_while_queries_are_similar():

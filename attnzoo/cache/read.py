@@ -54,10 +54,14 @@ def flash_read(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     if q.dtype in (torch.float16, torch.bfloat16):  # as Method.__call__ does: compute in fp32
         q, k, v = q.float(), k.float(), v.float()
     splits = min(splits, n // split_size) if nq == 1 else 1
-    if (nq == 1 and splits <= 1 and valid is None and q.device.type == "cpu" and q.dtype in KERNEL_DTYPES
-            and D == Dv):
-        # a decode step's one query sees every key: one kernel call, the query group folded into rows
-        out, lse = flash_cpu(fold_groups(q, Hkv), k, v, scale=scale)
+    if (nq == 1 and q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and D == Dv
+            and (splits <= 1 or B * Hkv >= torch.get_num_threads())):
+        # a decode step's one query sees every key: one kernel call, the query group folded into rows (no copy
+        # of K per query head), padding an additive mask; on CPU key ranges would only occupy idle threads,
+        # and the (batch, KV head) rows already occupy them all
+        out, lse = flash_cpu(fold_groups(q, Hkv), k, v, scale=scale, mask=None if valid is None else valid[:, :, None])
+        if valid is not None:  # a row whose keys are all padding: (0, -inf) (the kernel gives (0, 0))
+            lse = lse.masked_fill(~valid.any(-1, keepdim=True), -math.inf)
         return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1))
     # each (batch, KV head) one batch row whose query group are its heads: a per-row key mask is padding
     mask = None if valid is None else valid.flatten(0, 1)

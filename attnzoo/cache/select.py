@@ -22,6 +22,7 @@ from ..core.gqa import split_groups
 from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from ..registry import param
+from . import quant
 from .policy import Policy, Step, register_policy
 from .read import mass_read, read_ranges, read_selected, read_units
 from .store import Store
@@ -32,18 +33,24 @@ def _group_queries(q: torch.Tensor, heads_kv: int) -> torch.Tensor:
     return split_groups(q[:, :, -1].float(), heads_kv)
 
 
-def _key_scores(qg: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _key_scores(qg: torch.Tensor, keys: torch.Tensor, dtype: torch.dtype = torch.float32,
+                key_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``q·k`` of the grouped queries ``(B, Hkv, G, D)`` with every key ``(B, Hkv, m, D)``: ``(B, Hkv, G, m)`` fp32.
 
     The product runs in ``dtype`` (keys already in it are read as they are; in
     bfloat16 the CPU's bf16 GEMM reads half the bytes of fp32, its scores
-    rounded to bf16: relative error <= 2^-8).
+    rounded to bf16: relative error <= 2^-8). int8 keys are codes with their
+    per-token ``key_scale (B, Hkv, m)`` (:func:`quant.row_products`: the queries
+    quantised too, one int8 GEMM per (batch, KV head), a quarter of fp32's bytes).
 
     Computed as ``K @ qᵀ``, whose GEMM streams the long key matrix row by row:
     on CPU it runs twice as fast as ``q @ Kᵀ`` (74 vs 151 ms at 128K keys,
     8 KV heads, D=128, one thread), and scoring is most of a selector's step.
     The result is a transposed view (softmax/top-k along its last dim copy once).
     """
+    if keys.dtype == torch.int8:
+        return quant.row_products(qg.flatten(0, 1), keys.flatten(0, 1), key_scale.flatten(0, 1)).view(
+            *qg.shape[:3], -1)
     keys, qt = keys.to(dtype), qg.to(dtype).transpose(-1, -2)
     if dtype == torch.float32:
         return torch.matmul(keys, qt).transpose(-1, -2)
@@ -152,7 +159,12 @@ class TokenSelect(_Select):
     bfloat16 (opt-in: faster, not smaller) keeps a bf16 copy of K when K is
     wider (+1/4 of an fp32 store's K+V bytes, counted in ``nbytes``) and scores
     it with the CPU's bf16 GEMM (measured 6x faster than fp32 at 8K keys, AMX
-    CPU; the vote within its proven bound of the exact one).
+    CPU; the vote within its proven bound of the exact one). int8 (opt-in)
+    keeps int8 codes of K with one fp32 scale per token (+1/8 of fp32 K+V and
+    4 bytes a token and head) and scores them with int8 GEMMs against the
+    query quantised the same way: a quarter of fp32 K's bytes per step, each
+    score within ``|q|₁ s_k/2 + |k|₁ s_q/2 + D s_q s_k/4`` of the exact one
+    (``s = max|x|/127`` per row; :func:`attnzoo.cache.quant.product_error_bound`).
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -163,10 +175,11 @@ class TokenSelect(_Select):
     sinks: int = param(128, min=0, help="initial tokens always read")
     local: int = param(512, min=0, help="most recent tokens always read")
     threshold: float = param(0.9, help="reuse the selection while cos(q, q_ref) >= threshold (> 1: never)")
-    score_dtype: str = param("float32", choices=("float32", "bfloat16"),
+    score_dtype: str = param("float32", choices=("float32", "bfloat16", "int8"),
                              help="dtype the per-step scores of every key are computed in: bfloat16 keeps a bf16 "
                                   "copy of K (+1/4 of fp32 K+V bytes; none if K is bf16) and reads half the bytes "
-                                  "of fp32 per step")
+                                  "of fp32 per step; int8 keeps int8 codes of K with a per-token scale (+1/8 of "
+                                  "fp32 K+V bytes) and reads a quarter")
 
     def make_store(self) -> Store:
         return Store(compact=getattr(torch, self.score_dtype), align=self.unit)
@@ -183,8 +196,8 @@ class TokenSelect(_Select):
             if bool((cos >= self.threshold).all()):
                 self.reused += 1
                 return self.ref[1]
-        dtype = getattr(torch, self.score_dtype)
-        scores = _key_scores(_group_queries(q, Hkv) * step.scale, store.score_keys(lo, hi), dtype)
+        keys, key_scale = store.score_keys(lo, hi)
+        scores = _key_scores(_group_queries(q, Hkv) * step.scale, keys, getattr(torch, self.score_dtype), key_scale)
         vote = torch.softmax(_masked(scores, store, lo, hi), dim=-1).nan_to_num_(0.0).sum(dim=(1, 2))  # (B, m)
         top = torch.topk(vote, take, dim=-1).indices.sort(dim=-1).values + lo
         slots = top.unsqueeze(1).expand(B, Hkv, take).contiguous()

@@ -16,7 +16,9 @@ right after their keys were appended). Buffers:
 * ``ck``: a compact copy of the keys in the ``compact`` dtype (e.g. bfloat16),
   kept only when that is narrower than the keys' dtype and the store is not
   quantised: selectors score every key each step, and a bf16 copy halves
-  the bytes an fp32 score pass reads (:meth:`score_keys`).
+  the bytes an fp32 score pass reads (:meth:`score_keys`); with ``compact=int8``
+  the codes of :func:`attnzoo.cache.quant.encode_rows` (a quarter of fp32 K) plus
+  ``cks``, their per-token scale.
 
 Per-page metadata (``page`` slots a page): channel-wise key ``kmin``/``kmax``,
 updated on append for the touched pages only, recomputed on compaction.
@@ -134,11 +136,14 @@ class Store:
         return quant.decode(*(self.buf[name + s][:, :, start:stop] for s in ("", "_low", "_step")),
                             self.bits, self.group, self.dtype)
 
-    def score_keys(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Keys of slots ``[start, stop)`` for scoring: the compact copy when one is kept, else :meth:`keys`."""
+    def score_keys(self, start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Keys of slots ``[start, stop)`` for scoring and their per-token scale: the compact copy when one is
+        kept (int8 codes come with their scale ``(B, H, m)``; a float copy with None), else :meth:`keys`."""
+        stop = self.n if stop is None else stop
         if "ck" in self.buf:
-            return self.buf["ck"][:, :, start: self.n if stop is None else stop]
-        return self.keys(start, stop)
+            scale = self.buf.get("cks")
+            return self.buf["ck"][:, :, start:stop], None if scale is None else scale[:, :, start:stop]
+        return self.keys(start, stop), None
 
     def gather(self, idx: torch.Tensor, unit: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at slots ``idx (B, H, m)`` (GQA-free: one index list per KV head).
@@ -167,7 +172,10 @@ class Store:
                 quant.check_group(t.shape[-1], self.group, self.bits, "key" if x == "k" else "value")
                 rows[x], rows[x + "_low"], rows[x + "_step"] = quant.encode(t, self.bits, self.group)
         if self.bits is None and self.compact is not None and self.compact.itemsize < k.dtype.itemsize:
-            rows["ck"] = k.to(self.compact)
+            if self.compact == torch.int8:
+                rows["ck"], rows["cks"] = quant.encode_rows(k)
+            else:
+                rows["ck"] = k.to(self.compact)
         rows["pos"] = positions.to(POS_DTYPE).view(1, 1, n).expand(B, H, n)
         if key_mask is not None or "valid" in self.buf:
             if "valid" not in self.buf and self.buf:
