@@ -6,7 +6,7 @@
 >>> sorted(policies())      # every registered policy
 """
 
-from . import evict, heads, select  # noqa: F401  (registering the policies)
+from . import evict, heads, novelty, select  # noqa: F401  (registering the policies)
 from .kvcache import KVCache
 from .policy import Policy, Step, make_policy, policies, register_policy
 from .store import Store
