@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..cache import make_policy
 from ..errors import AttnZooError
 from ..registry import Method, Registry, param
 from . import file
@@ -91,23 +92,45 @@ class SplitCalibrator(Calibrator):
 
     window: int | None = param(None, min=1, help="recent tokens a streaming head keeps (default: half the "
                                                 "budget's tokens, less the sinks)")
+    rest: str = param("streaming", choices=("streaming", "novelty"),
+                      help="what the other heads keep: sinks + window, or as many tokens chosen by the novelty "
+                           "policy (the least duplicated keys: question-agnostic)")
 
     def validate(self) -> None:
         self.allocate(1)  # a budget too small for the streaming heads is refused now
+        self.reduced()
+
+    @property
+    def compensated(self) -> bool:
+        """Whether reduced heads keep a compensation token (streaming heads of a calibrator that keeps one)."""
+        return self.compensation and self.rest == "streaming"
 
     def streaming_window(self) -> int:
         if self.window is not None:
             return self.window
-        return max(1, round(self.budget * self.length / 2) - self.sinks - int(self.compensation))
+        return max(1, round(self.budget * self.length / 2) - self.sinks - int(self.compensated))
+
+    def reduced(self) -> Choice:
+        """What a head that is not full keeps: sinks + window (streaming), or that many tokens by novelty."""
+        window = self.streaming_window()
+        if self.rest == "streaming":
+            return "policy", "streaming", {"sinks": self.sinks, "window": window, "compensation": self.compensated}
+        params = {"budget": self.sinks + window, "sinks": self.sinks, "recent": max(1, min(64, window // 4))}
+        try:
+            make_policy("novelty", **params)
+        except AttnZooError as e:
+            raise AttnZooError(f"calibrator {self.name}: parameter 'window' {window} is too small for rest='novelty' "
+                               f"({e})") from None
+        return "policy", "novelty", params
 
     def allocate(self, heads: int) -> int:
         """How many of ``heads`` KV heads keep the full cache so the mean held share stays within ``budget``."""
-        held = self.sinks + self.streaming_window() + int(self.compensation)
+        held = self.sinks + self.streaming_window() + int(self.compensated)
         tokens = self.budget * self.length
         if held > tokens:
             raise AttnZooError(f"calibrator {self.name}: parameter 'budget' {self.budget} holds {tokens:g} tokens "
                                f"per head at length {self.length}, fewer than a streaming head's sinks + window"
-                               f"{' + 1' if self.compensation else ''} ({held}); raise the budget or lower window")
+                               f"{' + 1' if self.compensated else ''} ({held}); raise the budget or lower window")
         if held >= self.length:
             return heads
         return max(0, min(heads, math.floor(heads * (tokens - held) / (self.length - held) + 1e-9)))
@@ -121,8 +144,7 @@ class SplitCalibrator(Calibrator):
         layers, heads_kv = scores.shape
         top = set(torch.argsort(scores.flatten(), descending=True, stable=True)[:self.allocate(scores.numel())]
                   .tolist())
-        stream = ("policy", "streaming", {"sinks": self.sinks, "window": self.streaming_window(),
-                                          "compensation": self.compensation})
+        stream = self.reduced()
         return [[FULL if i * heads_kv + h in top else stream for h in range(heads_kv)] for i in range(layers)], scores
 
 

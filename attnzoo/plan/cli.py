@@ -102,7 +102,7 @@ def show(path: Path = typer.Argument(..., help="a plan file"),
     table = Table(title=f"{path.name}: {plan.model} ({s['layers']} layers, {s['heads']} heads, {s['heads_kv']} KV "
                         f"heads, head dim {s['head_dim']}); calibrator {cal.get('name', '-')}")
     for col in ("layer", "full KV heads", "streaming KV heads (sinks+window)", "snapkv KV heads (budget)",
-                "method heads"):
+                "novelty KV heads (budget)", "method heads"):
         table.add_column(col)
 
     def heads(groups, policy: str, size) -> str:
@@ -113,7 +113,8 @@ def show(path: Path = typer.Argument(..., help="a plan file"),
         methods = "; ".join(f"{g.method} {list(g.heads)}" for g in groups if g.method)
         table.add_row(str(i), heads(groups, "full", None),
                       heads(groups, "streaming", lambda p: f"{p.get('sinks', 4)}+{p.get('window', 512)}"),
-                      heads(groups, "snapkv", lambda p: p["budget"]), methods)
+                      heads(groups, "snapkv", lambda p: p["budget"]), heads(groups, "novelty", lambda p: p["budget"]),
+                      methods)
     console.print(table)
     console.print(f"KV held at {length} tokens: {plan.kv_fraction(length):.3f} of the full cache"
                   + (f"; calibrated in {cal['seconds']} s" if "seconds" in cal else ""))

@@ -15,7 +15,8 @@ A plan is JSON (``version`` 1)::
 Each layer lists groups of **KV head** indices covering every KV head exactly once. A group has
 either a ``policy`` (``full``: the head keeps every token; ``streaming``: it keeps ``sinks`` +
 ``window`` tokens, plus one compensation token with ``compensation``; ``snapkv``: it keeps the
-``budget`` tokens its last ``observe`` queries attend to most) or a ``method`` (a registered
+``budget`` tokens its last ``observe`` queries attend to most; ``novelty``: it keeps ``budget`` tokens chosen
+from the keys alone, the least duplicated, :mod:`attnzoo.cache.novelty`) or a ``method`` (a registered
 attention method and its params, run at prefill on the query heads sharing those KV heads).
 Groups of one layer may differ in params (each KV head its own window or budget).
 
@@ -35,12 +36,14 @@ from typing import Any
 from ..errors import AttnZooError
 
 VERSION = 1
-POLICIES = ("full", "streaming", "snapkv")
+POLICIES = ("full", "streaming", "snapkv", "novelty")
 SHAPE_KEYS = ("layers", "heads", "heads_kv", "head_dim")
 #: the parameters of a streaming group and their defaults (the ``razor`` cache policy's)
 STREAMING_PARAMS = {"sinks": 4, "window": 512, "compensation": True}
 #: parameters a snapkv group may set (the ``snapkv`` cache policy's; its defaults apply)
 SNAPKV_PARAMS = ("budget", "observe", "pool")
+#: parameters a novelty group may set (the ``novelty`` cache policy's; its defaults apply)
+NOVELTY_PARAMS = ("budget", "sinks", "recent", "pool", "exclude", "rope", "interval")
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def _held(g: Group, length: int) -> int:
     if g.policy == "streaming":
         p = {**STREAMING_PARAMS, **g.params}
         return min(length, p["sinks"] + p["window"]) + int(bool(p["compensation"]) and p["sinks"] + p["window"] < length)
-    if g.policy == "snapkv":
+    if g.policy in ("snapkv", "novelty"):
         return min(length, g.params["budget"])
     return length
 
@@ -179,13 +182,14 @@ def _validate(plan: Plan) -> None:
             if g.policy is not None:
                 if g.policy not in POLICIES:
                     raise AttnZooError(f"{where}: unknown policy {g.policy!r} (expected one of {', '.join(POLICIES)})")
-                allowed = {"full": (), "streaming": STREAMING_PARAMS, "snapkv": SNAPKV_PARAMS}[g.policy]
+                allowed = {"full": (), "streaming": STREAMING_PARAMS, "snapkv": SNAPKV_PARAMS,
+                           "novelty": NOVELTY_PARAMS}[g.policy]
                 extra = sorted(set(g.params) - set(allowed))
                 if extra:
                     raise AttnZooError(f"{where}: policy {g.policy!r} takes no parameter {extra[0]!r} "
                                        f"(accepted: {', '.join(allowed) or 'none'})")
-                if g.policy == "snapkv" and "budget" not in g.params:
-                    raise AttnZooError(f"{where}: policy 'snapkv' expected a 'budget' parameter (tokens held)")
+                if g.policy in ("snapkv", "novelty") and "budget" not in g.params:
+                    raise AttnZooError(f"{where}: policy {g.policy!r} expected a 'budget' parameter (tokens held)")
                 if g.policy != "full":
                     name, params = _cache_policy(g)
                     try:
