@@ -79,6 +79,7 @@ def test_calibrator_finds_planted_head(model, name, params):
 @pytest.mark.parametrize("name,params,reduced", [
     ("moa", {"samples": 1, "prompt_length": 512, "observe": 4}, "snapkv"),
     ("moa", {"samples": 1, "prompt_length": 512, "policy": "streaming"}, "streaming"),
+    ("moa", {"samples": 1, "prompt_length": 512, "policy": "novelty"}, "novelty"),
     ("duo_gates", {"samples": 1, "prompt_length": 256, "steps": 20, "window": 30}, "streaming"),
     ("minference", {"samples": 1, "prompt_length": 512}, "streaming"),
     ("zipvl", {"samples": 1, "prompt_length": 512, "observe": 4}, "snapkv"),

@@ -164,3 +164,22 @@ def test_novelty_plan_round_trips_and_holds_its_budget(tmp_path):
     held = sorted(n for layer in cache.layers for n in layer.kv.held)
     assert held == [64 - 8 + 1] * 3 + [512]  # three novelty heads (budget sinks + window, interval 8), one full
     assert transformers is not None
+
+
+def test_moa_novelty_profile_keeps_what_the_policy_keeps():
+    # moa's profile of a novelty head reads exactly the tokens the cache policy holds after compressing
+    # the context (the same parameters), plus everything after it
+    import attnzoo.plan as P
+
+    cal = P.make_calibrator("moa", policy="novelty", budget=0.25, length=256, question="after")
+    k, _ = planted(n=200, unique=(50, 120))
+    k = k.expand(1, 2, -1, -1).contiguous()
+    start, n = 160, 200
+    tokens = cal.held(0.25, 256)
+    mask = cal.read_masks(torch.randn(1, 2, n, D), k, torch.tensor([n - 1]), start, tokens, 1)
+    _, name, params = cal.choice(0.25)
+    cache = KVCache(name, **params)
+    cache.append(k[:, :1, :start], torch.randn(1, 1, start, D))
+    cache.attend(torch.randn(1, 1, start, D))
+    held = set(cache.positions(0)[0].tolist()) | set(range(start, n))
+    assert set(mask[0, 0].nonzero().flatten().tolist()) == held

@@ -13,7 +13,10 @@ with the mean held share within ``budget`` at ``length`` tokens.
 * ``streaming`` (MoA's heads): sinks + the last ``share·N`` tokens, during the prompt too;
 * ``snapkv``: the prompt runs exact; afterwards the head keeps the ``share·N`` tokens its last
   ``observe`` queries attend to most (max-pooled over ``pool`` neighbours), SnapKV's rule, so heads
-  that retrieve get larger budgets than heads that only look nearby.
+  that retrieve get larger budgets than heads that only look nearby;
+* ``novelty``: the prompt runs exact; afterwards the head keeps ``share·N`` tokens chosen from the keys
+  alone (:mod:`attnzoo.cache.novelty`: the sinks, the newest, and the keys least like any other), so no
+  query's vote is needed.
 
 ``question="after"`` profiles the compression of ``attnzoo eval``'s ``question=after`` tasks: the voting
 queries are the last ``observe`` ones before the question (the context is compressed before the question
@@ -29,6 +32,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..cache.novelty import novelty
 from ..errors import AttnZooError
 from ..registry import param
 from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, per_kv_head,
@@ -46,7 +50,7 @@ class MoA(Calibrator):
 
     name: ClassVar[str] = "moa"
 
-    policy: str = param("snapkv", choices=("snapkv", "streaming"), help="what reduced heads do")
+    policy: str = param("snapkv", choices=("snapkv", "streaming", "novelty"), help="what reduced heads do")
     spans: tuple = param(SPANS, help="candidate shares of the context a reduced head holds")
     samples: int = param(2, min=1, max=64, help="calibration prompts")
     prompt_length: int = param(1024, min=64, help="tokens per calibration prompt")
@@ -54,8 +58,8 @@ class MoA(Calibrator):
     observe: int = param(8, min=1, help="snapkv: queries that vote for the tokens kept")
     pool: int = param(7, min=1, max=1025, help="snapkv: max-pooling width over neighbouring tokens")
     question: str = param("inline", choices=("inline", "after"),
-                          help="snapkv: the voting queries end the prompt (inline) or the context before the "
-                               "question (after: question-agnostic compression)")
+                          help="snapkv/novelty: the compression comes at the end of the prompt (inline) or of the "
+                               "context before the question (after: question-agnostic compression)")
 
     def validate(self) -> None:
         if not isinstance(self.spans, (tuple, list)) or not self.spans or not all(
@@ -72,12 +76,22 @@ class MoA(Calibrator):
         """Tokens a reduced head holds at ``length`` for one share (a snapkv head at least observe + 1)."""
         if self.policy == "snapkv":
             return min(length, max(self.observe + 1, round(share * length)))
+        if self.policy == "novelty":
+            return min(length, max(self.sinks + 2, round(share * length)))
         return min(length, self.sinks + max(1, round(share * length)))
+
+    def novelty_params(self, tokens: int) -> dict:
+        """A novelty head's parameters for ``tokens`` held: a quarter of them (at most 64) the newest."""
+        recent = max(1, min(64, tokens // 4))
+        return {"budget": tokens, "sinks": self.sinks, "recent": recent, "pool": self.pool,
+                "interval": max(1, min(8, tokens - self.sinks - recent))}
 
     def choice(self, share: float) -> tuple:
         tokens = self.held(share, self.length)
         if self.policy == "snapkv":
             return ("policy", "snapkv", {"budget": tokens, "observe": self.observe, "pool": self.pool})
+        if self.policy == "novelty":
+            return ("policy", "novelty", self.novelty_params(tokens))
         return ("policy", "streaming", {"sinks": self.sinks, "window": tokens - self.sinks, "compensation": False})
 
     def read_masks(self, q, k, pos: torch.Tensor, start: int, tokens: int, group: int) -> torch.Tensor:
@@ -87,11 +101,25 @@ class MoA(Calibrator):
         H, N = q.shape[1], k.shape[2]
         if self.policy == "streaming":
             return streaming_mask(pos, N, self.sinks, tokens - self.sinks).expand(H, -1, -1)
+        keep = torch.zeros(H // group, N, dtype=torch.bool)
+        if self.policy == "novelty":
+            p = self.novelty_params(tokens)
+            score = novelty(k[:, ::group, :start], torch.arange(start).expand(1, H // group, start))[0]   # (Hkv, start)
+            recent, sinks = min(start, p["recent"]), min(start, self.sinks)
+            older = start - recent
+            keep[:, :sinks] = True
+            keep[:, older:] = True                                   # the newest, the question and the answer
+            if older > sinks:
+                pooled = F.max_pool1d(score[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0, :start]
+                top = pooled[:, sinks:older].topk(min(older - sinks, max(0, tokens - p["interval"] + 1 - sinks - recent)),
+                                                  dim=-1).indices
+                keep.scatter_(1, top + sinks, True)
+            keep = keep.repeat_interleave(group, 0)
+            return keep[:, None, :] & (torch.arange(N)[None, None, :] <= pos[None, :, None])
         obs = torch.arange(max(0, start - self.observe), start)          # the prompt's last queries vote
         mass = observed_mass(q, k, start, self.observe, group)                               # (Hkv, start)
         pooled = F.max_pool1d(mass[:, None], self.pool, stride=1, padding=self.pool // 2)[:, 0, :start]
         older = start - len(obs)
-        keep = torch.zeros(H // group, N, dtype=torch.bool)
         keep[:, older:] = True                                       # the observation window and the answer
         if tokens > len(obs) and older > 0:
             top = pooled[:, :older].topk(min(older, tokens - len(obs)), dim=-1).indices
