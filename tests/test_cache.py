@@ -69,6 +69,7 @@ COVERING = {
     "duo": dict(plan=(True, "full"), window=8),
     "heads": dict(groups=(((0,), "full", {}), ((1,), "snapkv", {"budget": 64, "observe": 4}))),
     "zipvl": dict(top_p=1.0, observe=4, min_tokens=64),
+    "novelty": dict(budget=64, sinks=2, recent=4),
 }
 
 # budgets well below the context, for the eviction / selection behaviour
@@ -85,6 +86,7 @@ SMALL = {
     "duo": dict(plan=(False, True), sinks=2, window=10),
     "heads": dict(groups=(((0,), "streaming", {"sinks": 2, "window": 10}), ((1,), "full", {}))),
     "zipvl": dict(top_p=0.5, observe=4, pool=3),
+    "novelty": dict(budget=12, sinks=2, recent=4, interval=4, pool=3),
 }
 
 

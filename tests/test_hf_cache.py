@@ -31,6 +31,7 @@ COVERING = {
     "recycled": dict(budget=64, every=3),
     "retrieval": dict(budget=64, sinks=2, local=4),
     "zipvl": dict(top_p=1.0, observe=4, min_tokens=64),
+    "novelty": dict(budget=64, sinks=2, recent=4),
 }
 
 #: each policy with a budget well under the context: it must run, and evicting ones must hold less
@@ -49,6 +50,7 @@ SMALL = {
     "recycled": dict(budget=8, every=3),
     "retrieval": dict(budget=8, sinks=2, local=3),
     "zipvl": dict(top_p=0.5, observe=4, pool=3),
+    "novelty": dict(budget=8, sinks=2, recent=3, interval=2),
 }
 
 
