@@ -88,3 +88,40 @@ def test_positional_refuses_what_it_cannot_be():
         mods.positional(fn, 0)
     with pytest.raises(az.AttnZooError, match=r"score_mod"):
         mods.positional(lambda s: s, 4)
+
+
+@pytest.mark.parametrize("causal, Nq, Nk, layout_heads", [(True, 37, 45, 2), (False, 40, 29, 4), (True, 33, 33, 1)])
+def test_block_kernel_adds_distance_biases_like_the_slot_loop(causal, Nq, Nk, layout_heads):
+    """The C++ block kernel takes a distance bias (alibi, per-head and shared relative tables, a positional
+    user function, their sums) as one vector per head added in its row pass: values and lse equal the slot
+    loop (the generic executor: the same mod as a plain function) in float64, with key padding, GQA, layouts
+    per batch row and per KV head / query head / shared; gradients (the slot-by-slot backward) too."""
+    from attnzoo.core import blockkernel
+    from attnzoo.core.blocksparse import BlockLayout, attend, forward_path
+    if not blockkernel.available():
+        pytest.skip("the block kernel extension does not build here")
+    B, Hq, Hkv = 2, 4, 2
+    q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, seed=Nq)
+    g = torch.Generator().manual_seed(Nk)
+    lay = BlockLayout.from_indices(torch.randint(-1, -(-Nk // 8), (B, layout_heads, -(-Nq // 8), 3), generator=g),
+                                   block_q=8, block_k=8, len_q=Nq, len_k=Nk)
+    pad = torch.rand(B, Nk, generator=g) > 0.2
+    table = torch.randn(Hq, 2 * Nk + 1, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda s, b, h, qi, ki: s + 0.1 * torch.sin(0.3 * (ki - qi).to(s.dtype)) * (h + 1)  # noqa: E731
+    for mod in (mods.alibi(mods.alibi_slopes(Hq).double()), mods.relative_bias(table),
+                mods.compose(mods.relative_bias(torch.randn(7, generator=g, dtype=torch.float64)),
+                             mods.positional(fn, Hq), mods.alibi(torch.rand(Hq, generator=g).double()))):
+        for mask in (None, pad):
+            assert forward_path(q, k, v, lay, causal=causal, score_mod=mod) == "block kernel"
+            got = attend(q, k, v, lay, scale=0.3, causal=causal, key_padding_mask=mask, score_mod=mod)
+            slot = attend(q, k, v, lay, scale=0.3, causal=causal, key_padding_mask=mask,
+                          score_mod=lambda s, b, h, qi, ki, m=mod: m(s.clone(), b, h, qi, ki))
+            fin = torch.isfinite(slot[1])
+            assert torch.equal(fin, torch.isfinite(got[1]))
+            torch.testing.assert_close(got[0], slot[0], atol=1e-12, rtol=1e-10)
+            torch.testing.assert_close(got[1][fin], slot[1][fin], atol=1e-12, rtol=1e-10)
+    assert_same_grads(got, slot, [q, k, v])
+    grads = [torch.autograd.grad(attend(q, k, v, lay, scale=0.3, causal=causal, score_mod=m)[0].square().sum(),
+                                 table)[0] for m in (mods.relative_bias(table),
+                                                     lambda s, b, h, qi, ki: mods.relative_bias(table)(s, b, h, qi, ki))]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)

@@ -9,8 +9,9 @@ run of keys read in place, the causal diagonal is the run's last rows' limit, an
 rows (up to 256) are one GEMM operand. Work item: (batch row, the query heads sharing a layout row,
 query block).
 
-It serves block layouts without ``mask_mod``/partial blocks, custom positions or a score_mod (key
-padding hides keys in the row pass), in float32/float64, where the extension builds (:mod:`attnzoo.core.cpp`).
+It serves block layouts without ``mask_mod``/partial blocks or custom positions (key padding hides keys
+in the row pass; a distance-bias score_mod, one ``(Hq|1, distances)`` vector, is added to the scores in the
+same pass), in float32/float64, where the extension builds (:mod:`attnzoo.core.cpp`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from . import cpp
 from .layout import BlockLayout
+from .scoremod import DistanceBias, distance_rows
 
 _SOURCE = "blocksparse_attention.cpp"
 #: dtypes the extension runs (others take the other fused paths)
@@ -38,16 +40,20 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
 
 
 def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float,
-                  causal: bool, key_padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  causal: bool, key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))`` of ``q`` over the key blocks ``layout`` lists (causal:
-    bottom-right aligned; ``key_padding_mask (B, Nk)``: False hides a key); rows that see no key give
-    ``(0, -inf)``. Only after :func:`applies`."""
+    bottom-right aligned; ``key_padding_mask (B, Nk)``: False hides a key; ``bias``: a distance-bias
+    score_mod at the default positions, forward only); rows that see no key give ``(0, -inf)``. Only after
+    :func:`applies`."""
     Hq, Hkv = q.shape[1], k.shape[1]
     groups = Hq // Hkv
     heads = 1 if (layout.kv_blocks.shape[1] == Hq and groups > 1) else groups  # query heads per layout row
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    Nq, Nk = q.shape[2], k.shape[2]
+    vec = None if bias is None else distance_rows(bias, 1 - Nk, Nq + Nk - 1, q.dtype, q.device, causal=False)
     available()  # loads the op (built once per process)
     return torch.ops.attnzoo_blocksparse.blocksparse_attention(
         q, k, v, layout.kv_blocks.contiguous(), pad, layout.block_q, layout.block_k, heads, float(scale), causal,
-        k.shape[2] - q.shape[2])
+        Nk - Nq, vec, 1 - Nk)

@@ -4,7 +4,9 @@
 //   q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): any strides with a unit last one;
 //   blocks (Bl, Hl, nq, S) int64, contiguous: key-block indices, -1 = empty slot (Bl 1 or B; Hl 1, Hkv or Hq);
 //   causal: key j visible to query i when j <= i + offset (bottom-right: offset = Nk - Nq);
-//   pad (B, Nk) bool, contiguous, or empty: False hides a key.
+//   pad (B, Nk) bool, contiguous, or empty: False hides a key;
+//   bias (Hb, L), contiguous, q's dtype, or empty: a distance bias added to the scores, row h (Hb == Hq) or 0
+//   (Hb == 1) at column d - bias_lo for the distance d = key - query position (every d a visible score has).
 // A work item is (batch row, query heads sharing one layout row, query block): its rows (every such head's
 // block_q queries, scaled, packed into one matrix) walk the listed key blocks, adjacent blocks merged into one
 // run read in place (no gather), in runs of at most kBlockK keys: one GEMM for the scores, one pass for the row
@@ -35,6 +37,8 @@ struct Args {
   const T *q, *k, *v;
   const int64_t* blocks;
   const bool* pad;  // this batch row's key padding (nullptr: none)
+  const T* bias;    // this item's first head's distance-bias row (nullptr: none)
+  int64_t bias_rows, bias_len, bias_lo;
   T *out, *lse;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv;
   int64_t qs[3], ks[3], vs[3], os[3];  // strides (batch, head, row)
@@ -88,11 +92,22 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
           continue;
         }
         T mx = ninf;
+        // the bias of this row's keys j0, j0 + 1, ...: distances j0 - position, ...
+        const T* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : (r0 + r) / nr * a.bias_len) +
+                                   (j0 - i0 - a.offset - (r0 + r) % nr - a.bias_lo)
+                             : nullptr;
         if (a.pad) {
           const bool* pr = a.pad + j0;
 #pragma omp simd reduction(max : mx)
           for (int64_t c = 0; c < vis; ++c) {
-            const T x = pr[c] ? sr[c] : ninf;
+            const T x = pr[c] ? sr[c] + (br ? br[c] : T(0)) : ninf;
+            sr[c] = x;
+            mx = x > mx ? x : mx;
+          }
+        } else if (br) {
+#pragma omp simd reduction(max : mx)
+          for (int64_t c = 0; c < vis; ++c) {
+            const T x = sr[c] + br[c];
             sr[c] = x;
             mx = x > mx ? x : mx;
           }
@@ -136,6 +151,7 @@ void run(const Args<T>& a) {
       item.out = a.out + b * a.os[0] + h0 * a.os[1];
       item.lse = a.lse + (b * a.Hq + h0) * a.Nq;
       item.pad = a.pad ? a.pad + b * a.Nk : nullptr;
+      item.bias = a.bias && a.bias_rows > 1 ? a.bias + h0 * a.bias_len : a.bias;
       const T* k = a.k + b * a.ks[0] + kv * a.ks[1];
       const T* v = a.v + b * a.vs[0] + kv * a.vs[1];
       const int64_t total = a.heads * nr;
@@ -151,7 +167,8 @@ void run(const Args<T>& a) {
 std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& blocks, const std::optional<at::Tensor>& pad,
                                               int64_t block_q, int64_t block_k, int64_t heads, double scale,
-                                              bool causal, int64_t offset) {
+                                              bool causal, int64_t offset, const std::optional<at::Tensor>& bias,
+                                              int64_t bias_lo) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && blocks.dim() == 4, "blocksparse_attention: 4-D");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "blocksparse_attention: unit last strides");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "blocksparse_attention: dtypes");
@@ -173,6 +190,14 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
       TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
                       pad->size(1) == Nk, "blocksparse_attention: pad (B, Nk) bool");
       a.pad = pad->data_ptr<bool>();
+    }
+    a.bias = nullptr;
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->scalar_type() == q.scalar_type() && bias->is_contiguous() && bias->dim() == 2 &&
+                      (bias->size(0) == 1 || bias->size(0) == Hq) && bias_lo <= 1 - Nk && bias_lo + bias->size(1) >= Nq,
+                  "blocksparse_attention: bias (1 or Hq, L) in q's dtype covering the distances [1 - Nk, Nq - 1]");
+      a.bias = bias->data_ptr<scalar_t>();
+      a.bias_rows = bias->size(0), a.bias_len = bias->size(1), a.bias_lo = bias_lo;
     }
     a.out = out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>();
