@@ -844,3 +844,61 @@ def test_select_units_read_in_place_equal_the_gathered_read(name, params, monkey
         calls.clear()
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, params", [
+    ("tokenselect", dict(budget=40, sinks=2, local=6, threshold=2.0)),
+    ("recycled", dict(budget=24, every=3)),
+])
+def test_selected_tokens_read_in_place_equal_the_gathered_read(name, params, dtype, monkeypatch):
+    """The C++ kernel reading selected slots in place (capped_attention with idx: no gathered copy) equals the
+    gathered read (GQA, left padding, the selection of each step); it is the path taken where it builds."""
+    from attnzoo.cache import read
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=160, seed=31, dtype=dtype)
+    key_mask = torch.ones(2, 160, dtype=torch.bool)
+    key_mask[1, :9] = False
+    calls = []
+    spy = read._selected_in_place
+
+    def in_place_read(*args):
+        part = spy(*args)
+        calls.append(part is not None)
+        return part
+
+    runs = []
+    for in_place in (True, False):
+        monkeypatch.setattr(read, "_selected_in_place", in_place_read if in_place else lambda *args: None)
+        runs.append(_decode(KVCache(name, **params), q, k, v, prefill=120, key_mask=key_mask))
+        assert (len(calls) >= 20 and all(calls)) if in_place else not calls
+        calls.clear()
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5)
+
+
+def test_capped_kernel_reads_rows_by_index_as_a_gathered_copy():
+    """capped_attention(idx=...) equals the same call on the gathered rows (with a mask over them, rows that
+    select only hidden keys give (0, -inf)); idx out of range or with causal is refused."""
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    g = torch.Generator().manual_seed(3)
+    X, Y, Lq, N, D, Dv, m = 3, 2, 5, 1100, 16, 8, 700
+    q, k, v = torch.randn(X, Y, Lq, D, generator=g), torch.randn(X, 1, N, D, generator=g), torch.randn(X, 1, N, Dv, generator=g)
+    idx = torch.randint(0, N, (X, Y, m), generator=g)
+    mask = torch.rand(X, Y, 1, m, generator=g) > 0.3
+    mask[0, 1] = False
+    out, lse = capped.capped_attention(q, k, v, scale=0.3, cap=None, mask=mask, idx=idx)
+    kg = torch.gather(k.expand(X, Y, N, D), 2, idx.unsqueeze(-1).expand(X, Y, m, D))
+    vg = torch.gather(v.expand(X, Y, N, Dv), 2, idx.unsqueeze(-1).expand(X, Y, m, Dv))
+    ref_out, ref_lse = capped.capped_attention(q, kg, vg, scale=0.3, cap=None, mask=mask)
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-5)
+    assert bool((lse[0, 1] == -math.inf).all()) and bool((out[0, 1] == 0).all())
+    with pytest.raises(RuntimeError, match="idx out of k's rows"):
+        capped.capped_attention(q, k, v, scale=0.3, cap=None, idx=idx + N)
+    with pytest.raises(RuntimeError, match="not a causal range"):
+        capped.capped_attention(q, k, v, scale=0.3, cap=None, idx=idx, causal=True)

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ..core import blockkernel, cpp
+from ..core import blockkernel, capped, cpp
 from ..core.blocksparse import LAYOUT_ENGINE, attend_all
 from ..core.layout import BlockLayout, reusable, sink_window_layouts
 from ..kernels import auto_triton
@@ -320,10 +320,28 @@ def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step, unit: int = 1
         from ..kernels.attention import split_k
         return split_k(q, store.buf["k"], store.buf["v"], scale=step.scale, causal=False, valid=store.buf.get("valid"),
                        idx=idx, splits=step.splits)
+    part = _selected_in_place(q, store, idx, step)
+    if part is not None:
+        return part
     k, v = store.gather(idx, unit)
     valid = store.valid
     valid = None if valid is None else torch.gather(valid, 2, idx)
     return flash_read(q, k, v, scale=step.scale, causal=False, valid=valid, **step.split)
+
+
+def _selected_in_place(q: torch.Tensor, store, idx: torch.Tensor, step) -> Partial | None:
+    """A decode query's attention over the slots ``idx (B, Hkv, m)`` read in place by the C++ kernel of
+    :mod:`attnzoo.core.capped` (each block of selected rows copied into the worker's scratch for its GEMMs:
+    no gathered copy of the selection in memory), or None where it does not apply (no extension, several
+    queries, a quantised store, a dtype the kernel does not run)."""
+    kb, vb = store.buf.get("k"), store.buf.get("v")
+    if q.shape[2] != 1 or store.bits is not None or not capped.applies(q, kb) or kb.dtype != q.dtype:
+        return None
+    Hq, Hkv = q.shape[1], idx.shape[1]
+    valid = store.valid
+    mask = None if valid is None else torch.gather(valid, 2, idx).unsqueeze(2)  # (B, Hkv, 1, m)
+    out, lse = capped.capped_attention(fold_groups(q, Hkv), kb, vb, scale=step.scale, cap=None, mask=mask, idx=idx)
+    return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1))
 
 
 #: smallest selection unit read in place by the block kernel (single tokens make one-key runs: gathered instead)

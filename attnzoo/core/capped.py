@@ -42,8 +42,8 @@ def applies(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, cap: float | None,
-                     causal: bool = False, offset: int = 0, mask: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     causal: bool = False, offset: int = 0, mask: torch.Tensor | None = None,
+                     idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (X, Y, Lq, Dv), lse (X, Y, Lq))`` of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D|Dv)``
     (broadcast over ``X, Y``), scores ``cap·tanh((scale·q·k + mask) / cap)`` (no cap: ``None``).
 
@@ -51,15 +51,21 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     engine passes it): the score GEMM then reads it without packing a transpose per block.
     ``mask``: a bool visibility mask or an additive one in q's dtype (-inf hides a key), broadcast to
     ``(X, Y, Lq, Lk)``; ``causal``: key ``j`` visible to query ``i`` when ``j <= i + offset``. Rows that
-    see no key give ``(0, -inf)``. Only after :func:`applies`.
+    see no key give ``(0, -inf)``. ``idx (X, Y, m)`` int64 (broadcast): the call reads only rows ``idx`` of
+    ``k``/``v`` (a selection, in place: no gathered copy; ``mask`` then covers those ``m`` keys, not
+    ``causal``). Only after :func:`applies`.
     """
     X, Y = (max(a, b) for a, b in zip(q.shape[:2], k.shape[:2]))
-    if not (k.stride(-2) == 1 and k.stride(-1) >= k.shape[-2] > 1):  # else K^T contiguous: a plain score GEMM
+    if idx is not None or not (k.stride(-2) == 1 and k.stride(-1) >= k.shape[-2] > 1):  # else K^T: a plain GEMM
         k = kernel_rows(k)
     q, k, v = (t.expand(X, Y, *t.shape[2:]) for t in (kernel_rows(q), k, kernel_rows(v)))
+    if idx is not None:
+        idx = kernel_rows(idx.long()).expand(X, Y, idx.shape[-1])
     if mask is not None:
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, -float("inf"))
-        mask = kernel_rows(mask.to(q.dtype)).expand(X, Y, q.shape[2], k.shape[2])
-    out, lse = torch.ops.attnzoo.capped_attention(q, k, v, mask, float(scale), float(cap or 0.0), causal, int(offset))
+        keys = k.shape[2] if idx is None else idx.shape[2]
+        mask = kernel_rows(mask.to(q.dtype)).expand(X, Y, q.shape[2], keys)
+    out, lse = torch.ops.attnzoo.capped_attention(q, k, v, mask, float(scale), float(cap or 0.0), causal, int(offset),
+                                                  idx)
     return out, lse
