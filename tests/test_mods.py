@@ -91,9 +91,10 @@ def test_positional_refuses_what_it_cannot_be():
 
 
 @pytest.mark.parametrize("causal, Nq, Nk, layout_heads", [(True, 37, 45, 2), (False, 40, 29, 4), (True, 33, 33, 1)])
-def test_block_kernel_adds_distance_biases_like_the_slot_loop(causal, Nq, Nk, layout_heads):
+def test_block_kernel_runs_distance_biases_and_soft_caps_like_the_slot_loop(causal, Nq, Nk, layout_heads):
     """The C++ block kernel takes a distance bias (alibi, per-head and shared relative tables, a positional
-    user function, their sums) as one vector per head added in its row pass: values and lse equal the slot
+    user function, their sums) as one vector per head added in its row pass, and a soft cap (alone or after
+    the bias) in the same pass: values and lse equal the slot
     loop (the generic executor: the same mod as a plain function) in float64, with key padding, GQA, layouts
     per batch row and per KV head / query head / shared; gradients (the slot-by-slot backward) too."""
     from attnzoo.core import blockkernel
@@ -108,9 +109,11 @@ def test_block_kernel_adds_distance_biases_like_the_slot_loop(causal, Nq, Nk, la
     pad = torch.rand(B, Nk, generator=g) > 0.2
     table = torch.randn(Hq, 2 * Nk + 1, generator=g, dtype=torch.float64, requires_grad=True)
     fn = lambda s, b, h, qi, ki: s + 0.1 * torch.sin(0.3 * (ki - qi).to(s.dtype)) * (h + 1)  # noqa: E731
-    for mod in (mods.alibi(mods.alibi_slopes(Hq).double()), mods.relative_bias(table),
+    for mod in (mods.alibi(mods.alibi_slopes(Hq).double()), mods.relative_bias(table), mods.softcap(1.5),
                 mods.compose(mods.relative_bias(torch.randn(7, generator=g, dtype=torch.float64)),
-                             mods.positional(fn, Hq), mods.alibi(torch.rand(Hq, generator=g).double()))):
+                             mods.positional(fn, Hq), mods.alibi(torch.rand(Hq, generator=g).double())),
+                mods.compose(mods.relative_bias(table), mods.alibi(mods.alibi_slopes(Hq).double()),
+                             mods.softcap(2.0))):
         for mask in (None, pad):
             assert forward_path(q, k, v, lay, causal=causal, score_mod=mod) == "block kernel"
             got = attend(q, k, v, lay, scale=0.3, causal=causal, key_padding_mask=mask, score_mod=mod)

@@ -10,8 +10,8 @@ rows (up to 256) are one GEMM operand. Work item: (batch row, the query heads sh
 query block).
 
 It serves block layouts without ``mask_mod``/partial blocks or custom positions (key padding hides keys
-in the row pass; a distance-bias score_mod, one ``(Hq|1, distances)`` vector, is added to the scores in the
-same pass), in float32/float64, where the extension builds (:mod:`attnzoo.core.cpp`).
+in the row pass; a distance-bias score_mod, one ``(Hq|1, distances)`` vector, is added to the scores and a
+soft cap applied in the same pass), in float32/float64, where the extension builds (:mod:`attnzoo.core.cpp`).
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
 
 
 def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float,
-                  causal: bool, key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  causal: bool, key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None,
+                  cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))`` of ``q`` over the key blocks ``layout`` lists (causal:
     bottom-right aligned; ``key_padding_mask (B, Nk)``: False hides a key; ``bias``: a distance-bias
-    score_mod at the default positions, forward only); rows that see no key give ``(0, -inf)``. Only after
-    :func:`applies`."""
+    score_mod at the default positions, then ``cap``: a soft cap; forward only); rows that see no key give
+    ``(0, -inf)``. Only after :func:`applies`."""
     Hq, Hkv = q.shape[1], k.shape[1]
     groups = Hq // Hkv
     heads = 1 if (layout.kv_blocks.shape[1] == Hq and groups > 1) else groups  # query heads per layout row
@@ -56,4 +56,4 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     available()  # loads the op (built once per process)
     return torch.ops.attnzoo_blocksparse.blocksparse_attention(
         q, k, v, layout.kv_blocks.contiguous(), pad, layout.block_q, layout.block_k, heads, float(scale), causal,
-        Nk - Nq, vec, 1 - Nk)
+        Nk - Nq, vec, 1 - Nk, float(cap or 0.0))

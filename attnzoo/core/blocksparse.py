@@ -493,7 +493,7 @@ def _route(plan: _Plan, layout: Layout, fused: bool, kernel: bool = False):
                                                         bias=bias, cap=cap)
     if kernel:
         return "block kernel", lambda q, k, v, pad: blockkernel.attend_blocks(
-            q, k, v, layout, scale=plan.scale, causal=plan.causal, key_padding_mask=pad, bias=bias)
+            q, k, v, layout, scale=plan.scale, causal=plan.causal, key_padding_mask=pad, bias=bias, cap=cap)
     if isinstance(layout, TokenLayout):
         keys, member = layout.union()
         if 0 < keys.shape[-1] <= 2 * layout.kv_tokens.shape[-1]:  # dense over the union beats per-group gathers
@@ -545,7 +545,7 @@ def _plan_and_route(q, k, v, layout: Layout, scale: float, causal: bool, q_posit
                  q_positions=q_positions, device=q.device, mod=hook)
     fused = fused_applies(q, v, q_positions) and (hook is None or hook.distance is not None or (
         hook.capped is not None and capped.applies(q, v)))
-    kernel = (fused and (hook is None or (hook.distance is not None and q_positions is None))
+    kernel = (fused and (hook is None or ((hook.distance or hook.capped) is not None and q_positions is None))
               and isinstance(layout, BlockLayout) and blockkernel.applies(q, k, v, layout))
     return plan, _route(plan, layout, fused, kernel)
 
@@ -553,7 +553,8 @@ def _plan_and_route(q, k, v, layout: Layout, scale: float, causal: bool, q_posit
 def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, causal: bool,
                  q_positions: torch.Tensor | None = None, score_mod: ScoreMod | None = None) -> str:
     """Which forward path :func:`attend` takes for this call: ``band``, ``block kernel`` (a block layout
-    without element masks, with no score_mod or a distance bias, on :mod:`attnzoo.core.blockkernel`),
+    without element masks, with no score_mod or a distance bias and/or soft cap, on
+    :mod:`attnzoo.core.blockkernel`),
     ``token union``, ``fused``
     (PyTorch's fused CPU kernel, or with a soft cap :mod:`attnzoo.core.capped`'s) or ``slot loop`` (the
     generic executor: other devices, custom query positions, user score_mods)."""

@@ -6,7 +6,9 @@
 //   causal: key j visible to query i when j <= i + offset (bottom-right: offset = Nk - Nq);
 //   pad (B, Nk) bool, contiguous, or empty: False hides a key;
 //   bias (Hb, L), contiguous, q's dtype, or empty: a distance bias added to the scores, row h (Hb == Hq) or 0
-//   (Hb == 1) at column d - bias_lo for the distance d = key - query position (every d a visible score has).
+//   (Hb == 1) at column d - bias_lo for the distance d = key - query position (every d a visible score has);
+//   cap > 0: the soft cap cap * tanh(x / cap) after the bias (held as the capped logit minus cap, as in
+//   capped_attention.cpp: -2 cap / (exp(2x / cap) + 1), one vectorised pass; the lse adds cap back).
 // A work item is (batch row, query heads sharing one layout row, query block): its rows (every such head's
 // block_q queries, scaled, packed into one matrix) walk the listed key blocks, adjacent blocks merged into one
 // run read in place (no gather), in runs of at most kBlockK keys: one GEMM for the scores, one pass for the row
@@ -25,6 +27,7 @@
 
 namespace {
 
+using attnzoo_flash::fast_exp;
 using attnzoo_flash::finish_row;
 using attnzoo_flash::gemm;
 using attnzoo_flash::softmax_step;
@@ -44,7 +47,7 @@ struct Args {
   int64_t qs[3], ks[3], vs[3], os[3];  // strides (batch, head, row)
   int64_t Bl, Hl, nqb, S, block_q, block_k;
   int64_t heads;  // query heads per work item (sharing one layout row)
-  T scale;
+  T scale, cap;
   bool causal;
   int64_t offset;
 };
@@ -62,6 +65,35 @@ inline void key_runs(const int64_t* row, int64_t S, int64_t block_k, int64_t Nk,
     else
       runs.emplace_back(j0, j1);
   }
+}
+
+// one row's visible scores in place: the distance bias, the soft cap, key padding (-inf); returns their maximum
+template <typename T, bool PAD, bool BIAS, bool CAP>
+inline T row_pass(T* sr, const bool* pr, const T* br, int64_t vis, T two_over_cap, T minus_two_cap) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T mx = ninf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t c = 0; c < vis; ++c) {
+    T x = sr[c];
+    if (BIAS) x += br[c];
+    if (CAP) x = minus_two_cap / (fast_exp(x * two_over_cap) + T(1));
+    if (PAD) x = pr[c] ? x : ninf;
+    sr[c] = x;
+    mx = x > mx ? x : mx;
+  }
+  return mx;
+}
+
+template <typename T, bool PAD, bool BIAS>
+inline T row_pass(T* sr, const bool* pr, const T* br, int64_t vis, T cap) {
+  return cap > 0 ? row_pass<T, PAD, BIAS, true>(sr, pr, br, vis, T(2) / cap, -T(2) * cap)
+                 : row_pass<T, PAD, BIAS, false>(sr, pr, br, vis, T(0), T(0));
+}
+
+template <typename T>
+inline T row_pass(T* sr, const bool* pr, const T* br, int64_t vis, T cap) {
+  if (pr) return br ? row_pass<T, true, true>(sr, pr, br, vis, cap) : row_pass<T, true, false>(sr, pr, br, vis, cap);
+  return br ? row_pass<T, false, true>(sr, pr, br, vis, cap) : row_pass<T, false, false>(sr, pr, br, vis, cap);
 }
 
 // rows [r0, r1) of one work item (row rr is query head rr / nr, position i0 + rr % nr)
@@ -91,30 +123,11 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
           std::fill(sr, sr + n, T(0));
           continue;
         }
-        T mx = ninf;
         // the bias of this row's keys j0, j0 + 1, ...: distances j0 - position, ...
         const T* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : (r0 + r) / nr * a.bias_len) +
                                    (j0 - i0 - a.offset - (r0 + r) % nr - a.bias_lo)
                              : nullptr;
-        if (a.pad) {
-          const bool* pr = a.pad + j0;
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < vis; ++c) {
-            const T x = pr[c] ? sr[c] + (br ? br[c] : T(0)) : ninf;
-            sr[c] = x;
-            mx = x > mx ? x : mx;
-          }
-        } else if (br) {
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < vis; ++c) {
-            const T x = sr[c] + br[c];
-            sr[c] = x;
-            mx = x > mx ? x : mx;
-          }
-        } else {
-#pragma omp simd reduction(max : mx)
-          for (int64_t c = 0; c < vis; ++c) mx = sr[c] > mx ? sr[c] : mx;
-        }
+        const T mx = row_pass(sr, a.pad ? a.pad + j0 : nullptr, br, vis, a.cap);
         softmax_step(sr, vis, n, mx, m[r], l[r], acc.data() + r * a.Dv, a.Dv);
       }
       // acc (rows x Dv) += p (rows x n) . v_block (n x Dv)
@@ -123,7 +136,8 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t rr = r0 + r, h = rr / nr, i = i0 + rr % nr;
-    finish_row(acc.data() + r * a.Dv, m[r], l[r], T(0), a.Dv, a.out + h * a.os[1] + i * a.os[2], a.lse + h * a.Nq + i);
+    finish_row(acc.data() + r * a.Dv, m[r], l[r], a.cap > 0 ? a.cap : T(0), a.Dv, a.out + h * a.os[1] + i * a.os[2],
+               a.lse + h * a.Nq + i);
   }
 }
 
@@ -168,7 +182,7 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
                                               const at::Tensor& blocks, const std::optional<at::Tensor>& pad,
                                               int64_t block_q, int64_t block_k, int64_t heads, double scale,
                                               bool causal, int64_t offset, const std::optional<at::Tensor>& bias,
-                                              int64_t bias_lo) {
+                                              int64_t bias_lo, double cap) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && blocks.dim() == 4, "blocksparse_attention: 4-D");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "blocksparse_attention: unit last strides");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "blocksparse_attention: dtypes");
@@ -209,6 +223,7 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
     a.Bl = blocks.size(0), a.Hl = blocks.size(1), a.nqb = blocks.size(2), a.S = blocks.size(3);
     a.block_q = block_q, a.block_k = block_k, a.heads = heads;
     a.scale = static_cast<scalar_t>(scale);
+    a.cap = static_cast<scalar_t>(cap);
     a.causal = causal;
     a.offset = offset;
     if (Nq > 0 && B > 0) run(a);
