@@ -309,13 +309,22 @@ def read_ranges(q: torch.Tensor, store, ranges: list[tuple[int, int]], step) -> 
     return parts
 
 
-def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step, unit: int = 1) -> Partial:
-    """Attention over the slots ``idx (B, Hkv, m)`` (all older than the query: no causal mask).
+def read_selected(q: torch.Tensor, store, idx: torch.Tensor, step, unit: int = 1,
+                  local_from: int | None = None) -> Partial:
+    """Attention over the slots ``idx (B, Hkv, m)`` (all older than the query: no causal mask), and with
+    ``local_from`` over the slots ``[local_from, n)`` too (a decode query's local window, which it sees whole).
 
-    On CUDA with float storage the split-K kernel reads the selected slots in place (no gather copy);
-    elsewhere they are gathered, whole units at a time when ``idx`` is runs of ``unit`` slots
-    (:meth:`Store.gather`).
+    A decode query's selection is read in place by the C++ kernel where it builds (the local window joins
+    the selection: one call, no merge). On CUDA with float storage the split-K kernel reads the selected
+    slots in place (no gather copy); elsewhere they are gathered, whole units at a time when ``idx`` is runs
+    of ``unit`` slots (:meth:`Store.gather`), and the local window is read as a slice and merged by lse.
     """
+    if local_from is not None:
+        local = torch.arange(local_from, store.n, device=idx.device).expand(*idx.shape[:2], -1)
+        part = _selected_in_place(q, store, torch.cat([idx, local], dim=-1), step)
+        if part is not None:
+            return part
+        return merge(read_selected(q, store, idx, step, unit), *read_ranges(q, store, [(local_from, store.n)], step))
     if store.bits is None and auto_triton(q):
         from ..kernels.attention import split_k
         return split_k(q, store.buf["k"], store.buf["v"], scale=step.scale, causal=False, valid=store.buf.get("valid"),

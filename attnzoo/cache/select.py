@@ -120,6 +120,8 @@ class _Select(Policy):
             part = read_units(q, store, units, u, step)
             if part is not None:
                 return part if local_in_place else merge(part, *self.read_local(store, q, step, hi))
+        if local_in_place:  # the local window with the selection: one read where it is read in place
+            return read_selected(q, store, idx, step, u, local_from=hi)
         return merge(read_selected(q, store, idx, step, u), *self.read_local(store, q, step, hi))
 
     def make_store(self) -> Store:
