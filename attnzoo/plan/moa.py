@@ -104,7 +104,7 @@ class MoA(Calibrator):
         keep = torch.zeros(H // group, N, dtype=torch.bool)
         if self.policy == "novelty":
             p = self.novelty_params(tokens)
-            score = novelty(k[:, ::group, :start], torch.arange(start).expand(1, H // group, start))[0]   # (Hkv, start)
+            score = self._novelty(k, start, group)                                             # (Hkv, start)
             recent, sinks = min(start, p["recent"]), min(start, self.sinks)
             older = start - recent
             keep[:, :sinks] = True
@@ -126,6 +126,14 @@ class MoA(Calibrator):
             keep.scatter_(1, top, True)
         keep = keep.repeat_interleave(group, 0)
         return keep[:, None, :] & (torch.arange(N)[None, None, :] <= pos[None, :, None])
+
+    def _novelty(self, k: torch.Tensor, start: int, group: int) -> torch.Tensor:
+        """The novelty of each KV head's context keys, computed once per layer (every span reuses it)."""
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo[0] is not k or memo[1] != start:
+            score = novelty(k[:, ::group, :start], torch.arange(start).expand(1, k.shape[1] // group, start))[0]
+            self._memo = memo = (k, start, score)
+        return memo[2]
 
     def choose(self, model, tokenizer=None):
         return self.allocate(self.profile(model, tokenizer))
@@ -152,6 +160,7 @@ class MoA(Calibrator):
                 per_layer.append(torch.stack(errs, -1))                                   # (H, spans)
             e = torch.stack(per_layer)                                                     # (L, H, spans)
             errors = e if errors is None else errors + e
+        self._memo = None
         return per_kv_head((errors / len(prompts)).transpose(1, 2), heads_kv_of(model), "mean").transpose(1, 2)
 
     def allocate(self, errors: torch.Tensor):
