@@ -177,6 +177,7 @@ def train(
     stage_target: float = typer.Option(0.9, help="held-out accuracy that ends a curriculum stage early"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    log_evals: bool = typer.Option(False, help="print every held-out evaluation (a line per 50 steps; for logs)"),
     out: Optional[Path] = typer.Option(None, help="also append the result to this results folder (skipped when "
                                                   "already there; default: not saved)"),
 ) -> None:
@@ -196,11 +197,13 @@ def train(
             plan, shared = plan[0][0], {**plan[0][1], **shared}
         case = make_case(task, parse_params(param), plan, shared, cfg)
         if out is None:
-            record = train_case(case, progress=progress)
+            record = train_case(case, progress=progress,
+                                on_eval=(lambda e: _log_eval(case, e)) if log_evals else None)
         else:
             from .sweep import run_sweep
 
-            written = run_sweep([case], out, resume=True, progress=progress, suite={"command": "train"})
+            written = run_sweep([case], out, resume=True, progress=progress, suite={"command": "train"},
+                                on_eval=_log_eval if log_evals else None)
             if not written:
                 console.print(f"{task} / {mixer}: already in {out}; nothing trained")
                 return
