@@ -42,13 +42,37 @@ def test_generator_is_seeded_fits_the_length_and_answers_score(name):
             assert task.score(s, s.answers[0]) == pytest.approx(1 / len(s.answers))
 
 
-@pytest.mark.parametrize("name", ["passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"])
-def test_each_needle_is_present_exactly_once(name):
-    task = T.make_task(name)
+@pytest.mark.parametrize("needle", ["repeat", "ruler"])
+@pytest.mark.parametrize("name", ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"])
+def test_each_needle_is_present_exactly_once_and_states_its_value_as_declared(name, needle):
+    task = T.make_task(name, needle=needle)
     for s in task.generate(4, seed=0, tokenizer=TOK, length=1500):
-        for answer in s.answers:
-            needle = f"The pass key is {answer}." if name == "passkey" else f" is: {answer}."
-            assert s.prompt.count(needle) == 1, (answer, name)
+        needles = s.meta["needles"]
+        assert len(needles) == {"niah_single": 1, "niah_multikey": 2, "niah_multivalue": 2, "niah_multiquery": 2}[name]
+        for text in needles:
+            assert s.prompt.count(text) == 1, text
+        for answer in s.answers:  # in one needle, stated twice (repeat) or once (ruler), nowhere else
+            assert sum(answer in text for text in needles) == 1
+            assert s.prompt.count(answer) == (2 if needle == "repeat" else 1)
+        # the question ends where the answer starts: "... The special magic number(s) for KEY is/are"
+        assert s.prompt.endswith((" is", " are")) and s.meta["question"].startswith("\nWhat ")
+
+
+def test_passkey_needle_is_present_exactly_once():
+    for s in T.make_task("passkey").generate(4, seed=0, tokenizer=TOK, length=1500):
+        assert s.prompt.count(f"The pass key is {s.answers[0]}.") == 1
+
+
+def test_multikey_asks_for_the_needle_at_the_sample_depth_and_scores_only_its_value():
+    task = T.make_task("niah_multikey", distractors=3)
+    samples = task.generate(3, seed=0, tokenizer=TOK, length=2000)
+    for s, depth in zip(samples, [0.1, 0.5, 0.9]):
+        queried = next(t for t in s.meta["needles"] if s.answers[0] in t)
+        key = queried.split(" for ")[1].split(" is ")[0]
+        assert s.prompt.endswith(f"for {key} is") and s.meta["depth"] == depth
+        assert abs(s.prompt.index(queried) / len(s.prompt) - depth) < 0.1
+        others = [t.split(" is ")[1].split(".")[0] for t in s.meta["needles"] if t != queried]
+        assert len(others) == 3 and task.score(s, " " + others[0] + ".") == 0.0
 
 
 def test_passkey_depths_spread_over_10_to_90_percent():

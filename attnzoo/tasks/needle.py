@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from ..registry import param
 from .base import Sample, register_task
 from .text import TextTask, assemble, number, pick, spread, words
@@ -50,10 +48,25 @@ class Passkey(TextTask):
 
 @dataclass
 class _Needles(TextTask):
-    """Shared by the RULER needle tasks: needles "One of the special magic {kind} for {key} is: {value}."."""
+    """Shared by the RULER needle tasks: key-value needles in a haystack, a question ending where the answer starts.
+
+    ``needle="repeat"`` (the default) states each needle twice, in the passkey's style: "The special magic
+    number for {key} is {value}. Remember it. {value} is the special magic number for {key}." (multi-value:
+    "One of the special magic numbers ..."); ``"ruler"`` is RULER's one-statement needle "One of the special
+    magic numbers for {key} is: {value}.". The question ends with the start of the answer ("... The special
+    magic number for {key} is"), so the answer is a direct continuation, as in the passkey. Measured on
+    SmolLM2-135M with exact attention (docs/eval.md): word values are found with repeated needles in the
+    noise haystack and mostly missed in the book text (whose own words are the values) or with RULER's
+    needle, hence the defaults ``needle="repeat"`` and ``haystack="noise"``.
+    """
 
     value: str = param("number", choices=("number", "word"), help="what the needles hide")
-    haystack: str = param("book", choices=("book", "noise"), help="the shipped text or repeated noise sentences")
+    haystack: str = param("noise", choices=("book", "noise"), help="the shipped text or repeated noise sentences")
+    needle: str = param("repeat", choices=("repeat", "ruler"),
+                        help="repeat: each needle states its value twice (passkey style); ruler: RULER's one statement")
+
+    #: "One of the ... for {key}" needles (several values under one key)
+    shared_key: ClassVar[bool] = False
 
     def values(self, gen, k: int) -> list[str]:
         if self.value == "number":
@@ -64,22 +77,26 @@ class _Needles(TextTask):
         pool = words()[:1000]
         return ["-".join(pick(gen, pool, 2)) for _ in range(k)]
 
-    def build(self, tokenizer, length, gen, depth: float, needles: list[tuple[str, str]], queried: list[str],
+    @property
+    def noun(self) -> str:
+        return "number" if self.value == "number" else "word"
+
+    def needle_text(self, key: str, value: str) -> str:
+        """One needle's sentence(s)."""
+        if self.needle == "ruler":
+            return f"One of the special magic {self.noun}s for {key} is: {value}."
+        what = f"one of the special magic {self.noun}s" if self.shared_key else f"the special magic {self.noun}"
+        return f"{what[0].upper()}{what[1:]} for {key} is {value}. Remember it. {value} is {what} for {key}."
+
+    def build(self, tokenizer, length, gen, depth: float, needles: list[tuple[str, str]], question: str,
               answers: list[str]) -> Sample:
-        kind = "numbers" if self.value == "number" else "words"
         # the first needle at `depth`, the others spread after it, wrapping around inside 10-90 %
         depths = [depth] + [0.1 + (depth - 0.1 + 0.8 * i / len(needles)) % 0.8 for i in range(1, len(needles))]
-        inserts = [(d, f"One of the special magic {kind} for {k} is: {v}.") for d, (k, v) in zip(depths, needles)]
-        what = " and ".join(queried)
-        if len(answers) == 1:
-            q = (f"What is the special magic {kind[:-1]} for {what} mentioned in the provided text? "
-                 f"The special magic {kind[:-1]} for {what} mentioned in the provided text is")
-        else:
-            q = (f"What are all the special magic {kind} for {what} mentioned in the provided text? "
-                 f"The special magic {kind} for {what} mentioned in the provided text are")
+        inserts = [(d, self.needle_text(k, v)) for d, (k, v) in zip(depths, needles)]
         prompt = assemble(tokenizer, length, haystack=self.haystack, gen=gen, inserts=inserts,
-                          prefix=_INTRO.format(kind=kind), suffix="\n" + q)
-        return Sample(prompt, tuple(answers), {"depth": depth, "needles": len(needles), "question": "\n" + q})
+                          prefix=_INTRO.format(kind=self.noun + "s"), suffix="\n" + question)
+        return Sample(prompt, tuple(answers), {"depth": depth, "needles": [text for _, text in inserts],
+                                               "question": "\n" + question})
 
 
 @register_task
@@ -91,7 +108,8 @@ class NiahSingle(_Needles):
 
     def make(self, tokenizer, length, gen, *, index, of) -> Sample:
         (key,), (value,) = self.keys(gen, 1), self.values(gen, 1)
-        return self.build(tokenizer, length, gen, spread(of)[index], [(key, value)], [key], [value])
+        question = f"What is the special magic {self.noun} for {key}? The special magic {self.noun} for {key} is"
+        return self.build(tokenizer, length, gen, spread(of)[index], [(key, value)], question, [value])
 
 
 @register_task
@@ -99,44 +117,60 @@ class NiahSingle(_Needles):
 class NiahMultikey(_Needles):
     """RULER multi-key: the queried needle among ``distractors`` needles with other keys; answer its value.
 
-    Measures whether the model retrieves the right needle rather than any needle-like sentence.
+    Measures whether the model retrieves the right needle rather than any needle-like sentence. The
+    queried needle sits at the sample's depth, the distractors spread after it. SmolLM2-135M with exact
+    attention picks the right one of two needles (``distractors=1``, the default) but often a wrong
+    one of four (docs/eval.md).
     """
 
     name: ClassVar[str] = "niah_multikey"
-    distractors: int = param(3, min=1, max=32, help="needles with other keys")
+    distractors: int = param(1, min=1, max=32, help="needles with other keys")
 
     def make(self, tokenizer, length, gen, *, index, of) -> Sample:
         keys, values = self.keys(gen, 1 + self.distractors), self.values(gen, 1 + self.distractors)
-        needles = list(zip(keys, values))
-        order = torch.randperm(len(needles), generator=gen).tolist()
-        return self.build(tokenizer, length, gen, spread(of)[index], [needles[i] for i in order], [keys[0]],
-                          [values[0]])
+        question = (f"What is the special magic {self.noun} for {keys[0]}? "
+                    f"The special magic {self.noun} for {keys[0]} is")
+        return self.build(tokenizer, length, gen, spread(of)[index], list(zip(keys, values)), question, values[:1])
 
 
 @register_task
 @dataclass
 class NiahMultivalue(_Needles):
-    """RULER multi-value: one key with ``values`` different values in separate needles; answer all of them."""
+    """RULER multi-value: one key with ``count`` different values in separate needles; answer all of them."""
 
     name: ClassVar[str] = "niah_multivalue"
-    max_new_tokens: ClassVar[int] = 40
-    count: int = param(4, min=2, max=16, help="values hidden under the one key")
+    shared_key: ClassVar[bool] = True
+    count: int = param(2, min=2, max=16, help="values hidden under the one key")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return 6 + 10 * self.count  # ", 1234567" is 9 tokens of SmolLM2's tokenizer
 
     def make(self, tokenizer, length, gen, *, index, of) -> Sample:
         (key,), values = self.keys(gen, 1), self.values(gen, self.count)
-        return self.build(tokenizer, length, gen, spread(of)[index], [(key, v) for v in values], [key],
-                          values)
+        question = (f"What are all the special magic {self.noun}s for {key}? "
+                    f"The special magic {self.noun}s for {key} are")
+        return self.build(tokenizer, length, gen, spread(of)[index], [(key, v) for v in values], question, values)
 
 
 @register_task
 @dataclass
 class NiahMultiquery(_Needles):
-    """RULER multi-query: ``queries`` needles with different keys, all asked for at once; answer every value."""
+    """RULER multi-query: ``queries`` needles with different keys, all asked for at once; answer every value.
+
+    The question asks for all keys and ends with the first one's answer sentence ("The special magic
+    number for {first} is"): the model completes it and goes on with the others' sentences.
+    """
 
     name: ClassVar[str] = "niah_multiquery"
-    max_new_tokens: ClassVar[int] = 40
     queries: int = param(2, min=2, max=16, help="keys asked for together")
+
+    @property
+    def max_new_tokens(self) -> int:
+        return 12 + 24 * (self.queries - 1)  # each further value comes in its own sentence naming its key
 
     def make(self, tokenizer, length, gen, *, index, of) -> Sample:
         keys, values = self.keys(gen, self.queries), self.values(gen, self.queries)
-        return self.build(tokenizer, length, gen, spread(of)[index], list(zip(keys, values)), keys, values)
+        question = (f"What are the special magic {self.noun}s for {', '.join(keys[:-1])} and {keys[-1]}? "
+                    f"The special magic {self.noun} for {keys[0]} is")
+        return self.build(tokenizer, length, gen, spread(of)[index], list(zip(keys, values)), question, values)
