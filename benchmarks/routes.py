@@ -1,7 +1,8 @@
 """score_mod overhead and packed (varlen) batches against padded ones (B=1, H=8, D=64, fp32, causal).
 
 1. score_mod at N (default 4096): each method with and without a mod (alibi, softcap, relative_bias, and
-   "user softcap": the same cap written as a plain function, which the engines cannot recognise),
+   "user softcap": the same cap written as a plain function, which the engines cannot recognise; "user
+   table": a relative table as a plain function, and the same declared ``mods.positional``),
    inference and training (forward + backward; relative_bias with a learnable table); ``mod ÷ plain`` is
    the overhead (target <= 1.3 on CPU for inference), ``× SDPA`` = SDPA time ÷ ours (forward + backward:
    SDPA's). Methods: exact (SDPA without a mod, the tiled engine with one), exact_tiled, sliding_window
@@ -55,9 +56,13 @@ def score_mod_table(n: int, repeats: int, methods=tuple(METHODS), modes=MODES) -
     table = torch.randn(H, 257, generator=g)
     qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
     tab = table.clone().requires_grad_(True)
+    def user_table(s, b, h, q_idx, kv_idx):  # relative_bias written as a plain function
+        return s + table[h, (kv_idx - q_idx).clamp(-128, 128) + 128]
+
     mod_list = {"alibi": mods.alibi(mods.alibi_slopes(H)), "softcap": mods.softcap(30.0),
                 "relative_bias": mods.relative_bias(tab),
-                "user softcap": lambda s, b, h, q_idx, kv_idx: torch.tanh(s / 30.0) * 30.0}  # a plain function
+                "user softcap": lambda s, b, h, q_idx, kv_idx: torch.tanh(s / 30.0) * 30.0,  # a plain function
+                "user table": user_table, "positional(user table)": mods.positional(user_table, H)}
     sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
     sdpa_train = best(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward(), repeats)
     print(f"\n## score_mod at N={n} (B=1, H={H}, D={D}, causal, fp32, {torch.get_num_threads()} thread(s))\n")
