@@ -405,9 +405,10 @@ def torch_mod_note(score_mod) -> str:
     slot by slot or tile by tile with the mod, on every device)."""
     from .core import capped
     from .core.scoremod import DistanceBias, capped_parts
+    block = "; block layouts without element masks: in the C++ block kernel's row pass (core.blockkernel)"
     if isinstance(score_mod, DistanceBias):
-        return ("score_mod: a distance bias (alibi, relative_bias, their sums) inside PyTorch's fused CPU kernel as its "
-                "additive mask (exact family and every fused sparse path)")
+        return ("score_mod: a distance bias (alibi, relative_bias, mods.positional, their sums) inside PyTorch's fused "
+                "CPU kernel as its additive mask (exact family and every fused sparse path)" + block)
     parts = capped_parts(score_mod)
     if parts is None:
         name = getattr(score_mod, "__name__", type(score_mod).__name__)
@@ -420,7 +421,7 @@ def torch_mod_note(score_mod) -> str:
              False: "; not built here (no compiler?): instead the exact family's row-wise tiled forward and the "
                     "block-sparse slot loop"}[capped.built()]
     return f"score_mod: {'a soft cap' if parts[0] is None else 'distance biases then a soft cap'} on the C++ " \
-           f"soft-cap kernel (core.capped), {where}{state}"
+           f"soft-cap kernel (core.capped), {where}{state}{block}"
 
 
 def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *, causal: bool = False,

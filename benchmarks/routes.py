@@ -17,8 +17,8 @@
     python benchmarks/routes.py --quick         # small sizes, seconds
     python benchmarks/routes.py --only score_mod --methods sliding_window,block_topk --modes inference
 
-Times are the minimum of ``--repeats`` calls (``attnzoo.bench.metrics.time_calls``) after one warm-up, one torch thread unless
-``--threads``.
+Times are the minimum of ``--repeats`` calls (``attnzoo.bench.metrics.time_calls``, ``--clock``) after one warm-up, one
+torch thread unless ``--threads``.
 """
 
 from __future__ import annotations
@@ -40,17 +40,18 @@ from attnzoo.bench.metrics import time_calls  # noqa: E402
 H, D = 8, 64
 
 
-def best(fn, repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls after a warm-up (the machine is shared: the minimum is the signal)."""
+def best(fn, repeats: int, clock: str = "wall") -> float:
+    """The fastest of ``repeats`` timed calls after a warm-up (the machine is shared: the minimum is the signal);
+    ``clock="own"`` leaves out the time the thread waited for a core."""
     fn()
-    return min(time_calls(fn, repeat=repeats, budget_s=120.0).runs)
+    return min(time_calls(fn, repeat=repeats, budget_s=120.0, clock=clock).runs)
 
 
 METHODS = {"exact": {}, "exact_tiled": {}, "sliding_window": {"window": 512}, "block_topk": {}}
 MODES = ("inference", "fwd+bwd")
 
 
-def score_mod_table(n: int, repeats: int, methods=tuple(METHODS), modes=MODES) -> None:
+def score_mod_table(n: int, repeats: int, methods=tuple(METHODS), modes=MODES, clock: str = "wall") -> None:
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, H, n, D, generator=g) for _ in range(3))
     table = torch.randn(H, 257, generator=g)
@@ -63,8 +64,8 @@ def score_mod_table(n: int, repeats: int, methods=tuple(METHODS), modes=MODES) -
                 "relative_bias": mods.relative_bias(tab),
                 "user softcap": lambda s, b, h, q_idx, kv_idx: torch.tanh(s / 30.0) * 30.0,  # a plain function
                 "user table": user_table, "positional(user table)": mods.positional(user_table, H)}
-    sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
-    sdpa_train = best(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward(), repeats)
+    sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats, clock)
+    sdpa_train = best(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward(), repeats, clock)
     print(f"\n## score_mod at N={n} (B=1, H={H}, D={D}, causal, fp32, {torch.get_num_threads()} thread(s))\n")
     print(f"SDPA causal: {sdpa:.3f} s forward, {sdpa_train:.3f} s forward + backward; `exact` without a mod is "
           "SDPA, with one the tiled engine (plain tiled: the exact_tiled rows)\n")
@@ -82,14 +83,14 @@ def score_mod_table(n: int, repeats: int, methods=tuple(METHODS), modes=MODES) -
         for mode, fn, ref in (("inference", infer, sdpa), ("fwd+bwd", train, sdpa_train)):
             if mode not in modes:
                 continue
-            plain = best(fn, repeats)
+            plain = best(fn, repeats, clock)
             for name, m in mod_list.items():
-                t = best(lambda: fn(m), repeats)
+                t = best(lambda: fn(m), repeats, clock)
                 print(f"| {method} | {name} | {mode} | {plain:.3f} | {t:.3f} | {t / plain:.2f} | {ref / t:.2f} |",
                       flush=True)
 
 
-def varlen_table(total: int, docs: int, repeats: int) -> None:
+def varlen_table(total: int, docs: int, repeats: int, clock: str = "wall") -> None:
     g = torch.Generator().manual_seed(0)
     cuts = torch.sort(torch.randperm(total - 1, generator=g)[: docs - 1] + 1).values.tolist()
     bounds = [0, *cuts, total]
@@ -107,10 +108,10 @@ def varlen_table(total: int, docs: int, repeats: int) -> None:
 
     pq, pk, pv = padded_batch(q), padded_batch(k), padded_batch(v)
     with torch.no_grad():
-        packed = best(lambda: az.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), repeats)
-        padded = best(lambda: az.attention(pq, pk, pv, causal=True, key_padding_mask=mask), repeats)
+        packed = best(lambda: az.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu), repeats, clock)
+        padded = best(lambda: az.attention(pq, pk, pv, causal=True, key_padding_mask=mask), repeats, clock)
         attn_mask = mask[:, None, None, :] & torch.ones(longest, longest, dtype=torch.bool).tril()
-        sdpa = best(lambda: F.scaled_dot_product_attention(pq, pk, pv, attn_mask=attn_mask), repeats)
+        sdpa = best(lambda: F.scaled_dot_product_attention(pq, pk, pv, attn_mask=attn_mask), repeats, clock)
         # same result on the real tokens
         a = az.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu)
         b = az.attention(pq, pk, pv, causal=True, key_padding_mask=mask)
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=8, help="documents of the varlen table")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clock", choices=("wall", "own"), default="wall",
+                    help="own: each call's wall time less its wait for a core (attnzoo.bench.metrics.bench_clock)")
     ap.add_argument("--quick", action="store_true", help="N=512, 8 documents summing to 2K")
     ap.add_argument("--only", choices=("score_mod", "varlen"), help="run one table")
     ap.add_argument("--methods", default=",".join(METHODS), help="score_mod table: comma-separated methods")
@@ -143,9 +146,9 @@ def main() -> None:
         bad = [m for m in methods if m not in METHODS] + [m for m in modes if m not in MODES]
         if bad:
             ap.error(f"unknown --methods/--modes entries {bad}; choose from {list(METHODS)} and {list(MODES)}")
-        score_mod_table(a.n, a.repeats, methods, modes)
+        score_mod_table(a.n, a.repeats, methods, modes, a.clock)
     if a.only != "score_mod":
-        varlen_table(a.total, a.docs, a.repeats)
+        varlen_table(a.total, a.docs, a.repeats, a.clock)
 
 
 if __name__ == "__main__":
