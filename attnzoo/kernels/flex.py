@@ -104,13 +104,12 @@ def block_mask(layout: BlockLayout, *, batch: int, heads_q: int, heads_kv: int, 
 
 def dense_layout(len_q: int, len_k: int, *, causal: bool, device, block: int = 128) -> BlockLayout:
     """Exact attention as a layout: every key block, those a query block can see under ``causal``."""
-    nkb = -(-len_k // block)
-    cols = torch.arange(nkb, device=device)
-    seen = cols.view(1, -1).expand(-(-len_q // block), nkb)
+    nqb, nkb = -(-len_q // block), -(-len_k // block)
     if causal:
-        seen = cols * block <= query_block_positions(len_q, len_k, block, device)[1].view(-1, 1)
+        last = query_block_positions(len_q, len_k, block, device)[1]
+        seen = torch.arange(nkb, device=device) * block <= last.view(-1, 1)
     else:
-        seen = torch.ones_like(seen, dtype=torch.bool)
+        seen = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
     return BlockLayout.from_block_mask(seen[None, None], block_q=block, block_k=block, len_q=len_q, len_k=len_k,
                                        causal=causal)
 
