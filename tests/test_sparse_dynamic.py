@@ -132,6 +132,26 @@ def test_hip_kv_heads_search_with_the_groups_rows():
     torch.testing.assert_close(method(q4, k, v, causal=True), ref, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("heads,len_q,len_k,causal", [("kv", 100, 100, True), ("query", 77, 120, True),
+                                                       ("kv", 90, 70, False)])
+def test_hip_search_in_slabs_equals_the_whole_search(monkeypatch, heads, len_q, len_k, causal):
+    """HiP searches its query blocks a slab at a time (scores kept cache-sized): one block per slab (the last one
+    with rows past Nq) gives the layout of the whole search in one slab, and that layout attends exactly."""
+    from attnzoo.catalog.sparse import dynamic
+
+    q, k, v, _ = _inputs((1, 4, 2, len_q, len_k, 8), seed=26, padded=False)
+    method = az.get("hip", heads=heads, block=8, block_k=4, topk=3, dense_below=0, dense_from=1)
+    monkeypatch.setattr(dynamic, "_HIP_SLAB_SCORES", 1 << 30)
+    (whole,) = method.layouts(q, k, causal=causal)
+    monkeypatch.setattr(dynamic, "_HIP_SLAB_SCORES", 1)
+    (slabs,) = method.layouts(q, k, causal=causal)
+    assert torch.equal(whole.kv_blocks, slabs.kv_blocks)
+    G = 4 // whole.kv_blocks.shape[1]
+    vis = whole.block_mask().repeat_interleave(G, 1).repeat_interleave(8, 2).repeat_interleave(4, 3)
+    ref, _ = masked_reference(q, k, v, combine(vis[..., :len_q, :len_k], causal=causal, len_q=len_q, len_k=len_k))
+    torch.testing.assert_close(method(q, k, v, causal=causal), ref, atol=1e-10, rtol=1e-10)
+
+
 def test_block_pool_of_whole_and_tail_blocks_equals_the_weighted_pool():
     """The unweighted fast path (no padding rows, views of t) equals the weighted pool with every row valid,
     including a partial last block and strided input."""

@@ -30,6 +30,9 @@ DENSE_BELOW, DENSE_FROM = 2048, 0.5
 _DENSE_BLOCK = 64
 
 _CAUSAL_ONLY = dataclasses.replace(LAYOUT_SUPPORTS, noncausal=False)
+#: scores per step of HiP's search (one slab of query blocks at a time: its scores and gathered keys stay
+#: cache-sized, where the whole search at 32K held 1.2 GB of scores per step)
+_HIP_SLAB_SCORES = 1 << 20
 
 
 # ---------------------------------------------------------------- shared estimators
@@ -392,42 +395,29 @@ class HiP(DynamicLayoutMethod):
         first, last = block_positions(prob, bs, dev)
         nq, nkb = first.numel(), -(-n_k // bk)
         n_vis = (last.clamp(-1, n_k - 1) // bk + 1).clamp(min=0) if causal else torch.full_like(last, nkb)
-        c = torch.arange(2 * kk, device=dev)
-        start = (c * n_vis.view(-1, 1)) // (2 * kk)  # (nq, 2k) in key-block units
-        end = ((c + 1) * n_vis.view(-1, 1)) // (2 * kk)
-        start, end = start.expand(B, Hs, nq, -1), end.expand(B, Hs, nq, -1)
         # (B, Hs, nq, G·bs, D): a query block's rows of the selecting head's G query heads, scaled
         qb = (torch.nn.functional.pad(q, (0, 0, 0, nq * bs - n_q)).view(B, Hs, G, nq, bs, D).transpose(2, 3)
               .reshape(B, Hs, nq, G * bs, D) * prob.scale)
         in_block = torch.arange(G * bs, device=dev) % bs  # each row's place in its query block
-        row_ok = (torch.arange(nq, device=dev).view(-1, 1) * bs + in_block < n_q).view(nq, G * bs, 1)
+        pad_rows = (nq - 1) * bs + in_block >= n_q  # the last query block's rows past Nq (zero rows of qb)
         k_flat = k.reshape(-1, D)
         kv_head = torch.arange(Hs, device=dev) // (Hs // Hkv)
         head_base = ((torch.arange(B, device=dev).view(-1, 1) * Hkv + kv_head) * n_k).view(B, Hs, 1, 1)
-        key_limit = last.clamp(max=n_k - 1).view(1, 1, -1, 1) if causal else n_k - 1
-        q_pos = ((torch.arange(nq, device=dev).view(-1, 1) * bs + in_block).clamp(max=n_q - 1)
-                 + n_k - n_q).view(1, 1, nq, G * bs, 1)
         q_head = (torch.arange(Hs, device=dev).view(-1, 1) * G + torch.arange(G * bs, device=dev) // bs
                   ).view(1, Hs, 1, G * bs, 1)
-        while True:
-            rep = ((start + end) * bk) // 2
-            rep = torch.minimum(rep, torch.as_tensor(key_limit, device=dev)).clamp(min=0)
-            k_rep = k_flat.index_select(0, (head_base + rep).reshape(-1)).view(B, Hs, nq, -1, D)
-            score = torch.matmul(qb, k_rep.transpose(-1, -2))  # (B, Hs, nq, G·bs, chunks)
-            if score_mod is not None:  # the scores of the block's queries with the chunks' middle keys
-                with torch.no_grad():
-                    score = call_score_mod(score_mod, score, torch.arange(B, device=dev).view(-1, 1, 1, 1, 1),
-                                           q_head, q_pos, rep.unsqueeze(-2))
-            score = score.masked_fill(~row_ok, -math.inf).amax(-2)
-            score = score.masked_fill(end <= start, -math.inf)
-            top = score.topk(min(kk, score.shape[-1]), dim=-1)
-            start, end = start.gather(-1, top.indices), end.gather(-1, top.indices)
-            empty = ~torch.isfinite(top.values)
-            end = torch.where(empty, start, end)
-            if bool((end - start <= 1).all()):
-                break
-            mid = (start + end) // 2
-            start, end = torch.cat([start, mid], -1), torch.cat([mid, end], -1)
+        # query blocks in slabs: each step's (slab, G·bs, 2·topk) scores and gathered keys stay cache-sized
+        slab = max(1, _HIP_SLAB_SCORES // max(1, B * Hs * G * bs * 2 * kk))
+        starts, ends = [], []
+        for s0 in range(0, nq, slab):
+            s1 = min(nq, s0 + slab)
+            key_limit = last[s0:s1].clamp(max=n_k - 1).view(1, 1, -1, 1) if causal else n_k - 1
+            q_pos = ((torch.arange(s0, s1, device=dev).view(-1, 1) * bs + in_block).clamp(max=n_q - 1)
+                     + n_k - n_q).view(1, 1, s1 - s0, G * bs, 1)
+            start, end = self._search(qb[:, :, s0:s1], n_vis[s0:s1], key_limit, k_flat, head_base, q_head, q_pos,
+                                      pad_rows if s1 == nq and bool(pad_rows.any()) else None, score_mod)
+            starts.append(start)
+            ends.append(end)
+        start, end = torch.cat(starts, 2), torch.cat(ends, 2)
         keep = torch.zeros(B, Hs, nq, nkb + 1, dtype=torch.bool, device=dev)
         keep.scatter_(-1, torch.where(end > start, start, torch.full_like(start, nkb)), True)
         keep = keep[..., :nkb]
@@ -437,3 +427,36 @@ class HiP(DynamicLayoutMethod):
             keep = keep & causal_block_ok(prob, bs, bk, dev)
         return [BlockLayout.from_block_mask(keep, block_q=bs, block_k=bk, len_q=prob.len_q, len_k=n_k,
                                             causal=causal)]
+
+    def _search(self, qb, n_vis, key_limit, k_flat, head_base, q_head, q_pos, pad_rows, score_mod):
+        """The halving search of :meth:`estimate` for one slab of query blocks: ``(start, end) (B, Hs, slab,
+        topk)`` in key-block units, ``end == start`` where fewer chunks were visible."""
+        B, Hs, nq, _, D = qb.shape
+        bk, kk, dev = self.block_k, self.topk, qb.device
+        c = torch.arange(2 * kk, device=dev)
+        start = (c * n_vis.view(-1, 1)) // (2 * kk)  # (nq, 2k) in key-block units
+        end = ((c + 1) * n_vis.view(-1, 1)) // (2 * kk)
+        start, end = start.expand(B, Hs, nq, -1), end.expand(B, Hs, nq, -1)
+        while True:
+            rep = ((start + end) * bk) // 2
+            rep = torch.minimum(rep, torch.as_tensor(key_limit, device=dev)).clamp(min=0)
+            k_rep = k_flat.index_select(0, (head_base + rep).reshape(-1)).view(B, Hs, nq, -1, D)
+            score = torch.matmul(qb, k_rep.transpose(-1, -2))  # (B, Hs, nq, G·bs, chunks)
+            if score_mod is not None:  # the scores of the block's queries with the chunks' middle keys
+                with torch.no_grad():
+                    score = call_score_mod(score_mod, score, torch.arange(B, device=dev).view(-1, 1, 1, 1, 1),
+                                           q_head, q_pos, rep.unsqueeze(-2))
+            if pad_rows is not None:  # the zero rows past Nq (the slab's last block) rank nothing
+                hide = torch.zeros(nq, pad_rows.numel(), 1, dtype=torch.bool, device=dev)
+                hide[-1, :, 0] = pad_rows
+                score = score.masked_fill(hide, -math.inf)
+            score = score.amax(-2)
+            score = score.masked_fill(end <= start, -math.inf)
+            top = score.topk(min(kk, score.shape[-1]), dim=-1)
+            start, end = start.gather(-1, top.indices), end.gather(-1, top.indices)
+            empty = ~torch.isfinite(top.values)
+            end = torch.where(empty, start, end)
+            if bool((end - start <= 1).all()):
+                return start, end
+            mid = (start + end) // 2
+            start, end = torch.cat([start, mid], -1), torch.cat([mid, end], -1)
