@@ -11,7 +11,7 @@
 //   capped_attention.cpp: -2 cap / (exp(2x / cap) + 1), one vectorised pass; the lse adds cap back).
 // A work item is (batch row, query heads sharing one layout row, query block): its rows (every such head's
 // block_q queries, scaled, packed into one matrix) walk the listed key blocks, adjacent blocks merged into one
-// run read in place (no gather), in runs of at most kBlockK keys: one GEMM for the scores, one pass for the row
+// run read in place (no gather), short runs packed into one chunk (no bias), in chunks of at most kBlockK keys: one GEMM for the scores, one pass for the row
 // maximum, one for exp + row sum with the online rescale, one GEMM into the output. Keys past the row's
 // position (causal) or past Nk are never read. Rows that see no key give (0, -inf).
 #include <ATen/ATen.h>
@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -96,48 +97,97 @@ inline T row_pass(T* sr, const bool* pr, const T* br, int64_t vis, T cap) {
   return br ? row_pass<T, false, true>(sr, pr, br, vis, cap) : row_pass<T, false, false>(sr, pr, br, vis, cap);
 }
 
-// rows [r0, r1) of one work item (row rr is query head rr / nr, position i0 + rr % nr)
+// per-thread buffers of a work item's tiles: scores, output accumulator, row maxima and sums, and the packed keys,
+// values and key padding of a chunk gathered from several short runs
+template <typename T>
+struct Scratch {
+  std::vector<T> s, acc, m, l, kp, vp;
+  std::unique_ptr<bool[]> pp;
+  Scratch(int64_t D, int64_t Dv)
+      : s(kRows * kBlockK), acc(kRows * Dv), m(kRows), l(kRows), kp(kBlockK * D), vp(kBlockK * Dv),
+        pp(new bool[kBlockK]) {}
+};
+
+// rows [r0, r1) of one work item (row rr is query head rr / nr, position i0 + rr % nr). Keys every row of the
+// tile sees whole (all of them when not causal) are processed in chunks of up to kBlockK: a long run in place,
+// short runs packed together into one chunk (a copy of their rows: a layout's scattered small blocks would
+// otherwise each be a small GEMM and a row pass of block_k keys; not with a distance bias, whose row is read
+// at the chunk's contiguous distances); keys at the tile's causal diagonal are read in place, each row up to
+// its own position.
 template <typename T>
 void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int64_t i0, const T* k, const T* v,
-          const std::vector<std::pair<int64_t, int64_t>>& runs, std::vector<T>& s, std::vector<T>& acc,
-          std::vector<T>& m, std::vector<T>& l) {
+          const std::vector<std::pair<int64_t, int64_t>>& runs, Scratch<T>& w) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t rows = r1 - r0;
-  std::fill(m.begin(), m.begin() + rows, ninf);
-  std::fill(l.begin(), l.begin() + rows, T(0));
-  std::fill(acc.begin(), acc.begin() + rows * a.Dv, T(0));
+  std::fill(w.m.begin(), w.m.begin() + rows, ninf);
+  std::fill(w.l.begin(), w.l.begin() + rows, T(0));
+  std::fill(w.acc.begin(), w.acc.begin() + rows * a.Dv, T(0));
   // the tile's positions: the least and the greatest (rows wrap over heads)
   int64_t p_lo = i0 + a.offset + r0 % nr, p_hi = i0 + a.offset + (r1 - 1) % nr;
   if (r1 - r0 >= nr || (r1 - 1) % nr < r0 % nr) p_lo = i0 + a.offset, p_hi = i0 + a.offset + nr - 1;
+  // one chunk of n keys (rows of kc, ldk; values vc, ldv; padding pc or nullptr), from key j0 on when read in
+  // place (packed: j0 unused, no bias); `whole`: every row sees all n, else row r sees keys up to its position
+  auto chunk = [&](const T* kc, int64_t ldk, const T* vc, int64_t ldv, const bool* pc, int64_t n, int64_t j0,
+                   bool whole) {
+    // s (rows x n, row stride kBlockK) = q_rows . k_chunk^T
+    gemm('T', n, rows, a.D, kc, ldk, qp + r0 * a.D, a.D, T(0), w.s.data(), kBlockK);
+    for (int64_t r = 0; r < rows; ++r) {
+      T* sr = w.s.data() + r * kBlockK;
+      const int64_t vis = whole ? n : std::min(n, std::max<int64_t>(0, i0 + a.offset + (r0 + r) % nr - j0 + 1));
+      if (vis == 0) {
+        std::fill(sr, sr + n, T(0));
+        continue;
+      }
+      // the bias of this row's keys j0, j0 + 1, ...: distances j0 - position, ...
+      const T* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : (r0 + r) / nr * a.bias_len) +
+                                 (j0 - i0 - a.offset - (r0 + r) % nr - a.bias_lo)
+                           : nullptr;
+      const T mx = row_pass(sr, pc, br, vis, a.cap);
+      softmax_step(sr, vis, n, mx, w.m[r], w.l[r], w.acc.data() + r * a.Dv, a.Dv);
+    }
+    // acc (rows x Dv) += p (rows x n) . v_chunk (n x Dv)
+    gemm('N', a.Dv, rows, n, vc, ldv, w.s.data(), kBlockK, T(1), w.acc.data(), a.Dv);
+  };
+  // short whole pieces waiting to be packed into one chunk
+  std::vector<std::pair<int64_t, int64_t>> pieces;
+  int64_t packed = 0;
+  auto flush = [&] {
+    if (pieces.size() == 1) {
+      const int64_t j0 = pieces[0].first;
+      chunk(k + j0 * a.ks[2], a.ks[2], v + j0 * a.vs[2], a.vs[2], a.pad ? a.pad + j0 : nullptr, packed, j0, true);
+    } else if (!pieces.empty()) {
+      int64_t c = 0;
+      for (const auto& pc : pieces)
+        for (int64_t j = pc.first; j < pc.second; ++j, ++c) {
+          std::copy(k + j * a.ks[2], k + j * a.ks[2] + a.D, w.kp.data() + c * a.D);
+          std::copy(v + j * a.vs[2], v + j * a.vs[2] + a.Dv, w.vp.data() + c * a.Dv);
+          if (a.pad) w.pp[c] = a.pad[j];
+        }
+      chunk(w.kp.data(), a.D, w.vp.data(), a.Dv, a.pad ? w.pp.get() : nullptr, packed, 0, true);
+    }
+    pieces.clear();
+    packed = 0;
+  };
   for (const auto& run : runs) {
     const int64_t end = a.causal ? std::min(run.second, p_hi + 1) : run.second;
-    for (int64_t j0 = run.first; j0 < end; j0 += kBlockK) {
+    const int64_t whole_end = a.causal ? std::min(end, p_lo + 1) : end;  // keys before it: every row sees them
+    for (int64_t j0 = run.first; j0 < whole_end;) {
+      const int64_t n = std::min(whole_end - j0, kBlockK - packed);
+      pieces.emplace_back(j0, j0 + n);
+      packed += n;
+      j0 += n;
+      if (packed == kBlockK || a.bias) flush();
+    }
+    for (int64_t j0 = std::max(run.first, whole_end); j0 < end; j0 += kBlockK) {
       const int64_t n = std::min(kBlockK, end - j0);
-      // s (rows x n, row stride kBlockK) = q_rows . k_block^T
-      gemm('T', n, rows, a.D, k + j0 * a.ks[2], a.ks[2], qp + r0 * a.D, a.D, T(0), s.data(), kBlockK);
-      const bool whole = !a.causal || j0 + n - 1 <= p_lo;
-      for (int64_t r = 0; r < rows; ++r) {
-        T* sr = s.data() + r * kBlockK;
-        const int64_t vis = whole ? n : std::min(n, std::max<int64_t>(0, i0 + a.offset + (r0 + r) % nr - j0 + 1));
-        if (vis == 0) {
-          std::fill(sr, sr + n, T(0));
-          continue;
-        }
-        // the bias of this row's keys j0, j0 + 1, ...: distances j0 - position, ...
-        const T* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : (r0 + r) / nr * a.bias_len) +
-                                   (j0 - i0 - a.offset - (r0 + r) % nr - a.bias_lo)
-                             : nullptr;
-        const T mx = row_pass(sr, a.pad ? a.pad + j0 : nullptr, br, vis, a.cap);
-        softmax_step(sr, vis, n, mx, m[r], l[r], acc.data() + r * a.Dv, a.Dv);
-      }
-      // acc (rows x Dv) += p (rows x n) . v_block (n x Dv)
-      gemm('N', a.Dv, rows, n, v + j0 * a.vs[2], a.vs[2], s.data(), kBlockK, T(1), acc.data(), a.Dv);
+      chunk(k + j0 * a.ks[2], a.ks[2], v + j0 * a.vs[2], a.vs[2], a.pad ? a.pad + j0 : nullptr, n, j0, false);
     }
   }
+  flush();
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t rr = r0 + r, h = rr / nr, i = i0 + rr % nr;
-    finish_row(acc.data() + r * a.Dv, m[r], l[r], a.cap > 0 ? a.cap : T(0), a.Dv, a.out + h * a.os[1] + i * a.os[2],
-               a.lse + h * a.Nq + i);
+    finish_row(w.acc.data() + r * a.Dv, w.m[r], w.l[r], a.cap > 0 ? a.cap : T(0), a.Dv,
+               a.out + h * a.os[1] + i * a.os[2], a.lse + h * a.Nq + i);
   }
 }
 
@@ -145,7 +195,8 @@ template <typename T>
 void run(const Args<T>& a) {
   const int64_t groups = a.Hq / a.Hkv, items_per_row = a.Hq / a.heads;
   at::parallel_for(0, a.B * items_per_row * a.nqb, 1, [&](int64_t begin, int64_t stop) {
-    std::vector<T> qp(a.heads * a.block_q * a.D), s(kRows * kBlockK), acc(kRows * a.Dv), m(kRows), l(kRows);
+    std::vector<T> qp(a.heads * a.block_q * a.D);
+    Scratch<T> w(a.D, a.Dv);
     std::vector<std::pair<int64_t, int64_t>> runs;
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t b = t / (items_per_row * a.nqb), hg = (t / a.nqb) % items_per_row, qb = t % a.nqb;
@@ -170,7 +221,7 @@ void run(const Args<T>& a) {
       const T* v = a.v + b * a.vs[0] + kv * a.vs[1];
       const int64_t total = a.heads * nr;
       for (int64_t r0 = 0; r0 < total; r0 += kRows)
-        tile(item, qp.data(), nr, r0, std::min(total, r0 + kRows), i0, k, v, runs, s, acc, m, l);
+        tile(item, qp.data(), nr, r0, std::min(total, r0 + kRows), i0, k, v, runs, w);
     }
   });
 }
