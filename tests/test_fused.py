@@ -268,9 +268,12 @@ def test_block_kernel_packs_scattered_blocks_into_long_chunks(causal, padded, nq
 @settings(max_examples=40, deadline=None)
 @given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2]), nq=st.integers(1, 40),
        nk=st.integers(1, 60), group=st.sampled_from([1, 4, 8]), heads=st.sampled_from(["shared", "kv", "query"]),
-       pool=st.integers(1, 12), causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 2**16))
-def test_token_layouts_equal_dense_reference(B, hkv, groups, nq, nk, group, heads, pool, causal, padded, seed):
-    """Rows drawn from a per-head pool (vertical columns): one dense attention over the union, any mask."""
+       pool=st.integers(1, 12), causal=st.booleans(), padded=st.booleans(), seed=st.integers(0, 2**16),
+       masked=st.booleans(), kernel=st.booleans())
+def test_token_layouts_equal_dense_reference(B, hkv, groups, nq, nk, group, heads, pool, causal, padded, seed,
+                                             masked, kernel):
+    """Rows drawn from a per-head pool (vertical columns): one dense attention over the union, any mask; without
+    a mask_mod on the block kernel (one-key blocks) where it builds, or with it turned off."""
     hq = hkv * groups
     q, k, v = _qkv(B, hq, hkv, nq, nk, 8, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -281,15 +284,20 @@ def test_token_layouts_equal_dense_reference(B, hkv, groups, nq, nk, group, head
     rows = torch.cat([rows, torch.randint(-1, nk, (1, hl, ng, 2), generator=gen)], -1)  # a few tokens off the pool
     dedup = torch.sort(rows, -1).values
     dedup[..., 1:] = torch.where(dedup[..., 1:] == dedup[..., :-1], -1, dedup[..., 1:])  # distinct per row
-    lay = TokenLayout(dedup, group, nq, nk, lambda b, h, qi, kj: (qi + kj + h) % 5 != 0)
+    mod = (lambda b, h, qi, kj: (qi + kj + h) % 5 != 0) if masked else None
+    lay = TokenLayout(dedup, group, nq, nk, mod)
     pad = torch.rand(B, nk, generator=gen) > 0.3 if padded else None
-    with mock.patch("attnzoo.core.fused._CAUSAL_ROWS", 3):  # causal: row chunks of 3, each cut to its keys
+    on_kernel = kernel and not masked and blockkernel.available()
+    off = mock.patch.object(bs.blockkernel, "applies", return_value=False) if not kernel else nullcontext()
+    with mock.patch("attnzoo.core.fused._CAUSAL_ROWS", 3), off:  # causal: row chunks of 3, each cut to its keys
+        assert (bs.forward_path(q, k, v, lay, causal=causal) == "block kernel") == on_kernel
         out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
     qi, kj = torch.arange(nq).view(-1, 1), torch.arange(nk).view(1, -1)
     member = torch.zeros(1, hl, ng, nk + 1, dtype=torch.bool)
     member.scatter_(-1, torch.where(dedup >= 0, dedup, nk), True)
     vis = member[..., :nk].repeat_interleave(group, 2)[:, :, :nq]
-    vis = vis & ((qi + kj + torch.arange(hl).view(1, -1, 1, 1)) % 5 != 0)
+    if masked:
+        vis = vis & ((qi + kj + torch.arange(hl).view(1, -1, 1, 1)) % 5 != 0)
     vis = combine(vis.repeat_interleave(hq // hl, 1), causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
     ref, ref_lse = masked_reference(q, k, v, vis, scale=0.4)
     assert_matches(out, lse, ref, ref_lse)

@@ -9,9 +9,11 @@ run of keys read in place, the causal diagonal is the run's last rows' limit, an
 rows (up to 256) are one GEMM operand. Work item: (batch row, the query heads sharing a layout row,
 query block).
 
-It serves block layouts without ``mask_mod``/partial blocks or custom positions (key padding hides keys
-in the row pass; a distance-bias score_mod, one ``(Hq|1, distances)`` vector, is added to the scores and a
-soft cap applied in the same pass), in float32/float64, where the extension builds (:mod:`attnzoo.core.cpp`).
+Short runs (scattered blocks of a few keys) are packed into chunks of up to 512 keys, a copy of their rows.
+It serves block layouts without ``mask_mod``/partial blocks, and token layouts without ``mask_mod`` as layouts
+of one-key blocks (vertical_slash's columns), without custom positions (key padding hides keys in the row
+pass; a distance-bias score_mod, one ``(Hq|1, distances)`` vector, is added to the scores and a soft cap
+applied in the same pass), in float32/float64, where the extension builds (:mod:`attnzoo.core.cpp`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import cpp
-from .layout import BlockLayout
+from .layout import BlockLayout, TokenLayout
 from .scoremod import DistanceBias, distance_rows
 
 _SOURCE = "blocksparse_attention.cpp"
@@ -36,24 +38,29 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
     """Whether :func:`attend_blocks` can run this call: CPU, float32/64 alike, a layout without element
     masks, and the extension built."""
     return (q.device.type == "cpu" and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and layout.partial is None and layout.mask_mod is None and available())
+            and getattr(layout, "partial", None) is None and layout.mask_mod is None and available())
 
 
-def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, *, scale: float,
-                  causal: bool, key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None,
-                  cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout | TokenLayout, *,
+                  scale: float, causal: bool, key_padding_mask: torch.Tensor | None = None,
+                  bias: DistanceBias | None = None, cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq))`` of ``q`` over the key blocks ``layout`` lists (causal:
     bottom-right aligned; ``key_padding_mask (B, Nk)``: False hides a key; ``bias``: a distance-bias
     score_mod at the default positions, then ``cap``: a soft cap; forward only); rows that see no key give
-    ``(0, -inf)``. Only after :func:`applies`."""
+    ``(0, -inf)``. A :class:`TokenLayout` is a block layout of one-key blocks (``block_q`` = its group): the
+    kernel merges adjacent tokens into runs and packs short runs into long chunks. Only after :func:`applies`."""
+    if isinstance(layout, TokenLayout):
+        index, block_q, block_k = layout.kv_tokens, layout.group, 1
+    else:
+        index, block_q, block_k = layout.kv_blocks, layout.block_q, layout.block_k
     Hq, Hkv = q.shape[1], k.shape[1]
     groups = Hq // Hkv
-    heads = 1 if (layout.kv_blocks.shape[1] == Hq and groups > 1) else groups  # query heads per layout row
+    heads = 1 if (index.shape[1] == Hq and groups > 1) else groups  # query heads per layout row
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
     Nq, Nk = q.shape[2], k.shape[2]
     vec = None if bias is None else distance_rows(bias, 1 - Nk, Nq + Nk - 1, q.dtype, q.device, causal=False)
     available()  # loads the op (built once per process)
     return torch.ops.attnzoo_blocksparse.blocksparse_attention(
-        q, k, v, layout.kv_blocks.contiguous(), pad, layout.block_q, layout.block_k, heads, float(scale), causal,
+        q, k, v, index.contiguous(), pad, block_q, block_k, heads, float(scale), causal,
         Nk - Nq, vec, 1 - Nk, float(cap or 0.0))

@@ -546,16 +546,15 @@ def _plan_and_route(q, k, v, layout: Layout, scale: float, causal: bool, q_posit
     fused = fused_applies(q, v, q_positions) and (hook is None or hook.distance is not None or (
         hook.capped is not None and capped.applies(q, v)))
     kernel = (fused and (hook is None or ((hook.distance or hook.capped) is not None and q_positions is None))
-              and isinstance(layout, BlockLayout) and blockkernel.applies(q, k, v, layout))
+              and blockkernel.applies(q, k, v, layout))
     return plan, _route(plan, layout, fused, kernel)
 
 
 def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, causal: bool,
                  q_positions: torch.Tensor | None = None, score_mod: ScoreMod | None = None) -> str:
-    """Which forward path :func:`attend` takes for this call: ``band``, ``block kernel`` (a block layout
-    without element masks, with no score_mod or a distance bias and/or soft cap, on
-    :mod:`attnzoo.core.blockkernel`),
-    ``token union``, ``fused``
+    """Which forward path :func:`attend` takes for this call: ``band``, ``block kernel`` (a block or token
+    layout without element masks, with no score_mod or a distance bias and/or soft cap, on
+    :mod:`attnzoo.core.blockkernel`), ``token union``, ``fused``
     (PyTorch's fused CPU kernel, or with a soft cap :mod:`attnzoo.core.capped`'s) or ``slot loop`` (the
     generic executor: other devices, custom query positions, user score_mods)."""
     return _plan_and_route(q, k, v, layout, 1.0, causal, q_positions, score_mod)[1][0]

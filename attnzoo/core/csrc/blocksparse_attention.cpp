@@ -11,7 +11,8 @@
 //   capped_attention.cpp: -2 cap / (exp(2x / cap) + 1), one vectorised pass; the lse adds cap back).
 // A work item is (batch row, query heads sharing one layout row, query block): its rows (every such head's
 // block_q queries, scaled, packed into one matrix) walk the listed key blocks, adjacent blocks merged into one
-// run read in place (no gather), short runs packed into one chunk (no bias), in chunks of at most kBlockK keys: one GEMM for the scores, one pass for the row
+// run read in place (no gather), short runs packed into one chunk (no bias), in chunks of at most kBlockK keys:
+// one GEMM for the scores, one pass for the row
 // maximum, one for exp + row sum with the online rescale, one GEMM into the output. Keys past the row's
 // position (causal) or past Nk are never read. Rows that see no key give (0, -inf).
 #include <ATen/ATen.h>
