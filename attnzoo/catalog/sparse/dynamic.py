@@ -23,8 +23,9 @@ from ...registry import Family, Supports, param, register
 from ._base import LAYOUT_SUPPORTS, LayoutMethod, block_positions
 
 log = logging.getLogger(__name__)
-#: the dense-path thresholds of a share budget (:class:`DynamicLayoutMethod`, ``crossover`` per method): below 2K
-#: keys block_topk lost to SDPA on SmolLM2 Q/K/V (benchmarks/prefill.py), and reading half the pairs cannot pay
+#: the dense-path thresholds of a share budget (:class:`DynamicLayoutMethod`): below 2K
+#: keys block_topk lost to SDPA on SmolLM2 Q/K/V (benchmarks/prefill.py), and reading half the pairs cannot pay;
+#: vertical_slash with its columns on the block kernel: 1.37x SDPA at 2K, 2.10x at 4K, 2.94x at 8K (1 thread)
 DENSE_BELOW, DENSE_FROM = 2048, 0.5
 #: block size of the full layout that stands for the dense path in :meth:`DynamicLayoutMethod.layouts`
 _DENSE_BLOCK = 64
@@ -146,8 +147,7 @@ class DynamicLayoutMethod(LayoutMethod):
 
     dense_below: int | None = param(None, min=0, help="calls with fewer keys take the dense path (exact attention "
                                                       "on the fused kernel); default with a share budget: the "
-                                                      "measured crossover (2048; vertical_slash 8192), 0 with "
-                                                      "a count")
+                                                      "measured crossover (2048), 0 with a count")
     dense_from: float | None = param(None, min=0.0, max=1.0, help="take the dense path when the layout reads at "
                                                                   "least this share of the visible pairs (1: "
                                                                   "never); default: 0.5 with a share budget, 1 "
@@ -160,12 +160,9 @@ class DynamicLayoutMethod(LayoutMethod):
         share = any(f.metadata.get("share") and isinstance(getattr(self, f.name), float)
                     and getattr(self, f.name) < 1 for f in dataclasses.fields(self))
         me = dataclasses.replace(
-            self, dense_below=(self.crossover if share else 0) if self.dense_below is None else self.dense_below,
+            self, dense_below=(DENSE_BELOW if share else 0) if self.dense_below is None else self.dense_below,
             dense_from=(DENSE_FROM if share else 1.0) if self.dense_from is None else self.dense_from)
         return LayoutMethod.fit(me, prob)
-
-    #: ``dense_below`` of a share budget: keys from which the sparse path beat SDPA (benchmarks/prefill.py --sparse)
-    crossover: ClassVar[int] = DENSE_BELOW
 
     def estimate(self, q, k, prob: Problem, *, causal: bool, key_padding_mask, score_mod=None) -> list[Layout]:
         """The layouts the method estimates from q and k (the sparse path)."""
@@ -225,7 +222,6 @@ class VerticalSlash(DynamicLayoutMethod):
     complexity: ClassVar[str] = "O(last_q·N·D + N·(n_vertical + n_slash·block)·D)"
     supports: ClassVar[Supports] = _CAUSAL_ONLY
     papers: ClassVar[tuple[str, ...]] = ("MInference 1.0",)
-    crossover: ClassVar[int] = 8192  # SmolLM2 Q/K/V, 1 thread: 0.76x SDPA at 2K, 0.95x at 4K, 1.30x at 8K
 
     last_q: int = param(64, min=1, help="probe queries (the last ones)")
     n_vertical: int | float = param(0.125, min=1, share="keys", help="key columns kept per head: a count or a share "
