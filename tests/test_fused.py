@@ -303,6 +303,27 @@ def test_token_layouts_equal_dense_reference(B, hkv, groups, nq, nk, group, head
     assert_matches(out, lse, ref, ref_lse)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_layouts_with_a_distance_bias_on_the_block_kernel(causal):
+    """A token layout with ALiBi (alone or with a soft cap) runs on the block kernel, each token at its own
+    distance (no packing under a bias), equal to the fused path in float64."""
+    import attnzoo.mods as mods
+
+    if not blockkernel.available():
+        return  # the extension did not build here
+    q, k, v = _qkv(1, 4, 2, 300, 300, 16, seed=32)
+    cols = torch.sort(torch.randint(0, 300, (1, 4, 10, 40), generator=torch.Generator().manual_seed(32)), -1).values
+    cols[..., 1:] = torch.where(cols[..., 1:] == cols[..., :-1], -1, cols[..., 1:])  # distinct per row
+    lay = TokenLayout(cols, 30, 300, 300)
+    slopes = mods.alibi_slopes(4).double()
+    for mod in (mods.alibi(slopes), mods.compose(mods.alibi(slopes), mods.softcap(5.0))):
+        assert bs.forward_path(q, k, v, lay, causal=causal, score_mod=mod) == "block kernel"
+        out, lse = attend(q, k, v, lay, scale=0.3, causal=causal, score_mod=mod)
+        with mock.patch.object(bs.blockkernel, "applies", return_value=False):
+            ref, ref_lse = attend(q, k, v, lay, scale=0.3, causal=causal, score_mod=mod)
+        assert_matches(out, lse, ref, ref_lse)
+
+
 def test_windows_read_a_cache_slice_in_place(band_calls):
     """K/V as the first n positions of a longer buffer (a KV cache): no copy of the cache, same result."""
     q, k, v = _qkv(1, 4, 2, 1, 300, 8, seed=12)
