@@ -305,17 +305,26 @@ def test_tokenselect_reuses_selection_while_queries_are_similar():
     assert never.policy.reused == 0 and never.policy.selected == 10
 
 
-def test_quest_page_bounds_are_upper_bounds_and_incremental():
+@pytest.mark.parametrize("bound_dtype", ["float32", "bfloat16"])
+def test_quest_page_bounds_are_upper_bounds_and_incremental(bound_dtype):
     q, k, v = _qkv(B=2, Hq=2, Hkv=2, N=45, seed=9)
-    cache = KVCache("quest", budget=20, page=4, local=4, sinks=0)
+    cache = KVCache("quest", budget=20, page=4, local=4, sinks=0, bound_dtype=bound_dtype)
     for a, b in [(0, 3), (3, 10), (10, 11), (11, 45)]:
         cache.append(k[:, :, a:b], v[:, :, a:b])
     store = cache._layer.store
     kmin, kmax = store.page_bounds()
+    assert kmin.dtype == kmax.dtype == getattr(torch, bound_dtype)
     pages = torch.cat([k, k[:, :, -1:].expand(-1, -1, 3, -1)], 2).float().unflatten(2, (12, 4))
-    torch.testing.assert_close(kmin, pages.amin(3))
-    torch.testing.assert_close(kmax, pages.amax(3))
+    if bound_dtype == "float32":
+        torch.testing.assert_close(kmin, pages.amin(3))
+        torch.testing.assert_close(kmax, pages.amax(3))
+    else:  # rounded outward: still bounds, within one bf16 step (2^-7 relative) of the exact ones
+        assert bool((kmin.float() <= pages.amin(3)).all()) and bool((kmax.float() >= pages.amax(3)).all())
+        torch.testing.assert_close(kmin.float(), pages.amin(3), rtol=2**-7, atol=1e-30)
+        torch.testing.assert_close(kmax.float(), pages.amax(3), rtol=2**-7, atol=1e-30)
+        assert bool((pages.amax(3).bfloat16().float() < pages.amax(3)).any())  # nearest rounding would not be
     qf = q[:, :, -1].float()
+    kmin, kmax = kmin.float(), kmax.float()
     bound = (torch.einsum("bhd,bhpd->bhp", qf.clamp(min=0), kmax) + torch.einsum("bhd,bhpd->bhp", qf.clamp(max=0), kmin))
     dots = torch.einsum("bhd,bhpjd->bhpj", qf, pages)
     assert bool((bound.unsqueeze(-1) >= dots - 1e-5).all())
@@ -327,6 +336,35 @@ def test_quest_page_bounds_are_upper_bounds_and_incremental():
     slots = torch.cat([expect, torch.arange(40, 45).expand(2, 2, 5)], -1)
     ref, ref_lse = _subset_attention(q[:, :, -1:], k, v, slots)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_quest_compact_bounds_never_drop_a_page_above_the_selected_threshold(seed):
+    """With bf16 bounds, every page left out has an exact max score ``q·k`` (max over the KV head's query heads
+    and the page's keys) no larger than the lowest bound among the selected pages: the selection misses no page
+    that could beat one it took. Half the pages repeat one key, so their bound is that key's exact score (bounds
+    rounded to nearest fail here); a large common offset makes the scores sensitive to the rounding."""
+    g = torch.Generator().manual_seed(seed)
+    B, Hq, Hkv, D, page, n = 2, 4, 2, 16, 4, 128
+    spread = (torch.arange(n // page) % 2).repeat_interleave(page).view(1, 1, n, 1) * 0.05
+    k = (torch.randn(B, Hkv, n // page, D, generator=g).repeat_interleave(page, 2) * 0.5
+         + torch.randn(B, Hkv, n, D, generator=g) * spread + torch.randn(B, Hkv, 1, D, generator=g) * 3)
+    v = torch.randn(B, Hkv, n, D, generator=g)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    cache = KVCache("quest", budget=40, page=page, local=4, sinks=0)
+    cache.append(k, v)
+    cache.attend(q)
+    lo, hi = cache.policy.always(n)
+    chosen = cache.policy.last  # (B, Hkv, slots): whole pages
+    exact = torch.einsum("bhgd,bhnd->bhgn", q[:, :, 0].view(B, Hkv, Hq // Hkv, D), k).amax(2)
+    page_max = exact[:, :, lo:hi].unflatten(-1, (-1, page)).amax(-1)  # (B, Hkv, pages)
+    kmin, kmax = (t[:, :, lo // page: hi // page].float() for t in cache._layer.store.page_bounds())
+    qg = q[:, :, 0].view(B, Hkv, Hq // Hkv, D)
+    bound = (qg.clamp(min=0) @ kmax.transpose(-1, -2) + qg.clamp(max=0) @ kmin.transpose(-1, -2)).amax(2)
+    assert bool((bound >= page_max - 1e-5 * page_max.abs().clamp(min=1)).all())
+    picked = torch.zeros_like(page_max, dtype=torch.bool).scatter_(-1, (chosen[..., ::page] - lo) // page, True)
+    threshold = bound.masked_fill(~picked, math.inf).amin(-1, keepdim=True)
+    assert bool((page_max.masked_fill(picked, -math.inf) <= threshold + 1e-5 * threshold.abs().clamp(min=1)).all())
 
 
 def test_quest_lserve_physical_pages_and_reuse():

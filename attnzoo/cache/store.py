@@ -71,12 +71,25 @@ def _take(buf: torch.Tensor, idx: torch.Tensor, unit: int = 1) -> torch.Tensor:
     return flat.index_select(0, (idx + rows).flatten()).view(B, H, m, *buf.shape[3:])
 
 
+def round_out(x: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
+    """``x`` in ``dtype`` rounded toward +inf (``up``) or -inf: the nearest value of ``dtype`` on that side of ``x``,
+    so a bound stays a bound when stored narrower (bfloat16 page bounds: at most 2^-7 relative looser)."""
+    r = x.to(dtype)
+    if dtype == x.dtype or dtype.itemsize > x.dtype.itemsize:  # exact: a wider float holds every value
+        return r
+    wrong = r.to(x.dtype) < x if up else r.to(x.dtype) > x
+    return torch.where(wrong, torch.nextafter(r, torch.full_like(r, math.inf if up else -math.inf)), r)
+
+
 class Store:
     """Held tokens of a uniform group of KV heads (same count per batch element and head)."""
 
     def __init__(self, *, bits: int | None = None, group: int = 32, page: int | None = None,
-                 track_scores: bool = False, compact: torch.dtype | None = None, align: int = 1) -> None:
+                 track_scores: bool = False, compact: torch.dtype | None = None, align: int = 1,
+                 page_dtype: torch.dtype = torch.float32) -> None:
         self.bits, self.group, self.page, self.track_scores = bits, group, page, track_scores
+        #: dtype of the page bounds, rounded outward into it (:meth:`page_bounds`)
+        self.page_dtype = page_dtype
         self.compact = compact
         #: capacities are multiples of this (a select policy's unit: :meth:`gather` copies whole units as rows)
         self.align = align
@@ -245,7 +258,8 @@ class Store:
 
     # ------------------------------------------------------------ page metadata
     def page_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(kmin, kmax)``, each ``(B, H, ceil(n / page), D)``: channel-wise key bounds per page."""
+        """``(kmin, kmax)``, each ``(B, H, ceil(n / page), D)`` in ``page_dtype``: channel-wise key bounds per
+        page, rounded outward (``kmin`` <= every key's channel <= ``kmax``, also when narrower than the keys)."""
         n_pages = math.ceil(self.n / self.page)
         return self.pages["kmin"][:, :, :n_pages], self.pages["kmax"][:, :, :n_pages]
 
@@ -254,17 +268,17 @@ class Store:
         if not self.page or self.n == 0:
             return
         p0, n_pages = first_slot // self.page, math.ceil(self.n / self.page)
-        keys = self.keys(p0 * self.page, self.n).float()
+        keys = self.keys(p0 * self.page, self.n)
         short = n_pages * self.page - self.n
         if short:
             keys = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, short, -1)], dim=2)
         chunks = keys.unflatten(2, (n_pages - p0, self.page))
-        for name, fn in (("kmin", torch.amin), ("kmax", torch.amax)):
+        for name, fn, up in (("kmin", torch.amin, False), ("kmax", torch.amax, True)):
             t = self.pages.get(name)
             if t is None or t.shape[2] < n_pages:
                 grown = keys.new_empty(*keys.shape[:2], math.ceil(max(self.capacity, self.n) / self.page),
-                                       keys.shape[-1])
+                                       keys.shape[-1], dtype=self.page_dtype)
                 if t is not None:
                     grown[:, :, :p0] = t[:, :, :p0]
                 self.pages[name] = t = grown
-            t[:, :, p0:n_pages] = fn(chunks, dim=3)
+            t[:, :, p0:n_pages] = round_out(fn(chunks, dim=3), self.page_dtype, up)
