@@ -29,6 +29,8 @@ SDPA = "SDPA (DynamicCache: cat + SDPA)"
 ROWS = {
     "full": ("full", {}),
     "quest": ("quest", {}),
+    "quest (page 16, fp32 bounds: session 5)": ("quest", dict(page=16, bound_dtype="float32")),
+    "quest (page 32)": ("quest", dict(page=32)),
     "tokenselect (fp32 scores)": ("tokenselect", {}),
     "tokenselect (bf16 scores)": ("tokenselect", dict(score_dtype="bfloat16")),
     "tokenselect (int8 scores)": ("tokenselect", dict(score_dtype="int8")),
