@@ -20,7 +20,8 @@ right after their keys were appended). Buffers:
   the codes of :func:`attnzoo.cache.quant.encode_rows` (a quarter of fp32 K) plus
   ``cks``, their per-token scale.
 
-Per-page metadata (``page`` slots a page): channel-wise key ``kmin``/``kmax``,
+Per-page metadata (``page`` slots a page): channel-wise key ``kmin``/``kmax``
+in ``page_dtype`` (rounded outward when narrower than the keys),
 updated on append for the touched pages only, recomputed on compaction.
 ``keep`` compacts to given slots and really frees memory: when the buffers are
 much larger than what is kept, they are reallocated at the kept size. The first
