@@ -30,7 +30,7 @@ ROWS = {
     "full": ("full", {}),
     "quest": ("quest", {}),
     "quest (page 16, fp32 bounds: session 5)": ("quest", dict(page=16, bound_dtype="float32")),
-    "quest (page 32)": ("quest", dict(page=32)),
+    "quest (page 16, bf16 bounds)": ("quest", dict(page=16)),
     "tokenselect (fp32 scores)": ("tokenselect", {}),
     "tokenselect (bf16 scores)": ("tokenselect", dict(score_dtype="bfloat16")),
     "tokenselect (int8 scores)": ("tokenselect", dict(score_dtype="int8")),
