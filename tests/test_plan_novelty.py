@@ -36,11 +36,17 @@ def reference(k: torch.Tensor, pos: torch.Tensor, rope_: str, exclude: int) -> t
     return out
 
 
+@pytest.mark.parametrize("order", ["contiguous", "strided", "gaps", "shuffled"])
 @pytest.mark.parametrize("rope_", ["half", "interleaved", "none"])
-def test_novelty_is_its_definition(rope_):
+def test_novelty_is_its_definition(rope_, order):
+    # ordered positions take the few-diagonals path, shuffled ones the distance grid
     g = torch.Generator().manual_seed(0)
     k = torch.randn(2, 2, 23, D, generator=g)
-    pos = torch.arange(23).expand(2, 2, 23) * 2
+    pos = torch.arange(23).expand(2, 2, 23) * (1 if order == "contiguous" else 2)
+    if order == "gaps":  # increments of 1-4, per head
+        pos = torch.randint(1, 5, (2, 2, 23), generator=g).cumsum(-1)
+    elif order == "shuffled":
+        pos = pos[..., torch.randperm(23, generator=g)]
     got = novelty(k, pos, rope=rope_, exclude=5, rows=4)  # row chunks smaller than n
     torch.testing.assert_close(got, reference(k, pos, rope_, 5), atol=1e-5, rtol=1e-5)
 

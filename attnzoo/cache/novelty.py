@@ -51,14 +51,35 @@ def novelty(k: torch.Tensor, pos: torch.Tensor, *, rope: str = "half", exclude: 
     x = F.normalize(descriptors(k, rope), dim=-1)
     B, H, n, _ = x.shape
     out = torch.empty(B, H, n, device=k.device)
-    pos = pos.long()
+    pos = pos.long().expand(B, H, n)
+    # Held slots are in position order (a cache appends and keeps sorted slots): then a key's too-close
+    # twins lie within `exclude` slots of it, a few diagonals of each chunk, and no (r, n) distance grid
+    # is built (that grid cost more than the products at 4K).
+    ordered = n < 2 or bool((pos[..., 1:] > pos[..., :-1]).all())
     for i0 in range(0, n, rows):
         sim = torch.matmul(x[:, :, i0:i0 + rows], x.transpose(-1, -2))                  # (B, H, r, n)
-        near = (pos[:, :, i0:i0 + rows, None] - pos[:, :, None, :]).abs() < exclude
+        if ordered:
+            _exclude_diagonals(sim, pos, i0, exclude)
+        else:
+            sim.masked_fill_((pos[:, :, i0:i0 + rows, None] - pos[:, :, None, :]).abs() < exclude, -1.0)
         if valid is not None:
-            near = near | ~valid[:, :, None, :]
-        out[:, :, i0:i0 + rows] = -sim.masked_fill_(near, -1.0).amax(-1)
+            sim.masked_fill_(~valid[:, :, None, :], -1.0)
+        out[:, :, i0:i0 + rows] = -sim.amax(-1)
     return out if valid is None else out.masked_fill(~valid, -torch.inf)
+
+
+def _exclude_diagonals(sim: torch.Tensor, pos: torch.Tensor, i0: int, exclude: int) -> None:
+    """Sets ``sim[..., t, j]`` (row ``t`` = key ``i0 + t``) to -1 where ``|pos_j - pos_(i0+t)| < exclude``,
+    for positions increasing along the slots: only slots ``j`` within ``exclude - 1`` of the row qualify."""
+    r, n = sim.shape[-2:]
+    for d in range(1 - exclude, exclude):
+        diag = torch.diagonal(sim, offset=i0 + d, dim1=-2, dim2=-1)                     # (B, H, L) view
+        if diag.shape[-1] == 0:
+            continue
+        t0 = max(0, -(i0 + d))                                                           # first row on it
+        rows_pos = pos[..., i0 + t0:i0 + t0 + diag.shape[-1]]
+        cols_pos = pos[..., i0 + t0 + d:i0 + t0 + d + diag.shape[-1]]
+        diag.masked_fill_((cols_pos - rows_pos).abs() < exclude, -1.0)
 
 
 @register_policy
