@@ -48,14 +48,17 @@ def compact(keep: torch.Tensor, values: torch.Tensor, *extra: torch.Tensor):
 
     ``extra`` tensors of the same shape are reordered alongside (False where not kept).
     """
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
     width = int(keep.sum(-1).max()) if keep.numel() else 0
-    order = order[..., :width]
-    kept = torch.gather(keep, -1, order)
-    vals = torch.where(kept, torch.gather(values, -1, order), torch.full_like(order, -1))
+    shape = torch.broadcast_shapes(keep.shape, values.shape, *(e.shape for e in extra))
+    # each kept entry's rank among its row's kept entries is its slot; the others land in a spare column
+    slot = torch.where(keep, keep.long().cumsum(-1) - 1, width).expand(shape)
+    lead = shape[:-1] + (width + 1,)
+    vals = torch.full(lead, -1, dtype=values.dtype, device=values.device).scatter_(
+        -1, slot, values.expand(shape))[..., :width]
     if not extra:
         return vals
-    return (vals, *(torch.gather(e, -1, order) & kept for e in extra))
+    return (vals, *(torch.zeros(lead, dtype=torch.bool, device=e.device).scatter_(-1, slot, e.expand(shape) & keep)
+                    [..., :width] for e in extra))
 
 
 def _dedupe(blocks: torch.Tensor) -> torch.Tensor:
@@ -306,8 +309,7 @@ class TokenLayout:
         shape = torch.broadcast_shapes(member.shape[:2], tok.shape[:2])
         member = member.expand(*shape, *member.shape[2:])
         tok = tok.expand(*shape, *tok.shape[2:])
-        blk = torch.where(tok >= 0, tok // layout.block_k, torch.zeros_like(tok))
-        read = torch.gather(member, -1, blk) & (tok >= 0)
+        read = torch.gather(member, -1, tok.clamp(min=0) // layout.block_k)  # padding (-1) looks up block 0
         keep = (tok >= 0) & ~read
         return TokenLayout(compact(keep, tok), self.group, self.len_q, self.len_k, self.mask_mod, self.slot)
 

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from ...checks import Problem, check_qkv
-from ...core.layout import BlockLayout, Layout, TokenLayout, compact
+from ...core.layout import BlockLayout, Layout, TokenLayout
 from ...core.gqa import fold_groups, merge_groups, split_groups, unfold_groups
 from ...core.scoremod import apply_score_mod, call_score_mod
 from ...registry import Family, Supports, param, register
@@ -266,7 +266,9 @@ class VerticalSlash(DynamicLayoutMethod):
                                              causal=True)
         cols = torch.sort(vertical.topk(min(self.n_vertical, n_k), dim=-1).indices, dim=-1).values
         cols = cols.unsqueeze(2).expand(-1, -1, blocks.n_q_blocks, -1)
-        cols = compact(cols <= last.view(1, 1, -1, 1), cols)  # causal: drop columns after the block's end
+        # causal: drop columns after the block's end; the columns are sorted, so what stays is a prefix
+        seen = cols <= last.view(1, 1, -1, 1)
+        cols = torch.where(seen, cols, -1)[..., :int(seen.sum(-1).max()) if seen.numel() else 0]
         tokens = TokenLayout(cols.contiguous(), bs, prob.len_q, n_k).excluding(blocks)
         return [blocks, tokens]
 
