@@ -1,5 +1,6 @@
 """The learned seed systems as layers: each definition's check, and a few training steps lowering the loss."""
 
+import itertools
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,28 +34,45 @@ def _mha(layer, x, causal=True):
 
 
 # ------------------------------------------------------------------ Landmark (M21)
-def test_landmark_grouped_softmax_matches_its_definition():
-    B, H, N, D, blk = 2, 2, 29, 8, 5
-    q, k, v = torch.randn(3, B, H, N, D, dtype=torch.float64).unbind(0)
-    k_lm = torch.randn(B, H, N // blk, D, dtype=torch.float64)
+def _grouped_softmax_definition(q, k, k_lm, blk, top_k=None):
+    """The grouped softmax's attention matrix, query by query: the current block's scores and the landmark
+    scores of the (top_k by landmark score) past blocks in one softmax; a past block's tokens share its weight."""
+    B, H, N, D = q.shape
     s, s_lm = q @ k.transpose(-1, -2) / D**0.5, q @ k_lm.transpose(-1, -2) / D**0.5
-    a = torch.zeros(B, H, N, N, dtype=torch.float64)
-    for i in range(N):
+    a = torch.zeros(B, H, N, N, dtype=q.dtype)
+    for b_, h_, i in itertools.product(range(B), range(H), range(N)):
         c = i // blk
         past, cur = list(range(c)), list(range(c * blk, i + 1))
-        g = torch.cat([s_lm[..., i, past], s[..., i, cur]], -1).softmax(-1)
+        if top_k is not None and c > top_k:
+            past = sorted(s_lm[b_, h_, i, :c].topk(top_k).indices.tolist())
+        g = torch.cat([s_lm[b_, h_, i, past], s[b_, h_, i, cur]]).softmax(-1)
         for n, b in enumerate(past):  # a past block's tokens share the weight its landmark won
-            a[..., i, b * blk:(b + 1) * blk] = g[..., n:n + 1] * s[..., i, b * blk:(b + 1) * blk].softmax(-1)
-        a[..., i, cur] = g[..., len(past):]
+            a[b_, h_, i, b * blk:(b + 1) * blk] = g[n] * s[b_, h_, i, b * blk:(b + 1) * blk].softmax(-1)
+        a[b_, h_, i, cur] = g[len(past):]
+    return a
+
+
+@pytest.mark.parametrize("N,blk", [(29, 5), (24, 8), (7, 8)])
+def test_landmark_grouped_softmax_matches_its_definition(N, blk):
+    B, H, D = 2, 2, 8
+    gen = torch.Generator().manual_seed(N)
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
+    k_lm = torch.randn(B, H, N // blk, D, dtype=torch.float64, generator=gen).requires_grad_()
+    a = _grouped_softmax_definition(q, k, k_lm, blk)
     torch.testing.assert_close(a.sum(-1), torch.ones(B, H, N, dtype=torch.float64))  # rows sum to 1
     out = grouped_attention(q, k, v, k_lm, blk)
     torch.testing.assert_close(out, a @ v)
+    # gradients: the batched form is the definition's function, so they agree too
+    g = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    leaves = [q, k, v] + ([k_lm] if N // blk else [])
+    for ours, want in zip(torch.autograd.grad((out * g).sum(), leaves), torch.autograd.grad((a @ v * g).sum(), leaves)):
+        torch.testing.assert_close(ours, want)
     # retrieval with k = all blocks equals the training-time grouped softmax
-    torch.testing.assert_close(grouped_attention(q, k, v, k_lm, blk, top_k=N // blk), out)
-    # fewer blocks: only the retrieved blocks' tokens get weight
+    torch.testing.assert_close(grouped_attention(q, k, v, k_lm, blk, top_k=max(1, N // blk)), out)
+    # fewer blocks: only the top-2 past blocks by landmark score get weight, as in the definition
     eye = torch.eye(N, dtype=torch.float64).expand(B, H, N, N)
     sparse = grouped_attention(q, k, eye, k_lm, blk, top_k=2)
-    torch.testing.assert_close(sparse.sum(-1), torch.ones(B, H, N, dtype=torch.float64))
+    torch.testing.assert_close(sparse, _grouped_softmax_definition(q, k, k_lm, blk, top_k=2))
     past_blocks_read = (sparse[..., :, :(N // blk) * blk].reshape(B, H, N, N // blk, blk).sum(-1) > 0).sum(-1)
     assert int(past_blocks_read.max()) <= 2 + 1  # two retrieved + (part of) the current block
 

@@ -9,11 +9,13 @@ softmax within the block::
 
     a_ij = g_b · exp(s_ij) / Σ_{j'∈b} exp(s_ij')      (j in a past block b)
 
-That is a merge (log-sum-exp combination, :func:`attnzoo.core.partial.merge`) of
-one :class:`Partial` per past block -- its in-block softmax output with the
-landmark score as its log-weight -- and the current block's exact partial. At
-inference a query keeps only its ``top_k`` past blocks by landmark score
-(retrieval); with every block kept it equals the training-time output.
+That is a merge (log-sum-exp combination, as in :func:`attnzoo.core.partial.merge`)
+of one partial per past block -- its in-block softmax output with the landmark
+score as its log-weight -- and the current block's exact partial, computed here
+as a single softmax over per-key scores shifted by their block's log-weight (see
+:func:`grouped_attention`). At inference a query keeps only its ``top_k`` past
+blocks by landmark score (retrieval); with every block kept it equals the
+training-time output.
 
 Here the landmark key of a block is a learned projection of the block's mean
 input (the paper inserts a landmark *token* after each block, whose key the
@@ -26,7 +28,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.partial import Partial, merge
 from ..errors import AttnZooError
 from .linear import _check_width, _merge_heads, _split_heads
 
@@ -36,35 +37,37 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_landm
     """Causal grouped-softmax attention; ``k_landmark (B, H, N // block, D)`` scores the complete blocks.
 
     ``top_k``: past blocks each query reads (by landmark score); None = all.
+
+    The merge of the per-block partials is one softmax over every key: a key ``j`` in a past block ``b``
+    scores ``s_ij - lse_b(i) + s_lm_ib`` (its in-block log-softmax plus the landmark's log-weight), a key
+    of the query's own block scores ``s_ij``, any other key ``-inf``. Its row normaliser is the merged
+    ``lse`` and each past block's keys share ``exp(s_lm_ib)`` of it, so the result is the merge exactly,
+    computed with batched matrix products (no per-block loop; the cost of dense causal attention).
     """
     B, H, N, D = q.shape
     if k_landmark.shape != (B, H, N // block, D):
         raise AttnZooError(f"k_landmark: expected shape {(B, H, N // block, D)} (one key per complete block of "
                            f"{block}), got {tuple(k_landmark.shape)}")
     scale = D**-0.5 if scale is None else scale
-    nb, full = -(-N // block), N // block
-    pad = nb * block - N
-    qc, kc, vc = (torch.nn.functional.pad(t, (0, 0, 0, pad)).view(B, H, nb, block, -1) for t in (q, k, v))
-    s = qc @ kc.transpose(-1, -2) * scale  # (B, H, nb, l, l): each query against its own block
-    s = s.masked_fill(~torch.ones(block, block, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-    current = Partial((s.softmax(-1) @ vc).flatten(2, 3)[:, :, :N], s.logsumexp(-1).flatten(2)[:, :, :N])
-    if full == 0 or N <= block:
-        return current.out
+    full = N // block
+    pos = torch.arange(N, device=q.device)
+    own = pos // block
+    s = q @ k.transpose(-1, -2) * scale  # (B, H, N, N)
+    in_own = (own[:, None] == own[None, :]) & (pos[None, :] <= pos[:, None])  # causal, the query's own block
+    if full == 0:
+        return s.masked_fill(~in_own, float("-inf")).softmax(-1) @ v
     s_lm = q @ k_landmark.transpose(-1, -2) * scale  # (B, H, N, full)
-    own = torch.arange(N, device=q.device) // block
-    s_lm = s_lm.masked_fill(torch.arange(full, device=q.device) >= own[:, None], float("-inf"))  # past blocks only
-    kb, vb = kc[:, :, :full], vc[:, :, :full]
-    if top_k is None or top_k >= full:
-        inner = torch.einsum("bhnd,bhkld->bhnkl", q, kb) * scale
-        outs = torch.einsum("bhnkl,bhkld->bhnkd", inner.softmax(-1), vb)
-        weights = s_lm
-    else:
-        weights, idx = s_lm.topk(top_k, dim=-1)  # (B, H, N, K); -inf weights (too few past blocks) drop out
-        b_i = torch.arange(B, device=q.device)[:, None, None, None]
-        h_i = torch.arange(H, device=q.device)[None, :, None, None]
-        inner = torch.einsum("bhnd,bhnkld->bhnkl", q, kb[b_i, h_i, idx]) * scale
-        outs = torch.einsum("bhnkl,bhnkld->bhnkd", inner.softmax(-1), vb[b_i, h_i, idx])
-    return merge(current, *(Partial(outs[..., j, :], weights[..., j]) for j in range(weights.shape[-1]))).out
+    keep = torch.arange(full, device=q.device) < own[:, None]  # (N, full): past complete blocks
+    if top_k is not None and top_k < full:
+        # the top_k past blocks by landmark score; a query with fewer past blocks keeps them all
+        chosen = torch.zeros_like(s_lm, dtype=torch.bool).scatter_(
+            -1, s_lm.masked_fill(~keep, float("-inf")).topk(top_k, dim=-1).indices, True)
+        keep = keep & chosen
+    past = s[..., :full * block].unflatten(-1, (full, block))  # (B, H, N, full, block)
+    log_w = (s_lm - past.logsumexp(-1)).masked_fill(~keep, float("-inf"))  # per block: landmark - in-block lse
+    grouped = torch.nn.functional.pad((past + log_w[..., None]).flatten(-2), (0, N - full * block),
+                                      value=float("-inf"))  # the incomplete last block is never a past block
+    return torch.where(in_own, s, grouped).softmax(-1) @ v
 
 
 class LandmarkLayer(nn.Module):
