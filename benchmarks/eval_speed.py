@@ -35,7 +35,7 @@ from attnzoo.eval.runner import Plan, Runner, generate  # noqa: E402
 DEFAULT_CASES = ["prefill=exact", "prefill=sliding_window", "prefill=streaming",
                  "prefill=vertical_slash:dense_below=0", "prefill=block_topk", "prefill=hip", "cache=streaming@0.125",
                  "cache=h2o@0.125", "cache=snapkv@0.125", "cache=quest@0.125", "cache=tokenselect@0.125",
-                 "cache=infllm@0.125", "cache=razor@0.125", "cache=quantized:bits=8"]
+                 "cache=infllm@0.125", "cache=razor@0.125", "cache=novelty@0.125", "cache=quantized:bits=8"]
 
 
 def parse_case(text: str) -> dict:

@@ -92,6 +92,7 @@ def test_runner_rows_on_a_tiny_llama(tiny, tmp_path):
     assert 0 < window["density"] < 0.5 and exact["density"] == 1.0 and rows["passkey", "prefill=lightning"]["density"] \
         is None
     assert window["resolved"]["window"] == 32 and window["resolved"]["block"] == 16  # every parameter, defaults too
+    assert exact["task_resolved"] == {"depth": None, "question": "inline"}  # the task's too
     from attnzoo.eval import table as T
 
     group = next(g for g in T.groups(list(rows.values())) if g.task == "passkey")
@@ -278,6 +279,33 @@ def test_table_pools_seeds_and_keeps_task_variants_apart():
     assert cells["passkey (n)"] == "0.67 (6)" and cells["min of exact"] == "0.80"
 
 
+def test_rows_measured_before_a_task_default_changed_keep_their_own_column(tmp_path):
+    from attnzoo.eval import table as T
+    from attnzoo.tasks import make_task
+
+    today = make_task("niah_multikey").params()
+    old = {**today, "distractors": 3, "needle": "ruler"}
+    rows = [_row("niah_multikey", 2048, "prefill", "exact", 1 / 3, 1.0, task_resolved=old),
+            _row("niah_multikey", 2048, "cache", "snapkv", 1 / 3, 0.13, budget=0.125, task_resolved=old),
+            _row("niah_multikey", 2048, "prefill", "exact", 2 / 3, 1.0, seed=1, task_resolved=today),
+            _row("niah_multikey", 2048, "prefill", "exact", 1.0, 1.0, task_resolved=today),
+            _row("niah_multikey", 2048, "prefill", "exact", 0.0, 1.0, task_params={"distractors": 3},
+                 task_resolved={**today, "distractors": 3}),
+            _row("niah_multikey", 2048, "cache", "h2o", 0.0, 0.13, budget=0.125)]  # no record: today's label
+    assert [T.task_label(r) for r in rows] == ["niah_multikey:distractors=3,needle=ruler"] * 2 + [
+        "niah_multikey"] * 2 + ["niah_multikey:distractors=3", "niah_multikey"]
+    (w,) = T.wide(rows)
+    assert w.tasks == ["niah_multikey", "niah_multikey:distractors=3", "niah_multikey:distractors=3,needle=ruler"]
+    assert w.exact["niah_multikey"]["n"] == 6 and w.exact["niah_multikey"]["score"] == 5 / 6  # old seed 0 not pooled
+    assert w.exact["niah_multikey:distractors=3,needle=ruler"]["score"] == 1 / 3
+    # eval-table keeps both when two files hold the same case key measured with different defaults
+    for i, part in enumerate(([rows[0]], [rows[3]])):
+        ResultsFile(tmp_path / f"r{i}").append(part[0])
+    run = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--markdown"])
+    assert run.exit_code == 0 and "niah_multikey:distractors=3,needle=ruler (n)" in run.output, run.output
+    assert "| prefill=exact | 1.00 (3) | 0.33 (3) |" in run.output
+
+
 def test_eval_table_command_merges_results_files(tmp_path):
     rows = _rows()
     for i, part in enumerate((rows[:6], rows[6:])):
@@ -297,6 +325,14 @@ def test_eval_table_command_merges_results_files(tmp_path):
     assert wrong.exit_code == 2 and "expected tasks of these results (passkey, vt), got passkee" in wrong.output
     missing = CliRunner().invoke(app, ["eval-table", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+    # --per-task: each task's own statement under the every-task one (h2o claims the passkey, not vt)
+    each = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--per-task",
+                                    "--markdown"])
+    lines = [line for line in each.output.splitlines() if line.startswith("- keep")]
+    assert each.exit_code == 0 and len(lines) == 2, each.output
+    assert "(passkey)" in lines[0] and "cache=h2o@0.0625 (holds" in lines[0] and "cache=snapkv@0.125" in lines[0]
+    assert "(vt)" in lines[1] and "cache=snapkv@0.0625" in lines[1] and "h2o" not in lines[1] \
+        and "cache=snapkv@0.125" not in lines[1]
     ResultsFile(tmp_path / "bench").append({**rows[0], "suite_kind": "bench"})
     empty = CliRunner().invoke(app, ["eval-table", str(tmp_path / "bench")])
     assert empty.exit_code == 2 and "no eval rows" in empty.output

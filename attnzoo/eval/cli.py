@@ -210,6 +210,8 @@ def eval_table(
     tasks: str | None = typer.Option(None, help="only these tasks (comma-separated, as the columns name them, e.g. "
                                                 "passkey,niah_multikey:haystack=noise): the table and statement "
                                                 "over them alone"),
+    per_task: bool = typer.Option(False, "--per-task", help="also the statement for each task alone (a case "
+                                                            "measured on some tasks only claims those)"),
 ) -> None:
     """Every case of eval results at each length, one score per task: which keep --min-accuracy of exact's score
     on every task while holding at most --max-memory of the full KV cache."""
@@ -217,10 +219,12 @@ def eval_table(
     from . import cases as C
     from . import table as T
 
-    rows: dict[str, dict] = {}
+    rows: dict[tuple[str, str], dict] = {}
     try:
         for path in results:
-            rows.update((r["key"], r) for r in ResultsFile(path).read().cases if r.get("suite_kind") == "eval")
+            # a case measured twice: the later file's row, unless the two ran different task defaults
+            rows.update(((r["key"], T.task_label(r)), r) for r in ResultsFile(path).read().cases
+                        if r.get("suite_kind") == "eval")
     except (AttnZooError, OSError) as e:
         _fail(e)
     if tasks is not None:
@@ -235,10 +239,9 @@ def eval_table(
     for w in T.wide(list(rows.values())):
         title = f"N={w.length} (score per task, samples in brackets; other columns: means over the row's tasks)"
         body = [T.wide_cells(w, label, by_task) for label, by_task in w.cases.items()]
-        kept = T.keeps(w, min_accuracy, max_memory)
-        verdict = (f"keep ≥ {min_accuracy:.0%} of exact on every task ({', '.join(w.exact) or 'no exact row'}) at "
-                   f"≤ {max_memory:g} of the KV cache: "
-                   + ("; ".join(kept) if kept else "none"))
+        verdict = T.statement(w, min_accuracy, max_memory)
+        if per_task and len(w.exact) > 1:
+            verdict += "".join(f"\n- {T.statement(one, min_accuracy, max_memory)}" for one in T.per_task(w))
         if markdown:
             print(f"\n**{title}**\n\n{T.markdown(T.wide_header(w), body)}\n\n{verdict}")
             continue

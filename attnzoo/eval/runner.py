@@ -5,9 +5,10 @@ policy / plan and its parameters, budget, samples, seed, model), then ``status``
 (``score``: accuracy in [0, 1], or perplexity) with ``n`` samples and per-sample ``scores``, mean KV
 bytes held during generation (``kv_bytes``) and the full cache's bytes at the same length
 (``kv_full_bytes``), ``peak_rss`` (bytes above the level before the case), ``prefill_s`` (mean per
-sample) and ``decode_s_per_token``, the resolved policy parameters, and the prefill attention-mass
-``recall`` where the method exposes what it reads. Resume and a cut trailing line are handled exactly
-as in ``attnzoo bench`` (:class:`attnzoo.bench.results.ResultsFile`).
+sample) and ``decode_s_per_token``, the resolved policy parameters, every task parameter the samples were
+made with (``task_resolved``: defaults included, so a later change of a task's defaults stays visible),
+and the prefill attention-mass ``recall`` where the method exposes what it reads. Resume and a cut trailing
+line are handled exactly as in ``attnzoo bench`` (:class:`attnzoo.bench.results.ResultsFile`).
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ class Runner:
                   "prefill_s": sum(o.prefill_s for o in outcomes) / len(outcomes),
                   "decode_s_per_token": sum(steps) / len(steps) if steps else None,
                   "kv_bytes": sum(held) / len(held), "kv_full_bytes": sum(full) / len(full), "peak_rss": peak or None,
-                  "resolved": resolved}
+                  "resolved": resolved, "task_resolved": task.params()}
         if case["kind"] == "prefill" and self.plan.recall:
             result["recall"], result["density"] = self.recall(case, samples[0])
         return result

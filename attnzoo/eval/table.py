@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 from ..bench.tables import different_model, fmt
+from ..errors import AttnZooError
 from ..tasks import make_task
 from .cases import describe
 
@@ -23,10 +25,27 @@ class Group:
     exact: dict | None
 
 
+@functools.cache
+def _defaults(task: str) -> dict:
+    """Today's parameters of ``task`` at its defaults (empty for a task no longer registered)."""
+    try:
+        return make_task(task).params()
+    except AttnZooError:
+        return {}
+
+
 def task_label(row: dict) -> str:
-    """``niah_multikey`` or, with task parameters, ``niah_multikey:distractors=1,haystack=noise``."""
-    params = ",".join(f"{k}={v}" for k, v in sorted((row.get("task_params") or {}).items()))
-    return row["task"] + (f":{params}" if params else "")
+    """``niah_multikey`` or, with task parameters, ``niah_multikey:distractors=1,haystack=noise``.
+
+    The label names the parameters the case was given and, for rows that record every parameter they ran
+    with (``task_resolved``), each one whose default has changed since: a row measured before a task's
+    defaults changed keeps its own column instead of mixing with today's."""
+    params = dict(row.get("task_params") or {})
+    today = _defaults(row["task"])
+    params.update({k: v for k, v in (row.get("task_resolved") or {}).items()
+                   if k not in params and today and today.get(k) != v})
+    text = ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+    return row["task"] + (f":{text}" if text else "")
 
 
 #: row fields that are per-sample means: pooled as means weighted by the samples
@@ -46,7 +65,7 @@ def pool(cases: list[dict]) -> list[dict]:
         if c.get("suite_kind") != "eval":
             continue
         ident = {k: v for k, v in json.loads(c["key"]).items() if k not in ("seed", "samples")} if "key" in c else c
-        seeds = by_case.setdefault(json.dumps(ident, sort_keys=True, default=str), {})
+        seeds = by_case.setdefault(json.dumps([ident, task_label(c)], sort_keys=True, default=str), {})
         seed = c.get("seed")
         if seed not in seeds or c.get("n", 0) >= seeds[seed].get("n", 0):
             seeds[seed] = c
@@ -249,6 +268,20 @@ def keeps(w: Wide, min_accuracy: float = 0.95, max_memory: float = 0.125, slack:
         if share is not None and kept is not None and share <= max_memory + slack and kept >= min_accuracy:
             found.append(f"{label} (holds {share:.3f} of the cache, {kept:.2f} of exact)")
     return found
+
+
+def per_task(w: Wide) -> list[Wide]:
+    """``w`` cut to each task exact measured, one :class:`Wide` per task: the statement task by task, where a
+    case measured on some tasks only still makes its claim on those."""
+    return [Wide(w.length, [t], {label: {t: by_task[t]} for label, by_task in w.cases.items() if t in by_task},
+                 {t: w.exact[t]}) for t in w.tasks if t in w.exact]
+
+
+def statement(w: Wide, min_accuracy: float = 0.95, max_memory: float = 0.125) -> str:
+    """One line: the cases of :func:`keeps` (or none), naming the tasks they were judged on."""
+    kept = keeps(w, min_accuracy, max_memory)
+    return (f"keep ≥ {min_accuracy:.0%} of exact on every task ({', '.join(w.exact) or 'no exact row'}) at "
+            f"≤ {max_memory:g} of the KV cache: " + ("; ".join(kept) if kept else "none"))
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
