@@ -317,6 +317,13 @@ def test_eval_table_command_merges_results_files(tmp_path):
     assert "| cache=quest@0.0625 | 1.00 (3) | 1.00 (3) | 1.00 | 8.6 / 8.0 | 2.0 | 1.00 | 0.10 |" in run.output
     assert "| prefill=exact | 1.00 (3) | 1.00 (3) | 1.00 |" in run.output
     assert "at ≤ 0.125 of the KV cache: cache=snapkv@0.0625 (holds 0.065" in run.output
+    # --report: one page over both files' rows (every case of both, a budget curve per task)
+    page = tmp_path / "merged" / "report.html"
+    rep = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--report", str(page)])
+    assert rep.exit_code == 0 and page.exists(), rep.output
+    text = page.read_text()
+    assert f"{len(rows)} cases from" in text and "cache=quest@0.0625" in text and "cache=razor@0.0625" in text
+    assert (tmp_path / "merged" / "plots" / "budget-passkey-4096.png").exists()
     # over the passkey alone, h2o (not measured on vt) and razor (failed on vt) make their claims
     only = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--tasks", "passkey"])
     assert only.exit_code == 0 and "vt (n)" not in only.output, only.output

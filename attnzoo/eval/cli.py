@@ -212,6 +212,8 @@ def eval_table(
                                                 "over them alone"),
     per_task: bool = typer.Option(False, "--per-task", help="also the statement for each task alone (a case "
                                                             "measured on some tasks only claims those)"),
+    report: Optional[Path] = typer.Option(None, "--report", help="also write this report.html (and plots/ beside "
+                                                                 "it) from the merged rows"),
 ) -> None:
     """Every case of eval results at each length, one score per task: which keep --min-accuracy of exact's score
     on every task while holding at most --max-memory of the full KV cache."""
@@ -220,11 +222,13 @@ def eval_table(
     from . import table as T
 
     rows: dict[tuple[str, str], dict] = {}
+    runs: list[dict] = []
     try:
         for path in results:
+            contents = ResultsFile(path).read()
             # a case measured twice: the later file's row, unless the two ran different task defaults
-            rows.update(((r["key"], T.task_label(r)), r) for r in ResultsFile(path).read().cases
-                        if r.get("suite_kind") == "eval")
+            rows.update(((r["key"], T.task_label(r)), r) for r in contents.cases if r.get("suite_kind") == "eval")
+            runs += contents.runs
     except (AttnZooError, OSError) as e:
         _fail(e)
     if tasks is not None:
@@ -252,6 +256,12 @@ def eval_table(
             t.add_row(*map(escape, r))
         console.print(t)
         console.print(escape(verdict))
+    if report is not None:
+        from .report import write_report
+
+        page = write_report(list(rows.values()), runs, report, source=", ".join(map(str, results)),
+                            min_accuracy=min_accuracy)
+        console.print(f"report: {page}")
 
 
 def register(app: typer.Typer) -> None:

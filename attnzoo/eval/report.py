@@ -88,11 +88,16 @@ def build_report(results: str | Path, out: str | Path | None = None, *, min_accu
     """Write ``report.html`` (default: next to the results file) and its ``plots/``; returns the page path."""
     store = ResultsFile(results)
     contents = store.read()
-    out = Path(out) if out else store.path.parent / "report.html"
+    rows = [c for c in contents.cases if c.get("suite_kind") == "eval"]
+    return write_report(rows, contents.runs, Path(out) if out else store.path.parent / "report.html",
+                        source=str(store.path), min_accuracy=min_accuracy)
+
+
+def write_report(rows: list[dict], runs: list[dict], out: Path, *, source: str, min_accuracy: float = 0.95) -> Path:
+    """The page for eval ``rows`` (of one run or merged from several, ``source`` says which) and their ``runs``."""
     plots = out.parent / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    rows = [c for c in contents.cases if c.get("suite_kind") == "eval"]
-    parts = [f"<h1>attnzoo eval</h1><p>{len(rows)} cases from <code>{html.escape(str(store.path))}</code>: "
+    parts = [f"<h1>attnzoo eval</h1><p>{len(rows)} cases from <code>{html.escape(source)}</code>: "
              f"{sum(r['status'] == 'ok' for r in rows)} measured, {sum(r['status'] == 'skipped' for r in rows)} "
              f"skipped, {sum(r['status'] == 'failed' for r in rows)} failed.</p>",
              "<p><b>score</b>: accuracy (exact match of the expected strings, greedy decoding) or perplexity, with "
@@ -117,7 +122,7 @@ def build_report(results: str | Path, out: str | Path | None = None, *, min_accu
                      + _figure(plots / f"heatmap-{_slug(task)}.png", out.parent, f"{task} score heatmap"))
     parts.append("<h2>Runs</h2>" + "".join(
         f"<h3>run {html.escape(r['run_id'])} started {html.escape(r['started'])}</h3>"
-        + _table(["key", "value"], [[k, str(v)] for k, v in sorted(r["machine"].items())]) for r in contents.runs))
+        + _table(["key", "value"], [[k, str(v)] for k, v in sorted(r["machine"].items())]) for r in runs))
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>attnzoo eval</title>"
                    f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     return out
