@@ -332,7 +332,7 @@ def test_quest_page_bounds_are_upper_bounds_and_incremental(bound_dtype):
     out, lse = cache.attend(q[:, :, -1:], return_lse=True)
     top = bound[:, :, :10].topk(3, dim=-1).indices.sort(-1).values
     expect = (top.unsqueeze(-1) * 4 + torch.arange(4)).flatten(-2)
-    assert torch.equal(cache.policy.last, expect)
+    assert torch.equal(cache.policy.slots, expect)
     slots = torch.cat([expect, torch.arange(40, 45).expand(2, 2, 5)], -1)
     ref, ref_lse = _subset_attention(q[:, :, -1:], k, v, slots)
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
@@ -355,7 +355,7 @@ def test_quest_compact_bounds_never_drop_a_page_above_the_selected_threshold(see
     cache.append(k, v)
     cache.attend(q)
     lo, hi = cache.policy.always(n)
-    chosen = cache.policy.last  # (B, Hkv, slots): whole pages
+    chosen = cache.policy.slots  # (B, Hkv, slots): whole pages
     exact = torch.einsum("bhgd,bhnd->bhgn", q[:, :, 0].view(B, Hkv, Hq // Hkv, D), k).amax(2)
     page_max = exact[:, :, lo:hi].unflatten(-1, (-1, page)).amax(-1)  # (B, Hkv, pages)
     kmin, kmax = (t[:, :, lo // page: hi // page].float() for t in cache._layer.store.page_bounds())
@@ -371,7 +371,7 @@ def test_quest_lserve_physical_pages_and_reuse():
     q, k, v = _qkv(B=1, N=64, seed=10)
     cache = KVCache("quest", budget=24, page=4, phys_page=8, local=4, reuse=3, sinks=0)
     _decode(cache, q, k, v, 48)
-    slots = cache.policy.last
+    slots = cache.policy.slots
     assert slots.shape[-1] % 8 == 0 and bool((slots[..., ::8] % 8 == 0).all())
     assert cache.policy.age == 1  # 16 steps with reuse=3: fresh selections at steps 1, 4, ..., 16
 
@@ -663,7 +663,7 @@ def test_select_policies_equal_attention_over_what_they_select():
         assert store.capacity % unit == 0
         lo, hi = policy.always(70)
         if name == "quest":
-            chosen = policy.last
+            chosen = policy.slots
         else:
             q_mean = q[:, :, 69].view(2, 2, 2, 16).mean(2).float()
             rel = torch.einsum("bhd,bhnrd->bhn", q_mean, policy.rep_keys[:, :, lo // unit: hi // unit].float())
@@ -862,11 +862,13 @@ def test_infllm_prefill_scores_are_the_same_with_and_without_the_one_pass_kernel
 ])
 def test_select_units_read_in_place_equal_the_gathered_read(name, params, monkeypatch):
     """The block kernel reading selected pages/blocks (and quest's local window) in place from the store equals the
-    gathered read (GQA, left padding, a local window cut mid-unit); it is the path taken where it builds."""
+    gathered read (GQA, left padding, a local window cut mid-unit); it is the path taken where it builds (for quest
+    where its one-call step does not: switched off here)."""
     from attnzoo.cache import read
     from attnzoo.core import blockkernel
     if not blockkernel.available():
         pytest.skip("the C++ extension cannot be built here")
+    monkeypatch.setattr("attnzoo.cache.select.quest_read", lambda *a, **kw: None)
     q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=160, seed=29, dtype=torch.float32)
     key_mask = torch.ones(2, 160, dtype=torch.bool)
     key_mask[1, :9] = False
@@ -940,3 +942,67 @@ def test_capped_kernel_reads_rows_by_index_as_a_gathered_copy():
         capped.capped_attention(q, k, v, scale=0.3, cap=None, idx=idx + N)
     with pytest.raises(RuntimeError, match="not a causal range"):
         capped.capped_attention(q, k, v, scale=0.3, cap=None, idx=idx, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("params", [
+    dict(budget=64, page=8, local=8, sinks=8),
+    dict(budget=72, page=8, phys_page=16, local=12, sinks=0, bound_dtype="float32"),
+    dict(budget=56, page=4, local=6, sinks=3, reuse=3),
+])
+def test_quest_fused_step_equals_the_generic_path(params, dtype, monkeypatch):
+    """quest's one-call decode step (page bounds scored, the best units kept and read in place by the C++ kernel)
+    selects the same units as the generic path (bounds GEMMs + top-k, then the read) and gives the same output and
+    lse at every step (GQA, left padding, bf16 and fp32 bounds, LServe pages, reused selections); it is the path
+    taken where it builds."""
+    from attnzoo.cache import read
+    from attnzoo.cache.select import Quest
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=2, Hq=6, Hkv=2, N=170, D=32, seed=41, dtype=dtype)
+    key_mask = torch.ones(2, 170, dtype=torch.bool)
+    key_mask[1, :11] = False
+    fused = read.quest_read
+    calls, units = [], []
+    spy = lambda *a, **kw: calls.append(1) or fused(*a, **kw)  # noqa: E731
+    record = lambda cache: units.append(cache.policy.last)  # noqa: E731
+    runs = []
+    for use in (True, False):
+        monkeypatch.setattr("attnzoo.cache.select.quest_read", spy if use else lambda *a, **kw: None)
+        runs.append(_decode(KVCache(Quest(**params)), q, k, v, prefill=120, key_mask=key_mask, check=record))
+        assert (len(calls) == 50) == use
+        calls.clear()
+    assert len(units) == 102 and units[0] is None is units[51]
+    assert all(torch.equal(a, b) for a, b in zip(units[1:51], units[52:]))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5)
+
+
+def test_quest_kernel_selects_the_units_of_highest_bound_and_reads_them():
+    """The kernel's units are the ``take`` of highest bound ``max_g Σ_d max(q·kmin, q·kmax)`` (bf16 bounds widened
+    exactly); its output is attention over the sinks, those units and the local slots; bad sizes are refused."""
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    g = torch.Generator().manual_seed(5)
+    B, H, G, D, page, n = 2, 3, 4, 24, 4, 203
+    q, k, v = (torch.randn(B, H, G if i == 0 else 256, D, generator=g) for i in range(3))
+    kmin = torch.randn(B, H, 64, D, generator=g).bfloat16()
+    kmax = (kmin.float() + torch.rand(B, H, 64, D, generator=g)).bfloat16()
+    lo, hi, take = 8, 196, 5
+    out, lse, units = capped.quest_attention(q, k, v, kmin, kmax, scale=0.2, page=page, unit=page, lo=lo, hi=hi, n=n,
+                                             take=take)
+    a, b = kmin[:, :, lo // page: hi // page].double(), kmax[:, :, lo // page: hi // page].double()
+    qd = q.double().unsqueeze(3)
+    bound = torch.maximum(qd * a.unsqueeze(2), qd * b.unsqueeze(2)).sum(-1).amax(2)  # (B, H, pages)
+    expect = bound.topk(take, dim=-1).indices.sort(-1).values + lo // page
+    assert torch.equal(units, expect)
+    slots = torch.cat([torch.arange(lo).expand(B, H, lo), (units.unsqueeze(-1) * page + torch.arange(page)).flatten(-2),
+                       torch.arange(hi, n).expand(B, H, n - hi)], -1)
+    kg, vg = (torch.gather(t, 2, slots.unsqueeze(-1).expand(-1, -1, -1, D)) for t in (k, v))
+    ref = torch.softmax(0.2 * q @ kg.transpose(-1, -2), -1) @ vg
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(0.2 * q @ kg.transpose(-1, -2), -1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="sizes"):
+        capped.quest_attention(q, k, v, kmin, kmax, scale=0.2, page=page, unit=page, lo=lo, hi=hi, n=n, take=48)

@@ -353,6 +353,23 @@ def _selected_in_place(q: torch.Tensor, store, idx: torch.Tensor, step) -> Parti
     return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1))
 
 
+def quest_read(q: torch.Tensor, store, step, *, unit: int, lo: int, hi: int, take: int,
+               fixed: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor] | None:
+    """A quest decode step (page selection by the store's key bounds and the read) in one call of
+    :func:`attnzoo.core.capped.quest_attention`: ``(Partial, units (B, Hkv, take))``, or None where it does not
+    apply (no extension, several queries, a dtype the kernel does not run). No temporaries beyond the output:
+    the bounds are read as stored (bfloat16 widened exactly in the kernel), the selection in place."""
+    kb, vb = store.buf.get("k"), store.buf.get("v")
+    if (q.shape[2] != 1 or store.bits is not None or not store.page or not capped.applies(q, kb)
+            or kb.dtype != q.dtype):
+        return None
+    Hq, Hkv = q.shape[1], kb.shape[1]
+    out, lse, units = capped.quest_attention(
+        fold_groups(q, Hkv), kb, vb, store.pages["kmin"], store.pages["kmax"], scale=step.scale, page=store.page,
+        unit=unit, lo=lo, hi=hi, n=store.n, take=take, valid=store.buf.get("valid"), fixed=fixed)
+    return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), units
+
+
 #: smallest selection unit read in place by the block kernel (single tokens make one-key runs: gathered instead)
 IN_PLACE_UNIT = 8
 

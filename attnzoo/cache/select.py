@@ -24,7 +24,7 @@ from ..errors import AttnZooError
 from ..registry import param
 from . import quant
 from .policy import Policy, Step, register_policy
-from .read import mass_read, read_ranges, read_selected, read_units
+from .read import mass_read, quest_read, read_ranges, read_selected, read_units
 from .store import Store
 
 
@@ -107,6 +107,9 @@ class _Select(Policy):
         take = (self.budget - self.always_max) // self.unit * self.unit  # the same at every step
         if not step.decode or n <= self.budget or hi - lo <= take:
             return self.read_all(store, q, step)
+        part = self.read_fused(store, q, step, lo, hi, take)
+        if part is not None:
+            return part
         idx = self.select(store, q, step, lo, hi, take)
         if lo:  # the sink slots join the selected ones: one gathered read instead of two
             idx = torch.cat([torch.arange(lo, device=idx.device).expand(*idx.shape[:2], lo), idx], dim=-1)
@@ -129,6 +132,10 @@ class _Select(Policy):
 
     def read_all(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         return super().read(store, q, step)
+
+    def read_fused(self, store: Store, q: torch.Tensor, step: Step, lo: int, hi: int, take: int) -> Partial | None:
+        """A decode step's selection and read in one kernel call, or None: :meth:`select` and the generic read."""
+        return None
 
     def read_local(self, store: Store, q: torch.Tensor, step: Step, hi: int) -> list[Partial]:
         """The local window ``[hi, n)`` (none when empty): a slice of the store, read in place."""
@@ -251,16 +258,33 @@ class Quest(_Select):
         return self.phys_page or self.page
 
     def reset(self) -> None:
-        self.last: torch.Tensor | None = None
+        self.last: torch.Tensor | None = None  # (B, Hkv, units) the units selected last, sorted
         self.age = 0
 
     def make_store(self) -> Store:
         return Store(page=self.page, align=self.unit, page_dtype=getattr(torch, self.bound_dtype))
 
+    def _reusing(self) -> bool:
+        """Whether this step reads the last selection again (``reuse``); counts the step if so."""
+        if self.last is None or self.age >= self.reuse:
+            return False
+        self.age += 1
+        return True
+
+    def read_fused(self, store, q, step, lo, hi, take):
+        fixed = self.last if self._reusing() else None
+        fused = quest_read(q, store, step, unit=self.unit, lo=lo, hi=hi, take=take // self.unit, fixed=fixed)
+        if fused is None:
+            if fixed is not None:  # the generic path counts the step again
+                self.age -= 1
+            return None
+        if fixed is None:
+            self.last, self.age = fused[1], 1
+        return fused[0]
+
     def select(self, store, q, step, lo, hi, take):
-        if self.last is not None and self.age < self.reuse:
-            self.age += 1
-            return self.last
+        if self._reusing():
+            return _units_to_slots(self.last, self.unit, 0)
         kmin, kmax = store.page_bounds()
         p0, p1 = lo // self.page, hi // self.page
         qg = _group_queries(q, kmin.shape[1])
@@ -270,8 +294,13 @@ class Quest(_Select):
         per_unit = self.unit // self.page
         bound = bound.unflatten(-1, (-1, per_unit)).amax(dim=-1)
         top = torch.topk(bound, take // self.unit, dim=-1).indices
-        self.last, self.age = _units_to_slots(top, self.unit, lo), 1
-        return self.last
+        self.last, self.age = top.sort(dim=-1).values + lo // self.unit, 1  # the units read
+        return _units_to_slots(self.last, self.unit, 0)
+
+    @property
+    def slots(self) -> torch.Tensor | None:
+        """``(B, Hkv, m)``: the middle slots of the last selection (None before the first), sorted."""
+        return None if self.last is None else _units_to_slots(self.last, self.unit, 0)
 
     def state_nbytes(self) -> int:
         return 0 if self.last is None else self.last.numel() * self.last.element_size()

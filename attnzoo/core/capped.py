@@ -69,3 +69,23 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     out, lse = torch.ops.attnzoo.capped_attention(q, k, v, mask, float(scale), float(cap or 0.0), causal, int(offset),
                                                   idx)
     return out, lse
+
+
+def quest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
+                    scale: float, page: int, unit: int, lo: int, hi: int, n: int, take: int,
+                    valid: torch.Tensor | None = None,
+                    fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quest's decode step in one call: ``(out (B, Hkv, G, Dv), lse (B, Hkv, G), units (B, Hkv, take))``.
+
+    Per (batch, KV head) with query rows ``q (B, Hkv, G, D)``: each page of ``page`` slots in the middle
+    ``[lo, hi)`` scores ``max_g Σ_d max(q_gd·kmin_d, q_gd·kmax_d)`` (``kmin``/``kmax (B, Hkv, pages, D)``
+    float32 or bfloat16, an upper bound of ``q·k`` over the page), a unit of ``unit`` slots the max of its
+    pages; the ``take`` best units (ties: the lower one) are read with the sinks ``[0, lo)`` and the local
+    slots ``[hi, n)`` in place from ``k``/``v (B, Hkv, >= n, ·)`` (``valid (B, Hkv, >= n)`` bool hides
+    padding). ``fixed (B, Hkv, take)``: read these units instead of selecting. ``units``: the middle units read,
+    sorted. Only after :func:`applies`.
+    """
+    q, k, v = kernel_rows(q), kernel_rows(k), kernel_rows(v)
+    fixed = None if fixed is None else fixed.long().contiguous()
+    return tuple(torch.ops.attnzoo.quest_attention(q, k, v, kmin, kmax, valid, fixed, float(scale), page, unit, lo, hi,
+                                                   n, take))

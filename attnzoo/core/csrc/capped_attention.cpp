@@ -10,6 +10,10 @@
 // scores, one pass (mask + cap + row maximum), one pass (exp + row sum, online rescale), one GEMM into the
 // output. Rows of every tensor need a unit last stride; every other stride is free (expanded heads,
 // overlapping windows). GEMMs are BLAS sgemm_/dgemm_, which libtorch_cpu exports (MKL).
+//
+// quest_attention: a quest decode step in one call per (batch, KV head): each page's upper bound of q . k from its
+// channel-wise key min/max (float32 or bfloat16, widened exactly), the best units kept, and the sinks, the selected
+// units and the local window read in place through the same loop (attnzoo.cache.select.Quest).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -97,8 +101,14 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
     const int64_t n = std::min(kBlockK, end - j0);
     const T *kb = k + j0 * a.ks[2], *vb = v + j0 * a.vs[2];  // this block's keys and values (row strides ldk, ldv)
     int64_t ldk = a.ks[2], ldv = a.vs[2];
-    if (idx) {  // the selected rows, copied into scratch rows
+    if (idx) {  // the selected rows, copied into scratch rows (rows `ahead` prefetched: they are scattered)
+      constexpr int64_t ahead = 8;
       for (int64_t c = 0; c < n; ++c) {
+        if (j0 + c + ahead < a.Lk) {
+          const T *kn = k + idx[j0 + c + ahead] * a.ks[2], *vn = v + idx[j0 + c + ahead] * a.vs[2];
+          for (int64_t d = 0; d < a.D; d += 64 / sizeof(T)) __builtin_prefetch(kn + d);
+          for (int64_t d = 0; d < a.Dv; d += 64 / sizeof(T)) __builtin_prefetch(vn + d);
+        }
         std::memcpy(kbuf.data() + c * a.D, k + idx[j0 + c] * a.ks[2], a.D * sizeof(T));
         std::memcpy(vbuf.data() + c * a.Dv, v + idx[j0 + c] * a.vs[2], a.Dv * sizeof(T));
       }
@@ -137,6 +147,112 @@ void run(Args<T>& a) {
       block(a, xy / a.Y, xy % a.Y, i0, std::min(a.Lq, i0 + kBlockQ), s, acc, m, l, kbuf, vbuf);
     }
   });
+}
+
+// ---- quest's decode step in one call: page selection by key bounds, then the read of the selection in place
+
+// a bound's channel widened to the compute type: bfloat16 is the high half of a float (exact)
+inline float widen(uint16_t bf16) {
+  const uint32_t bits = uint32_t(bf16) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float widen(float x) { return x; }
+
+// per page p of [p0, p0 + P): max over the G query rows of sum_d max(q_d kmin_d, q_d kmax_d) (an upper bound of
+// q . k for every key of the page), into score[p - p0]; qpos/qneg (G x D): the rows' positive and negative parts, so
+// each term is qpos_d kmax_d + qneg_d kmin_d (one of them exactly 0)
+template <typename T, typename BT>
+void page_scores(const T* qpos, const T* qneg, int64_t G, int64_t D, const BT* kmin, const BT* kmax, int64_t brow,
+                 int64_t p0, int64_t P, T* score, T* lo, T* hi) {
+  constexpr int64_t ahead = 8;  // pages prefetched ahead (the hardware prefetcher stops at page boundaries)
+  for (int64_t p = 0; p < P; ++p) {
+    const BT *a = kmin + (p0 + p) * brow, *b = kmax + (p0 + p) * brow;
+    if (p + ahead < P)
+      for (int64_t d = 0; d < D; d += 64 / sizeof(BT))
+        __builtin_prefetch(a + ahead * brow + d), __builtin_prefetch(b + ahead * brow + d);
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) lo[d] = T(widen(a[d])), hi[d] = T(widen(b[d]));
+    T best = -std::numeric_limits<T>::infinity();
+    for (int64_t g = 0; g < G; ++g) {
+      const T *qp = qpos + g * D, *qn = qneg + g * D;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < D; ++d) sum += qp[d] * hi[d] + qn[d] * lo[d];
+      best = std::max(best, sum);
+    }
+    score[p] = best;
+  }
+}
+
+struct Quest {
+  const void *kmin, *kmax;
+  bool bf16;
+  int64_t bs[3];  // the bounds' strides (x, y, page)
+  const bool* valid;  // nullptr, or (x, y, slot) visibility
+  int64_t vs[3];
+  const int64_t* fixed;  // nullptr, or the units to read (x, y, take) instead of selecting them
+  int64_t fs[2];
+  int64_t* units;  // out: (X, Y, take) the selected units, sorted
+  int64_t page, unit, lo, hi, n, take;
+};
+
+// one (x, y): score the units of the middle slots [lo, hi), keep the `take` best (ties: the lower unit), and
+// attend the query rows over the sink slots [0, lo), the selected units' slots and the local slots [hi, n)
+template <typename T>
+void quest_item(const Args<T>& a, const Quest& w, int64_t x, int64_t y, std::vector<T>& score, std::vector<int64_t>& order,
+                std::vector<int64_t>& rows, std::vector<T>& mask, std::vector<T>& qsplit,
+                std::vector<T>& s, std::vector<T>& acc, std::vector<T>& m, std::vector<T>& l, std::vector<T>& kbuf,
+                std::vector<T>& vbuf) {
+  const int64_t per = w.unit / w.page, U = (w.hi - w.lo) / w.unit, u0 = w.lo / w.unit;
+  int64_t* sel = w.units + (x * a.Y + y) * w.take;
+  if (w.fixed) {
+    const int64_t* f = w.fixed + x * w.fs[0] + y * w.fs[1];
+    std::copy(f, f + w.take, sel);
+  } else {
+    const T* q = a.q + x * a.qs[0] + y * a.qs[1];
+    T *qpos = qsplit.data(), *qneg = qsplit.data() + a.Lq * a.D;
+    for (int64_t g = 0; g < a.Lq; ++g)
+      for (int64_t d = 0; d < a.D; ++d) {
+        const T v = q[g * a.qs[2] + d];
+        qpos[g * a.D + d] = v > 0 ? v : T(0), qneg[g * a.D + d] = v < 0 ? v : T(0);
+      }
+    const int64_t off = x * w.bs[0] + y * w.bs[1];
+    T *lo = qsplit.data() + 2 * a.Lq * a.D, *hi = lo + a.D;
+    if (w.bf16)
+      page_scores(qpos, qneg, a.Lq, a.D, static_cast<const uint16_t*>(w.kmin) + off,
+                  static_cast<const uint16_t*>(w.kmax) + off, w.bs[2], w.lo / w.page, U * per, score.data(), lo, hi);
+    else
+      page_scores(qpos, qneg, a.Lq, a.D, static_cast<const float*>(w.kmin) + off,
+                  static_cast<const float*>(w.kmax) + off, w.bs[2], w.lo / w.page, U * per, score.data(), lo, hi);
+    for (int64_t u = 0; u < U; ++u) {  // a unit of several pages scores the max of its pages
+      T best = score[u * per];
+      for (int64_t p = 1; p < per; ++p) best = std::max(best, score[u * per + p]);
+      score[u] = best;
+    }
+    order.resize(U);
+    for (int64_t u = 0; u < U; ++u) order[u] = u;
+    const T* sc = score.data();
+    std::nth_element(order.begin(), order.begin() + w.take, order.end(),
+                     [sc](int64_t i, int64_t j) { return sc[i] > sc[j] || (sc[i] == sc[j] && i < j); });
+    std::sort(order.begin(), order.begin() + w.take);
+    for (int64_t t = 0; t < w.take; ++t) sel[t] = u0 + order[t];
+  }
+  int64_t r = 0;
+  for (int64_t j = 0; j < w.lo; ++j) rows[r++] = j;
+  for (int64_t t = 0; t < w.take; ++t)
+    for (int64_t j = 0; j < w.unit; ++j) rows[r++] = sel[t] * w.unit + j;
+  for (int64_t j = w.hi; j < w.n; ++j) rows[r++] = j;
+  Args<T> b = a;  // this item's rows (and their padding) as the capped kernel's selection
+  b.idx = rows.data();  // strides (0, 0): every (x, y) of this item reads it
+  if (w.valid) {
+    const bool* vr = w.valid + x * w.vs[0] + y * w.vs[1];
+    for (int64_t j = 0; j < r; ++j) mask[j] = vr[rows[j] * w.vs[2]] ? T(0) : -std::numeric_limits<T>::infinity();
+    b.mask = mask.data();
+  }
+  for (int64_t i0 = 0; i0 < a.Lq; i0 += kBlockQ)
+    block(b, x, y, i0, std::min(a.Lq, i0 + kBlockQ), s, acc, m, l, kbuf, vbuf);
 }
 
 }  // namespace
@@ -203,4 +319,87 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
   return {out, lse};
 }
 
-TORCH_LIBRARY(attnzoo, m) { m.def("capped_attention", &capped_attention); }
+
+// quest's decode step: q (B, Hkv, G, D) (a KV head's query rows), k, v (B, Hkv, >= n, D|Dv), kmin, kmax
+// (B, Hkv, pages, D) float32 or bfloat16 (channel-wise key bounds per page of `page` slots), valid: (B, Hkv, >= n)
+// bool or empty, fixed: (B, Hkv, take) int64 units to read instead of selecting, or empty. Units are `unit` slots
+// (a multiple of page); the middle [lo, hi) (multiples of unit) has (hi - lo) / unit of them, of which `take` are
+// selected. Returns out (B, Hkv, G, Dv), lse (B, Hkv, G) and the selected units (B, Hkv, take), sorted.
+std::vector<at::Tensor> quest_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& kmin, const at::Tensor& kmax,
+                                        const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& fixed,
+                                        double scale, int64_t page, int64_t unit, int64_t lo, int64_t hi, int64_t n,
+                                        int64_t take) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kmin.dim() == 4, "quest_attention: 4-D operands");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "quest_attention: dtypes");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && kmin.stride(3) == 1 &&
+                  kmin.strides() == kmax.strides() && kmin.sizes() == kmax.sizes(),
+              "quest_attention: unit last strides, kmin and kmax alike");
+  TORCH_CHECK(kmin.scalar_type() == kmax.scalar_type() &&
+                  (kmin.scalar_type() == at::kBFloat16 || kmin.scalar_type() == at::kFloat),
+              "quest_attention: bounds in bfloat16 or float32");
+  const int64_t X = q.size(0), Y = q.size(1), G = q.size(2), D = q.size(3), Dv = v.size(3);
+  TORCH_CHECK(page > 0 && unit % page == 0 && lo % unit == 0 && hi % unit == 0 && 0 <= lo && lo <= hi && hi <= n &&
+                  n <= k.size(2) && n <= v.size(2) && 0 <= take && take * unit <= hi - lo &&
+                  hi / page <= kmin.size(2) && k.size(0) == X && k.size(1) == Y && kmin.size(0) == X &&
+                  kmin.size(1) == Y && k.size(3) == D && kmin.size(3) == D,
+              "quest_attention: sizes");
+  const bool has_valid = valid.has_value() && valid->defined(), has_fixed = fixed.has_value() && fixed->defined();
+  if (has_valid)
+    TORCH_CHECK(valid->dim() == 3 && valid->scalar_type() == at::kBool && valid->size(2) >= n, "quest_attention: valid");
+  if (has_fixed)
+    TORCH_CHECK(fixed->dim() == 3 && fixed->scalar_type() == at::kLong && fixed->size(2) == take &&
+                    fixed->stride(2) == 1 && (take == 0 || (fixed->min().item<int64_t>() >= lo / unit &&
+                                                            fixed->max().item<int64_t>() < hi / unit)),
+                "quest_attention: fixed units (X, Y, take) int64 within the middle");
+  const int64_t m = lo + take * unit + (n - hi);
+  auto out = at::empty({X, Y, G, Dv}, q.options());
+  auto lse = at::empty({X, Y, G}, q.options());
+  auto units = at::empty({X, Y, take}, q.options().dtype(at::kLong));
+  Quest w{};
+  w.kmin = kmin.data_ptr(), w.kmax = kmax.data_ptr(), w.bf16 = kmin.scalar_type() == at::kBFloat16;
+  for (int i = 0; i < 3; ++i) w.bs[i] = kmin.stride(i);
+  w.valid = has_valid ? valid->data_ptr<bool>() : nullptr;
+  if (has_valid)
+    for (int i = 0; i < 3; ++i) w.vs[i] = valid->size(i) == 1 ? 0 : valid->stride(i);
+  w.fixed = has_fixed ? fixed->data_ptr<int64_t>() : nullptr;
+  if (has_fixed)
+    for (int i = 0; i < 2; ++i) w.fs[i] = fixed->size(i) == 1 ? 0 : fixed->stride(i);
+  w.units = units.data_ptr<int64_t>();
+  w.page = page, w.unit = unit, w.lo = lo, w.hi = hi, w.n = n, w.take = take;
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "quest_attention", [&] {
+    Args<scalar_t> a{};
+    a.q = q.data_ptr<scalar_t>();
+    a.k = k.data_ptr<scalar_t>();
+    a.v = v.data_ptr<scalar_t>();
+    a.mask = nullptr;
+    a.ms[0] = a.ms[1] = a.ms[2] = 0, a.ms[3] = 1;  // a row's padding: one mask row over its m keys
+    a.out = out.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<scalar_t>();
+    a.X = X, a.Y = Y, a.Lq = G, a.Lk = m, a.D = D, a.Dv = Dv;
+    operand_strides(q, D, a.qs, "quest_attention", "q");
+    operand_strides(k, D, a.ks, "quest_attention", "k");
+    operand_strides(v, Dv, a.vs, "quest_attention", "v");
+    operand_strides(out, Dv, a.os, "quest_attention", "out");
+    a.k_col = 0;
+    a.is[0] = a.is[1] = 0;
+    a.scale = static_cast<scalar_t>(scale);
+    a.cap = 0, a.causal = false, a.offset = 0;
+    if (G == 0) return;
+    at::parallel_for(0, X * Y, 1, [&](int64_t begin, int64_t stop) {
+      using T = scalar_t;
+      std::vector<T> score((hi - lo) / page + 1), qsplit((2 * G + 2) * D), mask(has_valid ? m : 0);
+      std::vector<int64_t> order, rows(m);
+      std::vector<T> s(kBlockQ * kBlockK), acc(kBlockQ * Dv), mx(kBlockQ), l(kBlockQ), kbuf(kBlockK * D),
+          vbuf(kBlockK * Dv);
+      for (int64_t t = begin; t < stop; ++t)
+        quest_item(a, w, t / Y, t % Y, score, order, rows, mask, qsplit, s, acc, mx, l, kbuf, vbuf);
+    });
+  });
+  return {out, lse, units};
+}
+
+TORCH_LIBRARY(attnzoo, m) {
+  m.def("capped_attention", &capped_attention);
+  m.def("quest_attention", &quest_attention);
+}
