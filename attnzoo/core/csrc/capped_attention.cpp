@@ -149,6 +149,25 @@ void run(Args<T>& a) {
   });
 }
 
+// the operands every call fills alike: q, v, out, lse (and k's pointer), the sizes, no mask, no selection
+template <typename T>
+Args<T> operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                 int64_t Lk, const char* op) {
+  Args<T> a{};
+  a.q = q.data_ptr<T>();
+  a.k = k.data_ptr<T>();
+  a.v = v.data_ptr<T>();
+  a.mask = nullptr;
+  a.idx = nullptr;
+  a.out = out.data_ptr<T>();
+  a.lse = lse.data_ptr<T>();
+  a.X = q.size(0), a.Y = q.size(1), a.Lq = q.size(2), a.Lk = Lk, a.D = q.size(3), a.Dv = v.size(3);
+  operand_strides(q, a.D, a.qs, op, "q");
+  operand_strides(v, a.Dv, a.vs, op, "v");
+  operand_strides(out, a.Dv, a.os, op, "out");
+  return a;
+}
+
 // ---- quest's decode step in one call: page selection by key bounds, then the read of the selection in place
 
 // a bound's channel widened to the compute type: bfloat16 is the high half of a float (exact)
@@ -281,22 +300,12 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
   auto out = at::empty({X, Y, Lq, Dv}, q.options());
   auto lse = at::empty({X, Y, Lq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "capped_attention", [&] {
-    Args<scalar_t> a{};
-    a.q = q.data_ptr<scalar_t>();
-    a.k = k.data_ptr<scalar_t>();
-    a.v = v.data_ptr<scalar_t>();
-    a.mask = nullptr;
+    Args<scalar_t> a = operands<scalar_t>(q, k, v, out, lse, Lk, "capped_attention");
     if (mask.has_value() && mask->defined()) {
       TORCH_CHECK(mask->dim() == 4 && mask->scalar_type() == q.scalar_type(), "capped_attention: mask");
       a.mask = mask->data_ptr<scalar_t>();
       for (int i = 0; i < 4; ++i) a.ms[i] = mask->size(i) == 1 ? 0 : mask->stride(i);
     }
-    a.out = out.data_ptr<scalar_t>();
-    a.lse = lse.data_ptr<scalar_t>();
-    a.X = X, a.Y = Y, a.Lq = Lq, a.Lk = Lk, a.D = D, a.Dv = Dv;
-    operand_strides(q, D, a.qs, "capped_attention", "q");
-    operand_strides(v, Dv, a.vs, "capped_attention", "v");
-    operand_strides(out, Dv, a.os, "capped_attention", "out");
     if (k_col) {  // K^T's rows (one per feature, Lk long) are the BLAS operand
       operand_strides(k.transpose(2, 3), Lk, a.ks, "capped_attention", "k (transposed)");
       a.k_col = a.ks[2];
@@ -304,7 +313,6 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
       operand_strides(k, D, a.ks, "capped_attention", "k");
       a.k_col = 0;
     }
-    a.idx = nullptr;
     if (gathered) {
       a.idx = idx->data_ptr<int64_t>();
       for (int i = 0; i < 2; ++i) a.is[i] = idx->size(i) == 1 ? 0 : idx->stride(i);
@@ -368,19 +376,9 @@ std::vector<at::Tensor> quest_attention(const at::Tensor& q, const at::Tensor& k
   w.units = units.data_ptr<int64_t>();
   w.page = page, w.unit = unit, w.lo = lo, w.hi = hi, w.n = n, w.take = take;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "quest_attention", [&] {
-    Args<scalar_t> a{};
-    a.q = q.data_ptr<scalar_t>();
-    a.k = k.data_ptr<scalar_t>();
-    a.v = v.data_ptr<scalar_t>();
-    a.mask = nullptr;
+    Args<scalar_t> a = operands<scalar_t>(q, k, v, out, lse, m, "quest_attention");
     a.ms[0] = a.ms[1] = a.ms[2] = 0, a.ms[3] = 1;  // a row's padding: one mask row over its m keys
-    a.out = out.data_ptr<scalar_t>();
-    a.lse = lse.data_ptr<scalar_t>();
-    a.X = X, a.Y = Y, a.Lq = G, a.Lk = m, a.D = D, a.Dv = Dv;
-    operand_strides(q, D, a.qs, "quest_attention", "q");
     operand_strides(k, D, a.ks, "quest_attention", "k");
-    operand_strides(v, Dv, a.vs, "quest_attention", "v");
-    operand_strides(out, Dv, a.os, "quest_attention", "out");
     a.k_col = 0;
     a.is[0] = a.is[1] = 0;
     a.scale = static_cast<scalar_t>(scale);
