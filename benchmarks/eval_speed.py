@@ -9,7 +9,7 @@ model as transformers runs it (SDPA, ``DynamicCache``); ``× SDPA`` = SDPA time 
 is better).
 
     python benchmarks/eval_speed.py --lengths 2048 --repeats 2 \
-        --cases prefill=exact prefill=hip:topk=0.25 cache=snapkv@0.125
+        --cases prefill=exact prefill=hip:topk=0.25 cache=snapkv@0.125 plan=plan.json
 
 ``--markdown`` prints each length's table as GitHub markdown (docs/eval.md takes it unedited); the load
 average at the start and end of each length is printed with it, since a loaded machine makes the ratios noise.
@@ -39,12 +39,14 @@ DEFAULT_CASES = ["prefill=exact", "prefill=sliding_window", "prefill=streaming",
 
 
 def parse_case(text: str) -> dict:
-    """``prefill=NAME[:k=v,..]`` or ``cache=NAME[:k=v,..][@budget]`` -> an eval case."""
+    """``prefill=NAME[:k=v,..]``, ``cache=NAME[:k=v,..][@budget]`` or ``plan=FILE`` -> an eval case."""
     kind, _, spec = text.partition("=")
     if kind == "prefill":
         return C.method_case(spec)
+    if kind == "plan":
+        return C.plan_case(spec)
     if kind != "cache":
-        raise SystemExit(f"eval_speed: a case expected prefill=... or cache=..., got {text!r}")
+        raise SystemExit(f"eval_speed: a case expected prefill=..., cache=... or plan=..., got {text!r}")
     spec, _, budget = spec.partition("@")
     return C.policy_case(spec, C._value(budget) if budget else None)
 
@@ -52,8 +54,8 @@ def parse_case(text: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="2048,4096")
-    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="prefill=NAME[:k=v,..] or "
-                                                                       "cache=NAME[:k=v,..][@budget]")
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="prefill=NAME[:k=v,..], "
+                                                                       "cache=NAME[:k=v,..][@budget] or plan=FILE")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--markdown", action="store_true", help="GitHub markdown tables")
