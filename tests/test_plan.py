@@ -212,6 +212,23 @@ def test_budget_too_small_refused():
         P.make_calibrator("no_such_calibrator")
 
 
+def test_list_parameters_as_text():
+    """A spec that splits on commas (benchmarks/plans.py --calibrators) passes lists joined by '+'."""
+    from attnzoo.eval.cases import parse_spec
+
+    name, params = parse_spec("moa:policy=novelty,tasks=passkey+niah_single,spans=0.5+0.015625")
+    cal = P.make_calibrator(name, **params)
+    assert cal.tasks == ("passkey", "niah_single") and cal.spans == (0.015625, 0.5)
+    cal = P.make_calibrator("minference", patterns="streaming+block_topk", spans="0.25,0.125")
+    assert cal.patterns == ("streaming", "block_topk") and cal.spans == (0.125, 0.25)
+    with pytest.raises(AttnZooError, match="'spans'"):
+        P.make_calibrator("moa", spans="0.5+half")
+    with pytest.raises(AttnZooError, match="'tasks'.*'nope'"):
+        P.make_calibrator("moa", tasks="passkey+nope")
+    with pytest.raises(AttnZooError, match="'patterns'"):
+        P.make_calibrator("minference", patterns="streaming+dense")
+
+
 def test_eval_reads_a_plan_file(tmp_path):
     from attnzoo.eval import cases
 

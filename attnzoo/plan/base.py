@@ -212,13 +212,23 @@ def bos(model, tokenizer) -> list[int]:
     return [] if tid is None else [int(tid)]
 
 
+def listed(value, cast=str):
+    """A list parameter given as text, ``"a,b"`` or ``"a+b"`` (``+`` survives ``eval``-style specs that split on
+    commas, e.g. ``moa:tasks=passkey+niah_single``), as a tuple of ``cast`` items; other values unchanged."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return tuple(cast(t) for t in value.replace("+", ",").split(",") if t)
+    except ValueError:
+        return value
+
+
 def check_tasks(name: str, tasks) -> tuple[str, ...]:
     """The ``tasks`` parameter as a tuple of registered text-task names (AttnZooError otherwise)."""
     from ..tasks import TASKS as registered
     from ..tasks.text import TextTask
 
-    if isinstance(tasks, str):
-        tasks = tuple(t for t in tasks.split(",") if t)
+    tasks = listed(tasks)
     if not isinstance(tasks, (tuple, list)) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise AttnZooError(f"calibrator {name}: parameter 'tasks' expected a non-empty list of task names, "
                            f"got {tasks!r}")

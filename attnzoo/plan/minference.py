@@ -22,7 +22,8 @@ from ..bench.metrics import lse_recall
 from ..core.exact import tiled_attention
 from ..errors import AttnZooError
 from ..registry import param
-from .base import TASKS, FULL, Calibrator, allocate_options, calibration_prompts, heads_kv_of, register_calibrator
+from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, heads_kv_of, listed,
+                   register_calibrator)
 
 #: recall losses below this are float rounding (fp32 lse of the same keys summed in another order, or with the
 #: block kernel's polynomial exp: up to a few 1e-6)
@@ -52,6 +53,7 @@ class MInference(Calibrator):
     tasks: tuple = param(TASKS, help="tasks the calibration prompts alternate between (text tasks)")
 
     def validate(self) -> None:
+        self.patterns, self.spans = listed(self.patterns), listed(self.spans, float)
         bad = [p for p in self.patterns if p not in PATTERNS] if isinstance(self.patterns, (tuple, list)) else [0]
         if bad or not self.patterns:
             raise AttnZooError(f"minference: parameter 'patterns' expected a non-empty subset of {PATTERNS}, "

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from ..cache.novelty import novelty
 from ..errors import AttnZooError
 from ..registry import param
-from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, per_kv_head,
-                   register_calibrator)
+from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, listed,
+                   per_kv_head, register_calibrator)
 from .duo import streaming_mask
 from .zipvl import observed_mass
 
@@ -62,6 +62,7 @@ class MoA(Calibrator):
                                "context before the question (after: question-agnostic compression)")
 
     def validate(self) -> None:
+        self.spans = listed(self.spans, float)
         if not isinstance(self.spans, (tuple, list)) or not self.spans or not all(
                 isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 1 for s in self.spans):
             raise AttnZooError(f"moa: parameter 'spans' expected shares in (0, 1), got {self.spans!r}")
