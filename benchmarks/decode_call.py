@@ -34,6 +34,9 @@ ROWS = {
     "tokenselect (fp32 scores)": ("tokenselect", {}),
     "tokenselect (bf16 scores)": ("tokenselect", dict(score_dtype="bfloat16")),
     "tokenselect (int8 scores)": ("tokenselect", dict(score_dtype="int8")),
+    "tokenselect (page-first, pages=1)": ("tokenselect", dict(pages=1.0)),
+    "tokenselect (page-first, pages=2)": ("tokenselect", dict(pages=2.0)),
+    "tokenselect (page-first, pages=4)": ("tokenselect", dict(pages=4.0)),
     "infllm": ("infllm", {}),
     "recycled (every 8)": ("recycled", dict(every=8)),
 }

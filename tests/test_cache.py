@@ -1006,3 +1006,73 @@ def test_quest_kernel_selects_the_units_of_highest_bound_and_reads_them():
     torch.testing.assert_close(lse, torch.logsumexp(0.2 * q @ kg.transpose(-1, -2), -1), atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="sizes"):
         capped.quest_attention(q, k, v, kmin, kmax, scale=0.2, page=page, unit=page, lo=lo, hi=hi, n=n, take=48)
+
+
+def _tokenselect_runs(params, q, k, v, key_mask, monkeypatch, fused_for=(True, False)):
+    """Decode runs of tokenselect with ``params``, with and without the one-call step: (outputs, slots per step,
+    calls of the one-call step) per run."""
+    from attnzoo.cache import read
+    fused = read.tokenselect_read
+    results = []
+    for use in fused_for:
+        calls, slots = [], []
+        spy = lambda *a, **kw: calls.append(1) or fused(*a, **kw)  # noqa: E731
+        monkeypatch.setattr("attnzoo.cache.select.tokenselect_read", spy if use else lambda *a, **kw: None)
+        record = lambda cache: slots.append(None if cache.policy.ref is None else cache.policy.ref[1])  # noqa: E731
+        out = _decode(KVCache("tokenselect", **params), q, k, v, prefill=200, key_mask=key_mask, check=record)
+        results.append((out, slots, len(calls)))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("params", [
+    dict(budget=96, sinks=5, local=19, pages=2.0, page=8, threshold=2.0),
+    dict(budget=80, sinks=0, local=8, pages=1.0, page=16, threshold=-1.0),  # every later step reuses
+])
+def test_tokenselect_page_first_step_equals_the_generic_path(params, dtype, monkeypatch):
+    """tokenselect's page-first step in one C++ call (page vote by the bounds, exact token scores in the best pages,
+    the token vote, the read in place) selects the same tokens as the generic path (bounds GEMMs, gathered candidate
+    keys, torch softmax/top-k, then the in-place read) and gives the same output at every step (GQA, left padding, a
+    middle cut mid-page, reused selections); it is the path taken where it builds."""
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=2, Hq=6, Hkv=2, N=240, D=32, seed=43, dtype=dtype)
+    key_mask = torch.ones(2, 240, dtype=torch.bool)
+    key_mask[1, :13] = False
+    (fused_out, fused_slots, calls), (ref_out, ref_slots, ref_calls) = _tokenselect_runs(params, q, k, v, key_mask,
+                                                                                      monkeypatch)
+    assert calls == 40 and ref_calls == 0
+    assert all(torch.equal(a, b) for a, b in zip(fused_slots[1:], ref_slots[1:]))
+    for a, b in zip(fused_out, ref_out):
+        torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5)
+
+
+def test_tokenselect_page_first_over_every_page_is_the_exact_vote(monkeypatch):
+    """With candidates covering every middle page, page-first scoring is the exact vote (pages=0): the same tokens
+    and output, on the fused and on the generic path; with fewer candidates it reads pages of the highest vote only."""
+    from attnzoo.core import capped
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=240, D=16, seed=44, dtype=torch.float32)
+    key_mask = torch.ones(2, 240, dtype=torch.bool)
+    key_mask[0, :7] = False
+    exact = dict(budget=64, sinks=3, local=9, threshold=2.0)
+    (ref_out, ref_slots, _), = _tokenselect_runs(exact, q, k, v, key_mask, monkeypatch, fused_for=(False,))
+    paths = (True, False) if capped.available() else (False,)
+    for out, slots, _ in _tokenselect_runs({**exact, "pages": 100.0, "page": 8}, q, k, v, key_mask, monkeypatch, paths):
+        assert all(torch.equal(a, b) for a, b in zip(slots[1:], ref_slots[1:]))
+        for a, b in zip(out, ref_out):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    (_, few, _), = _tokenselect_runs({**exact, "pages": 1.0, "page": 8}, q, k, v, key_mask, monkeypatch, paths[:1])
+    assert any(not torch.equal(a, b) for a, b in zip(few[1:], ref_slots[1:]))  # a real pre-filter
+
+
+def test_tokenselect_page_first_refuses_compact_scores_and_counts_its_bounds():
+    with pytest.raises(attnzoo.AttnZooError, match="score_dtype"):
+        KVCache("tokenselect", pages=2.0, score_dtype="int8")
+    k, v = torch.randn(1, 2, 640, 128), torch.randn(1, 2, 640, 128)
+    plain, paged = KVCache("tokenselect", budget=128, sinks=16, local=32), KVCache("tokenselect", budget=128, sinks=16,
+                                                                                local=32, pages=2.0)
+    for cache in (plain, paged):
+        cache.append(k, v)
+    assert paged.nbytes == plain.nbytes + 2 * 2 * (640 // 32) * 128 * 2  # kmin + kmax, bf16, per page and head
+    assert paged.nbytes <= 1.02 * plain.nbytes

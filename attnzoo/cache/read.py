@@ -370,6 +370,21 @@ def quest_read(q: torch.Tensor, store, step, *, unit: int, lo: int, hi: int, tak
     return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), units
 
 
+def tokenselect_read(q: torch.Tensor, store, step, *, lo: int, hi: int, candidates: int, take: int,
+                     fixed: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor] | None:
+    """tokenselect's page-first decode step in one call of :func:`attnzoo.core.capped.tokenselect_attention`:
+    ``(Partial, slots (B, take))``, or None where it does not apply (as :func:`quest_read`)."""
+    kb, vb = store.buf.get("k"), store.buf.get("v")
+    if (q.shape[2] != 1 or store.bits is not None or not store.page or not capped.applies(q, kb)
+            or kb.dtype != q.dtype):
+        return None
+    Hq, Hkv = q.shape[1], kb.shape[1]
+    out, lse, slots = capped.tokenselect_attention(
+        fold_groups(q, Hkv), kb, vb, store.pages["kmin"], store.pages["kmax"], scale=step.scale, page=store.page,
+        lo=lo, hi=hi, n=store.n, candidates=candidates, take=take, valid=store.buf.get("valid"), fixed=fixed)
+    return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), slots
+
+
 #: smallest selection unit read in place by the block kernel (single tokens make one-key runs: gathered instead)
 IN_PLACE_UNIT = 8
 

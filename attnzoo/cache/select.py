@@ -24,7 +24,7 @@ from ..errors import AttnZooError
 from ..registry import param
 from . import quant
 from .policy import Policy, Step, register_policy
-from .read import mass_read, quest_read, read_ranges, read_selected, read_units
+from .read import mass_read, quest_read, read_ranges, read_selected, read_units, tokenselect_read
 from .store import Store
 
 
@@ -174,6 +174,13 @@ class TokenSelect(_Select):
     query quantised the same way: a quarter of fp32 K's bytes per step, each
     score within ``|q|₁ s_k/2 + |k|₁ s_q/2 + D s_q s_k/4`` of the exact one
     (``s = max|x|/127`` per row; :func:`attnzoo.cache.quant.product_error_bound`).
+    ``pages > 0`` (opt-in) scores page-first, so a step stops touching every key:
+    the store keeps quest's bf16 key bounds per ``page`` tokens (+1/64 of fp32
+    K+V at page 32), the pages get the soft vote of their bounds (an upper
+    bound of every key's score), and only the tokens of the best pages,
+    ``pages`` times the selected tokens' worth, are scored and voted on
+    exactly. With every middle page a candidate it is the exact vote (tested);
+    on CPU the whole step is one C++ call.
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -190,29 +197,95 @@ class TokenSelect(_Select):
                                   "of fp32 per step; int8 keeps int8 codes of K with a per-token scale (+1/8 of "
                                   "fp32 K+V bytes) and reads a quarter")
 
+    pages: float = param(0.0, min=0.0, help="0: score every middle key (the exact vote); > 0: page-first: keep bf16 "
+                                            "key bounds per page (+1/64 of fp32 K+V bytes at page 32), vote on the "
+                                            "pages by their bounds and score only the tokens of the best pages, this "
+                                            "many times the selected tokens' worth (+2 pages); float32 scores only")
+    page: int = param(32, min=1, help="tokens per page of the page-first bounds (pages > 0)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pages and self.score_dtype != "float32":
+            raise AttnZooError(f"tokenselect: parameter 'score_dtype' expected 'float32' with pages={self.pages} "
+                               f"(page-first scoring reads the stored keys), got {self.score_dtype!r}")
+
     def make_store(self) -> Store:
-        return Store(compact=getattr(torch, self.score_dtype), align=self.unit)
+        return Store(compact=getattr(torch, self.score_dtype), align=self.unit, page=self.page if self.pages else None,
+                     page_dtype=torch.bfloat16)
 
     def reset(self) -> None:
-        self.ref: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_ref (B, Hq, D), slots)
+        self.ref: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_ref (B, Hq, D), slots (B, Hkv, take))
         self.reused = self.selected = 0
 
-    def select(self, store, q, step, lo, hi, take):
-        B, Hkv = store.positions.shape[:2]
-        q_last = q[:, :, -1].float()
+    def _candidates(self, take: int) -> int:
+        """Pages whose tokens page-first scoring scores: ``pages`` times the selected tokens' worth, plus the two
+        end pages the middle may cut."""
+        return math.ceil(self.pages * take / self.page) + 2
+
+    def _reuse(self, q_last: torch.Tensor) -> torch.Tensor | None:
+        """The last selection's slots while the queries stay similar (``threshold``), else None."""
         if self.ref is not None:
             cos = torch.nn.functional.cosine_similarity(q_last, self.ref[0], dim=-1).mean(dim=1)
             if bool((cos >= self.threshold).all()):
                 self.reused += 1
                 return self.ref[1]
-        keys, key_scale = store.score_keys(lo, hi)
-        scores = _key_scores(_group_queries(q, Hkv) * step.scale, keys, getattr(torch, self.score_dtype), key_scale)
-        vote = torch.softmax(_masked(scores, store, lo, hi), dim=-1).nan_to_num_(0.0).sum(dim=(1, 2))  # (B, m)
-        top = torch.topk(vote, take, dim=-1).indices.sort(dim=-1).values + lo
+        return None
+
+    def read_fused(self, store, q, step, lo, hi, take):
+        if not self.pages:
+            return None
+        q_last = q[:, :, -1].float()
+        fixed = self._reuse(q_last)
+        fused = tokenselect_read(q, store, step, lo=lo, hi=hi, candidates=self._candidates(take), take=take,
+                                 fixed=None if fixed is None else fixed[:, 0])
+        if fused is None:
+            if fixed is not None:  # the generic path counts the step again
+                self.reused -= 1
+            return None
+        if fixed is None:
+            self.ref = (q_last, fused[1].unsqueeze(1).expand(-1, store.positions.shape[1], -1))
+            self.selected += 1
+        return fused[0]
+
+    def select(self, store, q, step, lo, hi, take):
+        B, Hkv = store.positions.shape[:2]
+        q_last = q[:, :, -1].float()
+        reused = self._reuse(q_last)
+        if reused is not None:
+            return reused
+        qg = _group_queries(q, Hkv) * step.scale
+        if self.pages:  # the tokens of the pages of highest soft vote by their bounds: (B, M), hidden ones at -1
+            cand, keys = self._page_candidates(store, qg, lo, hi, take)
+            scores = _key_scores(qg, keys).masked_fill((cand < 0)[:, None, None], -math.inf)
+            if store.valid is not None:
+                hidden = ~torch.gather(store.valid, 2, cand.clamp(min=lo).unsqueeze(1).expand(-1, Hkv, -1))
+                scores = scores.masked_fill(hidden.unsqueeze(2), -math.inf)
+            vote = torch.softmax(scores, dim=-1).nan_to_num_(0.0).sum(dim=(1, 2)).masked_fill_(cand < 0, -1.0)
+            top = cand.gather(-1, torch.topk(vote, take, dim=-1).indices).sort(dim=-1).values
+        else:
+            keys, key_scale = store.score_keys(lo, hi)
+            scores = _key_scores(qg, keys, getattr(torch, self.score_dtype), key_scale)
+            vote = torch.softmax(_masked(scores, store, lo, hi), dim=-1).nan_to_num_(0.0).sum(dim=(1, 2))  # (B, m)
+            top = torch.topk(vote, take, dim=-1).indices.sort(dim=-1).values + lo
         slots = top.unsqueeze(1).expand(B, Hkv, take).contiguous()
         self.ref = (q_last, slots)
         self.selected += 1
         return slots
+
+    def _page_candidates(self, store, qg, lo, hi, take) -> tuple[torch.Tensor, torch.Tensor]:
+        """Page-first: ``(slots (B, M), keys (B, Hkv, M, D))`` of the tokens in ``[lo, hi)`` of the pages with the
+        highest soft vote ``Σ_heads softmax_pages(scale · bound)`` (slots outside ``[lo, hi)``: -1, keys there a
+        stand-in). The bounds (bf16, rounded outward) are widened exactly to fp32 for the GEMMs."""
+        kmin, kmax = store.page_bounds()
+        p0, p1 = lo // self.page, -(-hi // self.page)
+        bound = (qg.clamp(min=0) @ kmax[:, :, p0:p1].float().transpose(-1, -2)
+                 + qg.clamp(max=0) @ kmin[:, :, p0:p1].float().transpose(-1, -2))
+        vote = torch.softmax(bound, dim=-1).sum(dim=(1, 2))  # (B, pages)
+        pages = torch.topk(vote, min(self._candidates(take), p1 - p0), dim=-1).indices.sort(dim=-1).values + p0
+        cand = (pages.unsqueeze(-1) * self.page + torch.arange(self.page, device=pages.device)).flatten(-2)
+        inside = (cand >= lo) & (cand < hi)
+        keys, _ = store.gather(cand.clamp(lo, hi - 1).unsqueeze(1).expand(-1, qg.shape[1], -1))
+        return cand.masked_fill(~inside, -1), keys
 
     def state_nbytes(self) -> int:
         return 0 if self.ref is None else sum(t.numel() * t.element_size() for t in self.ref)

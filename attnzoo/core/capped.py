@@ -89,3 +89,22 @@ def quest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: tor
     fixed = None if fixed is None else fixed.long().contiguous()
     return tuple(torch.ops.attnzoo.quest_attention(q, k, v, kmin, kmax, valid, fixed, float(scale), page, unit, lo, hi,
                                                    n, take))
+
+
+def tokenselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
+                          scale: float, page: int, lo: int, hi: int, n: int, candidates: int, take: int,
+                          valid: torch.Tensor | None = None,
+                          fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tokenselect's page-first decode step in one call: ``(out (B, Hkv, G, Dv), lse (B, Hkv, G), slots (B, take))``.
+
+    Operands as :func:`quest_attention`'s. Per batch row: every page overlapping the middle ``[lo, hi)`` gets the
+    soft vote ``Σ_{heads} softmax_pages(scale · bound)``; the tokens (within ``[lo, hi)``) of the ``candidates``
+    pages of highest vote get exact scores ``q·k`` and the soft vote ``Σ_{heads} softmax_tokens(scale · q·k)``
+    (padding hidden); the ``take`` best (ties: the lower slot) are read by every head with the sinks ``[0, lo)``
+    and the local slots ``[hi, n)``. ``fixed (B, take)``: read these slots instead. Needs ``take <=
+    (candidates - 2) · page`` (the two end pages may be cut). Only after :func:`applies`.
+    """
+    q, k, v = kernel_rows(q), kernel_rows(k), kernel_rows(v)
+    fixed = None if fixed is None else fixed.long().contiguous()
+    return tuple(torch.ops.attnzoo.tokenselect_attention(q, k, v, kmin, kmax, valid, fixed, float(scale), page, lo, hi,
+                                                         n, candidates, take))

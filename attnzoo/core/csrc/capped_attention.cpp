@@ -14,6 +14,8 @@
 // quest_attention: a quest decode step in one call per (batch, KV head): each page's upper bound of q . k from its
 // channel-wise key min/max (float32 or bfloat16, widened exactly), the best units kept, and the sinks, the selected
 // units and the local window read in place through the same loop (attnzoo.cache.select.Quest).
+// tokenselect_attention: tokenselect's page-first step per batch row: a soft vote over the pages' bounds, exact
+// token scores only in the best pages, a soft vote over those tokens, the best tokens read in place by every head.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -179,12 +181,26 @@ inline float widen(uint16_t bf16) {
 }
 inline float widen(float x) { return x; }
 
-// per page p of [p0, p0 + P): max over the G query rows of sum_d max(q_d kmin_d, q_d kmax_d) (an upper bound of
-// q . k for every key of the page), into score[p - p0]; qpos/qneg (G x D): the rows' positive and negative parts, so
-// each term is qpos_d kmax_d + qneg_d kmin_d (one of them exactly 0)
+// the bounds of a store's pages: channel-wise key min/max (x, y, page, D) in float32 or bfloat16
+struct Bounds {
+  const void *kmin, *kmax;
+  bool bf16;
+  int64_t bs[3];  // strides (x, y, page)
+};
+
+// per query row g of q (G x D, row stride qrow) and page p of [p0, p0 + P) of (x, y): sum_d max(q_d kmin_d, q_d kmax_d),
+// an upper bound of q . k for every key of the page, into score[g * P + p - p0]. Each term is qpos_d kmax_d +
+// qneg_d kmin_d with qpos/qneg the row's positive and negative parts (one of the two products exactly 0).
 template <typename T, typename BT>
-void page_scores(const T* qpos, const T* qneg, int64_t G, int64_t D, const BT* kmin, const BT* kmax, int64_t brow,
-                 int64_t p0, int64_t P, T* score, T* lo, T* hi) {
+void page_scores_as(const T* q, int64_t qrow, int64_t G, int64_t D, const BT* kmin, const BT* kmax, int64_t brow,
+                    int64_t p0, int64_t P, T* score, std::vector<T>& scratch) {
+  scratch.resize((2 * G + 2) * D);
+  T *qpos = scratch.data(), *qneg = qpos + G * D, *lo = qneg + G * D, *hi = lo + D;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) {
+      const T v = q[g * qrow + d];
+      qpos[g * D + d] = v > 0 ? v : T(0), qneg[g * D + d] = v < 0 ? v : T(0);
+    }
   constexpr int64_t ahead = 8;  // pages prefetched ahead (the hardware prefetcher stops at page boundaries)
   for (int64_t p = 0; p < P; ++p) {
     const BT *a = kmin + (p0 + p) * brow, *b = kmax + (p0 + p) * brow;
@@ -193,85 +209,182 @@ void page_scores(const T* qpos, const T* qneg, int64_t G, int64_t D, const BT* k
         __builtin_prefetch(a + ahead * brow + d), __builtin_prefetch(b + ahead * brow + d);
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) lo[d] = T(widen(a[d])), hi[d] = T(widen(b[d]));
-    T best = -std::numeric_limits<T>::infinity();
     for (int64_t g = 0; g < G; ++g) {
       const T *qp = qpos + g * D, *qn = qneg + g * D;
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t d = 0; d < D; ++d) sum += qp[d] * hi[d] + qn[d] * lo[d];
-      best = std::max(best, sum);
+      score[g * P + p] = sum;
     }
-    score[p] = best;
   }
 }
 
-struct Quest {
-  const void *kmin, *kmax;
-  bool bf16;
-  int64_t bs[3];  // the bounds' strides (x, y, page)
-  const bool* valid;  // nullptr, or (x, y, slot) visibility
-  int64_t vs[3];
-  const int64_t* fixed;  // nullptr, or the units to read (x, y, take) instead of selecting them
-  int64_t fs[2];
-  int64_t* units;  // out: (X, Y, take) the selected units, sorted
-  int64_t page, unit, lo, hi, n, take;
+template <typename T>
+void page_scores(const Args<T>& a, const Bounds& w, int64_t x, int64_t y, int64_t p0, int64_t P, T* score,
+                 std::vector<T>& scratch) {
+  const T* q = a.q + x * a.qs[0] + y * a.qs[1];
+  const int64_t off = x * w.bs[0] + y * w.bs[1];
+  if (w.bf16)
+    page_scores_as(q, a.qs[2], a.Lq, a.D, static_cast<const uint16_t*>(w.kmin) + off,
+                   static_cast<const uint16_t*>(w.kmax) + off, w.bs[2], p0, P, score, scratch);
+  else
+    page_scores_as(q, a.qs[2], a.Lq, a.D, static_cast<const float*>(w.kmin) + off,
+                   static_cast<const float*>(w.kmax) + off, w.bs[2], p0, P, score, scratch);
+}
+
+// the `take` best of score[0, count) (ties: the lower index) into out, ascending
+template <typename T>
+void top_sorted(const T* score, int64_t count, int64_t take, std::vector<int64_t>& order, int64_t* out) {
+  order.resize(count);
+  for (int64_t i = 0; i < count; ++i) order[i] = i;
+  std::nth_element(order.begin(), order.begin() + take, order.end(),
+                   [score](int64_t i, int64_t j) { return score[i] > score[j] || (score[i] == score[j] && i < j); });
+  std::sort(order.begin(), order.begin() + take);
+  std::copy(order.begin(), order.begin() + take, out);
+}
+
+// per-thread scratch of a selection step
+template <typename T>
+struct Scratch {
+  std::vector<T> score, vote, mask, small, e, s, acc, m, l, kbuf, vbuf;
+  std::vector<int64_t> order, rows, cand;
+  Scratch(int64_t D, int64_t Dv)
+      : s(kBlockQ * kBlockK), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * Dv) {}
 };
 
-// one (x, y): score the units of the middle slots [lo, hi), keep the `take` best (ties: the lower unit), and
-// attend the query rows over the sink slots [0, lo), the selected units' slots and the local slots [hi, n)
+// the query rows of (x, y) over the slots rows[0, r) of k/v, read in place (valid: (x, y, slot) visibility or nullptr)
 template <typename T>
-void quest_item(const Args<T>& a, const Quest& w, int64_t x, int64_t y, std::vector<T>& score, std::vector<int64_t>& order,
-                std::vector<int64_t>& rows, std::vector<T>& mask, std::vector<T>& qsplit,
-                std::vector<T>& s, std::vector<T>& acc, std::vector<T>& m, std::vector<T>& l, std::vector<T>& kbuf,
-                std::vector<T>& vbuf) {
-  const int64_t per = w.unit / w.page, U = (w.hi - w.lo) / w.unit, u0 = w.lo / w.unit;
-  int64_t* sel = w.units + (x * a.Y + y) * w.take;
+void read_rows(const Args<T>& a, const bool* valid, const int64_t vs[3], int64_t x, int64_t y, const int64_t* rows,
+               int64_t r, Scratch<T>& w) {
+  Args<T> b = a;  // this item's rows (and their padding) as the capped kernel's selection
+  b.idx = rows, b.is[0] = b.is[1] = 0, b.Lk = r;
+  b.ms[0] = b.ms[1] = b.ms[2] = 0, b.ms[3] = 1;  // a row's padding: one mask row over its r keys
+  if (valid) {
+    const bool* vr = valid + x * vs[0] + y * vs[1];
+    w.mask.resize(r);
+    for (int64_t j = 0; j < r; ++j) w.mask[j] = vr[rows[j] * vs[2]] ? T(0) : -std::numeric_limits<T>::infinity();
+    b.mask = w.mask.data();
+  }
+  for (int64_t i0 = 0; i0 < a.Lq; i0 += kBlockQ)
+    block(b, x, y, i0, std::min(a.Lq, i0 + kBlockQ), w.s, w.acc, w.m, w.l, w.kbuf, w.vbuf);
+}
+
+struct Select {
+  Bounds b;
+  const bool* valid;  // nullptr, or (x, y, slot) visibility
+  int64_t vs[3];
+  const int64_t* fixed;  // nullptr, or the selection to read instead of selecting (quest: per (x, y); else per x)
+  int64_t fs[2];
+  int64_t* chosen;  // out: the selection, sorted
+  int64_t page, unit, lo, hi, n, take, cand;
+};
+
+// quest, one (x, y): score the units of the middle slots [lo, hi) (a unit: the max over its pages and the query
+// rows), keep the `take` best, and attend the query rows over the sink slots [0, lo), the selected units' slots
+// and the local slots [hi, n)
+template <typename T>
+void quest_item(const Args<T>& a, const Select& w, int64_t x, int64_t y, Scratch<T>& t) {
+  const int64_t per = w.unit / w.page, U = (w.hi - w.lo) / w.unit, P = U * per;
+  int64_t* sel = w.chosen + (x * a.Y + y) * w.take;
   if (w.fixed) {
     const int64_t* f = w.fixed + x * w.fs[0] + y * w.fs[1];
     std::copy(f, f + w.take, sel);
   } else {
-    const T* q = a.q + x * a.qs[0] + y * a.qs[1];
-    T *qpos = qsplit.data(), *qneg = qsplit.data() + a.Lq * a.D;
-    for (int64_t g = 0; g < a.Lq; ++g)
-      for (int64_t d = 0; d < a.D; ++d) {
-        const T v = q[g * a.qs[2] + d];
-        qpos[g * a.D + d] = v > 0 ? v : T(0), qneg[g * a.D + d] = v < 0 ? v : T(0);
-      }
-    const int64_t off = x * w.bs[0] + y * w.bs[1];
-    T *lo = qsplit.data() + 2 * a.Lq * a.D, *hi = lo + a.D;
-    if (w.bf16)
-      page_scores(qpos, qneg, a.Lq, a.D, static_cast<const uint16_t*>(w.kmin) + off,
-                  static_cast<const uint16_t*>(w.kmax) + off, w.bs[2], w.lo / w.page, U * per, score.data(), lo, hi);
-    else
-      page_scores(qpos, qneg, a.Lq, a.D, static_cast<const float*>(w.kmin) + off,
-                  static_cast<const float*>(w.kmax) + off, w.bs[2], w.lo / w.page, U * per, score.data(), lo, hi);
-    for (int64_t u = 0; u < U; ++u) {  // a unit of several pages scores the max of its pages
-      T best = score[u * per];
-      for (int64_t p = 1; p < per; ++p) best = std::max(best, score[u * per + p]);
-      score[u] = best;
+    t.score.resize(a.Lq * P);
+    page_scores(a, w.b, x, y, w.lo / w.page, P, t.score.data(), t.small);
+    for (int64_t u = 0; u < U; ++u) {
+      T best = -std::numeric_limits<T>::infinity();
+      for (int64_t g = 0; g < a.Lq; ++g)
+        for (int64_t p = u * per; p < (u + 1) * per; ++p) best = std::max(best, t.score[g * P + p]);
+      t.score[u] = best;
     }
-    order.resize(U);
-    for (int64_t u = 0; u < U; ++u) order[u] = u;
-    const T* sc = score.data();
-    std::nth_element(order.begin(), order.begin() + w.take, order.end(),
-                     [sc](int64_t i, int64_t j) { return sc[i] > sc[j] || (sc[i] == sc[j] && i < j); });
-    std::sort(order.begin(), order.begin() + w.take);
-    for (int64_t t = 0; t < w.take; ++t) sel[t] = u0 + order[t];
+    top_sorted(t.score.data(), U, w.take, t.order, sel);
+    for (int64_t i = 0; i < w.take; ++i) sel[i] += w.lo / w.unit;
   }
+  t.rows.resize(w.lo + w.take * w.unit + w.n - w.hi);
   int64_t r = 0;
-  for (int64_t j = 0; j < w.lo; ++j) rows[r++] = j;
-  for (int64_t t = 0; t < w.take; ++t)
-    for (int64_t j = 0; j < w.unit; ++j) rows[r++] = sel[t] * w.unit + j;
-  for (int64_t j = w.hi; j < w.n; ++j) rows[r++] = j;
-  Args<T> b = a;  // this item's rows (and their padding) as the capped kernel's selection
-  b.idx = rows.data();  // strides (0, 0): every (x, y) of this item reads it
-  if (w.valid) {
-    const bool* vr = w.valid + x * w.vs[0] + y * w.vs[1];
-    for (int64_t j = 0; j < r; ++j) mask[j] = vr[rows[j] * w.vs[2]] ? T(0) : -std::numeric_limits<T>::infinity();
-    b.mask = mask.data();
+  for (int64_t j = 0; j < w.lo; ++j) t.rows[r++] = j;
+  for (int64_t i = 0; i < w.take; ++i)
+    for (int64_t j = 0; j < w.unit; ++j) t.rows[r++] = sel[i] * w.unit + j;
+  for (int64_t j = w.hi; j < w.n; ++j) t.rows[r++] = j;
+  read_rows(a, w.valid, w.vs, x, y, t.rows.data(), r, t);
+}
+
+// adds sum_c softmax(scale * row)_c to vote[c] for one score row (-inf: hidden); a row seeing nothing adds nothing
+template <typename T>
+void add_softmax(const T* row, int64_t count, T scale, T* vote, std::vector<T>& e) {
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < count; ++c) mx = std::max(mx, row[c]);
+  if (mx == -std::numeric_limits<T>::infinity()) return;
+  e.resize(count);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < count; ++c) {
+    e[c] = fast_exp(scale * (row[c] - mx));
+    sum += e[c];
   }
-  for (int64_t i0 = 0; i0 < a.Lq; i0 += kBlockQ)
-    block(b, x, y, i0, std::min(a.Lq, i0 + kBlockQ), s, acc, m, l, kbuf, vbuf);
+  const T inv = T(1) / sum;
+#pragma omp simd
+  for (int64_t c = 0; c < count; ++c) vote[c] += e[c] * inv;
+}
+
+// tokenselect with page-first scoring, one batch row x (its selection is shared by every head): the middle pages
+// (those overlapping [lo, hi)) get a soft vote sum_{y,g} softmax_p(scale * bound); the tokens of the `cand` best pages
+// (within [lo, hi)) are scored exactly (q . k, read in place) and get the soft vote sum_{y,g} softmax_c(scale * s);
+// the `take` best tokens with the sinks and the local slots are read by every head
+template <typename T>
+void tokenselect_item(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& t) {
+  int64_t* sel = w.chosen + x * w.take;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  if (w.fixed) {
+    const int64_t* f = w.fixed + x * w.fs[0];
+    std::copy(f, f + w.take, sel);
+  } else {
+    const int64_t p0 = w.lo / w.page, P = (w.hi + w.page - 1) / w.page - p0;
+    t.score.resize(a.Lq * P);
+    t.vote.assign(P, T(0));
+    for (int64_t y = 0; y < a.Y; ++y) {
+      page_scores(a, w.b, x, y, p0, P, t.score.data(), t.small);
+      for (int64_t g = 0; g < a.Lq; ++g) add_softmax(t.score.data() + g * P, P, a.scale, t.vote.data(), t.e);
+    }
+    const int64_t C = std::min(w.cand, P);
+    std::vector<int64_t> pages(C);
+    top_sorted(t.vote.data(), P, C, t.order, pages.data());
+    t.cand.clear();
+    for (int64_t i = 0; i < C; ++i)
+      for (int64_t j = std::max(w.lo, (p0 + pages[i]) * w.page); j < std::min(w.hi, (p0 + pages[i] + 1) * w.page); ++j)
+        t.cand.push_back(j);
+    const int64_t M = t.cand.size();
+    t.score.resize(a.Lq * M);
+    t.vote.assign(M, T(0));
+    for (int64_t y = 0; y < a.Y; ++y) {  // exact scores of the candidates, blocks of rows copied into scratch
+      const T* q = a.q + x * a.qs[0] + y * a.qs[1];
+      const T* k = a.k + x * a.ks[0] + y * a.ks[1];
+      const bool* vr = w.valid ? w.valid + x * w.vs[0] + y * w.vs[1] : nullptr;
+      for (int64_t j0 = 0; j0 < M; j0 += kBlockK) {
+        const int64_t nb = std::min(kBlockK, M - j0);
+        for (int64_t c = 0; c < nb; ++c) {
+          if (j0 + c + 8 < M)  // prefetched 8 rows ahead: a page boundary stops the hardware prefetcher
+            for (int64_t d = 0; d < a.D; d += 64 / sizeof(T)) __builtin_prefetch(k + t.cand[j0 + c + 8] * a.ks[2] + d);
+          std::memcpy(t.kbuf.data() + c * a.D, k + t.cand[j0 + c] * a.ks[2], a.D * sizeof(T));
+        }
+        gemm('T', nb, a.Lq, a.D, t.kbuf.data(), a.D, q, a.qs[2], T(0), t.score.data() + j0, M);
+      }
+      if (vr)
+        for (int64_t g = 0; g < a.Lq; ++g)
+          for (int64_t c = 0; c < M; ++c)
+            if (!vr[t.cand[c] * w.vs[2]]) t.score[g * M + c] = ninf;
+      for (int64_t g = 0; g < a.Lq; ++g) add_softmax(t.score.data() + g * M, M, a.scale, t.vote.data(), t.e);
+    }
+    top_sorted(t.vote.data(), M, w.take, t.order, sel);
+    for (int64_t i = 0; i < w.take; ++i) sel[i] = t.cand[sel[i]];
+  }
+  t.rows.resize(w.lo + w.take + w.n - w.hi);
+  int64_t r = 0;
+  for (int64_t j = 0; j < w.lo; ++j) t.rows[r++] = j;
+  for (int64_t i = 0; i < w.take; ++i) t.rows[r++] = sel[i];
+  for (int64_t j = w.hi; j < w.n; ++j) t.rows[r++] = j;
+  for (int64_t y = 0; y < a.Y; ++y) read_rows(a, w.valid, w.vs, x, y, t.rows.data(), r, t);
 }
 
 }  // namespace
@@ -328,6 +441,66 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
 }
 
 
+namespace {
+
+// the checks and fields shared by quest_attention and tokenselect_attention: the bounds, padding and selection given
+Select selection(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kmin,
+                 const at::Tensor& kmax, const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& fixed,
+                 int64_t page, int64_t lo, int64_t hi, int64_t n, const char* op) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kmin.dim() == 4, op, ": 4-D operands");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op, ": dtypes");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && kmin.stride(3) == 1 &&
+                  kmin.strides() == kmax.strides() && kmin.sizes() == kmax.sizes(),
+              op, ": unit last strides, kmin and kmax alike");
+  TORCH_CHECK(kmin.scalar_type() == kmax.scalar_type() &&
+                  (kmin.scalar_type() == at::kBFloat16 || kmin.scalar_type() == at::kFloat),
+              op, ": bounds in bfloat16 or float32");
+  const int64_t X = q.size(0), Y = q.size(1), D = q.size(3);
+  TORCH_CHECK(page > 0 && 0 <= lo && lo <= hi && hi <= n && n <= k.size(2) && n <= v.size(2) &&
+                  (hi + page - 1) / page <= kmin.size(2) && k.size(0) == X && k.size(1) == Y && v.size(0) == X &&
+                  v.size(1) == Y && kmin.size(0) == X && kmin.size(1) == Y && k.size(3) == D && kmin.size(3) == D,
+              op, ": sizes");
+  Select w{};
+  w.b.kmin = kmin.data_ptr(), w.b.kmax = kmax.data_ptr(), w.b.bf16 = kmin.scalar_type() == at::kBFloat16;
+  for (int i = 0; i < 3; ++i) w.b.bs[i] = kmin.stride(i);
+  w.valid = nullptr;
+  if (valid.has_value() && valid->defined()) {
+    TORCH_CHECK(valid->dim() == 3 && valid->scalar_type() == at::kBool && valid->size(0) == X &&
+                    valid->size(1) == Y && valid->size(2) >= n,
+                op, ": valid (X, Y, >= n) bool");
+    w.valid = valid->data_ptr<bool>();
+    for (int i = 0; i < 3; ++i) w.vs[i] = valid->size(i) == 1 ? 0 : valid->stride(i);
+  }
+  w.fixed = nullptr;
+  if (fixed.has_value() && fixed->defined()) {
+    TORCH_CHECK(fixed->scalar_type() == at::kLong && fixed->stride(-1) == 1, op, ": fixed int64, unit last stride");
+    w.fixed = fixed->data_ptr<int64_t>();
+    for (int i = 0; i + 1 < fixed->dim(); ++i) w.fs[i] = fixed->size(i) == 1 ? 0 : fixed->stride(i);
+  }
+  w.page = page, w.lo = lo, w.hi = hi, w.n = n;
+  return w;
+}
+
+// runs item(a, t, index) for index in [0, count) in parallel, a per-thread Scratch each
+template <typename F>
+void run_items(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+               double scale, int64_t count, const char* op, F item) {
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "select_attention", [&] {
+    Args<scalar_t> a = operands<scalar_t>(q, k, v, out, lse, 0, op);
+    operand_strides(k, a.D, a.ks, op, "k");
+    a.k_col = 0;
+    a.scale = static_cast<scalar_t>(scale);
+    a.cap = 0, a.causal = false, a.offset = 0;
+    if (a.Lq == 0) return;
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t stop) {
+      Scratch<scalar_t> t(a.D, a.Dv);
+      for (int64_t i = begin; i < stop; ++i) item(a, t, i);
+    });
+  });
+}
+
+}  // namespace
+
 // quest's decode step: q (B, Hkv, G, D) (a KV head's query rows), k, v (B, Hkv, >= n, D|Dv), kmin, kmax
 // (B, Hkv, pages, D) float32 or bfloat16 (channel-wise key bounds per page of `page` slots), valid: (B, Hkv, >= n)
 // bool or empty, fixed: (B, Hkv, take) int64 units to read instead of selecting, or empty. Units are `unit` slots
@@ -338,66 +511,51 @@ std::vector<at::Tensor> quest_attention(const at::Tensor& q, const at::Tensor& k
                                         const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& fixed,
                                         double scale, int64_t page, int64_t unit, int64_t lo, int64_t hi, int64_t n,
                                         int64_t take) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kmin.dim() == 4, "quest_attention: 4-D operands");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "quest_attention: dtypes");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && kmin.stride(3) == 1 &&
-                  kmin.strides() == kmax.strides() && kmin.sizes() == kmax.sizes(),
-              "quest_attention: unit last strides, kmin and kmax alike");
-  TORCH_CHECK(kmin.scalar_type() == kmax.scalar_type() &&
-                  (kmin.scalar_type() == at::kBFloat16 || kmin.scalar_type() == at::kFloat),
-              "quest_attention: bounds in bfloat16 or float32");
-  const int64_t X = q.size(0), Y = q.size(1), G = q.size(2), D = q.size(3), Dv = v.size(3);
-  TORCH_CHECK(page > 0 && unit % page == 0 && lo % unit == 0 && hi % unit == 0 && 0 <= lo && lo <= hi && hi <= n &&
-                  n <= k.size(2) && n <= v.size(2) && 0 <= take && take * unit <= hi - lo &&
-                  hi / page <= kmin.size(2) && k.size(0) == X && k.size(1) == Y && kmin.size(0) == X &&
-                  kmin.size(1) == Y && k.size(3) == D && kmin.size(3) == D,
+  Select w = selection(q, k, v, kmin, kmax, valid, fixed, page, lo, hi, n, "quest_attention");
+  const int64_t X = q.size(0), Y = q.size(1);
+  TORCH_CHECK(unit % page == 0 && lo % unit == 0 && hi % unit == 0 && 0 <= take && take * unit <= hi - lo,
               "quest_attention: sizes");
-  const bool has_valid = valid.has_value() && valid->defined(), has_fixed = fixed.has_value() && fixed->defined();
-  if (has_valid)
-    TORCH_CHECK(valid->dim() == 3 && valid->scalar_type() == at::kBool && valid->size(2) >= n, "quest_attention: valid");
-  if (has_fixed)
-    TORCH_CHECK(fixed->dim() == 3 && fixed->scalar_type() == at::kLong && fixed->size(2) == take &&
-                    fixed->stride(2) == 1 && (take == 0 || (fixed->min().item<int64_t>() >= lo / unit &&
-                                                            fixed->max().item<int64_t>() < hi / unit)),
-                "quest_attention: fixed units (X, Y, take) int64 within the middle");
-  const int64_t m = lo + take * unit + (n - hi);
-  auto out = at::empty({X, Y, G, Dv}, q.options());
-  auto lse = at::empty({X, Y, G}, q.options());
+  if (w.fixed)
+    TORCH_CHECK(fixed->dim() == 3 && fixed->size(0) == X && fixed->size(1) == Y && fixed->size(2) == take &&
+                    (take == 0 || (fixed->min().item<int64_t>() >= lo / unit && fixed->max().item<int64_t>() < hi / unit)),
+                "quest_attention: fixed units (X, Y, take) within the middle");
+  auto out = at::empty({X, Y, q.size(2), v.size(3)}, q.options());
+  auto lse = at::empty({X, Y, q.size(2)}, q.options());
   auto units = at::empty({X, Y, take}, q.options().dtype(at::kLong));
-  Quest w{};
-  w.kmin = kmin.data_ptr(), w.kmax = kmax.data_ptr(), w.bf16 = kmin.scalar_type() == at::kBFloat16;
-  for (int i = 0; i < 3; ++i) w.bs[i] = kmin.stride(i);
-  w.valid = has_valid ? valid->data_ptr<bool>() : nullptr;
-  if (has_valid)
-    for (int i = 0; i < 3; ++i) w.vs[i] = valid->size(i) == 1 ? 0 : valid->stride(i);
-  w.fixed = has_fixed ? fixed->data_ptr<int64_t>() : nullptr;
-  if (has_fixed)
-    for (int i = 0; i < 2; ++i) w.fs[i] = fixed->size(i) == 1 ? 0 : fixed->stride(i);
-  w.units = units.data_ptr<int64_t>();
-  w.page = page, w.unit = unit, w.lo = lo, w.hi = hi, w.n = n, w.take = take;
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "quest_attention", [&] {
-    Args<scalar_t> a = operands<scalar_t>(q, k, v, out, lse, m, "quest_attention");
-    a.ms[0] = a.ms[1] = a.ms[2] = 0, a.ms[3] = 1;  // a row's padding: one mask row over its m keys
-    operand_strides(k, D, a.ks, "quest_attention", "k");
-    a.k_col = 0;
-    a.is[0] = a.is[1] = 0;
-    a.scale = static_cast<scalar_t>(scale);
-    a.cap = 0, a.causal = false, a.offset = 0;
-    if (G == 0) return;
-    at::parallel_for(0, X * Y, 1, [&](int64_t begin, int64_t stop) {
-      using T = scalar_t;
-      std::vector<T> score((hi - lo) / page + 1), qsplit((2 * G + 2) * D), mask(has_valid ? m : 0);
-      std::vector<int64_t> order, rows(m);
-      std::vector<T> s(kBlockQ * kBlockK), acc(kBlockQ * Dv), mx(kBlockQ), l(kBlockQ), kbuf(kBlockK * D),
-          vbuf(kBlockK * Dv);
-      for (int64_t t = begin; t < stop; ++t)
-        quest_item(a, w, t / Y, t % Y, score, order, rows, mask, qsplit, s, acc, mx, l, kbuf, vbuf);
-    });
-  });
+  w.chosen = units.data_ptr<int64_t>(), w.unit = unit, w.take = take;
+  run_items(q, k, v, out, lse, scale, X * Y, "quest_attention",
+            [&](const auto& a, auto& t, int64_t i) { quest_item(a, w, i / Y, i % Y, t); });
   return {out, lse, units};
+}
+
+// tokenselect's decode step with page-first scoring: q (B, Hkv, G, D), k, v, kmin, kmax, valid as quest_attention's
+// (bounds over pages of `page` slots); the middle [lo, hi) need not be page-aligned. The `cand` pages of highest
+// soft vote are scored token by token and the `take` tokens of highest soft vote (one set per batch row) are read
+// with the sinks [0, lo) and the local slots [hi, n). fixed: (B, take) slots to read instead of selecting, or empty.
+// Returns out (B, Hkv, G, Dv), lse (B, Hkv, G) and the selected slots (B, take), sorted.
+std::vector<at::Tensor> tokenselect_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& kmin, const at::Tensor& kmax,
+                                              const std::optional<at::Tensor>& valid,
+                                              const std::optional<at::Tensor>& fixed, double scale, int64_t page,
+                                              int64_t lo, int64_t hi, int64_t n, int64_t cand, int64_t take) {
+  Select w = selection(q, k, v, kmin, kmax, valid, fixed, page, lo, hi, n, "tokenselect_attention");
+  const int64_t X = q.size(0), Y = q.size(1);
+  TORCH_CHECK(0 <= take && cand >= 1 && take <= std::min(hi - lo, (cand - 2) * page), "tokenselect_attention: sizes");
+  if (w.fixed)
+    TORCH_CHECK(fixed->dim() == 2 && fixed->size(0) == X && fixed->size(1) == take &&
+                    (take == 0 || (fixed->min().item<int64_t>() >= lo && fixed->max().item<int64_t>() < hi)),
+                "tokenselect_attention: fixed slots (X, take) within the middle");
+  auto out = at::empty({X, Y, q.size(2), v.size(3)}, q.options());
+  auto lse = at::empty({X, Y, q.size(2)}, q.options());
+  auto slots = at::empty({X, take}, q.options().dtype(at::kLong));
+  w.chosen = slots.data_ptr<int64_t>(), w.unit = 1, w.take = take, w.cand = cand;
+  run_items(q, k, v, out, lse, scale, X, "tokenselect_attention",
+            [&](const auto& a, auto& t, int64_t i) { tokenselect_item(a, w, i, t); });
+  return {out, lse, slots};
 }
 
 TORCH_LIBRARY(attnzoo, m) {
   m.def("capped_attention", &capped_attention);
   m.def("quest_attention", &quest_attention);
+  m.def("tokenselect_attention", &tokenselect_attention);
 }
