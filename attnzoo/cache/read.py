@@ -359,30 +359,28 @@ def quest_read(q: torch.Tensor, store, step, *, unit: int, lo: int, hi: int, tak
     :func:`attnzoo.core.capped.quest_attention`: ``(Partial, units (B, Hkv, take))``, or None where it does not
     apply (no extension, several queries, a dtype the kernel does not run). No temporaries beyond the output:
     the bounds are read as stored (bfloat16 widened exactly in the kernel), the selection in place."""
-    kb, vb = store.buf.get("k"), store.buf.get("v")
-    if (q.shape[2] != 1 or store.bits is not None or not store.page or not capped.applies(q, kb)
-            or kb.dtype != q.dtype):
-        return None
-    Hq, Hkv = q.shape[1], kb.shape[1]
-    out, lse, units = capped.quest_attention(
-        fold_groups(q, Hkv), kb, vb, store.pages["kmin"], store.pages["kmax"], scale=step.scale, page=store.page,
-        unit=unit, lo=lo, hi=hi, n=store.n, take=take, valid=store.buf.get("valid"), fixed=fixed)
-    return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), units
+    return _paged_step(capped.quest_attention, q, store, step, unit=unit, lo=lo, hi=hi, take=take, fixed=fixed)
 
 
 def tokenselect_read(q: torch.Tensor, store, step, *, lo: int, hi: int, candidates: int, take: int,
                      fixed: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor] | None:
     """tokenselect's page-first decode step in one call of :func:`attnzoo.core.capped.tokenselect_attention`:
     ``(Partial, slots (B, take))``, or None where it does not apply (as :func:`quest_read`)."""
+    return _paged_step(capped.tokenselect_attention, q, store, step, lo=lo, hi=hi, candidates=candidates, take=take,
+                       fixed=fixed)
+
+
+def _paged_step(op, q: torch.Tensor, store, step, **params) -> tuple[Partial, torch.Tensor] | None:
+    """One call of a selection step ``op`` on the store's buffers and page bounds: ``(Partial, selection)``, or None
+    where it does not apply."""
     kb, vb = store.buf.get("k"), store.buf.get("v")
     if (q.shape[2] != 1 or store.bits is not None or not store.page or not capped.applies(q, kb)
             or kb.dtype != q.dtype):
         return None
     Hq, Hkv = q.shape[1], kb.shape[1]
-    out, lse, slots = capped.tokenselect_attention(
-        fold_groups(q, Hkv), kb, vb, store.pages["kmin"], store.pages["kmax"], scale=step.scale, page=store.page,
-        lo=lo, hi=hi, n=store.n, candidates=candidates, take=take, valid=store.buf.get("valid"), fixed=fixed)
-    return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), slots
+    out, lse, chosen = op(fold_groups(q, Hkv), kb, vb, store.pages["kmin"], store.pages["kmax"], scale=step.scale,
+                          page=store.page, n=store.n, valid=store.buf.get("valid"), **params)
+    return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), chosen
 
 
 #: smallest selection unit read in place by the block kernel (single tokens make one-key runs: gathered instead)
