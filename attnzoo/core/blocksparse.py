@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from ..errors import AttnZooError, UnsupportedError
 from . import blockkernel, capped
-from .fused import attend_band, attend_token_union, fix_empty_rows, fused_applies, fused_kernel
+from .fused import (attend_band, attend_band_backward, attend_token_union, band_backward_applies, fix_empty_rows,
+                    fused_applies, fused_kernel)
 from .kernel import additive_mask, flash_cpu
 from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
 from .masks import call_mask_mod
@@ -526,10 +527,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
             raise UnsupportedError("layout engine override: custom query positions (q_positions) are not supported")
         mod = {} if score_mod is None else {"score_mod": score_mod}  # the backend applies the mod or refuses it
         return impl(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask, **mod)
-    plan, (_, forward) = _plan_and_route(q, k, v, layout, scale, causal, q_positions, score_mod)
+    plan, (path, forward) = _plan_and_route(q, k, v, layout, scale, causal, q_positions, score_mod)
     hook = plan.mod
 
-    def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):  # slot by slot from (out, lse)
+    def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):
+        """A band layout's fused backward (:func:`~attnzoo.core.fused.attend_band_backward`), else slot by slot,
+        both recomputing from ``(out, lse)``."""
+        if path == "band" and hook is None and band_backward_applies(q, k, v):
+            return attend_band_backward(q, k, v, out, lse, d_out, d_lse, _cached_band_plan(layout, causal),
+                                        scale=plan.scale, key_padding_mask=pad)
         return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan, grads)
 
     return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))

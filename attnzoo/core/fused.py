@@ -20,10 +20,14 @@ and returns the log-sum-exp the engine merges with:
   one dense attention per head over the union of its keys under a mask of
   which keys each row's group reads.
 
-They serve forward passes on CPU (in training too: the backward pass
-recomputes from the saved ``(out, lse)`` slot by slot in the generic
-executor, which also serves other devices and gives the same result;
-tests/test_fused.py checks both against dense references).
+They serve forward passes on CPU, in training too. The backward pass
+recomputes from the saved ``(out, lse)``: a banded layout without a score_mod
+on a C++ kernel (:func:`attend_band_backward`, ``csrc/band_backward.cpp``:
+FlashAttention-2's backward over each query block's one key window, five
+GEMMs per tile, no gather), everything else slot by slot in the generic
+executor, which also serves other devices, builds without a compiler
+(``ATTNZOO_CPP=0``) and gives the same result (tests/test_fused.py and
+tests/test_band_backward.py check them against dense references).
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import math
 
 import torch
 
-from . import capped
+from . import capped, cpp
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .layout import MASK_CHUNK, BandPlan, TokenLayout
 from .masks import call_mask_mod
+from .partial import grad_inputs
 from .scoremod import DistanceBias, negligible_gap
 
 
@@ -148,6 +153,56 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         out[:, :, plan.empty_rows] = 0.0
         lse[:, :, plan.empty_rows] = -math.inf
     return out.view(B, Hq, nq * b, D)[:, :, :Nq], lse.view(B, Hq, nq * b)[:, :, :Nq]
+
+
+_BACKWARD_SOURCE = "band_backward.cpp"
+
+
+def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attend_band_backward` can run: CPU tensors of one kernel dtype (bfloat16/float16 are
+    computed in float32) and the extension built (:mod:`attnzoo.core.cpp`; ``ATTNZOO_CPP=0``: never)."""
+    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and cpp.available(_BACKWARD_SOURCE))
+
+
+def _band_masks(plan: BandPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's element masks as ``(masks (1 + n_special, block, L), mask_of (n_q,))``: mask 0 is the
+    interior blocks' shared one, mask ``1 + j`` the special block ``plan.special[j]``'s."""
+    masks = torch.cat([plan.shared.unsqueeze(0), plan.special_mask]).contiguous()
+    mask_of = torch.zeros(plan.n_q, dtype=torch.long, device=plan.shared.device)
+    mask_of[plan.special] = torch.arange(1, plan.special.numel() + 1, device=mask_of.device)
+    return masks, mask_of
+
+
+def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         d_out: torch.Tensor, d_lse: torch.Tensor | None, plan: BandPlan, *, scale: float,
+                         key_padding_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`attend_band`'s ``(out, lse)`` (no score_mod) on the C++ kernel
+    ``csrc/band_backward.cpp``; only after :func:`band_backward_applies`.
+
+    FlashAttention-2's backward, recomputing each query block's probabilities from the saved ``lse`` over
+    its window of keys (the plan's element masks; padding hides keys): ``delta = rowsum(dO · O) - dlse``,
+    ``dV += Pᵀ dO``, ``dS = P (dO Vᵀ - delta)``, ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. The query
+    heads of a KV head are one tile's rows; work runs in parallel over (batch row, KV head), and over runs of
+    query blocks with their own dK/dV buffers when there are fewer of those than threads.
+    """
+    dtype = q.dtype
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # the kernel's operands: rows of unit stride that do not overlap
+        t = t.to(work)
+        ok = t.stride(-1) == 1 and (t.shape[2] <= 1 or t.stride(2) >= t.shape[3])
+        return t if ok else t.contiguous()
+
+    q, k, v, out, d_out = (rows(t) for t in (q, k, v, out, d_out))
+    lse_safe, delta = grad_inputs(out, lse.to(work), d_out, None if d_lse is None else d_lse.to(work))
+    masks, mask_of = _band_masks(plan)
+    pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    cpp.available(_BACKWARD_SOURCE)  # loads the op (built once per process)
+    dq, dk, dv = torch.ops.attnzoo_band.band_backward(q, k, v, d_out, lse_safe.contiguous(), delta.contiguous(),
+                                                      masks, mask_of, pad, plan.block, plan.start, float(scale))
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tensor, scale: float, drop_far: bool):

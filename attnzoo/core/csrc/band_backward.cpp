@@ -1,0 +1,279 @@
+// The backward pass of a banded block layout (attnzoo.core.fused.attend_band_backward): FlashAttention-2's
+// recomputing backward over each query block's one contiguous key window.
+//
+// dq, dk, dv = gradients of out = softmax(q k^T * scale restricted to the band) v, from the saved lse and
+//   delta = rowsum(d_out * out) - d_lse, where
+//   q, out, d_out (B, Hq, Nq, D|Dv), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): any strides with a unit last one;
+//   lse, delta (B, Hq, Nq) contiguous (lse +inf where a row saw no key: its probabilities are 0);
+//   query block i (rows i*block ...) reads the window of L keys from key (i + start) * block, under the element
+//   mask masks[mask_of[i]] (M, block, L) bool (keys outside [0, Nk) are masked there);
+//   pad (B, Nk) bool or empty: False hides a key.
+// Per tile of query rows (a run of positions of one block, for every query head of a KV head's group, so the
+// rows share one column range) and chunk of window columns:
+//   S = (q*scale) k^T, P = exp(S - lse) (0 where masked), dV += P^T dO, dP = dO v^T, dS = P (dP - delta),
+//   dQ += dS k * scale, dK += dS^T (q*scale): five GEMMs, no (Nq, Nk) intermediate.
+// Work item: (batch row, KV head, chunk of query blocks). A KV head's query blocks are split into chunks only
+// when there are fewer (batch, KV head) pairs than threads; then each chunk accumulates dK/dV of the keys it
+// reads in its own buffer, added up after (no races, no atomics). dQ: each query block has one window, so every
+// row's gradient is written once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "flash_common.h"
+
+namespace {
+
+using attnzoo_flash::fast_exp;
+using attnzoo_flash::gemm;
+
+constexpr int64_t kCols = 512;  // window columns per score chunk
+constexpr int64_t kPos = 64;    // query positions per tile (times the group's heads = the tile's rows)
+
+// column-major C (m x n) += A (m x k) * B^T, B stored (n x k) (sgemm_/dgemm_ of flash_common.h): the updates
+// dV += P^T dO and dK += dS^T Q
+inline void gemm_nt(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  const char ta = 'N', tb = 'T';
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
+}
+inline void gemm_nt(int m, int n, int k, const double* a, int lda, const double* b, int ldb, double* c, int ldc) {
+  const char ta = 'N', tb = 'T';
+  const double one = 1.0;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
+}
+
+template <typename T>
+struct Args {
+  const T *q, *k, *v, *dout, *lse, *delta;
+  const bool *masks, *pad;
+  const int64_t* mask_of;
+  const int32_t* lo;  // (M, block): each mask row's first visible column (L when none)
+  const int32_t* hi;  // (M, block): one past its last
+  T *dq, *dk, *dv;
+  int64_t B, Hq, Hkv, Nq, Nk, D, Dv, block, start, L, nqb;
+  int64_t qs[3], ks[3], vs[3], dos[3];
+  T scale;
+};
+
+// per-thread tiles: packed scaled queries and output gradients, the rows' lse and delta, scores / probabilities,
+// their gradients, and the tile's dQ
+template <typename T>
+struct Scratch {
+  std::vector<T> qp, gp, lse, delta, p, ds, dq;
+  Scratch(int64_t rows, int64_t D, int64_t Dv)
+      : qp(rows * D), gp(rows * Dv), lse(rows), delta(rows), p(rows * kCols), ds(rows * kCols), dq(rows * D) {}
+};
+
+// query blocks [i0, i1) of KV head h in batch row b; dK/dV of keys [key_base, ...) go to dk/dv (row strides D, Dv)
+template <typename T>
+void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk, T* dv, int64_t key_base,
+          Scratch<T>& w) {
+  const int64_t G = a.Hq / a.Hkv;
+  const T* k = a.k + b * a.ks[0] + h * a.ks[1];
+  const T* v = a.v + b * a.vs[0] + h * a.vs[1];
+  const bool* pad = a.pad ? a.pad + b * a.Nk : nullptr;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t m = a.mask_of[i], key0 = (i + a.start) * a.block;
+    const int64_t nrow = std::min(a.block, a.Nq - i * a.block);
+    for (int64_t p0 = 0; p0 < nrow; p0 += kPos) {
+      const int64_t p1 = std::min(nrow, p0 + kPos), np = p1 - p0, rows = G * np;
+      int64_t c_lo = a.L, c_hi = 0;  // the window columns the tile's rows see
+      for (int64_t p = p0; p < p1; ++p) {
+        c_lo = std::min<int64_t>(c_lo, a.lo[m * a.block + p]);
+        c_hi = std::max<int64_t>(c_hi, a.hi[m * a.block + p]);
+      }
+      if (c_lo >= c_hi) continue;
+      // pack the tile's rows: row g * np + (p - p0) is query head h * G + g at position i * block + p
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t r = g * np + p - p0, hq = h * G + g, pos = i * a.block + p;
+          const T* qr = a.q + b * a.qs[0] + hq * a.qs[1] + pos * a.qs[2];
+          const T* gr = a.dout + b * a.dos[0] + hq * a.dos[1] + pos * a.dos[2];
+          for (int64_t d = 0; d < a.D; ++d) w.qp[r * a.D + d] = qr[d] * a.scale;
+          std::copy(gr, gr + a.Dv, w.gp.data() + r * a.Dv);
+          w.lse[r] = a.lse[(b * a.Hq + hq) * a.Nq + pos];
+          w.delta[r] = a.delta[(b * a.Hq + hq) * a.Nq + pos];
+        }
+      std::fill(w.dq.begin(), w.dq.begin() + rows * a.D, T(0));
+      for (int64_t c0 = c_lo; c0 < c_hi; c0 += kCols) {
+        const int64_t n = std::min(kCols, c_hi - c0), j0 = key0 + c0;
+        const T* kc = k + j0 * a.ks[2];
+        const T* vc = v + j0 * a.vs[2];
+        // S (rows x n, row stride kCols) = qp . kc^T, then P in place
+        gemm('T', n, rows, a.D, kc, a.ks[2], w.qp.data(), a.D, T(0), w.p.data(), kCols);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t p = p0 + r % np;
+          T* pr = w.p.data() + r * kCols;
+          const int64_t lo = std::max<int64_t>(a.lo[m * a.block + p] - c0, 0);
+          const int64_t hi = std::min<int64_t>(a.hi[m * a.block + p] - c0, n);
+          const T l = w.lse[r];
+          if (lo >= hi || l == std::numeric_limits<T>::infinity()) {
+            std::fill(pr, pr + n, T(0));
+            continue;
+          }
+          const bool* mr = a.masks + (m * a.block + p) * a.L + c0;
+          const bool* pc = pad ? pad + j0 : nullptr;
+          std::fill(pr, pr + lo, T(0));
+          if (pc) {
+#pragma omp simd
+            for (int64_t c = lo; c < hi; ++c) pr[c] = (mr[c] && pc[c]) ? fast_exp(pr[c] - l) : T(0);
+          } else {
+#pragma omp simd
+            for (int64_t c = lo; c < hi; ++c) pr[c] = mr[c] ? fast_exp(pr[c] - l) : T(0);
+          }
+          std::fill(pr + hi, pr + n, T(0));
+        }
+        T* dkc = dk + (j0 - key_base) * a.D;
+        T* dvc = dv + (j0 - key_base) * a.Dv;
+        // dV (n x Dv, row-major) += P^T dO: column-major dV^T (Dv x n) += dO^T (Dv x rows) . P (rows x n)
+        gemm_nt(a.Dv, n, rows, w.gp.data(), a.Dv, w.p.data(), kCols, dvc, a.Dv);
+        // dP (rows x n) = dO . vc^T, then dS = P (dP - delta) in place
+        gemm('T', n, rows, a.Dv, vc, a.vs[2], w.gp.data(), a.Dv, T(0), w.ds.data(), kCols);
+        for (int64_t r = 0; r < rows; ++r) {
+          T* sr = w.ds.data() + r * kCols;
+          const T* pr = w.p.data() + r * kCols;
+          const T dl = w.delta[r];
+#pragma omp simd
+          for (int64_t c = 0; c < n; ++c) sr[c] = pr[c] * (sr[c] - dl);
+        }
+        // dQ (rows x D) += dS . kc: column-major dQ^T (D x rows) += kc^T (D x n) . dS^T (n x rows)
+        gemm('N', a.D, rows, n, kc, a.ks[2], w.ds.data(), kCols, T(1), w.dq.data(), a.D);
+        // dK (n x D) += dS^T qp (q already scaled)
+        gemm_nt(a.D, n, rows, w.qp.data(), a.D, w.ds.data(), kCols, dkc, a.D);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t r = g * np + p - p0, hq = h * G + g, pos = i * a.block + p;
+          T* dst = a.dq + ((b * a.Hq + hq) * a.Nq + pos) * a.D;
+          for (int64_t d = 0; d < a.D; ++d) dst[d] = w.dq[r * a.D + d] * a.scale;
+        }
+    }
+  }
+}
+
+// the keys query blocks [i0, i1) may read: [first, last) within [0, Nk)
+inline std::pair<int64_t, int64_t> key_span(int64_t i0, int64_t i1, int64_t start, int64_t block, int64_t L,
+                                            int64_t Nk) {
+  return {std::clamp<int64_t>((i0 + start) * block, 0, Nk), std::clamp<int64_t>((i1 - 1 + start) * block + L, 0, Nk)};
+}
+
+template <typename T>
+void run(const Args<T>& a) {
+  const int64_t pairs = a.B * a.Hkv, G = a.Hq / a.Hkv;
+  const int64_t chunks = std::min<int64_t>(a.nqb, std::max<int64_t>(1, (at::get_num_threads() + pairs - 1) / pairs));
+  const int64_t per = (a.nqb + chunks - 1) / chunks;
+  const int64_t rows = G * std::min(kPos, a.block);
+  if (chunks == 1) {  // one item per (batch row, KV head): it owns that head's dK/dV
+    at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
+      Scratch<T> w(rows, a.D, a.Dv);
+      for (int64_t t = begin; t < stop; ++t)
+        item(a, t / a.Hkv, t % a.Hkv, 0, a.nqb, a.dk + t * a.Nk * a.D, a.dv + t * a.Nk * a.Dv, 0, w);
+    });
+    return;
+  }
+  // several chunks per head: each accumulates the keys it reads in its own buffer, added up below
+  std::vector<std::vector<T>> dk_part(pairs * chunks), dv_part(pairs * chunks);
+  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t stop) {
+    Scratch<T> w(rows, a.D, a.Dv);
+    for (int64_t t = begin; t < stop; ++t) {
+      const int64_t pair = t / chunks, c = t % chunks, i0 = c * per, i1 = std::min(a.nqb, i0 + per);
+      if (i0 >= i1) continue;
+      const auto span = key_span(i0, i1, a.start, a.block, a.L, a.Nk);
+      dk_part[t].assign((span.second - span.first) * a.D, T(0));
+      dv_part[t].assign((span.second - span.first) * a.Dv, T(0));
+      item(a, pair / a.Hkv, pair % a.Hkv, i0, i1, dk_part[t].data(), dv_part[t].data(), span.first, w);
+    }
+  });
+  at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
+    for (int64_t pair = begin; pair < stop; ++pair)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t i0 = c * per, i1 = std::min(a.nqb, i0 + per);
+        if (i0 >= i1) continue;
+        const int64_t first = key_span(i0, i1, a.start, a.block, a.L, a.Nk).first;
+        const std::vector<T>& pk = dk_part[pair * chunks + c];
+        const std::vector<T>& pv = dv_part[pair * chunks + c];
+        T* dk = a.dk + (pair * a.Nk + first) * a.D;
+        T* dv = a.dv + (pair * a.Nk + first) * a.Dv;
+        for (size_t e = 0; e < pk.size(); ++e) dk[e] += pk[e];
+        for (size_t e = 0; e < pv.size(); ++e) dv[e] += pv[e];
+      }
+  });
+}
+
+}  // namespace
+
+// returns dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv), contiguous, in q's dtype (float32/64)
+std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
+                                      const at::Tensor& masks, const at::Tensor& mask_of,
+                                      const std::optional<at::Tensor>& pad, int64_t block, int64_t start,
+                                      double scale) {
+  const char* op = "band_backward";
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && d_out.dim() == 4, op, ": 4-D q, k, v, d_out");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && d_out.stride(3) == 1, op,
+              ": unit last strides");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && d_out.scalar_type() == dtype &&
+                  lse.scalar_type() == dtype && delta.scalar_type() == dtype, op, ": one dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  const int64_t Dv = v.size(3);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(0) == B && v.size(0) == B && v.size(2) == Nk && k.size(3) == D &&
+                  d_out.sizes() == at::IntArrayRef({B, Hq, Nq, Dv}), op, ": shapes");
+  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous() && lse.numel() == B * Hq * Nq &&
+                  delta.numel() == B * Hq * Nq, op, ": lse, delta (B, Hq, Nq) contiguous");
+  TORCH_CHECK(masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 3 && masks.size(1) == block,
+              op, ": masks (M, block, L) bool");
+  const int64_t nqb = (Nq + block - 1) / block, L = masks.size(2), M = masks.size(0);
+  TORCH_CHECK(mask_of.scalar_type() == at::kLong && mask_of.is_contiguous() && mask_of.numel() == nqb, op,
+              ": mask_of (n_q_blocks,) int64");
+  const int64_t* mo = mask_of.data_ptr<int64_t>();
+  for (int64_t i = 0; i < nqb; ++i) TORCH_CHECK(mo[i] >= 0 && mo[i] < M, op, ": mask_of out of range");
+  // each mask row's visible column run [lo, hi), checked to stay inside the keys
+  std::vector<int32_t> lo(M * block), hi(M * block);
+  const bool* mk = masks.data_ptr<bool>();
+  for (int64_t e = 0; e < M * block; ++e) {
+    int64_t first = L, last = 0;
+    for (int64_t c = 0; c < L; ++c)
+      if (mk[e * L + c]) first = std::min(first, c), last = c + 1;
+    lo[e] = static_cast<int32_t>(first), hi[e] = static_cast<int32_t>(last);
+  }
+  for (int64_t i = 0; i < nqb; ++i)
+    for (int64_t p = 0; p < std::min(block, Nq - i * block); ++p) {
+      const int64_t e = mo[i] * block + p;
+      TORCH_CHECK(lo[e] >= hi[e] || ((i + start) * block + lo[e] >= 0 && (i + start) * block + hi[e] <= Nk), op,
+                  ": a mask shows a key outside [0, Nk)");
+    }
+  auto dq = at::empty({B, Hq, Nq, D}, q.options());
+  auto dk = at::zeros({B, Hkv, Nk, D}, q.options());
+  auto dv = at::zeros({B, Hkv, Nk, Dv}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(dtype, "band_backward", [&] {
+    Args<scalar_t> a{};
+    a.q = q.data_ptr<scalar_t>(), a.k = k.data_ptr<scalar_t>(), a.v = v.data_ptr<scalar_t>();
+    a.dout = d_out.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<scalar_t>(), a.delta = delta.data_ptr<scalar_t>();
+    a.masks = mk, a.mask_of = mo, a.lo = lo.data(), a.hi = hi.data();
+    a.pad = nullptr;
+    if (pad.has_value() && pad->defined()) {
+      TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
+                      pad->size(1) == Nk, op, ": pad (B, Nk) bool");
+      a.pad = pad->data_ptr<bool>();
+    }
+    a.dq = dq.data_ptr<scalar_t>(), a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
+    a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
+    a.block = block, a.start = start, a.L = L, a.nqb = nqb;
+    attnzoo_flash::operand_strides(q, D, a.qs, op, "q");
+    attnzoo_flash::operand_strides(k, D, a.ks, op, "k");
+    attnzoo_flash::operand_strides(v, Dv, a.vs, op, "v");
+    attnzoo_flash::operand_strides(d_out, Dv, a.dos, op, "d_out");
+    a.scale = static_cast<scalar_t>(scale);
+    if (B > 0 && Nq > 0 && Hq > 0) run(a);
+  });
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY(attnzoo_band, m) { m.def("band_backward", &band_backward); }
