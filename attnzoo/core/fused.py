@@ -156,6 +156,9 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
 
 
 _BACKWARD_SOURCE = "band_backward.cpp"
+#: query positions per tile of the band backward (times a KV head's query heads: the tile's rows); a causal
+#: window's rows see a run of keys that moves with the row, so smaller tiles compute fewer masked scores
+BACKWARD_TILE = 64
 
 
 def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -201,7 +204,8 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
     cpp.available(_BACKWARD_SOURCE)  # loads the op (built once per process)
     dq, dk, dv = torch.ops.attnzoo_band.band_backward(q, k, v, d_out, lse_safe.contiguous(), delta.contiguous(),
-                                                      masks, mask_of, pad, plan.block, plan.start, float(scale))
+                                                      masks, mask_of, pad, plan.block, plan.start, float(scale),
+                                                      BACKWARD_TILE)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "flash_common.h"
@@ -32,7 +33,6 @@ using attnzoo_flash::fast_exp;
 using attnzoo_flash::gemm;
 
 constexpr int64_t kCols = 512;  // window columns per score chunk
-constexpr int64_t kPos = 64;    // query positions per tile (times the group's heads = the tile's rows)
 
 // column-major C (m x n) += A (m x k) * B^T, B stored (n x k) (sgemm_/dgemm_ of flash_common.h): the updates
 // dV += P^T dO and dK += dS^T Q
@@ -54,8 +54,10 @@ struct Args {
   const int64_t* mask_of;
   const int32_t* lo;  // (M, block): each mask row's first visible column (L when none)
   const int32_t* hi;  // (M, block): one past its last
+  const bool* dense;  // (M, block): every column of [lo, hi) visible (a window: no mask reads)
   T *dq, *dk, *dv;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv, block, start, L, nqb;
+  int64_t tile;  // query positions per tile (times the group's heads: the tile's rows)
   int64_t qs[3], ks[3], vs[3], dos[3];
   T scale;
 };
@@ -80,8 +82,8 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t m = a.mask_of[i], key0 = (i + a.start) * a.block;
     const int64_t nrow = std::min(a.block, a.Nq - i * a.block);
-    for (int64_t p0 = 0; p0 < nrow; p0 += kPos) {
-      const int64_t p1 = std::min(nrow, p0 + kPos), np = p1 - p0, rows = G * np;
+    for (int64_t p0 = 0; p0 < nrow; p0 += a.tile) {
+      const int64_t p1 = std::min(nrow, p0 + a.tile), np = p1 - p0, rows = G * np;
       int64_t c_lo = a.L, c_hi = 0;  // the window columns the tile's rows see
       for (int64_t p = p0; p < p1; ++p) {
         c_lo = std::min<int64_t>(c_lo, a.lo[m * a.block + p]);
@@ -116,15 +118,20 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
             std::fill(pr, pr + n, T(0));
             continue;
           }
+          // exp of every score of the run, times the mask as 0/1 (branch-free, so the loop vectorises; a hidden
+          // score's exp is finite: fast_exp clamps)
           const bool* mr = a.masks + (m * a.block + p) * a.L + c0;
           const bool* pc = pad ? pad + j0 : nullptr;
           std::fill(pr, pr + lo, T(0));
           if (pc) {
 #pragma omp simd
-            for (int64_t c = lo; c < hi; ++c) pr[c] = (mr[c] && pc[c]) ? fast_exp(pr[c] - l) : T(0);
+            for (int64_t c = lo; c < hi; ++c) pr[c] = fast_exp(pr[c] - l) * T(mr[c] & pc[c]);
+          } else if (a.dense[m * a.block + p]) {
+#pragma omp simd
+            for (int64_t c = lo; c < hi; ++c) pr[c] = fast_exp(pr[c] - l);
           } else {
 #pragma omp simd
-            for (int64_t c = lo; c < hi; ++c) pr[c] = mr[c] ? fast_exp(pr[c] - l) : T(0);
+            for (int64_t c = lo; c < hi; ++c) pr[c] = fast_exp(pr[c] - l) * T(mr[c]);
           }
           std::fill(pr + hi, pr + n, T(0));
         }
@@ -167,7 +174,7 @@ void run(const Args<T>& a) {
   const int64_t pairs = a.B * a.Hkv, G = a.Hq / a.Hkv;
   const int64_t chunks = std::min<int64_t>(a.nqb, std::max<int64_t>(1, (at::get_num_threads() + pairs - 1) / pairs));
   const int64_t per = (a.nqb + chunks - 1) / chunks;
-  const int64_t rows = G * std::min(kPos, a.block);
+  const int64_t rows = G * std::min(a.tile, a.block);
   if (chunks == 1) {  // one item per (batch row, KV head): it owns that head's dK/dV
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
       Scratch<T> w(rows, a.D, a.Dv);
@@ -212,7 +219,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
                                       const at::Tensor& masks, const at::Tensor& mask_of,
                                       const std::optional<at::Tensor>& pad, int64_t block, int64_t start,
-                                      double scale) {
+                                      double scale, int64_t tile) {
   const char* op = "band_backward";
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && d_out.dim() == 4, op, ": 4-D q, k, v, d_out");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && d_out.stride(3) == 1, op,
@@ -228,6 +235,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                   delta.numel() == B * Hq * Nq, op, ": lse, delta (B, Hq, Nq) contiguous");
   TORCH_CHECK(masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 3 && masks.size(1) == block,
               op, ": masks (M, block, L) bool");
+  TORCH_CHECK(tile > 0, op, ": tile > 0");
   const int64_t nqb = (Nq + block - 1) / block, L = masks.size(2), M = masks.size(0);
   TORCH_CHECK(mask_of.scalar_type() == at::kLong && mask_of.is_contiguous() && mask_of.numel() == nqb, op,
               ": mask_of (n_q_blocks,) int64");
@@ -235,12 +243,14 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
   for (int64_t i = 0; i < nqb; ++i) TORCH_CHECK(mo[i] >= 0 && mo[i] < M, op, ": mask_of out of range");
   // each mask row's visible column run [lo, hi), checked to stay inside the keys
   std::vector<int32_t> lo(M * block), hi(M * block);
+  std::unique_ptr<bool[]> dense(new bool[M * block]);
   const bool* mk = masks.data_ptr<bool>();
   for (int64_t e = 0; e < M * block; ++e) {
-    int64_t first = L, last = 0;
+    int64_t first = L, last = 0, seen = 0;
     for (int64_t c = 0; c < L; ++c)
-      if (mk[e * L + c]) first = std::min(first, c), last = c + 1;
+      if (mk[e * L + c]) first = std::min(first, c), last = c + 1, ++seen;
     lo[e] = static_cast<int32_t>(first), hi[e] = static_cast<int32_t>(last);
+    dense[e] = seen == last - first;
   }
   for (int64_t i = 0; i < nqb; ++i)
     for (int64_t p = 0; p < std::min(block, Nq - i * block); ++p) {
@@ -256,7 +266,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
     a.q = q.data_ptr<scalar_t>(), a.k = k.data_ptr<scalar_t>(), a.v = v.data_ptr<scalar_t>();
     a.dout = d_out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>(), a.delta = delta.data_ptr<scalar_t>();
-    a.masks = mk, a.mask_of = mo, a.lo = lo.data(), a.hi = hi.data();
+    a.masks = mk, a.mask_of = mo, a.lo = lo.data(), a.hi = hi.data(), a.dense = dense.get();
     a.pad = nullptr;
     if (pad.has_value() && pad->defined()) {
       TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
@@ -271,6 +281,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
     attnzoo_flash::operand_strides(v, Dv, a.vs, op, "v");
     attnzoo_flash::operand_strides(d_out, Dv, a.dos, op, "d_out");
     a.scale = static_cast<scalar_t>(scale);
+    a.tile = tile;
     if (B > 0 && Nq > 0 && Hq > 0) run(a);
   });
   return {dq, dk, dv};
