@@ -89,7 +89,7 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
         c_lo = std::min<int64_t>(c_lo, a.lo[m * a.block + p]);
         c_hi = std::max<int64_t>(c_hi, a.hi[m * a.block + p]);
       }
-      if (c_lo >= c_hi) continue;
+      c_hi = std::max(c_hi, c_lo);  // rows that see nothing: no column chunk, their dQ is written as 0
       // pack the tile's rows: row g * np + (p - p0) is query head h * G + g at position i * block + p
       for (int64_t g = 0; g < G; ++g)
         for (int64_t p = p0; p < p1; ++p) {
