@@ -120,11 +120,11 @@ def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
     if score_mod is None:
         return {}, []
     from . import mods
-    from .core.scoremod import BiasSum, Softcap
+    from .core.scoremod import BiasSum, Composed, Softcap
     parts, stack = [], [score_mod]
     while stack:  # flatten compositions, in order
         m = stack.pop(0)
-        if isinstance(m, (BiasSum, mods._Composed)):
+        if isinstance(m, (BiasSum, Composed)):
             stack[:0] = list(m.parts)
         else:
             parts.append(m)

@@ -37,7 +37,8 @@ from typing import Callable
 
 import torch
 
-from .core.scoremod import BiasSum, DistanceBias, ScoreMod, Softcap, check_score_mod, functional, with_sinks
+from .core.scoremod import (BiasSum, Composed, DistanceBias, ScoreMod, Softcap, check_score_mod, functional,
+                             with_sinks)
 from .errors import AttnZooError
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "and_masks", "compose", "or_masks", "positional", "relative_bias",
@@ -115,19 +116,7 @@ def compose(*score_mods: ScoreMod) -> ScoreMod:
         raise AttnZooError("compose: expected at least one score_mod, got none")
     if all(isinstance(m, DistanceBias) for m in score_mods):
         return BiasSum(score_mods)
-    return _Composed(score_mods)
-
-
-class _Composed:
-    """score_mods applied in order (``parts``; the Triton backend reads them to build a kernel specialisation)."""
-
-    def __init__(self, parts: tuple) -> None:
-        self.parts = parts
-
-    def __call__(self, score, b, h, q_idx, kv_idx):
-        for m in self.parts:
-            score = m(score, b, h, q_idx, kv_idx)
-        return score
+    return Composed(score_mods)
 
 
 def and_masks(*mask_mods: Callable) -> Callable:

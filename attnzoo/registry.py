@@ -37,6 +37,7 @@ import torch
 from . import backends
 from .checks import Problem, check_flag, check_qkv, check_result
 from .errors import AttnZooError, UnsupportedError
+from .core.lowering import lower
 from .core.scoremod import ScoreMod, check_score_mod, check_sinks, with_sinks
 from .varlen import run_varlen
 
@@ -364,6 +365,10 @@ class Method:
         self.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask,
                                 return_lse=return_lse, grad=grad)
         self.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
+        if score_mod is not None and backend != "flex":  # a user function as the built-ins it computes
+            score_mod, factor, _ = lower(score_mod, batch=prob.batch, heads_q=prob.heads_q, len_q=prob.len_q,
+                                         len_k=prob.len_k, dtype=q.dtype, device=q.device)
+            prob = dataclasses.replace(prob, scale=prob.scale * factor) if factor != 1 else prob
         if score_mod is not None:
             inputs = {**inputs, "score_mod": score_mod}
         unknown = sorted(set(inputs) - set(self.inputs) - {"score_mod"})
@@ -376,7 +381,7 @@ class Method:
         if sinks is not None and runner is not None and runner.sinks and not empty:
             inputs = {**inputs, "sinks": sinks}  # the kernel adds them to its denominators
         elif sinks is not None:  # a partial (0, sinks) merged with the attention's (out, lse)
-            out, lse = self(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, return_lse=True,
+            out, lse = self(q, k, v, causal=causal, scale=prob.scale, key_padding_mask=key_padding_mask, return_lse=True,
                             backend=backend, **inputs)
             out, lse = with_sinks(out, lse, sinks)
             return (out.to(q.dtype), lse) if return_lse else out.to(q.dtype)

@@ -104,6 +104,19 @@ class BiasSum(DistanceBias):
         return total
 
 
+class Composed:
+    """score_mods applied in order (:func:`attnzoo.mods.compose` of mods that are not all distance biases;
+    ``parts``: the Triton backend and the soft-cap kernels read them)."""
+
+    def __init__(self, parts: tuple) -> None:
+        self.parts = parts
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        for m in self.parts:
+            score = m(score, b, h, q_idx, kv_idx)
+        return score
+
+
 class Within(DistanceBias):
     """A distance bias evaluated only at the distances ``span = (lo, hi)`` of one call's scores (None: all):
     the engines' tiles and windows also cover padding, whose distances no visible score has; those take the
