@@ -434,26 +434,35 @@ def explain(method: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, /, *
     """
     from .api import configure
     from .checks import check_qkv
+    from .core.lowering import lower
     m, inputs, _ = configure(method, params)
-    if score_mod is not None:
-        inputs = {**inputs, "score_mod": score_mod}
     prob = check_qkv(q, k, v, key_padding_mask, None)
+    user, lowered = score_mod, ""
+    if score_mod is not None:  # as Method.__call__ does: a user function as the built-ins it computes
+        score_mod, factor, lowered = lower(score_mod, batch=prob.batch, heads_q=prob.heads_q, len_q=prob.len_q,
+                                           len_k=prob.len_k, dtype=q.dtype, device=q.device)
+        if score_mod is not None:
+            inputs = {**inputs, "score_mod": score_mod}
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     case = Case(q, k, v, causal, key_padding_mask, return_lse, grad, inputs)
     base = []
     try:
         m.check_capabilities(prob, causal=causal, key_padding_mask=key_padding_mask, return_lse=return_lse,
                              grad=grad)
-        m.check_routes(prob, q.device, score_mod=score_mod, sinks=None)
+        m.check_routes(prob, q.device, score_mod=user, sinks=None)
     except UnsupportedError as e:
         base.append(str(e))
     rows = []
     for b in BACKENDS:
         why = base + _verdict(m, b, case)[0]
         note = ""
-        if score_mod is not None and b == "torch":
-            note = torch_mod_note(score_mod)
-        elif score_mod is not None and b == "triton":
+        if user is not None and b == "torch":
+            note = torch_mod_note(score_mod) if score_mod is not None else "score_mod: none left"
+            if lowered.startswith("lowered"):
+                note = f"user score_mod {lowered} (core.lowering); {note}"
+            elif lowered:
+                note += f"; not lowered to built-in mods (core.lowering): {lowered}"
+        elif user is not None and b == "triton":
             note = "score_mod as a kernel specialisation (ALiBi slopes / relative table / softcap, fwd and bwd)"
         elif b == "flex" and q.device.type == "cpu":
             note = "eager FlexAttention on CPU: forward only, each call materialises its scores"

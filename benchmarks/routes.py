@@ -1,8 +1,9 @@
 """score_mod overhead and packed (varlen) batches against padded ones (B=1, H=8, D=64, fp32, causal).
 
 1. score_mod at N (default 4096): each method with and without a mod (alibi, softcap, relative_bias, and
-   "user softcap": the same cap written as a plain function, which the engines cannot recognise; "user
-   table": a relative table as a plain function, and the same declared ``mods.positional``),
+   "user softcap" / "user alibi" / "user table": the same written as plain functions, which
+   ``attnzoo.core.lowering`` traces and runs as the built-ins; the table declared ``mods.positional``; "user
+   softcap, eager": a function reading the batch row, which cannot be lowered: the eager path),
    inference and training (forward + backward; relative_bias with a learnable table); ``mod ÷ plain`` is
    the overhead (target <= 1.3 on CPU for inference), ``× SDPA`` = SDPA time ÷ ours (forward + backward:
    SDPA's). Methods: exact (SDPA without a mod, the tiled engine with one), exact_tiled, sliding_window
@@ -60,10 +61,14 @@ def score_mod_table(n: int, repeats: int, methods=tuple(METHODS), modes=MODES, c
     def user_table(s, b, h, q_idx, kv_idx):  # relative_bias written as a plain function
         return s + table[h, (kv_idx - q_idx).clamp(-128, 128) + 128]
 
-    mod_list = {"alibi": mods.alibi(mods.alibi_slopes(H)), "softcap": mods.softcap(30.0),
+    slopes = mods.alibi_slopes(H)
+    mod_list = {"alibi": mods.alibi(slopes), "softcap": mods.softcap(30.0),
                 "relative_bias": mods.relative_bias(tab),
                 "user softcap": lambda s, b, h, q_idx, kv_idx: torch.tanh(s / 30.0) * 30.0,  # a plain function
-                "user table": user_table, "positional(user table)": mods.positional(user_table, H)}
+                "user alibi": lambda s, b, h, q_idx, kv_idx: s + slopes[h] * (kv_idx - q_idx),
+                "user table": user_table, "positional(user table)": mods.positional(user_table, H),
+                # reads the batch row: not lowerable, the eager path (what every user function cost before)
+                "user softcap, eager": lambda s, b, h, q_idx, kv_idx: torch.tanh(s / 30.0) * 30.0 + 0 * b}
     sdpa = best(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats, clock)
     sdpa_train = best(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward(), repeats, clock)
     print(f"\n## score_mod at N={n} (B=1, H={H}, D={D}, causal, fp32, {torch.get_num_threads()} thread(s))\n")

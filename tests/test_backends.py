@@ -133,7 +133,7 @@ def test_triton_takes_built_in_mods_and_names_what_it_refuses():
     for mod in ok:
         row = next(r for r in az.explain("exact", q, k, v, causal=True, score_mod=mod) if r.backend == "triton")
         assert row.runs and "kernel specialisation" in row.note, str(row)
-    refused = [(lambda s, b, h, qi, ki: s * 2, "score_mod '<lambda>'"),
+    refused = [(lambda s, b, h, qi, ki: s * 2 + qi, "score_mod '<lambda>'"),  # not lowerable (reads q_idx alone)
                (mods.compose(mods.softcap(5.0), mods.alibi(torch.rand(4))), "softcap before another mod"),
                (mods.alibi(torch.rand(3)), r"alibi slopes of shape \(3,\) \(expected \(4,\)\)")]
     for mod, why in refused:

@@ -57,8 +57,10 @@ _ELEMENTWISE = ("add", "sub", "mul", "div", "neg", "abs", "clamp", "clamp_min", 
 _FUNCTIONS.update({getattr(torch, n): n for n in _ELEMENTWISE if hasattr(torch, n)})
 _FUNCTIONS.update({torch.divide: "div", torch.multiply: "mul", torch.subtract: "sub", torch.negative: "neg",
                    torch.true_divide: "div"})
-#: conversions (identity on values for a floating result)
+#: conversions (identity on values for a floating result; on the score only these)
 _CONVERT = ("to", "float", "double", "type_as", "contiguous", "clone")
+#: conversions of indices and biases
+_CAST = _CONVERT + ("long", "int")
 #: methods read under their function's name
 _METHODS = {"__getitem__": "getitem", "truediv": "div", "divide": "div", "multiply": "mul", "subtract": "sub",
             "negative": "neg", "__and__": "logical_and", "__or__": "logical_or", "__invert__": "logical_not"}
@@ -136,7 +138,7 @@ def analyse(score_mod) -> Analysis:
             raise Refused(f"updates a tensor other than the score in place ({n.target})")
         if d & {_Q, _K}:
             d = _positions(n, name, args, deps, d)
-        elif _S not in d and d and name not in _ELEMENTWISE + _CONVERT + ("getitem",):
+        elif _S not in d and d and name not in _ELEMENTWISE + _CAST + ("getitem",):
             raise Refused(f"applies {name!r} to the head / distance (only elementwise ops and indexing)")
         if name == "getitem" and d and not all(isinstance(i, (fx.Node, int)) for i in _index_items(n.args[1])):
             raise Refused("slices (only indexing by index tensors and integers)")
@@ -154,7 +156,7 @@ def _index_items(index) -> tuple:
 def _positions(n: fx.Node, name: str, args: list, deps: dict, d: frozenset) -> frozenset:
     """The dependencies of a node reading ``q_idx`` / ``kv_idx``: a conversion of one of them, or their
     difference (which is the distance); anything else is refused."""
-    if name in _CONVERT and len(args) >= 1 and args[0] is n.args[0] and deps[args[0]] in ({_Q}, {_K}) \
+    if name in _CAST and len(args) >= 1 and args[0] is n.args[0] and deps[args[0]] in ({_Q}, {_K}) \
             and all(not (deps[a] & {_Q, _K}) for a in args[1:]):
         return deps[args[0]]
     if name == "sub" and not n.kwargs and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) \
