@@ -24,8 +24,10 @@ attention result by log-sum-exp (:func:`with_sinks`), so every method that retur
 ``alibi``, ``relative_bias``, ``positional(fn, heads)`` (your own function declared to be such a bias) and a
 ``compose`` of them are *distance biases*
 (:class:`attnzoo.core.scoremod.DistanceBias`: ``score + bias[h, kv_idx - q_idx]``): on CPU the exact
-family and banded layouts run them inside PyTorch's fused attention kernel as its additive mask; any
-other mod runs on the generic tiled engines.
+family and banded layouts run them inside PyTorch's fused attention kernel as its additive mask. Your own
+function is traced once and, when it computes ``a * score + B`` or ``c * tanh(a * score + B)`` (``a``, ``c``
+numbers, ``B`` of ``h`` and ``kv_idx - q_idx`` only), runs as those built-ins after a check on the call's
+indices (:mod:`attnzoo.core.lowering`); any other mod runs on the generic tiled engines.
 
 ``and_masks`` / ``or_masks`` combine mask_mods ``(b, h, q_idx, kv_idx) -> bool``.
 """

@@ -854,16 +854,19 @@ def test_fused_sparse_paths_run_mods_like_the_slot_loop_and_the_dense_reference(
 
 def test_explain_names_the_path_each_kind_of_mod_takes_on_torch():
     """``explain``'s torch note: a distance bias in PyTorch's fused kernel, a soft cap (alone or after biases)
-    on the C++ soft-cap kernel, a user function on the eager paths (and why)."""
+    on the C++ soft-cap kernel, a user function on the eager paths (and why), or lowered to built-ins."""
     q = torch.randn(1, 2, 16, 8)
     bias = mods.alibi(mods.alibi_slopes(2))
     notes = {name: az.explain("block_topk", q, q, q, causal=True, score_mod=m)[0].note
              for name, m in (("bias", bias), ("cap", mods.softcap(3.0)), ("both", mods.compose(bias, mods.softcap(3.0))),
-                             ("user", lambda s, b, h, qi, kj: s))}
+                             ("user", lambda s, b, h, qi, kj: s + qi),  # not lowerable (core.lowering)
+                             ("lowered", lambda s, b, h, qi, kj: torch.tanh(s / 3.0) * 3.0))}
     assert "fused CPU kernel" in notes["bias"] and "C++ soft-cap kernel" not in notes["bias"]
     assert "a soft cap on the C++ soft-cap kernel" in notes["cap"]
     assert "distance biases then a soft cap on the C++ soft-cap kernel" in notes["both"]
     assert "'<lambda>'" in notes["user"] and "slot loop" in notes["user"] and "row-wise" in notes["user"]
+    assert "not lowered" in notes["user"] and "kv_idx - q_idx" in notes["user"]
+    assert "lowered to softcap(3)" in notes["lowered"] and "C++ soft-cap kernel" in notes["lowered"]
 
 
 @pytest.mark.parametrize("method,params", [("exact", {}), ("exact_tiled", {}), ("sliding_window", dict(window=24)),
