@@ -893,11 +893,13 @@ def test_select_units_read_in_place_equal_the_gathered_read(name, params, monkey
 ])
 def test_selected_tokens_read_in_place_equal_the_gathered_read(name, params, dtype, monkeypatch):
     """The C++ kernel reading selected slots in place (capped_attention with idx: no gathered copy) equals the
-    gathered read (GQA, left padding, the selection of each step); it is the path taken where it builds."""
+    gathered read (GQA, left padding, the selection of each step); it is the path taken where it builds (for
+    tokenselect where its one-call step does not: switched off here)."""
     from attnzoo.cache import read
     from attnzoo.core import capped
     if not capped.available():
         pytest.skip("the C++ extension cannot be built here")
+    monkeypatch.setattr("attnzoo.cache.select.tokenselect_read", lambda *a, **kw: None)
     q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=160, seed=31, dtype=dtype)
     key_mask = torch.ones(2, 160, dtype=torch.bool)
     key_mask[1, :9] = False
@@ -1076,3 +1078,22 @@ def test_tokenselect_page_first_refuses_compact_scores_and_counts_its_bounds():
         cache.append(k, v)
     assert paged.nbytes == plain.nbytes + 2 * 2 * (640 // 32) * 128 * 2  # kmin + kmax, bf16, per page and head
     assert paged.nbytes <= 1.02 * plain.nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tokenselect_exact_vote_step_equals_the_generic_path(dtype, monkeypatch):
+    """The default (exact vote over every middle key) in one C++ call selects the same tokens as the generic path
+    (torch GEMM, softmax, top-k) and reads them alike (GQA, left padding, reused selections); it is the path taken."""
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=2, Hq=6, Hkv=2, N=240, D=32, seed=45, dtype=dtype)
+    key_mask = torch.ones(2, 240, dtype=torch.bool)
+    key_mask[0, :17] = False
+    for threshold in (2.0, -1.0):
+        params = dict(budget=72, sinks=5, local=11, threshold=threshold)
+        (out, slots, calls), (ref_out, ref_slots, ref_calls) = _tokenselect_runs(params, q, k, v, key_mask, monkeypatch)
+        assert calls == 40 and ref_calls == 0
+        assert all(torch.equal(a, b) for a, b in zip(slots[1:], ref_slots[1:]))
+        for a, b in zip(out, ref_out):
+            torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5)

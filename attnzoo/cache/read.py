@@ -364,22 +364,24 @@ def quest_read(q: torch.Tensor, store, step, *, unit: int, lo: int, hi: int, tak
 
 def tokenselect_read(q: torch.Tensor, store, step, *, lo: int, hi: int, candidates: int, take: int,
                      fixed: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor] | None:
-    """tokenselect's page-first decode step in one call of :func:`attnzoo.core.capped.tokenselect_attention`:
-    ``(Partial, slots (B, take))``, or None where it does not apply (as :func:`quest_read`)."""
-    return _paged_step(capped.tokenselect_attention, q, store, step, lo=lo, hi=hi, candidates=candidates, take=take,
-                       fixed=fixed)
+    """A tokenselect decode step in one call of :func:`attnzoo.core.capped.tokenselect_attention`: ``(Partial,
+    slots (B, take))``, or None where it does not apply (as :func:`quest_read`). ``candidates``: pages scored
+    token by token after the page vote (page-first), 0 for the exact vote over every middle token (no bounds)."""
+    return _paged_step(capped.tokenselect_attention, q, store, step, bounds=candidates > 0, lo=lo, hi=hi,
+                       candidates=candidates, take=take, fixed=fixed)
 
 
-def _paged_step(op, q: torch.Tensor, store, step, **params) -> tuple[Partial, torch.Tensor] | None:
-    """One call of a selection step ``op`` on the store's buffers and page bounds: ``(Partial, selection)``, or None
-    where it does not apply."""
+def _paged_step(op, q: torch.Tensor, store, step, bounds: bool = True, **params) -> tuple[Partial, torch.Tensor] | None:
+    """One call of a selection step ``op`` on the store's buffers (and its page bounds, with ``bounds``):
+    ``(Partial, selection)``, or None where it does not apply."""
     kb, vb = store.buf.get("k"), store.buf.get("v")
-    if (q.shape[2] != 1 or store.bits is not None or not store.page or not capped.applies(q, kb)
+    if (q.shape[2] != 1 or store.bits is not None or (bounds and not store.page) or not capped.applies(q, kb)
             or kb.dtype != q.dtype):
         return None
     Hq, Hkv = q.shape[1], kb.shape[1]
-    out, lse, chosen = op(fold_groups(q, Hkv), kb, vb, store.pages["kmin"], store.pages["kmax"], scale=step.scale,
-                          page=store.page, n=store.n, valid=store.buf.get("valid"), **params)
+    kmin, kmax = (store.pages["kmin"], store.pages["kmax"]) if bounds else (None, None)
+    out, lse, chosen = op(fold_groups(q, Hkv), kb, vb, kmin, kmax, scale=step.scale, page=store.page if bounds else 0,
+                          n=store.n, valid=store.buf.get("valid"), **params)
     return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), chosen
 
 

@@ -179,8 +179,9 @@ class TokenSelect(_Select):
     K+V at page 32), the pages get the soft vote of their bounds (an upper
     bound of every key's score), and only the tokens of the best pages,
     ``pages`` times the selected tokens' worth, are scored and voted on
-    exactly. With every middle page a candidate it is the exact vote (tested);
-    on CPU the whole step is one C++ call.
+    exactly. With every middle page a candidate it is the exact vote (tested).
+    On CPU (float32 scores) a selecting step is one C++ call, the vote and the
+    read of the selection in place (:func:`attnzoo.core.capped.tokenselect_attention`).
     """
 
     name: ClassVar[str] = "tokenselect"
@@ -232,12 +233,12 @@ class TokenSelect(_Select):
         return None
 
     def read_fused(self, store, q, step, lo, hi, take):
-        if not self.pages:
+        if self.score_dtype != "float32":  # compact copies score through the generic path
             return None
         q_last = q[:, :, -1].float()
         fixed = self._reuse(q_last)
-        fused = tokenselect_read(q, store, step, lo=lo, hi=hi, candidates=self._candidates(take), take=take,
-                                 fixed=None if fixed is None else fixed[:, 0])
+        fused = tokenselect_read(q, store, step, lo=lo, hi=hi, candidates=self._candidates(take) if self.pages else 0,
+                                 take=take, fixed=None if fixed is None else fixed[:, 0])
         if fused is None:
             if fixed is not None:  # the generic path counts the step again
                 self.reused -= 1

@@ -91,13 +91,16 @@ def quest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: tor
                                                    n, take))
 
 
-def tokenselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
+def tokenselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor | None,
+                          kmax: torch.Tensor | None, *,
                           scale: float, page: int, lo: int, hi: int, n: int, candidates: int, take: int,
                           valid: torch.Tensor | None = None,
                           fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tokenselect's page-first decode step in one call: ``(out (B, Hkv, G, Dv), lse (B, Hkv, G), slots (B, take))``.
+    """tokenselect's decode step in one call: ``(out (B, Hkv, G, Dv), lse (B, Hkv, G), slots (B, take))``.
 
-    Operands as :func:`quest_attention`'s. Per batch row: every page overlapping the middle ``[lo, hi)`` gets the
+    ``candidates=0`` (``page=0``, no bounds): every middle token gets the soft vote ``Σ_{heads}
+    softmax_tokens(scale · q·k)`` (the exact vote, K read in place by the score GEMM). Else page-first,
+    operands as :func:`quest_attention`'s. Per batch row: every page overlapping the middle ``[lo, hi)`` gets the
     soft vote ``Σ_{heads} softmax_pages(scale · bound)``; the tokens (within ``[lo, hi)``) of the ``candidates``
     pages of highest vote get exact scores ``q·k`` and the soft vote ``Σ_{heads} softmax_tokens(scale · q·k)``
     (padding hidden); the ``take`` best (ties: the lower slot) are read by every head with the sinks ``[0, lo)``

@@ -328,17 +328,56 @@ void add_softmax(const T* row, int64_t count, T scale, T* vote, std::vector<T>& 
   for (int64_t c = 0; c < count; ++c) vote[c] += e[c] * inv;
 }
 
-// tokenselect with page-first scoring, one batch row x (its selection is shared by every head): the middle pages
-// (those overlapping [lo, hi)) get a soft vote sum_{y,g} softmax_p(scale * bound); the tokens of the `cand` best pages
-// (within [lo, hi)) are scored exactly (q . k, read in place) and get the soft vote sum_{y,g} softmax_c(scale * s);
-// the `take` best tokens with the sinks and the local slots are read by every head
+// the soft vote sum_{y,g} softmax_c(scale * q . k_c) over the candidate slots t.cand (padding hidden) into t.vote;
+// `run`: the candidates are one run of consecutive slots, read by the score GEMM in place (else copied in blocks)
+template <typename T>
+void token_vote(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& t, bool run) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t M = t.cand.size();
+  t.score.resize(a.Lq * M);
+  t.vote.assign(M, T(0));
+  for (int64_t y = 0; y < a.Y; ++y) {  // exact scores of the candidates
+    const T* q = a.q + x * a.qs[0] + y * a.qs[1];
+    const T* k = a.k + x * a.ks[0] + y * a.ks[1];
+    const bool* vr = w.valid ? w.valid + x * w.vs[0] + y * w.vs[1] : nullptr;
+    for (int64_t j0 = 0; j0 < M; j0 += kBlockK) {  // blocks of candidate rows: read in place when one run, else copied
+      const int64_t nb = std::min(kBlockK, M - j0);
+      if (run) {
+        gemm('T', nb, a.Lq, a.D, k + t.cand[j0] * a.ks[2], a.ks[2], q, a.qs[2], T(0), t.score.data() + j0, M);
+        continue;
+      }
+      for (int64_t c = 0; c < nb; ++c) {
+        if (j0 + c + 8 < M)  // prefetched 8 rows ahead: a page boundary stops the hardware prefetcher
+          for (int64_t d = 0; d < a.D; d += 64 / sizeof(T)) __builtin_prefetch(k + t.cand[j0 + c + 8] * a.ks[2] + d);
+        std::memcpy(t.kbuf.data() + c * a.D, k + t.cand[j0 + c] * a.ks[2], a.D * sizeof(T));
+      }
+      gemm('T', nb, a.Lq, a.D, t.kbuf.data(), a.D, q, a.qs[2], T(0), t.score.data() + j0, M);
+    }
+    if (vr)
+      for (int64_t g = 0; g < a.Lq; ++g)
+        for (int64_t c = 0; c < M; ++c)
+          if (!vr[t.cand[c] * w.vs[2]]) t.score[g * M + c] = ninf;
+    for (int64_t g = 0; g < a.Lq; ++g) add_softmax(t.score.data() + g * M, M, a.scale, t.vote.data(), t.e);
+  }
+}
+
+// tokenselect, one batch row x (its selection is shared by every head). cand == 0: every middle token [lo, hi) gets
+// the soft vote sum_{y,g} softmax_c(scale * q . k_c) (the exact vote). cand > 0, page-first: the middle pages (those
+// overlapping [lo, hi)) get the soft vote sum_{y,g} softmax_p(scale * bound), and only the tokens of the `cand` best
+// pages (within [lo, hi)) are scored and voted on. The `take` best tokens with the sinks and the local slots are read
+// by every head.
 template <typename T>
 void tokenselect_item(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& t) {
   int64_t* sel = w.chosen + x * w.take;
-  const T ninf = -std::numeric_limits<T>::infinity();
   if (w.fixed) {
     const int64_t* f = w.fixed + x * w.fs[0];
     std::copy(f, f + w.take, sel);
+  } else if (w.cand == 0) {  // the exact vote: every middle token a candidate (its rows read in place by the GEMM)
+    t.cand.resize(w.hi - w.lo);
+    for (int64_t j = w.lo; j < w.hi; ++j) t.cand[j - w.lo] = j;
+    token_vote(a, w, x, t, true);
+    top_sorted(t.vote.data(), w.hi - w.lo, w.take, t.order, sel);
+    for (int64_t i = 0; i < w.take; ++i) sel[i] += w.lo;
   } else {
     const int64_t p0 = w.lo / w.page, P = (w.hi + w.page - 1) / w.page - p0;
     t.score.resize(a.Lq * P);
@@ -354,28 +393,8 @@ void tokenselect_item(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& 
     for (int64_t i = 0; i < C; ++i)
       for (int64_t j = std::max(w.lo, (p0 + pages[i]) * w.page); j < std::min(w.hi, (p0 + pages[i] + 1) * w.page); ++j)
         t.cand.push_back(j);
+    token_vote(a, w, x, t, false);
     const int64_t M = t.cand.size();
-    t.score.resize(a.Lq * M);
-    t.vote.assign(M, T(0));
-    for (int64_t y = 0; y < a.Y; ++y) {  // exact scores of the candidates, blocks of rows copied into scratch
-      const T* q = a.q + x * a.qs[0] + y * a.qs[1];
-      const T* k = a.k + x * a.ks[0] + y * a.ks[1];
-      const bool* vr = w.valid ? w.valid + x * w.vs[0] + y * w.vs[1] : nullptr;
-      for (int64_t j0 = 0; j0 < M; j0 += kBlockK) {
-        const int64_t nb = std::min(kBlockK, M - j0);
-        for (int64_t c = 0; c < nb; ++c) {
-          if (j0 + c + 8 < M)  // prefetched 8 rows ahead: a page boundary stops the hardware prefetcher
-            for (int64_t d = 0; d < a.D; d += 64 / sizeof(T)) __builtin_prefetch(k + t.cand[j0 + c + 8] * a.ks[2] + d);
-          std::memcpy(t.kbuf.data() + c * a.D, k + t.cand[j0 + c] * a.ks[2], a.D * sizeof(T));
-        }
-        gemm('T', nb, a.Lq, a.D, t.kbuf.data(), a.D, q, a.qs[2], T(0), t.score.data() + j0, M);
-      }
-      if (vr)
-        for (int64_t g = 0; g < a.Lq; ++g)
-          for (int64_t c = 0; c < M; ++c)
-            if (!vr[t.cand[c] * w.vs[2]]) t.score[g * M + c] = ninf;
-      for (int64_t g = 0; g < a.Lq; ++g) add_softmax(t.score.data() + g * M, M, a.scale, t.vote.data(), t.e);
-    }
     top_sorted(t.vote.data(), M, w.take, t.order, sel);
     for (int64_t i = 0; i < w.take; ++i) sel[i] = t.cand[sel[i]];
   }
@@ -444,25 +463,33 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
 namespace {
 
 // the checks and fields shared by quest_attention and tokenselect_attention: the bounds, padding and selection given
-Select selection(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kmin,
-                 const at::Tensor& kmax, const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& fixed,
-                 int64_t page, int64_t lo, int64_t hi, int64_t n, const char* op) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && kmin.dim() == 4, op, ": 4-D operands");
+Select selection(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& kmin_, const std::optional<at::Tensor>& kmax_,
+                 const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& fixed, int64_t page,
+                 int64_t lo, int64_t hi, int64_t n, const char* op) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": 4-D operands");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op, ": dtypes");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && kmin.stride(3) == 1 &&
-                  kmin.strides() == kmax.strides() && kmin.sizes() == kmax.sizes(),
-              op, ": unit last strides, kmin and kmax alike");
-  TORCH_CHECK(kmin.scalar_type() == kmax.scalar_type() &&
-                  (kmin.scalar_type() == at::kBFloat16 || kmin.scalar_type() == at::kFloat),
-              op, ": bounds in bfloat16 or float32");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, op, ": unit last strides");
   const int64_t X = q.size(0), Y = q.size(1), D = q.size(3);
-  TORCH_CHECK(page > 0 && 0 <= lo && lo <= hi && hi <= n && n <= k.size(2) && n <= v.size(2) &&
-                  (hi + page - 1) / page <= kmin.size(2) && k.size(0) == X && k.size(1) == Y && v.size(0) == X &&
-                  v.size(1) == Y && kmin.size(0) == X && kmin.size(1) == Y && k.size(3) == D && kmin.size(3) == D,
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= n && n <= k.size(2) && n <= v.size(2) && k.size(0) == X &&
+                  k.size(1) == Y && v.size(0) == X && v.size(1) == Y && k.size(3) == D,
               op, ": sizes");
   Select w{};
-  w.b.kmin = kmin.data_ptr(), w.b.kmax = kmax.data_ptr(), w.b.bf16 = kmin.scalar_type() == at::kBFloat16;
-  for (int i = 0; i < 3; ++i) w.b.bs[i] = kmin.stride(i);
+  w.b.kmin = w.b.kmax = nullptr;
+  if (page > 0) {  // page bounds given
+    TORCH_CHECK(kmin_.has_value() && kmin_->defined() && kmax_.has_value() && kmax_->defined(), op,
+                ": page bounds kmin, kmax");
+    const at::Tensor &kmin = *kmin_, &kmax = *kmax_;
+    TORCH_CHECK(kmin.dim() == 4 && kmin.stride(3) == 1 && kmin.strides() == kmax.strides() &&
+                    kmin.sizes() == kmax.sizes() && kmin.scalar_type() == kmax.scalar_type() &&
+                    (kmin.scalar_type() == at::kBFloat16 || kmin.scalar_type() == at::kFloat),
+                op, ": bounds in bfloat16 or float32, unit last strides, kmin and kmax alike");
+    TORCH_CHECK((hi + page - 1) / page <= kmin.size(2) && kmin.size(0) == X && kmin.size(1) == Y &&
+                    kmin.size(3) == D,
+                op, ": sizes");
+    w.b.kmin = kmin.data_ptr(), w.b.kmax = kmax.data_ptr(), w.b.bf16 = kmin.scalar_type() == at::kBFloat16;
+    for (int i = 0; i < 3; ++i) w.b.bs[i] = kmin.stride(i);
+  }
   w.valid = nullptr;
   if (valid.has_value() && valid->defined()) {
     TORCH_CHECK(valid->dim() == 3 && valid->scalar_type() == at::kBool && valid->size(0) == X &&
@@ -507,13 +534,13 @@ void run_items(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
 // (a multiple of page); the middle [lo, hi) (multiples of unit) has (hi - lo) / unit of them, of which `take` are
 // selected. Returns out (B, Hkv, G, Dv), lse (B, Hkv, G) and the selected units (B, Hkv, take), sorted.
 std::vector<at::Tensor> quest_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        const at::Tensor& kmin, const at::Tensor& kmax,
+                                        const std::optional<at::Tensor>& kmin, const std::optional<at::Tensor>& kmax,
                                         const std::optional<at::Tensor>& valid, const std::optional<at::Tensor>& fixed,
                                         double scale, int64_t page, int64_t unit, int64_t lo, int64_t hi, int64_t n,
                                         int64_t take) {
   Select w = selection(q, k, v, kmin, kmax, valid, fixed, page, lo, hi, n, "quest_attention");
   const int64_t X = q.size(0), Y = q.size(1);
-  TORCH_CHECK(unit % page == 0 && lo % unit == 0 && hi % unit == 0 && 0 <= take && take * unit <= hi - lo,
+  TORCH_CHECK(page > 0 && unit % page == 0 && lo % unit == 0 && hi % unit == 0 && 0 <= take && take * unit <= hi - lo,
               "quest_attention: sizes");
   if (w.fixed)
     TORCH_CHECK(fixed->dim() == 3 && fixed->size(0) == X && fixed->size(1) == Y && fixed->size(2) == take &&
@@ -528,19 +555,23 @@ std::vector<at::Tensor> quest_attention(const at::Tensor& q, const at::Tensor& k
   return {out, lse, units};
 }
 
-// tokenselect's decode step with page-first scoring: q (B, Hkv, G, D), k, v, kmin, kmax, valid as quest_attention's
-// (bounds over pages of `page` slots); the middle [lo, hi) need not be page-aligned. The `cand` pages of highest
-// soft vote are scored token by token and the `take` tokens of highest soft vote (one set per batch row) are read
-// with the sinks [0, lo) and the local slots [hi, n). fixed: (B, take) slots to read instead of selecting, or empty.
+// tokenselect's decode step: q (B, Hkv, G, D), k, v, kmin, kmax, valid as quest_attention's (bounds over pages of
+// `page` slots); the middle [lo, hi) need not be page-aligned. cand == 0 (page 0, no bounds): every middle token is
+// voted on (the exact vote); cand > 0: the `cand` pages of highest soft vote are scored token by token. The `take`
+// tokens of highest soft vote (one set per batch row) are read with the sinks [0, lo) and the local slots [hi, n).
+// fixed: (B, take) slots to read instead of selecting, or empty.
 // Returns out (B, Hkv, G, Dv), lse (B, Hkv, G) and the selected slots (B, take), sorted.
 std::vector<at::Tensor> tokenselect_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                              const at::Tensor& kmin, const at::Tensor& kmax,
+                                              const std::optional<at::Tensor>& kmin,
+                                              const std::optional<at::Tensor>& kmax,
                                               const std::optional<at::Tensor>& valid,
                                               const std::optional<at::Tensor>& fixed, double scale, int64_t page,
                                               int64_t lo, int64_t hi, int64_t n, int64_t cand, int64_t take) {
   Select w = selection(q, k, v, kmin, kmax, valid, fixed, page, lo, hi, n, "tokenselect_attention");
   const int64_t X = q.size(0), Y = q.size(1);
-  TORCH_CHECK(0 <= take && cand >= 1 && take <= std::min(hi - lo, (cand - 2) * page), "tokenselect_attention: sizes");
+  TORCH_CHECK(0 <= take && take <= hi - lo &&
+                  (cand == 0 ? page == 0 : cand >= 1 && page > 0 && take <= (cand - 2) * page),
+              "tokenselect_attention: sizes");
   if (w.fixed)
     TORCH_CHECK(fixed->dim() == 2 && fixed->size(0) == X && fixed->size(1) == take &&
                     (take == 0 || (fixed->min().item<int64_t>() >= lo && fixed->max().item<int64_t>() < hi)),
