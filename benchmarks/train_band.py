@@ -35,7 +35,7 @@ def _step(name: str, q, k, v, window: int) -> tuple[float, float]:
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     t0 = time.perf_counter()
     if name == "sdpa":
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     else:
         out = az.attention(q, k, v, method="sliding_window", window=window, causal=True)
     t1 = time.perf_counter()
