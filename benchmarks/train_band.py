@@ -35,7 +35,8 @@ def _step(name: str, q, k, v, window: int) -> tuple[float, float]:
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     t0 = time.perf_counter()
     if name == "sdpa":
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                               enable_gqa=k.shape[1] != q.shape[1])
     else:
         out = az.attention(q, k, v, method="sliding_window", window=window, causal=True)
     t1 = time.perf_counter()
@@ -60,7 +61,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     kernel = fused.band_backward_applies(*(torch.zeros(1, 1, 1, 1),) * 3)  # builds the extension first
     hkv = args.kv_heads or args.heads
-    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+    cpu = platform.processor() or platform.machine()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
           f"B=1 H={args.heads} Hkv={hkv} D={args.dim} fp32 causal; minimum of {args.repeat}; "
           f"band backward kernel {'built' if kernel else 'NOT available (both sliding_window rows: slot loop)'}")
     header = (f"{'N':>6} {'window':>6} {'':<28} {'fwd ms':>8} {'bwd ms':>8} {'total ms':>9} {'× SDPA':>7} "
