@@ -40,7 +40,6 @@ from . import capped, cpp
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .layout import MASK_CHUNK, BandPlan, TokenLayout
 from .masks import call_mask_mod
-from .partial import grad_inputs
 from .scoremod import DistanceBias, negligible_gap
 
 
@@ -185,7 +184,8 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     ``csrc/band_backward.cpp``; only after :func:`band_backward_applies`.
 
     FlashAttention-2's backward, recomputing each query block's probabilities from the saved ``lse`` over
-    its window of keys (the plan's element masks; padding hides keys): ``delta = rowsum(dO · O) - dlse``,
+    its window of keys (the plan's element masks; padding hides keys): ``delta = rowsum(dO · O) - dlse``
+    (as :func:`~attnzoo.core.partial.grad_inputs`, but while the kernel packs each tile's rows),
     ``dV += Pᵀ dO``, ``dS = P (dO Vᵀ - delta)``, ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. The query
     heads of a KV head are one tile's rows; work runs in parallel over (batch row, KV head), and over runs of
     query blocks with their own dK/dV buffers when there are fewer of those than threads.
@@ -199,13 +199,12 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         return t if ok else t.contiguous()
 
     q, k, v, out, d_out = (rows(t) for t in (q, k, v, out, d_out))
-    lse_safe, delta = grad_inputs(out, lse.to(work), d_out, None if d_lse is None else d_lse.to(work))
+    lse, d_lse = (None if t is None else t.to(work).contiguous() for t in (lse, d_lse))
     masks, mask_of = _band_masks(plan)
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
     cpp.available(_BACKWARD_SOURCE)  # loads the op (built once per process)
-    dq, dk, dv = torch.ops.attnzoo_band.band_backward(q, k, v, d_out, lse_safe.contiguous(), delta.contiguous(),
-                                                      masks, mask_of, pad, plan.block, plan.start, float(scale),
-                                                      BACKWARD_TILE)
+    dq, dk, dv = torch.ops.attnzoo_band.band_backward(q, k, v, out, d_out, lse, d_lse, masks, mask_of, pad,
+                                                      plan.block, plan.start, float(scale), BACKWARD_TILE)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

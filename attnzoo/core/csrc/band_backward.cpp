@@ -1,16 +1,17 @@
 // The backward pass of a banded block layout (attnzoo.core.fused.attend_band_backward): FlashAttention-2's
 // recomputing backward over each query block's one contiguous key window.
 //
-// dq, dk, dv = gradients of out = softmax(q k^T * scale restricted to the band) v, from the saved lse and
-//   delta = rowsum(d_out * out) - d_lse, where
+// dq, dk, dv = gradients of (out, lse) of softmax(q k^T * scale restricted to the band) v, recomputed from the
+//   saved lse, given d_out and d_lse (optional), where
 //   q, out, d_out (B, Hq, Nq, D|Dv), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): any strides with a unit last one;
-//   lse, delta (B, Hq, Nq) contiguous (lse +inf where a row saw no key: its probabilities are 0);
+//   lse, d_lse (B, Hq, Nq) contiguous (lse -inf where a row saw no key: its probabilities are 0);
 //   query block i (rows i*block ...) reads the window of L keys from key (i + start) * block, under the element
 //   mask masks[mask_of[i]] (M, block, L) bool (keys outside [0, Nk) are masked there);
 //   pad (B, Nk) bool or empty: False hides a key.
 // Per tile of query rows (a run of positions of one block, for every query head of a KV head's group, so the
 // rows share one column range) and chunk of window columns:
-//   S = (q*scale) k^T, P = exp(S - lse) (0 where masked), dV += P^T dO, dP = dO v^T, dS = P (dP - delta),
+//   delta = rowsum(dO * out) - d_lse (while packing the rows), S = (q*scale) k^T, P = exp(S - lse) (0 where
+//   masked), dV += P^T dO, dP = dO v^T, dS = P (dP - delta),
 //   dQ += dS k * scale, dK += dS^T (q*scale): five GEMMs, no (Nq, Nk) intermediate.
 // Work item: (batch row, KV head, chunk of query blocks). A KV head's query blocks are split into chunks only
 // when there are fewer (batch, KV head) pairs than threads; then each chunk accumulates dK/dV of the keys it
@@ -49,7 +50,7 @@ inline void gemm_nt(int m, int n, int k, const double* a, int lda, const double*
 
 template <typename T>
 struct Args {
-  const T *q, *k, *v, *dout, *lse, *delta;
+  const T *q, *k, *v, *out, *dout, *lse, *dlse;  // dlse: nullptr when none
   const bool *masks, *pad;
   const int64_t* mask_of;
   const int32_t* lo;  // (M, block): each mask row's first visible column (L when none)
@@ -58,7 +59,7 @@ struct Args {
   T *dq, *dk, *dv;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv, block, start, L, nqb;
   int64_t tile;  // query positions per tile (times the group's heads: the tile's rows)
-  int64_t qs[3], ks[3], vs[3], dos[3];
+  int64_t qs[3], ks[3], vs[3], os[3], dos[3];
   T scale;
 };
 
@@ -98,8 +99,13 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
           const T* gr = a.dout + b * a.dos[0] + hq * a.dos[1] + pos * a.dos[2];
           for (int64_t d = 0; d < a.D; ++d) w.qp[r * a.D + d] = qr[d] * a.scale;
           std::copy(gr, gr + a.Dv, w.gp.data() + r * a.Dv);
-          w.lse[r] = a.lse[(b * a.Hq + hq) * a.Nq + pos];
-          w.delta[r] = a.delta[(b * a.Hq + hq) * a.Nq + pos];
+          const T* orow = a.out + b * a.os[0] + hq * a.os[1] + pos * a.os[2];
+          T dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < a.Dv; ++d) dot += gr[d] * orow[d];
+          const int64_t e = (b * a.Hq + hq) * a.Nq + pos;
+          w.lse[r] = a.lse[e];
+          w.delta[r] = a.dlse ? dot - a.dlse[e] : dot;
         }
       std::fill(w.dq.begin(), w.dq.begin() + rows * a.D, T(0));
       for (int64_t c0 = c_lo; c0 < c_hi; c0 += kCols) {
@@ -114,7 +120,7 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
           const int64_t lo = std::max<int64_t>(a.lo[m * a.block + p] - c0, 0);
           const int64_t hi = std::min<int64_t>(a.hi[m * a.block + p] - c0, n);
           const T l = w.lse[r];
-          if (lo >= hi || l == std::numeric_limits<T>::infinity()) {
+          if (lo >= hi || l == -std::numeric_limits<T>::infinity()) {
             std::fill(pr, pr + n, T(0));
             continue;
           }
@@ -216,23 +222,28 @@ void run(const Args<T>& a) {
 
 // returns dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv), contiguous, in q's dtype (float32/64)
 std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& d_out, const at::Tensor& lse, const at::Tensor& delta,
+                                      const at::Tensor& out, const at::Tensor& d_out, const at::Tensor& lse,
+                                      const std::optional<at::Tensor>& d_lse,
                                       const at::Tensor& masks, const at::Tensor& mask_of,
                                       const std::optional<at::Tensor>& pad, int64_t block, int64_t start,
                                       double scale, int64_t tile) {
   const char* op = "band_backward";
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && d_out.dim() == 4, op, ": 4-D q, k, v, d_out");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && d_out.stride(3) == 1, op,
-              ": unit last strides");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && d_out.dim() == 4, op,
+              ": 4-D q, k, v, out, d_out");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1 && d_out.stride(3) == 1,
+              op, ": unit last strides");
+  const bool has_dlse = d_lse.has_value() && d_lse->defined();
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && d_out.scalar_type() == dtype &&
-                  lse.scalar_type() == dtype && delta.scalar_type() == dtype, op, ": one dtype");
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && out.scalar_type() == dtype &&
+                  d_out.scalar_type() == dtype && lse.scalar_type() == dtype &&
+                  (!has_dlse || d_lse->scalar_type() == dtype), op, ": one dtype");
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
   const int64_t Dv = v.size(3);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(0) == B && v.size(0) == B && v.size(2) == Nk && k.size(3) == D &&
-                  d_out.sizes() == at::IntArrayRef({B, Hq, Nq, Dv}), op, ": shapes");
-  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous() && lse.numel() == B * Hq * Nq &&
-                  delta.numel() == B * Hq * Nq, op, ": lse, delta (B, Hq, Nq) contiguous");
+                  out.sizes() == at::IntArrayRef({B, Hq, Nq, Dv}) && d_out.sizes() == out.sizes(), op, ": shapes");
+  TORCH_CHECK(lse.is_contiguous() && lse.numel() == B * Hq * Nq &&
+                  (!has_dlse || (d_lse->is_contiguous() && d_lse->numel() == B * Hq * Nq)), op,
+              ": lse, d_lse (B, Hq, Nq) contiguous");
   TORCH_CHECK(masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 3 && masks.size(1) == block,
               op, ": masks (M, block, L) bool");
   TORCH_CHECK(tile > 0, op, ": tile > 0");
@@ -264,8 +275,8 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
   AT_DISPATCH_FLOATING_TYPES(dtype, "band_backward", [&] {
     Args<scalar_t> a{};
     a.q = q.data_ptr<scalar_t>(), a.k = k.data_ptr<scalar_t>(), a.v = v.data_ptr<scalar_t>();
-    a.dout = d_out.data_ptr<scalar_t>();
-    a.lse = lse.data_ptr<scalar_t>(), a.delta = delta.data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>(), a.dout = d_out.data_ptr<scalar_t>();
+    a.lse = lse.data_ptr<scalar_t>(), a.dlse = has_dlse ? d_lse->data_ptr<scalar_t>() : nullptr;
     a.masks = mk, a.mask_of = mo, a.lo = lo.data(), a.hi = hi.data(), a.dense = dense.get();
     a.pad = nullptr;
     if (pad.has_value() && pad->defined()) {
@@ -279,6 +290,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
     attnzoo_flash::operand_strides(q, D, a.qs, op, "q");
     attnzoo_flash::operand_strides(k, D, a.ks, op, "k");
     attnzoo_flash::operand_strides(v, Dv, a.vs, op, "v");
+    attnzoo_flash::operand_strides(out, Dv, a.os, op, "out");
     attnzoo_flash::operand_strides(d_out, Dv, a.dos, op, "d_out");
     a.scale = static_cast<scalar_t>(scale);
     a.tile = tile;
