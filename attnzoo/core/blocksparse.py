@@ -13,7 +13,8 @@ the probabilities slot by slot from the saved log-sum-exp (as
 :func:`attnzoo.core.exact.tiled_backward` does), so training memory stays
 O(N · D). Results over disjoint key sets merge exactly by lse
 (:func:`attend_all`). Forward passes on CPU take the fused paths of
-:mod:`attnzoo.core.fused` where they apply.
+:mod:`attnzoo.core.fused` where they apply, and so do the backward passes of
+banded layouts without a score_mod (its C++ band backward kernel).
 """
 
 from __future__ import annotations
