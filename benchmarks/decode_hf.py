@@ -5,7 +5,8 @@ One decode step (one token, ``model(input_ids, cache=...)``) of SmolLM2-135M on 
 as transformers runs it (SDPA), and with ``attnzoo.hf.apply(model, "exact")`` (what ``prefill=exact``
 runs), optionally also through attnzoo's own ``full`` cache (``--attnzoo-cache``). The cache is filled
 with random keys/values (a step's cost does not depend on them; a real prefill at 4K takes ~30 s
-here) and grows by one token per step, as in generation. Cases alternate in rounds; each reports the
+here) and grows by one token per step, as in generation, fed a fixed pseudo-random token sequence
+(``--same-token``: one repeated token, which lets tokenselect reuse its selection). Cases alternate in rounds; each reports the
 minimum step over ``--steps`` steps and ``--rounds`` rounds, one thread; ``× SDPA`` = SDPA time ÷ the
 case's (bigger is better).
 
@@ -74,14 +75,27 @@ def filled_cache(model, length: int, *, attnzoo_cache: bool, policy: tuple | Non
 def step_time(model, length: int, steps: int, *, attnzoo_cache: bool = False, policy: tuple | None = None) -> float:
     """The fastest of ``steps`` one-token decode steps on a cache of ``length`` tokens (after one warm-up step)."""
     cache = filled_cache(model, length, attnzoo_cache=attnzoo_cache, policy=policy)
-    ids = torch.tensor([[42]])
-    model(input_ids=ids, cache=cache, use_cache=True)
+    ids = step_tokens(steps + 1)
+    model(input_ids=ids[:, :1], cache=cache, use_cache=True)
     best = float("inf")
-    for _ in range(steps):
+    for i in range(steps):
         t0 = time.perf_counter()
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids[:, i + 1:i + 2], cache=cache, use_cache=True)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+#: feed the same token at every step (the old behaviour) instead of :func:`step_tokens`' sequence
+SAME_TOKEN = False
+
+
+def step_tokens(n: int) -> torch.Tensor:
+    """``(1, n)`` the tokens fed one per step: a fixed pseudo-random sequence (the same for every case), as in
+    generation. One repeated token makes consecutive queries nearly equal, so tokenselect's similarity cache
+    would reuse its selection on most steps and the minimum step would never score (``--same-token``)."""
+    if SAME_TOKEN:
+        return torch.full((1, n), 42)
+    return torch.randint(100, 20000, (1, n), generator=torch.Generator().manual_seed(7))
 
 
 @torch.no_grad()
@@ -123,10 +137,14 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=[], help="more cases: prefill=NAME[:k=v,..] (e.g. "
                                                           "prefill=block_topk:decode=method) or "
                                                           "cache=NAME[:k=v,..]@BUDGET (e.g. cache=quest@0.125)")
+    ap.add_argument("--same-token", action="store_true", help="feed one token at every step (near-identical "
+                                                              "queries: tokenselect reuses its selection)")
     ap.add_argument("--profile", action="store_true", help="cProfile the adapter's steps at the first length")
     ap.add_argument("--calls", type=int, default=0, help="also time one layer's attention call alone, alternating "
                                                          "SDPA and attnzoo, this many calls per length")
     args = ap.parse_args()
+    global SAME_TOKEN
+    SAME_TOKEN = args.same_token
     torch.set_num_threads(1)
     model, _ = models.load(args.model)
     model.eval()
