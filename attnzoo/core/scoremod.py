@@ -244,8 +244,9 @@ class ModHook:
     def recompute(self, s: torch.Tensor, b, h, q_idx, kv_idx, grads: list):
         """``(modified scores (a fresh tensor), to_raw)``: ``to_raw(ds)`` is the gradient of the raw scores
         given ``ds`` of the modified ones, and adds the captured tensors' gradients into ``grads``."""
-        if self.distance is not None and _contiguous_tile(s, h, q_idx, kv_idx):
-            return self._recompute_distance(s, b, h, q_idx, kv_idx, grads)
+        bias, cap = self.capped if self.capped is not None else (self.distance, None)
+        if (bias is None or _contiguous_tile(s, h, q_idx, kv_idx)) and (bias, cap) != (None, None):
+            return self._recompute_closed(s, bias, cap, b, h, q_idx, kv_idx, grads)
         raw = s.detach().requires_grad_(True)
         with torch.enable_grad():
             mod = call_score_mod(self.fn, raw, b, h, q_idx, kv_idx)
@@ -259,18 +260,26 @@ class ModHook:
 
         return mod.detach().clone(), to_raw
 
-    def _recompute_distance(self, s: torch.Tensor, b, h, q_idx, kv_idx, grads: list):
-        """:meth:`recompute` of a distance bias on a tile of contiguous heads and positions, without autograd
-        on the tile: the scores' gradient passes through unchanged, and the bias tensors' gradients are
-        pulled back through :meth:`DistanceBias.bias` from the sums of ``ds`` along the tile's diagonals."""
+    def _recompute_closed(self, s: torch.Tensor, bias: DistanceBias | None, cap: float | None, b, h, q_idx, kv_idx,
+                          grads: list):
+        """:meth:`recompute` of a distance bias (on a tile of contiguous heads and positions) and/or a soft cap
+        after it, without autograd on the tile: the cap's gradient is ``1 - tanh²``, the bias passes the
+        scores' gradient through unchanged, and the bias tensors' gradients are pulled back through
+        :meth:`DistanceBias.bias` from the sums of the biased scores' gradient along the tile's diagonals."""
         with torch.no_grad():
-            mod = call_score_mod(self.fn, s.clone(), b, h, q_idx, kv_idx)
-        if not self.captured:
-            return mod, lambda ds: ds
+            mod = s.clone() if bias is None else call_score_mod(bias, s.clone(), b, h, q_idx, kv_idx)
+            if cap is not None:
+                th = mod.div_(cap).tanh_()
+                mod = th * cap
+                slope = th.square_().neg_().add_(1)  # d capped / d biased
+        if bias is None or not self.captured:
+            return mod, (lambda ds: ds) if cap is None else (lambda ds: ds.mul_(slope.view_as(ds)))
         heads, rows, cols = s.shape[1:]
         h0, q0, k0 = int(h.flatten()[0]), int(q_idx.flatten()[0]), int(kv_idx.flatten()[0])
 
         def to_raw(ds: torch.Tensor) -> torch.Tensor:
+            if cap is not None:
+                ds = ds.mul_(slope.view_as(ds))
             with torch.no_grad():  # row i of `shifted` holds row i of ds moved right by rows - 1 - i
                 width = rows + cols - 1
                 shifted = ds.new_zeros(heads, rows, width)
@@ -278,12 +287,12 @@ class ModHook:
                     ds.reshape(mod.shape).sum(0))
                 sums = shifted.sum(1)  # (heads, width): column c is distance k0 - q0 + c - (rows - 1)
             with torch.enable_grad():
-                bias = self.distance.bias(torch.arange(k0 - q0 - rows + 1, k0 - q0 + cols, device=ds.device))
-                if bias.shape[0] == 1:
+                rows_b = bias.bias(torch.arange(k0 - q0 - rows + 1, k0 - q0 + cols, device=ds.device))
+                if rows_b.shape[0] == 1:
                     sums = sums.sum(0, keepdim=True)
                 else:
-                    bias = bias[h0:h0 + heads]
-                got = torch.autograd.grad(bias, self.captured, sums.to(bias.dtype), allow_unused=True)
+                    rows_b = rows_b[h0:h0 + heads]
+                got = torch.autograd.grad(rows_b, self.captured, sums.to(rows_b.dtype), allow_unused=True)
             _accumulate(grads, got)
             return ds
 
@@ -326,7 +335,7 @@ def _accumulate(grads: list, got: tuple) -> None:
 
 def _contiguous_tile(s: torch.Tensor, h, q_idx, kv_idx) -> bool:
     """Whether ``s (B, H, rows, cols)`` has consecutive heads, query and key positions (the tiled engine's tiles,
-    :func:`tile_index`), as :meth:`ModHook._recompute_distance` reads them."""
+    :func:`tile_index`), as :meth:`ModHook._recompute_closed` reads them."""
     if s.dim() != 4 or not all(isinstance(t, torch.Tensor) for t in (h, q_idx, kv_idx)):
         return False
     heads, rows, cols = s.shape[1:]
