@@ -378,11 +378,12 @@ def _paged_step(op, q: torch.Tensor, store, step, bounds: bool = True, **params)
     if (q.shape[2] != 1 or store.bits is not None or (bounds and not store.page) or not capped.applies(q, kb)
             or kb.dtype != q.dtype):
         return None
-    Hq, Hkv = q.shape[1], kb.shape[1]
+    (B, Hq, _, D), Hkv = q.shape, kb.shape[1]
     kmin, kmax = (store.pages["kmin"], store.pages["kmax"]) if bounds else (None, None)
-    out, lse, chosen = op(fold_groups(q, Hkv), kb, vb, kmin, kmax, scale=step.scale, page=store.page if bounds else 0,
-                          n=store.n, valid=store.buf.get("valid"), **params)
-    return Partial(unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)), chosen
+    # one query: its group's heads are the rows of each KV head, (B, Hq, 1, ·) <-> (B, Hkv, G, ·) by reshaping
+    out, lse, chosen = op(q.reshape(B, Hkv, Hq // Hkv, D), kb, vb, kmin, kmax, scale=step.scale,
+                          page=store.page if bounds else 0, n=store.n, valid=store.buf.get("valid"), **params)
+    return Partial(out.view(B, Hq, 1, -1), lse.view(B, Hq, 1)), chosen
 
 
 #: smallest selection unit read in place by the block kernel (single tokens make one-key runs: gathered instead)
