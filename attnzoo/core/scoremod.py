@@ -267,7 +267,7 @@ class ModHook:
         scores' gradient through unchanged, and the bias tensors' gradients are pulled back through
         :meth:`DistanceBias.bias` from the sums of the biased scores' gradient along the tile's diagonals."""
         with torch.no_grad():
-            mod = s.clone() if bias is None else call_score_mod(bias, s.clone(), b, h, q_idx, kv_idx)
+            mod = s.clone() if bias is None else s + _bias_tile(bias, s, h, q_idx, kv_idx)
             if cap is not None:
                 th = mod.div_(cap).tanh_()
                 mod = th * cap
@@ -331,6 +331,16 @@ def _accumulate(grads: list, got: tuple) -> None:
     for i, g in enumerate(got):
         if g is not None:
             grads[i] = g if grads[i] is None else grads[i] + g
+
+
+def _bias_tile(bias: DistanceBias, s: torch.Tensor, h, q_idx, kv_idx) -> torch.Tensor:
+    """The bias ``(heads|1, rows, cols)`` of a tile of contiguous heads and positions (:func:`_contiguous_tile`)
+    from one vector over its distances (a Hankel view, rows flipped): no index grid, no call on the tile."""
+    heads, rows, cols = s.shape[1:]
+    h0, q0, k0 = int(h.flatten()[0]), int(q_idx.flatten()[0]), int(kv_idx.flatten()[0])
+    w = distance_rows(bias, k0 - q0 - rows + 1, rows + cols - 1, s.dtype, s.device, causal=False)
+    w = w[h0:h0 + heads] if w.shape[0] > 1 else w
+    return w.as_strided((w.shape[0], rows, cols), (w.stride(0), 1, 1)).flip(1)
 
 
 def _contiguous_tile(s: torch.Tensor, h, q_idx, kv_idx) -> bool:
