@@ -300,3 +300,32 @@ def test_unpadded_forward_passes_take_the_fused_kernel():
     with mock.patch.object(bs, "fused_applies", return_value=False):
         generic = az.attention(q, k, v, method="vertical_slash", causal=True, **params)
     torch.testing.assert_close(out, generic, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("jumps", [(0.5, 3.0), (25.0, 0.0), (120.0, -60.0), (-30.0, 95.0)])
+def test_block_kernel_one_pass_softmax_when_the_row_maximum_grows(dtype, jumps):
+    """The block kernel's one-pass step keeps a row's maximum while later key chunks stay within e^20 of it,
+    rescales by one multiply past that, and redoes a chunk from its scores past e^80 (its weights may have
+    overflowed): rows whose later chunks (key block 8 left out, so the chunks are keys 0-511, 576-1087 and
+    1088-1535) score far above or below the first (``jumps``: the score offsets of the second and third chunk)
+    equal the float64 reference."""
+    if not blockkernel.available():
+        return  # the extension did not build here
+    g = torch.Generator().manual_seed(5)
+    nq, nk, D = 96, 1536, 8
+    q = torch.randn(1, 2, nq, D, generator=g, dtype=torch.float64) * 0.3
+    k = torch.randn(1, 1, nk, D, generator=g, dtype=torch.float64) * 0.3
+    v = torch.randn(1, 1, nk, D, generator=g, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k[:, :, 576:1088, 0], k[:, :, 1088:, 0] = jumps  # channel 0: a per-chunk score offset
+    blocks = torch.cat([torch.arange(8), torch.arange(9, nk // 64)]).view(1, 1, 1, -1).expand(1, 1, 2, -1)
+    lay = BlockLayout.from_indices(blocks.contiguous(), block_q=64, block_k=64, len_q=nq, len_k=nk)
+    assert bs.forward_path(q, k, v, lay, causal=False) == "block kernel"
+    out, lse = attend(q.to(dtype), k.to(dtype), v.to(dtype), lay, scale=1.0, causal=False)
+    read = torch.ones(1, 1, nq, nk, dtype=torch.bool)
+    read[..., 512:576] = False
+    ref, ref_lse = masked_reference(q, k, v, read, scale=1.0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol * 100, rtol=tol)

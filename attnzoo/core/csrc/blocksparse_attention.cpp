@@ -12,9 +12,12 @@
 // A work item is (batch row, query heads sharing one layout row, query block): its rows (every such head's
 // block_q queries, scaled, packed into one matrix) walk the listed key blocks, adjacent blocks merged into one
 // run read in place (no gather), short runs packed into one chunk (no bias), in chunks of at most kBlockK keys:
-// one GEMM for the scores, one pass for the row
-// maximum, one for exp + row sum with the online rescale, one GEMM into the output. Keys past the row's
+// one GEMM for the scores, one pass for exp + row sum
+// against the row's maximum so far (lazy_step; a row's first chunk, padding, a bias or a cap take a pass for the
+// maximum first), one GEMM into the output. Keys past the row's
 // position (causal) or past Nk are never read. Rows that see no key give (0, -inf).
+// 512-bit vectors for the row passes (GCC tunes -march=native on this CPU to 256-bit ones)
+#pragma GCC target("prefer-vector-width=512")
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -98,6 +101,41 @@ inline T row_pass(T* sr, const bool* pr, const T* br, int64_t vis, T cap) {
   return br ? row_pass<T, false, true>(sr, pr, br, vis, cap) : row_pass<T, false, false>(sr, pr, br, vis, cap);
 }
 
+// the online-softmax step of a row that has seen keys (its maximum m finite) in one pass over the block's
+// scores, without their maximum first: the weights exp(s - m) against the row's maximum so far, their sum and
+// the block's maximum together. The row keeps m (its output is not rescaled) while the block's maximum is at
+// most kLazy above it: the weights stay below e^kLazy, and lse = m + log(l) holds for any m. Above that the
+// weights, still exact, are rescaled to the new maximum by one multiply; returns false (nothing kept: sr now
+// holds weights, not scores) when they may have overflowed (a maximum jump > kSafe), for the caller to redo the
+// block from its scores. Rows read the sink block first, which usually holds their maximum.
+constexpr float kLazy = 20.0f, kSafe = 80.0f;
+
+template <typename T>
+inline bool lazy_step(T* sr, int64_t vis, int64_t n, T& m, T& l, T* acc, int64_t Dv) {
+  T mx = -std::numeric_limits<T>::infinity(), sum = 0;
+#pragma omp simd reduction(max : mx) reduction(+ : sum)
+  for (int64_t c = 0; c < vis; ++c) {
+    const T x = sr[c];
+    mx = x > mx ? x : mx;
+    const T p = fast_exp(x - m);
+    sr[c] = p;
+    sum += p;
+  }
+  std::fill(sr + vis, sr + n, T(0));
+  if (mx <= m + T(kLazy)) {
+    l += sum;
+    return true;
+  }
+  if (mx > m + T(kSafe)) return false;
+  const T f = std::exp(m - mx);
+#pragma omp simd
+  for (int64_t c = 0; c < vis; ++c) sr[c] *= f;
+  l = (l + sum) * f;
+  for (int64_t d = 0; d < Dv; ++d) acc[d] *= f;
+  m = mx;
+  return true;
+}
+
 // per-thread buffers of a work item's tiles: scores, output accumulator, row maxima and sums, and the packed keys,
 // values and key padding of a chunk gathered from several short runs
 template <typename T>
@@ -143,6 +181,11 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
       const T* br = a.bias ? a.bias + (a.bias_rows == 1 ? 0 : (r0 + r) / nr * a.bias_len) +
                                  (j0 - i0 - a.offset - (r0 + r) % nr - a.bias_lo)
                            : nullptr;
+      // no padding, bias or cap (the scores as they are) and a row that has seen keys: one pass
+      if (!pc && !br && !(a.cap > 0) && w.m[r] > ninf) {
+        if (lazy_step(sr, vis, n, w.m[r], w.l[r], w.acc.data() + r * a.Dv, a.Dv)) continue;
+        gemm('T', vis, 1, a.D, kc, ldk, qp + (r0 + r) * a.D, a.D, T(0), sr, kBlockK);  // the scores again
+      }
       const T mx = row_pass(sr, pc, br, vis, a.cap);
       softmax_step(sr, vis, n, mx, w.m[r], w.l[r], w.acc.data() + r * a.Dv, a.Dv);
     }
