@@ -107,6 +107,8 @@ def per_layer(lengths, budget: int, repeats: int) -> None:
 SPARSE = {
     "block_topk": ("block_topk", {}),
     "block_topk (heads=query)": ("block_topk", {"heads": "query"}),
+    "block_topk (score bound)": ("block_topk", {"score": "bound"}),
+    "block_topk (score bound, topk 1/10)": ("block_topk", {"score": "bound", "topk": 0.1}),
     "block_topk (topk 1/10)": ("block_topk", {"topk": 0.1}),
     "block_topk (topk 1/16)": ("block_topk", {"topk": 0.0625}),
     "vertical_slash": ("vertical_slash", {}),

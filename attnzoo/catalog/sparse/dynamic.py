@@ -145,6 +145,9 @@ class DynamicLayoutMethod(LayoutMethod):
     attention on the fused kernel and :meth:`layouts` returns the full layout. :meth:`path` says which
     path a call takes (and the ``attnzoo.catalog.sparse.dynamic`` logger at DEBUG level)."""
 
+    #: share parameters that are not the budget: they scale with N but leave the dense path to the budget's form
+    side_shares: ClassVar[tuple[str, ...]] = ()
+
     dense_below: int | None = param(None, min=0, help="calls with fewer keys take the dense path (exact attention "
                                                       "on the fused kernel); default with a share budget: the "
                                                       "measured crossover (2048), 0 with a count")
@@ -157,8 +160,9 @@ class DynamicLayoutMethod(LayoutMethod):
         """Shares resolved (see :meth:`Method.fit`), and the dense-path thresholds: a share budget (the default)
         scales with N and falls back to dense attention where it cannot pay; a count is a layout asked for,
         kept on the sparse path unless ``dense_below``/``dense_from`` are given."""
-        share = any(f.metadata.get("share") and isinstance(getattr(self, f.name), float)
-                    and getattr(self, f.name) < 1 for f in dataclasses.fields(self))
+        share = any(f.metadata.get("share") and f.name not in self.side_shares
+                    and isinstance(getattr(self, f.name), float) and getattr(self, f.name) < 1
+                    for f in dataclasses.fields(self))
         me = dataclasses.replace(
             self, dense_below=(DENSE_BELOW if share else 0) if self.dense_below is None else self.dense_below,
             dense_from=(DENSE_FROM if share else 1.0) if self.dense_from is None else self.dense_from)
@@ -279,42 +283,55 @@ class VerticalSlash(DynamicLayoutMethod):
 class BlockTopK(DynamicLayoutMethod):
     """Per query block, the ``topk`` key blocks with the highest pooled score (+ the diagonal blocks when
     causal, + block 0 with ``sink``). ``score="mean"``: ``scale · mean(Q_blk)·mean(K_blk)`` (MInference
-    block-sparse, SeerAttention's gate without learned projections); ``"bound"`` (the default): Quest's upper
-    bound ``Σ_d max(q̄_d·kmin_d, q̄_d·kmax_d)``; the mean score drops the sink block on a real model.
-    ``top_p`` replaces the count by the smallest set of blocks holding that share of the pooled softmax.
-    ``topk >= Nk / block`` equals exact."""
+    block-sparse, SeerAttention's gate without learned projections), an estimate of the block's attention
+    mass; ``"bound"``: Quest's upper bound ``Σ_d max(q̄_d·kmin_d, q̄_d·kmax_d)``, which catches a single
+    outlying key (a needle) that the block mean dilutes, but ranks the ordinary blocks worse; ``"mean+bound"``
+    (the default): the ``topk`` best by the mean plus the ``guard`` best by the bound (on natural text they
+    are mostly among the mean's anyway). Blocks rank by their pooled softmax (per query head; ``heads="kv"``:
+    the group's mean of it, its average attention mass). ``top_p`` replaces the count by the smallest set of
+    blocks holding that share of the pooled softmax. ``topk >= Nk / block`` equals exact."""
 
     name: ClassVar[str] = "block_topk"
     exact_for: ClassVar[str] = "topk >= the number of key blocks"
     family: ClassVar[Family] = Family.DYNAMIC_SPARSE
     complexity: ClassVar[str] = "O((N/block)²·D + N·topk·block·D)"
     papers: ClassVar[tuple[str, ...]] = ("MInference 1.0", "SeerAttention", "Quest")
+    side_shares: ClassVar[tuple[str, ...]] = ("guard",)
 
     block: int = param(64, min=1, clamp=True, help="query/key block size")
     topk: int | float = param(0.125, min=1, clamp=True, share="block", help="key blocks kept per query block: a "
                                                                              "count or a share of the key blocks "
                                                                              "(default 1/8)")
-    score: str = param("bound", choices=("mean", "bound"), help="pooled block score (SmolLM2 passkey at 2K/4K: "
-                                                                 "mean 0/6, bound 6/6)")
+    score: str = param("mean+bound", choices=("mean", "bound", "mean+bound"),
+                       help="pooled block score: mean (the better estimate of a block's attention mass), bound "
+                            "(catches a lone needle key: SmolLM2 passkey at 4K, mean 0/3, bound 2/3) or the topk "
+                            "best by the mean plus the guard best by the bound")
+    guard: int | float = param(0.0625, min=0, clamp=True, share="block",
+                               help="with score=mean+bound: key blocks kept by the bound score besides the topk by "
+                                    "the mean: a count or a share of the key blocks (default 1/16)")
     sink: bool = param(True, help="always keep key block 0 (the attention sinks), like HiP")
     top_p: float | None = param(None, min=1e-6, max=1.0, help="keep blocks up to this pooled-softmax mass "
-                                                             "instead of topk")
+                                                             "instead of topk (by the score: mean+bound ranks by "
+                                                             "the mean)")
     heads: str = param("kv", choices=("query", "kv"),
-                       help="select per query head, or once per KV head for its query group (each block's best "
-                            "score in the group): the group then reads its blocks together, one gather and one "
+                       help="select per query head, or once per KV head for its query group (by the group's mean "
+                            "pooled softmax): the group then reads its blocks together, one gather and one "
                             "kernel row set for G heads (SmolLM2 8K: recall 0.965 vs 0.968 per query head, "
                             "1.3x faster)")
 
     def min_share(self, prob, causal):
         return 0.0 if self.top_p is not None else rows_share(prob, causal, self.block, self.block, self.topk)
 
-    def block_scores(self, q, k, prob: Problem, causal: bool, key_padding_mask, score_mod=None) -> torch.Tensor:
-        """Pooled scores ``(B, Hq, nq, nk_blocks)``; -inf for blocks a query block cannot see. A ``score_mod``
-        modifies each pooled score as the score of the blocks' middle query and key positions."""
+    def block_scores(self, q, k, prob: Problem, causal: bool, key_padding_mask, score_mod=None,
+                     score: str | None = None) -> torch.Tensor:
+        """Pooled scores ``(B, Hq, nq, nk_blocks)`` (``score``: "mean" or "bound", default the method's; the
+        mean for "mean+bound"); -inf for blocks a query block cannot see. A ``score_mod`` modifies each pooled
+        score as the score of the blocks' middle query and key positions."""
         bs, dev = self.block, q.device
+        score = score or ("bound" if self.score == "bound" else "mean")
         valid = _key_valid(prob, key_padding_mask, dev)
         q_bar = block_pool(q, bs)
-        if self.score == "mean":
+        if score == "mean":
             s = grouped_scores(q_bar, block_pool(k, bs, valid), prob.scale)
         else:
             # Σ_d max(q̄_d·kmax_d, q̄_d·kmin_d) = q̄⁺·kmax + q̄⁻·kmin: two GEMMs, no (nq, nk_blocks, D) product
@@ -334,13 +351,25 @@ class BlockTopK(DynamicLayoutMethod):
             ok = ok & causal_block_ok(prob, bs, bs, dev)
         return s.masked_fill(~ok, -math.inf)
 
-    def estimate(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
-        s = self.block_scores(q, k, prob, causal, key_padding_mask, score_mod)
+    def block_mass(self, scores: torch.Tensor, heads_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled softmax of ``scores`` over each row's visible blocks, and which blocks are visible; with
+        ``heads="kv"`` the mean over each KV head's query group (``(B, Hkv, nq, nk_blocks)``, visible to any of
+        its heads): the ranking of :meth:`estimate`."""
+        mass, seen = torch.softmax(scores, dim=-1).nan_to_num(0.0), torch.isfinite(scores)
         if self.heads == "kv":
-            s = split_groups(s, k.shape[1]).amax(2)
-        keep = topk_mask(s, self.topk) if self.top_p is None else top_p_mask(s, self.top_p)
+            mass, seen = split_groups(mass, heads_kv).mean(2), split_groups(seen, heads_kv).any(2)
+        return mass, seen
+
+    def estimate(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
+        mass, seen = self.block_mass(self.block_scores(q, k, prob, causal, key_padding_mask, score_mod), k.shape[1])
+        keep = topk_mask(mass.masked_fill(~seen, -math.inf), self.topk) if self.top_p is None else \
+            top_p_mask(mass.log(), self.top_p)
+        if self.score == "mean+bound" and self.guard > 0:
+            bound, _ = self.block_mass(self.block_scores(q, k, prob, causal, key_padding_mask, score_mod, "bound"),
+                                       k.shape[1])
+            keep |= topk_mask(bound.masked_fill(~seen, -math.inf), self.guard)
         if self.sink:
-            keep[..., 0] |= torch.isfinite(s[..., 0])
+            keep[..., 0] |= seen[..., 0]
         if causal:
             keep = keep | diagonal_blocks(prob, self.block, self.block, q.device)
         return [BlockLayout.from_block_mask(keep, block_q=self.block, block_k=self.block, len_q=prob.len_q,
