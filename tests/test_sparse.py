@@ -329,3 +329,86 @@ def test_block_kernel_one_pass_softmax_when_the_row_maximum_grows(dtype, jumps):
     tol = 1e-5 if dtype == torch.float32 else 1e-9
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=tol * 100, rtol=tol)
+
+
+def _shared_tokens(hl, nq, nk, group, seed, n_tok=40, skip_hl=None, sort=True):
+    """A shared token row per layout head (unsorted when not ``sort``, a few -1 slots) and, with ``skip_hl``
+    layout heads, a random block layout of 8-key blocks whose tokens the groups skip."""
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.stack([torch.randperm(nk, generator=g)[:min(n_tok, nk)] for _ in range(hl)]).view(1, hl, 1, -1)
+    tok = torch.sort(tok, -1).values if sort else tok
+    tok[..., 1] = -1
+    lay = TokenLayout(tok.contiguous(), group, nq, nk)
+    if skip_hl is None:
+        return lay
+    ng, nkb = -(-nq // group), -(-nk // 8)
+    blocks = torch.where(torch.rand(1, skip_hl, ng, nkb, generator=g) < 0.3, torch.arange(nkb), -1)
+    return lay.excluding(BlockLayout.from_indices(blocks, block_q=group, block_k=8, len_q=nq, len_k=nk))
+
+
+@pytest.mark.parametrize("heads", ["shared", "kv", "query"])
+@pytest.mark.parametrize("causal,padded,skip,sort,nq,nk", [
+    (True, False, True, True, 70, 90), (True, True, True, False, 64, 64), (False, True, False, True, 50, 30),
+    (False, False, True, False, 90, 60), (True, False, False, False, 33, 100)])
+def test_shared_token_rows_on_the_block_kernel_equal_the_dense_reference(heads, causal, padded, skip, sort, nq,
+                                                                          nk):
+    """A token row stored once for every query group (vertical columns), read from one packed copy per head,
+    its ``skip`` blocks hidden, the causal diagonal in place: equal to the dense reference and to the generic
+    executor on the per-group rows (sorted or not, GQA, Nq != Nk, key padding)."""
+    q, k, v = _inputs((1, 4, 2, nq, nk, 8), seed=nq + nk, padded=False, path="fused")[:3]
+    hl = {"shared": 1, "kv": 2, "query": 4}[heads]
+    lay = _shared_tokens(hl, nq, nk, 8, seed=nq, skip_hl=(4 if heads == "shared" else hl) if skip else None,
+                         sort=sort)
+    assert lay.shared and (lay.skip is not None) == skip
+    pad = torch.rand(1, nk, generator=torch.Generator().manual_seed(3)) > 0.3 if padded else None
+    assert bs.forward_path(q, k, v, lay, causal=causal) == ("block kernel" if blockkernel.available() else "fused")
+    out, lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
+    rows = lay.per_group().kv_tokens  # (1, Hl', ng, T)
+    member = torch.zeros(*rows.shape[:3], nk + 1, dtype=torch.bool).scatter_(-1, rows.clamp(min=-1) % (nk + 1), True)
+    dense = member[..., :nk].repeat_interleave(8, 2)[:, :, :nq]
+    vis = combine(dense.repeat_interleave(4 // dense.shape[1], 1), causal=causal, len_q=nq, len_k=nk,
+                  key_padding_mask=pad)
+    ref, ref_lse = masked_reference(q, k, v, vis, scale=0.4)
+    assert_matches(out, lse, ref, ref_lse)
+    with mock.patch.object(bs.blockkernel, "applies", return_value=False):
+        gen, gen_lse = attend(q, k, v, lay, scale=0.4, causal=causal, key_padding_mask=pad)
+    assert_matches(gen, gen_lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shared_token_rows_with_a_distance_bias_read_each_token_in_place(causal):
+    """Under a distance bias (ALiBi, + soft cap) a shared token row is read in place (no packed copy: each token
+    at its own distance), its skip blocks hidden: equal to the generic executor in float64."""
+    import attnzoo.mods as mods
+
+    q, k, v = _inputs((1, 4, 2, 80, 80, 8), seed=4, padded=False, path="fused")[:3]
+    lay = _shared_tokens(4, 80, 80, 16, seed=4, skip_hl=4)
+    slopes = mods.alibi_slopes(4).double()
+    for mod in (mods.alibi(slopes), mods.compose(mods.alibi(slopes), mods.softcap(5.0))):
+        assert bs.forward_path(q, k, v, lay, causal=causal, score_mod=mod) == (
+            "block kernel" if blockkernel.available() else "fused")
+        out, lse = attend(q, k, v, lay, scale=0.3, causal=causal, score_mod=mod)
+        with mock.patch.object(bs.blockkernel, "applies", return_value=False):
+            ref, ref_lse = attend(q, k, v, lay, scale=0.3, causal=causal, score_mod=mod)
+        assert_matches(out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("skip", [False, True])
+def test_shared_token_rows_count_what_each_group_reads(causal, skip):
+    """``tokens_read`` of a shared row (a search in the sorted row, less the skipped blocks' tokens) equals the
+    count of its per-group rows' tokens that each group's last row may see; the per-group form is one row per
+    query group without ``skip``."""
+    lay = _shared_tokens(3, 70, 90, 8, seed=9, skip_hl=3 if skip else None, sort=False)
+    rows = lay.per_group()
+    assert not rows.shared and rows.skip is None and rows.kv_tokens.shape[2] == 9
+    last = (torch.arange(9) * 8 + 7).clamp(max=69) + 20
+    limit = last + 1 if causal else torch.full_like(last, 90)
+    want = ((rows.kv_tokens >= 0) & (rows.kv_tokens < limit.view(-1, 1))).sum(-1)
+    assert torch.equal(lay.tokens_read(causal), want)
+    assert torch.equal(rows.tokens_read(causal), want)
+
+
+def test_token_layouts_refuse_a_wrong_group_count():
+    with pytest.raises(az.AttnZooError, match=r"token_layout.kv_tokens: expected an int64 tensor \(Bl, Hl, 3 or 1"):
+        TokenLayout(torch.zeros(1, 1, 2, 4, dtype=torch.long), 8, 20, 20)

@@ -48,14 +48,18 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     bottom-right aligned; ``key_padding_mask (B, Nk)``: False hides a key; ``bias``: a distance-bias
     score_mod at the default positions, then ``cap``: a soft cap; forward only); rows that see no key give
     ``(0, -inf)``. A :class:`TokenLayout` is a block layout of one-key blocks (``block_q`` = its group): the
-    kernel merges adjacent tokens into runs and packs short runs into long chunks. Only after :func:`applies`."""
-    if isinstance(layout, TokenLayout):
-        index, block_q, block_k = layout.kv_tokens, layout.group, 1
+    kernel merges adjacent tokens into runs and packs short runs into long chunks; a shared token row (one for
+    every group: vertical columns) is copied once per head and read from that copy in place, its ``skip``
+    blocks hidden. Only after :func:`applies`."""
+    skip = None
+    if isinstance(layout, TokenLayout):  # shared tokens: one row for every group, packed once by the kernel
+        index, block_q, block_k, skip = layout.kv_tokens, layout.group, 1, layout.skip
     else:
         index, block_q, block_k = layout.kv_blocks, layout.block_q, layout.block_k
     Hq, Hkv = q.shape[1], k.shape[1]
     groups = Hq // Hkv
-    heads = 1 if (index.shape[1] == Hq and groups > 1) else groups  # query heads per layout row
+    per_query = index.shape[1] == Hq or (skip is not None and skip.kv_blocks.shape[1] == Hq)
+    heads = 1 if (per_query and groups > 1) else groups  # query heads per work item (one layout row)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
     Nq, Nk = q.shape[2], k.shape[2]
@@ -63,4 +67,5 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     available()  # loads the op (built once per process)
     return torch.ops.attnzoo_blocksparse.blocksparse_attention(
         q, k, v, index.contiguous(), pad, block_q, block_k, heads, float(scale), causal,
-        Nk - Nq, vec, 1 - Nk, float(cap or 0.0))
+        Nk - Nq, vec, 1 - Nk, float(cap or 0.0), None if skip is None else skip.kv_blocks.contiguous(),
+        1 if skip is None else skip.block_k)

@@ -317,7 +317,7 @@ def _forward_fused(q, k, v, pad, plan: _Plan, units: torch.Tensor | None = None)
     as Toeplitz tiles (:func:`~attnzoo.core.scoremod.gathered_bias`).
     """
     B, D = q.shape[0], q.shape[3]
-    bias, cap = _fused_mod(plan)
+    bias, cap = _fused_mod(plan.mod)
     qb = plan.to_rows(q)  # (B, Hkv, Gl, nq, R, D)
     lead, (nq, R) = qb.shape[:3], qb.shape[3:5]
     tag = "fused" if units is None else "masked"
@@ -410,12 +410,12 @@ def _split_clean(plan: _Plan, units: torch.Tensor):
     return units.gather(-1, order), clean.sum(-1), masked
 
 
-def _fused_mod(plan: _Plan) -> tuple[DistanceBias | None, float | None]:
+def _fused_mod(mod: ModHook | None) -> tuple[DistanceBias | None, float | None]:
     """``(bias, cap)``: the distance bias the fused paths add to their masks and the soft cap they apply
     after it (the only mods that reach them)."""
-    if plan.mod is None:
+    if mod is None:
         return None, None
-    return (plan.mod.distance, None) if plan.mod.distance is not None else plan.mod.capped
+    return (mod.distance, None) if mod.distance is not None else mod.capped
 
 
 def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan,
@@ -481,26 +481,28 @@ def _attend_clean(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Pla
     return Partial(plan.from_rows(out.view(qb.shape)), plan.from_rows(lse.view(*lead, R, 1)).squeeze(-1))
 
 
-def _route(plan: _Plan, layout: Layout, fused: bool, kernel: bool = False):
+def _route(plan: _Plan | None, layout: Layout, fused: bool, kernel: bool, scale: float, causal: bool,
+           mod: ModHook | None):
     """``(name, forward)``: the fastest forward path that can run this call (:mod:`attnzoo.core.fused`,
     :mod:`attnzoo.core.blockkernel` where ``kernel``) and its function of ``(q, k, v, pad)``. Names: ``band``,
     ``block kernel``, ``token union``, ``fused`` (gathered units on the kernel) or ``slot loop``
-    (:func:`_forward`, the generic path)."""
+    (:func:`_forward`, the generic path). ``plan`` may be None on the block kernel's path (it reads the layout
+    itself)."""
     if not fused:
         return "slot loop", lambda q, k, v, pad: _forward(q, k, v, pad, plan)
-    bias, cap = _fused_mod(plan)  # a distance bias joins each path's masks as their values
-    band = _cached_band_plan(layout, plan.causal) if isinstance(layout, BlockLayout) else None
+    bias, cap = _fused_mod(mod)  # a distance bias joins each path's masks as their values
+    band = _cached_band_plan(layout, causal) if isinstance(layout, BlockLayout) else None
     if band is not None:
-        return "band", lambda q, k, v, pad: attend_band(q, k, v, band, scale=plan.scale, key_padding_mask=pad,
+        return "band", lambda q, k, v, pad: attend_band(q, k, v, band, scale=scale, key_padding_mask=pad,
                                                         bias=bias, cap=cap)
     if kernel:
         return "block kernel", lambda q, k, v, pad: blockkernel.attend_blocks(
-            q, k, v, layout, scale=plan.scale, causal=plan.causal, key_padding_mask=pad, bias=bias, cap=cap)
+            q, k, v, layout, scale=scale, causal=causal, key_padding_mask=pad, bias=bias, cap=cap)
     if isinstance(layout, TokenLayout):
         keys, member = layout.union()
         if 0 < keys.shape[-1] <= 2 * layout.kv_tokens.shape[-1]:  # dense over the union beats per-group gathers
             return "token union", lambda q, k, v, pad: attend_token_union(
-                q, k, v, layout, keys, member, scale=plan.scale, causal=plan.causal, key_padding_mask=pad,
+                q, k, v, layout, keys, member, scale=scale, causal=causal, key_padding_mask=pad,
                 bias=bias, cap=cap)
     return "fused", lambda q, k, v, pad: _forward_fused(q, k, v, pad, plan)
 
@@ -527,34 +529,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
         if q_positions is not None:
             raise UnsupportedError("layout engine override: custom query positions (q_positions) are not supported")
         mod = {} if score_mod is None else {"score_mod": score_mod}  # the backend applies the mod or refuses it
+        if isinstance(layout, TokenLayout):  # engines read one token row per query group
+            layout = layout.per_group()
         return impl(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask, **mod)
-    plan, (path, forward) = _plan_and_route(q, k, v, layout, scale, causal, q_positions, score_mod)
-    hook = plan.mod
+    plan, make_plan, hook, (path, forward) = _plan_and_route(q, k, v, layout, scale, causal, q_positions,
+                                                             score_mod)
 
     def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):
         """A band layout's fused backward (:func:`~attnzoo.core.fused.attend_band_backward`), else slot by slot,
         both recomputing from ``(out, lse)``."""
         if path == "band" and hook is None and band_backward_applies(q, k, v):
             return attend_band_backward(q, k, v, out, lse, d_out, d_lse, _cached_band_plan(layout, causal),
-                                        scale=plan.scale, key_padding_mask=pad)
-        return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan, grads)
+                                        scale=scale, key_padding_mask=pad)
+        return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan or make_plan(), grads)
 
     return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))
 
 
 def _plan_and_route(q, k, v, layout: Layout, scale: float, causal: bool, q_positions, score_mod):
-    """The executor's plan of a call and its forward :func:`_route`."""
+    """The executor's plan of a call (None where the block kernel runs a token layout), a function building it
+    (for a backward), the score_mod's hook and the forward :func:`_route`."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     hook = None if score_mod is None else ModHook(score_mod, like=q, grad=torch.is_grad_enabled(),
                                                   q_idx=max(0, Nk - 1), kv_idx=0, span=(1 - Nk, Nq - 1))
-    plan = _Plan(layout, batch=B, heads_q=Hq, heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal,
-                 q_positions=q_positions, device=q.device, mod=hook)
     fused = fused_applies(q, v, q_positions) and (hook is None or hook.distance is not None or (
         hook.capped is not None and capped.applies(q, v)))
     kernel = (fused and (hook is None or ((hook.distance or hook.capped) is not None and q_positions is None))
               and blockkernel.applies(q, k, v, layout))
-    return plan, _route(plan, layout, fused, kernel)
+    if not kernel and isinstance(layout, TokenLayout):  # the other paths read one token row per query group
+        layout = layout.per_group()
+
+    def make_plan() -> _Plan:  # the token row of each query group (the generic executor's and a backward's)
+        return _Plan(layout.per_group() if isinstance(layout, TokenLayout) else layout, batch=B, heads_q=Hq,
+                     heads_kv=Hkv, len_q=Nq, len_k=Nk, scale=scale, causal=causal, q_positions=q_positions,
+                     device=q.device, mod=hook)
+
+    # a token layout on the block kernel needs no plan to run forward (shared tokens: no per-group copy)
+    plan = None if kernel and isinstance(layout, TokenLayout) else make_plan()
+    return plan, make_plan, hook, _route(plan, layout, fused, kernel, scale, causal, hook)
 
 
 def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *, causal: bool,
@@ -564,7 +577,7 @@ def forward_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layo
     :mod:`attnzoo.core.blockkernel`), ``token union``, ``fused``
     (PyTorch's fused CPU kernel, or with a soft cap :mod:`attnzoo.core.capped`'s) or ``slot loop`` (the
     generic executor: other devices, custom query positions, user score_mods)."""
-    return _plan_and_route(q, k, v, layout, 1.0, causal, q_positions, score_mod)[1][0]
+    return _plan_and_route(q, k, v, layout, 1.0, causal, q_positions, score_mod)[3][0]
 
 
 def _cached_band_plan(layout: BlockLayout, causal: bool):

@@ -268,9 +268,12 @@ class TokenLayout:
     """Explicit key tokens per group of ``group`` consecutive query rows (B2g).
 
     ``kv_tokens``: ``(Bl, Hl, ng, T)`` int64 key indices, ``-1`` = none, with
-    ``ng = ceil(len_q / group)``; the indices of a row must be distinct (a repeat
-    is counted twice). An optional ``mask_mod`` filters elements.
-    The executor reads ``slot`` tokens per batched matmul.
+    ``ng = ceil(len_q / group)``, or ``(Bl, Hl, 1, T)``: the same tokens for every
+    group (shared columns, stored once); the indices of a row must be distinct (a
+    repeat is counted twice). An optional ``mask_mod`` filters elements. ``skip``:
+    a block layout (``block_q == group``) whose key blocks a group does not read
+    its tokens in (what :meth:`excluding` keeps for shared tokens instead of a
+    per-group copy). The executor reads ``slot`` tokens per batched matmul.
     """
 
     kv_tokens: torch.Tensor
@@ -279,39 +282,89 @@ class TokenLayout:
     len_k: int
     mask_mod: MaskMod | None = None
     slot: int = 128
+    skip: BlockLayout | None = None
 
     def __post_init__(self) -> None:
         _check_positive("token_layout.group", self.group)
         _check_positive("token_layout.slot", self.slot)
         t = self.kv_tokens
         ng = -(-self.len_q // self.group)
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != torch.int64 or t.shape[2] != ng:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != torch.int64 or t.shape[2] not in (ng, 1):
             got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise AttnZooError(f"token_layout.kv_tokens: expected an int64 tensor (Bl, Hl, {ng}, T) "
-                               f"(ng = ceil(len_q / group)), got {got}")
+            raise AttnZooError(f"token_layout.kv_tokens: expected an int64 tensor (Bl, Hl, {ng} or 1, T) "
+                               f"(ng = ceil(len_q / group); 1: shared by every group), got {got}")
         if t.numel() and (int(t.max()) >= self.len_k or int(t.min()) < -1):
             raise AttnZooError(f"token_layout.kv_tokens: expected indices in [-1, {self.len_k - 1}], got "
                                f"[{int(t.min())}, {int(t.max())}]")
         if self.mask_mod is not None:
             check_mask_mod(self.mask_mod, "token_layout.mask_mod")
+        if self.skip is not None:
+            self._check_blocks(self.skip)
+
+    def _check_blocks(self, layout: BlockLayout) -> None:
+        if layout.block_q != self.group or layout.len_q != self.len_q or layout.len_k != self.len_k:
+            raise AttnZooError(f"layout: expected block_q={self.group}, len_q={self.len_q}, len_k={self.len_k} "
+                               f"to match the token layout, got {layout.block_q}, {layout.len_q}, {layout.len_k}")
+
+    @property
+    def shared(self) -> bool:
+        """Whether every query group reads one stored token row (``kv_tokens`` of shape ``(Bl, Hl, 1, T)``)."""
+        return self.kv_tokens.shape[2] == 1 and self.len_q > self.group
 
     def excluding(self, layout: BlockLayout) -> "TokenLayout":
         """Drop the tokens whose key block ``layout`` already reads for the same query group.
 
         Makes the two key sets disjoint so their results merge exactly
-        (requires ``group == layout.block_q``).
+        (requires ``group == layout.block_q``). Shared tokens stay shared: ``layout``
+        becomes their ``skip``.
         """
-        if layout.block_q != self.group or layout.len_q != self.len_q or layout.len_k != self.len_k:
-            raise AttnZooError(f"layout: expected block_q={self.group}, len_q={self.len_q}, len_k={self.len_k} "
-                               f"to match the token layout, got {layout.block_q}, {layout.len_q}, {layout.len_k}")
+        self._check_blocks(layout)
+        if self.shared and self.skip is None:
+            return dataclasses.replace(self, skip=layout)
         member = layout.block_mask()
-        tok = self.kv_tokens
+        tok = self.per_group().kv_tokens
         shape = torch.broadcast_shapes(member.shape[:2], tok.shape[:2])
         member = member.expand(*shape, *member.shape[2:])
         tok = tok.expand(*shape, *tok.shape[2:])
         read = torch.gather(member, -1, tok.clamp(min=0) // layout.block_k)  # padding (-1) looks up block 0
         keep = (tok >= 0) & ~read
         return TokenLayout(compact(keep, tok), self.group, self.len_q, self.len_k, self.mask_mod, self.slot)
+
+    def per_group(self) -> "TokenLayout":
+        """The same layout as one token row per query group, without ``skip`` (for the executors that read
+        ``kv_tokens`` row by row)."""
+        if not self.shared and self.skip is None:
+            return self
+        ng = -(-self.len_q // self.group)
+        tok = self.kv_tokens.expand(-1, -1, ng, -1)
+        plain = TokenLayout(tok.contiguous(), self.group, self.len_q, self.len_k, self.mask_mod, self.slot)
+        return plain if self.skip is None else plain.excluding(self.skip)
+
+    def tokens_read(self, causal: bool) -> torch.Tensor:
+        """``(Bl, Hl, ng)``: the tokens each query group reads (causal: those its last row may see)."""
+        ng = -(-self.len_q // self.group)
+        last = torch.arange(1, ng + 1, device=self.kv_tokens.device) * self.group - 1
+        last = last.clamp(max=self.len_q - 1) + (self.len_k - self.len_q)  # each group's last position
+        limit = last + 1 if causal else torch.full_like(last, self.len_k)
+        if not self.shared:
+            tok = self.per_group().kv_tokens
+            return ((tok >= 0) & (tok < limit.view(-1, 1))).sum(-1)
+        # shared: #tokens below a bound by a search in the sorted row, less those in the skipped blocks
+        srt = torch.sort(torch.where(self.kv_tokens[:, :, 0] >= 0, self.kv_tokens[:, :, 0], self.len_k), -1).values
+
+        def below(x: torch.Tensor) -> torch.Tensor:  # (Bl', Hl', ...) -> #tokens < x per row
+            lead = torch.broadcast_shapes(srt.shape[:2], x.shape[:2])
+            flat = x.expand(*lead, *x.shape[2:]).reshape(*lead, -1)
+            return torch.searchsorted(srt.expand(*lead, -1).contiguous(), flat.contiguous()).view(*lead, *x.shape[2:])
+
+        read = below(limit.view(1, 1, -1).clamp(min=0))
+        if self.skip is not None:
+            blk = self.skip.kv_blocks
+            lo = (blk * self.skip.block_k).clamp(min=0)
+            hi = torch.minimum(lo + self.skip.block_k, limit.view(1, 1, -1, 1))
+            inside = torch.where((blk >= 0) & (hi > lo), below(hi) - below(lo), 0).sum(-1)
+            read = read - inside
+        return read
 
     def union(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per layout head, the sorted keys any query group reads and which of them each group reads.
@@ -321,6 +374,8 @@ class TokenLayout:
         stays near the longest row and one dense attention over ``keys`` per head
         replaces the per-group gather.
         """
+        if self.shared or self.skip is not None:
+            return self.per_group().union()
         tok = self.kv_tokens.flatten(2)  # (Bl, Hl, ng·S)
         srt = torch.sort(tok, dim=-1).values
         first = srt >= 0

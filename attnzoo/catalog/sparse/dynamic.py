@@ -122,9 +122,11 @@ def layout_share(layouts: list[Layout], prob: Problem, causal: bool) -> float:
     total = max(1, visible_pairs(prob, causal))
     share = 0.0
     for lay in layouts:  # pairs read per (batch row, head) of the layout
-        index, pairs = (lay.kv_blocks, lay.block_q * lay.block_k) if isinstance(lay, BlockLayout) \
-            else (lay.kv_tokens, lay.group)
-        share += (index >= 0).sum().item() * pairs / (index.shape[0] * index.shape[1]) / total
+        if isinstance(lay, BlockLayout):
+            read, pairs = (lay.kv_blocks >= 0).sum(-1), lay.block_q * lay.block_k
+        else:  # tokens: those a group's last row may see
+            read, pairs = lay.tokens_read(causal), lay.group
+        share += read.sum().item() * pairs / (read.shape[0] * read.shape[1]) / total
     return share
 
 
@@ -269,11 +271,9 @@ class VerticalSlash(DynamicLayoutMethod):
         blocks = BlockLayout.from_block_mask(hits, block_q=bs, block_k=bs, len_q=prob.len_q, len_k=n_k,
                                              causal=True)
         cols = torch.sort(vertical.topk(min(self.n_vertical, n_k), dim=-1).indices, dim=-1).values
-        cols = cols.unsqueeze(2).expand(-1, -1, blocks.n_q_blocks, -1)
-        # causal: drop columns after the block's end; the columns are sorted, so what stays is a prefix
-        seen = cols <= last.view(1, 1, -1, 1)
-        cols = torch.where(seen, cols, -1)[..., :int(seen.sum(-1).max()) if seen.numel() else 0]
-        tokens = TokenLayout(cols.contiguous(), bs, prob.len_q, n_k).excluding(blocks)
+        # one column list shared by every query block (the causal cut and the columns the slash blocks read are
+        # left to the executor: no per-block copy)
+        tokens = TokenLayout(cols.unsqueeze(2), bs, prob.len_q, n_k).excluding(blocks)
         return [blocks, tokens]
 
 

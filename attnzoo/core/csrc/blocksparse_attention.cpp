@@ -2,7 +2,10 @@
 //
 // out, lse = attention of each query block over the key blocks its layout row lists, where
 //   q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): any strides with a unit last one;
-//   blocks (Bl, Hl, nq, S) int64, contiguous: key-block indices, -1 = empty slot (Bl 1 or B; Hl 1, Hkv or Hq);
+//   blocks (Bl, Hl, nq | 1, S) int64, contiguous: key-block indices, -1 = empty slot (Bl 1 or B; Hl 1, Hkv or Hq;
+//   one row (dim 2 of size 1): the same for every query block, e.g. a token layout's shared columns);
+//   skip (Bs, Hs, nq, S2) int64 or empty: key blocks of skip_block_k keys whose keys a query block does not read
+//   (a token layout without the tokens a block layout reads; Bs 1 or B, Hs 1, Hkv or Hq);
 //   causal: key j visible to query i when j <= i + offset (bottom-right: offset = Nk - Nq);
 //   pad (B, Nk) bool, contiguous, or empty: False hides a key;
 //   bias (Hb, L), contiguous, q's dtype, or empty: a distance bias added to the scores, row h (Hb == Hq) or 0
@@ -52,19 +55,30 @@ struct Args {
   int64_t qs[3], ks[3], vs[3], os[3];  // strides (batch, head, row)
   int64_t Bl, Hl, nqb, S, block_q, block_k;
   int64_t heads;  // query heads per work item (sharing one layout row)
+  bool shared;    // one layout row for every query block (blocks' dim 2 of size 1)
+  const int64_t* skip;  // (Bs, Hs, nqb, S2) key blocks of skip_bk keys not read (nullptr: none)
+  int64_t Bs, Hs, S2, skip_bk;
+  // a shared token row read whole from packed copies (no bias): keys (P, S, D), values (P, S, Dv), padding
+  // (P, S) per (batch row, pack head): pack head = the layout head with per-query-head rows, else the KV head
+  const T *kp, *vp;
+  const bool* pp;
+  int64_t P;
   T scale, cap;
   bool causal;
   int64_t offset;
 };
 
-// the key runs [start, end) a layout row reads: adjacent blocks merged, clipped to Nk and to `limit`
+// the key runs [start, end) a layout row reads: adjacent blocks merged, clipped to Nk and to `limit`, from
+// `from` on; one-key blocks (tokens) in a key block of `skip_bk` keys that `marks` flags are left out
 inline void key_runs(const int64_t* row, int64_t S, int64_t block_k, int64_t Nk, int64_t limit,
-                     std::vector<std::pair<int64_t, int64_t>>& runs) {
+                     std::vector<std::pair<int64_t, int64_t>>& runs, const std::vector<uint8_t>& marks,
+                     int64_t skip_bk, int64_t from = 0) {
   runs.clear();
   for (int64_t s = 0; s < S; ++s) {
     if (row[s] < 0) continue;
     const int64_t j0 = row[s] * block_k, j1 = std::min({Nk, j0 + block_k, limit});
-    if (j1 <= j0) continue;
+    if (j1 <= j0 || j0 < from) continue;
+    if (!marks.empty() && marks[j0 / skip_bk]) continue;
     if (!runs.empty() && runs.back().second == j0)
       runs.back().second = j1;
     else
@@ -155,7 +169,8 @@ struct Scratch {
 // its own position.
 template <typename T>
 void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int64_t i0, const T* k, const T* v,
-          const std::vector<std::pair<int64_t, int64_t>>& runs, Scratch<T>& w) {
+          const std::vector<std::pair<int64_t, int64_t>>& runs, Scratch<T>& w, const T* kp = nullptr,
+          const T* vp = nullptr, const bool* keep = nullptr, int64_t packed_n = 0) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t rows = r1 - r0;
   std::fill(w.m.begin(), w.m.begin() + rows, ninf);
@@ -192,6 +207,11 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
     // acc (rows x Dv) += p (rows x n) . v_chunk (n x Dv)
     gemm('N', a.Dv, rows, n, vc, ldv, w.s.data(), kBlockK, T(1), w.acc.data(), a.Dv);
   };
+  // a shared token row's packed keys that every row sees, in place in the packed copy (`keep` hides the others)
+  for (int64_t c0 = 0; c0 < packed_n; c0 += kBlockK) {
+    const int64_t n = std::min(kBlockK, packed_n - c0);
+    chunk(kp + c0 * a.D, a.D, vp + c0 * a.Dv, a.Dv, keep + c0, n, 0, true);
+  }
   // short whole pieces waiting to be packed into one chunk
   std::vector<std::pair<int64_t, int64_t>> pieces;
   int64_t packed = 0;
@@ -238,17 +258,45 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
 template <typename T>
 void run(const Args<T>& a) {
   const int64_t groups = a.Hq / a.Hkv, items_per_row = a.Hq / a.heads;
+  const int64_t nskip = a.skip ? (a.Nk + a.skip_bk - 1) / a.skip_bk : 0;
   at::parallel_for(0, a.B * items_per_row * a.nqb, 1, [&](int64_t begin, int64_t stop) {
     std::vector<T> qp(a.heads * a.block_q * a.D);
     Scratch<T> w(a.D, a.Dv);
     std::vector<std::pair<int64_t, int64_t>> runs;
+    std::vector<uint8_t> marks(nskip, 0);
+    std::unique_ptr<bool[]> keep(new bool[a.kp ? a.S : 1]);
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t b = t / (items_per_row * a.nqb), hg = (t / a.nqb) % items_per_row, qb = t % a.nqb;
       const int64_t h0 = hg * a.heads, kv = h0 / groups;
       const int64_t lh = a.Hl == 1 ? 0 : (a.Hl == a.Hkv ? kv : h0);
       const int64_t i0 = qb * a.block_q, nr = std::min(a.Nq, i0 + a.block_q) - i0;
-      const int64_t* row = a.blocks + (((a.Bl == 1 ? 0 : b) * a.Hl + lh) * a.nqb + qb) * a.S;
-      key_runs(row, a.S, a.block_k, a.Nk, a.causal ? i0 + nr + a.offset : a.Nk, runs);
+      const int64_t* row = a.blocks + (((a.Bl == 1 ? 0 : b) * a.Hl + lh) * (a.shared ? 1 : a.nqb) +
+                                       (a.shared ? 0 : qb)) * a.S;
+      const int64_t* srow = nullptr;
+      if (a.skip) {
+        const int64_t sh = a.Hs == 1 ? 0 : (a.Hs == a.Hkv ? kv : h0);
+        srow = a.skip + (((a.Bs == 1 ? 0 : b) * a.Hs + sh) * a.nqb + qb) * a.S2;
+        for (int64_t s2 = 0; s2 < a.S2; ++s2)
+          if (srow[s2] >= 0 && srow[s2] < nskip) marks[srow[s2]] = 1;
+      }
+      const int64_t limit = a.causal ? i0 + nr + a.offset : a.Nk;
+      int64_t packed_n = 0, ph = 0;
+      if (a.kp) {  // the packed tokens every row of the item sees (the others hidden), the rest read in place
+        const int64_t seen = a.causal ? i0 + a.offset : a.Nk - 1;
+        ph = a.P == a.Hkv ? kv : lh;
+        const bool* pp = a.pp ? a.pp + (b * a.P + ph) * a.S : nullptr;
+        for (int64_t c = 0; c < a.S; ++c) {
+          const int64_t j = row[c];
+          keep[c] = j >= 0 && j <= seen && j < a.Nk && (marks.empty() || !marks[j / a.skip_bk]) && (!pp || pp[c]);
+          if (keep[c]) packed_n = c + 1;
+        }
+        key_runs(row, a.S, 1, a.Nk, limit, runs, marks, a.skip_bk, seen + 1);
+      } else {
+        key_runs(row, a.S, a.block_k, a.Nk, limit, runs, marks, a.skip_bk);
+      }
+      if (srow)
+        for (int64_t s2 = 0; s2 < a.S2; ++s2)
+          if (srow[s2] >= 0 && srow[s2] < nskip) marks[srow[s2]] = 0;
       // this item's query rows, scaled, packed (head-major)
       for (int64_t g = 0; g < a.heads; ++g)
         for (int64_t r = 0; r < nr; ++r) {
@@ -263,9 +311,32 @@ void run(const Args<T>& a) {
       item.bias = a.bias && a.bias_rows > 1 ? a.bias + h0 * a.bias_len : a.bias;
       const T* k = a.k + b * a.ks[0] + kv * a.ks[1];
       const T* v = a.v + b * a.vs[0] + kv * a.vs[1];
+      const T* kp = a.kp ? a.kp + (b * a.P + ph) * a.S * a.D : nullptr;
+      const T* vp = a.kp ? a.vp + (b * a.P + ph) * a.S * a.Dv : nullptr;
       const int64_t total = a.heads * nr;
       for (int64_t r0 = 0; r0 < total; r0 += kRows)
-        tile(item, qp.data(), nr, r0, std::min(total, r0 + kRows), i0, k, v, runs, w);
+        tile(item, qp.data(), nr, r0, std::min(total, r0 + kRows), i0, k, v, runs, w, kp, vp, keep.get(), packed_n);
+    }
+  });
+}
+
+// a shared token row's keys, values and padding copied once per (batch row, pack head): (B, P, S, D | Dv | 1)
+template <typename T>
+void pack_shared(const Args<T>& a, T* kp, T* vp, bool* pp) {
+  const int64_t groups = a.Hq / a.Hkv;
+  at::parallel_for(0, a.B * a.P, 1, [&](int64_t begin, int64_t stop) {
+    for (int64_t t = begin; t < stop; ++t) {
+      const int64_t b = t / a.P, ph = t % a.P;
+      const int64_t kv = a.P == a.Hkv ? ph : ph / groups, lh = a.Hl == 1 ? 0 : ph;
+      const int64_t* row = a.blocks + ((a.Bl == 1 ? 0 : b) * a.Hl + lh) * a.S;
+      const T* k = a.k + b * a.ks[0] + kv * a.ks[1];
+      const T* v = a.v + b * a.vs[0] + kv * a.vs[1];
+      for (int64_t c = 0; c < a.S; ++c) {
+        const int64_t j = std::min(std::max<int64_t>(row[c], 0), a.Nk - 1);  // -1 slots: hidden by `keep`
+        std::copy(k + j * a.ks[2], k + j * a.ks[2] + a.D, kp + (t * a.S + c) * a.D);
+        std::copy(v + j * a.vs[2], v + j * a.vs[2] + a.Dv, vp + (t * a.S + c) * a.Dv);
+        if (pp) pp[t * a.S + c] = a.pad[b * a.Nk + j];
+      }
     }
   });
 }
@@ -277,7 +348,8 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
                                               const at::Tensor& blocks, const std::optional<at::Tensor>& pad,
                                               int64_t block_q, int64_t block_k, int64_t heads, double scale,
                                               bool causal, int64_t offset, const std::optional<at::Tensor>& bias,
-                                              int64_t bias_lo, double cap) {
+                                              int64_t bias_lo, double cap, const std::optional<at::Tensor>& skip,
+                                              int64_t skip_block_k) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && blocks.dim() == 4, "blocksparse_attention: 4-D");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "blocksparse_attention: unit last strides");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "blocksparse_attention: dtypes");
@@ -285,7 +357,12 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
   const int64_t Dv = v.size(3);
   TORCH_CHECK(Hq % Hkv == 0 && Hq % heads == 0 && (Hq / Hkv) % heads == 0, "blocksparse_attention: heads");
-  TORCH_CHECK(blocks.size(2) == (Nq + block_q - 1) / block_q, "blocksparse_attention: query blocks");
+  const int64_t nqb = (Nq + block_q - 1) / block_q;
+  TORCH_CHECK(blocks.size(2) == nqb || blocks.size(2) == 1, "blocksparse_attention: query blocks");
+  const bool has_skip = skip.has_value() && skip->defined();
+  TORCH_CHECK(!has_skip || (skip->scalar_type() == at::kLong && skip->is_contiguous() && skip->dim() == 4 &&
+                            skip->size(2) == nqb && skip_block_k > 0),
+              "blocksparse_attention: skip (Bs, Hs, query blocks, S2) int64 with skip_block_k > 0");
   auto out = at::empty({B, Hq, Nq, Dv}, q.options());
   auto lse = at::empty({B, Hq, Nq}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "blocksparse_attention", [&] {
@@ -315,8 +392,25 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
     attnzoo_flash::operand_strides(k, D, a.ks, "blocksparse_attention", "k");
     attnzoo_flash::operand_strides(v, Dv, a.vs, "blocksparse_attention", "v");
     attnzoo_flash::operand_strides(out, Dv, a.os, "blocksparse_attention", "out");
-    a.Bl = blocks.size(0), a.Hl = blocks.size(1), a.nqb = blocks.size(2), a.S = blocks.size(3);
+    a.Bl = blocks.size(0), a.Hl = blocks.size(1), a.nqb = nqb, a.S = blocks.size(3);
+    a.shared = blocks.size(2) == 1 && nqb > 1;
     a.block_q = block_q, a.block_k = block_k, a.heads = heads;
+    a.skip = has_skip ? skip->data_ptr<int64_t>() : nullptr;
+    a.Bs = has_skip ? skip->size(0) : 1, a.Hs = has_skip ? skip->size(1) : 1, a.S2 = has_skip ? skip->size(3) : 0;
+    a.skip_bk = has_skip ? skip_block_k : 1;
+    a.kp = a.vp = nullptr;
+    a.pp = nullptr;
+    at::Tensor kp, vp, pp;
+    if (a.shared && block_k == 1 && !a.bias && B > 0 && Nk > 0) {  // shared tokens: packed once, read whole in place
+      a.P = a.Hl == Hq ? Hq : Hkv;
+      kp = at::empty({B * a.P * a.S * D}, q.options());
+      vp = at::empty({B * a.P * a.S * Dv}, q.options());
+      if (a.pad) pp = at::empty({B * a.P * a.S}, q.options().dtype(at::kBool));
+      a.kp = kp.data_ptr<scalar_t>();
+      a.vp = vp.data_ptr<scalar_t>();
+      a.pp = a.pad ? pp.data_ptr<bool>() : nullptr;
+      pack_shared(a, kp.data_ptr<scalar_t>(), vp.data_ptr<scalar_t>(), a.pp ? pp.data_ptr<bool>() : nullptr);
+    }
     a.scale = static_cast<scalar_t>(scale);
     a.cap = static_cast<scalar_t>(cap);
     a.causal = causal;
