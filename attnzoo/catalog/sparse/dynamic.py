@@ -299,9 +299,9 @@ class BlockTopK(DynamicLayoutMethod):
     side_shares: ClassVar[tuple[str, ...]] = ("guard",)
 
     block: int = param(64, min=1, clamp=True, help="query/key block size")
-    topk: int | float = param(0.125, min=1, clamp=True, share="block", help="key blocks kept per query block: a "
-                                                                             "count or a share of the key blocks "
-                                                                             "(default 1/8)")
+    topk: int | float = param(0.1, min=1, clamp=True, share="block", help="key blocks kept per query block: a "
+                                                                           "count or a share of the key blocks "
+                                                                           "(default 1/10)")
     score: str = param("mean+bound", choices=("mean", "bound", "mean+bound"),
                        help="pooled block score: mean (the better estimate of a block's attention mass), bound "
                             "(catches a lone needle key: SmolLM2 passkey at 4K, mean 0/3, bound 2/3) or the topk "
