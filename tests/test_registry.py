@@ -158,7 +158,8 @@ def test_share_parameters_scale_with_the_sequence_length():
     assert frac.fit(Problem(1, 2, 2, 100, 100, 16, 16, 0.25)).topk == 1  # 7 blocks: ceil(0.875) = 1
     assert get("vertical_slash", n_vertical=0.25).resolve_shares(1000)["n_vertical"] == 250
     assert get("hip", block_k=4).resolve_shares(1000) == {"topk": 32}  # 1/8 of 250 key blocks of 4, rounded up
-    assert frac.resolve_shares(4096) == {"topk": 32} and count.resolve_shares(4096) == {}
+    assert frac.resolve_shares(4096) == {"topk": 32, "guard": 16}  # and the default guard, 1/16
+    assert count.resolve_shares(4096) == {"guard": 16}
     assert [p.share for p in az.info("block_topk").params if p.name == "topk"] == ["block"]
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(az.AttnZooError, match="'topk' expected"):
