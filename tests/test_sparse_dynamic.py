@@ -106,17 +106,19 @@ def _top(mass, count):
 
 
 def test_block_topk_kv_heads_share_the_groups_best_blocks():
-    """``heads="kv"``: one selection per KV head, each block ranked by the group's mean pooled softmax (its
-    average attention mass under the ``bound`` score, restated densely as Σ_d max(q̄_d·kmax_d, q̄_d·kmin_d))."""
+    """``heads="kv"``: one selection per KV head, each block scored by its best score among the group's query
+    heads (the ``bound`` score, restated densely as Σ_d max(q̄_d·kmax_d, q̄_d·kmin_d))."""
     q, k, v, _ = _inputs((1, 4, 2, 48, 48, 8), seed=23, padded=False)
     bs, topk = 8, 2
-    method = az.get("block_topk", block=bs, topk=topk, heads="kv", score="bound", sink=False)
+    method = az.get("block_topk", block=bs, topk=topk, heads="kv", sink=False)
     (lay,) = method.layouts(q, k, causal=True)
     assert lay.kv_blocks.shape[1] == 2  # one row set per KV head
     qb = q.view(1, 4, 6, bs, 8).mean(3).view(1, 2, 2, 6, 1, 8)
     kmax, kmin = k.view(1, 2, 6, bs, 8).amax(3), k.view(1, 2, 6, bs, 8).amin(3)
-    s = torch.maximum(qb * kmax[:, :, None, None], qb * kmin[:, :, None, None]).sum(-1).view(1, 4, 6, 6) * 8 ** -0.5
-    keep = _top(_group_mass(s, 2), topk) | torch.eye(6, dtype=torch.bool)
+    s = torch.maximum(qb * kmax[:, :, None, None], qb * kmin[:, :, None, None]).sum(-1).amax(2) * 8 ** -0.5
+    s = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -math.inf)
+    keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(topk, -1).indices, True)
+    keep = (keep & torch.isfinite(s)) | torch.eye(6, dtype=torch.bool)
     assert torch.equal(lay.block_mask(), keep)
     vis = keep.repeat_interleave(2, 1).repeat_interleave(bs, 2).repeat_interleave(bs, 3)
     ref, _ = masked_reference(q, k, v, combine(vis, causal=True, len_q=48, len_k=48))
@@ -125,12 +127,12 @@ def test_block_topk_kv_heads_share_the_groups_best_blocks():
 
 @pytest.mark.parametrize("guard", [0, 1, 2])
 def test_block_topk_mean_plus_bound_keeps_both_selections(guard):
-    """``score="mean+bound"`` (the default): the ``topk`` best blocks by the mean score plus the ``guard`` best
-    by the bound, each ranked by the group's mean pooled softmax; the union attends exactly."""
+    """``score="mean+bound"``: the ``topk`` best blocks by the mean score (ranked by the group's mean pooled
+    softmax) plus the ``guard`` best by the bound (by the group's best score); the union attends exactly."""
     q, k, v, _ = _inputs((1, 4, 2, 48, 48, 8), seed=29, padded=False)
     q[:, :, -8:] += 3 * k[:, :, 9:10].repeat_interleave(2, 1)  # the last query block's needle: key 9, in block 1
     bs, topk = 8, 1
-    method = az.get("block_topk", block=bs, topk=topk, guard=guard, sink=False)
+    method = az.get("block_topk", block=bs, topk=topk, guard=guard, score="mean+bound", sink=False)
     (lay,) = method.layouts(q, k, causal=True)
     qb = q.view(1, 4, 6, bs, 8).mean(3)
     kb = k.view(1, 2, 6, bs, 8).repeat_interleave(2, 1)
@@ -139,7 +141,8 @@ def test_block_topk_mean_plus_bound_keeps_both_selections(guard):
         * 8 ** -0.5
     keep = _top(_group_mass(mean, 2), topk) | torch.eye(6, dtype=torch.bool)
     if guard:
-        keep |= _top(_group_mass(bound, 2), guard)
+        bound = bound.view(1, 2, 2, 6, 6).amax(2).masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), -math.inf)
+        keep |= _top(torch.softmax(bound, -1), guard)
     assert torch.equal(lay.block_mask(), keep)
     vis = keep.repeat_interleave(2, 1).repeat_interleave(bs, 2).repeat_interleave(bs, 3)
     ref, _ = masked_reference(q, k, v, combine(vis, causal=True, len_q=48, len_k=48))
