@@ -214,11 +214,11 @@ class WorkerError(RuntimeError):
 #: glibc's malloc raises its mmap threshold each time a process frees a large mmapped block, so whether a
 #: tensor of a few MB comes from fresh, page-faulting mmap pages or from the reused heap depends on what
 #: the worker ran before. Measured on an idle 2-core machine: the same performer call (N=2048, 1 thread)
-#: took 73-122 ms (minimum of 5) in five fresh processes, 60-75 ms with the thresholds fixed and 41-60 ms
-#: with PyTorch's huge-page allocation as well (interleaved runs). Every worker allocates alike;
-#: variables the user set are kept.
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
-                 "THP_MEM_ALLOC_ENABLE": "1"}
+#: took 73-122 ms (minimum of 5) in five fresh processes, 60-75 ms with the thresholds fixed. Every worker
+#: allocates alike; variables the user set are kept. PyTorch's huge-page allocation (THP_MEM_ALLOC_ENABLE=1) is
+#: not set: on a VM with THP in madvise mode it stalled large fresh allocations (benchmarks/prefill.py at 32K,
+#: same load: vertical_slash 2.38x SDPA with it vs 3.06x without, hip 1.48x vs 1.60x, block_topk 4.18x vs 4.12x).
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 
 
 def worker_env(threads: int | None, plugins: tuple[str, ...] = ()) -> dict[str, str]:
