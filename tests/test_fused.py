@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import attnzoo as az
 import attnzoo.core.blocksparse as bs
-from attnzoo.core import blockkernel
+from attnzoo.core import blockkernel, fused
 from attnzoo.core.layout import band_plan
 from attnzoo.core.blocksparse import BlockLayout, TokenLayout, attend
 from _sparse_ref import assert_matches, band, combine, dilated, masked_reference, positions
@@ -65,7 +65,7 @@ def test_banded_methods_equal_dense_reference(B, hkv, groups, nq, nk, block, win
 
 @pytest.mark.parametrize("method,params", [("sliding_window", dict(window=20)), ("streaming", dict(window=20)),
                                            ("dilated_window", dict(window=6, dilation=3))])
-@pytest.mark.parametrize("nq", [200, 64])  # self-attention and a chunk of queries after a prefix
+@pytest.mark.parametrize("nq", [200, 64, 5, 1])  # self-attention, a chunk of queries after a prefix, generation steps
 @pytest.mark.parametrize("causal", [False, True])
 def test_windows_take_the_fast_path(method, params, nq, causal, band_calls):
     """Windows shorter than the sequence are banded (tiny or degenerate ones may fall back; still exact)."""
@@ -74,6 +74,23 @@ def test_windows_take_the_fast_path(method, params, nq, causal, band_calls):
     assert band_calls.called
     with _generic():
         generic = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
+    torch.testing.assert_close(out, generic, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("mod", ["alibi", "softcap", None])
+@pytest.mark.parametrize("padded", [False, True])
+def test_generation_steps_attend_their_real_rows_only(mod, padded, band_calls):
+    """A step (fewer queries than a block) runs its rows, not a block of clamped copies, and stays exact."""
+    q, k, v = _qkv(2, 4, 2, 3, 300, 8, seed=11)
+    pad = (torch.arange(300) >= 7).expand(2, 300).clone() if padded else None
+    score_mod = {"alibi": az.mods.alibi(torch.tensor([0.5, 0.25, 0.125, 0.0625])), "softcap": az.mods.softcap(2.0),
+                 None: None}[mod]
+    kw = dict(method="sliding_window", causal=True, window=40, block=16, key_padding_mask=pad, score_mod=score_mod)
+    with mock.patch.object(fused, "fused_kernel", wraps=fused.fused_kernel) as kernel:
+        out = az.attention(q, k, v, **kw)
+    assert band_calls.called and kernel.called and all(c.args[0].shape[-2] == 3 for c in kernel.call_args_list)
+    with _generic():
+        generic = az.attention(q, k, v, **kw)
     torch.testing.assert_close(out, generic, atol=1e-10, rtol=1e-10)
 
 
