@@ -145,14 +145,10 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
         pos = pos.clamp(0, Nk - 1).view(-1)
         kw, vw = (t[:, pos].view(B * Hkv, -1, L, D) for t in (k, v))  # indexing reads strided rows in place
         pad_windows = None if pad is None else pad[:, pos].view(B, -1, L)
-        if nq == 1 and Nq < b:  # one short query block (a generation step): its real rows, not b clamped copies
-            rows = slice(0, Nq)
-            run(lambda g: q[:, g].unsqueeze(1), plan.special, rows, kw, vw,
-                masks(plan.special_mask[:, rows], rows, slice(None)), pad_windows)
-        else:
-            rows = (plan.special.view(-1, 1) * b + torch.arange(b, device=q.device)).clamp(max=Nq - 1).view(-1)
-            run(lambda g: q[:, g].index_select(1, rows).view(B * Hkv, -1, b, D), plan.special, slice(None), kw, vw,
-                masks(plan.special_mask, slice(None), slice(None)), pad_windows)
+        r = Nq if nq == 1 else b  # a lone short query block (a generation step) runs its real rows, not b copies
+        rows = (plan.special.view(-1, 1) * b + torch.arange(r, device=q.device)).clamp(max=Nq - 1).view(-1)
+        run(lambda g: q[:, g].index_select(1, rows).view(B * Hkv, -1, r, D), plan.special, slice(0, r), kw, vw,
+            masks(plan.special_mask[:, :r], slice(0, r), slice(None)), pad_windows)
     if plan.any_empty:  # rows of the layout that see no key (written row by row, not a pass over the output)
         out[:, :, plan.empty_rows] = 0.0
         lse[:, :, plan.empty_rows] = -math.inf
