@@ -256,6 +256,27 @@ def test_wide_table_one_score_per_task_and_the_memory_statement():
     assert T.markdown(["a", "b"], [["x|y", "1"]]).splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
 
 
+def test_missing_names_each_case_with_the_tasks_no_ok_row_measured_it_on():
+    from attnzoo.eval import table as T
+
+    cases = C.cases_of("exact,vertical_slash", "quantized:bits=4,snapkv", [0.125])
+    assert [C.describe(c) for c in cases] == ["prefill=exact", "prefill=vertical_slash", "cache=quantized:bits=4",
+                                              "cache=snapkv@0.125"]
+    vt = "variable_tracking"
+    rows = [_row("passkey", 2048, "prefill", "exact", 1.0, 1.0), _row("perplexity", 2048, "prefill", "exact", 9.0, 1.0),
+            {**_row("passkey", 2048, "prefill", "vertical_slash", 1.0, 1.0), "params": {"dense_below": 0}},
+            {**_row("passkey", 2048, "cache", "quantized", 1.0, 0.3), "params": {"bits": 8}},  # not bits=4
+            _row("passkey", 2048, "cache", "snapkv", 1.0, 0.13, budget=0.125),
+            _row(vt, 2048, "cache", "snapkv", None, 0.13, budget=0.125, status="failed"),
+            _row(vt, 2048, "cache", "snapkv", 1.0, 0.13, budget=0.0625),  # another budget
+            _row(vt, 2048, "prefill", "exact", 0.0, 1.0, task_params={"hops": 1})]  # another column
+    gaps = T.missing(rows, ["passkey", vt, "perplexity"], [2048, 4096], cases)
+    assert gaps[2048] == [("prefill=exact", [vt]), ("prefill=vertical_slash", [vt, "perplexity"]),
+                          ("cache=quantized:bits=4", ["passkey", vt]), ("cache=snapkv@0.125", [vt])]
+    assert gaps[4096] == [(C.describe(c), ["passkey", vt] + ["perplexity"] * (c["kind"] == "prefill")) for c in cases]
+    assert T.missing(rows, [f"{vt}:hops=1"], [2048], cases[:1]) == {2048: []}
+
+
 def test_table_pools_seeds_and_keeps_task_variants_apart():
     from attnzoo.eval import table as T
 
@@ -340,6 +361,11 @@ def test_eval_table_command_merges_results_files(tmp_path):
     assert "(passkey)" in lines[0] and "cache=h2o@0.0625 (holds" in lines[0] and "cache=snapkv@0.125" in lines[0]
     assert "(vt)" in lines[1] and "cache=snapkv@0.0625" in lines[1] and "h2o" not in lines[1] \
         and "cache=snapkv@0.125" not in lines[1]
+    # --missing: the --full preset's cells without a row, at the results' lengths (4096 here)
+    gaps = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--missing",
+                                    "--tasks", "passkey"])
+    assert gaps.exit_code == 0 and "not measured at N=4096 (" in gaps.output and "N=2048" not in gaps.output
+    assert "- prefill=sliding_window: every task" in gaps.output and "- cache=snapkv@0.125:" not in gaps.output
     ResultsFile(tmp_path / "bench").append({**rows[0], "suite_kind": "bench"})
     empty = CliRunner().invoke(app, ["eval-table", str(tmp_path / "bench")])
     assert empty.exit_code == 2 and "no eval rows" in empty.output

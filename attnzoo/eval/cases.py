@@ -113,6 +113,21 @@ def policy_case(spec: str, budget: float | int | None = None) -> dict:
     return {"kind": "cache", "name": name, "params": params, "budget": budget}
 
 
+def cases_of(methods: str, policies: str, budgets: list) -> list[dict]:
+    """The cases of ``--methods`` and ``--policies``: each method, then each policy with its own budget or none,
+    then the policies without one budget by budget (the first budget's row of every policy comes first: a cut run
+    still compares them all)."""
+    cases = [method_case(m) for m in split_specs(methods)]
+    swept = []
+    for spec in split_specs(policies):
+        name, params = parse_spec(spec)
+        if "budget" in params or not takes_budget(name):
+            cases.append(policy_case(spec))
+        else:
+            swept.append(spec)
+    return cases + [policy_case(spec, b) for b in budgets or [None] for spec in swept]
+
+
 def plan_case(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -91,17 +91,7 @@ def build_plan(tasks: str, lengths: str, methods: str, policies: str, plans: lis
     budget_list = [C._value(b.strip()) for b in budgets.split(",") if b.strip()] if budgets else []
     for b in budget_list:
         C.check_budget(b)
-    cases = [C.method_case(m) for m in C.split_specs(methods)]
-    swept = []
-    for spec in C.split_specs(policies):
-        name, params = C.parse_spec(spec)
-        if "budget" in params or not C.takes_budget(name):
-            cases.append(C.policy_case(spec))
-        else:
-            swept.append(spec)
-    # budget by budget (the first budget's row of every policy comes first: a cut run still compares them all)
-    cases += [C.policy_case(spec, b) for b in budget_list or [None] for spec in swept]
-    cases += [C.plan_case(p) for p in plans]
+    cases = C.cases_of(methods, policies, budget_list) + [C.plan_case(p) for p in plans]
     if not cases or not task_specs:
         raise AttnZooError("eval: nothing to run (give --methods, --policies or --plans, and --tasks)")
     plan = Plan(tuple(task_specs), lens, tuple(cases), samples=samples, seed=seed, model=model, threads=threads,
@@ -217,6 +207,9 @@ def eval_table(
                                                             "measured on some tasks only claims those)"),
     report: Optional[Path] = typer.Option(None, "--report", help="also write this report.html (and plots/ beside "
                                                                  "it) from the merged rows"),
+    missing: bool = typer.Option(False, "--missing", help="also list the cells of the --full preset (its cases "
+                                                          "and tasks, or --tasks) no row measured, at each of its "
+                                                          "lengths the results hold"),
 ) -> None:
     """Every case of eval results at each length, one score per task: which keep --min-accuracy of exact's score
     on every task while holding at most --max-memory of the full KV cache."""
@@ -259,12 +252,32 @@ def eval_table(
             t.add_row(*map(escape, r))
         console.print(t)
         console.print(escape(verdict))
+    if missing:
+        print_missing(list(rows.values()), C.split_specs(tasks) if tasks is not None else None)
     if report is not None:
         from .report import write_report
 
         page = write_report(list(rows.values()), runs, report, source=", ".join(map(str, results)),
                             min_accuracy=min_accuracy)
         console.print(f"report: {page}")
+
+
+def print_missing(rows: list[dict], tasks: list[str] | None) -> None:
+    """The --full preset's cells without a row at each of its lengths these rows measured: each case with the tasks
+    it was not measured on."""
+    from . import cases as C
+    from . import table as T
+
+    full = PRESETS["full"]
+    tasks = tasks or C.split_specs(full["tasks"])
+    cases = C.cases_of(full["methods"], full["policies"], [C._value(b) for b in full["budgets"].split(",")])
+    lengths = [n for n in map(int, full["lengths"].split(",")) if any(r["length"] == n for r in rows)]
+    for n, gaps in T.missing(rows, tasks, lengths, cases).items():
+        cells = sum(len(ts) for _, ts in gaps)
+        print(f"\nnot measured at N={n} ({cells} cells of the --full preset's {len(cases)} cases on "
+              f"{', '.join(tasks)}){':' if gaps else ': none'}")
+        for case, ts in gaps:
+            print(f"- {case}: {'every task' if len(ts) == len(tasks) else ', '.join(ts)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -284,6 +284,34 @@ def statement(w: Wide, min_accuracy: float = 0.95, max_memory: float = 0.125) ->
             f"≤ {max_memory:g} of the KV cache: " + ("; ".join(kept) if kept else "none"))
 
 
+# ------------------------------------------------------- what is not measured yet
+def covers(row: dict, case: dict) -> bool:
+    """Whether an ok ``row`` measured ``case``: the same kind, name and budget, and at least the case's parameters
+    (a row given more, e.g. ``dense_below=0`` to reach a method's sparse path at 2K, ran that method too)."""
+    params = row.get("params") or {}
+    return (row["status"] == "ok" and (row["kind"], row["name"], row.get("budget")) == (case["kind"], case["name"],
+            case.get("budget")) and all(params.get(k) == v for k, v in case["params"].items()))
+
+
+def missing(rows: list[dict], tasks: list[str], lengths: list[int], cases: list[dict]) -> dict[int, list[tuple]]:
+    """Per length, each of ``cases`` with the ``tasks`` (column labels: ``passkey``, ``niah_single:value=word``) no
+    ok row measured it on, as ``(case, [tasks])``; a perplexity task takes no cache case (as the runner)."""
+    from .cases import parse_spec
+
+    have: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        if r.get("suite_kind") == "eval":
+            have.setdefault((r["length"], task_label(r)), []).append(r)
+    labels = {t: task_label({"task": parse_spec(t)[0], "task_params": parse_spec(t)[1]}) for t in tasks}
+    kinds = {t: make_task(*parse_spec(t)[:1], **parse_spec(t)[1]).kind for t in tasks}
+    out = {}
+    for n in lengths:
+        gaps = [(describe(c), [t for t in tasks if not (kinds[t] == "perplexity" and c["kind"] == "cache")
+                               and not any(covers(r, c) for r in have.get((n, labels[t]), []))]) for c in cases]
+        out[n] = [(d, ts) for d, ts in gaps if ts]
+    return out
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     """A GitHub markdown table (``|`` in a cell escaped)."""
     esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
