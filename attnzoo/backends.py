@@ -105,22 +105,33 @@ def _score_mod(case: Case) -> list[str]:
 
 
 #: what the kernels' score_mod specialisations cover (explain's words)
-KERNEL_MODS = ("alibi, relative_bias, their sums (mods.compose), optionally followed by one softcap; a user "
-               "function runs on the torch backend")
+KERNEL_MODS = ("distance biases (alibi, relative_bias, mods.positional, a user function core.lowering reads as "
+               "one, their sums: mods.compose), optionally followed by one softcap; any other function runs on the "
+               "torch backend")
 
 
-def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
+def distance_span(len_q: int, len_k: int, q_offset: int | None = None, k_offset: int = 0) -> tuple[int, int]:
+    """``(lo, hi)``: the distances ``kv_idx - q_idx`` of a call's scores, queries at ``q_offset + i`` (default
+    ``len_k - len_q``, bottom-right aligned) and keys at ``k_offset + j``."""
+    q0 = len_k - len_q if q_offset is None else q_offset
+    return k_offset - q0 - max(len_q - 1, 0), k_offset + max(len_k - 1, 0) - q0
+
+
+def kernel_mod(score_mod, q: torch.Tensor, span: tuple[int, int]) -> tuple[dict, list[str]]:
     """A built-in score_mod as the kernels' arguments ``{slopes, table, cap}`` (``{}`` for none), or the reasons
-    it cannot be one.
+    it cannot be one; ``span``: the call's distances (:func:`distance_span`).
 
     ``compose(biases..., softcap)`` becomes one ALiBi slope vector (the slopes summed), one relative table (the
     tables brought to the largest radius by repeating their edge entries, shared rows broadcast) and a cap,
-    all through differentiable torch ops, so gradients reach the mod's own tensors.
+    all through differentiable torch ops, so gradients reach the mod's own tensors. Any other distance bias
+    (a user function lowered by :mod:`~attnzoo.core.lowering`, :func:`~attnzoo.mods.positional`) joins as the
+    table of its values over the call's distances ``span`` (radius ``max(-lo, hi)``; entries beyond the span,
+    which no score reads, repeat its edges): the kernels read it by distance like a relative_bias table.
     """
     if score_mod is None:
         return {}, []
     from . import mods
-    from .core.scoremod import BiasSum, Composed, Softcap
+    from .core.scoremod import BiasSum, Composed, DistanceBias, Softcap, Within
     parts, stack = [], [score_mod]
     while stack:  # flatten compositions, in order
         m = stack.pop(0)
@@ -129,7 +140,7 @@ def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
         else:
             parts.append(m)
     caps = [i for i, m in enumerate(parts) if isinstance(m, Softcap)]
-    other = [m for m in parts if not isinstance(m, (mods._Alibi, mods._RelativeBias, Softcap))]
+    other = [m for m in parts if not isinstance(m, (DistanceBias, Softcap))]
     if other:
         name = getattr(other[0], "__name__", type(other[0]).__name__)
         return {}, [f"score_mod {name!r} (the kernels apply only {KERNEL_MODS})"]
@@ -138,6 +149,9 @@ def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
     Hq, dev = q.shape[1], q.device
     slopes = [m.slopes for m in parts if isinstance(m, mods._Alibi)]
     tables = [m.table for m in parts if isinstance(m, mods._RelativeBias)]
+    radius = max(-span[0], span[1], 0)
+    tables += [Within(m, span).bias(torch.arange(-radius, radius + 1, device=dev)) for m in parts
+               if isinstance(m, DistanceBias) and not isinstance(m, (mods._Alibi, mods._RelativeBias))]
     bad = [f"alibi slopes of shape {tuple(t.shape)} (expected ({Hq},))" for t in slopes if t.numel() != Hq]
     bad += [f"relative_bias table of shape {tuple(t.shape)} (expected rows 1 or {Hq})" for t in tables
             if t.dim() == 2 and t.shape[0] not in (1, Hq)]
@@ -155,6 +169,11 @@ def kernel_mod(score_mod, q: torch.Tensor) -> tuple[dict, list[str]]:
     return out, []
 
 
+def _case_mod(case: "Case") -> tuple[dict, list[str]]:
+    """:func:`kernel_mod` of a call's score_mod over its distances."""
+    return kernel_mod(case.inputs.get("score_mod"), case.q, distance_span(case.q.shape[2], case.k.shape[2]))
+
+
 # ---------------------------------------------------------------- runners
 def _kernels():
     from .kernels import attention
@@ -163,7 +182,7 @@ def _kernels():
 
 def _no_grad(case: Case, what: str) -> list[str]:
     """A forward-only runner refuses gradients, to q/k/v or to the score_mod's tensors (a learnable table)."""
-    mod = kernel_mod(case.inputs.get("score_mod"), case.q)[0] if torch.is_grad_enabled() else {}
+    mod = _case_mod(case)[0] if torch.is_grad_enabled() else {}
     if case.grad or any(isinstance(t, torch.Tensor) and t.requires_grad for t in mod.values()):
         return [f"gradients ({what} is forward only)"]
     return []
@@ -171,7 +190,7 @@ def _no_grad(case: Case, what: str) -> list[str]:
 
 def _triton_exact(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, sinks=None, **_):
     return _kernels().flash_attention(q, k, v, scale=prob.scale, causal=causal, key_padding_mask=key_padding_mask,
-                                      sinks=sinks, **kernel_mod(score_mod, q)[0])
+                                      sinks=sinks, **kernel_mod(score_mod, q, distance_span(q.shape[2], k.shape[2]))[0])
 
 
 def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None, sinks=None,
@@ -181,7 +200,8 @@ def _triton_flash_decode(m, q, k, v, prob, *, causal, key_padding_mask, return_l
     learn = sinks is not None and sinks.requires_grad and torch.is_grad_enabled()
     valid = None if key_padding_mask is None else key_padding_mask[:, None, :].expand(-1, prob.heads_kv, -1)
     part = _kernels().split_k(q, k, v, scale=prob.scale, causal=causal, valid=valid, splits=m.splits,
-                              sinks=None if learn else sinks, **kernel_mod(score_mod, q)[0])
+                              sinks=None if learn else sinks,
+                              **kernel_mod(score_mod, q, distance_span(q.shape[2], k.shape[2]))[0])
     return with_sinks(part.out, part.lse, sinks) if learn else part
 
 
@@ -201,7 +221,7 @@ def _triton_layouts(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, s
     by lse; the first layout's launch adds the sinks."""
     from .core.partial import Partial, merge
     kern = _kernels()
-    mod = kernel_mod(score_mod, q)[0]
+    mod = kernel_mod(score_mod, q, distance_span(q.shape[2], k.shape[2]))[0]
     parts = [Partial(*kern.layout_attention(q, k, v, lay, scale=prob.scale, causal=causal,
                                             key_padding_mask=key_padding_mask, sinks=None if i else sinks, **mod))
              for i, lay in enumerate(_layouts(m, q, k, prob, causal, key_padding_mask, score_mod))]
@@ -222,15 +242,19 @@ def _triton_engines(m, q, k, v, prob, *, causal, key_padding_mask, return_lse, *
                          **inputs)
 
 
-def _engine_mod(score_mod, q) -> dict:
-    """The kernels' mod arguments for a score_mod reaching an engine override (``q_pos``/``k_pos`` for a
-    :class:`~attnzoo.core.scoremod.Reordered` one); raises when the kernels cannot apply it."""
+def _engine_mod(score_mod, q, span: tuple[int, int]) -> dict:
+    """The kernels' mod arguments for a score_mod reaching an engine override over the distances ``span``
+    (``q_pos``/``k_pos`` for a :class:`~attnzoo.core.scoremod.Reordered` one, whose distances are those of its
+    original positions); raises when the kernels cannot apply it."""
     from .core.scoremod import Reordered
     pos = {}
     if isinstance(score_mod, Reordered):
-        pos = dict(zip(("q_pos", "k_pos"), score_mod.positions()))
+        q_pos, k_pos = score_mod.positions()
+        pos = {"q_pos": q_pos, "k_pos": k_pos}
+        span = (int(k_pos.min() - q_pos.max()), int(k_pos.max() - q_pos.min())) if q_pos.numel() and k_pos.numel() \
+            else span
         score_mod = score_mod.mod
-    args, why = kernel_mod(score_mod, q)
+    args, why = kernel_mod(score_mod, q, span)
     if why:
         raise UnsupportedError("triton engines: " + "; ".join(why))
     return {**args, **pos}
@@ -238,11 +262,11 @@ def _engine_mod(score_mod, q) -> dict:
 
 def _engine_layout(q, k, v, layout, *, scale, causal, key_padding_mask=None, score_mod=None):
     return _kernels().layout_attention(q, k, v, layout, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                       **_engine_mod(score_mod, q))
+                                       **_engine_mod(score_mod, q, distance_span(q.shape[2], k.shape[2])))
 
 
 def _engine_tiled(q, k, v, *, scale, causal, key_padding_mask=None, q_offset=None, k_offset=0, score_mod=None):
-    mod = _engine_mod(score_mod, q)
+    mod = _engine_mod(score_mod, q, distance_span(q.shape[2], k.shape[2], q_offset, k_offset))
     if "q_pos" in mod:
         raise UnsupportedError("triton engines: a score_mod at reordered positions in the dense kernel")
     return _kernels().flash_attention(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
@@ -366,7 +390,7 @@ def _verdict(method, backend: str, case: Case) -> tuple[list[str], Runner | None
         return [f"no {backend} implementation of {method.name!r}"], None
     why = (_triton_common(case) if backend == "triton" else _flex_common(case)) + runner.check(method, case)
     if backend == "triton":
-        why += kernel_mod(case.inputs.get("score_mod"), case.q)[1] if runner.mods else _score_mod(case)
+        why += _case_mod(case)[1] if runner.mods else _score_mod(case)
     return why, runner
 
 
@@ -498,17 +522,20 @@ def packed(method, q, k, v, cu_q: list[int], cu_k: list[int], *, causal: bool, s
         return None
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     case = Case(q, k, v, causal, None, True, grad, {"score_mod": score_mod} if score_mod is not None else {})
-    if _triton_common(case) or kernel_mod(score_mod, q)[1]:
+    if _triton_common(case):
+        return None
+    longest = [max(b - a for a, b in zip(c, c[1:])) for c in (cu_q, cu_k)]
+    mod, why = kernel_mod(score_mod, q, distance_span(*longest))  # covers every sequence's distances
+    if why:
         return None
     prob = check_qkv(q, k, v, None, scale, grad=grad)
     method.check_routes(prob, q.device, score_mod=score_mod, sinks=sinks)
     dev = q.device
     cq, ck = (torch.tensor(c, dtype=torch.int32, device=dev) for c in (cu_q, cu_k))
-    mod = kernel_mod(score_mod, q)[0]
     if dense:
         method.check_capabilities(prob, causal=causal, key_padding_mask=None, return_lse=return_lse, grad=grad)
-        out, lse = _kernels().varlen_attention(q, k, v, cq, ck, max(b - a for a, b in zip(cu_q, cu_q[1:])),
-                                               scale=prob.scale, causal=causal, sinks=sinks, **mod)
+        out, lse = _kernels().varlen_attention(q, k, v, cq, ck, longest[0], scale=prob.scale, causal=causal,
+                                               sinks=sinks, **mod)
     else:
         per_seq = []
         for (q0, q1), (k0, k1) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):

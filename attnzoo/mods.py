@@ -161,7 +161,7 @@ def positional(score_mod: ScoreMod, heads: int) -> ScoreMod:
     ``relative_bias``, not the ~2-3x of a function on the row-wise path). The declaration is yours: the first
     evaluation checks only that the mod is additive (``f`` the same for random scores) and raises otherwise;
     a mod that reads the batch row or absolute positions gives wrong results. The flex backend calls
-    ``score_mod`` itself; the Triton kernels do not take it (a user function there).
+    ``score_mod`` itself; the Triton kernels read the table (over the call's distances) like a relative_bias.
     """
     check_score_mod(score_mod)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:

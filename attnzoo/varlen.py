@@ -86,6 +86,7 @@ def run_varlen(method: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if isinstance(t, torch.Tensor) and (t.dim() < 3 or t.shape[2] != k.shape[2]):
             raise UnsupportedError(f"{method.name}: input {name!r} must have the packed key length {k.shape[2]} "
                                    f"at dim 2 to be cut per sequence, got shape {tuple(t.shape)}")
+    call = _lowered(method, call, q, cq, ck)
     from .backends import packed
     one = packed(method, q, k, v, cq, ck, inputs=inputs, return_lse=return_lse, **call)
     if one is not None:  # every sequence in one kernel launch
@@ -105,6 +106,25 @@ def run_varlen(method: Method, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         return res
     out = torch.cat(outs, dim=2)
     return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def _lowered(method: Method, call: dict[str, Any], q: torch.Tensor, cq: list[int], ck: list[int]) -> dict[str, Any]:
+    """``call`` with a user score_mod as the built-in mods it computes (:mod:`attnzoo.core.lowering`), checked
+    once at the longest sequences' lengths, whose distances cover every sequence's: the one-launch kernels then
+    take it (as a distance table, :func:`attnzoo.backends.kernel_mod`) and each per-sequence call gets built-ins
+    (no check of its own). ``backend="flex"``: FlexAttention calls the function itself (as ``Method.__call__``)."""
+    from .checks import resolve_scale
+    from .core.lowering import lower
+    from .core.scoremod import check_score_mod
+    fn = call.get("score_mod")
+    longest = [max(b - a for a, b in zip(c, c[1:])) for c in (cq, ck)]
+    if fn is None or not method.supports.score_mod or call.get("backend") == "flex" or 0 in longest:
+        return call  # (a method without score_mod refuses it in each sequence's call)
+    check_score_mod(fn)
+    mod, factor, _ = lower(fn, batch=1, heads_q=q.shape[1], len_q=longest[0], len_k=longest[1], dtype=q.dtype,
+                           device=q.device)
+    scale = call.get("scale") if factor == 1 else resolve_scale(call.get("scale"), q.shape[-1]) * factor
+    return {**call, "score_mod": mod, "scale": scale}
 
 
 # ------------------------------------------------------------ pack / unpack

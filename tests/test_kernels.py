@@ -358,6 +358,81 @@ def test_varlen_layout_methods_run_every_sequence_in_one_launch_per_layout(metho
                  torch.autograd.grad((r_out * seed).sum(), ref), 5e-5)
 
 
+def _user_bias_cap(table: torch.Tensor):
+    """A user score_mod: a per-head relative table read by distance, then a soft cap (core.lowering reads it
+    as a distance bias then softcap(2)); and the same function made untraceable (the eager reference)."""
+    radius = table.shape[-1] // 2
+
+    def fn(s, b, h, q_idx, kv_idx):
+        return 2.0 * torch.tanh((s + table[h, (kv_idx - q_idx).clamp(-radius, radius) + radius]) / 2.0)
+
+    return fn, lambda s, b, h, q_idx, kv_idx: fn(s, b, h, q_idx, kv_idx) if s.dim() else s
+
+
+@pytest.mark.parametrize("method,params,Nq,Nk", [("exact", {}, 21, 37), ("sliding_window", {"window": 12, "block": 16},
+                                                                          32, 32)])
+def test_lowered_user_functions_run_on_the_kernels_as_a_distance_table(method, params, Nq, Nk):
+    """A user function that core.lowering reads as a distance bias + soft cap runs on the triton backend (it was
+    refused before): the kernel gets the bias as a table over the call's distances (radius = the farthest one)
+    and the cap; equal to the function itself on torch's eager path in float64, values, lse and gradients to
+    q, k, v and the table the function closes over. mods.positional takes the same route."""
+    q, k, v = _qkv(1, 4, 2, Nq, Nk, grad=True)
+    table = torch.randn(4, 9, device=DEV, requires_grad=True)
+    fn, _ = _user_bias_cap(table)
+    ref = _float64_leaves(q, k, v, table)
+    _, eager = _user_bias_cap(ref[3])
+    seen, real = [], kern._KernelAttention.apply
+    kern._KernelAttention.apply = lambda *a: seen.append((a[4].mod, a[6])) or real(*a)
+    try:
+        got = az.attention(q, k, v, method=method, causal=True, score_mod=fn, return_lse=True, backend="triton",
+                           **params)
+    finally:
+        kern._KernelAttention.apply = real
+    mod, tab = seen[0]
+    assert mod.rel and mod.cap == 2.0 and tuple(tab.shape) == (4, 2 * (max(Nq, Nk) - 1) + 1)
+    want = az.attention(*ref[:3], method=method, causal=True, score_mod=eager, return_lse=True, backend="torch",
+                        **params)
+    assert_matches(got[0].double(), got[1].double(), want[0], want[1], tol=2e-5)
+    seed = torch.randn_like(want[0])
+    _check_grads(torch.autograd.grad((got[0] * seed).sum(), (q, k, v, table)),
+                 torch.autograd.grad((want[0] * seed).sum(), ref), 5e-5)
+    rows = {r.backend: r for r in az.explain(method, q, k, v, causal=True, score_mod=fn, **params)}
+    assert rows["triton"].runs, str(rows["triton"])
+    positional = az.mods.positional(lambda s, b, h, qi, kj: s + 0.1 * (kj - qi).abs().float().sqrt(), 1)
+    with torch.no_grad():
+        got = az.attention(q, k, v, method=method, causal=True, score_mod=positional, backend="triton", **params)
+        want = az.attention(*ref[:3], method=method, causal=True, score_mod=positional.fn, backend="torch", **params)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_varlen_one_launch_takes_a_lowered_user_function():
+    """Packed sequences with a user function (table + cap) on triton: lowered once for the whole call, then ONE
+    kernel launch (before: refused by the kernels, so each sequence went alone and the triton backend raised);
+    equal to each sequence with the function itself on torch in float64, with gradients to q, k, v and the table."""
+    lens_q, lens_k = [5, 0, 17, 3, 9], [9, 4, 17, 0, 30]
+    q, k, v, cq, ck = _packed(lens_q, lens_k, True, grad=True)
+    table = torch.randn(4, 9, device=DEV, requires_grad=True)
+    fn, _ = _user_bias_cap(table)
+    launches, real = [], kern.varlen_attention
+    kern.varlen_attention = lambda *a, **kw: launches.append(sorted(kw)) or real(*a, **kw)
+    try:
+        out, lse = az.attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, score_mod=fn,
+                                return_lse=True, backend="triton")
+    finally:
+        kern.varlen_attention = real
+    assert len(launches) == 1 and {"table", "cap"} <= set(launches[0])
+    ref = _float64_leaves(q, k, v, table)
+    _, eager = _user_bias_cap(ref[3])
+    parts = [az.attention(ref[0][:, :, q0:q1], ref[1][:, :, k0:k1], ref[2][:, :, k0:k1], causal=True,
+                          score_mod=eager, return_lse=True, backend="torch")
+             for q0, q1, k0, k1 in zip(cq.tolist(), cq.tolist()[1:], ck.tolist(), ck.tolist()[1:]) if q1 > q0]
+    r_out, r_lse = (torch.cat(t, 2) for t in zip(*parts))
+    assert_matches(out.double(), lse.double(), r_out, r_lse, tol=2e-5)
+    seed = torch.randn_like(r_out)
+    _check_grads(torch.autograd.grad((out * seed).sum(), (q, k, v, table)),
+                 torch.autograd.grad((r_out * seed).sum(), ref), 5e-5)
+
+
 @pytest.mark.slow
 @given(hq_hkv=st.sampled_from([(2, 2), (4, 2), (4, 1)]), nq=st.integers(1, 40), extra=st.integers(0, 24),
        causal=st.booleans(), alibi=st.booleans(), table=st.sampled_from([None, "head", "shared"]),

@@ -188,3 +188,66 @@ def test_explain_says_whether_a_function_was_lowered():
     assert "lowered to softcap(3)" in rows["torch"].note
     rows = {r.backend: r for r in az.explain("exact", q, k, v, causal=True, score_mod=lambda s, b, h, qi, kj: s + b)}
     assert "not lowered" in rows["torch"].note and "batch row" in rows["torch"].note
+
+
+def test_kvcache_reads_run_the_lowered_function():
+    """KVCache.attend(score_mod=fn) lowers ``fn`` like a method call: the engine gets the built-ins (so a soft cap /
+    distance bias takes its fused paths), the query scale gets the factor; a prefill chunk then decode steps equal
+    the same reads with the function itself (eager path), and exact attention with the function."""
+    from attnzoo.cache import KVCache
+    from attnzoo.cache import kvcache
+
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, Nq=14, Nk=14, grad=False)
+    real, seen = kvcache.tiled_attention, []
+    kvcache.tiled_attention = lambda *a, **kw: seen.append((kw["score_mod"], kw["scale"])) or real(*a, **kw)
+    try:
+        for name, fn, _, (bias, cap, scale) in _user_mods():
+            outs = []
+            for mod in (fn, eager(fn)):
+                cache = KVCache("full")
+                cache.append(k[:, :, :11], v[:, :, :11])
+                steps = [cache.attend(q[:, :, :11], score_mod=mod)]
+                for i in (11, 12, 13):
+                    cache.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+                    steps.append(cache.attend(q[:, :, i:i + 1], score_mod=mod))
+                outs.append(torch.cat(steps, 2))
+            lowered_mods = [m for m, _ in seen[:4]]
+            assert all(m is not fn and (m is None or isinstance(m, (DistanceBias, Softcap, Composed)))
+                       for m in lowered_mods), name
+            assert all(s == pytest.approx(scale / 8 ** 0.5) for _, s in seen[:4]), name
+            assert all(m is not fn and not isinstance(m, (DistanceBias, Softcap, Composed)) for m, _ in seen[4:]), name
+            seen.clear()
+            # (cache reads compute in float32)
+            torch.testing.assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5, msg=name)
+            if name == "alibi":
+                slopes = _user_mods()[2][2][0]
+                want = dense(q, k, v, causal=True, bias=slopes[:, None, None] * distance(14, 14))[0]
+                torch.testing.assert_close(outs[0], want, atol=2e-6, rtol=1e-5)
+    finally:
+        kvcache.tiled_attention = real
+
+
+def test_varlen_lowers_once_per_call():
+    """A packed call lowers the function once, checked at the longest sequences (whose distances cover every
+    sequence's), and gives each sequence the built-ins: one check per call, not one per sequence; equal to the
+    function itself (eager path) per sequence, values, lse and gradients to q, k, v and its tensors."""
+    from test_routes import packed
+
+    q, k, v, cq, ck = packed([5, 0, 9, 3], [7, 2, 9, 6])
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    real, checks = lowering._matches, []
+    lowering._matches = lambda *a: checks.append(a[5:7]) or real(*a)
+    try:
+        for name, fn, tensors, _ in _user_mods()[2:]:
+            checks.clear()
+            got = az.attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, score_mod=fn,
+                               return_lse=True)
+            assert checks == [(9, 9)], (name, checks)  # the longest queries and keys, once
+            want = az.attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, score_mod=eager(fn),
+                                return_lse=True)
+            torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10, msg=name)
+            torch.testing.assert_close(got[1], want[1], atol=1e-12, rtol=1e-10, msg=name)
+            assert_same_grads(got, want, [q, k, v, *tensors])
+    finally:
+        lowering._matches = real

@@ -8,6 +8,7 @@ import torch
 
 from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale
 from ..core.exact import tiled_attention
+from ..core.lowering import lower
 from ..core.partial import Partial
 from ..core.scoremod import check_score_mod, check_sinks, with_sinks
 from ..errors import AttnZooError, UnsupportedError
@@ -185,8 +186,12 @@ class KVCache:
                                    "needs a policy that reads every held token (full, quantized)")
         store = layer.store
         pad = None if store.valid is None else store.valid[:, 0]
-        out, lse = tiled_attention(q.float(), store.keys().float(), store.values().float(), scale=step.scale,
-                                     causal=step.causal, key_padding_mask=pad, score_mod=score_mod)
+        keys = store.keys().float()
+        # a user function as the built-in mods it computes (core.lowering): the engine's fused paths run those
+        score_mod, factor, _ = lower(score_mod, batch=q.shape[0], heads_q=q.shape[1], len_q=q.shape[2],
+                                     len_k=keys.shape[2], dtype=torch.float32, device=q.device)
+        out, lse = tiled_attention(q.float(), keys, store.values().float(), scale=step.scale * factor,
+                                   causal=step.causal, key_padding_mask=pad, score_mod=score_mod)
         layer.policy.update(store, q, step)
         return Partial(out, lse)
 

@@ -16,6 +16,11 @@ aligned position; FlexAttention traces it (also on its eager CPU path, so the
 helpers never update the scores in place there) and gives gradients to the tensors
 it closes over. On CPU FlexAttention is forward-only for q, k, v, and its compiled
 CPU kernel returns no lse, so it runs eagerly there (scores materialised per call).
+A user function is not lowered to built-ins here (:mod:`attnzoo.core.lowering`, as the
+other backends do): on CUDA FlexAttention compiles the function itself into its kernel,
+and its eager CPU path calls a function once on the whole score tensor, the same cost
+as a built-in (1K causal, 8 heads, one thread: a user ALiBi lambda 0.33 s, ``mods.alibi``
+0.32 s, no mod 0.26 s).
 """
 
 from __future__ import annotations
