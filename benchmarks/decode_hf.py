@@ -99,31 +99,35 @@ def step_tokens(n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def call_times(model, length: int, steps: int) -> dict[str, float]:
-    """One layer's attention call alone, transformers' SDPA function against attnzoo's adapter, on keys/values
-    that grow by one token per call as a DynamicCache's do; calls alternate, the fastest of ``steps`` each."""
+def call_times(model, length: int, steps: int, methods: dict[str, tuple] = {}) -> dict[str, float]:
+    """One layer's attention call alone, transformers' SDPA function against attnzoo's adapter with ``exact`` and
+    with each of ``methods`` (label -> (name, params): what ``prefill=`` cases apply; their generation-step route
+    included), on keys/values that grow by one token per call as a DynamicCache's do; calls alternate, the
+    fastest of ``steps`` each."""
+    import copy
+
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from attnzoo.hf.adapter import attnzoo_attention
 
-    module = model.model.layers[0].self_attn
+    layer = model.model.layers[0].self_attn
     cfg = model.config
     heads, heads_kv, dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
     gen = torch.Generator().manual_seed(1)
     k, v = (torch.randn(1, heads_kv, length + steps, dim, generator=gen) for _ in range(2))
     q = torch.randn(1, heads, 1, dim, generator=gen)
-    fns = {"SDPA (DynamicCache)": sdpa_attention_forward, "attnzoo exact (DynamicCache)": attnzoo_attention}
-    azhf.apply(model, "exact")
-    best = dict.fromkeys(fns, float("inf"))
-    try:
-        for i in range(steps):
-            kv = k[:, :, :length + i + 1].clone(), v[:, :, :length + i + 1].clone()  # a fresh cat, as DynamicCache
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn(module, q, *kv, None, dropout=0.0, scaling=module.scaling)
-                best[name] = min(best[name], time.perf_counter() - t0)
-    finally:
+    modules = {"SDPA (DynamicCache)": (sdpa_attention_forward, layer)}
+    for label, (name, params) in {"attnzoo exact (DynamicCache)": ("exact", {}), **methods}.items():
+        azhf.apply(model, name, **params)
+        modules[label] = attnzoo_attention, copy.copy(layer)  # the layer with this plan (and its own K/V scan)
         azhf.remove(model)
+    best = dict.fromkeys(modules, float("inf"))
+    for i in range(steps):
+        kv = k[:, :, :length + i + 1].clone(), v[:, :, :length + i + 1].clone()  # a fresh cat, as DynamicCache
+        for name, (fn, module) in modules.items():
+            t0 = time.perf_counter()
+            fn(module, q, *kv, None, dropout=0.0, scaling=module.scaling)
+            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
@@ -174,10 +178,12 @@ def main() -> None:
         for name, t in best.items() if args.rounds else ():
             print(f"{length:>6}  {name:44s} {t * 1e3:9.1f} {base / t:7.2f}", flush=True)
         if args.calls:
-            calls = call_times(model, length, args.calls)
+            calls = call_times(model, length, args.calls, {name: case["apply"] for name, case in cases.items()
+                                                            if case["apply"] and "policy" not in case
+                                                            and case["apply"][0] != "exact"})
             base = calls["SDPA (DynamicCache)"]
             for name, t in calls.items():
-                print(f"{length:>6}  one call: {name:26s} {t * 1e3:9.3f} {base / t:7.2f}", flush=True)
+                print(f"{length:>6}  one call: {name:34s} {t * 1e3:9.3f} {base / t:7.2f}", flush=True)
     if args.profile:
         import cProfile
         import pstats

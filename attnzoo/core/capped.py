@@ -43,7 +43,8 @@ def applies(q: torch.Tensor, v: torch.Tensor) -> bool:
 
 def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, cap: float | None,
                      causal: bool = False, offset: int = 0, mask: torch.Tensor | None = None,
-                     idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     idx: torch.Tensor | None = None,
+                     skip: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (X, Y, Lq, Dv), lse (X, Y, Lq))`` of ``q (X, Y, Lq, D)`` over ``k, v (X, Y, Lk, D|Dv)``
     (broadcast over ``X, Y``), scores ``cap·tanh((scale·q·k + mask) / cap)`` (no cap: ``None``).
 
@@ -53,9 +54,12 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     ``(X, Y, Lq, Lk)``; ``causal``: key ``j`` visible to query ``i`` when ``j <= i + offset``. Rows that
     see no key give ``(0, -inf)``. ``idx (X, Y, m)`` int64 (broadcast): the call reads only rows ``idx`` of
     ``k``/``v`` (a selection, in place: no gathered copy; ``mask`` then covers those ``m`` keys, not
-    ``causal``). Only after :func:`applies`.
+    ``causal``). ``skip (a, b)``: rows ``[a, b)`` of ``k``/``v`` are not keys (the keys are rows ``[0, a)`` then
+    ``[b, Lk)``, read in place: a sinks + window step in one call; not with ``idx`` or ``causal``). Only after
+    :func:`applies`.
     """
     X, Y = (max(a, b) for a, b in zip(q.shape[:2], k.shape[:2]))
+    at, gap = (skip[0], skip[1] - skip[0]) if skip is not None and skip[1] > skip[0] else (0, 0)
     if idx is not None or not (k.stride(-2) == 1 and k.stride(-1) >= k.shape[-2] > 1):  # else K^T: a plain GEMM
         k = kernel_rows(k)
     q, k, v = (t.expand(X, Y, *t.shape[2:]) for t in (kernel_rows(q), k, kernel_rows(v)))
@@ -64,10 +68,10 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale
     if mask is not None:
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, -float("inf"))
-        keys = k.shape[2] if idx is None else idx.shape[2]
+        keys = k.shape[2] - gap if idx is None else idx.shape[2]
         mask = kernel_rows(mask.to(q.dtype)).expand(X, Y, q.shape[2], keys)
     out, lse = torch.ops.attnzoo.capped_attention(q, k, v, mask, float(scale), float(cap or 0.0), causal, int(offset),
-                                                  idx)
+                                                  idx, at, gap)
     return out, lse
 
 

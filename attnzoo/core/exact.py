@@ -25,7 +25,7 @@ from .gqa import fold_groups, repeat_kv, unfold_groups
 from .masks import empty_rows, visible_mask
 from .override import Override
 from .partial import OnlineSoftmax, Partial, Recomputed, grad_inputs, grad_step, masked_softmax, merge
-from .scoremod import ModHook, apply_score_mod, distance_rows, negligible_gap, tile_index
+from .scoremod import ModHook, Softcap, apply_score_mod, distance_rows, negligible_gap, tile_index
 
 #: :func:`tiled_attention`'s replacement inside ``TILED_ENGINE.use(impl)`` (a kernel backend)
 TILED_ENGINE = Override("attnzoo_tiled_engine")
@@ -104,6 +104,44 @@ def has_empty_rows(q: torch.Tensor, k: torch.Tensor, *, causal: bool,
                    key_padding_mask: torch.Tensor | None) -> bool:
     return empty_rows(q.shape[2], k.shape[2], causal=causal, key_padding_mask=key_padding_mask,
                       batch=q.shape[0], device=q.device) is not None
+
+
+# ------------------------------------------------------------ key spans
+def span_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: tuple[tuple[int, int], ...], *,
+                   scale: float, key_padding_mask: torch.Tensor | None = None, score_mod=None,
+                   return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Exact attention of ``q (B, Hq, Nq, D)`` over the keys of ``spans``: one or two ascending, disjoint row
+    ranges ``(a, b)`` of ``k, v (B, Hkv, Nk, ·)``, every one visible to every query (a generation step of a
+    window method: the window, or the sinks and the window). Returns ``(out, lse)`` (lse None when not
+    ``return_lse`` and the fastest path does not give it).
+
+    The spans are read in place, never copied: one SDPA call on a single span (no score_mod, no lse wanted);
+    else, on CPU in float32/64 without gradients and with no score_mod or a soft cap, one call of the capped
+    kernel (:mod:`attnzoo.core.capped`) skipping the rows between two spans; else the tiled engine on each
+    span, merged by lse. A ``score_mod`` sees the queries at the bottom right (positions ``Nk - Nq + i``) and
+    the keys at their rows; ``key_padding_mask (B, Nk)`` hides keys as usual.
+    """
+    len_q, len_k = q.shape[2], k.shape[2]
+    pad = [None if key_padding_mask is None else key_padding_mask[:, a:b] for a, b in spans]
+    cap = score_mod.cap if isinstance(score_mod, Softcap) else None
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if len(spans) == 1 and score_mod is None and not return_lse:
+        (a, b), kpm = spans[0], pad[0]
+        if not has_empty_rows(q, k[:, :, a:b], causal=False, key_padding_mask=kpm):
+            return sdpa_attention(q, k[:, :, a:b], v[:, :, a:b], scale=scale, causal=False, key_padding_mask=kpm), None
+    if (len(spans) <= 2 and (score_mod is None or cap is not None) and not grad and capped.applies(q, v)
+            and k.dtype == q.dtype):
+        Hq, Hkv = q.shape[1], k.shape[1]
+        a, b = spans[0][0], spans[-1][1]
+        skip = (spans[0][1], spans[1][0]) if len(spans) == 2 else None
+        mask = None if key_padding_mask is None else torch.cat(pad, 1)[:, None, None, :]
+        out, lse = capped.capped_attention(fold_groups(q, Hkv), k[:, :, a:b], v[:, :, a:b], scale=scale, cap=cap,
+                                           mask=mask, skip=None if skip is None else (skip[0] - a, skip[1] - a))
+        return unfold_groups(out, Hq), unfold_groups(lse.unsqueeze(-1), Hq).squeeze(-1)
+    parts = [Partial(*tiled_attention(q, k[:, :, a:b], v[:, :, a:b], scale=scale, causal=False, key_padding_mask=kpm,
+                                      q_offset=len_k - len_q, k_offset=a, score_mod=score_mod))
+             for (a, b), kpm in zip(spans, pad)]
+    return merge(*parts)
 
 
 # ------------------------------------------------------------ tiled engine

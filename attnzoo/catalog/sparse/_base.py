@@ -11,6 +11,7 @@ import torch
 
 from ...checks import Problem, check_qkv
 from ...core.blocksparse import attend_all
+from ...core.exact import span_attention
 from ...core.layout import BlockLayout, Layout, band_blocks, query_block_positions, reusable
 from ...core.scoremod import check_score_mod
 from ...registry import Method, Supports
@@ -69,6 +70,20 @@ class StaticMethod(LayoutMethod):
 
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         return _cached_layouts(self, prob.len_q, prob.len_k, prob.heads_q, causal, q.device)
+
+    def step_spans(self, len_k: int) -> tuple[tuple[int, int], ...] | None:
+        """The key ranges one query at the last position sees, when they are all it sees (a window method's
+        generation step: one exact call over them, :func:`~attnzoo.core.exact.span_attention`); None: the
+        layouts run every call."""
+        return None
+
+    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
+        spans = self.step_spans(prob.len_k) if prob.len_q == 1 else None
+        if spans is None:
+            return super().forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
+                                   return_lse=return_lse, score_mod=score_mod)
+        return span_attention(q, k, v, spans, scale=prob.scale, key_padding_mask=key_padding_mask,
+                              score_mod=score_mod, return_lse=return_lse)
 
 
 @functools.lru_cache(maxsize=64)

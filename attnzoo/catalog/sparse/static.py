@@ -48,6 +48,9 @@ class SlidingWindow(StaticMethod):
         return [static_block_layout(as_layout_rows(cand), lambda b, h, qi, kj: (qi + off - kj).abs() < w,
                                     prob, self.block, causal)]
 
+    def step_spans(self, len_k):
+        return ((max(0, len_k - self.window), len_k),)
+
 
 @register
 @dataclass(frozen=True)
@@ -96,6 +99,12 @@ class Streaming(StaticMethod):
     def static_layouts(self, prob, causal, device):
         return sink_window_layouts(prob.len_q, prob.len_k, sinks=self.sinks, window=self.window, block=self.block,
                                    causal=causal, device=device)
+
+    def step_spans(self, len_k):
+        start = max(0, len_k - self.window)
+        if self.sinks >= start:  # the sinks touch the window: one range
+            return ((0, len_k),)
+        return ((0, self.sinks), (start, len_k)) if self.sinks else ((start, len_k),)
 
 
 @register

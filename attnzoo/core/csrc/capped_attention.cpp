@@ -10,6 +10,8 @@
 // scores, one pass (mask + cap + row maximum), one pass (exp + row sum, online rescale), one GEMM into the
 // output. Rows of every tensor need a unit last stride; every other stride is free (expanded heads,
 // overlapping windows). GEMMs are BLAS sgemm_/dgemm_, which libtorch_cpu exports (MKL).
+// With a skipped range [skip_at, skip_at + skip) (not with `idx` or `causal`), key j is row j of k and v below
+// skip_at and row j + skip from there: a decode step over sinks + window (rows [0, s) and [e, n)) in one call.
 //
 // quest_attention: a quest decode step in one call per (batch, KV head): each page's upper bound of q . k from its
 // channel-wise key min/max (float32 or bfloat16, widened exactly), the best units kept, and the sinks, the selected
@@ -50,6 +52,7 @@ struct Args {
   int64_t k_col;  // > 0: k is laid out transposed (unit stride along keys, this stride along D)
   const int64_t* idx;  // nullptr, or the rows of k and v each (x, y) reads (strides is)
   int64_t is[2];
+  int64_t skip_at, skip;  // keys j >= skip_at read row j + skip (skip = 0: none)
   T scale, cap;
   bool causal;
   int64_t offset;
@@ -99,9 +102,11 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
   std::fill(acc.begin(), acc.end(), T(0));
   const int64_t end = a.causal ? std::min(a.Lk, std::max<int64_t>(0, i1 - 1 + a.offset + 1)) : a.Lk;
   const T two_over_cap = a.cap > 0 ? T(2) / a.cap : T(0), minus_two_cap = -2 * a.cap;
-  for (int64_t j0 = 0; j0 < end; j0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, end - j0);
-    const T *kb = k + j0 * a.ks[2], *vb = v + j0 * a.vs[2];  // this block's keys and values (row strides ldk, ldv)
+  for (int64_t j0 = 0, n = 0; j0 < end; j0 += n) {
+    n = std::min(kBlockK, end - j0);
+    if (j0 < a.skip_at) n = std::min(n, a.skip_at - j0);  // a block never straddles the skipped rows
+    const int64_t row = j0 < a.skip_at ? j0 : j0 + a.skip;
+    const T *kb = k + row * a.ks[2], *vb = v + row * a.vs[2];  // this block's keys and values (row strides ldk, ldv)
     int64_t ldk = a.ks[2], ldv = a.vs[2];
     if (idx) {  // the selected rows, copied into scratch rows (rows `ahead` prefetched: they are scattered)
       constexpr int64_t ahead = 8;
@@ -118,7 +123,7 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
     }
     // s (rows x n, row stride kBlockK) = q_block . k_block^T
     if (a.k_col > 0)  // K^T stored contiguous along keys: a plain GEMM (no transposed packing)
-      gemm('N', n, rows, a.D, k + j0, a.k_col, q, a.qs[2], T(0), s.data(), kBlockK);
+      gemm('N', n, rows, a.D, k + row, a.k_col, q, a.qs[2], T(0), s.data(), kBlockK);
     else
       gemm('T', n, rows, a.D, kb, ldk, q, a.qs[2], T(0), s.data(), kBlockK);
     for (int64_t r = 0; r < rows; ++r) {
@@ -161,6 +166,7 @@ Args<T> operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   a.v = v.data_ptr<T>();
   a.mask = nullptr;
   a.idx = nullptr;
+  a.skip_at = a.skip = 0;
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<T>();
   a.X = q.size(0), a.Y = q.size(1), a.Lq = q.size(2), a.Lk = Lk, a.D = q.size(3), a.Dv = v.size(3);
@@ -410,10 +416,12 @@ void tokenselect_item(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& 
 
 // q (X, Y, Lq, D), k (X, Y, Lk, D), v (X, Y, Lk, Dv), mask: additive (X, Y, Lq, Lk) with any strides, or empty;
 // idx: (X, Y, Lk') int64 with any strides, or empty: the rows of k and v read (Lk' keys; k, v hold any number);
+// skip > 0: rows [skip_at, skip_at + skip) of k and v are not keys (Lk = k's rows - skip; not with idx or causal);
 // returns out (X, Y, Lq, Dv) and lse (X, Y, Lq) in q's dtype (float32 or float64)
 std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const std::optional<at::Tensor>& mask, double scale, double cap, bool causal,
-                                         int64_t offset, const std::optional<at::Tensor>& idx) {
+                                         int64_t offset, const std::optional<at::Tensor>& idx, int64_t skip_at,
+                                         int64_t skip) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "capped_attention: q, k, v must be 4-D");
   const bool gathered = idx.has_value() && idx->defined();
   const bool k_col = !gathered && k.stride(3) != 1 && k.stride(2) == 1 && k.size(2) > 1;
@@ -421,7 +429,9 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
               "capped_attention: unit last strides (or k transposed in memory)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "capped_attention: dtypes");
   const int64_t X = q.size(0), Y = q.size(1), Lq = q.size(2), D = q.size(3), Dv = v.size(3);
-  const int64_t Lk = gathered ? idx->size(2) : k.size(2);
+  TORCH_CHECK(skip == 0 || (!gathered && !causal && 0 <= skip_at && skip > 0 && skip_at + skip <= k.size(2)),
+              "capped_attention: a skipped range [skip_at, skip_at + skip) within k's rows, without idx or causal");
+  const int64_t Lk = gathered ? idx->size(2) : k.size(2) - skip;
   if (gathered) {
     TORCH_CHECK(idx->dim() == 3 && idx->scalar_type() == at::kLong && idx->size(0) == X && idx->size(1) == Y,
                 "capped_attention: idx (X, Y, Lk) int64");
@@ -438,8 +448,8 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
       a.mask = mask->data_ptr<scalar_t>();
       for (int i = 0; i < 4; ++i) a.ms[i] = mask->size(i) == 1 ? 0 : mask->stride(i);
     }
-    if (k_col) {  // K^T's rows (one per feature, Lk long) are the BLAS operand
-      operand_strides(k.transpose(2, 3), Lk, a.ks, "capped_attention", "k (transposed)");
+    if (k_col) {  // K^T's rows (one per feature, k.size(2) long) are the BLAS operand
+      operand_strides(k.transpose(2, 3), k.size(2), a.ks, "capped_attention", "k (transposed)");
       a.k_col = a.ks[2];
     } else {
       operand_strides(k, D, a.ks, "capped_attention", "k");
@@ -454,6 +464,7 @@ std::vector<at::Tensor> capped_attention(const at::Tensor& q, const at::Tensor& 
     a.cap = static_cast<scalar_t>(cap);
     a.causal = causal;
     a.offset = offset;
+    if (skip > 0) a.skip_at = skip_at, a.skip = skip;
     if (Lq > 0) run(a);
   });
   return {out, lse};
