@@ -71,7 +71,8 @@ def test_windows_take_the_fast_path(method, params, nq, causal, band_calls):
     """Windows shorter than the sequence are banded (tiny or degenerate ones may fall back; still exact)."""
     q, k, v = _qkv(1, 4, 2, nq, 200, 8, seed=7)
     out = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
-    assert band_calls.called
+    # one query of a plain window: one exact call over its key spans instead (tests/test_hf_decode.py)
+    assert band_calls.called != (nq == 1 and method != "dilated_window")
     with _generic():
         generic = az.attention(q, k, v, method=method, causal=causal, block=16, **params)
     torch.testing.assert_close(out, generic, atol=1e-10, rtol=1e-10)

@@ -165,3 +165,70 @@ def test_model_steps_of_window_methods_equal_their_layouts(monkeypatch):
     monkeypatch.setattr(StaticMethod, "step_spans", lambda self, len_k: None)
     for (m, p), f in zip(cases, fast):
         torch.testing.assert_close(f, logits(m, **p), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------- per-head plans at a step
+def test_head_groups_read_their_kv_heads_without_repeating_them():
+    """run_spec hands a group the KV heads its query heads use, once each, as views where contiguous; groups with
+    uneven query heads per KV head get one KV copy per query head. Every layout equals the dense oracle."""
+    from attnzoo import registry
+    from attnzoo.hf.adapter import _head_operands, run_spec
+
+    assert _head_operands((3, 4, 5), 3, None) == (slice(3, 6), slice(1, 2))  # one whole KV group: views
+    q_sel, kv_sel = _head_operands((1, 4, 7), 3, None)  # one query head of each KV head: GQA of ratio 1
+    assert q_sel.tolist() == [1, 4, 7] and kv_sel == slice(0, 3)
+    assert _head_operands((0, 1, 3), 3, None)[1].tolist() == [0, 0, 1]  # uneven: per query head
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 9, 3, 8, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 3, 11, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, :3] = False
+    for heads in [((0, 1, 2), (3, 4, 5), (6, 7, 8)), ((1, 4, 7), (0, 2, 3, 5, 6, 8)), ((0, 1, 3), (2, 4, 5, 6, 7, 8))]:
+        methods = [registry.get("exact"), registry.get("naive"), registry.get("exact_tiled", q_tile=2, k_tile=3)]
+        spec = azhf.LayerSpec(0, tuple(azhf.HeadGroup(m, h) for m, h in zip(methods, heads)), 9)
+        out = run_spec(spec, q, k, v, causal=True, scale=0.3, key_padding_mask=keep, overrides={})
+        ref = az.attention(q, k, v, method="naive", causal=True, scale=0.3, key_padding_mask=keep)
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_groups_exact_at_a_step_run_as_one_call():
+    """A per-head plan's groups that all run exact at a generation step (dynamic sparse methods, decode="auto")
+    become one group over every head (one call, as without a plan); window groups stay, exact ones still merge."""
+    from attnzoo import registry
+    from attnzoo.hf.adapter import decode_spec
+
+    bt, vs = registry.get("block_topk", block=8, topk=2), registry.get("vertical_slash", n_vertical=4, n_slash=4)
+    sw = registry.get("streaming", sinks=2, window=8)
+    spec = azhf.LayerSpec(0, (azhf.HeadGroup(bt, (0, 1)), azhf.HeadGroup(vs, (2, 3)),
+                              azhf.HeadGroup(registry.get("exact"), (4, 5))), 6)
+    step = decode_spec(spec, "auto")
+    assert [(g.method.name, g.heads) for g in step.groups] == [("exact", None)]
+    mixed = azhf.LayerSpec(0, (azhf.HeadGroup(bt, (0, 1)), azhf.HeadGroup(sw, (2, 3)),
+                               azhf.HeadGroup(vs, (4, 5))), 6)
+    assert [(g.method.name, g.heads) for g in decode_spec(mixed, "auto").groups] == [("exact", (0, 1, 4, 5)),
+                                                                                      ("streaming", (2, 3))]
+    assert decode_spec(mixed, "method") is mixed
+
+
+def test_model_steps_of_a_per_head_plan_equal_exact_where_every_group_is_exact():
+    """A per-head plan of dynamic sparse methods: its generation steps (one merged exact call per layer) give the
+    logits of exact attention's steps on the same cache."""
+    model = tiny_decoder("llama")  # 4 query heads, 2 KV heads
+    prompt = torch.randint(1, 96, (2, 40), generator=torch.Generator().manual_seed(6))
+    plan = {"*": [("block_topk", dict(block=8, topk=2, dense_below=0, dense_from=1.0))] * 2
+            + [("vertical_slash", dict(n_vertical=4, n_slash=4, block=8))] * 2}
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        azhf.apply(model, plan)
+        model(input_ids=prompt, cache=cache, use_cache=True)
+        ref_cache = DynamicCache(config=model.config)
+        for i, layer in enumerate(cache.layers):
+            ref_cache.update(layer.keys.clone(), layer.values.clone(), i)
+        tokens = torch.randint(1, 96, (2, 3), generator=torch.Generator().manual_seed(7))
+        steps = [model(input_ids=tokens[:, i:i + 1], cache=cache, use_cache=True).logits for i in range(3)]
+        azhf.remove(model)
+        azhf.apply(model, "exact")
+        ref = [model(input_ids=tokens[:, i:i + 1], cache=ref_cache, use_cache=True).logits for i in range(3)]
+        azhf.remove(model)
+    for a, b in zip(steps, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -284,7 +284,8 @@ def test_distance_bias_mods_run_in_the_fused_kernel_like_the_dense_reference(met
     finally:
         for spy in spies:
             spy.patch.undo()
-    assert spies[method == "sliding_window"].calls == 2  # the fused path ran (with grad and without)
+    # the fused path ran (with grad and without); a one-query window step is exact attention over its window
+    assert spies[method == "sliding_window" and Nq > 1].calls == 2
     want = dense(q, k, v, causal=causal, bias=bias(distance(Nq, Nk)), mask=mask)
     for out in (got, fast):
         torch.testing.assert_close(out[0], want[0].detach(), atol=1e-12, rtol=1e-10)

@@ -293,12 +293,39 @@ def run_spec(spec: LayerSpec, query: torch.Tensor, key: torch.Tensor, value: tor
     peaks = checks.vouched_peak(key), checks.vouched_peak(value)  # the whole K/V's bound their head subsets'
     for g in groups:
         idx = torch.tensor(g.heads, device=query.device)
-        kv_idx = idx // per_kv  # each selected query head with its own KV head (plain multi-head attention)
-        k_g, v_g = key[:, kv_idx], value[:, kv_idx]
+        q_sel, kv_sel = _head_operands(g.heads, per_kv, query.device)
+        k_g, v_g = _take_heads(key, kv_sel), _take_heads(value, kv_sel)
         with checks.vouched((k_g, peaks[0]), (v_g, peaks[1])):
-            out[:, idx] = g.method(query[:, idx], k_g, v_g, causal=causal, scale=scale,
-                                   key_padding_mask=key_padding_mask, **routes.call_kwargs(idx))
+            res = g.method(_take_heads(query, q_sel), k_g, v_g, causal=causal, scale=scale,
+                           key_padding_mask=key_padding_mask, **routes.call_kwargs(idx))
+        if isinstance(q_sel, slice):
+            out[:, q_sel] = res
+        else:
+            out.index_copy_(1, q_sel, res)
     return out
+
+
+def _head_operands(heads: tuple[int, ...], per_kv: int, device) -> tuple[slice | torch.Tensor, slice | torch.Tensor]:
+    """The query heads of a head group and the KV heads its call reads, each a slice where they are contiguous
+    (views: nothing copied) or an index tensor. Each KV head appears once when every KV head the group touches
+    serves as many of its query heads (grouped-query attention in the call); otherwise each query head gets its
+    own copy of its KV head (plain multi-head attention)."""
+    kv = [h // per_kv for h in heads]
+    counts = {j: kv.count(j) for j in kv}
+    if len(set(counts.values())) == 1 and kv == sorted(kv):
+        kv = sorted(counts)
+    return _as_slice(list(heads), device), _as_slice(kv, device)
+
+
+def _as_slice(index: list[int], device) -> slice | torch.Tensor:
+    if index == list(range(index[0], index[0] + len(index))):
+        return slice(index[0], index[0] + len(index))
+    return torch.tensor(index, device=device)
+
+
+def _take_heads(t: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+    """Heads ``sel`` of ``t (B, H, N, D)``: a view for a slice, else one gathered copy."""
+    return t[:, sel] if isinstance(sel, slice) else t.index_select(1, sel)
 
 
 def attnzoo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -375,10 +402,20 @@ def routed_densely(method: registry.Method, decode: str) -> bool:
 
 def decode_spec(spec: LayerSpec, decode: str) -> LayerSpec:
     """The plan a generation step of layer ``spec`` runs: each group :func:`routed_densely` becomes ``exact``
-    (its heads, sinks and score_mod kept), the others stay as they are."""
-    groups = tuple(HeadGroup(registry.get("exact"), g.heads) if routed_densely(g.method, decode) else g
-                   for g in spec.groups)
-    return spec if groups == spec.groups else LayerSpec(spec.layer, groups, spec.num_heads)
+    (its heads, sinks and score_mod kept), the others stay as they are; groups running the same method then run
+    as one group (one call; all heads exact: one call over the whole layer, as without a plan)."""
+    groups = [HeadGroup(registry.get("exact"), g.heads) if routed_densely(g.method, decode) else g
+              for g in spec.groups]
+    merged: list[HeadGroup] = []
+    for g in groups:
+        same = next((i for i, m in enumerate(merged) if m.method == g.method), None)
+        if same is None:
+            merged.append(g)
+        else:
+            merged[same] = HeadGroup(g.method, tuple(sorted(merged[same].heads + g.heads)))
+    if len(merged) == 1:
+        merged = [HeadGroup(merged[0].method)]
+    return spec if tuple(merged) == spec.groups else LayerSpec(spec.layer, tuple(merged), spec.num_heads)
 
 
 def _scan(module: torch.nn.Module) -> checks.GrowingScan:
