@@ -203,6 +203,30 @@ def test_curriculum_stages_share_the_step_budget(tmp_path):
     assert "d=16 pairs=4 (curriculum pairs=3)" in res.output  # another recipe: a column of its own
 
 
+def test_stage_required_stops_at_a_missed_stage(tmp_path):
+    """With --stage-required a stage that ends below its target (here 1.01: unreachable) ends the run: the
+    later stages and the task are not trained, the model is scored on the task as it is, stopped = "stage"."""
+    from typer.testing import CliRunner
+
+    from attnzoo.cli import app
+    from attnzoo.train.sweep import TrainConfig, load_cases, make_case
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["task", "train", "mqar", "--param", "pairs=4", "--param", "seq_len=16",
+                                   "--param", "vocab_size=24", "--d-model", "16", "--steps", "60", "--batch", "8",
+                                   "--eval-size", "16", "--curriculum", "pairs=2,3", "--stage-steps", "20",
+                                   "--stage-target", "1.01", "--stage-required", "--no-progress", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    [case] = load_cases(out)
+    assert case["stopped"] == "stage" and case["stage_required"] is True
+    assert case["stages"] == [{"pairs": 2, "steps": 20, "stopped": "steps", "accuracy": case["stages"][0]["accuracy"]}]
+    assert case["steps"] == 20 and [s for s, _ in case["curve"]] == [20]  # no later stage, no task training
+    assert 0.0 <= case["accuracy"] <= 1.0
+    # without the flag the case (and its key) is as before
+    tp = {"pairs": 4, "seq_len": 16}
+    assert "stage_required" not in make_case("mqar", tp, "exact", {}, TrainConfig(curriculum=(("pairs", (2,)),)))
+
+
 def test_curriculum_errors_name_the_option():
     from attnzoo.train.cli import lead_up, parse_curriculum
     from attnzoo.train.sweep import TrainConfig, make_case, train_case

@@ -175,6 +175,8 @@ def train(
                                                     "e.g. pairs=8,16,32; see docs/training.md"),
     stage_steps: int = typer.Option(400, min=1, help="most steps per curriculum stage (part of --steps)"),
     stage_target: float = typer.Option(0.9, help="held-out accuracy that ends a curriculum stage early"),
+    stage_required: bool = typer.Option(False, help="stop at the first curriculum stage that ends below "
+                                                    "--stage-target and score the model on the task as it is"),
     threads: int = typer.Option(1, min=1, help="torch CPU threads"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     log_evals: bool = typer.Option(False, help="print every held-out evaluation (a line per 50 steps; for logs)"),
@@ -191,7 +193,8 @@ def train(
     try:
         cfg = TrainConfig(d_model=d_model, n_layers=layers, n_heads=heads, conv=conv, steps=steps, lr=lr,
                           batch=batch, eval_size=eval_size, target=target, seed=seed, patience=patience,
-                          curriculum=parse_curriculum(curriculum), stage_steps=stage_steps, stage_target=stage_target)
+                          curriculum=parse_curriculum(curriculum), stage_steps=stage_steps, stage_target=stage_target,
+                          stage_required=stage_required)
         plan, shared = parse_plan(mixer), parse_params(mixer_param)
         if isinstance(plan, list) and len(plan) == 1:  # one entry with parameters: every layer
             plan, shared = plan[0][0], {**plan[0][1], **shared}

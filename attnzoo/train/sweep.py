@@ -21,7 +21,7 @@ import torch
 from ..bench.results import ResultsFile, case_key, machine_info
 from ..errors import AttnZooError
 from ..tasks import make_task
-from .trainer import fit
+from .trainer import evaluate, fit
 from .model import TinyModel
 
 
@@ -48,10 +48,13 @@ class TrainConfig:
     curriculum: tuple[tuple[str, tuple], ...] = ()
     stage_steps: int = 400
     stage_target: float = 0.9
+    #: stop the run at the first stage that ends below ``stage_target`` (the model is then scored on the task
+    #: as it is, ``stopped = "stage"``), instead of training the later stages of a curriculum it has lost
+    stage_required: bool = False
 
 
 #: the TrainConfig fields that exist only with a curriculum (left out of other cases, so their keys stay as before)
-CURRICULUM_FIELDS = ("curriculum", "stage_steps", "stage_target")
+CURRICULUM_FIELDS = ("curriculum", "stage_steps", "stage_target", "stage_required")
 
 
 def make_case(task: str, task_params: dict, mixer: str, mixer_params: dict, cfg: TrainConfig) -> dict:
@@ -60,6 +63,8 @@ def make_case(task: str, task_params: dict, mixer: str, mixer_params: dict, cfg:
     if cfg.curriculum:
         case["curriculum"] = {name: list(values) for name, values in cfg.curriculum}
         stages(case)  # a malformed curriculum fails here, before any training
+        if not cfg.stage_required:
+            del case["stage_required"]  # the keys of cases without it stay as before
     else:
         for name in CURRICULUM_FIELDS:
             del case[name]
@@ -116,6 +121,10 @@ def train_case(case: dict, *, progress: bool = False, on_eval: Callable[[dict], 
             record_stages.append({**over, "steps": result.steps, "accuracy": result.best_metric,
                                   "stopped": result.stopped})
         done += result.steps
+        if not last and case.get("stage_required") and result.stopped != "target":
+            score = evaluate(model, task.held_out(case["eval_size"], max(case["batch"], 256), case["seed"]))
+            result = dataclasses.replace(result, best_metric=score, steps=0, best_step=0, stopped="stage")
+            break
     out = {"accuracy": result.best_metric, "best_step": done - result.steps + result.best_step, "steps": done,
            "stopped": result.stopped, "seconds": round(seconds, 2), "final_loss": result.final_loss,
            "parameters": sum(p.numel() for p in model.parameters()),
