@@ -34,9 +34,15 @@ from attnzoo import models  # noqa: E402
 
 
 def parse_case(spec: str) -> tuple[str, dict]:
-    """``prefill=NAME[:k=v,..]`` (apply the method; DynamicCache) or ``cache=NAME[:k=v,..]@BUDGET`` (apply exact;
-    attnzoo's cache with the policy, a fractional budget resolved as ``attnzoo eval`` does) -> (label, case)."""
+    """``prefill=NAME[:k=v,..]`` (apply the method; DynamicCache), ``cache=NAME[:k=v,..]@BUDGET`` (apply exact;
+    attnzoo's cache with the policy, a fractional budget resolved as ``attnzoo eval`` does) or ``plan=FILE`` (a
+    prefill plan file, e.g. minference's; DynamicCache) -> (label, case)."""
     kind, _, rest = spec.partition("=")
+    if kind == "plan":
+        plan, cache = C.load_plan(rest)
+        if cache is not None:
+            raise SystemExit(f"--cases: {spec}: only prefill plans (no cache policy) are timed here")
+        return spec, dict(apply=(plan, {}))
     rest, _, budget = rest.partition("@")
     name, params = C.parse_spec(rest)
     if kind == "prefill":
@@ -140,7 +146,8 @@ def main() -> None:
     ap.add_argument("--attnzoo-cache", action="store_true", help="also time attnzoo's own full cache")
     ap.add_argument("--cases", nargs="*", default=[], help="more cases: prefill=NAME[:k=v,..] (e.g. "
                                                           "prefill=block_topk:decode=method) or "
-                                                          "cache=NAME[:k=v,..]@BUDGET (e.g. cache=quest@0.125)")
+                                                          "cache=NAME[:k=v,..]@BUDGET (e.g. cache=quest@0.125) or "
+                                                          "plan=FILE (a prefill plan)")
     ap.add_argument("--same-token", action="store_true", help="feed one token at every step (near-identical "
                                                               "queries: tokenselect reuses its selection)")
     ap.add_argument("--profile", action="store_true", help="cProfile the adapter's steps at the first length")
