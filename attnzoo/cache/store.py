@@ -41,6 +41,7 @@ import math
 
 import torch
 
+from ..core import capped
 from . import quant
 
 #: dtype of the held tokens' positions (int32: a context of 2^31 tokens is far beyond any cache)
@@ -269,17 +270,26 @@ class Store:
         if not self.page or self.n == 0:
             return
         p0, n_pages = first_slot // self.page, math.ceil(self.n / self.page)
+        for name in ("kmin", "kmax"):
+            t = self.pages.get(name)
+            if t is None or t.shape[2] < n_pages:
+                dim = self.buf["k"].shape[-1] if self.bits is None else self.keys(0, 1).shape[-1]
+                grown = self.buf["pos"].new_empty(*self.buf["pos"].shape[:2], math.ceil(max(self.capacity, self.n)
+                                                                                        / self.page), dim,
+                                                  dtype=self.page_dtype)
+                if t is not None:
+                    grown[:, :, :p0] = t[:, :, :p0]
+                self.pages[name] = grown
+        k = self.buf["k"]
+        if (self.bits is None and k.device.type == "cpu" and k.dtype in capped.DTYPES
+                and self.page_dtype in (torch.float32, torch.bfloat16) and capped.available()):
+            # a decode step's append touches one page: one C++ call instead of ~20 small tensor ops
+            torch.ops.attnzoo.page_bounds(k, self.pages["kmin"], self.pages["kmax"], p0, self.n, self.page)
+            return
         keys = self.keys(p0 * self.page, self.n)
         short = n_pages * self.page - self.n
         if short:
             keys = torch.cat([keys, keys[:, :, -1:].expand(-1, -1, short, -1)], dim=2)
         chunks = keys.unflatten(2, (n_pages - p0, self.page))
         for name, fn, up in (("kmin", torch.amin, False), ("kmax", torch.amax, True)):
-            t = self.pages.get(name)
-            if t is None or t.shape[2] < n_pages:
-                grown = keys.new_empty(*keys.shape[:2], math.ceil(max(self.capacity, self.n) / self.page),
-                                       keys.shape[-1], dtype=self.page_dtype)
-                if t is not None:
-                    grown[:, :, :p0] = t[:, :, :p0]
-                self.pages[name] = t = grown
-            t[:, :, p0:n_pages] = round_out(fn(chunks, dim=3), self.page_dtype, up)
+            self.pages[name][:, :, p0:n_pages] = round_out(fn(chunks, dim=3), self.page_dtype, up)

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "flash_common.h"
@@ -596,7 +597,77 @@ std::vector<at::Tensor> tokenselect_attention(const at::Tensor& q, const at::Ten
   return {out, lse, slots};
 }
 
+namespace {
+
+// a key channel as a bound's float32: itself, or a double rounded outward (the nearest float on the bound's side)
+inline float outward_float(float x, bool) { return x; }
+inline float outward_float(double x, bool up) {
+  float r = static_cast<float>(x);
+  if (up ? double(r) < x : double(r) > x) r = std::nextafter(r, up ? INFINITY : -INFINITY);
+  return r;
+}
+// a float as a bfloat16 bound rounded outward: truncation rounds toward zero, one step away from it (the bits'
+// magnitude + 1) where that is the wrong side (up for a positive value, down for a negative one)
+inline uint16_t outward_bf16(float x, bool up) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  uint32_t t = bits & 0xFFFF0000u;
+  if (t != bits && up != bool(bits >> 31)) t += 0x10000u;
+  return uint16_t(t >> 16);
+}
+
+template <typename T, typename BT>
+void page_bounds_as(const at::Tensor& k, at::Tensor& kmin, at::Tensor& kmax, int64_t p0, int64_t n, int64_t page) {
+  const int64_t X = k.size(0), Y = k.size(1), D = k.size(3), P = (n + page - 1) / page;
+  const T* kp = k.data_ptr<T>();
+  BT *lo = static_cast<BT*>(kmin.data_ptr()), *hi = static_cast<BT*>(kmax.data_ptr());
+  std::vector<T> mn(D), mx(D);
+  for (int64_t x = 0; x < X; ++x)
+    for (int64_t y = 0; y < Y; ++y)
+      for (int64_t p = p0; p < P; ++p) {
+        const T* row = kp + x * k.stride(0) + y * k.stride(1) + p * page * k.stride(2);
+        std::copy(row, row + D, mn.begin());
+        std::copy(row, row + D, mx.begin());
+        for (int64_t j = p * page + 1; j < std::min(n, (p + 1) * page); ++j) {
+          row += k.stride(2);
+          for (int64_t d = 0; d < D; ++d) mn[d] = std::min(mn[d], row[d]), mx[d] = std::max(mx[d], row[d]);
+        }
+        const int64_t o = x * kmin.stride(0) + y * kmin.stride(1) + p * kmin.stride(2);
+        for (int64_t d = 0; d < D; ++d) {
+          if constexpr (std::is_same_v<BT, uint16_t>) {
+            lo[o + d] = outward_bf16(outward_float(mn[d], false), false);
+            hi[o + d] = outward_bf16(outward_float(mx[d], true), true);
+          } else {
+            lo[o + d] = outward_float(mn[d], false), hi[o + d] = outward_float(mx[d], true);
+          }
+        }
+      }
+}
+
+}  // namespace
+
+// a store's page bounds after an append: k (X, Y, >= n, D) float32/64 (unit last stride), kmin and kmax (X, Y,
+// >= ceil(n / page), D) float32 or bfloat16 alike (unit last stride); pages p0 .. ceil(n / page) - 1 get the
+// channel-wise min / max of their held slots (< n), rounded outward into the bounds' dtype (attnzoo.cache.store)
+void page_bounds(const at::Tensor& k, at::Tensor kmin, at::Tensor kmax, int64_t p0, int64_t n, int64_t page) {
+  TORCH_CHECK(k.dim() == 4 && kmin.dim() == 4 && kmin.sizes() == kmax.sizes() && kmin.strides() == kmax.strides() &&
+                  kmin.scalar_type() == kmax.scalar_type() && k.stride(3) == 1 && kmin.stride(3) == 1 &&
+                  kmin.size(0) == k.size(0) && kmin.size(1) == k.size(1) && kmin.size(3) == k.size(3),
+              "page_bounds: k (X, Y, >= n, D), kmin and kmax (X, Y, pages, D) alike, unit last strides");
+  TORCH_CHECK(page > 0 && 0 <= p0 && n <= k.size(2) && (n + page - 1) / page <= kmin.size(2),
+              "page_bounds: sizes");
+  TORCH_CHECK(kmin.scalar_type() == at::kBFloat16 || kmin.scalar_type() == at::kFloat,
+              "page_bounds: bounds in float32 or bfloat16");
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "page_bounds", [&] {
+    if (kmin.scalar_type() == at::kBFloat16)
+      page_bounds_as<scalar_t, uint16_t>(k, kmin, kmax, p0, n, page);
+    else
+      page_bounds_as<scalar_t, float>(k, kmin, kmax, p0, n, page);
+  });
+}
+
 TORCH_LIBRARY(attnzoo, m) {
+  m.def("page_bounds(Tensor k, Tensor(a!) kmin, Tensor(b!) kmax, int p0, int n, int page) -> ()", &page_bounds);
   m.def("capped_attention", &capped_attention);
   m.def("quest_attention", &quest_attention);
   m.def("tokenselect_attention", &tokenselect_attention);
