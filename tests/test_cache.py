@@ -338,6 +338,41 @@ def test_quest_page_bounds_are_upper_bounds_and_incremental(bound_dtype):
     torch.testing.assert_close(out, ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("page_dtype", [torch.float32, torch.bfloat16])
+def test_page_bounds_of_the_extension_equal_the_tensor_ops_bit_for_bit(monkeypatch, key_dtype, page_dtype):
+    """The C++ update of the touched pages' bounds (one call per append) gives exactly the bounds of the eager
+    path (amin/amax rounded outward by round_out), over prompts, single-token steps across page ends, keys of
+    every magnitude (subnormal to huge) and signs, and after a compaction."""
+    from attnzoo.cache import store as store_mod
+    from attnzoo.core import capped
+
+    if not capped.available():
+        pytest.skip("the C++ extension is not built here")
+    calls = []
+    op = torch.ops.attnzoo.page_bounds
+    monkeypatch.setattr(torch.ops.attnzoo, "page_bounds", lambda *a: calls.append(a[3:]) or op(*a), raising=False)
+    fast, eager = store_mod.Store(page=8, page_dtype=page_dtype), store_mod.Store(page=8, page_dtype=page_dtype)
+    g = torch.Generator().manual_seed(0)
+    for n in (21, 1, 1, 3, 1, 8, 1, 17):
+        scale = 10.0 ** torch.randint(-40, 36, (1, 1, n, 1), generator=g)  # 1e-40 (subnormal in float32) .. 1e35
+        k = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64) * scale).to(key_dtype)
+        fast.append(k, k, torch.arange(fast.n, fast.n + n))
+        with monkeypatch.context() as m:
+            m.setattr(store_mod.capped, "available", lambda: False)
+            eager.append(k, k, torch.arange(eager.n, eager.n + n))
+        for a, b in zip(fast.page_bounds(), eager.page_bounds()):
+            assert torch.equal(a.view(torch.int16 if a.dtype == torch.bfloat16 else torch.int32),
+                               b.view(torch.int16 if b.dtype == torch.bfloat16 else torch.int32))
+    assert len(calls) == 8 and calls[1] == (2, 22, 8)  # the second append touched page 2 only
+    idx = torch.tensor([0, 3, 9, 10, 40, 52]).expand(2, 3, 6)
+    fast.keep(idx)
+    with monkeypatch.context() as m:
+        m.setattr(store_mod.capped, "available", lambda: False)
+        eager.keep(idx)
+    assert all(torch.equal(a, b) for a, b in zip(fast.page_bounds(), eager.page_bounds()))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_quest_compact_bounds_never_drop_a_page_above_the_selected_threshold(seed):
     """With bf16 bounds, every page left out has an exact max score ``q·k`` (max over the KV head's query heads
