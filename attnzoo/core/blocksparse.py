@@ -14,7 +14,8 @@ the probabilities slot by slot from the saved log-sum-exp (as
 O(N · D). Results over disjoint key sets merge exactly by lse
 (:func:`attend_all`). Forward passes on CPU take the fused paths of
 :mod:`attnzoo.core.fused` where they apply, and so do the backward passes of
-banded layouts without a score_mod (its C++ band backward kernel).
+banded layouts (its C++ band backward kernel; a score_mod there only if it is a
+distance bias and/or soft cap whose tensors need no gradient).
 """
 
 from __future__ import annotations
@@ -538,9 +539,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
     def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):
         """A band layout's fused backward (:func:`~attnzoo.core.fused.attend_band_backward`), else slot by slot,
         both recomputing from ``(out, lse)``."""
-        if path == "band" and hook is None and band_backward_applies(q, k, v):
+        if path == "band" and band_backward_applies(q, k, v, hook):
+            bias, cap = _fused_mod(hook)
             return attend_band_backward(q, k, v, out, lse, d_out, d_lse, _cached_band_plan(layout, causal),
-                                        scale=scale, key_padding_mask=pad)
+                                        scale=scale, key_padding_mask=pad, bias=bias, cap=cap)
         return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan or make_plan(), grads)
 
     return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))

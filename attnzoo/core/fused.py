@@ -40,7 +40,7 @@ from . import capped, cpp
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .layout import MASK_CHUNK, BandPlan, TokenLayout
 from .masks import call_mask_mod
-from .scoremod import DistanceBias, negligible_gap
+from .scoremod import DistanceBias, ModHook, distance_rows, negligible_gap
 
 
 def fused_applies(q: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None) -> bool:
@@ -161,10 +161,13 @@ _BACKWARD_SOURCE = "band_backward.cpp"
 BACKWARD_TILE = 64
 
 
-def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: ModHook | None = None) -> bool:
     """Whether :func:`attend_band_backward` can run: CPU tensors of one kernel dtype (bfloat16/float16 are
-    computed in float32) and the extension built (:mod:`attnzoo.core.cpp`; ``ATTNZOO_CPP=0``: never)."""
+    computed in float32), the extension built (:mod:`attnzoo.core.cpp`; ``ATTNZOO_CPP=0``: never), and no
+    score_mod or one the kernel recomputes (a distance bias and/or a soft cap after it) whose tensors need no
+    gradient (a learned table's gradient comes from the slot loop)."""
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
+            and (mod is None or ((mod.distance or mod.capped) is not None and not mod.captured))
             and cpp.available(_BACKWARD_SOURCE))
 
 
@@ -179,9 +182,9 @@ def _band_masks(plan: BandPlan) -> tuple[torch.Tensor, torch.Tensor]:
 
 def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                          d_out: torch.Tensor, d_lse: torch.Tensor | None, plan: BandPlan, *, scale: float,
-                         key_padding_mask: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dq, dk, dv)`` of :func:`attend_band`'s ``(out, lse)`` (no score_mod) on the C++ kernel
+                         key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None,
+                         cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`attend_band`'s ``(out, lse)`` on the C++ kernel
     ``csrc/band_backward.cpp``; only after :func:`band_backward_applies`.
 
     FlashAttention-2's backward, recomputing each query block's probabilities from the saved ``lse`` over
@@ -190,6 +193,10 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     ``dV += Pᵀ dO``, ``dS = P (dO Vᵀ - delta)``, ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. The query
     heads of a KV head are one tile's rows; work runs in parallel over (batch row, KV head), and over runs of
     query blocks with their own dK/dV buffers when there are fewer of those than threads.
+    A distance ``bias`` and a soft ``cap`` (after it) are recomputed on the scores as the forward applied them
+    (the bias as one vector per head over the distances of a block's rows to its window, the same for every
+    block, see :func:`_band_bias`) and ``dS`` is multiplied by the cap's slope ``1 - tanh²``; no gradient
+    reaches the bias's own tensors (:func:`band_backward_applies` sends mods that need one to the slot loop).
     """
     dtype = q.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -203,9 +210,14 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     lse, d_lse = (None if t is None else t.to(work).contiguous() for t in (lse, d_lse))
     masks, mask_of = _band_masks(plan)
     pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    b, L, Nq, Nk = plan.block, plan.window, q.shape[2], k.shape[2]
+    # distance of row r to window column c: start·b - (Nk - Nq) + c - r, at index c - r + b - 1
+    vec = None if bias is None else distance_rows(bias, plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, work,
+                                                  q.device, causal=False)
     cpp.available(_BACKWARD_SOURCE)  # loads the op (built once per process)
     dq, dk, dv = torch.ops.attnzoo_band.band_backward(q, k, v, out, d_out, lse, d_lse, masks, mask_of, pad,
-                                                      plan.block, plan.start, float(scale), BACKWARD_TILE)
+                                                      b, plan.start, float(scale), BACKWARD_TILE, vec,
+                                                      float(cap or 0.0))
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

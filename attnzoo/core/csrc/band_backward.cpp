@@ -7,11 +7,15 @@
 //   lse, d_lse (B, Hq, Nq) contiguous (lse -inf where a row saw no key: its probabilities are 0);
 //   query block i (rows i*block ...) reads the window of L keys from key (i + start) * block, under the element
 //   mask masks[mask_of[i]] (M, block, L) bool (keys outside [0, Nk) are masked there);
-//   pad (B, Nk) bool or empty: False hides a key.
+//   pad (B, Nk) bool or empty: False hides a key;
+//   a score mod that needs no gradient of its own: bias (Hb, block + L - 1) (Hb = Hq or 1) or empty, a distance
+//   bias added to the scaled score of window column c of block row r as bias[h, c - r + block - 1] (the
+//   distance kv - q is the same function of c - r in every block), then cap > 0 (0: none), the soft cap
+//   cap * tanh(x / cap) of that sum; lse is of the modified scores.
 // Per tile of query rows (a run of positions of one block, for every query head of a KV head's group, so the
 // rows share one column range) and chunk of window columns:
-//   delta = rowsum(dO * out) - d_lse (while packing the rows), S = (q*scale) k^T, P = exp(S - lse) (0 where
-//   masked), dV += P^T dO, dP = dO v^T, dS = P (dP - delta),
+//   delta = rowsum(dO * out) - d_lse (while packing the rows), S = (q*scale) k^T (+ bias, capped), P = exp(S - lse)
+//   (0 where masked), dV += P^T dO, dP = dO v^T, dS = P (dP - delta) (times the cap's slope 1 - tanh^2),
 //   dQ += dS k * scale, dK += dS^T (q*scale): five GEMMs, no (Nq, Nk) intermediate.
 // Work item: (batch row, KV head, chunk of query blocks). A KV head's query blocks are split into chunks only
 // when there are fewer (batch, KV head) pairs than threads; then each chunk accumulates dK/dV of the keys it
@@ -56,6 +60,9 @@ struct Args {
   const int32_t* lo;  // (M, block): each mask row's first visible column (L when none)
   const int32_t* hi;  // (M, block): one past its last
   const bool* dense;  // (M, block): every column of [lo, hi) visible (a window: no mask reads)
+  const T* bias;      // (Hb, block + L - 1) or nullptr
+  int64_t bias_heads;  // Hb
+  T cap;               // 0: none
   T *dq, *dk, *dv;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv, block, start, L, nqb;
   int64_t tile;  // query positions per tile (times the group's heads: the tile's rows)
@@ -64,13 +71,40 @@ struct Args {
 };
 
 // per-thread tiles: packed scaled queries and output gradients, the rows' lse and delta, scores / probabilities,
-// their gradients, and the tile's dQ
+// their gradients, the soft cap's slopes (empty without a cap) and the tile's dQ
 template <typename T>
 struct Scratch {
-  std::vector<T> qp, gp, lse, delta, p, ds, dq;
-  Scratch(int64_t rows, int64_t D, int64_t Dv)
-      : qp(rows * D), gp(rows * Dv), lse(rows), delta(rows), p(rows * kCols), ds(rows * kCols), dq(rows * D) {}
+  std::vector<T> qp, gp, lse, delta, p, ds, slope, dq;
+  Scratch(int64_t rows, int64_t D, int64_t Dv, bool cap)
+      : qp(rows * D), gp(rows * Dv), lse(rows), delta(rows), p(rows * kCols), ds(rows * kCols),
+        slope(cap ? rows * kCols : 0), dq(rows * D) {}
 };
+
+// a row's columns [lo, hi) of scaled scores s in place: + the distance bias br (BIAS), then the soft cap
+// cap * tanh(x / cap) (CAP; written as cap + cap * u with u = tanh - 1 = -2 / (exp(2x / cap) + 1), and the
+// slope 1 - tanh^2 = -u (2 + u) into sl, both exact near saturation). One vectorised pass.
+template <typename T, bool BIAS, bool CAP>
+inline void modify_pass(T* s, const T* br, T* sl, int64_t lo, int64_t hi, T cap) {
+  const T two_over_cap = CAP ? T(2) / cap : T(0);
+#pragma omp simd
+  for (int64_t c = lo; c < hi; ++c) {
+    T x = s[c];
+    if constexpr (BIAS) x += br[c];
+    if constexpr (CAP) {
+      const T u = T(-2) / (fast_exp(x * two_over_cap) + T(1));
+      sl[c] = -u * (T(2) + u);
+      x = cap + cap * u;
+    }
+    s[c] = x;
+  }
+}
+
+template <typename T>
+inline void modify(T* s, const T* br, T* sl, int64_t lo, int64_t hi, T cap) {
+  if (br && cap > 0) modify_pass<T, true, true>(s, br, sl, lo, hi, cap);
+  else if (br) modify_pass<T, true, false>(s, br, sl, lo, hi, cap);
+  else if (cap > 0) modify_pass<T, false, true>(s, br, sl, lo, hi, cap);
+}
 
 // query blocks [i0, i1) of KV head h in batch row b; dK/dV of keys [key_base, ...) go to dk/dv (row strides D, Dv)
 template <typename T>
@@ -124,6 +158,13 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
             std::fill(pr, pr + n, T(0));
             continue;
           }
+          if (a.bias || a.cap > 0) {
+            // bias index of column c0 + c: c0 + c - p + block - 1 (row p's distances)
+            const T* br = a.bias ? a.bias + (a.bias_heads > 1 ? h * G + r / np : 0) * (a.block + a.L - 1) +
+                                       (a.block - 1 - p) + c0
+                                 : nullptr;
+            modify(pr, br, a.cap > 0 ? w.slope.data() + r * kCols : nullptr, lo, hi, a.cap);
+          }
           // exp of every score of the run, times the mask as 0/1 (branch-free, so the loop vectorises; a hidden
           // score's exp is finite: fast_exp clamps)
           const bool* mr = a.masks + (m * a.block + p) * a.L + c0;
@@ -151,8 +192,15 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
           T* sr = w.ds.data() + r * kCols;
           const T* pr = w.p.data() + r * kCols;
           const T dl = w.delta[r];
+          if (a.cap > 0) {  // the capped score's gradient to the biased one (columns P = 0 keep an older, finite
+                            // slope: 0 either way)
+            const T* sl = w.slope.data() + r * kCols;
 #pragma omp simd
-          for (int64_t c = 0; c < n; ++c) sr[c] = pr[c] * (sr[c] - dl);
+            for (int64_t c = 0; c < n; ++c) sr[c] = pr[c] * (sr[c] - dl) * sl[c];
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) sr[c] = pr[c] * (sr[c] - dl);
+          }
         }
         // dQ (rows x D) += dS . kc: column-major dQ^T (D x rows) += kc^T (D x n) . dS^T (n x rows)
         gemm('N', a.D, rows, n, kc, a.ks[2], w.ds.data(), kCols, T(1), w.dq.data(), a.D);
@@ -183,7 +231,7 @@ void run(const Args<T>& a) {
   const int64_t rows = G * std::min(a.tile, a.block);
   if (chunks == 1) {  // one item per (batch row, KV head): it owns that head's dK/dV
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
-      Scratch<T> w(rows, a.D, a.Dv);
+      Scratch<T> w(rows, a.D, a.Dv, a.cap > 0);
       for (int64_t t = begin; t < stop; ++t)
         item(a, t / a.Hkv, t % a.Hkv, 0, a.nqb, a.dk + t * a.Nk * a.D, a.dv + t * a.Nk * a.Dv, 0, w);
     });
@@ -192,7 +240,7 @@ void run(const Args<T>& a) {
   // several chunks per head: each accumulates the keys it reads in its own buffer, added up below
   std::vector<std::vector<T>> dk_part(pairs * chunks), dv_part(pairs * chunks);
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t stop) {
-    Scratch<T> w(rows, a.D, a.Dv);
+    Scratch<T> w(rows, a.D, a.Dv, a.cap > 0);
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t pair = t / chunks, c = t % chunks, i0 = c * per, i1 = std::min(a.nqb, i0 + per);
       if (i0 >= i1) continue;
@@ -226,7 +274,8 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                                       const std::optional<at::Tensor>& d_lse,
                                       const at::Tensor& masks, const at::Tensor& mask_of,
                                       const std::optional<at::Tensor>& pad, int64_t block, int64_t start,
-                                      double scale, int64_t tile) {
+                                      double scale, int64_t tile, const std::optional<at::Tensor>& bias,
+                                      double cap) {
   const char* op = "band_backward";
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && d_out.dim() == 4, op,
               ": 4-D q, k, v, out, d_out");
@@ -246,7 +295,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
               ": lse, d_lse (B, Hq, Nq) contiguous");
   TORCH_CHECK(masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 3 && masks.size(1) == block,
               op, ": masks (M, block, L) bool");
-  TORCH_CHECK(tile > 0, op, ": tile > 0");
+  TORCH_CHECK(tile > 0 && cap >= 0, op, ": tile > 0, cap >= 0");
   const int64_t nqb = (Nq + block - 1) / block, L = masks.size(2), M = masks.size(0);
   TORCH_CHECK(mask_of.scalar_type() == at::kLong && mask_of.is_contiguous() && mask_of.numel() == nqb, op,
               ": mask_of (n_q_blocks,) int64");
@@ -283,6 +332,13 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
       TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
                       pad->size(1) == Nk, op, ": pad (B, Nk) bool");
       a.pad = pad->data_ptr<bool>();
+    }
+    a.bias = nullptr, a.bias_heads = 0, a.cap = static_cast<scalar_t>(cap);
+    if (bias.has_value() && bias->defined()) {
+      TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->dim() == 2 &&
+                      (bias->size(0) == 1 || bias->size(0) == Hq) && bias->size(1) == block + L - 1, op,
+                  ": bias (1 or Hq, block + L - 1) contiguous, q's dtype");
+      a.bias = bias->data_ptr<scalar_t>(), a.bias_heads = bias->size(0);
     }
     a.dq = dq.data_ptr<scalar_t>(), a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
     a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
