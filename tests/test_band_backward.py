@@ -1,11 +1,14 @@
 """The band backward kernel (core/fused.attend_band_backward, csrc/band_backward.cpp) against the dense float64
 reference and the generic executor's slot-by-slot backward.
 
-Training through a banded layout without a score_mod (sliding_window, dilated_window, a streaming window) runs
-the band forward and this kernel's backward; everything else, and every call where the extension is not built
-(``ATTNZOO_CPP=0``), keeps the slot loop. Seeds: each case draws from torch.Generator(seed).
+Training through a banded layout (sliding_window, dilated_window, a streaming window) without a score_mod, or
+with a distance bias (ALiBi, a relative table) and/or a soft cap whose tensors need no gradient, runs the band
+forward and this kernel's backward; everything else (learned tables, other layouts), and every call where the
+extension is not built (``ATTNZOO_CPP=0``), keeps the slot loop. Seeds: each case draws from
+torch.Generator(seed).
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -51,6 +54,30 @@ def _grads(q, k, v, w, wl, **kw):
     return torch.autograd.grad(loss, (q, k, v))
 
 
+def _mod(name, heads, g):
+    """A score_mod the kernel recomputes (None, ALiBi, a relative table, a soft cap, ALiBi then a cap)."""
+    if name == "table":
+        return mods.relative_bias(torch.randn(heads, 9, generator=g))
+    alibi = mods.alibi(mods.alibi_slopes(heads))
+    return {None: None, "alibi": alibi, "softcap": mods.softcap(1.5),
+            "alibi+softcap": mods.compose(alibi, mods.softcap(2.0))}[name]
+
+
+def _modded_reference(q, k, v, visible, score_mod):
+    """Dense float64 softmax attention of ``score_mod(scores)`` restricted to ``visible`` (bottom-right
+    aligned positions: query ``i`` at ``i + Nk - Nq``)."""
+    if score_mod is None:
+        return masked_reference(q, k, v, visible)[0]
+    groups, Nq, Nk = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = score_mod(s, torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(q.shape[1]).view(1, -1, 1, 1),
+                  torch.arange(Nq).view(1, 1, -1, 1) + Nk - Nq, torch.arange(Nk).view(1, 1, 1, -1))
+    s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)) @ v
+
+
 def _assert_all_close(got, want, tol):
     for g, r in zip(got, want):
         torch.testing.assert_close(g.double(), r.double(), atol=tol, rtol=tol)
@@ -59,43 +86,75 @@ def _assert_all_close(got, want, tol):
 @settings(max_examples=25, deadline=None)
 @given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), nq=st.integers(1, 60),
        nk=st.integers(1, 60), block=st.sampled_from([4, 8, 16]), window=st.integers(1, 24), causal=st.booleans(),
-       dilation=st.sampled_from([1, 1, 2]), padded=st.booleans(), seed=st.integers(0, 2**16))
+       dilation=st.sampled_from([1, 1, 2]), padded=st.booleans(), seed=st.integers(0, 2**16),
+       mod=st.sampled_from([None, None, "alibi", "table", "softcap", "alibi+softcap"]))
 def test_gradients_equal_the_dense_reference_and_the_slot_loop(B, hkv, groups, nq, nk, block, window, causal,
-                                                                dilation, padded, seed):
-    """Over shapes, GQA, Nq != Nk (bottom-right causal alignment), key padding and dilated windows: the
-    kernel's gradients of out equal the dense float64 reference's, and with an lse gradient the slot loop's."""
+                                                                dilation, padded, seed, mod):
+    """Over shapes, GQA, Nq != Nk (bottom-right causal alignment), key padding, dilated windows and the score
+    mods the kernel recomputes (distance biases, soft caps): the kernel's gradients of out equal the dense
+    float64 reference's, and with an lse gradient the slot loop's."""
     q, k, v = _qkv(B, hkv * groups, hkv, nq, nk, 8, seed)
     g = torch.Generator().manual_seed(seed + 1)
+    score_mod = _mod(mod, hkv * groups, g)
     pad = torch.rand(B, nk, generator=g) > 0.3 if padded else None
     w, wl = torch.randn(B, hkv * groups, nq, 8, generator=g, dtype=q.dtype), torch.randn(B, hkv * groups, nq,
                                                                                        generator=g, dtype=q.dtype)
     kw = dict(method="dilated_window", window=window, dilation=2) if dilation == 2 else dict(
         method="sliding_window", window=window)
-    kw.update(block=block, causal=causal, key_padding_mask=pad)
+    kw.update(block=block, causal=causal, key_padding_mask=pad, score_mod=score_mod)
     with _kernel_calls() as spy:
         got = _grads(q, k, v, w, 0 * wl, **kw)
         path = bs.forward_path(q, k, v, az.get(kw["method"], **{x: kw[x] for x in ("window", "block")} | (
-            {"dilation": 2} if dilation == 2 else {})).layouts(q, k, causal=causal)[0], causal=causal)
+            {"dilation": 2} if dilation == 2 else {})).layouts(q, k, causal=causal)[0], causal=causal,
+            score_mod=score_mod)
         assert spy.called == (path == "band")
     vis = dilated(nq, nk, window, 2, causal) if dilation == 2 else band(nq, nk, window, causal)
     vis = combine(vis, causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
-    ref, _ = masked_reference(q, k, v, vis)
+    ref = _modded_reference(q, k, v, vis, score_mod)
     _assert_all_close(got, torch.autograd.grad((ref * w).sum(), (q, k, v)), 1e-9)
     with_lse = _grads(q, k, v, w, wl, **kw)
     with _slot_loop():
         _assert_all_close(with_lse, _grads(q, k, v, w, wl, **kw), 1e-10)
 
 
+@pytest.mark.parametrize("mod", ["alibi", "table", "softcap", "alibi+softcap"])
+@pytest.mark.parametrize("padded,dilation", [(False, 1), (True, 2)])
+def test_each_mod_on_the_kernel(mod, padded, dilation):
+    """Every mod the kernel recomputes, on GQA with Nq != Nk (special blocks at both ends): the kernel runs and
+    its gradients of (out, lse) equal the slot loop's, those of out the dense float64 reference's."""
+    q, k, v = _qkv(2, 6, 2, 45, 61, 8, seed=7)
+    g = torch.Generator().manual_seed(8)
+    score_mod = _mod(mod, 6, g)
+    pad = torch.rand(2, 61, generator=g) > 0.2 if padded else None
+    w, wl = torch.randn(2, 6, 45, 8, generator=g, dtype=q.dtype), torch.randn(2, 6, 45, generator=g, dtype=q.dtype)
+    kw = dict(method="dilated_window", window=9, dilation=2) if dilation == 2 else dict(
+        method="sliding_window", window=21)
+    kw.update(block=8, causal=True, key_padding_mask=pad, score_mod=score_mod)
+    with _kernel_calls() as spy:
+        got = _grads(q, k, v, w, 0.0, **kw)
+        with_lse = _grads(q, k, v, w, wl, **kw)
+    assert spy.call_count == 2
+    vis = dilated(45, 61, 9, 2, True) if dilation == 2 else band(45, 61, 21, True)
+    vis = combine(vis, causal=True, len_q=45, len_k=61, key_padding_mask=pad)
+    _assert_all_close(got, torch.autograd.grad((_modded_reference(q, k, v, vis, score_mod) * w).sum(), (q, k, v)),
+                      1e-9)
+    with _slot_loop():
+        _assert_all_close(with_lse, _grads(q, k, v, w, wl, **kw), 1e-10)
+
+
+@pytest.mark.parametrize("mod", [None, "alibi+softcap"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-def test_low_precision(dtype, tol):
+def test_low_precision(dtype, tol, mod):
     """float32 on the kernel as is, bfloat16 computed in float32: close to the float64 reference."""
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in _qkv(1, 6, 2, 150, 170, 16, seed=3))
     w = torch.randn(1, 6, 150, 16, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    score_mod = _mod(mod, 6, None)
     with _kernel_calls() as spy:
-        got = _grads(q, k, v, w, 0.0, method="sliding_window", window=40, block=32, causal=True)
+        got = _grads(q, k, v, w, 0.0, method="sliding_window", window=40, block=32, causal=True, score_mod=score_mod)
     assert spy.called and all(g.dtype == dtype for g in got)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = masked_reference(q64, k64, v64, combine(band(150, 170, 40, True), causal=True, len_q=150, len_k=170))
+    ref = _modded_reference(q64, k64, v64, combine(band(150, 170, 40, True), causal=True, len_q=150, len_k=170),
+                            score_mod)
     want = torch.autograd.grad((ref * w.double()).sum(), (q64, k64, v64))
     scale = max(float(r.abs().max()) for r in want)
     _assert_all_close([g / scale for g in got], [r / scale for r in want], tol)
@@ -138,13 +197,26 @@ def test_threads_split_query_blocks_without_races():
     _assert_all_close(several, one, 1e-12)
 
 
-def test_score_mods_and_token_layouts_keep_the_slot_loop():
-    """A score_mod (here ALiBi, which the band forward takes) and non-band layouts: no kernel backward."""
+def test_learned_mods_and_token_layouts_keep_the_slot_loop():
+    """A distance bias whose tensor requires grad (ALiBi slopes, a relative table; alone or under a soft cap)
+    and non-band layouts run no kernel backward, and the mod's tensors get the dense reference's gradients."""
     q, k, v = _qkv(1, 4, 2, 64, 64, 8, seed=2)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1, 4, 64, 8, generator=g, dtype=torch.float64)
+    vis = combine(band(64, 64, 16, True), causal=True, len_q=64, len_k=64)
+    for make, table in ((mods.alibi, mods.alibi_slopes(4).double()),
+                        (mods.relative_bias, torch.randn(4, 9, generator=g, dtype=torch.float64)),
+                        (lambda t: mods.compose(mods.relative_bias(t), mods.softcap(2.0)),
+                         torch.randn(4, 9, generator=g, dtype=torch.float64))):
+        table.requires_grad_()
+        with _kernel_calls() as spy:
+            out = az.attention(q, k, v, method="sliding_window", window=16, block=16, causal=True,
+                               score_mod=make(table))
+            got = torch.autograd.grad((out * w).sum(), (q, k, v, table))
+        assert not spy.called
+        want = torch.autograd.grad((_modded_reference(q, k, v, vis, make(table)) * w).sum(), (q, k, v, table))
+        _assert_all_close(got, want, 1e-9)
     with _kernel_calls() as spy:
-        out = az.attention(q, k, v, method="sliding_window", window=16, block=16, causal=True,
-                           score_mod=mods.alibi(mods.alibi_slopes(4)))
-        out.sum().backward()
         az.attention(q, k, v, method="block_topk", causal=True, block=16).sum().backward()
     assert not spy.called
 
