@@ -107,7 +107,8 @@ def test_gradients_equal_the_dense_reference_and_the_slot_loop(B, hkv, groups, n
         path = bs.forward_path(q, k, v, az.get(kw["method"], **{x: kw[x] for x in ("window", "block")} | (
             {"dilation": 2} if dilation == 2 else {})).layouts(q, k, causal=causal)[0], causal=causal,
             score_mod=score_mod)
-        assert spy.called == (path == "band")
+        # one query of a plain window is one exact call over its key span (no layout, tests/test_hf_decode.py)
+        assert spy.called == (path == "band" and (nq > 1 or dilation == 2))
     vis = dilated(nq, nk, window, 2, causal) if dilation == 2 else band(nq, nk, window, causal)
     vis = combine(vis, causal=causal, len_q=nq, len_k=nk, key_padding_mask=pad)
     ref = _modded_reference(q, k, v, vis, score_mod)
