@@ -15,7 +15,7 @@ import attnzoo as az
 import attnzoo.hf as azhf
 from attnzoo import mods
 from attnzoo.catalog.sparse import _base
-from attnzoo.catalog.sparse._base import StaticMethod
+from attnzoo.catalog.sparse.static import SlidingWindow, Streaming
 from attnzoo.core import capped
 from attnzoo.core.exact import naive_attention, span_attention
 from test_hf import _one_thread, tiny_decoder  # noqa: F401
@@ -39,15 +39,20 @@ def _reference(q, k, v, visible, key_padding_mask=None, score_mod=None):
 
 @pytest.fixture
 def no_layouts(monkeypatch):
-    """Fails any one-query call of a static method that would run its layouts (the generic executor)."""
-    original = _base.LayoutMethod.forward
+    """Fails any one-query call of a window method that would build its layouts (the generic executor)."""
+    original = _base.LayoutMethod.choose
 
-    def guard(self, q, *args, **kwargs):
-        assert q.shape[2] != 1 or not isinstance(self, StaticMethod) or self.step_spans(args[1].len_k) is None, \
-            "a one-query window step ran its layouts"
-        return original(self, q, *args, **kwargs)
+    def guard(self, q, k, prob, **kwargs):
+        assert q.shape[2] != 1 or self.step_spans(prob.len_k) is None, "a one-query window step ran its layouts"
+        return original(self, q, k, prob, **kwargs)
 
-    monkeypatch.setattr(_base.LayoutMethod, "forward", guard)
+    monkeypatch.setattr(_base.LayoutMethod, "choose", guard)
+
+
+def _layouts_only(monkeypatch):
+    """Window steps back on their layouts (the reference)."""
+    for cls in (SlidingWindow, Streaming):
+        monkeypatch.setattr(cls, "step_spans", lambda self, len_k: None)
 
 
 # len_k, window, sinks: the window alone; sinks apart from it; sinks touching it; a window >= Nk; no sinks
@@ -106,10 +111,15 @@ def test_a_window_step_equals_the_layouts_and_carries_gradients(monkeypatch):
         out.square().sum().backward()
         return out, (qq.grad, kk.grad, vv.grad)
 
+    built = []
+    choose = _base.LayoutMethod.choose
+    monkeypatch.setattr(_base.LayoutMethod, "choose", lambda self, *a, **kw: built.append(1) or choose(self, *a, **kw))
     fast, fast_grads = run(True)
     fast_nograd, _ = run(False)
-    monkeypatch.setattr(StaticMethod, "step_spans", lambda self, len_k: None)
+    assert not built
+    _layouts_only(monkeypatch)
     slow, slow_grads = run(True)
+    assert built  # the reference ran the layouts
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(fast_nograd, slow.detach(), atol=1e-12, rtol=1e-12)
     for a, b in zip(fast_grads, slow_grads):
@@ -162,7 +172,7 @@ def test_model_steps_of_window_methods_equal_their_layouts(monkeypatch):
 
     cases = [("sliding_window", dict(window=16, block=8)), ("streaming", dict(sinks=3, window=12, block=8))]
     fast = [logits(m, **p) for m, p in cases]
-    monkeypatch.setattr(StaticMethod, "step_spans", lambda self, len_k: None)
+    _layouts_only(monkeypatch)
     for (m, p), f in zip(cases, fast):
         torch.testing.assert_close(f, logits(m, **p), atol=1e-5, rtol=1e-5)
 

@@ -50,7 +50,17 @@ class LayoutMethod(Method):
         a dynamic method where sparsity cannot pay, see ``DynamicLayoutMethod``)."""
         return self.build_layouts(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
 
+    def step_spans(self, len_k: int) -> tuple[tuple[int, int], ...] | None:
+        """The key ranges one query at the last position sees, when they are all it sees (a window method's
+        generation step: one exact call over them, :func:`~attnzoo.core.exact.span_attention`); None: the
+        layouts run every call."""
+        return None
+
     def forward(self, q, k, v, prob: Problem, *, causal, key_padding_mask, return_lse, score_mod=None):
+        spans = self.step_spans(prob.len_k) if prob.len_q == 1 else None
+        if spans is not None:
+            return span_attention(q, k, v, spans, scale=prob.scale, key_padding_mask=key_padding_mask,
+                                  score_mod=score_mod, return_lse=return_lse)
         lays = self.choose(q, k, prob, causal=causal, key_padding_mask=key_padding_mask, score_mod=score_mod)
         if lays is None:
             from ..exact import Exact
@@ -70,20 +80,6 @@ class StaticMethod(LayoutMethod):
 
     def build_layouts(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
         return _cached_layouts(self, prob.len_q, prob.len_k, prob.heads_q, causal, q.device)
-
-    def step_spans(self, len_k: int) -> tuple[tuple[int, int], ...] | None:
-        """The key ranges one query at the last position sees, when they are all it sees (a window method's
-        generation step: one exact call over them, :func:`~attnzoo.core.exact.span_attention`); None: the
-        layouts run every call."""
-        return None
-
-    def forward(self, q, k, v, prob, *, causal, key_padding_mask, return_lse, score_mod=None):
-        spans = self.step_spans(prob.len_k) if prob.len_q == 1 else None
-        if spans is None:
-            return super().forward(q, k, v, prob, causal=causal, key_padding_mask=key_padding_mask,
-                                   return_lse=return_lse, score_mod=score_mod)
-        return span_attention(q, k, v, spans, scale=prob.scale, key_padding_mask=key_padding_mask,
-                              score_mod=score_mod, return_lse=return_lse)
 
 
 @functools.lru_cache(maxsize=64)
