@@ -242,8 +242,9 @@ class ModHook:
             return call_score_mod(self.fn, s, b, h, q_idx, kv_idx)
 
     def recompute(self, s: torch.Tensor, b, h, q_idx, kv_idx, grads: list):
-        """``(modified scores (a fresh tensor), to_raw)``: ``to_raw(ds)`` is the gradient of the raw scores
-        given ``ds`` of the modified ones, and adds the captured tensors' gradients into ``grads``."""
+        """``(modified scores, to_raw)``: ``to_raw(ds)`` is the gradient of the raw scores given ``ds`` of the
+        modified ones, and adds the captured tensors' gradients into ``grads``. ``s`` is the engine's own tile
+        (a fresh product, not used after): the modified scores may overwrite it."""
         bias, cap = self.capped if self.capped is not None else (self.distance, None)
         if (bias is None or _contiguous_tile(s, h, q_idx, kv_idx)) and (bias, cap) != (None, None):
             return self._recompute_closed(s, bias, cap, b, h, q_idx, kv_idx, grads)
@@ -266,12 +267,12 @@ class ModHook:
         after it, without autograd on the tile: the cap's gradient is ``1 - tanh²``, the bias passes the
         scores' gradient through unchanged, and the bias tensors' gradients are pulled back through
         :meth:`DistanceBias.bias` from the sums of the biased scores' gradient along the tile's diagonals."""
-        with torch.no_grad():
-            mod = s.clone() if bias is None else s + _bias_tile(bias, s, h, q_idx, kv_idx)
+        with torch.no_grad():  # in place on the engine's fresh scores: 4 passes over the tile for bias + cap
+            mod = s if bias is None else s.add_(_bias_tile(bias, s, h, q_idx, kv_idx))
             if cap is not None:
                 th = mod.div_(cap).tanh_()
-                mod = th * cap
-                slope = th.square_().neg_().add_(1)  # d capped / d biased
+                slope = torch.addcmul(th.new_ones(()), th, th, value=-1)  # d capped / d biased = 1 - tanh²
+                mod = th.mul_(cap)
         if bias is None or not self.captured:
             return mod, (lambda ds: ds) if cap is None else (lambda ds: ds.mul_(slope.view_as(ds)))
         heads, rows, cols = s.shape[1:]
@@ -335,12 +336,14 @@ def _accumulate(grads: list, got: tuple) -> None:
 
 def _bias_tile(bias: DistanceBias, s: torch.Tensor, h, q_idx, kv_idx) -> torch.Tensor:
     """The bias ``(heads|1, rows, cols)`` of a tile of contiguous heads and positions (:func:`_contiguous_tile`)
-    from one vector over its distances (a Hankel view, rows flipped): no index grid, no call on the tile."""
+    from one vector over its distances (a Hankel view ``unfold``, rows flipped): no index grid, no call on the
+    tile. (Flipping the unfolded view, not an ``as_strided`` one, gives a row-major tile: adding it to the
+    scores took half the time, 1.3 against 2.8 ms on a (8, 256, 512) tile, loaded machine.)"""
     heads, rows, cols = s.shape[1:]
     h0, q0, k0 = int(h.flatten()[0]), int(q_idx.flatten()[0]), int(kv_idx.flatten()[0])
     w = distance_rows(bias, k0 - q0 - rows + 1, rows + cols - 1, s.dtype, s.device, causal=False)
     w = w[h0:h0 + heads] if w.shape[0] > 1 else w
-    return w.as_strided((w.shape[0], rows, cols), (w.stride(0), 1, 1)).flip(1)
+    return w.unfold(-1, cols, 1).flip(1)
 
 
 def _contiguous_tile(s: torch.Tensor, h, q_idx, kv_idx) -> bool:
