@@ -246,8 +246,8 @@ class ModHook:
         modified ones, and adds the captured tensors' gradients into ``grads``. ``s`` is the engine's own tile
         (a fresh product, not used after): the modified scores may overwrite it."""
         bias, cap = self.capped if self.capped is not None else (self.distance, None)
-        if (bias is None or _contiguous_tile(s, h, q_idx, kv_idx)) and (bias, cap) != (None, None):
-            return self._recompute_closed(s, bias, cap, b, h, q_idx, kv_idx, grads)
+        if (bias, cap) != (None, None) and all(isinstance(t, torch.Tensor) for t in (h, q_idx, kv_idx)):
+            return self._recompute_closed(s, bias, cap, h, q_idx, kv_idx, grads)
         raw = s.detach().requires_grad_(True)
         with torch.enable_grad():
             mod = call_score_mod(self.fn, raw, b, h, q_idx, kv_idx)
@@ -261,37 +261,52 @@ class ModHook:
 
         return mod.detach().clone(), to_raw
 
-    def _recompute_closed(self, s: torch.Tensor, bias: DistanceBias | None, cap: float | None, b, h, q_idx, kv_idx,
+    def _recompute_closed(self, s: torch.Tensor, bias: DistanceBias | None, cap: float | None, h, q_idx, kv_idx,
                           grads: list):
-        """:meth:`recompute` of a distance bias (on a tile of contiguous heads and positions) and/or a soft cap
-        after it, without autograd on the tile: the cap's gradient is ``1 - tanh²``, the bias passes the
-        scores' gradient through unchanged, and the bias tensors' gradients are pulled back through
-        :meth:`DistanceBias.bias` from the sums of the biased scores' gradient along the tile's diagonals."""
+        """:meth:`recompute` of a distance bias and/or a soft cap after it, without autograd on the tile: the
+        cap's gradient is ``1 - tanh²``, the bias passes the scores' gradient through unchanged. The bias comes
+        from one vector over the tile's distances: a Hankel view on a tile of contiguous heads and positions
+        (the tiled engine's, :func:`_bias_tile`), else read at the index tensors' distances (the block-sparse
+        slot loop's gathered keys, :func:`_index_bias`). The bias tensors' gradients are pulled back through
+        :meth:`DistanceBias.bias` from the per-distance sums of the biased scores' gradient (the tile's
+        diagonals, or a scatter-add at the same indices)."""
+        hankel = bias is not None and _contiguous_tile(s, h, q_idx, kv_idx)
         with torch.no_grad():  # in place on the engine's fresh scores: 4 passes over the tile for bias + cap
-            mod = s if bias is None else s.add_(_bias_tile(bias, s, h, q_idx, kv_idx))
+            if bias is None:
+                mod = s
+            elif hankel:
+                mod = s.add_(_bias_tile(bias, s, h, q_idx, kv_idx))
+            else:
+                tile, where, lo = _index_bias(bias, s, h, q_idx, kv_idx)
+                mod = s.add_(tile)
             if cap is not None:
                 th = mod.div_(cap).tanh_()
                 slope = torch.addcmul(th.new_ones(()), th, th, value=-1)  # d capped / d biased = 1 - tanh²
                 mod = th.mul_(cap)
         if bias is None or not self.captured:
             return mod, (lambda ds: ds) if cap is None else (lambda ds: ds.mul_(slope.view_as(ds)))
-        heads, rows, cols = s.shape[1:]
-        h0, q0, k0 = int(h.flatten()[0]), int(q_idx.flatten()[0]), int(kv_idx.flatten()[0])
+        heads, rows, cols = s.shape[1:] if hankel else (0, 0, 0)
+        h0, q0, k0 = (int(t.flatten()[0]) for t in (h, q_idx, kv_idx))
 
         def to_raw(ds: torch.Tensor) -> torch.Tensor:
             if cap is not None:
                 ds = ds.mul_(slope.view_as(ds))
-            with torch.no_grad():  # row i of `shifted` holds row i of ds moved right by rows - 1 - i
-                width = rows + cols - 1
-                shifted = ds.new_zeros(heads, rows, width)
-                shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(
-                    ds.reshape(mod.shape).sum(0))
-                sums = shifted.sum(1)  # (heads, width): column c is distance k0 - q0 + c - (rows - 1)
+            with torch.no_grad():
+                if hankel:  # row i of `shifted` holds row i of ds moved right by rows - 1 - i
+                    width = rows + cols - 1
+                    shifted = ds.new_zeros(heads, rows, width)
+                    shifted.as_strided((heads, rows, cols), (rows * width, width - 1, 1), rows - 1).copy_(
+                        ds.reshape(mod.shape).sum(0))
+                    sums, first = shifted.sum(1), k0 - q0 - rows + 1  # column c: distance first + c
+                else:  # where: flat (head row, distance) index of every score
+                    sums = ds.new_zeros(where[1]).index_add_(0, where[0].expand(mod.shape).reshape(-1),
+                                                             ds.reshape(-1)).view(-1, where[2])
+                    first = lo
             with torch.enable_grad():
-                rows_b = bias.bias(torch.arange(k0 - q0 - rows + 1, k0 - q0 + cols, device=ds.device))
+                rows_b = bias.bias(torch.arange(first, first + sums.shape[-1], device=ds.device))
                 if rows_b.shape[0] == 1:
                     sums = sums.sum(0, keepdim=True)
-                else:
+                elif hankel:
                     rows_b = rows_b[h0:h0 + heads]
                 got = torch.autograd.grad(rows_b, self.captured, sums.to(rows_b.dtype), allow_unused=True)
             _accumulate(grads, got)
@@ -344,6 +359,20 @@ def _bias_tile(bias: DistanceBias, s: torch.Tensor, h, q_idx, kv_idx) -> torch.T
     w = distance_rows(bias, k0 - q0 - rows + 1, rows + cols - 1, s.dtype, s.device, causal=False)
     w = w[h0:h0 + heads] if w.shape[0] > 1 else w
     return w.unfold(-1, cols, 1).flip(1)
+
+
+def _index_bias(bias: DistanceBias, s: torch.Tensor, h, q_idx, kv_idx):
+    """``(tile, where, lo)``: the bias at the distances of any broadcastable index tensors (a tile broadcastable
+    to ``s``), read from one vector over distances ``lo ..`` (one subtraction and one gather over the tile,
+    no call of the mod on it); ``where = (flat index (head row · L + distance - lo), rows · L, L)`` for the
+    scatter-add of the gradient."""
+    lo = int(kv_idx.min()) - int(q_idx.max())
+    length = int(kv_idx.max()) - int(q_idx.min()) - lo + 1
+    vec = distance_rows(bias, lo, length, s.dtype, s.device, causal=False)  # (Hq or 1, L)
+    d = kv_idx - (q_idx + lo)
+    if vec.shape[0] == 1:
+        return vec[0][d], (d, length, length), lo
+    return vec[h, d], (h * length + d, vec.numel(), length), lo
 
 
 def _contiguous_tile(s: torch.Tensor, h, q_idx, kv_idx) -> bool:
