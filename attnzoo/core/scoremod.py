@@ -370,9 +370,14 @@ def _index_bias(bias: DistanceBias, s: torch.Tensor, h, q_idx, kv_idx):
     length = int(kv_idx.max()) - int(q_idx.min()) - lo + 1
     vec = distance_rows(bias, lo, length, s.dtype, s.device, causal=False)  # (Hq or 1, L)
     d = kv_idx - (q_idx + lo)
-    if vec.shape[0] == 1:
-        return vec[0][d], (d, length, length), lo
-    return vec[h, d], (h * length + d, vec.numel(), length), lo
+    shared = vec.shape[0] == 1
+    if not shared and h.shape[-1] != 1:  # heads varying along the keys: indexing (slower than a gather)
+        return vec[h, d], (h * length + d, vec.numel(), length), lo
+    # each row's bias vector (a view when shared), expanded to the tile: ONE gather along the keys
+    src = vec[0].view((1,) * (d.dim() - 1) + (length,)) if shared else vec[h[..., 0]]
+    full = torch.broadcast_shapes(src.shape[:-1] + (1,), d.shape)
+    tile = torch.gather(src.expand(*full[:-1], length), -1, d.expand(full))
+    return tile, ((d if shared else h * length + d), vec.numel(), length), lo
 
 
 def _contiguous_tile(s: torch.Tensor, h, q_idx, kv_idx) -> bool:
