@@ -369,8 +369,8 @@ def _user_bias_cap(table: torch.Tensor):
     return fn, lambda s, b, h, q_idx, kv_idx: fn(s, b, h, q_idx, kv_idx) if s.dim() else s
 
 
-@pytest.mark.parametrize("method,params,Nq,Nk", [("exact", {}, 21, 37), ("sliding_window", {"window": 12, "block": 16},
-                                                                          32, 32)])
+@pytest.mark.parametrize("method,params,Nq,Nk", [("exact", {}, 21, 37),
+                                                 ("sliding_window", {"window": 12, "block": 16}, 32, 32)])
 def test_lowered_user_functions_run_on_the_kernels_as_a_distance_table(method, params, Nq, Nk):
     """A user function that core.lowering reads as a distance bias + soft cap runs on the triton backend (it was
     refused before): the kernel gets the bias as a table over the call's distances (radius = the farthest one)
