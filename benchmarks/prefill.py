@@ -111,6 +111,8 @@ SPARSE = {
     "block_topk (score bound, topk 1/10)": ("block_topk", {"score": "bound", "topk": 0.1}),
     "block_topk (topk 1/10)": ("block_topk", {"topk": 0.1}),
     "block_topk (topk 1/16)": ("block_topk", {"topk": 0.0625}),
+    "block_topk (score lse)": ("block_topk", {"score": "lse"}),
+    "block_topk (score lse, topk 1/10)": ("block_topk", {"score": "lse", "topk": 0.1}),
     "vertical_slash": ("vertical_slash", {}),
     "hip": ("hip", {}),
     "hip (heads=query)": ("hip", {"heads": "query"}),

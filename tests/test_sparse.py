@@ -412,3 +412,50 @@ def test_shared_token_rows_count_what_each_group_reads(causal, skip):
 def test_token_layouts_refuse_a_wrong_group_count():
     with pytest.raises(az.AttnZooError, match=r"token_layout.kv_tokens: expected an int64 tensor \(Bl, Hl, 3 or 1"):
         TokenLayout(torch.zeros(1, 1, 2, 4, dtype=torch.long), 8, 20, 20)
+
+
+def _dense_block_lse(q, k, block_k, scale, limit, pad):
+    """The definition of :func:`blockkernel.block_lse` in float64: every score, masked, log-sum-exp per block."""
+    B, Hq, R, _ = q.shape
+    Nk = k.shape[2]
+    s = q.double() @ k.double().repeat_interleave(Hq // k.shape[1], 1).transpose(-1, -2) * scale
+    hide = torch.zeros(B, 1, R, Nk, dtype=torch.bool)
+    if limit is not None:
+        hide |= torch.arange(Nk) > limit.view(1, 1, -1, 1)
+    if pad is not None:
+        hide |= ~pad.view(B, 1, 1, Nk)
+    s = s.masked_fill(hide, float("-inf"))
+    nkb = -(-Nk // block_k)
+    s = torch.nn.functional.pad(s, (0, nkb * block_k - Nk), value=float("-inf"))
+    return s.view(B, Hq, R, nkb, block_k).logsumexp(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,block_k", [((1, 9, 3, 40, 700, 16), 64), ((2, 4, 4, 7, 333, 8), 32),
+                                           ((1, 2, 1, 5, 50, 8), 7), ((1, 6, 2, 100, 1100, 4), 1000)])
+@pytest.mark.parametrize("limited,padded", [(False, False), (True, False), (True, True)])
+def test_block_lse_equals_the_dense_definition_on_both_paths(dtype, shape, block_k, limited, padded, monkeypatch):
+    """block_topk's ``score="lse"`` estimate: the extension (work items of several rows per head, key chunks
+    of whole blocks, a block whose sum underflows against its chunk's maximum redone against its own) and the
+    eager slabs equal the dense log-sum-exp per key block, -inf where a row sees no key (limits below 0 and past
+    Nk, padding). float32 operands are rounded to bfloat16 on both paths: the reference rounds them too."""
+    B, Hq, Hkv, R, Nk, D = shape
+    g = torch.Generator().manual_seed(R + Nk)
+    q = torch.randn(B, Hq, R, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype) * 2
+    k[:, :, 3] *= 40  # a key whose score dwarfs its chunk's others: the blocks around it underflow against it
+    limit = torch.randint(-3, Nk + 5, (R,), generator=g) if limited else None
+    pad = torch.rand(B, Nk, generator=g) > 0.3 if padded else None
+    if pad is not None:
+        pad[:, :block_k] = False  # a whole padded block
+    ref = _dense_block_lse(*((q, k) if dtype == torch.float64 else (q.bfloat16(), k.bfloat16())), block_k, 0.3,
+                           limit, pad)
+    tol = dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-4, rtol=1e-5)
+    runs = {"extension": blockkernel.block_lse(q, k, block_k, scale=0.3, limit=limit, key_padding_mask=pad)}
+    monkeypatch.setattr(blockkernel, "_LSE_SLAB", 7 * B * Hq * Nk)  # several slabs
+    monkeypatch.setattr(blockkernel, "available", lambda: False)
+    runs["eager"] = blockkernel.block_lse(q, k, block_k, scale=0.3, limit=limit, key_padding_mask=pad)
+    for name, got in runs.items():
+        assert got.dtype == dtype, name
+        assert torch.equal(torch.isinf(got), torch.isinf(ref)), name
+        torch.testing.assert_close(got.double().nan_to_num(0, 0, 0), ref.nan_to_num(0, 0, 0), **tol, msg=name)

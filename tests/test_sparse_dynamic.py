@@ -36,6 +36,7 @@ FULL_BUDGET = {
     "block_topk": (dict(topk=8, block=8), (False, True), False),
     "block_topk/bound": (dict(topk=8, block=8, score="bound"), (False, True), False),
     "block_topk/top_p": (dict(top_p=1.0, block=8), (False, True), False),
+    "block_topk/lse": (dict(topk=8, block=8, score="lse"), (False, True), False),
     "hip": (dict(topk=8, block=8), (False, True), False),
     "lsh": (dict(chunk=64, buckets=4, rounds=3), (False, True), True),
     "routing": (dict(clusters=1, block=8), (False, True), False),
@@ -147,6 +148,38 @@ def test_block_topk_mean_plus_bound_keeps_both_selections(guard):
     vis = keep.repeat_interleave(2, 1).repeat_interleave(bs, 2).repeat_interleave(bs, 3)
     ref, _ = masked_reference(q, k, v, combine(vis, causal=True, len_q=48, len_k=48))
     torch.testing.assert_close(method(q, k, v, causal=True), ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_topk_lse_ranks_blocks_by_the_mean_rows_exact_mass_and_finds_a_needle(dtype):
+    """``score="lse"``: each query block's mean row scored against every key it may see (up to the block's last
+    position), log-sum-exp per key block, ranked by the group's mean softmax over blocks. One key planted to
+    answer the last query block (block 1 otherwise plain) is diluted by the block mean (score="mean" misses it)
+    but counts in full in the block's log-sum-exp, against block 3 whose keys all lean a third as far its way
+    (a higher mean score, a lower log-sum-exp)."""
+    q, k, v, _ = _inputs((1, 4, 2, 48, 48, 8), seed=30, padded=False)
+    u = torch.nn.functional.normalize(torch.randn(8, generator=torch.Generator().manual_seed(31), dtype=q.dtype), dim=0)
+    q[:, :, -8:] += 3 * u  # the last query block asks along u
+    k[:, :, 9] = 9 * u  # the needle: key 9, in block 1
+    k[:, :, 24:32] += 3 * u
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    bs, topk = 8, 1
+    method = az.get("block_topk", block=bs, topk=topk, score="lse", sink=False)
+    (lay,) = method.layouts(q, k, causal=True)
+    rq, rk = (q, k) if dtype == torch.float64 else (q.bfloat16().double(), k.bfloat16().double())  # its GEMM's operands
+    qb = rq.view(1, 4, 6, bs, 8).mean(3)
+    s = qb @ rk.repeat_interleave(2, 1).transpose(-1, -2) * 8 ** -0.5  # (1, 4, 6, 48)
+    s = s.masked_fill(torch.arange(48) > (torch.arange(6) * bs + bs - 1).view(-1, 1), -math.inf)
+    lse = s.view(1, 4, 6, 6, bs).logsumexp(-1)
+    keep = _top(_group_mass(lse, 2), topk) | torch.eye(6, dtype=torch.bool)
+    assert torch.equal(lay.block_mask(), keep)
+    assert bool(keep[0, :, 5, 1].all()) and not bool(keep[0, :, 5, 3].any())  # the last query block's choice
+    (mean,) = az.get("block_topk", block=bs, topk=topk, score="mean", sink=False).layouts(q, k, causal=True)
+    assert bool(mean.block_mask()[0, :, 5, 3].all()) and not bool(mean.block_mask()[0, :, 5, 1].any())
+    vis = keep.repeat_interleave(2, 1).repeat_interleave(bs, 2).repeat_interleave(bs, 3)
+    ref, _ = masked_reference(q.double(), k.double(), v.double(), combine(vis, causal=True, len_q=48, len_k=48))
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(method(q, k, v, causal=True).double(), ref, atol=tol, rtol=tol)
 
 
 def test_hip_kv_heads_search_with_the_groups_rows():

@@ -18,9 +18,12 @@ applied in the same pass), in float32/float64, where the extension builds (:mod:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import cpp
+from .gqa import fold_groups, unfold_groups
 from .layout import BlockLayout, TokenLayout
 from .scoremod import DistanceBias, distance_rows
 
@@ -69,3 +72,40 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
         q, k, v, index.contiguous(), pad, block_q, block_k, heads, float(scale), causal,
         Nk - Nq, vec, 1 - Nk, float(cap or 0.0), None if skip is None else skip.kv_blocks.contiguous(),
         1 if skip is None else skip.block_k)
+
+
+#: score elements per step of :func:`block_lse`'s eager path (one slab of rows at a time)
+_LSE_SLAB = 1 << 22
+
+
+def block_lse(q: torch.Tensor, k: torch.Tensor, block_k: int, *, scale: float, limit: torch.Tensor | None = None,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, Hq, R, ceil(Nk / block_k))``: for each row of ``q (B, Hq, R, D)`` and each key block of ``block_k``
+    keys of ``k (B, Hkv, Nk, D)`` (GQA: query head h reads KV head h // (Hq / Hkv)), the log-sum-exp of
+    ``scale · q·k_j`` over the block's keys j the row sees: ``j <= limit[r]`` (``limit (R,)``; None: every key),
+    not hidden by ``key_padding_mask (B, Nk)`` (False hides); -inf where it sees none. block_topk's
+    ``score="lse"`` estimate (each query block's mean row against every key it may see). On the extension
+    where it applies (CPU, float32/64; one GEMM and one pass per chunk of keys), else eagerly in slabs of rows.
+    float32 operands are rounded to bfloat16 first on both paths (the estimate's GEMM then runs on MKL's bf16
+    kernel, AMX tiles where the CPU has them: 3x float32's rate; the scores move by ~2^-8 of |q|·|k|)."""
+    pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    lim = None if limit is None else limit.to(device=q.device, dtype=torch.int64).contiguous()
+    if q.dtype == torch.float32:
+        q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
+    if q.device.type == "cpu" and q.dtype in DTYPES + (torch.bfloat16,) and k.dtype == q.dtype and available():
+        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+        return torch.ops.attnzoo_blocksparse.block_lse(q, k, pad, lim, block_k, float(scale))
+    q, k = (t.float() if t.dtype == torch.bfloat16 else t for t in (q, k))
+    B, Hq, R, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    nkb = -(-Nk // block_k)
+    hide = torch.zeros(1, 1, 1, Nk, dtype=torch.bool, device=q.device) if pad is None else ~pad[:, None, None, :]
+    slab = max(1, _LSE_SLAB // max(1, B * Hq * Nk))
+    out = []
+    for r0 in range(0, R, slab):
+        r1 = min(R, r0 + slab)
+        s = unfold_groups(torch.matmul(fold_groups(q[:, :, r0:r1], Hkv), k.transpose(-1, -2)) * scale, Hq)
+        h = hide if lim is None else hide | (torch.arange(Nk, device=q.device) > lim[r0:r1, None])
+        s = torch.nn.functional.pad(s.masked_fill(h, -math.inf), (0, nkb * block_k - Nk), value=-math.inf)
+        out.append(s.view(B, Hq, r1 - r0, nkb, block_k).logsumexp(-1))
+    return torch.cat(out, 2) if out else q.new_empty(B, Hq, 0, nkb)

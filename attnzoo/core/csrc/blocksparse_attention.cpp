@@ -28,10 +28,17 @@
 #include <algorithm>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "flash_common.h"
+
+// MKL's bfloat16 GEMM with float32 results (AMX tiles where the CPU has them; libtorch_cpu exports it when torch
+// is built with MKL): weak, so the extension loads without it and block_lse then multiplies in float32
+extern "C" void cblas_gemm_bf16bf16f32(int layout, int ta, int tb, int m, int n, int k, float alpha, const uint16_t* a,
+                                       int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 
 namespace {
 
@@ -341,7 +348,154 @@ void pack_shared(const Args<T>& a, T* kp, T* vp, bool* pp) {
   });
 }
 
+// s (rows x n, row stride lds) = a (rows x D, row stride D) . b (n x D, row stride ldb)^T, in S (T's score type)
+inline void score_gemm(int rows, int n, int D, const float* a, const float* b, int ldb, float* s, int lds,
+                       std::vector<float>&) {
+  gemm('T', n, rows, D, b, ldb, a, D, 0.0f, s, lds);
+}
+inline void score_gemm(int rows, int n, int D, const double* a, const double* b, int ldb, double* s, int lds,
+                       std::vector<double>&) {
+  gemm('T', n, rows, D, b, ldb, a, D, 0.0, s, lds);
+}
+inline void score_gemm(int rows, int n, int D, const c10::BFloat16* a, const c10::BFloat16* b, int ldb, float* s,
+                       int lds, std::vector<float>& tmp) {
+  if (cblas_gemm_bf16bf16f32) {  // row-major, b transposed
+    cblas_gemm_bf16bf16f32(101, 111, 112, rows, n, D, 1.0f, reinterpret_cast<const uint16_t*>(a), D,
+                           reinterpret_cast<const uint16_t*>(b), ldb, 0.0f, s, lds);
+    return;
+  }
+  tmp.resize(static_cast<size_t>(rows + n) * D);  // no bf16 GEMM: the same products in float32 (bf16 is exact there)
+  for (int64_t i = 0; i < rows * D; ++i) tmp[i] = static_cast<float>(a[i]);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < D; ++d) tmp[(rows + j) * D + d] = static_cast<float>(b[j * ldb + d]);
+  gemm('T', n, rows, D, tmp.data() + rows * D, D, tmp.data(), D, 0.0f, s, lds);
+}
+
+// block_lse's work: rows [r0, r1) of every query head of KV head kv (batch row b) against the keys up to the
+// rows' greatest limit, in chunks of whole key blocks: one GEMM for the scores (S: float, or double for double
+// inputs), then per row the chunk's maximum and per key block log Σ exp against it; a block whose sum is below
+// e^-60 (its maximum more than 60 below the chunk's, so weights past float's e^-87 may have been flushed to 0)
+// is redone against its own maximum
+constexpr double kTiny = 8.75651076269652e-27;  // e^-60
+template <typename T, typename S>
+void lse_rows(const T* q, const int64_t qs[3], const T* k, const int64_t ks[3], const bool* pad, const int64_t* limit,
+              S* out, int64_t b, int64_t kv, int64_t r0, int64_t r1, int64_t G, int64_t Hq, int64_t R, int64_t Nk,
+              int64_t D, int64_t block_k, int64_t nkb, S scale, std::vector<T>& qp, std::vector<S>& s,
+              std::vector<S>& tmp) {
+  const S ninf = -std::numeric_limits<S>::infinity();
+  const int64_t nr = r1 - r0, rows = G * nr;
+  const int64_t chunk = std::max<int64_t>(1, kBlockK / block_k) * block_k;
+  int64_t last = Nk - 1;  // the greatest key any of the rows sees
+  if (limit) last = std::min(last, *std::max_element(limit + r0, limit + r1));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* src = q + b * qs[0] + (kv * G + g) * qs[1] + (r0 + r) * qs[2];
+      std::copy(src, src + D, qp.data() + (g * nr + r) * D);
+      S* o = out + ((b * Hq + kv * G + g) * R + r0 + r) * nkb;
+      std::fill(o, o + nkb, ninf);
+    }
+  const T* kh = k + b * ks[0] + kv * ks[1];
+  for (int64_t j0 = 0; j0 <= last; j0 += chunk) {
+    const int64_t n = std::min(chunk, last + 1 - j0);
+    score_gemm(rows, n, D, qp.data(), kh + j0 * ks[2], ks[2], s.data(), chunk, tmp);
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      const int64_t g = rr / nr, i = r0 + rr % nr;
+      const int64_t vis = std::min(n, (limit ? std::min(limit[i], Nk - 1) : Nk - 1) - j0 + 1);
+      if (vis <= 0) continue;
+      S* sr = s.data() + rr * chunk;
+      S mx = ninf;
+#pragma omp simd reduction(max : mx)
+      for (int64_t c = 0; c < vis; ++c) {
+        const S x = sr[c] * scale;
+        sr[c] = x;
+        mx = x > mx ? x : mx;
+      }
+      if (pad) {
+        mx = ninf;
+        for (int64_t c = 0; c < vis; ++c) {
+          if (!pad[j0 + c]) sr[c] = ninf;
+          mx = std::max(mx, sr[c]);
+        }
+      }
+      if (mx == ninf) continue;
+      S* o = out + ((b * Hq + kv * G + g) * R + i) * nkb + j0 / block_k;
+      for (int64_t c0 = 0; c0 < vis; c0 += block_k) {
+        const int64_t c1 = std::min(vis, c0 + block_k);
+        S sum = 0, m = mx;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = c0; c < c1; ++c) sum += fast_exp(sr[c] - m);
+        if (sum < S(kTiny)) {  // the block's maximum is > 60 below the chunk's (its small weights may underflow)
+          m = ninf;
+          sum = 0;
+          for (int64_t c = c0; c < c1; ++c) m = std::max(m, sr[c]);
+          if (m == ninf) continue;
+          for (int64_t c = c0; c < c1; ++c) sum += fast_exp(sr[c] - m);
+        }
+        o[c0 / block_k] = m + std::log(sum);
+      }
+    }
+  }
+}
+
 }  // namespace
+
+// lse (B, Hq, R, ceil(Nk / block_k)): for each row of q (B, Hq, R, D) and each key block of block_k keys of
+// k (B, Hkv, Nk, D), log Σ exp(scale · q·k_j) over the block's keys j the row sees: j <= limit[r] (limit (R,)
+// int64, or empty: every key) and not hidden by pad (B, Nk) bool; -inf where it sees none. float32/float64 in and
+// out, or bfloat16 in (MKL's bf16 GEMM) and float32 out. block_topk's score="lse" (each query block's mean row):
+// one GEMM per chunk of keys and one pass over its scores, parallel over (batch row, KV head, rows), the KV head's
+// query heads in one GEMM operand
+at::Tensor block_lse(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& pad,
+                     const std::optional<at::Tensor>& limit, int64_t block_k, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.stride(3) == 1 && k.stride(3) == 1 && q.size(0) == k.size(0) &&
+                  q.size(3) == k.size(3) && q.scalar_type() == k.scalar_type() && k.size(1) > 0 &&
+                  q.size(1) % k.size(1) == 0 && block_k > 0,
+              "block_lse: q (B, Hq, R, D), k (B, Hkv, Nk, D) alike, unit last strides, Hq a multiple of Hkv");
+  const int64_t B = q.size(0), Hq = q.size(1), R = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
+  const int64_t nkb = (Nk + block_k - 1) / block_k, G = Hq / Hkv;
+  const bool* pp = nullptr;
+  if (pad.has_value() && pad->defined()) {
+    TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
+                    pad->size(1) == Nk, "block_lse: pad (B, Nk) bool");
+    pp = pad->data_ptr<bool>();
+  }
+  const int64_t* lim = nullptr;
+  if (limit.has_value() && limit->defined()) {
+    TORCH_CHECK(limit->scalar_type() == at::kLong && limit->is_contiguous() && limit->dim() == 1 &&
+                    limit->size(0) == R, "block_lse: limit (R,) int64");
+    lim = limit->data_ptr<int64_t>();
+  }
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  auto out = at::empty({B, Hq, R, nkb}, q.options().dtype(bf16 ? at::kFloat : q.scalar_type()));
+  if (out.numel() == 0) return out;
+  const int64_t rows_per = std::max<int64_t>(1, kRows / G);  // rows per work item and head
+  const int64_t chunks = (R + rows_per - 1) / rows_per, chunk = std::max<int64_t>(1, kBlockK / block_k) * block_k;
+  auto go = [&](auto* qd, auto* kd, auto* od) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(qd)>>;
+    using S = std::remove_pointer_t<decltype(od)>;
+    int64_t qs[3], ks[3];
+    attnzoo_flash::operand_strides(q, D, qs, "block_lse", "q");
+    attnzoo_flash::operand_strides(k, D, ks, "block_lse", "k");
+    at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t stop) {
+      std::vector<T> qp(G * rows_per * D);
+      std::vector<S> s(G * rows_per * chunk), tmp;
+      for (int64_t t = begin; t < stop; ++t) {
+        const int64_t b = t / (Hkv * chunks), kv = (t / chunks) % Hkv, c = t % chunks;
+        const int64_t r0 = c * rows_per, r1 = std::min(R, r0 + rows_per);
+        lse_rows<T, S>(qd, qs, kd, ks, pp ? pp + b * Nk : nullptr, lim, od, b, kv, r0, r1, G, Hq, R, Nk, D, block_k,
+                       nkb, static_cast<S>(scale), qp, s, tmp);
+      }
+    });
+  };
+  if (bf16) {
+    go(q.data_ptr<c10::BFloat16>(), k.data_ptr<c10::BFloat16>(), out.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "block_lse", [&] {
+      go(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    });
+  }
+  return out;
+}
 
 // returns out (B, Hq, Nq, Dv) and lse (B, Hq, Nq) in q's dtype (float32 or float64)
 std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -420,4 +574,7 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
   return {out, lse};
 }
 
-TORCH_LIBRARY(attnzoo_blocksparse, m) { m.def("blocksparse_attention", &blocksparse_attention); }
+TORCH_LIBRARY(attnzoo_blocksparse, m) {
+  m.def("blocksparse_attention", &blocksparse_attention);
+  m.def("block_lse", &block_lse);
+}
