@@ -181,21 +181,27 @@ def test_strided_permuted_and_expanded_inputs():
     assert [tuple(x.shape) for x in base_grads] == [(2, 50, 4, 8), (1, 2, 60, 8), (2, 2, 60, 16)]
 
 
-def test_threads_split_query_blocks_without_races():
-    """With more threads than (batch, KV head) pairs the kernel splits each head's query blocks into runs
-    with their own dK/dV buffers: the gradients equal the one-thread ones."""
-    q, k, v = _qkv(1, 3, 1, 300, 300, 16, seed=12)
-    w = torch.randn(1, 3, 300, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    kw = dict(method="sliding_window", window=50, block=16, causal=False)
+@pytest.mark.parametrize("batch,kv_heads", [(1, 1), (2, 4)])
+def test_gradients_do_not_depend_on_the_thread_count(batch, kv_heads):
+    """The work items depend on the shapes only and run with single-threaded BLAS, so 1, 2 and 3 threads give
+    the same bits: one KV head (its query blocks split into runs with their own dK/dV buffers, run in parallel)
+    and 8 (batch, KV head) pairs (one item each). ``torch.set_num_threads`` also switches MKL's dynamic
+    threading off, which used to change how MKL threaded the kernel's GEMMs."""
+    q, k, v = _qkv(batch, 3 * kv_heads, kv_heads, 300, 300, 16, seed=12)
+    w = torch.randn(batch, 3 * kv_heads, 300, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(method="sliding_window", window=50, block=16, causal=False, score_mod=mods.softcap(3.0))
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = _grads(q, k, v, w, 0.0, **kw)
-        torch.set_num_threads(3)
-        several = _grads(q, k, v, w, 0.0, **kw)
+        runs = []
+        for n in (1, 3, 2):
+            torch.set_num_threads(n)
+            with _kernel_calls() as spy:
+                runs.append(_grads(q, k, v, w, 0.0, **kw))
+            assert spy.called
     finally:
         torch.set_num_threads(threads)
-    _assert_all_close(several, one, 1e-12)
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(other, runs[0]))
 
 
 def test_learned_mods_and_token_layouts_keep_the_slot_loop():
@@ -241,8 +247,4 @@ def test_without_the_extension_the_slot_loop_gives_the_same_gradients(tmp_path):
         out = az.attention(q, k, v, method="sliding_window", window=20, block=16, causal=True)
         got = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
     assert spy.called
-    # 1e-7, not 1e-10: after test_threads_split_query_blocks_without_races changes the thread count in this
-    # process, about one run in six differs from the fresh process's slot loop by up to 6e-9 (float64, 5e-7
-    # relative); not reproduced outside pytest, cause not found yet (an open defect, seventh session's note).
-    # A routing or mask error is orders of magnitude larger.
-    _assert_all_close(got, want, 1e-7)
+    _assert_all_close(got, want, 1e-10)

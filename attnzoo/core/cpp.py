@@ -25,6 +25,10 @@ _CSRC = Path(__file__).with_name("csrc")
 _STALE_LOCK_S = 600
 #: source file name -> whether its build succeeded in this process
 _built: dict[str, bool] = {}
+#: extra compile/link flags of one extension (part of its cache key). ``-fopenmp``: its ``at::parallel_for``
+#: runs on torch's OpenMP threads (the same libgomp, by soname); without it ATen's inline ``parallel_for``
+#: compiles to one sequential call, and MKL threads each GEMM on its own instead
+_FLAGS: dict[str, list[str]] = {"band_backward.cpp": ["-fopenmp"]}
 
 
 def _cpu_tag() -> str:
@@ -39,7 +43,9 @@ def _cpu_tag() -> str:
 def _build(source: str) -> None:
     files = [_CSRC / source, *sorted(_CSRC.glob("*.h"))]
     text = b"".join(f.read_bytes() for f in files)
-    key = hashlib.sha256(text + torch.__version__.encode() + _cpu_tag().encode()).hexdigest()[:16]
+    flags = _FLAGS.get(source, [])
+    key = hashlib.sha256(text + torch.__version__.encode() + _cpu_tag().encode() + " ".join(flags).encode()
+                         ).hexdigest()[:16]
     build = Path(os.environ.get("ATTNZOO_CPP_CACHE", Path.home() / ".cache" / "attnzoo" / "cpp")) / key
     # compile a copy kept in the build folder: checkouts at other paths with the same sources (worktrees, a
     # reinstall) then share the build, where their own paths would rewrite its ninja file and rebuild each time
@@ -56,8 +62,8 @@ def _build(source: str) -> None:
     from torch.utils.cpp_extension import load
 
     load(name=f"attnzoo_{Path(source).stem}_{key}", sources=[str(src / source)], build_directory=str(build),
-         is_python_module=False, extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd"],
-         extra_include_paths=[str(src)], verbose=False)
+         is_python_module=False, extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", *flags],
+         extra_ldflags=flags, extra_include_paths=[str(src)], verbose=False)
 
 
 def built(source: str) -> bool | None:

@@ -192,7 +192,8 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     (as :func:`~attnzoo.core.partial.grad_inputs`, but while the kernel packs each tile's rows),
     ``dV += Pᵀ dO``, ``dS = P (dO Vᵀ - delta)``, ``dQ = dS K · scale``, ``dK += dSᵀ Q · scale``. The query
     heads of a KV head are one tile's rows; work runs in parallel over (batch row, KV head), and over runs of
-    query blocks with their own dK/dV buffers when there are fewer of those than threads.
+    query blocks with their own dK/dV buffers when there are fewer than 8 of those; the result does not depend
+    on the thread count (each work item on one thread, with single-threaded BLAS).
     A distance ``bias`` and a soft ``cap`` (after it) are recomputed on the scores as the forward applied them
     (the bias as one vector per head over the distances of a block's rows to its window, the same for every
     block, see :func:`_band_bias`) and ``dS`` is multiplied by the cap's slope ``1 - tanh²``; no gradient

@@ -18,9 +18,13 @@
 //   (0 where masked), dV += P^T dO, dP = dO v^T, dS = P (dP - delta) (times the cap's slope 1 - tanh^2),
 //   dQ += dS k * scale, dK += dS^T (q*scale): five GEMMs, no (Nq, Nk) intermediate.
 // Work item: (batch row, KV head, chunk of query blocks). A KV head's query blocks are split into chunks only
-// when there are fewer (batch, KV head) pairs than threads; then each chunk accumulates dK/dV of the keys it
-// reads in its own buffer, added up after (no races, no atomics). dQ: each query block has one window, so every
-// row's gradient is written once.
+// when there are fewer than kMinItems (batch, KV head) pairs; then each chunk accumulates dK/dV of the keys it
+// reads in its own buffer, added up after in chunk order (no races, no atomics). dQ: each query block has one
+// window, so every row's gradient is written once.
+// Deterministic for any thread count: the work items depend on the shapes only, each runs on one thread with
+// single-threaded BLAS (MKL would otherwise thread each small GEMM itself, differently once
+// torch.set_num_threads has switched its dynamic mode off), so the arithmetic and its order are fixed. Built
+// with -fopenmp (core/cpp.py) so at::parallel_for really runs the items on torch's threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,6 +42,25 @@ using attnzoo_flash::fast_exp;
 using attnzoo_flash::gemm;
 
 constexpr int64_t kCols = 512;  // window columns per score chunk
+constexpr int64_t kMinItems = 8;  // fewer (batch, KV head) pairs than this: their query blocks split in chunks
+
+}  // namespace
+
+// MKL's per-thread thread count (libtorch_cpu exports it where torch uses MKL; weak: absent elsewhere)
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // mkl_service.h's C name
+
+namespace {
+
+// this thread's BLAS calls run on this thread while in scope (MKL; other BLAS builds: a no-op)
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0: back to the global setting
+  }
+};
 
 // column-major C (m x n) += A (m x k) * B^T, B stored (n x k) (sgemm_/dgemm_ of flash_common.h): the updates
 // dV += P^T dO and dK += dS^T Q
@@ -226,11 +249,12 @@ inline std::pair<int64_t, int64_t> key_span(int64_t i0, int64_t i1, int64_t star
 template <typename T>
 void run(const Args<T>& a) {
   const int64_t pairs = a.B * a.Hkv, G = a.Hq / a.Hkv;
-  const int64_t chunks = std::min<int64_t>(a.nqb, std::max<int64_t>(1, (at::get_num_threads() + pairs - 1) / pairs));
+  const int64_t chunks = std::min<int64_t>(a.nqb, (kMinItems + pairs - 1) / pairs);  // shapes only, never threads
   const int64_t per = (a.nqb + chunks - 1) / chunks;
   const int64_t rows = G * std::min(a.tile, a.block);
   if (chunks == 1) {  // one item per (batch row, KV head): it owns that head's dK/dV
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
+      SequentialBlas sequential;
       Scratch<T> w(rows, a.D, a.Dv, a.cap > 0);
       for (int64_t t = begin; t < stop; ++t)
         item(a, t / a.Hkv, t % a.Hkv, 0, a.nqb, a.dk + t * a.Nk * a.D, a.dv + t * a.Nk * a.Dv, 0, w);
@@ -240,6 +264,7 @@ void run(const Args<T>& a) {
   // several chunks per head: each accumulates the keys it reads in its own buffer, added up below
   std::vector<std::vector<T>> dk_part(pairs * chunks), dv_part(pairs * chunks);
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t stop) {
+    SequentialBlas sequential;
     Scratch<T> w(rows, a.D, a.Dv, a.cap > 0);
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t pair = t / chunks, c = t % chunks, i0 = c * per, i1 = std::min(a.nqb, i0 + per);
