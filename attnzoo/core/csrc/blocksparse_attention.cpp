@@ -371,17 +371,65 @@ inline void score_gemm(int rows, int n, int D, const c10::BFloat16* a, const c10
   gemm('T', n, rows, D, tmp.data() + rows * D, D, tmp.data(), D, 0.0f, s, lds);
 }
 
+// log for positive normal floats, vectorisable (Cephes' logf polynomial on the mantissa in [sqrt(1/2), sqrt(2)),
+// relative error ~1e-7); double: the library's
+__attribute__((always_inline)) inline float fast_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);
+  bits = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  float m;
+  std::memcpy(&m, &bits, sizeof m);
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+inline double fast_log(double x) { return std::log(x); }
+
+// the sum of n values in 16 lanes, then a tree over the lanes (the vectorised loop's own epilogue was a serial
+// chain of scalar adds per block: most of the pass's time with 64-key blocks)
+template <typename S>
+inline S block_sum(const S* p, int64_t n) {
+  S acc[16] = {};
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16)
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) acc[l] += p[c + l];
+  for (; c < n; ++c) acc[0] += p[c];
+  for (int width = 8; width >= 1; width /= 2)
+#pragma omp simd
+    for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
+  return acc[0];
+}
+
 // block_lse's work: rows [r0, r1) of every query head of KV head kv (batch row b) against the keys up to the
 // rows' greatest limit, in chunks of whole key blocks: one GEMM for the scores (S: float, or double for double
-// inputs), then per row the chunk's maximum and per key block log Σ exp against it; a block whose sum is below
-// e^-60 (its maximum more than 60 below the chunk's, so weights past float's e^-87 may have been flushed to 0)
-// is redone against its own maximum
+// inputs), then per row one pass for the weights exp against the row's reference (its maximum over its first
+// chunk, which holds the sink) and per key block their sum; a block whose sum is above e^60 (it may have
+// overflowed) or below e^-60 (its maximum is more than ~60 below the reference: weights past float's e^-87 may
+// have been flushed to 0) is redone against its own maximum
 constexpr double kTiny = 8.75651076269652e-27;  // e^-60
+
 template <typename T, typename S>
 void lse_rows(const T* q, const int64_t qs[3], const T* k, const int64_t ks[3], const bool* pad, const int64_t* limit,
               S* out, int64_t b, int64_t kv, int64_t r0, int64_t r1, int64_t G, int64_t Hq, int64_t R, int64_t Nk,
               int64_t D, int64_t block_k, int64_t nkb, S scale, std::vector<T>& qp, std::vector<S>& s,
-              std::vector<S>& tmp) {
+              std::vector<S>& tmp, std::vector<S>& ref, std::vector<S>& wts, std::vector<S>& sums,
+              std::vector<S>& base) {
   const S ninf = -std::numeric_limits<S>::infinity();
   const int64_t nr = r1 - r0, rows = G * nr;
   const int64_t chunk = std::max<int64_t>(1, kBlockK / block_k) * block_k;
@@ -394,6 +442,7 @@ void lse_rows(const T* q, const int64_t qs[3], const T* k, const int64_t ks[3], 
       S* o = out + ((b * Hq + kv * G + g) * R + r0 + r) * nkb;
       std::fill(o, o + nkb, ninf);
     }
+  std::fill(ref.begin(), ref.begin() + rows, ninf);
   const T* kh = k + b * ks[0] + kv * ks[1];
   for (int64_t j0 = 0; j0 <= last; j0 += chunk) {
     const int64_t n = std::min(chunk, last + 1 - j0);
@@ -403,36 +452,39 @@ void lse_rows(const T* q, const int64_t qs[3], const T* k, const int64_t ks[3], 
       const int64_t vis = std::min(n, (limit ? std::min(limit[i], Nk - 1) : Nk - 1) - j0 + 1);
       if (vis <= 0) continue;
       S* sr = s.data() + rr * chunk;
-      S mx = ninf;
-#pragma omp simd reduction(max : mx)
-      for (int64_t c = 0; c < vis; ++c) {
-        const S x = sr[c] * scale;
-        sr[c] = x;
-        mx = x > mx ? x : mx;
-      }
-      if (pad) {
-        mx = ninf;
-        for (int64_t c = 0; c < vis; ++c) {
+      if (pad)
+        for (int64_t c = 0; c < vis; ++c)
           if (!pad[j0 + c]) sr[c] = ninf;
-          mx = std::max(mx, sr[c]);
-        }
+      S m = ref[rr];
+      if (m == ninf) {  // the row's first visible keys: its reference
+#pragma omp simd reduction(max : m)
+        for (int64_t c = 0; c < vis; ++c) m = sr[c] > m ? sr[c] : m;
+        if (m == ninf) continue;
+        m *= scale;
+        ref[rr] = m;
       }
-      if (mx == ninf) continue;
+      const int64_t nb = (vis + block_k - 1) / block_k;
+      S* w = wts.data();  // the weights exp(x - m), then per block their sum
+#pragma omp simd
+      for (int64_t c = 0; c < vis; ++c) w[c] = fast_exp(sr[c] * scale - m);
+      for (int64_t bb = 0; bb < nb; ++bb) {
+        const int64_t c0 = bb * block_k, c1 = std::min(vis, c0 + block_k);
+        S sum = block_sum(w + c0, c1 - c0);
+        base[bb] = m;
+        if (!(sum >= S(kTiny) && sum <= S(1 / kTiny))) {  // far below or above the reference: against its own max
+          S mx = ninf;
+          for (int64_t c = c0; c < c1; ++c) mx = std::max(mx, sr[c] * scale);
+          sum = 1, base[bb] = mx;
+          if (mx > ninf) {
+            sum = 0;
+            for (int64_t c = c0; c < c1; ++c) sum += fast_exp(sr[c] * scale - mx);
+          }
+        }
+        sums[bb] = sum;
+      }
       S* o = out + ((b * Hq + kv * G + g) * R + i) * nkb + j0 / block_k;
-      for (int64_t c0 = 0; c0 < vis; c0 += block_k) {
-        const int64_t c1 = std::min(vis, c0 + block_k);
-        S sum = 0, m = mx;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = c0; c < c1; ++c) sum += fast_exp(sr[c] - m);
-        if (sum < S(kTiny)) {  // the block's maximum is > 60 below the chunk's (its small weights may underflow)
-          m = ninf;
-          sum = 0;
-          for (int64_t c = c0; c < c1; ++c) m = std::max(m, sr[c]);
-          if (m == ninf) continue;
-          for (int64_t c = c0; c < c1; ++c) sum += fast_exp(sr[c] - m);
-        }
-        o[c0 / block_k] = m + std::log(sum);
-      }
+#pragma omp simd
+      for (int64_t bb = 0; bb < nb; ++bb) o[bb] = base[bb] + fast_log(sums[bb]);
     }
   }
 }
@@ -478,12 +530,12 @@ at::Tensor block_lse(const at::Tensor& q, const at::Tensor& k, const std::option
     attnzoo_flash::operand_strides(k, D, ks, "block_lse", "k");
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t stop) {
       std::vector<T> qp(G * rows_per * D);
-      std::vector<S> s(G * rows_per * chunk), tmp;
+      std::vector<S> s(G * rows_per * chunk), tmp, ref(G * rows_per), wts(chunk), sums(chunk), base(chunk);
       for (int64_t t = begin; t < stop; ++t) {
         const int64_t b = t / (Hkv * chunks), kv = (t / chunks) % Hkv, c = t % chunks;
         const int64_t r0 = c * rows_per, r1 = std::min(R, r0 + rows_per);
         lse_rows<T, S>(qd, qs, kd, ks, pp ? pp + b * Nk : nullptr, lim, od, b, kv, r0, r1, G, Hq, R, Nk, D, block_k,
-                       nkb, static_cast<S>(scale), qp, s, tmp);
+                       nkb, static_cast<S>(scale), qp, s, tmp, ref, wts, sums, base);
       }
     });
   };
