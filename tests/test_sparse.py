@@ -436,7 +436,7 @@ def _dense_block_lse(q, k, block_k, scale, limit, pad):
 @pytest.mark.parametrize("limited,padded", [(False, False), (True, False), (True, True)])
 def test_block_lse_equals_the_dense_definition_on_both_paths(dtype, shape, block_k, limited, padded, monkeypatch):
     """block_topk's ``score="lse"`` estimate: the extension (work items of several rows per head, key chunks
-    of whole blocks, a block whose sum underflows against its chunk's maximum redone against its own) and the
+    of whole blocks, a block far below or above the row's first chunk's maximum redone against its own) and the
     eager slabs equal the dense log-sum-exp per key block, -inf where a row sees no key (limits below 0 and past
     Nk, padding). float32 operands are rounded to bfloat16 on both paths: the reference rounds them too."""
     B, Hq, Hkv, R, Nk, D = shape
@@ -444,6 +444,7 @@ def test_block_lse_equals_the_dense_definition_on_both_paths(dtype, shape, block
     q = torch.randn(B, Hq, R, D, generator=g, dtype=dtype)
     k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype) * 2
     k[:, :, 3] *= 40  # a key whose score dwarfs its chunk's others: the blocks around it underflow against it
+    k[:, :, -2] *= 60  # and one in the last chunk, far above the first chunk's maximum (overflow against it)
     limit = torch.randint(-3, Nk + 5, (R,), generator=g) if limited else None
     pad = torch.rand(B, Nk, generator=g) > 0.3 if padded else None
     if pad is not None:
