@@ -25,10 +25,12 @@ _CSRC = Path(__file__).with_name("csrc")
 _STALE_LOCK_S = 600
 #: source file name -> whether its build succeeded in this process
 _built: dict[str, bool] = {}
-#: extra compile/link flags of one extension (part of its cache key). ``-fopenmp``: its ``at::parallel_for``
-#: runs on torch's OpenMP threads (the same libgomp, by soname); without it ATen's inline ``parallel_for``
-#: compiles to one sequential call, and MKL threads each GEMM on its own instead
-_FLAGS: dict[str, list[str]] = {"band_backward.cpp": ["-fopenmp"]}
+#: compile/link flags of every extension besides -O3 and the CPU's own (part of the cache key). ``-fopenmp``:
+#: each ``at::parallel_for`` runs on torch's OpenMP threads (the same libgomp, by soname); without it ATen's
+#: inline ``parallel_for`` compiles to one sequential call, and MKL threads each small GEMM on its own instead
+#: (at 2 threads the block kernel's forward ran 4x slower than at 1). Every body opens ``SequentialBlas``
+#: (flash_common.h).
+_OPENMP = ["-fopenmp"]
 
 
 def _cpu_tag() -> str:
@@ -43,8 +45,7 @@ def _cpu_tag() -> str:
 def _build(source: str) -> None:
     files = [_CSRC / source, *sorted(_CSRC.glob("*.h"))]
     text = b"".join(f.read_bytes() for f in files)
-    flags = _FLAGS.get(source, [])
-    key = hashlib.sha256(text + torch.__version__.encode() + _cpu_tag().encode() + " ".join(flags).encode()
+    key = hashlib.sha256(text + torch.__version__.encode() + _cpu_tag().encode() + " ".join(_OPENMP).encode()
                          ).hexdigest()[:16]
     build = Path(os.environ.get("ATTNZOO_CPP_CACHE", Path.home() / ".cache" / "attnzoo" / "cpp")) / key
     # compile a copy kept in the build folder: checkouts at other paths with the same sources (worktrees, a
@@ -62,8 +63,8 @@ def _build(source: str) -> None:
     from torch.utils.cpp_extension import load
 
     load(name=f"attnzoo_{Path(source).stem}_{key}", sources=[str(src / source)], build_directory=str(build),
-         is_python_module=False, extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", *flags],
-         extra_ldflags=flags, extra_include_paths=[str(src)], verbose=False)
+         is_python_module=False, extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", *_OPENMP],
+         extra_ldflags=_OPENMP, extra_include_paths=[str(src)], verbose=False)
 
 
 def built(source: str) -> bool | None:

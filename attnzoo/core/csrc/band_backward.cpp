@@ -40,27 +40,10 @@ namespace {
 
 using attnzoo_flash::fast_exp;
 using attnzoo_flash::gemm;
+using attnzoo_flash::SequentialBlas;
 
 constexpr int64_t kCols = 512;  // window columns per score chunk
 constexpr int64_t kMinItems = 8;  // fewer (batch, KV head) pairs than this: their query blocks split in chunks
-
-}  // namespace
-
-// MKL's per-thread thread count (libtorch_cpu exports it where torch uses MKL; weak: absent elsewhere)
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // mkl_service.h's C name
-
-namespace {
-
-// this thread's BLAS calls run on this thread while in scope (MKL; other BLAS builds: a no-op)
-struct SequentialBlas {
-  int previous = 0;
-  SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0: back to the global setting
-  }
-};
 
 // column-major C (m x n) += A (m x k) * B^T, B stored (n x k) (sgemm_/dgemm_ of flash_common.h): the updates
 // dV += P^T dO and dK += dS^T Q

@@ -267,6 +267,7 @@ void run(const Args<T>& a) {
   const int64_t groups = a.Hq / a.Hkv, items_per_row = a.Hq / a.heads;
   const int64_t nskip = a.skip ? (a.Nk + a.skip_bk - 1) / a.skip_bk : 0;
   at::parallel_for(0, a.B * items_per_row * a.nqb, 1, [&](int64_t begin, int64_t stop) {
+    attnzoo_flash::SequentialBlas sequential;
     std::vector<T> qp(a.heads * a.block_q * a.D);
     Scratch<T> w(a.D, a.Dv);
     std::vector<std::pair<int64_t, int64_t>> runs;
@@ -332,6 +333,7 @@ template <typename T>
 void pack_shared(const Args<T>& a, T* kp, T* vp, bool* pp) {
   const int64_t groups = a.Hq / a.Hkv;
   at::parallel_for(0, a.B * a.P, 1, [&](int64_t begin, int64_t stop) {
+    attnzoo_flash::SequentialBlas sequential;
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t b = t / a.P, ph = t % a.P;
       const int64_t kv = a.P == a.Hkv ? ph : ph / groups, lh = a.Hl == 1 ? 0 : ph;
@@ -529,6 +531,7 @@ at::Tensor block_lse(const at::Tensor& q, const at::Tensor& k, const std::option
     attnzoo_flash::operand_strides(q, D, qs, "block_lse", "q");
     attnzoo_flash::operand_strides(k, D, ks, "block_lse", "k");
     at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t stop) {
+      attnzoo_flash::SequentialBlas sequential;
       std::vector<T> qp(G * rows_per * D);
       std::vector<S> s(G * rows_per * chunk), tmp, ref(G * rows_per), wts(chunk), sums(chunk), base(chunk);
       for (int64_t t = begin; t < stop; ++t) {

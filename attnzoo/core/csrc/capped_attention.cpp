@@ -148,6 +148,7 @@ template <typename T>
 void run(Args<T>& a) {
   const int64_t nblocks = (a.Lq + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, a.X * a.Y * nblocks, 1, [&](int64_t begin, int64_t stop) {
+    attnzoo_flash::SequentialBlas sequential;
     std::vector<T> s(kBlockQ * kBlockK), acc(kBlockQ * a.Dv), m(kBlockQ), l(kBlockQ);
     std::vector<T> kbuf(a.idx ? kBlockK * a.D : 0), vbuf(a.idx ? kBlockK * a.Dv : 0);
     for (int64_t t = begin; t < stop; ++t) {
@@ -532,6 +533,7 @@ void run_items(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at
     a.cap = 0, a.causal = false, a.offset = 0;
     if (a.Lq == 0) return;
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t stop) {
+      attnzoo_flash::SequentialBlas sequential;
       Scratch<scalar_t> t(a.D, a.Dv);
       for (int64_t i = begin; i < stop; ++i) item(a, t, i);
     });

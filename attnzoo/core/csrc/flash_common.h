@@ -1,6 +1,6 @@
 // Pieces shared by attnzoo's flash-style CPU extensions (capped_attention.cpp, blocksparse_attention.cpp,
-// mass_attention.cpp): the operands' strides for BLAS, BLAS GEMMs (libtorch_cpu exports sgemm_/dgemm_, MKL), a
-// vectorisable exp and the online-softmax step.
+// mass_attention.cpp, band_backward.cpp): the operands' strides for BLAS, BLAS GEMMs (libtorch_cpu exports
+// sgemm_/dgemm_, MKL), single-threaded BLAS inside a work item, a vectorisable exp and the online-softmax step.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,9 +16,26 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*);
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*);
+// MKL's per-thread thread count (libtorch_cpu exports it where torch uses MKL; weak: absent elsewhere)
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // mkl_service.h's C name
 }
 
 namespace attnzoo_flash {
+
+// Opened at the top of every at::parallel_for body: this thread's BLAS calls run on this thread while in
+// scope (MKL; other BLAS builds: a no-op). The extensions are built with -fopenmp (core/cpp.py), so the work
+// items run on torch's threads; MKL would otherwise also thread each small GEMM of an item itself (2 items x
+// 2 MKL threads on 2 cores), differently once torch.set_num_threads has switched its dynamic mode off. With
+// it, an item's arithmetic and its order are fixed, and the results do not depend on the thread count.
+struct SequentialBlas {
+  int previous = 0;
+  SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0: back to the global setting
+  }
+};
 
 // the strides (x, y, row) of a 4-D operand whose rows (dim 2) of `row` elements have a unit last stride, as the
 // kernels index it: a size-1 dimension's stride is 0 (it is only ever indexed at 0; broadcast views may carry

@@ -121,6 +121,7 @@ template <typename T>
 void run(Args<T>& a) {
   const int64_t nblocks = (a.Lq + kBlockQ - 1) / kBlockQ;
   at::parallel_for(0, a.X * a.Y, 1, [&](int64_t begin, int64_t stop) {
+    attnzoo_flash::SequentialBlas sequential;
     Scratch<T> sc(std::min(kBlockQ, a.Lq), a.Lk, a.Dv);
     for (int64_t xy = begin; xy < stop; ++xy)
       for (int64_t b = 0; b < nblocks; ++b)
