@@ -15,3 +15,14 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny tensors and models (``pytestmark = usefixtures("one_thread")``):
+    on a shared 2-core machine, thread-pool wake-ups and contention cost more than a second core gives (a
+    test file of tiny models ran 3x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

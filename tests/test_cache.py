@@ -20,13 +20,7 @@ from attnzoo.cache import KVCache, policies, quant
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls spend their time synchronising threads on a shared machine; one thread is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(B=2, Hq=4, Hkv=2, N=48, D=16, Dv=None, seed=0, dtype=torch.float64):

@@ -17,7 +17,8 @@ from attnzoo.eval import cases as C
 from attnzoo.eval import runner as R
 
 from _tiny_lm import save_tiny_llama
-from test_hf import _one_thread  # noqa: F401  (one torch thread: the runner generates)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

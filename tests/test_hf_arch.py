@@ -19,7 +19,8 @@ import transformers
 
 import attnzoo
 import attnzoo.hf as azhf
-from test_hf import _one_thread  # noqa: F401  (one torch thread for tiny models)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 transformers.logging.set_verbosity_error()
 

@@ -12,7 +12,9 @@ import torch
 import attnzoo
 import attnzoo.hf as azhf
 from attnzoo.cache import policies
-from test_hf import DECODERS, _one_thread, causal_only, greedy, padded_batch, tiny_decoder  # noqa: F401
+from test_hf import DECODERS, causal_only, greedy, padded_batch, tiny_decoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT, NEW = 16, 6
 

@@ -13,7 +13,9 @@ from transformers import DynamicCache
 import attnzoo
 import attnzoo.hf as azhf
 from attnzoo.catalog.sparse.dynamic import BlockTopK
-from test_hf import _one_thread, tiny_decoder  # noqa: F401
+from test_hf import tiny_decoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 #: block_topk forced onto its sparse path at a 64-token prompt: 2 of 8 key blocks per query block
 SPARSE = dict(block=8, topk=2, dense_below=0, dense_from=1.0)

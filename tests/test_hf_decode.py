@@ -18,7 +18,9 @@ from attnzoo.catalog.sparse import _base
 from attnzoo.catalog.sparse.static import SlidingWindow, Streaming
 from attnzoo.core import capped
 from attnzoo.core.exact import naive_attention, span_attention
-from test_hf import _one_thread, tiny_decoder  # noqa: F401
+from test_hf import tiny_decoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _visible(method: str, len_k: int, window: int, sinks: int) -> torch.Tensor:

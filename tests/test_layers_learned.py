@@ -19,12 +19,7 @@ from attnzoo.train import TinyModel
 from attnzoo.train.trainer import aux_loss, token_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mha(layer, x, causal=True):

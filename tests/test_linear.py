@@ -22,13 +22,7 @@ from attnzoo.layers import AarenLayer, GLALayer, LinformerLayer, SLABLayer
 FORMS = ("parallel", "chunked", "recurrent")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one thread avoids the thread-pool wake-ups that dominate on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

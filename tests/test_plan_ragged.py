@@ -12,7 +12,9 @@ import torch
 from attnzoo.cache import KVCache
 from attnzoo.cache.ragged import RaggedSnapKV
 
-from test_cache import TOL, _one_thread  # noqa: F401  (the tolerance; one torch thread for tiny matmuls)
+from test_cache import TOL
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(B=2, Hq=6, Hkv=3, N=120, D=16, seed=0):

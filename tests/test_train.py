@@ -8,13 +8,7 @@ from attnzoo.tasks import make_task
 from attnzoo.train import TinyModel, aux_loss, build_mixer, evaluate, fit, mixer_names
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared machine: one thread is many times faster than two contending."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_model_is_seeded_and_leaves_global_rng_alone():

@@ -18,12 +18,7 @@ from attnzoo.layers import landmark
 from attnzoo.layers.landmark import grouped_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(N, blk, *, B=2, H=2, D=6, Dv=None, seed=0, magnitude=1.0):
