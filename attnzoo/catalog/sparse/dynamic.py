@@ -316,7 +316,8 @@ class BlockTopK(DynamicLayoutMethod):
                             "recall 0.954 at 0.205 of the pairs, bound 1/8 0.950 at 0.235; but SmolLM2 passkey at "
                             "8K 1/3, bound 3/3), or lse: each key block's log-sum-exp of the block's mean query "
                             "row against its keys (the row's exact mass there, ranks like the true mass: 32K "
-                            "synthetic topk 1/10 recall 0.952 at 4.8-4.9x SDPA (idle); but SmolLM2 passkey 0/3 at 2K and 4K)")
+                            "synthetic topk 1/10 recall 0.952 at 4.8-4.9x SDPA (idle); but SmolLM2 passkey 0/3 "
+                            "at 2K and 4K)")
     guard: int | float = param(0.0625, min=0, clamp=True, share="block",
                                help="with score=mean+bound: key blocks kept by the bound score besides the topk by "
                                     "the mean: a count or a share of the key blocks (default 1/16)")
