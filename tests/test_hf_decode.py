@@ -81,6 +81,41 @@ def test_a_window_step_is_exact_attention_over_its_spans(method, len_k, window, 
         torch.testing.assert_close(plain.double(), ref_out, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("method", ["sliding_window", "streaming"])
+@pytest.mark.parametrize("kind", ["permuted", "sliced", "expanded", "empty batch"])
+def test_a_window_step_takes_strided_inputs_and_empty_batches(method, kind, no_layouts):
+    """Permuted, sliced and expanded (stride-0 heads: folded into rows, a row stride of 0 that the capped kernel
+    refuses unless ``kernel_rows`` copies it) views give the contiguous copies' result and gradients; an empty
+    batch gives an empty result."""
+    g = torch.Generator().manual_seed(3)
+    B = 0 if kind == "empty batch" else 2
+
+    def view(H, N):
+        if kind == "permuted":
+            return torch.randn(B, 16, H, N, generator=g, dtype=torch.float64).permute(0, 2, 3, 1)
+        if kind == "sliced":
+            return torch.randn(B, H, 2 * N, 32, generator=g, dtype=torch.float64)[:, :, ::2, ::2]
+        if kind == "expanded":
+            return torch.randn(B, 1, N, 16, generator=g, dtype=torch.float64).expand(B, H, N, 16)
+        return torch.randn(B, H, N, 16, generator=g, dtype=torch.float64)
+
+    q, k, v = view(4, 1), view(2, 300), view(2, 300)
+    params = dict(window=50) | (dict(sinks=4) if method == "streaming" else {})
+
+    def run(tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out, lse = az.attention(*leaves, method=method, causal=True, return_lse=True, **params)
+        grads = torch.autograd.grad((out.sum() + lse.sum()), leaves) if B else ()
+        with torch.no_grad():  # the forward-only path (the capped kernel for sinks + window)
+            fwd = az.attention(*tensors, method=method, causal=True, return_lse=True, **params)
+        return (out, lse, *fwd, *grads)
+
+    got, want = run((q, k, v)), run(tuple(t.contiguous() for t in (q, k, v)))
+    assert got[0].shape == (B, 4, 1, 16)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.parametrize("mod", ["softcap", "alibi", "user"])
 @pytest.mark.parametrize("method", ["sliding_window", "streaming"])
 def test_a_window_step_keeps_the_score_mod_at_the_true_positions(method, mod, no_layouts):

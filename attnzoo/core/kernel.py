@@ -21,8 +21,12 @@ KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def kernel_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` with a last-dim stride of 1 (the kernel's requirement); a copy only when it is not."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    """``t`` as the kernels read an operand: a last-dim stride of 1, and rows (dim -2) that do not overlap (a
+    broadcast head folded into the rows, e.g. ``fold_groups`` of an expanded query, gives row stride 0, which
+    the C++ kernels refuse); a copy only when it is not."""
+    unit = t.stride(-1) == 1 or t.shape[-1] <= 1
+    overlap = t.dim() >= 2 and t.shape[-2] > 1 and t.stride(-2) < t.shape[-1]
+    return t if unit and not overlap else t.contiguous()
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
