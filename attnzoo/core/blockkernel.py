@@ -24,6 +24,7 @@ import torch
 
 from . import cpp
 from .gqa import fold_groups, unfold_groups
+from .kernel import kernel_padding, kernel_rows
 from .layout import BlockLayout, TokenLayout
 from .scoremod import DistanceBias, distance_rows
 
@@ -63,8 +64,8 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     groups = Hq // Hkv
     per_query = index.shape[1] == Hq or (skip is not None and skip.kv_blocks.shape[1] == Hq)
     heads = 1 if (per_query and groups > 1) else groups  # query heads per work item (one layout row)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    q, k, v = (kernel_rows(t) for t in (q, k, v))
+    pad = kernel_padding(key_padding_mask, q.shape[0])
     Nq, Nk = q.shape[2], k.shape[2]
     vec = None if bias is None else distance_rows(bias, 1 - Nk, Nq + Nk - 1, q.dtype, q.device, causal=False)
     available()  # loads the op (built once per process)
@@ -88,12 +89,12 @@ def block_lse(q: torch.Tensor, k: torch.Tensor, block_k: int, *, scale: float, l
     where it applies (CPU, float32/64; one GEMM and one pass per chunk of keys), else eagerly in slabs of rows.
     float32 operands are rounded to bfloat16 first on both paths (the estimate's GEMM then runs on MKL's bf16
     kernel, AMX tiles where the CPU has them: 3x float32's rate; the scores move by ~2^-8 of |q|·|k|)."""
-    pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    pad = kernel_padding(key_padding_mask, q.shape[0])
     lim = None if limit is None else limit.to(device=q.device, dtype=torch.int64).contiguous()
     if q.dtype == torch.float32:
         q, k = q.to(torch.bfloat16), k.to(torch.bfloat16)
     if q.device.type == "cpu" and q.dtype in DTYPES + (torch.bfloat16,) and k.dtype == q.dtype and available():
-        q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+        q, k = kernel_rows(q), kernel_rows(k)
         return torch.ops.attnzoo_blocksparse.block_lse(q, k, pad, lim, block_k, float(scale))
     q, k = (t.float() if t.dtype == torch.bfloat16 else t for t in (q, k))
     B, Hq, R, D = q.shape

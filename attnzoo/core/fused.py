@@ -37,7 +37,7 @@ import math
 import torch
 
 from . import capped, cpp
-from .kernel import KERNEL_DTYPES, flash_cpu
+from .kernel import KERNEL_DTYPES, flash_cpu, kernel_padding, kernel_rows
 from .layout import MASK_CHUNK, BandPlan, TokenLayout
 from .masks import call_mask_mod
 from .scoremod import DistanceBias, ModHook, distance_rows, negligible_gap
@@ -202,15 +202,10 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     dtype = q.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
-    def rows(t: torch.Tensor) -> torch.Tensor:  # the kernel's operands: rows of unit stride that do not overlap
-        t = t.to(work)
-        ok = t.stride(-1) == 1 and (t.shape[2] <= 1 or t.stride(2) >= t.shape[3])
-        return t if ok else t.contiguous()
-
-    q, k, v, out, d_out = (rows(t) for t in (q, k, v, out, d_out))
+    q, k, v, out, d_out = (kernel_rows(t.to(work)) for t in (q, k, v, out, d_out))
     lse, d_lse = (None if t is None else t.to(work).contiguous() for t in (lse, d_lse))
     masks, mask_of = _band_masks(plan)
-    pad = None if key_padding_mask is None else key_padding_mask.to(torch.bool).expand(q.shape[0], -1).contiguous()
+    pad = kernel_padding(key_padding_mask, q.shape[0])
     b, L, Nq, Nk = plan.block, plan.window, q.shape[2], k.shape[2]
     # distance of row r to window column c: start·b - (Nk - Nq) + c - r, at index c - r + b - 1
     vec = None if bias is None else distance_rows(bias, plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, work,

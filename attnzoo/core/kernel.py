@@ -24,9 +24,16 @@ def kernel_rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as the kernels read an operand: a last-dim stride of 1, and rows (dim -2) that do not overlap (a
     broadcast head folded into the rows, e.g. ``fold_groups`` of an expanded query, gives row stride 0, which
     the C++ kernels refuse); a copy only when it is not."""
-    unit = t.stride(-1) == 1 or t.shape[-1] <= 1
     overlap = t.dim() >= 2 and t.shape[-2] > 1 and t.stride(-2) < t.shape[-1]
-    return t if unit and not overlap else t.contiguous()
+    return t if t.stride(-1) == 1 and not overlap else t.contiguous()
+
+
+def kernel_padding(key_padding_mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """A ``key_padding_mask`` (``(B | 1, Nk)``, False hides a key) as the C++ kernels read it: ``(batch, Nk)``
+    bool, contiguous; None stays None."""
+    if key_padding_mask is None:
+        return None
+    return key_padding_mask.to(torch.bool).expand(batch, -1).contiguous()
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
