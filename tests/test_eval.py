@@ -367,6 +367,13 @@ def test_eval_table_command_merges_results_files(tmp_path):
                                     "--tasks", "passkey"])
     assert gaps.exit_code == 0 and "not measured at N=4096 (" in gaps.output and "N=2048" not in gaps.output
     assert "- prefill=sliding_window: every task" in gaps.output and "- cache=snapkv@0.125:" not in gaps.output
+    # a task no row measured is missing at every length the results hold (a mistyped one is still refused)
+    never = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--missing",
+                                     "--tasks", "passkey,perplexity"])
+    assert never.exit_code == 0 and "(32 cells of the --full preset's 32 cases on passkey, perplexity)" in never.output
+    assert "- prefill=exact: perplexity" in never.output and "- cache=h2o@0.25: passkey" in never.output, never.output
+    typo = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), "--missing", "--tasks", "perplexty"])
+    assert typo.exit_code == 2 and "perplexity" in typo.output, typo.output
     ResultsFile(tmp_path / "bench").append({**rows[0], "suite_kind": "bench"})
     empty = CliRunner().invoke(app, ["eval-table", str(tmp_path / "bench")])
     assert empty.exit_code == 2 and "no eval rows" in empty.output

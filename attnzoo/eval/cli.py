@@ -214,6 +214,7 @@ def eval_table(
     """Every case of eval results at each length, one score per task: which keep --min-accuracy of exact's score
     on every task while holding at most --max-memory of the full KV cache."""
     from ..bench.results import ResultsFile
+    from ..tasks import make_task
     from . import cases as C
     from . import table as T
 
@@ -227,14 +228,21 @@ def eval_table(
             runs += contents.runs
     except (AttnZooError, OSError) as e:
         _fail(e)
+    measured = list(rows.values())  # --missing reads the lengths off every row, also of tasks left out
     if tasks is not None:
         keep = C.split_specs(tasks)
         known = {T.task_label(r) for r in rows.values()}
         if unknown := [t for t in keep if t not in known]:
-            _fail(AttnZooError(f"eval-table: --tasks expected tasks of these results ({', '.join(sorted(known))}), "
-                               f"got {', '.join(unknown)}"))
+            if not missing:
+                _fail(AttnZooError(f"eval-table: --tasks expected tasks of these results "
+                                   f"({', '.join(sorted(known))}), got {', '.join(unknown)}"))
+            try:  # with --missing a task no row measured is missing everywhere; only its name must be right
+                for t in unknown:
+                    make_task(*C.parse_spec(t)[:1], **C.parse_spec(t)[1])
+            except AttnZooError as e:
+                _fail(e)
         rows = {k: r for k, r in rows.items() if T.task_label(r) in keep}
-    if not rows:
+    if not measured:
         _fail(AttnZooError(f"eval-table: no eval rows in {', '.join(map(str, results))}"))
     for w in T.wide(list(rows.values())):
         title = f"N={w.length} (score per task, samples in brackets; other columns: means over the row's tasks)"
@@ -253,7 +261,7 @@ def eval_table(
         console.print(t)
         console.print(escape(verdict))
     if missing:
-        print_missing(list(rows.values()), C.split_specs(tasks) if tasks is not None else None)
+        print_missing(measured, C.split_specs(tasks) if tasks is not None else None)
     if report is not None:
         from .report import write_report
 
