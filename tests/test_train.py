@@ -1,5 +1,7 @@
 """The tiny trainer: seeded models, any mixer, fit reaching a trivially learnable target, the task CLI."""
 
+import re
+
 import pytest
 import torch
 
@@ -187,6 +189,7 @@ def test_curriculum_stages_share_the_step_budget(tmp_path):
                                    "--no-report", "--log-evals", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "stage 1 step 40:" in res.output  # a line per evaluation, steps counted over the stages
+    assert re.search(r"stage 1 step 40: loss \d+\.\d+, held-out \d\.\d+ \(\d+ s\)", res.output)  # + time so far
     plain, staged = load_cases(out)
     assert "curriculum" not in plain and "stages" not in plain  # the 2-pair column has no easier stage
     assert staged["curriculum"] == {"pairs": [3]}  # stages at or above a column's own pairs are dropped
@@ -238,6 +241,19 @@ def test_curriculum_errors_name_the_option():
     case = make_case("mqar", tp, "exact", {}, TrainConfig(d_model=16, curriculum=(("seq_len", (32,)),)))
     with pytest.raises(AttnZooError, match="seq_len <= the task's 16"):
         train_case(case)
+
+
+def test_on_eval_reports_the_time_since_the_case_started():
+    """``on_eval``'s ``seconds`` is the case's wall time so far, counted over the stages (not restarted per stage)."""
+    from attnzoo.train.sweep import TrainConfig, make_case, train_case
+
+    cfg = TrainConfig(d_model=16, steps=40, batch=8, eval_size=16, curriculum=(("pairs", (2,)),), stage_steps=20,
+                      stage_target=1.01, eval_every=10)
+    seen = []
+    train_case(make_case("mqar", {"pairs": 4, "seq_len": 16, "vocab_size": 24}, "exact", {}, cfg), on_eval=seen.append)
+    assert [(e["stage"], e["step"]) for e in seen] == [(0, 10), (0, 20), (1, 30), (1, 40)]
+    times = [e["seconds"] for e in seen]
+    assert times[0] > 0 and times == sorted(times) and times[2] > times[1]
 
 
 @pytest.mark.slow

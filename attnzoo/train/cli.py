@@ -138,7 +138,8 @@ def _log_eval(case: dict, entry: dict) -> None:
 
     stage = f" stage {entry['stage']}" if case.get("curriculum") else ""
     console.print(f"    {escape(mixer_label(case))} d={case['d_model']} {escape(setting(case))}{stage} step {entry['step']}: "
-                  f"loss {entry['loss']:.3f}, held-out {entry['metric']:.3f}", highlight=False)
+                  f"loss {entry['loss']:.3f}, held-out {entry['metric']:.3f}"
+                  + (f" ({entry['seconds']:.0f} s)" if "seconds" in entry else ""), highlight=False)
 
 
 @app.command("list")

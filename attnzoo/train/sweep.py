@@ -88,7 +88,8 @@ def stages(case: dict) -> list[dict]:
 def train_case(case: dict, *, progress: bool = False, on_eval: Callable[[dict], None] | None = None) -> dict:
     """Build the task and a seeded :class:`TinyModel`, :func:`fit` it (after the curriculum's stages, if any,
     each a :func:`fit` of its own on the task with that stage's parameters); the measured fields of the record.
-    ``on_eval`` receives every evaluation (its ``step`` counted over all stages, ``stage`` its index)."""
+    ``on_eval`` receives every evaluation (its ``step`` counted over all stages, ``stage`` its index, ``seconds``
+    the wall time since the case started, for logs that show how fast a run goes)."""
     task = make_task(case["task"], **case["task_params"])
     if task.kind != "trained":
         raise AttnZooError(f"task: {case['task']!r} is a {task.kind} task, not a trained one (see `attnzoo task list`)")
@@ -100,13 +101,14 @@ def train_case(case: dict, *, progress: bool = False, on_eval: Callable[[dict], 
     model = TinyModel(**task.model_config(), mixer=case["mixer"], mixer_params=case["mixer_params"],
                       d_model=case["d_model"], n_layers=case["n_layers"], n_heads=case["n_heads"],
                       conv=case["conv"], seed=case["seed"])
-    done, curve, record_stages, seconds = 0, [], [], 0.0
+    done, curve, record_stages, seconds, start = 0, [], [], 0.0, time.perf_counter()
     for i, (current, over) in enumerate(plan + [(task, None)]):
         last = over is None
 
         def log(entry: dict, offset: int = done, index: int = i) -> None:
             if on_eval is not None:
-                on_eval({**entry, "step": offset + entry["step"], "stage": index})
+                on_eval({**entry, "step": offset + entry["step"], "stage": index,
+                         "seconds": time.perf_counter() - start})
 
         result = fit(model, current.batches(case["batch"], case["seed"]),
                      current.held_out(case["eval_size"], max(case["batch"], 256), case["seed"]),
