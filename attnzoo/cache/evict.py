@@ -99,15 +99,7 @@ class Streaming(Policy):
         return merge(*parts)
 
     def _compensation(self, q: torch.Tensor, scale: float) -> Partial:
-        """The single mean token: score ``scale·q·k̄``, value ``v̄`` (empty rows when nothing was evicted)."""
-        sum_k, sum_v, count = self.comp
-        denom = count.clamp(min=1).unsqueeze(-1)
-        k_mean, v_mean = sum_k / denom, sum_v / denom
-        rows = fold_groups(q.float(), sum_k.shape[1])  # (B, Hkv, G·nq, D)
-        score = torch.matmul(rows, k_mean.unsqueeze(-1)) * scale  # (B, Hkv, G·nq, 1)
-        score = score.masked_fill((count == 0)[:, :, None, None], float("-inf"))
-        out = v_mean.unsqueeze(2).expand(*rows.shape[:3], -1)
-        return Partial(unfold_groups(out, q.shape[1]), unfold_groups(score, q.shape[1]).squeeze(-1))
+        return mean_token(q, self.comp, scale)
 
     def update(self, store: Store, q: torch.Tensor, step: Step) -> None:
         if store.n <= self.sinks + self.window:
@@ -140,6 +132,24 @@ class Streaming(Policy):
     def reorder(self, beam_idx: torch.Tensor) -> None:
         if self.comp is not None:
             self.comp = tuple(t.index_select(0, beam_idx) for t in self.comp)
+
+
+def mean_token(q: torch.Tensor, comp: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float, *,
+               mass: bool = False) -> Partial:
+    """The evicted tokens as one mean token: score ``scale·q·k̄``, value ``v̄`` (RazorAttention's compensation;
+    ``comp`` = (sum of K, sum of V ``(B, Hkv, D)``, count ``(B, Hkv)``); empty rows when nothing was evicted).
+    ``mass=True`` counts it ``count`` times (score ``+ log count``): the evicted tokens' share of the softmax
+    is kept when their keys are alike (a repeated text), instead of one token's."""
+    sum_k, sum_v, count = comp
+    denom = count.clamp(min=1).unsqueeze(-1)
+    k_mean, v_mean = sum_k / denom, sum_v / denom
+    rows = fold_groups(q.float(), sum_k.shape[1])  # (B, Hkv, G·nq, D)
+    score = torch.matmul(rows, k_mean.unsqueeze(-1)) * scale  # (B, Hkv, G·nq, 1)
+    if mass:
+        score = score + count.clamp(min=1).float().log()[:, :, None, None]
+    score = score.masked_fill((count == 0)[:, :, None, None], float("-inf"))
+    out = v_mean.unsqueeze(2).expand(*rows.shape[:3], -1)
+    return Partial(unfold_groups(out, q.shape[1]), unfold_groups(score, q.shape[1]).squeeze(-1))
 
 
 def _top_older(scores: torch.Tensor, keep_recent: int, keep_total: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..errors import AttnZooError
 from ..registry import param
-from .evict import _top_older
+from ..core.partial import Partial, merge
+from .evict import _top_older, mean_token
 from .policy import Policy, Step, register_policy
 from .store import Store
 
@@ -93,6 +94,11 @@ class Novelty(Policy):
     its neighbours: a number's surrounding words), and the best older ones are kept: ``budget -
     interval + 1`` in all, so the next compression comes ``interval`` decode steps later (a compression
     scores every held key against every other; ``interval`` spreads that cost over decode steps).
+
+    ``compensate`` keeps what was evicted as one extra token per head, the mean of its keys and values
+    (RazorAttention's compensation token): ``"mean"`` scores it as one token, ``"mass"`` as ``count``
+    tokens (``+ log count``), so the evicted text keeps its share of every later softmax instead of
+    leaving the kept tokens (the needles) an attention they never had under the full cache.
     """
 
     name: ClassVar[str] = "novelty"
@@ -108,6 +114,9 @@ class Novelty(Policy):
     rope: str = param("half", choices=("half", "interleaved", "none"),
                       help="channel pairs RoPE rotates (their lengths are compared), or none")
     interval: int = param(8, min=1, help="decode steps between compressions")
+    compensate: str = param("none", choices=("none", "mean", "mass"),
+                            help="the evicted tokens as one mean K/V token, counted once (mean) or once per "
+                                 "evicted token (mass), or not kept (none)")
 
     def validate(self) -> None:
         if self.sinks + self.recent + self.interval - 1 >= self.budget:
@@ -124,4 +133,42 @@ class Novelty(Policy):
         pooled = F.max_pool1d(score.view(B * H, 1, n), self.pool, stride=1, padding=self.pool // 2)[..., :n]
         kept = _top_older(pooled.view(B, H, n)[:, :, s:], self.recent, self.budget - self.interval + 1 - s) + s
         sinks = torch.arange(s, device=kept.device).expand(B, H, s)
+        if self.compensate != "none":
+            self._absorb(store, kept)
         store.keep(torch.cat([sinks, kept], dim=-1))
+
+    def reset(self) -> None:
+        self.comp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sum k, sum v, count
+        self.dropped_upto = 0  # every evicted position is < this
+
+    def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
+        part = super().read(store, q, step)
+        if self.comp is None:
+            return part
+        return merge(part, mean_token(q, self.comp, step.scale, mass=self.compensate == "mass"))
+
+    def _absorb(self, store: Store, kept: torch.Tensor) -> None:
+        """Add the (valid) tokens of the slots after the sinks not in ``kept (B, H, m)`` to the compensation sums."""
+        gone = torch.ones(store.positions.shape, dtype=torch.bool, device=kept.device)
+        gone[:, :, :self.sinks] = False
+        gone.scatter_(-1, kept, False)
+        if store.valid is not None:
+            gone &= store.valid
+        w = gone.float()
+        add = (torch.einsum("bhn,bhnd->bhd", w, store.keys().float()),
+               torch.einsum("bhn,bhnd->bhd", w, store.values().float()), w.sum(-1))
+        self.comp = add if self.comp is None else tuple(x + y for x, y in zip(self.comp, add))
+        if bool(gone.any()):
+            self.dropped_upto = max(self.dropped_upto, int(store.positions[gone].max()) + 1)
+
+    def state_nbytes(self) -> int:
+        return 0 if self.comp is None else sum(t.numel() * t.element_size() for t in self.comp)
+
+    def crop(self, store: Store, length: int) -> None:
+        if self.comp is not None and length < self.dropped_upto:
+            raise AttnZooError(f"crop: length expected >= {self.dropped_upto} (tokens before it were merged into "
+                               f"the compensation token and cannot be separated again), got {length}")
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        if self.comp is not None:
+            self.comp = tuple(t.index_select(0, beam_idx) for t in self.comp)
