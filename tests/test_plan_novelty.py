@@ -124,11 +124,66 @@ def test_within_budget_equals_full():
     torch.testing.assert_close(outs[0], outs[1])
 
 
+def repeated(n: int = 120, unique=(30, 70)):
+    """Keys and values that are one token repeated (no RoPE), with a few unique tokens planted."""
+    g = torch.Generator().manual_seed(6)
+    k0, v0 = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    k, v = k0.expand(1, 1, n, D).clone(), v0.expand(1, 1, n, D).clone()
+    k[0, 0, list(unique)] = 2 * torch.randn(len(unique), D, generator=g)
+    v[0, 0, list(unique)] = torch.randn(len(unique), D, generator=g)
+    return k, v, k0, v0
+
+
+@pytest.mark.parametrize("decode", [0, 12])
+def test_mass_compensation_is_exact_for_repeated_tokens(decode):
+    # evicted tokens that are all one key and value: "mass" (the mean token counted once per evicted token)
+    # gives full attention's output exactly, "mean" (counted once) attention over the held tokens plus one
+    # copy of the evicted one, "none" neither; the held tokens stay within the budget, the state is in nbytes
+    k, v, k0, v0 = repeated()
+    g = torch.Generator().manual_seed(7)
+    caches = {c: KVCache("novelty", budget=24, sinks=4, recent=4, pool=1, interval=2, rope="none", compensate=c)
+              for c in ("none", "mean", "mass")}
+    caches["full"] = KVCache("full")
+    q = torch.randn(1, 2, k.shape[2], D, generator=g)
+    for c in caches.values():
+        c.append(k, v)
+        c.attend(q)
+    for _ in range(decode + 1):  # more of the repeated token: more evictions, the count grows
+        qn = torch.randn(1, 2, 1, D, generator=g)
+        outs = {}
+        for name, c in caches.items():
+            c.append(k0.view(1, 1, 1, D), v0.view(1, 1, 1, D))
+            outs[name] = c.attend(qn)
+    torch.testing.assert_close(outs["mass"], outs["full"], atol=1e-5, rtol=1e-5)
+    extra = decode + 1
+    keys, values = (torch.cat([x, x0.view(1, 1, 1, D).expand(1, 1, extra, D)], 2) for x, x0 in ((k, k0), (v, v0)))
+    kept = caches["mean"].positions(0)[0]
+    one_copy = KVCache("full")
+    one_copy.append(torch.cat([k0.view(1, 1, 1, D), keys[:, :, kept]], 2),
+                    torch.cat([v0.view(1, 1, 1, D), values[:, :, kept]], 2))
+    torch.testing.assert_close(outs["mean"], one_copy.attend(qn, causal=False), atol=1e-5, rtol=1e-5)
+    assert (outs["none"] - outs["full"]).abs().max() > 0.1
+    assert max(caches["mass"].held) <= 24
+    assert caches["mass"].nbytes == caches["none"].nbytes + (D + D + 1) * 4  # sum K, sum V, count (fp32)
+
+
+def test_compensation_refuses_a_crop_into_what_it_merged():
+    k, v, _, _ = repeated()
+    cache = KVCache("novelty", budget=24, sinks=4, recent=4, pool=1, rope="none", compensate="mass")
+    cache.append(k, v)
+    cache.attend(torch.randn(1, 1, k.shape[2], D))
+    with pytest.raises(AttnZooError, match="crop: length expected >="):
+        cache.crop(50)
+    cache.crop(k.shape[2])  # nothing merged at or after the last position: fine
+
+
 def test_bad_parameters_are_named():
     with pytest.raises(AttnZooError, match="budget expected > sinks \\+ recent"):
         make_policy("novelty", budget=20, sinks=4, recent=16)
     with pytest.raises(AttnZooError, match="rope"):
         make_policy("novelty", rope="yarn")
+    with pytest.raises(AttnZooError, match="compensate"):
+        make_policy("novelty", compensate="sum")
     with pytest.raises(AttnZooError, match="even head dim"):
         novelty(torch.randn(1, 1, 4, 5), torch.arange(4).view(1, 1, 4))
 
@@ -189,3 +244,33 @@ def test_moa_novelty_profile_keeps_what_the_policy_keeps():
     cache.attend(torch.randn(1, 1, start, D))
     held = set(cache.positions(0)[0].tolist()) | set(range(start, n))
     assert set(mask[0, 0].nonzero().flatten().tolist()) == held
+
+
+@pytest.mark.parametrize("compensate", ["mean", "mass"])
+def test_moa_compensated_profile_reads_what_the_cache_reads(compensate):
+    # the profile's output for a compensated novelty head equals the cache's: the context compressed
+    # (evicted tokens summed into the mean token), then the question's queries read it
+    import attnzoo.plan as P
+
+    cal = P.make_calibrator("moa", policy="novelty", budget=0.25, length=256, question="after", compensate=compensate)
+    k, _ = planted(n=200, unique=(50, 120))
+    g = torch.Generator().manual_seed(8)
+    k, v, q = k.expand(1, 2, -1, -1).contiguous(), torch.randn(1, 2, 200, D, generator=g), torch.randn(1, 2, 200, D,
+                                                                                                        generator=g)
+    v[:, 1], q[:, 1] = v[:, 0], q[:, 1]  # one KV head (group 2): both query heads read its keys and values
+    start, n = 160, 200
+    pos = torch.arange(start, n)
+    mask = cal.read_masks(q, k, pos, start, cal.held(0.25, 256), 2)
+    got = cal.read(q[:, :, pos], k, v, mask, start)
+    _, name, params = cal.choice(0.25)
+    assert params["compensate"] == compensate
+    cache = KVCache(name, **params)
+    cache.append(k[:, :1, :start], v[:, :1, :start])
+    cache.attend(q[:, :, :start])
+    cache.append(k[:, :1, start:], v[:, :1, start:])
+    torch.testing.assert_close(got, cache.attend(q[:, :, start:]), atol=1e-5, rtol=1e-5)
+    plain = P.make_calibrator("moa", policy="novelty", budget=0.25, length=256, question="after")
+    assert (plain.read(q[:, :, pos], k, v, mask, start) - got).abs().max() > 1e-3
+    assert "compensate" not in plain.choice(0.25)[2]
+    with pytest.raises(AttnZooError, match="'compensate' 'mass' expected policy='novelty'"):
+        P.make_calibrator("moa", policy="snapkv", compensate="mass")

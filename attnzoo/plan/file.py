@@ -16,7 +16,8 @@ Each layer lists groups of **KV head** indices covering every KV head exactly on
 either a ``policy`` (``full``: the head keeps every token; ``streaming``: it keeps ``sinks`` +
 ``window`` tokens, plus one compensation token with ``compensation``; ``snapkv``: it keeps the
 ``budget`` tokens its last ``observe`` queries attend to most; ``novelty``: it keeps ``budget`` tokens chosen
-from the keys alone, the least duplicated, :mod:`attnzoo.cache.novelty`) or a ``method`` (a registered
+from the keys alone, the least duplicated, :mod:`attnzoo.cache.novelty`, plus one mean token of what it
+evicted with ``compensate``) or a ``method`` (a registered
 attention method and its params, run at prefill on the query heads sharing those KV heads).
 Groups of one layer may differ in params (each KV head its own window or budget).
 
@@ -43,7 +44,7 @@ STREAMING_PARAMS = {"sinks": 4, "window": 512, "compensation": True}
 #: parameters a snapkv group may set (the ``snapkv`` cache policy's; its defaults apply)
 SNAPKV_PARAMS = ("budget", "observe", "pool")
 #: parameters a novelty group may set (the ``novelty`` cache policy's; its defaults apply)
-NOVELTY_PARAMS = ("budget", "sinks", "recent", "pool", "exclude", "rope", "interval")
+NOVELTY_PARAMS = ("budget", "sinks", "recent", "pool", "exclude", "rope", "interval", "compensate")
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,10 @@ def _held(g: Group, length: int) -> int:
     if g.policy == "streaming":
         p = {**STREAMING_PARAMS, **g.params}
         return min(length, p["sinks"] + p["window"]) + int(bool(p["compensation"]) and p["sinks"] + p["window"] < length)
-    if g.policy in ("snapkv", "novelty"):
+    if g.policy == "novelty":
+        return min(length, g.params["budget"]) + int(g.params.get("compensate", "none") != "none"
+                                                     and g.params["budget"] < length)
+    if g.policy == "snapkv":
         return min(length, g.params["budget"])
     return length
 

@@ -18,6 +18,11 @@ with the mean held share within ``budget`` at ``length`` tokens.
   alone (:mod:`attnzoo.cache.novelty`: the sinks, the newest, and the keys least like any other), so no
   query's vote is needed.
 
+``compensate`` (novelty heads): what a reduced head evicts stays as one mean K/V token, counted once
+(``mean``) or once per evicted token (``mass``, :class:`~attnzoo.cache.novelty.Novelty`); the profile
+reads it too, so heads whose output only needs the evicted text's share of the softmax (a repeated
+haystack) get small spans.
+
 ``question="after"`` profiles the compression of ``attnzoo eval``'s ``question=after`` tasks: the voting
 queries are the last ``observe`` ones before the question (the context is compressed before the question
 exists), so a head whose kept tokens miss what the answer needs shows the error and gets a larger span
@@ -60,8 +65,14 @@ class MoA(Calibrator):
     question: str = param("inline", choices=("inline", "after"),
                           help="snapkv/novelty: the compression comes at the end of the prompt (inline) or of the "
                                "context before the question (after: question-agnostic compression)")
+    compensate: str = param("none", choices=("none", "mean", "mass"),
+                            help="novelty: reduced heads keep the evicted tokens as one mean K/V token, counted once "
+                                 "(mean) or once per evicted token (mass)")
 
     def validate(self) -> None:
+        if self.compensate != "none" and self.policy != "novelty":
+            raise AttnZooError(f"moa: parameter 'compensate' {self.compensate!r} expected policy='novelty', "
+                               f"got policy={self.policy!r}")
         self.spans = listed(self.spans, float)
         if not isinstance(self.spans, (tuple, list)) or not self.spans or not all(
                 isinstance(s, (int, float)) and not isinstance(s, bool) and 0 < s < 1 for s in self.spans):
@@ -84,8 +95,9 @@ class MoA(Calibrator):
     def novelty_params(self, tokens: int) -> dict:
         """A novelty head's parameters for ``tokens`` held: a quarter of them (at most 64) the newest."""
         recent = max(1, min(64, tokens // 4))
-        return {"budget": tokens, "sinks": self.sinks, "recent": recent, "pool": self.pool,
-                "interval": max(1, min(8, tokens - self.sinks - recent))}
+        params = {"budget": tokens, "sinks": self.sinks, "recent": recent, "pool": self.pool,
+                  "interval": max(1, min(8, tokens - self.sinks - recent))}
+        return params | ({"compensate": self.compensate} if self.compensate != "none" else {})
 
     def choice(self, share: float) -> tuple:
         tokens = self.held(share, self.length)
@@ -128,6 +140,23 @@ class MoA(Calibrator):
         keep = keep.repeat_interleave(group, 0)
         return keep[:, None, :] & (torch.arange(N)[None, None, :] <= pos[None, :, None])
 
+    def read(self, qn: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, vote: int) -> torch.Tensor:
+        """Attention output of queries ``qn (1, H, P, D)`` reading ``mask (H, P, N)``, plus (``compensate``) the
+        context tokens the mask leaves out (before ``vote``) as one mean K/V token, counted once per token for
+        ``mass`` (what :class:`~attnzoo.cache.novelty.Novelty` reads after compressing the context)."""
+        if self.compensate == "none":
+            return F.scaled_dot_product_attention(qn, k, v, attn_mask=mask[None])
+        gone = ~mask[:, 0, :vote]                                          # (H, vote): every query reads the rest
+        count = gone.sum(-1).float()                                                            # (H,)
+        w = (gone.float() / count.clamp_min(1)[:, None])[None, :, :, None]
+        k_mean, v_mean = (w * k[:, :, :vote]).sum(2, keepdim=True), (w * v[:, :, :vote]).sum(2, keepdim=True)
+        bias = torch.zeros(mask.shape[:2] + (mask.shape[2] + 1,))
+        bias[..., :-1].masked_fill_(~mask, float("-inf"))
+        weight = count.clamp_min(1).log() if self.compensate == "mass" else torch.zeros_like(count)
+        bias[..., -1] = weight.masked_fill(count == 0, float("-inf"))[:, None]
+        return F.scaled_dot_product_attention(qn, torch.cat([k, k_mean], 2), torch.cat([v, v_mean], 2),
+                                              attn_mask=bias[None])
+
     def _novelty(self, k: torch.Tensor, start: int, group: int) -> torch.Tensor:
         """The novelty of each KV head's context keys, computed once per layer (every span reuses it)."""
         memo = getattr(self, "_memo", None)
@@ -156,7 +185,7 @@ class MoA(Calibrator):
                 errs = []
                 for share in self.spans:
                     mask = self.read_masks(q, k, pos, vote, self.held(share, vote), group)
-                    part = F.scaled_dot_product_attention(qn, k, v, attn_mask=mask[None])
+                    part = self.read(qn, k, v, mask, vote)
                     errs.append(((part - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12))[0].mean(-1))
                 per_layer.append(torch.stack(errs, -1))                                   # (H, spans)
             e = torch.stack(per_layer)                                                     # (L, H, spans)
