@@ -274,3 +274,14 @@ def test_moa_compensated_profile_reads_what_the_cache_reads(compensate):
     assert "compensate" not in plain.choice(0.25)[2]
     with pytest.raises(AttnZooError, match="'compensate' 'mass' expected policy='novelty'"):
         P.make_calibrator("moa", policy="snapkv", compensate="mass")
+
+
+def test_moa_compensated_allocation_counts_the_mean_token():
+    import attnzoo.plan as P
+
+    cal = P.make_calibrator("moa", policy="novelty", budget=0.125, length=256, compensate="mass")
+    errors = torch.rand(6, 2, len(cal.spans), generator=torch.Generator().manual_seed(9))
+    choices, _ = cal.allocate(errors)
+    held = [256 if name == "full" else params["budget"] + 1 for row in choices for _, name, params in row]
+    assert sum(held) <= 0.125 * 256 * len(held) and any(h < 256 for h in held)
+    assert all(params.get("compensate") == "mass" for row in choices for _, name, params in row if name == "novelty")

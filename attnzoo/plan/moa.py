@@ -197,7 +197,9 @@ class MoA(Calibrator):
         """Choices and scores from a :meth:`profile` (one profile serves every budget and length)."""
         L, heads_kv = errors.shape[:2]
         errors = torch.cat([errors, torch.zeros(L, heads_kv, 1)], -1).flatten(0, 1)        # + full: no error
-        costs = torch.tensor([self.held(s, self.length) for s in self.spans] + [self.length], dtype=torch.float64)
+        extra = int(self.compensate != "none")                                   # the mean token
+        costs = torch.tensor([self.held(s, self.length) + extra for s in self.spans] + [self.length],
+                             dtype=torch.float64)
         pick = allocate_options(errors, costs.expand(errors.shape[0], -1), self.budget * self.length * errors.shape[0])
         options = [self.choice(s) for s in self.spans] + [FULL]
         choices = [[options[int(pick[i * heads_kv + h])] for h in range(heads_kv)] for i in range(L)]
