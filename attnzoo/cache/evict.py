@@ -57,9 +57,52 @@ def _keep_slots(store: Store, slots: torch.Tensor) -> None:
     store.keep(slots.view(1, 1, -1).expand(B, H, -1).contiguous())
 
 
+class Compensated:
+    """Mixin: a policy that keeps what it evicts as one mean K/V token (RazorAttention's compensation token).
+    ``self.comp`` holds the evicted tokens' summed keys, values ``(B, Hkv, D)`` and count ``(B, Hkv)``."""
+
+    def reset(self) -> None:
+        self.comp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sum k, sum v, count
+        self.dropped_upto = 0  # every evicted position is < this
+
+    def _absorb(self, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, positions: torch.Tensor) -> None:
+        """Add tokens ``k, v (B, H, n, D)`` weighted by ``w (B, H, n)`` (1 = evicted; 0 = kept or padding)."""
+        add = (torch.einsum("bhn,bhnd->bhd", w, k.float()), torch.einsum("bhn,bhnd->bhd", w, v.float()), w.sum(-1))
+        self.comp = add if self.comp is None else tuple(x + y for x, y in zip(self.comp, add))
+        if bool((w > 0).any()):
+            self.dropped_upto = max(self.dropped_upto, int(positions[w > 0].max()) + 1)
+
+    def _compensation(self, q: torch.Tensor, scale: float, *, mass: bool = False) -> Partial:
+        """The mean token: score ``scale·q·k̄``, value ``v̄`` (empty rows when nothing was evicted). ``mass=True``
+        counts it once per evicted token (score ``+ log count``): their share of the softmax is kept when
+        their keys are alike (a repeated text), instead of one token's."""
+        sum_k, sum_v, count = self.comp
+        denom = count.clamp(min=1).unsqueeze(-1)
+        k_mean, v_mean = sum_k / denom, sum_v / denom
+        rows = fold_groups(q.float(), sum_k.shape[1])  # (B, Hkv, G·nq, D)
+        score = torch.matmul(rows, k_mean.unsqueeze(-1)) * scale  # (B, Hkv, G·nq, 1)
+        if mass:
+            score = score + count.clamp(min=1).log()[:, :, None, None]
+        score = score.masked_fill((count == 0)[:, :, None, None], float("-inf"))
+        out = v_mean.unsqueeze(2).expand(*rows.shape[:3], -1)
+        return Partial(unfold_groups(out, q.shape[1]), unfold_groups(score, q.shape[1]).squeeze(-1))
+
+    def state_nbytes(self) -> int:
+        return 0 if self.comp is None else sum(t.numel() * t.element_size() for t in self.comp)
+
+    def crop(self, store: Store, length: int) -> None:
+        if self.comp is not None and length < self.dropped_upto:
+            raise AttnZooError(f"crop: length expected >= {self.dropped_upto} (tokens before it were merged into "
+                               f"the compensation token and cannot be separated again), got {length}")
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        if self.comp is not None:
+            self.comp = tuple(t.index_select(0, beam_idx) for t in self.comp)
+
+
 @register_policy
 @dataclass
-class Streaming(Policy):
+class Streaming(Compensated, Policy):
     """StreamingLLM: the first ``sinks`` tokens and the last ``window`` (equals the ``streaming`` method).
 
     Query at position ``p`` reads ``j < sinks`` or ``p - window < j <= p``;
@@ -76,10 +119,6 @@ class Streaming(Policy):
     sinks: int = param(4, min=0, help="initial tokens always kept")
     window: int = param(512, min=1, help="most recent tokens kept (the query's own included)")
     compensate: bool = param(False, help="summarise evicted tokens into one mean K/V token (RazorAttention)")
-
-    def reset(self) -> None:
-        self.comp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sum k, sum v, count
-        self.dropped_upto = 0  # every evicted position is < this
 
     def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         if step.decode:
@@ -98,9 +137,6 @@ class Streaming(Policy):
             parts.append(self._compensation(q, step.scale))
         return merge(*parts)
 
-    def _compensation(self, q: torch.Tensor, scale: float) -> Partial:
-        return mean_token(q, self.comp, scale)
-
     def update(self, store: Store, q: torch.Tensor, step: Step) -> None:
         if store.n <= self.sinks + self.window:
             return
@@ -109,47 +145,12 @@ class Streaming(Policy):
         if start == first_sink_free:
             return
         if self.compensate:
-            self._absorb(store, first_sink_free, start)
-        self.dropped_upto = max(self.dropped_upto, int(store.positions[0, 0, start - 1]) + 1)
+            a, b = first_sink_free, start
+            pos = store.positions[:, :, a:b]
+            w = torch.ones(pos.shape, device=q.device) if store.valid is None else store.valid[:, :, a:b].float()
+            self._absorb(store.keys(a, b), store.values(a, b), w, pos)
         slots = torch.cat([torch.arange(first_sink_free), torch.arange(start, store.n)]).to(q.device)
         _keep_slots(store, slots)
-
-    def _absorb(self, store: Store, a: int, b: int) -> None:
-        """Add the (valid) tokens of slots ``[a, b)`` to the compensation sums."""
-        k, v = store.keys(a, b).float(), store.values(a, b).float()
-        w = torch.ones(k.shape[:3], device=k.device) if store.valid is None else store.valid[:, :, a:b].float()
-        add = ((k * w[..., None]).sum(2), (v * w[..., None]).sum(2), w.sum(2))
-        self.comp = add if self.comp is None else tuple(x + y for x, y in zip(self.comp, add))
-
-    def state_nbytes(self) -> int:
-        return 0 if self.comp is None else sum(t.numel() * t.element_size() for t in self.comp)
-
-    def crop(self, store: Store, length: int) -> None:
-        if self.comp is not None and length < self.dropped_upto:
-            raise AttnZooError(f"crop: length expected >= {self.dropped_upto} (tokens before it were merged into "
-                               f"the compensation token and cannot be separated again), got {length}")
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        if self.comp is not None:
-            self.comp = tuple(t.index_select(0, beam_idx) for t in self.comp)
-
-
-def mean_token(q: torch.Tensor, comp: tuple[torch.Tensor, torch.Tensor, torch.Tensor], scale: float, *,
-               mass: bool = False) -> Partial:
-    """The evicted tokens as one mean token: score ``scale·q·k̄``, value ``v̄`` (RazorAttention's compensation;
-    ``comp`` = (sum of K, sum of V ``(B, Hkv, D)``, count ``(B, Hkv)``); empty rows when nothing was evicted).
-    ``mass=True`` counts it ``count`` times (score ``+ log count``): the evicted tokens' share of the softmax
-    is kept when their keys are alike (a repeated text), instead of one token's."""
-    sum_k, sum_v, count = comp
-    denom = count.clamp(min=1).unsqueeze(-1)
-    k_mean, v_mean = sum_k / denom, sum_v / denom
-    rows = fold_groups(q.float(), sum_k.shape[1])  # (B, Hkv, G·nq, D)
-    score = torch.matmul(rows, k_mean.unsqueeze(-1)) * scale  # (B, Hkv, G·nq, 1)
-    if mass:
-        score = score + count.clamp(min=1).float().log()[:, :, None, None]
-    score = score.masked_fill((count == 0)[:, :, None, None], float("-inf"))
-    out = v_mean.unsqueeze(2).expand(*rows.shape[:3], -1)
-    return Partial(unfold_groups(out, q.shape[1]), unfold_groups(score, q.shape[1]).squeeze(-1))
 
 
 def _top_older(scores: torch.Tensor, keep_recent: int, keep_total: int) -> torch.Tensor:

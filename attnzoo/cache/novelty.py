@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..errors import AttnZooError
 from ..registry import param
 from ..core.partial import Partial, merge
-from .evict import _top_older, mean_token
+from .evict import Compensated, _top_older
 from .policy import Policy, Step, register_policy
 from .store import Store
 
@@ -85,7 +85,7 @@ def _exclude_diagonals(sim: torch.Tensor, pos: torch.Tensor, i0: int, exclude: i
 
 @register_policy
 @dataclass
-class Novelty(Policy):
+class Novelty(Compensated, Policy):
     """Keeps the ``sinks`` first and ``recent`` newest tokens plus the held keys least like any other.
 
     Question-agnostic: nothing a query did enters the choice. After a read leaves more than
@@ -133,42 +133,16 @@ class Novelty(Policy):
         pooled = F.max_pool1d(score.view(B * H, 1, n), self.pool, stride=1, padding=self.pool // 2)[..., :n]
         kept = _top_older(pooled.view(B, H, n)[:, :, s:], self.recent, self.budget - self.interval + 1 - s) + s
         sinks = torch.arange(s, device=kept.device).expand(B, H, s)
-        if self.compensate != "none":
-            self._absorb(store, kept)
+        if self.compensate != "none":  # everything after the sinks that is not kept
+            gone = torch.ones(B, H, n, dtype=torch.bool, device=kept.device)
+            gone[:, :, :s] = False
+            gone.scatter_(-1, kept, False)
+            w = gone.float() if store.valid is None else (gone & store.valid).float()
+            self._absorb(store.keys(), store.values(), w, store.positions)
         store.keep(torch.cat([sinks, kept], dim=-1))
-
-    def reset(self) -> None:
-        self.comp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # sum k, sum v, count
-        self.dropped_upto = 0  # every evicted position is < this
 
     def read(self, store: Store, q: torch.Tensor, step: Step) -> Partial:
         part = super().read(store, q, step)
         if self.comp is None:
             return part
-        return merge(part, mean_token(q, self.comp, step.scale, mass=self.compensate == "mass"))
-
-    def _absorb(self, store: Store, kept: torch.Tensor) -> None:
-        """Add the (valid) tokens of the slots after the sinks not in ``kept (B, H, m)`` to the compensation sums."""
-        gone = torch.ones(store.positions.shape, dtype=torch.bool, device=kept.device)
-        gone[:, :, :self.sinks] = False
-        gone.scatter_(-1, kept, False)
-        if store.valid is not None:
-            gone &= store.valid
-        w = gone.float()
-        add = (torch.einsum("bhn,bhnd->bhd", w, store.keys().float()),
-               torch.einsum("bhn,bhnd->bhd", w, store.values().float()), w.sum(-1))
-        self.comp = add if self.comp is None else tuple(x + y for x, y in zip(self.comp, add))
-        if bool(gone.any()):
-            self.dropped_upto = max(self.dropped_upto, int(store.positions[gone].max()) + 1)
-
-    def state_nbytes(self) -> int:
-        return 0 if self.comp is None else sum(t.numel() * t.element_size() for t in self.comp)
-
-    def crop(self, store: Store, length: int) -> None:
-        if self.comp is not None and length < self.dropped_upto:
-            raise AttnZooError(f"crop: length expected >= {self.dropped_upto} (tokens before it were merged into "
-                               f"the compensation token and cannot be separated again), got {length}")
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        if self.comp is not None:
-            self.comp = tuple(t.index_select(0, beam_idx) for t in self.comp)
+        return merge(part, self._compensation(q, step.scale, mass=self.compensate == "mass"))
