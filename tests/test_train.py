@@ -283,3 +283,28 @@ def test_retrieval_close_ends_with_a_separator_and_keeps_the_plain_task():
     make_task("retrieval", seq_len=19, code_len=8)
     with pytest.raises(AttnZooError, match="seq_len expected >= 20"):
         make_task("retrieval", seq_len=19, code_len=8, close=True)
+
+
+def test_parse_mixer_and_the_step_benchmark(monkeypatch, capsys):
+    """``parse_mixer``: one entry with parameters is that mixer in every layer, several entries a plan;
+    benchmarks/train_steps.py times a step of each mixer's model next to exact attention's."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    from attnzoo.train.cli import parse_mixer
+
+    assert parse_mixer("exact") == ("exact", {})
+    assert parse_mixer("sliding_window(window=16)", {"x": 1}) == ("sliding_window", {"window": 16, "x": 1})
+    assert parse_mixer("sliding_window(window=16),exact") == ([["sliding_window", {"window": 16}], ["exact", {}]], {})
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_steps.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--task", "listops", "--param", "seq_len=32", "--param", "min_len=4",
+                                      "--batch", "2", "--d-model", "16", "--repeat", "1", "--steps", "60",
+                                      "--mixers", "sliding_window(window=8);gla"])
+    runpy.run_path(str(script), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("listops {'seq_len': 32, 'min_len': 4}, batch 2, d_model 16")
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    assert set(rows) == {"sliding_window(window=8)", "gla"}
+    for s, ratio, minutes, unit in rows.values():
+        assert float(s) > 0 and float(ratio) > 0 and unit == "min"

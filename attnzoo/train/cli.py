@@ -90,6 +90,15 @@ def lead_up(curriculum: tuple[tuple[str, tuple], ...], name: str, value) -> tupl
     return tuple((n, tuple(vs[i] for i in keep)) for n, vs in curriculum) if keep else ()
 
 
+def parse_mixer(text: str, shared: dict | None = None) -> tuple[str | list, dict]:
+    """``--mixer`` text (and ``--mixer-param`` values) -> the ``(mixer, mixer_params)`` of a case: one
+    ``NAME(K=V,...)`` entry is that mixer in every layer, several entries a plan with one per layer."""
+    plan, shared = parse_plan(text), dict(shared or {})
+    if isinstance(plan, list) and len(plan) == 1:  # one entry with parameters: every layer
+        plan, shared = plan[0][0], {**plan[0][1], **shared}
+    return plan, shared
+
+
 def parse_plan(text: str) -> str | list:
     """``"exact"`` -> ``"exact"``; ``"sliding_window(window=16),exact"`` -> one ``[name, params]`` per layer."""
     from ..checks import parse_params
@@ -196,9 +205,7 @@ def train(
                           batch=batch, eval_size=eval_size, target=target, seed=seed, patience=patience,
                           curriculum=parse_curriculum(curriculum), stage_steps=stage_steps, stage_target=stage_target,
                           stage_required=stage_required)
-        plan, shared = parse_plan(mixer), parse_params(mixer_param)
-        if isinstance(plan, list) and len(plan) == 1:  # one entry with parameters: every layer
-            plan, shared = plan[0][0], {**plan[0][1], **shared}
+        plan, shared = parse_mixer(mixer, parse_params(mixer_param))
         case = make_case(task, parse_params(param), plan, shared, cfg)
         if out is None:
             record = train_case(case, progress=progress,

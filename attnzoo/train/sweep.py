@@ -85,6 +85,13 @@ def stages(case: dict) -> list[dict]:
     return [dict(zip(curriculum, values)) for values in zip(*curriculum.values())]
 
 
+def build_model(case: dict, task) -> TinyModel:
+    """The seeded :class:`TinyModel` that :func:`train_case` trains for ``case`` on ``task`` (its made task)."""
+    return TinyModel(**task.model_config(), mixer=case["mixer"], mixer_params=case["mixer_params"],
+                     d_model=case["d_model"], n_layers=case["n_layers"], n_heads=case["n_heads"],
+                     conv=case["conv"], seed=case["seed"])
+
+
 def train_case(case: dict, *, progress: bool = False, on_eval: Callable[[dict], None] | None = None) -> dict:
     """Build the task and a seeded :class:`TinyModel`, :func:`fit` it (after the curriculum's stages, if any,
     each a :func:`fit` of its own on the task with that stage's parameters); the measured fields of the record.
@@ -98,9 +105,7 @@ def train_case(case: dict, *, progress: bool = False, on_eval: Callable[[dict], 
         if stage.seq_len > task.seq_len:
             raise AttnZooError(f"task: a curriculum stage expected seq_len <= the task's {task.seq_len} (the model's "
                                f"positions), got {stage.seq_len} at {over}")
-    model = TinyModel(**task.model_config(), mixer=case["mixer"], mixer_params=case["mixer_params"],
-                      d_model=case["d_model"], n_layers=case["n_layers"], n_heads=case["n_heads"],
-                      conv=case["conv"], seed=case["seed"])
+    model = build_model(case, task)
     done, curve, record_stages, seconds, start = 0, [], [], 0.0, time.perf_counter()
     for i, (current, over) in enumerate(plan + [(task, None)]):
         last = over is None
