@@ -29,24 +29,15 @@ from attnzoo.checks import parse_params
 from attnzoo.tasks import make_task
 from attnzoo.train.cli import parse_mixer
 from attnzoo.train.sweep import TrainConfig, build_model, make_case
-from attnzoo.train.trainer import aux_loss, token_loss
+from attnzoo.train.trainer import aux_loss, timed_step, token_loss
 
 
 def step_fn(task, task_name: str, params: dict, spec: str, cfg: TrainConfig):
     """A closure running one training step of ``spec``'s model on a fixed batch of ``task``."""
     mixer, shared = parse_mixer(spec)
     model = build_model(make_case(task_name, params, mixer, shared, cfg), task)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x, y = task.tensors(cfg.batch, 0)
-
-    def step():
-        loss = token_loss(model(x), y) + aux_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up (layouts, masks, allocator)
-    return step
+    return timed_step(model, lambda: token_loss(model(x), y) + aux_loss(model))
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from attnzoo.bench.metrics import bench_clock, time_calls
 from attnzoo.layers.vision import MIXERS
 from attnzoo.tasks.vision import QUICK, TinyViT
+from attnzoo.train.trainer import timed_step
 
 #: (channels, image side, patch, classes) of each task's model
 SHAPES = {"digits": (1, 24, 2, 10), "longrange": (2, 12, 1, 2)}
@@ -34,17 +35,8 @@ def step_fn(mixer: str, task: str):
     ch, side, patch, classes = SHAPES[task]
     torch.manual_seed(0)
     model = TinyViT(mixer, channels=ch, image=side, patch=patch, classes=classes)
-    opt = torch.optim.AdamW(model.parameters(), 1e-3)
     x, y = torch.randn(QUICK[task].batch, ch, side, side), torch.randint(0, classes, (QUICK[task].batch,))
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    step()  # warm-up (layouts, masks, allocator)
-    return step
+    return timed_step(model, lambda: F.cross_entropy(model(x), y))
 
 
 def main() -> None:

@@ -99,6 +99,21 @@ def _bar(enabled: bool, total: int, desc: str):
     return progress, progress.add_task(desc, total=total, status="")
 
 
+def timed_step(model: nn.Module, loss: Callable[[], torch.Tensor], lr: float = 1e-3) -> Callable[[], None]:
+    """A closure running one training step of ``model`` per call (``loss()``, backward, AdamW), already run
+    once (layouts, masks, allocator warmed up): what the step benchmarks time."""
+    opt = torch.optim.AdamW(model.parameters(), lr)
+
+    def step() -> None:
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+
+    step()
+    return step
+
+
 def fit(model: nn.Module, train: Iterable, held_out: Sequence, *, steps: int = 1000, lr: float = 1e-3,
         weight_decay: float = 0.1, warmup: int = 50, grad_clip: float = 1.0, eval_every: int = 50,
         patience: int = 8, target: float | None = None, loss: Callable = token_loss,
