@@ -1049,7 +1049,7 @@ def _tokenselect_runs(params, q, k, v, key_mask, monkeypatch, fused_for=(True, F
         calls, slots = [], []
         spy = lambda *a, **kw: calls.append(1) or fused(*a, **kw)  # noqa: E731
         monkeypatch.setattr("attnzoo.cache.select.tokenselect_read", spy if use else lambda *a, **kw: None)
-        record = lambda cache: slots.append(None if cache.policy.ref is None else cache.policy.ref[1])  # noqa: E731
+        record = lambda cache: slots.append(None if cache.policy.ref is None else cache.policy.ref[1].clone())  # noqa: E731
         out = _decode(KVCache("tokenselect", **params), q, k, v, prefill=200, key_mask=key_mask, check=record)
         results.append((out, slots, len(calls)))
     return results

@@ -363,12 +363,13 @@ def quest_read(q: torch.Tensor, store, step, *, unit: int, lo: int, hi: int, tak
 
 
 def tokenselect_read(q: torch.Tensor, store, step, *, lo: int, hi: int, candidates: int, take: int,
-                     fixed: torch.Tensor | None = None) -> tuple[Partial, torch.Tensor] | None:
+                     fixed: torch.Tensor | None = None, reuse=None) -> tuple[Partial, torch.Tensor] | None:
     """A tokenselect decode step in one call of :func:`attnzoo.core.capped.tokenselect_attention`: ``(Partial,
     slots (B, take))``, or None where it does not apply (as :func:`quest_read`). ``candidates``: pages scored
-    token by token after the page vote (page-first), 0 for the exact vote over every middle token (no bounds)."""
+    token by token after the page vote (page-first), 0 for the exact vote over every middle token (no bounds);
+    ``reuse``: the policy's selection state, decided and updated in the call (see there)."""
     return _paged_step(capped.tokenselect_attention, q, store, step, bounds=candidates > 0, lo=lo, hi=hi,
-                       candidates=candidates, take=take, fixed=fixed)
+                       candidates=candidates, take=take, fixed=fixed, reuse=reuse)
 
 
 def _paged_step(op, q: torch.Tensor, store, step, bounds: bool = True, **params) -> tuple[Partial, torch.Tensor] | None:

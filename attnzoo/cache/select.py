@@ -215,45 +215,59 @@ class TokenSelect(_Select):
                      page_dtype=torch.bfloat16)
 
     def reset(self) -> None:
-        self.ref: tuple[torch.Tensor, torch.Tensor] | None = None  # (q_ref (B, Hq, D), slots (B, Hkv, take))
-        self.reused = self.selected = 0
+        #: the selection state, updated in place (by the one-call step without any Python work): the queries that
+        #: made the selection (B, Hkv, G, D) in q's dtype, the selected slots (B, take) int64 and the steps that
+        #: selected / reused (2,) int64; None before the first decode step
+        self.state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _state(self, q: torch.Tensor, heads_kv: int, take: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.state is None:
+            B, Hq, _, D = q.shape
+            self.state = (q.new_zeros(B, heads_kv, Hq // heads_kv, D),
+                          torch.zeros(B, take, dtype=torch.long, device=q.device),
+                          torch.zeros(2, dtype=torch.long, device=q.device))
+        return self.state
+
+    @property
+    def selected(self) -> int:
+        """Decode steps that made a new selection."""
+        return 0 if self.state is None else int(self.state[2][0])
+
+    @property
+    def reused(self) -> int:
+        """Decode steps that read the last selection again (``threshold``)."""
+        return 0 if self.state is None else int(self.state[2][1])
+
+    @property
+    def ref(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(queries (B, Hq, D), slots (B, Hkv, take))`` of the current selection (views of :attr:`state`, which
+        later steps overwrite), or None before the first."""
+        if self.state is None or not int(self.state[2].sum()):
+            return None
+        ref, slots, _ = self.state
+        return ref.flatten(1, 2), slots.unsqueeze(1).expand(-1, ref.shape[1], -1)
 
     def _candidates(self, take: int) -> int:
         """Pages whose tokens page-first scoring scores: ``pages`` times the selected tokens' worth, plus the two
         end pages the middle may cut."""
         return math.ceil(self.pages * take / self.page) + 2
 
-    def _reuse(self, q_last: torch.Tensor) -> torch.Tensor | None:
-        """The last selection's slots while the queries stay similar (``threshold``), else None."""
-        if self.ref is not None:
-            cos = torch.nn.functional.cosine_similarity(q_last, self.ref[0], dim=-1).mean(dim=1)
-            if bool((cos >= self.threshold).all()):
-                self.reused += 1
-                return self.ref[1]
-        return None
-
     def read_fused(self, store, q, step, lo, hi, take):
         if self.score_dtype != "float32":  # compact copies score through the generic path
             return None
-        q_last = q[:, :, -1].float()
-        fixed = self._reuse(q_last)
+        state = self._state(q, store.buf["k"].shape[1], take)
         fused = tokenselect_read(q, store, step, lo=lo, hi=hi, candidates=self._candidates(take) if self.pages else 0,
-                                 take=take, fixed=None if fixed is None else fixed[:, 0])
-        if fused is None:
-            if fixed is not None:  # the generic path counts the step again
-                self.reused -= 1
-            return None
-        if fixed is None:
-            self.ref = (q_last, fused[1].unsqueeze(1).expand(-1, store.positions.shape[1], -1))
-            self.selected += 1
-        return fused[0]
+                                 take=take, reuse=(*state, self.threshold))
+        return None if fused is None else fused[0]
 
     def select(self, store, q, step, lo, hi, take):
         B, Hkv = store.positions.shape[:2]
-        q_last = q[:, :, -1].float()
-        reused = self._reuse(q_last)
-        if reused is not None:
-            return reused
+        ref, slots, counts = self._state(q, Hkv, take)
+        if int(counts.sum()):  # reuse while every batch row's mean cosine over its heads is >= threshold
+            cos = torch.nn.functional.cosine_similarity(q[:, :, -1].float(), ref.flatten(1, 2).float(), dim=-1)
+            if bool((cos.mean(dim=1) >= self.threshold).all()):
+                counts[1] += 1
+                return slots.unsqueeze(1).expand(B, Hkv, take)
         qg = _group_queries(q, Hkv) * step.scale
         if self.pages:  # the tokens of the pages of highest soft vote by their bounds: (B, M), hidden ones at -1
             cand, keys = self._page_candidates(store, qg, lo, hi, take)
@@ -268,10 +282,10 @@ class TokenSelect(_Select):
             scores = _key_scores(qg, keys, getattr(torch, self.score_dtype), key_scale)
             vote = torch.softmax(_masked(scores, store, lo, hi), dim=-1).nan_to_num_(0.0).sum(dim=(1, 2))  # (B, m)
             top = torch.topk(vote, take, dim=-1).indices.sort(dim=-1).values + lo
-        slots = top.unsqueeze(1).expand(B, Hkv, take).contiguous()
-        self.ref = (q_last, slots)
-        self.selected += 1
-        return slots
+        ref.flatten(1, 2).copy_(q[:, :, -1])
+        slots.copy_(top)
+        counts[0] += 1
+        return slots.unsqueeze(1).expand(B, Hkv, take)
 
     def _page_candidates(self, store, qg, lo, hi, take) -> tuple[torch.Tensor, torch.Tensor]:
         """Page-first: ``(slots (B, M), keys (B, Hkv, M, D))`` of the tokens in ``[lo, hi)`` of the pages with the
@@ -289,7 +303,7 @@ class TokenSelect(_Select):
         return cand.masked_fill(~inside, -1), keys
 
     def state_nbytes(self) -> int:
-        return 0 if self.ref is None else sum(t.numel() * t.element_size() for t in self.ref)
+        return 0 if self.state is None else sum(t.numel() * t.element_size() for t in self.state)
 
 
 @register_policy

@@ -98,8 +98,9 @@ def quest_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: tor
 def tokenselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmin: torch.Tensor | None,
                           kmax: torch.Tensor | None, *,
                           scale: float, page: int, lo: int, hi: int, n: int, candidates: int, take: int,
-                          valid: torch.Tensor | None = None,
-                          fixed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          valid: torch.Tensor | None = None, fixed: torch.Tensor | None = None,
+                          reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """tokenselect's decode step in one call: ``(out (B, Hkv, G, Dv), lse (B, Hkv, G), slots (B, take))``.
 
     ``candidates=0`` (``page=0``, no bounds): every middle token gets the soft vote ``Σ_{heads}
@@ -108,10 +109,19 @@ def tokenselect_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kmi
     soft vote ``Σ_{heads} softmax_pages(scale · bound)``; the tokens (within ``[lo, hi)``) of the ``candidates``
     pages of highest vote get exact scores ``q·k`` and the soft vote ``Σ_{heads} softmax_tokens(scale · q·k)``
     (padding hidden); the ``take`` best (ties: the lower slot) are read by every head with the sinks ``[0, lo)``
-    and the local slots ``[hi, n)``. ``fixed (B, take)``: read these slots instead. Needs ``take <=
-    (candidates - 2) · page`` (the two end pages may be cut). Only after :func:`applies`.
+    and the local slots ``[hi, n)``, the selected tokens' scores taken from the vote. ``fixed (B, take)``: read
+    these slots instead. Needs ``take <= (candidates - 2) · page`` (the two end pages may be cut).
+
+    ``reuse = (ref, slots, counts, threshold)``: the policy's selection state, updated in place (no Python work
+    per step): ``ref (B, Hkv, G, D)`` the queries of the last selection, ``slots (B, take)`` int64 the selection,
+    ``counts (2,)`` int64 steps that selected / reused. The step reads ``slots`` again while a selection exists and
+    every batch row's mean cosine between ``q`` and ``ref`` over its heads is ``>= threshold``; else it selects into
+    ``slots`` and copies ``q`` into ``ref``. The returned slots are then ``slots`` itself. Only after :func:`applies`.
     """
     q, k, v = kernel_rows(q), kernel_rows(k), kernel_rows(v)
     fixed = None if fixed is None else fixed.long().contiguous()
-    return tuple(torch.ops.attnzoo.tokenselect_attention(q, k, v, kmin, kmax, valid, fixed, float(scale), page, lo, hi,
-                                                         n, candidates, take))
+    ref, slots, counts, threshold = reuse if reuse is not None else (None, None, None, 0.0)
+    out, lse, chosen = torch.ops.attnzoo.tokenselect_attention(q, k, v, kmin, kmax, valid, fixed, ref, slots, counts,
+                                                               float(scale), page, lo, hi, n, candidates, take,
+                                                               float(threshold))
+    return out, lse, chosen if reuse is None else slots

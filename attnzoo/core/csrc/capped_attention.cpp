@@ -4,8 +4,9 @@
 //   x = scale * q_i . k_j + mask[i, j]          (mask: optional additive, -inf hides a key)
 //   x = cap * tanh(x / cap)                      (when cap > 0; a hidden key stays hidden)
 // and, with `causal`, key j is visible to query i only when j <= i + offset. With `idx` (X, Y, Lk) int64, key j
-// of (x, y) is row idx[x, y, j] of k and v (a selection read in place: each block of keys is copied into a
-// worker's scratch rows for its GEMMs, no gathered copy of the selection in memory; not with `causal`).
+// of (x, y) is row idx[x, y, j] of k and v (a selection read in place: with up to kDirectRows query rows row by
+// row, else each block of keys copied into a worker's scratch rows for its GEMMs; no gathered copy of the
+// selection in memory; not with `causal`).
 // Work items are (x, y, block of query rows), run in parallel; each walks blocks of keys: one GEMM for the
 // scores, one pass (mask + cap + row maximum), one pass (exp + row sum, online rescale), one GEMM into the
 // output. Rows of every tensor need a unit last stride; every other stride is free (expanded heads,
@@ -54,6 +55,8 @@ struct Args {
   const int64_t* idx;  // nullptr, or the rows of k and v each (x, y) reads (strides is)
   int64_t is[2];
   int64_t skip_at, skip;  // keys j >= skip_at read row j + skip (skip = 0: none)
+  const T* pre;  // nullptr, or the scores q . k already known (rows of pre_ld, one per query row; with idx)
+  int64_t pre_ld;
   T scale, cap;
   bool causal;
   int64_t offset;
@@ -87,6 +90,66 @@ inline T logits(T* sr, const T* mr, int64_t mstride, int64_t vis, T scale, T two
   return logits_pass<T, CAP, 2>(sr, mr, mstride, vis, scale, two_over_cap, minus_two_cap);
 }
 
+// query rows up to which selected keys are read row by row in place (dot products and axpys); above, the
+// selected rows are copied into scratch rows for GEMMs. A decode step's rows are one KV head's query heads:
+// with a few of them, a GEMM's packing and call cost more than the arithmetic, and the copy is a second pass
+// over every selected row (measured: a quest step's read 1.5x faster in place, SmolLM2's 3 rows, D=64)
+constexpr int64_t kDirectRows = 8;
+// selected rows prefetched ahead (they are scattered: a page boundary stops the hardware prefetcher)
+constexpr int64_t kAhead = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t len) {
+  for (int64_t d = 0; d < len; d += 64 / sizeof(T)) __builtin_prefetch(row + d);
+}
+
+// s[r * lds + c] = q_r . k_{idx[c]} for the query rows r < rows of q (row stride qrow) and the rows idx[0, n) of k
+// (row stride ldk). rows <= kDirectRows: read in place; else copied into kbuf (kBlockK x D) for one GEMM per
+// kBlockK rows
+template <typename T>
+void selected_scores(const T* q, int64_t qrow, int64_t rows, int64_t D, const T* k, int64_t ldk, const int64_t* idx,
+                     int64_t n, T* s, int64_t lds, std::vector<T>& kbuf) {
+  if (rows > kDirectRows) {
+    for (int64_t j0 = 0; j0 < n; j0 += kBlockK) {
+      const int64_t nb = std::min(kBlockK, n - j0);
+      for (int64_t c = 0; c < nb; ++c) {
+        if (j0 + c + kAhead < n) prefetch_row(k + idx[j0 + c + kAhead] * ldk, D);
+        std::memcpy(kbuf.data() + c * D, k + idx[j0 + c] * ldk, D * sizeof(T));
+      }
+      gemm('T', nb, rows, D, kbuf.data(), D, q, qrow, T(0), s + j0, lds);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    if (c + kAhead < n) prefetch_row(k + idx[c + kAhead] * ldk, D);
+    const T* kr = k + idx[c] * ldk;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* qr = q + r * qrow;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t d = 0; d < D; ++d) sum += qr[d] * kr[d];
+      s[r * lds + c] = sum;
+    }
+  }
+}
+
+// acc_r (Dv) += sum_c p[r * lds + c] v_{idx[c]} for the rows r < rows <= kDirectRows, the rows idx[0, n) of v
+// (row stride ldv) read in place
+template <typename T>
+void selected_values(const T* p, int64_t lds, int64_t rows, int64_t Dv, const T* v, int64_t ldv, const int64_t* idx,
+                     int64_t n, T* acc) {
+  for (int64_t c = 0; c < n; ++c) {
+    if (c + kAhead < n) prefetch_row(v + idx[c + kAhead] * ldv, Dv);
+    const T* vr = v + idx[c] * ldv;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T w = p[r * lds + c];
+      T* ar = acc + r * Dv;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) ar[d] += w * vr[d];
+    }
+  }
+}
+
 // one (x, y, query block): rows [i0, i1)
 template <typename T>
 void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::vector<T>& s, std::vector<T>& acc,
@@ -98,6 +161,7 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
   const T* v = a.v + x * a.vs[0] + y * a.vs[1];
   const T* mask = a.mask ? a.mask + x * a.ms[0] + y * a.ms[1] : nullptr;
   const int64_t* idx = a.idx ? a.idx + x * a.is[0] + y * a.is[1] : nullptr;
+  const bool direct = idx && rows <= kDirectRows;  // the selected rows read in place (else copied for GEMMs)
   std::fill(m.begin(), m.end(), ninf);
   std::fill(l.begin(), l.end(), T(0));
   std::fill(acc.begin(), acc.end(), T(0));
@@ -109,24 +173,25 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
     const int64_t row = j0 < a.skip_at ? j0 : j0 + a.skip;
     const T *kb = k + row * a.ks[2], *vb = v + row * a.vs[2];  // this block's keys and values (row strides ldk, ldv)
     int64_t ldk = a.ks[2], ldv = a.vs[2];
-    if (idx) {  // the selected rows, copied into scratch rows (rows `ahead` prefetched: they are scattered)
-      constexpr int64_t ahead = 8;
-      for (int64_t c = 0; c < n; ++c) {
-        if (j0 + c + ahead < a.Lk) {
-          const T *kn = k + idx[j0 + c + ahead] * a.ks[2], *vn = v + idx[j0 + c + ahead] * a.vs[2];
-          for (int64_t d = 0; d < a.D; d += 64 / sizeof(T)) __builtin_prefetch(kn + d);
-          for (int64_t d = 0; d < a.Dv; d += 64 / sizeof(T)) __builtin_prefetch(vn + d);
-        }
-        std::memcpy(kbuf.data() + c * a.D, k + idx[j0 + c] * a.ks[2], a.D * sizeof(T));
-        std::memcpy(vbuf.data() + c * a.Dv, v + idx[j0 + c] * a.vs[2], a.Dv * sizeof(T));
-      }
-      kb = kbuf.data(), vb = vbuf.data(), ldk = a.D, ldv = a.Dv;
-    }
     // s (rows x n, row stride kBlockK) = q_block . k_block^T
-    if (a.k_col > 0)  // K^T stored contiguous along keys: a plain GEMM (no transposed packing)
+    if (idx) {
+      if (a.pre)  // scored already (tokenselect's vote): K is not read again
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy(a.pre + (i0 + r) * a.pre_ld + j0, a.pre + (i0 + r) * a.pre_ld + j0 + n, s.data() + r * kBlockK);
+      else
+        selected_scores(q, a.qs[2], rows, a.D, k, a.ks[2], idx + j0, n, s.data(), kBlockK, kbuf);
+      if (!direct) {  // the selected values too, copied into scratch rows for the output GEMM
+        for (int64_t c = 0; c < n; ++c) {
+          if (j0 + c + kAhead < end) prefetch_row(v + idx[j0 + c + kAhead] * a.vs[2], a.Dv);
+          std::memcpy(vbuf.data() + c * a.Dv, v + idx[j0 + c] * a.vs[2], a.Dv * sizeof(T));
+        }
+        vb = vbuf.data(), ldv = a.Dv;
+      }
+    } else if (a.k_col > 0) {  // K^T stored contiguous along keys: a plain GEMM (no transposed packing)
       gemm('N', n, rows, a.D, k + row, a.k_col, q, a.qs[2], T(0), s.data(), kBlockK);
-    else
+    } else {
       gemm('T', n, rows, a.D, kb, ldk, q, a.qs[2], T(0), s.data(), kBlockK);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       T* sr = s.data() + r * kBlockK;
       const int64_t vis = a.causal ? std::min(n, std::max<int64_t>(0, i0 + r + a.offset - j0 + 1)) : n;
@@ -136,7 +201,10 @@ void block(const Args<T>& a, int64_t x, int64_t y, int64_t i0, int64_t i1, std::
       softmax_step(sr, vis, n, mx, m[r], l[r], acc.data() + r * a.Dv, a.Dv);
     }
     // acc (rows x Dv) += p (rows x n) . v_block (n x Dv)
-    gemm('N', a.Dv, rows, n, vb, ldv, s.data(), kBlockK, T(1), acc.data(), a.Dv);
+    if (direct)
+      selected_values(s.data(), kBlockK, rows, a.Dv, v, a.vs[2], idx + j0, n, acc.data());
+    else
+      gemm('N', a.Dv, rows, n, vb, ldv, s.data(), kBlockK, T(1), acc.data(), a.Dv);
   }
   T* out = a.out + x * a.os[0] + y * a.os[1] + i0 * a.os[2];
   T* lse = a.lse + (x * a.Y + y) * a.Lq + i0;
@@ -169,6 +237,7 @@ Args<T> operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, 
   a.mask = nullptr;
   a.idx = nullptr;
   a.skip_at = a.skip = 0;
+  a.pre = nullptr;
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<T>();
   a.X = q.size(0), a.Y = q.size(1), a.Lq = q.size(2), a.Lk = Lk, a.D = q.size(3), a.Dv = v.size(3);
@@ -254,18 +323,19 @@ void top_sorted(const T* score, int64_t count, int64_t take, std::vector<int64_t
 // per-thread scratch of a selection step
 template <typename T>
 struct Scratch {
-  std::vector<T> score, vote, mask, small, e, s, acc, m, l, kbuf, vbuf;
-  std::vector<int64_t> order, rows, cand;
+  std::vector<T> score, vote, mask, small, e, s, acc, m, l, kbuf, vbuf, pre;
+  std::vector<int64_t> order, rows, cand, pick;
   Scratch(int64_t D, int64_t Dv)
       : s(kBlockQ * kBlockK), acc(kBlockQ * Dv), m(kBlockQ), l(kBlockQ), kbuf(kBlockK * D), vbuf(kBlockK * Dv) {}
 };
 
-// the query rows of (x, y) over the slots rows[0, r) of k/v, read in place (valid: (x, y, slot) visibility or nullptr)
+// the query rows of (x, y) over the slots rows[0, r) of k/v, read in place (valid: (x, y, slot) visibility or nullptr);
+// pre: nullptr, or their scores q . k already computed (query row i's at pre[i * r, (i + 1) * r))
 template <typename T>
 void read_rows(const Args<T>& a, const bool* valid, const int64_t vs[3], int64_t x, int64_t y, const int64_t* rows,
-               int64_t r, Scratch<T>& w) {
+               int64_t r, Scratch<T>& w, const T* pre = nullptr) {
   Args<T> b = a;  // this item's rows (and their padding) as the capped kernel's selection
-  b.idx = rows, b.is[0] = b.is[1] = 0, b.Lk = r;
+  b.idx = rows, b.is[0] = b.is[1] = 0, b.Lk = r, b.pre = pre, b.pre_ld = r;
   b.ms[0] = b.ms[1] = b.ms[2] = 0, b.ms[3] = 1;  // a row's padding: one mask row over its r keys
   if (valid) {
     const bool* vr = valid + x * vs[0] + y * vs[1];
@@ -336,36 +406,30 @@ void add_softmax(const T* row, int64_t count, T scale, T* vote, std::vector<T>& 
   for (int64_t c = 0; c < count; ++c) vote[c] += e[c] * inv;
 }
 
-// the soft vote sum_{y,g} softmax_c(scale * q . k_c) over the candidate slots t.cand (padding hidden) into t.vote;
-// `run`: the candidates are one run of consecutive slots, read by the score GEMM in place (else copied in blocks)
+// the soft vote sum_{y,g} softmax_c(scale * q . k_c) over the candidate slots t.cand (padding hidden) into t.vote,
+// the scores q . k_c (-inf: padding) kept in t.score (query row g of head y: row y * G + g, M long) for the read;
+// `run`: the candidates are one run of consecutive slots, read by the score GEMM in place (else selected_scores)
 template <typename T>
 void token_vote(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& t, bool run) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t M = t.cand.size();
-  t.score.resize(a.Lq * M);
+  t.score.resize(a.Y * a.Lq * M);
   t.vote.assign(M, T(0));
   for (int64_t y = 0; y < a.Y; ++y) {  // exact scores of the candidates
     const T* q = a.q + x * a.qs[0] + y * a.qs[1];
+    T* score = t.score.data() + y * a.Lq * M;
     const T* k = a.k + x * a.ks[0] + y * a.ks[1];
     const bool* vr = w.valid ? w.valid + x * w.vs[0] + y * w.vs[1] : nullptr;
-    for (int64_t j0 = 0; j0 < M; j0 += kBlockK) {  // blocks of candidate rows: read in place when one run, else copied
-      const int64_t nb = std::min(kBlockK, M - j0);
-      if (run) {
-        gemm('T', nb, a.Lq, a.D, k + t.cand[j0] * a.ks[2], a.ks[2], q, a.qs[2], T(0), t.score.data() + j0, M);
-        continue;
-      }
-      for (int64_t c = 0; c < nb; ++c) {
-        if (j0 + c + 8 < M)  // prefetched 8 rows ahead: a page boundary stops the hardware prefetcher
-          for (int64_t d = 0; d < a.D; d += 64 / sizeof(T)) __builtin_prefetch(k + t.cand[j0 + c + 8] * a.ks[2] + d);
-        std::memcpy(t.kbuf.data() + c * a.D, k + t.cand[j0 + c] * a.ks[2], a.D * sizeof(T));
-      }
-      gemm('T', nb, a.Lq, a.D, t.kbuf.data(), a.D, q, a.qs[2], T(0), t.score.data() + j0, M);
-    }
+    if (M == 0) break;
+    if (run)  // one run of consecutive rows: read in place by the GEMM
+      gemm('T', M, a.Lq, a.D, k + t.cand[0] * a.ks[2], a.ks[2], q, a.qs[2], T(0), score, M);
+    else
+      selected_scores(q, a.qs[2], a.Lq, a.D, k, a.ks[2], t.cand.data(), M, score, M, t.kbuf);
     if (vr)
       for (int64_t g = 0; g < a.Lq; ++g)
         for (int64_t c = 0; c < M; ++c)
-          if (!vr[t.cand[c] * w.vs[2]]) t.score[g * M + c] = ninf;
-    for (int64_t g = 0; g < a.Lq; ++g) add_softmax(t.score.data() + g * M, M, a.scale, t.vote.data(), t.e);
+          if (!vr[t.cand[c] * w.vs[2]]) score[g * M + c] = ninf;
+    for (int64_t g = 0; g < a.Lq; ++g) add_softmax(score + g * M, M, a.scale, t.vote.data(), t.e);
   }
 }
 
@@ -373,19 +437,18 @@ void token_vote(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& t, boo
 // the soft vote sum_{y,g} softmax_c(scale * q . k_c) (the exact vote). cand > 0, page-first: the middle pages (those
 // overlapping [lo, hi)) get the soft vote sum_{y,g} softmax_p(scale * bound), and only the tokens of the `cand` best
 // pages (within [lo, hi)) are scored and voted on. The `take` best tokens with the sinks and the local slots are read
-// by every head.
+// by every head; the selected tokens' scores are the vote's (their keys are not read twice).
 template <typename T>
 void tokenselect_item(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& t) {
   int64_t* sel = w.chosen + x * w.take;
+  const bool voted = !w.fixed;  // t.score holds every head's scores of the candidates t.cand, t.pick the chosen ones
   if (w.fixed) {
     const int64_t* f = w.fixed + x * w.fs[0];
-    std::copy(f, f + w.take, sel);
+    if (f != sel) std::copy(f, f + w.take, sel);
   } else if (w.cand == 0) {  // the exact vote: every middle token a candidate (its rows read in place by the GEMM)
     t.cand.resize(w.hi - w.lo);
     for (int64_t j = w.lo; j < w.hi; ++j) t.cand[j - w.lo] = j;
     token_vote(a, w, x, t, true);
-    top_sorted(t.vote.data(), w.hi - w.lo, w.take, t.order, sel);
-    for (int64_t i = 0; i < w.take; ++i) sel[i] += w.lo;
   } else {
     const int64_t p0 = w.lo / w.page, P = (w.hi + w.page - 1) / w.page - p0;
     t.score.resize(a.Lq * P);
@@ -402,16 +465,37 @@ void tokenselect_item(const Args<T>& a, const Select& w, int64_t x, Scratch<T>& 
       for (int64_t j = std::max(w.lo, (p0 + pages[i]) * w.page); j < std::min(w.hi, (p0 + pages[i] + 1) * w.page); ++j)
         t.cand.push_back(j);
     token_vote(a, w, x, t, false);
-    const int64_t M = t.cand.size();
-    top_sorted(t.vote.data(), M, w.take, t.order, sel);
-    for (int64_t i = 0; i < w.take; ++i) sel[i] = t.cand[sel[i]];
   }
-  t.rows.resize(w.lo + w.take + w.n - w.hi);
-  int64_t r = 0;
-  for (int64_t j = 0; j < w.lo; ++j) t.rows[r++] = j;
-  for (int64_t i = 0; i < w.take; ++i) t.rows[r++] = sel[i];
-  for (int64_t j = w.hi; j < w.n; ++j) t.rows[r++] = j;
-  for (int64_t y = 0; y < a.Y; ++y) read_rows(a, w.valid, w.vs, x, y, t.rows.data(), r, t);
+  const int64_t M = t.cand.size(), r = w.lo + w.take + w.n - w.hi, G = a.Lq;
+  if (voted) {
+    t.pick.resize(w.take);
+    top_sorted(t.vote.data(), M, w.take, t.order, t.pick.data());
+    for (int64_t i = 0; i < w.take; ++i) sel[i] = t.cand[t.pick[i]];
+  }
+  t.rows.resize(r);
+  int64_t j = 0;
+  for (int64_t s = 0; s < w.lo; ++s) t.rows[j++] = s;
+  for (int64_t i = 0; i < w.take; ++i) t.rows[j++] = sel[i];
+  for (int64_t s = w.hi; s < w.n; ++s) t.rows[j++] = s;
+  for (int64_t y = 0; y < a.Y; ++y) {
+    if (!voted) {
+      read_rows(a, w.valid, w.vs, x, y, t.rows.data(), r, t);
+      continue;
+    }
+    // the sinks' and local slots' scores computed, the selected tokens' copied from the vote
+    const T* q = a.q + x * a.qs[0] + y * a.qs[1];
+    const T* k = a.k + x * a.ks[0] + y * a.ks[1];
+    t.pre.resize(G * r);
+    selected_scores(q, a.qs[2], G, a.D, k, a.ks[2], t.rows.data(), w.lo, t.pre.data(), r, t.kbuf);
+    selected_scores(q, a.qs[2], G, a.D, k, a.ks[2], t.rows.data() + w.lo + w.take, w.n - w.hi,
+                    t.pre.data() + w.lo + w.take, r, t.kbuf);
+    for (int64_t g = 0; g < G; ++g) {
+      const T* voted_row = t.score.data() + (y * G + g) * M;
+      T* pre = t.pre.data() + g * r + w.lo;
+      for (int64_t i = 0; i < w.take; ++i) pre[i] = voted_row[t.pick[i]];
+    }
+    read_rows(a, w.valid, w.vs, x, y, t.rows.data(), r, t, t.pre.data());
+  }
 }
 
 }  // namespace
@@ -569,33 +653,95 @@ std::vector<at::Tensor> quest_attention(const at::Tensor& q, const at::Tensor& k
   return {out, lse, units};
 }
 
+namespace {
+
+// whether every batch row's queries q (X, Y, G, D) are similar to the ones that made the selection, ref (alike):
+// the mean over its heads of cos(q, ref) >= threshold (tokenselect's reuse rule; cos as torch's cosine_similarity,
+// each norm clamped to >= 1e-8)
+template <typename T>
+bool similar(const at::Tensor& q, const at::Tensor& ref, double threshold) {
+  const int64_t X = q.size(0), Y = q.size(1), G = q.size(2), D = q.size(3);
+  const T *qp = q.data_ptr<T>(), *rp = ref.data_ptr<T>();
+  for (int64_t x = 0; x < X; ++x) {
+    double sum = 0;
+    for (int64_t y = 0; y < Y; ++y)
+      for (int64_t g = 0; g < G; ++g) {
+        const T *a = qp + x * q.stride(0) + y * q.stride(1) + g * q.stride(2), *b = rp + ((x * Y + y) * G + g) * D;
+        double ab = 0, aa = 0, bb = 0;
+        for (int64_t d = 0; d < D; ++d) ab += double(a[d]) * b[d], aa += double(a[d]) * a[d], bb += double(b[d]) * b[d];
+        sum += ab / (std::max(std::sqrt(aa), 1e-8) * std::max(std::sqrt(bb), 1e-8));
+      }
+    if (!(sum / double(Y * G) >= threshold)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 // tokenselect's decode step: q (B, Hkv, G, D), k, v, kmin, kmax, valid as quest_attention's (bounds over pages of
 // `page` slots); the middle [lo, hi) need not be page-aligned. cand == 0 (page 0, no bounds): every middle token is
 // voted on (the exact vote); cand > 0: the `cand` pages of highest soft vote are scored token by token. The `take`
 // tokens of highest soft vote (one set per batch row) are read with the sinks [0, lo) and the local slots [hi, n).
-// fixed: (B, take) slots to read instead of selecting, or empty.
-// Returns out (B, Hkv, G, Dv), lse (B, Hkv, G) and the selected slots (B, take), sorted.
+// fixed: (B, take) slots to read instead of selecting, or empty. Returns out (B, Hkv, G, Dv), lse (B, Hkv, G) and
+// the selected slots (B, take), sorted.
+// With ref (B, Hkv, G, D) contiguous in q's dtype, slots (B, take) int64 and counts (2,) int64 (the policy's
+// state, updated in place; not with fixed): the step reads `slots` again while a selection exists (counts[0] +
+// counts[1] > 0) and the queries stay similar to `ref` (threshold: see `similar`), counting it in counts[1]; else it
+// selects into `slots`, copies q into `ref` and counts it in counts[0]. The third result is then empty.
 std::vector<at::Tensor> tokenselect_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const std::optional<at::Tensor>& kmin,
                                               const std::optional<at::Tensor>& kmax,
                                               const std::optional<at::Tensor>& valid,
-                                              const std::optional<at::Tensor>& fixed, double scale, int64_t page,
-                                              int64_t lo, int64_t hi, int64_t n, int64_t cand, int64_t take) {
-  Select w = selection(q, k, v, kmin, kmax, valid, fixed, page, lo, hi, n, "tokenselect_attention");
+                                              const std::optional<at::Tensor>& fixed,
+                                              const std::optional<at::Tensor>& ref,
+                                              const std::optional<at::Tensor>& slots_io,
+                                              const std::optional<at::Tensor>& counts, double scale, int64_t page,
+                                              int64_t lo, int64_t hi, int64_t n, int64_t cand, int64_t take,
+                                              double threshold) {
+  const bool stateful = ref.has_value() && ref->defined();
+  TORCH_CHECK(!stateful || (!(fixed.has_value() && fixed->defined()) && slots_io.has_value() && slots_io->defined() &&
+                            counts.has_value() && counts->defined()),
+              "tokenselect_attention: ref comes with slots and counts, without fixed");
+  const at::Tensor* state_slots = stateful ? &*slots_io : nullptr;
+  bool reuse = false;
+  if (stateful) {
+    TORCH_CHECK(ref->sizes() == q.sizes() && ref->scalar_type() == q.scalar_type() && ref->is_contiguous() &&
+                    state_slots->dim() == 2 && state_slots->size(0) == q.size(0) && state_slots->size(1) == take &&
+                    state_slots->scalar_type() == at::kLong && state_slots->is_contiguous() &&
+                    counts->numel() == 2 && counts->scalar_type() == at::kLong && counts->is_contiguous(),
+                "tokenselect_attention: ref (B, Hkv, G, D) like q, slots (B, take) int64, counts (2,) int64, "
+                "contiguous");
+    const int64_t* c = counts->data_ptr<int64_t>();
+    if (c[0] + c[1] > 0)
+      AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "tokenselect_reuse",
+                                 [&] { reuse = similar<scalar_t>(q, *ref, threshold); });
+  }
+  Select w = selection(q, k, v, kmin, kmax, valid, reuse ? *slots_io : fixed, page, lo, hi, n,
+                       "tokenselect_attention");
   const int64_t X = q.size(0), Y = q.size(1);
   TORCH_CHECK(0 <= take && take <= hi - lo &&
                   (cand == 0 ? page == 0 : cand >= 1 && page > 0 && take <= (cand - 2) * page),
               "tokenselect_attention: sizes");
-  if (w.fixed)
-    TORCH_CHECK(fixed->dim() == 2 && fixed->size(0) == X && fixed->size(1) == take &&
-                    (take == 0 || (fixed->min().item<int64_t>() >= lo && fixed->max().item<int64_t>() < hi)),
-                "tokenselect_attention: fixed slots (X, take) within the middle");
+  if (w.fixed) {
+    const at::Tensor& f = reuse ? *slots_io : *fixed;
+    TORCH_CHECK(f.dim() == 2 && f.size(0) == X && f.size(1) == take, "tokenselect_attention: fixed slots (X, take)");
+    for (int64_t x = 0; x < X; ++x)
+      for (int64_t i = 0; i < take; ++i) {
+        const int64_t j = w.fixed[x * w.fs[0] + i];
+        TORCH_CHECK(lo <= j && j < hi, "tokenselect_attention: fixed slots within the middle [", lo, ", ", hi, ")");
+      }
+  }
   auto out = at::empty({X, Y, q.size(2), v.size(3)}, q.options());
   auto lse = at::empty({X, Y, q.size(2)}, q.options());
-  auto slots = at::empty({X, take}, q.options().dtype(at::kLong));
+  auto slots = stateful ? *state_slots : at::empty({X, take}, q.options().dtype(at::kLong));
   w.chosen = slots.data_ptr<int64_t>(), w.unit = 1, w.take = take, w.cand = cand;
   run_items(q, k, v, out, lse, scale, X, "tokenselect_attention",
             [&](const auto& a, auto& t, int64_t i) { tokenselect_item(a, w, i, t); });
+  if (stateful) {
+    if (!reuse) ref->copy_(q);
+    counts->data_ptr<int64_t>()[reuse ? 1 : 0] += 1;
+    return {out, lse, at::empty({0}, slots.options())};
+  }
   return {out, lse, slots};
 }
 
@@ -672,5 +818,8 @@ TORCH_LIBRARY(attnzoo, m) {
   m.def("page_bounds(Tensor k, Tensor(a!) kmin, Tensor(b!) kmax, int p0, int n, int page) -> ()", &page_bounds);
   m.def("capped_attention", &capped_attention);
   m.def("quest_attention", &quest_attention);
-  m.def("tokenselect_attention", &tokenselect_attention);
+  m.def("tokenselect_attention(Tensor q, Tensor k, Tensor v, Tensor? kmin, Tensor? kmax, Tensor? valid, Tensor? fixed, "
+        "Tensor(a!)? ref, Tensor(b!)? slots, Tensor(c!)? counts, float scale, int page, int lo, int hi, int n, "
+        "int cand, int take, float threshold) -> Tensor[]",
+        &tokenselect_attention);
 }
