@@ -367,6 +367,79 @@ def test_page_bounds_of_the_extension_equal_the_tensor_ops_bit_for_bit(monkeypat
     assert all(torch.equal(a, b) for a, b in zip(fast.page_bounds(), eager.page_bounds()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name, params", [("full", {}), ("quest", dict(budget=32, page=8, sinks=4, local=4)),
+                                          ("quest", dict(budget=32, page=4, sinks=4, local=4, bound_dtype="float32")),
+                                          ("tokenselect", dict(budget=24, sinks=2, local=4, pages=1.0, page=8))])
+def test_decode_append_in_one_call_equals_the_general_path_bit_for_bit(name, params, dtype, monkeypatch):
+    """A decode step's append in one C++ call (finiteness scan, rows, positions, touched page bounds) leaves the
+    store exactly as the general path does (every buffer and page bound bit for bit, the reads equal), for
+    strided inputs (a transposed projection's view) and single rows; inputs it does not take (a non-unit last
+    stride, several rows at once that outgrow the buffers) go the general way with the same result."""
+    from attnzoo.cache import store as store_mod
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=90, D=16, seed=8, dtype=dtype)
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # (B, H, N, D) strides of a (B, N, H, D) projection
+    k_last = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # no unit last stride: the general path
+    calls = []
+    op = store_mod.Store.append_rows
+    spy = lambda self, *a, **kw: calls.append(op(self, *a, **kw)) or calls[-1]  # noqa: E731
+    caches = []
+    for fused in (True, False):
+        monkeypatch.setattr(store_mod.Store, "append_rows", spy if fused else lambda *a, **kw: None)
+        cache = KVCache(name, **params)
+        out = []
+        for a, b in [(0, 40), *((i, i + 1) for i in range(40, 70)), (70, 73), *((i, i + 1) for i in range(73, 90))]:
+            cache.append((k_last if a == 80 else k)[:, :, a:b], v[:, :, a:b])
+            out.append(cache.attend(q[:, :, a:b]))
+        caches.append((cache, torch.cat(out, 2)))
+    taken = [c for c in calls if c is not None]
+    if name == "tokenselect" and dtype == torch.float64:  # float32 scores keep a float32 copy of K: general path
+        assert not taken
+    else:
+        assert len(taken) >= 40 and all(p[0] > 0 and p[1] > 0 for p in taken)  # grown buffers come back to it
+    (fast, out), (slow, ref) = caches
+    a, b = fast._layer.store, slow._layer.store
+    assert a.n == b.n == 90 and fast.seq_length == slow.seq_length == 90
+    for name_, t in b.buf.items():
+        assert torch.equal(a.buf[name_][:, :, :90], t[:, :, :90]), name_
+    for name_, t in b.pages.items():
+        pages = -(-90 // a.page)
+        assert torch.equal(a.pages[name_][:, :, :pages].view(torch.int16 if t.dtype == torch.bfloat16 else t.dtype),
+                           t[:, :, :pages].view(torch.int16 if t.dtype == torch.bfloat16 else t.dtype)), name_
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bad", ["k", "v"])
+def test_decode_append_in_one_call_refuses_non_finite_rows_and_keeps_the_cache(bad):
+    """NaN/inf in a decode step's k or v is refused naming it, before anything is written: the held tokens,
+    positions, page bounds and length are unchanged and the next finite step goes on as if it never happened."""
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=1, Hq=4, Hkv=2, N=50, D=8, seed=9, dtype=torch.float32)
+    cache, clean = KVCache("quest", budget=24, page=4, sinks=4, local=4), KVCache("quest", budget=24, page=4, sinks=4,
+                                                                                local=4)
+    for c in (cache, clean):
+        c.append(k[:, :, :40], v[:, :, :40])
+        c.attend(q[:, :, :40])
+    store = cache._layer.store
+    before = {n: t.clone() for n, t in (*store.buf.items(), *store.pages.items())}
+    for value in (math.nan, math.inf):
+        kk, vv = k[:, :, 40:41].clone(), v[:, :, 40:41].clone()
+        (kk if bad == "k" else vv)[0, 1, 0, 3] = value
+        with pytest.raises(attnzoo.AttnZooError, match=f"^{bad}: contains NaN or inf"):
+            cache.append(kk, vv)
+        assert cache.seq_length == 40 and store.n == 40
+        assert all(torch.equal(t, before[n]) for n, t in (*store.buf.items(), *store.pages.items()))
+    for i in range(40, 50):
+        for c in (cache, clean):
+            c.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
+        assert torch.equal(cache.attend(q[:, :, i:i + 1]), clean.attend(q[:, :, i:i + 1]))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_quest_compact_bounds_never_drop_a_page_above_the_selected_threshold(seed):
     """With bf16 bounds, every page left out has an exact max score ``q·k`` (max over the KV head's query heads
@@ -950,14 +1023,15 @@ def test_selected_tokens_read_in_place_equal_the_gathered_read(name, params, dty
         torch.testing.assert_close(a, b, atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5)
 
 
-def test_capped_kernel_reads_rows_by_index_as_a_gathered_copy():
+@pytest.mark.parametrize("Lq", [5, 12])  # read row by row in place (<= 8 query rows), or copied for GEMMs
+def test_capped_kernel_reads_rows_by_index_as_a_gathered_copy(Lq):
     """capped_attention(idx=...) equals the same call on the gathered rows (with a mask over them, rows that
     select only hidden keys give (0, -inf)); idx out of range or with causal is refused."""
     from attnzoo.core import capped
     if not capped.available():
         pytest.skip("the C++ extension cannot be built here")
     g = torch.Generator().manual_seed(3)
-    X, Y, Lq, N, D, Dv, m = 3, 2, 5, 1100, 16, 8, 700
+    X, Y, N, D, Dv, m = 3, 2, 1100, 16, 8, 700
     q, k, v = torch.randn(X, Y, Lq, D, generator=g), torch.randn(X, 1, N, D, generator=g), torch.randn(X, 1, N, Dv, generator=g)
     idx = torch.randint(0, N, (X, Y, m), generator=g)
     mask = torch.rand(X, Y, 1, m, generator=g) > 0.3
@@ -1095,6 +1169,38 @@ def test_tokenselect_page_first_over_every_page_is_the_exact_vote(monkeypatch):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     (_, few, _), = _tokenselect_runs({**exact, "pages": 1.0, "page": 8}, q, k, v, key_mask, monkeypatch, paths[:1])
     assert any(not torch.equal(a, b) for a, b in zip(few[1:], ref_slots[1:]))  # a real pre-filter
+
+
+@pytest.mark.parametrize("pages", [0.0, 2.0])
+def test_tokenselect_reuse_rule_in_the_kernel_equals_the_generic_path(pages, monkeypatch):
+    """The one-call step decides reuse itself (mean cosine over the heads >= threshold in every batch row, on its
+    in-place state): with queries drifting around the threshold it reuses and selects at the same steps as the
+    generic path (torch cosine_similarity), with the same slots and outputs."""
+    from attnzoo.core import capped
+    if not capped.available():
+        pytest.skip("the C++ extension cannot be built here")
+    q, k, v = _qkv(B=2, Hq=6, Hkv=2, N=240, D=32, seed=46, dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(2, 6, 1, 32, generator=g)
+    q = base + torch.rand(1, 1, 240, 1, generator=g) * 1.5 * torch.randn(2, 6, 240, 32, generator=g)
+    key_mask = torch.ones(2, 240, dtype=torch.bool)
+    params = dict(budget=72, sinks=5, local=11, threshold=0.6, **({"pages": pages, "page": 8} if pages else {}))
+    counts = []
+    record = KVCache.attend
+
+    def attend(cache, *a, **kw):
+        out = record(cache, *a, **kw)
+        counts.append((cache.policy.selected, cache.policy.reused))
+        return out
+
+    monkeypatch.setattr(KVCache, "attend", attend)
+    (out, slots, calls), (ref_out, ref_slots, _) = _tokenselect_runs(params, q, k, v, key_mask, monkeypatch)
+    assert calls == 40
+    fused, generic = counts[:41], counts[41:]
+    assert fused == generic and 5 <= fused[-1][1] <= 35  # reused at some steps, not at all
+    assert all(torch.equal(a, b) for a, b in zip(slots[1:], ref_slots[1:]))
+    for a, b in zip(out, ref_out):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_tokenselect_page_first_refuses_compact_scores_and_counts_its_bounds():

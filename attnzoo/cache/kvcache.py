@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale
+from .. import checks
+from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale, vouched_peak
 from ..core.exact import tiled_attention
 from ..core.lowering import lower
 from ..core.partial import Partial
 from ..core.scoremod import check_score_mod, check_sinks, with_sinks
 from ..errors import AttnZooError, UnsupportedError
+from .layer import Layer
 from .policy import Policy, Step, make_policy
 
 
@@ -90,6 +93,8 @@ class KVCache:
         """Add ``n`` tokens: ``k (B, Hkv, n, D)``, ``v (B, Hkv, n, Dv)`` at positions ``seq_length + i``."""
         check_tensor("k", k, 4, "(B, Hkv, n, D)")
         check_tensor("v", v, 4, "(B, Hkv, n, Dv)")
+        if self._append_rows(k, v, key_mask):
+            return
         check_finite("k", k)
         check_finite("v", v)
         if v.shape[:3] != k.shape[:3] or v.dtype != k.dtype or v.device != k.device:
@@ -112,6 +117,25 @@ class KVCache:
         positions = torch.arange(self._seq, self._seq + n, device=k.device)
         self._layer.append(k, v, positions, key_mask)
         self._seq += n
+
+    def _append_rows(self, k: torch.Tensor, v: torch.Tensor, key_mask) -> bool:
+        """A decode step's append (no padding, the shapes held already) in one call of the store's
+        :meth:`~attnzoo.cache.store.Store.append_rows`, its finiteness check included; False where it does not
+        apply (then :meth:`append` runs its checks and the general path)."""
+        store = getattr(self._layer, "store", None)
+        if (store is None or key_mask is not None or type(self._layer).append is not Layer.append
+                or (k.shape[0], k.shape[1], k.shape[3], v.shape[3], k.dtype, k.device) != self._shape
+                or v.shape[:3] != k.shape[:3] or k.shape[2] == 0):
+            return False
+        known = vouched_peak(k), vouched_peak(v)
+        peaks = store.append_rows(k, v, self._seq, check=checks.CHECK_FINITE and None in known)
+        if peaks is None:
+            return False
+        for name, peak in zip("kv", peaks):
+            if not math.isfinite(peak):
+                raise AttnZooError(f"{name}: contains NaN or inf values; attention inputs must be finite")
+        self._seq += k.shape[2]
+        return True
 
     def crop(self, length: int) -> None:
         """Forget every token at position ``>= length`` (``length < 0``: drop ``-length`` tokens)."""
@@ -160,8 +184,7 @@ class KVCache:
         if Hq == 0:  # no query heads: the empty result
             out = q.new_zeros(B, 0, nq, Dv)
             return (out, q.new_zeros(B, 0, nq, dtype=torch.float32)) if return_lse else out
-        step = Step(resolve_scale(scale, D), causal, torch.arange(self._seq - nq, self._seq, device=device),
-                    self._seq, self.splits, self.split_size)
+        step = Step(resolve_scale(scale, D), causal, nq, self._seq, self.splits, self.split_size, device)
         if sinks is not None:
             check_sinks(sinks, Hq, device)
         if score_mod is not None:
@@ -170,7 +193,7 @@ class KVCache:
             part = self._layer.attend(q, step) if score_mod is None else self._read_all(q, step, score_mod)
             if sinks is not None:
                 part = with_sinks(part.out, part.lse, sinks)
-        out = part.out.to(dtype)
+        out = part.out if part.out.dtype == dtype else part.out.to(dtype)
         return (out, part.lse.float()) if return_lse else out
 
     @property

@@ -17,6 +17,7 @@ with :func:`attnzoo.param` and validated exactly like method parameters.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,14 +32,20 @@ from .store import Store
 
 @dataclass(frozen=True)
 class Step:
-    """What one ``attend`` call knows: scale, causality, the queries' positions, the logical length."""
+    """What one ``attend`` call knows: scale, causality, the queries (the newest ``nq`` tokens), the logical length."""
 
     scale: float
     causal: bool
-    q_pos: torch.Tensor  # (nq,) absolute positions of the queries (the newest nq tokens)
+    nq: int  # queries: the newest nq tokens
     seq_length: int
     splits: int  # at most this many split-K ranges per read
     split_size: int  # of at least this many keys each
+    device: torch.device | None = None  # of the queries' positions
+
+    @functools.cached_property
+    def q_pos(self) -> torch.Tensor:
+        """``(nq,)`` absolute positions of the queries (built on first use: a decode step's fused reads need none)."""
+        return torch.arange(self.seq_length - self.nq, self.seq_length, device=self.device)
 
     @property
     def split(self) -> dict[str, int]:
@@ -48,7 +55,7 @@ class Step:
     @property
     def decode(self) -> bool:
         """A single new token: every held key is older or equal, no causal mask is needed."""
-        return self.q_pos.numel() == 1
+        return self.nq == 1
 
 
 @dataclass

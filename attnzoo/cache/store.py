@@ -205,6 +205,29 @@ class Store:
         n0, self.n = self.n, self.n + n
         self._update_pages(n0)
 
+    def append_rows(self, k: torch.Tensor, v: torch.Tensor, start: int, check: bool) -> tuple[float, float] | None:
+        """:meth:`append` of ``n`` tokens at positions ``start, start + 1, ...`` (no padding) in one C++ call,
+        with ``check`` the scan of ``max |k|`` and ``max |v|`` first: returns them (``(0, 0)`` unchecked), and
+        writes nothing when one is not finite. None, with nothing done, where it does not apply: a store with more
+        than keys, values and positions (padding, a compact copy, scores, quantised), no room left (growth), not
+        CPU float32/64 with unit last strides, or no extension. A decode step's append costs ~20 small tensor
+        ops otherwise, and each costs more than the copy of one token."""
+        n, kb = k.shape[2], self.buf.get("k")
+        if (kb is None or self.buf.keys() != {"k", "v", "pos"} or self.n + n > self.capacity
+                or kb.dtype != k.dtype or v.dtype != k.dtype or k.stride(3) != 1 or v.stride(3) != 1
+                or not capped.applies(k, v)):
+            return None
+        if self.page:
+            kmin = self.pages.get("kmin")
+            if (kmin is None or self.page_dtype not in (torch.float32, torch.bfloat16)
+                    or kmin.shape[2] * self.page < self.n + n):
+                return None
+        peaks = torch.ops.attnzoo.append_rows(k, v, kb, self.buf["v"], self.buf["pos"], self.pages.get("kmin"),
+                                              self.pages.get("kmax"), self.n, start, self.page or 0, check)
+        if math.isfinite(peaks[0]) and math.isfinite(peaks[1]):
+            self.n += n
+        return peaks[0], peaks[1]
+
     def _reserve(self, total: int, like: dict[str, torch.Tensor]) -> None:
         """Grow every buffer to hold ``total`` slots: exactly on the first append, then with
         ``total // SPARE`` (at least 16) spare slots, so appends are amortised O(1)."""

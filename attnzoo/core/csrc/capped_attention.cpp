@@ -814,8 +814,86 @@ void page_bounds(const at::Tensor& k, at::Tensor kmin, at::Tensor kmax, int64_t 
   });
 }
 
+namespace {
+
+// max |x| over the rows [0, n) of t (X, Y, n, D), unit last stride; NaN when any element is NaN, inf when one is
+template <typename T>
+double peak_of(const at::Tensor& t) {
+  const T* p = t.data_ptr<T>();
+  T mx = 0;
+  bool nan = false;
+  for (int64_t x = 0; x < t.size(0); ++x)
+    for (int64_t y = 0; y < t.size(1); ++y)
+      for (int64_t i = 0; i < t.size(2); ++i) {
+        const T* row = p + x * t.stride(0) + y * t.stride(1) + i * t.stride(2);
+        for (int64_t d = 0; d < t.size(3); ++d) {
+          const T a = std::abs(row[d]);
+          nan |= a != a;
+          mx = a > mx ? a : mx;
+        }
+      }
+  return nan ? std::numeric_limits<double>::quiet_NaN() : double(mx);
+}
+
+// rows [0, n) of src (X, Y, n, D) into rows [at, at + n) of dst (X, Y, >= at + n, D), unit last strides
+template <typename T>
+void copy_rows(const at::Tensor& src, at::Tensor& dst, int64_t at) {
+  const T* s = src.data_ptr<T>();
+  T* d = dst.data_ptr<T>();
+  const int64_t D = src.size(3);
+  for (int64_t x = 0; x < src.size(0); ++x)
+    for (int64_t y = 0; y < src.size(1); ++y)
+      for (int64_t i = 0; i < src.size(2); ++i)
+        std::memcpy(d + x * dst.stride(0) + y * dst.stride(1) + (at + i) * dst.stride(2),
+                    s + x * src.stride(0) + y * src.stride(1) + i * src.stride(2), D * sizeof(T));
+}
+
+}  // namespace
+
+// a store's append of n new tokens in one call (attnzoo.cache.store.Store.append_rows): k, v (X, Y, n, D|Dv)
+// float32/64 with unit last strides; returns [max |k|, max |v|] (NaN/inf when not finite: then nothing is
+// written). Else the rows go to slots [n0, n0 + n) of kbuf and vbuf (X, Y, >= n0 + n, ·; their dtype), pos
+// (X, Y, >= n0 + n) int32 gets positions start .. start + n - 1, and with page > 0 the touched pages' bounds in
+// kmin/kmax are recomputed as page_bounds does. check: scan for the peaks (else both are returned as 0).
+std::vector<double> append_rows(const at::Tensor& k, const at::Tensor& v, at::Tensor kbuf, at::Tensor vbuf,
+                                at::Tensor pos, const std::optional<at::Tensor>& kmin,
+                                const std::optional<at::Tensor>& kmax, int64_t n0, int64_t start, int64_t page,
+                                bool check) {
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && kbuf.dim() == 4 && vbuf.dim() == 4 && pos.dim() == 3 &&
+                  k.scalar_type() == v.scalar_type() && kbuf.scalar_type() == k.scalar_type() &&
+                  vbuf.scalar_type() == k.scalar_type() && pos.scalar_type() == at::kInt && k.stride(3) == 1 &&
+                  v.stride(3) == 1 && kbuf.stride(3) == 1 && vbuf.stride(3) == 1 && pos.stride(2) == 1,
+              "append_rows: k, v (X, Y, n, D) and their buffers alike with unit last strides, pos int32");
+  const int64_t X = k.size(0), Y = k.size(1), n = k.size(2);
+  TORCH_CHECK(v.size(0) == X && v.size(1) == Y && v.size(2) == n && kbuf.size(0) == X && kbuf.size(1) == Y &&
+                  kbuf.size(3) == k.size(3) && vbuf.size(0) == X && vbuf.size(1) == Y && vbuf.size(3) == v.size(3) &&
+                  pos.size(0) == X && pos.size(1) == Y && 0 <= n0 && n0 + n <= kbuf.size(2) &&
+                  n0 + n <= vbuf.size(2) && n0 + n <= pos.size(2),
+              "append_rows: sizes");
+  std::vector<double> peaks{0.0, 0.0};
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "append_rows", [&] {
+    if (check) peaks = {peak_of<scalar_t>(k), peak_of<scalar_t>(v)};
+    if (!std::isfinite(peaks[0]) || !std::isfinite(peaks[1])) return;
+    copy_rows<scalar_t>(k, kbuf, n0);
+    copy_rows<scalar_t>(v, vbuf, n0);
+  });
+  if (!std::isfinite(peaks[0]) || !std::isfinite(peaks[1])) return peaks;
+  int32_t* p = pos.data_ptr<int32_t>();
+  for (int64_t x = 0; x < X; ++x)
+    for (int64_t y = 0; y < Y; ++y)
+      for (int64_t i = 0; i < n; ++i) p[x * pos.stride(0) + y * pos.stride(1) + n0 + i] = int32_t(start + i);
+  if (page > 0) {
+    TORCH_CHECK(kmin.has_value() && kmin->defined() && kmax.has_value() && kmax->defined(), "append_rows: bounds");
+    page_bounds(kbuf, *kmin, *kmax, n0 / page, n0 + n, page);
+  }
+  return peaks;
+}
+
 TORCH_LIBRARY(attnzoo, m) {
   m.def("page_bounds(Tensor k, Tensor(a!) kmin, Tensor(b!) kmax, int p0, int n, int page) -> ()", &page_bounds);
+  m.def("append_rows(Tensor k, Tensor v, Tensor(a!) kbuf, Tensor(b!) vbuf, Tensor(c!) pos, Tensor(d!)? kmin, "
+        "Tensor(e!)? kmax, int n0, int start, int page, bool check) -> float[]",
+        &append_rows);
   m.def("capped_attention", &capped_attention);
   m.def("quest_attention", &quest_attention);
   m.def("tokenselect_attention(Tensor q, Tensor k, Tensor v, Tensor? kmin, Tensor? kmax, Tensor? valid, Tensor? fixed, "
