@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .. import checks
+import attnzoo.checks as checks  # the live CHECK_FINITE switch
 from ..checks import check_finite, check_flag, check_padding_mask, check_tensor, resolve_scale, vouched_peak
 from ..core.exact import tiled_attention
 from ..core.lowering import lower
