@@ -308,3 +308,30 @@ def test_parse_mixer_and_the_step_benchmark(monkeypatch, capsys):
     assert set(rows) == {"sliding_window(window=8)", "gla"}
     for s, ratio, minutes, unit in rows.values():
         assert float(s) > 0 and float(ratio) > 0 and unit == "min"
+
+
+def test_report_keeps_configurations_apart_and_seeds_together():
+    """Records that share mixer, width and setting label but differ elsewhere (another length, another learning
+    rate) get columns of their own, labelled by what differs, instead of one overwriting the other; the seeds
+    of one configuration share a cell, each seed's accuracy shown."""
+    from attnzoo.bench.results import case_key
+    from attnzoo.train.report import accuracy_table, column_labels, markdown_table
+    from attnzoo.train.sweep import TrainConfig, make_case
+
+    def record(acc, seed=0, lr=3e-3, **task_params):
+        case = make_case("listops", {"max_depth": 4, **task_params}, "exact", {}, TrainConfig(seed=seed, lr=lr, steps=900))
+        return {"type": "case", "key": case_key(case), **case, "status": "ok", "accuracy": acc, "steps": 300 + seed,
+                "stopped": "plateau"}
+
+    cases = [record(0.30, seq_len=256), record(0.50, seq_len=256), record(0.31, seed=1, seq_len=256),
+             record(0.20, seq_len=1024), record(0.40, seq_len=256, lr=1e-3), record(0.9, max_depth=2, seq_len=64)]
+    assert column_labels(cases)[:5] == ["max_depth=4 lr=0.003 seq_len=256"] * 3 + [
+        "max_depth=4 lr=0.003 seq_len=1024", "max_depth=4 lr=0.001 seq_len=256"]
+    assert column_labels(cases)[5] == "max_depth=2 lr=0.003 seq_len=64"
+    headers, [row] = accuracy_table(cases, "listops")
+    cells = dict(zip(headers, row))
+    assert cells["d=64 max_depth=4 lr=0.003 seq_len=256"] == "0.500 / 0.310 (seeds 0, 1)"  # a rerun replaces seed 0
+    assert cells["d=64 max_depth=4 lr=0.003 seq_len=1024"] == "0.200"
+    assert cells["d=64 max_depth=4 lr=0.001 seq_len=256"] == "0.400"
+    assert "| 0.500 (300, plateau) / 0.310 (301, plateau) (seeds 0, 1) |" in markdown_table(cases, "listops")
+    assert column_labels(cases[3:4]) == ["max_depth=4"]  # nothing to tell apart: the plain setting label
