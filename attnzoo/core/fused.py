@@ -35,12 +35,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import capped, cpp
-from .kernel import KERNEL_DTYPES, flash_cpu, kernel_padding, kernel_rows
+from .kernel import KERNEL_DTYPES, additive_mask, flash_cpu, kernel_padding, kernel_rows
 from .layout import MASK_CHUNK, BandPlan, TokenLayout
 from .masks import call_mask_mod
-from .scoremod import DistanceBias, ModHook, distance_rows, negligible_gap
+from .scoremod import DistanceBias, ModHook, distance_rows, negligible_gap, negligible_margin
 
 
 def fused_applies(q: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor | None) -> bool:
@@ -140,15 +141,20 @@ def attend_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BandPla
                 blocks, rows, kw, vw, masks(part.mask.unsqueeze(0), rows, slice(part.col, part.col + part.cols)),
                 pad_windows)
     if plan.special.numel():
-        # special blocks: windows gathered with clamped indices (positions outside the keys are masked)
-        pos = (plan.special.view(-1, 1) + plan.start) * b + torch.arange(L, device=q.device)
-        pos = pos.clamp(0, Nk - 1).view(-1)
-        kw, vw = (t[:, pos].view(B * Hkv, -1, L, D) for t in (k, v))  # indexing reads strided rows in place
-        pad_windows = None if pad is None else pad[:, pos].view(B, -1, L)
-        r = Nq if nq == 1 else b  # a lone short query block (a generation step) runs its real rows, not b copies
-        rows = (plan.special.view(-1, 1) * b + torch.arange(r, device=q.device)).clamp(max=Nq - 1).view(-1)
-        run(lambda g: q[:, g].index_select(1, rows).view(B * Hkv, -1, r, D), plan.special, slice(0, r), kw, vw,
-            masks(plan.special_mask[:, :r], slice(0, r), slice(None)), pad_windows)
+        # special blocks: each over the run of window columns its rows see (inside the keys), read in place
+        seen = plan.special_mask.any(1)  # (n_special, L)
+        col = torch.arange(L, device=q.device)
+        firsts = torch.where(seen, col, L).amin(-1).tolist()
+        ends = (torch.where(seen, col, -1).amax(-1) + 1).tolist()
+        for j, i in enumerate(plan.special.tolist()):
+            c0, c1, r = firsts[j], ends[j], min(b, Nq - i * b)  # the block's real rows (a short last one)
+            if c0 >= c1:
+                continue  # no row sees a key: all empty rows
+            key0 = (i + plan.start) * b + c0
+            kw, vw = (t[:, key0:key0 + c1 - c0].unsqueeze(1) for t in (k, v))
+            pad_windows = None if pad is None else pad[:, key0:key0 + c1 - c0].unsqueeze(1)
+            run(lambda g, i=i, r=r: q[:, g, i * b:i * b + r].unsqueeze(1), slice(i, i + 1), slice(0, r), kw, vw,
+                masks(plan.special_mask[j:j + 1, :r, c0:c1], slice(0, r), slice(c0, c1)), pad_windows)
     if plan.any_empty:  # rows of the layout that see no key (written row by row, not a pass over the output)
         out[:, :, plan.empty_rows] = 0.0
         lse[:, :, plan.empty_rows] = -math.inf
@@ -230,16 +236,23 @@ def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tens
     """
     b, L, Nq, Nk = plan.block, plan.window, q.shape[2], k.shape[2]
     dtype = torch.promote_types(torch.float32, q.dtype)
-    dist = plan.start * b - (Nk - Nq) + torch.arange(L, device=q.device) - torch.arange(b, device=q.device).view(-1, 1)
-    with torch.no_grad():
-        table = mod.bias(dist.reshape(-1)).to(q.device, dtype).view(-1, b, L)  # (Hq|1, b, L)
-        table = table.expand(q.shape[1], b, L)
+    # the bias of distances d0 - (b - 1) .. d0 + L - 1 (d0 = start·b - (Nk - Nq)): row r of the window reads
+    # L of them from index b - 1 - r, so the (b, L) table is the vector's overlapping windows, rows reversed
+    vec = distance_rows(mod, plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, dtype, q.device, causal=False)
+    table = vec.unfold(-1, L, 1).flip(1).expand(q.shape[1], b, L)  # (Hq, b, L)
+    # a bias whose values span less than the smallest gap has no key to drop: no pass over q and k, no row max
+    drop_far = drop_far and bool(((vec.amax(-1) - vec.amin(-1)) >= negligible_margin(q.dtype, Nk)).any())
+    if drop_far:
         gap = negligible_gap(q, k, scale, Nk).to(dtype).view(-1, 1, 1, 1)
 
     def additive(mask: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        # arithmetic passes only (a masked_fill / where with a broadcast bool mask is several times slower)
         with torch.no_grad():
-            add = table[:, rows, cols].unsqueeze(1).masked_fill(~mask, -math.inf)
-            return add.masked_fill(add < add.amax(-1, keepdim=True) - gap, -math.inf) if drop_far else add
+            add = table[:, rows, cols].unsqueeze(1) + additive_mask(mask, dtype)
+            if drop_far:  # + -inf where the bias is below floor = the row's largest visible bias - gap, else + 0
+                floor = (add.amax(-1, keepdim=True) - gap).clamp_(min=torch.finfo(dtype).min)  # no -inf - -inf
+                add += F.threshold(add - floor, 0.0, -math.inf).clamp_(max=0.0)
+            return add
 
     return additive
 

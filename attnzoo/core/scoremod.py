@@ -206,8 +206,14 @@ def negligible_gap(q: torch.Tensor, k: torch.Tensor, scale: float, len_k: int) -
     with torch.no_grad():
         qn = q.detach().to(dtype).norm(dim=-1).amax(dim=(0, 2))  # (Hq,)
         kn = k.detach().to(dtype).norm(dim=-1).amax(dim=(0, 2)).repeat_interleave(Hq // Hkv)
-        margin = math.log(max(len_k, 1)) - math.log(torch.finfo(dtype).eps) + 4.0
-        return (2 * scale * qn * kn + margin).unsqueeze(-1)
+        return (2 * scale * qn * kn + negligible_margin(q.dtype, len_k)).unsqueeze(-1)
+
+
+def negligible_margin(dtype: torch.dtype, len_k: int) -> float:
+    """The smallest :func:`negligible_gap` of any inputs (``margin``, its part that needs no pass over q and k):
+    a bias whose values on a row span less than this never has a key to drop."""
+    eps = torch.finfo(dtype if dtype == torch.float64 else torch.float32).eps
+    return math.log(max(len_k, 1)) - math.log(eps) + 4.0
 
 
 class ModHook:
