@@ -177,6 +177,15 @@ def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod
             and cpp.available(_BACKWARD_SOURCE))
 
 
+def fused_mod(mod: ModHook | None) -> dict:
+    """``{"bias": .., "cap": ..}``: the distance bias and the soft cap after it that the fused paths and the C++
+    backward apply for ``mod`` (None each when there is none)."""
+    if mod is None:
+        return {"bias": None, "cap": None}
+    bias, cap = (mod.distance, None) if mod.distance is not None else mod.capped or (None, None)
+    return {"bias": bias, "cap": cap}
+
+
 def _band_masks(plan: BandPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """The plan's element masks as ``(masks (1 + n_special, block, L), mask_of (n_q,))``: mask 0 is the
     interior blocks' shared one, mask ``1 + j`` the special block ``plan.special[j]``'s."""
@@ -205,21 +214,53 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     block, see :func:`_band_bias`) and ``dS`` is multiplied by the cap's slope ``1 - tanh²``; no gradient
     reaches the bias's own tensors (:func:`band_backward_applies` sends mods that need one to the slot loop).
     """
-    dtype = q.dtype
-    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-    q, k, v, out, d_out = (kernel_rows(t.to(work)) for t in (q, k, v, out, d_out))
-    lse, d_lse = (None if t is None else t.to(work).contiguous() for t in (lse, d_lse))
     masks, mask_of = _band_masks(plan)
-    pad = kernel_padding(key_padding_mask, q.shape[0])
     b, L, Nq, Nk = plan.block, plan.window, q.shape[2], k.shape[2]
     # distance of row r to window column c: start·b - (Nk - Nq) + c - r, at index c - r + b - 1
-    vec = None if bias is None else distance_rows(bias, plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, work,
-                                                  q.device, causal=False)
+    return _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, bias,
+                            plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, cap, masks, mask_of, b, plan.start,
+                            _BAND, 0)
+
+
+def attend_exact_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          d_out: torch.Tensor, d_lse: torch.Tensor | None, *, scale: float, causal: bool,
+                          offset: int, key_padding_mask: torch.Tensor | None = None,
+                          bias: DistanceBias | None = None, cap: float | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of exact attention's ``(out, lse)`` (the tiled engine's,
+    :func:`attnzoo.core.exact.tiled_attention`) on the same C++ kernel as :func:`attend_band_backward`; only
+    after :func:`band_backward_applies`.
+
+    Every block of :data:`BACKWARD_TILE` query positions reads keys from 0: all ``Nk`` of them, or with
+    ``causal`` those up to each row's limit ``position + offset`` (``offset = q_offset - k_offset``, bottom-right
+    alignment: ``Nk - Nq``), as per-row column limits (no element masks, nothing of size Nq x Nk). A distance
+    ``bias`` is one vector per head over the call's distances ``-(Nq - 1) - offset .. Nk - 1 - offset``.
+    """
+    Nq, Nk = q.shape[2], k.shape[2]
+    none = torch.zeros(0, dtype=torch.bool, device=q.device), torch.zeros(0, dtype=torch.long, device=q.device)
+    return _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, bias, -(Nq - 1) - offset,
+                            Nq + Nk - 1, cap, *none, BACKWARD_TILE, 0, _PREFIX if causal else _FULL, offset)
+
+
+#: csrc/band_backward.cpp's modes: a band plan's windows, keys from 0 to each row's causal limit, all keys
+_BAND, _PREFIX, _FULL = 0, 1, 2
+
+
+def _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale: float, key_padding_mask, bias: DistanceBias | None,
+                     d0: int, length: int, cap: float | None, masks: torch.Tensor, mask_of: torch.Tensor,
+                     block: int, start: int, mode: int, offset: int):
+    """Call ``csrc/band_backward.cpp`` in ``mode``, the bias as :func:`~attnzoo.core.scoremod.distance_rows`
+    of the distances ``d0 ..`` (``length`` of them), in float32 for bfloat16/float16 inputs."""
+    dtype = q.dtype
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    q, k, v, out, d_out = (kernel_rows(t.to(work)) for t in (q, k, v, out, d_out))
+    lse, d_lse = (None if t is None else t.to(work).contiguous() for t in (lse, d_lse))
+    pad = kernel_padding(key_padding_mask, q.shape[0])
+    vec = None if bias is None else distance_rows(bias, d0, length, work, q.device, causal=False)
     cpp.available(_BACKWARD_SOURCE)  # loads the op (built once per process)
     dq, dk, dv = torch.ops.attnzoo_band.band_backward(q, k, v, out, d_out, lse, d_lse, masks, mask_of, pad,
-                                                      b, plan.start, float(scale), BACKWARD_TILE, vec,
-                                                      float(cap or 0.0))
+                                                      block, start, float(scale), BACKWARD_TILE, vec,
+                                                      float(cap or 0.0), mode, offset)
     return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 

@@ -1,17 +1,23 @@
 // The backward pass of a banded block layout (attnzoo.core.fused.attend_band_backward): FlashAttention-2's
-// recomputing backward over each query block's one contiguous key window.
+// recomputing backward over each query block's one contiguous key window; and of exact attention
+// (attnzoo.core.fused.attend_exact_backward), whose query blocks read keys [0, Nk), causal or not.
 //
 // dq, dk, dv = gradients of (out, lse) of softmax(q k^T * scale restricted to the band) v, recomputed from the
 //   saved lse, given d_out and d_lse (optional), where
 //   q, out, d_out (B, Hq, Nq, D|Dv), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): any strides with a unit last one;
 //   lse, d_lse (B, Hq, Nq) contiguous (lse -inf where a row saw no key: its probabilities are 0);
 //   query block i (rows i*block ...) reads the window of L keys from key (i + start) * block, under the element
-//   mask masks[mask_of[i]] (M, block, L) bool (keys outside [0, Nk) are masked there);
+//   mask masks[mask_of[i]] (M, block, L) bool (keys outside [0, Nk) are masked there) (mode kBand);
+//   or (mode kPrefix) every query block reads keys from 0, row p of block i those up to its causal limit
+//   i * block + p + offset (offset = the query positions' shift against the keys', e.g. Nk - Nq), or (mode kFull)
+//   all Nk keys: one window of L = Nk columns that are the keys, no masks read (masks, mask_of, start unused);
 //   pad (B, Nk) bool or empty: False hides a key;
-//   a score mod that needs no gradient of its own: bias (Hb, block + L - 1) (Hb = Hq or 1) or empty, a distance
-//   bias added to the scaled score of window column c of block row r as bias[h, c - r + block - 1] (the
-//   distance kv - q is the same function of c - r in every block), then cap > 0 (0: none), the soft cap
-//   cap * tanh(x / cap) of that sum; lse is of the modified scores.
+//   a score mod that needs no gradient of its own: a distance bias added to the scaled score, then cap > 0
+//   (0: none), the soft cap cap * tanh(x / cap) of that sum; lse is of the modified scores. The bias is empty or
+//   (Hb, block + L - 1) (Hb = Hq or 1) in mode kBand, read at bias[h, c - r + block - 1] for window column c of
+//   block row r (the distance kv - q is the same function of c - r in every block), and (Hb, Nq + Nk - 1) in
+//   modes kPrefix / kFull, read at bias[h, c - pos + Nq - 1] for key c of query position pos (distances from
+//   -(Nq - 1) - offset).
 // Per tile of query rows (a run of positions of one block, for every query head of a KV head's group, so the
 // rows share one column range) and chunk of window columns:
 //   delta = rowsum(dO * out) - d_lse (while packing the rows), S = (q*scale) k^T (+ bias, capped), P = exp(S - lse)
@@ -43,6 +49,7 @@ using attnzoo_flash::gemm;
 using attnzoo_flash::SequentialBlas;
 
 constexpr int64_t kCols = 512;  // window columns per score chunk
+enum Mode : int64_t { kBand = 0, kPrefix = 1, kFull = 2 };
 constexpr int64_t kMinItems = 8;  // fewer (batch, KV head) pairs than this: their query blocks split in chunks
 
 // column-major C (m x n) += A (m x k) * B^T, B stored (n x k) (sgemm_/dgemm_ of flash_common.h): the updates
@@ -66,11 +73,12 @@ struct Args {
   const int32_t* lo;  // (M, block): each mask row's first visible column (L when none)
   const int32_t* hi;  // (M, block): one past its last
   const bool* dense;  // (M, block): every column of [lo, hi) visible (a window: no mask reads)
-  const T* bias;      // (Hb, block + L - 1) or nullptr
-  int64_t bias_heads;  // Hb
+  const T* bias;      // (Hb, bias_len) or nullptr
+  int64_t bias_heads, bias_len;  // Hb, block + L - 1 (kBand) or Nq + Nk - 1
   T cap;               // 0: none
   T *dq, *dk, *dv;
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv, block, start, L, nqb;
+  int64_t mode, offset;  // Mode; kPrefix: row position pos sees keys [0, pos + offset]
   int64_t tile;  // query positions per tile (times the group's heads: the tile's rows)
   int64_t qs[3], ks[3], vs[3], os[3], dos[3];
   T scale;
@@ -85,6 +93,24 @@ struct Scratch {
       : qp(rows * D), gp(rows * Dv), lse(rows), delta(rows), p(rows * kCols), ds(rows * kCols),
         slope(cap ? rows * kCols : 0), dq(rows * D) {}
 };
+
+// the visible window columns [lo, hi) of row p of query block i, whether each of them is visible (no mask reads),
+// and its element mask row (kBand; nullptr otherwise)
+struct RowRun {
+  int64_t lo, hi;
+  bool dense;
+  const bool* mask;
+};
+
+template <typename T>
+inline RowRun row_run(const Args<T>& a, int64_t i, int64_t p) {
+  if (a.mode == kBand) {
+    const int64_t e = a.mask_of[i] * a.block + p;
+    return {a.lo[e], a.hi[e], a.dense[e], a.masks + e * a.L};
+  }
+  const int64_t hi = a.mode == kFull ? a.Nk : std::clamp<int64_t>(i * a.block + p + a.offset + 1, 0, a.Nk);
+  return {0, hi, true, nullptr};
+}
 
 // a row's columns [lo, hi) of scaled scores s in place: + the distance bias br (BIAS), then the soft cap
 // cap * tanh(x / cap) (CAP; written as cap + cap * u with u = tanh - 1 = -2 / (exp(2x / cap) + 1), and the
@@ -121,14 +147,14 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
   const T* v = a.v + b * a.vs[0] + h * a.vs[1];
   const bool* pad = a.pad ? a.pad + b * a.Nk : nullptr;
   for (int64_t i = i0; i < i1; ++i) {
-    const int64_t m = a.mask_of[i], key0 = (i + a.start) * a.block;
+    const int64_t key0 = a.mode == kBand ? (i + a.start) * a.block : 0;
     const int64_t nrow = std::min(a.block, a.Nq - i * a.block);
     for (int64_t p0 = 0; p0 < nrow; p0 += a.tile) {
       const int64_t p1 = std::min(nrow, p0 + a.tile), np = p1 - p0, rows = G * np;
       int64_t c_lo = a.L, c_hi = 0;  // the window columns the tile's rows see
       for (int64_t p = p0; p < p1; ++p) {
-        c_lo = std::min<int64_t>(c_lo, a.lo[m * a.block + p]);
-        c_hi = std::max<int64_t>(c_hi, a.hi[m * a.block + p]);
+        const RowRun run = row_run(a, i, p);
+        if (run.lo < run.hi) c_lo = std::min(c_lo, run.lo), c_hi = std::max(c_hi, run.hi);
       }
       c_hi = std::max(c_hi, c_lo);  // rows that see nothing: no column chunk, their dQ is written as 0
       // pack the tile's rows: row g * np + (p - p0) is query head h * G + g at position i * block + p
@@ -157,29 +183,34 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t p = p0 + r % np;
           T* pr = w.p.data() + r * kCols;
-          const int64_t lo = std::max<int64_t>(a.lo[m * a.block + p] - c0, 0);
-          const int64_t hi = std::min<int64_t>(a.hi[m * a.block + p] - c0, n);
+          const RowRun run = row_run(a, i, p);
+          const int64_t lo = std::max<int64_t>(run.lo - c0, 0);
+          const int64_t hi = std::min<int64_t>(run.hi - c0, n);
           const T l = w.lse[r];
           if (lo >= hi || l == -std::numeric_limits<T>::infinity()) {
             std::fill(pr, pr + n, T(0));
             continue;
           }
           if (a.bias || a.cap > 0) {
-            // bias index of column c0 + c: c0 + c - p + block - 1 (row p's distances)
-            const T* br = a.bias ? a.bias + (a.bias_heads > 1 ? h * G + r / np : 0) * (a.block + a.L - 1) +
-                                       (a.block - 1 - p) + c0
+            // bias index of column c0 + c: c0 + c - p + block - 1 (kBand: row p's distances), else
+            // c0 + c - pos + Nq - 1 (key c0 + c of position pos = i * block + p)
+            const T* br = a.bias ? a.bias + (a.bias_heads > 1 ? h * G + r / np : 0) * a.bias_len +
+                                       (a.mode == kBand ? a.block - 1 - p : a.Nq - 1 - i * a.block - p) + c0
                                  : nullptr;
             modify(pr, br, a.cap > 0 ? w.slope.data() + r * kCols : nullptr, lo, hi, a.cap);
           }
           // exp of every score of the run, times the mask as 0/1 (branch-free, so the loop vectorises; a hidden
           // score's exp is finite: fast_exp clamps)
-          const bool* mr = a.masks + (m * a.block + p) * a.L + c0;
+          const bool* mr = run.mask ? run.mask + c0 : nullptr;
           const bool* pc = pad ? pad + j0 : nullptr;
           std::fill(pr, pr + lo, T(0));
-          if (pc) {
+          if (pc && run.dense) {
+#pragma omp simd
+            for (int64_t c = lo; c < hi; ++c) pr[c] = fast_exp(pr[c] - l) * T(pc[c]);
+          } else if (pc) {
 #pragma omp simd
             for (int64_t c = lo; c < hi; ++c) pr[c] = fast_exp(pr[c] - l) * T(mr[c] & pc[c]);
-          } else if (a.dense[m * a.block + p]) {
+          } else if (run.dense) {
 #pragma omp simd
             for (int64_t c = lo; c < hi; ++c) pr[c] = fast_exp(pr[c] - l);
           } else {
@@ -224,9 +255,12 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
 }
 
 // the keys query blocks [i0, i1) may read: [first, last) within [0, Nk)
-inline std::pair<int64_t, int64_t> key_span(int64_t i0, int64_t i1, int64_t start, int64_t block, int64_t L,
-                                            int64_t Nk) {
-  return {std::clamp<int64_t>((i0 + start) * block, 0, Nk), std::clamp<int64_t>((i1 - 1 + start) * block + L, 0, Nk)};
+template <typename T>
+inline std::pair<int64_t, int64_t> key_span(const Args<T>& a, int64_t i0, int64_t i1) {
+  if (a.mode == kPrefix) return {0, std::clamp<int64_t>(std::min(i1 * a.block, a.Nq) + a.offset, 0, a.Nk)};
+  if (a.mode == kFull) return {0, a.Nk};
+  return {std::clamp<int64_t>((i0 + a.start) * a.block, 0, a.Nk),
+          std::clamp<int64_t>((i1 - 1 + a.start) * a.block + a.L, 0, a.Nk)};
 }
 
 template <typename T>
@@ -252,7 +286,7 @@ void run(const Args<T>& a) {
     for (int64_t t = begin; t < stop; ++t) {
       const int64_t pair = t / chunks, c = t % chunks, i0 = c * per, i1 = std::min(a.nqb, i0 + per);
       if (i0 >= i1) continue;
-      const auto span = key_span(i0, i1, a.start, a.block, a.L, a.Nk);
+      const auto span = key_span(a, i0, i1);
       dk_part[t].assign((span.second - span.first) * a.D, T(0));
       dv_part[t].assign((span.second - span.first) * a.Dv, T(0));
       item(a, pair / a.Hkv, pair % a.Hkv, i0, i1, dk_part[t].data(), dv_part[t].data(), span.first, w);
@@ -263,7 +297,7 @@ void run(const Args<T>& a) {
       for (int64_t c = 0; c < chunks; ++c) {
         const int64_t i0 = c * per, i1 = std::min(a.nqb, i0 + per);
         if (i0 >= i1) continue;
-        const int64_t first = key_span(i0, i1, a.start, a.block, a.L, a.Nk).first;
+        const int64_t first = key_span(a, i0, i1).first;
         const std::vector<T>& pk = dk_part[pair * chunks + c];
         const std::vector<T>& pv = dv_part[pair * chunks + c];
         T* dk = a.dk + (pair * a.Nk + first) * a.D;
@@ -283,7 +317,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& masks, const at::Tensor& mask_of,
                                       const std::optional<at::Tensor>& pad, int64_t block, int64_t start,
                                       double scale, int64_t tile, const std::optional<at::Tensor>& bias,
-                                      double cap) {
+                                      double cap, int64_t mode, int64_t offset) {
   const char* op = "band_backward";
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && d_out.dim() == 4, op,
               ": 4-D q, k, v, out, d_out");
@@ -301,31 +335,40 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
   TORCH_CHECK(lse.is_contiguous() && lse.numel() == B * Hq * Nq &&
                   (!has_dlse || (d_lse->is_contiguous() && d_lse->numel() == B * Hq * Nq)), op,
               ": lse, d_lse (B, Hq, Nq) contiguous");
-  TORCH_CHECK(masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 3 && masks.size(1) == block,
-              op, ": masks (M, block, L) bool");
-  TORCH_CHECK(tile > 0 && cap >= 0, op, ": tile > 0, cap >= 0");
-  const int64_t nqb = (Nq + block - 1) / block, L = masks.size(2), M = masks.size(0);
-  TORCH_CHECK(mask_of.scalar_type() == at::kLong && mask_of.is_contiguous() && mask_of.numel() == nqb, op,
-              ": mask_of (n_q_blocks,) int64");
-  const int64_t* mo = mask_of.data_ptr<int64_t>();
-  for (int64_t i = 0; i < nqb; ++i) TORCH_CHECK(mo[i] >= 0 && mo[i] < M, op, ": mask_of out of range");
-  // each mask row's visible column run [lo, hi), checked to stay inside the keys
-  std::vector<int32_t> lo(M * block), hi(M * block);
-  std::unique_ptr<bool[]> dense(new bool[M * block]);
-  const bool* mk = masks.data_ptr<bool>();
-  for (int64_t e = 0; e < M * block; ++e) {
-    int64_t first = L, last = 0, seen = 0;
-    for (int64_t c = 0; c < L; ++c)
-      if (mk[e * L + c]) first = std::min(first, c), last = c + 1, ++seen;
-    lo[e] = static_cast<int32_t>(first), hi[e] = static_cast<int32_t>(last);
-    dense[e] = seen == last - first;
-  }
-  for (int64_t i = 0; i < nqb; ++i)
-    for (int64_t p = 0; p < std::min(block, Nq - i * block); ++p) {
-      const int64_t e = mo[i] * block + p;
-      TORCH_CHECK(lo[e] >= hi[e] || ((i + start) * block + lo[e] >= 0 && (i + start) * block + hi[e] <= Nk), op,
-                  ": a mask shows a key outside [0, Nk)");
+  TORCH_CHECK(tile > 0 && cap >= 0 && block > 0, op, ": tile > 0, block > 0, cap >= 0");
+  TORCH_CHECK(mode == kBand || mode == kPrefix || mode == kFull, op, ": mode 0 (band), 1 (causal prefix) or 2 (full)");
+  const bool band = mode == kBand;
+  const int64_t nqb = (Nq + block - 1) / block;
+  int64_t L = Nk, M = 0;
+  const int64_t* mo = nullptr;
+  const bool* mk = nullptr;
+  // kBand: each mask row's visible column run [lo, hi), checked to stay inside the keys
+  std::vector<int32_t> lo, hi;
+  std::unique_ptr<bool[]> dense;
+  if (band) {
+    TORCH_CHECK(masks.scalar_type() == at::kBool && masks.is_contiguous() && masks.dim() == 3 &&
+                    masks.size(1) == block, op, ": masks (M, block, L) bool");
+    L = masks.size(2), M = masks.size(0);
+    TORCH_CHECK(mask_of.scalar_type() == at::kLong && mask_of.is_contiguous() && mask_of.numel() == nqb, op,
+                ": mask_of (n_q_blocks,) int64");
+    mo = mask_of.data_ptr<int64_t>();
+    for (int64_t i = 0; i < nqb; ++i) TORCH_CHECK(mo[i] >= 0 && mo[i] < M, op, ": mask_of out of range");
+    lo.resize(M * block), hi.resize(M * block), dense.reset(new bool[M * block]);
+    mk = masks.data_ptr<bool>();
+    for (int64_t e = 0; e < M * block; ++e) {
+      int64_t first = L, last = 0, seen = 0;
+      for (int64_t c = 0; c < L; ++c)
+        if (mk[e * L + c]) first = std::min(first, c), last = c + 1, ++seen;
+      lo[e] = static_cast<int32_t>(first), hi[e] = static_cast<int32_t>(last);
+      dense[e] = seen == last - first;
     }
+    for (int64_t i = 0; i < nqb; ++i)
+      for (int64_t p = 0; p < std::min(block, Nq - i * block); ++p) {
+        const int64_t e = mo[i] * block + p;
+        TORCH_CHECK(lo[e] >= hi[e] || ((i + start) * block + lo[e] >= 0 && (i + start) * block + hi[e] <= Nk), op,
+                    ": a mask shows a key outside [0, Nk)");
+      }
+  }
   auto dq = at::empty({B, Hq, Nq, D}, q.options());
   auto dk = at::zeros({B, Hkv, Nk, D}, q.options());
   auto dv = at::zeros({B, Hkv, Nk, Dv}, q.options());
@@ -335,17 +378,19 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
     a.out = out.data_ptr<scalar_t>(), a.dout = d_out.data_ptr<scalar_t>();
     a.lse = lse.data_ptr<scalar_t>(), a.dlse = has_dlse ? d_lse->data_ptr<scalar_t>() : nullptr;
     a.masks = mk, a.mask_of = mo, a.lo = lo.data(), a.hi = hi.data(), a.dense = dense.get();
+    a.mode = mode, a.offset = offset;
     a.pad = nullptr;
     if (pad.has_value() && pad->defined()) {
       TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
                       pad->size(1) == Nk, op, ": pad (B, Nk) bool");
       a.pad = pad->data_ptr<bool>();
     }
-    a.bias = nullptr, a.bias_heads = 0, a.cap = static_cast<scalar_t>(cap);
+    a.bias = nullptr, a.bias_heads = 0, a.bias_len = band ? block + L - 1 : Nq + Nk - 1;
+    a.cap = static_cast<scalar_t>(cap);
     if (bias.has_value() && bias->defined()) {
       TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->dim() == 2 &&
-                      (bias->size(0) == 1 || bias->size(0) == Hq) && bias->size(1) == block + L - 1, op,
-                  ": bias (1 or Hq, block + L - 1) contiguous, q's dtype");
+                      (bias->size(0) == 1 || bias->size(0) == Hq) && bias->size(1) == a.bias_len, op,
+                  ": bias (1 or Hq, block + L - 1 (band) or Nq + Nk - 1) contiguous, q's dtype");
       a.bias = bias->data_ptr<scalar_t>(), a.bias_heads = bias->size(0);
     }
     a.dq = dq.data_ptr<scalar_t>(), a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
