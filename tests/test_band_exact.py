@@ -3,9 +3,9 @@ and full modes of csrc/band_backward.cpp) against the dense float64 reference.
 
 Training exact / exact_tiled (the tiled engine) without a score_mod, or with one the kernel recomputes (a distance
 bias and/or a soft cap after it, built-in or a lowered user function) whose tensors need no gradient, runs the
-kernel's backward: every query block reads keys from 0, all of them or up to each row's causal limit. Mods with
-tensors to train (a learned table) keep the eager tiled backward. Seeds: each case draws from
-torch.Generator(seed).
+kernel's backward: every query block reads keys from 0, all of them or up to each row's causal limit. A learned
+table (a distance bias whose tensors need a gradient) runs there too: the kernel sums the biased scores' gradient
+per distance and autograd pulls the sums back through the bias. Seeds: each case draws from torch.Generator(seed).
 """
 
 from contextlib import contextmanager
@@ -65,16 +65,20 @@ def _assert_all_close(got, want, tol):
 @given(B=st.integers(1, 2), hkv=st.integers(1, 2), groups=st.sampled_from([1, 2, 3]), nq=st.integers(1, 150),
        nk=st.integers(1, 150), dv=st.sampled_from([8, 5]), causal=st.booleans(), padded=st.booleans(),
        shift=st.sampled_from([None, None, -7, 5]), seed=st.integers(0, 2**16),
-       mod=st.sampled_from([None, "alibi", "table", "softcap", "alibi+softcap", "user table"]))
-def test_gradients_equal_the_dense_reference(B, hkv, groups, nq, nk, dv, causal, padded, shift, seed, mod):
+       mod=st.sampled_from([None, "alibi", "table", "softcap", "alibi+softcap", "user table"]),
+       learned=st.booleans())
+def test_gradients_equal_the_dense_reference(B, hkv, groups, nq, nk, dv, causal, padded, shift, seed, mod, learned):
     """Over shapes (several query blocks of the kernel's 64 rows, one row, Nq != Nk), GQA, value widths, key
     padding (rows that see no key), the causal alignment (bottom-right, or the query positions shifted against
-    the keys, as key-split callers pass them) and the mods the kernel recomputes: the kernel runs, and the
-    gradients of (out, lse) equal the dense float64 reference's."""
+    the keys, as key-split callers pass them) and the mods the kernel recomputes, their tables fixed or
+    learned: the kernel runs, and the gradients of (out, lse) equal the dense float64 reference's, the
+    table's included."""
     hq = hkv * groups
     q, k, v = _qkv(B, hq, hkv, nq, nk, 8, dv, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    score_mod = _mod(mod, hq, g)
+    learned = learned and mod in ("table", "user table")
+    score_mod = _mod(mod, hq, g, learned)
+    inputs = (q, k, v) + ((_table(score_mod),) if learned else ())
     pad = torch.rand(B, nk, generator=g) > 0.3 if padded else None
     offset = None if shift is None else nk - nq + shift
     w, wl = torch.randn(B, hq, nq, dv, generator=g, dtype=q.dtype), torch.randn(B, hq, nq, generator=g,
@@ -88,11 +92,11 @@ def test_gradients_equal_the_dense_reference(B, hkv, groups, nq, nk, dv, causal,
         assert factor == 1.0 and note.startswith("lowered"), note
     with _kernel_calls() as spy:
         out, lse = tiled_attention(q, k, v, score_mod=lowered, **kw)
-        got = _loss_grads(out, lse, w, wl, (q, k, v))
+        got = _loss_grads(out, lse, w, wl, inputs)
     assert spy.called
     ref_out, ref_lse = naive_attention(q, k, v, score_mod=score_mod, **kw)
     _assert_all_close((out, lse), (ref_out, ref_lse), 1e-10)
-    _assert_all_close(got, _loss_grads(ref_out, ref_lse, w, wl, (q, k, v)), 1e-9)
+    _assert_all_close(got, _loss_grads(ref_out, ref_lse, w, wl, inputs), 1e-9)
 
 
 @pytest.mark.parametrize("method", ["exact", "exact_tiled"])
@@ -115,22 +119,35 @@ def test_methods_train_on_the_kernel(method, mod):
     _assert_all_close(got, torch.autograd.grad((ref * w).sum(), (q, k, v)), 1e-9)
 
 
-@pytest.mark.parametrize("mod", ["table", "user table"])
-def test_learned_tables_keep_the_tiled_backward(mod):
-    """A table that needs a gradient: not the kernel; the eager tiled backward gives q, k, v and the table the
-    dense reference's gradients."""
-    q, k, v = _qkv(1, 4, 2, 70, 70, 8, 8, seed=11)
+def _table(score_mod):
+    return score_mod.table if hasattr(score_mod, "table") else score_mod.__closure__[0].cell_contents
+
+
+@pytest.mark.parametrize("mod", ["table", "user table", "table+softcap", "shared table", "two tensors"])
+def test_learned_tables_on_the_kernel(mod):
+    """Tables that need a gradient (per head, shared by the heads, under a soft cap, a user function reading two
+    learned tensors), GQA with Nq != Nk and padding: the kernel runs, and q, k, v and every table get the dense
+    reference's gradients (a mod that reads its tensors other than through a distance bias keeps the eager
+    tiled backward: test_mods)."""
+    q, k, v = _qkv(2, 4, 2, 70, 90, 8, 8, seed=11)
     g = torch.Generator().manual_seed(12)
-    score_mod = _mod(mod, 4, g, learned=True)
-    table = score_mod.table if mod == "table" else score_mod.__closure__[0].cell_contents
-    assert table.requires_grad
-    w = torch.randn(1, 4, 70, 8, generator=g, dtype=q.dtype)
+    table = torch.randn(4, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    shared = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    score_mod = {"table": mods.relative_bias(table), "user table": _mod("user table", 4, g, learned=True),
+                 "table+softcap": mods.compose(mods.relative_bias(table), mods.softcap(2.0)),
+                 "shared table": mods.relative_bias(shared),
+                 "two tensors": lambda s, b, h, q_idx, kv_idx: s + table[h, (kv_idx - q_idx).clamp(-4, 4) + 4]
+                 * shared[(q_idx - kv_idx).clamp(-4, 4) + 4]}[mod]
+    tables = {"shared table": (shared,), "two tensors": (table, shared)}.get(mod, (
+        _table(score_mod) if mod == "user table" else table,))
+    pad = torch.rand(2, 90, generator=g) > 0.2
+    w = torch.randn(2, 4, 70, 8, generator=g, dtype=q.dtype)
     with _kernel_calls() as spy:
-        out = az.attention(q, k, v, method="exact", causal=True, score_mod=score_mod)
-        got = torch.autograd.grad((out * w).sum(), (q, k, v, table))
-    assert not spy.called
-    ref = naive_attention(q, k, v, scale=8 ** -0.5, causal=True, score_mod=score_mod)[0]
-    _assert_all_close(got, torch.autograd.grad((ref * w).sum(), (q, k, v, table)), 1e-9)
+        out = az.attention(q, k, v, method="exact", causal=True, key_padding_mask=pad, score_mod=score_mod)
+        got = torch.autograd.grad((out * w).sum(), (q, k, v) + tables)
+    assert spy.called
+    ref = naive_attention(q, k, v, scale=8 ** -0.5, causal=True, key_padding_mask=pad, score_mod=score_mod)[0]
+    _assert_all_close(got, torch.autograd.grad((ref * w).sum(), (q, k, v) + tables), 1e-9)
 
 
 def test_strided_permuted_and_expanded_inputs():
@@ -190,24 +207,21 @@ def test_gradients_do_not_depend_on_the_thread_count(batch, kv_heads, causal):
         assert all(torch.equal(a, b) for a, b in zip(other, runs[0]))
 
 
-def test_a_wrong_causal_offset_is_seen():
-    """The reference comparison above can fail: the kernel given the causal limit one key off (or the bias one
-    distance off) gives other gradients."""
-    q, k, v = _qkv(1, 2, 2, 40, 50, 8, 8, seed=2)
+def test_a_wrong_causal_offset_or_bias_index_is_seen():
+    """The reference comparisons above can fail: the kernel given the causal limit one key off, or the bias
+    vector one distance off, gives other gradients."""
+    q, k, v = (t.detach() for t in _qkv(1, 2, 2, 40, 50, 8, 8, seed=2))
     g = torch.Generator().manual_seed(3)
     w = torch.randn(1, 2, 40, 8, generator=g, dtype=q.dtype)
     score_mod = mods.relative_bias(torch.randn(2, 9, generator=g, dtype=torch.float64))
-    out, lse = naive_attention(q, k, v, scale=0.3, causal=True, score_mod=score_mod)
-    d_out = w
-    want = torch.autograd.grad((out * w).sum(), (q, k, v))
-    hook = ex.ModHook(score_mod, like=q, grad=False, q_idx=10, kv_idx=0, span=(-49, 39))
-    for off, bias_off in ((10, 10), (11, 10), (10, 11)):
-        bias = hook.distance
-        if bias_off != off:  # the bias vector read one distance off
-            bias = ex.ModHook(score_mod, like=q, grad=False, span=None).distance
-            shifted = type("Shifted", (), {"bias": lambda self, d, b=bias: b.bias(d + 1)})()
-            bias = shifted
-        got = fused.attend_exact_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), d_out,
-                                          None, scale=0.3, causal=True, offset=off, bias=bias)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = naive_attention(qg, kg, vg, scale=0.3, causal=True, score_mod=score_mod)
+    want = torch.autograd.grad((out * w).sum(), (qg, kg, vg))
+    hook = ex.ModHook(score_mod, like=q, grad=False, span=(-49, 39))
+    rows = fused.distance_rows
+    for off, shift in ((10, 0), (11, 0), (10, 1)):
+        with mock.patch.object(fused, "distance_rows", lambda mod, d0, *a, **kw: rows(mod, d0 + shift, *a, **kw)):
+            got = fused.attend_exact_backward(q, k, v, out.detach(), lse.detach(), w, None, scale=0.3, causal=True,
+                                              offset=off, mod=hook)
         close = all(torch.allclose(a, b, atol=1e-9) for a, b in zip(got, want))
-        assert close == (off == 10 and bias_off == 10), (off, bias_off)
+        assert close == (off == 10 and shift == 0), (off, shift)

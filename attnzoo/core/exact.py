@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from . import capped
-from .fused import attend_exact_backward, band_backward_applies, fused_mod
+from .fused import attend_exact_backward, band_backward_applies
 from .kernel import KERNEL_DTYPES, flash_cpu
 from .gqa import fold_groups, repeat_kv, unfold_groups
 from .masks import empty_rows, visible_mask
@@ -529,9 +529,9 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         return tiled_forward(q, k, v, spec, pad)
 
     def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):
-        if band_backward_applies(q, k, v, hook):  # no mod, or one the C++ kernel recomputes (no tensor to train)
+        if band_backward_applies(q, k, v, hook, bias_grad=True):  # no mod, or one the C++ kernel recomputes
             return attend_exact_backward(q, k, v, out, lse, d_out, d_lse, scale=scale, causal=causal,
-                                         offset=q_offset - k_offset, key_padding_mask=pad, **fused_mod(hook))
+                                         offset=q_offset - k_offset, key_padding_mask=pad, mod=hook, grads=grads)
         return tiled_backward(q, k, v, out, lse, d_out, d_lse, spec, pad, grads)
 
     return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))

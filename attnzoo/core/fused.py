@@ -167,13 +167,18 @@ _BACKWARD_SOURCE = "band_backward.cpp"
 BACKWARD_TILE = 64
 
 
-def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: ModHook | None = None) -> bool:
-    """Whether :func:`attend_band_backward` can run: CPU tensors of one kernel dtype (bfloat16/float16 are
-    computed in float32), the extension built (:mod:`attnzoo.core.cpp`; ``ATTNZOO_CPP=0``: never), and no
-    score_mod or one the kernel recomputes (a distance bias and/or a soft cap after it) whose tensors need no
-    gradient (a learned table's gradient comes from the slot loop)."""
+def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: ModHook | None = None, *,
+                          bias_grad: bool = False) -> bool:
+    """Whether :func:`attend_band_backward` (:func:`attend_exact_backward` with ``bias_grad``) can run: CPU
+    tensors of one kernel dtype (bfloat16/float16 are computed in float32), the extension built
+    (:mod:`attnzoo.core.cpp`; ``ATTNZOO_CPP=0``: never), and no score_mod or one the kernel recomputes (a
+    distance bias and/or a soft cap after it) whose tensors need no gradient, or with ``bias_grad`` tensors
+    that only its distance bias reads (a learned table: the kernel sums the gradient per distance)."""
+    if mod is not None:
+        parts = fused_mod(mod)
+        if parts == {"bias": None, "cap": None} or (mod.captured and (not bias_grad or parts["bias"] is None)):
+            return False
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and (mod is None or ((mod.distance or mod.capped) is not None and not mod.captured))
             and cpp.available(_BACKWARD_SOURCE))
 
 
@@ -219,27 +224,35 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     # distance of row r to window column c: start·b - (Nk - Nq) + c - r, at index c - r + b - 1
     return _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, bias,
                             plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, cap, masks, mask_of, b, plan.start,
-                            _BAND, 0)
+                            _BAND, 0)[:3]
 
 
 def attend_exact_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           d_out: torch.Tensor, d_lse: torch.Tensor | None, *, scale: float, causal: bool,
-                          offset: int, key_padding_mask: torch.Tensor | None = None,
-                          bias: DistanceBias | None = None, cap: float | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          offset: int, key_padding_mask: torch.Tensor | None = None, mod: ModHook | None = None,
+                          grads: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of exact attention's ``(out, lse)`` (the tiled engine's,
     :func:`attnzoo.core.exact.tiled_attention`) on the same C++ kernel as :func:`attend_band_backward`; only
     after :func:`band_backward_applies`.
 
     Every block of :data:`BACKWARD_TILE` query positions reads keys from 0: all ``Nk`` of them, or with
     ``causal`` those up to each row's limit ``position + offset`` (``offset = q_offset - k_offset``, bottom-right
-    alignment: ``Nk - Nq``), as per-row column limits (no element masks, nothing of size Nq x Nk). A distance
-    ``bias`` is one vector per head over the call's distances ``-(Nq - 1) - offset .. Nk - 1 - offset``.
+    alignment: ``Nk - Nq``), as per-row column limits (no element masks, nothing of size Nq x Nk). The ``mod``'s
+    distance bias is one vector per head over the call's distances ``-(Nq - 1) - offset .. Nk - 1 - offset``;
+    tensors it reads that need a gradient (a learned table) get it from the kernel's per-distance sums of the
+    biased scores' gradient, pulled back through the bias (:meth:`~attnzoo.core.scoremod.ModHook.pull_back`)
+    and added into ``grads``.
     """
     Nq, Nk = q.shape[2], k.shape[2]
     none = torch.zeros(0, dtype=torch.bool, device=q.device), torch.zeros(0, dtype=torch.long, device=q.device)
-    return _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, bias, -(Nq - 1) - offset,
-                            Nq + Nk - 1, cap, *none, BACKWARD_TILE, 0, _PREFIX if causal else _FULL, offset)
+    parts, d0 = fused_mod(mod), -(Nq - 1) - offset
+    train = mod is not None and bool(mod.captured)
+    dq, dk, dv, d_bias = _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, parts["bias"],
+                                          d0, Nq + Nk - 1, parts["cap"], *none, BACKWARD_TILE, 0,
+                                          _PREFIX if causal else _FULL, offset, bias_grad=train)
+    if train:
+        mod.pull_back(parts["bias"], d_bias, d0, grads)
+    return dq, dk, dv
 
 
 #: csrc/band_backward.cpp's modes: a band plan's windows, keys from 0 to each row's causal limit, all keys
@@ -248,9 +261,10 @@ _BAND, _PREFIX, _FULL = 0, 1, 2
 
 def _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale: float, key_padding_mask, bias: DistanceBias | None,
                      d0: int, length: int, cap: float | None, masks: torch.Tensor, mask_of: torch.Tensor,
-                     block: int, start: int, mode: int, offset: int):
+                     block: int, start: int, mode: int, offset: int, bias_grad: bool = False):
     """Call ``csrc/band_backward.cpp`` in ``mode``, the bias as :func:`~attnzoo.core.scoremod.distance_rows`
-    of the distances ``d0 ..`` (``length`` of them), in float32 for bfloat16/float16 inputs."""
+    of the distances ``d0 ..`` (``length`` of them), in float32 for bfloat16/float16 inputs: ``(dq, dk, dv,
+    d_bias)``, ``d_bias`` (with ``bias_grad``; else None) the biased scores' gradient summed per distance."""
     dtype = q.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     q, k, v, out, d_out = (kernel_rows(t.to(work)) for t in (q, k, v, out, d_out))
@@ -258,10 +272,10 @@ def _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale: float, key_padding_
     pad = kernel_padding(key_padding_mask, q.shape[0])
     vec = None if bias is None else distance_rows(bias, d0, length, work, q.device, causal=False)
     cpp.available(_BACKWARD_SOURCE)  # loads the op (built once per process)
-    dq, dk, dv = torch.ops.attnzoo_band.band_backward(q, k, v, out, d_out, lse, d_lse, masks, mask_of, pad,
-                                                      block, start, float(scale), BACKWARD_TILE, vec,
-                                                      float(cap or 0.0), mode, offset)
-    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
+    dq, dk, dv, d_bias = torch.ops.attnzoo_band.band_backward(q, k, v, out, d_out, lse, d_lse, masks, mask_of, pad,
+                                                              block, start, float(scale), BACKWARD_TILE, vec,
+                                                              float(cap or 0.0), mode, offset, bias_grad)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype), d_bias if bias_grad else None
 
 
 def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tensor, scale: float, drop_far: bool):

@@ -308,17 +308,24 @@ class ModHook:
                     sums = ds.new_zeros(where[1]).index_add_(0, where[0].expand(mod.shape).reshape(-1),
                                                              ds.reshape(-1)).view(-1, where[2])
                     first = lo
-            with torch.enable_grad():
-                rows_b = bias.bias(torch.arange(first, first + sums.shape[-1], device=ds.device))
-                if rows_b.shape[0] == 1:
-                    sums = sums.sum(0, keepdim=True)
-                elif hankel:
-                    rows_b = rows_b[h0:h0 + heads]
-                got = torch.autograd.grad(rows_b, self.captured, sums.to(rows_b.dtype), allow_unused=True)
-            _accumulate(grads, got)
+            self.pull_back(bias, sums, first, grads, slice(h0, h0 + heads) if hankel else None)
             return ds
 
         return mod, to_raw
+
+    def pull_back(self, bias: DistanceBias, sums: torch.Tensor, first: int, grads: list,
+                  heads: slice | None = None) -> None:
+        """Add into ``grads`` the captured tensors' gradients given ``sums (rows, L)``: the gradient of the biased
+        scores summed per head row (``heads`` of the bias's rows, default all; summed when the bias has one) and
+        distance ``first, first + 1, ...``, pulled back through :meth:`DistanceBias.bias`."""
+        with torch.enable_grad():
+            rows = bias.bias(torch.arange(first, first + sums.shape[-1], device=sums.device))
+            if rows.shape[0] == 1:
+                sums = sums.sum(0, keepdim=True)
+            elif heads is not None:
+                rows = rows[heads]
+            got = torch.autograd.grad(rows, self.captured, sums.to(rows.dtype), allow_unused=True)
+        _accumulate(grads, got)
 
     def input_grads(self, grads: list) -> tuple:
         """The captured tensors' gradients for an autograd function's backward (zeros where none reached)."""

@@ -17,7 +17,8 @@
 //   (Hb, block + L - 1) (Hb = Hq or 1) in mode kBand, read at bias[h, c - r + block - 1] for window column c of
 //   block row r (the distance kv - q is the same function of c - r in every block), and (Hb, Nq + Nk - 1) in
 //   modes kPrefix / kFull, read at bias[h, c - pos + Nq - 1] for key c of query position pos (distances from
-//   -(Nq - 1) - offset).
+//   -(Nq - 1) - offset). With bias_grad, d_bias (Hb, bias length) is the gradient of the biased scores summed per
+//   head row and bias index (the caller pulls it back to the bias's own tensors: a learned table).
 // Per tile of query rows (a run of positions of one block, for every query head of a KV head's group, so the
 // rows share one column range) and chunk of window columns:
 //   delta = rowsum(dO * out) - d_lse (while packing the rows), S = (q*scale) k^T (+ bias, capped), P = exp(S - lse)
@@ -77,6 +78,8 @@ struct Args {
   int64_t bias_heads, bias_len;  // Hb, block + L - 1 (kBand) or Nq + Nk - 1
   T cap;               // 0: none
   T *dq, *dk, *dv;
+  T* dbias;  // bias_grad: each work item's (bias_rows, bias_len) sums of dS per bias index, or nullptr
+  int64_t bias_rows;  // G (a row per query head of the item's group) or 1 (a shared bias)
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv, block, start, L, nqb;
   int64_t mode, offset;  // Mode; kPrefix: row position pos sees keys [0, pos + offset]
   int64_t tile;  // query positions per tile (times the group's heads: the tile's rows)
@@ -112,6 +115,12 @@ inline RowRun row_run(const Args<T>& a, int64_t i, int64_t p) {
   return {0, hi, true, nullptr};
 }
 
+// the bias index of window column 0 of row p of query block i (column c: + c)
+template <typename T>
+inline int64_t bias_base(const Args<T>& a, int64_t i, int64_t p) {
+  return a.mode == kBand ? a.block - 1 - p : a.Nq - 1 - i * a.block - p;
+}
+
 // a row's columns [lo, hi) of scaled scores s in place: + the distance bias br (BIAS), then the soft cap
 // cap * tanh(x / cap) (CAP; written as cap + cap * u with u = tanh - 1 = -2 / (exp(2x / cap) + 1), and the
 // slope 1 - tanh^2 = -u (2 + u) into sl, both exact near saturation). One vectorised pass.
@@ -139,9 +148,10 @@ inline void modify(T* s, const T* br, T* sl, int64_t lo, int64_t hi, T cap) {
 }
 
 // query blocks [i0, i1) of KV head h in batch row b; dK/dV of keys [key_base, ...) go to dk/dv (row strides D, Dv)
+// (bias_grad) the rows' dS summed per bias index into db (bias_rows, bias_len)
 template <typename T>
 void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk, T* dv, int64_t key_base,
-          Scratch<T>& w) {
+          T* db, Scratch<T>& w) {
   const int64_t G = a.Hq / a.Hkv;
   const T* k = a.k + b * a.ks[0] + h * a.ks[1];
   const T* v = a.v + b * a.vs[0] + h * a.vs[1];
@@ -195,7 +205,7 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
             // bias index of column c0 + c: c0 + c - p + block - 1 (kBand: row p's distances), else
             // c0 + c - pos + Nq - 1 (key c0 + c of position pos = i * block + p)
             const T* br = a.bias ? a.bias + (a.bias_heads > 1 ? h * G + r / np : 0) * a.bias_len +
-                                       (a.mode == kBand ? a.block - 1 - p : a.Nq - 1 - i * a.block - p) + c0
+                                       bias_base(a, i, p) + c0
                                  : nullptr;
             modify(pr, br, a.cap > 0 ? w.slope.data() + r * kCols : nullptr, lo, hi, a.cap);
           }
@@ -238,6 +248,11 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
 #pragma omp simd
             for (int64_t c = 0; c < n; ++c) sr[c] = pr[c] * (sr[c] - dl);
           }
+          if (db) {  // every column of the chunk: dS is 0 where P is (and the indices stay inside the bias)
+            T* dst = db + (a.bias_rows > 1 ? r / np : 0) * a.bias_len + bias_base(a, i, p0 + r % np) + c0;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) dst[c] += sr[c];
+          }
         }
         // dQ (rows x D) += dS . kc: column-major dQ^T (D x rows) += kc^T (D x n) . dS^T (n x rows)
         gemm('N', a.D, rows, n, kc, a.ks[2], w.ds.data(), kCols, T(1), w.dq.data(), a.D);
@@ -263,10 +278,16 @@ inline std::pair<int64_t, int64_t> key_span(const Args<T>& a, int64_t i0, int64_
           std::clamp<int64_t>((i1 - 1 + a.start) * a.block + a.L, 0, a.Nk)};
 }
 
+// runs of query blocks per (batch row, KV head): shapes only, never threads
+inline int64_t chunks_per_pair(int64_t pairs, int64_t nqb) {
+  return std::min<int64_t>(nqb, (kMinItems + pairs - 1) / pairs);
+}
+
 template <typename T>
 void run(const Args<T>& a) {
   const int64_t pairs = a.B * a.Hkv, G = a.Hq / a.Hkv;
-  const int64_t chunks = std::min<int64_t>(a.nqb, (kMinItems + pairs - 1) / pairs);  // shapes only, never threads
+  const int64_t chunks = chunks_per_pair(pairs, a.nqb);
+  const int64_t db_size = a.bias_rows * a.bias_len;  // each item's d_bias sums
   const int64_t per = (a.nqb + chunks - 1) / chunks;
   const int64_t rows = G * std::min(a.tile, a.block);
   if (chunks == 1) {  // one item per (batch row, KV head): it owns that head's dK/dV
@@ -274,7 +295,8 @@ void run(const Args<T>& a) {
       SequentialBlas sequential;
       Scratch<T> w(rows, a.D, a.Dv, a.cap > 0);
       for (int64_t t = begin; t < stop; ++t)
-        item(a, t / a.Hkv, t % a.Hkv, 0, a.nqb, a.dk + t * a.Nk * a.D, a.dv + t * a.Nk * a.Dv, 0, w);
+        item(a, t / a.Hkv, t % a.Hkv, 0, a.nqb, a.dk + t * a.Nk * a.D, a.dv + t * a.Nk * a.Dv, 0,
+             a.dbias ? a.dbias + t * db_size : nullptr, w);
     });
     return;
   }
@@ -289,7 +311,8 @@ void run(const Args<T>& a) {
       const auto span = key_span(a, i0, i1);
       dk_part[t].assign((span.second - span.first) * a.D, T(0));
       dv_part[t].assign((span.second - span.first) * a.Dv, T(0));
-      item(a, pair / a.Hkv, pair % a.Hkv, i0, i1, dk_part[t].data(), dv_part[t].data(), span.first, w);
+      item(a, pair / a.Hkv, pair % a.Hkv, i0, i1, dk_part[t].data(), dv_part[t].data(), span.first,
+           a.dbias ? a.dbias + t * db_size : nullptr, w);
     }
   });
   at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
@@ -317,7 +340,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& masks, const at::Tensor& mask_of,
                                       const std::optional<at::Tensor>& pad, int64_t block, int64_t start,
                                       double scale, int64_t tile, const std::optional<at::Tensor>& bias,
-                                      double cap, int64_t mode, int64_t offset) {
+                                      double cap, int64_t mode, int64_t offset, bool bias_grad) {
   const char* op = "band_backward";
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && d_out.dim() == 4, op,
               ": 4-D q, k, v, out, d_out");
@@ -372,6 +395,12 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
   auto dq = at::empty({B, Hq, Nq, D}, q.options());
   auto dk = at::zeros({B, Hkv, Nk, D}, q.options());
   auto dv = at::zeros({B, Hkv, Nk, Dv}, q.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!bias_grad || has_bias, op, ": bias_grad without a bias");
+  const int64_t G = Hkv > 0 ? Hq / Hkv : 1, Hb = has_bias ? bias->size(0) : 0;
+  const int64_t items = B * Hkv * chunks_per_pair(std::max<int64_t>(B * Hkv, 1), std::max<int64_t>(nqb, 1));
+  const int64_t bias_len = band ? block + L - 1 : Nq + Nk - 1, bias_rows = Hb > 1 ? G : 1;
+  auto dbias_parts = bias_grad ? at::zeros({items, bias_rows, bias_len}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "band_backward", [&] {
     Args<scalar_t> a{};
     a.q = q.data_ptr<scalar_t>(), a.k = k.data_ptr<scalar_t>(), a.v = v.data_ptr<scalar_t>();
@@ -385,7 +414,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                       pad->size(1) == Nk, op, ": pad (B, Nk) bool");
       a.pad = pad->data_ptr<bool>();
     }
-    a.bias = nullptr, a.bias_heads = 0, a.bias_len = band ? block + L - 1 : Nq + Nk - 1;
+    a.bias = nullptr, a.bias_heads = 0, a.bias_len = bias_len;
     a.cap = static_cast<scalar_t>(cap);
     if (bias.has_value() && bias->defined()) {
       TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->dim() == 2 &&
@@ -394,6 +423,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
       a.bias = bias->data_ptr<scalar_t>(), a.bias_heads = bias->size(0);
     }
     a.dq = dq.data_ptr<scalar_t>(), a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
+    a.dbias = bias_grad ? dbias_parts.data_ptr<scalar_t>() : nullptr, a.bias_rows = bias_rows;
     a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
     a.block = block, a.start = start, a.L = L, a.nqb = nqb;
     attnzoo_flash::operand_strides(q, D, a.qs, op, "q");
@@ -405,7 +435,22 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
     a.tile = tile;
     if (B > 0 && Nq > 0 && Hq > 0) run(a);
   });
-  return {dq, dk, dv};
+  if (!bias_grad) return {dq, dk, dv, at::Tensor()};
+  // the items' sums added up per head row in item order (fixed by the shapes): items (batch row, KV head, run)
+  // in that order, each with a row per query head of the group (or one shared row)
+  auto d_bias = at::zeros({Hb, bias_len}, q.options());
+  const int64_t per_pair = items / std::max<int64_t>(B * Hkv, 1);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "band_backward_bias", [&] {
+    const scalar_t* parts = dbias_parts.data_ptr<scalar_t>();
+    scalar_t* out = d_bias.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < items; ++t)
+      for (int64_t g = 0; g < bias_rows; ++g) {
+        scalar_t* dst = out + (Hb > 1 ? (t / per_pair % Hkv) * G + g : 0) * bias_len;
+        const scalar_t* src = parts + (t * bias_rows + g) * bias_len;
+        for (int64_t e = 0; e < bias_len; ++e) dst[e] += src[e];
+      }
+  });
+  return {dq, dk, dv, d_bias};
 }
 
 TORCH_LIBRARY(attnzoo_band, m) { m.def("band_backward", &band_backward); }
