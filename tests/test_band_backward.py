@@ -22,9 +22,11 @@ from hypothesis import given, settings, strategies as st
 
 import attnzoo as az
 import attnzoo.core.blocksparse as bs
+import attnzoo.core.exact as ex
 from attnzoo import mods
 from attnzoo.core import fused
 from _sparse_ref import band, combine, dilated, masked_reference
+from test_cpp_threads import _same_bits_at_1_3_2_threads
 
 pytestmark = pytest.mark.skipif(not fused.band_backward_applies(*(torch.zeros(1, 1, 1, 1),) * 3),
                                 reason="the band backward extension does not build here")
@@ -161,9 +163,10 @@ def test_low_precision(dtype, tol, mod):
     _assert_all_close([g / scale for g in got], [r / scale for r in want], tol)
 
 
-def test_strided_permuted_and_expanded_inputs():
+@pytest.mark.parametrize("exact", [False, True])
+def test_strided_permuted_and_expanded_inputs(exact):
     """q a transposed (B, N, H, D) buffer, k a batch-expanded view, v a slice of wider rows: the same gradients
-    as contiguous copies."""
+    as contiguous copies, on the band layouts' kernel and its exact modes (test_band_exact.py)."""
     g = torch.Generator().manual_seed(9)
     q_base = torch.randn(2, 50, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k_base = torch.randn(1, 2, 60, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -172,7 +175,12 @@ def test_strided_permuted_and_expanded_inputs():
     copies = tuple(t.detach().contiguous().requires_grad_() for t in views)
     w = torch.randn(2, 4, 50, 8, generator=g, dtype=torch.float64)
     kw = dict(method="sliding_window", window=13, block=8, causal=True)
-    with _kernel_calls() as spy:
+    if exact:
+        kw = dict(method="exact", causal=True, score_mod=mods.compose(mods.alibi(mods.alibi_slopes(4)),
+                                                                      mods.softcap(3.0)))
+    spy_on = mock.patch.object(ex, "attend_exact_backward", wraps=ex.attend_exact_backward) if exact else \
+        _kernel_calls()
+    with spy_on as spy:
         got = _grads(*views, w, 0.0, **kw)
         want = _grads(*copies, w, 0.0, **kw)
     assert spy.call_count == 2
@@ -190,18 +198,14 @@ def test_gradients_do_not_depend_on_the_thread_count(batch, kv_heads):
     q, k, v = _qkv(batch, 3 * kv_heads, kv_heads, 300, 300, 16, seed=12)
     w = torch.randn(batch, 3 * kv_heads, 300, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     kw = dict(method="sliding_window", window=50, block=16, causal=False, score_mod=mods.softcap(3.0))
-    threads = torch.get_num_threads()
-    try:
-        runs = []
-        for n in (1, 3, 2):
-            torch.set_num_threads(n)
-            with _kernel_calls() as spy:
-                runs.append(_grads(q, k, v, w, 0.0, **kw))
-            assert spy.called
-    finally:
-        torch.set_num_threads(threads)
-    for other in runs[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(other, runs[0]))
+
+    def run():
+        with _kernel_calls() as spy:
+            got = _grads(q, k, v, w, 0.0, **kw)
+        assert spy.called
+        return got
+
+    _same_bits_at_1_3_2_threads(run)
 
 
 def test_learned_mods_and_token_layouts_keep_the_slot_loop():
