@@ -15,6 +15,7 @@ import torch
 import attnzoo as az
 from attnzoo.bench import workloads
 from attnzoo.checks import Problem
+from attnzoo.core.layout import BlockLayout
 from _sparse_ref import combine, mass_recall, masked_reference, rel_error
 
 SHAPES = [(1, 2, 2, 40, 40, 8), (2, 4, 2, 33, 33, 8), (1, 4, 1, 24, 45, 4)]
@@ -514,3 +515,40 @@ def test_other_bad_parameters():
         az.attention(q[:, :, :8], q, q, method="lsh")
     with pytest.raises(az.UnsupportedError, match="causal=False"):
         az.attention(q, q, q, method="vertical_slash", causal=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("score,heads", [("bound", "kv"), ("lse", "kv"), ("mean", "query"), ("mean", "kv")])
+@pytest.mark.parametrize("sink,causal", [(True, True), (False, True), (True, False)])
+def test_block_topk_selection_in_one_pass_equals_the_eager_rule(dtype, score, heads, sink, causal, monkeypatch):
+    """block_topk's top-k selection on the extension (``blockkernel.block_select``: group ranking, top-k, sink and
+    diagonal in one C++ pass per row) keeps the blocks of the eager rule (``block_rank``, ``topk_mask``, the sink
+    and the diagonal as masks) on pooled scores with hidden blocks, rows that see none, whole groups that see
+    none, a count of 0, of a few and past the visible blocks."""
+    from attnzoo.catalog.sparse import dynamic
+    from attnzoo.core import blockkernel
+
+    g = torch.Generator().manual_seed(41)
+    B, Hq, Hkv, nq, nkb = 2, 6, 2, 7, 11
+    prob = Problem(B, Hq, Hkv, nq * 8 - 3, nkb * 8 - 5, 8, 8, 0.35)
+    scores = (torch.randn(B, Hq, nq, nkb, generator=g, dtype=torch.float64) * 3).to(dtype)
+    scores = scores.masked_fill(torch.rand(B, Hq, nq, nkb, generator=g) < 0.3, -math.inf)
+    scores[0, :, 2] = -math.inf  # a query block that sees nothing
+    scores[1, :3, 4] = -math.inf  # a whole group (KV head 0) that sees nothing there
+    scores[1, 3, 5] = -math.inf  # one head of a group that sees nothing there
+    h = Hkv if heads == "kv" else Hq
+    span = dynamic.diagonal_span(prob, 8, 8, "cpu") if causal else None
+    method = az.get("block_topk", block=8, score=score, heads=heads, sink=sink)
+    for count in (0, 1, 3, 20):
+        fast = blockkernel.block_select(scores, h, count, by_max=score == "bound", sink=sink, span=span)
+        assert fast is not None and fast.shape[:3] == (B, h, nq)
+        got = BlockLayout(fast, 8, 8, prob.len_q, prob.len_k).block_mask()
+        rank = method.block_rank(scores, h)
+        keep = dynamic.topk_mask(rank, count)
+        keep[..., 0] |= torch.isfinite(rank[..., 0]) & sink
+        if causal:
+            keep |= dynamic.diagonal_blocks(prob, 8, 8, "cpu")
+        assert torch.equal(got, keep), count
+        assert bool((fast[..., 1:][fast[..., 1:] >= 0] > fast[..., :-1][fast[..., 1:] >= 0]).all())  # ascending
+    monkeypatch.setattr(blockkernel, "available", lambda: False)
+    assert blockkernel.block_select(scores, h, 3, by_max=False, sink=sink, span=span) is None

@@ -75,6 +75,20 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
         1 if skip is None else skip.block_k)
 
 
+def block_select(scores: torch.Tensor, heads: int, count: int, *, by_max: bool, sink: bool,
+                 span: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """block_topk's selection in one C++ pass, or None where the extension does not apply (not CPU float32/64):
+    ``(B, heads, nq, S)`` key-block indices, ascending, -1 padded, from pooled ``scores (B, Hq, nq, nkb)`` (-inf:
+    a block the query block does not see) for ``heads`` selecting heads, each ranking the blocks for its
+    ``Hq / heads`` query heads by their best score (``by_max``; one head: its own score) or else by the mean of
+    their softmaxes over the visible blocks: the ``count`` best visible blocks (ties: the lower index), block
+    0 if visible (``sink``) and the blocks ``span = (lo, hi)`` (``(nq,)`` each, inclusive) of each query block."""
+    if scores.device.type != "cpu" or scores.dtype not in DTYPES or not available():
+        return None
+    lo, hi = (None, None) if span is None else (t.to(torch.int64).contiguous() for t in span)
+    return torch.ops.attnzoo_blocksparse.block_select(scores.contiguous(), heads, count, by_max, sink, lo, hi)
+
+
 #: score elements per step of :func:`block_lse`'s eager path (one slab of rows at a time)
 _LSE_SLAB = 1 << 22
 

@@ -74,14 +74,20 @@ def causal_block_ok(prob: Problem, block_q: int, block_k: int, device) -> torch.
     return torch.arange(nkb, device=device) * block_k <= last.view(-1, 1)
 
 
+def diagonal_span(prob: Problem, block_q: int, block_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last key block at each query block's own positions (the causal diagonal): two ``(nq,)``
+    tensors, ``hi < lo`` where the block has no position with a key."""
+    first, last = block_positions(prob, block_q, device)
+    lo = first.clamp(0, prob.len_k - 1) // block_k
+    hi = torch.where(last >= 0, last.clamp(0, prob.len_k - 1) // block_k, -1)
+    return lo, hi
+
+
 def diagonal_blocks(prob: Problem, block_q: int, block_k: int, device) -> torch.Tensor:
     """``(nq, nk_blocks)`` bool: key blocks at the query block's own positions (the causal diagonal)."""
-    first, last = block_positions(prob, block_q, device)
-    nkb = -(-prob.len_k // block_k)
-    lo = first.clamp(0, prob.len_k - 1) // block_k
-    hi = last.clamp(0, prob.len_k - 1) // block_k
-    blk = torch.arange(nkb, device=device)
-    return (blk >= lo.view(-1, 1)) & (blk <= hi.view(-1, 1)) & (last >= 0).view(-1, 1)
+    lo, hi = diagonal_span(prob, block_q, block_k, device)
+    blk = torch.arange(-(-prob.len_k // block_k), device=device)
+    return (blk >= lo.view(-1, 1)) & (blk <= hi.view(-1, 1))
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -370,7 +376,8 @@ class BlockTopK(DynamicLayoutMethod):
     def block_mass(self, scores: torch.Tensor, heads_kv: int, bound: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The pooled softmax of ``scores`` over each row's visible blocks, and which blocks are visible; with
         ``heads="kv"`` per KV head's query group (``(B, Hkv, nq, nk_blocks)``, visible to any of its heads): the
-        softmax of its heads' best ``bound`` score, else its heads' mean softmax: the ranking of :meth:`estimate`."""
+        softmax of its heads' best ``bound`` score, else its heads' mean softmax: what ``top_p`` and the ``guard``
+        of :meth:`estimate` keep."""
         seen = torch.isfinite(scores)
         if self.heads == "kv" and bound:
             scores = split_groups(scores, heads_kv).amax(2)
@@ -381,11 +388,31 @@ class BlockTopK(DynamicLayoutMethod):
                 mass = split_groups(mass, heads_kv).mean(2)
         return mass, seen
 
+    def block_rank(self, scores: torch.Tensor, heads: int) -> torch.Tensor:
+        """What the top-k selection of :meth:`estimate` ranks, per selecting head (``heads`` of them, each for its
+        group of query heads): the group's best score (``bound``; one head: its own score), else the mean over
+        the group of each head's pooled softmax; -inf where no head of the group sees the block."""
+        if self.score == "bound" or scores.shape[1] == heads:
+            return split_groups(scores, heads).amax(2)
+        seen = split_groups(torch.isfinite(scores), heads).any(2)
+        mass = split_groups(torch.softmax(scores, dim=-1).nan_to_num(0.0), heads).mean(2)
+        return mass.masked_fill(~seen, -math.inf)
+
     def estimate(self, q, k, prob, *, causal, key_padding_mask, score_mod=None):
-        mass, seen = self.block_mass(self.block_scores(q, k, prob, causal, key_padding_mask, score_mod), k.shape[1],
-                                     self.score == "bound")
-        keep = topk_mask(mass.masked_fill(~seen, -math.inf), self.topk) if self.top_p is None else \
-            top_p_mask(mass.log(), self.top_p)
+        scores = self.block_scores(q, k, prob, causal, key_padding_mask, score_mod)
+        heads = k.shape[1] if self.heads == "kv" else q.shape[1]
+        span = diagonal_span(prob, self.block, self.block, q.device) if causal else None
+        if self.top_p is None and self.score != "mean+bound":  # the top-k rule: one C++ pass where it applies
+            kv = blockkernel.block_select(scores, heads, self.topk, by_max=self.score == "bound", sink=self.sink,
+                                          span=span)
+            if kv is not None:
+                return [BlockLayout(kv, self.block, self.block, prob.len_q, prob.len_k, causal=causal)]
+        if self.top_p is None:
+            keep = topk_mask(self.block_rank(scores, heads), self.topk)
+            seen = split_groups(torch.isfinite(scores), heads).any(2)
+        else:
+            mass, seen = self.block_mass(scores, k.shape[1], self.score == "bound")
+            keep = top_p_mask(mass.log(), self.top_p)
         if self.score == "mean+bound" and self.guard > 0:
             bound, _ = self.block_mass(self.block_scores(q, k, prob, causal, key_padding_mask, score_mod, "bound"),
                                        k.shape[1], True)

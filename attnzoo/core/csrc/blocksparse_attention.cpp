@@ -491,6 +491,52 @@ void lse_rows(const T* q, const int64_t qs[3], const T* k, const int64_t ks[3], 
   }
 }
 
+// block_select's row: the key blocks one selecting head keeps for one query block, ascending, into `out` (S
+// slots, -1 after). `s` points at the row of the group's first query head (G rows, `stride` apart, nkb scores
+// each, -inf: not visible). Ranked by the group's best score (by_max; one head: its own score), else by the
+// mean over the group's heads of each head's softmax over its visible blocks; the `count` best blocks any head
+// sees (ties: the lower index), block 0 if any head sees it (sink), and blocks [lo, hi] are kept.
+template <typename T>
+void select_row(const T* s, int64_t stride, int64_t G, int64_t nkb, int64_t count, bool by_max, bool sink,
+                int64_t lo, int64_t hi, std::vector<T>& rank, std::vector<int64_t>& order, std::vector<uint8_t>& keep,
+                int64_t* out, int64_t S) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  std::fill(rank.begin(), rank.begin() + nkb, ninf);
+  if (by_max || G == 1) {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < nkb; ++j) rank[j] = std::max(rank[j], s[g * stride + j]);
+  } else {  // a block any head sees ranks by its mean mass (>= 0), the others stay -inf
+    for (int64_t g = 0; g < G; ++g) {
+      const T* sg = s + g * stride;
+      T m = ninf;
+      for (int64_t j = 0; j < nkb; ++j) m = std::max(m, sg[j]);
+      if (m == ninf) continue;
+      T l = 0;
+#pragma omp simd reduction(+ : l)
+      for (int64_t j = 0; j < nkb; ++j) l += fast_exp(sg[j] - m);
+      const T w = T(1) / (l * T(G));
+      for (int64_t j = 0; j < nkb; ++j)
+        if (sg[j] > ninf) rank[j] = (rank[j] > ninf ? rank[j] : T(0)) + fast_exp(sg[j] - m) * w;
+    }
+  }
+  std::fill(keep.begin(), keep.begin() + nkb, uint8_t(0));
+  int64_t n = 0;
+  for (int64_t j = 0; j < nkb; ++j)
+    if (rank[j] > ninf) order[n++] = j;
+  const int64_t c = std::min(count, n);
+  if (c > 0 && c < n)
+    std::nth_element(order.begin(), order.begin() + (c - 1), order.begin() + n, [&](int64_t a, int64_t b) {
+      return rank[a] > rank[b] || (rank[a] == rank[b] && a < b);
+    });
+  for (int64_t i = 0; i < c; ++i) keep[order[i]] = 1;
+  if (sink && nkb > 0 && rank[0] > ninf) keep[0] = 1;
+  for (int64_t j = std::max<int64_t>(lo, 0); j <= std::min(hi, nkb - 1); ++j) keep[j] = 1;
+  int64_t w = 0;
+  for (int64_t j = 0; j < nkb && w < S; ++j)
+    if (keep[j]) out[w++] = j;
+  std::fill(out + w, out + S, int64_t(-1));
+}
+
 }  // namespace
 
 // lse (B, Hq, R, ceil(Nk / block_k)): for each row of q (B, Hq, R, D) and each key block of block_k keys of
@@ -549,6 +595,47 @@ at::Tensor block_lse(const at::Tensor& q, const at::Tensor& k, const std::option
       go(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
     });
   }
+  return out;
+}
+
+// blocks (B, Hs, nq, S) int64: block_topk's selection from its pooled scores (B, Hq, nq, nkb) (float32/64,
+// -inf where a query block sees no key of the block) for Hs = `heads` selecting heads (each the Hq / Hs query
+// heads of a group): per row the `count` best blocks (select_row), block 0 with `sink`, and the blocks [lo[i],
+// hi[i]] of query block i (lo, hi (nq,) int64, or empty: none; the causal diagonal), ascending, -1 padded to
+// S = the most a row can keep
+at::Tensor block_select(const at::Tensor& scores, int64_t heads, int64_t count, bool by_max, bool sink,
+                        const std::optional<at::Tensor>& lo, const std::optional<at::Tensor>& hi) {
+  TORCH_CHECK(scores.dim() == 4 && scores.is_contiguous() && heads > 0 && scores.size(1) % heads == 0 && count >= 0,
+              "block_select: scores (B, Hq, nq, nkb) contiguous, Hq a multiple of heads, count >= 0");
+  const int64_t B = scores.size(0), Hq = scores.size(1), nq = scores.size(2), nkb = scores.size(3);
+  const int64_t G = Hq / heads;
+  const bool diag = lo.has_value() && lo->defined();
+  TORCH_CHECK(!diag || (hi.has_value() && hi->defined() && lo->scalar_type() == at::kLong &&
+                        hi->scalar_type() == at::kLong && lo->is_contiguous() && hi->is_contiguous() &&
+                        lo->numel() == nq && hi->numel() == nq),
+              "block_select: lo and hi (nq,) int64 together");
+  const int64_t* lp = diag ? lo->data_ptr<int64_t>() : nullptr;
+  const int64_t* hp = diag ? hi->data_ptr<int64_t>() : nullptr;
+  int64_t width = 0;
+  for (int64_t i = 0; diag && i < nq; ++i)
+    width = std::max(width, std::min(hp[i], nkb - 1) - std::max<int64_t>(lp[i], 0) + 1);
+  const int64_t S = std::min(nkb, std::min(count, nkb) + (sink ? 1 : 0) + width);
+  auto out = at::empty({B, heads, nq, S}, scores.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "block_select", [&] {
+    const scalar_t* sd = scores.data_ptr<scalar_t>();
+    int64_t* od = out.data_ptr<int64_t>();
+    at::parallel_for(0, B * heads * nq, 16, [&](int64_t begin, int64_t stop) {
+      std::vector<scalar_t> rank(nkb);
+      std::vector<int64_t> order(nkb);
+      std::vector<uint8_t> keep(nkb);
+      for (int64_t t = begin; t < stop; ++t) {
+        const int64_t b = t / (heads * nq), h = (t / nq) % heads, i = t % nq;
+        select_row<scalar_t>(sd + ((b * Hq + h * G) * nq + i) * nkb, nq * nkb, G, nkb, count, by_max, sink,
+                             diag ? lp[i] : 0, diag ? hp[i] : -1, rank, order, keep, od + t * S, S);
+      }
+    });
+  });
   return out;
 }
 
@@ -632,4 +719,5 @@ std::vector<at::Tensor> blocksparse_attention(const at::Tensor& q, const at::Ten
 TORCH_LIBRARY(attnzoo_blocksparse, m) {
   m.def("blocksparse_attention", &blocksparse_attention);
   m.def("block_lse", &block_lse);
+  m.def("block_select", &block_select);
 }
