@@ -276,6 +276,7 @@ def test_missing_names_each_case_with_the_tasks_no_ok_row_measured_it_on():
                           ("cache=quantized:bits=4", ["passkey", vt]), ("cache=snapkv@0.125", [vt])]
     assert gaps[4096] == [(C.describe(c), ["passkey", vt] + ["perplexity"] * (c["kind"] == "prefill")) for c in cases]
     assert T.missing(rows, [f"{vt}:hops=1"], [2048], cases[:1]) == {2048: []}
+    assert T.cells_of(["passkey", vt, "perplexity"], cases) == 4 + 4 + 2  # perplexity takes the two prefill cases
 
 
 def test_table_pools_seeds_and_keeps_task_variants_apart():
@@ -365,12 +366,12 @@ def test_eval_table_command_merges_results_files(tmp_path):
     # --missing: the --full preset's cells without a row, at the results' lengths (4096 here)
     gaps = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--missing",
                                     "--tasks", "passkey"])
-    assert gaps.exit_code == 0 and "not measured at N=4096 (" in gaps.output and "N=2048" not in gaps.output
+    assert gaps.exit_code == 0 and "not measured at N=4096: " in gaps.output and "N=2048" not in gaps.output
     assert "- prefill=sliding_window: every task" in gaps.output and "- cache=snapkv@0.125:" not in gaps.output
     # a task no row measured is missing at every length the results hold (a mistyped one is still refused)
     never = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), str(tmp_path / "r1"), "--missing",
                                      "--tasks", "passkey,perplexity"])
-    assert never.exit_code == 0 and "(32 cells of the --full preset's 32 cases on passkey, perplexity)" in never.output
+    assert never.exit_code == 0 and "N=4096: 32 of 38 cells (the --full preset's 32 cases on passkey, perplexity):" in never.output
     assert "- prefill=exact: perplexity" in never.output and "- cache=h2o@0.25: passkey" in never.output, never.output
     typo = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r0"), "--missing", "--tasks", "perplexty"])
     assert typo.exit_code == 2 and "perplexity" in typo.output, typo.output

@@ -128,6 +128,12 @@ def cases_of(methods: str, policies: str, budgets: list) -> list[dict]:
     return cases + [policy_case(spec, b) for b in budgets or [None] for spec in swept]
 
 
+def applies(task_kind: str, case: dict) -> bool:
+    """Whether a task of ``task_kind`` takes ``case``: a perplexity task scores the prompt's own forward pass, which a
+    cache policy does not change, so it takes prefill and plan cases only."""
+    return not (task_kind == "perplexity" and case["kind"] == "cache")
+
+
 def plan_case(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

@@ -280,9 +280,10 @@ def print_missing(rows: list[dict], tasks: list[str] | None) -> None:
     tasks = tasks or C.split_specs(full["tasks"])
     cases = C.cases_of(full["methods"], full["policies"], [C._value(b) for b in full["budgets"].split(",")])
     lengths = [n for n in map(int, full["lengths"].split(",")) if any(r["length"] == n for r in rows)]
+    total = T.cells_of(tasks, cases)
     for n, gaps in T.missing(rows, tasks, lengths, cases).items():
         cells = sum(len(ts) for _, ts in gaps)
-        print(f"\nnot measured at N={n} ({cells} cells of the --full preset's {len(cases)} cases on "
+        print(f"\nnot measured at N={n}: {cells} of {total} cells (the --full preset's {len(cases)} cases on "
               f"{', '.join(tasks)}){':' if gaps else ': none'}")
         for case, ts in gaps:
             print(f"- {case}: {'every task' if len(ts) == len(tasks) else ', '.join(ts)}")

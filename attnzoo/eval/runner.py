@@ -53,13 +53,12 @@ class Plan:
     recall: bool = True
 
     def expand(self) -> list[dict]:
-        """One record per (task, length, case): the identity of a row (its key). Perplexity tasks score the
-        prompt's own forward pass, which a cache policy does not change: they take prefill and plan cases only."""
+        """One record per (task, length, case): the identity of a row (its key); only the cases a task takes
+        (:func:`cases.applies`: perplexity takes no cache case)."""
         kinds = {t: tasks()[t].kind for t, _ in self.tasks}
         return [{"task": t, "task_params": tp, "length": n, **case, "samples": self.samples, "seed": self.seed,
                  "model": self.model}
-                for t, tp in self.tasks for n in self.lengths for case in self.cases
-                if not (kinds[t] == "perplexity" and case["kind"] == "cache")]
+                for t, tp in self.tasks for n in self.lengths for case in self.cases if C.applies(kinds[t], case)]
 
 
 # -------------------------------------------------------------- one sample

@@ -293,10 +293,17 @@ def covers(row: dict, case: dict) -> bool:
             case.get("budget")) and all(params.get(k) == v for k, v in case["params"].items()))
 
 
+def cells_of(tasks: list[str], cases: list[dict]) -> int:
+    """How many (case, task) cells the ``tasks`` (column labels) and ``cases`` make: a task's cases that it takes."""
+    from .cases import applies, parse_spec
+
+    return sum(applies(make_task(parse_spec(t)[0], **parse_spec(t)[1]).kind, c) for t in tasks for c in cases)
+
+
 def missing(rows: list[dict], tasks: list[str], lengths: list[int], cases: list[dict]) -> dict[int, list[tuple]]:
     """Per length, each of ``cases`` with the ``tasks`` (column labels: ``passkey``, ``niah_single:value=word``) no
-    ok row measured it on, as ``(case, [tasks])``; a perplexity task takes no cache case (as the runner)."""
-    from .cases import parse_spec
+    ok row measured it on, as ``(case, [tasks])``; a task only counts for the cases it takes (as the runner)."""
+    from .cases import applies, parse_spec
 
     have: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
@@ -306,7 +313,7 @@ def missing(rows: list[dict], tasks: list[str], lengths: list[int], cases: list[
     kinds = {t: make_task(*parse_spec(t)[:1], **parse_spec(t)[1]).kind for t in tasks}
     out = {}
     for n in lengths:
-        gaps = [(describe(c), [t for t in tasks if not (kinds[t] == "perplexity" and c["kind"] == "cache")
+        gaps = [(describe(c), [t for t in tasks if applies(kinds[t], c)
                                and not any(covers(r, c) for r in have.get((n, labels[t]), []))]) for c in cases]
         out[n] = [(d, ts) for d, ts in gaps if ts]
     return out
