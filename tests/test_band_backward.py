@@ -2,9 +2,9 @@
 reference and the generic executor's slot-by-slot backward.
 
 Training through a banded layout (sliding_window, dilated_window, a streaming window) without a score_mod, or
-with a distance bias (ALiBi, a relative table) and/or a soft cap whose tensors need no gradient, runs the band
-forward and this kernel's backward; everything else (learned tables, other layouts), and every call where the
-extension is not built (``ATTNZOO_CPP=0``), keeps the slot loop. Seeds: each case draws from
+with a distance bias (ALiBi, a relative table, learned or not) and/or a soft cap, runs the band forward and this
+kernel's backward; everything else (other mods, other layouts), and every call where the extension is not built
+(``ATTNZOO_CPP=0``), keeps the slot loop. Seeds: each case draws from
 torch.Generator(seed).
 """
 
@@ -208,25 +208,36 @@ def test_gradients_do_not_depend_on_the_thread_count(batch, kv_heads):
     _same_bits_at_1_3_2_threads(run)
 
 
-def test_learned_mods_and_token_layouts_keep_the_slot_loop():
-    """A distance bias whose tensor requires grad (ALiBi slopes, a relative table; alone or under a soft cap)
-    and non-band layouts run no kernel backward, and the mod's tensors get the dense reference's gradients."""
-    q, k, v = _qkv(1, 4, 2, 64, 64, 8, seed=2)
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_learned_mods_on_the_kernel_and_token_layouts_on_the_slot_loop(dilation):
+    """A distance bias whose tensor requires grad (ALiBi slopes, a relative table per head or shared; alone or
+    under a soft cap), GQA with Nq != Nk (special blocks at both ends) and key padding: the kernel runs and
+    the mod's tensors get the dense reference's and the slot loop's gradients (the kernel sums the biased
+    scores' gradient per distance). Non-band layouts run no band backward."""
+    q, k, v = _qkv(2, 4, 2, 45, 61, 8, seed=2)
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(1, 4, 64, 8, generator=g, dtype=torch.float64)
-    vis = combine(band(64, 64, 16, True), causal=True, len_q=64, len_k=64)
+    w = torch.randn(2, 4, 45, 8, generator=g, dtype=torch.float64)
+    pad = torch.rand(2, 61, generator=g) > 0.2
+    kw = dict(method="dilated_window", window=9, dilation=2) if dilation == 2 else dict(
+        method="sliding_window", window=16)
+    kw.update(block=8, causal=True, key_padding_mask=pad)
+    vis = dilated(45, 61, 9, 2, True) if dilation == 2 else band(45, 61, 16, True)
+    vis = combine(vis, causal=True, len_q=45, len_k=61, key_padding_mask=pad)
     for make, table in ((mods.alibi, mods.alibi_slopes(4).double()),
                         (mods.relative_bias, torch.randn(4, 9, generator=g, dtype=torch.float64)),
+                        (mods.relative_bias, torch.randn(9, generator=g, dtype=torch.float64)),
                         (lambda t: mods.compose(mods.relative_bias(t), mods.softcap(2.0)),
                          torch.randn(4, 9, generator=g, dtype=torch.float64))):
         table.requires_grad_()
         with _kernel_calls() as spy:
-            out = az.attention(q, k, v, method="sliding_window", window=16, block=16, causal=True,
-                               score_mod=make(table))
+            out = az.attention(q, k, v, score_mod=make(table), **kw)
             got = torch.autograd.grad((out * w).sum(), (q, k, v, table))
-        assert not spy.called
+        assert spy.called
         want = torch.autograd.grad((_modded_reference(q, k, v, vis, make(table)) * w).sum(), (q, k, v, table))
         _assert_all_close(got, want, 1e-9)
+        with _slot_loop():
+            out = az.attention(q, k, v, score_mod=make(table), **kw)
+            _assert_all_close(got, torch.autograd.grad((out * w).sum(), (q, k, v, table)), 1e-10)
     with _kernel_calls() as spy:
         az.attention(q, k, v, method="block_topk", causal=True, block=16).sum().backward()
     assert not spy.called

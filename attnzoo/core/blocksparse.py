@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..errors import AttnZooError, UnsupportedError
 from . import blockkernel, capped
 from .fused import (attend_band, attend_band_backward, attend_token_union, band_backward_applies, fix_empty_rows,
-                    fused_applies, fused_kernel)
+                    fused_applies, fused_kernel, fused_mod as _fused_mod)
 from .kernel import additive_mask, flash_cpu
 from .layout import BlockLayout, Layout, TokenLayout, band_plan, check_layout
 from .masks import call_mask_mod
@@ -411,14 +411,6 @@ def _split_clean(plan: _Plan, units: torch.Tensor):
     return units.gather(-1, order), clean.sum(-1), masked
 
 
-def _fused_mod(mod: ModHook | None) -> tuple[DistanceBias | None, float | None]:
-    """``(bias, cap)``: the distance bias the fused paths add to their masks and the soft cap they apply
-    after it (the only mods that reach them)."""
-    if mod is None:
-        return None, None
-    return (mod.distance, None) if mod.distance is not None else mod.capped
-
-
 def _attend_diagonal(qb: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: _Plan,
                      masked: torch.Tensor, cap: float | None = None) -> Partial | None:
     """The masked units of :func:`_split_clean` when they are only each query block's own diagonal block
@@ -540,9 +532,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
         """A band layout's fused backward (:func:`~attnzoo.core.fused.attend_band_backward`), else slot by slot,
         both recomputing from ``(out, lse)``."""
         if path == "band" and band_backward_applies(q, k, v, hook):
-            bias, cap = _fused_mod(hook)
             return attend_band_backward(q, k, v, out, lse, d_out, d_lse, _cached_band_plan(layout, causal),
-                                        scale=scale, key_padding_mask=pad, bias=bias, cap=cap)
+                                        scale=scale, key_padding_mask=pad, mod=hook, grads=grads)
         return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan or make_plan(), grads)
 
     return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))

@@ -529,7 +529,7 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
         return tiled_forward(q, k, v, spec, pad)
 
     def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):
-        if band_backward_applies(q, k, v, hook, bias_grad=True):  # no mod, or one the C++ kernel recomputes
+        if band_backward_applies(q, k, v, hook):  # no mod, or one the C++ kernel recomputes
             return attend_exact_backward(q, k, v, out, lse, d_out, d_lse, scale=scale, causal=causal,
                                          offset=q_offset - k_offset, key_padding_mask=pad, mod=hook, grads=grads)
         return tiled_backward(q, k, v, out, lse, d_out, d_lse, spec, pad, grads)

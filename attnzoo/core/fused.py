@@ -167,28 +167,26 @@ _BACKWARD_SOURCE = "band_backward.cpp"
 BACKWARD_TILE = 64
 
 
-def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: ModHook | None = None, *,
-                          bias_grad: bool = False) -> bool:
-    """Whether :func:`attend_band_backward` (:func:`attend_exact_backward` with ``bias_grad``) can run: CPU
-    tensors of one kernel dtype (bfloat16/float16 are computed in float32), the extension built
-    (:mod:`attnzoo.core.cpp`; ``ATTNZOO_CPP=0``: never), and no score_mod or one the kernel recomputes (a
-    distance bias and/or a soft cap after it) whose tensors need no gradient, or with ``bias_grad`` tensors
-    that only its distance bias reads (a learned table: the kernel sums the gradient per distance)."""
+def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod: ModHook | None = None) -> bool:
+    """Whether :func:`attend_band_backward` and :func:`attend_exact_backward` can run: CPU tensors of one kernel
+    dtype (bfloat16/float16 are computed in float32), the extension built (:mod:`attnzoo.core.cpp`;
+    ``ATTNZOO_CPP=0``: never), and no score_mod or one the kernel recomputes (a distance bias and/or a soft cap
+    after it) whose tensors needing a gradient, if any, are read by its distance bias (a learned table: the
+    kernel sums the gradient per distance, see :meth:`~attnzoo.core.scoremod.ModHook.pull_back`)."""
     if mod is not None:
-        parts = fused_mod(mod)
-        if parts == {"bias": None, "cap": None} or (mod.captured and (not bias_grad or parts["bias"] is None)):
+        bias, cap = fused_mod(mod)
+        if (bias, cap) == (None, None) or (mod.captured and bias is None):
             return False
     return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
             and cpp.available(_BACKWARD_SOURCE))
 
 
-def fused_mod(mod: ModHook | None) -> dict:
-    """``{"bias": .., "cap": ..}``: the distance bias and the soft cap after it that the fused paths and the C++
-    backward apply for ``mod`` (None each when there is none)."""
+def fused_mod(mod: ModHook | None) -> tuple[DistanceBias | None, float | None]:
+    """``(bias, cap)``: the distance bias the fused paths and the C++ backward add to the scores and the soft cap
+    they apply after it (None each when ``mod`` has none: the only mods that reach them)."""
     if mod is None:
-        return {"bias": None, "cap": None}
-    bias, cap = (mod.distance, None) if mod.distance is not None else mod.capped or (None, None)
-    return {"bias": bias, "cap": cap}
+        return None, None
+    return (mod.distance, None) if mod.distance is not None else mod.capped or (None, None)
 
 
 def _band_masks(plan: BandPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +200,8 @@ def _band_masks(plan: BandPlan) -> tuple[torch.Tensor, torch.Tensor]:
 
 def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                          d_out: torch.Tensor, d_lse: torch.Tensor | None, plan: BandPlan, *, scale: float,
-                         key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None,
-                         cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         key_padding_mask: torch.Tensor | None = None, mod: ModHook | None = None,
+                         grads: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of :func:`attend_band`'s ``(out, lse)`` on the C++ kernel
     ``csrc/band_backward.cpp``; only after :func:`band_backward_applies`.
 
@@ -214,17 +212,16 @@ def attend_band_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     heads of a KV head are one tile's rows; work runs in parallel over (batch row, KV head), and over runs of
     query blocks with their own dK/dV buffers when there are fewer than 8 of those; the result does not depend
     on the thread count (each work item on one thread, with single-threaded BLAS).
-    A distance ``bias`` and a soft ``cap`` (after it) are recomputed on the scores as the forward applied them
-    (the bias as one vector per head over the distances of a block's rows to its window, the same for every
-    block, see :func:`_band_bias`) and ``dS`` is multiplied by the cap's slope ``1 - tanh²``; no gradient
-    reaches the bias's own tensors (:func:`band_backward_applies` sends mods that need one to the slot loop).
+    The ``mod``'s distance bias and soft cap (after it) are recomputed on the scores as the forward applied
+    them (the bias as one vector per head over the distances of a block's rows to its window, the same for
+    every block, see :func:`_band_bias`) and ``dS`` is multiplied by the cap's slope ``1 - tanh²``; tensors
+    the bias reads that need a gradient get it as in :func:`attend_exact_backward`, added into ``grads``.
     """
     masks, mask_of = _band_masks(plan)
     b, L, Nq, Nk = plan.block, plan.window, q.shape[2], k.shape[2]
     # distance of row r to window column c: start·b - (Nk - Nq) + c - r, at index c - r + b - 1
-    return _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, bias,
-                            plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, cap, masks, mask_of, b, plan.start,
-                            _BAND, 0)[:3]
+    return _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, mod, grads,
+                            plan.start * b - (Nk - Nq) - (b - 1), b + L - 1, masks, mask_of, b, plan.start, _BAND, 0)
 
 
 def attend_exact_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -245,26 +242,23 @@ def attend_exact_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out
     """
     Nq, Nk = q.shape[2], k.shape[2]
     none = torch.zeros(0, dtype=torch.bool, device=q.device), torch.zeros(0, dtype=torch.long, device=q.device)
-    parts, d0 = fused_mod(mod), -(Nq - 1) - offset
-    train = mod is not None and bool(mod.captured)
-    dq, dk, dv, d_bias = _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, parts["bias"],
-                                          d0, Nq + Nk - 1, parts["cap"], *none, BACKWARD_TILE, 0,
-                                          _PREFIX if causal else _FULL, offset, bias_grad=train)
-    if train:
-        mod.pull_back(parts["bias"], d_bias, d0, grads)
-    return dq, dk, dv
+    return _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale, key_padding_mask, mod, grads, -(Nq - 1) - offset,
+                            Nq + Nk - 1, *none, BACKWARD_TILE, 0, _PREFIX if causal else _FULL, offset)
 
 
 #: csrc/band_backward.cpp's modes: a band plan's windows, keys from 0 to each row's causal limit, all keys
 _BAND, _PREFIX, _FULL = 0, 1, 2
 
 
-def _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale: float, key_padding_mask, bias: DistanceBias | None,
-                     d0: int, length: int, cap: float | None, masks: torch.Tensor, mask_of: torch.Tensor,
-                     block: int, start: int, mode: int, offset: int, bias_grad: bool = False):
-    """Call ``csrc/band_backward.cpp`` in ``mode``, the bias as :func:`~attnzoo.core.scoremod.distance_rows`
-    of the distances ``d0 ..`` (``length`` of them), in float32 for bfloat16/float16 inputs: ``(dq, dk, dv,
-    d_bias)``, ``d_bias`` (with ``bias_grad``; else None) the biased scores' gradient summed per distance."""
+def _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale: float, key_padding_mask, mod: ModHook | None,
+                     grads: list | None, d0: int, length: int, masks: torch.Tensor, mask_of: torch.Tensor,
+                     block: int, start: int, mode: int, offset: int):
+    """``(dq, dk, dv)`` from ``csrc/band_backward.cpp`` in ``mode``, in float32 for bfloat16/float16 inputs; the
+    ``mod``'s bias as :func:`~attnzoo.core.scoremod.distance_rows` of the distances ``d0 ..`` (``length`` of
+    them), and when it reads tensors needing a gradient, the kernel's sums of the biased scores' gradient per
+    distance pulled back into ``grads``."""
+    bias, cap = fused_mod(mod)
+    bias_grad = mod is not None and bool(mod.captured)
     dtype = q.dtype
     work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     q, k, v, out, d_out = (kernel_rows(t.to(work)) for t in (q, k, v, out, d_out))
@@ -275,7 +269,9 @@ def _backward_kernel(q, k, v, out, lse, d_out, d_lse, scale: float, key_padding_
     dq, dk, dv, d_bias = torch.ops.attnzoo_band.band_backward(q, k, v, out, d_out, lse, d_lse, masks, mask_of, pad,
                                                               block, start, float(scale), BACKWARD_TILE, vec,
                                                               float(cap or 0.0), mode, offset, bias_grad)
-    return dq.to(dtype), dk.to(dtype), dv.to(dtype), d_bias if bias_grad else None
+    if bias_grad:
+        mod.pull_back(bias, d_bias, d0, grads)
+    return dq.to(dtype), dk.to(dtype), dv.to(dtype)
 
 
 def _band_bias(mod: DistanceBias, plan: BandPlan, q: torch.Tensor, k: torch.Tensor, scale: float, drop_far: bool):
