@@ -12,7 +12,7 @@
 //   i * block + p + offset (offset = the query positions' shift against the keys', e.g. Nk - Nq), or (mode kFull)
 //   all Nk keys: one window of L = Nk columns that are the keys, no masks read (masks, mask_of, start unused);
 //   pad (B, Nk) bool or empty: False hides a key;
-//   a score mod that needs no gradient of its own: a distance bias added to the scaled score, then cap > 0
+//   a score mod: a distance bias added to the scaled score, then cap > 0
 //   (0: none), the soft cap cap * tanh(x / cap) of that sum; lse is of the modified scores. The bias is empty or
 //   (Hb, block + L - 1) (Hb = Hq or 1) in mode kBand, read at bias[h, c - r + block - 1] for window column c of
 //   block row r (the distance kv - q is the same function of c - r in every block), and (Hb, Nq + Nk - 1) in
