@@ -23,6 +23,21 @@ def masked_reference(q, k, v, visible, scale=None):
     return torch.exp(s - safe.unsqueeze(-1)) @ v, lse
 
 
+def modded_reference(q, k, v, visible, score_mod):
+    """Output of dense float64 softmax attention of ``score_mod(scores)`` restricted to ``visible`` (bottom-right
+    aligned positions: query ``i`` at ``i + Nk - Nq``; batch index 0, query head index)."""
+    if score_mod is None:
+        return masked_reference(q, k, v, visible)[0]
+    groups, Nq, Nk = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = score_mod(s, torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(q.shape[1]).view(1, -1, 1, 1),
+                  torch.arange(Nq).view(1, 1, -1, 1) + Nk - Nq, torch.arange(Nk).view(1, 1, 1, -1))
+    s = s.masked_fill(~visible, -math.inf)
+    lse = torch.logsumexp(s, -1, keepdim=True)
+    return torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)) @ v
+
+
 def positions(len_q, len_k):
     """``p (Nq, 1)`` absolute query positions and ``j (1, Nk)`` key indices (docs/methods.md, Conventions)."""
     p = torch.arange(len_q).view(-1, 1) + (len_k - len_q)

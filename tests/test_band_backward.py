@@ -8,7 +8,6 @@ kernel's backward; everything else (other mods, other layouts), and every call w
 torch.Generator(seed).
 """
 
-import math
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import attnzoo.core.blocksparse as bs
 import attnzoo.core.exact as ex
 from attnzoo import mods
 from attnzoo.core import fused
-from _sparse_ref import band, combine, dilated, masked_reference
+from _sparse_ref import band, combine, dilated, modded_reference as _modded_reference
 from test_cpp_threads import _same_bits_at_1_3_2_threads
 
 pytestmark = pytest.mark.skipif(not fused.band_backward_applies(*(torch.zeros(1, 1, 1, 1),) * 3),
@@ -63,21 +62,6 @@ def _mod(name, heads, g):
     alibi = mods.alibi(mods.alibi_slopes(heads))
     return {None: None, "alibi": alibi, "softcap": mods.softcap(1.5),
             "alibi+softcap": mods.compose(alibi, mods.softcap(2.0))}[name]
-
-
-def _modded_reference(q, k, v, visible, score_mod):
-    """Dense float64 softmax attention of ``score_mod(scores)`` restricted to ``visible`` (bottom-right
-    aligned positions: query ``i`` at ``i + Nk - Nq``)."""
-    if score_mod is None:
-        return masked_reference(q, k, v, visible)[0]
-    groups, Nq, Nk = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    s = score_mod(s, torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(q.shape[1]).view(1, -1, 1, 1),
-                  torch.arange(Nq).view(1, 1, -1, 1) + Nk - Nq, torch.arange(Nk).view(1, 1, 1, -1))
-    s = s.masked_fill(~visible, -math.inf)
-    lse = torch.logsumexp(s, -1, keepdim=True)
-    return torch.exp(s - torch.where(torch.isfinite(lse), lse, 0.0)) @ v
 
 
 def _assert_all_close(got, want, tol):

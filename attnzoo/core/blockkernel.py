@@ -56,24 +56,37 @@ def attend_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Blo
     kernel merges adjacent tokens into runs and packs short runs into long chunks; a shared token row (one for
     every group: vertical columns) is copied once per head and read from that copy in place, its ``skip``
     blocks hidden. Only after :func:`applies`."""
+    index, block_q, block_k, heads, skip, skip_k = kernel_layout(layout, q.shape[1], k.shape[1])
+    q, k, v = (kernel_rows(t) for t in (q, k, v))
+    pad = kernel_padding(key_padding_mask, q.shape[0])
+    Nq, Nk = q.shape[2], k.shape[2]
+    available()  # loads the op (built once per process)
+    return torch.ops.attnzoo_blocksparse.blocksparse_attention(
+        q, k, v, index, pad, block_q, block_k, heads, float(scale), causal, Nk - Nq,
+        kernel_bias(bias, Nq, Nk, q.dtype, q.device), 1 - Nk, float(cap or 0.0), skip, skip_k)
+
+
+def kernel_layout(layout: BlockLayout | TokenLayout, heads_q: int, heads_kv: int):
+    """A layout as the block kernels (this forward, :mod:`attnzoo.core.blockbackward`) read it: ``(index,
+    block_q, block_k, heads, skip, skip_block_k)``: the contiguous key-block lists (a token layout's tokens as
+    one-key blocks, ``block_q`` its group), the query heads per work item (the heads sharing one layout row) and
+    a shared token row's skipped blocks (None, 1 without)."""
     skip = None
     if isinstance(layout, TokenLayout):  # shared tokens: one row for every group, packed once by the kernel
         index, block_q, block_k, skip = layout.kv_tokens, layout.group, 1, layout.skip
     else:
         index, block_q, block_k = layout.kv_blocks, layout.block_q, layout.block_k
-    Hq, Hkv = q.shape[1], k.shape[1]
-    groups = Hq // Hkv
-    per_query = index.shape[1] == Hq or (skip is not None and skip.kv_blocks.shape[1] == Hq)
+    groups = heads_q // heads_kv
+    per_query = index.shape[1] == heads_q or (skip is not None and skip.kv_blocks.shape[1] == heads_q)
     heads = 1 if (per_query and groups > 1) else groups  # query heads per work item (one layout row)
-    q, k, v = (kernel_rows(t) for t in (q, k, v))
-    pad = kernel_padding(key_padding_mask, q.shape[0])
-    Nq, Nk = q.shape[2], k.shape[2]
-    vec = None if bias is None else distance_rows(bias, 1 - Nk, Nq + Nk - 1, q.dtype, q.device, causal=False)
-    available()  # loads the op (built once per process)
-    return torch.ops.attnzoo_blocksparse.blocksparse_attention(
-        q, k, v, index.contiguous(), pad, block_q, block_k, heads, float(scale), causal,
-        Nk - Nq, vec, 1 - Nk, float(cap or 0.0), None if skip is None else skip.kv_blocks.contiguous(),
-        1 if skip is None else skip.block_k)
+    return (index.contiguous(), block_q, block_k, heads, None if skip is None else skip.kv_blocks.contiguous(),
+            1 if skip is None else skip.block_k)
+
+
+def kernel_bias(bias: DistanceBias | None, len_q: int, len_k: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """The block kernels' distance-bias operand: ``(Hq | 1, Nq + Nk - 1)`` over the distances ``1 - Nk ..
+    Nq - 1`` (key - query position; column ``d - (1 - Nk)``), or None."""
+    return None if bias is None else distance_rows(bias, 1 - len_k, len_q + len_k - 1, dtype, device, causal=False)
 
 
 def block_select(scores: torch.Tensor, heads: int, count: int, *, by_max: bool, sink: bool,

@@ -14,8 +14,9 @@ the probabilities slot by slot from the saved log-sum-exp (as
 O(N · D). Results over disjoint key sets merge exactly by lse
 (:func:`attend_all`). Forward passes on CPU take the fused paths of
 :mod:`attnzoo.core.fused` where they apply, and so do the backward passes of
-banded layouts (its C++ band backward kernel; a score_mod there only if it is a
-distance bias and/or soft cap whose tensors need no gradient).
+banded layouts (its C++ band backward kernel) and of other block lists
+(:mod:`attnzoo.core.blockbackward`); a score_mod there only if it is a
+distance bias and/or soft cap whose tensors need no gradient.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AttnZooError, UnsupportedError
-from . import blockkernel, capped
+from . import blockbackward, blockkernel, capped
 from .fused import (attend_band, attend_band_backward, attend_token_union, band_backward_applies, fix_empty_rows,
                     fused_applies, fused_kernel, fused_mod as _fused_mod)
 from .kernel import additive_mask, flash_cpu
@@ -529,11 +530,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
                                                              score_mod)
 
     def backward(q, k, v, pad, out, lse, d_out, d_lse, grads):
-        """A band layout's fused backward (:func:`~attnzoo.core.fused.attend_band_backward`), else slot by slot,
-        both recomputing from ``(out, lse)``."""
+        """A band layout's fused backward (:func:`~attnzoo.core.fused.attend_band_backward`), the block-list
+        kernel's (:func:`~attnzoo.core.blockbackward.attend_blocks_backward`: the block kernel's layouts and block
+        layouts with partial blocks), else slot by slot, all recomputing from ``(out, lse)``."""
         if path == "band" and band_backward_applies(q, k, v, hook):
             return attend_band_backward(q, k, v, out, lse, d_out, d_lse, _cached_band_plan(layout, causal),
                                         scale=scale, key_padding_mask=pad, mod=hook, grads=grads)
+        if path in ("block kernel", "fused") and blockbackward.applies(q, k, v, layout, hook):
+            bias, cap = _fused_mod(hook)
+            return blockbackward.attend_blocks_backward(q, k, v, out, lse, d_out, d_lse, layout, scale=scale,
+                                                        causal=causal, key_padding_mask=pad, bias=bias, cap=cap)
         return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan or make_plan(), grads)
 
     return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))

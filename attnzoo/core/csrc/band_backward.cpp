@@ -47,24 +47,12 @@ namespace {
 
 using attnzoo_flash::fast_exp;
 using attnzoo_flash::gemm;
+using attnzoo_flash::gemm_nt;
 using attnzoo_flash::SequentialBlas;
 
 constexpr int64_t kCols = 512;  // window columns per score chunk
 enum Mode : int64_t { kBand = 0, kPrefix = 1, kFull = 2 };
 constexpr int64_t kMinItems = 8;  // fewer (batch, KV head) pairs than this: their query blocks split in chunks
-
-// column-major C (m x n) += A (m x k) * B^T, B stored (n x k) (sgemm_/dgemm_ of flash_common.h): the updates
-// dV += P^T dO and dK += dS^T Q
-inline void gemm_nt(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  const char ta = 'N', tb = 'T';
-  const float one = 1.0f;
-  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
-}
-inline void gemm_nt(int m, int n, int k, const double* a, int lda, const double* b, int ldb, double* c, int ldc) {
-  const char ta = 'N', tb = 'T';
-  const double one = 1.0;
-  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
-}
 
 template <typename T>
 struct Args {
@@ -171,14 +159,10 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
       for (int64_t g = 0; g < G; ++g)
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t r = g * np + p - p0, hq = h * G + g, pos = i * a.block + p;
-          const T* qr = a.q + b * a.qs[0] + hq * a.qs[1] + pos * a.qs[2];
-          const T* gr = a.dout + b * a.dos[0] + hq * a.dos[1] + pos * a.dos[2];
-          for (int64_t d = 0; d < a.D; ++d) w.qp[r * a.D + d] = qr[d] * a.scale;
-          std::copy(gr, gr + a.Dv, w.gp.data() + r * a.Dv);
-          const T* orow = a.out + b * a.os[0] + hq * a.os[1] + pos * a.os[2];
-          T dot = 0;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < a.Dv; ++d) dot += gr[d] * orow[d];
+          const T dot = attnzoo_flash::pack_grad_row(
+              a.q + b * a.qs[0] + hq * a.qs[1] + pos * a.qs[2], a.dout + b * a.dos[0] + hq * a.dos[1] + pos * a.dos[2],
+              a.out + b * a.os[0] + hq * a.os[1] + pos * a.os[2], a.scale, a.D, a.Dv, w.qp.data() + r * a.D,
+              w.gp.data() + r * a.Dv);
           const int64_t e = (b * a.Hq + hq) * a.Nq + pos;
           w.lse[r] = a.lse[e];
           w.delta[r] = a.dlse ? dot - a.dlse[e] : dot;
@@ -236,18 +220,10 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
         // dP (rows x n) = dO . vc^T, then dS = P (dP - delta) in place
         gemm('T', n, rows, a.Dv, vc, a.vs[2], w.gp.data(), a.Dv, T(0), w.ds.data(), kCols);
         for (int64_t r = 0; r < rows; ++r) {
+          // with a cap: times its slope (the capped score's gradient to the biased one)
           T* sr = w.ds.data() + r * kCols;
-          const T* pr = w.p.data() + r * kCols;
-          const T dl = w.delta[r];
-          if (a.cap > 0) {  // the capped score's gradient to the biased one (columns P = 0 keep an older, finite
-                            // slope: 0 either way)
-            const T* sl = w.slope.data() + r * kCols;
-#pragma omp simd
-            for (int64_t c = 0; c < n; ++c) sr[c] = pr[c] * (sr[c] - dl) * sl[c];
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < n; ++c) sr[c] = pr[c] * (sr[c] - dl);
-          }
+          attnzoo_flash::grad_scores(sr, w.p.data() + r * kCols, a.cap > 0 ? w.slope.data() + r * kCols : nullptr,
+                                     w.delta[r], n);
           if (db) {  // every column of the chunk: dS is 0 where P is (and the indices stay inside the bias)
             T* dst = db + (a.bias_rows > 1 ? r / np : 0) * a.bias_len + bias_base(a, i, p0 + r % np) + c0;
 #pragma omp simd
@@ -342,22 +318,10 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                                       double scale, int64_t tile, const std::optional<at::Tensor>& bias,
                                       double cap, int64_t mode, int64_t offset, bool bias_grad) {
   const char* op = "band_backward";
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && d_out.dim() == 4, op,
-              ": 4-D q, k, v, out, d_out");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1 && d_out.stride(3) == 1,
-              op, ": unit last strides");
-  const bool has_dlse = d_lse.has_value() && d_lse->defined();
+  const bool has_dlse = attnzoo_flash::check_backward_operands(op, q, k, v, out, d_out, lse, d_lse);
   const auto dtype = q.scalar_type();
-  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && out.scalar_type() == dtype &&
-                  d_out.scalar_type() == dtype && lse.scalar_type() == dtype &&
-                  (!has_dlse || d_lse->scalar_type() == dtype), op, ": one dtype");
   const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
   const int64_t Dv = v.size(3);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(0) == B && v.size(0) == B && v.size(2) == Nk && k.size(3) == D &&
-                  out.sizes() == at::IntArrayRef({B, Hq, Nq, Dv}) && d_out.sizes() == out.sizes(), op, ": shapes");
-  TORCH_CHECK(lse.is_contiguous() && lse.numel() == B * Hq * Nq &&
-                  (!has_dlse || (d_lse->is_contiguous() && d_lse->numel() == B * Hq * Nq)), op,
-              ": lse, d_lse (B, Hq, Nq) contiguous");
   TORCH_CHECK(tile > 0 && cap >= 0 && block > 0, op, ": tile > 0, block > 0, cap >= 0");
   TORCH_CHECK(mode == kBand || mode == kPrefix || mode == kFull, op, ": mode 0 (band), 1 (causal prefix) or 2 (full)");
   const bool band = mode == kBand;

@@ -1,6 +1,7 @@
 // Pieces shared by attnzoo's flash-style CPU extensions (capped_attention.cpp, blocksparse_attention.cpp,
-// mass_attention.cpp, band_backward.cpp): the operands' strides for BLAS, BLAS GEMMs (libtorch_cpu exports
-// sgemm_/dgemm_, MKL), single-threaded BLAS inside a work item, a vectorisable exp and the online-softmax step.
+// mass_attention.cpp, band_backward.cpp, block_backward.cpp): the operands' strides for BLAS, BLAS GEMMs
+// (libtorch_cpu exports sgemm_/dgemm_, MKL), single-threaded BLAS inside a work item, a vectorisable exp and the
+// online-softmax step.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
@@ -60,6 +62,69 @@ inline void gemm(char ta, int m, int n, int k, const double* a, int lda, const d
   const char tb = 'N';
   const double one = 1.0;
   dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+
+// column-major C (m x n) += A (m x k) * B^T, B stored (n x k): the backward kernels' updates dV += P^T dO and
+// dK += dS^T Q from row-major tiles
+inline void gemm_nt(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
+  const char ta = 'N', tb = 'T';
+  const float one = 1.0f;
+  sgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
+}
+inline void gemm_nt(int m, int n, int k, const double* a, int lda, const double* b, int ldb, double* c, int ldc) {
+  const char ta = 'N', tb = 'T';
+  const double one = 1.0;
+  dgemm_(&ta, &tb, &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
+}
+
+// The recomputing backward kernels' (band_backward.cpp, block_backward.cpp) shared steps.
+// Their operands checked: 4-D q, out, d_out (B, Hq, Nq, D|Dv), k, v (B, Hkv, Nk, D|Dv) with unit last strides and
+// one dtype, lse and d_lse (optional) (B, Hq, Nq) contiguous; returns whether d_lse is given.
+inline bool check_backward_operands(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& out, const at::Tensor& d_out, const at::Tensor& lse,
+                                    const std::optional<at::Tensor>& d_lse) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && d_out.dim() == 4, op,
+              ": 4-D q, k, v, out, d_out");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && out.stride(3) == 1 && d_out.stride(3) == 1,
+              op, ": unit last strides");
+  const bool has_dlse = d_lse.has_value() && d_lse->defined();
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(k.scalar_type() == dtype && v.scalar_type() == dtype && out.scalar_type() == dtype &&
+                  d_out.scalar_type() == dtype && lse.scalar_type() == dtype &&
+                  (!has_dlse || d_lse->scalar_type() == dtype), op, ": one dtype");
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(0) == B && v.size(0) == B && v.size(1) == Hkv && v.size(2) == Nk &&
+                  k.size(3) == q.size(3) && out.sizes() == at::IntArrayRef({B, Hq, Nq, Dv}) &&
+                  d_out.sizes() == out.sizes(), op, ": shapes");
+  TORCH_CHECK(lse.is_contiguous() && lse.numel() == B * Hq * Nq &&
+                  (!has_dlse || (d_lse->is_contiguous() && d_lse->numel() == B * Hq * Nq)), op,
+              ": lse, d_lse (B, Hq, Nq) contiguous");
+  return has_dlse;
+}
+
+// One query row of a backward tile packed: q * scale into qp (D), dO into gp (Dv); returns rowsum(dO * out), the
+// row's delta before d_lse
+template <typename T>
+inline T pack_grad_row(const T* qr, const T* gr, const T* orow, T scale, int64_t D, int64_t Dv, T* qp, T* gp) {
+  for (int64_t d = 0; d < D; ++d) qp[d] = qr[d] * scale;
+  std::copy(gr, gr + Dv, gp);
+  T dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t d = 0; d < Dv; ++d) dot += gr[d] * orow[d];
+  return dot;
+}
+
+// A row's score gradients in place over n columns: dS = P (dP - delta), times the soft cap's slope sl (nullptr:
+// none; columns with P = 0 may hold an older slope: finite, so 0 either way)
+template <typename T>
+inline void grad_scores(T* ds, const T* p, const T* sl, T delta, int64_t n) {
+  if (sl) {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (ds[c] - delta) * sl[c];
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (ds[c] - delta);
+  }
 }
 
 // exp for float rows: Cephes' polynomial on a range-reduced argument, written so the loops vectorise (no
