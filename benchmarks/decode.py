@@ -73,7 +73,7 @@ def policy_table(budget: int) -> dict[str, tuple[str, dict]]:
         "razor (2/8 full)": ("razor", dict(retrieval_heads=(0, 1), sinks=4, window=budget - 4)),
         "duo (4/8 full)": ("duo", dict(plan=half, sinks=64, window=budget - 64)),
         "tokenselect": ("tokenselect", dict(budget=budget)),
-        "tokenselect (bf16 scores)": ("tokenselect", dict(budget=budget, score_dtype="bfloat16")),
+        "tokenselect (exact vote, bf16 scores)": ("tokenselect", dict(budget=budget, pages=0.0, score_dtype="bfloat16")),
         "quest": ("quest", dict(budget=budget, page=16)),
         "quest LServe (64/16, r=4)": ("quest", dict(budget=budget, page=16, phys_page=64, reuse=4)),
         "infllm": ("infllm", dict(budget=budget)),

@@ -207,7 +207,7 @@ def _subset_attention(q_last, k, v, slots):
 
 def test_tokenselect_reads_sinks_local_and_soft_vote_topk():
     q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=40, seed=7)
-    cache = KVCache("tokenselect", budget=14, sinks=2, local=4, threshold=2.0, score_dtype="float32")
+    cache = KVCache("tokenselect", budget=14, sinks=2, local=4, threshold=2.0, pages=0.0)
     cache.append(k, v)
     out, lse = cache.attend(q[:, :, -1:], return_lse=True)
     s = torch.einsum("bhgd,bhmd->bhgm", q[:, :, -1].view(2, 2, 2, 16), k[:, :, 2:36]) * 0.25
@@ -228,7 +228,7 @@ def _compact_votes(dt: str, seed: int, error_bound):
     out). Yields ``(caches, k)`` first, after the prompt."""
     B, Hq, Hkv, N, D, lo, local, budget = 2, 8, 2, 1200, 64, 4, 16, 128
     q, k, v = _qkv(B=B, Hq=Hq, Hkv=Hkv, N=N, D=D, seed=seed, dtype=torch.float32)
-    caches = {d: KVCache("tokenselect", budget=budget, sinks=lo, local=local, threshold=2.0, score_dtype=d)
+    caches = {d: KVCache("tokenselect", budget=budget, sinks=lo, local=local, threshold=2.0, score_dtype=d, pages=0.0)
               for d in (dt, "float32")}
     for cache in caches.values():
         cache.append(k[:, :, :N - 8], v[:, :, :N - 8])
@@ -259,7 +259,7 @@ def test_tokenselect_bf16_scoring_is_within_its_bound_of_the_fp32_vote():
         assert bool((share >= bound * (1 - 1e-9)).all())  # the proven bound (~0.68)
         assert bool((share >= 0.999).all())  # measured: >= 0.99996 on this input
     for dt in ("bfloat16", "float32"):  # no copy of bf16 keys, neither a bf16 nor a wider one
-        half = KVCache("tokenselect", budget=128, sinks=4, local=16, score_dtype=dt)
+        half = KVCache("tokenselect", budget=128, sinks=4, local=16, score_dtype=dt, pages=0.0)
         half.append(k.bfloat16(), k.bfloat16())
         assert "ck" not in half._layer.store.buf and half._layer.store.score_keys()[0].dtype == torch.bfloat16
 
@@ -478,15 +478,21 @@ def test_quest_lserve_physical_pages_and_reuse():
     assert cache.policy.age == 1  # 16 steps with reuse=3: fresh selections at steps 1, 4, ..., 16
 
 
-@pytest.mark.parametrize("name", ["tokenselect", "quest", "retrieval", "recycled"])
-def test_selection_finds_planted_needles(name):
-    """On the needle workload (docs/methods.md, Benchmark workloads) a small budget recalls most attention mass."""
+@pytest.mark.parametrize("name, least", [("tokenselect", 0.9), ("tokenselect:pages=1", 0.8), ("quest", 0.9),
+                                         ("retrieval", 0.9), ("recycled", 0.9)])
+def test_selection_finds_planted_needles(name, least):
+    """On the needle workload (docs/methods.md, Benchmark workloads) a small budget recalls most attention mass.
+    tokenselect's default page-first scoring at this small scale (16 middle pages of 32, 3 candidate pages of 64
+    for 76 selected tokens) keeps less: measured 0.89 at its worst step (the exact vote 0.985; 0.835 with pages of
+    32, 0.983 with pages=2)."""
     steps = 8
     qkv = workloads.make("needle", length=512 + steps, len_q=steps, heads=4, heads_kv=2, dim=32, seed=11,
                          needles=8, dtype=torch.float64)
-    params = {"tokenselect": dict(budget=96, sinks=4, local=16), "quest": dict(budget=96, page=8, local=8, sinks=0),
+    params = {"tokenselect": dict(budget=96, sinks=4, local=16, pages=0.0),
+              "tokenselect:pages=1": dict(budget=96, sinks=4, local=16),
+              "quest": dict(budget=96, page=8, local=8, sinks=0),
               "retrieval": dict(budget=96, sinks=4, local=16, index="exact"), "recycled": dict(budget=96, every=4)}[name]
-    cache = KVCache(name, **params)
+    cache = KVCache(name.split(":")[0], **params)
     cache.append(qkv.k[:, :, :512], qkv.v[:, :, :512])
     full = KVCache("full")
     full.append(qkv.k[:, :, :512], qkv.v[:, :, :512])
@@ -498,7 +504,7 @@ def test_selection_finds_planted_needles(name):
         out, lse = cache.attend(qt, return_lse=True)
         ref, ref_lse = full.attend(qt, return_lse=True)
         recalls.append(torch.exp(lse - ref_lse).mean().item())
-    assert min(recalls) >= 0.9 and max(recalls) <= 1 + 1e-6
+    assert min(recalls) >= least and max(recalls) <= 1 + 1e-6
 
 
 # ---------------------------------------------------------------- memory
@@ -1160,7 +1166,7 @@ def test_tokenselect_page_first_over_every_page_is_the_exact_vote(monkeypatch):
     q, k, v = _qkv(B=2, Hq=4, Hkv=2, N=240, D=16, seed=44, dtype=torch.float32)
     key_mask = torch.ones(2, 240, dtype=torch.bool)
     key_mask[0, :7] = False
-    exact = dict(budget=64, sinks=3, local=9, threshold=2.0)
+    exact = dict(budget=64, sinks=3, local=9, threshold=2.0, pages=0.0)
     (ref_out, ref_slots, _), = _tokenselect_runs(exact, q, k, v, key_mask, monkeypatch, fused_for=(False,))
     paths = (True, False) if capped.available() else (False,)
     for out, slots, _ in _tokenselect_runs({**exact, "pages": 100.0, "page": 8}, q, k, v, key_mask, monkeypatch, paths):
@@ -1184,7 +1190,7 @@ def test_tokenselect_reuse_rule_in_the_kernel_equals_the_generic_path(pages, mon
     base = torch.randn(2, 6, 1, 32, generator=g)
     q = base + torch.rand(1, 1, 240, 1, generator=g) * 1.5 * torch.randn(2, 6, 240, 32, generator=g)
     key_mask = torch.ones(2, 240, dtype=torch.bool)
-    params = dict(budget=72, sinks=5, local=11, threshold=0.6, **({"pages": pages, "page": 8} if pages else {}))
+    params = dict(budget=72, sinks=5, local=11, threshold=0.6, pages=pages, page=8)
     counts = []
     record = KVCache.attend
 
@@ -1207,12 +1213,12 @@ def test_tokenselect_page_first_refuses_compact_scores_and_counts_its_bounds():
     with pytest.raises(attnzoo.AttnZooError, match="score_dtype"):
         KVCache("tokenselect", pages=2.0, score_dtype="int8")
     k, v = torch.randn(1, 2, 640, 128), torch.randn(1, 2, 640, 128)
-    plain, paged = KVCache("tokenselect", budget=128, sinks=16, local=32), KVCache("tokenselect", budget=128, sinks=16,
+    plain, paged = KVCache("tokenselect", budget=128, sinks=16, local=32, pages=0.0), KVCache("tokenselect", budget=128, sinks=16,
                                                                                 local=32, pages=2.0)
     for cache in (plain, paged):
         cache.append(k, v)
-    assert paged.nbytes == plain.nbytes + 2 * 2 * (640 // 32) * 128 * 2  # kmin + kmax, bf16, per page and head
-    assert paged.nbytes <= 1.02 * plain.nbytes
+    assert paged.nbytes == plain.nbytes + 2 * 2 * (640 // 64) * 128 * 2  # kmin + kmax, bf16, per page and head
+    assert paged.nbytes <= 1.01 * plain.nbytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -1226,7 +1232,7 @@ def test_tokenselect_exact_vote_step_equals_the_generic_path(dtype, monkeypatch)
     key_mask = torch.ones(2, 240, dtype=torch.bool)
     key_mask[0, :17] = False
     for threshold in (2.0, -1.0):
-        params = dict(budget=72, sinks=5, local=11, threshold=threshold)
+        params = dict(budget=72, sinks=5, local=11, threshold=threshold, pages=0.0)
         (out, slots, calls), (ref_out, ref_slots, ref_calls) = _tokenselect_runs(params, q, k, v, key_mask, monkeypatch)
         assert calls == 40 and ref_calls == 0
         assert all(torch.equal(a, b) for a, b in zip(slots[1:], ref_slots[1:]))
