@@ -171,8 +171,10 @@ class TokenSelect(_Select):
     of the best pages, ``pages`` times the selected tokens' worth (+2 pages),
     are scored and voted on exactly. With every middle page a candidate it is
     the exact vote (tested). SmolLM2-135M at 1/8 gave the same scores as the
-    exact vote (niah_single, multi-key/value/query at 4K, passkey at 8K; n = 3
-    each) at ~4x fewer bytes read per step.
+    exact vote (niah_single 3/3, multi-key 3/3, multi-value 0.5, multi-query
+    0.5 at 4K; passkey 2/3 at 8K; n = 3 each, as exact's own) with ~4x fewer
+    bytes read per step. (``attnzoo eval`` rows of ``tokenselect`` from before
+    session 9 ran the exact vote, the default then.)
     ``pages=0`` is the exact vote over every middle key at every step, in
     ``score_dtype``: float32 over the stored keys, with no copy;
     bfloat16 (opt-in: faster, not smaller) keeps a bf16 copy of K when K is
