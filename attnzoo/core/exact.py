@@ -511,7 +511,9 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale:
     """Differentiable tiled exact attention; returns ``(out, lse)`` (the lse is differentiable too).
 
     A ``score_mod`` runs on each tile's scores, in the forward and in the recomputing backward, where
-    its gradient reaches q, k and the tensors it closes over (:class:`~attnzoo.core.scoremod.ModHook`).
+    its gradient reaches q, k and the tensors it closes over (:class:`~attnzoo.core.scoremod.ModHook`). On
+    CPU the backward without a mod, or with a distance bias and/or a soft cap, runs on the C++ band backward
+    kernel (:func:`~attnzoo.core.fused.attend_exact_backward`), other mods on :func:`tiled_backward`.
     Inside ``TILED_ENGINE.use(impl)`` the call goes to ``impl`` (a kernel backend).
     """
     q_offset = k.shape[2] - q.shape[2] if q_offset is None else q_offset

@@ -21,13 +21,16 @@ and returns the log-sum-exp the engine merges with:
   which keys each row's group reads.
 
 They serve forward passes on CPU, in training too. The backward pass
-recomputes from the saved ``(out, lse)``: a banded layout without a score_mod
-on a C++ kernel (:func:`attend_band_backward`, ``csrc/band_backward.cpp``:
-FlashAttention-2's backward over each query block's one key window, five
-GEMMs per tile, no gather), everything else slot by slot in the generic
-executor, which also serves other devices, builds without a compiler
-(``ATTNZOO_CPP=0``) and gives the same result (tests/test_fused.py and
-tests/test_band_backward.py check them against dense references).
+recomputes from the saved ``(out, lse)``: a banded layout without a score_mod,
+or with a distance bias (learned or not) and/or a soft cap, on a C++ kernel
+(:func:`attend_band_backward`, ``csrc/band_backward.cpp``: FlashAttention-2's
+backward over each query block's one key window, five GEMMs per tile, no
+gather), everything else slot by slot in the generic executor, which also
+serves other devices, builds without a compiler (``ATTNZOO_CPP=0``) and gives
+the same result (tests/test_fused.py and tests/test_band_backward.py check them
+against dense references). The same kernel runs exact attention's backward
+(:func:`attend_exact_backward`: every query block reads keys from 0, causal or
+not; tests/test_band_exact.py).
 """
 
 from __future__ import annotations
