@@ -9,8 +9,7 @@ run of keys read in place, the causal diagonal is the run's last rows' limit, an
 rows (up to 256) are one GEMM operand. Work item: (batch row, the query heads sharing a layout row,
 query block).
 
-Short runs (scattered blocks of a few keys) are packed into chunks of up to 512 keys (a copy of their keys;
-their values are read in place).
+Short runs (scattered blocks of a few keys) are packed into chunks of up to 512 keys, a copy of their rows.
 It serves block layouts without ``mask_mod``/partial blocks, and token layouts without ``mask_mod`` as layouts
 of one-key blocks (vertical_slash's columns), without custom positions (key padding hides keys in the row
 pass; a distance-bias score_mod, one ``(Hq|1, distances)`` vector, is added to the scores and a soft cap

@@ -14,7 +14,7 @@
 //   capped_attention.cpp: -2 cap / (exp(2x / cap) + 1), one vectorised pass; the lse adds cap back).
 // A work item is (batch row, query heads sharing one layout row, query block): its rows (every such head's
 // block_q queries, scaled, packed into one matrix) walk the listed key blocks, adjacent blocks merged into one
-// run read in place (no gather), short runs' keys packed into one chunk (no bias), in chunks of at most kBlockK keys:
+// run read in place (no gather), short runs packed into one chunk (no bias), in chunks of at most kBlockK keys:
 // one GEMM for the scores, one pass for exp + row sum
 // against the row's maximum so far (lazy_step; a row's first chunk, padding, a bias or a cap take a pass for the
 // maximum first), one GEMM into the output. Keys past the row's
@@ -158,22 +158,22 @@ inline bool lazy_step(T* sr, int64_t vis, int64_t n, T& m, T& l, T* acc, int64_t
   return true;
 }
 
-// per-thread buffers of a work item's tiles: scores, output accumulator, row maxima and sums, and the packed keys
-// and key padding of a chunk gathered from several short runs
+// per-thread buffers of a work item's tiles: scores, output accumulator, row maxima and sums, and the packed keys,
+// values and key padding of a chunk gathered from several short runs
 template <typename T>
 struct Scratch {
-  std::vector<T> s, acc, m, l, kp;
+  std::vector<T> s, acc, m, l, kp, vp;
   std::unique_ptr<bool[]> pp;
   Scratch(int64_t D, int64_t Dv)
-      : s(kRows * kBlockK), acc(kRows * Dv), m(kRows), l(kRows), kp(kBlockK * D), pp(new bool[kBlockK]) {}
+      : s(kRows * kBlockK), acc(kRows * Dv), m(kRows), l(kRows), kp(kBlockK * D), vp(kBlockK * Dv),
+        pp(new bool[kBlockK]) {}
 };
 
 // rows [r0, r1) of one work item (row rr is query head rr / nr, position i0 + rr % nr). Keys every row of the
 // tile sees whole (all of them when not causal) are processed in chunks of up to kBlockK: a long run in place,
-// short runs packed together into one chunk (a copy of their keys, one score GEMM and row pass: a layout's
-// scattered small blocks would otherwise each be a small GEMM and a row pass of block_k keys; their values are
-// read in place, one GEMM per run; not with a distance bias, whose row is read at the chunk's contiguous
-// distances); keys at the tile's causal diagonal are read in place, each row up to
+// short runs packed together into one chunk (a copy of their rows: a layout's scattered small blocks would
+// otherwise each be a small GEMM and a row pass of block_k keys; not with a distance bias, whose row is read
+// at the chunk's contiguous distances); keys at the tile's causal diagonal are read in place, each row up to
 // its own position.
 template <typename T>
 void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int64_t i0, const T* k, const T* v,
@@ -189,9 +189,8 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
   if (r1 - r0 >= nr || (r1 - 1) % nr < r0 % nr) p_lo = i0 + a.offset, p_hi = i0 + a.offset + nr - 1;
   // one chunk of n keys (rows of kc, ldk; values vc, ldv; padding pc or nullptr), from key j0 on when read in
   // place (packed: j0 unused, no bias); `whole`: every row sees all n, else row r sees keys up to its position
-  // `pieces` (packed chunks): the key ranges whose keys kc holds one after another, their values read in place
   auto chunk = [&](const T* kc, int64_t ldk, const T* vc, int64_t ldv, const bool* pc, int64_t n, int64_t j0,
-                   bool whole, const std::vector<std::pair<int64_t, int64_t>>* pieces = nullptr) {
+                   bool whole) {
     // s (rows x n, row stride kBlockK) = q_rows . k_chunk^T
     gemm('T', n, rows, a.D, kc, ldk, qp + r0 * a.D, a.D, T(0), w.s.data(), kBlockK);
     for (int64_t r = 0; r < rows; ++r) {
@@ -213,18 +212,8 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
       const T mx = row_pass(sr, pc, br, vis, a.cap);
       softmax_step(sr, vis, n, mx, w.m[r], w.l[r], w.acc.data() + r * a.Dv, a.Dv);
     }
-    // acc (rows x Dv) += p (rows x n) . v_chunk (n x Dv), per piece for a packed chunk (a copy of its values
-    // cost more than the smaller GEMMs: 8 pieces of 64 keys, 0.5 % slower GEMMs)
-    if (!pieces) {
-      gemm('N', a.Dv, rows, n, vc, ldv, w.s.data(), kBlockK, T(1), w.acc.data(), a.Dv);
-      return;
-    }
-    int64_t c = 0;
-    for (const auto& piece : *pieces) {
-      gemm('N', a.Dv, rows, piece.second - piece.first, v + piece.first * a.vs[2], a.vs[2], w.s.data() + c, kBlockK,
-           T(1), w.acc.data(), a.Dv);
-      c += piece.second - piece.first;
-    }
+    // acc (rows x Dv) += p (rows x n) . v_chunk (n x Dv)
+    gemm('N', a.Dv, rows, n, vc, ldv, w.s.data(), kBlockK, T(1), w.acc.data(), a.Dv);
   };
   // a shared token row's packed keys that every row sees, in place in the packed copy (`keep` hides the others)
   for (int64_t c0 = 0; c0 < packed_n; c0 += kBlockK) {
@@ -243,9 +232,10 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
       for (const auto& pc : pieces)
         for (int64_t j = pc.first; j < pc.second; ++j, ++c) {
           std::copy(k + j * a.ks[2], k + j * a.ks[2] + a.D, w.kp.data() + c * a.D);
+          std::copy(v + j * a.vs[2], v + j * a.vs[2] + a.Dv, w.vp.data() + c * a.Dv);
           if (a.pad) w.pp[c] = a.pad[j];
         }
-      chunk(w.kp.data(), a.D, nullptr, 0, a.pad ? w.pp.get() : nullptr, packed, 0, true, &pieces);
+      chunk(w.kp.data(), a.D, w.vp.data(), a.Dv, a.pad ? w.pp.get() : nullptr, packed, 0, true);
     }
     pieces.clear();
     packed = 0;
