@@ -329,6 +329,8 @@ def test_report_keeps_configurations_apart_and_seeds_together():
         "max_depth=4 lr=0.003 seq_len=1024", "max_depth=4 lr=0.001 seq_len=256"]
     assert column_labels(cases)[5] == "max_depth=2 lr=0.003 seq_len=64"
     headers, [row] = accuracy_table(cases, "listops")
+    assert headers == ["mixer", "d=64 max_depth=2 lr=0.003 seq_len=64", "d=64 max_depth=4 lr=0.001 seq_len=256",
+                       "d=64 max_depth=4 lr=0.003 seq_len=1024", "d=64 max_depth=4 lr=0.003 seq_len=256"]  # by number, label
     cells = dict(zip(headers, row))
     assert cells["d=64 max_depth=4 lr=0.003 seq_len=256"] == "0.500 / 0.310 (seeds 0, 1)"  # a rerun replaces seed 0
     assert cells["d=64 max_depth=4 lr=0.003 seq_len=1024"] == "0.200"

@@ -109,10 +109,11 @@ def markdown_table(cases: list[dict], task: str) -> str:
 
 
 def _order(label: str):
+    """Columns by their setting's number, then by label (``pairs=64`` before ``pairs=64 (curriculum ...)``)."""
     try:
-        return (0, float(label.split("=", 1)[1].split()[0]))
+        return (0, float(label.split("=", 1)[1].split()[0]), label)
     except (IndexError, ValueError):
-        return (1, label)
+        return (1, 0.0, label)
 
 
 def _plot(cases: list[dict], task: str, x: str, path: Path, xlabel: str) -> list[str]:
