@@ -42,6 +42,21 @@ def _cpu_tag() -> str:
     return platform.machine() + flags
 
 
+def _wait_for_build(lock: Path, poll: float = 0.5) -> None:
+    """Wait while another process holds this build's lock (torch's build lock); a lock older than
+    ``_STALE_LOCK_S`` was left by a process killed mid-build and is removed. torch's own wait only ends when
+    the lock goes away, so a process already waiting on a dead build's lock would wait forever."""
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > _STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll)
+
+
 def _build(source: str) -> None:
     files = [_CSRC / source, *sorted(_CSRC.glob("*.h"))]
     text = b"".join(f.read_bytes() for f in files)
@@ -57,9 +72,7 @@ def _build(source: str) -> None:
             tmp = src / f".{f.name}.{os.getpid()}.tmp"
             tmp.write_bytes(f.read_bytes())
             os.replace(tmp, src / f.name)
-    lock = build / "lock"  # torch's build lock: a process killed mid-build leaves it, and later builds would wait
-    if lock.exists() and time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
-        lock.unlink(missing_ok=True)
+    _wait_for_build(build / "lock")
     from torch.utils.cpp_extension import load
 
     load(name=f"attnzoo_{Path(source).stem}_{key}", sources=[str(src / source)], build_directory=str(build),
