@@ -718,11 +718,13 @@ def test_infllm_representatives_are_the_most_attended_keys_of_each_block():
     mass = store.scores.clone()
     cache.append(k[:, :, 40:41], v[:, :, 40:41])
     out, lse = cache.attend(q[:, :, 40:41], return_lse=True)
-    reps = cache.policy.rep_keys  # blocks 0..3 left the local window [32, 41)
-    assert reps.shape[2] == 4
+    rep_slots = cache.policy.rep_slots  # blocks 0..3 left the local window [32, 41): slots, not copies of keys
+    assert rep_slots.shape[2] == 4 and rep_slots.dtype == torch.int32
+    reps = k[:, :, rep_slots[0, 0].long()]  # (1, 1, blocks, reps, D): the store's slots are the token order here
     for b in range(4):
         top = mass[0, 0, 8 * b: 8 * b + 8].topk(2).indices + 8 * b
-        torch.testing.assert_close(reps[0, 0, b].double(), k[0, 0, top])
+        assert torch.equal(rep_slots[0, 0, b].long(), top)
+    assert cache.policy.state_nbytes() == rep_slots.numel() * 4
     # block 0 (holding the sink) and the local blocks are read; one more block fits the budget
     q_mean = q[:, :, 40].mean(1)[0]
     best = 1 + int(torch.stack([(reps[0, 0, b].double() @ q_mean).sum() for b in (1, 2, 3)]).argmax())
@@ -774,7 +776,9 @@ def test_select_policies_equal_attention_over_what_they_select():
             chosen = policy.slots
         else:
             q_mean = q[:, :, 69].view(2, 2, 2, 16).mean(2).float()
-            rel = torch.einsum("bhd,bhnrd->bhn", q_mean, policy.rep_keys[:, :, lo // unit: hi // unit].float())
+            slots_r = policy.rep_slots[:, :, lo // unit: hi // unit].long()
+            reps = torch.gather(k, 2, slots_r.flatten(-2).unsqueeze(-1).expand(-1, -1, -1, 16)).unflatten(2, slots_r.shape[2:])
+            rel = torch.einsum("bhd,bhnrd->bhn", q_mean, reps.float())
             top = rel.topk((policy.budget - policy.always_max) // unit, dim=-1).indices.sort(-1).values
             chosen = (top.unsqueeze(-1) * unit + lo + torch.arange(unit)).flatten(-2)
         slots = torch.cat([torch.arange(lo).expand(2, 2, lo), chosen, torch.arange(hi, 70).expand(2, 2, 70 - hi)], -1)
@@ -881,15 +885,15 @@ def test_streaming_band_read_equals_the_dense_reference(prefill, chunk, sinks, c
     assert torch.equal(fast.positions(0), ref.positions(0))
 
 
-@pytest.mark.parametrize("name", ["full", "tokenselect", "recycled"])
+@pytest.mark.parametrize("name", ["full", "tokenselect", "recycled", "infllm"])
 def test_cache_holds_at_most_2_percent_over_its_keys_and_values(name):
     """int32 positions, no copy of K at the defaults: a prompt, then decode steps. Growth is geometric (one
     reallocation per quarter of the length: the decode loop copies the cache O(log n) times, not every n/128
     tokens); the spare capacity is counted by ``allocated_nbytes``, within a quarter of what is held."""
     n0, steps = 512, 700
     k, v = torch.randn(1, 2, n0 + steps, 64), torch.randn(1, 2, n0 + steps, 64)
-    cache = KVCache(name, **({} if name == "full" else {"budget": 128, **({"sinks": 16, "local": 32}
-                                                                          if name == "tokenselect" else {})}))
+    params = {"tokenselect": {"sinks": 16, "local": 32}, "infllm": {"sinks": 16, "local": 32, "block": 16}}  # infllm: its representatives are slots, not keys
+    cache = KVCache(name, **({} if name == "full" else {"budget": 128, **params.get(name, {})}))
     cache.append(k[:, :, :n0], v[:, :, :n0])
     cache.attend(torch.randn(1, 4, 1, 64))
     ratios = [cache.nbytes / (2 * k[:, :, :n0].nbytes)]

@@ -408,9 +408,10 @@ class Quest(_Select):
 class InfLLM(_Select):
     """InfLLM block memory: sinks + local window + the top blocks by representative keys.
 
-    Each block of ``block`` tokens, when it leaves the local window, keeps its
-    ``reps`` keys that received the most attention so far (every read of the
-    local window and every prefill read accumulate it); a decode step scores a
+    Each block of ``block`` tokens, when it leaves the local window, records the
+    slots of its ``reps`` keys that received the most attention so far (every
+    read of the local window and every prefill read accumulate it; slots, not
+    copies, so the cache holds ~1.01x of K+V, not 1.02x+); a decode step scores a
     block by ``Σ_r q̄·k_rep`` (q̄: mean query of the KV head's group) and reads
     the best blocks that fit the budget. Keys are cached after RoPE here, so the
     paper's position remapping of retrieved blocks does not apply.
@@ -436,7 +437,9 @@ class InfLLM(_Select):
         return self.block
 
     def reset(self) -> None:
-        self.rep_keys: torch.Tensor | None = None  # (B, Hkv, finalised blocks, reps, D)
+        # (B, Hkv, finalised blocks, reps) int32: the slots of each block's representative keys (read from the
+        # store at selection: a copy of the keys would hold reps/block of K on top of the cache)
+        self.rep_slots: torch.Tensor | None = None
 
     def make_store(self) -> Store:
         return Store(track_scores=True, align=self.unit)
@@ -455,7 +458,7 @@ class InfLLM(_Select):
 
     def _finalise(self, store: Store, upto: int) -> None:
         """Pick representative keys for blocks ``[done, upto)`` (they just left the local window)."""
-        done = 0 if self.rep_keys is None else self.rep_keys.shape[2]
+        done = 0 if self.rep_slots is None else self.rep_slots.shape[2]
         if upto <= done:
             return
         a, b = done * self.block, upto * self.block
@@ -464,29 +467,29 @@ class InfLLM(_Select):
             scores = scores.masked_fill(~store.valid[:, :, a:b].unflatten(-1, (upto - done, self.block)), -math.inf)
         top = torch.topk(scores, self.reps, dim=-1).indices + a + torch.arange(0, b - a, self.block,
                                                                                   device=scores.device)[:, None]
-        keys, _ = store.gather(top.flatten(-2))
-        new = keys.unflatten(2, (upto - done, self.reps))
-        self.rep_keys = new if self.rep_keys is None else torch.cat([self.rep_keys, new], dim=2)
+        new = top.to(torch.int32)
+        self.rep_slots = new if self.rep_slots is None else torch.cat([self.rep_slots, new], dim=2)
 
     def select(self, store, q, step, lo, hi, take):
         self._finalise(store, hi // self.block)
         B, Hkv = store.positions.shape[:2]
         q_mean = _group_queries(q, Hkv).mean(dim=2)
-        reps = self.rep_keys[:, :, lo // self.block: hi // self.block].float()
+        slots = self.rep_slots[:, :, lo // self.block: hi // self.block]
+        reps = store.gather_keys(slots.flatten(-2).long()).unflatten(2, slots.shape[2:]).float()
         relevance = torch.einsum("bhd,bhnrd->bhn", q_mean, reps)
         top = torch.topk(relevance, take // self.block, dim=-1).indices
         return _units_to_slots(top, self.block, lo)
 
     def state_nbytes(self) -> int:
-        return 0 if self.rep_keys is None else self.rep_keys.numel() * self.rep_keys.element_size()
+        return 0 if self.rep_slots is None else self.rep_slots.numel() * self.rep_slots.element_size()
 
     def crop(self, store, length):
-        if self.rep_keys is not None:
-            self.rep_keys = self.rep_keys[:, :, : length // self.block]
+        if self.rep_slots is not None:
+            self.rep_slots = self.rep_slots[:, :, : length // self.block]
 
     def reorder(self, beam_idx):
-        if self.rep_keys is not None:
-            self.rep_keys = self.rep_keys.index_select(0, beam_idx)
+        if self.rep_slots is not None:
+            self.rep_slots = self.rep_slots.index_select(0, beam_idx)
 
 
 @register_policy

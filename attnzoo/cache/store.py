@@ -167,11 +167,18 @@ class Store:
         copied one row per unit when the capacity is aligned to it (``align``).
         """
         unit = unit if unit > 1 and self.capacity % unit == 0 else 1
+        return self._rows("k", idx, unit), self._rows("v", idx, unit)
+
+    def gather_keys(self, idx: torch.Tensor) -> torch.Tensor:
+        """Keys at slots ``idx (B, H, m)`` (a selection's scoring reads no values)."""
+        return self._rows("k", idx, 1)
+
+    def _rows(self, x: str, idx: torch.Tensor, unit: int) -> torch.Tensor:
+        """Rows of ``x`` ("k" or "v") at ``idx``, dequantised when the store is quantised."""
         if self.bits is None:
-            return _take(self.buf["k"], idx, unit), _take(self.buf["v"], idx, unit)
-        parts = {name: _take(t, idx, unit) for name, t in self.buf.items() if name[0] in "kv"}
-        return tuple(quant.decode(parts[x], parts[x + "_low"], parts[x + "_step"], self.bits, self.group,
-                                  self.dtype) for x in "kv")
+            return _take(self.buf[x], idx, unit)
+        return quant.decode(*(_take(self.buf[x + part], idx, unit) for part in ("", "_low", "_step")), self.bits,
+                            self.group, self.dtype)
 
     # ------------------------------------------------------------ writes
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
