@@ -7,10 +7,11 @@ blocks, the sparse path forced: ``dense_below=0, dense_from=1``). Rows, per N:
 - ``block_topk``: the block kernel's forward (``core/csrc/blocksparse_attention.cpp``) and its backward
   kernel (``core/csrc/block_backward.cpp``);
 - ``block_topk (slot loop)``: the same forward, the generic executor's backward (slot by slot; what runs
-  where the kernel does not build, ``ATTNZOO_CPP=0``, and for mods whose tensors need a gradient);
-- per ``--mods`` (default ``none alibi softcap table user``) both block_topk rows again: ALiBi (the slopes of
-  :func:`attnzoo.mods.alibi_slopes`), a soft cap of 20, a relative-position table without gradient
-  (:func:`attnzoo.mods.relative_bias`, distances -64..64 per head), ``user``: a user function of ``q_idx - kv_idx``
+  where the kernel does not build, ``ATTNZOO_CPP=0``, and for user functions not lowered to a bias);
+- per ``--mods`` (default ``none alibi softcap table learned user``) both block_topk rows again: ALiBi (the
+  slopes of :func:`attnzoo.mods.alibi_slopes`), a soft cap of 20, a relative-position table without gradient
+  (:func:`attnzoo.mods.relative_bias`, distances -64..64 per head), ``learned``: the same table with
+  ``requires_grad`` (the kernel sums its gradient per distance), ``user``: a user function of ``q_idx - kv_idx``
   (a clamped linear distance penalty per head) that :mod:`attnzoo.core.lowering` lowers to a distance table.
 
 The layout is estimated on the modified scores in each call (part of the forward's time). Each call is timed
@@ -19,7 +20,7 @@ process (one call of each per round, after a warm-up round), minimum over rounds
 time ÷ the row's (bigger is better); ``bwd ×slot``: the slot loop's backward time ÷ the row's;
 ``mod/plain``: the row's fwd+bwd time ÷ the plain (no mod) row's of the same backward.
 
-    python benchmarks/train_block.py                           # the sizes above (~4 min at 1 thread)
+    python benchmarks/train_block.py                           # the sizes above (~5 min at 1 thread)
     python benchmarks/train_block.py --lengths 4096 --repeat 2 --mods none alibi   # a first look
 """
 
@@ -36,7 +37,7 @@ import attnzoo as az
 from attnzoo import mods
 from attnzoo.core import blockbackward, blocksparse
 
-MODS = ("none", "alibi", "softcap", "table", "user")
+MODS = ("none", "alibi", "softcap", "table", "learned", "user")
 #: block_topk on its sparse path at every length (the benchmark measures the sparse path's training step)
 PARAMS = dict(dense_below=0, dense_from=1.0)
 
@@ -51,7 +52,7 @@ def _score_mod(name: str, heads: int):
         return distance_penalty
     table = torch.randn(heads, 129, generator=torch.Generator().manual_seed(1)) * 0.5
     return {"none": None, "alibi": mods.alibi(mods.alibi_slopes(heads)), "softcap": mods.softcap(20.0),
-            "table": mods.relative_bias(table)}[name]
+            "table": mods.relative_bias(table), "learned": mods.relative_bias(table.clone().requires_grad_())}[name]
 
 
 def _step(name: str, q, k, v, score_mod=None) -> tuple[float, float]:

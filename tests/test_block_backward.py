@@ -3,9 +3,10 @@ dense float64 reference and the generic executor's slot-by-slot backward.
 
 Training through a layout whose forward runs on the block kernel (block_topk, vertical_slash, any block list or
 shared token row without element masks) without a score_mod, or with a distance bias (ALiBi, a relative table,
-a lowered user bias) and/or a soft cap whose tensors need no gradient, runs this kernel's backward; learned
-mods, and every call where the extension is not built (``ATTNZOO_CPP=0``), keep the slot loop. Both dK/dV
-schedules are drawn: one work item per (batch row, KV head) from 8 pairs up, the key-major pass below.
+a lowered user bias; fixed or learned: the kernel sums the biased scores' gradient per distance) and/or a soft
+cap, runs this kernel's backward; every call where the extension is not built (``ATTNZOO_CPP=0``) keeps the slot
+loop. Both dK/dV schedules are drawn: one work item per (batch row, KV head) from 8 pairs up, the key-major pass
+below.
 Seeds: each case draws from torch.Generator(seed).
 """
 
@@ -230,9 +231,8 @@ def test_strided_expanded_and_empty_inputs():
     assert all(x.shape == t.shape for x, t in zip(torch.autograd.grad(out.sum() + lse.sum(), e), e))
 
 
-def test_float32_and_learned_mods():
-    """float32 gradients match the float64 reference within float32 rounding; a learned table (its tensor needs
-    a gradient) keeps the slot loop and gets the reference's gradients."""
+def test_float32():
+    """float32 gradients match the float64 reference within float32 rounding."""
     g = torch.Generator().manual_seed(11)
     B, Hq, Hkv, N = 1, 4, 2, 120
     layout = _random_layout(g, 1, Hq, N, N, 16, 8, 0.4, True, True)
@@ -247,32 +247,74 @@ def test_float32_and_learned_mods():
         got = torch.autograd.grad((out * w.float()).sum(), (q32, k32, v32))
     assert spy.called
     _assert_all_close(got, ref, 2e-4)
-    table = torch.randn(Hq, 9, generator=g, dtype=torch.float64, requires_grad=True)
-    learned = mods.relative_bias(table)
-    with _kernel_calls() as spy:
-        out, _ = _attend(q, k, v, layout, True, None, learned)
-        got = torch.autograd.grad((out * w).sum(), (q, k, v, table))
-    assert not spy.called
-    ref = torch.autograd.grad((modded_reference(q, k, v, vis, learned) * w).sum(), (q, k, v, table))
-    _assert_all_close(got, ref, 1e-9)
+
+
+def _learned(name, Hq, g):
+    """``(make, tensor)``: a distance-bias mod over a tensor that needs a gradient, ``make(tensor)`` the mod."""
+    if name == "alibi":
+        return mods.alibi, mods.alibi_slopes(Hq).double().requires_grad_()
+    if name == "shared table":
+        return mods.relative_bias, torch.randn(9, generator=g, dtype=torch.float64).requires_grad_()
+    table = torch.randn(Hq, 9, generator=g, dtype=torch.float64).requires_grad_()
+    if name == "table+softcap":
+        return (lambda t: mods.compose(mods.relative_bias(t), mods.softcap(2.0))), table
+    return mods.relative_bias, table
+
+
+@pytest.mark.parametrize("B,hkv", [(1, 2), (4, 2)])  # the key-major dK/dV pass (d_bias per run of query blocks),
+@pytest.mark.parametrize("heads", ["one", "kv", "q"])  # then one item per pair
+@pytest.mark.parametrize("masked", [False, True])
+def test_learned_mods_on_the_kernel(B, hkv, heads, masked):
+    """A distance bias whose tensor needs a gradient (learned ALiBi slopes, a relative table per head or shared,
+    a table under a soft cap) runs the kernel, which sums the biased scores' gradient per distance: with GQA,
+    Nq != Nk, key padding, unsorted lists (packed chunks), partial blocks (the fused forward) or not, layouts
+    shared / per KV head / per query head, the gradients of q, k, v and the mod's tensor equal the dense float64
+    reference's and (with an lse gradient) the slot loop's."""
+    g = torch.Generator().manual_seed(17 + B)
+    Hq, Nq, Nk = 2 * hkv, 70, 90
+    q, k, v = _qkv(B, Hq, hkv, Nq, Nk, 8, g)
+    layout = _random_layout(g, 1, {"one": 1, "kv": hkv, "q": Hq}[heads], Nq, Nk, 8, 8, 0.4, True, True, masked)
+    pad = torch.rand(B, Nk, generator=g) > 0.2
+    vis = _visible(layout, Hq, True, pad)
+    w = torch.randn(B, Hq, Nq, 8, generator=g, dtype=torch.float64)
+    wl = torch.randn(B, Hq, Nq, generator=g, dtype=torch.float64)
+
+    def grads(make, table, wl):
+        out, lse = _attend(q, k, v, layout, True, pad, make(table))
+        loss = (out * w).sum() + (torch.where(torch.isfinite(lse), lse, 0.0) * wl).sum()
+        return torch.autograd.grad(loss, (q, k, v, table))
+
+    for name in ("alibi", "table", "shared table", "table+softcap"):
+        make, table = _learned(name, Hq, g)
+        with _kernel_calls() as spy:
+            got = grads(make, table, 0 * wl)
+        assert spy.called, name
+        want = torch.autograd.grad((modded_reference(q, k, v, vis, make(table)) * w).sum(), (q, k, v, table))
+        _assert_all_close(got, want, 1e-9)
+        with_lse = grads(make, table, wl)
+        with _slot_loop():
+            _assert_all_close(with_lse, grads(make, table, wl), 1e-10)
 
 
 @pytest.mark.parametrize("B,hkv", [(1, 2), (4, 2)])
 def test_same_bits_at_any_thread_count(B, hkv):
     """1, 3 and 2 threads give bit-identical gradients, in both dK/dV schedules (block_topk with a soft cap and
-    key padding; vertical_slash's shared token row)."""
+    key padding, and with a learned table: its gradient too; vertical_slash's shared token row)."""
     g = torch.Generator().manual_seed(5)
     Hq, N = 3 * hkv, 230
     q, k, v = _qkv(B, Hq, hkv, N, N, 16, g)
     pad = torch.rand(B, N, generator=g) > 0.1
     w = torch.randn(B, Hq, N, 16, generator=g, dtype=torch.float64)
+    table = torch.randn(Hq, 33, generator=g, dtype=torch.float64, requires_grad=True)
 
     def run():
-        a = az.attention(q, k, v, method="block_topk", block=16, topk=4, causal=True, key_padding_mask=pad,
-                         score_mod=mods.softcap(3.0), dense_below=0, dense_from=1.0)
+        kw = dict(method="block_topk", block=16, topk=4, causal=True, key_padding_mask=pad, dense_below=0,
+                  dense_from=1.0)
+        a = az.attention(q, k, v, score_mod=mods.softcap(3.0), **kw)
+        t = az.attention(q, k, v, score_mod=mods.relative_bias(table), **kw)
         b = az.attention(q, k, v, method="vertical_slash", n_vertical=24, n_slash=4, block=16, last_q=16,
                          causal=True, dense_below=0, dense_from=1.0)
-        return torch.autograd.grad(((a + b) * w).sum(), (q, k, v))
+        return torch.autograd.grad(((a + t + b) * w).sum(), (q, k, v, table))
 
     threads = torch.get_num_threads()
     try:
@@ -281,7 +323,7 @@ def test_same_bits_at_any_thread_count(B, hkv):
             torch.set_num_threads(n)
             with _kernel_calls() as spy:
                 results.append(run())
-            assert spy.call_count == 3
+            assert spy.call_count == 4
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

@@ -7,8 +7,11 @@ probabilities from the saved lse over its own key-block list, as FlashAttention-
 whole key blocks are one run of keys read in place, short runs are packed into chunks of up to 512 keys, the
 causal diagonal is each row's limit, a partial block is read in place under its element mask (the
 ``mask_mod`` evaluated once per partial block, kept on a reused layout), key padding and a distance bias /
-soft cap (a score_mod whose tensors need no gradient) are applied in the same pass as the forward applied
-them. The slot loop of :mod:`attnzoo.core.blocksparse` stays for everything else (learned mods, token layouts
+soft cap are applied in the same pass as the forward applied them. A bias reading tensors that need a gradient
+(a learned relative table, learned ALiBi slopes) gets it as on the band kernel: the kernel sums the biased
+scores' gradient per distance (each work item in its own buffer, added up in item order) and
+:meth:`~attnzoo.core.scoremod.ModHook.pull_back` turns the sums into the tensors' gradients. The slot loop of
+:mod:`attnzoo.core.blocksparse` stays for everything else (user functions not lowered to a bias, token layouts
 with a ``mask_mod``, other devices, ``ATTNZOO_CPP=0``) and gives the same gradients.
 
 dK/dV: with at least 8 (batch row, KV head) pairs each pair is one work item owning its head's dK/dV; with
@@ -23,10 +26,11 @@ import torch
 
 from . import cpp
 from .blockkernel import DTYPES, kernel_bias, kernel_layout
+from .fused import fused_mod, kernel_mod_applies
 from .kernel import kernel_padding, kernel_rows
 from .layout import BlockLayout, Layout, TokenLayout
 from .masks import call_mask_mod
-from .scoremod import DistanceBias, ModHook
+from .scoremod import ModHook
 
 _SOURCE = "block_backward.cpp"
 #: element-mask entries of a layout's partial blocks beyond which the slot loop serves (memory)
@@ -42,14 +46,13 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, m
     """Whether :func:`attend_blocks_backward` can run: CPU float32/64 tensors of one dtype, the extension built,
     a layout without element masks or a block layout whose ``mask_mod`` is flagged per block (``partial``, at
     most ``_MASK_LIMIT`` mask entries), and no score_mod or one it recomputes (a distance bias and/or a soft cap
-    after it) whose tensors need no gradient (a learned table's gradient comes from the slot loop)."""
+    after it; tensors needing a gradient only in the bias: :func:`~attnzoo.core.fused.kernel_mod_applies`)."""
     if layout.mask_mod is not None and (
             not isinstance(layout, BlockLayout) or layout.partial is None
             or int(layout.partial.sum()) * layout.block_q * layout.block_k > _MASK_LIMIT):
         return False
     return (q.device.type == "cpu" and q.dtype in DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and (mod is None or ((mod.distance or mod.capped) is not None and not mod.captured))
-            and available())
+            and kernel_mod_applies(mod) and available())
 
 
 def _partial_masks(layout: BlockLayout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -81,13 +84,16 @@ def _partial_masks(layout: BlockLayout) -> tuple[torch.Tensor | None, torch.Tens
 def attend_blocks_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                            lse: torch.Tensor, d_out: torch.Tensor, d_lse: torch.Tensor | None,
                            layout: BlockLayout | TokenLayout, *, scale: float, causal: bool,
-                           key_padding_mask: torch.Tensor | None = None, bias: DistanceBias | None = None,
-                           cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           key_padding_mask: torch.Tensor | None = None, mod: ModHook | None = None,
+                           grads: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dq, dk, dv)`` of the attention ``(out, lse)`` of ``layout`` (as
     :func:`~attnzoo.core.blockkernel.attend_blocks` and the executor compute it) for these arguments, given
-    ``d_out`` and ``d_lse`` (None: no lse gradient); only after :func:`applies`."""
+    ``d_out`` and ``d_lse`` (None: no lse gradient); only after :func:`applies`. The ``mod``'s tensors that need
+    a gradient get it added into ``grads`` (pulled back from the kernel's per-distance sums)."""
     if not (q.numel() and k.numel() and v.numel()):  # nothing to read (an empty view's strides are arbitrary)
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    bias, cap = fused_mod(mod)
+    bias_grad = mod is not None and bool(mod.captured)
     index, block_q, block_k, heads, skip, skip_k = kernel_layout(layout, q.shape[1], k.shape[1])
     part, masks = _partial_masks(layout) if isinstance(layout, BlockLayout) else (None, None)
     q, k, v, out, d_out = (kernel_rows(t) for t in (q, k, v, out, d_out))
@@ -95,6 +101,10 @@ def attend_blocks_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ou
     pad = kernel_padding(key_padding_mask, q.shape[0])
     Nq, Nk = q.shape[2], k.shape[2]
     available()  # loads the op (built once per process)
-    return tuple(torch.ops.attnzoo_block_backward.block_backward(
+    dq, dk, dv, d_bias = torch.ops.attnzoo_block_backward.block_backward(
         q, k, v, out, d_out, lse, d_lse, index, pad, block_q, block_k, heads, float(scale), causal, Nk - Nq,
-        kernel_bias(bias, Nq, Nk, q.dtype, q.device), 1 - Nk, float(cap or 0.0), skip, skip_k, part, masks))
+        kernel_bias(bias, Nq, Nk, q.dtype, q.device), 1 - Nk, float(cap or 0.0), skip, skip_k, part, masks,
+        bias_grad)
+    if bias_grad:  # d_bias's columns are the distances 1 - Nk .. Nq - 1 (kernel_bias)
+        mod.pull_back(bias, d_bias, 1 - Nk, grads)
+    return dq, dk, dv

@@ -16,7 +16,7 @@ O(N · D). Results over disjoint key sets merge exactly by lse
 :mod:`attnzoo.core.fused` where they apply, and so do the backward passes of
 banded layouts (its C++ band backward kernel) and of other block lists
 (:mod:`attnzoo.core.blockbackward`); a score_mod there only if it is a
-distance bias and/or soft cap whose tensors need no gradient.
+distance bias and/or soft cap (learned tables and slopes included).
 """
 
 from __future__ import annotations
@@ -537,9 +537,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, *,
             return attend_band_backward(q, k, v, out, lse, d_out, d_lse, _cached_band_plan(layout, causal),
                                         scale=scale, key_padding_mask=pad, mod=hook, grads=grads)
         if path in ("block kernel", "fused") and blockbackward.applies(q, k, v, layout, hook):
-            bias, cap = _fused_mod(hook)
             return blockbackward.attend_blocks_backward(q, k, v, out, lse, d_out, d_lse, layout, scale=scale,
-                                                        causal=causal, key_padding_mask=pad, bias=bias, cap=cap)
+                                                        causal=causal, key_padding_mask=pad, mod=hook, grads=grads)
         return _backward(q, k, v, pad, out, lse, d_out, d_lse, plan or make_plan(), grads)
 
     return Recomputed.apply(q, k, v, key_padding_mask, forward, backward, hook, *(hook.captured if hook else ()))

@@ -176,12 +176,19 @@ def band_backward_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mod
     ``ATTNZOO_CPP=0``: never), and no score_mod or one the kernel recomputes (a distance bias and/or a soft cap
     after it) whose tensors needing a gradient, if any, are read by its distance bias (a learned table: the
     kernel sums the gradient per distance, see :meth:`~attnzoo.core.scoremod.ModHook.pull_back`)."""
-    if mod is not None:
-        bias, cap = fused_mod(mod)
-        if (bias, cap) == (None, None) or (mod.captured and bias is None):
-            return False
-    return (q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype and v.dtype == q.dtype
-            and cpp.available(_BACKWARD_SOURCE))
+    return (kernel_mod_applies(mod) and q.device.type == "cpu" and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype
+            and v.dtype == q.dtype and cpp.available(_BACKWARD_SOURCE))
+
+
+def kernel_mod_applies(mod: ModHook | None) -> bool:
+    """Whether the C++ backward kernels (this module's band/exact one, :mod:`attnzoo.core.blockbackward`'s) recompute
+    ``mod``: none, or a distance bias and/or a soft cap after it, whose tensors needing a gradient, if any, are
+    read by the bias (the kernels return the biased scores' gradient summed per distance, which
+    :meth:`~attnzoo.core.scoremod.ModHook.pull_back` turns into theirs)."""
+    if mod is None:
+        return True
+    bias, cap = fused_mod(mod)
+    return (bias, cap) != (None, None) and (bias is not None or not mod.captured)
 
 
 def fused_mod(mod: ModHook | None) -> tuple[DistanceBias | None, float | None]:

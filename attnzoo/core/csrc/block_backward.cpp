@@ -12,6 +12,8 @@
 //   bias (Hb, L) at column key - query - bias_lo, then the soft cap cap * tanh(x / cap) (lse is of the result);
 //   part (Bl, Hl, nqb, S) int64 or empty: for each listed block the index of its element mask in masks
 //   (M, block_q, block_k) bool (-1: the block is whole), a partial block's visible (query, key) pairs (mask_mod).
+//   With bias_grad, d_bias (Hb, L) is the gradient of the biased scores summed per head row and bias column (the
+//   caller pulls it back to the bias's own tensors: a learned table or learned ALiBi slopes).
 // Row group: (batch row, the query heads sharing a layout row, query block), its rows packed head-major in
 // tiles of at most kRows. Its keys are the runs of its list (adjacent blocks merged, clipped to Nk and to its
 // last row's position); keys every row of a tile sees are processed in chunks of up to kCols, short runs packed
@@ -25,6 +27,9 @@
 // group of its query heads and owns that head's dK/dV. With fewer, the rows' dQ is one pass over row groups
 // (three GEMMs per chunk) and dK/dV a key-major pass over the transposed lists: one item per (pair, tile of
 // kKeyTile keys) runs the row groups that read the tile, over the tile's keys only (four GEMMs per chunk).
+// d_bias: each work item that computes dQ (one per pair, or one per run of query blocks of a row-group head in the
+// key-major schedule: at least kBiasParts of them) sums dS per bias column in its own buffer, one row per query
+// head it covers (or one shared row); the buffers are added up in item order after the parallel loop.
 // Deterministic for any thread count: the items and the order of every sum depend on the shapes only, each item
 // runs on one thread with single-threaded BLAS (SequentialBlas); built with -fopenmp (core/cpp.py).
 #include <ATen/ATen.h>
@@ -50,6 +55,7 @@ constexpr int64_t kCols = 512;     // keys per chunk
 constexpr int64_t kRows = 256;     // query rows per tile
 constexpr int64_t kMinItems = 8;   // fewer (batch row, KV head) pairs than this: the key-major dK/dV pass
 constexpr int64_t kKeyTile = 512;  // keys per item of the key-major pass
+constexpr int64_t kBiasParts = 64; // d_bias in the key-major schedule: at least this many dQ items (if blocks allow)
 
 using Runs = std::vector<std::pair<int64_t, int64_t>>;
 
@@ -76,6 +82,7 @@ struct Args {
   bool causal;
   int64_t offset;
   T *dq, *dk, *dv;
+  T* dbias;              // bias_grad: the (Hb, bias_len) output, or nullptr
   int64_t B, Hq, Hkv, Nq, Nk, D, Dv, nqb, block_q, block_k, heads;
   int64_t qs[3], ks[3], vs[3], os[3], dos[3];
   int64_t groups() const { return Hq / heads; }  // row groups per (batch row, query block)
@@ -174,11 +181,12 @@ inline void probs(T* s, const T* br, T* sl, const bool* mk, int64_t vis, T lse, 
   else probs<T, false, false>(s, br, sl, mk, vis, lse, cap);
 }
 
-// The gradients of row group (b, hg, qb) over the keys `runs`: its rows' dQ (want_dq: written to a.dq) and, with
-// dk/dv (its KV head's (Nk, D | Dv) gradients), the keys' dK/dV added there.
+// The gradients of row group (b, hg, qb) over the keys `runs`: its rows' dQ (want_dq: written to a.dq), with
+// dk/dv (its KV head's (Nk, D | Dv) gradients) the keys' dK/dV added there, and with db (d_bias sums: its first
+// query head's row, the next heads' rows following; one row when the bias is shared) dS added per bias column.
 template <typename T>
 void row_group(const Args<T>& a, int64_t b, int64_t hg, int64_t qb, const Runs& runs, const Parts& parts, T* dk,
-               T* dv, bool want_dq, Scratch<T>& w) {
+               T* dv, bool want_dq, T* db, Scratch<T>& w) {
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t h0 = hg * a.heads, kv = h0 / (a.Hq / a.Hkv);
   const int64_t i0 = qb * a.block_q, nr = std::min(a.Nq, i0 + a.block_q) - i0, total = a.heads * nr;
@@ -240,9 +248,22 @@ void row_group(const Args<T>& a, int64_t b, int64_t hg, int64_t qb, const Runs& 
       if (dk) gemm_nt(a.Dv, n, rows, w.gp.data() + r0 * a.Dv, a.Dv, w.p.data(), kCols, dvc, a.Dv);
       // dP (rows x n) = dO . vc^T, then dS = P (dP - delta) in place
       gemm('T', n, rows, a.Dv, vc, ldv, w.gp.data() + r0 * a.Dv, a.Dv, T(0), w.ds.data(), kCols);
-      for (int64_t r = 0; r < rows; ++r)
-        attnzoo_flash::grad_scores(w.ds.data() + r * kCols, w.p.data() + r * kCols,
+      for (int64_t r = 0; r < rows; ++r) {
+        T* sr = w.ds.data() + r * kCols;
+        attnzoo_flash::grad_scores(sr, w.p.data() + r * kCols,
                                    a.cap > 0 ? w.slope.data() + r * kCols : nullptr, w.delta[r0 + r], n);
+        if (db) {  // every column: dS is 0 where P is; key j's bias column is j - rp - bias_lo (as read above)
+          const int64_t rr = r0 + r, rp = i0 + a.offset + rr % nr;
+          T* dst = db + (a.bias_rows == 1 ? 0 : rr / nr) * a.bias_len - a.bias_lo - rp;
+          if (pos) {
+            for (int64_t c = 0; c < n; ++c) dst[pos[c]] += sr[c];
+          } else {
+            dst += j0;
+#pragma omp simd
+            for (int64_t c = 0; c < n; ++c) dst[c] += sr[c];
+          }
+        }
+      }
       // dQ (rows x D) += dS . kc
       if (want_dq) gemm('N', a.D, rows, n, kc, ldk, w.ds.data(), kCols, T(1), w.dq.data(), a.D);
       // dK (n x D) += dS^T qp (q already scaled)
@@ -316,10 +337,25 @@ void row_group(const Args<T>& a, int64_t b, int64_t hg, int64_t qb, const Runs& 
   }
 }
 
+// the items' d_bias sums (items x rows x bias_len, item t's first row that of query head head_of(t)) added into
+// a.dbias in item order
+template <typename T, typename HeadOf>
+void add_bias_parts(const Args<T>& a, const std::vector<T>& parts, int64_t items, int64_t rows, HeadOf head_of) {
+  for (int64_t t = 0; t < items; ++t)
+    for (int64_t g = 0; g < rows; ++g) {
+      T* dst = a.dbias + (a.bias_rows == 1 ? 0 : head_of(t) + g) * a.bias_len;
+      const T* src = parts.data() + (t * rows + g) * a.bias_len;
+      for (int64_t e = 0; e < a.bias_len; ++e) dst[e] += src[e];
+    }
+}
+
 template <typename T>
 void run(const Args<T>& a) {
-  const int64_t pairs = a.B * a.Hkv, hgs = a.groups(), per_kv = hgs / a.Hkv;
+  const int64_t pairs = a.B * a.Hkv, hgs = a.groups(), per_kv = hgs / a.Hkv, G = a.Hq / a.Hkv;
+  std::vector<T> db;  // the items' d_bias sums
   if (pairs >= kMinItems) {  // one item per (batch row, KV head): every row group of its heads, its dK/dV
+    const int64_t rows = a.bias_rows == 1 ? 1 : G;  // the item's query heads' rows
+    if (a.dbias) db.assign(pairs * rows * a.bias_len, T(0));
     at::parallel_for(0, pairs, 1, [&](int64_t begin, int64_t stop) {
       SequentialBlas sequential;
       Scratch<T> w(a);
@@ -327,30 +363,44 @@ void run(const Args<T>& a) {
       Parts parts;
       for (int64_t t = begin; t < stop; ++t) {
         const int64_t b = t / a.Hkv, kv = t % a.Hkv;
-        for (int64_t hg = kv * per_kv; hg < (kv + 1) * per_kv; ++hg)
+        for (int64_t hg = kv * per_kv; hg < (kv + 1) * per_kv; ++hg) {
+          T* dbt = a.dbias ? db.data() + (t * rows + (rows == 1 ? 0 : (hg - kv * per_kv) * a.heads)) * a.bias_len
+                           : nullptr;
           for (int64_t qb = 0; qb < a.nqb; ++qb) {
             row_runs(a, b, hg, qb, 0, a.Nk, w, runs, parts);
-            row_group(a, b, hg, qb, runs, parts, a.dk + t * a.Nk * a.D, a.dv + t * a.Nk * a.Dv, true, w);
+            row_group(a, b, hg, qb, runs, parts, a.dk + t * a.Nk * a.D, a.dv + t * a.Nk * a.Dv, true, dbt, w);
           }
+        }
       }
     });
+    if (a.dbias) add_bias_parts(a, db, pairs, rows, [&](int64_t t) { return (t % a.Hkv) * G; });
     return;
   }
-  // few pairs: dQ over every row group, then dK/dV per (pair, key tile) over the row groups that read the tile
-  const int64_t items = a.B * hgs * a.nqb, ntiles = (a.Nk + kKeyTile - 1) / kKeyTile;
+  // few pairs: dQ over every row group, then dK/dV per (pair, key tile) over the row groups that read the tile.
+  // dQ items: runs of `per` query blocks of one (batch row, row-group head); one block each unless d_bias is
+  // wanted, then at least kBiasParts items where the blocks allow (each item's sums in its own buffer)
+  const int64_t heads_b = a.B * hgs, ntiles = (a.Nk + kKeyTile - 1) / kKeyTile;
+  const int64_t runs_per = a.dbias ? std::min(a.nqb, (kBiasParts + heads_b - 1) / heads_b) : a.nqb;
+  const int64_t per = (a.nqb + runs_per - 1) / runs_per, items = heads_b * runs_per;
+  const int64_t rows = a.bias_rows == 1 ? 1 : a.heads;  // a row group's query heads' rows
+  if (a.dbias) db.assign(items * rows * a.bias_len, T(0));
   // the transposed lists: per (batch row, row-group head), the query blocks reading each key tile (CSR)
-  std::vector<std::vector<int64_t>> first(a.B * hgs), readers(a.B * hgs);
+  std::vector<std::vector<int64_t>> first(heads_b), readers(heads_b);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t stop) {
     SequentialBlas sequential;
     Scratch<T> w(a);
     Runs runs;
     Parts parts;
     for (int64_t t = begin; t < stop; ++t) {
-      const int64_t b = t / (hgs * a.nqb), hg = (t / a.nqb) % hgs, qb = t % a.nqb;
-      row_runs(a, b, hg, qb, 0, a.Nk, w, runs, parts);
-      row_group(a, b, hg, qb, runs, parts, static_cast<T*>(nullptr), static_cast<T*>(nullptr), true, w);
+      const int64_t b = t / (hgs * runs_per), hg = (t / runs_per) % hgs, qb0 = (t % runs_per) * per;
+      T* dbt = a.dbias ? db.data() + t * rows * a.bias_len : nullptr;
+      for (int64_t qb = qb0; qb < std::min(a.nqb, qb0 + per); ++qb) {
+        row_runs(a, b, hg, qb, 0, a.Nk, w, runs, parts);
+        row_group(a, b, hg, qb, runs, parts, static_cast<T*>(nullptr), static_cast<T*>(nullptr), true, dbt, w);
+      }
     }
   });
+  if (a.dbias) add_bias_parts(a, db, items, rows, [&](int64_t t) { return (t / runs_per) % hgs * a.heads; });
   at::parallel_for(0, a.B * hgs, 1, [&](int64_t begin, int64_t stop) {
     SequentialBlas sequential;
     Scratch<T> w(a);
@@ -392,7 +442,8 @@ void run(const Args<T>& a) {
         const std::vector<int64_t>& rd = readers[b * hgs + hg];
         for (int64_t e = f[x]; e < f[x + 1]; ++e) {
           row_runs(a, b, hg, rd[e], x * kKeyTile, (x + 1) * kKeyTile, w, runs, parts);
-          row_group(a, b, hg, rd[e], runs, parts, a.dk + pair * a.Nk * a.D, a.dv + pair * a.Nk * a.Dv, false, w);
+          row_group(a, b, hg, rd[e], runs, parts, a.dk + pair * a.Nk * a.D, a.dv + pair * a.Nk * a.Dv, false,
+                    static_cast<T*>(nullptr), w);
         }
       }
     }
@@ -401,7 +452,8 @@ void run(const Args<T>& a) {
 
 }  // namespace
 
-// returns dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv), contiguous, in q's dtype (float32/64)
+// returns dq (B, Hq, Nq, D), dk (B, Hkv, Nk, D), dv (B, Hkv, Nk, Dv), contiguous, in q's dtype (float32/64), and
+// with bias_grad d_bias (Hb, L) (else an undefined tensor)
 std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& out, const at::Tensor& d_out, const at::Tensor& lse,
                                        const std::optional<at::Tensor>& d_lse, const at::Tensor& blocks,
@@ -409,7 +461,8 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
                                        int64_t heads, double scale, bool causal, int64_t offset,
                                        const std::optional<at::Tensor>& bias, int64_t bias_lo, double cap,
                                        const std::optional<at::Tensor>& skip, int64_t skip_block_k,
-                                       const std::optional<at::Tensor>& part, const std::optional<at::Tensor>& masks) {
+                                       const std::optional<at::Tensor>& part, const std::optional<at::Tensor>& masks,
+                                       bool bias_grad) {
   const char* op = "block_backward";
   const bool has_dlse = attnzoo_flash::check_backward_operands(op, q, k, v, out, d_out, lse, d_lse);
   const auto dtype = q.scalar_type();
@@ -443,6 +496,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
   auto dq = at::empty({B, Hq, Nq, D}, q.options());
   auto dk = at::zeros({B, Hkv, Nk, D}, q.options());
   auto dv = at::zeros({B, Hkv, Nk, Dv}, q.options());
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!bias_grad || has_bias, op, ": bias_grad without a bias");
+  auto d_bias = bias_grad ? at::zeros(bias->sizes(), q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "block_backward", [&] {
     Args<scalar_t> a{};
     a.q = q.data_ptr<scalar_t>(), a.k = k.data_ptr<scalar_t>(), a.v = v.data_ptr<scalar_t>();
@@ -464,7 +520,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
       a.pad = pad->data_ptr<bool>();
     }
     a.bias = nullptr, a.bias_rows = 1, a.bias_len = 0, a.bias_lo = 0;
-    if (bias.has_value() && bias->defined()) {
+    if (has_bias) {
       TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->dim() == 2 &&
                       (bias->size(0) == 1 || bias->size(0) == Hq) && bias_lo <= 1 - Nk && bias_lo + bias->size(1) >= Nq,
                   op, ": bias (1 or Hq, L) in q's dtype covering the distances [1 - Nk, Nq - 1]");
@@ -474,6 +530,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
     a.cap = static_cast<scalar_t>(cap), a.scale = static_cast<scalar_t>(scale);
     a.causal = causal, a.offset = offset;
     a.dq = dq.data_ptr<scalar_t>(), a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
+    a.dbias = bias_grad ? d_bias.data_ptr<scalar_t>() : nullptr;
     a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
     a.nqb = nqb, a.block_q = block_q, a.block_k = block_k, a.heads = heads;
     attnzoo_flash::operand_strides(q, D, a.qs, op, "q");
@@ -484,7 +541,7 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
     if (B > 0 && Nq > 0 && Hq > 0 && Nk > 0) run(a);
     else if (dq.numel()) dq.zero_();
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, d_bias};
 }
 
 TORCH_LIBRARY(attnzoo_block_backward, m) { m.def("block_backward", &block_backward); }
