@@ -159,13 +159,8 @@ void item(const Args<T>& a, int64_t b, int64_t h, int64_t i0, int64_t i1, T* dk,
       for (int64_t g = 0; g < G; ++g)
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t r = g * np + p - p0, hq = h * G + g, pos = i * a.block + p;
-          const T dot = attnzoo_flash::pack_grad_row(
-              a.q + b * a.qs[0] + hq * a.qs[1] + pos * a.qs[2], a.dout + b * a.dos[0] + hq * a.dos[1] + pos * a.dos[2],
-              a.out + b * a.os[0] + hq * a.os[1] + pos * a.os[2], a.scale, a.D, a.Dv, w.qp.data() + r * a.D,
-              w.gp.data() + r * a.Dv);
-          const int64_t e = (b * a.Hq + hq) * a.Nq + pos;
-          w.lse[r] = a.lse[e];
-          w.delta[r] = a.dlse ? dot - a.dlse[e] : dot;
+          attnzoo_flash::pack_grad_row(a, b, hq, pos, w.qp.data() + r * a.D, w.gp.data() + r * a.Dv, w.lse[r],
+                                       w.delta[r]);
         }
       std::fill(w.dq.begin(), w.dq.begin() + rows * a.D, T(0));
       for (int64_t c0 = c_lo; c0 < c_hi; c0 += kCols) {

@@ -196,13 +196,8 @@ void row_group(const Args<T>& a, int64_t b, int64_t hg, int64_t qb, const Runs& 
   // the rows, head-major: row rr is query head h0 + rr / nr at position i0 + rr % nr
   for (int64_t rr = 0; rr < total; ++rr) {
     const int64_t hq = h0 + rr / nr, i = i0 + rr % nr;
-    const T dot = attnzoo_flash::pack_grad_row(
-        a.q + b * a.qs[0] + hq * a.qs[1] + i * a.qs[2], a.dout + b * a.dos[0] + hq * a.dos[1] + i * a.dos[2],
-        a.out + b * a.os[0] + hq * a.os[1] + i * a.os[2], a.scale, a.D, a.Dv, w.qp.data() + rr * a.D,
-        w.gp.data() + rr * a.Dv);
-    const int64_t e = (b * a.Hq + hq) * a.Nq + i;
-    w.lse[rr] = a.lse[e];
-    w.delta[rr] = a.dlse ? dot - a.dlse[e] : dot;
+    attnzoo_flash::pack_grad_row(a, b, hq, i, w.qp.data() + rr * a.D, w.gp.data() + rr * a.Dv, w.lse[rr],
+                                 w.delta[rr]);
   }
   for (int64_t r0 = 0; r0 < total; r0 += kRows) {
     const int64_t r1 = std::min(total, r0 + kRows), rows = r1 - r0;

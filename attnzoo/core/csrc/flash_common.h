@@ -102,16 +102,24 @@ inline bool check_backward_operands(const char* op, const at::Tensor& q, const a
   return has_dlse;
 }
 
-// One query row of a backward tile packed: q * scale into qp (D), dO into gp (Dv); returns rowsum(dO * out), the
-// row's delta before d_lse
-template <typename T>
-inline T pack_grad_row(const T* qr, const T* gr, const T* orow, T scale, int64_t D, int64_t Dv, T* qp, T* gp) {
-  for (int64_t d = 0; d < D; ++d) qp[d] = qr[d] * scale;
-  std::copy(gr, gr + Dv, gp);
+// One query row of a backward tile packed from the kernel's operands `a` (either kernel's Args: q, out, dout with
+// their strides qs, os, dos, lse, dlse (nullptr: none), Hq, Nq, D, Dv, scale): query head hq at position i of batch
+// row b. q * scale into qp (D), dO into gp (Dv); its lse into lse_r and its delta = rowsum(dO * out) - d_lse into
+// delta_r.
+template <typename A, typename T>
+inline void pack_grad_row(const A& a, int64_t b, int64_t hq, int64_t i, T* qp, T* gp, T& lse_r, T& delta_r) {
+  const T* qr = a.q + b * a.qs[0] + hq * a.qs[1] + i * a.qs[2];
+  const T* gr = a.dout + b * a.dos[0] + hq * a.dos[1] + i * a.dos[2];
+  const T* orow = a.out + b * a.os[0] + hq * a.os[1] + i * a.os[2];
+  for (int64_t d = 0; d < a.D; ++d) qp[d] = qr[d] * a.scale;
+  std::copy(gr, gr + a.Dv, gp);
   T dot = 0;
+  const int64_t Dv = a.Dv;
 #pragma omp simd reduction(+ : dot)
   for (int64_t d = 0; d < Dv; ++d) dot += gr[d] * orow[d];
-  return dot;
+  const int64_t e = (b * a.Hq + hq) * a.Nq + i;
+  lse_r = a.lse[e];
+  delta_r = a.dlse ? dot - a.dlse[e] : dot;
 }
 
 // A row's score gradients in place over n columns: dS = P (dP - delta), times the soft cap's slope sl (nullptr:
