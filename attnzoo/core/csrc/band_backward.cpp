@@ -313,10 +313,9 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                                       double scale, int64_t tile, const std::optional<at::Tensor>& bias,
                                       double cap, int64_t mode, int64_t offset, bool bias_grad) {
   const char* op = "band_backward";
-  const bool has_dlse = attnzoo_flash::check_backward_operands(op, q, k, v, out, d_out, lse, d_lse);
+  attnzoo_flash::check_backward_operands(op, q, k, v, out, d_out, lse, d_lse);
   const auto dtype = q.scalar_type();
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
-  const int64_t Dv = v.size(3);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Nk = k.size(2);
   TORCH_CHECK(tile > 0 && cap >= 0 && block > 0, op, ": tile > 0, block > 0, cap >= 0");
   TORCH_CHECK(mode == kBand || mode == kPrefix || mode == kFull, op, ": mode 0 (band), 1 (causal prefix) or 2 (full)");
   const bool band = mode == kBand;
@@ -351,9 +350,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                     ": a mask shows a key outside [0, Nk)");
       }
   }
-  auto dq = at::empty({B, Hq, Nq, D}, q.options());
-  auto dk = at::zeros({B, Hkv, Nk, D}, q.options());
-  auto dv = at::zeros({B, Hkv, Nk, Dv}, q.options());
+  const auto grads = attnzoo_flash::backward_grads(q, k, v);
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK(!bias_grad || has_bias, op, ": bias_grad without a bias");
   const int64_t G = Hkv > 0 ? Hq / Hkv : 1, Hb = has_bias ? bias->size(0) : 0;
@@ -362,17 +359,9 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
   auto dbias_parts = bias_grad ? at::zeros({items, bias_rows, bias_len}, q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "band_backward", [&] {
     Args<scalar_t> a{};
-    a.q = q.data_ptr<scalar_t>(), a.k = k.data_ptr<scalar_t>(), a.v = v.data_ptr<scalar_t>();
-    a.out = out.data_ptr<scalar_t>(), a.dout = d_out.data_ptr<scalar_t>();
-    a.lse = lse.data_ptr<scalar_t>(), a.dlse = has_dlse ? d_lse->data_ptr<scalar_t>() : nullptr;
+    attnzoo_flash::backward_operands<scalar_t>(a, op, q, k, v, out, d_out, lse, d_lse, pad, grads);
     a.masks = mk, a.mask_of = mo, a.lo = lo.data(), a.hi = hi.data(), a.dense = dense.get();
     a.mode = mode, a.offset = offset;
-    a.pad = nullptr;
-    if (pad.has_value() && pad->defined()) {
-      TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
-                      pad->size(1) == Nk, op, ": pad (B, Nk) bool");
-      a.pad = pad->data_ptr<bool>();
-    }
     a.bias = nullptr, a.bias_heads = 0, a.bias_len = bias_len;
     a.cap = static_cast<scalar_t>(cap);
     if (bias.has_value() && bias->defined()) {
@@ -381,20 +370,13 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
                   ": bias (1 or Hq, block + L - 1 (band) or Nq + Nk - 1) contiguous, q's dtype");
       a.bias = bias->data_ptr<scalar_t>(), a.bias_heads = bias->size(0);
     }
-    a.dq = dq.data_ptr<scalar_t>(), a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
     a.dbias = bias_grad ? dbias_parts.data_ptr<scalar_t>() : nullptr, a.bias_rows = bias_rows;
-    a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
     a.block = block, a.start = start, a.L = L, a.nqb = nqb;
-    attnzoo_flash::operand_strides(q, D, a.qs, op, "q");
-    attnzoo_flash::operand_strides(k, D, a.ks, op, "k");
-    attnzoo_flash::operand_strides(v, Dv, a.vs, op, "v");
-    attnzoo_flash::operand_strides(out, Dv, a.os, op, "out");
-    attnzoo_flash::operand_strides(d_out, Dv, a.dos, op, "d_out");
     a.scale = static_cast<scalar_t>(scale);
     a.tile = tile;
     if (B > 0 && Nq > 0 && Hq > 0) run(a);
   });
-  if (!bias_grad) return {dq, dk, dv, at::Tensor()};
+  if (!bias_grad) return {grads[0], grads[1], grads[2], at::Tensor()};
   // the items' sums added up per head row in item order (fixed by the shapes): items (batch row, KV head, run)
   // in that order, each with a row per query head of the group (or one shared row)
   auto d_bias = at::zeros({Hb, bias_len}, q.options());
@@ -409,7 +391,7 @@ std::vector<at::Tensor> band_backward(const at::Tensor& q, const at::Tensor& k, 
         for (int64_t e = 0; e < bias_len; ++e) dst[e] += src[e];
       }
   });
-  return {dq, dk, dv, d_bias};
+  return {grads[0], grads[1], grads[2], d_bias};
 }
 
 TORCH_LIBRARY(attnzoo_band, m) { m.def("band_backward", &band_backward); }

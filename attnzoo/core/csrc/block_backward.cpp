@@ -459,10 +459,9 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& part, const std::optional<at::Tensor>& masks,
                                        bool bias_grad) {
   const char* op = "block_backward";
-  const bool has_dlse = attnzoo_flash::check_backward_operands(op, q, k, v, out, d_out, lse, d_lse);
+  attnzoo_flash::check_backward_operands(op, q, k, v, out, d_out, lse, d_lse);
   const auto dtype = q.scalar_type();
-  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), D = q.size(3), Hkv = k.size(1), Nk = k.size(2);
-  const int64_t Dv = v.size(3);
+  const int64_t B = q.size(0), Hq = q.size(1), Nq = q.size(2), Hkv = k.size(1), Nk = k.size(2);
   TORCH_CHECK(blocks.dim() == 4 && heads > 0 && (Hq / Hkv) % heads == 0, op, ": 4-D blocks, heads dividing the group");
   TORCH_CHECK(block_q > 0 && block_k > 0 && cap >= 0, op, ": block sizes > 0, cap >= 0");
   const int64_t nqb = (Nq + block_q - 1) / block_q;
@@ -488,17 +487,13 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
     TORCH_CHECK(std::get<0>(range).item<int64_t>() >= -1 && std::get<1>(range).item<int64_t>() < masks->size(0), op,
                 ": part indices in [-1, M)");
   }
-  auto dq = at::empty({B, Hq, Nq, D}, q.options());
-  auto dk = at::zeros({B, Hkv, Nk, D}, q.options());
-  auto dv = at::zeros({B, Hkv, Nk, Dv}, q.options());
+  const auto grads = attnzoo_flash::backward_grads(q, k, v);
   const bool has_bias = bias.has_value() && bias->defined();
   TORCH_CHECK(!bias_grad || has_bias, op, ": bias_grad without a bias");
   auto d_bias = bias_grad ? at::zeros(bias->sizes(), q.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(dtype, "block_backward", [&] {
     Args<scalar_t> a{};
-    a.q = q.data_ptr<scalar_t>(), a.k = k.data_ptr<scalar_t>(), a.v = v.data_ptr<scalar_t>();
-    a.out = out.data_ptr<scalar_t>(), a.dout = d_out.data_ptr<scalar_t>();
-    a.lse = lse.data_ptr<scalar_t>(), a.dlse = has_dlse ? d_lse->data_ptr<scalar_t>() : nullptr;
+    attnzoo_flash::backward_operands<scalar_t>(a, op, q, k, v, out, d_out, lse, d_lse, pad, grads);
     a.blocks = blocks.data_ptr<int64_t>();
     a.Bl = blocks.size(0), a.Hl = blocks.size(1), a.S = blocks.size(3);
     a.shared = blocks.size(2) == 1 && nqb > 1;
@@ -508,12 +503,6 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
     a.Bs = has_skip ? skip->size(0) : 1, a.Hs = has_skip ? skip->size(1) : 1, a.S2 = has_skip ? skip->size(3) : 0;
     a.skip_bk = has_skip ? skip_block_k : 1;
     a.nskip = has_skip ? (Nk + skip_block_k - 1) / skip_block_k : 0;
-    a.pad = nullptr;
-    if (pad.has_value() && pad->defined()) {
-      TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == B &&
-                      pad->size(1) == Nk, op, ": pad (B, Nk) bool");
-      a.pad = pad->data_ptr<bool>();
-    }
     a.bias = nullptr, a.bias_rows = 1, a.bias_len = 0, a.bias_lo = 0;
     if (has_bias) {
       TORCH_CHECK(bias->scalar_type() == dtype && bias->is_contiguous() && bias->dim() == 2 &&
@@ -524,19 +513,12 @@ std::vector<at::Tensor> block_backward(const at::Tensor& q, const at::Tensor& k,
     }
     a.cap = static_cast<scalar_t>(cap), a.scale = static_cast<scalar_t>(scale);
     a.causal = causal, a.offset = offset;
-    a.dq = dq.data_ptr<scalar_t>(), a.dk = dk.data_ptr<scalar_t>(), a.dv = dv.data_ptr<scalar_t>();
     a.dbias = bias_grad ? d_bias.data_ptr<scalar_t>() : nullptr;
-    a.B = B, a.Hq = Hq, a.Hkv = Hkv, a.Nq = Nq, a.Nk = Nk, a.D = D, a.Dv = Dv;
     a.nqb = nqb, a.block_q = block_q, a.block_k = block_k, a.heads = heads;
-    attnzoo_flash::operand_strides(q, D, a.qs, op, "q");
-    attnzoo_flash::operand_strides(k, D, a.ks, op, "k");
-    attnzoo_flash::operand_strides(v, Dv, a.vs, op, "v");
-    attnzoo_flash::operand_strides(out, Dv, a.os, op, "out");
-    attnzoo_flash::operand_strides(d_out, Dv, a.dos, op, "d_out");
     if (B > 0 && Nq > 0 && Hq > 0 && Nk > 0) run(a);
-    else if (dq.numel()) dq.zero_();
+    else if (grads[0].numel()) grads[0].zero_();
   });
-  return {dq, dk, dv, d_bias};
+  return {grads[0], grads[1], grads[2], d_bias};
 }
 
 TORCH_LIBRARY(attnzoo_block_backward, m) { m.def("block_backward", &block_backward); }

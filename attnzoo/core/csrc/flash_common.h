@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
@@ -79,8 +80,8 @@ inline void gemm_nt(int m, int n, int k, const double* a, int lda, const double*
 
 // The recomputing backward kernels' (band_backward.cpp, block_backward.cpp) shared steps.
 // Their operands checked: 4-D q, out, d_out (B, Hq, Nq, D|Dv), k, v (B, Hkv, Nk, D|Dv) with unit last strides and
-// one dtype, lse and d_lse (optional) (B, Hq, Nq) contiguous; returns whether d_lse is given.
-inline bool check_backward_operands(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// one dtype, lse and d_lse (optional) (B, Hq, Nq) contiguous.
+inline void check_backward_operands(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                     const at::Tensor& out, const at::Tensor& d_out, const at::Tensor& lse,
                                     const std::optional<at::Tensor>& d_lse) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.dim() == 4 && d_out.dim() == 4, op,
@@ -99,7 +100,40 @@ inline bool check_backward_operands(const char* op, const at::Tensor& q, const a
   TORCH_CHECK(lse.is_contiguous() && lse.numel() == B * Hq * Nq &&
                   (!has_dlse || (d_lse->is_contiguous() && d_lse->numel() == B * Hq * Nq)), op,
               ": lse, d_lse (B, Hq, Nq) contiguous");
-  return has_dlse;
+}
+
+// The backward kernels' gradients: dq uninitialised (every row of it is written), dk and dv zeroed (accumulated)
+inline std::vector<at::Tensor> backward_grads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return {at::empty(q.sizes(), q.options()), at::zeros(k.sizes(), q.options()),
+          at::zeros({k.size(0), k.size(1), k.size(2), v.size(3)}, q.options())};
+}
+
+// The operands both backward kernels share, into their Args `a` (either kernel's: the fields below): the data of
+// q, k, v, out, d_out, lse, d_lse (nullptr when not given), the key padding pad (checked: (B, Nk) bool contiguous;
+// nullptr when not given), the gradients g = backward_grads(q, k, v), the sizes B, Hq, Hkv, Nq, Nk, D, Dv and the
+// operands' strides qs, ks, vs, os, dos. After check_backward_operands.
+template <typename T, typename A>
+inline void backward_operands(A& a, const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& d_out, const at::Tensor& lse,
+                              const std::optional<at::Tensor>& d_lse, const std::optional<at::Tensor>& pad,
+                              const std::vector<at::Tensor>& g) {
+  a.q = q.data_ptr<T>(), a.k = k.data_ptr<T>(), a.v = v.data_ptr<T>();
+  a.out = out.data_ptr<T>(), a.dout = d_out.data_ptr<T>();
+  a.lse = lse.data_ptr<T>(), a.dlse = d_lse.has_value() && d_lse->defined() ? d_lse->data_ptr<T>() : nullptr;
+  a.B = q.size(0), a.Hq = q.size(1), a.Hkv = k.size(1), a.Nq = q.size(2), a.Nk = k.size(2), a.D = q.size(3);
+  a.Dv = v.size(3);
+  a.pad = nullptr;
+  if (pad.has_value() && pad->defined()) {
+    TORCH_CHECK(pad->scalar_type() == at::kBool && pad->is_contiguous() && pad->dim() == 2 && pad->size(0) == a.B &&
+                    pad->size(1) == a.Nk, op, ": pad (B, Nk) bool");
+    a.pad = pad->data_ptr<bool>();
+  }
+  a.dq = g[0].data_ptr<T>(), a.dk = g[1].data_ptr<T>(), a.dv = g[2].data_ptr<T>();
+  operand_strides(q, a.D, a.qs, op, "q");
+  operand_strides(k, a.D, a.ks, op, "k");
+  operand_strides(v, a.Dv, a.vs, op, "v");
+  operand_strides(out, a.Dv, a.os, op, "out");
+  operand_strides(d_out, a.Dv, a.dos, op, "d_out");
 }
 
 // One query row of a backward tile packed from the kernel's operands `a` (either kernel's Args: q, out, dout with
