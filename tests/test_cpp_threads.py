@@ -92,3 +92,28 @@ def test_mass_kernel():
         return part.out, part.lse, mass
 
     _same_bits_at_1_3_2_threads(run)
+
+def test_peak_scan():
+    """The finiteness scan's max |t| (``checks._peak`` on large CPU tensors): aminmax's value for contiguous
+    tensors, slices along the keys, transposed heads and expanded views, NaN when any element is NaN, inf when
+    one is ±inf, wherever it stands, and the same at any thread count (its units are reduced in any order)."""
+    if not capped.available():
+        pytest.skip("capped kernel not built")
+    import math
+
+    def aminmax_peak(t):
+        lo, hi = (float(x) for x in torch.aminmax(t))
+        return max(-lo, hi) if not (math.isnan(lo) or math.isnan(hi)) else math.nan
+
+    cases = [_randn(1, 3, 2048, 64, seed=15, dtype=torch.float32), _randn(2, 3, 1, 64, seed=16),
+             _randn(2, 4, 100, 8, seed=17)[:, :, 10:90], _randn(2, 100, 4, 8, seed=18).transpose(1, 2),
+             _randn(1, 1, 70000, 3, seed=19, dtype=torch.float32), _randn(3, 1, 7, 4, seed=20).expand(3, 5, 7, 4)]
+    for t in cases:
+        assert torch.ops.attnzoo.peak(t) == aminmax_peak(t)
+        _same_bits_at_1_3_2_threads(lambda: (torch.tensor(torch.ops.attnzoo.peak(t)),))
+        for bad in (math.nan, math.inf, -math.inf):
+            for idx in ((0, 0, 0, 0), (-1, -1, -1, -1), (0, -1, t.shape[2] // 2, 0)):
+                b = t.clone()
+                b[idx] = bad
+                got = torch.ops.attnzoo.peak(b)
+                assert math.isnan(got) if math.isnan(bad) else got == math.inf

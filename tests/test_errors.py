@@ -143,3 +143,47 @@ def test_a_parameter_may_share_the_name_of_an_input():
     q, k, v = qkv(Hkv=4, Nq=7)
     out = az.attention(q, k, v, method="linformer", k=64)
     torch.testing.assert_close(out, az.attention(q, k, v), rtol=1e-4, atol=1e-5)
+
+
+# a decode step's one-query call: the whole of k and v is scanned before attending, wherever the bad value stands
+@pytest.mark.parametrize("method,params", [("exact", {}), ("exact_tiled", {}), ("flash_decode", {}),
+                                           ("sliding_window", {"window": 64}), ("streaming", {"window": 64}),
+                                           ("block_topk", {"block": 16, "topk": 2})])
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_one_query_calls_refuse_non_finite_keys_and_values_anywhere(method, params, name):
+    """NaN/inf in k or v of a one-query call is refused naming the argument at the last key (read by every
+    method), at a key outside the window and at a padded key alike: the C++ kernels drop a NaN score without
+    a trace (fast_exp), so attending first and checking the (small) result would return a finite, wrong
+    output for a NaN key that the call reads."""
+    from attnzoo import checks
+
+    n = 2048  # k and v large enough for the C++ scan (checks.CPP_PEAK_MIN elements)
+    assert 2 * n * 8 >= checks.CPP_PEAK_MIN
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, rows, 8, generator=gen) for h, rows in ((4, 1), (2, n), (2, n)))
+    for where, padded in ((n - 1, False), (10, False), (10, True)):
+        for bad in (math.nan, math.inf):
+            tensors = dict(q=q, k=k.clone(), v=v.clone())
+            tensors[name][0, 1, where, 3] = bad
+            mask = torch.ones(1, n, dtype=torch.bool)
+            mask[0, where] = not padded
+            with pytest.raises(AttnZooError, match=rf"^{name}: contains NaN or inf"):
+                az.attention(tensors["q"], tensors["k"], tensors["v"], method=method, causal=True,
+                             key_padding_mask=mask if padded else None, **params)
+
+
+def test_large_cpu_inputs_are_scanned_by_the_cpp_peak(monkeypatch):
+    """q, k and v of CPU float32/64 calls from checks.CPP_PEAK_MIN elements on are scanned by the extension's
+    one-pass peak (half of aminmax's time: the scan of a decode step's whole K/V), not by aminmax."""
+    from attnzoo import checks
+    from attnzoo.core import capped
+
+    if not capped.available():
+        pytest.skip("capped kernel not built")
+    sizes = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t, *a, **kw: (sizes.append(t.numel()), aminmax(t, *a, **kw))[1])
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 2048, 16), torch.randn(1, 2, 2048, 16)
+    out = az.attention(q, k, v, method="sliding_window", window=64, causal=True)
+    assert torch.isfinite(out).all()
+    assert sizes and max(sizes) < checks.CPP_PEAK_MIN  # q and the result only

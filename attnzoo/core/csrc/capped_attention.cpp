@@ -19,6 +19,8 @@
 // units and the local window read in place through the same loop (attnzoo.cache.select.Quest).
 // tokenselect_attention: tokenselect's page-first step per batch row: a soft vote over the pages' bounds, exact
 // token scores only in the best pages, a soft vote over those tokens, the best tokens read in place by every head.
+// peak: max |t| of an attention input, NaN when any element is NaN (attnzoo.checks' finiteness scan; also
+// append_rows' scan of the appended rows).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -816,22 +819,44 @@ void page_bounds(const at::Tensor& k, at::Tensor kmin, at::Tensor kmax, int64_t 
 
 namespace {
 
-// max |x| over the rows [0, n) of t (X, Y, n, D), unit last stride; NaN when any element is NaN, inf when one is
+// max |x| over the rows [0, n) of t (X, Y, n, D), unit last stride; NaN when any element is NaN, inf when one is.
+// Work units of up to kPeakRun elements (a (x, y) slab whose rows are adjacent is cut into runs; otherwise a unit
+// is a row) on torch's threads: max and "any NaN" do not depend on the order, so neither does the result.
+constexpr int64_t kPeakRun = 1 << 14;
+
 template <typename T>
 double peak_of(const at::Tensor& t) {
   const T* p = t.data_ptr<T>();
+  const int64_t Y = t.size(1), n = t.size(2), D = t.size(3);
+  if (!t.numel()) return 0.0;
+  const bool slab = n == 1 || t.stride(2) == D;  // the slab's rows adjacent: one run of n * D
+  const int64_t len = slab ? n * D : D, per = slab ? (len + kPeakRun - 1) / kPeakRun : n;
+  const int64_t units = t.size(0) * Y * per;
   T mx = 0;
   bool nan = false;
-  for (int64_t x = 0; x < t.size(0); ++x)
-    for (int64_t y = 0; y < t.size(1); ++y)
-      for (int64_t i = 0; i < t.size(2); ++i) {
-        const T* row = p + x * t.stride(0) + y * t.stride(1) + i * t.stride(2);
-        for (int64_t d = 0; d < t.size(3); ++d) {
-          const T a = std::abs(row[d]);
-          nan |= a != a;
-          mx = a > mx ? a : mx;
-        }
+  std::mutex m;
+  at::parallel_for(0, units, std::max<int64_t>(1, kPeakRun / std::min(len, kPeakRun)), [&](int64_t b, int64_t e) {
+    T lm = 0;
+    int ln = 0;
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t xy = u / per, c = u % per;
+      const T* row = p + xy / Y * t.stride(0) + xy % Y * t.stride(1);
+      int64_t lo = 0, hi = len;
+      if (slab)
+        lo = c * kPeakRun, hi = std::min(len, lo + kPeakRun);
+      else
+        row += c * t.stride(2);
+#pragma omp simd reduction(max : lm) reduction(| : ln)
+      for (int64_t d = lo; d < hi; ++d) {
+        const T a = std::abs(row[d]);
+        ln |= a != a;
+        lm = a > lm ? a : lm;
       }
+    }
+    std::lock_guard<std::mutex> lock(m);
+    mx = std::max(mx, lm);
+    nan |= ln != 0;
+  });
   return nan ? std::numeric_limits<double>::quiet_NaN() : double(mx);
 }
 
@@ -889,7 +914,17 @@ std::vector<double> append_rows(const at::Tensor& k, const at::Tensor& v, at::Te
   return peaks;
 }
 
+// max |t| of a 4-D float32/64 tensor with a unit last stride (attnzoo.checks' finiteness scan): NaN when any
+// element is NaN, inf when one is inf
+double peak(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, "peak: a 4-D tensor with a unit last stride");
+  double out = 0.0;
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "peak", [&] { out = peak_of<scalar_t>(t); });
+  return out;
+}
+
 TORCH_LIBRARY(attnzoo, m) {
+  m.def("peak(Tensor t) -> float", &peak);
   m.def("page_bounds(Tensor k, Tensor(a!) kmin, Tensor(b!) kmax, int p0, int n, int page) -> ()", &page_bounds);
   m.def("append_rows(Tensor k, Tensor v, Tensor(a!) kbuf, Tensor(b!) vbuf, Tensor(c!) pos, Tensor(d!)? kmin, "
         "Tensor(e!)? kmax, int n0, int start, int page, bool check) -> float[]",
