@@ -210,6 +210,8 @@ def eval_table(
     missing: bool = typer.Option(False, "--missing", help="also list the cells of the --full preset (its cases "
                                                           "and tasks, or --tasks) no row measured, at each of its "
                                                           "lengths the results hold"),
+    lengths: Optional[str] = typer.Option(None, help="only rows of these prompt lengths (comma-separated tokens, "
+                                                     "e.g. 2048): one table per length from files that hold all"),
 ) -> None:
     """Every case of eval results at each length, one score per task: which keep --min-accuracy of exact's score
     on every task while holding at most --max-memory of the full KV cache."""
@@ -228,6 +230,12 @@ def eval_table(
             runs += contents.runs
     except (AttnZooError, OSError) as e:
         _fail(e)
+    if lengths is not None:
+        try:
+            only = {int(x) for x in lengths.split(",") if x.strip()}
+        except ValueError:
+            _fail(AttnZooError(f"eval-table: --lengths expected comma-separated integers, got {lengths!r}"))
+        rows = {k: r for k, r in rows.items() if r["length"] in only}
     measured = list(rows.values())  # --missing reads the lengths off every row, also of tasks left out
     if tasks is not None:
         keep = C.split_specs(tasks)
