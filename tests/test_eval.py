@@ -378,3 +378,51 @@ def test_eval_table_command_merges_results_files(tmp_path):
     ResultsFile(tmp_path / "bench").append({**rows[0], "suite_kind": "bench"})
     empty = CliRunner().invoke(app, ["eval-table", str(tmp_path / "bench")])
     assert empty.exit_code == 2 and "no eval rows" in empty.output
+
+
+def test_eval_table_lengths_keeps_one_length(tmp_path):
+    rows = _rows() + [_row("passkey", 2048, "prefill", "exact", 1.0, 1.0)]
+    store = ResultsFile(tmp_path / "r")
+    for r in rows:
+        store.append(r)
+    run = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r"), "--markdown", "--lengths", "2048"])
+    assert run.exit_code == 0 and "N=2048" in run.output and "N=4096" not in run.output, run.output
+    bad = CliRunner().invoke(app, ["eval-table", str(tmp_path / "r"), "--lengths", "2k"])
+    assert bad.exit_code == 2 and "--lengths expected comma-separated integers" in bad.output
+
+
+def _measurements():
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "measurements" / "eval"
+    mods = {}
+    for name in ("recover", "regen"):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        import sys
+
+        sys.modules[name] = mods[name]
+        spec.loader.exec_module(mods[name])
+    return mods["recover"], mods["regen"]
+
+
+def test_docs_eval_tables_are_the_measurements_rows():
+    """docs/eval.md's generated sections are what measurements/eval/regen.py makes of measurements/eval/*.jsonl
+    (run `python measurements/eval/regen.py` after adding rows)."""
+    _, regen = _measurements()
+    doc = regen.DOC.read_text()
+    assert regen.generated_parts(regen.generate(doc, regen.files())) == regen.generated_parts(doc), \
+        "docs/eval.md is stale: run python measurements/eval/regen.py"
+
+
+def test_rows_recovered_from_the_doc_give_back_its_tables(tmp_path):
+    """recover.py on docs/eval.md's tables, then regen.py over the rows, prints the same tables."""
+    recover, regen = _measurements()
+    doc = regen.DOC.read_text()
+    rows = [r for sec in recover.parse_doc(doc) for r in recover.rows_of(sec, "test")]
+    assert all(r["recovered"] == "docs/eval.md@test" and r["status"] == "ok" for r in rows)
+    assert all(r["seeds"] == [0, 1] and r["seed"] is None for r in rows if r["n"] == 6)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert regen.generated_parts(regen.generate(doc, [path])) == regen.generated_parts(doc)

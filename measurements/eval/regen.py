@@ -26,7 +26,6 @@ import argparse
 import difflib
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -71,8 +70,18 @@ def label(row: dict) -> str:
 
 
 def eval_table(paths: list[Path], *args: str) -> str:
-    cmd = [sys.executable, "-c", "from attnzoo.cli import main; main()", "eval-table", *map(str, paths), *args]
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    """``attnzoo eval-table PATHS ARGS``'s output (run in this process: torch and the tasks load once)."""
+    import contextlib
+    import io
+
+    from attnzoo.cli import app
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = app(["eval-table", *map(str, paths), *args], standalone_mode=False)
+    if rc:  # typer.Exit(2) after printing the error
+        raise SystemExit(f"regen: eval-table {' '.join(args)} failed ({rc}): {out.getvalue()[-500:]}")
+    return out.getvalue()
 
 
 def column_tasks(rows: list[dict], length: int) -> list[str]:
