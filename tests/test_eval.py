@@ -99,7 +99,7 @@ def test_runner_rows_on_a_tiny_llama(tiny, tmp_path):
     group = next(g for g in T.groups(list(rows.values())) if g.task == "passkey")
     assert "block=16" in T.cells(group, window)[-1] and len(T.cells(group, window)) == len(T.COLUMNS)
     stream = rows["passkey", "cache=streaming@0.25"]
-    assert stream["resolved"] == {"sinks": 4, "window": 71}
+    assert stream["resolved"] == {"sinks": 4, "window": 71, "compensate": False}  # every policy parameter too
     assert stream["kv_bytes"] < 0.5 * stream["kv_full_bytes"]
     assert rows["passkey", "cache=snapkv@96"]["resolved"]["budget"] == 96
     ppl = rows["perplexity", "prefill=exact"]
@@ -426,3 +426,26 @@ def test_rows_recovered_from_the_doc_give_back_its_tables(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert regen.generated_parts(regen.generate(doc, [path])) == regen.generated_parts(doc)
+
+
+def test_a_row_measured_before_a_default_changed_keeps_its_own_line():
+    """decode9's finding: a case is keyed by the parameters given, so a row measured at an old default merged with
+    today's rows. A row that records a parameter resolving to another value today is labelled with it; rows
+    that do not record it (older cache rows) still merge."""
+    from attnzoo.eval import table as T
+
+    today = C.method_parameters(C.method_case("vertical_slash"), 4096)
+    old = _row("passkey", 4096, "prefill", "vertical_slash", 1.0, 1.0, resolved={**today, "n_slash": 512})
+    new = _row("niah_single", 4096, "prefill", "vertical_slash", 1.0, 1.0, resolved=today)
+    exact = [_row(t, 4096, "prefill", "exact", 1.0, 1.0) for t in ("passkey", "niah_single")]
+    assert T.case_label(old) == "prefill=vertical_slash:n_slash=512" and T.case_label(new) == "prefill=vertical_slash"
+    (w,) = T.wide([*exact, old, new])
+    assert list(w.cases) == ["prefill=exact", "prefill=vertical_slash", "prefill=vertical_slash:n_slash=512"]
+    case = C.method_case("vertical_slash")
+    assert not T.covers(old, case) and T.covers(new, case)
+    # a cache row records every parameter of its policy now; one without `pages` (older rows) cannot be told apart
+    full = C.policy_parameters({**C.policy_case("tokenselect", 0.125)}, 4096)
+    assert full["pages"] == 1.0 and full["budget"] == 512
+    vote = _row("passkey", 4096, "cache", "tokenselect", 1.0, 1.0, budget=0.125, resolved={**full, "pages": 0.0})
+    older = _row("passkey", 4096, "cache", "tokenselect", 1.0, 1.0, budget=0.125, resolved={"budget": 512})
+    assert T.case_label(vote) == "cache=tokenselect:pages=0.0@0.125" and T.case_label(older) == "cache=tokenselect@0.125"

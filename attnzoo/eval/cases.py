@@ -237,6 +237,37 @@ def check_case(case: dict, length: int) -> None:
         make_policy_cls(case["name"])(**policy_params(case["name"], case["params"], case["budget"], length))
 
 
+_SIMPLE = (int, float, str, bool)
+
+
+def method_parameters(case: dict, length: int) -> dict:
+    """A prefill method's parameters, defaults included, with counts given as a share of N resolved at ``length``."""
+    method = registry.get(case["name"], **method_params(case["params"]))
+    fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+    fields.update(method.resolve_shares(length))
+    return {k: v for k, v in fields.items() if isinstance(v, _SIMPLE)}
+
+
+def policy_parameters(case: dict, length: int) -> dict:
+    """A cache policy's parameters at ``length``, defaults included: every field of the policy the case makes."""
+    policy = make_policy_cls(case["name"])(**policy_params(case["name"], case["params"], case["budget"], length))
+    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)
+            if isinstance(getattr(policy, f.name), _SIMPLE)}
+
+
+def resolved_today(case: dict, length: int) -> dict:
+    """Every parameter ``case`` would run with at ``length`` with today's defaults ({} for a plan, or a case that no
+    longer resolves: a removed name, a parameter refused now)."""
+    try:
+        if case["kind"] == "prefill":
+            return method_parameters(case, length)
+        if case["kind"] == "cache":
+            return policy_parameters(case, length)
+    except (AttnZooError, TypeError, ValueError, KeyError):
+        pass
+    return {}
+
+
 def describe(case: dict) -> str:
     """``prefill=sliding_window:window=256`` / ``cache=h2o@0.125`` / ``plan=name.json``."""
     params = ",".join(f"{k}={v}" for k, v in sorted(case["params"].items()))

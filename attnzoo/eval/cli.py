@@ -225,8 +225,9 @@ def eval_table(
     try:
         for path in results:
             contents = ResultsFile(path).read()
-            # a case measured twice: the later file's row, unless the two ran different task defaults
-            rows.update(((r["key"], T.task_label(r)), r) for r in contents.cases if r.get("suite_kind") == "eval")
+            # a case measured twice: the later file's row, unless the two ran different (task) defaults
+            rows.update(((r["key"], T.task_label(r), T.case_label(r)), r) for r in contents.cases
+                        if r.get("suite_kind") == "eval")
             runs += contents.runs
     except (AttnZooError, OSError) as e:
         _fail(e)

@@ -168,12 +168,7 @@ def perplexity(model, sample: Sample, task: Task, chunk: int = 1024) -> Outcome:
     return Outcome(task.score(sample, nll), "", prefill_s, [], full, full, ids.shape[1])
 
 
-def method_parameters(case: dict, length: int) -> dict:
-    """A prefill method's parameters, defaults included, with counts given as a share of N resolved at ``length``."""
-    method = registry.get(case["name"], **C.method_params(case["params"]))
-    fields = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
-    fields.update(method.resolve_shares(length))
-    return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
+method_parameters = C.method_parameters  # (moved to cases: the tables resolve today's defaults without torch)
 
 
 # ---------------------------------------------------------------- one case
@@ -208,7 +203,8 @@ class Runner:
         if case["kind"] == "cache":
             params = C.policy_params(case["name"], case["params"], case["budget"], length)
             azhf.apply(self.model, "exact")
-            return (lambda: azhf.make_cache(self.model, case["name"], **params)), params
+            # the row records every parameter, defaults included: a later default change stays visible (tables)
+            return (lambda: azhf.make_cache(self.model, case["name"], **params)), C.policy_parameters(case, length)
         plan, cache = C.load_plan(case["name"])
         azhf.apply(self.model, plan)
         if cache is None:

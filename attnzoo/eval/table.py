@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..bench.tables import different_model, fmt
 from ..errors import AttnZooError
 from ..tasks import make_task
-from .cases import describe
+from .cases import describe, resolved_today
 
 MIB = 2 ** 20
 
@@ -48,6 +48,31 @@ def task_label(row: dict) -> str:
     return row["task"] + (f":{text}" if text else "")
 
 
+@functools.cache
+def _today(kind: str, name: str, params: str, budget, length: int) -> dict:
+    return resolved_today({"kind": kind, "name": name, "params": json.loads(params), "budget": budget}, length)
+
+
+def case_label(row: dict) -> str:
+    """``describe(row)``, naming each parameter the row records having run with (``resolved``) that differs from
+    what the case resolves to today at its length: a row measured before a default changed keeps its own line
+    instead of merging with rows of today's default (as :func:`task_label` does for task defaults). A parameter a
+    row does not record (older rows record fewer) cannot be told apart."""
+    changed = changed_defaults(row)
+    return describe({**row, "params": {**(row.get("params") or {}), **changed}} if changed else row)
+
+
+def changed_defaults(row: dict) -> dict:
+    """The parameters ``row`` records having run with (``resolved``, not given) whose default resolves to another
+    value today."""
+    if row["kind"] not in ("prefill", "cache"):
+        return {}
+    given = row.get("params") or {}
+    today = _today(row["kind"], row["name"], json.dumps(given, sort_keys=True), row.get("budget"), row["length"])
+    return {k: v for k, v in (row.get("resolved") or {}).items()
+            if k in today and k not in given and k != "budget" and today[k] != v}
+
+
 #: row fields that are per-sample means: pooled as means weighted by the samples
 _MEANS = ("prefill_s", "decode_s_per_token", "kv_bytes", "kv_full_bytes", "recall", "density")
 
@@ -65,7 +90,7 @@ def pool(cases: list[dict]) -> list[dict]:
         if c.get("suite_kind") != "eval":
             continue
         ident = {k: v for k, v in json.loads(c["key"]).items() if k not in ("seed", "samples")} if "key" in c else c
-        seeds = by_case.setdefault(json.dumps([ident, task_label(c)], sort_keys=True, default=str), {})
+        seeds = by_case.setdefault(json.dumps([ident, task_label(c), case_label(c)], sort_keys=True, default=str), {})
         seed = c.get("seed")
         if seed not in seeds or c.get("n", 0) >= seeds[seed].get("n", 0):
             seeds[seed] = c
@@ -101,7 +126,7 @@ def groups(cases: list[dict]) -> list[Group]:
                 g.exact = c
         g.rows.append(c)
     for g in out.values():
-        g.rows.sort(key=lambda c: (c is not g.exact, c["kind"] != "prefill", describe(c)))
+        g.rows.sort(key=lambda c: (c is not g.exact, c["kind"] != "prefill", case_label(c)))
     return sorted(out.values(), key=lambda g: (g.task, g.length))
 
 
@@ -126,7 +151,7 @@ def parameters(row: dict) -> str:
 
 def label(row: dict) -> str:
     """The case, marked when it is a different model (never picked)."""
-    return describe(row) + (" (different model)" if row["kind"] == "prefill" and different_model(row["name"]) else "")
+    return case_label(row) + (" (different model)" if row["kind"] == "prefill" and different_model(row["name"]) else "")
 
 
 def cells(g: Group, row: dict) -> list[str]:
@@ -151,12 +176,12 @@ def pick(g: Group, min_accuracy: float = 0.95) -> str:
     held = [r for r in ok if r["kv_bytes"] < g.exact["kv_bytes"]]
     if held:
         best = min(held, key=lambda r: r["kv_bytes"])
-        parts.append(f"least memory: {describe(best)} ({best['kv_bytes'] / MIB:.1f} of "
+        parts.append(f"least memory: {case_label(best)} ({best['kv_bytes'] / MIB:.1f} of "
                      f"{best['kv_full_bytes'] / MIB:.1f} MiB, {fmt(relative(g, best), '{:.2f}')} of exact)")
     faster = [r for r in ok if r["kind"] == "prefill" and r["prefill_s"] < g.exact["prefill_s"]]
     if faster:
         best = min(faster, key=lambda r: r["prefill_s"])
-        parts.append(f"fastest prefill: {describe(best)} ({g.exact['prefill_s'] / best['prefill_s']:.2f}× exact)")
+        parts.append(f"fastest prefill: {case_label(best)} ({g.exact['prefill_s'] / best['prefill_s']:.2f}× exact)")
     if not parts:
         return f"nothing kept ≥ {min_accuracy:.0%} of exact's {g.metric} with less memory or time (n={n})"
     return f"keeping ≥ {min_accuracy:.0%} of exact's {g.metric} (n={n} samples): " + "; ".join(parts)
@@ -182,9 +207,9 @@ def wide(rows: list[dict]) -> list[Wide]:
         cases: dict[str, dict[str, dict]] = {}
         for g in gs:
             for r in g.rows:
-                cases.setdefault(describe(r), {})[g.task] = r
+                cases.setdefault(case_label(r), {})[g.task] = r
         order = sorted(cases, key=lambda d: (not d.startswith("prefill=exact"), not d.startswith("prefill="),
-                                             _budgetless(cases[d]), _budget(cases[d])))
+                                             _budgetless(d, cases[d]), _budget(cases[d])))
         out.append(Wide(length, [g.task for g in gs], {d: cases[d] for d in order},
                         {g.task: g.exact for g in gs if g.exact}))
     return out
@@ -194,8 +219,8 @@ def _any(by_task: dict[str, dict]) -> dict:
     return next(iter(by_task.values()))
 
 
-def _budgetless(by_task: dict[str, dict]) -> str:
-    return describe({**_any(by_task), "budget": None})
+def _budgetless(label: str, by_task: dict[str, dict]) -> str:
+    return label.rpartition("@")[0] if _any(by_task).get("budget") is not None else label
 
 
 def _budget(by_task: dict[str, dict]) -> float:
@@ -287,10 +312,12 @@ def statement(w: Wide, min_accuracy: float = 0.95, max_memory: float = 0.125) ->
 # ------------------------------------------------------- what is not measured yet
 def covers(row: dict, case: dict) -> bool:
     """Whether an ok ``row`` measured ``case``: the same kind, name and budget, and at least the case's parameters
-    (a row given more, e.g. ``dense_below=0`` to reach a method's sparse path at 2K, ran that method too)."""
+    (a row given more, e.g. ``dense_below=0`` to reach a method's sparse path at 2K, ran that method too), with
+    today's defaults for the rest (:func:`changed_defaults`)."""
     params = row.get("params") or {}
     return (row["status"] == "ok" and (row["kind"], row["name"], row.get("budget")) == (case["kind"], case["name"],
-            case.get("budget")) and all(params.get(k) == v for k, v in case["params"].items()))
+            case.get("budget")) and all(params.get(k) == v for k, v in case["params"].items())
+            and not changed_defaults(row))
 
 
 def cells_of(tasks: list[str], cases: list[dict]) -> int:
