@@ -416,6 +416,7 @@ def test_docs_eval_tables_are_the_measurements_rows():
         "docs/eval.md is stale: run python measurements/eval/regen.py"
 
 
+@pytest.mark.slow
 def test_rows_recovered_from_the_doc_give_back_its_tables(tmp_path):
     """recover.py on docs/eval.md's tables, then regen.py over the rows, prints the same tables."""
     recover, regen = _measurements()
