@@ -444,6 +444,10 @@ def test_a_row_measured_before_a_default_changed_keeps_its_own_line():
     assert list(w.cases) == ["prefill=exact", "prefill=vertical_slash", "prefill=vertical_slash:n_slash=512"]
     case = C.method_case("vertical_slash")
     assert not T.covers(old, case) and T.covers(new, case)
+    # a prefill row records every parameter of its method: one it lacks did not exist when it ran
+    pre = _row("passkey", 4096, "prefill", "block_topk", 1.0, 1.0,
+               resolved={k: v for k, v in C.method_parameters(C.method_case("block_topk"), 4096).items() if k != "guard"})
+    assert T.case_label(pre) == "prefill=block_topk (before guard)" and not T.covers(pre, C.method_case("block_topk"))
     # a cache row records every parameter of its policy now; one without `pages` (older rows) cannot be told apart
     full = C.policy_parameters({**C.policy_case("tokenselect", 0.125)}, 4096)
     assert full["pages"] == 1.0 and full["budget"] == 512

@@ -238,7 +238,8 @@ class Runner:
                   "prefill_s": sum(o.prefill_s for o in outcomes) / len(outcomes),
                   "decode_s_per_token": sum(steps) / len(steps) if steps else None,
                   "kv_bytes": sum(held) / len(held), "kv_full_bytes": sum(full) / len(full), "peak_rss": peak or None,
-                  "resolved": resolved, "task_resolved": task.params()}
+                  "resolved": resolved, "task_resolved": task.params(),
+                  "resolved_all": case["kind"] in ("prefill", "cache")}  # every parameter: see table.case_label
         if case["kind"] == "prefill" and self.plan.recall:
             result["recall"], result["density"] = self.recall(case, samples[0])
         return result

@@ -55,22 +55,30 @@ def _today(kind: str, name: str, params: str, budget, length: int) -> dict:
 
 def case_label(row: dict) -> str:
     """``describe(row)``, naming each parameter the row records having run with (``resolved``) that differs from
-    what the case resolves to today at its length: a row measured before a default changed keeps its own line
-    instead of merging with rows of today's default (as :func:`task_label` does for task defaults). A parameter a
-    row does not record (older rows record fewer) cannot be told apart."""
+    what the case resolves to today at its length, and marking ``(before p, q)`` a row that records every parameter
+    of its method (prefill rows; rows with ``resolved_all``) but not ``p`` and ``q``, which the method has today: a
+    row measured before a default changed, or before a parameter (and what it does) existed, keeps its own line
+    instead of merging with today's rows (as :func:`task_label` does for task defaults). A parameter that a row
+    need not record (older cache rows record only the budget's) cannot be told apart."""
     changed = changed_defaults(row)
-    return describe({**row, "params": {**(row.get("params") or {}), **changed}} if changed else row)
+    before = [k for k, v in changed.items() if v is None]
+    changed = {k: v for k, v in changed.items() if v is not None}
+    text = describe({**row, "params": {**(row.get("params") or {}), **changed}} if changed else row)
+    return f"{text} (before {', '.join(sorted(before))})" if before else text
 
 
 def changed_defaults(row: dict) -> dict:
     """The parameters ``row`` records having run with (``resolved``, not given) whose default resolves to another
-    value today."""
+    value today, and (as ``None``) those a row recording every parameter lacks."""
     if row["kind"] not in ("prefill", "cache"):
         return {}
     given = row.get("params") or {}
     today = _today(row["kind"], row["name"], json.dumps(given, sort_keys=True), row.get("budget"), row["length"])
-    return {k: v for k, v in (row.get("resolved") or {}).items()
-            if k in today and k not in given and k != "budget" and today[k] != v}
+    resolved = row.get("resolved") or {}
+    out = {k: v for k, v in resolved.items() if k in today and k not in given and k != "budget" and today[k] != v}
+    if resolved and (row["kind"] == "prefill" or row.get("resolved_all")):
+        out.update({k: None for k in today if k not in resolved and k not in given})
+    return out
 
 
 #: row fields that are per-sample means: pooled as means weighted by the samples

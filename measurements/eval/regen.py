@@ -126,9 +126,9 @@ def statements(text: str, tasks: list[str]) -> dict:
 def short(case: str) -> str:
     """``cache=novelty@0.0625`` -> ``novelty@1/16``."""
     case = case.removeprefix("cache=")
-    name, at, budget = case.rpartition("@")
-    if at and 0 < float(budget) < 1 and (1 / float(budget)).is_integer():
-        return f"{name}@1/{int(1 / float(budget))}"
+    m = re.fullmatch(r"(.*)@([0-9.]+)(.*)", case)
+    if m and 0 < float(m.group(2)) < 1 and (1 / float(m.group(2))).is_integer():
+        return f"{m.group(1)}@1/{int(1 / float(m.group(2)))}{m.group(3)}"
     return case
 
 
