@@ -13,6 +13,7 @@ import torch
 import attnzoo as az
 from attnzoo import AttnZooError
 from attnzoo.cache import policies
+from attnzoo.core import cpp
 
 
 def _build(cls):
@@ -134,6 +135,13 @@ def test_sizes_that_change_the_result_have_an_upper_bound(name, param):
 
 def _int_params(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.type in ("int", "int | None") or f.type is int]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _extensions_built():
+    """Build (or load) the C++ extensions before the timed checks: a first build (~20 s of CPU each) inside
+    ``_at_most`` would be interrupted, and the process would then run the eager paths for the rest of the suite."""
+    cpp.prebuild()
 
 
 @contextlib.contextmanager
