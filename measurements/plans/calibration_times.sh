@@ -5,6 +5,7 @@
 #
 #   measurements/plans/calibration_times.sh [OUT]          # the docs' settings (~8-11 min idle)
 #   TINY=1 measurements/plans/calibration_times.sh /tmp/ct  # the same commands on small prompts (~1-2 min): a check
+#   ONLY="moa minference" ...                               # only these calibrators
 #
 # "calibration s" is the calibrator's own time recorded in the plan file (the model already loaded);
 # "wall s" is the whole command, model load included.
@@ -22,16 +23,17 @@ else
 fi
 T0=$(date +%s)
 {
-echo "commit $(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null), $(date -u '+%F %T') UTC, length $L, load at start: $(cut -d' ' -f1-3 /proc/loadavg), $(nproc) cores"
+echo "commit $(git -C "$(dirname "$0")" rev-parse --short HEAD 2>/dev/null), $(date -u '+%F %T') UTC, length $L, load at start: $(cut -d' ' -f1-3 /proc/loadavg), $(getconf _NPROCESSORS_ONLN) cores"
 echo
 echo "| calibrator | settings | budget | calibration s | wall s | CPU s (user+sys) | full KV heads | KV share at $L | load after |"
 echo "|---|---|---|---|---|---|---|---|---|"
 } | tee "$OUT/table.md"
 run() {  # name budget params...
     local name=$1 budget=$2; shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     local left=$(( LIMIT - ($(date +%s) - T0) ))
     if [ "$left" -lt 10 ]; then
-        echo "| $name | $* | $budget | not run (time limit) | | | | | |" | tee -a "$OUT/table.md"; return
+        echo "| $name | $(echo "$*" | sed "s/-p //g") | $budget | not run (time limit) | | | | | |" | tee -a "$OUT/table.md"; return
     fi
     local t1=$(date +%s.%N)
     /usr/bin/time -f "%U %S" -o "$OUT/$name.cpu" timeout "$left" \
@@ -39,9 +41,10 @@ run() {  # name budget params...
         > "$OUT/$name.log" 2>&1
     local rc=$? wall=$(echo "$(date +%s.%N) - $t1" | bc)
     local cpu=$(tail -1 "$OUT/$name.cpu" 2>/dev/null | awk '{printf "%.1f", $1 + $2}')
-    local settings="${*//-p /}"
+    local settings=$(echo "$*" | sed "s/-p //g")
     if [ $rc -ne 0 ] || [ ! -s "$OUT/$name.json" ]; then
-        echo "| $name | $settings | $budget | failed (rc $rc, see $name.log) | $(printf %.1f "$wall") | $cpu | | | |" | tee -a "$OUT/table.md"
+        local why="failed (rc $rc, see $name.log)"; [ $rc -eq 124 ] && why="killed at the time limit"
+        echo "| $name | $settings | $budget | $why | $(printf %.1f "$wall") | $cpu | | | |" | tee -a "$OUT/table.md"
         return
     fi
     python - "$OUT/$name.json" "$L" "$budget" "$settings" "$(printf %.1f "$wall")" "$cpu" "$(cut -d' ' -f1 /proc/loadavg)" <<'PY' | tee -a "$OUT/table.md"
