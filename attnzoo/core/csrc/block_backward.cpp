@@ -298,23 +298,12 @@ void row_group(const Args<T>& a, int64_t b, int64_t hg, int64_t qb, const Runs& 
       w.pieces.clear();
       packed = 0;
     };
-    for (const auto& run : runs) {
-      const int64_t end = a.causal ? std::min(run.second, p_hi + 1) : run.second;
-      const int64_t whole_end = a.causal ? std::min(end, p_lo + 1) : end;  // keys before it: every row sees them
-      for (int64_t j0 = run.first; j0 < whole_end;) {
-        const int64_t n = std::min(whole_end - j0, kCols - packed);
-        w.pieces.emplace_back(j0, j0 + n);
-        packed += n;
-        j0 += n;
-        if (packed == kCols) flush();
-      }
-      for (int64_t j0 = std::max(run.first, whole_end); j0 < end; j0 += kCols) {
-        const int64_t n = std::min(kCols, end - j0);
-        chunk(k + j0 * a.ks[2], a.ks[2], v + j0 * a.vs[2], a.vs[2], dk ? dk + j0 * a.D : nullptr,
-              dv ? dv + j0 * a.Dv : nullptr, n, j0, nullptr, false);
-      }
-    }
-    flush();
+    attnzoo_flash::walk_runs(runs, a.causal, p_lo, p_hi, kCols, false, w.pieces, packed, flush,
+                             [&](int64_t j0, int64_t n) {
+                               chunk(k + j0 * a.ks[2], a.ks[2], v + j0 * a.vs[2], a.vs[2],
+                                     dk ? dk + j0 * a.D : nullptr, dv ? dv + j0 * a.Dv : nullptr, n, j0, nullptr,
+                                     false);
+                             });
     for (const Part& pt : parts) {  // in place under its element mask (every row up to its position)
       const bool* em = a.masks + pt.m * a.block_q * a.block_k + pt.col;
       for (int64_t j0 = pt.j0; j0 < pt.j1; j0 += kCols) {

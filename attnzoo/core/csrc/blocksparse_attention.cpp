@@ -240,22 +240,11 @@ void tile(const Args<T>& a, const T* qp, int64_t nr, int64_t r0, int64_t r1, int
     pieces.clear();
     packed = 0;
   };
-  for (const auto& run : runs) {
-    const int64_t end = a.causal ? std::min(run.second, p_hi + 1) : run.second;
-    const int64_t whole_end = a.causal ? std::min(end, p_lo + 1) : end;  // keys before it: every row sees them
-    for (int64_t j0 = run.first; j0 < whole_end;) {
-      const int64_t n = std::min(whole_end - j0, kBlockK - packed);
-      pieces.emplace_back(j0, j0 + n);
-      packed += n;
-      j0 += n;
-      if (packed == kBlockK || a.bias) flush();
-    }
-    for (int64_t j0 = std::max(run.first, whole_end); j0 < end; j0 += kBlockK) {
-      const int64_t n = std::min(kBlockK, end - j0);
-      chunk(k + j0 * a.ks[2], a.ks[2], v + j0 * a.vs[2], a.vs[2], a.pad ? a.pad + j0 : nullptr, n, j0, false);
-    }
-  }
-  flush();
+  attnzoo_flash::walk_runs(runs, a.causal, p_lo, p_hi, kBlockK, a.bias != nullptr, pieces, packed, flush,
+                           [&](int64_t j0, int64_t n) {
+                             chunk(k + j0 * a.ks[2], a.ks[2], v + j0 * a.vs[2], a.vs[2],
+                                   a.pad ? a.pad + j0 : nullptr, n, j0, false);
+                           });
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t rr = r0 + r, h = rr / nr, i = i0 + rr % nr;
     finish_row(w.acc.data() + r * a.Dv, w.m[r], w.l[r], a.cap > 0 ? a.cap : T(0), a.Dv,

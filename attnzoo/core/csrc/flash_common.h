@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -154,6 +155,30 @@ inline void pack_grad_row(const A& a, int64_t b, int64_t hq, int64_t i, T* qp, T
   const int64_t e = (b * a.Hq + hq) * a.Nq + i;
   lse_r = a.lse[e];
   delta_r = a.dlse ? dot - a.dlse[e] : dot;
+}
+
+// A row tile's walk over its key runs [first, second) (the block kernel's forward and backward): the keys every row
+// of the tile sees whole (all of them; with `causal` those up to the tile's first position p_lo) gathered as pieces
+// of chunks of up to `cols` keys (`flush()` reads the chunk when it is full, or after each piece with
+// `flush_each`, and once at the end), the rest of each run (the causal diagonal, up to the tile's last position
+// p_hi) read in place in chunks of up to `cols` keys: `in_place(j0, n)`.
+template <typename Flush, typename InPlace>
+inline void walk_runs(const std::vector<std::pair<int64_t, int64_t>>& runs, bool causal, int64_t p_lo, int64_t p_hi,
+                      int64_t cols, bool flush_each, std::vector<std::pair<int64_t, int64_t>>& pieces,
+                      int64_t& packed, Flush&& flush, InPlace&& in_place) {
+  for (const auto& run : runs) {
+    const int64_t end = causal ? std::min(run.second, p_hi + 1) : run.second;
+    const int64_t whole_end = causal ? std::min(end, p_lo + 1) : end;  // keys before it: every row sees them
+    for (int64_t j0 = run.first; j0 < whole_end;) {
+      const int64_t n = std::min(whole_end - j0, cols - packed);
+      pieces.emplace_back(j0, j0 + n);
+      packed += n;
+      j0 += n;
+      if (packed == cols || flush_each) flush();
+    }
+    for (int64_t j0 = std::max(run.first, whole_end); j0 < end; j0 += cols) in_place(j0, std::min(cols, end - j0));
+  }
+  flush();
 }
 
 // A row's score gradients in place over n columns: dS = P (dP - delta), times the soft cap's slope sl (nullptr:
