@@ -54,6 +54,7 @@ def value(raw: str):
 
 def parse_case(label: str) -> dict:
     """``cache=tokenselect:pages=1.0@0.125`` -> kind, name, params, budget (as ``describe`` prints them)."""
+    label = re.sub(r" \((?:before [^)]*|different model)\)$", "", label)  # eval-table's marks, not the case
     kind, _, rest = label.partition("=")
     budget = None
     if "@" in rest:
@@ -202,10 +203,6 @@ def solve_prefill(r: dict, e: dict[str, float]) -> dict[str, float]:
         lo, hi = max(p_lo, es[0] / x_hi), min(p_hi, es[0] / x_lo)
         assert lo < hi, (r["label"], lo, hi)
         return {tasks[0]: min(max(P, lo), hi)}
-    if max(es) - min(es) < 1e-9:
-        if abs(es[0] / P - X) < 0.005:
-            return {t: P for t in tasks}
-        raise ValueError(f"{r['label']}: equal exact times cannot give P={P}, x={X}")
 
     def f(beta: float) -> float:
         a = sum(v ** beta for v in es) / len(es)
@@ -219,15 +216,34 @@ def solve_prefill(r: dict, e: dict[str, float]) -> dict[str, float]:
         if X >= interval(r["x"], 2)[1]:
             raise ValueError(f"{r['label']}: P·X {target:.3f} below mean(√e)² {f(0.5):.3f}")
         target = X * P
-    lo, hi = 0.5, 1.0
-    while f(hi) < target:
+    hi = 1.0  # p_t = k e_t^β: mean(p)·mean(e/p) = f(β) runs from mean(√e)² (β = 0.5) up, unbounded if the e_t differ
+    while f(hi) < target and hi < 64:
         hi *= 2
+    if f(hi) >= target:
+        lo = 0.5
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+        beta = (lo + hi) / 2
+        k = P / (sum(v ** beta for v in es) / len(es))
+        return {t: k * v ** beta for t, v in zip(tasks, es)}
+    # (equal e_t) p_t = k e_t (1 + a d_t), d alternating ±1 about 0: the product grows from mean(e) without bound
+    d = [1.0 if i % 2 == 0 else -1.0 for i in range(len(es))]
+    d = [x - sum(d) / len(d) for x in d]
+    top = 1 / max(abs(x) for x in d)
+
+    def g(a: float) -> float:
+        ps = [v * (1 + a * x) for v, x in zip(es, d)]
+        return (sum(ps) / len(ps)) * (sum(v / q for v, q in zip(es, ps)) / len(ps))
+
+    lo, hi = 0.0, top * (1 - 1e-12)
     for _ in range(200):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
-    beta = (lo + hi) / 2
-    k = P / (sum(v ** beta for v in es) / len(es))
-    return {t: k * v ** beta for t, v in zip(tasks, es)}
+        lo, hi = (mid, hi) if g(mid) < target else (lo, mid)
+    a = (lo + hi) / 2
+    ps = [v * (1 + a * x) for v, x in zip(es, d)]
+    k = P / (sum(ps) / len(ps))
+    return {t: k * q for t, q in zip(tasks, ps)}
 
 
 def solve_kv(r: dict, shares: dict[str, str], overall: str | None) -> tuple[dict, dict]:
