@@ -17,3 +17,6 @@ run attnzoo task mqar $SH $GLA_RECIPE --mixers gla                # queue.log
 run attnzoo task train mqar $S32 --threads 1 --log-evals --no-progress --out $R/seeds32 --mixer 'seer(block=8,top_k=2)'   # queue4.log
 run attnzoo task train mqar $S32 --threads 1 --log-evals --no-progress --out $R/seeds32 --mixer 'sparsifiner(top_k=16)'   # queue4.log
 run attnzoo task mqar $SH $GLA_RECIPE --mixers linear             # queue5.log
+run attnzoo task train mqar $S32 --threads 1 --log-evals --no-progress --out $R/seeds32 --mixer 'longheads(block=8,chunks=4)'   # queue5.log
+run attnzoo task train mqar ${S32/patience 4/patience 16} --threads 1 --log-evals --no-progress --out $R/seeds32 --mixer 'seer(block=8,top_k=2)'   # queue6.log
+run attnzoo task mqar ${SH/dims 128/dims 64} $GLA_RECIPE --mixers linear   # queue6.log
