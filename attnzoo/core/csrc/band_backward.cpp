@@ -116,16 +116,8 @@ template <typename T, bool BIAS, bool CAP>
 inline void modify_pass(T* s, const T* br, T* sl, int64_t lo, int64_t hi, T cap) {
   const T two_over_cap = CAP ? T(2) / cap : T(0);
 #pragma omp simd
-  for (int64_t c = lo; c < hi; ++c) {
-    T x = s[c];
-    if constexpr (BIAS) x += br[c];
-    if constexpr (CAP) {
-      const T u = T(-2) / (fast_exp(x * two_over_cap) + T(1));
-      sl[c] = -u * (T(2) + u);
-      x = cap + cap * u;
-    }
-    s[c] = x;
-  }
+  for (int64_t c = lo; c < hi; ++c)
+    s[c] = attnzoo_flash::modified_score<T, BIAS, CAP>(s[c], br, sl, c, cap, two_over_cap);
 }
 
 template <typename T>

@@ -153,13 +153,7 @@ inline void probs_pass(T* s, const T* br, T* sl, const bool* mk, int64_t vis, T 
   const T two_over_cap = CAP ? T(2) / cap : T(0);
 #pragma omp simd
   for (int64_t c = 0; c < vis; ++c) {
-    T x = s[c];
-    if constexpr (BIAS) x += br[c];
-    if constexpr (CAP) {
-      const T u = T(-2) / (fast_exp(x * two_over_cap) + T(1));
-      sl[c] = -u * (T(2) + u);
-      x = cap + cap * u;
-    }
+    const T x = attnzoo_flash::modified_score<T, BIAS, CAP>(s[c], br, sl, c, cap, two_over_cap);
     const T e = fast_exp(x - lse);  // a hidden score's exp is finite (fast_exp clamps): masked by a multiply
     s[c] = MASK ? e * T(mk[c]) : e;
   }

@@ -228,6 +228,21 @@ __attribute__((always_inline)) inline float exp_clamped(float x) {
 }
 inline double exp_clamped(double x) { return std::exp(x); }
 
+// Column c of a row's scaled score x with the distance bias br (BIAS) and then the soft cap cap * tanh(x / cap)
+// (CAP; written as cap + cap * u with u = tanh - 1 = -2 / (exp(2x / cap) + 1), and its slope 1 - tanh^2 = -u (2 + u)
+// into sl[c], both exact near saturation; two_over_cap = 2 / cap): the backward kernels' recomputed scores.
+// Always inlined into their vectorised column loops.
+template <typename T, bool BIAS, bool CAP>
+__attribute__((always_inline)) inline T modified_score(T x, const T* br, T* sl, int64_t c, T cap, T two_over_cap) {
+  if constexpr (BIAS) x += br[c];
+  if constexpr (CAP) {
+    const T u = T(-2) / (fast_exp(x * two_over_cap) + T(1));
+    sl[c] = -u * (T(2) + u);
+    x = cap + cap * u;
+  }
+  return x;
+}
+
 // one row's online-softmax step over a block of n logits `sr` whose first `vis` may be visible (-inf hides
 // one) and whose maximum is `mx`: sr becomes the block's weights (0 past vis, all 0 while the row has seen no
 // key), the row's maximum m and sum l are updated and its accumulated output `acc` (Dv) rescaled
