@@ -71,9 +71,9 @@ def test_token_budgets_below_the_minimum_name_the_defaults_that_force_it():
 
 
 def test_method_parameters_show_shares_as_counts_at_the_length():
-    params = R.method_parameters(C.method_case("hip"), 2048)
+    params = C.method_parameters(C.method_case("hip"), 2048)
     assert params["topk"] == 32 and params["block"] == 16 and params["block_k"] == 8  # 1/8 of 256 key blocks
-    assert R.method_parameters(C.method_case("block_topk:topk=3"), 2048)["topk"] == 3
+    assert C.method_parameters(C.method_case("block_topk:topk=3"), 2048)["topk"] == 3
 
 
 def test_runner_rows_on_a_tiny_llama(tiny, tmp_path):

@@ -120,10 +120,9 @@ def test_bad_decode_is_named(model):
 
 def test_eval_prefill_cases_take_the_routing():
     from attnzoo.eval import cases as C
-    from attnzoo.eval import runner as R
 
     case = C.method_case("block_topk:topk=3,decode=method")
     assert case["params"] == {"topk": 3, "decode": "method"}
-    assert "decode" not in R.method_parameters(case, 2048)
+    assert "decode" not in C.method_parameters(case, 2048)
     with pytest.raises(attnzoo.AttnZooError, match="decode: expected"):
         C.method_case("block_topk:decode=sparse")

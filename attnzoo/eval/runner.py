@@ -168,9 +168,6 @@ def perplexity(model, sample: Sample, task: Task, chunk: int = 1024) -> Outcome:
     return Outcome(task.score(sample, nll), "", prefill_s, [], full, full, ids.shape[1])
 
 
-method_parameters = C.method_parameters  # (moved to cases: the tables resolve today's defaults without torch)
-
-
 # ---------------------------------------------------------------- one case
 class Runner:
     """Holds the model and the generated samples; runs one case at a time."""
@@ -198,7 +195,7 @@ class Runner:
         azhf.remove(self.model) if azhf.is_applied(self.model) else None
         if case["kind"] == "prefill":
             azhf.apply(self.model, case["name"], **case["params"])
-            resolved = method_parameters(case, length) | {"decode": azhf.decode_route(self.model)}
+            resolved = C.method_parameters(case, length) | {"decode": azhf.decode_route(self.model)}
             return (lambda: DynamicCache(config=self.model.config)), resolved
         if case["kind"] == "cache":
             params = C.policy_params(case["name"], case["params"], case["budget"], length)
