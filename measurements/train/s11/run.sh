@@ -1,11 +1,12 @@
-#!/usr/bin/env bash
-# issue 17: the two shared-recipe MQAR cells never run (gla and based at d=128, 64 pairs); after the idle timing
-cd /work/train-results/s11
-while pgrep -f "phase2.sh" >/dev/null; do sleep 10; done
-export PYTHONPATH=/work/eval-results/s11/src-c74559d
-for m in gla based; do
-  echo "$(date -u +%H:%M:%S) start $m load=$(cut -d' ' -f1 /proc/loadavg)" >> driver.log
-  nice -n 5 attnzoo task mqar --full --pairs 64 --dims 128 --curriculum pairs=8 --stage-steps 300 --steps 600 \
-    --patience 16 --out mqar --resume --threads 1 --log-evals --no-report --mixers "$m" >> train.log 2>&1
-  echo "$(date -u +%H:%M:%S) end $m rc=$? load=$(cut -d' ' -f1 /proc/loadavg)" >> driver.log
+#!/bin/bash
+# The eleventh session's trained runs: the two shared-recipe MQAR cells never run before (gla and based at d=128,
+# 64 pairs), in the order they ran (from a `git archive` snapshot of main c74559d, nice 5, one torch thread, beside
+# the lead's eval jobs at load 1-3; queue.log: every held-out evaluation with the run's wall time). Rows: mqar/results.jsonl.
+set -e
+export PYTHONPATH=${SNAPSHOT:?a snapshot of the commit, e.g. git archive c74559d}
+R=${OUT:-measurements/train/s11}
+SHARED="--curriculum pairs=8 --stage-steps 300 --steps 600 --patience 16"  # the 64-pair columns' recipe
+for m in gla based; do   # 19:55-20:01 (346 s), 20:01-20:08 (418 s)
+  nice -n 5 attnzoo task mqar --full --pairs 64 --dims 128 $SHARED --out "$R/mqar" --resume --threads 1 --log-evals \
+    --no-report --mixers "$m"
 done
