@@ -1,6 +1,6 @@
-"""Markdown table of the eval rows here: one row per case and length, one column per task ("seed 0 / seed 1" sums of
-the per-prompt scores over n), the KV MiB held, the mean s/token of the decode steps (loaded machine: read ratios
-only within one run).
+"""Markdown table of the eval rows here: one row per case and length, one column per task (per seed, "seed 0 / seed 1
+/ ...", the sum of the per-prompt scores over n; with more than two seeds in the rows also the pooled sum), the KV
+MiB held, the mean s/token of the decode steps (loaded machine: read ratios only within one run).
 
     python measurements/plans/table.py measurements/plans/eval/*/results.jsonl
 """
@@ -31,13 +31,20 @@ def main(paths: list[str]) -> None:
             if r.get("type") == "case" and r.get("status") == "ok":
                 cells[(r["length"], case_name(r))][(r["task"], r["seed"])] = r
     tasks = [t for t in TASKS if any(t == k[0] for c in cells.values() for k in c)]
-    print("| length | case | " + " | ".join(f"{t} s0 / s1" for t in tasks) + " | KV MiB held / full | s/token |")
+    seeds = sorted({k[1] for c in cells.values() for k in c} | {0, 1})
+    pooled = len(seeds) > 2
+    label = " / ".join(f"s{s}" for s in seeds) + (" (pooled)" if pooled else "")
+    print("| length | case | " + " | ".join(f"{t} {label}" for t in tasks) + " | KV MiB held / full | s/token |")
     print("|---|---|" + "---|" * len(tasks) + "---|---|")
     for (length, case), rows in sorted(cells.items()):
         out = []
         for t in tasks:
-            got = [rows.get((t, s)) for s in (0, 1)]
-            out.append(" / ".join("–" if g is None else f"{sum(g['scores']):g}/{g['n']}" for g in got))
+            got = [rows.get((t, s)) for s in seeds]
+            cell = " / ".join("–" if g is None else f"{sum(g['scores']):g}/{g['n']}" for g in got)
+            ran = [g for g in got if g is not None]
+            if pooled and ran:
+                cell += f" ({sum(sum(g['scores']) for g in ran):g}/{sum(g['n'] for g in ran)})"
+            out.append(cell)
         any_row = list(rows.values())
         kv = sum(r["kv_bytes"] for r in any_row) / len(any_row) / 2**20
         full = any_row[0]["kv_full_bytes"] / 2**20
