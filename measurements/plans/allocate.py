@@ -3,6 +3,9 @@
     # the profile benchmarks/plans.py saved (<tag>-profile.pt) and one plan it wrote (for the settings):
     python measurements/plans/allocate.py --profile P-profile.pt --like P-0.125.json --length 8192 \\
         --budgets 0.125,0.25 --out-prefix P-L8192
+    # the same profile with fewer candidate spans (every reduced head holds at least 1/16 of the context):
+    python measurements/plans/allocate.py --profile P-profile.pt --like P-0.125.json --spans 0.0625,0.125,0.25,0.5 \
+        --budgets 0.125 --out-prefix P-floor16
     # session 9's "compensate=mass" plans: the same allocation, every novelty group with compensate=mass
     python measurements/plans/allocate.py --add compensate=mass --like P-0.0625.json --out P-0.0625-mass.json
 
@@ -27,6 +30,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, help="context length to allocate for (default: the --like plan's)")
     ap.add_argument("--budgets", default="", help="comma-separated mean KV shares")
     ap.add_argument("--out-prefix", help="plans go to <prefix>-<budget>.json")
+    ap.add_argument("--spans", help="comma-separated candidate shares, a subset of the profile's (default: all)")
     ap.add_argument("--add", help="NAME=VALUE added to every novelty group of --like (no re-allocation)")
     ap.add_argument("--out", help="with --add: the plan file written")
     args = ap.parse_args()
@@ -44,6 +48,14 @@ def main() -> None:
     params = {k: v for k, v in cal_info["params"].items() if k not in ("budget", "length")}
     length = args.length or cal_info["params"]["length"]
     profile = torch.load(args.profile)
+    if args.spans:  # keep the profile's columns of the chosen spans
+        spans = [float(s) for s in params["spans"]]
+        chosen = sorted(float(s) for s in args.spans.split(","))
+        missing = [s for s in chosen if s not in spans]
+        if missing:
+            raise SystemExit(f"--spans: {missing} not among the profile's spans {spans}")
+        profile = profile[..., [spans.index(s) for s in chosen]]
+        params["spans"] = chosen
     for b in args.budgets.split(","):
         cal = make_calibrator(cal_info["name"], budget=float(b), length=length, **params)
         choices, scores = cal.allocate(profile)
