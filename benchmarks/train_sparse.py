@@ -48,13 +48,16 @@ from attnzoo import mods
 from attnzoo.core import blockbackward, blocksparse, fused
 
 MODS = ("none", "alibi", "softcap", "alibi+softcap", "table", "learned", "user")
-#: per method: default lengths and mods, the call's parameters, and where its backward kernel is switched off
+#: per method: default lengths and mods, the call's parameters, whether its backward kernel is built (building the
+#: extension first) and where the kernel's route is switched off
 METHODS = {
     "sliding_window": dict(lengths=[4096, 8192, 16384], mods=["none", "alibi", "softcap"],
                            params=lambda window: dict(window=window),
+                           kernel_built=lambda: fused.band_backward_applies(*(torch.zeros(1, 1, 1, 1),) * 3),
                            kernel_route=(blocksparse, "band_backward_applies")),
     "block_topk": dict(lengths=[4096, 8192], mods=["none", "alibi", "softcap", "table", "learned", "user"],
                        params=lambda window: dict(dense_below=0, dense_from=1.0),
+                       kernel_built=blockbackward.available,
                        kernel_route=(blocksparse.blockbackward, "applies")),
 }
 
@@ -108,10 +111,7 @@ def main() -> None:
     lengths, mod_names = args.lengths or spec["lengths"], args.mods or spec["mods"]
     windows = args.windows if args.method == "sliding_window" else [0]
     torch.set_num_threads(args.threads)
-    if args.method == "sliding_window":
-        kernel = fused.band_backward_applies(*(torch.zeros(1, 1, 1, 1),) * 3)  # builds the extension first
-    else:
-        kernel = blockbackward.available()  # builds the extension first
+    kernel = spec["kernel_built"]()
     hkv = args.kv_heads or args.heads
     cpu = platform.processor() or platform.machine()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}; "
