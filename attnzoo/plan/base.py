@@ -22,14 +22,17 @@ on passkeys alone cut 7-digit needle values to their first digits).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from ..cache import make_policy
 from ..errors import AttnZooError
@@ -287,6 +290,73 @@ def capture(model, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, tor
         rep = q.shape[1] // k.shape[1]
         out.append((q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)))
     return out
+
+
+@contextlib.contextmanager
+def swapped_attention(model, name: str, function: Callable, attr: str, value: Callable[[int], Any]):
+    """Run ``model`` with ``function`` as its attention (registered with transformers' AttentionInterface as
+    ``name``), each layer's attention modules carrying ``value(layer)`` as ``attr``, every parameter frozen;
+    the model's own attention, attributes and ``requires_grad`` flags come back afterwards."""
+    from transformers import AttentionInterface
+
+    from ..hf.integration import attention_layers
+
+    layers = attention_layers(model)
+    AttentionInterface.register(name, function)
+    original = model.config._attn_implementation
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for i, ms in layers.items():
+            for m in ms:
+                setattr(m, attr, value(i))
+        model.set_attn_implementation(name)
+        yield layers
+    finally:
+        model.set_attn_implementation(original)
+        for ms in layers.values():
+            for m in ms:
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
+_TRACE = "_attnzoo_trace"
+
+
+def _traced_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Causal attention over every earlier key that records its q, k, v (KV heads repeated to the query heads)
+    and, during backward, the gradient reaching its output (:func:`capture_grads`)."""
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling)
+    slot = [query.detach().float(), key.detach().float(), value.detach().float(), None]
+    getattr(module, _TRACE).append(slot)
+    if out.requires_grad:
+        out.register_hook(lambda g: slot.__setitem__(3, g.detach().float()))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def capture_grads(model, ids: list[int], start: int) -> list[tuple[torch.Tensor, ...]]:
+    """Per layer ``(q, k, v, g)``: :func:`capture`'s tensors and ``g (1, H, N, D)``, the gradient of the mean
+    negative log-likelihood of the answer ``ids[start:]`` with respect to the layer's attention output, the
+    model frozen. ``g · Δoutput`` is the first-order change of the answer's loss when a head's output changes
+    by ``Δoutput`` (MoA's profile: ``Σ ∂L/∂A · ΔA`` over the attention matrix is the same sum, as ``O = A·V``).
+    Every layer attends causally to every earlier key (no sliding window), as the calibrators' reference does."""
+    device = next(model.parameters()).device
+    records: dict[int, list] = {}
+    with swapped_attention(model, "attnzoo_trace", _traced_attention, _TRACE, lambda i: records.setdefault(i, [])):
+        with torch.enable_grad():
+            x = torch.tensor([ids], device=device)
+            embeds = model.get_input_embeddings()(x).detach().requires_grad_(True)
+            logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=len(ids) - start + 1).logits
+            F.cross_entropy(logits[0, :-1].float(), x[0, start:]).backward()
+    missing = [i for i, r in sorted(records.items()) if len(r) != 1 or r[0][3] is None]
+    if missing:
+        raise AttnZooError(f"capture_grads: layers {missing} did not call attention exactly once on the answer's path")
+    return [tuple(records[i][0]) for i in sorted(records)]
 
 
 def per_kv_head(x: torch.Tensor, heads_kv: int, reduce: str = "amax") -> torch.Tensor:

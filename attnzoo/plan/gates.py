@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import param
-from .base import TASKS, SplitCalibrator, calibration_prompts, heads_kv_of, register_calibrator
+from .base import TASKS, SplitCalibrator, calibration_prompts, heads_kv_of, register_calibrator, swapped_attention
 from .duo import streaming_mask
 
 _NAME = "attnzoo_duo_gates"
@@ -59,25 +59,14 @@ class DuoGates(SplitCalibrator):
     queries: int = param(32, min=0, help="prompt positions before the answer's that are distilled too")
 
     def scores(self, model, tokenizer=None) -> torch.Tensor:
-        from transformers import AttentionInterface
-
         from ..hf.integration import attention_layers
 
-        layers = attention_layers(model)
         prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks)
         device = next(model.parameters()).device
-        gates = torch.ones(len(layers), heads_kv_of(model), device=device, requires_grad=True)
+        gates = torch.ones(len(attention_layers(model)), heads_kv_of(model), device=device, requires_grad=True)
         opt = torch.optim.Adam([gates], lr=self.lr)
-        AttentionInterface.register(_NAME, _gated_attention)
-        original = model.config._attn_implementation
-        frozen = [(p, p.requires_grad) for p in model.parameters()]
-        try:
-            for p, _ in frozen:
-                p.requires_grad_(False)
-            for i, ms in layers.items():
-                for m in ms:
-                    setattr(m, _GATE, (gates[i], self.sinks, self.streaming_window()))
-            model.set_attn_implementation(_NAME)
+        window = self.streaming_window()
+        with swapped_attention(model, _NAME, _gated_attention, _GATE, lambda i: (gates[i], self.sinks, window)):
             batches = []
             with torch.no_grad():  # targets: final hidden states with every gate 1; the scale: with every gate 0
                 for ids, start in prompts:
@@ -96,12 +85,4 @@ class DuoGates(SplitCalibrator):
                 opt.step()
                 with torch.no_grad():
                     gates.clamp_(0, 1)
-        finally:
-            model.set_attn_implementation(original)
-            for ms in layers.values():
-                for m in ms:
-                    if hasattr(m, _GATE):
-                        delattr(m, _GATE)
-            for p, flag in frozen:
-                p.requires_grad_(flag)
         return gates.detach().cpu()

@@ -8,6 +8,13 @@ earlier key (relative error, mean over positions, prompts and the KV head's quer
 :func:`~attnzoo.plan.base.allocate_options` picks per head the option that minimises the summed error
 with the mean held share within ``budget`` at ``length`` tokens.
 
+``score="gradient"`` profiles as the MoA paper does: each option's cost is its first-order change of the
+answer's loss, ``Σ ∂L/∂O · ΔO`` over every position that reads the reduced cache (the question's too, under
+``question="after"``), with ``∂L/∂O`` from one backward pass per prompt through the frozen model
+(:func:`~attnzoo.plan.base.capture_grads`); the absolute value per prompt, averaged. The plain relative error
+(``score="error"``) weighs every layer alike; the gradient counts an early layer's error for what it does
+downstream.
+
 ``policy`` says what a reduced head does:
 
 * ``streaming`` (MoA's heads): sinks + the last ``share·N`` tokens, during the prompt too;
@@ -40,8 +47,8 @@ import torch.nn.functional as F
 from ..cache.novelty import novelty
 from ..errors import AttnZooError
 from ..registry import param
-from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, capture, heads_kv_of, listed,
-                   per_kv_head, register_calibrator)
+from .base import (TASKS, FULL, Calibrator, allocate_options, calibration_prompts, capture, capture_grads, heads_kv_of,
+                   listed, per_kv_head, register_calibrator)
 from .duo import streaming_mask
 from .zipvl import observed_mass
 
@@ -68,6 +75,12 @@ class MoA(Calibrator):
     compensate: str = param("none", choices=("none", "mean", "mass"),
                             help="novelty: reduced heads keep the evicted tokens as one mean K/V token, counted once "
                                  "(mean) or once per evicted token (mass)")
+
+    score: str = param("error", choices=("error", "gradient"),
+                       help="what a head's option costs: its relative output error at the positions producing the "
+                            "answer (error), or MoA's first-order change of the answer's loss, gradient · output "
+                            "change summed over every position reading the compressed cache (gradient: errors in "
+                            "early layers count for what they do downstream; one backward pass per prompt)")
 
     def validate(self) -> None:
         if self.compensate != "none" and self.policy != "novelty":
@@ -169,30 +182,39 @@ class MoA(Calibrator):
         return self.allocate(self.profile(model, tokenizer))
 
     def profile(self, model, tokenizer=None) -> torch.Tensor:
-        """``(layers, heads_kv, spans)``: each KV head's mean relative output error at each span."""
+        """``(layers, heads_kv, spans)``: each KV head's mean relative output error at each span (``score="error"``),
+        or the mean absolute first-order change of the answer's loss (``score="gradient"``)."""
         prompts = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks,
                                       context=True)
-        errors = None
+        heads_kv = heads_kv_of(model)
+        total = None
         for ids, start, context in prompts:
-            pos = torch.arange(start - 1, len(ids) - 1)
             vote = context if self.question == "after" else start
+            if self.score == "gradient":  # every row after the compression reads the reduced cache
+                pos = torch.arange(min(vote, start - 1), len(ids) - 1)
+                layers = capture_grads(model, ids, start)
+            else:
+                pos = torch.arange(start - 1, len(ids) - 1)
+                layers = [qkv + (None,) for qkv in capture(model, ids)]
             per_layer = []
-            for q, k, v in capture(model, ids):
-                group = q.shape[1] // heads_kv_of(model)
+            for q, k, v, g in layers:
+                group = q.shape[1] // heads_kv
                 qn = q[:, :, pos]
                 causal = torch.arange(k.shape[2])[None, :] <= pos[:, None]
                 full = F.scaled_dot_product_attention(qn, k, v, attn_mask=causal)
-                errs = []
+                costs = []
                 for share in self.spans:
-                    mask = self.read_masks(q, k, pos, vote, self.held(share, vote), group)
-                    part = self.read(qn, k, v, mask, vote)
-                    errs.append(((part - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12))[0].mean(-1))
-                per_layer.append(torch.stack(errs, -1))                                   # (H, spans)
-            e = torch.stack(per_layer)                                                     # (L, H, spans)
-            errors = e if errors is None else errors + e
+                    part = self.read(qn, k, v, self.read_masks(q, k, pos, vote, self.held(share, vote), group), vote)
+                    if g is None:
+                        costs.append(((part - full).norm(dim=-1) / full.norm(dim=-1).clamp_min(1e-12))[0].mean(-1))
+                    else:
+                        costs.append((g[0, :, pos] * (part - full)[0]).sum((-2, -1)))
+                per_layer.append(torch.stack(costs))                                          # (spans, H)
+            e = torch.stack(per_layer)                                                        # (L, spans, H)
+            e = per_kv_head(e, heads_kv, "mean") if g is None else per_kv_head(e, heads_kv, "sum").abs()
+            total = e if total is None else total + e
         self._memo = None
-        return per_kv_head((errors / len(prompts)).transpose(1, 2), heads_kv_of(model), "mean").transpose(1, 2)
-
+        return (total / len(prompts)).transpose(1, 2)
     def allocate(self, errors: torch.Tensor):
         """Choices and scores from a :meth:`profile` (one profile serves every budget and length)."""
         L, heads_kv = errors.shape[:2]
