@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 import attnzoo.hf as azhf  # noqa: E402
 import attnzoo.plan as P  # noqa: E402
 from attnzoo import AttnZooError  # noqa: E402
+from attnzoo.plan.base import calibration_prompts, capture_grads  # noqa: E402
 
 HIDDEN, HEADS, HEADS_KV, HEAD_DIM, LAYERS, VOCAB = 64, 4, 2, 32, 2, 1000
 PLANTED = (1, 1)  # (layer, KV head) that copies from far back
@@ -106,10 +107,12 @@ def test_option_calibrators_find_planted_head(model, name, params, reduced):
 
 def test_capture_grads_is_the_answer_loss_gradient(model):
     # g · d predicts the loss change when layer 1's attention output moves by ε·d (finite difference, float64)
-    ids, start = P.base.calibration_prompts(model, None, 1, 256, 3)[0]
+    ids, start = calibration_prompts(model, None, 1, 256, 3)[0]
     model = model.double()
+    implementation = model.config._attn_implementation
     try:
-        layers = P.base.capture_grads(model, ids, start)
+        layers = capture_grads(model, ids, start)
+        assert model.config._attn_implementation == implementation
         assert len(layers) == LAYERS and all(g.shape == q.shape for q, k, v, g in layers)
         assert layers[0][3][0, :, :2].abs().sum() > 0      # early rows matter through later layers' keys
         d = torch.randn(layers[1][3].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
