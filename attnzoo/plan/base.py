@@ -312,7 +312,7 @@ def swapped_attention(model, name: str, function: Callable, attr: str, value: Ca
             for m in ms:
                 setattr(m, attr, value(i))
         model.set_attn_implementation(name)
-        yield layers
+        yield
     finally:
         model.set_attn_implementation(original)
         for ms in layers.values():
