@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--depth", type=float, help="only the prompts whose queried needle sits at this depth")
     ap.add_argument("--out", default="margins.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,11 +65,14 @@ def main() -> None:
                 _, samples = runner.samples(case)
                 make_cache, _ = runner._setup(case, args.length)
                 for sample in samples:
+                    if args.depth is not None and abs(sample.meta["depth"] - args.depth) > 1e-9:
+                        continue
                     distractor = re.search(r" is (\d+)\.", sample.meta["needles"][1]).group(1)
                     m = margin(runner.model, runner.tokenizer, sample, make_cache, distractor)
                     row = {"seed": seed, "depth": sample.meta["depth"], "case": spec, "margin": round(m, 3)}
                     print(json.dumps(row), flush=True)
                     out.write(json.dumps(row) + "\n")
+                    out.flush()
 
 
 if __name__ == "__main__":
