@@ -211,7 +211,7 @@ class MoA(Calibrator):
                         costs.append((g[0, :, pos] * (part - full)[0]).sum((-2, -1)))
                 per_layer.append(torch.stack(costs))                                          # (spans, H)
             e = torch.stack(per_layer)                                                        # (L, spans, H)
-            e = per_kv_head(e, heads_kv, "mean") if g is None else per_kv_head(e, heads_kv, "sum").abs()
+            e = per_kv_head(e, heads_kv, "sum").abs() if self.score == "gradient" else per_kv_head(e, heads_kv, "mean")
             total = e if total is None else total + e
         self._memo = None
         return (total / len(prompts)).transpose(1, 2)
