@@ -186,7 +186,7 @@ def allocate_options(errors: torch.Tensor, costs: torch.Tensor, total: float, *,
 
 
 def _load_builtin() -> None:
-    for module in ("razor", "duo", "moa", "minference", "gates", "zipvl"):
+    for module in ("razor", "duo", "moa", "minference", "gates", "zipvl", "restore"):
         importlib.import_module(f"{__package__}.{module}")
 
 

@@ -35,7 +35,8 @@ def calibrate(
     calibrator: str = typer.Option("razor", help="razor (retrieval-head probe), duo (streaming error, "
                                                  "training-free), duo_gates (trained gates), moa (per-head "
                                                  "spans/budgets), minference (per-head prefill patterns), zipvl "
-                                                 "(per-head top-p mass ratios)"),
+                                                 "(per-head top-p mass ratios), restore (heads whose full cache "
+                                                 "most lowers the answer's loss, greedy)"),
     budget: float = typer.Option(0.125, help="mean share of the context the KV heads hold (minference: of the "
                                              "prefill's attention FLOPs)"),
     length: int = typer.Option(4096, help="context length the budget refers to"),
