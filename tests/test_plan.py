@@ -135,6 +135,84 @@ def test_capture_grads_is_the_answer_loss_gradient(model):
         model.float()
 
 
+def _restore_losses(cal, model, configs, prompt):
+    from attnzoo.plan.restore import _STATE, _restored_attention
+    from attnzoo.plan.base import swapped_attention
+
+    prepared = cal._prepare(model, HEADS_KV, *prompt)
+    holders = {}
+    with swapped_attention(model, "attnzoo_restore", _restored_attention, _STATE,
+                           lambda i: holders.setdefault(i, [None])):
+        return cal._losses(model, holders, [prepared], configs), prepared
+
+
+@pytest.mark.parametrize("policy,compensate", [("novelty", "mass"), ("novelty", "none"), ("streaming", "none")])
+def test_restore_scores_what_the_cache_reads(model, policy, compensate):
+    # none restored = the answer's NLL through attnzoo's own cache holding the uniform reduced plan;
+    # every head restored = exact attention's NLL
+    cal = P.make_calibrator("restore", budget=0.5, length=512, policy=policy, compensate=compensate)
+    ids, start, context = prompt = calibration_prompts(model, None, 1, 512, 5, context=True)[0]
+    context -= 1
+    every = list(range(LAYERS * HEADS_KV))
+    got, prepared = _restore_losses(cal, model, [[], every], prompt)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        exact = torch.nn.functional.cross_entropy(model(x).logits[0, start - 1:-1], x[0, start:], reduction="sum")
+        reduced = cal.shares(context).choice(cal.share)
+        plan = P.head_plan("tiny", P.model_shapes(model), [[reduced] * HEADS_KV] * LAYERS)
+        azhf.apply(model, plan)
+        try:
+            cache = azhf.make_cache(model, plan)
+            model(x[:, :context], cache=cache, use_cache=True)
+            assert max(max(layer.kv.held) for layer in cache.layers) < context   # the reduced heads evicted
+            logits = model(x[:, context:-1], cache=cache, use_cache=True).logits[0, start - 1 - context:]
+        finally:
+            azhf.remove(model)
+    through_cache = torch.nn.functional.cross_entropy(logits, x[0, start:], reduction="sum")
+    torch.testing.assert_close(got, torch.stack([through_cache, exact]), atol=1e-3, rtol=1e-4)
+
+
+def test_restore_scores_the_planted_head():
+    # streaming heads lose the far-back key; only the planted copy head reads it: restoring any other head
+    # leaves the answer's loss exactly as it was (they read the BOS sink, which every reduced head keeps)
+    model = planted_model()
+    cal = P.make_calibrator("restore", budget=0.5, length=512, samples=1, prompt_length=512, policy="streaming",
+                            compensate="none")
+    plan = cal.run(model, model_name="tiny")
+    scores = torch.tensor(plan.calibrator["scores"])
+    assert scores[PLANTED].abs() > 1e-3
+    scores[PLANTED] = 0
+    assert scores.abs().max() < 1e-5
+    assert sum(plan.kind(i, h) == "full" for i in range(LAYERS) for h in range(HEADS_KV)) == 1
+    assert plan.kv_fraction(512) <= 0.5
+
+
+def test_restore_greedy_finds_heads_that_help_together(monkeypatch):
+    # a fake loss: heads 1, 2, 6 each help, 5 a little alone and most next to 2; budget for three
+    from attnzoo.plan.restore import Restore
+
+    def losses(self, model, holders, prompts, configs):
+        def loss(c):
+            c = set(c)
+            return 10.0 - 0.5 * (1 in c) - 0.4 * (6 in c) - 0.45 * (2 in c) - 0.1 * (5 in c) - 3.0 * ({2, 5} <= c)
+        calls.append(len(configs))
+        return torch.tensor([loss(c) for c in configs])
+
+    calls = []
+    monkeypatch.setattr(Restore, "_prepare", lambda self, model, heads_kv, *prompt: {"layers": [None] * 4})
+    monkeypatch.setattr(Restore, "_losses", losses)
+    monkeypatch.setattr("attnzoo.plan.restore.heads_kv_of", lambda model: 2)
+    cal = P.make_calibrator("restore", budget=0.4, length=1000, low=0.1, compensate="none", candidates=3)
+    assert cal.full_heads(8) == 2    # (0.4 - 0.1·...) : (8·400 - 8·101) / (1000 - 101) = 2.66
+    monkeypatch.setattr(Restore, "full_heads", lambda self, heads: 3)
+    choices, scores = cal.choose(planted_model(), None)
+    full = {i * 2 + h for i in range(4) for h in range(2) if choices[i][h][1] == "full"}
+    assert full == {1, 2, 5}          # 1, then 2 (0.45 > 6's 0.4), then 5 (+3.1 next to 2, 6 only 0.4)
+    torch.testing.assert_close(scores.flatten(), torch.tensor([0, 0.5, 0.45, 0, 0, 0.1, 0.4, 0]))
+    assert calls == [2, 8, 3, 3]      # none and all restored, every head, then the previous round's best three
+    assert cal.trace == {"exact": 5.55, "reduced": 10.0, "kept": [[0, 1], [1, 0], [2, 1]], "loss": [9.5, 9.05, 5.95]}
+
+
 def test_allocate_options():
     from attnzoo.plan.base import allocate_options
 

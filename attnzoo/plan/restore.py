@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..cache import KVCache
 from ..errors import AttnZooError
 from ..registry import param
+from . import file
 from .base import FULL, TASKS, Calibrator, calibration_prompts, capture, heads_kv_of, register_calibrator, \
     swapped_attention
 from .moa import MoA
@@ -74,10 +75,11 @@ class Restore(Calibrator):
     def share(self) -> float:
         return self.low if self.low is not None else self.budget / 2
 
-    def shares(self) -> MoA:
-        """The reduced heads' choice and held tokens (MoA's single-span rule, so both calibrators agree)."""
-        return MoA(budget=self.budget, length=self.length, sinks=self.sinks, policy=self.policy, spans=(self.share,),
-                   pool=self.pool, compensate=self.compensate if self.policy == "novelty" else "none")
+    def shares(self, length: int | None = None) -> MoA:
+        """The reduced heads' choice and held tokens at ``length`` (default: the plan's), by MoA's single-span
+        rule, so both calibrators reduce a head alike."""
+        return MoA(budget=self.budget, length=length or self.length, sinks=self.sinks, policy=self.policy,
+                   spans=(self.share,), pool=self.pool, compensate=self.compensate)
 
     def full_heads(self, heads: int) -> int:
         """How many of ``heads`` KV heads keep the full cache with the rest at ``low`` and the mean within budget."""
@@ -92,46 +94,56 @@ class Restore(Calibrator):
 
     def choose(self, model, tokenizer=None):
         heads_kv = heads_kv_of(model)
+        cases = calibration_prompts(model, tokenizer, self.samples, self.prompt_length, self.seed, self.tasks,
+                                    context=True)
         prompts = [self._prepare(model, heads_kv, ids, start, context)
-                   for ids, start, context in calibration_prompts(model, tokenizer, self.samples, self.prompt_length,
-                                                                  self.seed, self.tasks, context=True)]
+                   for ids, start, context in tqdm(cases, desc="restore: context K/V", leave=False)]
         L = len(prompts[0]["layers"])
         units = L * heads_kv
         k = self.full_heads(units)
         kept: list[int] = []
         order = list(range(units))
         first = torch.zeros(units)
-        with tqdm(total=k, desc="restore: full heads", disable=k == 0) as bar:
-            holders: dict[int, list] = {}
-            with swapped_attention(model, "attnzoo_restore", _restored_attention, _STATE,
-                                   lambda i: holders.setdefault(i, [None])):
-                base = float(self._losses(model, holders, prompts, [kept])[0])
-                for r in range(k):
-                    trial = [u for u in order if u not in kept][:units if r == 0 else self.candidates]
-                    losses = self._losses(model, holders, prompts, [kept + [u] for u in trial])
-                    gain = base - losses
-                    if r == 0:
-                        first[trial] = gain
-                    ranked = torch.argsort(gain, descending=True, stable=True).tolist()
-                    kept.append(trial[ranked[0]])
-                    order = [trial[i] for i in ranked[1:]] + [u for u in order if u not in trial]
-                    base = float(losses[ranked[0]])
-                    bar.set_postfix(loss=f"{base:.3f}")
-                    bar.update()
+        holders: dict[int, list] = {}
+        with swapped_attention(model, "attnzoo_restore", _restored_attention, _STATE,
+                               lambda i: holders.setdefault(i, [None])):
+            base, exact = self._losses(model, holders, prompts, [kept, list(range(units))]).tolist()
+            self.trace = {"exact": round(exact, 4), "reduced": round(base, 4), "kept": [], "loss": []}
+            for r in tqdm(range(k), desc="restore: full heads", disable=k == 0):
+                trial = [u for u in order if u not in kept][:units if r == 0 else self.candidates]
+                losses = self._losses(model, holders, prompts, [kept + [u] for u in trial])
+                gain = base - losses
+                if r == 0:
+                    first[trial] = gain
+                ranked = torch.argsort(gain, descending=True, stable=True).tolist()
+                kept.append(trial[ranked[0]])
+                order = [trial[i] for i in ranked[1:]] + [u for u in order if u not in trial]
+                base = float(losses[ranked[0]])
+                self.trace["kept"].append(list(divmod(kept[-1], heads_kv)))
+                self.trace["loss"].append(round(base, 4))
         reduced = self.shares().choice(self.share)
         full = set(kept)
         choices = [[FULL if i * heads_kv + h in full else reduced for h in range(heads_kv)] for i in range(L)]
         return choices, first.view(L, heads_kv)
 
+    def plan(self, model, choices, scores, seconds, *, model_name: str = "model"):
+        """The plan, recording the answer's loss with every head reduced, exact, and after each kept head."""
+        out = super().plan(model, choices, scores, seconds, model_name=model_name)
+        out.calibrator["restore"] = self.trace
+        return out
+
     def _prepare(self, model, heads_kv: int, ids: list[int], start: int, context: int) -> dict:
         """One prompt's context K/V per layer, the reduced heads' kept positions and mean tokens, the tokens to run."""
-        name, params = self.shares().choice(self.share)[1:]
-        params = params | ({"window": min(params["window"], context - self.sinks)} if name == "streaming" else {})
+        context = min(context, start - 1)  # the token before the answer runs with it (synthetic prompts: no question)
+        reduced = self.shares(context).choice(self.share)  # the share of this prompt's context
+        # the cache layer attnzoo.hf.make_cache builds for a layer of reduced heads
+        shapes = file.model_shapes(model) | {"layers": 1}
+        policy, params = file.head_plan("restore", shapes, [[reduced] * heads_kv]).cache_layers()[0]
         layers = []
         for q, k, v in capture(model, ids[:context]):
             group = q.shape[1] // heads_kv  # capture repeats KV heads to the query heads
             k, v = k[:, ::group], v[:, ::group]
-            cache = KVCache(name, **params)
+            cache = KVCache(policy, **params)
             cache.append(k, v)
             cache.attend(q[:, :, -1:])  # the policy compresses after the context's last read, as in a prefill
             keep = torch.zeros(k.shape[1], context, dtype=torch.bool)
