@@ -15,8 +15,11 @@ single head's error shows. ``restore`` measures the effect on the answer directl
    budget is spent: ``budget`` is the mean held share, so ``k`` full heads leave the rest at ``low``.
 
 Each scored configuration is one forward pass of the question and answer tokens only (tens of tokens)
-over the prompt's context K/V, captured once; the configurations of a round run as one batch. The
-plan's ``scores`` are the first round's loss reductions (higher = the head needs its whole past more).
+over the prompt's context K/V, captured once; ``batch`` configurations share a forward pass. Like the
+other calibrators' references, the patched attention is causal over every earlier key (no sliding window
+or logit softcap). The plan's ``scores`` are the first round's loss reductions (higher = the head needs
+its whole past more); ``calibrator["restore"]`` records the loss with every head reduced, with none
+(exact), and after each kept head.
 """
 
 from __future__ import annotations
