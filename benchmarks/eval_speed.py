@@ -78,7 +78,7 @@ def main() -> None:
 
                     make = lambda: DynamicCache(config=runner.model.config)  # noqa: E731
                 else:
-                    make, _ = runner._setup(case, n)
+                    make, _ = runner.setup(case, n)
                 out = generate(runner.model, runner.tokenizer, sample, task, make)
                 prefill[label].append(out.prefill_s)
                 steps[label] += out.decode_s

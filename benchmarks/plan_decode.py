@@ -64,7 +64,7 @@ def main() -> None:
     held: dict[str, float] = {}
     for _ in range(args.repeats):  # interleaved rounds: load changes hit every row alike
         for label, (case, wrap) in rows.items():
-            make, _ = runner._setup(case, args.length)
+            make, _ = runner.setup(case, args.length)
             out = generate(runner.model, runner.tokenizer, sample, task, wrap(make) if wrap else make)
             steps[label] += out.decode_s
             held[label] = out.kv_bytes[-1] / out.kv_full[-1]

@@ -94,7 +94,7 @@ class Outcome:
 
 
 @functools.cache
-def _cache_kwarg(cls: type) -> str:
+def cache_kwarg(cls: type) -> str:
     """transformers >= 5.25 names the cache argument ``cache`` (``past_key_values`` is deprecated)."""
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
@@ -129,7 +129,7 @@ def generate(model, tokenizer, sample: Sample, task: Task, make_cache: Callable[
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) - {None}
     out_ids, decode_s, held, full = [], [], [], []
-    kw = {_cache_kwarg(type(model)): cache, "use_cache": True}
+    kw = {cache_kwarg(type(model)): cache, "use_cache": True}
     with torch.inference_mode():
         t = time.perf_counter()
         if split:
@@ -187,8 +187,10 @@ class Runner:
                                                      length=case["length"])
         return self._samples[key]
 
-    def _setup(self, case: dict, length: int) -> tuple[Callable[[], Any], dict]:
-        """Route the model for ``case``; returns (a fresh-cache factory, resolved parameters)."""
+    def setup(self, case: dict, length: int) -> tuple[Callable[[], Any], dict]:
+        """Route the model for ``case``; returns (a fresh-cache factory, resolved parameters). Scripts that
+        score a case their own way (benchmarks/eval_speed.py, measurements/plans/margin.py) call it so each
+        case gets exactly the attention and cache ``attnzoo eval`` gives it."""
         import attnzoo.hf as azhf
         from transformers import DynamicCache
 
@@ -216,7 +218,7 @@ class Runner:
             return {"status": "skipped", "reason": f"length {case['length']} exceeds the model's context "
                                                    f"({self.context} tokens)"}
         task, samples = self.samples(case)
-        make_cache, resolved = self._setup(case, case["length"])
+        make_cache, resolved = self.setup(case, case["length"])
         outcomes, peak = [], 0
         for sample in samples:
             if task.kind == "perplexity":

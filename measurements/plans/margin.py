@@ -37,7 +37,7 @@ def margin(model, tokenizer, sample, make_cache, distractor: str) -> float:
     right, wrong = (tokenizer(" " + v, add_special_tokens=False)["input_ids"] for v in (sample.answers[0], distractor))
     at = next(i for i, (a, b) in enumerate(zip(right, wrong)) if a != b)
     cache = make_cache()
-    kw = {R._cache_kwarg(type(model)): cache, "use_cache": True}
+    kw = {R.cache_kwarg(type(model)): cache, "use_cache": True}
     with torch.inference_mode():
         model(input_ids=ids[:, :split], logits_to_keep=1, **kw)
         rest = torch.cat([ids[:, split:], torch.tensor([right[:at]], dtype=ids.dtype)], 1)
@@ -63,7 +63,7 @@ def main() -> None:
             for spec in args.cases.split(","):
                 case = case_of(spec) | task
                 _, samples = runner.samples(case)
-                make_cache, _ = runner._setup(case, args.length)
+                make_cache, _ = runner.setup(case, args.length)
                 for sample in samples:
                     if args.depth is not None and abs(sample.meta["depth"] - args.depth) > 1e-9:
                         continue
