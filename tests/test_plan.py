@@ -203,7 +203,7 @@ def test_restore_greedy_finds_heads_that_help_together(monkeypatch):
     monkeypatch.setattr(Restore, "_losses", losses)
     monkeypatch.setattr("attnzoo.plan.restore.heads_kv_of", lambda model: 2)
     cal = P.make_calibrator("restore", budget=0.4, length=1000, low=0.1, compensate="none", candidates=3)
-    assert cal.full_heads(8) == 2    # (0.4 - 0.1·...) : (8·400 - 8·101) / (1000 - 101) = 2.66
+    assert cal.full_heads(8) == 2    # floor(8 · (400 - 101) / (1000 - 101)) = floor(2.66): 100 tokens + the mean one
     monkeypatch.setattr(Restore, "full_heads", lambda self, heads: 3)
     choices, scores = cal.choose(planted_model(), None)
     full = {i * 2 + h for i in range(4) for h in range(2) if choices[i][h][1] == "full"}

@@ -134,9 +134,7 @@ class SplitCalibrator(Calibrator):
             raise AttnZooError(f"calibrator {self.name}: parameter 'budget' {self.budget} holds {tokens:g} tokens "
                                f"per head at length {self.length}, fewer than a streaming head's sinks + window"
                                f"{' + 1' if self.compensated else ''} ({held}); raise the budget or lower window")
-        if held >= self.length:
-            return heads
-        return max(0, min(heads, math.floor(heads * (tokens - held) / (self.length - held) + 1e-9)))
+        return full_head_count(heads, tokens, held, self.length)
 
     def scores(self, model, tokenizer=None) -> torch.Tensor:
         """``(layers, heads_kv)`` scores: higher = the head needs its whole past more."""
@@ -149,6 +147,14 @@ class SplitCalibrator(Calibrator):
                   .tolist())
         stream = self.reduced()
         return [[FULL if i * heads_kv + h in top else stream for h in range(heads_kv)] for i in range(layers)], scores
+
+
+def full_head_count(heads: int, tokens: float, held: int, length: int) -> int:
+    """How many of ``heads`` KV heads can keep all ``length`` tokens while the others hold ``held`` each and the
+    mean stays within ``tokens`` per head."""
+    if held >= length:
+        return heads
+    return max(0, min(heads, math.floor(heads * (tokens - held) / (length - held) + 1e-9)))
 
 
 def allocate_options(errors: torch.Tensor, costs: torch.Tensor, total: float, *, units: int = 1 << 15) -> torch.Tensor:

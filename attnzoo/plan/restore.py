@@ -36,8 +36,8 @@ from ..cache import KVCache
 from ..errors import AttnZooError
 from ..registry import param
 from . import file
-from .base import FULL, TASKS, Calibrator, calibration_prompts, capture, heads_kv_of, register_calibrator, \
-    swapped_attention
+from .base import FULL, TASKS, Calibrator, calibration_prompts, capture, full_head_count, heads_kv_of, \
+    register_calibrator, swapped_attention
 from .moa import MoA
 
 _STATE = "_attnzoo_restore"
@@ -92,9 +92,7 @@ class Restore(Calibrator):
         except AttnZooError as e:
             raise AttnZooError(f"calibrator restore: parameter 'low' {self.share:g} does not fit the budget ({e})") \
                 from None
-        if held >= self.length:
-            return heads
-        return max(0, min(heads, math.floor(heads * (self.budget * self.length - held) / (self.length - held) + 1e-9)))
+        return full_head_count(heads, self.budget * self.length, held, self.length)
 
     def choose(self, model, tokenizer=None):
         heads_kv = heads_kv_of(model)
@@ -168,14 +166,14 @@ class Restore(Calibrator):
         """Mean over ``prompts`` of the answer's summed NLL, per configuration (the KV heads it restores)."""
         total = torch.zeros(len(configs))
         device = next(model.parameters()).device
-        for p in prompts:
-            heads_kv = p["layers"][0]["keep"].shape[0]
-            for b0 in range(0, len(configs), self.batch):
-                chunk = configs[b0:b0 + self.batch]
-                restored = torch.zeros(len(chunk), len(p["layers"]) * heads_kv, dtype=torch.bool)
-                for j, c in enumerate(chunk):
-                    restored[j, c] = True
-                restored = restored.view(len(chunk), len(p["layers"]), heads_kv)
+        layers, heads_kv = len(prompts[0]["layers"]), prompts[0]["layers"][0]["keep"].shape[0]
+        for b0 in range(0, len(configs), self.batch):
+            chunk = configs[b0:b0 + self.batch]
+            restored = torch.zeros(len(chunk), layers * heads_kv, dtype=torch.bool)
+            for j, c in enumerate(chunk):
+                restored[j, c] = True
+            restored = restored.view(len(chunk), layers, heads_kv)
+            for p in prompts:
                 for i, layer in enumerate(p["layers"]):
                     keep = layer["keep"] | restored[:, i, :, None]                            # (B, Hkv, N)
                     weight = layer["weight"].masked_fill(restored[:, i], -math.inf)           # (B, Hkv)
