@@ -41,8 +41,9 @@ from .base import FULL, Calibrator, calibration_prompts, capture, full_head_coun
 from .moa import MoA
 
 _STATE = "_attnzoo_restore"
-#: the default calibration tasks: every needle task with an answer to teacher-force, so the heads are chosen for
-#: each task the eval scores (docs/plans.md, session 15: the plan it gives on SmolLM2 met the 4K target)
+#: the default calibration tasks: the passkey and the three tasks with several needles (niah_single reads like
+#: the passkey), so the heads are chosen for each kind of retrieval the eval scores (docs/plans.md, session 15:
+#: the plan these defaults give on SmolLM2 met the 4K target)
 MIX = ("passkey", "niah_multikey", "niah_multivalue", "niah_multiquery")
 
 
