@@ -6,32 +6,25 @@ with a paired bootstrap interval (prompts resampled with replacement, per task).
 Only rows whose task parameters are ``--task-params`` count (default ``question=after``, the protocol of the plan
 tables; the one-pass rows of ``eval/s12-onepass`` have none). A prompt counts for a case only where exact's row for
 the same task and seed exists too (greedy decoding is deterministic, so rows of one cell from several runs agree;
-the last one read is kept). Prints one Markdown row
-per case: per task "case / exact (share %, 90 % interval)" and the seeds pooled.
+the last one read is kept). Prints one Markdown row per case: per task "case / exact (share %, 90 % interval)"
+and the seeds pooled.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from table import TASKS, case_name
+from table import TASKS, case_name, case_rows
 
 EXACT = "prefill exact"
 
 
 def read(paths: list[str], length: int, task_params: dict) -> dict:
     """(case, task, seed) -> per-prompt scores."""
-    cells = {}
-    for path in paths:
-        for line in open(path):
-            r = json.loads(line)
-            if r.get("type") == "case" and r.get("status") == "ok" and r["length"] == length \
-                    and r["task_params"] == task_params:
-                cells[(case_name(r), r["task"], r["seed"])] = r["scores"]
-    return cells
+    return {(case_name(r), r["task"], r["seed"]): r["scores"] for r in case_rows(paths)
+            if r["length"] == length and r["task_params"] == task_params}
 
 
 def share(case: list[float], exact: list[float], draws: int, gen: torch.Generator) -> tuple[float, float, float]:

@@ -23,13 +23,19 @@ def case_name(r: dict) -> str:
     return f"{r['kind']} {r['name']}{':' + params if params else ''}{budget}"
 
 
-def main(paths: list[str]) -> None:
-    cells = defaultdict(dict)                                  # (length, case) -> {(task, seed): row}
+def case_rows(paths: list[str]):
+    """Every measured case row (``type`` case, ``status`` ok) in the JSON-lines files, in order."""
     for path in paths:
         for line in open(path):
             r = json.loads(line)
             if r.get("type") == "case" and r.get("status") == "ok":
-                cells[(r["length"], case_name(r))][(r["task"], r["seed"])] = r
+                yield r
+
+
+def main(paths: list[str]) -> None:
+    cells = defaultdict(dict)                                  # (length, case) -> {(task, seed): row}
+    for r in case_rows(paths):
+        cells[(r["length"], case_name(r))][(r["task"], r["seed"])] = r
     tasks = [t for t in TASKS if any(t == k[0] for c in cells.values() for k in c)]
     seeds = sorted({k[1] for c in cells.values() for k in c} | {0, 1})
     pooled = len(seeds) > 2
